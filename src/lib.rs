@@ -1,0 +1,2 @@
+//! peermesh: peer-to-peer groups for games and apps.
+pub mod protocol;

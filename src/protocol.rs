@@ -1,0 +1,512 @@
+//! The peermesh wire protocol, version 1 (see `docs/PROTOCOL.md`).
+//!
+//! Two layers are defined here:
+//!
+//! * the **session layer** between a client and the server: JSON text frames ([`ClientMsg`],
+//!   [`ServerMsg`]) and binary relay frames ([`RelayFrame`]) on one WebSocket;
+//! * the **link layer** between two peers ([`LinkFrame`]): the same byte frames travel inside relay
+//!   frames (server path) or as data channel messages (direct path), which is what lets a link move
+//!   between paths without losing, duplicating or reordering reliable messages.
+//!
+//! The server only needs the session layer; clients need both. Everything here is plain data with
+//! encoders and decoders that return typed errors for bad input and never panic.
+
+use serde::{Deserialize, Serialize};
+
+/// Protocol version spoken by this crate. Sent in `hello` and `welcome`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// A peer id, assigned by the server in `welcome`, unique per server run (never 0).
+pub type PeerId = u32;
+
+/// A link id, assigned by the server when two clients become co-members. A pair that stops
+/// sharing a group and later shares one again gets a new link id, so stale frames are recognised.
+pub type LinkId = u32;
+
+/// Largest app payload carried by one link-layer fragment (bytes).
+pub const MAX_FRAGMENT_PAYLOAD: usize = 16 * 1024;
+
+/// Largest unreliable message (bytes): unreliable messages are never fragmented.
+pub const MAX_UNRELIABLE_PAYLOAD: usize = MAX_FRAGMENT_PAYLOAD;
+
+/// Byte length of a relay frame header (`kind`, `peer`, `link`).
+pub const RELAY_HEADER_LEN: usize = 9;
+
+/// Binary frame kind byte for relayed link data.
+pub const RELAY_KIND_DATA: u8 = 0x01;
+
+/// Stable error codes carried in `error` frames. The string form (`as_str`) is what goes on the
+/// wire; it never changes meaning once published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// A frame was not valid JSON / not a valid binary frame, or a field had the wrong type.
+    BadFrame,
+    /// A frame exceeded the server's `max_frame_bytes`.
+    FrameTooLarge,
+    /// A JSON frame had a `type` this server does not know.
+    UnknownType,
+    /// The `hello` asked for a protocol version the server does not speak. The server closes.
+    UnsupportedVersion,
+    /// A frame other than `hello` arrived before `hello`, or a second `hello` arrived.
+    HelloRequired,
+    /// A group name was empty, too long or had forbidden characters.
+    InvalidGroup,
+    /// A name was empty, too long or had control characters.
+    InvalidName,
+    /// The client is already in that group (`join`) or not in it (`leave`).
+    AlreadyMember,
+    /// The client is not a member of the group named in `leave`.
+    NotMember,
+    /// The target peer shares no group with the sender (signal or relay refused).
+    NotCoMember,
+    /// The link id in a signal or relay frame is not the pair's current link.
+    StaleLink,
+    /// The client is in `max_groups_per_client` groups already.
+    TooManyGroups,
+    /// The group has `max_members_per_group` members already.
+    GroupFull,
+    /// The client sends faster than the server forwards; the frame was not relayed.
+    RateLimited,
+    /// The server hit an internal problem handling this frame.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The wire string of this code.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::FrameTooLarge => "frame_too_large",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::HelloRequired => "hello_required",
+            ErrorCode::InvalidGroup => "invalid_group",
+            ErrorCode::InvalidName => "invalid_name",
+            ErrorCode::AlreadyMember => "already_member",
+            ErrorCode::NotMember => "not_member",
+            ErrorCode::NotCoMember => "not_co_member",
+            ErrorCode::StaleLink => "stale_link",
+            ErrorCode::TooManyGroups => "too_many_groups",
+            ErrorCode::GroupFull => "group_full",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One ICE server as handed to clients (same shape as the browser's `RTCIceServer`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct IceServer {
+    /// `stun:host:port` / `turn:host:port?transport=udp` URLs.
+    pub urls: Vec<String>,
+    /// TURN username (absent for STUN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// TURN password (absent for STUN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+}
+
+/// Limits the server enforces, announced in `welcome`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Largest WebSocket frame (text or binary) the server accepts, in bytes.
+    pub max_frame_bytes: usize,
+    /// Most groups one client may be in at once.
+    pub max_groups_per_client: usize,
+    /// Most members one group may have.
+    pub max_members_per_group: usize,
+}
+
+/// A member of a group as seen by another member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    /// The member's peer id.
+    pub peer: PeerId,
+    /// The member's display name from its `hello`.
+    pub name: String,
+    /// The pair's current link id.
+    pub link: LinkId,
+    /// `true` if the receiver of this frame makes the WebRTC offer for this link (the server
+    /// decides, so there is no glare).
+    pub initiator: bool,
+}
+
+/// JSON text frames a client sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMsg {
+    /// First frame of a session.
+    Hello {
+        /// Protocol version the client speaks.
+        version: u32,
+        /// Display name shown to co-members.
+        name: String,
+    },
+    /// Join a group by name (created on first join).
+    Join {
+        /// Group name.
+        group: String,
+    },
+    /// Leave a group.
+    Leave {
+        /// Group name.
+        group: String,
+    },
+    /// Forward opaque signaling data to a co-member.
+    Signal {
+        /// Target peer.
+        to: PeerId,
+        /// The pair's current link id.
+        link: LinkId,
+        /// Opaque to the server (see `docs/PROTOCOL.md` for what peers put here).
+        data: serde_json::Value,
+    },
+    /// Heartbeat; the server answers `pong` with the same id.
+    Ping {
+        /// Echoed back.
+        id: u64,
+    },
+}
+
+/// JSON text frames the server sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMsg {
+    /// Answer to `hello`.
+    Welcome {
+        /// Protocol version the server speaks.
+        version: u32,
+        /// The client's peer id.
+        peer: PeerId,
+        /// ICE servers the client should use.
+        ice_servers: Vec<IceServer>,
+        /// How often the client should send `ping` (ms).
+        heartbeat_interval_ms: u64,
+        /// Silence after which the server drops the client (ms).
+        heartbeat_timeout_ms: u64,
+        /// Limits enforced by the server.
+        limits: Limits,
+    },
+    /// Answer to `join`: the group's other members.
+    Joined {
+        /// Group name.
+        group: String,
+        /// Members other than the client.
+        members: Vec<MemberInfo>,
+    },
+    /// Answer to `leave`.
+    Left {
+        /// Group name.
+        group: String,
+    },
+    /// Another client joined a group the receiver is in.
+    MemberJoined {
+        /// Group name.
+        group: String,
+        /// The new member.
+        member: MemberInfo,
+    },
+    /// A member left a group the receiver is in (leave, close or heartbeat timeout).
+    MemberLeft {
+        /// Group name.
+        group: String,
+        /// The member that left.
+        peer: PeerId,
+    },
+    /// Signaling data from a co-member.
+    Signal {
+        /// Sender.
+        from: PeerId,
+        /// The pair's link id.
+        link: LinkId,
+        /// Opaque data as sent.
+        data: serde_json::Value,
+    },
+    /// Answer to `ping`.
+    Pong {
+        /// Echoed id.
+        id: u64,
+    },
+    /// A request failed. The session stays up unless the code says otherwise.
+    Error {
+        /// Stable error code.
+        code: ErrorCode,
+        /// Human-readable detail.
+        message: String,
+        /// The `type` of the frame that caused it (`"relay"` for binary frames), if known.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request: Option<String>,
+        /// The group concerned, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        group: Option<String>,
+        /// The peer concerned, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        peer: Option<PeerId>,
+    },
+}
+
+impl ServerMsg {
+    /// Shorthand for an `error` frame.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        ServerMsg::Error {
+            code,
+            message: message.into(),
+            request: None,
+            group: None,
+            peer: None,
+        }
+    }
+}
+
+/// Why a binary frame could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The frame is shorter than its header.
+    #[error("frame truncated: {0} bytes")]
+    Truncated(usize),
+    /// The kind byte is not known.
+    #[error("unknown frame kind 0x{0:02x}")]
+    UnknownKind(u8),
+}
+
+/// A binary relay frame. Client→server: `peer` is the destination. Server→client: `peer` is the
+/// source. `payload` is a link-layer frame, opaque to the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayFrame<'a> {
+    /// Destination (client→server) or source (server→client).
+    pub peer: PeerId,
+    /// The pair's link id.
+    pub link: LinkId,
+    /// Link-layer bytes.
+    pub payload: &'a [u8],
+}
+
+impl<'a> RelayFrame<'a> {
+    /// Encode into a fresh buffer: `[0x01][peer u32 BE][link u32 BE][payload]`.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(RELAY_HEADER_LEN + self.payload.len());
+        out.push(RELAY_KIND_DATA);
+        out.extend_from_slice(&self.peer.to_be_bytes());
+        out.extend_from_slice(&self.link.to_be_bytes());
+        out.extend_from_slice(self.payload);
+        out
+    }
+
+    /// Decode a binary WebSocket frame.
+    pub fn decode(buf: &'a [u8]) -> Result<Self, FrameError> {
+        if buf.len() < RELAY_HEADER_LEN {
+            return Err(FrameError::Truncated(buf.len()));
+        }
+        if buf[0] != RELAY_KIND_DATA {
+            return Err(FrameError::UnknownKind(buf[0]));
+        }
+        Ok(RelayFrame {
+            peer: u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]),
+            link: u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]),
+            payload: &buf[RELAY_HEADER_LEN..],
+        })
+    }
+}
+
+/// Link-layer frame kinds.
+pub mod link_kind {
+    /// Reliable fragment: `[0x10][flags u8][seq u64 BE][bytes]`.
+    pub const DATA: u8 = 0x10;
+    /// Cumulative ack: `[0x11][seq u64 BE]`.
+    pub const ACK: u8 = 0x11;
+    /// Unreliable message: `[0x12][bytes]`.
+    pub const UNRELIABLE: u8 = 0x12;
+    /// RTT probe: `[0x13][id u64 BE]`.
+    pub const PING: u8 = 0x13;
+    /// RTT probe answer: `[0x14][id u64 BE]`.
+    pub const PONG: u8 = 0x14;
+}
+
+/// `flags` bit of a DATA fragment: this is the last fragment of its message.
+pub const FLAG_FIN: u8 = 0x01;
+
+/// A link-layer frame, exchanged between the two ends of a link over either path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkFrame<'a> {
+    /// A reliable fragment with its per-link sequence number (first is 1).
+    Data {
+        /// Sequence number.
+        seq: u64,
+        /// Last fragment of a message.
+        fin: bool,
+        /// Fragment bytes.
+        bytes: &'a [u8],
+    },
+    /// Every fragment up to and including `seq` was delivered.
+    Ack {
+        /// Cumulative sequence number.
+        seq: u64,
+    },
+    /// An unreliable message.
+    Unreliable {
+        /// Message bytes.
+        bytes: &'a [u8],
+    },
+    /// RTT probe.
+    Ping {
+        /// Probe id (echoed).
+        id: u64,
+    },
+    /// RTT probe answer.
+    Pong {
+        /// Probe id.
+        id: u64,
+    },
+}
+
+fn read_u64(buf: &[u8], at: usize) -> Result<u64, FrameError> {
+    buf.get(at..at + 8)
+        .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
+        .ok_or(FrameError::Truncated(buf.len()))
+}
+
+impl<'a> LinkFrame<'a> {
+    /// Encode into a fresh buffer.
+    pub fn encode(&self) -> Vec<u8> {
+        match *self {
+            LinkFrame::Data { seq, fin, bytes } => {
+                let mut out = Vec::with_capacity(10 + bytes.len());
+                out.push(link_kind::DATA);
+                out.push(if fin { FLAG_FIN } else { 0 });
+                out.extend_from_slice(&seq.to_be_bytes());
+                out.extend_from_slice(bytes);
+                out
+            }
+            LinkFrame::Ack { seq } => Self::tagged_u64(link_kind::ACK, seq),
+            LinkFrame::Ping { id } => Self::tagged_u64(link_kind::PING, id),
+            LinkFrame::Pong { id } => Self::tagged_u64(link_kind::PONG, id),
+            LinkFrame::Unreliable { bytes } => {
+                let mut out = Vec::with_capacity(1 + bytes.len());
+                out.push(link_kind::UNRELIABLE);
+                out.extend_from_slice(bytes);
+                out
+            }
+        }
+    }
+
+    fn tagged_u64(kind: u8, v: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(9);
+        out.push(kind);
+        out.extend_from_slice(&v.to_be_bytes());
+        out
+    }
+
+    /// Decode a link-layer frame.
+    pub fn decode(buf: &'a [u8]) -> Result<Self, FrameError> {
+        let kind = *buf.first().ok_or(FrameError::Truncated(0))?;
+        match kind {
+            link_kind::DATA => {
+                if buf.len() < 10 {
+                    return Err(FrameError::Truncated(buf.len()));
+                }
+                Ok(LinkFrame::Data {
+                    fin: buf[1] & FLAG_FIN != 0,
+                    seq: read_u64(buf, 2)?,
+                    bytes: &buf[10..],
+                })
+            }
+            link_kind::ACK => Ok(LinkFrame::Ack {
+                seq: read_u64(buf, 1)?,
+            }),
+            link_kind::PING => Ok(LinkFrame::Ping {
+                id: read_u64(buf, 1)?,
+            }),
+            link_kind::PONG => Ok(LinkFrame::Pong {
+                id: read_u64(buf, 1)?,
+            }),
+            link_kind::UNRELIABLE => Ok(LinkFrame::Unreliable { bytes: &buf[1..] }),
+            k => Err(FrameError::UnknownKind(k)),
+        }
+    }
+}
+
+/// Validate a group name: 1–64 bytes of `[A-Za-z0-9._-]`.
+pub fn validate_group(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Validate a display name: 1–64 bytes, no control characters.
+pub fn validate_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && !name.chars().any(char::is_control)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_roundtrip() {
+        let f = RelayFrame {
+            peer: 7,
+            link: 3,
+            payload: b"hi",
+        };
+        let enc = f.encode();
+        assert_eq!(RelayFrame::decode(&enc).unwrap(), f);
+        assert_eq!(RelayFrame::decode(&enc[..4]), Err(FrameError::Truncated(4)));
+        assert_eq!(
+            RelayFrame::decode(&[9u8; 12]),
+            Err(FrameError::UnknownKind(9))
+        );
+    }
+
+    #[test]
+    fn link_roundtrip() {
+        for f in [
+            LinkFrame::Data {
+                seq: 42,
+                fin: true,
+                bytes: b"abc",
+            },
+            LinkFrame::Data {
+                seq: 1,
+                fin: false,
+                bytes: b"",
+            },
+            LinkFrame::Ack { seq: 9 },
+            LinkFrame::Unreliable { bytes: b"x" },
+            LinkFrame::Ping { id: 5 },
+            LinkFrame::Pong { id: 6 },
+        ] {
+            assert_eq!(LinkFrame::decode(&f.encode()).unwrap(), f);
+        }
+        assert!(LinkFrame::decode(&[]).is_err());
+        assert!(LinkFrame::decode(&[0x10, 0, 1]).is_err());
+        assert!(LinkFrame::decode(&[0x99]).is_err());
+    }
+
+    #[test]
+    fn json_shapes() {
+        let m: ClientMsg =
+            serde_json::from_str(r#"{"type":"hello","version":1,"name":"a"}"#).unwrap();
+        assert_eq!(
+            m,
+            ClientMsg::Hello {
+                version: 1,
+                name: "a".into()
+            }
+        );
+        let e = serde_json::to_string(&ServerMsg::error(ErrorCode::NotCoMember, "x")).unwrap();
+        assert_eq!(
+            e,
+            r#"{"type":"error","code":"not_co_member","message":"x"}"#
+        );
+    }
+}
