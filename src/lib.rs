@@ -1,2 +1,155 @@
-//! peermesh: peer-to-peer groups for games and apps.
+//! # peermesh
+//!
+//! Peer-to-peer groups for games, chat and collaboration apps. Clients connect to a
+//! `peermesh-server`, join groups by name, and message any co-member at once: messages go through
+//! the server first while a direct WebRTC path is set up in the background; the link then moves to
+//! the direct path, and back to the server if the direct path dies, without losing, duplicating or
+//! reordering a reliable message.
+//!
+//! ```no_run
+//! use peermesh::{Client, ClientConfig, Event, Reliability};
+//!
+//! # async fn run() -> Result<(), peermesh::Error> {
+//! let (client, mut events) = Client::connect("ws://127.0.0.1:8080/ws", ClientConfig::new("alice")).await?;
+//! client.join("lobby").await?;
+//! while let Some(event) = events.recv().await {
+//!     match event {
+//!         Event::MemberJoined { peer, name, .. } => {
+//!             client.send(peer, format!("hello {name}"), Reliability::Reliable).await?;
+//!         }
+//!         Event::Message { from, data, .. } => println!("{from}: {}", String::from_utf8_lossy(&data)),
+//!         Event::PathChanged { peer, path } => println!("path {peer} {path}"),
+//!         _ => {}
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The wire protocol is in [`protocol`] and `docs/PROTOCOL.md`. Without the default `client`
+//! feature only [`protocol`] is built (the server uses it that way).
+#![warn(missing_docs)]
+
 pub mod protocol;
+
+#[cfg(feature = "client")]
+mod client;
+#[cfg(feature = "client")]
+mod error;
+#[cfg(feature = "client")]
+mod link;
+
+#[cfg(feature = "client")]
+pub use client::{Client, ClientConfig, Events, Member, Reliability};
+#[cfg(feature = "client")]
+pub use error::{Error, Result};
+#[cfg(feature = "client")]
+pub use link::LinkStats;
+pub use protocol::PeerId;
+
+/// The type of an ICE candidate, as in the selected candidate pair of a direct path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CandidateType {
+    /// An address of the host itself.
+    Host,
+    /// Server reflexive: the host's address as a STUN server saw it (behind a NAT).
+    Srflx,
+    /// Peer reflexive: an address learnt from the peer's connectivity checks.
+    Prflx,
+    /// A TURN relay address.
+    Relay,
+}
+
+impl CandidateType {
+    /// The name used in SDP and in peermesh's output: `host`, `srflx`, `prflx`, `relay`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CandidateType::Host => "host",
+            CandidateType::Srflx => "srflx",
+            CandidateType::Prflx => "prflx",
+            CandidateType::Relay => "relay",
+        }
+    }
+}
+
+/// The path a link's messages take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Path {
+    /// Relayed through the signaling server's WebSocket.
+    #[default]
+    Server,
+    /// The WebRTC data channels, over the selected ICE candidate pair (a `Relay` candidate means
+    /// the direct path itself goes through a TURN server).
+    Direct {
+        /// Type of our candidate in the selected pair.
+        local: CandidateType,
+        /// Type of the peer's candidate in the selected pair.
+        remote: CandidateType,
+    },
+}
+
+impl std::fmt::Display for Path {
+    /// `server` or `direct <local>/<remote>`, e.g. `direct host/host`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Path::Server => f.write_str("server"),
+            Path::Direct { local, remote } => {
+                write!(f, "direct {}/{}", local.as_str(), remote.as_str())
+            }
+        }
+    }
+}
+
+/// What happens in a client's groups and links.
+#[cfg(feature = "client")]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A member is in a group with this client (also emitted for each member already there when
+    /// this client joins).
+    MemberJoined {
+        /// The group.
+        group: String,
+        /// The member.
+        peer: PeerId,
+        /// Its display name.
+        name: String,
+    },
+    /// A member left a group (left, closed, or timed out), or this client left the group.
+    MemberLeft {
+        /// The group.
+        group: String,
+        /// The member.
+        peer: PeerId,
+        /// Its display name.
+        name: String,
+    },
+    /// The path to a peer changed.
+    PathChanged {
+        /// The peer.
+        peer: PeerId,
+        /// The new path.
+        path: Path,
+    },
+    /// A message from a co-member.
+    Message {
+        /// The sender.
+        from: PeerId,
+        /// The bytes as sent.
+        data: bytes::Bytes,
+        /// How it was sent.
+        reliability: Reliability,
+    },
+    /// The server reported an error not tied to a pending `join`/`leave`.
+    ServerError {
+        /// Stable error code.
+        code: protocol::ErrorCode,
+        /// Detail.
+        message: String,
+    },
+    /// The session with the server ended without [`Client::close`].
+    Disconnected {
+        /// Why.
+        reason: String,
+    },
+}

@@ -328,6 +328,9 @@ pub mod link_kind {
     pub const PING: u8 = 0x13;
     /// RTT probe answer: `[0x14][id u64 BE]`.
     pub const PONG: u8 = 0x14;
+    /// Direct path ready: `[0x15][gen u32 BE]`, sent on the server path once both data channels
+    /// of PeerConnection generation `gen` are open locally.
+    pub const READY: u8 = 0x15;
 }
 
 /// `flags` bit of a DATA fragment: this is the last fragment of its message.
@@ -365,6 +368,13 @@ pub enum LinkFrame<'a> {
         /// Probe id.
         id: u64,
     },
+    /// The sender's data channels of PeerConnection generation `gen` are open: the receiver may
+    /// now send on them. Nothing is sent on a direct path before this arrives, because data on a
+    /// pre-negotiated channel the receiver has not opened yet would be refused.
+    Ready {
+        /// PeerConnection generation.
+        gen: u32,
+    },
 }
 
 fn read_u64(buf: &[u8], at: usize) -> Result<u64, FrameError> {
@@ -388,6 +398,12 @@ impl<'a> LinkFrame<'a> {
             LinkFrame::Ack { seq } => Self::tagged_u64(link_kind::ACK, seq),
             LinkFrame::Ping { id } => Self::tagged_u64(link_kind::PING, id),
             LinkFrame::Pong { id } => Self::tagged_u64(link_kind::PONG, id),
+            LinkFrame::Ready { gen } => {
+                let mut out = Vec::with_capacity(5);
+                out.push(link_kind::READY);
+                out.extend_from_slice(&gen.to_be_bytes());
+                out
+            }
             LinkFrame::Unreliable { bytes } => {
                 let mut out = Vec::with_capacity(1 + bytes.len());
                 out.push(link_kind::UNRELIABLE);
@@ -428,6 +444,12 @@ impl<'a> LinkFrame<'a> {
                 id: read_u64(buf, 1)?,
             }),
             link_kind::UNRELIABLE => Ok(LinkFrame::Unreliable { bytes: &buf[1..] }),
+            link_kind::READY => match buf.get(1..5) {
+                Some(b) => Ok(LinkFrame::Ready {
+                    gen: u32::from_be_bytes(b.try_into().expect("4 bytes")),
+                }),
+                None => Err(FrameError::Truncated(buf.len())),
+            },
             k => Err(FrameError::UnknownKind(k)),
         }
     }
@@ -484,6 +506,7 @@ mod tests {
             LinkFrame::Unreliable { bytes: b"x" },
             LinkFrame::Ping { id: 5 },
             LinkFrame::Pong { id: 6 },
+            LinkFrame::Ready { gen: 3 },
         ] {
             assert_eq!(LinkFrame::decode(&f.encode()).unwrap(), f);
         }

@@ -1,0 +1,431 @@
+//! Shared server state: clients, groups and links.
+//!
+//! Everything lives behind one `std::sync::Mutex` that is never held across an `.await`. Frames
+//! to clients are queued on unbounded channels while the lock is held, which never blocks and
+//! gives every client a consistent order of events.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use axum::extract::ws::{Message, Utf8Bytes};
+use peermesh::protocol::{
+    validate_group, ErrorCode, LinkId, MemberInfo, PeerId, ServerMsg, PROTOCOL_VERSION,
+};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::Config;
+
+/// A close code and reason for a WebSocket close frame.
+pub(crate) type CloseReason = (u16, &'static str);
+
+/// Something for a connection's writer task to send.
+pub(crate) enum Outbound {
+    /// A JSON text frame.
+    Text(Utf8Bytes),
+    /// A frame forwarded from another client (relay frame or `signal`); `permits` bytes of the
+    /// receiver's relay budget are released once it is written.
+    Forward { msg: Message, permits: usize },
+    /// Send a close frame and stop.
+    Close(CloseReason),
+}
+
+/// Where to send frames for one client.
+#[derive(Clone)]
+pub(crate) struct Outlet {
+    pub(crate) tx: mpsc::UnboundedSender<Outbound>,
+    /// Forwarded bytes (relay frames and `signal`s) that may still be queued towards this client.
+    pub(crate) budget: Arc<Semaphore>,
+}
+
+struct Client {
+    name: String,
+    groups: BTreeSet<String>,
+    outlet: Outlet,
+    /// Tells the connection's writer to close at once (skipping queued frames).
+    kill: Option<oneshot::Sender<CloseReason>>,
+}
+
+struct Link {
+    id: LinkId,
+    initiator: PeerId,
+    shared_groups: usize,
+}
+
+#[derive(Default)]
+struct State {
+    last_peer: PeerId,
+    last_link: LinkId,
+    clients: HashMap<PeerId, Client>,
+    groups: HashMap<String, BTreeSet<PeerId>>,
+    /// Keyed by `(smaller peer id, larger peer id)`.
+    links: HashMap<(PeerId, PeerId), Link>,
+}
+
+/// The shared state of one server.
+pub(crate) struct Hub {
+    state: Mutex<State>,
+}
+
+/// Details for an `error` frame.
+pub(crate) struct Failure {
+    pub(crate) code: ErrorCode,
+    pub(crate) message: String,
+    pub(crate) group: Option<String>,
+    pub(crate) peer: Option<PeerId>,
+}
+
+impl Failure {
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Failure {
+            code,
+            message: message.into(),
+            group: None,
+            peer: None,
+        }
+    }
+
+    fn group(mut self, group: &str) -> Self {
+        self.group = Some(group.to_owned());
+        self
+    }
+
+    fn peer(mut self, peer: PeerId) -> Self {
+        self.peer = Some(peer);
+        self
+    }
+
+    pub(crate) fn into_msg(self, request: Option<&str>) -> ServerMsg {
+        ServerMsg::Error {
+            code: self.code,
+            message: self.message,
+            request: request.map(str::to_owned),
+            group: self.group,
+            peer: self.peer,
+        }
+    }
+}
+
+/// Serialize a server frame. Serializing these types cannot fail in practice; if it ever did,
+/// the frame is dropped and logged rather than panicking.
+pub(crate) fn encode(msg: &ServerMsg) -> Option<Utf8Bytes> {
+    match serde_json::to_string(msg) {
+        Ok(s) => Some(Utf8Bytes::from(s)),
+        Err(e) => {
+            tracing::error!("cannot serialize server frame: {e}");
+            None
+        }
+    }
+}
+
+fn send(outlet: &Outlet, msg: &ServerMsg) {
+    if let Some(text) = encode(msg) {
+        let _ = outlet.tx.send(Outbound::Text(text));
+    }
+}
+
+fn pair(a: PeerId, b: PeerId) -> (PeerId, PeerId) {
+    if a < b {
+        (a, b)
+    } else {
+        (b, a)
+    }
+}
+
+/// Next id of a `u32` counter starting at 1, skipping 0 on wrap-around.
+fn next_id(last: &mut u32) -> u32 {
+    *last = last.wrapping_add(1);
+    if *last == 0 {
+        *last = 1;
+    }
+    *last
+}
+
+impl State {
+    /// Remove `peer` from `group`, updating links and telling the remaining members. The caller
+    /// updates the leaver's own group set.
+    fn leave_group(&mut self, peer: PeerId, group: &str) {
+        let Some(members) = self.groups.get_mut(group) else {
+            return;
+        };
+        members.remove(&peer);
+        let remaining: Vec<PeerId> = members.iter().copied().collect();
+        if remaining.is_empty() {
+            self.groups.remove(group);
+        }
+        let note = ServerMsg::MemberLeft {
+            group: group.to_owned(),
+            peer,
+        };
+        let text = encode(&note);
+        for other in remaining {
+            let key = pair(peer, other);
+            if let Some(link) = self.links.get_mut(&key) {
+                link.shared_groups = link.shared_groups.saturating_sub(1);
+                if link.shared_groups == 0 {
+                    self.links.remove(&key);
+                }
+            }
+            if let (Some(client), Some(text)) = (self.clients.get(&other), &text) {
+                let _ = client.outlet.tx.send(Outbound::Text(text.clone()));
+            }
+        }
+    }
+
+    /// Remove a client entirely, telling its co-members.
+    fn remove(&mut self, peer: PeerId) -> Option<Client> {
+        let client = self.clients.remove(&peer)?;
+        for group in &client.groups {
+            self.leave_group(peer, group);
+        }
+        // Wake relay senders waiting for this client's budget: their frames are dropped.
+        client.outlet.budget.close();
+        Some(client)
+    }
+}
+
+impl Hub {
+    pub(crate) fn new() -> Self {
+        Hub {
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that matters
+        // more than losing the whole server would, so keep going on poisoning.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Register a client after a valid `hello` and queue its `welcome`. Returns its peer id.
+    pub(crate) fn register(
+        &self,
+        config: &Config,
+        name: String,
+        outlet: Outlet,
+        kill: oneshot::Sender<CloseReason>,
+    ) -> PeerId {
+        let mut st = self.lock();
+        let mut peer = next_id(&mut st.last_peer);
+        while st.clients.contains_key(&peer) {
+            peer = next_id(&mut st.last_peer);
+        }
+        send(
+            &outlet,
+            &ServerMsg::Welcome {
+                version: PROTOCOL_VERSION,
+                peer,
+                ice_servers: config.ice_servers.clone(),
+                heartbeat_interval_ms: duration_ms(config.heartbeat_interval),
+                heartbeat_timeout_ms: duration_ms(config.heartbeat_timeout),
+                limits: config.limits,
+            },
+        );
+        st.clients.insert(
+            peer,
+            Client {
+                name,
+                groups: BTreeSet::new(),
+                outlet,
+                kill: Some(kill),
+            },
+        );
+        peer
+    }
+
+    /// Remove a client (close, timeout, shutdown) and tell its co-members.
+    pub(crate) fn unregister(&self, peer: PeerId) {
+        self.lock().remove(peer);
+    }
+
+    /// Drop a client that reads too slowly: tell its co-members and close its socket at once.
+    /// `budget` identifies the session (no-op if that client is already gone).
+    pub(crate) fn kill_slow(&self, peer: PeerId, budget: &Arc<Semaphore>) {
+        let mut st = self.lock();
+        let same = st
+            .clients
+            .get(&peer)
+            .is_some_and(|c| Arc::ptr_eq(&c.outlet.budget, budget));
+        if !same {
+            return;
+        }
+        if let Some(mut client) = st.remove(peer) {
+            tracing::info!(peer, "dropping client: too slow to read relayed data");
+            if let Some(kill) = client.kill.take() {
+                let _ = kill.send((1013, "too slow"));
+            }
+        }
+    }
+
+    /// Handle `join`.
+    pub(crate) fn join(&self, config: &Config, me: PeerId, group: &str) -> Result<(), Failure> {
+        if !validate_group(group) {
+            return Err(Failure::new(ErrorCode::InvalidGroup, "invalid group name").group(group));
+        }
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let Some(client) = st.clients.get(&me) else {
+            return Err(Failure::new(ErrorCode::Internal, "session not registered"));
+        };
+        if client.groups.contains(group) {
+            return Err(
+                Failure::new(ErrorCode::AlreadyMember, "already in this group").group(group),
+            );
+        }
+        if client.groups.len() >= config.limits.max_groups_per_client {
+            return Err(Failure::new(
+                ErrorCode::TooManyGroups,
+                format!("already in {} groups", config.limits.max_groups_per_client),
+            )
+            .group(group));
+        }
+        let existing: Vec<PeerId> = st
+            .groups
+            .get(group)
+            .map(|m| m.iter().copied().collect())
+            .unwrap_or_default();
+        if existing.len() >= config.limits.max_members_per_group {
+            return Err(Failure::new(
+                ErrorCode::GroupFull,
+                format!("group has {} members", config.limits.max_members_per_group),
+            )
+            .group(group));
+        }
+        let my_name = client.name.clone();
+        let my_outlet = client.outlet.clone();
+
+        let mut members = Vec::with_capacity(existing.len());
+        for &other in &existing {
+            let Some(other_client) = st.clients.get(&other) else {
+                continue;
+            };
+            let link = st.links.entry(pair(me, other)).or_insert_with(|| Link {
+                id: next_id(&mut st.last_link),
+                initiator: me,
+                shared_groups: 0,
+            });
+            link.shared_groups += 1;
+            members.push(MemberInfo {
+                peer: other,
+                name: other_client.name.clone(),
+                link: link.id,
+                initiator: link.initiator == me,
+            });
+            send(
+                &other_client.outlet,
+                &ServerMsg::MemberJoined {
+                    group: group.to_owned(),
+                    member: MemberInfo {
+                        peer: me,
+                        name: my_name.clone(),
+                        link: link.id,
+                        initiator: link.initiator == other,
+                    },
+                },
+            );
+        }
+        st.groups.entry(group.to_owned()).or_default().insert(me);
+        if let Some(client) = st.clients.get_mut(&me) {
+            client.groups.insert(group.to_owned());
+        }
+        send(
+            &my_outlet,
+            &ServerMsg::Joined {
+                group: group.to_owned(),
+                members,
+            },
+        );
+        Ok(())
+    }
+
+    /// Handle `leave`.
+    pub(crate) fn leave(&self, me: PeerId, group: &str) -> Result<(), Failure> {
+        let mut st = self.lock();
+        let Some(client) = st.clients.get_mut(&me) else {
+            return Err(Failure::new(ErrorCode::Internal, "session not registered"));
+        };
+        if !client.groups.remove(group) {
+            return Err(Failure::new(ErrorCode::NotMember, "not in this group").group(group));
+        }
+        let outlet = client.outlet.clone();
+        st.leave_group(me, group);
+        send(
+            &outlet,
+            &ServerMsg::Left {
+                group: group.to_owned(),
+            },
+        );
+        Ok(())
+    }
+
+    /// The current link between `me` and `to`, checked against `link`; returns `to`'s outlet.
+    fn check_link(st: &State, me: PeerId, to: PeerId, link: LinkId) -> Result<&Outlet, Failure> {
+        let not_co_member =
+            || Failure::new(ErrorCode::NotCoMember, "no shared group with that peer").peer(to);
+        if me == to {
+            return Err(not_co_member());
+        }
+        let current = st.links.get(&pair(me, to)).ok_or_else(not_co_member)?;
+        if current.id != link {
+            return Err(Failure::new(
+                ErrorCode::StaleLink,
+                format!("link {link} is not current (current is {})", current.id),
+            )
+            .peer(to));
+        }
+        st.clients
+            .get(&to)
+            .map(|c| &c.outlet)
+            .ok_or_else(not_co_member)
+    }
+
+    /// First step of forwarding a relay frame or `signal`: check the link and return the
+    /// receiver's outlet so the caller can wait for its budget without holding the lock.
+    pub(crate) fn forward_target(
+        &self,
+        me: PeerId,
+        to: PeerId,
+        link: LinkId,
+    ) -> Result<Outlet, Failure> {
+        let st = self.lock();
+        Self::check_link(&st, me, to, link).cloned()
+    }
+
+    /// Second step of forwarding, once `permits` budget bytes are held: re-check the link (it
+    /// may have changed while waiting) and queue the frame. On error the permits are returned.
+    pub(crate) fn forward_deliver(
+        &self,
+        me: PeerId,
+        to: PeerId,
+        link: LinkId,
+        budget: &Arc<Semaphore>,
+        msg: Message,
+        permits: usize,
+    ) -> Result<(), Failure> {
+        let st = self.lock();
+        let result = Self::check_link(&st, me, to, link).and_then(|outlet| {
+            if Arc::ptr_eq(&outlet.budget, budget) {
+                Ok(outlet)
+            } else {
+                Err(Failure::new(ErrorCode::NotCoMember, "no shared group with that peer").peer(to))
+            }
+        });
+        match result {
+            Ok(outlet) => {
+                if let Err(mpsc::error::SendError(Outbound::Forward { permits, .. })) =
+                    outlet.tx.send(Outbound::Forward { msg, permits })
+                {
+                    budget.add_permits(permits);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                budget.add_permits(permits);
+                Err(e)
+            }
+        }
+    }
+}
+
+fn duration_ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,778 @@
+//! The client: one WebSocket session to the server, groups, and one link per co-member.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, Stream, StreamExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+use crate::link::{LinkCtx, LinkHandle, LinkInput, LinkStats, RtcFactory, RtcOptions};
+use crate::protocol::{
+    validate_group, validate_name, ClientMsg, ErrorCode, IceServer, MemberInfo, PeerId, RelayFrame,
+    ServerMsg, PROTOCOL_VERSION,
+};
+use crate::{Error, Event, Path, Result};
+
+/// Capacity of the event stream; a link waits when the app falls this far behind.
+const EVENT_QUEUE: usize = 4096;
+/// Capacity of the outgoing WebSocket queue.
+const WS_QUEUE: usize = 1024;
+
+/// How a [`Client`] behaves. Build with [`ClientConfig::new`] and the `with_*` methods.
+#[derive(Clone)]
+pub struct ClientConfig {
+    name: String,
+    direct: bool,
+    relay_only: bool,
+    loopback_only: bool,
+    ip_filter: Option<Arc<dyn Fn(IpAddr) -> bool + Send + Sync>>,
+    send_window: usize,
+    max_message_size: usize,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("name", &self.name)
+            .field("direct", &self.direct)
+            .field("relay_only", &self.relay_only)
+            .field("loopback_only", &self.loopback_only)
+            .field("send_window", &self.send_window)
+            .field("max_message_size", &self.max_message_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientConfig {
+    /// Defaults: direct paths on (all ICE candidate types), 8 MiB send window per link, 8 MiB
+    /// largest reliable message, 10 s connect timeout.
+    pub fn new(name: impl Into<String>) -> Self {
+        ClientConfig {
+            name: name.into(),
+            direct: true,
+            relay_only: false,
+            loopback_only: false,
+            ip_filter: None,
+            send_window: 8 << 20,
+            max_message_size: 8 << 20,
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// `false`: never try a direct path; every message goes through the server. This also keeps
+    /// this client's addresses from its peers.
+    pub fn with_direct(mut self, direct: bool) -> Self {
+        self.direct = direct;
+        self
+    }
+
+    /// `true`: direct paths use TURN relay candidates only (`iceTransportPolicy: relay`), so
+    /// peers never learn this client's addresses.
+    pub fn with_relay_only(mut self, relay_only: bool) -> Self {
+        self.relay_only = relay_only;
+        self
+    }
+
+    /// `true`: gather host candidates on loopback addresses only (local development and tests
+    /// on one machine).
+    pub fn with_loopback_only(mut self, loopback_only: bool) -> Self {
+        self.loopback_only = loopback_only;
+        self
+    }
+
+    /// Gather host candidates only on addresses for which `filter` returns true.
+    pub fn with_ip_filter(
+        mut self,
+        filter: impl Fn(IpAddr) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.ip_filter = Some(Arc::new(filter));
+        self
+    }
+
+    /// Bytes of reliable data per link that may be sent but not yet acknowledged; `send` waits
+    /// and `try_send` fails with [`Error::WouldBlock`] beyond it. Also caps the message size.
+    pub fn with_send_window(mut self, bytes: usize) -> Self {
+        self.send_window = bytes.clamp(64 << 10, u32::MAX as usize >> 1);
+        self.max_message_size = self.max_message_size.min(self.send_window);
+        self
+    }
+
+    /// Largest reliable message (bytes, at most the send window).
+    pub fn with_max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes.min(self.send_window);
+        self
+    }
+
+    /// How long `connect` waits for the server.
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    fn rtc_options(&self) -> RtcOptions {
+        let ip_filter = match (&self.ip_filter, self.loopback_only) {
+            (Some(f), true) => {
+                let f = f.clone();
+                Some(Arc::new(move |ip: IpAddr| ip.is_loopback() && f(ip)) as _)
+            }
+            (None, true) => Some(Arc::new(|ip: IpAddr| ip.is_loopback()) as _),
+            (f, false) => f.clone(),
+        };
+        RtcOptions {
+            relay_only: self.relay_only,
+            include_loopback: self.loopback_only,
+            ip_filter,
+        }
+    }
+}
+
+/// A group member as returned by [`Client::join`] and [`Client::members`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The member's peer id.
+    pub peer: PeerId,
+    /// Its display name.
+    pub name: String,
+}
+
+/// The stream of [`Event`]s of a client. Read it steadily: when it falls 4096 events behind,
+/// links stop delivering (and, through the send windows, their senders slow down).
+pub struct Events {
+    rx: mpsc::Receiver<Event>,
+}
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Events")
+            .field("queued", &self.rx.len())
+            .finish()
+    }
+}
+
+impl Events {
+    /// The next event; `None` once the client is closed and every event was read.
+    pub async fn recv(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+}
+
+impl Stream for Events {
+    type Item = Event;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+enum Cmd {
+    Join(String, oneshot::Sender<Result<Vec<Member>>>),
+    Leave(String, oneshot::Sender<Result<()>>),
+    Close,
+}
+
+#[derive(Default)]
+struct Shared {
+    links: HashMap<PeerId, LinkEntry>,
+    groups: HashMap<String, BTreeMap<PeerId, String>>,
+    closed: bool,
+}
+
+struct LinkEntry {
+    handle: LinkHandle,
+    name: String,
+    groups: HashSet<String>,
+}
+
+impl Drop for LinkEntry {
+    fn drop(&mut self) {
+        self.handle.close();
+    }
+}
+
+struct Inner {
+    peer: PeerId,
+    ice_servers: Vec<IceServer>,
+    cmd_tx: mpsc::UnboundedSender<Cmd>,
+    shared: Arc<Mutex<Shared>>,
+    request_timeout: Duration,
+}
+
+/// A connection to a peermesh server: join groups, message co-members.
+///
+/// Cheap to clone; all clones share one session. Dropping every clone (or [`Client::close`])
+/// ends the session.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("peer", &self.inner.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let _ = self.cmd_tx.send(Cmd::Close);
+    }
+}
+
+type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+impl Client {
+    /// Connect to the server at `url` (`ws://host:port/ws`) and say hello.
+    pub async fn connect(url: &str, config: ClientConfig) -> Result<(Client, Events)> {
+        if !(url.starts_with("ws://") || url.starts_with("wss://")) {
+            return Err(Error::InvalidUrl(url.to_string()));
+        }
+        if !validate_name(&config.name) {
+            return Err(Error::InvalidName(config.name.clone()));
+        }
+        let timeout = config.connect_timeout;
+        tokio::time::timeout(timeout, Self::handshake(url, config))
+            .await
+            .map_err(|_| Error::Timeout)?
+    }
+
+    async fn handshake(url: &str, config: ClientConfig) -> Result<(Client, Events)> {
+        let (mut ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .map_err(|e| Error::Connect(e.to_string()))?;
+        let hello = ClientMsg::Hello {
+            version: PROTOCOL_VERSION,
+            name: config.name.clone(),
+        };
+        ws.send(WsMessage::Text(to_json(&hello).into()))
+            .await
+            .map_err(|e| Error::Connect(e.to_string()))?;
+        let welcome = loop {
+            match ws.next().await {
+                Some(Ok(WsMessage::Text(t))) => match serde_json::from_str::<ServerMsg>(&t) {
+                    Ok(m @ ServerMsg::Welcome { .. }) => break m,
+                    Ok(ServerMsg::Error { code, message, .. }) => {
+                        return Err(Error::Server { code, message })
+                    }
+                    Ok(_) => continue,
+                    Err(e) => return Err(Error::Connect(format!("bad welcome: {e}"))),
+                },
+                Some(Ok(WsMessage::Close(_))) | None => {
+                    return Err(Error::Connect("server closed the connection".into()))
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(Error::Connect(e.to_string())),
+            }
+        };
+        let ServerMsg::Welcome {
+            version,
+            peer,
+            ice_servers,
+            heartbeat_interval_ms,
+            ..
+        } = welcome
+        else {
+            unreachable!("loop breaks only on welcome")
+        };
+        if version != PROTOCOL_VERSION {
+            return Err(Error::VersionMismatch {
+                server: version,
+                client: PROTOCOL_VERSION,
+            });
+        }
+
+        let (sink, stream) = ws.split();
+        let (ws_tx, ws_rx) = mpsc::channel(WS_QUEUE);
+        let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let rtc = config
+            .direct
+            .then(|| Arc::new(RtcFactory::new(&config.rtc_options(), &ice_servers)));
+        let ctx = LinkCtx {
+            ws_tx: ws_tx.clone(),
+            events: events_tx.clone(),
+            rtc,
+            window: config.send_window,
+            max_message: config.max_message_size,
+        };
+        tokio::spawn(write_loop(sink, ws_rx));
+        let session = Session {
+            ctx,
+            shared: shared.clone(),
+            pending_joins: HashMap::new(),
+            pending_leaves: HashMap::new(),
+            next_ping: 1,
+        };
+        let heartbeat = Duration::from_millis(heartbeat_interval_ms.clamp(100, 60_000));
+        tokio::spawn(session.run(stream, cmd_rx, heartbeat));
+        let inner = Inner {
+            peer,
+            ice_servers,
+            cmd_tx,
+            shared,
+            request_timeout: config.request_timeout,
+        };
+        Ok((
+            Client {
+                inner: Arc::new(inner),
+            },
+            Events { rx: events_rx },
+        ))
+    }
+
+    /// This client's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.peer
+    }
+
+    /// The ICE servers the server handed out in its welcome.
+    pub fn ice_servers(&self) -> &[IceServer] {
+        &self.inner.ice_servers
+    }
+
+    /// Join a group (created on first join). Returns its other members; a
+    /// [`Event::MemberJoined`] is also emitted for each of them, before this returns.
+    pub async fn join(&self, group: &str) -> Result<Vec<Member>> {
+        if !validate_group(group) {
+            return Err(Error::InvalidGroup(group.to_string()));
+        }
+        self.request(|tx| Cmd::Join(group.to_string(), tx)).await
+    }
+
+    /// Leave a group. Links to peers that share no other group with this client close; a
+    /// [`Event::MemberLeft`] is emitted for each member of the group.
+    pub async fn leave(&self, group: &str) -> Result<()> {
+        self.request(|tx| Cmd::Leave(group.to_string(), tx)).await
+    }
+
+    async fn request<T>(&self, cmd: impl FnOnce(oneshot::Sender<Result<T>>) -> Cmd) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.inner.cmd_tx.send(cmd(tx)).map_err(|_| Error::Closed)?;
+        match tokio::time::timeout(self.inner.request_timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::Timeout),
+        }
+    }
+
+    /// Send to a co-member. Reliable messages (up to the configured maximum, 8 MiB by default)
+    /// arrive complete, in order and once, whatever path changes happen; this waits while the
+    /// link's send window is full. Unreliable messages (up to 16 KiB) go on the current path,
+    /// best effort.
+    pub async fn send(
+        &self,
+        peer: PeerId,
+        data: impl Into<Bytes>,
+        reliability: Reliability,
+    ) -> Result<()> {
+        let handle = self.link(peer)?;
+        handle.send(data.into(), reliability).await
+    }
+
+    /// Like [`Client::send`], but fails with [`Error::WouldBlock`] instead of waiting.
+    pub fn try_send(
+        &self,
+        peer: PeerId,
+        data: impl Into<Bytes>,
+        reliability: Reliability,
+    ) -> Result<()> {
+        self.link(peer)?.try_send(data.into(), reliability)
+    }
+
+    fn link(&self, peer: PeerId) -> Result<LinkHandle> {
+        let shared = self.lock();
+        if shared.closed {
+            return Err(Error::Closed);
+        }
+        shared
+            .links
+            .get(&peer)
+            .map(|e| e.handle.clone())
+            .ok_or(Error::UnknownPeer(peer))
+    }
+
+    /// Send to every other member of `group`.
+    pub async fn broadcast(
+        &self,
+        group: &str,
+        data: impl Into<Bytes>,
+        reliability: Reliability,
+    ) -> Result<()> {
+        let data = data.into();
+        let peers: Vec<PeerId> = {
+            let shared = self.lock();
+            let members = shared
+                .groups
+                .get(group)
+                .ok_or_else(|| Error::NotMember(group.to_string()))?;
+            members.keys().copied().collect()
+        };
+        for peer in peers {
+            match self.send(peer, data.clone(), reliability).await {
+                // The member left meanwhile: it is no longer part of the broadcast.
+                Err(Error::UnknownPeer(_)) => {}
+                other => other?,
+            }
+        }
+        Ok(())
+    }
+
+    /// The current members of a group this client is in (without this client).
+    pub fn members(&self, group: &str) -> Result<Vec<Member>> {
+        let shared = self.lock();
+        let members = shared
+            .groups
+            .get(group)
+            .ok_or_else(|| Error::NotMember(group.to_string()))?;
+        Ok(members
+            .iter()
+            .map(|(&peer, name)| Member {
+                peer,
+                name: name.clone(),
+            })
+            .collect())
+    }
+
+    /// A co-member's display name.
+    pub fn name_of(&self, peer: PeerId) -> Option<String> {
+        self.lock().links.get(&peer).map(|e| e.name.clone())
+    }
+
+    /// The path messages to `peer` take now.
+    pub fn path(&self, peer: PeerId) -> Result<Path> {
+        self.with_link(peer, |h| h.status().path)
+    }
+
+    /// Smoothed round-trip time to `peer` on the current path, once measured (probed every
+    /// second).
+    pub fn rtt(&self, peer: PeerId) -> Result<Option<Duration>> {
+        self.with_link(peer, |h| h.status().rtt)
+    }
+
+    /// Counters of the link to `peer`.
+    pub fn link_stats(&self, peer: PeerId) -> Result<LinkStats> {
+        self.with_link(peer, |h| h.status().stats)
+    }
+
+    fn with_link<T>(&self, peer: PeerId, f: impl FnOnce(&LinkHandle) -> T) -> Result<T> {
+        let shared = self.lock();
+        shared
+            .links
+            .get(&peer)
+            .map(|e| f(&e.handle))
+            .ok_or(Error::UnknownPeer(peer))
+    }
+
+    /// Leave every group and close the session. Reliable messages not yet acknowledged by their
+    /// peers are abandoned.
+    pub async fn close(&self) {
+        let _ = self.inner.cmd_tx.send(Cmd::Close);
+        // Wait (briefly) until the session has torn down.
+        for _ in 0..100 {
+            if self.lock().closed {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.inner.shared.lock().expect("client state lock")
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("protocol messages always serialize")
+}
+
+async fn write_loop(
+    mut sink: futures_util::stream::SplitSink<WsStream, WsMessage>,
+    mut rx: mpsc::Receiver<WsMessage>,
+) {
+    while let Some(msg) = rx.recv().await {
+        let close = matches!(msg, WsMessage::Close(_));
+        if let Err(e) = sink.feed(msg).await {
+            tracing::debug!("websocket write failed: {e}");
+            break;
+        }
+        // Batch whatever is already queued into one flush.
+        while let Ok(more) = rx.try_recv() {
+            if sink.feed(more).await.is_err() {
+                return;
+            }
+        }
+        if sink.flush().await.is_err() || close {
+            break;
+        }
+    }
+    let _ = sink.close().await;
+}
+
+struct Session {
+    ctx: LinkCtx,
+    shared: Arc<Mutex<Shared>>,
+    pending_joins: HashMap<String, oneshot::Sender<Result<Vec<Member>>>>,
+    pending_leaves: HashMap<String, oneshot::Sender<Result<()>>>,
+    next_ping: u64,
+}
+
+impl Session {
+    async fn run(
+        mut self,
+        mut stream: futures_util::stream::SplitStream<WsStream>,
+        mut cmds: mpsc::UnboundedReceiver<Cmd>,
+        heartbeat: Duration,
+    ) {
+        let mut tick = tokio::time::interval(heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let reason = loop {
+            tokio::select! {
+                msg = stream.next() => match msg {
+                    Some(Ok(WsMessage::Text(t))) => self.on_text(&t).await,
+                    Some(Ok(WsMessage::Binary(b))) => self.on_binary(b),
+                    Some(Ok(WsMessage::Close(frame))) => {
+                        break format!("server closed the session: {frame:?}")
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => break format!("connection lost: {e}"),
+                    None => break "connection lost".to_string(),
+                },
+                cmd = cmds.recv() => match cmd {
+                    Some(Cmd::Join(group, tx)) => {
+                        if self.pending_joins.contains_key(&group) {
+                            let _ = tx.send(Err(Error::Server {
+                                code: ErrorCode::AlreadyMember,
+                                message: format!("a join of {group:?} is already under way"),
+                            }));
+                        } else {
+                            self.send(&ClientMsg::Join { group: group.clone() }).await;
+                            self.pending_joins.insert(group, tx);
+                        }
+                    }
+                    Some(Cmd::Leave(group, tx)) => {
+                        if !self.lock().groups.contains_key(&group) {
+                            let _ = tx.send(Err(Error::NotMember(group)));
+                        } else {
+                            self.send(&ClientMsg::Leave { group: group.clone() }).await;
+                            self.pending_leaves.insert(group, tx);
+                        }
+                    }
+                    Some(Cmd::Close) | None => {
+                        let _ = self.ctx.ws_tx.send(WsMessage::Close(None)).await;
+                        break String::new();
+                    }
+                },
+                _ = tick.tick() => {
+                    let id = self.next_ping;
+                    self.next_ping += 1;
+                    self.send(&ClientMsg::Ping { id }).await;
+                }
+            }
+        };
+        let links: Vec<LinkEntry> = {
+            let mut shared = self.lock();
+            shared.closed = true;
+            shared.groups.clear();
+            shared.links.drain().map(|(_, e)| e).collect()
+        };
+        drop(links);
+        if !reason.is_empty() {
+            tracing::warn!("{reason}");
+            let _ = self.ctx.events.send(Event::Disconnected { reason }).await;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().expect("client state lock")
+    }
+
+    async fn send(&self, msg: &ClientMsg) {
+        let _ = self
+            .ctx
+            .ws_tx
+            .send(WsMessage::Text(to_json(msg).into()))
+            .await;
+    }
+
+    async fn emit(&self, event: Event) {
+        let _ = self.ctx.events.send(event).await;
+    }
+
+    fn on_binary(&self, buf: Bytes) {
+        let frame = match RelayFrame::decode(&buf) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!("dropping bad relay frame from server: {e}");
+                return;
+            }
+        };
+        let shared = self.lock();
+        match shared.links.get(&frame.peer) {
+            Some(e) if e.handle.link_id == frame.link => {
+                e.handle
+                    .deliver(LinkInput::Relay(buf.slice_ref(frame.payload)));
+            }
+            _ => tracing::debug!(peer = frame.peer, "relay frame for a closed link dropped"),
+        }
+    }
+
+    async fn on_text(&mut self, text: &str) {
+        let msg: ServerMsg = match serde_json::from_str(text) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("ignoring unparsable server frame: {e}");
+                return;
+            }
+        };
+        match msg {
+            ServerMsg::Joined { group, members } => {
+                let list = members
+                    .iter()
+                    .map(|m| Member {
+                        peer: m.peer,
+                        name: m.name.clone(),
+                    })
+                    .collect();
+                self.lock().groups.insert(group.clone(), BTreeMap::new());
+                for m in members {
+                    self.add_member(&group, m).await;
+                }
+                if let Some(tx) = self.pending_joins.remove(&group) {
+                    let _ = tx.send(Ok(list));
+                }
+            }
+            ServerMsg::MemberJoined { group, member } => self.add_member(&group, member).await,
+            ServerMsg::MemberLeft { group, peer } => self.remove_member(&group, peer).await,
+            ServerMsg::Left { group } => {
+                let peers: Vec<PeerId> = self
+                    .lock()
+                    .groups
+                    .get(&group)
+                    .map(|m| m.keys().copied().collect())
+                    .unwrap_or_default();
+                for peer in peers {
+                    self.remove_member(&group, peer).await;
+                }
+                self.lock().groups.remove(&group);
+                if let Some(tx) = self.pending_leaves.remove(&group) {
+                    let _ = tx.send(Ok(()));
+                }
+            }
+            ServerMsg::Signal { from, link, data } => {
+                let shared = self.lock();
+                match shared.links.get(&from) {
+                    Some(e) if e.handle.link_id == link => {
+                        e.handle.deliver(LinkInput::Signal(data))
+                    }
+                    _ => tracing::debug!(peer = from, "signal for a closed link dropped"),
+                }
+            }
+            ServerMsg::Pong { .. } | ServerMsg::Welcome { .. } => {}
+            ServerMsg::Error {
+                code,
+                message,
+                request,
+                group,
+                peer,
+            } => {
+                let err = || Error::Server {
+                    code,
+                    message: message.clone(),
+                };
+                let pending = match (request.as_deref(), &group) {
+                    (Some("join"), Some(g)) => self
+                        .pending_joins
+                        .remove(g)
+                        .map(|tx| tx.send(Err(err())).is_ok()),
+                    (Some("leave"), Some(g)) => self
+                        .pending_leaves
+                        .remove(g)
+                        .map(|tx| tx.send(Err(err())).is_ok()),
+                    _ => None,
+                };
+                if pending.is_none() {
+                    tracing::warn!(?request, ?peer, "server error {code}: {message}");
+                    self.emit(Event::ServerError { code, message }).await;
+                }
+            }
+        }
+    }
+
+    async fn add_member(&mut self, group: &str, m: MemberInfo) {
+        let stale: Option<LinkEntry> = {
+            let mut shared = self.lock();
+            shared
+                .groups
+                .entry(group.to_string())
+                .or_default()
+                .insert(m.peer, m.name.clone());
+            let stale = match shared.links.get(&m.peer) {
+                Some(e) if e.handle.link_id != m.link => shared.links.remove(&m.peer),
+                _ => None,
+            };
+            let ctx = self.ctx.clone();
+            let entry = shared.links.entry(m.peer).or_insert_with(|| LinkEntry {
+                handle: LinkHandle::spawn(m.peer, m.link, m.initiator, ctx),
+                name: m.name.clone(),
+                groups: HashSet::new(),
+            });
+            entry.groups.insert(group.to_string());
+            stale
+        };
+        drop(stale);
+        self.emit(Event::MemberJoined {
+            group: group.to_string(),
+            peer: m.peer,
+            name: m.name,
+        })
+        .await;
+    }
+
+    async fn remove_member(&mut self, group: &str, peer: PeerId) {
+        let (name, gone) = {
+            let mut shared = self.lock();
+            let name = shared.groups.get_mut(group).and_then(|g| g.remove(&peer));
+            let gone = match shared.links.get_mut(&peer) {
+                Some(e) => {
+                    e.groups.remove(group);
+                    if e.groups.is_empty() {
+                        shared.links.remove(&peer)
+                    } else {
+                        None
+                    }
+                }
+                None => None,
+            };
+            (name, gone)
+        };
+        drop(gone);
+        if let Some(name) = name {
+            self.emit(Event::MemberLeft {
+                group: group.to_string(),
+                peer,
+                name,
+            })
+            .await;
+        }
+    }
+}
+
+/// How a message is delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reliability {
+    /// Complete, in order, exactly once, across path changes.
+    Reliable,
+    /// Best effort on the current path: may be lost or arrive out of order; at most 16 KiB.
+    Unreliable,
+}

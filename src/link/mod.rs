@@ -1,0 +1,823 @@
+//! One link per co-member: path selection and the delivery guarantee.
+//!
+//! A link starts on the server path at once and brings up a PeerConnection in the background.
+//! Every reliable fragment carries a per-link sequence number; the receiver delivers strictly in
+//! order, drops duplicates and acknowledges cumulatively; the sender keeps unacknowledged fragments
+//! and sends them again on the server path when the direct path goes away. Moving *up* to the
+//! direct path needs no re-send: the server path is itself ordered and reliable, so fragments still
+//! on it arrive and the receiver fills the gap from its reorder buffer.
+
+mod rtc;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::time::{sleep_until, Instant as TokioInstant};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+use rtc::{Channel, ConnState, Rtc, RtcEvent};
+pub(crate) use rtc::{RtcFactory, RtcOptions};
+
+use crate::protocol::{
+    ClientMsg, LinkFrame, LinkId, PeerId, RelayFrame, MAX_FRAGMENT_PAYLOAD, MAX_UNRELIABLE_PAYLOAD,
+};
+use crate::{Error, Event, Path, Reliability, Result};
+
+/// Send an ack after this many fragments even if the ack timer has not fired.
+const ACK_EVERY: u64 = 32;
+/// Longest a received fragment waits for its ack.
+const ACK_DELAY: Duration = Duration::from_millis(5);
+/// RTT probe interval.
+const PING_EVERY: Duration = Duration::from_secs(1);
+/// First and longest wait before the initiator tries a new PeerConnection after a failure.
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Inputs to a link task.
+#[derive(Debug)]
+pub(crate) enum LinkInput {
+    /// A link-layer frame that came over the server path.
+    Relay(Bytes),
+    /// Signaling data from the peer.
+    Signal(serde_json::Value),
+    /// Something the PeerConnection of generation `gen` reported.
+    Rtc { gen: u32, event: RtcEvent },
+    /// The pair no longer shares a group: stop.
+    Close,
+}
+
+/// App data to send, holding `permits` of the send window (given back on ack for reliable
+/// data, once handed to a path for unreliable data).
+#[derive(Debug)]
+struct Outgoing {
+    data: Bytes,
+    reliable: bool,
+    permits: u32,
+}
+
+/// Counters of one link, for diagnostics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    /// Reliable fragments sent on the server path (first sends and re-sends).
+    pub sent_server: u64,
+    /// Reliable fragments sent on the direct path.
+    pub sent_direct: u64,
+    /// Reliable fragments received on the server path (including duplicates).
+    pub recv_server: u64,
+    /// Reliable fragments received on the direct path (including duplicates).
+    pub recv_direct: u64,
+    /// Reliable fragments sent again after the direct path went away.
+    pub resent: u64,
+    /// Duplicate reliable fragments received and dropped.
+    pub duplicates: u64,
+    /// Times the link moved between the server and direct paths.
+    pub path_changes: u64,
+}
+
+/// What the client reads of a link without asking its task.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LinkStatus {
+    pub path: Path,
+    pub rtt: Option<Duration>,
+    pub stats: LinkStats,
+}
+
+/// What every link of a client shares.
+#[derive(Clone)]
+pub(crate) struct LinkCtx {
+    pub ws_tx: mpsc::Sender<WsMessage>,
+    pub events: mpsc::Sender<Event>,
+    pub rtc: Option<Arc<RtcFactory>>,
+    pub window: usize,
+    pub max_message: usize,
+}
+
+/// The client's handle on a running link task.
+#[derive(Clone)]
+pub(crate) struct LinkHandle {
+    pub peer: PeerId,
+    pub link_id: LinkId,
+    tx: mpsc::UnboundedSender<LinkInput>,
+    data_tx: mpsc::UnboundedSender<Outgoing>,
+    window: Arc<Semaphore>,
+    max_message: usize,
+    status: Arc<Mutex<LinkStatus>>,
+}
+
+impl LinkHandle {
+    /// Start a link task.
+    pub(crate) fn spawn(peer: PeerId, link_id: LinkId, initiator: bool, ctx: LinkCtx) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (data_tx, data_rx) = mpsc::unbounded_channel();
+        let window = Arc::new(Semaphore::new(ctx.window));
+        let status = Arc::new(Mutex::new(LinkStatus::default()));
+        let handle = LinkHandle {
+            peer,
+            link_id,
+            tx: tx.clone(),
+            data_tx,
+            window: window.clone(),
+            max_message: ctx.max_message,
+            status: status.clone(),
+        };
+        let task = LinkTask {
+            peer,
+            link_id,
+            initiator,
+            ctx,
+            tx,
+            window,
+            status,
+            next_seq: 1,
+            unacked: VecDeque::new(),
+            delivered: 0,
+            acked_sent: 0,
+            ack_deadline: None,
+            reorder: BTreeMap::new(),
+            partial: BytesMut::new(),
+            path: Path::Server,
+            rtc: None,
+            gen: 0,
+            r_open: false,
+            u_open: false,
+            connected: false,
+            peer_ready: 0,
+            retry_at: None,
+            backoff: RETRY_MIN,
+            next_ping: 1,
+            pings: VecDeque::new(),
+            rtt: None,
+            stats: LinkStats::default(),
+        };
+        tokio::spawn(task.run(rx, data_rx));
+        handle
+    }
+
+    /// Send, waiting for room in the send window.
+    pub(crate) async fn send(&self, data: Bytes, reliability: Reliability) -> Result<()> {
+        let reliable = self.check(&data, reliability)?;
+        let permits = permits_for(data.len());
+        self.window
+            .acquire_many(permits)
+            .await
+            .map_err(|_| Error::UnknownPeer(self.peer))?
+            .forget();
+        self.push(data, reliable, permits)
+    }
+
+    /// Send without waiting; `WouldBlock` if the window is full.
+    pub(crate) fn try_send(&self, data: Bytes, reliability: Reliability) -> Result<()> {
+        let reliable = self.check(&data, reliability)?;
+        let permits = permits_for(data.len());
+        match self.window.try_acquire_many(permits) {
+            Ok(p) => p.forget(),
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                return Err(Error::WouldBlock(self.peer))
+            }
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(Error::UnknownPeer(self.peer)),
+        }
+        self.push(data, reliable, permits)
+    }
+
+    fn check(&self, data: &Bytes, reliability: Reliability) -> Result<bool> {
+        let (reliable, limit) = match reliability {
+            Reliability::Reliable => (true, self.max_message),
+            Reliability::Unreliable => (false, MAX_UNRELIABLE_PAYLOAD),
+        };
+        if data.len() > limit {
+            return Err(Error::MessageTooLarge {
+                size: data.len(),
+                limit,
+            });
+        }
+        Ok(reliable)
+    }
+
+    fn push(&self, data: Bytes, reliable: bool, permits: u32) -> Result<()> {
+        self.data_tx
+            .send(Outgoing {
+                data,
+                reliable,
+                permits,
+            })
+            .map_err(|_| Error::UnknownPeer(self.peer))
+    }
+
+    pub(crate) fn deliver(&self, input: LinkInput) {
+        // A closed task means the link is being torn down; late frames have nowhere to go.
+        let _ = self.tx.send(input);
+    }
+
+    /// Stop the link: senders waiting on the window get an error, the task closes its
+    /// PeerConnection and ends.
+    pub(crate) fn close(&self) {
+        self.window.close();
+        let _ = self.tx.send(LinkInput::Close);
+    }
+
+    pub(crate) fn status(&self) -> LinkStatus {
+        self.status.lock().expect("link status lock").clone()
+    }
+}
+
+fn permits_for(len: usize) -> u32 {
+    len.max(1) as u32
+}
+
+/// Signaling payloads exchanged between the two ends of a link (inside `signal.data`).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum LinkSignal {
+    Offer {
+        gen: u32,
+        sdp: String,
+    },
+    Answer {
+        gen: u32,
+        sdp: String,
+    },
+    Candidate {
+        gen: u32,
+        #[serde(flatten)]
+        candidate: serde_json::Value,
+    },
+}
+
+struct Unacked {
+    seq: u64,
+    frame: Bytes,
+    permits: u32,
+}
+
+struct LinkTask {
+    peer: PeerId,
+    link_id: LinkId,
+    initiator: bool,
+    ctx: LinkCtx,
+    tx: mpsc::UnboundedSender<LinkInput>,
+    window: Arc<Semaphore>,
+    status: Arc<Mutex<LinkStatus>>,
+    // Sending side.
+    next_seq: u64,
+    unacked: VecDeque<Unacked>,
+    // Receiving side.
+    delivered: u64,
+    acked_sent: u64,
+    ack_deadline: Option<TokioInstant>,
+    reorder: BTreeMap<u64, (bool, Bytes)>,
+    partial: BytesMut,
+    // Path.
+    path: Path,
+    rtc: Option<Rtc>,
+    gen: u32,
+    r_open: bool,
+    u_open: bool,
+    connected: bool,
+    /// Highest generation whose channels the peer reported open.
+    peer_ready: u32,
+    retry_at: Option<TokioInstant>,
+    backoff: Duration,
+    // RTT.
+    next_ping: u64,
+    pings: VecDeque<(u64, Instant)>,
+    rtt: Option<Duration>,
+    stats: LinkStats,
+}
+
+impl LinkTask {
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<LinkInput>,
+        mut data_rx: mpsc::UnboundedReceiver<Outgoing>,
+    ) {
+        if self.initiator {
+            self.start_rtc().await;
+        }
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let far = || TokioInstant::now() + Duration::from_secs(3600);
+        loop {
+            let ack_at = self.ack_deadline.unwrap_or_else(far);
+            let retry_at = self.retry_at.unwrap_or_else(far);
+            // Control and incoming frames first: they open the direct path and free the window.
+            tokio::select! {
+                biased;
+                input = rx.recv() => match input {
+                    Some(LinkInput::Close) | None => break,
+                    Some(input) => self.handle(input).await,
+                },
+                Some(out) = data_rx.recv() => self.send(out).await,
+                _ = sleep_until(ack_at), if self.ack_deadline.is_some() => self.send_ack().await,
+                _ = sleep_until(retry_at), if self.retry_at.is_some() => {
+                    self.retry_at = None;
+                    self.start_rtc().await;
+                }
+                _ = ping.tick() => self.send_ping().await,
+            }
+            self.publish();
+        }
+        if let Some(rtc) = self.rtc.take() {
+            rtc.close();
+        }
+    }
+
+    fn publish(&self) {
+        let mut s = self.status.lock().expect("link status lock");
+        s.path = self.path;
+        s.rtt = self.rtt;
+        s.stats = self.stats;
+    }
+
+    async fn handle(&mut self, input: LinkInput) {
+        match input {
+            LinkInput::Relay(frame) => self.receive(frame, false).await,
+            LinkInput::Signal(data) => self.on_signal(data).await,
+            LinkInput::Rtc { gen, event } => {
+                if gen == self.gen && self.rtc.is_some() {
+                    self.on_rtc(event).await
+                }
+            }
+            LinkInput::Close => {}
+        }
+    }
+
+    // ---- sending ----
+
+    async fn send(&mut self, out: Outgoing) {
+        if out.reliable {
+            self.send_reliable(out.data).await
+        } else {
+            let frame = Bytes::from(LinkFrame::Unreliable { bytes: &out.data }.encode());
+            self.transmit(frame, Channel::Unreliable).await;
+            self.window.add_permits(out.permits as usize);
+        }
+    }
+
+    async fn send_reliable(&mut self, data: Bytes) {
+        let mut chunks: Vec<Bytes> = Vec::new();
+        if data.is_empty() {
+            chunks.push(data);
+        } else {
+            let mut rest = data;
+            while !rest.is_empty() {
+                let n = rest.len().min(MAX_FRAGMENT_PAYLOAD);
+                chunks.push(rest.split_to(n));
+            }
+        }
+        let last = chunks.len() - 1;
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            let frame = Bytes::from(
+                LinkFrame::Data {
+                    seq,
+                    fin: i == last,
+                    bytes: &chunk,
+                }
+                .encode(),
+            );
+            self.unacked.push_back(Unacked {
+                seq,
+                frame: frame.clone(),
+                permits: permits_for(chunk.len()),
+            });
+            if self.direct_up() {
+                self.stats.sent_direct += 1;
+            } else {
+                self.stats.sent_server += 1;
+            }
+            self.transmit(frame, Channel::Reliable).await;
+        }
+    }
+
+    fn direct_up(&self) -> bool {
+        matches!(self.path, Path::Direct { .. })
+    }
+
+    /// Send a frame on the current path.
+    async fn transmit(&mut self, frame: Bytes, ch: Channel) {
+        if self.direct_up() {
+            if let Some(rtc) = &self.rtc {
+                match rtc.send(ch, &frame).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        // Reliable frames are re-sent by the downgrade; an unreliable one goes
+                        // on the server path below.
+                        self.downgrade(&format!("data channel send failed: {e}"))
+                            .await;
+                        if ch == Channel::Reliable {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        self.relay(&frame).await;
+    }
+
+    async fn relay(&self, frame: &[u8]) {
+        let buf = RelayFrame {
+            peer: self.peer,
+            link: self.link_id,
+            payload: frame,
+        }
+        .encode();
+        // Fails only when the session is closing, and then the link is going away too.
+        let _ = self.ctx.ws_tx.send(WsMessage::Binary(buf.into())).await;
+    }
+
+    async fn send_ack(&mut self) {
+        self.ack_deadline = None;
+        if self.acked_sent == self.delivered {
+            return;
+        }
+        self.acked_sent = self.delivered;
+        let frame = Bytes::from(
+            LinkFrame::Ack {
+                seq: self.delivered,
+            }
+            .encode(),
+        );
+        self.transmit(frame, Channel::Reliable).await;
+    }
+
+    async fn send_ping(&mut self) {
+        let id = self.next_ping;
+        self.next_ping += 1;
+        if self.pings.len() >= 8 {
+            self.pings.pop_front();
+        }
+        self.pings.push_back((id, Instant::now()));
+        let frame = Bytes::from(LinkFrame::Ping { id }.encode());
+        self.transmit(frame, Channel::Unreliable).await;
+    }
+
+    // ---- receiving ----
+
+    async fn receive(&mut self, frame: Bytes, direct: bool) {
+        let decoded = match LinkFrame::decode(&frame) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(peer = self.peer, "dropping bad link frame: {e}");
+                return;
+            }
+        };
+        match decoded {
+            LinkFrame::Data { seq, fin, bytes } => {
+                if direct {
+                    self.stats.recv_direct += 1;
+                } else {
+                    self.stats.recv_server += 1;
+                }
+                let payload = frame.slice_ref(bytes);
+                self.on_data(seq, fin, payload).await;
+            }
+            LinkFrame::Ack { seq } => self.on_ack(seq),
+            LinkFrame::Unreliable { bytes } => {
+                let data = frame.slice_ref(bytes);
+                self.emit(Event::Message {
+                    from: self.peer,
+                    data,
+                    reliability: Reliability::Unreliable,
+                })
+                .await;
+            }
+            LinkFrame::Ping { id } => {
+                let pong = LinkFrame::Pong { id }.encode();
+                match (&self.rtc, direct) {
+                    (Some(rtc), true) => {
+                        let _ = rtc.send(Channel::Unreliable, &Bytes::from(pong)).await;
+                    }
+                    _ => self.relay(&pong).await,
+                }
+            }
+            LinkFrame::Ready { gen } => {
+                self.peer_ready = self.peer_ready.max(gen);
+                self.maybe_upgrade().await;
+            }
+            LinkFrame::Pong { id } => {
+                if let Some(pos) = self.pings.iter().position(|(p, _)| *p == id) {
+                    let sample = self.pings[pos].1.elapsed();
+                    self.pings.drain(..=pos);
+                    self.rtt = Some(match self.rtt {
+                        None => sample,
+                        Some(old) => (old * 7 + sample) / 8,
+                    });
+                }
+            }
+        }
+    }
+
+    async fn on_data(&mut self, seq: u64, fin: bool, payload: Bytes) {
+        if seq <= self.delivered || self.reorder.contains_key(&seq) {
+            self.stats.duplicates += 1;
+            // The sender may be re-sending because our ack was lost with the path: ack again.
+            self.schedule_ack().await;
+            return;
+        }
+        if seq != self.delivered + 1 {
+            self.reorder.insert(seq, (fin, payload));
+            return;
+        }
+        self.accept(fin, payload).await;
+        while let Some(entry) = self.reorder.first_entry() {
+            if *entry.key() != self.delivered + 1 {
+                break;
+            }
+            let (fin, payload) = entry.remove();
+            self.accept(fin, payload).await;
+        }
+        self.schedule_ack().await;
+    }
+
+    async fn accept(&mut self, fin: bool, payload: Bytes) {
+        self.delivered += 1;
+        let data = if self.partial.is_empty() {
+            if !fin {
+                self.partial.extend_from_slice(&payload);
+                return;
+            }
+            payload
+        } else {
+            self.partial.extend_from_slice(&payload);
+            if !fin {
+                return;
+            }
+            std::mem::take(&mut self.partial).freeze()
+        };
+        self.emit(Event::Message {
+            from: self.peer,
+            data,
+            reliability: Reliability::Reliable,
+        })
+        .await;
+    }
+
+    async fn schedule_ack(&mut self) {
+        if self.delivered - self.acked_sent >= ACK_EVERY {
+            self.send_ack().await;
+        } else if self.ack_deadline.is_none() {
+            self.ack_deadline = Some(TokioInstant::now() + ACK_DELAY);
+        }
+    }
+
+    fn on_ack(&mut self, seq: u64) {
+        let mut released = 0usize;
+        while let Some(front) = self.unacked.front() {
+            if front.seq > seq {
+                break;
+            }
+            released += front.permits as usize;
+            self.unacked.pop_front();
+        }
+        if released > 0 {
+            self.window.add_permits(released);
+        }
+    }
+
+    async fn emit(&self, event: Event) {
+        // Counters and path as seen by the app are never behind the events it has read.
+        self.publish();
+        // The app dropped its event stream: nobody is listening any more.
+        let _ = self.ctx.events.send(event).await;
+    }
+
+    // ---- path ----
+
+    async fn set_path(&mut self, path: Path) {
+        if self.path == path {
+            return;
+        }
+        self.path = path;
+        self.stats.path_changes += 1;
+        self.publish();
+        tracing::debug!(peer = self.peer, %path, "path changed");
+        self.emit(Event::PathChanged {
+            peer: self.peer,
+            path,
+        })
+        .await;
+    }
+
+    async fn maybe_upgrade(&mut self) {
+        if self.direct_up()
+            || !(self.r_open && self.u_open && self.connected && self.peer_ready >= self.gen)
+        {
+            return;
+        }
+        let Some(rtc) = &self.rtc else { return };
+        let Some((local, remote)) = rtc.selected_pair().await else {
+            return;
+        };
+        self.backoff = RETRY_MIN;
+        self.set_path(Path::Direct { local, remote }).await;
+        self.send_ping().await;
+    }
+
+    async fn downgrade(&mut self, why: &str) {
+        if !self.direct_up() {
+            return;
+        }
+        tracing::info!(
+            peer = self.peer,
+            "direct path lost ({why}); back to the server path"
+        );
+        self.set_path(Path::Server).await;
+        // Everything not acknowledged may have died with the direct path.
+        let frames: Vec<Bytes> = self.unacked.iter().map(|u| u.frame.clone()).collect();
+        self.stats.resent += frames.len() as u64;
+        self.stats.sent_server += frames.len() as u64;
+        for f in frames {
+            self.relay(&f).await;
+        }
+        // Acks we sent on the direct path may be gone too.
+        self.ack_deadline = None;
+        self.acked_sent = self.delivered;
+        if self.delivered > 0 {
+            let ack = LinkFrame::Ack {
+                seq: self.delivered,
+            }
+            .encode();
+            self.relay(&ack).await;
+        }
+    }
+
+    async fn start_rtc(&mut self) {
+        let Some(factory) = self.ctx.rtc.clone() else {
+            return;
+        };
+        self.reset_rtc();
+        self.gen += 1;
+        match factory.create(self.gen, self.tx.clone()).await {
+            Ok(rtc) => match rtc.offer().await {
+                Ok(sdp) => {
+                    self.rtc = Some(rtc);
+                    let gen = self.gen;
+                    self.signal(LinkSignal::Offer { gen, sdp }).await;
+                }
+                Err(e) => {
+                    rtc.close();
+                    self.rtc_failed(&format!("creating offer: {e}"));
+                }
+            },
+            Err(e) => self.rtc_failed(&format!("creating peer connection: {e}")),
+        }
+    }
+
+    fn reset_rtc(&mut self) {
+        if let Some(old) = self.rtc.take() {
+            old.close();
+        }
+        self.r_open = false;
+        self.u_open = false;
+        self.connected = false;
+    }
+
+    /// The direct path could not be made (or died for good): stay on the server path and, if we
+    /// are the initiator, try again later.
+    fn rtc_failed(&mut self, why: &str) {
+        tracing::info!(peer = self.peer, "no direct path: {why}");
+        self.reset_rtc();
+        if self.initiator && self.ctx.rtc.is_some() {
+            self.retry_at = Some(TokioInstant::now() + self.backoff);
+            self.backoff = (self.backoff * 2).min(RETRY_MAX);
+        }
+    }
+
+    async fn signal(&self, s: LinkSignal) {
+        let data = match serde_json::to_value(&s) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!("signal not serializable: {e}");
+                return;
+            }
+        };
+        let msg = ClientMsg::Signal {
+            to: self.peer,
+            link: self.link_id,
+            data,
+        };
+        if let Ok(text) = serde_json::to_string(&msg) {
+            let _ = self.ctx.ws_tx.send(WsMessage::Text(text.into())).await;
+        }
+    }
+
+    async fn on_signal(&mut self, data: serde_json::Value) {
+        let sig: LinkSignal = match serde_json::from_value(data) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(peer = self.peer, "ignoring malformed signal: {e}");
+                return;
+            }
+        };
+        match sig {
+            LinkSignal::Offer { gen, sdp } => {
+                let Some(factory) = self.ctx.rtc.clone() else {
+                    tracing::debug!(peer = self.peer, "direct path disabled; offer ignored");
+                    return;
+                };
+                if gen <= self.gen && self.rtc.is_some() {
+                    return; // stale
+                }
+                self.downgrade("peer restarted the connection").await;
+                self.reset_rtc();
+                self.gen = gen;
+                let mut rtc = match factory.create(gen, self.tx.clone()).await {
+                    Ok(r) => r,
+                    Err(e) => return self.rtc_failed(&format!("creating peer connection: {e}")),
+                };
+                match rtc.accept_offer(sdp).await {
+                    Ok(answer) => {
+                        self.rtc = Some(rtc);
+                        self.signal(LinkSignal::Answer { gen, sdp: answer }).await;
+                    }
+                    Err(e) => {
+                        rtc.close();
+                        self.rtc_failed(&format!("answering offer: {e}"));
+                    }
+                }
+            }
+            LinkSignal::Answer { gen, sdp } => {
+                if gen != self.gen {
+                    return;
+                }
+                if let Some(rtc) = &mut self.rtc {
+                    if let Err(e) = rtc.accept_answer(sdp).await {
+                        self.rtc_failed(&format!("applying answer: {e}"));
+                    }
+                }
+            }
+            LinkSignal::Candidate { gen, candidate } => {
+                if gen != self.gen {
+                    return;
+                }
+                if let Some(rtc) = &mut self.rtc {
+                    if let Err(e) = rtc.add_candidate(candidate).await {
+                        tracing::warn!(peer = self.peer, "remote candidate refused: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_rtc(&mut self, event: RtcEvent) {
+        if !matches!(event, RtcEvent::Message(_)) {
+            tracing::trace!(peer = self.peer, gen = self.gen, ?event, "rtc event");
+        }
+        match event {
+            RtcEvent::Candidate(candidate) => {
+                let gen = self.gen;
+                self.signal(LinkSignal::Candidate { gen, candidate }).await;
+            }
+            RtcEvent::Open(ch) => {
+                let was_open = self.r_open && self.u_open;
+                match ch {
+                    Channel::Reliable => self.r_open = true,
+                    Channel::Unreliable => self.u_open = true,
+                }
+                if !was_open && self.r_open && self.u_open {
+                    let ready = LinkFrame::Ready { gen: self.gen }.encode();
+                    self.relay(&ready).await;
+                }
+                self.maybe_upgrade().await;
+            }
+            RtcEvent::Closed => {
+                self.r_open = false;
+                self.u_open = false;
+                self.downgrade("data channel closed").await;
+            }
+            RtcEvent::Message(frame) => self.receive(frame, true).await,
+            RtcEvent::PairSelected => {
+                if !self.direct_up() {
+                    return self.maybe_upgrade().await;
+                }
+                // ICE switched pairs under an open path: report the new candidate types.
+                if let Some(rtc) = &self.rtc {
+                    if let Some((local, remote)) = rtc.selected_pair().await {
+                        self.set_path(Path::Direct { local, remote }).await;
+                    }
+                }
+            }
+            RtcEvent::State(state) => match state {
+                ConnState::Connected => {
+                    self.connected = true;
+                    self.maybe_upgrade().await;
+                }
+                ConnState::Disconnected => {
+                    self.connected = false;
+                    self.downgrade("ICE disconnected").await;
+                }
+                ConnState::Failed | ConnState::Closed => {
+                    self.connected = false;
+                    self.downgrade("ICE failed").await;
+                    self.rtc_failed("ICE failed");
+                }
+                ConnState::Other => {}
+            },
+        }
+    }
+}

@@ -1,0 +1,393 @@
+//! The direct path: one webrtc-rs PeerConnection with two pre-negotiated data channels.
+//!
+//! This is the only module that names webrtc-rs types; everything above it speaks in
+//! [`RtcEvent`], [`Channel`] and [`CandidateType`], so a move to another WebRTC stack touches
+//! this file alone.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc::UnboundedSender;
+use webrtc::api::setting_engine::SettingEngine;
+use webrtc::api::{APIBuilder, API};
+use webrtc::data_channel::data_channel_init::RTCDataChannelInit;
+use webrtc::data_channel::RTCDataChannel;
+use webrtc::ice::mdns::MulticastDnsMode;
+use webrtc::ice_transport::ice_candidate::RTCIceCandidateInit;
+use webrtc::ice_transport::ice_candidate_type::RTCIceCandidateType;
+use webrtc::ice_transport::ice_server::RTCIceServer;
+use webrtc::peer_connection::configuration::RTCConfiguration;
+use webrtc::peer_connection::peer_connection_state::RTCPeerConnectionState;
+use webrtc::peer_connection::policy::ice_transport_policy::RTCIceTransportPolicy;
+use webrtc::peer_connection::sdp::session_description::RTCSessionDescription;
+use webrtc::peer_connection::RTCPeerConnection;
+
+use super::LinkInput;
+use crate::protocol::IceServer;
+use crate::CandidateType;
+
+/// Data channel labels and pre-negotiated stream ids (both sides create them identically).
+const RELIABLE_LABEL: &str = "r";
+const RELIABLE_ID: u16 = 0;
+const UNRELIABLE_LABEL: &str = "u";
+const UNRELIABLE_ID: u16 = 1;
+
+/// Which of the two data channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Channel {
+    /// "r": ordered, reliable.
+    Reliable,
+    /// "u": unordered, maxRetransmits 0.
+    Unreliable,
+}
+
+/// Connection state of the PeerConnection, reduced to what the link acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ConnState {
+    Connected,
+    Disconnected,
+    Failed,
+    Closed,
+    Other,
+}
+
+/// What the PeerConnection reports to its link (tagged with the generation by the sender).
+#[derive(Debug)]
+pub(crate) enum RtcEvent {
+    /// A local ICE candidate to trickle to the peer (JSON in the browser's `RTCIceCandidateInit`
+    /// shape).
+    Candidate(serde_json::Value),
+    Open(Channel),
+    Closed,
+    State(ConnState),
+    /// ICE selected a (new) candidate pair.
+    PairSelected,
+    Message(Bytes),
+}
+
+/// Options for the direct path that apply to every link of a client.
+#[derive(Clone, Default)]
+pub(crate) struct RtcOptions {
+    pub relay_only: bool,
+    pub include_loopback: bool,
+    pub ip_filter: Option<Arc<dyn Fn(IpAddr) -> bool + Send + Sync>>,
+}
+
+/// Builds PeerConnections for one client.
+pub(crate) struct RtcFactory {
+    api: API,
+    config: RTCConfiguration,
+}
+
+impl RtcFactory {
+    pub(crate) fn new(opts: &RtcOptions, ice_servers: &[IceServer]) -> Self {
+        let mut s = SettingEngine::default();
+        // mDNS would send multicast and hide host addresses behind .local names; peermesh
+        // shares addresses only through its own signaling.
+        s.set_ice_multicast_dns_mode(MulticastDnsMode::Disabled);
+        // Fall back fast, so the link returns to the server path quickly when the direct path dies.
+        s.set_ice_timeouts(
+            Some(Duration::from_secs(3)),
+            Some(Duration::from_secs(8)),
+            Some(Duration::from_millis(500)),
+        );
+        // webrtc-rs waits 2 s before accepting a relay pair by default; a relay-only pair has
+        // nothing better to wait for.
+        if opts.relay_only {
+            s.set_relay_acceptance_min_wait(Some(Duration::ZERO));
+        } else {
+            s.set_relay_acceptance_min_wait(Some(Duration::from_millis(500)));
+        }
+        // A peer's host candidate is often first learnt from its check (prflx) because the check
+        // overtakes the trickled candidate; waiting 1 s (the default) for something better only
+        // delays the direct path.
+        s.set_prflx_acceptance_min_wait(Some(Duration::ZERO));
+        s.set_srflx_acceptance_min_wait(Some(Duration::from_millis(100)));
+        if opts.include_loopback {
+            s.set_include_loopback_candidate(true);
+        }
+        if let Some(f) = opts.ip_filter.clone() {
+            s.set_ip_filter(Box::new(move |ip| f(ip)));
+        }
+        let api = APIBuilder::new().with_setting_engine(s).build();
+        let config = RTCConfiguration {
+            ice_servers: ice_servers
+                .iter()
+                .map(|s| RTCIceServer {
+                    urls: s.urls.clone(),
+                    username: s.username.clone().unwrap_or_default(),
+                    credential: s.credential.clone().unwrap_or_default(),
+                })
+                .collect(),
+            ice_transport_policy: if opts.relay_only {
+                RTCIceTransportPolicy::Relay
+            } else {
+                RTCIceTransportPolicy::All
+            },
+            ..Default::default()
+        };
+        RtcFactory { api, config }
+    }
+
+    /// A new PeerConnection of generation `gen` whose events go to `tx`.
+    pub(crate) async fn create(
+        &self,
+        gen: u32,
+        tx: UnboundedSender<LinkInput>,
+    ) -> Result<Rtc, webrtc::Error> {
+        let pc = Arc::new(self.api.new_peer_connection(self.config.clone()).await?);
+        let send = move |tx: &UnboundedSender<LinkInput>, event| {
+            let _ = tx.send(LinkInput::Rtc { gen, event });
+        };
+
+        let t = tx.clone();
+        pc.on_ice_candidate(Box::new(move |c| {
+            if let Some(c) = c {
+                match c.to_json() {
+                    Ok(init) => match serde_json::to_value(init) {
+                        Ok(v) => send(&t, RtcEvent::Candidate(v)),
+                        Err(e) => tracing::warn!("candidate not serializable: {e}"),
+                    },
+                    Err(e) => tracing::warn!("candidate not serializable: {e}"),
+                }
+            }
+            Box::pin(async {})
+        }));
+        let t = tx.clone();
+        pc.on_peer_connection_state_change(Box::new(move |s| {
+            let state = match s {
+                RTCPeerConnectionState::Connected => ConnState::Connected,
+                RTCPeerConnectionState::Disconnected => ConnState::Disconnected,
+                RTCPeerConnectionState::Failed => ConnState::Failed,
+                RTCPeerConnectionState::Closed => ConnState::Closed,
+                _ => ConnState::Other,
+            };
+            send(&t, RtcEvent::State(state));
+            Box::pin(async {})
+        }));
+
+        let t = tx.clone();
+        pc.sctp()
+            .transport()
+            .ice_transport()
+            .on_selected_candidate_pair_change(Box::new(move |_| {
+                send(&t, RtcEvent::PairSelected);
+                Box::pin(async {})
+            }));
+
+        let r = pc
+            .create_data_channel(
+                RELIABLE_LABEL,
+                Some(RTCDataChannelInit {
+                    ordered: Some(true),
+                    negotiated: Some(RELIABLE_ID),
+                    ..Default::default()
+                }),
+            )
+            .await?;
+        let u = pc
+            .create_data_channel(
+                UNRELIABLE_LABEL,
+                Some(RTCDataChannelInit {
+                    ordered: Some(false),
+                    max_retransmits: Some(0),
+                    negotiated: Some(UNRELIABLE_ID),
+                    ..Default::default()
+                }),
+            )
+            .await?;
+        for (dc, ch) in [(&r, Channel::Reliable), (&u, Channel::Unreliable)] {
+            let t = tx.clone();
+            dc.on_open(Box::new(move || {
+                send(&t, RtcEvent::Open(ch));
+                Box::pin(async {})
+            }));
+            let t = tx.clone();
+            dc.on_close(Box::new(move || {
+                send(&t, RtcEvent::Closed);
+                Box::pin(async {})
+            }));
+            let t = tx.clone();
+            dc.on_message(Box::new(move |msg| {
+                send(&t, RtcEvent::Message(msg.data));
+                Box::pin(async {})
+            }));
+        }
+        Ok(Rtc {
+            pc,
+            r,
+            u,
+            remote_set: false,
+            pending: Vec::new(),
+            signaled: HashMap::new(),
+        })
+    }
+}
+
+/// One PeerConnection generation of a link.
+pub(crate) struct Rtc {
+    pc: Arc<RTCPeerConnection>,
+    r: Arc<RTCDataChannel>,
+    u: Arc<RTCDataChannel>,
+    remote_set: bool,
+    pending: Vec<RTCIceCandidateInit>,
+    /// Types of the candidates the peer signaled, by address and port.
+    signaled: HashMap<(String, u16), CandidateType>,
+}
+
+/// Address, port and type of an SDP candidate line
+/// (`candidate:<foundation> <component> <proto> <priority> <addr> <port> typ <type> ...`).
+fn parse_candidate(line: &str) -> Option<((String, u16), CandidateType)> {
+    let mut it = line.split_whitespace().skip(4);
+    let addr = it.next()?.to_string();
+    let port = it.next()?.parse().ok()?;
+    if it.next()? != "typ" {
+        return None;
+    }
+    let typ = match it.next()? {
+        "host" => CandidateType::Host,
+        "srflx" => CandidateType::Srflx,
+        "prflx" => CandidateType::Prflx,
+        "relay" => CandidateType::Relay,
+        _ => return None,
+    };
+    Some(((addr, port), typ))
+}
+
+impl Rtc {
+    /// Create the offer and set it as the local description; returns its SDP.
+    pub(crate) async fn offer(&self) -> Result<String, webrtc::Error> {
+        let offer = self.pc.create_offer(None).await?;
+        let sdp = offer.sdp.clone();
+        self.pc.set_local_description(offer).await?;
+        Ok(sdp)
+    }
+
+    /// Apply the peer's offer and answer it; returns the answer's SDP.
+    pub(crate) async fn accept_offer(&mut self, sdp: String) -> Result<String, webrtc::Error> {
+        self.pc
+            .set_remote_description(RTCSessionDescription::offer(sdp)?)
+            .await?;
+        self.remote_set().await?;
+        let answer = self.pc.create_answer(None).await?;
+        let sdp = answer.sdp.clone();
+        self.pc.set_local_description(answer).await?;
+        Ok(sdp)
+    }
+
+    /// Apply the peer's answer.
+    pub(crate) async fn accept_answer(&mut self, sdp: String) -> Result<(), webrtc::Error> {
+        self.pc
+            .set_remote_description(RTCSessionDescription::answer(sdp)?)
+            .await?;
+        self.remote_set().await
+    }
+
+    async fn remote_set(&mut self) -> Result<(), webrtc::Error> {
+        self.remote_set = true;
+        for c in std::mem::take(&mut self.pending) {
+            self.pc.add_ice_candidate(c).await?;
+        }
+        Ok(())
+    }
+
+    /// Add a remote candidate (queued until the remote description is set).
+    pub(crate) async fn add_candidate(
+        &mut self,
+        candidate: serde_json::Value,
+    ) -> Result<(), String> {
+        let init: RTCIceCandidateInit =
+            serde_json::from_value(candidate).map_err(|e| format!("bad candidate: {e}"))?;
+        if init.candidate.is_empty() {
+            return Ok(()); // end-of-candidates
+        }
+        if let Some((key, typ)) = parse_candidate(&init.candidate) {
+            self.signaled.insert(key, typ);
+        }
+        if self.remote_set {
+            self.pc
+                .add_ice_candidate(init)
+                .await
+                .map_err(|e| e.to_string())
+        } else {
+            self.pending.push(init);
+            Ok(())
+        }
+    }
+
+    /// Send on one of the channels.
+    pub(crate) async fn send(&self, ch: Channel, data: &Bytes) -> Result<(), webrtc::Error> {
+        let dc = match ch {
+            Channel::Reliable => &self.r,
+            Channel::Unreliable => &self.u,
+        };
+        dc.send(data).await.map(|_| ())
+    }
+
+    /// Candidate types of the selected pair, once ICE has selected one.
+    ///
+    /// A peer's check often arrives before its trickled candidate, so ICE first knows that
+    /// address as peer-reflexive; once the candidate is signaled, its signaled type is the true
+    /// one (browsers report it the same way).
+    pub(crate) async fn selected_pair(&self) -> Option<(CandidateType, CandidateType)> {
+        let pair = self
+            .pc
+            .sctp()
+            .transport()
+            .ice_transport()
+            .get_selected_candidate_pair()
+            .await?;
+        let mut remote = conv(pair.remote.typ);
+        if remote == CandidateType::Prflx {
+            if let Some(&typ) = self
+                .signaled
+                .get(&(pair.remote.address.clone(), pair.remote.port))
+            {
+                remote = typ;
+            }
+        }
+        Some((conv(pair.local.typ), remote))
+    }
+
+    /// Close in the background (closing waits for the association to shut down).
+    pub(crate) fn close(self) {
+        let pc = self.pc;
+        tokio::spawn(async move {
+            if let Err(e) = pc.close().await {
+                tracing::debug!("closing peer connection: {e}");
+            }
+        });
+    }
+}
+
+fn conv(t: RTCIceCandidateType) -> CandidateType {
+    match t {
+        RTCIceCandidateType::Srflx => CandidateType::Srflx,
+        RTCIceCandidateType::Prflx => CandidateType::Prflx,
+        RTCIceCandidateType::Relay => CandidateType::Relay,
+        _ => CandidateType::Host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_candidate_lines() {
+        assert_eq!(
+            parse_candidate("candidate:1 1 udp 2130706431 127.0.0.1 5000 typ host"),
+            Some((("127.0.0.1".to_string(), 5000), CandidateType::Host))
+        );
+        assert_eq!(
+            parse_candidate(
+                "candidate:2 1 udp 1694498815 203.0.113.5 6000 typ srflx raddr 0.0.0.0 rport 0"
+            ),
+            Some((("203.0.113.5".to_string(), 6000), CandidateType::Srflx))
+        );
+        assert_eq!(parse_candidate("garbage"), None);
+    }
+}

@@ -1,0 +1,94 @@
+//! Shared helpers for the integration tests: a real server on 127.0.0.1 and real clients.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use peermesh::{Client, ClientConfig, Event, Events, Path, PeerId};
+use peermesh_server::{Config, Server, ServerHandle};
+
+pub async fn server() -> ServerHandle {
+    server_with(Config::default()).await
+}
+
+pub async fn server_with(mut config: Config) -> ServerHandle {
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    Server::bind(config).await.expect("bind server").spawn()
+}
+
+/// A client whose direct paths stay on loopback (the test network rule).
+pub async fn client(server: &ServerHandle, name: &str) -> (Client, Events) {
+    client_with(server, ClientConfig::new(name).with_loopback_only(true)).await
+}
+
+pub async fn client_with(server: &ServerHandle, config: ClientConfig) -> (Client, Events) {
+    Client::connect(&server.ws_url(), config)
+        .await
+        .expect("connect")
+}
+
+/// Wait up to `secs` for an event matching `pred`, discarding others.
+pub async fn wait_for(
+    events: &mut Events,
+    secs: u64,
+    mut pred: impl FnMut(&Event) -> bool,
+) -> Event {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(e)) if pred(&e) => return e,
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("event stream ended"),
+            Err(_) => panic!("no matching event within {secs} s"),
+        }
+    }
+}
+
+pub async fn wait_joined(events: &mut Events, peer: PeerId) {
+    wait_for(
+        events,
+        5,
+        |e| matches!(e, Event::MemberJoined { peer: p, .. } if *p == peer),
+    )
+    .await;
+}
+
+pub async fn wait_direct(events: &mut Events, peer: PeerId) -> Path {
+    match wait_for(
+        events,
+        10,
+        |e| matches!(e, Event::PathChanged { peer: p, path: Path::Direct { .. } } if *p == peer),
+    )
+    .await
+    {
+        Event::PathChanged { path, .. } => path,
+        _ => unreachable!(),
+    }
+}
+
+/// Next message from `from`, skipping other events.
+pub async fn next_message(
+    events: &mut Events,
+    from: PeerId,
+    secs: u64,
+) -> (bytes::Bytes, peermesh::Reliability) {
+    match wait_for(
+        events,
+        secs,
+        |e| matches!(e, Event::Message { from: f, .. } if *f == from),
+    )
+    .await
+    {
+        Event::Message {
+            data, reliability, ..
+        } => (data, reliability),
+        _ => unreachable!(),
+    }
+}
+
+/// Log to the test output when RUST_LOG is set.
+pub fn init_log() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}

@@ -1,0 +1,341 @@
+//! Links between real clients through the real server on loopback.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use peermesh::{CandidateType, ClientConfig, Error, Event, Path, Reliability};
+
+const HOST_HOST: Path = Path::Direct {
+    local: CandidateType::Host,
+    remote: CandidateType::Host,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_clients_every_pair_goes_direct_and_exchanges_both_kinds() {
+    init_log();
+    let server = server().await;
+    let mut clients = Vec::new();
+    for name in ["alice", "bob", "carol"] {
+        let (c, e) = client(&server, name).await;
+        c.join("lobby").await.unwrap();
+        clients.push((c, e));
+    }
+    let ids: Vec<_> = clients.iter().map(|(c, _)| c.peer_id()).collect();
+
+    // Every client sees both others go direct host/host.
+    for (i, (c, events)) in clients.iter_mut().enumerate() {
+        let mut waiting: Vec<_> = ids.iter().copied().filter(|&p| p != ids[i]).collect();
+        while !waiting.is_empty() {
+            let ev = wait_for(events, 10, |e| {
+                matches!(
+                    e,
+                    Event::PathChanged {
+                        path: Path::Direct { .. },
+                        ..
+                    }
+                )
+            })
+            .await;
+            if let Event::PathChanged { peer, path } = ev {
+                assert_eq!(path, HOST_HOST);
+                waiting.retain(|&p| p != peer);
+            }
+        }
+        for &p in &ids {
+            if p != ids[i] {
+                assert_eq!(c.path(p).unwrap(), HOST_HOST);
+            }
+        }
+    }
+
+    // Every ordered pair: 5 reliable and 5 unreliable messages.
+    for i in 0..3 {
+        for j in 0..3 {
+            if i == j {
+                continue;
+            }
+            let to = ids[j];
+            for k in 0..5 {
+                clients[i]
+                    .0
+                    .send(to, format!("r{i}{j}{k}"), Reliability::Reliable)
+                    .await
+                    .unwrap();
+                clients[i]
+                    .0
+                    .send(to, format!("u{i}{j}{k}"), Reliability::Unreliable)
+                    .await
+                    .unwrap();
+            }
+            let mut reliable = Vec::new();
+            let mut unreliable = Vec::new();
+            while reliable.len() < 5 || unreliable.len() < 5 {
+                let (data, rel) = next_message(&mut clients[j].1, ids[i], 5).await;
+                let text = String::from_utf8(data.to_vec()).unwrap();
+                match rel {
+                    Reliability::Reliable => reliable.push(text),
+                    Reliability::Unreliable => unreliable.push(text),
+                }
+            }
+            let want = |p: &str| (0..5).map(|k| format!("{p}{i}{j}{k}")).collect::<Vec<_>>();
+            assert_eq!(reliable, want("r"), "reliable in order");
+            unreliable.sort();
+            assert_eq!(unreliable, want("u"));
+        }
+    }
+    // Each link measured an RTT on its direct path.
+    for (i, (c, _)) in clients.iter().enumerate() {
+        for (j, &p) in ids.iter().enumerate() {
+            if i != j {
+                let mut rtt = None;
+                for _ in 0..30 {
+                    rtt = c.rtt(p).unwrap();
+                    if rtt.is_some() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let rtt = rtt.expect("no RTT measured");
+                assert!(rtt < Duration::from_secs(1), "{rtt:?}");
+            }
+        }
+    }
+    for (c, _) in &clients {
+        c.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_reliable_messages_survive_the_switch_to_direct() {
+    const N: u32 = 10_000;
+    let server = server().await;
+    let (a, mut ae) = client(&server, "sender").await;
+    let (b, mut be) = client(&server, "receiver").await;
+    a.join("g").await.unwrap();
+    b.join("g").await.unwrap();
+    wait_joined(&mut ae, b.peer_id()).await;
+    let to = b.peer_id();
+
+    // Send from the moment of join; slow down only while the link is still on the server path,
+    // so the stream is guaranteed to straddle the switch.
+    let sender = a.clone();
+    let send_task = tokio::spawn(async move {
+        let mut sent_before_direct = None;
+        for i in 0..N {
+            sender
+                .send(to, i.to_be_bytes().to_vec(), Reliability::Reliable)
+                .await
+                .unwrap();
+            let direct = matches!(sender.path(to).unwrap(), Path::Direct { .. });
+            if direct && sent_before_direct.is_none() {
+                sent_before_direct = Some(i);
+            }
+            if !direct && i % 10 == 9 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        sent_before_direct
+    });
+
+    let from = a.peer_id();
+    for i in 0..N {
+        let (data, rel) = next_message(&mut be, from, 20).await;
+        assert_eq!(rel, Reliability::Reliable);
+        assert_eq!(
+            data.as_ref(),
+            i.to_be_bytes(),
+            "message {i} out of order or corrupt"
+        );
+    }
+    let switched_at = send_task.await.unwrap().expect("link never went direct");
+    assert!(
+        switched_at > 0 && switched_at < N,
+        "switch at {switched_at}"
+    );
+
+    // Both paths really carried part of the stream, and nothing extra was delivered.
+    let stats = b.link_stats(from).unwrap();
+    assert!(stats.recv_server > 0, "{stats:?}");
+    assert!(stats.recv_direct > 0, "{stats:?}");
+    let sstats = a.link_stats(to).unwrap();
+    assert!(
+        sstats.sent_server > 0 && sstats.sent_direct > 0,
+        "{sstats:?}"
+    );
+    let extra =
+        tokio::time::timeout(Duration::from_millis(300), next_message(&mut be, from, 1)).await;
+    assert!(extra.is_err(), "duplicate delivered");
+}
+
+fn mib() -> Bytes {
+    (0..1 << 20)
+        .map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_mib_message_on_server_path_and_on_direct_path() {
+    let server = server().await;
+    let big = mib();
+
+    // Server path only.
+    let (a, mut ae) = client_with(&server, ClientConfig::new("a").with_direct(false)).await;
+    let (b, mut be) = client_with(&server, ClientConfig::new("b").with_direct(false)).await;
+    a.join("relay").await.unwrap();
+    b.join("relay").await.unwrap();
+    wait_joined(&mut ae, b.peer_id()).await;
+    a.send(b.peer_id(), big.clone(), Reliability::Reliable)
+        .await
+        .unwrap();
+    let (got, _) = next_message(&mut be, a.peer_id(), 10).await;
+    assert_eq!(a.path(b.peer_id()).unwrap(), Path::Server);
+    assert!(got == big, "1 MiB over the server path corrupted");
+
+    // Direct path.
+    let (c, mut ce) = client(&server, "c").await;
+    let (d, mut de) = client(&server, "d").await;
+    c.join("direct").await.unwrap();
+    d.join("direct").await.unwrap();
+    wait_direct(&mut ce, d.peer_id()).await;
+    let before = d.link_stats(c.peer_id()).unwrap();
+    c.send(d.peer_id(), big.clone(), Reliability::Reliable)
+        .await
+        .unwrap();
+    let (got, _) = next_message(&mut de, c.peer_id(), 10).await;
+    assert!(got == big, "1 MiB over the direct path corrupted");
+    let after = d.link_stats(c.peer_id()).unwrap();
+    assert_eq!(
+        after.recv_server, before.recv_server,
+        "went over the server"
+    );
+    assert_eq!(
+        after.recv_direct - before.recv_direct,
+        64,
+        "64 fragments of 16 KiB"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_left_after_clean_close_and_after_silent_drop() {
+    let server = server_with(peermesh_server::Config {
+        heartbeat_timeout: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await;
+    let (watcher, mut we) = client(&server, "watcher").await;
+    watcher.join("room").await.unwrap();
+
+    // Clean close: seen within 2 s.
+    let (leaver, _le) = client(&server, "leaver").await;
+    leaver.join("room").await.unwrap();
+    wait_joined(&mut we, leaver.peer_id()).await;
+    let t = tokio::time::Instant::now();
+    leaver.close().await;
+    let ev = wait_for(&mut we, 2, |e| matches!(e, Event::MemberLeft { .. })).await;
+    assert!(matches!(ev, Event::MemberLeft { ref name, .. } if name == "leaver"));
+    assert!(t.elapsed() < Duration::from_secs(2));
+
+    // A raw client that goes silent without closing its socket.
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut ws, _) = tokio_tungstenite::connect_async(server.ws_url())
+        .await
+        .unwrap();
+    ws.send(Message::Text(
+        r#"{"type":"hello","version":1,"name":"ghost"}"#.into(),
+    ))
+    .await
+    .unwrap();
+    ws.send(Message::Text(r#"{"type":"join","group":"room"}"#.into()))
+        .await
+        .unwrap();
+    let joined = wait_for(&mut we, 5, |e| matches!(e, Event::MemberJoined { .. })).await;
+    let Event::MemberJoined { peer: ghost, .. } = joined else {
+        unreachable!()
+    };
+    let t = tokio::time::Instant::now();
+    let ev = wait_for(&mut we, 4, |e| matches!(e, Event::MemberLeft { .. })).await;
+    assert!(matches!(ev, Event::MemberLeft { peer, .. } if peer == ghost));
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(700),
+        "dropped too early: {waited:?}"
+    );
+    drop(ws);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_outside_a_group_cannot_reach_each_other() {
+    let server = server().await;
+    let (a, _ae) = client(&server, "a").await;
+    let (b, _be) = client(&server, "b").await;
+    a.join("one").await.unwrap();
+    b.join("two").await.unwrap();
+    let err = a
+        .send(b.peer_id(), "hi", Reliability::Reliable)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::UnknownPeer(p) if p == b.peer_id()),
+        "{err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_client_input_gets_typed_errors() {
+    let server = server().await;
+    let err = peermesh::Client::connect("http://127.0.0.1:1/ws", ClientConfig::new("x"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidUrl(_)), "{err:?}");
+    let err = peermesh::Client::connect(&server.ws_url(), ClientConfig::new(""))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidName(_)), "{err:?}");
+
+    let (a, mut _ae) = client(&server, "a").await;
+    let (b, mut be) = client(&server, "b").await;
+    assert!(matches!(
+        a.join("bad name!").await,
+        Err(Error::InvalidGroup(_))
+    ));
+    assert!(matches!(a.leave("nowhere").await, Err(Error::NotMember(_))));
+    a.join("g").await.unwrap();
+    let err = a.join("g").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Server {
+                code: peermesh::protocol::ErrorCode::AlreadyMember,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    b.join("g").await.unwrap();
+    wait_joined(&mut _ae, b.peer_id()).await;
+    let big = vec![0u8; 16 * 1024 + 1];
+    let err = a
+        .send(b.peer_id(), big, Reliability::Unreliable)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::MessageTooLarge { limit: 16384, .. }),
+        "{err:?}"
+    );
+    let err = a
+        .send(b.peer_id(), vec![0u8; (8 << 20) + 1], Reliability::Reliable)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::MessageTooLarge { .. }), "{err:?}");
+    // The session still works.
+    a.send(b.peer_id(), "still here", Reliability::Reliable)
+        .await
+        .unwrap();
+    let (data, _) = next_message(&mut be, a.peer_id(), 5).await;
+    assert_eq!(&data[..], b"still here");
+}
