@@ -402,6 +402,19 @@ impl Client {
             .ok_or(Error::UnknownPeer(peer))
     }
 
+    /// Wait until every reliable message sent so far has been acknowledged by its peer (for
+    /// example before [`Client::close`]). Links that close meanwhile are skipped.
+    pub async fn flush(&self) -> Result<()> {
+        let links: Vec<LinkHandle> = self.lock().links.values().map(|e| e.handle.clone()).collect();
+        for link in links {
+            match link.flush().await {
+                Err(Error::UnknownPeer(_)) | Ok(()) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// Send to every other member of `group`.
     pub async fn broadcast(
         &self,

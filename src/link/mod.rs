@@ -104,6 +104,7 @@ pub(crate) struct LinkHandle {
     tx: mpsc::UnboundedSender<LinkInput>,
     data_tx: mpsc::UnboundedSender<Outgoing>,
     window: Arc<Semaphore>,
+    window_size: u32,
     max_message: usize,
     status: Arc<Mutex<LinkStatus>>,
 }
@@ -121,6 +122,7 @@ impl LinkHandle {
             tx: tx.clone(),
             data_tx,
             window: window.clone(),
+            window_size: ctx.window as u32,
             max_message: ctx.max_message,
             status: status.clone(),
         };
@@ -210,6 +212,16 @@ impl LinkHandle {
     pub(crate) fn deliver(&self, input: LinkInput) {
         // A closed task means the link is being torn down; late frames have nowhere to go.
         let _ = self.tx.send(input);
+    }
+
+    /// Wait until every reliable message sent so far is acknowledged by the peer.
+    pub(crate) async fn flush(&self) -> Result<()> {
+        let all = self.window_size;
+        self.window
+            .acquire_many(all)
+            .await
+            .map(drop)
+            .map_err(|_| Error::UnknownPeer(self.peer))
     }
 
     /// Stop the link: senders waiting on the window get an error, the task closes its
