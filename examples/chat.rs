@@ -48,8 +48,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -107,7 +106,11 @@ fn print_event(client: &Client, names: &mut HashMap<PeerId, String>, event: Even
         }
         Event::PathChanged { peer, path } => println!("path {} {path}", name_of(names, peer)),
         Event::Message { from, data, .. } => {
-            println!("{}: {}", name_of(names, from), String::from_utf8_lossy(&data))
+            println!(
+                "{}: {}",
+                name_of(names, from),
+                String::from_utf8_lossy(&data)
+            )
         }
         Event::ServerError { code, message } => eprintln!("server error {code}: {message}"),
         Event::Disconnected { reason } => eprintln!("disconnected: {reason}"),

@@ -4,10 +4,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Outside peers for interop tests are installed here as they are added (apt/npm/pip).
-# The unit and integration tests need only the Rust toolchain.
-need_rust() { command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup)" >&2; exit 1; }; }
-need_rust
+command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup)" >&2; exit 1; }
+
+# Debian packages the tests use (installed once; the tests need root for nft anyway).
+#   nftables: cuts a link's UDP ports to test the fallback to the server path.
+apt_packages=()
+command -v nft >/dev/null || apt_packages+=(nftables)
+if [ ${#apt_packages[@]} -gt 0 ]; then
+  echo "== installing ${apt_packages[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${apt_packages[@]}" >/dev/null
+fi
 
 echo "== format and lints"
 cargo fmt --all -- --check

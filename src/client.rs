@@ -17,7 +17,7 @@ use crate::protocol::{
     validate_group, validate_name, ClientMsg, ErrorCode, IceServer, MemberInfo, PeerId, RelayFrame,
     ServerMsg, PROTOCOL_VERSION,
 };
-use crate::{Error, Event, Path, Result};
+use crate::{CandidatePair, Error, Event, Path, Result};
 
 /// Capacity of the event stream; a link waits when the app falls this far behind.
 const EVENT_QUEUE: usize = 4096;
@@ -32,6 +32,7 @@ pub struct ClientConfig {
     relay_only: bool,
     loopback_only: bool,
     ip_filter: Option<Arc<dyn Fn(IpAddr) -> bool + Send + Sync>>,
+    udp_ports: Option<(u16, u16)>,
     send_window: usize,
     max_message_size: usize,
     connect_timeout: Duration,
@@ -61,6 +62,7 @@ impl ClientConfig {
             relay_only: false,
             loopback_only: false,
             ip_filter: None,
+            udp_ports: None,
             send_window: 8 << 20,
             max_message_size: 8 << 20,
             connect_timeout: Duration::from_secs(10),
@@ -98,6 +100,12 @@ impl ClientConfig {
         self
     }
 
+    /// Use only local UDP ports `min..=max` for direct paths (for firewalls that open a range).
+    pub fn with_udp_ports(mut self, min: u16, max: u16) -> Self {
+        self.udp_ports = Some((min, max));
+        self
+    }
+
     /// Bytes of reliable data per link that may be sent but not yet acknowledged; `send` waits
     /// and `try_send` fails with [`Error::WouldBlock`] beyond it. Also caps the message size.
     pub fn with_send_window(mut self, bytes: usize) -> Self {
@@ -131,6 +139,7 @@ impl ClientConfig {
             relay_only: self.relay_only,
             include_loopback: self.loopback_only,
             ip_filter,
+            udp_ports: self.udp_ports,
         }
     }
 }
@@ -240,6 +249,13 @@ impl Client {
         if !validate_name(&config.name) {
             return Err(Error::InvalidName(config.name.clone()));
         }
+        if let Some((min, max)) = config.udp_ports {
+            if min == 0 || min > max {
+                return Err(Error::InvalidConfig(format!(
+                    "UDP port range {min}-{max}: need 0 < min <= max"
+                )));
+            }
+        }
         let timeout = config.connect_timeout;
         tokio::time::timeout(timeout, Self::handshake(url, config))
             .await
@@ -296,9 +312,13 @@ impl Client {
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Mutex::new(Shared::default()));
-        let rtc = config
-            .direct
-            .then(|| Arc::new(RtcFactory::new(&config.rtc_options(), &ice_servers)));
+        let rtc = match config.direct {
+            true => Some(Arc::new(
+                RtcFactory::new(&config.rtc_options(), &ice_servers)
+                    .map_err(Error::InvalidConfig)?,
+            )),
+            false => None,
+        };
         let ctx = LinkCtx {
             ws_tx: ws_tx.clone(),
             events: events_tx.clone(),
@@ -405,7 +425,12 @@ impl Client {
     /// Wait until every reliable message sent so far has been acknowledged by its peer (for
     /// example before [`Client::close`]). Links that close meanwhile are skipped.
     pub async fn flush(&self) -> Result<()> {
-        let links: Vec<LinkHandle> = self.lock().links.values().map(|e| e.handle.clone()).collect();
+        let links: Vec<LinkHandle> = self
+            .lock()
+            .links
+            .values()
+            .map(|e| e.handle.clone())
+            .collect();
         for link in links {
             match link.flush().await {
                 Err(Error::UnknownPeer(_)) | Ok(()) => {}
@@ -471,6 +496,11 @@ impl Client {
     /// second).
     pub fn rtt(&self, peer: PeerId) -> Result<Option<Duration>> {
         self.with_link(peer, |h| h.status().rtt)
+    }
+
+    /// The addresses of the direct path to `peer`, while the link is on it.
+    pub fn candidate_pair(&self, peer: PeerId) -> Result<Option<CandidatePair>> {
+        self.with_link(peer, |h| h.status().pair)
     }
 
     /// Counters of the link to `peer`.

@@ -9,6 +9,9 @@ pub enum Error {
     /// The server URL was not a `ws://` or `wss://` URL.
     #[error("invalid server url {0:?}: expected ws:// or wss://")]
     InvalidUrl(String),
+    /// A [`crate::ClientConfig`] setting is unusable.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
     /// Connecting the WebSocket or the hello/welcome exchange failed.
     #[error("could not connect to the server: {0}")]
     Connect(String),

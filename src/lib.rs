@@ -6,24 +6,37 @@
 //! the direct path, and back to the server if the direct path dies, without losing, duplicating or
 //! reordering a reliable message.
 //!
-//! ```no_run
+//! A complete program: a server in-process (normally you run `peermesh-server`), two clients
+//! in a group, one message.
+//!
+//! ```
 //! use peermesh::{Client, ClientConfig, Event, Reliability};
 //!
-//! # async fn run() -> Result<(), peermesh::Error> {
-//! let (client, mut events) = Client::connect("ws://127.0.0.1:8080/ws", ClientConfig::new("alice")).await?;
-//! client.join("lobby").await?;
-//! while let Some(event) = events.recv().await {
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let server = peermesh_server::Server::bind(peermesh_server::Config {
+//! #     listen: "127.0.0.1:0".parse()?, ..Default::default() }).await?.spawn();
+//! # let url = server.ws_url();
+//! let (alice, mut alice_events) = Client::connect(&url, ClientConfig::new("alice")).await?;
+//! let (bob, mut bob_events) = Client::connect(&url, ClientConfig::new("bob").with_direct(false)).await?;
+//! alice.join("lobby").await?;
+//! let members = bob.join("lobby").await?; // [alice]
+//! bob.send(members[0].peer, "hello", Reliability::Reliable).await?;
+//!
+//! while let Some(event) = alice_events.recv().await {
 //!     match event {
-//!         Event::MemberJoined { peer, name, .. } => {
-//!             client.send(peer, format!("hello {name}"), Reliability::Reliable).await?;
-//!         }
-//!         Event::Message { from, data, .. } => println!("{from}: {}", String::from_utf8_lossy(&data)),
+//!         Event::MemberJoined { name, .. } => println!("joined {name}"),
 //!         Event::PathChanged { peer, path } => println!("path {peer} {path}"),
+//!         Event::Message { from, data, .. } => {
+//!             assert_eq!(&data[..], b"hello");
+//!             assert_eq!(from, bob.peer_id());
+//!             break;
+//!         }
 //!         _ => {}
 //!     }
 //! }
-//! # Ok(())
-//! # }
+//! alice.close().await;
+//! bob.close().await;
+//! # Ok(()) }
 //! ```
 //!
 //! The wire protocol is in [`protocol`] and `docs/PROTOCOL.md`. Without the default `client`
@@ -68,6 +81,29 @@ impl CandidateType {
             CandidateType::Srflx => "srflx",
             CandidateType::Prflx => "prflx",
             CandidateType::Relay => "relay",
+        }
+    }
+}
+
+/// The selected ICE candidate pair of a direct path: which addresses it runs between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CandidatePair {
+    /// Our address (for a `Relay` candidate, the TURN server's relayed address).
+    pub local: std::net::SocketAddr,
+    /// The peer's address as we send to it.
+    pub remote: std::net::SocketAddr,
+    /// Type of our candidate.
+    pub local_type: CandidateType,
+    /// Type of the peer's candidate.
+    pub remote_type: CandidateType,
+}
+
+impl CandidatePair {
+    /// The [`Path::Direct`] this pair makes.
+    pub fn path(&self) -> Path {
+        Path::Direct {
+            local: self.local_type,
+            remote: self.remote_type,
         }
     }
 }

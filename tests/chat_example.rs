@@ -14,14 +14,19 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 fn chat_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
-    let bin = dir.join("examples").join(format!("chat{}", std::env::consts::EXE_SUFFIX));
+    let bin = dir
+        .join("examples")
+        .join(format!("chat{}", std::env::consts::EXE_SUFFIX));
     if !bin.exists() {
         let mut cargo = std::process::Command::new(env!("CARGO"));
         cargo.args(["build", "--example", "chat"]);
         if dir.file_name().is_some_and(|n| n == "release") {
             cargo.arg("--release");
         }
-        assert!(cargo.status().unwrap().success(), "building the chat example failed");
+        assert!(
+            cargo.status().unwrap().success(),
+            "building the chat example failed"
+        );
     }
     bin
 }
@@ -36,7 +41,15 @@ struct Chat {
 impl Chat {
     fn start(url: &str, name: &str) -> Chat {
         let mut child = Command::new(chat_binary())
-            .args(["--server", url, "--group", "lobby", "--name", name, "--loopback-only"])
+            .args([
+                "--server",
+                url,
+                "--group",
+                "lobby",
+                "--name",
+                name,
+                "--loopback-only",
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -45,11 +58,19 @@ impl Chat {
             .expect("run the chat example (built by cargo test)");
         let stdin = child.stdin.take().unwrap();
         let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        Chat { _child: child, stdin, lines, seen: Vec::new() }
+        Chat {
+            _child: child,
+            stdin,
+            lines,
+            seen: Vec::new(),
+        }
     }
 
     async fn say(&mut self, line: &str) {
-        self.stdin.write_all(format!("{line}\n").as_bytes()).await.unwrap();
+        self.stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .unwrap();
         self.stdin.flush().await.unwrap();
     }
 

@@ -339,3 +339,93 @@ async fn bad_client_input_gets_typed_errors() {
     let (data, _) = next_message(&mut be, a.peer_id(), 5).await;
     assert_eq!(&data[..], b"still here");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pair_in_two_groups_shares_one_link() {
+    let server = server().await;
+    let (a, mut ae) = client(&server, "a").await;
+    let (b, mut be) = client(&server, "b").await;
+    for g in ["one", "two"] {
+        a.join(g).await.unwrap();
+        b.join(g).await.unwrap();
+    }
+    let (ia, ib) = (a.peer_id(), b.peer_id());
+    wait_direct(&mut ae, ib).await;
+    // Leaving one shared group keeps the link (same path, same counters); leaving both ends it.
+    a.send(ib, "1", Reliability::Reliable).await.unwrap();
+    assert_eq!(&next_message(&mut be, ia, 5).await.0[..], b"1");
+    let before = a.link_stats(ib).unwrap();
+    a.leave("one").await.unwrap();
+    wait_for(
+        &mut be,
+        5,
+        |e| matches!(e, Event::MemberLeft { group, .. } if group == "one"),
+    )
+    .await;
+    assert!(matches!(a.path(ib).unwrap(), Path::Direct { .. }));
+    a.send(ib, "2", Reliability::Reliable).await.unwrap();
+    assert_eq!(&next_message(&mut be, ia, 5).await.0[..], b"2");
+    assert_eq!(
+        a.link_stats(ib).unwrap().sent_direct,
+        before.sent_direct + 1
+    );
+    assert_eq!(a.link_stats(ib).unwrap().path_changes, before.path_changes);
+    b.leave("two").await.unwrap();
+    wait_for(
+        &mut ae,
+        5,
+        |e| matches!(e, Event::MemberLeft { group, .. } if group == "two"),
+    )
+    .await;
+    assert!(matches!(
+        a.send(ib, "3", Reliability::Reliable).await,
+        Err(Error::UnknownPeer(_))
+    ));
+    assert!(matches!(a.path(ib), Err(Error::UnknownPeer(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_send_window_pushes_back_and_drains() {
+    let server = server().await;
+    let window = 64 * 1024;
+    let (a, mut ae) = client_with(
+        &server,
+        ClientConfig::new("a")
+            .with_direct(false)
+            .with_send_window(window),
+    )
+    .await;
+    let (b, mut be) = client_with(&server, ClientConfig::new("b").with_direct(false)).await;
+    a.join("g").await.unwrap();
+    b.join("g").await.unwrap();
+    wait_joined(&mut ae, b.peer_id()).await;
+    let ib = b.peer_id();
+
+    // try_send fills the window well within one round trip, before any ack can come back.
+    let chunk = vec![7u8; 16 * 1024];
+    let mut accepted = 0;
+    let err = loop {
+        match a.try_send(ib, chunk.clone(), Reliability::Reliable) {
+            Ok(()) => accepted += 1,
+            Err(e) => break e,
+        }
+        assert!(accepted <= window / chunk.len(), "window not enforced");
+    };
+    assert!(matches!(err, Error::WouldBlock(p) if p == ib), "{err:?}");
+    assert_eq!(accepted, window / chunk.len());
+    // `send` waits for room instead, and everything arrives.
+    a.send(ib, chunk.clone(), Reliability::Reliable)
+        .await
+        .unwrap();
+    a.flush().await.unwrap();
+    for _ in 0..=accepted {
+        let (data, _) = next_message(&mut be, a.peer_id(), 5).await;
+        assert_eq!(data.len(), chunk.len());
+    }
+    // A message larger than the window can never fit.
+    let err = a
+        .send(ib, vec![0u8; window + 1], Reliability::Reliable)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::MessageTooLarge { .. }), "{err:?}");
+}

@@ -25,7 +25,7 @@ pub(crate) use rtc::{RtcFactory, RtcOptions};
 use crate::protocol::{
     ClientMsg, LinkFrame, LinkId, PeerId, RelayFrame, MAX_FRAGMENT_PAYLOAD, MAX_UNRELIABLE_PAYLOAD,
 };
-use crate::{Error, Event, Path, Reliability, Result};
+use crate::{CandidatePair, Error, Event, Path, Reliability, Result};
 
 /// Send an ack after this many fragments even if the ack timer has not fired.
 const ACK_EVERY: u64 = 32;
@@ -33,9 +33,12 @@ const ACK_EVERY: u64 = 32;
 const ACK_DELAY: Duration = Duration::from_millis(5);
 /// RTT probe interval.
 const PING_EVERY: Duration = Duration::from_secs(1);
-/// First and longest wait before the initiator tries a new PeerConnection after a failure.
+/// First wait before the initiator tries a new PeerConnection after a failure, and the longest
+/// for a pair that had a direct path before (it is likely to come back) and for one that never
+/// had one (it may never get one; retries are cheap but not free).
 const RETRY_MIN: Duration = Duration::from_secs(1);
-const RETRY_MAX: Duration = Duration::from_secs(30);
+const RETRY_MAX_HAD_DIRECT: Duration = Duration::from_secs(5);
+const RETRY_MAX_NEVER_DIRECT: Duration = Duration::from_secs(60);
 
 /// Inputs to a link task.
 #[derive(Debug)]
@@ -82,6 +85,7 @@ pub struct LinkStats {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct LinkStatus {
     pub path: Path,
+    pub pair: Option<CandidatePair>,
     pub rtt: Option<Duration>,
     pub stats: LinkStats,
 }
@@ -142,6 +146,7 @@ impl LinkHandle {
             reorder: BTreeMap::new(),
             partial: BytesMut::new(),
             path: Path::Server,
+            pair: None,
             rtc: None,
             gen: 0,
             r_open: false,
@@ -150,6 +155,7 @@ impl LinkHandle {
             peer_ready: 0,
             retry_at: None,
             backoff: RETRY_MIN,
+            had_direct: false,
             next_ping: 1,
             pings: VecDeque::new(),
             rtt: None,
@@ -284,6 +290,7 @@ struct LinkTask {
     partial: BytesMut,
     // Path.
     path: Path,
+    pair: Option<CandidatePair>,
     rtc: Option<Rtc>,
     gen: u32,
     r_open: bool,
@@ -293,6 +300,7 @@ struct LinkTask {
     peer_ready: u32,
     retry_at: Option<TokioInstant>,
     backoff: Duration,
+    had_direct: bool,
     // RTT.
     next_ping: u64,
     pings: VecDeque<(u64, Instant)>,
@@ -340,6 +348,7 @@ impl LinkTask {
     fn publish(&self) {
         let mut s = self.status.lock().expect("link status lock");
         s.path = self.path;
+        s.pair = self.pair;
         s.rtt = self.rtt;
         s.stats = self.stats;
     }
@@ -622,11 +631,13 @@ impl LinkTask {
             return;
         }
         let Some(rtc) = &self.rtc else { return };
-        let Some((local, remote)) = rtc.selected_pair().await else {
+        let Some(pair) = rtc.selected_pair().await else {
             return;
         };
         self.backoff = RETRY_MIN;
-        self.set_path(Path::Direct { local, remote }).await;
+        self.had_direct = true;
+        self.pair = Some(pair);
+        self.set_path(pair.path()).await;
         self.send_ping().await;
     }
 
@@ -696,7 +707,12 @@ impl LinkTask {
         self.reset_rtc();
         if self.initiator && self.ctx.rtc.is_some() {
             self.retry_at = Some(TokioInstant::now() + self.backoff);
-            self.backoff = (self.backoff * 2).min(RETRY_MAX);
+            let max = if self.had_direct {
+                RETRY_MAX_HAD_DIRECT
+            } else {
+                RETRY_MAX_NEVER_DIRECT
+            };
+            self.backoff = (self.backoff * 2).min(max);
         }
     }
 
@@ -809,8 +825,9 @@ impl LinkTask {
                 }
                 // ICE switched pairs under an open path: report the new candidate types.
                 if let Some(rtc) = &self.rtc {
-                    if let Some((local, remote)) = rtc.selected_pair().await {
-                        self.set_path(Path::Direct { local, remote }).await;
+                    if let Some(pair) = rtc.selected_pair().await {
+                        self.pair = Some(pair);
+                        self.set_path(pair.path()).await;
                     }
                 }
             }
@@ -819,14 +836,13 @@ impl LinkTask {
                     self.connected = true;
                     self.maybe_upgrade().await;
                 }
-                ConnState::Disconnected => {
+                // A PeerConnection that lost its path is not reused: its SCTP association may
+                // have backed off its retransmissions for many seconds. A fresh one is quick.
+                ConnState::Disconnected | ConnState::Failed | ConnState::Closed => {
                     self.connected = false;
-                    self.downgrade("ICE disconnected").await;
-                }
-                ConnState::Failed | ConnState::Closed => {
-                    self.connected = false;
-                    self.downgrade("ICE failed").await;
-                    self.rtc_failed("ICE failed");
+                    let why = format!("ICE {state:?}").to_lowercase();
+                    self.downgrade(&why).await;
+                    self.rtc_failed(&why);
                 }
                 ConnState::Other => {}
             },

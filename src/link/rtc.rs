@@ -5,7 +5,7 @@
 //! this file alone.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use webrtc::api::{APIBuilder, API};
 use webrtc::data_channel::data_channel_init::RTCDataChannelInit;
 use webrtc::data_channel::RTCDataChannel;
 use webrtc::ice::mdns::MulticastDnsMode;
+use webrtc::ice::udp_network::{EphemeralUDP, UDPNetwork};
 use webrtc::ice_transport::ice_candidate::RTCIceCandidateInit;
 use webrtc::ice_transport::ice_candidate_type::RTCIceCandidateType;
 use webrtc::ice_transport::ice_server::RTCIceServer;
@@ -27,7 +28,7 @@ use webrtc::peer_connection::RTCPeerConnection;
 
 use super::LinkInput;
 use crate::protocol::IceServer;
-use crate::CandidateType;
+use crate::{CandidatePair, CandidateType};
 
 /// Data channel labels and pre-negotiated stream ids (both sides create them identically).
 const RELIABLE_LABEL: &str = "r";
@@ -74,6 +75,7 @@ pub(crate) struct RtcOptions {
     pub relay_only: bool,
     pub include_loopback: bool,
     pub ip_filter: Option<Arc<dyn Fn(IpAddr) -> bool + Send + Sync>>,
+    pub udp_ports: Option<(u16, u16)>,
 }
 
 /// Builds PeerConnections for one client.
@@ -83,8 +85,13 @@ pub(crate) struct RtcFactory {
 }
 
 impl RtcFactory {
-    pub(crate) fn new(opts: &RtcOptions, ice_servers: &[IceServer]) -> Self {
+    pub(crate) fn new(opts: &RtcOptions, ice_servers: &[IceServer]) -> Result<Self, String> {
         let mut s = SettingEngine::default();
+        if let Some((min, max)) = opts.udp_ports {
+            let ports = EphemeralUDP::new(min, max)
+                .map_err(|e| format!("UDP port range {min}-{max}: {e}"))?;
+            s.set_udp_network(UDPNetwork::Ephemeral(ports));
+        }
         // mDNS would send multicast and hide host addresses behind .local names; peermesh
         // shares addresses only through its own signaling.
         s.set_ice_multicast_dns_mode(MulticastDnsMode::Disabled);
@@ -129,7 +136,7 @@ impl RtcFactory {
             },
             ..Default::default()
         };
-        RtcFactory { api, config }
+        Ok(RtcFactory { api, config })
     }
 
     /// A new PeerConnection of generation `gen` whose events go to `tx`.
@@ -332,7 +339,7 @@ impl Rtc {
     /// A peer's check often arrives before its trickled candidate, so ICE first knows that
     /// address as peer-reflexive; once the candidate is signaled, its signaled type is the true
     /// one (browsers report it the same way).
-    pub(crate) async fn selected_pair(&self) -> Option<(CandidateType, CandidateType)> {
+    pub(crate) async fn selected_pair(&self) -> Option<CandidatePair> {
         let pair = self
             .pc
             .sctp()
@@ -349,7 +356,18 @@ impl Rtc {
                 remote = typ;
             }
         }
-        Some((conv(pair.local.typ), remote))
+        let addr = |c: &webrtc::ice_transport::ice_candidate::RTCIceCandidate| {
+            c.address
+                .parse::<IpAddr>()
+                .ok()
+                .map(|ip| SocketAddr::new(ip, c.port))
+        };
+        Some(CandidatePair {
+            local_type: conv(pair.local.typ),
+            remote_type: remote,
+            local: addr(&pair.local)?,
+            remote: addr(&pair.remote)?,
+        })
     }
 
     /// Close in the background (closing waits for the association to shut down).

@@ -1,0 +1,893 @@
+//! Loopback benchmark: peermesh against two bare webrtc-rs PeerConnections.
+//!
+//! ```text
+//! cargo run --release --example bench -- --runs 20
+//! cargo run --release --example bench -- --quick
+//! ```
+//!
+//! Runs a peermesh server in-process and, for each run, measures with fresh clients:
+//!
+//! * join → first message: just before B's `join` until A has B's first reliable message (sent
+//!   as soon as `join` returns);
+//! * join → direct open: just before B's `join` until B sees `PathChanged { Direct }` for A
+//!   (and, in a second row, until both sides have seen it);
+//! * RTT of 32-byte reliable messages, echoed by the peer's event loop, on the server path (a
+//!   separate pair of clients built with `with_direct(false)`) and on the direct path;
+//! * reliable throughput on the direct path with 16 KiB messages.
+//!
+//! In the same run, the same direct figures are taken for two bare webrtc-rs PeerConnections
+//! signaled in-process with the same two pre-negotiated data channels ("r" id 0 ordered, "u" id 1
+//! unordered maxRetransmits 0): create → both "r" open, RTT over "r", throughput over "r" with at
+//! most 1 MiB buffered (bufferedAmount / bufferedamountlow back-pressure). Runs alternate
+//! (peermesh, then baseline) so both see the same machine noise.
+//!
+//! Network: loopback only. Every peermesh client uses `with_loopback_only(true)`; the baseline
+//! gathers loopback host candidates only, mDNS off, no STUN/TURN servers.
+//!
+//! Progress goes to stderr, the table to stdout. Every step has a time limit; a step that runs
+//! out of time is named and the program exits with status 1.
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, ensure, Context as _, Result};
+use bytes::Bytes;
+use clap::Parser;
+use peermesh::{Client, ClientConfig, Event, Events, LinkStats, Path, PeerId, Reliability};
+use peermesh_server::{Config as ServerConfig, Server};
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+use webrtc::api::setting_engine::SettingEngine;
+use webrtc::api::{APIBuilder, API};
+use webrtc::data_channel::data_channel_init::RTCDataChannelInit;
+use webrtc::data_channel::data_channel_message::DataChannelMessage;
+use webrtc::data_channel::RTCDataChannel;
+use webrtc::ice::mdns::MulticastDnsMode;
+use webrtc::ice_transport::ice_candidate::{RTCIceCandidate, RTCIceCandidateInit};
+use webrtc::peer_connection::configuration::RTCConfiguration;
+use webrtc::peer_connection::sdp::session_description::RTCSessionDescription;
+use webrtc::peer_connection::RTCPeerConnection;
+
+/// Size of the RTT probe messages.
+const PING_SIZE: usize = 32;
+/// Size of the throughput messages.
+const CHUNK: usize = 16 * 1024;
+/// Baseline sender: most bytes it keeps buffered in the data channel ...
+const BARE_BUFFER_MAX: usize = 1 << 20;
+/// ... and the bufferedamountlow threshold at which it resumes.
+const BARE_BUFFER_LOW: usize = 512 << 10;
+
+#[derive(Parser, Debug)]
+#[command(about = "Loopback benchmark: peermesh vs bare webrtc-rs")]
+struct Args {
+    /// Number of runs (default 20; 3 with --quick).
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Fast smoke mode: 3 runs, 50 RTT samples per run, 4 MiB transfers.
+    #[arg(long)]
+    quick: bool,
+    /// Round trips per run and path (default 200; 50 with --quick).
+    #[arg(long)]
+    rtt_samples: Option<usize>,
+    /// MiB per throughput transfer (default 32; 4 with --quick).
+    #[arg(long)]
+    mib: Option<usize>,
+    /// Time limit of each step, in seconds (a transfer gets one extra second per MiB).
+    #[arg(long, default_value_t = 20)]
+    step_timeout: u64,
+    /// Baseline with webrtc-rs's default ICE timeouts and candidate acceptance waits instead of
+    /// peermesh's (the loopback-only and mDNS settings stay).
+    #[arg(long)]
+    bare_defaults: bool,
+}
+
+struct Params {
+    runs: usize,
+    rtt_samples: usize,
+    warmup: usize,
+    bytes: usize,
+    step: Duration,
+    bare_defaults: bool,
+}
+
+impl Params {
+    fn transfer_limit(&self) -> Duration {
+        self.step + Duration::from_secs((self.bytes >> 20) as u64)
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Run `fut` with a time limit; errors name the step.
+async fn step<T>(name: &str, limit: Duration, fut: impl Future<Output = Result<T>>) -> Result<T> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r.with_context(|| format!("step `{name}` failed")),
+        Err(_) => bail!("step `{name}` timed out after {limit:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// peermesh
+
+/// What one peermesh run measured.
+struct PmRun {
+    first_msg: f64,
+    direct_b: f64,
+    direct_both: f64,
+    rtt_server: Vec<f64>,
+    rtt_direct: Vec<f64>,
+    mbps: f64,
+    notes: Vec<String>,
+}
+
+async fn connect(
+    url: &str,
+    config: ClientConfig,
+    who: &str,
+    limit: Duration,
+) -> Result<(Client, Events)> {
+    step(&format!("connect {who}"), limit, async {
+        Ok(Client::connect(url, config).await?)
+    })
+    .await
+}
+
+/// Echo every reliable message back to its sender until the event stream ends.
+fn spawn_echo(client: Client, mut events: Events) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(ev) = events.recv().await {
+            if let Event::Message {
+                from,
+                data,
+                reliability: Reliability::Reliable,
+            } = ev
+            {
+                if client
+                    .send(from, data, Reliability::Reliable)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
+    })
+}
+
+fn probe(n: usize) -> Bytes {
+    let mut buf = vec![0u8; PING_SIZE];
+    buf[..8].copy_from_slice(&(n as u64).to_le_bytes());
+    Bytes::from(buf)
+}
+
+/// Ping-pong `warmup + k` reliable probes to `peer` (which echoes them); returns the last `k`
+/// round-trip times in ms.
+async fn pm_ping_pong(
+    client: &Client,
+    peer: PeerId,
+    events: &mut Events,
+    p: &Params,
+) -> Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(p.rtt_samples);
+    for n in 0..p.warmup + p.rtt_samples {
+        let payload = probe(n);
+        let t = Instant::now();
+        client
+            .send(peer, payload.clone(), Reliability::Reliable)
+            .await?;
+        loop {
+            match events
+                .recv()
+                .await
+                .ok_or_else(|| anyhow!("event stream ended"))?
+            {
+                Event::Message { from, data, .. } if from == peer => {
+                    ensure!(data == payload, "echo {n} does not match the probe");
+                    break;
+                }
+                Event::Disconnected { reason } => bail!("disconnected: {reason}"),
+                _ => {}
+            }
+        }
+        let rtt = ms(t.elapsed());
+        if n >= p.warmup {
+            out.push(rtt);
+        }
+    }
+    Ok(out)
+}
+
+/// Server-path RTT with a pair of clients that never go direct.
+async fn pm_server_rtt(url: &str, i: usize, p: &Params) -> Result<Vec<f64>> {
+    let cfg = |name: &str| {
+        ClientConfig::new(name)
+            .with_loopback_only(true)
+            .with_direct(false)
+    };
+    let (c, ec) = connect(url, cfg("bench-c"), "C (server path)", p.step).await?;
+    let (d, mut ed) = connect(url, cfg("bench-d"), "D (server path)", p.step).await?;
+    let group = format!("bench-srv-{i}");
+    step("C joins", p.step, async { Ok(c.join(&group).await?) }).await?;
+    step("D joins", p.step, async { Ok(d.join(&group).await?) }).await?;
+    let c_id = c.peer_id();
+    let echo = spawn_echo(c.clone(), ec);
+    let rtt = step(
+        "server-path RTT",
+        p.step,
+        pm_ping_pong(&d, c_id, &mut ed, p),
+    )
+    .await?;
+    ensure!(
+        d.path(c_id)? == Path::Server,
+        "server-path pair is not on the server path"
+    );
+    echo.abort();
+    c.close().await;
+    d.close().await;
+    Ok(rtt)
+}
+
+async fn peermesh_run(url: &str, i: usize, p: &Params) -> Result<PmRun> {
+    let rtt_server = pm_server_rtt(url, i, p).await?;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let cfg = |name: &str| ClientConfig::new(name).with_loopback_only(true);
+    let (a, mut ea) = connect(url, cfg("bench-a"), "A", p.step).await?;
+    let (b, mut eb) = connect(url, cfg("bench-b"), "B", p.step).await?;
+    let (a_id, b_id) = (a.peer_id(), b.peer_id());
+    let group = format!("bench-{i}");
+    step("A joins", p.step, async { Ok(a.join(&group).await?) }).await?;
+
+    // ---- join → first message, join → direct ----
+    let t0 = Instant::now();
+    let members = step("B joins", p.step, async { Ok(b.join(&group).await?) }).await?;
+    ensure!(
+        members.iter().any(|m| m.peer == a_id),
+        "A is not among the members B's join returned"
+    );
+    step("B sends its first message", p.step, async {
+        Ok(
+            b.send(a_id, Bytes::from_static(b"first"), Reliability::Reliable)
+                .await?,
+        )
+    })
+    .await?;
+    let (mut first, mut a_direct, mut b_direct) = (None, None, None);
+    let deadline = tokio::time::Instant::now() + p.step;
+    while first.is_none() || a_direct.is_none() || b_direct.is_none() {
+        let (on_a, ev) = tokio::select! {
+            ev = ea.recv() => (true, ev),
+            ev = eb.recv() => (false, ev),
+            _ = tokio::time::sleep_until(deadline) => {
+                let mut missing = Vec::new();
+                if first.is_none() { missing.push("A receives the first message"); }
+                if b_direct.is_none() { missing.push("B sees the direct path"); }
+                if a_direct.is_none() { missing.push("A sees the direct path"); }
+                bail!("step `{}` timed out after {:?}", missing.join(", "), p.step);
+            }
+        };
+        let now = t0.elapsed();
+        match ev.ok_or_else(|| anyhow!("event stream of {} ended", if on_a { "A" } else { "B" }))? {
+            Event::Message { from, .. } if on_a && from == b_id => {
+                first.get_or_insert(now);
+            }
+            Event::PathChanged {
+                peer,
+                path: Path::Direct { .. },
+            } => {
+                if on_a && peer == b_id {
+                    a_direct.get_or_insert(now);
+                } else if !on_a && peer == a_id {
+                    b_direct.get_or_insert(now);
+                }
+            }
+            Event::Disconnected { reason } => bail!("disconnected: {reason}"),
+            _ => {}
+        }
+    }
+    let (first, a_direct, b_direct) = (
+        first.unwrap_or_default(),
+        a_direct.unwrap_or_default(),
+        b_direct.unwrap_or_default(),
+    );
+    let mut notes = Vec::new();
+    let stats_at_direct = (a.link_stats(b_id)?, b.link_stats(a_id)?);
+
+    // ---- direct-path RTT: B pings, A's event loop echoes ----
+    ensure!(
+        matches!(b.path(a_id)?, Path::Direct { .. }),
+        "B is not on the direct path before the RTT step"
+    );
+    let echo = spawn_echo(a.clone(), ea);
+    let rtt_direct = step(
+        "direct-path RTT",
+        p.step,
+        pm_ping_pong(&b, a_id, &mut eb, p),
+    )
+    .await?;
+
+    // ---- direct-path throughput: A → B ----
+    let msg = Bytes::from(vec![0x5a; CHUNK]);
+    let count = p.bytes / CHUNK;
+    let total = count * CHUNK;
+    let t = Instant::now();
+    let sender = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            for _ in 0..count {
+                a.send(b_id, msg.clone(), Reliability::Reliable).await?;
+            }
+            Ok::<_, peermesh::Error>(())
+        })
+    };
+    let mut got = 0usize;
+    step("direct-path throughput", p.transfer_limit(), async {
+        while got < total {
+            match eb
+                .recv()
+                .await
+                .ok_or_else(|| anyhow!("B's event stream ended"))?
+            {
+                Event::Message { from, data, .. } if from == a_id => got += data.len(),
+                Event::PathChanged { peer, path } if peer == a_id => notes.push(format!(
+                    "B's path to A changed to {path} during the transfer"
+                )),
+                Event::Disconnected { reason } => bail!("disconnected: {reason}"),
+                _ => {}
+            }
+        }
+        Ok(())
+    })
+    .await?;
+    let secs = t.elapsed().as_secs_f64();
+    step("throughput sender finishes", p.step, async {
+        Ok(sender.await.context("sender task")??)
+    })
+    .await?;
+    let mbps = total as f64 / 1e6 / secs;
+
+    let stats_end = (a.link_stats(b_id)?, b.link_stats(a_id)?);
+    check_stats("A→B", &stats_at_direct.0, &stats_end.0, &mut notes);
+    check_stats("B→A", &stats_at_direct.1, &stats_end.1, &mut notes);
+
+    echo.abort();
+    a.close().await;
+    b.close().await;
+    Ok(PmRun {
+        first_msg: ms(first),
+        direct_b: ms(b_direct),
+        direct_both: ms(a_direct.max(b_direct)),
+        rtt_server,
+        rtt_direct,
+        mbps,
+        notes,
+    })
+}
+
+/// Anything a steady direct path should not show between `at_direct` and `end`.
+fn check_stats(link: &str, at_direct: &LinkStats, end: &LinkStats, notes: &mut Vec<String>) {
+    if end.path_changes != at_direct.path_changes {
+        notes.push(format!(
+            "{link}: {} path change(s) after the direct path opened",
+            end.path_changes - at_direct.path_changes
+        ));
+    }
+    if end.sent_server != at_direct.sent_server {
+        notes.push(format!(
+            "{link}: {} fragment(s) sent on the server path after the direct path opened",
+            end.sent_server - at_direct.sent_server
+        ));
+    }
+    if end.resent != 0 {
+        notes.push(format!("{link}: {} fragment(s) re-sent", end.resent));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// bare webrtc-rs
+
+/// What one baseline run measured.
+struct BareRun {
+    open: f64,
+    rtt: Vec<f64>,
+    mbps: f64,
+    fallback_wakeups: u64,
+}
+
+fn bare_api(defaults: bool) -> API {
+    let mut s = SettingEngine::default();
+    s.set_ice_multicast_dns_mode(MulticastDnsMode::Disabled);
+    s.set_include_loopback_candidate(true);
+    s.set_ip_filter(Box::new(|ip: IpAddr| ip.is_loopback()));
+    if !defaults {
+        // The same ICE tuning as src/link/rtc.rs, so setup times compare like for like.
+        s.set_ice_timeouts(
+            Some(Duration::from_secs(3)),
+            Some(Duration::from_secs(8)),
+            Some(Duration::from_millis(500)),
+        );
+        s.set_relay_acceptance_min_wait(Some(Duration::from_millis(500)));
+        s.set_prflx_acceptance_min_wait(Some(Duration::ZERO));
+        s.set_srflx_acceptance_min_wait(Some(Duration::from_millis(100)));
+    }
+    APIBuilder::new().with_setting_engine(s).build()
+}
+
+/// The two pre-negotiated channels, as peermesh creates them.
+async fn bare_channels(pc: &RTCPeerConnection) -> Result<Arc<RTCDataChannel>> {
+    let r = pc
+        .create_data_channel(
+            "r",
+            Some(RTCDataChannelInit {
+                ordered: Some(true),
+                negotiated: Some(0),
+                ..Default::default()
+            }),
+        )
+        .await?;
+    // "u" is unused by the benchmark but exists, as in peermesh.
+    let _u = pc
+        .create_data_channel(
+            "u",
+            Some(RTCDataChannelInit {
+                ordered: Some(false),
+                max_retransmits: Some(0),
+                negotiated: Some(1),
+                ..Default::default()
+            }),
+        )
+        .await?;
+    Ok(r)
+}
+
+fn trickle(pc: &RTCPeerConnection) -> mpsc::UnboundedReceiver<RTCIceCandidateInit> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    pc.on_ice_candidate(Box::new(move |c: Option<RTCIceCandidate>| {
+        if let Some(c) = c {
+            match c.to_json() {
+                Ok(init) => {
+                    let _ = tx.send(init);
+                }
+                Err(e) => tracing::warn!("candidate not serializable: {e}"),
+            }
+        }
+        Box::pin(async {})
+    }));
+    rx
+}
+
+/// Add the candidates from `rx` to `pc` (whose remote description is set).
+fn spawn_forward(
+    pc: Arc<RTCPeerConnection>,
+    mut rx: mpsc::UnboundedReceiver<RTCIceCandidateInit>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(c) = rx.recv().await {
+            if let Err(e) = pc.add_ice_candidate(c).await {
+                tracing::warn!("baseline: remote candidate refused: {e}");
+            }
+        }
+    })
+}
+
+async fn bare_run(p: &Params) -> Result<BareRun> {
+    let api = bare_api(p.bare_defaults);
+    let (open_tx, mut open_rx) = mpsc::unbounded_channel::<()>();
+
+    // ---- create → both "r" open ----
+    let t0 = Instant::now();
+    let (pc_a, pc_b, r_a, r_b, cand_a, cand_b) = step("baseline: create PCs", p.step, async {
+        let pc_a = Arc::new(api.new_peer_connection(RTCConfiguration::default()).await?);
+        let pc_b = Arc::new(api.new_peer_connection(RTCConfiguration::default()).await?);
+        let cand_a = trickle(&pc_a);
+        let cand_b = trickle(&pc_b);
+        let r_a = bare_channels(&pc_a).await?;
+        let r_b = bare_channels(&pc_b).await?;
+        Ok((pc_a, pc_b, r_a, r_b, cand_a, cand_b))
+    })
+    .await?;
+    for dc in [&r_a, &r_b] {
+        let tx = open_tx.clone();
+        dc.on_open(Box::new(move || {
+            let _ = tx.send(());
+            Box::pin(async {})
+        }));
+    }
+    // A echoes everything it gets on "r"; B hands what it gets to the benchmark.
+    let weak = Arc::downgrade(&r_a);
+    r_a.on_message(Box::new(move |msg: DataChannelMessage| {
+        let weak = weak.clone();
+        Box::pin(async move {
+            if let Some(dc) = weak.upgrade() {
+                let _ = dc.send(&msg.data).await;
+            }
+        })
+    }));
+    let (msg_tx, mut msg_rx) = mpsc::unbounded_channel::<Bytes>();
+    r_b.on_message(Box::new(move |msg: DataChannelMessage| {
+        let _ = msg_tx.send(msg.data);
+        Box::pin(async {})
+    }));
+
+    let mut forwarders = Vec::new();
+    step("baseline: offer/answer", p.step, async {
+        let offer = pc_a.create_offer(None).await?;
+        let sdp = offer.sdp.clone();
+        pc_a.set_local_description(offer).await?;
+        pc_b.set_remote_description(RTCSessionDescription::offer(sdp)?)
+            .await?;
+        forwarders.push(spawn_forward(pc_b.clone(), cand_a));
+        let answer = pc_b.create_answer(None).await?;
+        let sdp = answer.sdp.clone();
+        pc_b.set_local_description(answer).await?;
+        pc_a.set_remote_description(RTCSessionDescription::answer(sdp)?)
+            .await?;
+        forwarders.push(spawn_forward(pc_a.clone(), cand_b));
+        Ok(())
+    })
+    .await?;
+    step("baseline: both \"r\" channels open", p.step, async {
+        for _ in 0..2 {
+            open_rx
+                .recv()
+                .await
+                .ok_or_else(|| anyhow!("open handlers dropped"))?;
+        }
+        Ok(())
+    })
+    .await?;
+    let open = ms(t0.elapsed());
+
+    // ---- RTT over "r": B pings, A echoes ----
+    let rtt = step("baseline: RTT", p.step, async {
+        let mut out = Vec::with_capacity(p.rtt_samples);
+        for n in 0..p.warmup + p.rtt_samples {
+            let payload = probe(n);
+            let t = Instant::now();
+            r_b.send(&payload).await?;
+            let echo = msg_rx
+                .recv()
+                .await
+                .ok_or_else(|| anyhow!("B's message handler dropped"))?;
+            let sample = ms(t.elapsed());
+            ensure!(echo == payload, "echo {n} does not match the probe");
+            if n >= p.warmup {
+                out.push(sample);
+            }
+        }
+        Ok(out)
+    })
+    .await?;
+
+    // ---- throughput over "r": A → B, at most 1 MiB buffered ----
+    let low = Arc::new(Notify::new());
+    r_a.set_buffered_amount_low_threshold(BARE_BUFFER_LOW).await;
+    {
+        let low = low.clone();
+        r_a.on_buffered_amount_low(Box::new(move || {
+            low.notify_one();
+            Box::pin(async {})
+        }))
+        .await;
+    }
+    let msg = Bytes::from(vec![0x5a; CHUNK]);
+    let count = p.bytes / CHUNK;
+    let total = count * CHUNK;
+    let fallbacks = Arc::new(AtomicU64::new(0));
+    let t = Instant::now();
+    let sender = {
+        let dc = r_a.clone();
+        let fallbacks = fallbacks.clone();
+        tokio::spawn(async move {
+            for _ in 0..count {
+                while dc.buffered_amount().await + CHUNK > BARE_BUFFER_MAX {
+                    // The bufferedamountlow event wakes us; the timeout only guards against a
+                    // lost event (counted and reported).
+                    if tokio::time::timeout(Duration::from_millis(100), low.notified())
+                        .await
+                        .is_err()
+                    {
+                        fallbacks.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                dc.send(&msg).await?;
+            }
+            Ok::<_, webrtc::Error>(())
+        })
+    };
+    let mut got = 0usize;
+    step("baseline: throughput", p.transfer_limit(), async {
+        while got < total {
+            got += msg_rx
+                .recv()
+                .await
+                .ok_or_else(|| anyhow!("B's message handler dropped"))?
+                .len();
+        }
+        Ok(())
+    })
+    .await?;
+    let secs = t.elapsed().as_secs_f64();
+    step("baseline: sender finishes", p.step, async {
+        Ok(sender.await.context("sender task")??)
+    })
+    .await?;
+    let mbps = total as f64 / 1e6 / secs;
+
+    for f in forwarders {
+        f.abort();
+    }
+    step("baseline: close", p.step, async {
+        let (ra, rb) = tokio::join!(pc_a.close(), pc_b.close());
+        ra?;
+        rb?;
+        Ok(())
+    })
+    .await?;
+    Ok(BareRun {
+        open,
+        rtt,
+        mbps,
+        fallback_wakeups: fallbacks.load(Ordering::Relaxed),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// statistics and output
+
+#[derive(Clone, Copy)]
+struct Stat {
+    median: f64,
+    p95: f64,
+}
+
+fn stat(values: &[f64]) -> Option<Stat> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    // Nearest rank.
+    let rank = ((0.95 * n as f64).ceil() as usize).clamp(1, n);
+    Some(Stat {
+        median,
+        p95: v[rank - 1],
+    })
+}
+
+fn row(figure: &str, pm: Option<Stat>, bare: Option<Stat>, prec: usize) -> String {
+    let f = |x: Option<f64>| x.map_or_else(|| "–".to_string(), |x| format!("{x:.prec$}"));
+    let ratio = match (pm, bare) {
+        (Some(p), Some(b)) if b.median > 0.0 => format!("{:.2}", p.median / b.median),
+        _ => "–".to_string(),
+    };
+    format!(
+        "| {figure} | {} | {} | {} | {} | {ratio} |",
+        f(pm.map(|s| s.median)),
+        f(pm.map(|s| s.p95)),
+        f(bare.map(|s| s.median)),
+        f(bare.map(|s| s.p95)),
+    )
+}
+
+async fn run(args: Args) -> Result<()> {
+    let p = Params {
+        runs: args.runs.unwrap_or(if args.quick { 3 } else { 20 }).max(1),
+        rtt_samples: args
+            .rtt_samples
+            .unwrap_or(if args.quick { 50 } else { 200 })
+            .max(1),
+        warmup: if args.quick { 5 } else { 10 },
+        bytes: args.mib.unwrap_or(if args.quick { 4 } else { 32 }).max(1) << 20,
+        step: Duration::from_secs(args.step_timeout.max(1)),
+        bare_defaults: args.bare_defaults,
+    };
+    if p.runs < 20 && !args.quick {
+        eprintln!("note: {} runs; the issue asks for at least 20", p.runs);
+    }
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+
+    let server = Server::bind(ServerConfig {
+        listen: "127.0.0.1:0".parse()?,
+        ..Default::default()
+    })
+    .await?
+    .spawn();
+    let url = server.ws_url();
+    eprintln!("server at {url}; {} runs", p.runs);
+
+    let started = Instant::now();
+    let mut pm_runs = Vec::with_capacity(p.runs);
+    let mut bare_runs = Vec::with_capacity(p.runs);
+    for i in 0..p.runs {
+        let pm = peermesh_run(&url, i, &p)
+            .await
+            .with_context(|| format!("run {}: peermesh", i + 1))?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let bare = bare_run(&p)
+            .await
+            .with_context(|| format!("run {}: bare webrtc-rs", i + 1))?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let med = |v: &[f64]| stat(v).map_or(f64::NAN, |s| s.median);
+        eprintln!(
+            "run {:>2}/{}: peermesh join→msg {:.1} ms, join→direct {:.1} ms (both {:.1}), \
+             RTT server {:.3} / direct {:.3} ms, {:.1} MB/s | bare open {:.1} ms, RTT {:.3} ms, \
+             {:.1} MB/s",
+            i + 1,
+            p.runs,
+            pm.first_msg,
+            pm.direct_b,
+            pm.direct_both,
+            med(&pm.rtt_server),
+            med(&pm.rtt_direct),
+            pm.mbps,
+            bare.open,
+            med(&bare.rtt),
+            bare.mbps,
+        );
+        for n in &pm.notes {
+            eprintln!("  note: {n}");
+        }
+        pm_runs.push(pm);
+        bare_runs.push(bare);
+    }
+    let elapsed = started.elapsed();
+
+    let collect = |f: fn(&PmRun) -> f64| pm_runs.iter().map(f).collect::<Vec<_>>();
+    let pool = |f: fn(&PmRun) -> &Vec<f64>| pm_runs.iter().flat_map(f).copied().collect::<Vec<_>>();
+    let first = stat(&collect(|r| r.first_msg));
+    let direct_b = stat(&collect(|r| r.direct_b));
+    let direct_both = stat(&collect(|r| r.direct_both));
+    let rtt_server = stat(&pool(|r| &r.rtt_server));
+    let rtt_direct = stat(&pool(|r| &r.rtt_direct));
+    let mbps = stat(&collect(|r| r.mbps));
+    let bare_open = stat(&bare_runs.iter().map(|r| r.open).collect::<Vec<_>>());
+    let bare_rtt = stat(
+        &bare_runs
+            .iter()
+            .flat_map(|r| &r.rtt)
+            .copied()
+            .collect::<Vec<_>>(),
+    );
+    let bare_mbps = stat(&bare_runs.iter().map(|r| r.mbps).collect::<Vec<_>>());
+
+    let mut out = String::new();
+    let mut line = |s: String| {
+        out.push_str(&s);
+        out.push('\n');
+    };
+    line(format!(
+        "peermesh vs bare webrtc-rs 0.17 on loopback: {} runs (alternating), nproc {nproc}, \
+         {:.1} s total",
+        p.runs,
+        elapsed.as_secs_f64()
+    ));
+    line(format!(
+        "RTT: {} round trips of {PING_SIZE}-byte reliable messages per run and path (after {} \
+         warm-up), median/p95 over all {} round trips pooled; throughput: {} MiB as {} KiB \
+         reliable messages per run (baseline keeps ≤ {} KiB buffered); other figures: median/p95 \
+         over the {} per-run values. Baseline ICE settings: {}.",
+        p.rtt_samples,
+        p.warmup,
+        p.rtt_samples * p.runs,
+        p.bytes >> 20,
+        CHUNK >> 10,
+        BARE_BUFFER_MAX >> 10,
+        p.runs,
+        if p.bare_defaults {
+            "webrtc-rs defaults"
+        } else {
+            "same timeouts/acceptance waits as src/link/rtc.rs"
+        }
+    ));
+    line(String::new());
+    line(
+        "| figure | peermesh median | p95 | bare webrtc-rs median | p95 | ratio (peermesh/bare) |"
+            .into(),
+    );
+    line("|---|---:|---:|---:|---:|---:|".into());
+    line(row("join → first message delivered (ms)", first, None, 1));
+    line(row(
+        "join → direct open, B's view (ms) vs PC create → both \"r\" open",
+        direct_b,
+        bare_open,
+        1,
+    ));
+    line(row(
+        "join → direct open, both sides (ms) vs PC create → both \"r\" open",
+        direct_both,
+        bare_open,
+        1,
+    ));
+    line(row("RTT server path (ms)", rtt_server, None, 3));
+    line(row("RTT direct path (ms)", rtt_direct, bare_rtt, 3));
+    line(row(
+        "throughput direct, 16 KiB msgs (MB/s)",
+        mbps,
+        bare_mbps,
+        1,
+    ));
+    line(String::new());
+
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    if let Some(d) = direct_b {
+        line(format!(
+            "target join → direct < 100 ms: median {:.1} ms, p95 {:.1} ms — {}",
+            d.median,
+            d.p95,
+            verdict(d.median < 100.0)
+        ));
+    }
+    if let (Some(pm), Some(b)) = (rtt_direct, bare_rtt) {
+        let r = pm.median / b.median;
+        line(format!(
+            "target direct RTT within 10 % of bare: ratio {r:.2} — {}",
+            verdict(r <= 1.10)
+        ));
+    }
+    if let (Some(pm), Some(b)) = (mbps, bare_mbps) {
+        let r = pm.median / b.median;
+        line(format!(
+            "target direct throughput within 10 % of bare: ratio {r:.2} — {}",
+            verdict(r >= 0.90)
+        ));
+    }
+    let notes: Vec<&String> = pm_runs.iter().flat_map(|r| &r.notes).collect();
+    if notes.is_empty() {
+        line("peermesh links stayed direct after opening (no path changes, no re-sends)".into());
+    } else {
+        line(format!("peermesh link anomalies ({}):", notes.len()));
+        for n in notes.iter().take(10) {
+            line(format!("  {n}"));
+        }
+    }
+    let fallbacks: u64 = bare_runs.iter().map(|r| r.fallback_wakeups).sum();
+    if fallbacks > 0 {
+        line(format!(
+            "baseline sender needed {fallbacks} fallback wake-up(s) (bufferedamountlow not seen \
+             within 100 ms)"
+        ));
+    }
+    print!("{out}");
+
+    if tokio::time::timeout(Duration::from_secs(5), server.shutdown())
+        .await
+        .is_err()
+    {
+        eprintln!("server did not shut down within 5 s");
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let code = match run(args).await {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("bench: {e:#}");
+            1
+        }
+    };
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    // Background teardown (PeerConnections closing) must not keep the process alive.
+    std::process::exit(code);
+}

@@ -1,0 +1,176 @@
+//! The direct path dies mid-stream and comes back: a real cut of the link's UDP ports with nft
+//! on loopback (root needed, as in CI). The clients use a private UDP port range, so nothing
+//! else on the machine is affected.
+
+mod common;
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use peermesh::{ClientConfig, Path, Reliability};
+use tokio::time::Instant;
+
+const PORTS: (u16, u16) = (47100, 47199);
+
+/// Drops all UDP to PORTS on the input hook while alive.
+struct Cut(String);
+
+impl Cut {
+    fn new() -> Cut {
+        let table = format!("peermesh_test_{}", std::process::id());
+        let (lo, hi) = PORTS;
+        let rules = format!(
+            "table inet {table} {{\n  chain input {{\n    type filter hook input priority -10; policy accept;\n    \
+             udp dport {lo}-{hi} drop\n    udp sport {lo}-{hi} drop\n  }}\n}}\n"
+        );
+        let ok = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(rules.as_bytes())?;
+                c.wait()
+            })
+            .expect("nft (package nftables) must be installed; run the tests as root")
+            .success();
+        assert!(ok, "nft refused the rules");
+        Cut(table)
+    }
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &self.0])
+            .status();
+    }
+}
+
+async fn wait_path(
+    c: &peermesh::Client,
+    peer: peermesh::PeerId,
+    want_direct: bool,
+    secs: u64,
+) -> Duration {
+    let t = Instant::now();
+    loop {
+        let direct = matches!(c.path(peer).unwrap(), Path::Direct { .. });
+        if direct == want_direct {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(secs),
+            "path not {} within {secs} s",
+            if want_direct { "direct" } else { "server" }
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_path_cut_falls_back_to_server_and_returns_without_loss() {
+    init_log();
+    let server = server().await;
+    let cfg = |n: &str| {
+        ClientConfig::new(n)
+            .with_loopback_only(true)
+            .with_udp_ports(PORTS.0, PORTS.1)
+    };
+    let (a, mut ae) = client_with(&server, cfg("a")).await;
+    let (b, mut be) = client_with(&server, cfg("b")).await;
+    a.join("g").await.unwrap();
+    b.join("g").await.unwrap();
+    let (ia, ib) = (a.peer_id(), b.peer_id());
+    wait_direct(&mut ae, ib).await;
+    wait_direct(&mut be, ia).await;
+    let pair = a.candidate_pair(ib).unwrap().expect("direct pair");
+    assert!((PORTS.0..=PORTS.1).contains(&pair.local.port()), "{pair:?}");
+    // Nobody reads a's events from here on; keep its queue drained.
+    tokio::spawn(async move { while ae.recv().await.is_some() {} });
+
+    // A steady stream of numbered reliable messages, bounded in count and time.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = {
+        let (a, stop) = (a.clone(), stop.clone());
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let mut n: u32 = 0;
+            while !stop.load(Ordering::Relaxed)
+                && n < 20_000
+                && t.elapsed() < Duration::from_secs(40)
+            {
+                a.send(ib, n.to_be_bytes().to_vec(), Reliability::Reliable)
+                    .await
+                    .unwrap();
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            n
+        })
+    };
+    // Checks every message as it arrives; ends once it has all the sender sent.
+    let (total_tx, mut total_rx) = tokio::sync::watch::channel(None::<u32>);
+    let receiver = tokio::spawn(async move {
+        let mut next: u32 = 0;
+        loop {
+            if Some(next) == *total_rx.borrow() {
+                return next;
+            }
+            tokio::select! {
+                (data, rel) = next_message(&mut be, ia, 30) => {
+                    assert_eq!(rel, Reliability::Reliable);
+                    let got = u32::from_be_bytes(data[..].try_into().unwrap());
+                    assert_eq!(got, next, "lost, duplicated or reordered");
+                    next += 1;
+                }
+                _ = total_rx.changed() => {}
+            }
+        }
+    });
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cut = Cut::new();
+    let to_server = wait_path(&a, ib, false, 10).await;
+    wait_path(&b, ia, false, 10).await;
+    assert!(
+        to_server < Duration::from_secs(5),
+        "fallback took {to_server:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        a.path(ib).unwrap(),
+        Path::Server,
+        "no direct path can exist during the cut"
+    );
+
+    drop(cut);
+    let back = wait_path(&a, ib, true, 15).await;
+    wait_path(&b, ia, true, 15).await;
+    assert!(
+        back < Duration::from_secs(10),
+        "return to direct took {back:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let sent = sender.await.unwrap();
+    total_tx.send(Some(sent)).unwrap();
+    let received = tokio::time::timeout(Duration::from_secs(20), receiver)
+        .await
+        .expect("receiver stuck")
+        .unwrap();
+    assert_eq!(received, sent);
+
+    let stats = a.link_stats(ib).unwrap();
+    assert!(
+        stats.resent > 0,
+        "nothing was in flight at the cut? {stats:?}"
+    );
+    assert!(stats.path_changes >= 3, "{stats:?}");
+    eprintln!(
+        "sent {sent}, fallback after {to_server:?}, direct again {back:?} after restore; {stats:?}"
+    );
+}
