@@ -35,6 +35,21 @@ pub const RELAY_HEADER_LEN: usize = 9;
 /// Binary frame kind byte for relayed link data.
 pub const RELAY_KIND_DATA: u8 = 0x01;
 
+/// Byte range of the peer id inside a relay frame (the server rewrites it in place).
+pub const RELAY_PEER_RANGE: std::ops::Range<usize> = 1..5;
+
+/// WebSocket close codes the server uses.
+pub mod close_code {
+    /// Server shutting down, or the client was silent past the heartbeat timeout.
+    pub const GOING_AWAY: u16 = 1001;
+    /// `hello` asked for an unsupported protocol version.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A frame exceeded the server's hard size cap.
+    pub const TOO_BIG: u16 = 1009;
+    /// The client did not read its frames fast enough.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+}
+
 /// Stable error codes carried in `error` frames. The string form (`as_str`) is what goes on the
 /// wire; it never changes meaning once published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -48,13 +63,13 @@ pub enum ErrorCode {
     UnknownType,
     /// The `hello` asked for a protocol version the server does not speak. The server closes.
     UnsupportedVersion,
-    /// A frame other than `hello` arrived before `hello`, or a second `hello` arrived.
+    /// A frame other than `hello` arrived before `hello`. (A second `hello` gets `bad_frame`.)
     HelloRequired,
     /// A group name was empty, too long or had forbidden characters.
     InvalidGroup,
     /// A name was empty, too long or had control characters.
     InvalidName,
-    /// The client is already in that group (`join`) or not in it (`leave`).
+    /// The client is already in the group named in `join`.
     AlreadyMember,
     /// The client is not a member of the group named in `leave`.
     NotMember,

@@ -18,9 +18,9 @@ use crate::hub::{encode, CloseReason, Failure, Outbound, Outlet};
 use crate::{Shared, HARD_FRAME_CAP, RELAY_BUDGET_BYTES, RELAY_STALL_TIMEOUT};
 
 /// Close codes used by the server.
-const CLOSE_GOING_AWAY: u16 = 1001;
-const CLOSE_PROTOCOL: u16 = 1002;
-const CLOSE_TOO_BIG: u16 = 1009;
+use peermesh::protocol::close_code::{
+    GOING_AWAY as CLOSE_GOING_AWAY, PROTOCOL_ERROR as CLOSE_PROTOCOL, TOO_BIG as CLOSE_TOO_BIG,
+};
 
 /// How long the writer may take to flush queued frames and the close frame when a session ends.
 const WRITER_GRACE: Duration = Duration::from_secs(2);
@@ -421,7 +421,7 @@ impl Session {
         let mut buf = data
             .try_into_mut()
             .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
-        buf[1..5].copy_from_slice(&me.to_be_bytes());
+        buf[peermesh::protocol::RELAY_PEER_RANGE].copy_from_slice(&me.to_be_bytes());
         let permits = buf.len().min(RELAY_BUDGET_BYTES);
         Flow::Forward(PendingForward {
             request: "relay",

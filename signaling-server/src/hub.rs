@@ -251,7 +251,7 @@ impl Hub {
         if let Some(mut client) = st.remove(peer) {
             tracing::info!(peer, "dropping client: too slow to read relayed data");
             if let Some(kill) = client.kill.take() {
-                let _ = kill.send((1013, "too slow"));
+                let _ = kill.send((peermesh::protocol::close_code::TRY_AGAIN_LATER, "too slow"));
             }
         }
     }

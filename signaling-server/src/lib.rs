@@ -12,6 +12,7 @@
 //! server.run(async { let _ = tokio::signal::ctrl_c().await; }).await?;
 //! # Ok(()) }
 //! ```
+#![warn(missing_docs)]
 
 mod conn;
 mod hub;
