@@ -29,7 +29,7 @@
 
 use std::future::Future;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,10 +55,6 @@ use webrtc::peer_connection::RTCPeerConnection;
 const PING_SIZE: usize = 32;
 /// Size of the throughput messages.
 const CHUNK: usize = 16 * 1024;
-/// Baseline sender: most bytes it keeps buffered in the data channel ...
-const BARE_BUFFER_MAX: usize = 1 << 20;
-/// ... and the bufferedamountlow threshold at which it resumes.
-const BARE_BUFFER_LOW: usize = 512 << 10;
 
 #[derive(Parser, Debug)]
 #[command(about = "Loopback benchmark: peermesh vs bare webrtc-rs")]
@@ -78,6 +74,9 @@ struct Args {
     /// Time limit of each step, in seconds (a transfer gets one extra second per MiB).
     #[arg(long, default_value_t = 20)]
     step_timeout: u64,
+    /// Most KiB the baseline sender keeps buffered in its data channel (it resumes at half).
+    #[arg(long, default_value_t = 1024)]
+    bare_buffer_kib: usize,
     /// Baseline with webrtc-rs's default ICE timeouts and candidate acceptance waits instead of
     /// peermesh's (the loopback-only and mDNS settings stay).
     #[arg(long)]
@@ -91,6 +90,7 @@ struct Params {
     bytes: usize,
     step: Duration,
     bare_defaults: bool,
+    bare_buffer: usize,
 }
 
 impl Params {
@@ -395,6 +395,7 @@ fn check_stats(link: &str, at_direct: &LinkStats, end: &LinkStats, notes: &mut V
 struct BareRun {
     open: f64,
     rtt: Vec<f64>,
+    rtt_task: Vec<f64>,
     mbps: f64,
     fallback_wakeups: u64,
 }
@@ -475,6 +476,31 @@ fn spawn_forward(
     })
 }
 
+/// Ping-pong `warmup + k` probes on `dc` (the peer echoes them into `rx`); returns the last `k`
+/// round-trip times in ms.
+async fn bare_ping_pong(
+    dc: &RTCDataChannel,
+    rx: &mut mpsc::UnboundedReceiver<Bytes>,
+    p: &Params,
+) -> Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(p.rtt_samples);
+    for n in 0..p.warmup + p.rtt_samples {
+        let payload = probe(n);
+        let t = Instant::now();
+        dc.send(&payload).await?;
+        let echo = rx
+            .recv()
+            .await
+            .ok_or_else(|| anyhow!("B's message handler dropped"))?;
+        let sample = ms(t.elapsed());
+        ensure!(echo == payload, "echo {n} does not match the probe");
+        if n >= p.warmup {
+            out.push(sample);
+        }
+    }
+    Ok(out)
+}
+
 async fn bare_run(p: &Params) -> Result<BareRun> {
     let api = bare_api(p.bare_defaults);
     let (open_tx, mut open_rx) = mpsc::unbounded_channel::<()>();
@@ -498,16 +524,38 @@ async fn bare_run(p: &Params) -> Result<BareRun> {
             Box::pin(async {})
         }));
     }
-    // A echoes everything it gets on "r"; B hands what it gets to the benchmark.
+    // A echoes everything it gets on "r": first right in the message handler, then (second RTT
+    // measurement) through an app task, as an app with its own event loop would; B hands what
+    // it gets to the benchmark.
+    let via_task = Arc::new(AtomicBool::new(false));
+    let (echo_tx, mut echo_rx) = mpsc::unbounded_channel::<Bytes>();
     let weak = Arc::downgrade(&r_a);
-    r_a.on_message(Box::new(move |msg: DataChannelMessage| {
-        let weak = weak.clone();
-        Box::pin(async move {
-            if let Some(dc) = weak.upgrade() {
-                let _ = dc.send(&msg.data).await;
+    let echo_task = tokio::spawn(async move {
+        while let Some(data) = echo_rx.recv().await {
+            match weak.upgrade() {
+                Some(dc) => {
+                    let _ = dc.send(&data).await;
+                }
+                None => break,
             }
-        })
-    }));
+        }
+    });
+    {
+        let weak = Arc::downgrade(&r_a);
+        let via_task = via_task.clone();
+        r_a.on_message(Box::new(move |msg: DataChannelMessage| {
+            if via_task.load(Ordering::Relaxed) {
+                let _ = echo_tx.send(msg.data);
+                return Box::pin(async {});
+            }
+            let weak = weak.clone();
+            Box::pin(async move {
+                if let Some(dc) = weak.upgrade() {
+                    let _ = dc.send(&msg.data).await;
+                }
+            })
+        }));
+    }
     let (msg_tx, mut msg_rx) = mpsc::unbounded_channel::<Bytes>();
     r_b.on_message(Box::new(move |msg: DataChannelMessage| {
         let _ = msg_tx.send(msg.data);
@@ -544,29 +592,26 @@ async fn bare_run(p: &Params) -> Result<BareRun> {
     let open = ms(t0.elapsed());
 
     // ---- RTT over "r": B pings, A echoes ----
-    let rtt = step("baseline: RTT", p.step, async {
-        let mut out = Vec::with_capacity(p.rtt_samples);
-        for n in 0..p.warmup + p.rtt_samples {
-            let payload = probe(n);
-            let t = Instant::now();
-            r_b.send(&payload).await?;
-            let echo = msg_rx
-                .recv()
-                .await
-                .ok_or_else(|| anyhow!("B's message handler dropped"))?;
-            let sample = ms(t.elapsed());
-            ensure!(echo == payload, "echo {n} does not match the probe");
-            if n >= p.warmup {
-                out.push(sample);
-            }
-        }
-        Ok(out)
-    })
+    let rtt = step(
+        "baseline: RTT",
+        p.step,
+        bare_ping_pong(&r_b, &mut msg_rx, p),
+    )
     .await?;
+    via_task.store(true, Ordering::Relaxed);
+    let rtt_task = step(
+        "baseline: RTT, echo through an app task",
+        p.step,
+        bare_ping_pong(&r_b, &mut msg_rx, p),
+    )
+    .await?;
+    via_task.store(false, Ordering::Relaxed);
 
     // ---- throughput over "r": A → B, at most 1 MiB buffered ----
     let low = Arc::new(Notify::new());
-    r_a.set_buffered_amount_low_threshold(BARE_BUFFER_LOW).await;
+    let max_buffered = p.bare_buffer;
+    r_a.set_buffered_amount_low_threshold(max_buffered / 2)
+        .await;
     {
         let low = low.clone();
         r_a.on_buffered_amount_low(Box::new(move || {
@@ -585,7 +630,7 @@ async fn bare_run(p: &Params) -> Result<BareRun> {
         let fallbacks = fallbacks.clone();
         tokio::spawn(async move {
             for _ in 0..count {
-                while dc.buffered_amount().await + CHUNK > BARE_BUFFER_MAX {
+                while dc.buffered_amount().await + CHUNK > max_buffered {
                     // The bufferedamountlow event wakes us; the timeout only guards against a
                     // lost event (counted and reported).
                     if tokio::time::timeout(Duration::from_millis(100), low.notified())
@@ -619,6 +664,7 @@ async fn bare_run(p: &Params) -> Result<BareRun> {
     .await?;
     let mbps = total as f64 / 1e6 / secs;
 
+    echo_task.abort();
     for f in forwarders {
         f.abort();
     }
@@ -632,6 +678,7 @@ async fn bare_run(p: &Params) -> Result<BareRun> {
     Ok(BareRun {
         open,
         rtt,
+        rtt_task,
         mbps,
         fallback_wakeups: fallbacks.load(Ordering::Relaxed),
     })
@@ -692,6 +739,7 @@ async fn run(args: Args) -> Result<()> {
         bytes: args.mib.unwrap_or(if args.quick { 4 } else { 32 }).max(1) << 20,
         step: Duration::from_secs(args.step_timeout.max(1)),
         bare_defaults: args.bare_defaults,
+        bare_buffer: args.bare_buffer_kib.max(64) << 10,
     };
     if p.runs < 20 && !args.quick {
         eprintln!("note: {} runs; the issue asks for at least 20", p.runs);
@@ -722,8 +770,8 @@ async fn run(args: Args) -> Result<()> {
         let med = |v: &[f64]| stat(v).map_or(f64::NAN, |s| s.median);
         eprintln!(
             "run {:>2}/{}: peermesh join→msg {:.1} ms, join→direct {:.1} ms (both {:.1}), \
-             RTT server {:.3} / direct {:.3} ms, {:.1} MB/s | bare open {:.1} ms, RTT {:.3} ms, \
-             {:.1} MB/s",
+             RTT server {:.3} / direct {:.3} ms, {:.1} MB/s | bare open {:.1} ms, RTT {:.3} ms \
+             (echo via task {:.3}), {:.1} MB/s",
             i + 1,
             p.runs,
             pm.first_msg,
@@ -734,6 +782,7 @@ async fn run(args: Args) -> Result<()> {
             pm.mbps,
             bare.open,
             med(&bare.rtt),
+            med(&bare.rtt_task),
             bare.mbps,
         );
         for n in &pm.notes {
@@ -760,6 +809,13 @@ async fn run(args: Args) -> Result<()> {
             .copied()
             .collect::<Vec<_>>(),
     );
+    let bare_rtt_task = stat(
+        &bare_runs
+            .iter()
+            .flat_map(|r| &r.rtt_task)
+            .copied()
+            .collect::<Vec<_>>(),
+    );
     let bare_mbps = stat(&bare_runs.iter().map(|r| r.mbps).collect::<Vec<_>>());
 
     let mut out = String::new();
@@ -783,7 +839,7 @@ async fn run(args: Args) -> Result<()> {
         p.rtt_samples * p.runs,
         p.bytes >> 20,
         CHUNK >> 10,
-        BARE_BUFFER_MAX >> 10,
+        p.bare_buffer >> 10,
         p.runs,
         if p.bare_defaults {
             "webrtc-rs defaults"
@@ -812,6 +868,12 @@ async fn run(args: Args) -> Result<()> {
     ));
     line(row("RTT server path (ms)", rtt_server, None, 3));
     line(row("RTT direct path (ms)", rtt_direct, bare_rtt, 3));
+    line(row(
+        "RTT direct path (ms) vs bare with the echo through an app task",
+        rtt_direct,
+        bare_rtt_task,
+        3,
+    ));
     line(row(
         "throughput direct, 16 KiB msgs (MB/s)",
         mbps,
@@ -874,7 +936,12 @@ async fn run(args: Args) -> Result<()> {
 async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                // webrtc-rs warns about every normal teardown; keep its errors only.
+                "warn,webrtc=error,webrtc_ice=error,webrtc_sctp=error,webrtc_dtls=error,\
+                     webrtc_data=error,webrtc_srtp=error,webrtc_util=error,webrtc_mdns=error"
+                    .into()
+            }),
         )
         .with_writer(std::io::stderr)
         .init();

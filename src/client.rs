@@ -208,7 +208,7 @@ impl Drop for LinkEntry {
 
 struct Inner {
     peer: PeerId,
-    ice_servers: Vec<IceServer>,
+    ice_servers: Arc<Mutex<Vec<IceServer>>>,
     cmd_tx: mpsc::UnboundedSender<Cmd>,
     shared: Arc<Mutex<Shared>>,
     request_timeout: Duration,
@@ -263,7 +263,8 @@ impl Client {
     }
 
     async fn handshake(url: &str, config: ClientConfig) -> Result<(Client, Events)> {
-        let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        // No Nagle: small frames would wait for the server's delayed ack (~40 ms).
+        let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
             .await
             .map_err(|e| Error::Connect(e.to_string()))?;
         let hello = ClientMsg::Hello {
@@ -327,8 +328,10 @@ impl Client {
             max_message: config.max_message_size,
         };
         tokio::spawn(write_loop(sink, ws_rx));
+        let ice_servers = Arc::new(Mutex::new(ice_servers));
         let session = Session {
             ctx,
+            ice_servers: ice_servers.clone(),
             shared: shared.clone(),
             pending_joins: HashMap::new(),
             pending_leaves: HashMap::new(),
@@ -356,9 +359,14 @@ impl Client {
         self.inner.peer
     }
 
-    /// The ICE servers the server handed out in its welcome.
-    pub fn ice_servers(&self) -> &[IceServer] {
-        &self.inner.ice_servers
+    /// The ICE servers in use: from the server's `welcome`, replaced whenever the server sends
+    /// fresh TURN credentials.
+    pub fn ice_servers(&self) -> Vec<IceServer> {
+        self.inner
+            .ice_servers
+            .lock()
+            .expect("ice servers lock")
+            .clone()
     }
 
     /// Join a group (created on first join). Returns its other members; a
@@ -564,6 +572,7 @@ async fn write_loop(
 
 struct Session {
     ctx: LinkCtx,
+    ice_servers: Arc<Mutex<Vec<IceServer>>>,
     shared: Arc<Mutex<Shared>>,
     pending_joins: HashMap<String, oneshot::Sender<Result<Vec<Member>>>>,
     pending_leaves: HashMap<String, oneshot::Sender<Result<()>>>,
@@ -721,6 +730,12 @@ impl Session {
                     _ => tracing::debug!(peer = from, "signal for a closed link dropped"),
                 }
             }
+            ServerMsg::IceServers { ice_servers } => {
+                if let Some(rtc) = &self.ctx.rtc {
+                    rtc.set_ice_servers(&ice_servers);
+                }
+                *self.ice_servers.lock().expect("ice servers lock") = ice_servers;
+            }
             ServerMsg::Pong { .. } | ServerMsg::Welcome { .. } => {}
             ServerMsg::Error {
                 code,
@@ -744,7 +759,14 @@ impl Session {
                         .map(|tx| tx.send(Err(err())).is_ok()),
                     _ => None,
                 };
-                if pending.is_none() {
+                // A frame to a peer that has just left (we have not seen its member_left yet)
+                // is refused; that peer is gone and so is what we sent it.
+                let departed = code == ErrorCode::NotCoMember
+                    && matches!(request.as_deref(), Some("relay" | "signal"))
+                    && peer.is_some_and(|p| !self.lock().links.contains_key(&p));
+                if pending.is_none() && departed {
+                    tracing::debug!(?peer, "frame to a departed peer refused");
+                } else if pending.is_none() {
                     tracing::warn!(?request, ?peer, "server error {code}: {message}");
                     self.emit(Event::ServerError { code, message }).await;
                 }

@@ -245,6 +245,12 @@ pub enum ServerMsg {
         /// Opaque data as sent.
         data: serde_json::Value,
     },
+    /// Fresh ICE servers (TURN credentials are short-lived; the server sends new ones before the
+    /// old expire). They replace the `welcome` list for PeerConnections created from now on.
+    IceServers {
+        /// The new list.
+        ice_servers: Vec<IceServer>,
+    },
     /// Answer to `ping`.
     Pong {
         /// Echoed id.

@@ -1,1 +1,107 @@
-//! Interop tests live in tests/.
+//! Helpers for tests against real outside peers (coturn, stock STUN/TURN clients, ...).
+//! The tests themselves are in `tests/`.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free UDP port on 127.0.0.1 (bound and released; good enough for tests).
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("bind a UDP port on loopback")
+}
+
+/// Send STUN Binding requests to `addr` until one is answered (or `timeout` passes).
+pub fn wait_for_stun(addr: SocketAddr, timeout: Duration) -> bool {
+    let sock = UdpSocket::bind("127.0.0.1:0").expect("udp socket");
+    sock.set_read_timeout(Some(Duration::from_millis(100))).ok();
+    // Binding request: type 0x0001, length 0, magic cookie, 12-byte transaction id.
+    let mut req = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xA4, 0x42];
+    req.extend_from_slice(b"peermeshtest");
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 1500];
+    while Instant::now() < deadline {
+        let _ = sock.send_to(&req, addr);
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            if n >= 20 && buf[0] == 0x01 && buf[1] == 0x01 {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// A coturn `turnserver` on 127.0.0.1 in the foreground, REST credentials (`use-auth-secret`),
+/// loopback peers allowed. Killed (and its files removed) on drop.
+pub struct Coturn {
+    child: Child,
+    dir: PathBuf,
+    /// Listening address (UDP).
+    pub addr: SocketAddr,
+    /// The static auth secret.
+    pub secret: String,
+}
+
+impl Coturn {
+    /// Start coturn with relay ports `min..=max`.
+    pub fn start(relay_ports: (u16, u16)) -> Coturn {
+        let port = free_udp_port();
+        let dir =
+            std::env::temp_dir().join(format!("peermesh-coturn-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let secret = format!("secret-{port}");
+        let child = Command::new("turnserver")
+            .args([
+                "-n",
+                "--listening-ip=127.0.0.1",
+                "--relay-ip=127.0.0.1",
+                &format!("--listening-port={port}"),
+                &format!("--min-port={}", relay_ports.0),
+                &format!("--max-port={}", relay_ports.1),
+                "--no-tls",
+                "--no-dtls",
+                "--no-cli",
+                "--use-auth-secret",
+                &format!("--static-auth-secret={secret}"),
+                "--realm=test.local",
+                "--fingerprint",
+                "--allow-loopback-peers",
+                &format!("--db={}", dir.join("turndb.sqlite").display()),
+                &format!("--pidfile={}", dir.join("turn.pid").display()),
+                "--log-file=stdout",
+                "--simple-log",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("turnserver (Debian package coturn) must be installed");
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let coturn = Coturn {
+            child,
+            dir,
+            addr,
+            secret,
+        };
+        assert!(
+            wait_for_stun(addr, Duration::from_secs(10)),
+            "coturn did not answer STUN on {addr}"
+        );
+        coturn
+    }
+
+    /// `turn:` URL of this server.
+    pub fn turn_url(&self) -> String {
+        format!("turn:{}?transport=udp", self.addr)
+    }
+}
+
+impl Drop for Coturn {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

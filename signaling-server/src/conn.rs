@@ -67,10 +67,12 @@ struct Session {
     /// Handed to the hub on a successful `hello`.
     kill: Option<oneshot::Sender<CloseReason>>,
     peer: Option<PeerId>,
+    /// Host (no port) from the HTTP `Host` header, for TURN URLs that follow it.
+    host: Option<String>,
 }
 
 /// Serve one upgraded WebSocket until it ends.
-pub(crate) async fn run(socket: WebSocket, shared: Arc<Shared>) {
+pub(crate) async fn run(socket: WebSocket, shared: Arc<Shared>, host: Option<String>) {
     let (sink, mut stream) = socket.split();
     let (tx, rx) = mpsc::unbounded_channel();
     let budget = Arc::new(Semaphore::new(RELAY_BUDGET_BYTES));
@@ -85,7 +87,13 @@ pub(crate) async fn run(socket: WebSocket, shared: Arc<Shared>) {
         budget,
         kill: Some(kill_tx),
         peer: None,
+        host,
     };
+    // Fresh TURN credentials before the old ones expire.
+    let refresh_every = session.shared.ice.refresh_every();
+    let mut refresh = tokio::time::interval(refresh_every.unwrap_or(Duration::from_secs(3600)));
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    refresh.tick().await;
 
     let deadline = tokio::time::sleep_until(Instant::now() + heartbeat_timeout);
     tokio::pin!(deadline);
@@ -119,6 +127,13 @@ pub(crate) async fn run(socket: WebSocket, shared: Arc<Shared>) {
                 break 'session Exit::Close((CLOSE_GOING_AWAY, "server shutting down"));
             }
             _ = &mut writer => break 'session Exit::WriterGone,
+            _ = refresh.tick(), if refresh_every.is_some() => {
+                if let Some(peer) = session.peer {
+                    let ice_servers = session.shared.ice.for_peer(peer, session.host.as_deref());
+                    session.send(&ServerMsg::IceServers { ice_servers });
+                }
+                Flow::Continue
+            }
         };
         match flow {
             Flow::Continue => {}
@@ -375,10 +390,14 @@ impl Session {
             tx: self.tx.clone(),
             budget: self.budget.clone(),
         };
-        let peer = self
-            .shared
-            .hub
-            .register(&self.shared.config, name.to_owned(), outlet, kill);
+        let (ice, host) = (&self.shared.ice, self.host.as_deref());
+        let peer = self.shared.hub.register(
+            &self.shared.config,
+            |peer| ice.for_peer(peer, host),
+            name.to_owned(),
+            outlet,
+            kill,
+        );
         tracing::info!(peer, name, "client said hello");
         self.peer = Some(peer);
         Flow::Continue

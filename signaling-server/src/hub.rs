@@ -200,6 +200,7 @@ impl Hub {
     pub(crate) fn register(
         &self,
         config: &Config,
+        ice_servers: impl FnOnce(PeerId) -> Vec<peermesh::protocol::IceServer>,
         name: String,
         outlet: Outlet,
         kill: oneshot::Sender<CloseReason>,
@@ -214,7 +215,7 @@ impl Hub {
             &ServerMsg::Welcome {
                 version: PROTOCOL_VERSION,
                 peer,
-                ice_servers: config.ice_servers.clone(),
+                ice_servers: ice_servers(peer),
                 heartbeat_interval_ms: duration_ms(config.heartbeat_interval),
                 heartbeat_timeout_ms: duration_ms(config.heartbeat_timeout),
                 limits: config.limits,

@@ -14,8 +14,11 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod config;
 mod conn;
 mod hub;
+mod ice;
+pub mod turn;
 
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -56,12 +59,55 @@ pub struct Config {
     pub listen: SocketAddr,
     /// ICE servers handed to clients in `welcome`. Default none.
     pub ice_servers: Vec<IceServer>,
-    /// How often clients should ping (announced in `welcome`). Default 5 s.
+    /// How often clients should ping (announced in `welcome`). Default 5 s; never more than a
+    /// third of `heartbeat_timeout`.
     pub heartbeat_interval: Duration,
     /// Silence after which a client is dropped. Default 15 s.
     pub heartbeat_timeout: Duration,
     /// Limits enforced and announced in `welcome`.
     pub limits: Limits,
+    /// Where clients get STUN/TURN from. Default [`TurnMode::Disabled`] for the library (the
+    /// `peermesh-server` binary's default configuration runs the embedded service).
+    pub turn: TurnMode,
+    /// Lifetime of the TURN credentials minted for each client; clients get fresh ones every
+    /// half of it. Default 1 hour.
+    pub turn_credential_ttl: Duration,
+}
+
+/// Where clients get STUN/TURN from.
+#[derive(Clone, Default)]
+pub enum TurnMode {
+    /// No TURN service: clients get only [`Config::ice_servers`].
+    #[default]
+    Disabled,
+    /// Run the embedded STUN/TURN service and hand it to clients with minted credentials.
+    Embedded(turn::TurnConfig),
+    /// An external TURN server using coturn's REST scheme (`use-auth-secret`): clients get
+    /// `urls` (plus the matching `stun:` URLs) with credentials minted from `secret`.
+    External {
+        /// `turn:host:port` URLs.
+        urls: Vec<String>,
+        /// The shared secret (coturn's `static-auth-secret`).
+        secret: String,
+    },
+}
+
+impl std::fmt::Debug for TurnMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TurnMode::Disabled => f.write_str("Disabled"),
+            TurnMode::Embedded(c) => f
+                .debug_struct("Embedded")
+                .field("listen", &c.listen)
+                .field("public_ip", &c.public_ip)
+                .field("relay_ports", &c.relay_ports)
+                .finish_non_exhaustive(),
+            TurnMode::External { urls, .. } => f
+                .debug_struct("External")
+                .field("urls", urls)
+                .finish_non_exhaustive(),
+        }
+    }
 }
 
 impl Default for Config {
@@ -76,6 +122,8 @@ impl Default for Config {
                 max_groups_per_client: 32,
                 max_members_per_group: 64,
             },
+            turn: TurnMode::Disabled,
+            turn_credential_ttl: Duration::from_secs(3600),
         }
     }
 }
@@ -83,6 +131,7 @@ impl Default for Config {
 /// State shared by every connection of one server.
 pub(crate) struct Shared {
     pub(crate) config: Config,
+    pub(crate) ice: ice::IceList,
     pub(crate) hub: hub::Hub,
     /// Becomes `true` when the server shuts down.
     pub(crate) shutdown: watch::Receiver<bool>,
@@ -95,20 +144,66 @@ pub struct Server {
     listener: TcpListener,
     local_addr: SocketAddr,
     config: Config,
+    turn: Option<turn::TurnHandle>,
+    ice: ice::IceList,
 }
 
 impl Server {
     /// Bind the TCP listener (`config.listen` may use port 0).
-    pub async fn bind(config: Config) -> anyhow::Result<Server> {
+    pub async fn bind(mut config: Config) -> anyhow::Result<Server> {
+        // Clients must ping well within the timeout, whatever was set.
+        config.heartbeat_interval = config.heartbeat_interval.min(config.heartbeat_timeout / 3);
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         let local_addr = listener.local_addr().context("reading local address")?;
+        let mut ice = ice::IceList {
+            extra: config.ice_servers.clone(),
+            turn: None,
+        };
+        let turn = match &config.turn {
+            TurnMode::Disabled => None,
+            TurnMode::Embedded(tc) => {
+                let handle = turn::TurnServer::start(tc.clone())
+                    .await
+                    .context("starting the embedded STUN/TURN service")?;
+                let addr = handle.local_addr();
+                let host = ice::IceList::host_of(tc.public_ip.unwrap_or(addr.ip()));
+                ice.turn = Some(ice::TurnAdvert {
+                    urls: ice::IceList::urls_for(&host, addr.port()),
+                    secret: tc.secret.clone(),
+                    ttl: config.turn_credential_ttl,
+                });
+                Some(handle)
+            }
+            TurnMode::External { urls, secret } => {
+                // coturn answers STUN on its TURN ports: offer the matching stun: URLs too.
+                let mut all: Vec<String> = urls
+                    .iter()
+                    .filter_map(|u| u.strip_prefix("turn:"))
+                    .map(|rest| format!("stun:{}", rest.split('?').next().unwrap_or(rest)))
+                    .collect();
+                all.extend(urls.iter().cloned());
+                ice.turn = Some(ice::TurnAdvert {
+                    urls: all,
+                    secret: secret.clone(),
+                    ttl: config.turn_credential_ttl,
+                });
+                None
+            }
+        };
         Ok(Server {
             listener,
             local_addr,
             config,
+            turn,
+            ice,
         })
+    }
+
+    /// The embedded STUN/TURN service, when [`TurnMode::Embedded`].
+    pub fn turn(&self) -> Option<&turn::TurnHandle> {
+        self.turn.as_ref()
     }
 
     /// The address the server listens on.
@@ -128,9 +223,11 @@ impl Server {
     ) -> anyhow::Result<()> {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
+        let turn = self.turn.clone();
         let shared = Arc::new(Shared {
             hub: hub::Hub::new(),
             config: self.config,
+            ice: self.ice,
             shutdown: shutdown_rx,
             _alive: alive_tx,
         });
@@ -140,7 +237,15 @@ impl Server {
             .route("/", get(index))
             .with_state(shared);
 
-        let result = axum::serve(self.listener, app)
+        // Small frames (signals, acks, pings) must not wait for Nagle's algorithm: with Linux's
+        // delayed acks that costs ~40 ms a round trip (measured: join → first message 42 ms).
+        use axum::serve::ListenerExt as _;
+        let listener = self.listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!("TCP_NODELAY: {e}");
+            }
+        });
+        let result = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 shutdown.await;
                 tracing::info!("shutting down");
@@ -155,6 +260,9 @@ impl Server {
         {
             tracing::warn!("some sessions did not close within {SHUTDOWN_GRACE:?}");
         }
+        if let Some(turn) = turn {
+            turn.shutdown().await;
+        }
         result.context("serving")
     }
 
@@ -162,6 +270,7 @@ impl Server {
     /// the handle.
     pub fn spawn(self) -> ServerHandle {
         let local_addr = self.local_addr;
+        let turn = self.turn.clone();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(self.run(async move {
             // Completes on an explicit stop and when the handle is dropped.
@@ -169,6 +278,7 @@ impl Server {
         }));
         ServerHandle {
             local_addr,
+            turn,
             stop: Some(stop_tx),
             task: Some(task),
         }
@@ -178,6 +288,7 @@ impl Server {
 /// A server running on a tokio task (see [`Server::spawn`]). Dropping it stops the server.
 pub struct ServerHandle {
     local_addr: SocketAddr,
+    turn: Option<turn::TurnHandle>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -191,6 +302,11 @@ impl ServerHandle {
     /// The WebSocket URL clients connect to: `ws://{local_addr}/ws`.
     pub fn ws_url(&self) -> String {
         ws_url(self.local_addr)
+    }
+
+    /// The embedded STUN/TURN service, when [`TurnMode::Embedded`].
+    pub fn turn(&self) -> Option<&turn::TurnHandle> {
+        self.turn.as_ref()
     }
 
     /// Stop the server gracefully and wait until it has stopped.
@@ -228,8 +344,16 @@ async fn index() -> String {
     )
 }
 
-async fn ws_handler(ws: WebSocketUpgrade, State(shared): State<Arc<Shared>>) -> Response {
+async fn ws_handler(
+    ws: WebSocketUpgrade,
+    headers: axum::http::HeaderMap,
+    State(shared): State<Arc<Shared>>,
+) -> Response {
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(ice::host_from_header);
     ws.max_message_size(HARD_FRAME_CAP)
         .max_frame_size(HARD_FRAME_CAP)
-        .on_upgrade(move |socket| conn::run(socket, shared))
+        .on_upgrade(move |socket| conn::run(socket, shared, host))
 }

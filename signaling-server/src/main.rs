@@ -1,47 +1,151 @@
-//! `peermesh-server`: the peermesh signaling and relay server.
+//! `peermesh-server`: signaling, relay and STUN/TURN for peermesh groups.
+//!
+//! Configuration layers, lowest first: the built-in defaults (`peermesh-server.toml`), a
+//! `--config` file, environment variables and flags. `peermesh-server print-config` shows the
+//! result.
 
 use std::io::IsTerminal as _;
-use std::net::SocketAddr;
-use std::time::Duration;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 
 use anyhow::Context as _;
-use clap::Parser;
-use peermesh::protocol::IceServer;
-use peermesh_server::{Config, Server};
+use clap::{Parser, Subcommand};
+use peermesh_server::config::FileConfig;
+use peermesh_server::turn::TurnServer;
+use peermesh_server::{Server, TurnMode};
 use tracing_subscriber::EnvFilter;
 
-/// Signaling and relay server for peermesh groups.
+/// Signaling, relay and STUN/TURN server for peermesh groups.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Address to listen on.
-    #[arg(long, env = "PEERMESH_LISTEN", default_value = "127.0.0.1:8080")]
-    listen: SocketAddr,
+    #[command(subcommand)]
+    command: Option<Command>,
 
-    /// ICE server URL handed to clients (e.g. stun:stun.example.org:3478). Repeatable; the
-    /// environment variable takes a comma-separated list.
+    /// TOML configuration file (keys as in `print-config`; absent keys keep their defaults).
+    #[arg(long, env = "PEERMESH_CONFIG", global = true)]
+    config: Option<PathBuf>,
+
+    /// Signaling address (WebSocket at /ws). Default 127.0.0.1:8080.
+    #[arg(long, env = "PEERMESH_LISTEN", global = true)]
+    listen: Option<SocketAddr>,
+
+    /// Extra STUN server URL handed to clients (stun:host:port). Repeatable; the environment
+    /// variable takes a comma-separated list.
     #[arg(
         long = "ice-server",
         value_name = "URL",
         env = "PEERMESH_ICE_SERVERS",
         value_delimiter = ',',
-        value_parser = parse_ice_url
+        global = true
     )]
     ice_servers: Vec<String>,
 
-    /// Silence (ms) after which a client is dropped. Clients are asked to ping every third of it.
-    #[arg(long, default_value_t = 15_000, value_parser = clap::value_parser!(u64).range(100..))]
-    heartbeat_timeout_ms: u64,
+    /// Silence (ms) after which a client is dropped; clients ping every third of it.
+    #[arg(long, global = true)]
+    heartbeat_timeout_ms: Option<u64>,
+
+    /// Do not run or hand out any TURN service.
+    #[arg(long, global = true, conflicts_with_all = ["turn_urls"])]
+    no_turn: bool,
+
+    /// UDP address of the embedded STUN/TURN service. Default: signaling IP, port 3478.
+    #[arg(long, global = true)]
+    turn_listen: Option<SocketAddr>,
+
+    /// Public IP of this host behind 1:1 NAT (cloud VM): put in relay candidates and client URLs.
+    #[arg(long, global = true)]
+    turn_public_ip: Option<IpAddr>,
+
+    /// Local IP relay sockets bind to. Default: the TURN listen IP.
+    #[arg(long, global = true)]
+    turn_relay_ip: Option<IpAddr>,
+
+    /// UDP port range for relay sockets, A-B. Default 49152-65535.
+    #[arg(long, global = true, value_name = "A-B")]
+    turn_relay_ports: Option<String>,
+
+    /// Realm of the TURN credentials. Default "peermesh".
+    #[arg(long, global = true)]
+    turn_realm: Option<String>,
+
+    /// Shared secret for REST credentials (coturn's static-auth-secret). Default: random.
+    #[arg(
+        long,
+        env = "PEERMESH_TURN_SECRET",
+        global = true,
+        hide_env_values = true
+    )]
+    turn_secret: Option<String>,
+
+    /// Use this external TURN server (e.g. coturn with use-auth-secret) instead of the embedded
+    /// one; needs --turn-secret. Repeatable.
+    #[arg(long = "turn-url", value_name = "URL", global = true)]
+    turn_urls: Vec<String>,
+
+    /// Lifetime of the TURN credentials minted per client, in seconds. Default 3600.
+    #[arg(long, global = true)]
+    turn_credential_ttl_s: Option<u64>,
+
+    /// Live TURN allocations per user. Default 16.
+    #[arg(long, global = true)]
+    turn_user_quota: Option<usize>,
+
+    /// Live TURN allocations in total. Default 2048.
+    #[arg(long, global = true)]
+    turn_total_quota: Option<usize>,
+
+    /// Peer range TURN may relay to although the default policy refuses it (loopback, private,
+    /// link-local, CGNAT, multicast). Repeatable, e.g. 127.0.0.0/8.
+    #[arg(long = "turn-allow-peer", value_name = "CIDR", global = true)]
+    turn_allow_peers: Vec<String>,
 }
 
-fn parse_ice_url(s: &str) -> Result<String, String> {
-    let s = s.trim();
-    if s.starts_with("stun:") || s.starts_with("stuns:") {
-        Ok(s.to_owned())
-    } else {
-        Err(format!(
-            "{s:?} is not a stun: URL (TURN servers need credentials and cannot be given here)"
-        ))
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run signaling and, unless switched off, the embedded STUN/TURN service (the default).
+    Serve,
+    /// Run only the STUN/TURN service (a TURN-only box; signaling servers elsewhere use it with
+    /// --turn-url and the same --turn-secret).
+    Turn,
+    /// Print the effective configuration as TOML and exit.
+    PrintConfig,
+}
+
+impl Args {
+    /// The configuration: built-in defaults < --config file < environment and flags.
+    fn file_config(&self) -> anyhow::Result<FileConfig> {
+        let mut config = FileConfig::defaults();
+        if let Some(path) = &self.config {
+            config.overlay(FileConfig::load(path)?);
+        }
+        let mut top = FileConfig {
+            listen: self.listen,
+            ice_servers: (!self.ice_servers.is_empty()).then(|| self.ice_servers.clone()),
+            heartbeat_timeout_ms: self.heartbeat_timeout_ms,
+            ..Default::default()
+        };
+        let t = &mut top.turn;
+        if self.no_turn {
+            t.mode = Some("off".into());
+        } else if !self.turn_urls.is_empty() {
+            t.mode = Some("external".into());
+            t.urls = Some(self.turn_urls.clone());
+        }
+        t.listen = self.turn_listen;
+        t.public_ip = self.turn_public_ip;
+        t.relay_ip = self.turn_relay_ip;
+        t.relay_ports = self.turn_relay_ports.clone();
+        t.realm = self.turn_realm.clone();
+        t.secret = self.turn_secret.clone();
+        t.credential_ttl_s = self.turn_credential_ttl_s;
+        t.user_quota = self.turn_user_quota;
+        t.total_quota = self.turn_total_quota;
+        if !self.turn_allow_peers.is_empty() {
+            t.allow_peers = Some(self.turn_allow_peers.clone());
+        }
+        config.overlay(top);
+        Ok(config)
     }
 }
 
@@ -55,29 +159,35 @@ async fn main() -> anyhow::Result<()> {
         .init();
 
     let args = Args::parse();
+    let file_config = args.file_config()?;
+    let config = file_config.resolve().context("invalid configuration")?;
     // Install the signal handlers before binding so a signal right after startup is handled.
     let shutdown = shutdown_signal().context("installing signal handlers")?;
 
-    let heartbeat_timeout = Duration::from_millis(args.heartbeat_timeout_ms);
-    let config = Config {
-        listen: args.listen,
-        ice_servers: args
-            .ice_servers
-            .into_iter()
-            .map(|url| IceServer {
-                urls: vec![url],
-                username: None,
-                credential: None,
-            })
-            .collect(),
-        heartbeat_interval: heartbeat_timeout / 3,
-        heartbeat_timeout,
-        ..Config::default()
-    };
-    let server = Server::bind(config).await?;
-    tracing::info!("listening on {}", server.ws_url());
-    server.run(shutdown).await?;
-    tracing::info!("stopped");
+    match args.command.unwrap_or(Command::Serve) {
+        Command::PrintConfig => print!("{}", file_config.to_toml()),
+        Command::Serve => {
+            let server = Server::bind(config).await?;
+            tracing::info!("listening on {}", server.ws_url());
+            if let Some(turn) = server.turn() {
+                tracing::info!("STUN/TURN on udp {}", turn.local_addr());
+            }
+            server.run(shutdown).await?;
+            tracing::info!("stopped");
+        }
+        Command::Turn => {
+            let TurnMode::Embedded(turn_config) = config.turn else {
+                anyhow::bail!("`turn` runs the embedded TURN service: do not combine it with --no-turn or --turn-url");
+            };
+            let turn = TurnServer::start(turn_config)
+                .await
+                .context("starting the STUN/TURN service")?;
+            tracing::info!("STUN/TURN on udp {}", turn.local_addr());
+            shutdown.await;
+            turn.shutdown().await;
+            tracing::info!("stopped");
+        }
+    }
     Ok(())
 }
 

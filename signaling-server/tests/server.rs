@@ -818,7 +818,14 @@ async fn binary_serves_and_stops_on_sigterm() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let mut child = Command::new(env!("CARGO_BIN_EXE_peermesh-server"))
-        .args(["--listen", &addr, "--ice-server", "stun:127.0.0.1:3478"])
+        .args([
+            "--listen",
+            &addr,
+            "--ice-server",
+            "stun:127.0.0.1:3478",
+            "--turn-listen",
+            "127.0.0.1:0",
+        ])
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -859,8 +866,12 @@ async fn binary_serves_and_stops_on_sigterm() {
         .await;
     match c.recv().await {
         ServerMsg::Welcome { ice_servers, .. } => {
-            assert_eq!(ice_servers.len(), 1);
+            // The extra STUN server, then the embedded service's STUN and TURN (credentials).
+            assert_eq!(ice_servers.len(), 3, "{ice_servers:?}");
             assert_eq!(ice_servers[0].urls, vec!["stun:127.0.0.1:3478".to_string()]);
+            assert!(ice_servers[1].urls[0].starts_with("stun:127.0.0.1:"));
+            assert!(ice_servers[2].urls[0].starts_with("turn:127.0.0.1:"));
+            assert!(ice_servers[2].username.is_some() && ice_servers[2].credential.is_some());
         }
         other => panic!("expected welcome, got {other:?}"),
     }

@@ -25,12 +25,17 @@ pub(crate) use rtc::{RtcFactory, RtcOptions};
 use crate::protocol::{
     ClientMsg, LinkFrame, LinkId, PeerId, RelayFrame, MAX_FRAGMENT_PAYLOAD, MAX_UNRELIABLE_PAYLOAD,
 };
-use crate::{CandidatePair, Error, Event, Path, Reliability, Result};
+use crate::{CandidatePair, CandidateType, Error, Event, Path, Reliability, Result};
 
 /// Send an ack after this many fragments even if the ack timer has not fired.
 const ACK_EVERY: u64 = 32;
 /// Longest a received fragment waits for its ack.
 const ACK_DELAY: Duration = Duration::from_millis(5);
+/// Most fragments held for reordering (a sender within an 8 MiB window of 16 KiB fragments needs
+/// 512; tiny messages need more).
+const MAX_REORDER: usize = 1 << 16;
+/// Longest a new PeerConnection may take to connect before it counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// RTT probe interval.
 const PING_EVERY: Duration = Duration::from_secs(1);
 /// First wait before the initiator tries a new PeerConnection after a failure, and the longest
@@ -79,6 +84,12 @@ pub struct LinkStats {
     pub duplicates: u64,
     /// Times the link moved between the server and direct paths.
     pub path_changes: u64,
+    /// Local ICE candidates gathered and signaled, by type (all PeerConnection generations).
+    pub candidates_host: u64,
+    /// See `candidates_host`.
+    pub candidates_srflx: u64,
+    /// See `candidates_host`.
+    pub candidates_relay: u64,
 }
 
 /// What the client reads of a link without asking its task.
@@ -142,6 +153,7 @@ impl LinkHandle {
             unacked: VecDeque::new(),
             delivered: 0,
             acked_sent: 0,
+            ack_due: false,
             ack_deadline: None,
             reorder: BTreeMap::new(),
             partial: BytesMut::new(),
@@ -154,6 +166,8 @@ impl LinkHandle {
             connected: false,
             peer_ready: 0,
             retry_at: None,
+            connect_by: None,
+            declined: false,
             backoff: RETRY_MIN,
             had_direct: false,
             next_ping: 1,
@@ -263,6 +277,10 @@ enum LinkSignal {
         #[serde(flatten)]
         candidate: serde_json::Value,
     },
+    /// The responder will not make a direct path (direct paths are off on its side).
+    Decline {
+        gen: u32,
+    },
 }
 
 struct Unacked {
@@ -285,6 +303,9 @@ struct LinkTask {
     // Receiving side.
     delivered: u64,
     acked_sent: u64,
+    /// An ack must go out even if nothing new was delivered (a duplicate arrived: the sender
+    /// is re-sending, so our last ack may have been lost).
+    ack_due: bool,
     ack_deadline: Option<TokioInstant>,
     reorder: BTreeMap<u64, (bool, Bytes)>,
     partial: BytesMut,
@@ -299,6 +320,10 @@ struct LinkTask {
     /// Highest generation whose channels the peer reported open.
     peer_ready: u32,
     retry_at: Option<TokioInstant>,
+    /// When the current PeerConnection counts as failed if it has not connected.
+    connect_by: Option<TokioInstant>,
+    /// The peer declined direct paths: stay on the server path for good.
+    declined: bool,
     backoff: Duration,
     had_direct: bool,
     // RTT.
@@ -323,6 +348,7 @@ impl LinkTask {
         loop {
             let ack_at = self.ack_deadline.unwrap_or_else(far);
             let retry_at = self.retry_at.unwrap_or_else(far);
+            let connect_by = self.connect_by.unwrap_or_else(far);
             // Control and incoming frames first: they open the direct path and free the window.
             tokio::select! {
                 biased;
@@ -335,6 +361,10 @@ impl LinkTask {
                 _ = sleep_until(retry_at), if self.retry_at.is_some() => {
                     self.retry_at = None;
                     self.start_rtc().await;
+                }
+                _ = sleep_until(connect_by), if self.connect_by.is_some() => {
+                    self.connect_by = None;
+                    self.rtc_failed(&format!("not connected within {CONNECT_TIMEOUT:?}"));
                 }
                 _ = ping.tick() => self.send_ping().await,
             }
@@ -453,9 +483,10 @@ impl LinkTask {
 
     async fn send_ack(&mut self) {
         self.ack_deadline = None;
-        if self.acked_sent == self.delivered {
+        if self.acked_sent == self.delivered && !self.ack_due {
             return;
         }
+        self.ack_due = false;
         self.acked_sent = self.delivered;
         let frame = Bytes::from(
             LinkFrame::Ack {
@@ -509,7 +540,7 @@ impl LinkTask {
             }
             LinkFrame::Ping { id } => {
                 let pong = LinkFrame::Pong { id }.encode();
-                match (&self.rtc, direct) {
+                match (&self.rtc, direct && self.direct_up()) {
                     (Some(rtc), true) => {
                         let _ = rtc.send(Channel::Unreliable, &Bytes::from(pong)).await;
                     }
@@ -537,10 +568,20 @@ impl LinkTask {
         if seq <= self.delivered || self.reorder.contains_key(&seq) {
             self.stats.duplicates += 1;
             // The sender may be re-sending because our ack was lost with the path: ack again.
+            self.ack_due = true;
             self.schedule_ack().await;
             return;
         }
         if seq != self.delivered + 1 {
+            if self.reorder.len() >= MAX_REORDER {
+                // A sender within its window never gets this far ahead.
+                tracing::warn!(
+                    peer = self.peer,
+                    seq,
+                    "reorder buffer full; fragment dropped"
+                );
+                return;
+            }
             self.reorder.insert(seq, (fin, payload));
             return;
         }
@@ -615,6 +656,9 @@ impl LinkTask {
         }
         self.path = path;
         self.stats.path_changes += 1;
+        // RTT samples of one path say nothing about the other.
+        self.rtt = None;
+        self.pings.clear();
         self.publish();
         tracing::debug!(peer = self.peer, %path, "path changed");
         self.emit(Event::PathChanged {
@@ -679,6 +723,7 @@ impl LinkTask {
             Ok(rtc) => match rtc.offer().await {
                 Ok(sdp) => {
                     self.rtc = Some(rtc);
+                    self.connect_by = Some(TokioInstant::now() + CONNECT_TIMEOUT);
                     let gen = self.gen;
                     self.signal(LinkSignal::Offer { gen, sdp }).await;
                 }
@@ -698,6 +743,7 @@ impl LinkTask {
         self.r_open = false;
         self.u_open = false;
         self.connected = false;
+        self.connect_by = None;
     }
 
     /// The direct path could not be made (or died for good): stay on the server path and, if we
@@ -705,7 +751,7 @@ impl LinkTask {
     fn rtc_failed(&mut self, why: &str) {
         tracing::info!(peer = self.peer, "no direct path: {why}");
         self.reset_rtc();
-        if self.initiator && self.ctx.rtc.is_some() {
+        if self.initiator && self.ctx.rtc.is_some() && !self.declined {
             self.retry_at = Some(TokioInstant::now() + self.backoff);
             let max = if self.had_direct {
                 RETRY_MAX_HAD_DIRECT
@@ -745,10 +791,14 @@ impl LinkTask {
         match sig {
             LinkSignal::Offer { gen, sdp } => {
                 let Some(factory) = self.ctx.rtc.clone() else {
-                    tracing::debug!(peer = self.peer, "direct path disabled; offer ignored");
+                    tracing::debug!(
+                        peer = self.peer,
+                        "direct paths are off; declining the offer"
+                    );
+                    self.signal(LinkSignal::Decline { gen }).await;
                     return;
                 };
-                if gen <= self.gen && self.rtc.is_some() {
+                if gen <= self.gen {
                     return; // stale
                 }
                 self.downgrade("peer restarted the connection").await;
@@ -761,12 +811,21 @@ impl LinkTask {
                 match rtc.accept_offer(sdp).await {
                     Ok(answer) => {
                         self.rtc = Some(rtc);
+                        self.connect_by = Some(TokioInstant::now() + CONNECT_TIMEOUT);
                         self.signal(LinkSignal::Answer { gen, sdp: answer }).await;
                     }
                     Err(e) => {
                         rtc.close();
                         self.rtc_failed(&format!("answering offer: {e}"));
                     }
+                }
+            }
+            LinkSignal::Decline { gen } => {
+                if gen == self.gen && self.initiator {
+                    tracing::info!(peer = self.peer, "peer does not take direct paths");
+                    self.declined = true;
+                    self.reset_rtc();
+                    self.retry_at = None;
                 }
             }
             LinkSignal::Answer { gen, sdp } => {
@@ -798,6 +857,13 @@ impl LinkTask {
         }
         match event {
             RtcEvent::Candidate(candidate) => {
+                let line = candidate["candidate"].as_str().unwrap_or_default();
+                match rtc::parse_candidate(line).map(|(_, t)| t) {
+                    Some(CandidateType::Host) => self.stats.candidates_host += 1,
+                    Some(CandidateType::Srflx) => self.stats.candidates_srflx += 1,
+                    Some(CandidateType::Relay) => self.stats.candidates_relay += 1,
+                    _ => {}
+                }
                 let gen = self.gen;
                 self.signal(LinkSignal::Candidate { gen, candidate }).await;
             }
@@ -814,9 +880,8 @@ impl LinkTask {
                 self.maybe_upgrade().await;
             }
             RtcEvent::Closed => {
-                self.r_open = false;
-                self.u_open = false;
                 self.downgrade("data channel closed").await;
+                self.rtc_failed("data channel closed");
             }
             RtcEvent::Message(frame) => self.receive(frame, true).await,
             RtcEvent::PairSelected => {
@@ -834,6 +899,7 @@ impl LinkTask {
             RtcEvent::State(state) => match state {
                 ConnState::Connected => {
                     self.connected = true;
+                    self.connect_by = None;
                     self.maybe_upgrade().await;
                 }
                 // A PeerConnection that lost its path is not reused: its SCTP association may

@@ -81,7 +81,18 @@ pub(crate) struct RtcOptions {
 /// Builds PeerConnections for one client.
 pub(crate) struct RtcFactory {
     api: API,
-    config: RTCConfiguration,
+    config: std::sync::Mutex<RTCConfiguration>,
+}
+
+fn rtc_ice_servers(ice_servers: &[IceServer]) -> Vec<RTCIceServer> {
+    ice_servers
+        .iter()
+        .map(|s| RTCIceServer {
+            urls: s.urls.clone(),
+            username: s.username.clone().unwrap_or_default(),
+            credential: s.credential.clone().unwrap_or_default(),
+        })
+        .collect()
 }
 
 impl RtcFactory {
@@ -121,14 +132,7 @@ impl RtcFactory {
         }
         let api = APIBuilder::new().with_setting_engine(s).build();
         let config = RTCConfiguration {
-            ice_servers: ice_servers
-                .iter()
-                .map(|s| RTCIceServer {
-                    urls: s.urls.clone(),
-                    username: s.username.clone().unwrap_or_default(),
-                    credential: s.credential.clone().unwrap_or_default(),
-                })
-                .collect(),
+            ice_servers: rtc_ice_servers(ice_servers),
             ice_transport_policy: if opts.relay_only {
                 RTCIceTransportPolicy::Relay
             } else {
@@ -136,7 +140,15 @@ impl RtcFactory {
             },
             ..Default::default()
         };
-        Ok(RtcFactory { api, config })
+        Ok(RtcFactory {
+            api,
+            config: std::sync::Mutex::new(config),
+        })
+    }
+
+    /// Use these ICE servers for PeerConnections created from now on.
+    pub(crate) fn set_ice_servers(&self, ice_servers: &[IceServer]) {
+        self.config.lock().expect("rtc config lock").ice_servers = rtc_ice_servers(ice_servers);
     }
 
     /// A new PeerConnection of generation `gen` whose events go to `tx`.
@@ -145,7 +157,8 @@ impl RtcFactory {
         gen: u32,
         tx: UnboundedSender<LinkInput>,
     ) -> Result<Rtc, webrtc::Error> {
-        let pc = Arc::new(self.api.new_peer_connection(self.config.clone()).await?);
+        let config = self.config.lock().expect("rtc config lock").clone();
+        let pc = Arc::new(self.api.new_peer_connection(config).await?);
         let send = move |tx: &UnboundedSender<LinkInput>, event| {
             let _ = tx.send(LinkInput::Rtc { gen, event });
         };
@@ -154,10 +167,7 @@ impl RtcFactory {
         pc.on_ice_candidate(Box::new(move |c| {
             if let Some(c) = c {
                 match c.to_json() {
-                    Ok(init) => match serde_json::to_value(init) {
-                        Ok(v) => send(&t, RtcEvent::Candidate(v)),
-                        Err(e) => tracing::warn!("candidate not serializable: {e}"),
-                    },
+                    Ok(init) => send(&t, RtcEvent::Candidate(candidate_json(init))),
                     Err(e) => tracing::warn!("candidate not serializable: {e}"),
                 }
             }
@@ -245,9 +255,24 @@ pub(crate) struct Rtc {
     signaled: HashMap<(String, u16), CandidateType>,
 }
 
+/// A local candidate in the browser's `RTCIceCandidateInit` shape. webrtc-rs leaves `sdpMid`
+/// empty; browsers and aiortc drop candidates without a usable mid, so name the one media
+/// section (the data channel's, mid "0", index 0) explicitly.
+fn candidate_json(init: RTCIceCandidateInit) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "candidate": init.candidate,
+        "sdpMid": init.sdp_mid.filter(|m| !m.is_empty()).unwrap_or_else(|| "0".into()),
+        "sdpMLineIndex": init.sdp_mline_index.unwrap_or(0),
+    });
+    if let Some(ufrag) = init.username_fragment.filter(|u| !u.is_empty()) {
+        v["usernameFragment"] = ufrag.into();
+    }
+    v
+}
+
 /// Address, port and type of an SDP candidate line
 /// (`candidate:<foundation> <component> <proto> <priority> <addr> <port> typ <type> ...`).
-fn parse_candidate(line: &str) -> Option<((String, u16), CandidateType)> {
+pub(crate) fn parse_candidate(line: &str) -> Option<((String, u16), CandidateType)> {
     let mut it = line.split_whitespace().skip(4);
     let addr = it.next()?.to_string();
     let port = it.next()?.parse().ok()?;

@@ -1,0 +1,132 @@
+//! coturn-style "TURN REST API" credentials (time-limited, HMAC-SHA1 of a shared secret).
+
+use std::net::SocketAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::prelude::BASE64_STANDARD;
+use base64::Engine as _;
+use ring::hmac;
+
+/// Username and password for the TURN REST scheme: `username = "{expiry_unix}:{user}"`,
+/// `password = base64(HMAC-SHA1(secret, username))`.
+pub fn rest_credentials(secret: &str, user: &str, expiry_unix: u64) -> (String, String) {
+    let username = format!("{expiry_unix}:{user}");
+    let password = rest_password(secret, &username);
+    (username, password)
+}
+
+/// `base64(HMAC-SHA1(secret, username))`.
+pub(crate) fn rest_password(secret: &str, username: &str) -> String {
+    let key = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, secret.as_bytes());
+    BASE64_STANDARD.encode(hmac::sign(&key, username.as_bytes()).as_ref())
+}
+
+pub(crate) fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Why a REST username was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CredError {
+    Malformed,
+    Expired(u64),
+}
+
+impl std::fmt::Display for CredError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CredError::Malformed => f.write_str("malformed REST username"),
+            CredError::Expired(t) => write!(f, "credentials expired at {t}"),
+        }
+    }
+}
+
+/// Splits a REST username into `(expiry, user part)`. Accepted forms: `expiry:user`,
+/// `user:expiry` and a bare `expiry` (user part empty).
+pub(crate) fn parse_rest_username(username: &str) -> Result<(u64, &str), CredError> {
+    fn num(s: &str) -> Option<u64> {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        s.parse().ok()
+    }
+    if let Some(t) = num(username) {
+        return Ok((t, ""));
+    }
+    if let Some((first, rest)) = username.split_once(':') {
+        if let Some(t) = num(first) {
+            return Ok((t, rest));
+        }
+    }
+    if let Some((rest, last)) = username.rsplit_once(':') {
+        if let Some(t) = num(last) {
+            return Ok((t, rest));
+        }
+    }
+    Err(CredError::Malformed)
+}
+
+/// The long-term credential key (`MD5(username:realm:password)`) for a REST username, or why it
+/// is refused.
+pub(crate) fn rest_key(
+    secret: &str,
+    username: &str,
+    realm: &str,
+    now: u64,
+) -> Result<Vec<u8>, CredError> {
+    let (expiry, _) = parse_rest_username(username)?;
+    if expiry < now {
+        return Err(CredError::Expired(expiry));
+    }
+    let password = rest_password(secret, username);
+    Ok(turn::auth::generate_auth_key(username, realm, &password))
+}
+
+/// The [`turn::auth::AuthHandler`] handed to the turn crate. Requests only reach it after the
+/// listener guard has already verified them (see `listener.rs`), so it mostly re-derives the key.
+pub(crate) struct RestAuthHandler {
+    pub(crate) secret: String,
+    pub(crate) realm: String,
+}
+
+impl turn::auth::AuthHandler for RestAuthHandler {
+    fn auth_handle(
+        &self,
+        username: &str,
+        realm: &str,
+        src_addr: SocketAddr,
+    ) -> Result<Vec<u8>, turn::Error> {
+        if realm != self.realm {
+            return Err(turn::Error::Other(format!("unknown realm {realm:?}")));
+        }
+        rest_key(&self.secret, username, realm, now_unix()).map_err(|e| {
+            tracing::debug!(target: "peermesh_server::turn", %src_addr, username, "auth: {e}");
+            turn::Error::Other(e.to_string())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn username_forms() {
+        assert_eq!(
+            parse_rest_username("1700000000:alice"),
+            Ok((1700000000, "alice"))
+        );
+        assert_eq!(
+            parse_rest_username("alice:1700000000"),
+            Ok((1700000000, "alice"))
+        );
+        assert_eq!(parse_rest_username("1700000000"), Ok((1700000000, "")));
+        assert_eq!(parse_rest_username("1:a:b"), Ok((1, "a:b")));
+        assert_eq!(parse_rest_username("alice"), Err(CredError::Malformed));
+        assert_eq!(parse_rest_username("alice:bob"), Err(CredError::Malformed));
+        assert_eq!(parse_rest_username(""), Err(CredError::Malformed));
+    }
+}

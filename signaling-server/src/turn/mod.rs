@@ -1,0 +1,453 @@
+//! Embedded STUN/TURN service (UDP), built on the webrtc-rs `turn` 0.17 server.
+//!
+//! The turn crate does the TURN protocol work (allocations, permissions, channels, relaying).
+//! Around it this module adds what a public deployment needs:
+//!
+//! * coturn-compatible REST credentials (`expiry:user` or `user:expiry`, password
+//!   `base64(HMAC-SHA1(secret, username))`), refused with 401;
+//! * allocation quotas per user part and in total (486 Allocation Quota Reached);
+//! * a peer-address policy ([`is_denied_peer`]): CreatePermission / ChannelBind towards a denied
+//!   peer get 403, Send indications to it are dropped, and relay sockets drop traffic to and from
+//!   it as a second line of defence;
+//! * RFC 8656 lifetimes (default 600 s, max 3599 s — see below), enlarged socket buffers,
+//!   statistics and logging (target `peermesh_server::turn`).
+//!
+//! Lifetimes: allocations get `max(600, min(requested, 3599))` seconds (turn 0.17.2 cannot grant
+//! exactly 3600); permissions last 300 s and channel bindings 600 s (turn's fixed
+//! `PERMISSION_TIMEOUT` and our `channel_bind_timeout`), both refreshed by repeating the request.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use peermesh_server::turn::{TurnConfig, TurnServer};
+//! let turn = TurnServer::start(TurnConfig::default()).await?;
+//! let (username, password) = turn.credentials("alice", std::time::Duration::from_secs(3600));
+//! println!("turn:{}?transport=udp {username} {password}", turn.local_addr());
+//! turn.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+mod auth;
+mod listener;
+mod policy;
+mod relay;
+mod socket;
+mod wire;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use base64::prelude::BASE64_STANDARD;
+use base64::Engine as _;
+use ipnet::IpNet;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use turn::allocation::AllocationInfo;
+use turn::server::config::{ConnConfig, ServerConfig};
+
+pub use auth::rest_credentials;
+pub use policy::is_denied_peer;
+
+use listener::GuardedListener;
+use relay::{RelayConn, RelayGenerator};
+
+/// The `tracing` target of everything this module logs.
+pub(crate) const LOG: &str = "peermesh_server::turn";
+
+/// Channel binding lifetime (RFC 8656 §12: 10 minutes).
+pub const CHANNEL_BIND_LIFETIME: Duration = Duration::from_secs(600);
+/// Permission lifetime (RFC 8656 §9: 300 s; fixed inside the turn crate).
+pub const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
+/// Default allocation lifetime (RFC 8656 §7.2).
+pub const DEFAULT_ALLOCATION_LIFETIME: Duration =
+    Duration::from_secs(listener::DEFAULT_LIFETIME_SECS as u64);
+/// Longest allocation lifetime granted (see the module docs for why not 3600 s).
+pub const MAX_ALLOCATION_LIFETIME: Duration =
+    Duration::from_secs(listener::MAX_LIFETIME_SECS as u64);
+
+/// How often the statistics line is logged (only when something changed).
+const STATS_LOG_INTERVAL: Duration = Duration::from_secs(60);
+/// How long shutdown waits for the turn crate to close its allocations.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Configuration of the embedded STUN/TURN service.
+#[derive(Debug, Clone)]
+pub struct TurnConfig {
+    /// UDP STUN/TURN listener (port 0 picks a free port). Default `127.0.0.1:3478`.
+    pub listen: SocketAddr,
+    /// Address advertised in XOR-RELAYED-ADDRESS (for a host behind a 1:1 NAT). Default `None`:
+    /// the relay socket's own IP.
+    pub public_ip: Option<IpAddr>,
+    /// IP the relay sockets bind to. Default `None`: the listen IP.
+    pub relay_ip: Option<IpAddr>,
+    /// Inclusive port range of relay sockets. Default `(49152, 65535)`.
+    pub relay_ports: (u16, u16),
+    /// Authentication realm. Default `"peermesh"`.
+    pub realm: String,
+    /// Shared secret of the TURN REST credentials. Default: 32 random bytes, base64.
+    pub secret: String,
+    /// Live allocations allowed per REST user part. Default 16.
+    pub user_quota: usize,
+    /// Live allocations allowed in total. Default 2048.
+    pub total_quota: usize,
+    /// Peer CIDRs exempt from the deny list of [`is_denied_peer`] (e.g. `127.0.0.0/8` in tests).
+    pub allow_peers: Vec<IpNet>,
+    /// SO_RCVBUF and SO_SNDBUF requested for the listener and relay sockets. Default 4 MiB.
+    pub recv_buffer_bytes: usize,
+}
+
+impl Default for TurnConfig {
+    fn default() -> Self {
+        let secret: [u8; 32] = rand::random();
+        TurnConfig {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 3478)),
+            public_ip: None,
+            relay_ip: None,
+            relay_ports: (49152, 65535),
+            realm: "peermesh".into(),
+            secret: BASE64_STANDARD.encode(secret),
+            user_quota: 16,
+            total_quota: 2048,
+            allow_peers: Vec::new(),
+            recv_buffer_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// A snapshot of the service's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TurnStats {
+    /// Live allocations.
+    pub allocations: u64,
+    /// Allocations created since start.
+    pub allocations_total: u64,
+    /// Datagrams relayed from clients to peers.
+    pub relayed_to_peer_packets: u64,
+    /// Payload bytes relayed from clients to peers.
+    pub relayed_to_peer_bytes: u64,
+    /// Datagrams relayed from peers to clients (ChannelData or Data indications).
+    pub relayed_to_client_packets: u64,
+    /// Payload bytes relayed from peers to clients.
+    pub relayed_to_client_bytes: u64,
+    /// Requests answered 401 although they carried credentials (bad, expired or malformed).
+    pub refused_auth: u64,
+    /// Allocate requests answered 486 because of the per-user quota.
+    pub refused_user_quota: u64,
+    /// Allocate requests answered 486 because of the total quota.
+    pub refused_total_quota: u64,
+    /// Requests answered 403, indications dropped and relay datagrams dropped because of the
+    /// peer policy.
+    pub refused_peer: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) allocations_total: AtomicU64,
+    pub(crate) to_peer_packets: AtomicU64,
+    pub(crate) to_peer_bytes: AtomicU64,
+    pub(crate) to_client_packets: AtomicU64,
+    pub(crate) to_client_bytes: AtomicU64,
+    pub(crate) refused_auth: AtomicU64,
+    pub(crate) refused_user_quota: AtomicU64,
+    pub(crate) refused_total_quota: AtomicU64,
+    pub(crate) refused_peer: AtomicU64,
+}
+
+/// A live allocation, keyed by the client's transport address (one listener, UDP only, so that
+/// identifies the 5-tuple).
+pub(crate) struct Live {
+    pub(crate) user: String,
+    pub(crate) username: String,
+    pub(crate) relay: SocketAddr,
+}
+
+/// An Allocate request handed to the turn crate, waiting for its answer.
+pub(crate) struct Pending {
+    pub(crate) src: SocketAddr,
+    pub(crate) user: String,
+    pub(crate) username: String,
+    pub(crate) at: Instant,
+}
+
+/// Quota bookkeeping.
+#[derive(Default)]
+pub(crate) struct Book {
+    pub(crate) live: HashMap<SocketAddr, Live>,
+    pub(crate) per_user: HashMap<String, usize>,
+    pub(crate) pending: HashMap<[u8; 12], Pending>,
+}
+
+/// State shared by the guard, the relay sockets and the handle.
+pub(crate) struct Shared {
+    pub(crate) realm: String,
+    pub(crate) secret: String,
+    pub(crate) user_quota: usize,
+    pub(crate) total_quota: usize,
+    pub(crate) allow_peers: Vec<IpNet>,
+    pub(crate) counters: Counters,
+    book: Mutex<Book>,
+    relays: Mutex<Vec<Weak<RelayConn>>>,
+    pub(crate) relay_buf_logged: AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn denied(&self, ip: IpAddr) -> bool {
+        is_denied_peer(ip, &self.allow_peers)
+    }
+
+    pub(crate) fn lock_book(&self) -> MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn register_relay(&self, conn: &Arc<RelayConn>) {
+        let mut relays = self.relays.lock().unwrap_or_else(|e| e.into_inner());
+        relays.retain(|w| w.strong_count() > 0);
+        relays.push(Arc::downgrade(conn));
+    }
+
+    fn shut_relays(&self) {
+        let relays = std::mem::take(&mut *self.relays.lock().unwrap_or_else(|e| e.into_inner()));
+        for r in relays.iter().filter_map(Weak::upgrade) {
+            r.shut();
+        }
+    }
+
+    fn stats(&self) -> TurnStats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        TurnStats {
+            allocations: self.lock_book().live.len() as u64,
+            allocations_total: get(&c.allocations_total),
+            relayed_to_peer_packets: get(&c.to_peer_packets),
+            relayed_to_peer_bytes: get(&c.to_peer_bytes),
+            relayed_to_client_packets: get(&c.to_client_packets),
+            relayed_to_client_bytes: get(&c.to_client_bytes),
+            refused_auth: get(&c.refused_auth),
+            refused_user_quota: get(&c.refused_user_quota),
+            refused_total_quota: get(&c.refused_total_quota),
+            refused_peer: get(&c.refused_peer),
+        }
+    }
+
+    /// An allocation ended (turn's close notification): free its quota slot.
+    fn allocation_closed(&self, info: &AllocationInfo, why: &str) {
+        let src = info.five_tuple.src_addr;
+        let mut book = self.lock_book();
+        let matches = book
+            .live
+            .get(&src)
+            .is_some_and(|l| l.relay == info.relay_addr);
+        if !matches {
+            return;
+        }
+        if let Some(l) = book.live.remove(&src) {
+            if let Some(n) = book.per_user.get_mut(&l.user) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    book.per_user.remove(&l.user);
+                }
+            }
+            let live = book.live.len();
+            drop(book);
+            tracing::info!(target: LOG, client = %src, username = %l.username, relay = %l.relay,
+                live, "allocation closed ({why})");
+        }
+    }
+}
+
+/// The embedded STUN/TURN service. See [`TurnServer::start`].
+pub struct TurnServer;
+
+impl TurnServer {
+    /// Binds the UDP listener and starts serving STUN and TURN on it.
+    pub async fn start(config: TurnConfig) -> anyhow::Result<TurnHandle> {
+        let (min_port, max_port) = config.relay_ports;
+        anyhow::ensure!(
+            min_port != 0 && min_port <= max_port,
+            "invalid relay port range {min_port}-{max_port}"
+        );
+        anyhow::ensure!(!config.secret.is_empty(), "the TURN REST secret is empty");
+        anyhow::ensure!(!config.realm.is_empty(), "the TURN realm is empty");
+
+        let bound = socket::bind_udp(config.listen, config.recv_buffer_bytes)
+            .with_context(|| format!("binding TURN listener {}", config.listen))?;
+        let local_addr = bound.socket.local_addr().context("reading local address")?;
+        tracing::info!(target: LOG, %local_addr, requested = config.recv_buffer_bytes,
+            rcvbuf = bound.rcvbuf, sndbuf = bound.sndbuf, "STUN/TURN listening (UDP)");
+        let relay_ip = config.relay_ip.unwrap_or(local_addr.ip());
+        if relay_ip.is_unspecified() && config.public_ip.is_none() {
+            tracing::warn!(target: LOG, %relay_ip,
+                "relay sockets bind an unspecified address and no public_ip is set: \
+                 clients will be told an unusable relayed address");
+        }
+
+        let shared = Arc::new(Shared {
+            realm: config.realm.clone(),
+            secret: config.secret.clone(),
+            user_quota: config.user_quota,
+            total_quota: config.total_quota,
+            allow_peers: config.allow_peers.clone(),
+            counters: Counters::default(),
+            book: Mutex::new(Book::default()),
+            relays: Mutex::new(Vec::new()),
+            relay_buf_logged: AtomicBool::new(false),
+        });
+        let listener = Arc::new(GuardedListener::new(
+            bound.socket,
+            local_addr,
+            Arc::clone(&shared),
+        ));
+        let generator = RelayGenerator {
+            shared: Arc::clone(&shared),
+            relay_ip,
+            public_ip: config.public_ip,
+            min_port,
+            max_port,
+            buffer_bytes: config.recv_buffer_bytes,
+        };
+
+        let (close_tx, mut close_rx) = mpsc::channel::<AllocationInfo>(1024);
+        let server = turn::server::Server::new(ServerConfig {
+            conn_configs: vec![ConnConfig {
+                conn: listener.clone(),
+                relay_addr_generator: Box::new(generator),
+            }],
+            realm: config.realm.clone(),
+            auth_handler: Arc::new(auth::RestAuthHandler {
+                secret: config.secret.clone(),
+                realm: config.realm.clone(),
+            }),
+            channel_bind_timeout: CHANNEL_BIND_LIFETIME,
+            alloc_close_notify: Some(close_tx),
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("starting the TURN server: {e}"))?;
+
+        // Ends by itself once the turn crate has dropped every notification sender.
+        tokio::spawn({
+            let shared = Arc::clone(&shared);
+            async move {
+                while let Some(info) = close_rx.recv().await {
+                    shared.allocation_closed(&info, "expired, refreshed to 0 or shut down");
+                }
+            }
+        });
+
+        let stop = CancellationToken::new();
+        tokio::spawn(log_stats(Arc::clone(&shared), stop.clone()));
+
+        Ok(TurnHandle {
+            inner: Arc::new(HandleInner {
+                shared,
+                listener,
+                local_addr,
+                server: tokio::sync::Mutex::new(Some(server)),
+                stop,
+            }),
+        })
+    }
+}
+
+async fn log_stats(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut last = TurnStats::default();
+    let mut tick = tokio::time::interval(STATS_LOG_INTERVAL);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let now = shared.stats();
+        if now != last {
+            tracing::info!(target: LOG,
+                allocations = now.allocations,
+                allocations_total = now.allocations_total,
+                to_peer_packets = now.relayed_to_peer_packets,
+                to_peer_bytes = now.relayed_to_peer_bytes,
+                to_client_packets = now.relayed_to_client_packets,
+                to_client_bytes = now.relayed_to_client_bytes,
+                refused_auth = now.refused_auth,
+                refused_user_quota = now.refused_user_quota,
+                refused_total_quota = now.refused_total_quota,
+                refused_peer = now.refused_peer,
+                "TURN stats");
+            last = now;
+        }
+    }
+}
+
+struct HandleInner {
+    shared: Arc<Shared>,
+    listener: Arc<GuardedListener>,
+    local_addr: SocketAddr,
+    server: tokio::sync::Mutex<Option<turn::server::Server>>,
+    stop: CancellationToken,
+}
+
+impl Drop for HandleInner {
+    /// The last handle is gone: stop serving. (Dropping the turn server ends its read loop,
+    /// which then closes its allocations.)
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.listener.shut();
+    }
+}
+
+/// A running STUN/TURN service. Clones share it; dropping the last clone stops it (prefer
+/// [`TurnHandle::shutdown`], which also waits for the allocations to close).
+#[derive(Clone)]
+pub struct TurnHandle {
+    inner: Arc<HandleInner>,
+}
+
+impl TurnHandle {
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> TurnStats {
+        self.inner.shared.stats()
+    }
+
+    /// The authentication realm.
+    pub fn realm(&self) -> &str {
+        &self.inner.shared.realm
+    }
+
+    /// REST credentials for `user`, valid for `ttl` from now: `("{expiry}:{user}", password)`.
+    pub fn credentials(&self, user: &str, ttl: Duration) -> (String, String) {
+        let expiry = auth::now_unix().saturating_add(ttl.as_secs());
+        rest_credentials(&self.inner.shared.secret, user, expiry)
+    }
+
+    /// Stops serving: closes the listener, every allocation and every relay socket. Idempotent.
+    pub async fn shutdown(&self) {
+        let Some(server) = self.inner.server.lock().await.take() else {
+            return;
+        };
+        if let Err(e) = server.close().await {
+            tracing::debug!(target: LOG, "closing the turn server: {e}");
+        }
+        // The turn crate closes its allocations after `close` has returned; wait for the
+        // notifications (bounded), then close whatever is left ourselves.
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        while !self.inner.shared.lock_book().live.is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.inner.listener.shut();
+        self.inner.shared.shut_relays();
+        self.inner.stop.cancel();
+        let leftover = std::mem::take(&mut *self.inner.shared.lock_book());
+        for (src, l) in leftover.live {
+            tracing::info!(target: LOG, client = %src, username = %l.username, relay = %l.relay,
+                "allocation closed (shutdown)");
+        }
+        drop(server);
+        tracing::info!(target: LOG, local_addr = %self.inner.local_addr, "STUN/TURN stopped");
+    }
+}

@@ -1,0 +1,1005 @@
+//! The embedded STUN/TURN service against stock clients (coturn's `turnutils_*`, the classic
+//! `stun` client) and a raw STUN client, all on real UDP sockets on 127.0.0.1.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use peermesh_server::turn::{
+    is_denied_peer, rest_credentials, TurnConfig, TurnHandle, TurnServer, TurnStats,
+};
+use stun::agent::TransactionId;
+use stun::attributes::*;
+use stun::error_code::ErrorCodeAttribute;
+use stun::integrity::MessageIntegrity;
+use stun::message::*;
+use stun::textattrs::TextAttribute;
+use stun::xoraddr::XorMappedAddress;
+use tokio::net::UdpSocket;
+use tokio::process::Command;
+use turn::proto::chandata::ChannelData;
+use turn::proto::channum::ChannelNumber;
+use turn::proto::data::Data;
+use turn::proto::lifetime::Lifetime;
+use turn::proto::peeraddr::PeerAddress;
+use turn::proto::relayaddr::RelayedAddress;
+use turn::proto::reqtrans::RequestedTransport;
+use turn::proto::PROTO_UDP;
+
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "peermesh_server::turn=debug".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A username unique to this test process and call.
+fn unique_user(tag: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn loopback_config() -> TurnConfig {
+    TurnConfig {
+        listen: SocketAddr::new(LOCALHOST, 0),
+        recv_buffer_bytes: 1 << 20,
+        ..TurnConfig::default()
+    }
+}
+
+async fn start(config: TurnConfig) -> TurnHandle {
+    init_tracing();
+    TurnServer::start(config).await.expect("start TURN")
+}
+
+/// A UDP port that was free a moment ago.
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs a stock client to completion (killed if it takes longer than `limit`).
+async fn run_tool(cmd: &str, args: &[String], limit: Duration) -> (Option<i32>, String) {
+    let child = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {cmd}: {e}"));
+    let out = tokio::time::timeout(limit, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{cmd} {args:?} did not finish within {limit:?}"))
+        .expect("waiting for tool");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+async fn wait_for<F: Fn(&TurnStats) -> bool>(turn: &TurnHandle, what: &str, f: F) -> TurnStats {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let st = turn.stats();
+        if f(&st) {
+            return st;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn stun_binding_with_stock_clients() {
+    let turn = start(loopback_config()).await;
+    let port = turn.local_addr().port().to_string();
+
+    // coturn's turnutils_stunclient picks its own port (this version has no option for it):
+    // the reflexive address must be 127.0.0.1 with a real, non-server port.
+    let (code, out) = run_tool(
+        "turnutils_stunclient",
+        &s(&["-p", &port, "127.0.0.1"]),
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(code, Some(0), "turnutils_stunclient:\n{out}");
+    let mapped = out
+        .lines()
+        .find_map(|l| l.split("UDP reflexive addr: ").nth(1))
+        .unwrap_or_else(|| panic!("no reflexive address in:\n{out}"))
+        .trim();
+    let mapped: SocketAddr = mapped.parse().expect("reflexive address");
+    assert_eq!(mapped.ip(), LOCALHOST, "{out}");
+    assert_ne!(mapped.port(), 0);
+    assert_ne!(mapped.port(), turn.local_addr().port());
+
+    // The classic RFC 3489 client (package stun-client): `-p` is its *source* port, the server
+    // port goes with the host. Test 1 is a plain Binding request.
+    let src = free_udp_port();
+    let server = format!("127.0.0.1:{port}");
+    let (code, out) = run_tool(
+        "stun",
+        &s(&[&server, "1", "-v", "-p", &src.to_string()]),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(code, Some(0), "stun:\n{out}");
+    assert!(
+        out.contains(&format!("MappedAddress = 127.0.0.1:{src}")),
+        "stun output:\n{out}"
+    );
+
+    // Our own client: XOR-MAPPED-ADDRESS, unauthenticated.
+    let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let mut m = Message::new();
+    m.build(&[
+        Box::new(TransactionId::new()) as Box<dyn Setter>,
+        Box::new(BINDING_REQUEST),
+    ])
+    .unwrap();
+    sock.send_to(&m.raw, turn.local_addr()).await.unwrap();
+    let mut buf = [0u8; 1500];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf))
+        .await
+        .expect("binding response")
+        .unwrap();
+    let mut r = Message::new();
+    r.raw = buf[..n].to_vec();
+    r.decode().unwrap();
+    let mut xor = XorMappedAddress::default();
+    xor.get_from(&r).unwrap();
+    assert_eq!(
+        SocketAddr::new(xor.ip, xor.port),
+        sock.local_addr().unwrap()
+    );
+    turn.shutdown().await;
+}
+
+/// A `turnutils_peer` echo server on 127.0.0.1 (killed on drop).
+fn spawn_peer() -> (tokio::process::Child, u16) {
+    let port = free_udp_port();
+    let child = Command::new("turnutils_peer")
+        .args(s(&["-L", "127.0.0.1", "-p", &port.to_string()]))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawning turnutils_peer");
+    (child, port)
+}
+
+#[tokio::test]
+async fn uclient_relays_through_channel_to_turnutils_peer() {
+    let secret = "uclient-secret";
+    let turn = start(TurnConfig {
+        secret: secret.into(),
+        allow_peers: vec!["127.0.0.0/8".parse().unwrap()],
+        ..loopback_config()
+    })
+    .await;
+    let (_peer, peer_port) = spawn_peer();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let user = unique_user("uclient");
+    let (username, password) = turn.credentials(&user, Duration::from_secs(600));
+    let port = turn.local_addr().port().to_string();
+    let (code, out) = run_tool(
+        "turnutils_uclient",
+        &s(&[
+            "-u",
+            &username,
+            "-w",
+            &password,
+            "-p",
+            &port,
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &peer_port.to_string(),
+            "-n",
+            "20",
+            "-l",
+            "120",
+            "-c",
+            "127.0.0.1",
+        ]),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(code, Some(0), "uclient:\n{out}");
+    assert!(
+        out.contains("tot_send_msgs=20, tot_recv_msgs=20"),
+        "uclient summary:\n{out}"
+    );
+    assert!(
+        out.contains("tot_send_bytes ~ 2400, tot_recv_bytes ~ 2400"),
+        "{out}"
+    );
+    assert!(out.contains("Total lost packets 0 (0.000000%)"), "{out}");
+    let st = turn.stats();
+    assert!(st.allocations_total >= 1, "{st:?}");
+    assert!(st.relayed_to_peer_packets >= 20, "{st:?}");
+    assert!(st.relayed_to_peer_bytes >= 2400, "{st:?}");
+    assert!(st.relayed_to_client_packets >= 20, "{st:?}");
+    assert!(st.relayed_to_client_bytes >= 2400, "{st:?}");
+    assert_eq!(st.refused_peer, 0, "{st:?}");
+    assert_eq!(st.refused_auth, 0, "{st:?}");
+    turn.shutdown().await;
+    assert_eq!(turn.stats().allocations, 0);
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test]
+async fn uclient_wrong_password_and_expired_credentials_get_401() {
+    let secret = "bad-cred-secret";
+    let turn = start(TurnConfig {
+        secret: secret.into(),
+        ..loopback_config()
+    })
+    .await;
+    let port = turn.local_addr().port().to_string();
+    let (username, _) = turn.credentials(&unique_user("wrongpw"), Duration::from_secs(600));
+    let expired = rest_credentials(secret, &unique_user("expired"), now_unix() - 60);
+    for (what, username, password) in [
+        ("wrong password", username, "not-the-password".to_string()),
+        ("expired", expired.0, expired.1),
+    ] {
+        let before = turn.stats().refused_auth;
+        let (code, out) = run_tool(
+            "turnutils_uclient",
+            &s(&[
+                "-u",
+                &username,
+                "-w",
+                &password,
+                "-p",
+                &port,
+                "-n",
+                "1",
+                "-c",
+                "-e",
+                "127.0.0.1",
+                "127.0.0.1",
+            ]),
+            Duration::from_secs(60),
+        )
+        .await;
+        assert_ne!(code, Some(0), "{what}: uclient succeeded:\n{out}");
+        assert!(
+            out.contains("Cannot complete Allocation"),
+            "{what}: unexpected uclient output:\n{out}"
+        );
+        let st = turn.stats();
+        assert!(st.refused_auth > before, "{what}: {st:?}");
+        assert_eq!(st.allocations_total, 0, "{what}: {st:?}");
+    }
+    turn.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// A minimal raw STUN/TURN client: a real UDP socket, real STUN messages (the `stun` crate codec).
+
+struct RawClient {
+    sock: UdpSocket,
+    server: SocketAddr,
+    username: String,
+    password: String,
+    realm: String,
+    nonce: String,
+}
+
+type Attrs = Vec<Box<dyn Setter>>;
+
+fn error_code(m: &Message) -> Option<u16> {
+    let mut e = ErrorCodeAttribute::default();
+    e.get_from(m).ok().map(|_| e.code.0)
+}
+
+impl RawClient {
+    async fn new(server: SocketAddr, username: &str, password: &str) -> RawClient {
+        RawClient {
+            sock: UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap(),
+            server,
+            username: username.into(),
+            password: password.into(),
+            realm: String::new(),
+            nonce: String::new(),
+        }
+    }
+
+    fn key(&self) -> MessageIntegrity {
+        MessageIntegrity::new_long_term_integrity(
+            self.username.clone(),
+            self.realm.clone(),
+            self.password.clone(),
+        )
+    }
+
+    fn build(&self, method: Method, class: MessageClass, mut attrs: Attrs, auth: bool) -> Message {
+        let mut setters: Attrs = vec![
+            Box::new(TransactionId::new()),
+            Box::new(MessageType::new(method, class)),
+        ];
+        setters.append(&mut attrs);
+        if auth {
+            setters.push(Box::new(TextAttribute::new(
+                ATTR_USERNAME,
+                self.username.clone(),
+            )));
+            setters.push(Box::new(TextAttribute::new(ATTR_REALM, self.realm.clone())));
+            setters.push(Box::new(TextAttribute::new(ATTR_NONCE, self.nonce.clone())));
+            setters.push(Box::new(self.key()));
+        }
+        setters.push(Box::new(stun::fingerprint::FINGERPRINT));
+        let mut m = Message::new();
+        m.build(&setters).unwrap();
+        m
+    }
+
+    /// Sends `m` (retransmitting) and returns the response with the same transaction id.
+    async fn transact(&self, m: &Message) -> Option<Message> {
+        let mut buf = vec![0u8; 2048];
+        for _ in 0..3 {
+            self.sock.send_to(&m.raw, self.server).await.unwrap();
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(700);
+            while let Ok(Ok((n, _))) =
+                tokio::time::timeout_at(deadline, self.sock.recv_from(&mut buf)).await
+            {
+                let mut r = Message::new();
+                r.raw = buf[..n].to_vec();
+                if r.decode().is_ok() && r.transaction_id == m.transaction_id {
+                    return Some(r);
+                }
+            }
+        }
+        None
+    }
+
+    /// An authenticated request (fetching realm and nonce first when needed).
+    async fn request(&mut self, method: Method, attrs: impl Fn() -> Attrs) -> Option<Message> {
+        if self.nonce.is_empty() {
+            let r = self
+                .transact(&self.build(method, CLASS_REQUEST, attrs(), false))
+                .await?;
+            assert_eq!(error_code(&r), Some(401), "challenge expected");
+            self.realm = TextAttribute::get_from_as(&r, ATTR_REALM).unwrap().text;
+            self.nonce = TextAttribute::get_from_as(&r, ATTR_NONCE).unwrap().text;
+        }
+        for _ in 0..2 {
+            let r = self
+                .transact(&self.build(method, CLASS_REQUEST, attrs(), true))
+                .await?;
+            if error_code(&r) == Some(438) {
+                self.nonce = TextAttribute::get_from_as(&r, ATTR_NONCE).unwrap().text;
+                continue;
+            }
+            return Some(r);
+        }
+        None
+    }
+
+    async fn allocate_with(&mut self, lifetime: Option<u32>) -> Message {
+        self.request(METHOD_ALLOCATE, || {
+            let mut a: Attrs = vec![Box::new(RequestedTransport {
+                protocol: PROTO_UDP,
+            })];
+            if let Some(l) = lifetime {
+                a.push(Box::new(Lifetime(Duration::from_secs(l as u64))));
+            }
+            a
+        })
+        .await
+        .expect("no answer to Allocate")
+    }
+
+    async fn allocate(&mut self) -> Message {
+        self.allocate_with(None).await
+    }
+
+    async fn refresh(&mut self, lifetime: u32) -> Message {
+        self.request(METHOD_REFRESH, || {
+            vec![Box::new(Lifetime(Duration::from_secs(lifetime as u64)))]
+        })
+        .await
+        .expect("no answer to Refresh")
+    }
+
+    async fn create_permission(&mut self, peer: SocketAddr) -> Message {
+        self.request(METHOD_CREATE_PERMISSION, || {
+            vec![Box::new(PeerAddress {
+                ip: peer.ip(),
+                port: peer.port(),
+            })]
+        })
+        .await
+        .expect("no answer to CreatePermission")
+    }
+
+    async fn channel_bind(&mut self, number: u16, peer: SocketAddr) -> Message {
+        self.request(METHOD_CHANNEL_BIND, || {
+            vec![
+                Box::new(ChannelNumber(number)),
+                Box::new(PeerAddress {
+                    ip: peer.ip(),
+                    port: peer.port(),
+                }),
+            ]
+        })
+        .await
+        .expect("no answer to ChannelBind")
+    }
+
+    async fn send_indication(&self, peer: SocketAddr, data: &[u8]) {
+        let m = self.build(
+            METHOD_SEND,
+            CLASS_INDICATION,
+            vec![
+                Box::new(PeerAddress {
+                    ip: peer.ip(),
+                    port: peer.port(),
+                }),
+                Box::new(Data(data.to_vec())),
+            ],
+            false,
+        );
+        self.sock.send_to(&m.raw, self.server).await.unwrap();
+    }
+
+    async fn send_channel_data(&self, number: u16, data: &[u8]) {
+        let mut c = ChannelData {
+            data: data.to_vec(),
+            number: ChannelNumber(number),
+            raw: vec![],
+        };
+        c.encode();
+        self.sock.send_to(&c.raw, self.server).await.unwrap();
+    }
+
+    /// The next datagram from the server within `limit`.
+    async fn recv(&self, limit: Duration) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 2048];
+        match tokio::time::timeout(limit, self.sock.recv_from(&mut buf)).await {
+            Ok(Ok((n, _))) => Some(buf[..n].to_vec()),
+            _ => None,
+        }
+    }
+}
+
+fn assert_success(m: &Message, what: &str) {
+    assert_eq!(
+        m.typ.class,
+        CLASS_SUCCESS_RESPONSE,
+        "{what}: {m} (error {:?})",
+        error_code(m)
+    );
+}
+
+fn relayed_addr(m: &Message) -> SocketAddr {
+    let mut r = RelayedAddress::default();
+    r.get_from(m).expect("XOR-RELAYED-ADDRESS");
+    SocketAddr::new(r.ip, r.port)
+}
+
+fn lifetime_secs(m: &Message) -> u64 {
+    let mut l = Lifetime::default();
+    l.get_from(m).expect("LIFETIME");
+    l.0.as_secs()
+}
+
+async fn nothing_arrives(sock: &UdpSocket, limit: Duration) -> bool {
+    let mut buf = [0u8; 2048];
+    tokio::time::timeout(limit, sock.recv_from(&mut buf))
+        .await
+        .is_err()
+}
+
+#[tokio::test]
+async fn raw_client_credentials_forms_and_401() {
+    let secret = "raw-auth-secret";
+    let turn = start(TurnConfig {
+        secret: secret.into(),
+        ..loopback_config()
+    })
+    .await;
+    let server = turn.local_addr();
+    let future = now_unix() + 600;
+
+    // Accepted forms: expiry:user (as handed out), user:expiry, bare expiry.
+    let user = unique_user("forms");
+    for username in [
+        format!("{future}:{user}"),
+        format!("{user}:{future}"),
+        format!("{future}"),
+    ] {
+        let password = peermesh_password(secret, &username);
+        let mut c = RawClient::new(server, &username, &password).await;
+        let r = c.allocate().await;
+        assert_success(&r, &username);
+        assert_eq!(relayed_addr(&r).ip(), LOCALHOST);
+        let mut xor = XorMappedAddress::default();
+        xor.get_from(&r).unwrap();
+        assert_eq!(
+            SocketAddr::new(xor.ip, xor.port),
+            c.sock.local_addr().unwrap()
+        );
+        assert_success(&c.refresh(0).await, "refresh 0");
+    }
+    wait_for(&turn, "allocations freed", |s| s.allocations == 0).await;
+
+    // Refused: wrong password, expired, malformed (no number), wrong realm.
+    let (username, _) = rest_credentials(secret, &unique_user("bad"), future);
+    let expired = rest_credentials(secret, &unique_user("old"), now_unix() - 1);
+    let malformed = unique_user("nonumber");
+    let malformed_pw = peermesh_password(secret, &malformed);
+    for (what, username, password) in [
+        ("wrong password", username.as_str(), "nope"),
+        ("expired", expired.0.as_str(), expired.1.as_str()),
+        ("malformed", malformed.as_str(), malformed_pw.as_str()),
+    ] {
+        let mut c = RawClient::new(server, username, password).await;
+        let r = c.allocate().await;
+        assert_eq!(error_code(&r), Some(401), "{what}: {r}");
+        assert!(TextAttribute::get_from_as(&r, ATTR_NONCE).is_ok());
+        assert_eq!(
+            TextAttribute::get_from_as(&r, ATTR_REALM).unwrap().text,
+            turn.realm()
+        );
+    }
+    let (username, password) = rest_credentials(secret, &unique_user("realm"), future);
+    let mut c = RawClient::new(server, &username, &password).await;
+    c.realm = "elsewhere".into();
+    c.nonce = "x".into();
+    let r = c
+        .request(METHOD_ALLOCATE, || {
+            vec![Box::new(RequestedTransport {
+                protocol: PROTO_UDP,
+            })]
+        })
+        .await
+        .unwrap();
+    assert!(matches!(error_code(&r), Some(401 | 438)), "{r}");
+
+    let st = turn.stats();
+    assert!(st.refused_auth >= 3, "{st:?}");
+    assert_eq!(st.allocations_total, 3, "{st:?}");
+    assert_eq!(st.allocations, 0, "{st:?}");
+    turn.shutdown().await;
+}
+
+/// The coturn REST password, computed independently of the server (HMAC-SHA1 via `ring`).
+fn peermesh_password(secret: &str, username: &str) -> String {
+    use base64::Engine as _;
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, secret.as_bytes());
+    base64::prelude::BASE64_STANDARD.encode(ring::hmac::sign(&key, username.as_bytes()).as_ref())
+}
+
+#[tokio::test]
+async fn rest_credentials_match_coturn_scheme() {
+    let (u, p) = rest_credentials("north", "alice", 1_700_000_000);
+    assert_eq!(u, "1700000000:alice");
+    assert_eq!(p, peermesh_password("north", "1700000000:alice"));
+    assert_eq!(p.len(), 28);
+}
+
+#[tokio::test]
+async fn user_quota_gives_486_and_frees_on_refresh_0() {
+    let turn = start(TurnConfig {
+        user_quota: 1,
+        ..loopback_config()
+    })
+    .await;
+    let server = turn.local_addr();
+    let user = unique_user("quota");
+    let (username, password) = turn.credentials(&user, Duration::from_secs(600));
+
+    let mut a = RawClient::new(server, &username, &password).await;
+    assert_success(&a.allocate().await, "first allocation");
+    let mut b = RawClient::new(server, &username, &password).await;
+    let r = b.allocate().await;
+    assert_eq!(error_code(&r), Some(486), "{r}");
+    // The 486 carries MESSAGE-INTEGRITY made with the same long-term key.
+    b.key()
+        .check(&mut r.clone())
+        .expect("486 MESSAGE-INTEGRITY");
+    // A user part with different expiry is the same user.
+    let (username2, password2) = turn.credentials(&user, Duration::from_secs(900));
+    let mut c = RawClient::new(server, &username2, &password2).await;
+    assert_eq!(error_code(&c.allocate().await), Some(486));
+    // Another user is not affected.
+    let (other, other_pw) = turn.credentials(&unique_user("quota-other"), Duration::from_secs(600));
+    let mut d = RawClient::new(server, &other, &other_pw).await;
+    assert_success(&d.allocate().await, "other user");
+
+    let st = turn.stats();
+    assert_eq!(st.refused_user_quota, 2, "{st:?}");
+    assert_eq!(st.allocations, 2, "{st:?}");
+
+    // Releasing the first allocation frees the slot.
+    assert_success(&a.refresh(0).await, "refresh 0");
+    wait_for(&turn, "quota freed", |s| s.allocations == 1).await;
+    assert_success(&b.allocate().await, "after release");
+    let st = turn.stats();
+    assert_eq!(st.allocations, 2, "{st:?}");
+    assert_eq!(st.allocations_total, 3, "{st:?}");
+    turn.shutdown().await;
+    assert_eq!(turn.stats().allocations, 0);
+}
+
+#[tokio::test]
+async fn total_quota_gives_486() {
+    let turn = start(TurnConfig {
+        total_quota: 1,
+        ..loopback_config()
+    })
+    .await;
+    let server = turn.local_addr();
+    let (u1, p1) = turn.credentials(&unique_user("total-a"), Duration::from_secs(600));
+    let (u2, p2) = turn.credentials(&unique_user("total-b"), Duration::from_secs(600));
+    let mut a = RawClient::new(server, &u1, &p1).await;
+    assert_success(&a.allocate().await, "first");
+    let mut b = RawClient::new(server, &u2, &p2).await;
+    assert_eq!(error_code(&b.allocate().await), Some(486));
+    assert_eq!(turn.stats().refused_total_quota, 1);
+    // A retransmitted/duplicate Allocate on a live 5-tuple is not a quota matter (437).
+    assert_eq!(error_code(&a.allocate().await), Some(437));
+    turn.shutdown().await;
+}
+
+#[tokio::test]
+async fn uclient_two_clients_over_user_quota_one() {
+    let turn = start(TurnConfig {
+        user_quota: 1,
+        allow_peers: vec!["127.0.0.0/8".parse().unwrap()],
+        ..loopback_config()
+    })
+    .await;
+    let (_peer, peer_port) = spawn_peer();
+    let (username, password) = turn.credentials(&unique_user("uc-quota"), Duration::from_secs(600));
+    let (code, out) = run_tool(
+        "turnutils_uclient",
+        &s(&[
+            "-u",
+            &username,
+            "-w",
+            &password,
+            "-p",
+            &turn.local_addr().port().to_string(),
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &peer_port.to_string(),
+            "-m",
+            "2",
+            "-n",
+            "2",
+            "-c",
+            "127.0.0.1",
+        ]),
+        Duration::from_secs(60),
+    )
+    .await;
+    let st = turn.stats();
+    assert!(
+        st.refused_user_quota >= 1,
+        "{st:?}\nuclient {code:?}:\n{out}"
+    );
+    assert_eq!(st.allocations_total, 1, "{st:?}\nuclient {code:?}:\n{out}");
+    turn.shutdown().await;
+}
+
+#[tokio::test]
+async fn lifetimes_are_clamped() {
+    let turn = start(loopback_config()).await;
+    let server = turn.local_addr();
+    let (u, p) = turn.credentials(&unique_user("life"), Duration::from_secs(600));
+    for (asked, granted) in [
+        (Some(5000), 3599),
+        (Some(3600), 3599),
+        (Some(60), 600),
+        (Some(1200), 1200),
+        (None, 600),
+    ] {
+        let mut c = RawClient::new(server, &u, &p).await;
+        let r = c.allocate_with(asked).await;
+        assert_success(&r, "allocate");
+        assert_eq!(lifetime_secs(&r), granted, "asked {asked:?}");
+        let r = c.refresh(100_000).await;
+        assert_success(&r, "refresh");
+        assert_eq!(lifetime_secs(&r), 3599);
+        let r = c.refresh(1).await;
+        assert_eq!(lifetime_secs(&r), 600);
+        assert_success(&c.refresh(0).await, "refresh 0");
+        // Refreshing a deleted allocation is a mismatch.
+        assert_eq!(error_code(&c.refresh(600).await), Some(437));
+    }
+    wait_for(&turn, "all released", |s| s.allocations == 0).await;
+    turn.shutdown().await;
+}
+mod policy {
+    use super::*;
+    use ipnet::IpNet;
+
+    fn denied(s: &str) -> bool {
+        is_denied_peer(s.parse().unwrap(), &[])
+    }
+
+    #[test]
+    fn default_policy() {
+        for s in [
+            "0.0.0.0",
+            "0.1.2.3",
+            "127.0.0.1",
+            "127.255.255.254",
+            "10.1.2.3",
+            "100.64.0.1",
+            "100.127.255.255",
+            "169.254.169.254",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "224.0.0.1",
+            "239.255.255.250",
+            "240.0.0.1",
+            "255.255.255.255",
+            "::",
+            "::1",
+            "fc00::1",
+            "fd12:3456::1",
+            "fe80::1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "::ffff:169.254.169.254",
+        ] {
+            assert!(denied(s), "{s} should be denied");
+        }
+        for s in [
+            "1.1.1.1",
+            "8.8.8.8",
+            "100.63.255.255",
+            "100.128.0.0",
+            "172.15.255.255",
+            "172.32.0.0",
+            "192.0.2.1",
+            "198.51.100.7",
+            "203.0.113.9",
+            "198.18.0.1",
+            "198.19.255.255",
+            "2001:db8::1",
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+            "::ffff:203.0.113.5",
+        ] {
+            assert!(!denied(s), "{s} should be allowed");
+        }
+    }
+
+    #[test]
+    fn allow_list_overrides() {
+        let allow: Vec<IpNet> = vec!["127.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
+        assert!(!is_denied_peer("127.0.0.1".parse().unwrap(), &allow));
+        assert!(!is_denied_peer("::ffff:127.0.0.1".parse().unwrap(), &allow));
+        assert!(!is_denied_peer("fd00::5".parse().unwrap(), &allow));
+        assert!(is_denied_peer("10.0.0.1".parse().unwrap(), &allow));
+        assert!(is_denied_peer("fc00::1".parse().unwrap(), &allow));
+    }
+}
+
+#[tokio::test]
+async fn denied_peer_gets_403_and_no_relayed_bytes() {
+    // Default policy: loopback peers are denied.
+    let turn = start(loopback_config()).await;
+    let server = turn.local_addr();
+    let peer = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+    let (u, p) = turn.credentials(&unique_user("denied"), Duration::from_secs(600));
+    let mut c = RawClient::new(server, &u, &p).await;
+    let r = c.allocate().await;
+    assert_success(&r, "allocate");
+    let relay = relayed_addr(&r);
+
+    let r = c.create_permission(peer_addr).await;
+    assert_eq!(error_code(&r), Some(403), "{r}");
+    c.key()
+        .check(&mut r.clone())
+        .expect("403 MESSAGE-INTEGRITY");
+    // One denied address among allowed ones spoils the whole request.
+    let r = c
+        .request(METHOD_CREATE_PERMISSION, || {
+            vec![
+                Box::new(PeerAddress {
+                    ip: "203.0.113.7".parse().unwrap(),
+                    port: 9,
+                }),
+                Box::new(PeerAddress {
+                    ip: "169.254.169.254".parse().unwrap(),
+                    port: 80,
+                }),
+            ]
+        })
+        .await
+        .unwrap();
+    assert_eq!(error_code(&r), Some(403), "{r}");
+    let r = c.channel_bind(0x4000, peer_addr).await;
+    assert_eq!(error_code(&r), Some(403), "{r}");
+    let mapped_v6: SocketAddr = format!("[::ffff:127.0.0.1]:{}", peer_addr.port())
+        .parse()
+        .unwrap();
+    let r = c.create_permission(mapped_v6).await;
+    assert!(matches!(error_code(&r), Some(403 | 443)), "{r}");
+    let after_requests = turn.stats().refused_peer;
+    assert!(after_requests >= 4, "{:?}", turn.stats());
+
+    // Send indications to the denied peer are dropped (and counted).
+    for i in 0..5u8 {
+        c.send_indication(peer_addr, &[i; 100]).await;
+    }
+    c.send_channel_data(0x4000, &[7; 100]).await;
+    assert!(nothing_arrives(&peer, Duration::from_millis(500)).await);
+    let st = wait_for(&turn, "send indications counted", |s| {
+        s.refused_peer >= after_requests + 5
+    })
+    .await;
+    assert_eq!(st.relayed_to_peer_packets, 0, "{st:?}");
+    assert_eq!(st.relayed_to_peer_bytes, 0, "{st:?}");
+
+    // The relay socket itself drops what a denied peer sends to it.
+    for _ in 0..3 {
+        peer.send_to(b"hello from a denied peer", relay)
+            .await
+            .unwrap();
+    }
+    assert!(c.recv(Duration::from_millis(500)).await.is_none());
+    let st = wait_for(&turn, "relay drops counted", |s| {
+        s.refused_peer >= after_requests + 8
+    })
+    .await;
+    assert_eq!(st.relayed_to_client_packets, 0, "{st:?}");
+    turn.shutdown().await;
+}
+
+#[tokio::test]
+async fn allowed_peer_relays_both_ways_with_raw_client() {
+    let turn = start(TurnConfig {
+        allow_peers: vec!["127.0.0.0/8".parse().unwrap()],
+        ..loopback_config()
+    })
+    .await;
+    let server = turn.local_addr();
+    let peer = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+    let (u, p) = turn.credentials(&unique_user("allowed"), Duration::from_secs(600));
+    let mut c = RawClient::new(server, &u, &p).await;
+    let r = c.allocate().await;
+    assert_success(&r, "allocate");
+    let relay = relayed_addr(&r);
+
+    // Send indication → peer; peer → Data indication.
+    assert_success(&c.create_permission(peer_addr).await, "permission");
+    c.send_indication(peer_addr, b"ping-by-send").await;
+    let mut buf = [0u8; 1500];
+    let (n, from) = tokio::time::timeout(Duration::from_secs(2), peer.recv_from(&mut buf))
+        .await
+        .expect("peer got nothing")
+        .unwrap();
+    assert_eq!(&buf[..n], b"ping-by-send");
+    assert_eq!(from, relay);
+    peer.send_to(b"pong-by-data", relay).await.unwrap();
+    let raw = c
+        .recv(Duration::from_secs(2))
+        .await
+        .expect("data indication");
+    let mut m = Message::new();
+    m.raw = raw;
+    m.decode().unwrap();
+    let mut d = Data::default();
+    d.get_from(&m).unwrap();
+    assert_eq!(d.0, b"pong-by-data");
+
+    // Channel → peer; peer → ChannelData.
+    assert_success(&c.channel_bind(0x4001, peer_addr).await, "channel bind");
+    c.send_channel_data(0x4001, b"ping-by-channel").await;
+    let (n, _) = tokio::time::timeout(Duration::from_secs(2), peer.recv_from(&mut buf))
+        .await
+        .expect("peer got no channel data")
+        .unwrap();
+    assert_eq!(&buf[..n], b"ping-by-channel");
+    peer.send_to(b"pong-by-channel", relay).await.unwrap();
+    let raw = c.recv(Duration::from_secs(2)).await.expect("channel data");
+    let mut cd = ChannelData {
+        raw,
+        ..Default::default()
+    };
+    cd.decode().unwrap();
+    assert_eq!(cd.number, ChannelNumber(0x4001));
+    assert_eq!(cd.data, b"pong-by-channel");
+
+    let st = turn.stats();
+    assert_eq!(st.relayed_to_peer_packets, 2, "{st:?}");
+    assert_eq!(st.relayed_to_peer_bytes, (12 + 15) as u64, "{st:?}");
+    assert_eq!(st.relayed_to_client_packets, 2, "{st:?}");
+    assert_eq!(st.relayed_to_client_bytes, (12 + 15) as u64, "{st:?}");
+    assert_eq!(st.refused_peer, 0, "{st:?}");
+    turn.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_listener_allocations_and_relays() {
+    let turn = start(loopback_config()).await;
+    let server = turn.local_addr();
+    let (u, p) = turn.credentials(&unique_user("shutdown"), Duration::from_secs(600));
+    let mut relays = Vec::new();
+    for _ in 0..3 {
+        let mut c = RawClient::new(server, &u, &p).await;
+        relays.push(relayed_addr(&c.allocate().await));
+    }
+    assert_eq!(turn.stats().allocations, 3);
+    let clone = turn.clone();
+    turn.shutdown().await;
+    clone.shutdown().await; // idempotent
+    assert_eq!(turn.stats().allocations, 0);
+    // Every port is free again.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    std::net::UdpSocket::bind(server).expect("listener port released");
+    for r in relays {
+        std::net::UdpSocket::bind(r).expect("relay port released");
+    }
+}
+
+#[tokio::test]
+async fn relay_ports_stay_in_range() {
+    let base = 40000 + (std::process::id() % 2000) as u16 * 4;
+    let turn = start(TurnConfig {
+        relay_ports: (base, base + 1),
+        ..loopback_config()
+    })
+    .await;
+    let server = turn.local_addr();
+    let (u, p) = turn.credentials(&unique_user("range"), Duration::from_secs(600));
+    let mut ok = 0;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut c = RawClient::new(server, &u, &p).await;
+        let r = c.allocate().await;
+        if r.typ.class == CLASS_SUCCESS_RESPONSE {
+            let port = relayed_addr(&r).port();
+            assert!((base..=base + 1).contains(&port), "{port}");
+            ok += 1;
+        } else {
+            // Range exhausted: the turn crate answers 508 Insufficient Capacity.
+            assert_eq!(error_code(&r), Some(508), "{r}");
+        }
+        clients.push(c);
+    }
+    assert!((1..=2).contains(&ok), "{ok}");
+    turn.shutdown().await;
+}
