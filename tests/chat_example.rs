@@ -40,6 +40,10 @@ struct Chat {
 
 impl Chat {
     fn start(url: &str, name: &str) -> Chat {
+        Chat::start_with(url, name, &[])
+    }
+
+    fn start_with(url: &str, name: &str, extra: &[&str]) -> Chat {
         let mut child = Command::new(chat_binary())
             .args([
                 "--server",
@@ -50,6 +54,7 @@ impl Chat {
                 name,
                 "--loopback-only",
             ])
+            .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -140,4 +145,29 @@ impl Chat {
     async fn expect_nothing_yet(&mut self) {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_only_chats_report_a_relay_path() {
+    use peermesh_server::turn::TurnConfig;
+    use peermesh_server::{Config, TurnMode};
+    let server = common::server_with(Config {
+        turn: TurnMode::Embedded(TurnConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            relay_ports: (50500, 50599),
+            allow_peers: vec!["127.0.0.0/8".parse().unwrap()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await;
+    let url = server.ws_url();
+    let mut alice = Chat::start_with(&url, "alice", &["--relay-only"]);
+    alice.expect_nothing_yet().await;
+    let mut bob = Chat::start_with(&url, "bob", &["--relay-only"]);
+    alice.expect("joined bob").await;
+    alice.expect("path bob direct relay/relay").await;
+    bob.expect("path alice direct relay/relay").await;
+    bob.say("through the relay").await;
+    alice.expect("bob: through the relay").await;
 }

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::time::{sleep_until, Instant as TokioInstant};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-use rtc::{Channel, ConnState, Rtc, RtcEvent};
+use rtc::{Channel, ConnState, DirectTx, Rtc, RtcEvent};
 pub(crate) use rtc::{RtcFactory, RtcOptions};
 
 use crate::protocol::{
@@ -54,17 +54,130 @@ pub(crate) enum LinkInput {
     Signal(serde_json::Value),
     /// Something the PeerConnection of generation `gen` reported.
     Rtc { gen: u32, event: RtcEvent },
+    /// App data from `try_send` (which cannot wait to transmit itself), holding `permits`.
+    Send {
+        data: Bytes,
+        reliable: bool,
+        permits: u32,
+    },
+    /// Sending on the direct path failed.
+    DirectFailed(String),
     /// The pair no longer shares a group: stop.
     Close,
 }
 
-/// App data to send, holding `permits` of the send window (given back on ack for reliable
-/// data, once handed to a path for unreliable data).
-#[derive(Debug)]
-struct Outgoing {
-    data: Bytes,
-    reliable: bool,
-    permits: u32,
+/// Sending state, shared by the app's tasks (which send from their own task, so a message
+/// costs no hop through the link task) and the link task (which acks, switches paths and
+/// re-sends). Sequence numbers are assigned and frames recorded under this lock; the sends
+/// themselves happen after it is released.
+struct SendState {
+    next_seq: u64,
+    unacked: VecDeque<Unacked>,
+    /// Where new frames go: the direct path's channels, or the server path when `None`. Set and
+    /// cleared by the link task together with its path.
+    direct: Option<DirectTx>,
+    sent_server: u64,
+    sent_direct: u64,
+    resent: u64,
+}
+
+/// What a link's handles and its task share.
+struct LinkShared {
+    peer: PeerId,
+    link_id: LinkId,
+    ws_tx: mpsc::Sender<WsMessage>,
+    /// Control input to the link task.
+    ctl: mpsc::UnboundedSender<LinkInput>,
+    window: Semaphore,
+    send: Mutex<SendState>,
+}
+
+impl LinkShared {
+    fn lock_send(&self) -> std::sync::MutexGuard<'_, SendState> {
+        self.send.lock().expect("link send lock")
+    }
+
+    /// Send app data: assign sequence numbers, record the fragments, transmit them.
+    async fn send_app(&self, data: Bytes, reliable: bool, permits: u32) {
+        if !reliable {
+            let frame = Bytes::from(LinkFrame::Unreliable { bytes: &data }.encode());
+            let direct = self.lock_send().direct.clone();
+            self.transmit(direct.as_ref(), Channel::Unreliable, frame)
+                .await;
+            self.window.add_permits(permits as usize);
+            return;
+        }
+        let (frames, direct) = {
+            let mut st = self.lock_send();
+            let mut frames = Vec::with_capacity(data.len() / MAX_FRAGMENT_PAYLOAD + 1);
+            let mut rest = data;
+            loop {
+                let chunk = rest.split_to(rest.len().min(MAX_FRAGMENT_PAYLOAD));
+                let fin = rest.is_empty();
+                let seq = st.next_seq;
+                st.next_seq += 1;
+                let frame = Bytes::from(
+                    LinkFrame::Data {
+                        seq,
+                        fin,
+                        bytes: &chunk,
+                    }
+                    .encode(),
+                );
+                st.unacked.push_back(Unacked {
+                    seq,
+                    frame: frame.clone(),
+                    permits: permits_for(chunk.len()),
+                });
+                frames.push(frame);
+                if fin {
+                    break;
+                }
+            }
+            let n = frames.len() as u64;
+            match st.direct {
+                Some(_) => st.sent_direct += n,
+                None => st.sent_server += n,
+            }
+            (frames, st.direct.clone())
+        };
+        for frame in frames {
+            self.transmit(direct.as_ref(), Channel::Reliable, frame)
+                .await;
+        }
+    }
+
+    /// Send one frame on the direct path if given, else on the server path. A failed direct
+    /// send is reported to the link task, which moves to the server path and re-sends every
+    /// unacknowledged reliable frame (this one included); an unreliable one goes on the server
+    /// path here.
+    async fn transmit(&self, direct: Option<&DirectTx>, ch: Channel, frame: Bytes) {
+        if let Some(d) = direct {
+            match d.send(ch, &frame).await {
+                Ok(()) => return,
+                Err(e) => {
+                    let _ = self
+                        .ctl
+                        .send(LinkInput::DirectFailed(format!("data channel send: {e}")));
+                    if ch == Channel::Reliable {
+                        return;
+                    }
+                }
+            }
+        }
+        self.relay(&frame).await;
+    }
+
+    async fn relay(&self, frame: &[u8]) {
+        let buf = RelayFrame {
+            peer: self.peer,
+            link: self.link_id,
+            payload: frame,
+        }
+        .encode();
+        // Fails only when the session is closing, and then the link is going away too.
+        let _ = self.ws_tx.send(WsMessage::Binary(buf.into())).await;
+    }
 }
 
 /// Counters of one link, for diagnostics and tests.
@@ -116,9 +229,7 @@ pub(crate) struct LinkCtx {
 pub(crate) struct LinkHandle {
     pub peer: PeerId,
     pub link_id: LinkId,
-    tx: mpsc::UnboundedSender<LinkInput>,
-    data_tx: mpsc::UnboundedSender<Outgoing>,
-    window: Arc<Semaphore>,
+    shared: Arc<LinkShared>,
     window_size: u32,
     max_message: usize,
     status: Arc<Mutex<LinkStatus>>,
@@ -128,15 +239,26 @@ impl LinkHandle {
     /// Start a link task.
     pub(crate) fn spawn(peer: PeerId, link_id: LinkId, initiator: bool, ctx: LinkCtx) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        let (data_tx, data_rx) = mpsc::unbounded_channel();
-        let window = Arc::new(Semaphore::new(ctx.window));
         let status = Arc::new(Mutex::new(LinkStatus::default()));
+        let shared = Arc::new(LinkShared {
+            peer,
+            link_id,
+            ws_tx: ctx.ws_tx.clone(),
+            ctl: tx.clone(),
+            window: Semaphore::new(ctx.window),
+            send: Mutex::new(SendState {
+                next_seq: 1,
+                unacked: VecDeque::new(),
+                direct: None,
+                sent_server: 0,
+                sent_direct: 0,
+                resent: 0,
+            }),
+        });
         let handle = LinkHandle {
             peer,
             link_id,
-            tx: tx.clone(),
-            data_tx,
-            window: window.clone(),
+            shared: shared.clone(),
             window_size: ctx.window as u32,
             max_message: ctx.max_message,
             status: status.clone(),
@@ -147,10 +269,8 @@ impl LinkHandle {
             initiator,
             ctx,
             tx,
-            window,
+            shared,
             status,
-            next_seq: 1,
-            unacked: VecDeque::new(),
             delivered: 0,
             acked_sent: 0,
             ack_due: false,
@@ -175,7 +295,7 @@ impl LinkHandle {
             rtt: None,
             stats: LinkStats::default(),
         };
-        tokio::spawn(task.run(rx, data_rx));
+        tokio::spawn(task.run(rx));
         handle
     }
 
@@ -183,19 +303,21 @@ impl LinkHandle {
     pub(crate) async fn send(&self, data: Bytes, reliability: Reliability) -> Result<()> {
         let reliable = self.check(&data, reliability)?;
         let permits = permits_for(data.len());
-        self.window
+        self.shared
+            .window
             .acquire_many(permits)
             .await
             .map_err(|_| Error::UnknownPeer(self.peer))?
             .forget();
-        self.push(data, reliable, permits)
+        self.shared.send_app(data, reliable, permits).await;
+        Ok(())
     }
 
     /// Send without waiting; `WouldBlock` if the window is full.
     pub(crate) fn try_send(&self, data: Bytes, reliability: Reliability) -> Result<()> {
         let reliable = self.check(&data, reliability)?;
         let permits = permits_for(data.len());
-        match self.window.try_acquire_many(permits) {
+        match self.shared.window.try_acquire_many(permits) {
             Ok(p) => p.forget(),
             Err(tokio::sync::TryAcquireError::NoPermits) => {
                 return Err(Error::WouldBlock(self.peer))
@@ -220,8 +342,9 @@ impl LinkHandle {
     }
 
     fn push(&self, data: Bytes, reliable: bool, permits: u32) -> Result<()> {
-        self.data_tx
-            .send(Outgoing {
+        self.shared
+            .ctl
+            .send(LinkInput::Send {
                 data,
                 reliable,
                 permits,
@@ -231,13 +354,14 @@ impl LinkHandle {
 
     pub(crate) fn deliver(&self, input: LinkInput) {
         // A closed task means the link is being torn down; late frames have nowhere to go.
-        let _ = self.tx.send(input);
+        let _ = self.shared.ctl.send(input);
     }
 
     /// Wait until every reliable message sent so far is acknowledged by the peer.
     pub(crate) async fn flush(&self) -> Result<()> {
         let all = self.window_size;
-        self.window
+        self.shared
+            .window
             .acquire_many(all)
             .await
             .map(drop)
@@ -247,12 +371,17 @@ impl LinkHandle {
     /// Stop the link: senders waiting on the window get an error, the task closes its
     /// PeerConnection and ends.
     pub(crate) fn close(&self) {
-        self.window.close();
-        let _ = self.tx.send(LinkInput::Close);
+        self.shared.window.close();
+        let _ = self.shared.ctl.send(LinkInput::Close);
     }
 
     pub(crate) fn status(&self) -> LinkStatus {
-        self.status.lock().expect("link status lock").clone()
+        let mut status = self.status.lock().expect("link status lock").clone();
+        let send = self.shared.lock_send();
+        status.stats.sent_server = send.sent_server;
+        status.stats.sent_direct = send.sent_direct;
+        status.stats.resent = send.resent;
+        status
     }
 }
 
@@ -295,11 +424,8 @@ struct LinkTask {
     initiator: bool,
     ctx: LinkCtx,
     tx: mpsc::UnboundedSender<LinkInput>,
-    window: Arc<Semaphore>,
+    shared: Arc<LinkShared>,
     status: Arc<Mutex<LinkStatus>>,
-    // Sending side.
-    next_seq: u64,
-    unacked: VecDeque<Unacked>,
     // Receiving side.
     delivered: u64,
     acked_sent: u64,
@@ -334,11 +460,7 @@ struct LinkTask {
 }
 
 impl LinkTask {
-    async fn run(
-        mut self,
-        mut rx: mpsc::UnboundedReceiver<LinkInput>,
-        mut data_rx: mpsc::UnboundedReceiver<Outgoing>,
-    ) {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<LinkInput>) {
         if self.initiator {
             self.start_rtc().await;
         }
@@ -349,14 +471,12 @@ impl LinkTask {
             let ack_at = self.ack_deadline.unwrap_or_else(far);
             let retry_at = self.retry_at.unwrap_or_else(far);
             let connect_by = self.connect_by.unwrap_or_else(far);
-            // Control and incoming frames first: they open the direct path and free the window.
             tokio::select! {
                 biased;
                 input = rx.recv() => match input {
                     Some(LinkInput::Close) | None => break,
                     Some(input) => self.handle(input).await,
                 },
-                Some(out) = data_rx.recv() => self.send(out).await,
                 _ = sleep_until(ack_at), if self.ack_deadline.is_some() => self.send_ack().await,
                 _ = sleep_until(retry_at), if self.retry_at.is_some() => {
                     self.retry_at = None;
@@ -392,93 +512,35 @@ impl LinkTask {
                     self.on_rtc(event).await
                 }
             }
+            LinkInput::Send {
+                data,
+                reliable,
+                permits,
+            } => self.shared.send_app(data, reliable, permits).await,
+            LinkInput::DirectFailed(why) => {
+                self.downgrade(&why).await;
+                if self.rtc.is_some() {
+                    self.rtc_failed(&why);
+                }
+            }
             LinkInput::Close => {}
         }
     }
 
     // ---- sending ----
 
-    async fn send(&mut self, out: Outgoing) {
-        if out.reliable {
-            self.send_reliable(out.data).await
-        } else {
-            let frame = Bytes::from(LinkFrame::Unreliable { bytes: &out.data }.encode());
-            self.transmit(frame, Channel::Unreliable).await;
-            self.window.add_permits(out.permits as usize);
-        }
-    }
-
-    async fn send_reliable(&mut self, data: Bytes) {
-        let mut chunks: Vec<Bytes> = Vec::new();
-        if data.is_empty() {
-            chunks.push(data);
-        } else {
-            let mut rest = data;
-            while !rest.is_empty() {
-                let n = rest.len().min(MAX_FRAGMENT_PAYLOAD);
-                chunks.push(rest.split_to(n));
-            }
-        }
-        let last = chunks.len() - 1;
-        for (i, chunk) in chunks.into_iter().enumerate() {
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            let frame = Bytes::from(
-                LinkFrame::Data {
-                    seq,
-                    fin: i == last,
-                    bytes: &chunk,
-                }
-                .encode(),
-            );
-            self.unacked.push_back(Unacked {
-                seq,
-                frame: frame.clone(),
-                permits: permits_for(chunk.len()),
-            });
-            if self.direct_up() {
-                self.stats.sent_direct += 1;
-            } else {
-                self.stats.sent_server += 1;
-            }
-            self.transmit(frame, Channel::Reliable).await;
-        }
-    }
-
     fn direct_up(&self) -> bool {
         matches!(self.path, Path::Direct { .. })
     }
 
-    /// Send a frame on the current path.
+    /// Send a frame of the link's own (ack, probe) on the current path.
     async fn transmit(&mut self, frame: Bytes, ch: Channel) {
-        if self.direct_up() {
-            if let Some(rtc) = &self.rtc {
-                match rtc.send(ch, &frame).await {
-                    Ok(()) => return,
-                    Err(e) => {
-                        // Reliable frames are re-sent by the downgrade; an unreliable one goes
-                        // on the server path below.
-                        self.downgrade(&format!("data channel send failed: {e}"))
-                            .await;
-                        if ch == Channel::Reliable {
-                            return;
-                        }
-                    }
-                }
-            }
-        }
-        self.relay(&frame).await;
+        let direct = self.shared.lock_send().direct.clone();
+        self.shared.transmit(direct.as_ref(), ch, frame).await;
     }
 
     async fn relay(&self, frame: &[u8]) {
-        let buf = RelayFrame {
-            peer: self.peer,
-            link: self.link_id,
-            payload: frame,
-        }
-        .encode();
-        // Fails only when the session is closing, and then the link is going away too.
-        let _ = self.ctx.ws_tx.send(WsMessage::Binary(buf.into())).await;
+        self.shared.relay(frame).await;
     }
 
     async fn send_ack(&mut self) {
@@ -629,15 +691,18 @@ impl LinkTask {
 
     fn on_ack(&mut self, seq: u64) {
         let mut released = 0usize;
-        while let Some(front) = self.unacked.front() {
-            if front.seq > seq {
-                break;
+        {
+            let mut st = self.shared.lock_send();
+            while let Some(front) = st.unacked.front() {
+                if front.seq > seq {
+                    break;
+                }
+                released += front.permits as usize;
+                st.unacked.pop_front();
             }
-            released += front.permits as usize;
-            self.unacked.pop_front();
         }
         if released > 0 {
-            self.window.add_permits(released);
+            self.shared.window.add_permits(released);
         }
     }
 
@@ -681,6 +746,7 @@ impl LinkTask {
         self.backoff = RETRY_MIN;
         self.had_direct = true;
         self.pair = Some(pair);
+        self.shared.lock_send().direct = Some(rtc.tx());
         self.set_path(pair.path()).await;
         self.send_ping().await;
     }
@@ -694,10 +760,16 @@ impl LinkTask {
             "direct path lost ({why}); back to the server path"
         );
         self.set_path(Path::Server).await;
-        // Everything not acknowledged may have died with the direct path.
-        let frames: Vec<Bytes> = self.unacked.iter().map(|u| u.frame.clone()).collect();
-        self.stats.resent += frames.len() as u64;
-        self.stats.sent_server += frames.len() as u64;
+        // Everything not acknowledged may have died with the direct path. New frames go on the
+        // server path from the moment `direct` is cleared, in the same critical section.
+        let frames: Vec<Bytes> = {
+            let mut st = self.shared.lock_send();
+            st.direct = None;
+            let frames: Vec<Bytes> = st.unacked.iter().map(|u| u.frame.clone()).collect();
+            st.resent += frames.len() as u64;
+            st.sent_server += frames.len() as u64;
+            frames
+        };
         for f in frames {
             self.relay(&f).await;
         }

@@ -244,6 +244,24 @@ impl RtcFactory {
     }
 }
 
+/// The two channels of an open direct path, for sending; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct DirectTx {
+    r: Arc<RTCDataChannel>,
+    u: Arc<RTCDataChannel>,
+}
+
+impl DirectTx {
+    /// Send on one of the channels.
+    pub(crate) async fn send(&self, ch: Channel, data: &Bytes) -> Result<(), webrtc::Error> {
+        let dc = match ch {
+            Channel::Reliable => &self.r,
+            Channel::Unreliable => &self.u,
+        };
+        dc.send(data).await.map(|_| ())
+    }
+}
+
 /// One PeerConnection generation of a link.
 pub(crate) struct Rtc {
     pc: Arc<RTCPeerConnection>,
@@ -352,11 +370,15 @@ impl Rtc {
 
     /// Send on one of the channels.
     pub(crate) async fn send(&self, ch: Channel, data: &Bytes) -> Result<(), webrtc::Error> {
-        let dc = match ch {
-            Channel::Reliable => &self.r,
-            Channel::Unreliable => &self.u,
-        };
-        dc.send(data).await.map(|_| ())
+        self.tx().send(ch, data).await
+    }
+
+    /// The sending half, for senders outside the link task.
+    pub(crate) fn tx(&self) -> DirectTx {
+        DirectTx {
+            r: self.r.clone(),
+            u: self.u.clone(),
+        }
     }
 
     /// Candidate types of the selected pair, once ICE has selected one.
