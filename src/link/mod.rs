@@ -142,6 +142,9 @@ impl LinkShared {
             (frames, st.direct.clone())
         };
         for frame in frames {
+            if let Some(d) = &direct {
+                d.wait_for_room().await;
+            }
             self.transmit(direct.as_ref(), Channel::Reliable, frame)
                 .await;
         }

@@ -30,6 +30,12 @@ use super::LinkInput;
 use crate::protocol::IceServer;
 use crate::{CandidatePair, CandidateType};
 
+/// App data waits while more than this is queued in the reliable channel, and resumes when it
+/// drains below the low mark. Our send window (8 MiB) would otherwise all sit in SCTP's queue,
+/// which slows webrtc-rs's SCTP and delays acks and probes queued behind it.
+const DC_HIGH: usize = 1 << 20;
+const DC_LOW: usize = 512 << 10;
+
 /// Data channel labels and pre-negotiated stream ids (both sides create them identically).
 const RELIABLE_LABEL: &str = "r";
 const RELIABLE_ID: u16 = 0;
@@ -216,6 +222,14 @@ impl RtcFactory {
                 }),
             )
             .await?;
+        let drained = Arc::new(tokio::sync::Notify::new());
+        r.set_buffered_amount_low_threshold(DC_LOW).await;
+        let d = drained.clone();
+        r.on_buffered_amount_low(Box::new(move || {
+            d.notify_waiters();
+            Box::pin(async {})
+        }))
+        .await;
         for (dc, ch) in [(&r, Channel::Reliable), (&u, Channel::Unreliable)] {
             let t = tx.clone();
             dc.on_open(Box::new(move || {
@@ -237,6 +251,7 @@ impl RtcFactory {
             pc,
             r,
             u,
+            drained,
             remote_set: false,
             pending: Vec::new(),
             signaled: HashMap::new(),
@@ -249,9 +264,24 @@ impl RtcFactory {
 pub(crate) struct DirectTx {
     r: Arc<RTCDataChannel>,
     u: Arc<RTCDataChannel>,
+    /// Signaled when the reliable channel's queue drains below `DC_LOW`.
+    drained: Arc<tokio::sync::Notify>,
 }
 
 impl DirectTx {
+    /// Wait while the reliable channel's queue is above `DC_HIGH` (app data only).
+    pub(crate) async fn wait_for_room(&self) {
+        loop {
+            // Registered before the check, so a drain in between is not missed.
+            let drained = self.drained.notified();
+            if self.r.buffered_amount().await <= DC_HIGH {
+                return;
+            }
+            // The timeout only guards against a drain event webrtc-rs might not deliver.
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(100), drained).await;
+        }
+    }
+
     /// Send on one of the channels.
     pub(crate) async fn send(&self, ch: Channel, data: &Bytes) -> Result<(), webrtc::Error> {
         let dc = match ch {
@@ -267,6 +297,7 @@ pub(crate) struct Rtc {
     pc: Arc<RTCPeerConnection>,
     r: Arc<RTCDataChannel>,
     u: Arc<RTCDataChannel>,
+    drained: Arc<tokio::sync::Notify>,
     remote_set: bool,
     pending: Vec<RTCIceCandidateInit>,
     /// Types of the candidates the peer signaled, by address and port.
@@ -378,6 +409,7 @@ impl Rtc {
         DirectTx {
             r: self.r.clone(),
             u: self.u.clone(),
+            drained: self.drained.clone(),
         }
     }
 
