@@ -88,7 +88,7 @@ struct Args {
     #[arg(long, default_value_t = 4)]
     clients: usize,
     /// Messages in flight per generator client.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 128)]
     window: usize,
     /// Round trips per rate measurement, over all clients (default 200 000; 40 000 with --quick).
     #[arg(long)]
@@ -180,6 +180,23 @@ fn process_cpu_s(pid: u32) -> Option<f64> {
     let utime: u64 = f.get(11)?.parse().ok()?;
     let stime: u64 = f.get(12)?.parse().ok()?;
     Some((utime + stime) as f64 / 100.0)
+}
+
+/// Busy CPU time of the whole machine in seconds (`/proc/stat`: everything but idle and
+/// iowait), to see how much other processes took during a measurement.
+fn machine_busy_s() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    let f: Vec<u64> = s
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal
+    let busy = f.iter().sum::<u64>() - f.get(3)? - f.get(4)?;
+    Some(busy as f64 / 100.0)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -290,6 +307,22 @@ impl Drop for Coturn {
 // ---------------------------------------------------------------------------------------------
 // load generator: a minimal blocking TURN client (UDP, ChannelData)
 
+/// SO_RCVBUF / SO_SNDBUF asked for on the generator's and the echo peer's sockets (the same as
+/// our TURN's default): with the kernel default (~208 KiB) a full window of 1000-byte messages
+/// overflows the echo peer's receive queue, and the generator would measure its own drops.
+const GEN_SOCKET_BUFFER: usize = 4 << 20;
+
+/// A blocking UDP socket on 127.0.0.1 (free port) with [`GEN_SOCKET_BUFFER`] buffers (as far as
+/// net.core.rmem_max / wmem_max allow).
+fn bind_loopback_udp() -> Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    let _ = socket.set_recv_buffer_size(GEN_SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(GEN_SOCKET_BUFFER);
+    socket.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())?;
+    Ok(socket.into())
+}
+
 fn is_timeout(e: &std::io::Error) -> bool {
     matches!(
         e.kind(),
@@ -323,7 +356,7 @@ struct Flow {
 
 impl TurnClient {
     fn new(server: SocketAddr, username: String, password: String) -> Result<TurnClient> {
-        let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let sock = bind_loopback_udp()?;
         sock.set_read_timeout(Some(RTO))?;
         Ok(TurnClient {
             sock,
@@ -623,6 +656,8 @@ struct GenRun {
     server_cpu: f64,
     /// CPU seconds of the generator clients and the echo peer.
     gen_cpu: f64,
+    /// CPU seconds of everything else on the machine (other processes).
+    other_cpu: f64,
     timed_out: bool,
 }
 
@@ -641,7 +676,7 @@ impl GenRun {
 /// One rate measurement (blocking; run it on a blocking thread).
 fn generate(spec: GenSpec) -> Result<GenRun> {
     let deadline = Instant::now() + spec.limit;
-    let echo_sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let echo_sock = bind_loopback_udp()?;
     let echo_addr = echo_sock.local_addr()?;
     let stop = Arc::new(AtomicBool::new(false));
     let stop_guard = SetOnDrop(stop.clone());
@@ -672,7 +707,7 @@ fn generate(spec: GenSpec) -> Result<GenRun> {
                 s.spawn(move || c.flood(spec.size, spec.per_client, spec.window, deadline, start))
             })
             .collect();
-        let cpu0 = process_cpu_s(pid);
+        let cpu0 = (process_cpu_s(pid), machine_busy_s());
         start.wait();
         let flows: Vec<Result<Flow>> = handles
             .into_iter()
@@ -681,7 +716,7 @@ fn generate(spec: GenSpec) -> Result<GenRun> {
                     .unwrap_or_else(|_| Err(anyhow!("generator thread panicked")))
             })
             .collect();
-        (flows, cpu0, process_cpu_s(pid))
+        (flows, cpu0, (process_cpu_s(pid), machine_busy_s()))
     });
     drop(stop_guard);
     let (echoed, echo_cpu_ns) = echo.join().map_err(|_| anyhow!("echo thread panicked"))?;
@@ -705,10 +740,12 @@ fn generate(spec: GenSpec) -> Result<GenRun> {
         .max()
         .unwrap_or_else(Instant::now);
     let gen_cpu = (flows.iter().map(|f| f.cpu_ns).sum::<u64>() + echo_cpu_ns) as f64 / 1e9;
-    let proc_cpu = match (cpu0, cpu1) {
+    let delta = |a: Option<f64>, b: Option<f64>| match (a, b) {
         (Some(a), Some(b)) => b - a,
         _ => f64::NAN,
     };
+    let proc_cpu = delta(cpu0.0, cpu1.0);
+    let machine_cpu = delta(cpu0.1, cpu1.1);
     let server_cpu = if spec.server_pid.is_some() {
         proc_cpu
     } else {
@@ -716,6 +753,7 @@ fn generate(spec: GenSpec) -> Result<GenRun> {
         (proc_cpu - gen_cpu).max(0.0)
     };
     Ok(GenRun {
+        other_cpu: (machine_cpu - server_cpu - gen_cpu).max(0.0),
         round_trips: received,
         lost: flows.iter().map(|f| f.lost).sum(),
         late: flows.iter().map(|f| f.late).sum(),
@@ -1190,13 +1228,14 @@ async fn run(args: Args) -> Result<()> {
                     .with_context(|| format!("round {}: {} relay rate", round + 1, which.name()))?;
                 line.push_str(&format!(
                     " {size} B {:.1}k rt/s {:.0} Mbit/s (lost {}, late {}, server {:.2} cores, \
-                     gen {:.2} cores{}) |",
+                     gen {:.2} cores, others {:.2} cores{}) |",
                     r.rate() / 1e3,
                     r.mbit(),
                     r.lost,
                     r.late,
                     r.server_cpu / r.secs,
                     r.gen_cpu / r.secs,
+                    r.other_cpu / r.secs,
                     if r.timed_out { ", TIMED OUT" } else { "" }
                 ));
                 res[which as usize].rates[si].push(r);
@@ -1362,13 +1401,18 @@ async fn run(args: Args) -> Result<()> {
     // Is the generator the bottleneck?
     for (which, r) in [(Which::Ours, ro), (Which::Coturn, rc)] {
         let all: Vec<GenRun> = r.rates.iter().flatten().cloned().collect();
-        let (server, gen) = (cores(&all, |g| g.server_cpu), cores(&all, |g| g.gen_cpu));
+        let (server, gen, other) = (
+            cores(&all, |g| g.server_cpu),
+            cores(&all, |g| g.gen_cpu),
+            cores(&all, |g| g.other_cpu),
+        );
         let lost: u64 = all.iter().map(|g| g.lost).sum();
         let sent: u64 = all.iter().map(|g| g.round_trips + g.lost).sum();
         let timeouts = all.iter().filter(|g| g.timed_out).count();
         line(format!(
             "load with {}: server {server:.2} cores, generator + echo peer {gen:.2} cores, \
-             together {:.2} of {nproc}; lost {lost} of {sent} ({:.3} %){}",
+             together {:.2} of {nproc}; other processes {other:.2} cores; lost {lost} of {sent} \
+             ({:.3} %){}",
             which.name(),
             server + gen,
             100.0 * lost as f64 / sent.max(1) as f64,
@@ -1380,9 +1424,10 @@ async fn run(args: Args) -> Result<()> {
         ));
     }
     line(
-        "(when server + generator ≈ nproc the machine is CPU-bound: the generator takes CPU from \
-         the server and the round-trip rates measure both; compare 'server CPU µs per round \
-         trip' for the servers' efficiency)"
+        "(when server + generator + other processes ≈ nproc the machine is CPU-bound: the \
+         generator takes CPU from the server and the round-trip rates measure both; compare \
+         'server CPU µs per round trip' for the servers' efficiency. 'late' = echoes that came \
+         after the generator had waited 50 ms and written them off as lost: a stall, not a drop)"
             .into(),
     );
     print!("{out}");

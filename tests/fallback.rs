@@ -14,14 +14,14 @@ use peermesh::{ClientConfig, Path, Reliability};
 use tokio::time::Instant;
 
 const PORTS: (u16, u16) = (47100, 47199);
+const BULK_PORTS: (u16, u16) = (47200, 47299);
 
-/// Drops all UDP to PORTS on the input hook while alive.
+/// Drops all UDP from and to a port range on the input hook while alive.
 struct Cut(String);
 
 impl Cut {
-    fn new() -> Cut {
-        let table = format!("peermesh_test_{}", std::process::id());
-        let (lo, hi) = PORTS;
+    fn new((lo, hi): (u16, u16)) -> Cut {
+        let table = format!("peermesh_test_{}_{lo}", std::process::id());
         let rules = format!(
             "table inet {table} {{\n  chain input {{\n    type filter hook input priority -10; policy accept;\n    \
              udp dport {lo}-{hi} drop\n    udp sport {lo}-{hi} drop\n  }}\n}}\n"
@@ -133,7 +133,7 @@ async fn direct_path_cut_falls_back_to_server_and_returns_without_loss() {
     });
 
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let cut = Cut::new();
+    let cut = Cut::new(PORTS);
     let to_server = wait_path(&a, ib, false, 10).await;
     wait_path(&b, ia, false, 10).await;
     assert!(
@@ -173,4 +173,68 @@ async fn direct_path_cut_falls_back_to_server_and_returns_without_loss() {
     eprintln!(
         "sent {sent}, fallback after {to_server:?}, direct again {back:?} after restore; {stats:?}"
     );
+}
+
+/// The direct path dies while more than a megabyte is queued in SCTP: senders blocked on the
+/// data channel's flow control must move to the server path too, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_with_a_full_send_queue_loses_nothing() {
+    init_log();
+    let server = server().await;
+    let cfg = |n: &str| {
+        ClientConfig::new(n)
+            .with_loopback_only(true)
+            .with_udp_ports(BULK_PORTS.0, BULK_PORTS.1)
+    };
+    let (a, mut ae) = client_with(&server, cfg("a")).await;
+    let (b, mut be) = client_with(&server, cfg("b")).await;
+    a.join("g").await.unwrap();
+    b.join("g").await.unwrap();
+    let (ia, ib) = (a.peer_id(), b.peer_id());
+    wait_direct(&mut ae, ib).await;
+    wait_direct(&mut be, ia).await;
+    tokio::spawn(async move { while ae.recv().await.is_some() {} });
+
+    const N: u32 = 1500; // 24 MiB of 16 KiB messages
+    let sender = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            for i in 0..N {
+                let mut msg = vec![(i % 251) as u8; 16 * 1024];
+                msg[..4].copy_from_slice(&i.to_be_bytes());
+                a.send(ib, msg, Reliability::Reliable).await.unwrap();
+            }
+        })
+    };
+    let mut cut = None;
+    for i in 0..N {
+        let (data, _) = next_message(&mut be, ia, 30).await;
+        assert_eq!(data.len(), 16 * 1024);
+        assert_eq!(
+            u32::from_be_bytes(data[..4].try_into().unwrap()),
+            i,
+            "out of order"
+        );
+        assert!(data[4..].iter().all(|&x| x == (i % 251) as u8), "corrupt");
+        if i % 100 == 0 {
+            tracing::info!(i, "received");
+        }
+        if i == 200 {
+            cut = Some(Cut::new(BULK_PORTS));
+        }
+        if i == 600 {
+            assert_eq!(
+                a.path(ib).unwrap(),
+                Path::Server,
+                "still direct across the cut"
+            );
+            drop(cut.take());
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(10), sender)
+        .await
+        .expect("sender stuck")
+        .unwrap();
+    let stats = a.link_stats(ib).unwrap();
+    assert!(stats.resent > 0 && stats.sent_server > 0, "{stats:?}");
 }

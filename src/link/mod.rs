@@ -10,7 +10,8 @@
 mod rtc;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -19,6 +20,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::time::{sleep_until, Instant as TokioInstant};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
+use rtc::FrameSink;
 use rtc::{Channel, ConnState, DirectTx, Rtc, RtcEvent};
 pub(crate) use rtc::{RtcFactory, RtcOptions};
 
@@ -31,9 +33,13 @@ use crate::{CandidatePair, CandidateType, Error, Event, Path, Reliability, Resul
 const ACK_EVERY: u64 = 32;
 /// Longest a received fragment waits for its ack.
 const ACK_DELAY: Duration = Duration::from_millis(5);
-/// Most fragments held for reordering (a sender within an 8 MiB window of 16 KiB fragments needs
-/// 512; tiny messages need more).
-const MAX_REORDER: usize = 1 << 16;
+/// Longest the link's own frames (acks, probes) wait for room on the direct path before they
+/// take the server path.
+const OWN_SEND_WAIT: Duration = Duration::from_millis(100);
+/// Window cost of a fragment beyond its bytes.
+const FRAGMENT_OVERHEAD: usize = 64;
+/// Most fragments held for reordering: what a 16 MiB window can have in flight.
+const MAX_REORDER: usize = (16 << 20) / FRAGMENT_OVERHEAD;
 /// Longest a new PeerConnection may take to connect before it counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// RTT probe interval.
@@ -54,14 +60,14 @@ pub(crate) enum LinkInput {
     Signal(serde_json::Value),
     /// Something the PeerConnection of generation `gen` reported.
     Rtc { gen: u32, event: RtcEvent },
-    /// App data from `try_send` (which cannot wait to transmit itself), holding `permits`.
-    Send {
-        data: Bytes,
-        reliable: bool,
-        permits: u32,
-    },
-    /// Sending on the direct path failed.
-    DirectFailed(String),
+    /// Sending on the direct path of PeerConnection generation `gen` failed.
+    DirectFailed { gen: u32, why: String },
+    /// Something was delivered that is not acknowledged yet: ack within `ACK_DELAY`.
+    AckSoon,
+    /// An RTT probe answer arrived.
+    Pong(u64),
+    /// The peer's channels of this generation are open.
+    Ready(u32),
     /// The pair no longer shares a group: stop.
     Close,
 }
@@ -81,6 +87,14 @@ struct SendState {
     resent: u64,
 }
 
+/// Frames ready to transmit, with the path chosen for them.
+struct Prepared {
+    frames: Vec<Bytes>,
+    direct: Option<DirectTx>,
+    /// For an unreliable message: the window permits to give back once it is sent.
+    unreliable_permits: Option<u32>,
+}
+
 /// What a link's handles and its task share.
 struct LinkShared {
     peer: PeerId,
@@ -90,82 +104,326 @@ struct LinkShared {
     ctl: mpsc::UnboundedSender<LinkInput>,
     window: Semaphore,
     send: Mutex<SendState>,
+    events: mpsc::Sender<Event>,
+    /// Receiving state. An async lock, held while delivering events, so the two paths' frames
+    /// (handled by the link task and by the data channel's read loop) are delivered in order.
+    recv: tokio::sync::Mutex<RecvState>,
+    recv_server: AtomicU64,
+    recv_direct: AtomicU64,
+    duplicates: AtomicU64,
+}
+
+/// Receiving state of a link.
+#[derive(Default)]
+struct RecvState {
+    /// Highest sequence number delivered in order.
+    delivered: u64,
+    /// Highest sequence number acknowledged to the peer.
+    acked_sent: u64,
+    /// An ack must go out even if nothing new was delivered (a duplicate arrived: the sender
+    /// is re-sending, so our last ack may have been lost).
+    ack_due: bool,
+    /// The link task has been asked to ack soon.
+    ack_asked: bool,
+    reorder: BTreeMap<u64, (bool, Bytes)>,
+    partial: BytesMut,
 }
 
 impl LinkShared {
+    /// Handle a link-layer frame from either path. Data is delivered here; probes and READY go
+    /// to the link task.
+    async fn receive(&self, frame: Bytes, direct: bool) {
+        let decoded = match LinkFrame::decode(&frame) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(peer = self.peer, "dropping bad link frame: {e}");
+                return;
+            }
+        };
+        match decoded {
+            LinkFrame::Data { seq, fin, bytes } => {
+                let counter = if direct {
+                    &self.recv_direct
+                } else {
+                    &self.recv_server
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                let payload = frame.slice_ref(bytes);
+                self.on_data(seq, fin, payload).await;
+            }
+            LinkFrame::Ack { seq } => self.on_ack(seq),
+            LinkFrame::Unreliable { bytes } => {
+                let data = frame.slice_ref(bytes);
+                self.emit(Event::Message {
+                    from: self.peer,
+                    data,
+                    reliability: Reliability::Unreliable,
+                })
+                .await;
+            }
+            LinkFrame::Ping { id } => {
+                // Answer on the path the probe came by, if we are on it too.
+                let pong = Bytes::from(LinkFrame::Pong { id }.encode());
+                let direct = if direct {
+                    self.lock_send().direct.clone()
+                } else {
+                    None
+                };
+                self.transmit(direct.as_ref(), Channel::Unreliable, pong, true)
+                    .await;
+            }
+            LinkFrame::Pong { id } => {
+                let _ = self.ctl.send(LinkInput::Pong(id));
+            }
+            LinkFrame::Ready { gen } => {
+                let _ = self.ctl.send(LinkInput::Ready(gen));
+            }
+        }
+    }
+
+    async fn on_data(&self, seq: u64, fin: bool, payload: Bytes) {
+        let mut guard = self.recv.lock().await;
+        let r = &mut *guard;
+        if seq <= r.delivered || r.reorder.contains_key(&seq) {
+            self.duplicates.fetch_add(1, Ordering::Relaxed);
+            // The sender may be re-sending because our ack was lost with the path: ack again.
+            r.ack_due = true;
+        } else if seq != r.delivered + 1 {
+            if r.reorder.len() >= MAX_REORDER {
+                // A sender within its window never gets this far ahead.
+                tracing::warn!(
+                    peer = self.peer,
+                    seq,
+                    "reorder buffer full; fragment dropped"
+                );
+                return;
+            }
+            r.reorder.insert(seq, (fin, payload));
+            return;
+        } else {
+            self.accept(r, fin, payload).await;
+            while let Some(entry) = r.reorder.first_entry() {
+                if *entry.key() != r.delivered + 1 {
+                    break;
+                }
+                let (fin, payload) = entry.remove();
+                self.accept(r, fin, payload).await;
+            }
+        }
+        if r.delivered - r.acked_sent >= ACK_EVERY {
+            let ack = Self::take_ack(r);
+            drop(guard);
+            if let Some(ack) = ack {
+                self.send_frame(ack).await;
+            }
+        } else if !r.ack_asked {
+            r.ack_asked = true;
+            let _ = self.ctl.send(LinkInput::AckSoon);
+        }
+    }
+
+    async fn accept(&self, r: &mut RecvState, fin: bool, payload: Bytes) {
+        r.delivered += 1;
+        let data = if r.partial.is_empty() {
+            if !fin {
+                r.partial.extend_from_slice(&payload);
+                return;
+            }
+            payload
+        } else {
+            r.partial.extend_from_slice(&payload);
+            if !fin {
+                return;
+            }
+            std::mem::take(&mut r.partial).freeze()
+        };
+        self.emit(Event::Message {
+            from: self.peer,
+            data,
+            reliability: Reliability::Reliable,
+        })
+        .await;
+    }
+
+    /// The ack to send now, if one is owed; records it as sent.
+    fn take_ack(r: &mut RecvState) -> Option<Bytes> {
+        r.ack_asked = false;
+        if r.acked_sent == r.delivered && !r.ack_due {
+            return None;
+        }
+        r.ack_due = false;
+        r.acked_sent = r.delivered;
+        Some(Bytes::from(LinkFrame::Ack { seq: r.delivered }.encode()))
+    }
+
+    /// Send the ack owed, if any, on the current path.
+    async fn send_ack(&self) {
+        let ack = Self::take_ack(&mut *self.recv.lock().await);
+        if let Some(ack) = ack {
+            self.send_frame(ack).await;
+        }
+    }
+
+    /// Send a frame of the link's own (ack, probe) on the current path.
+    async fn send_frame(&self, frame: Bytes) {
+        let direct = self.lock_send().direct.clone();
+        let ch = if frame.first() == Some(&crate::protocol::link_kind::ACK) {
+            Channel::Reliable
+        } else {
+            Channel::Unreliable
+        };
+        self.transmit(direct.as_ref(), ch, frame, true).await;
+    }
+
+    fn on_ack(&self, seq: u64) {
+        let mut released = 0usize;
+        {
+            let mut st = self.lock_send();
+            while let Some(front) = st.unacked.front() {
+                if front.seq > seq {
+                    break;
+                }
+                released += front.permits as usize;
+                st.unacked.pop_front();
+            }
+        }
+        if released > 0 {
+            self.window.add_permits(released);
+        }
+    }
+
+    async fn emit(&self, event: Event) {
+        // The app dropped its event stream: nobody is listening any more.
+        let _ = self.events.send(event).await;
+    }
+
     fn lock_send(&self) -> std::sync::MutexGuard<'_, SendState> {
         self.send.lock().expect("link send lock")
     }
 
     /// Send app data: assign sequence numbers, record the fragments, transmit them.
     async fn send_app(&self, data: Bytes, reliable: bool, permits: u32) {
+        let prepared = self.prepare(data, reliable, permits);
+        self.transmit_prepared(prepared).await;
+    }
+
+    /// Assign sequence numbers and record the fragments (no waiting).
+    fn prepare(&self, data: Bytes, reliable: bool, permits: u32) -> Prepared {
+        let mut st = self.lock_send();
         if !reliable {
             let frame = Bytes::from(LinkFrame::Unreliable { bytes: &data }.encode());
-            let direct = self.lock_send().direct.clone();
-            self.transmit(direct.as_ref(), Channel::Unreliable, frame)
-                .await;
+            return Prepared {
+                frames: vec![frame],
+                direct: st.direct.clone(),
+                unreliable_permits: Some(permits),
+            };
+        }
+        let mut frames = Vec::with_capacity(data.len() / MAX_FRAGMENT_PAYLOAD + 1);
+        let mut rest = data;
+        loop {
+            let chunk = rest.split_to(rest.len().min(MAX_FRAGMENT_PAYLOAD));
+            let fin = rest.is_empty();
+            let seq = st.next_seq;
+            st.next_seq += 1;
+            let frame = Bytes::from(
+                LinkFrame::Data {
+                    seq,
+                    fin,
+                    bytes: &chunk,
+                }
+                .encode(),
+            );
+            st.unacked.push_back(Unacked {
+                seq,
+                frame: frame.clone(),
+                permits: fragment_permits(chunk.len()),
+            });
+            frames.push(frame);
+            if fin {
+                break;
+            }
+        }
+        let n = frames.len() as u64;
+        match st.direct {
+            Some(_) => st.sent_direct += n,
+            None => st.sent_server += n,
+        }
+        Prepared {
+            frames,
+            direct: st.direct.clone(),
+            unreliable_permits: None,
+        }
+    }
+
+    /// Transmit prepared frames on the path chosen when they were prepared.
+    async fn transmit_prepared(&self, p: Prepared) {
+        if let Some(permits) = p.unreliable_permits {
+            for frame in p.frames {
+                self.transmit(p.direct.as_ref(), Channel::Unreliable, frame, false)
+                    .await;
+            }
             self.window.add_permits(permits as usize);
             return;
         }
-        let (frames, direct) = {
-            let mut st = self.lock_send();
-            let mut frames = Vec::with_capacity(data.len() / MAX_FRAGMENT_PAYLOAD + 1);
-            let mut rest = data;
-            loop {
-                let chunk = rest.split_to(rest.len().min(MAX_FRAGMENT_PAYLOAD));
-                let fin = rest.is_empty();
-                let seq = st.next_seq;
-                st.next_seq += 1;
-                let frame = Bytes::from(
-                    LinkFrame::Data {
-                        seq,
-                        fin,
-                        bytes: &chunk,
-                    }
-                    .encode(),
-                );
-                st.unacked.push_back(Unacked {
-                    seq,
-                    frame: frame.clone(),
-                    permits: permits_for(chunk.len()),
-                });
-                frames.push(frame);
-                if fin {
-                    break;
+        for frame in p.frames {
+            if let Some(d) = &p.direct {
+                let current = || self.lock_send().direct.as_ref().is_some_and(|c| c.same(d));
+                if !d.wait_for_room(current).await {
+                    // The direct path went away: its downgrade re-sends every unacknowledged
+                    // fragment, these included, on the server path.
+                    return;
                 }
             }
-            let n = frames.len() as u64;
-            match st.direct {
-                Some(_) => st.sent_direct += n,
-                None => st.sent_server += n,
-            }
-            (frames, st.direct.clone())
-        };
-        for frame in frames {
-            if let Some(d) = &direct {
-                d.wait_for_room().await;
-            }
-            self.transmit(direct.as_ref(), Channel::Reliable, frame)
+            self.transmit(p.direct.as_ref(), Channel::Reliable, frame, false)
                 .await;
         }
     }
 
-    /// Send one frame on the direct path if given, else on the server path. A failed direct
-    /// send is reported to the link task, which moves to the server path and re-sends every
-    /// unacknowledged reliable frame (this one included); an unreliable one goes on the server
-    /// path here.
-    async fn transmit(&self, direct: Option<&DirectTx>, ch: Channel, frame: Bytes) {
+    /// Send one frame on the direct path if given, else on the server path.
+    ///
+    /// webrtc-sctp blocks a send while its association's pending queue (128 KiB) is full, which
+    /// is what happens when the path dies: the congestion window closes. So a direct send never
+    /// waits unbounded: app data (`own == false`) gives up once the direct path is no longer the
+    /// link's path (the downgrade re-sends every unacknowledged fragment on the server path); the
+    /// link's own frames (acks, probes) wait at most `OWN_SEND_WAIT` and then take the server
+    /// path, so the link task and the channel's read loop never stall on a dead path. A failed
+    /// send is reported to the link task, which moves to the server path.
+    async fn transmit(&self, direct: Option<&DirectTx>, ch: Channel, frame: Bytes, own: bool) {
         if let Some(d) = direct {
-            match d.send(ch, &frame).await {
-                Ok(()) => return,
-                Err(e) => {
-                    let _ = self
-                        .ctl
-                        .send(LinkInput::DirectFailed(format!("data channel send: {e}")));
-                    if ch == Channel::Reliable {
+            let send = d.send(ch, &frame);
+            tokio::pin!(send);
+            let started = TokioInstant::now();
+            let sent = loop {
+                tokio::select! {
+                    // Polled first: a send that completes at once never arms the timer.
+                    biased;
+                    result = &mut send => break Some(result),
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {
+                        let gave_up = if own {
+                            started.elapsed() >= OWN_SEND_WAIT
+                        } else {
+                            !self.lock_send().direct.as_ref().is_some_and(|c| c.same(d))
+                        };
+                        if gave_up {
+                            break None;
+                        }
+                    }
+                }
+            };
+            match sent {
+                Some(Ok(())) => return,
+                Some(Err(e)) => {
+                    let _ = self.ctl.send(LinkInput::DirectFailed {
+                        gen: d.gen,
+                        why: format!("data channel send: {e}"),
+                    });
+                    if ch == Channel::Reliable && !own {
                         return;
                     }
                 }
+                // App data: covered by the downgrade's re-send. Own frames: server path below.
+                None if !own && ch == Channel::Reliable => return,
+                None => {}
             }
         }
         self.relay(&frame).await;
@@ -236,6 +494,7 @@ pub(crate) struct LinkHandle {
     window_size: u32,
     max_message: usize,
     status: Arc<Mutex<LinkStatus>>,
+    runtime: tokio::runtime::Handle,
 }
 
 impl LinkHandle {
@@ -257,6 +516,11 @@ impl LinkHandle {
                 sent_direct: 0,
                 resent: 0,
             }),
+            events: ctx.events.clone(),
+            recv: tokio::sync::Mutex::new(RecvState::default()),
+            recv_server: AtomicU64::new(0),
+            recv_direct: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
         });
         let handle = LinkHandle {
             peer,
@@ -265,6 +529,7 @@ impl LinkHandle {
             window_size: ctx.window as u32,
             max_message: ctx.max_message,
             status: status.clone(),
+            runtime: tokio::runtime::Handle::current(),
         };
         let task = LinkTask {
             peer,
@@ -274,12 +539,7 @@ impl LinkHandle {
             tx,
             shared,
             status,
-            delivered: 0,
-            acked_sent: 0,
-            ack_due: false,
             ack_deadline: None,
-            reorder: BTreeMap::new(),
-            partial: BytesMut::new(),
             path: Path::Server,
             pair: None,
             rtc: None,
@@ -304,8 +564,7 @@ impl LinkHandle {
 
     /// Send, waiting for room in the send window.
     pub(crate) async fn send(&self, data: Bytes, reliability: Reliability) -> Result<()> {
-        let reliable = self.check(&data, reliability)?;
-        let permits = permits_for(data.len());
+        let (reliable, permits) = self.check(&data, reliability)?;
         self.shared
             .window
             .acquire_many(permits)
@@ -318,8 +577,7 @@ impl LinkHandle {
 
     /// Send without waiting; `WouldBlock` if the window is full.
     pub(crate) fn try_send(&self, data: Bytes, reliability: Reliability) -> Result<()> {
-        let reliable = self.check(&data, reliability)?;
-        let permits = permits_for(data.len());
+        let (reliable, permits) = self.check(&data, reliability)?;
         match self.shared.window.try_acquire_many(permits) {
             Ok(p) => p.forget(),
             Err(tokio::sync::TryAcquireError::NoPermits) => {
@@ -327,32 +585,33 @@ impl LinkHandle {
             }
             Err(tokio::sync::TryAcquireError::Closed) => return Err(Error::UnknownPeer(self.peer)),
         }
-        self.push(data, reliable, permits)
+        // Sequence numbers are taken now, in call order; the transmission runs on its own task
+        // (it may wait for the data channel to drain).
+        let prepared = self.shared.prepare(data, reliable, permits);
+        let shared = self.shared.clone();
+        self.runtime
+            .spawn(async move { shared.transmit_prepared(prepared).await });
+        Ok(())
     }
 
-    fn check(&self, data: &Bytes, reliability: Reliability) -> Result<bool> {
+    /// Whether the message is reliable, and its window cost; `MessageTooLarge` if it can never
+    /// be sent.
+    fn check(&self, data: &Bytes, reliability: Reliability) -> Result<(bool, u32)> {
         let (reliable, limit) = match reliability {
             Reliability::Reliable => (true, self.max_message),
             Reliability::Unreliable => (false, MAX_UNRELIABLE_PAYLOAD),
         };
-        if data.len() > limit {
+        let permits = permits_for(data.len());
+        if data.len() > limit || permits > self.window_size as usize {
+            // The largest payload that fits both the limit and the window.
+            let fragments = (self.window_size as usize).div_ceil(MAX_FRAGMENT_PAYLOAD);
+            let fits = (self.window_size as usize).saturating_sub(fragments * FRAGMENT_OVERHEAD);
             return Err(Error::MessageTooLarge {
                 size: data.len(),
-                limit,
+                limit: limit.min(fits),
             });
         }
-        Ok(reliable)
-    }
-
-    fn push(&self, data: Bytes, reliable: bool, permits: u32) -> Result<()> {
-        self.shared
-            .ctl
-            .send(LinkInput::Send {
-                data,
-                reliable,
-                permits,
-            })
-            .map_err(|_| Error::UnknownPeer(self.peer))
+        Ok((reliable, permits as u32))
     }
 
     pub(crate) fn deliver(&self, input: LinkInput) {
@@ -384,12 +643,24 @@ impl LinkHandle {
         status.stats.sent_server = send.sent_server;
         status.stats.sent_direct = send.sent_direct;
         status.stats.resent = send.resent;
+        status.stats.recv_server = self.shared.recv_server.load(Ordering::Relaxed);
+        status.stats.recv_direct = self.shared.recv_direct.load(Ordering::Relaxed);
+        status.stats.duplicates = self.shared.duplicates.load(Ordering::Relaxed);
         status
     }
 }
 
-fn permits_for(len: usize) -> u32 {
-    len.max(1) as u32
+/// Window cost of one fragment: its bytes plus a fixed overhead, so that a window of W bytes
+/// holds at most W / 64 fragments in flight however small the messages (and the receiver's
+/// reorder buffer, capped at `MAX_REORDER`, can take them all).
+fn fragment_permits(len: usize) -> u32 {
+    (len + FRAGMENT_OVERHEAD) as u32
+}
+
+/// Window cost of a message of `len` bytes (one fragment per started 16 KiB, at least one).
+fn permits_for(len: usize) -> usize {
+    let fragments = len.div_ceil(MAX_FRAGMENT_PAYLOAD).max(1);
+    len + fragments * FRAGMENT_OVERHEAD
 }
 
 /// Signaling payloads exchanged between the two ends of a link (inside `signal.data`).
@@ -429,15 +700,8 @@ struct LinkTask {
     tx: mpsc::UnboundedSender<LinkInput>,
     shared: Arc<LinkShared>,
     status: Arc<Mutex<LinkStatus>>,
-    // Receiving side.
-    delivered: u64,
-    acked_sent: u64,
-    /// An ack must go out even if nothing new was delivered (a duplicate arrived: the sender
-    /// is re-sending, so our last ack may have been lost).
-    ack_due: bool,
+    /// When the owed ack goes out.
     ack_deadline: Option<TokioInstant>,
-    reorder: BTreeMap<u64, (bool, Bytes)>,
-    partial: BytesMut,
     // Path.
     path: Path,
     pair: Option<CandidatePair>,
@@ -480,7 +744,10 @@ impl LinkTask {
                     Some(LinkInput::Close) | None => break,
                     Some(input) => self.handle(input).await,
                 },
-                _ = sleep_until(ack_at), if self.ack_deadline.is_some() => self.send_ack().await,
+                _ = sleep_until(ack_at), if self.ack_deadline.is_some() => {
+                    self.ack_deadline = None;
+                    self.shared.send_ack().await;
+                }
                 _ = sleep_until(retry_at), if self.retry_at.is_some() => {
                     self.retry_at = None;
                     self.start_rtc().await;
@@ -508,22 +775,39 @@ impl LinkTask {
 
     async fn handle(&mut self, input: LinkInput) {
         match input {
-            LinkInput::Relay(frame) => self.receive(frame, false).await,
+            LinkInput::Relay(frame) => self.shared.receive(frame, false).await,
+            LinkInput::AckSoon => {
+                if self.ack_deadline.is_none() {
+                    self.ack_deadline = Some(TokioInstant::now() + ACK_DELAY);
+                }
+            }
+            LinkInput::Pong(id) => {
+                if let Some(pos) = self.pings.iter().position(|(p, _)| *p == id) {
+                    let sample = self.pings[pos].1.elapsed();
+                    self.pings.drain(..=pos);
+                    self.rtt = Some(match self.rtt {
+                        None => sample,
+                        Some(old) => (old * 7 + sample) / 8,
+                    });
+                }
+            }
+            LinkInput::Ready(gen) => {
+                self.peer_ready = self.peer_ready.max(gen);
+                self.maybe_upgrade().await;
+            }
             LinkInput::Signal(data) => self.on_signal(data).await,
             LinkInput::Rtc { gen, event } => {
                 if gen == self.gen && self.rtc.is_some() {
                     self.on_rtc(event).await
                 }
             }
-            LinkInput::Send {
-                data,
-                reliable,
-                permits,
-            } => self.shared.send_app(data, reliable, permits).await,
-            LinkInput::DirectFailed(why) => {
-                self.downgrade(&why).await;
-                if self.rtc.is_some() {
-                    self.rtc_failed(&why);
+            LinkInput::DirectFailed { gen, why } => {
+                // A late report from an older PeerConnection says nothing about this one.
+                if gen == self.gen {
+                    self.downgrade(&why).await;
+                    if self.rtc.is_some() {
+                        self.rtc_failed(&why);
+                    }
                 }
             }
             LinkInput::Close => {}
@@ -539,27 +823,11 @@ impl LinkTask {
     /// Send a frame of the link's own (ack, probe) on the current path.
     async fn transmit(&mut self, frame: Bytes, ch: Channel) {
         let direct = self.shared.lock_send().direct.clone();
-        self.shared.transmit(direct.as_ref(), ch, frame).await;
+        self.shared.transmit(direct.as_ref(), ch, frame, true).await;
     }
 
     async fn relay(&self, frame: &[u8]) {
         self.shared.relay(frame).await;
-    }
-
-    async fn send_ack(&mut self) {
-        self.ack_deadline = None;
-        if self.acked_sent == self.delivered && !self.ack_due {
-            return;
-        }
-        self.ack_due = false;
-        self.acked_sent = self.delivered;
-        let frame = Bytes::from(
-            LinkFrame::Ack {
-                seq: self.delivered,
-            }
-            .encode(),
-        );
-        self.transmit(frame, Channel::Reliable).await;
     }
 
     async fn send_ping(&mut self) {
@@ -574,140 +842,6 @@ impl LinkTask {
     }
 
     // ---- receiving ----
-
-    async fn receive(&mut self, frame: Bytes, direct: bool) {
-        let decoded = match LinkFrame::decode(&frame) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!(peer = self.peer, "dropping bad link frame: {e}");
-                return;
-            }
-        };
-        match decoded {
-            LinkFrame::Data { seq, fin, bytes } => {
-                if direct {
-                    self.stats.recv_direct += 1;
-                } else {
-                    self.stats.recv_server += 1;
-                }
-                let payload = frame.slice_ref(bytes);
-                self.on_data(seq, fin, payload).await;
-            }
-            LinkFrame::Ack { seq } => self.on_ack(seq),
-            LinkFrame::Unreliable { bytes } => {
-                let data = frame.slice_ref(bytes);
-                self.emit(Event::Message {
-                    from: self.peer,
-                    data,
-                    reliability: Reliability::Unreliable,
-                })
-                .await;
-            }
-            LinkFrame::Ping { id } => {
-                let pong = LinkFrame::Pong { id }.encode();
-                match (&self.rtc, direct && self.direct_up()) {
-                    (Some(rtc), true) => {
-                        let _ = rtc.send(Channel::Unreliable, &Bytes::from(pong)).await;
-                    }
-                    _ => self.relay(&pong).await,
-                }
-            }
-            LinkFrame::Ready { gen } => {
-                self.peer_ready = self.peer_ready.max(gen);
-                self.maybe_upgrade().await;
-            }
-            LinkFrame::Pong { id } => {
-                if let Some(pos) = self.pings.iter().position(|(p, _)| *p == id) {
-                    let sample = self.pings[pos].1.elapsed();
-                    self.pings.drain(..=pos);
-                    self.rtt = Some(match self.rtt {
-                        None => sample,
-                        Some(old) => (old * 7 + sample) / 8,
-                    });
-                }
-            }
-        }
-    }
-
-    async fn on_data(&mut self, seq: u64, fin: bool, payload: Bytes) {
-        if seq <= self.delivered || self.reorder.contains_key(&seq) {
-            self.stats.duplicates += 1;
-            // The sender may be re-sending because our ack was lost with the path: ack again.
-            self.ack_due = true;
-            self.schedule_ack().await;
-            return;
-        }
-        if seq != self.delivered + 1 {
-            if self.reorder.len() >= MAX_REORDER {
-                // A sender within its window never gets this far ahead.
-                tracing::warn!(
-                    peer = self.peer,
-                    seq,
-                    "reorder buffer full; fragment dropped"
-                );
-                return;
-            }
-            self.reorder.insert(seq, (fin, payload));
-            return;
-        }
-        self.accept(fin, payload).await;
-        while let Some(entry) = self.reorder.first_entry() {
-            if *entry.key() != self.delivered + 1 {
-                break;
-            }
-            let (fin, payload) = entry.remove();
-            self.accept(fin, payload).await;
-        }
-        self.schedule_ack().await;
-    }
-
-    async fn accept(&mut self, fin: bool, payload: Bytes) {
-        self.delivered += 1;
-        let data = if self.partial.is_empty() {
-            if !fin {
-                self.partial.extend_from_slice(&payload);
-                return;
-            }
-            payload
-        } else {
-            self.partial.extend_from_slice(&payload);
-            if !fin {
-                return;
-            }
-            std::mem::take(&mut self.partial).freeze()
-        };
-        self.emit(Event::Message {
-            from: self.peer,
-            data,
-            reliability: Reliability::Reliable,
-        })
-        .await;
-    }
-
-    async fn schedule_ack(&mut self) {
-        if self.delivered - self.acked_sent >= ACK_EVERY {
-            self.send_ack().await;
-        } else if self.ack_deadline.is_none() {
-            self.ack_deadline = Some(TokioInstant::now() + ACK_DELAY);
-        }
-    }
-
-    fn on_ack(&mut self, seq: u64) {
-        let mut released = 0usize;
-        {
-            let mut st = self.shared.lock_send();
-            while let Some(front) = st.unacked.front() {
-                if front.seq > seq {
-                    break;
-                }
-                released += front.permits as usize;
-                st.unacked.pop_front();
-            }
-        }
-        if released > 0 {
-            self.shared.window.add_permits(released);
-        }
-    }
 
     async fn emit(&self, event: Event) {
         // Counters and path as seen by the app are never behind the events it has read.
@@ -776,14 +910,13 @@ impl LinkTask {
         for f in frames {
             self.relay(&f).await;
         }
-        // Acks we sent on the direct path may be gone too.
-        self.ack_deadline = None;
-        self.acked_sent = self.delivered;
-        if self.delivered > 0 {
-            let ack = LinkFrame::Ack {
-                seq: self.delivered,
-            }
-            .encode();
+        // Acks we sent on the direct path may be gone too: send the current one again.
+        let ack = {
+            let mut r = self.shared.recv.lock().await;
+            r.ack_due = r.delivered > 0;
+            LinkShared::take_ack(&mut r)
+        };
+        if let Some(ack) = ack {
             self.relay(&ack).await;
         }
     }
@@ -794,7 +927,10 @@ impl LinkTask {
         };
         self.reset_rtc();
         self.gen += 1;
-        match factory.create(self.gen, self.tx.clone()).await {
+        match factory
+            .create(self.gen, self.tx.clone(), self.frame_sink())
+            .await
+        {
             Ok(rtc) => match rtc.offer().await {
                 Ok(sdp) => {
                     self.rtc = Some(rtc);
@@ -809,6 +945,20 @@ impl LinkTask {
             },
             Err(e) => self.rtc_failed(&format!("creating peer connection: {e}")),
         }
+    }
+
+    /// Incoming direct-path frames are handled in the data channel's read loop (no hop through
+    /// this task). A weak reference: the channel's handler must not keep the link alive.
+    fn frame_sink(&self) -> FrameSink {
+        let shared: Weak<LinkShared> = Arc::downgrade(&self.shared);
+        Arc::new(move |frame| {
+            let shared = shared.clone();
+            Box::pin(async move {
+                if let Some(shared) = shared.upgrade() {
+                    shared.receive(frame, true).await;
+                }
+            })
+        })
     }
 
     fn reset_rtc(&mut self) {
@@ -879,7 +1029,10 @@ impl LinkTask {
                 self.downgrade("peer restarted the connection").await;
                 self.reset_rtc();
                 self.gen = gen;
-                let mut rtc = match factory.create(gen, self.tx.clone()).await {
+                let mut rtc = match factory
+                    .create(gen, self.tx.clone(), self.frame_sink())
+                    .await
+                {
                     Ok(r) => r,
                     Err(e) => return self.rtc_failed(&format!("creating peer connection: {e}")),
                 };
@@ -927,9 +1080,7 @@ impl LinkTask {
     }
 
     async fn on_rtc(&mut self, event: RtcEvent) {
-        if !matches!(event, RtcEvent::Message(_)) {
-            tracing::trace!(peer = self.peer, gen = self.gen, ?event, "rtc event");
-        }
+        tracing::trace!(peer = self.peer, gen = self.gen, ?event, "rtc event");
         match event {
             RtcEvent::Candidate(candidate) => {
                 let line = candidate["candidate"].as_str().unwrap_or_default();
@@ -958,7 +1109,6 @@ impl LinkTask {
                 self.downgrade("data channel closed").await;
                 self.rtc_failed("data channel closed");
             }
-            RtcEvent::Message(frame) => self.receive(frame, true).await,
             RtcEvent::PairSelected => {
                 if !self.direct_up() {
                     return self.maybe_upgrade().await;

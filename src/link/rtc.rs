@@ -72,8 +72,12 @@ pub(crate) enum RtcEvent {
     State(ConnState),
     /// ICE selected a (new) candidate pair.
     PairSelected,
-    Message(Bytes),
 }
+
+/// Where a PeerConnection's incoming messages go.
+pub(crate) type FrameSink = Arc<
+    dyn Fn(Bytes) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync,
+>;
 
 /// Options for the direct path that apply to every link of a client.
 #[derive(Clone, Default)]
@@ -157,11 +161,13 @@ impl RtcFactory {
         self.config.lock().expect("rtc config lock").ice_servers = rtc_ice_servers(ice_servers);
     }
 
-    /// A new PeerConnection of generation `gen` whose events go to `tx`.
+    /// A new PeerConnection of generation `gen` whose events go to `tx` and whose incoming
+    /// messages go to `on_frame` (called in the channel's read loop, one message at a time).
     pub(crate) async fn create(
         &self,
         gen: u32,
         tx: UnboundedSender<LinkInput>,
+        on_frame: FrameSink,
     ) -> Result<Rtc, webrtc::Error> {
         let config = self.config.lock().expect("rtc config lock").clone();
         let pc = Arc::new(self.api.new_peer_connection(config).await?);
@@ -241,13 +247,11 @@ impl RtcFactory {
                 send(&t, RtcEvent::Closed);
                 Box::pin(async {})
             }));
-            let t = tx.clone();
-            dc.on_message(Box::new(move |msg| {
-                send(&t, RtcEvent::Message(msg.data));
-                Box::pin(async {})
-            }));
+            let sink = on_frame.clone();
+            dc.on_message(Box::new(move |msg| sink(msg.data)));
         }
         Ok(Rtc {
+            gen,
             pc,
             r,
             u,
@@ -262,6 +266,8 @@ impl RtcFactory {
 /// The two channels of an open direct path, for sending; cheap to clone.
 #[derive(Clone)]
 pub(crate) struct DirectTx {
+    /// Generation of the PeerConnection these channels belong to.
+    pub(crate) gen: u32,
     r: Arc<RTCDataChannel>,
     u: Arc<RTCDataChannel>,
     /// Signaled when the reliable channel's queue drains below `DC_LOW`.
@@ -269,13 +275,23 @@ pub(crate) struct DirectTx {
 }
 
 impl DirectTx {
-    /// Wait while the reliable channel's queue is above `DC_HIGH` (app data only).
-    pub(crate) async fn wait_for_room(&self) {
+    /// The same channels?
+    pub(crate) fn same(&self, other: &DirectTx) -> bool {
+        Arc::ptr_eq(&self.r, &other.r)
+    }
+
+    /// Wait while the reliable channel's queue is above `DC_HIGH` (app data only). Returns
+    /// `false` as soon as `current()` says these channels are no longer the link's path: a dead
+    /// path's queue never drains (webrtc-rs lowers it only on the peer's acknowledgement).
+    pub(crate) async fn wait_for_room(&self, current: impl Fn() -> bool) -> bool {
         loop {
             // Registered before the check, so a drain in between is not missed.
             let drained = self.drained.notified();
+            if !current() {
+                return false;
+            }
             if self.r.buffered_amount().await <= DC_HIGH {
-                return;
+                return true;
             }
             // The timeout only guards against a drain event webrtc-rs might not deliver.
             let _ = tokio::time::timeout(std::time::Duration::from_millis(100), drained).await;
@@ -294,6 +310,7 @@ impl DirectTx {
 
 /// One PeerConnection generation of a link.
 pub(crate) struct Rtc {
+    gen: u32,
     pc: Arc<RTCPeerConnection>,
     r: Arc<RTCDataChannel>,
     u: Arc<RTCDataChannel>,
@@ -399,14 +416,10 @@ impl Rtc {
         }
     }
 
-    /// Send on one of the channels.
-    pub(crate) async fn send(&self, ch: Channel, data: &Bytes) -> Result<(), webrtc::Error> {
-        self.tx().send(ch, data).await
-    }
-
     /// The sending half, for senders outside the link task.
     pub(crate) fn tx(&self) -> DirectTx {
         DirectTx {
+            gen: self.gen,
             r: self.r.clone(),
             u: self.u.clone(),
             drained: self.drained.clone(),
