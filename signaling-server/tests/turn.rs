@@ -1003,3 +1003,42 @@ async fn relay_ports_stay_in_range() {
     assert!((1..=2).contains(&ok), "{ok}");
     turn.shutdown().await;
 }
+
+/// A PeerConnection keeps the credentials it started with: once they expire, its allocation
+/// must still be refreshable (and its permissions and channels renewable), while a new
+/// allocation with them is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_credentials_still_renew_their_own_allocation() {
+    let secret = "renew-secret";
+    let turn = start(TurnConfig {
+        secret: secret.into(),
+        allow_peers: vec!["127.0.0.0/8".parse().unwrap()],
+        ..loopback_config()
+    })
+    .await;
+    let server = turn.local_addr();
+    let (username, password) = rest_credentials(secret, &unique_user("renew"), now_unix() + 2);
+    let mut c = RawClient::new(server, &username, &password).await;
+    assert_success(&c.allocate().await, "allocate while valid");
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    assert_success(&c.refresh(600).await, "refresh with expired credentials");
+    let peer: SocketAddr = (LOCALHOST, 9).into();
+    assert_success(
+        &c.create_permission(peer).await,
+        "permission with expired credentials",
+    );
+    assert_success(
+        &c.channel_bind(0x4001, peer).await,
+        "channel with expired credentials",
+    );
+
+    // Another 5-tuple with the same expired credentials gets nothing.
+    let mut other = RawClient::new(server, &username, &password).await;
+    let r = other.allocate().await;
+    assert_eq!(
+        error_code(&r),
+        Some(401),
+        "new allocation with expired credentials"
+    );
+    assert_success(&c.refresh(0).await, "release");
+}

@@ -71,14 +71,20 @@ pub(crate) fn parse_rest_username(username: &str) -> Result<(u64, &str), CredErr
 
 /// The long-term credential key (`MD5(username:realm:password)`) for a REST username, or why it
 /// is refused.
+///
+/// `renewing`: the request comes from the 5-tuple of a live allocation of the same user, and is
+/// not an Allocate. Then expired credentials still count: a PeerConnection keeps the
+/// credentials it started with, and refusing its Refresh, CreatePermission and ChannelBind would
+/// kill a working relay path once per credential lifetime. New allocations need valid ones.
 pub(crate) fn rest_key(
     secret: &str,
     username: &str,
     realm: &str,
     now: u64,
+    renewing: bool,
 ) -> Result<Vec<u8>, CredError> {
     let (expiry, _) = parse_rest_username(username)?;
-    if expiry < now {
+    if expiry < now && !renewing {
         return Err(CredError::Expired(expiry));
     }
     let password = rest_password(secret, username);
@@ -90,6 +96,7 @@ pub(crate) fn rest_key(
 pub(crate) struct RestAuthHandler {
     pub(crate) secret: String,
     pub(crate) realm: String,
+    pub(crate) shared: std::sync::Weak<super::Shared>,
 }
 
 impl turn::auth::AuthHandler for RestAuthHandler {
@@ -102,7 +109,13 @@ impl turn::auth::AuthHandler for RestAuthHandler {
         if realm != self.realm {
             return Err(turn::Error::Other(format!("unknown realm {realm:?}")));
         }
-        rest_key(&self.secret, username, realm, now_unix()).map_err(|e| {
+        // The listener guard already refused expired credentials everywhere but on a live
+        // allocation's own 5-tuple (an Allocate from there gets 437 from turn).
+        let renewing = self
+            .shared
+            .upgrade()
+            .is_some_and(|s| s.owns_allocation(src_addr, username));
+        rest_key(&self.secret, username, realm, now_unix(), renewing).map_err(|e| {
             tracing::debug!(target: "peermesh_server::turn", %src_addr, username, "auth: {e}");
             turn::Error::Other(e.to_string())
         })

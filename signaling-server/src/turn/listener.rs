@@ -152,7 +152,8 @@ impl GuardedListener {
         if realm != self.shared.realm {
             return refuse_auth(format!("unknown realm {realm:?}"));
         }
-        let key = match rest_key(&self.shared.secret, &username, &realm, now_unix()) {
+        let renewing = method != METHOD_ALLOCATE && self.shared.owns_allocation(src, &username);
+        let key = match rest_key(&self.shared.secret, &username, &realm, now_unix(), renewing) {
             Ok(k) => k,
             Err(e) => return refuse_auth(e.to_string()),
         };

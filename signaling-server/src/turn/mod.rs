@@ -194,6 +194,17 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Whether `src` holds a live allocation of the user in `username` (any expiry).
+    pub(crate) fn owns_allocation(&self, src: SocketAddr, username: &str) -> bool {
+        let Ok((_, user)) = auth::parse_rest_username(username) else {
+            return false;
+        };
+        self.lock_book()
+            .live
+            .get(&src)
+            .is_some_and(|l| l.user == user)
+    }
+
     pub(crate) fn denied(&self, ip: IpAddr) -> bool {
         is_denied_peer(ip, &self.allow_peers)
     }
@@ -319,6 +330,7 @@ impl TurnServer {
             auth_handler: Arc::new(auth::RestAuthHandler {
                 secret: config.secret.clone(),
                 realm: config.realm.clone(),
+                shared: Arc::downgrade(&shared),
             }),
             channel_bind_timeout: CHANNEL_BIND_LIFETIME,
             alloc_close_notify: Some(close_tx),
