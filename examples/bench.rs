@@ -27,7 +27,9 @@
 //! Progress goes to stderr, the table to stdout. Every step has a time limit; a step that runs
 //! out of time is named and the program exits with status 1.
 
-use std::future::Future;
+mod support;
+use support::*;
+
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -36,7 +38,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use bytes::Bytes;
 use clap::Parser;
-use peermesh::{Client, ClientConfig, Event, Events, LinkStats, Path, PeerId, Reliability};
+use peermesh::{ClientConfig, Event, LinkStats, Path, Reliability};
 use peermesh_server::{Config as ServerConfig, Server};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
@@ -52,7 +54,6 @@ use webrtc::peer_connection::sdp::session_description::RTCSessionDescription;
 use webrtc::peer_connection::RTCPeerConnection;
 
 /// Size of the RTT probe messages.
-const PING_SIZE: usize = 32;
 /// Size of the throughput messages.
 const CHUNK: usize = 16 * 1024;
 
@@ -99,18 +100,6 @@ impl Params {
     }
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-/// Run `fut` with a time limit; errors name the step.
-async fn step<T>(name: &str, limit: Duration, fut: impl Future<Output = Result<T>>) -> Result<T> {
-    match tokio::time::timeout(limit, fut).await {
-        Ok(r) => r.with_context(|| format!("step `{name}` failed")),
-        Err(_) => bail!("step `{name}` timed out after {limit:?}"),
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // peermesh
 
@@ -123,83 +112,6 @@ struct PmRun {
     rtt_direct: Vec<f64>,
     mbps: f64,
     notes: Vec<String>,
-}
-
-async fn connect(
-    url: &str,
-    config: ClientConfig,
-    who: &str,
-    limit: Duration,
-) -> Result<(Client, Events)> {
-    step(&format!("connect {who}"), limit, async {
-        Ok(Client::connect(url, config).await?)
-    })
-    .await
-}
-
-/// Echo every reliable message back to its sender until the event stream ends.
-fn spawn_echo(client: Client, mut events: Events) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        while let Some(ev) = events.recv().await {
-            if let Event::Message {
-                from,
-                data,
-                reliability: Reliability::Reliable,
-            } = ev
-            {
-                if client
-                    .send(from, data, Reliability::Reliable)
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-            }
-        }
-    })
-}
-
-fn probe(n: usize) -> Bytes {
-    let mut buf = vec![0u8; PING_SIZE];
-    buf[..8].copy_from_slice(&(n as u64).to_le_bytes());
-    Bytes::from(buf)
-}
-
-/// Ping-pong `warmup + k` reliable probes to `peer` (which echoes them); returns the last `k`
-/// round-trip times in ms.
-async fn pm_ping_pong(
-    client: &Client,
-    peer: PeerId,
-    events: &mut Events,
-    p: &Params,
-) -> Result<Vec<f64>> {
-    let mut out = Vec::with_capacity(p.rtt_samples);
-    for n in 0..p.warmup + p.rtt_samples {
-        let payload = probe(n);
-        let t = Instant::now();
-        client
-            .send(peer, payload.clone(), Reliability::Reliable)
-            .await?;
-        loop {
-            match events
-                .recv()
-                .await
-                .ok_or_else(|| anyhow!("event stream ended"))?
-            {
-                Event::Message { from, data, .. } if from == peer => {
-                    ensure!(data == payload, "echo {n} does not match the probe");
-                    break;
-                }
-                Event::Disconnected { reason } => bail!("disconnected: {reason}"),
-                _ => {}
-            }
-        }
-        let rtt = ms(t.elapsed());
-        if n >= p.warmup {
-            out.push(rtt);
-        }
-    }
-    Ok(out)
 }
 
 /// Server-path RTT with a pair of clients that never go direct.
@@ -219,7 +131,7 @@ async fn pm_server_rtt(url: &str, i: usize, p: &Params) -> Result<Vec<f64>> {
     let rtt = step(
         "server-path RTT",
         p.step,
-        pm_ping_pong(&d, c_id, &mut ed, p),
+        ping_pong(&d, c_id, &mut ed, p.warmup, p.rtt_samples),
     )
     .await?;
     ensure!(
@@ -307,7 +219,7 @@ async fn peermesh_run(url: &str, i: usize, p: &Params) -> Result<PmRun> {
     let rtt_direct = step(
         "direct-path RTT",
         p.step,
-        pm_ping_pong(&b, a_id, &mut eb, p),
+        ping_pong(&b, a_id, &mut eb, p.warmup, p.rtt_samples),
     )
     .await?;
 
@@ -686,47 +598,6 @@ async fn bare_run(p: &Params) -> Result<BareRun> {
 
 // ---------------------------------------------------------------------------------------------
 // statistics and output
-
-#[derive(Clone, Copy)]
-struct Stat {
-    median: f64,
-    p95: f64,
-}
-
-fn stat(values: &[f64]) -> Option<Stat> {
-    if values.is_empty() {
-        return None;
-    }
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let median = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
-    // Nearest rank.
-    let rank = ((0.95 * n as f64).ceil() as usize).clamp(1, n);
-    Some(Stat {
-        median,
-        p95: v[rank - 1],
-    })
-}
-
-fn row(figure: &str, pm: Option<Stat>, bare: Option<Stat>, prec: usize) -> String {
-    let f = |x: Option<f64>| x.map_or_else(|| "–".to_string(), |x| format!("{x:.prec$}"));
-    let ratio = match (pm, bare) {
-        (Some(p), Some(b)) if b.median > 0.0 => format!("{:.2}", p.median / b.median),
-        _ => "–".to_string(),
-    };
-    format!(
-        "| {figure} | {} | {} | {} | {} | {ratio} |",
-        f(pm.map(|s| s.median)),
-        f(pm.map(|s| s.p95)),
-        f(bare.map(|s| s.median)),
-        f(bare.map(|s| s.p95)),
-    )
-}
 
 async fn run(args: Args) -> Result<()> {
     let p = Params {

@@ -30,10 +30,11 @@
 //!
 //! Progress goes to stderr, the table to stdout.
 
-use std::future::Future;
+mod support;
+use support::*;
+
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -41,7 +42,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use bytes::Bytes;
 use clap::Parser;
-use peermesh::{CandidateType, Client, ClientConfig, Event, Events, Path, PeerId, Reliability};
+use peermesh::{CandidateType, ClientConfig, Event, Path, Reliability};
 use peermesh_server::turn::{rest_credentials, TurnConfig, TurnHandle};
 use peermesh_server::{Config as ServerConfig, Server, ServerHandle, TurnMode};
 use stun::attributes::{
@@ -58,7 +59,6 @@ use stun::message::{
 };
 use stun::textattrs::TextAttribute;
 use stun::xoraddr::XorMappedAddress;
-use tokio::task::JoinHandle;
 
 /// Relay ports of our TURN service and of coturn (disjoint from the ones the tests use).
 const OUR_PORTS: (u16, u16) = (52000, 52199);
@@ -71,7 +71,6 @@ const TRIES: usize = 5;
 /// A message not echoed within this time counts as lost.
 const LOSS_TIMEOUT: Duration = Duration::from_millis(50);
 /// Size of the RTT probe messages and of the throughput messages of the relay-only pair.
-const PING_SIZE: usize = 32;
 const CHUNK: usize = 16 * 1024;
 
 #[derive(Parser, Debug)]
@@ -129,18 +128,6 @@ struct Params {
 impl Params {
     fn transfer_limit(&self) -> Duration {
         self.step + Duration::from_secs((self.bytes >> 20) as u64)
-    }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-/// Run `fut` with a time limit; errors name the step.
-async fn step<T>(name: &str, limit: Duration, fut: impl Future<Output = Result<T>>) -> Result<T> {
-    match tokio::time::timeout(limit, fut).await {
-        Ok(r) => r.with_context(|| format!("step `{name}` failed")),
-        Err(_) => bail!("step `{name}` timed out after {limit:?}"),
     }
 }
 
@@ -202,107 +189,7 @@ fn machine_busy_s() -> Option<f64> {
 // ---------------------------------------------------------------------------------------------
 // coturn (the command line of interop-tests/src/lib.rs)
 
-fn free_udp_port() -> Result<u16> {
-    Ok(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?
-        .local_addr()?
-        .port())
-}
-
-/// Send STUN Binding requests to `addr` until one is answered (or `timeout` passes).
-fn wait_for_stun(addr: SocketAddr, timeout: Duration) -> Result<bool> {
-    let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
-    sock.set_read_timeout(Some(Duration::from_millis(100)))?;
-    // Binding request: type 0x0001, length 0, magic cookie, 12-byte transaction id.
-    let mut req = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xA4, 0x42];
-    req.extend_from_slice(b"peermeshbnch");
-    let deadline = Instant::now() + timeout;
-    let mut buf = [0u8; 1500];
-    while Instant::now() < deadline {
-        let _ = sock.send_to(&req, addr);
-        if let Ok((n, _)) = sock.recv_from(&mut buf) {
-            if n >= 20 && buf[0] == 0x01 && buf[1] == 0x01 {
-                return Ok(true);
-            }
-        }
-    }
-    Ok(false)
-}
-
-/// A foreground coturn on 127.0.0.1 with REST credentials, loopback peers allowed. Killed (and
-/// its files removed) on drop.
-struct Coturn {
-    child: Child,
-    dir: PathBuf,
-    addr: SocketAddr,
-    secret: String,
-}
-
-impl Coturn {
-    fn start(relay_ports: (u16, u16)) -> Result<Coturn> {
-        let port = free_udp_port()?;
-        let dir =
-            std::env::temp_dir().join(format!("peermesh-bench-turn-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let secret = format!("bench-secret-{port}");
-        let spawned = Command::new("turnserver")
-            .args([
-                "-n",
-                "--listening-ip=127.0.0.1",
-                "--relay-ip=127.0.0.1",
-                &format!("--listening-port={port}"),
-                &format!("--min-port={}", relay_ports.0),
-                &format!("--max-port={}", relay_ports.1),
-                "--no-tls",
-                "--no-dtls",
-                "--no-cli",
-                "--use-auth-secret",
-                &format!("--static-auth-secret={secret}"),
-                "--realm=test.local",
-                "--fingerprint",
-                "--allow-loopback-peers",
-                &format!("--db={}", dir.join("turndb.sqlite").display()),
-                &format!("--pidfile={}", dir.join("turn.pid").display()),
-                "--log-file=stdout",
-                "--simple-log",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let child = match spawned {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                bail!("starting turnserver (Debian package coturn): {e}");
-            }
-        };
-        let coturn = Coturn {
-            child,
-            dir,
-            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-            secret,
-        };
-        // On failure `coturn` is dropped here, which kills the process.
-        ensure!(
-            wait_for_stun(coturn.addr, Duration::from_secs(10))?,
-            "coturn did not answer STUN on {} within 10 s",
-            coturn.addr
-        );
-        Ok(coturn)
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Coturn {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+use peermesh_interop_tests::Coturn;
 
 // ---------------------------------------------------------------------------------------------
 // load generator: a minimal blocking TURN client (UDP, ChannelData)
@@ -846,86 +733,6 @@ struct PairRun {
     mbps: f64,
 }
 
-async fn connect(
-    url: &str,
-    config: ClientConfig,
-    who: &str,
-    limit: Duration,
-) -> Result<(Client, Events)> {
-    step(&format!("connect {who}"), limit, async {
-        Ok(Client::connect(url, config).await?)
-    })
-    .await
-}
-
-/// Echo every reliable message back to its sender until the event stream ends.
-fn spawn_echo(client: Client, mut events: Events) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        while let Some(ev) = events.recv().await {
-            if let Event::Message {
-                from,
-                data,
-                reliability: Reliability::Reliable,
-            } = ev
-            {
-                if client
-                    .send(from, data, Reliability::Reliable)
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-            }
-        }
-    })
-}
-
-fn probe(n: usize) -> Bytes {
-    let mut buf = vec![0u8; PING_SIZE];
-    buf[..8].copy_from_slice(&(n as u64).to_le_bytes());
-    Bytes::from(buf)
-}
-
-/// Ping-pong `warmup + k` reliable probes to `peer` (which echoes them); returns the last `k`
-/// round-trip times in ms.
-async fn ping_pong(
-    client: &Client,
-    peer: PeerId,
-    events: &mut Events,
-    p: &Params,
-) -> Result<Vec<f64>> {
-    let mut out = Vec::with_capacity(p.rtt_samples);
-    for n in 0..p.warmup + p.rtt_samples {
-        let payload = probe(n);
-        let t = Instant::now();
-        client
-            .send(peer, payload.clone(), Reliability::Reliable)
-            .await?;
-        loop {
-            match events
-                .recv()
-                .await
-                .ok_or_else(|| anyhow!("event stream ended"))?
-            {
-                Event::Message { from, data, .. } if from == peer => {
-                    ensure!(data == payload, "echo {n} does not match the probe");
-                    break;
-                }
-                Event::PathChanged { peer: q, path } if q == peer => {
-                    bail!("path changed to {path} during the RTT step")
-                }
-                Event::Disconnected { reason } => bail!("disconnected: {reason}"),
-                _ => {}
-            }
-        }
-        let rtt = ms(t.elapsed());
-        if n >= p.warmup {
-            out.push(rtt);
-        }
-    }
-    Ok(out)
-}
-
 const RELAY: Path = Path::Direct {
     local: CandidateType::Relay,
     remote: CandidateType::Relay,
@@ -984,7 +791,12 @@ async fn pair_run(url: &str, label: &str, p: &Params) -> Result<PairRun> {
     // ---- RTT: B pings, A's event loop echoes ----
     ensure!(b.path(a_id)? == RELAY, "B is not on the relay path");
     let echo = spawn_echo(a.clone(), ea);
-    let rtt = step("relay-path RTT", p.step, ping_pong(&b, a_id, &mut eb, p)).await?;
+    let rtt = step(
+        "relay-path RTT",
+        p.step,
+        ping_pong(&b, a_id, &mut eb, p.warmup, p.rtt_samples),
+    )
+    .await?;
 
     // ---- throughput: A → B ----
     let msg = Bytes::from(vec![0x5a; CHUNK]);
@@ -1042,47 +854,6 @@ async fn pair_run(url: &str, label: &str, p: &Params) -> Result<PairRun> {
 
 // ---------------------------------------------------------------------------------------------
 // statistics and output
-
-#[derive(Clone, Copy)]
-struct Stat {
-    median: f64,
-    p95: f64,
-}
-
-fn stat(values: &[f64]) -> Option<Stat> {
-    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let median = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
-    // Nearest rank.
-    let rank = ((0.95 * n as f64).ceil() as usize).clamp(1, n);
-    Some(Stat {
-        median,
-        p95: v[rank - 1],
-    })
-}
-
-fn row(figure: &str, ours: Option<Stat>, coturn: Option<Stat>, prec: usize) -> String {
-    let f = |x: Option<f64>| x.map_or_else(|| "–".to_string(), |x| format!("{x:.prec$}"));
-    let ratio = match (ours, coturn) {
-        (Some(o), Some(c)) if c.median > 0.0 => format!("{:.2}", o.median / c.median),
-        _ => "–".to_string(),
-    };
-    format!(
-        "| {figure} | {} | {} | {} | {} | {ratio} |",
-        f(ours.map(|s| s.median)),
-        f(ours.map(|s| s.p95)),
-        f(coturn.map(|s| s.median)),
-        f(coturn.map(|s| s.p95)),
-    )
-}
 
 /// All measurements of one TURN server.
 #[derive(Default)]
@@ -1147,9 +918,10 @@ async fn run(args: Args) -> Result<()> {
         .turn()
         .ok_or_else(|| anyhow!("the server has no embedded TURN"))?
         .clone();
-    let coturn = tokio::task::spawn_blocking(|| Coturn::start(COTURN_PORTS))
-        .await
-        .context("coturn start task")??;
+    let coturn =
+        tokio::task::spawn_blocking(|| Coturn::try_start(COTURN_PORTS).map_err(anyhow::Error::msg))
+            .await
+            .context("coturn start task")??;
     let coturn_server = if p.coturn_pair {
         Some(
             step(

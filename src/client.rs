@@ -106,10 +106,12 @@ impl ClientConfig {
         self
     }
 
-    /// Bytes of reliable data per link that may be sent but not yet acknowledged; `send` waits
-    /// and `try_send` fails with [`Error::WouldBlock`] beyond it. Also caps the message size.
+    /// Bytes of reliable data per link that may be sent but not yet acknowledged (64 KiB to
+    /// 16 MiB; each fragment also costs 64 bytes of it); `send` waits and `try_send` fails with
+    /// [`Error::WouldBlock`] beyond it. Also caps the message size. The peer's reorder buffer is
+    /// sized for a 16 MiB window.
     pub fn with_send_window(mut self, bytes: usize) -> Self {
-        self.send_window = bytes.clamp(64 << 10, u32::MAX as usize >> 1);
+        self.send_window = bytes.clamp(64 << 10, 16 << 20);
         self.max_message_size = self.max_message_size.min(self.send_window);
         self
     }

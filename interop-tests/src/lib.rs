@@ -46,12 +46,17 @@ pub struct Coturn {
 }
 
 impl Coturn {
-    /// Start coturn with relay ports `min..=max`.
+    /// Start coturn with relay ports `min..=max`; panics if it cannot (for tests).
     pub fn start(relay_ports: (u16, u16)) -> Coturn {
+        Coturn::try_start(relay_ports).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Start coturn with relay ports `min..=max`.
+    pub fn try_start(relay_ports: (u16, u16)) -> Result<Coturn, String> {
         let port = free_udp_port();
         let dir =
             std::env::temp_dir().join(format!("peermesh-coturn-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let secret = format!("secret-{port}");
         let child = Command::new("turnserver")
             .args([
@@ -74,10 +79,17 @@ impl Coturn {
                 "--log-file=stdout",
                 "--simple-log",
             ])
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .spawn()
-            .expect("turnserver (Debian package coturn) must be installed");
+            .spawn();
+        let child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(format!("starting turnserver (Debian package coturn): {e}"));
+            }
+        };
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let coturn = Coturn {
             child,
@@ -85,11 +97,16 @@ impl Coturn {
             addr,
             secret,
         };
-        assert!(
-            wait_for_stun(addr, Duration::from_secs(10)),
-            "coturn did not answer STUN on {addr}"
-        );
-        coturn
+        // On failure `coturn` is dropped here, which kills the process.
+        if !wait_for_stun(addr, Duration::from_secs(10)) {
+            return Err(format!("coturn did not answer STUN on {addr} within 10 s"));
+        }
+        Ok(coturn)
+    }
+
+    /// Process id of the turnserver.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// `turn:` URL of this server.

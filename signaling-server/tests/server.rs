@@ -817,7 +817,7 @@ async fn binary_serves_and_stops_on_sigterm() {
 
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_peermesh-server"))
+    let child = Command::new(env!("CARGO_BIN_EXE_peermesh-server"))
         .args([
             "--listen",
             &addr,
@@ -831,7 +831,9 @@ async fn binary_serves_and_stops_on_sigterm() {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn server binary");
-    let stdout = child.stdout.take().unwrap();
+    // Killed and reaped however the test ends.
+    let mut child = KillOnDrop(child);
+    let stdout = child.0.stdout.take().unwrap();
     let (line_tx, line_rx) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stdout)
@@ -878,21 +880,31 @@ async fn binary_serves_and_stops_on_sigterm() {
 
     // SIGTERM: the open session is closed with 1001 and the process exits 0.
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status()
         .expect("run kill");
     assert!(status.success());
     assert_eq!(c.expect_closed().await, Some(1001));
     let deadline = Instant::now() + Duration::from_secs(5);
     let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = child.0.try_wait().unwrap() {
             break status;
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
+            let _ = child.0.kill();
             panic!("server did not exit within 5 s of SIGTERM");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "exit status {status:?}");
+}
+
+/// A child process that is killed and reaped when dropped (also when a test panics).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
