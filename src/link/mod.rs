@@ -103,6 +103,8 @@ struct LinkShared {
     /// Control input to the link task.
     ctl: mpsc::UnboundedSender<LinkInput>,
     window: Semaphore,
+    /// Total permits of `window`.
+    window_size: usize,
     send: Mutex<SendState>,
     events: mpsc::Sender<Event>,
     /// Receiving state. An async lock, held while delivering events, so the two paths' frames
@@ -366,7 +368,11 @@ impl LinkShared {
             return;
         }
         for frame in p.frames {
-            if let Some(d) = &p.direct {
+            // What SCTP has queued is part of what we have not had acknowledged, so its queue
+            // can only be over the high mark when that is; only then ask the channel (which
+            // takes webrtc-rs's locks).
+            let unacked = self.window_size - self.window.available_permits();
+            if let Some(d) = p.direct.as_ref().filter(|_| unacked > rtc::DC_HIGH) {
                 let current = || self.lock_send().direct.as_ref().is_some_and(|c| c.same(d));
                 if !d.wait_for_room(current).await {
                     // The direct path went away: its downgrade re-sends every unacknowledged
@@ -508,6 +514,7 @@ impl LinkHandle {
             ws_tx: ctx.ws_tx.clone(),
             ctl: tx.clone(),
             window: Semaphore::new(ctx.window),
+            window_size: ctx.window,
             send: Mutex::new(SendState {
                 next_seq: 1,
                 unacked: VecDeque::new(),

@@ -33,7 +33,7 @@ use crate::{CandidatePair, CandidateType};
 /// App data waits while more than this is queued in the reliable channel, and resumes when it
 /// drains below the low mark. Our send window (8 MiB) would otherwise all sit in SCTP's queue,
 /// which slows webrtc-rs's SCTP and delays acks and probes queued behind it.
-const DC_HIGH: usize = 1 << 20;
+pub(crate) const DC_HIGH: usize = 1 << 20;
 const DC_LOW: usize = 512 << 10;
 
 /// Data channel labels and pre-negotiated stream ids (both sides create them identically).
