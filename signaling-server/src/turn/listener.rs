@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -18,10 +18,11 @@ use stun::integrity::MessageIntegrity;
 use stun::message::*;
 use stun::textattrs::TextAttribute;
 use tokio::net::UdpSocket;
-use tokio_util::sync::CancellationToken;
+
 use webrtc_util::Conn;
 
 use super::auth::{now_unix, parse_rest_username, rest_key};
+use super::socket::ClosableUdp;
 use super::wire;
 use super::{Live, Pending, Shared, LOG};
 
@@ -46,37 +47,23 @@ enum Verdict {
 
 /// The listening socket as seen by the turn server.
 pub(crate) struct GuardedListener {
-    socket: RwLock<Option<Arc<UdpSocket>>>,
+    socket: ClosableUdp,
     local: SocketAddr,
-    closed: CancellationToken,
     shared: Arc<Shared>,
 }
 
 impl GuardedListener {
     pub(crate) fn new(socket: UdpSocket, local: SocketAddr, shared: Arc<Shared>) -> Self {
         GuardedListener {
-            socket: RwLock::new(Some(Arc::new(socket))),
+            socket: ClosableUdp::new(socket, format!("listener {local}")),
             local,
-            closed: CancellationToken::new(),
             shared,
         }
     }
 
-    fn socket(&self) -> webrtc_util::Result<Arc<UdpSocket>> {
-        self.socket
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .ok_or(webrtc_util::Error::ErrUseClosedNetworkConn)
-    }
-
     /// Really closes the listener (the turn crate's `close` is ignored, see [`Conn::close`]).
     pub(crate) fn shut(&self) {
-        self.closed.cancel();
-        self.socket
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        self.socket.shut();
     }
 
     fn inspect(&self, buf: &mut [u8], src: SocketAddr) -> Verdict {
@@ -408,28 +395,13 @@ impl Conn for GuardedListener {
     }
 
     async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
-        let socket = self.socket()?;
         loop {
-            let r = tokio::select! {
-                r = socket.recv_from(buf) => r,
-                _ = self.closed.cancelled() => {
-                    return Err(webrtc_util::Error::ErrUseClosedNetworkConn)
-                }
-            };
-            let (n, src) = match r {
-                Ok(v) => v,
-                Err(e) => {
-                    // An error would end the turn server's read loop for good: log and go on.
-                    tracing::debug!(target: LOG, "listener receive error: {e}");
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                    continue;
-                }
-            };
+            let (n, src) = self.socket.recv_from(buf).await?;
             match self.inspect(&mut buf[..n], src) {
                 Verdict::Pass => return Ok((n, src)),
                 Verdict::Drop => {}
                 Verdict::Reply(r) => {
-                    if let Err(e) = socket.send_to(&r, src).await {
+                    if let Err(e) = self.socket.get()?.send_to(&r, src).await {
                         tracing::debug!(target: LOG, client = %src, "sending answer: {e}");
                     }
                 }
@@ -444,7 +416,7 @@ impl Conn for GuardedListener {
     }
 
     async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
-        let socket = self.socket()?;
+        let socket = self.socket.get()?;
         self.observe_outbound(buf, target);
         Ok(socket.send_to(buf, target).await?)
     }

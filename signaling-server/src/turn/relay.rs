@@ -4,16 +4,14 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use tokio::net::UdpSocket;
-use tokio_util::sync::CancellationToken;
+
 use turn::relay::RelayAddressGenerator;
 use webrtc_util::Conn;
 
-use super::socket::bind_udp;
+use super::socket::{bind_udp, ClosableUdp};
 use super::{Shared, LOG};
 
 /// Random ports tried before sweeping the whole range.
@@ -21,29 +19,16 @@ const RANDOM_TRIES: usize = 32;
 
 /// The relay socket of one allocation.
 pub(crate) struct RelayConn {
-    socket: RwLock<Option<Arc<UdpSocket>>>,
+    socket: ClosableUdp,
     local: SocketAddr,
-    closed: CancellationToken,
     shared: Arc<Shared>,
 }
 
 impl RelayConn {
-    fn socket(&self) -> webrtc_util::Result<Arc<UdpSocket>> {
-        self.socket
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .ok_or(webrtc_util::Error::ErrUseClosedNetworkConn)
-    }
-
     /// Closes the socket; pending and later receives fail (which ends the allocation's
     /// packet handler in the turn crate).
     pub(crate) fn shut(&self) {
-        self.closed.cancel();
-        self.socket
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        self.socket.shut();
     }
 }
 
@@ -60,34 +45,17 @@ impl Conn for RelayConn {
     }
 
     async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
-        let socket = self.socket()?;
         loop {
-            let r = tokio::select! {
-                r = socket.recv_from(buf) => r,
-                _ = self.closed.cancelled() => {
-                    return Err(webrtc_util::Error::ErrUseClosedNetworkConn)
-                }
-            };
-            match r {
-                Ok((n, src)) => {
-                    if self.shared.denied(src.ip()) {
-                        self.shared
-                            .counters
-                            .refused_peer
-                            .fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(target: LOG, relay = %self.local, peer = %src,
-                            "dropped {n} bytes from a denied peer");
-                        continue;
-                    }
-                    return Ok((n, src));
-                }
-                Err(e) => {
-                    // The turn crate drops the allocation (without telling anyone) on a receive
-                    // error, so transient errors (ICMP-induced ones, say) are only logged.
-                    tracing::debug!(target: LOG, relay = %self.local, "relay receive error: {e}");
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
+            let (n, src) = self.socket.recv_from(buf).await?;
+            if !self.shared.denied(src.ip()) {
+                return Ok((n, src));
             }
+            self.shared
+                .counters
+                .refused_peer
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(target: LOG, relay = %self.local, peer = %src,
+                "dropped {n} bytes from a denied peer");
         }
     }
 
@@ -108,7 +76,7 @@ impl Conn for RelayConn {
             // Pretend success: the turn crate would only log an error.
             return Ok(buf.len());
         }
-        let n = self.socket()?.send_to(buf, target).await?;
+        let n = self.socket.get()?.send_to(buf, target).await?;
         let c = &self.shared.counters;
         c.to_peer_packets.fetch_add(1, Ordering::Relaxed);
         c.to_peer_bytes.fetch_add(n as u64, Ordering::Relaxed);
@@ -155,9 +123,8 @@ impl RelayGenerator {
                 "relay socket bound");
         }
         let conn = Arc::new(RelayConn {
-            socket: RwLock::new(Some(Arc::new(bound.socket))),
+            socket: ClosableUdp::new(bound.socket, format!("relay {local}")),
             local,
-            closed: CancellationToken::new(),
             shared: Arc::clone(&self.shared),
         });
         self.shared.register_relay(&conn);

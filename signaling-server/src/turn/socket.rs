@@ -2,9 +2,14 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+
+use super::LOG;
 
 /// A bound, non-blocking UDP socket registered with tokio.
 pub(crate) struct BoundUdp {
@@ -34,4 +39,64 @@ pub(crate) fn bind_udp(addr: SocketAddr, buffer_bytes: usize) -> io::Result<Boun
         rcvbuf,
         sndbuf,
     })
+}
+
+/// A UDP socket the turn crate reads in a loop. `shut` closes it for good (and releases the
+/// port once in-flight operations end); until then receive errors are logged and retried,
+/// because the turn crate ends its read loop — and silently drops allocations — on any error.
+pub(crate) struct ClosableUdp {
+    socket: RwLock<Option<Arc<UdpSocket>>>,
+    closed: CancellationToken,
+    /// For logs: what this socket is ("listener", "relay 127.0.0.1:50000").
+    what: String,
+}
+
+impl ClosableUdp {
+    pub(crate) fn new(socket: UdpSocket, what: String) -> Self {
+        ClosableUdp {
+            socket: RwLock::new(Some(Arc::new(socket))),
+            closed: CancellationToken::new(),
+            what,
+        }
+    }
+
+    /// The socket, unless shut.
+    pub(crate) fn get(&self) -> webrtc_util::Result<Arc<UdpSocket>> {
+        self.socket
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or(webrtc_util::Error::ErrUseClosedNetworkConn)
+    }
+
+    /// Close for good: pending and later receives fail.
+    pub(crate) fn shut(&self) {
+        self.closed.cancel();
+        self.socket
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+
+    /// The next datagram; an error only once shut.
+    pub(crate) async fn recv_from(
+        &self,
+        buf: &mut [u8],
+    ) -> webrtc_util::Result<(usize, SocketAddr)> {
+        let socket = self.get()?;
+        loop {
+            tokio::select! {
+                r = socket.recv_from(buf) => match r {
+                    Ok(v) => return Ok(v),
+                    Err(e) => {
+                        tracing::debug!(target: LOG, socket = %self.what, "receive error: {e}");
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                },
+                _ = self.closed.cancelled() => {
+                    return Err(webrtc_util::Error::ErrUseClosedNetworkConn)
+                }
+            }
+        }
+    }
 }
