@@ -515,7 +515,7 @@ impl Client {
 
     /// Counters of the link to `peer`.
     pub fn link_stats(&self, peer: PeerId) -> Result<LinkStats> {
-        self.with_link(peer, |h| h.status().stats)
+        self.with_link(peer, |h| h.stats())
     }
 
     fn with_link<T>(&self, peer: PeerId, f: impl FnOnce(&LinkHandle) -> T) -> Result<T> {

@@ -80,13 +80,14 @@ async fn direct_path_cut_falls_back_to_server_and_returns_without_loss() {
             .with_loopback_only(true)
             .with_udp_ports(PORTS.0, PORTS.1)
     };
-    let (a, mut ae) = client_with(&server, cfg("a")).await;
-    let (b, mut be) = client_with(&server, cfg("b")).await;
-    a.join("g").await.unwrap();
-    b.join("g").await.unwrap();
+    let DirectPair {
+        a,
+        mut ae,
+        b,
+        mut be,
+        ..
+    } = direct_pair(&server, cfg).await;
     let (ia, ib) = (a.peer_id(), b.peer_id());
-    wait_direct(&mut ae, ib).await;
-    wait_direct(&mut be, ia).await;
     let pair = a.candidate_pair(ib).unwrap().expect("direct pair");
     assert!((PORTS.0..=PORTS.1).contains(&pair.local.port()), "{pair:?}");
     // Nobody reads a's events from here on; keep its queue drained.
@@ -186,13 +187,14 @@ async fn cut_with_a_full_send_queue_loses_nothing() {
             .with_loopback_only(true)
             .with_udp_ports(BULK_PORTS.0, BULK_PORTS.1)
     };
-    let (a, mut ae) = client_with(&server, cfg("a")).await;
-    let (b, mut be) = client_with(&server, cfg("b")).await;
-    a.join("g").await.unwrap();
-    b.join("g").await.unwrap();
+    let DirectPair {
+        a,
+        mut ae,
+        b,
+        mut be,
+        ..
+    } = direct_pair(&server, cfg).await;
     let (ia, ib) = (a.peer_id(), b.peer_id());
-    wait_direct(&mut ae, ib).await;
-    wait_direct(&mut be, ia).await;
     tokio::spawn(async move { while ae.recv().await.is_some() {} });
 
     const N: u32 = 1500; // 24 MiB of 16 KiB messages

@@ -32,8 +32,14 @@ async fn relay_only_pair_through_our_turn_delivers_10000_in_order() {
             .with_loopback_only(true)
             .with_relay_only(true)
     };
-    let (a, mut ae) = client_with(&server, cfg("a")).await;
-    let (b, mut be) = client_with(&server, cfg("b")).await;
+    let DirectPair {
+        a,
+        b,
+        mut be,
+        a_path,
+        b_path,
+        ..
+    } = direct_pair(&server, cfg).await;
     // Every client got a turn: URL with credentials for our service.
     let servers = a.ice_servers();
     let turn_entry = servers
@@ -43,15 +49,12 @@ async fn relay_only_pair_through_our_turn_delivers_10000_in_order() {
     assert!(turn_entry.urls[0].contains(&turn.local_addr().port().to_string()));
     assert!(turn_entry.username.is_some() && turn_entry.credential.is_some());
 
-    a.join("g").await.unwrap();
-    b.join("g").await.unwrap();
     let (ia, ib) = (a.peer_id(), b.peer_id());
     let relay = Path::Direct {
         local: CandidateType::Relay,
         remote: CandidateType::Relay,
     };
-    assert_eq!(wait_direct(&mut ae, ib).await, relay);
-    assert_eq!(wait_direct(&mut be, ia).await, relay);
+    assert_eq!((a_path, b_path), (relay, relay));
 
     let before = b.link_stats(ia).unwrap();
     let sender = {

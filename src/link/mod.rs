@@ -110,9 +110,24 @@ struct LinkShared {
     /// Receiving state. An async lock, held while delivering events, so the two paths' frames
     /// (handled by the link task and by the data channel's read loop) are delivered in order.
     recv: tokio::sync::Mutex<RecvState>,
+    counters: Counters,
+}
+
+/// Counters updated where the events happen (data channel read loop, link task); read by
+/// [`LinkHandle::status`]. The send counters live in [`SendState`], under its lock.
+#[derive(Default)]
+struct Counters {
     recv_server: AtomicU64,
     recv_direct: AtomicU64,
     duplicates: AtomicU64,
+    path_changes: AtomicU64,
+    candidates_host: AtomicU64,
+    candidates_srflx: AtomicU64,
+    candidates_relay: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Receiving state of a link.
@@ -144,12 +159,11 @@ impl LinkShared {
         };
         match decoded {
             LinkFrame::Data { seq, fin, bytes } => {
-                let counter = if direct {
-                    &self.recv_direct
+                bump(if direct {
+                    &self.counters.recv_direct
                 } else {
-                    &self.recv_server
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
+                    &self.counters.recv_server
+                });
                 let payload = frame.slice_ref(bytes);
                 self.on_data(seq, fin, payload).await;
             }
@@ -187,7 +201,7 @@ impl LinkShared {
         let mut guard = self.recv.lock().await;
         let r = &mut *guard;
         if seq <= r.delivered || r.reorder.contains_key(&seq) {
-            self.duplicates.fetch_add(1, Ordering::Relaxed);
+            bump(&self.counters.duplicates);
             // The sender may be re-sending because our ack was lost with the path: ack again.
             r.ack_due = true;
         } else if seq != r.delivered + 1 {
@@ -478,7 +492,6 @@ pub(crate) struct LinkStatus {
     pub path: Path,
     pub pair: Option<CandidatePair>,
     pub rtt: Option<Duration>,
-    pub stats: LinkStats,
 }
 
 /// What every link of a client shares.
@@ -525,9 +538,7 @@ impl LinkHandle {
             }),
             events: ctx.events.clone(),
             recv: tokio::sync::Mutex::new(RecvState::default()),
-            recv_server: AtomicU64::new(0),
-            recv_direct: AtomicU64::new(0),
-            duplicates: AtomicU64::new(0),
+            counters: Counters::default(),
         });
         let handle = LinkHandle {
             peer,
@@ -563,7 +574,6 @@ impl LinkHandle {
             next_ping: 1,
             pings: VecDeque::new(),
             rtt: None,
-            stats: LinkStats::default(),
         };
         tokio::spawn(task.run(rx));
         handle
@@ -645,15 +655,25 @@ impl LinkHandle {
     }
 
     pub(crate) fn status(&self) -> LinkStatus {
-        let mut status = self.status.lock().expect("link status lock").clone();
+        self.status.lock().expect("link status lock").clone()
+    }
+
+    pub(crate) fn stats(&self) -> LinkStats {
+        let c = &self.shared.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let send = self.shared.lock_send();
-        status.stats.sent_server = send.sent_server;
-        status.stats.sent_direct = send.sent_direct;
-        status.stats.resent = send.resent;
-        status.stats.recv_server = self.shared.recv_server.load(Ordering::Relaxed);
-        status.stats.recv_direct = self.shared.recv_direct.load(Ordering::Relaxed);
-        status.stats.duplicates = self.shared.duplicates.load(Ordering::Relaxed);
-        status
+        LinkStats {
+            sent_server: send.sent_server,
+            sent_direct: send.sent_direct,
+            recv_server: get(&c.recv_server),
+            recv_direct: get(&c.recv_direct),
+            resent: send.resent,
+            duplicates: get(&c.duplicates),
+            path_changes: get(&c.path_changes),
+            candidates_host: get(&c.candidates_host),
+            candidates_srflx: get(&c.candidates_srflx),
+            candidates_relay: get(&c.candidates_relay),
+        }
     }
 }
 
@@ -730,7 +750,6 @@ struct LinkTask {
     next_ping: u64,
     pings: VecDeque<(u64, Instant)>,
     rtt: Option<Duration>,
-    stats: LinkStats,
 }
 
 impl LinkTask {
@@ -765,7 +784,6 @@ impl LinkTask {
                 }
                 _ = ping.tick() => self.send_ping().await,
             }
-            self.publish();
         }
         if let Some(rtc) = self.rtc.take() {
             rtc.close();
@@ -777,7 +795,6 @@ impl LinkTask {
         s.path = self.path;
         s.pair = self.pair;
         s.rtt = self.rtt;
-        s.stats = self.stats;
     }
 
     async fn handle(&mut self, input: LinkInput) {
@@ -796,6 +813,7 @@ impl LinkTask {
                         None => sample,
                         Some(old) => (old * 7 + sample) / 8,
                     });
+                    self.publish();
                 }
             }
             LinkInput::Ready(gen) => {
@@ -850,31 +868,29 @@ impl LinkTask {
 
     // ---- receiving ----
 
-    async fn emit(&self, event: Event) {
-        // Counters and path as seen by the app are never behind the events it has read.
-        self.publish();
-        // The app dropped its event stream: nobody is listening any more.
-        let _ = self.ctx.events.send(event).await;
-    }
-
     // ---- path ----
 
+    /// Take `path` (with `self.pair` already set for it) and publish; tell the app if the path
+    /// changed.
     async fn set_path(&mut self, path: Path) {
         if self.path == path {
+            // The pair may have changed under the same candidate types.
+            self.publish();
             return;
         }
         self.path = path;
-        self.stats.path_changes += 1;
+        bump(&self.shared.counters.path_changes);
         // RTT samples of one path say nothing about the other.
         self.rtt = None;
         self.pings.clear();
         self.publish();
         tracing::debug!(peer = self.peer, %path, "path changed");
-        self.emit(Event::PathChanged {
-            peer: self.peer,
-            path,
-        })
-        .await;
+        self.shared
+            .emit(Event::PathChanged {
+                peer: self.peer,
+                path,
+            })
+            .await;
     }
 
     async fn maybe_upgrade(&mut self) {
@@ -1092,9 +1108,9 @@ impl LinkTask {
             RtcEvent::Candidate(candidate) => {
                 let line = candidate["candidate"].as_str().unwrap_or_default();
                 match rtc::parse_candidate(line).map(|(_, t)| t) {
-                    Some(CandidateType::Host) => self.stats.candidates_host += 1,
-                    Some(CandidateType::Srflx) => self.stats.candidates_srflx += 1,
-                    Some(CandidateType::Relay) => self.stats.candidates_relay += 1,
+                    Some(CandidateType::Host) => bump(&self.shared.counters.candidates_host),
+                    Some(CandidateType::Srflx) => bump(&self.shared.counters.candidates_srflx),
+                    Some(CandidateType::Relay) => bump(&self.shared.counters.candidates_relay),
                     _ => {}
                 }
                 let gen = self.gen;

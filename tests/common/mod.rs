@@ -92,3 +92,34 @@ pub fn init_log() {
         .with_test_writer()
         .try_init();
 }
+
+/// Two clients made with `config` that join group "g" and wait until each sees a direct path to
+/// the other. Returns them with the path each side reported.
+pub struct DirectPair {
+    pub a: Client,
+    pub ae: Events,
+    pub b: Client,
+    pub be: Events,
+    pub a_path: Path,
+    pub b_path: Path,
+}
+
+pub async fn direct_pair(
+    server: &ServerHandle,
+    config: impl Fn(&str) -> ClientConfig,
+) -> DirectPair {
+    let (a, mut ae) = client_with(server, config("a")).await;
+    let (b, mut be) = client_with(server, config("b")).await;
+    a.join("g").await.unwrap();
+    b.join("g").await.unwrap();
+    let a_path = wait_direct(&mut ae, b.peer_id()).await;
+    let b_path = wait_direct(&mut be, a.peer_id()).await;
+    DirectPair {
+        a,
+        ae,
+        b,
+        be,
+        a_path,
+        b_path,
+    }
+}
