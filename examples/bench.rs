@@ -55,7 +55,6 @@ use webrtc::peer_connection::RTCPeerConnection;
 
 /// Size of the RTT probe messages.
 /// Size of the throughput messages.
-const CHUNK: usize = 16 * 1024;
 
 #[derive(Parser, Debug)]
 #[command(about = "Loopback benchmark: peermesh vs bare webrtc-rs")]
@@ -224,44 +223,17 @@ async fn peermesh_run(url: &str, i: usize, p: &Params) -> Result<PmRun> {
     .await?;
 
     // ---- direct-path throughput: A → B ----
-    let msg = Bytes::from(vec![0x5a; CHUNK]);
-    let count = p.bytes / CHUNK;
-    let total = count * CHUNK;
-    let t = Instant::now();
-    let sender = {
-        let a = a.clone();
-        tokio::spawn(async move {
-            for _ in 0..count {
-                a.send(b_id, msg.clone(), Reliability::Reliable).await?;
-            }
-            Ok::<_, peermesh::Error>(())
-        })
-    };
-    let mut got = 0usize;
-    step("direct-path throughput", p.transfer_limit(), async {
-        while got < total {
-            match eb
-                .recv()
-                .await
-                .ok_or_else(|| anyhow!("B's event stream ended"))?
-            {
-                Event::Message { from, data, .. } if from == a_id => got += data.len(),
-                Event::PathChanged { peer, path } if peer == a_id => notes.push(format!(
-                    "B's path to A changed to {path} during the transfer"
-                )),
-                Event::Disconnected { reason } => bail!("disconnected: {reason}"),
-                _ => {}
-            }
-        }
-        Ok(())
-    })
+    let mbps = transfer(
+        &a,
+        a_id,
+        b_id,
+        &mut eb,
+        p.bytes,
+        "direct-path throughput",
+        p.transfer_limit(),
+        p.step,
+    )
     .await?;
-    let secs = t.elapsed().as_secs_f64();
-    step("throughput sender finishes", p.step, async {
-        Ok(sender.await.context("sender task")??)
-    })
-    .await?;
-    let mbps = total as f64 / 1e6 / secs;
 
     let stats_end = (a.link_stats(b_id)?, b.link_stats(a_id)?);
     check_stats("A→B", &stats_at_direct.0, &stats_end.0, &mut notes);

@@ -40,9 +40,9 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
-use bytes::Bytes;
+
 use clap::Parser;
-use peermesh::{CandidateType, ClientConfig, Event, Path, Reliability};
+use peermesh::{CandidateType, ClientConfig, Event, Path};
 use peermesh_server::turn::{rest_credentials, TurnConfig, TurnHandle};
 use peermesh_server::{Config as ServerConfig, Server, ServerHandle, TurnMode};
 use stun::attributes::{
@@ -71,7 +71,6 @@ const TRIES: usize = 5;
 /// A message not echoed within this time counts as lost.
 const LOSS_TIMEOUT: Duration = Duration::from_millis(50);
 /// Size of the RTT probe messages and of the throughput messages of the relay-only pair.
-const CHUNK: usize = 16 * 1024;
 
 #[derive(Parser, Debug)]
 #[command(about = "Loopback benchmark: our embedded TURN vs coturn")]
@@ -799,46 +798,16 @@ async fn pair_run(url: &str, label: &str, p: &Params) -> Result<PairRun> {
     .await?;
 
     // ---- throughput: A → B ----
-    let msg = Bytes::from(vec![0x5a; CHUNK]);
-    let count = p.bytes / CHUNK;
-    let total = count * CHUNK;
-    let t = Instant::now();
-    let sender = {
-        let a = a.clone();
-        tokio::spawn(async move {
-            for _ in 0..count {
-                a.send(b_id, msg.clone(), Reliability::Reliable).await?;
-            }
-            Ok::<_, peermesh::Error>(())
-        })
-    };
-    let mut got = 0usize;
-    let transfer = step("relay-path throughput", p.transfer_limit(), async {
-        while got < total {
-            match eb
-                .recv()
-                .await
-                .ok_or_else(|| anyhow!("B's event stream ended"))?
-            {
-                Event::Message { from, data, .. } if from == a_id => got += data.len(),
-                Event::PathChanged { peer, path } if peer == a_id => {
-                    bail!("B's path to A changed to {path} during the transfer")
-                }
-                Event::Disconnected { reason } => bail!("disconnected: {reason}"),
-                _ => {}
-            }
-        }
-        Ok(())
-    })
-    .await;
-    let secs = t.elapsed().as_secs_f64();
-    if transfer.is_err() {
-        sender.abort();
-    }
-    transfer?;
-    step("throughput sender finishes", p.step, async {
-        Ok(sender.await.context("sender task")??)
-    })
+    let mbps = transfer(
+        &a,
+        a_id,
+        b_id,
+        &mut eb,
+        p.bytes,
+        "relay-path throughput",
+        p.transfer_limit(),
+        p.step,
+    )
     .await?;
 
     echo.abort();
@@ -848,7 +817,7 @@ async fn pair_run(url: &str, label: &str, p: &Params) -> Result<PairRun> {
         direct_b: ms(b_direct),
         direct_both: ms(a_direct.max(b_direct)),
         rtt,
-        mbps: total as f64 / 1e6 / secs,
+        mbps,
     })
 }
 

@@ -109,6 +109,66 @@ pub async fn ping_pong(
     Ok(out)
 }
 
+/// Bytes per message in the throughput step.
+pub const CHUNK: usize = 16 * 1024;
+
+/// `bytes` (rounded down to whole 16 KiB messages) of reliable messages from `a` to `b_id`,
+/// received on `eb`; returns MB/s. A path change during the transfer is an error.
+#[allow(clippy::too_many_arguments)]
+pub async fn transfer(
+    a: &Client,
+    a_id: PeerId,
+    b_id: PeerId,
+    eb: &mut Events,
+    bytes: usize,
+    name: &str,
+    limit: Duration,
+    step_limit: Duration,
+) -> Result<f64> {
+    let msg = Bytes::from(vec![0x5a; CHUNK]);
+    let count = bytes / CHUNK;
+    let total = count * CHUNK;
+    let t = Instant::now();
+    let sender = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            for _ in 0..count {
+                a.send(b_id, msg.clone(), Reliability::Reliable).await?;
+            }
+            Ok::<_, peermesh::Error>(())
+        })
+    };
+    let mut got = 0usize;
+    let received = step(name, limit, async {
+        while got < total {
+            match eb
+                .recv()
+                .await
+                .ok_or_else(|| anyhow!("B's event stream ended"))?
+            {
+                Event::Message { from, data, .. } if from == a_id => got += data.len(),
+                Event::PathChanged { peer, path } if peer == a_id => {
+                    bail!("B's path to A changed to {path} during the transfer")
+                }
+                Event::Disconnected { reason } => bail!("disconnected: {reason}"),
+                _ => {}
+            }
+        }
+        Ok(())
+    })
+    .await;
+    let secs = t.elapsed().as_secs_f64();
+    if received.is_err() {
+        sender.abort();
+    }
+    received?;
+    step("throughput sender finishes", step_limit, async {
+        Ok(sender.await.context("sender task")??)
+    })
+    .await?;
+    Ok(total as f64 / 1e6 / secs)
+}
+
 /// Median and 95th percentile (nearest rank).
 #[derive(Clone, Copy)]
 pub struct Stat {

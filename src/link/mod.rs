@@ -525,7 +525,7 @@ impl LinkHandle {
             peer,
             link_id,
             ws_tx: ctx.ws_tx.clone(),
-            ctl: tx.clone(),
+            ctl: tx,
             window: Semaphore::new(ctx.window),
             window_size: ctx.window,
             send: Mutex::new(SendState {
@@ -554,7 +554,6 @@ impl LinkHandle {
             link_id,
             initiator,
             ctx,
-            tx,
             shared,
             status,
             ack_deadline: None,
@@ -724,7 +723,6 @@ struct LinkTask {
     link_id: LinkId,
     initiator: bool,
     ctx: LinkCtx,
-    tx: mpsc::UnboundedSender<LinkInput>,
     shared: Arc<LinkShared>,
     status: Arc<Mutex<LinkStatus>>,
     /// When the owed ack goes out.
@@ -951,7 +949,7 @@ impl LinkTask {
         self.reset_rtc();
         self.gen += 1;
         match factory
-            .create(self.gen, self.tx.clone(), self.frame_sink())
+            .create(self.gen, self.shared.ctl.clone(), self.frame_sink())
             .await
         {
             Ok(rtc) => match rtc.offer().await {
@@ -1053,7 +1051,7 @@ impl LinkTask {
                 self.reset_rtc();
                 self.gen = gen;
                 let mut rtc = match factory
-                    .create(gen, self.tx.clone(), self.frame_sink())
+                    .create(gen, self.shared.ctl.clone(), self.frame_sink())
                     .await
                 {
                     Ok(r) => r,
