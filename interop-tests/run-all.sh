@@ -20,6 +20,14 @@ if [ ${#apt_packages[@]} -gt 0 ]; then
   apt-get install -y -qq "${apt_packages[@]}" >/dev/null
 fi
 
+# Interop peers beyond Debian's coturn (Chromium + playwright-core, aiortc, ...): each
+# interop-tests/setup/*.sh installs what one group of tests needs, once.
+for setup in interop-tests/setup/*.sh; do
+  [ -e "$setup" ] || continue
+  echo "== setup: $setup"
+  bash "$setup"
+done
+
 echo "== format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
