@@ -105,6 +105,9 @@ fn print_event(client: &Client, names: &mut HashMap<PeerId, String>, event: Even
             println!("left {name}");
         }
         Event::PathChanged { peer, path } => println!("path {} {path}", name_of(names, peer)),
+        Event::DirectFailed { peer, reason } => {
+            println!("no direct path to {}: {reason}", name_of(names, peer))
+        }
         Event::Message { from, data, .. } => {
             println!(
                 "{}: {}",

@@ -136,6 +136,11 @@ impl std::fmt::Display for Path {
     }
 }
 
+/// How long a new direct-path attempt may take before it counts as failed
+/// ([`Event::DirectFailed`]).
+#[cfg(feature = "client")]
+pub const CONNECT_TIMEOUT_SECS: u64 = 8;
+
 /// What happens in a client's groups and links.
 #[cfg(feature = "client")]
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,6 +171,16 @@ pub enum Event {
         peer: PeerId,
         /// The new path.
         path: Path,
+    },
+    /// An attempt to make (or keep) the direct path to a peer failed: the link stays on (or
+    /// went back to) the server path, where messages keep flowing. Emitted for each failed
+    /// attempt, at most [`CONNECT_TIMEOUT_SECS`] after it started; the initiator retries with
+    /// back-off unless the peer declined direct paths.
+    DirectFailed {
+        /// The peer.
+        peer: PeerId,
+        /// Why, for people (e.g. `not connected within 8s`, `ice failed`).
+        reason: String,
     },
     /// A message from a co-member.
     Message {

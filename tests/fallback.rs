@@ -240,3 +240,46 @@ async fn cut_with_a_full_send_queue_loses_nothing() {
     let stats = a.link_stats(ib).unwrap();
     assert!(stats.resent > 0 && stats.sent_server > 0, "{stats:?}");
 }
+
+/// When no direct path can be made (here: the pair's UDP is cut before it joins), both sides are
+/// told "no direct path" within 10 s while messages keep flowing over the server path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_direct_path_is_reported_and_server_path_keeps_working() {
+    init_log();
+    const NO_UDP_PORTS: (u16, u16) = (47300, 47399);
+    let _cut = Cut::new(NO_UDP_PORTS);
+    let server = server().await;
+    let cfg = |n: &str| {
+        ClientConfig::new(n)
+            .with_loopback_only(true)
+            .with_udp_ports(NO_UDP_PORTS.0, NO_UDP_PORTS.1)
+    };
+    let (a, mut ae) = client_with(&server, cfg("a")).await;
+    let (b, mut be) = client_with(&server, cfg("b")).await;
+    a.join("g").await.unwrap();
+    let t = Instant::now();
+    b.join("g").await.unwrap();
+    let (ia, ib) = (a.peer_id(), b.peer_id());
+    a.send(ib, "before", Reliability::Reliable).await.unwrap();
+    let (got, _) = next_message(&mut be, ia, 10).await;
+    assert_eq!(&got[..], b"before");
+    for (events, peer) in [(&mut ae, ib), (&mut be, ia)] {
+        match wait_for(events, 10, |e| {
+            matches!(e, peermesh::Event::DirectFailed { peer: p, .. } if *p == peer)
+        })
+        .await
+        {
+            peermesh::Event::DirectFailed { reason, .. } => assert!(!reason.is_empty()),
+            _ => unreachable!(),
+        }
+    }
+    let told = t.elapsed();
+    assert!(told < Duration::from_secs(10), "told after {told:?}");
+    assert_eq!(a.path(ib).unwrap(), Path::Server);
+    a.send(ib, "after", Reliability::Reliable).await.unwrap();
+    let (got, _) = next_message(&mut be, ia, 10).await;
+    assert_eq!(&got[..], b"after");
+    assert_eq!(b.path(ia).unwrap(), Path::Server);
+    a.close().await;
+    b.close().await;
+}

@@ -40,8 +40,10 @@ const OWN_SEND_WAIT: Duration = Duration::from_millis(100);
 const FRAGMENT_OVERHEAD: usize = 64;
 /// Most fragments held for reordering: what a 16 MiB window can have in flight.
 const MAX_REORDER: usize = (16 << 20) / FRAGMENT_OVERHEAD;
-/// Longest a new PeerConnection may take to connect before it counts as failed.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest a new PeerConnection may take to connect before it counts as failed (and the app
+/// gets [`Event::DirectFailed`]). ICE on a LAN or through TURN connects in well under a second;
+/// pairs that cannot connect (two symmetric NATs without TURN) are told within 10 s.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(crate::CONNECT_TIMEOUT_SECS);
 /// RTT probe interval.
 const PING_EVERY: Duration = Duration::from_secs(1);
 /// First wait before the initiator tries a new PeerConnection after a failure, and the longest
@@ -778,7 +780,7 @@ impl LinkTask {
                 }
                 _ = sleep_until(connect_by), if self.connect_by.is_some() => {
                     self.connect_by = None;
-                    self.rtc_failed(&format!("not connected within {CONNECT_TIMEOUT:?}"));
+                    self.rtc_failed(&format!("not connected within {CONNECT_TIMEOUT:?}")).await;
                 }
                 _ = ping.tick() => self.send_ping().await,
             }
@@ -829,7 +831,7 @@ impl LinkTask {
                 if gen == self.gen {
                     self.downgrade(&why).await;
                     if self.rtc.is_some() {
-                        self.rtc_failed(&why);
+                        self.rtc_failed(&why).await;
                     }
                 }
             }
@@ -961,10 +963,13 @@ impl LinkTask {
                 }
                 Err(e) => {
                     rtc.close();
-                    self.rtc_failed(&format!("creating offer: {e}"));
+                    self.rtc_failed(&format!("creating offer: {e}")).await;
                 }
             },
-            Err(e) => self.rtc_failed(&format!("creating peer connection: {e}")),
+            Err(e) => {
+                self.rtc_failed(&format!("creating peer connection: {e}"))
+                    .await
+            }
         }
     }
 
@@ -994,9 +999,15 @@ impl LinkTask {
 
     /// The direct path could not be made (or died for good): stay on the server path and, if we
     /// are the initiator, try again later.
-    fn rtc_failed(&mut self, why: &str) {
+    async fn rtc_failed(&mut self, why: &str) {
         tracing::info!(peer = self.peer, "no direct path: {why}");
         self.reset_rtc();
+        self.shared
+            .emit(Event::DirectFailed {
+                peer: self.peer,
+                reason: why.to_string(),
+            })
+            .await;
         if self.initiator && self.ctx.rtc.is_some() && !self.declined {
             self.retry_at = Some(TokioInstant::now() + self.backoff);
             let max = if self.had_direct {
@@ -1055,7 +1066,11 @@ impl LinkTask {
                     .await
                 {
                     Ok(r) => r,
-                    Err(e) => return self.rtc_failed(&format!("creating peer connection: {e}")),
+                    Err(e) => {
+                        return self
+                            .rtc_failed(&format!("creating peer connection: {e}"))
+                            .await
+                    }
                 };
                 match rtc.accept_offer(sdp).await {
                     Ok(answer) => {
@@ -1065,7 +1080,7 @@ impl LinkTask {
                     }
                     Err(e) => {
                         rtc.close();
-                        self.rtc_failed(&format!("answering offer: {e}"));
+                        self.rtc_failed(&format!("answering offer: {e}")).await;
                     }
                 }
             }
@@ -1075,6 +1090,12 @@ impl LinkTask {
                     self.declined = true;
                     self.reset_rtc();
                     self.retry_at = None;
+                    self.shared
+                        .emit(Event::DirectFailed {
+                            peer: self.peer,
+                            reason: "the peer does not take direct paths".into(),
+                        })
+                        .await;
                 }
             }
             LinkSignal::Answer { gen, sdp } => {
@@ -1083,7 +1104,7 @@ impl LinkTask {
                 }
                 if let Some(rtc) = &mut self.rtc {
                     if let Err(e) = rtc.accept_answer(sdp).await {
-                        self.rtc_failed(&format!("applying answer: {e}"));
+                        self.rtc_failed(&format!("applying answer: {e}")).await;
                     }
                 }
             }
@@ -1128,7 +1149,7 @@ impl LinkTask {
             }
             RtcEvent::Closed => {
                 self.downgrade("data channel closed").await;
-                self.rtc_failed("data channel closed");
+                self.rtc_failed("data channel closed").await;
             }
             RtcEvent::PairSelected => {
                 if !self.direct_up() {
@@ -1154,7 +1175,7 @@ impl LinkTask {
                     self.connected = false;
                     let why = format!("ICE {state:?}").to_lowercase();
                     self.downgrade(&why).await;
-                    self.rtc_failed(&why);
+                    self.rtc_failed(&why).await;
                 }
                 ConnState::Other => {}
             },
