@@ -1,0 +1,963 @@
+#!/usr/bin/env python3
+"""A third-party peermesh peer, written from docs/PROTOCOL.md alone, with aiortc + websockets.
+
+It connects to a peermesh server, says hello, joins one group and keeps a link to every
+co-member: relay-first on the server path, then the WebRTC direct path (pre-negotiated data
+channels "r" and "u", READY, generations), with the link layer of §8 (DATA/ACK/UNRELIABLE/
+PING/PONG/READY, in-order reliable delivery across path changes).
+
+Driven by lines (one per event / command, UTF-8):
+
+stdout (events):
+    welcome PEER_ID
+    group GROUP                       the join succeeded
+    joined NAME PEER_ID               a co-member appeared (a link was created)
+    left NAME PEER_ID                 a co-member's link ended
+    path NAME server|direct L/R       the path to NAME changed (L/R: host, srflx, prflx, relay)
+    msg NAME TEXT                     a reliable message (newlines and backslashes escaped)
+    umsg NAME TEXT                    an unreliable message
+    direct_failed NAME REASON         a direct-path attempt failed
+    error CODE MESSAGE                an error frame from the server not explained by a race
+    stats NAME k=v ...                answer to the stats command
+    closed REASON                     the session ended (the process then exits)
+
+stdin (commands):
+    send NAME TEXT                    reliable message to NAME
+    usend NAME TEXT                   unreliable message to NAME
+    stats NAME                        print link counters
+    path NAME                         print the current path again
+    quit                              close and exit (also on end of input)
+
+NAME may also be a peer id. Logs go to stderr (--verbose for details).
+"""
+
+import argparse
+import asyncio
+import collections
+import json
+import logging
+import socket
+import struct
+import sys
+import time
+
+import aioice.ice
+import websockets
+from aiortc import (
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
+from aiortc.sdp import candidate_from_sdp
+from websockets.asyncio.client import connect
+
+log = logging.getLogger("peer")
+
+PROTOCOL_VERSION = 1
+
+# Link frame kinds (§8.1).
+DATA, ACK, UNRELIABLE, PING, PONG, READY = 0x10, 0x11, 0x12, 0x13, 0x14, 0x15
+FIN = 0x01
+RELAY_KIND_DATA = 0x01
+
+# Constants (§8.3).
+MAX_FRAGMENT = 16384
+MAX_UNRELIABLE = 16384
+ACK_EVERY = 32
+ACK_DELAY = 0.005
+MAX_REORDER = 262144
+CONNECT_TIMEOUT = 15.0
+PING_EVERY = 1.0
+MAX_PINGS = 8
+SEND_WINDOW = 8 << 20
+FRAGMENT_OVERHEAD = 64
+
+
+def out(line):
+    """One event line on stdout."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def escape(data: bytes) -> str:
+    text = data.decode("utf-8", errors="replace")
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def data_frame(seq, fin, payload):
+    return struct.pack(">BBQ", DATA, FIN if fin else 0, seq) + payload
+
+
+def u64_frame(kind, value):
+    return struct.pack(">BQ", kind, value)
+
+
+def ready_frame(gen):
+    return struct.pack(">BI", READY, gen)
+
+
+def decode_frame(b):
+    """(kind, fields...) or None for an undecodable frame (§8.1)."""
+    if not b:
+        return None
+    kind = b[0]
+    if kind == DATA:
+        if len(b) < 10:
+            return None
+        _, flags, seq = struct.unpack_from(">BBQ", b)
+        return (DATA, seq, bool(flags & FIN), bytes(b[10:]))
+    if kind in (ACK, PING, PONG):
+        if len(b) < 9:
+            return None
+        return (kind, struct.unpack_from(">Q", b, 1)[0])
+    if kind == UNRELIABLE:
+        return (UNRELIABLE, bytes(b[1:]))
+    if kind == READY:
+        if len(b) < 5:
+            return None
+        return (READY, struct.unpack_from(">I", b, 1)[0])
+    return None
+
+
+def ice_servers_config(servers):
+    """welcome.ice_servers (RTCIceServer shape) -> aiortc configuration."""
+    result = []
+    for s in servers:
+        urls = s.get("urls")
+        if isinstance(urls, str):
+            urls = [urls]
+        if not urls:
+            continue
+        result.append(
+            RTCIceServer(
+                urls=urls, username=s.get("username"), credential=s.get("credential")
+            )
+        )
+    return RTCConfiguration(iceServers=result)
+
+
+def application_mid(sdp):
+    """The mid of the first m=application section of an SDP, or None."""
+    in_app = False
+    for line in sdp.splitlines():
+        if line.startswith("m="):
+            in_app = line.startswith("m=application")
+        elif in_app and line.startswith("a=mid:"):
+            return line[len("a=mid:"):].strip()
+    return None
+
+
+class Link:
+    """One link to one co-member (§7, §8)."""
+
+    def __init__(self, session, peer, name, link_id, initiator):
+        self.s = session
+        self.peer = peer
+        self.name = name
+        self.link_id = link_id
+        self.initiator = initiator
+        self.groups = set()
+        self.closed = False
+        # sending
+        self.next_seq = 1
+        self.unacked = collections.OrderedDict()  # seq -> encoded DATA frame
+        self.window_used = 0
+        self.window_free = asyncio.Event()
+        self.window_free.set()
+        # receiving
+        self.delivered = 0
+        self.acked_sent = 0
+        self.ack_due = False
+        self.ack_timer = None
+        self.reorder = {}
+        self.partial = bytearray()
+        # path
+        self.path = "server"
+        self.pc = None
+        self.r = None
+        self.u = None
+        self.gen = 0
+        self.r_open = False
+        self.u_open = False
+        self.connected = False
+        self.ready_sent = False
+        self.connect_timer = None
+        self.peer_ready = 0
+        self.remote_set = False
+        self.pending_candidates = []
+        self.signaled_types = {}  # (address, port) -> candidate type, per PeerConnection
+        # initiator
+        self.retry_handle = None
+        self.backoff = 1.0
+        self.had_direct = False
+        self.declined = False
+        # RTT
+        self.next_ping = 1
+        self.pings = collections.OrderedDict()
+        self.rtt = None
+        # counters
+        self.stats = collections.Counter()
+        # signals are handled one after another (each may await aiortc)
+        self.signals = asyncio.Queue()
+        self.tasks = [
+            asyncio.create_task(self.signal_loop()),
+            asyncio.create_task(self.ping_loop()),
+        ]
+        if self.initiator and self.s.direct:
+            self.spawn(self.start())
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    def spawn(self, coro):
+        task = asyncio.create_task(coro)
+        self.tasks.append(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task):
+        if task in self.tasks:
+            self.tasks.remove(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: task failed: %r", self.name, task.exception())
+
+    def relay(self, frame):
+        self.s.send_binary(
+            struct.pack(">BII", RELAY_KIND_DATA, self.peer, self.link_id) + frame
+        )
+
+    def signal(self, data):
+        self.s.send_json({"type": "signal", "to": self.peer, "link": self.link_id, "data": data})
+
+    def is_direct(self):
+        return self.path != "server"
+
+    # ---- sending (§8.4) ------------------------------------------------------------------
+
+    def transmit(self, frame, channel, app_data=False):
+        """Send a link frame on the current path; a failed direct send downgrades."""
+        if self.is_direct():
+            ch = self.r if channel == "r" else self.u
+            gen = self.gen
+            try:
+                ch.send(frame)
+                if frame[0] == DATA:
+                    self.stats["sent_direct"] += 1
+                return
+            except Exception as e:  # channel closed or broken: a failure (§7.4)
+                log.info("%s: direct send failed: %r", self.name, e)
+                self.failure(gen, f"send failed: {e}")
+                if frame[0] == DATA:
+                    return  # re-sent by the downgrade
+        if frame[0] == DATA:
+            self.stats["sent_server"] += 1
+        self.relay(frame)
+
+    async def send_reliable(self, message: bytes):
+        chunks = [message[i : i + MAX_FRAGMENT] for i in range(0, len(message), MAX_FRAGMENT)]
+        if not chunks:
+            chunks = [b""]
+        cost = sum(len(c) + FRAGMENT_OVERHEAD for c in chunks)
+        # a local send window, like the reference client's (not visible on the wire)
+        while self.window_used > 0 and self.window_used + cost > SEND_WINDOW:
+            self.window_free.clear()
+            await self.window_free.wait()
+            if self.closed:
+                return
+        if self.closed:
+            return
+        for i, chunk in enumerate(chunks):
+            seq = self.next_seq
+            self.next_seq += 1
+            frame = data_frame(seq, i == len(chunks) - 1, chunk)
+            self.unacked[seq] = frame
+            self.window_used += len(chunk) + FRAGMENT_OVERHEAD
+            self.transmit(frame, "r", app_data=True)
+
+    def send_unreliable(self, message: bytes):
+        if len(message) > MAX_UNRELIABLE:
+            raise ValueError(f"unreliable message of {len(message)} bytes exceeds {MAX_UNRELIABLE}")
+        self.transmit(bytes([UNRELIABLE]) + message, "u", app_data=True)
+
+    def on_ack(self, seq):
+        while self.unacked:
+            first = next(iter(self.unacked))
+            if first > seq:
+                break
+            frame = self.unacked.pop(first)
+            self.window_used -= len(frame) - 10 + FRAGMENT_OVERHEAD
+        self.window_free.set()
+
+    # ---- receiving (§8.4) ----------------------------------------------------------------
+
+    def on_frame(self, b, direct):
+        if self.closed:
+            return
+        f = decode_frame(b)
+        if f is None:
+            log.warning("%s: undecodable link frame (%d bytes) dropped", self.name, len(b))
+            return
+        kind = f[0]
+        if kind == DATA:
+            _, seq, fin, payload = f
+            self.stats["recv_direct" if direct else "recv_server"] += 1
+            if seq <= self.delivered or seq in self.reorder:
+                self.stats["duplicates"] += 1
+                self.ack_due = True
+                self.schedule_ack()
+                return
+            if seq != self.delivered + 1:
+                if len(self.reorder) >= MAX_REORDER:
+                    log.error("%s: reorder buffer full, fragment %d dropped", self.name, seq)
+                    return
+                self.reorder[seq] = (fin, payload)
+                return
+            self.accept(fin, payload)
+            while self.delivered + 1 in self.reorder:
+                self.accept(*self.reorder.pop(self.delivered + 1))
+            self.schedule_ack()
+        elif kind == ACK:
+            self.on_ack(f[1])
+        elif kind == UNRELIABLE:
+            out(f"umsg {self.name} {escape(f[1])}")
+        elif kind == PING:
+            if direct and self.is_direct():
+                self.transmit(u64_frame(PONG, f[1]), "u")
+            else:
+                self.relay(u64_frame(PONG, f[1]))
+        elif kind == PONG:
+            sent = self.pings.get(f[1])
+            if sent is not None:
+                sample = time.monotonic() - sent
+                while self.pings:
+                    pid, _ = self.pings.popitem(last=False)
+                    if pid == f[1]:
+                        break
+                self.rtt = sample if self.rtt is None else (7 * self.rtt + sample) / 8
+        elif kind == READY:
+            self.peer_ready = max(self.peer_ready, f[1])
+            self.maybe_upgrade()
+
+    def accept(self, fin, payload):
+        self.delivered += 1
+        self.partial += payload
+        if fin:
+            out(f"msg {self.name} {escape(bytes(self.partial))}")
+            self.partial = bytearray()
+
+    def schedule_ack(self):
+        if self.delivered - self.acked_sent >= ACK_EVERY:
+            self.send_ack()
+        elif self.ack_timer is None:
+            self.ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self.send_ack)
+
+    def send_ack(self):
+        if self.ack_timer is not None:
+            self.ack_timer.cancel()
+            self.ack_timer = None
+        if self.closed or (self.acked_sent == self.delivered and not self.ack_due):
+            return
+        self.ack_due = False
+        self.acked_sent = self.delivered
+        self.transmit(u64_frame(ACK, self.delivered), "r")
+
+    # ---- RTT probes (§8.6) ---------------------------------------------------------------
+
+    def send_ping(self):
+        pid = self.next_ping
+        self.next_ping += 1
+        self.pings[pid] = time.monotonic()
+        while len(self.pings) > MAX_PINGS:
+            self.pings.popitem(last=False)
+        self.transmit(u64_frame(PING, pid), "u")
+
+    async def ping_loop(self):
+        while not self.closed:
+            self.send_ping()
+            await asyncio.sleep(PING_EVERY)
+
+    # ---- path changes (§8.5) -------------------------------------------------------------
+
+    def selected_types(self):
+        """(local, remote) candidate types of the selected ICE pair."""
+        try:
+            conn = self.pc.sctp.transport.transport._connection
+            pair = conn._nominated.get(1)
+            local = pair.local_candidate.type
+            remote = pair.remote_candidate.type
+            if remote == "prflx":
+                key = (pair.remote_candidate.host, pair.remote_candidate.port)
+                remote = self.signaled_types.get(key, remote)
+            known = ("host", "srflx", "prflx", "relay")
+            return (local if local in known else "host", remote if remote in known else "host")
+        except Exception as e:  # aiortc internals changed: still report a direct path
+            log.warning("%s: no selected pair: %r", self.name, e)
+            return ("unknown", "unknown")
+
+    def maybe_upgrade(self):
+        if self.closed or self.is_direct() or self.pc is None:
+            return
+        if self.r_open and self.u_open and self.connected and self.peer_ready >= self.gen:
+            local, remote = self.selected_types()
+            self.path = f"direct {local}/{remote}"
+            self.backoff = 1.0
+            self.had_direct = True
+            self.stats["path_changes"] += 1
+            self.reset_rtt()
+            out(f"path {self.name} {self.path}")
+            self.send_ping()
+
+    def reset_rtt(self):
+        self.rtt = None
+        self.pings.clear()
+
+    def downgrade(self):
+        if not self.is_direct():
+            return
+        self.path = "server"
+        self.stats["path_changes"] += 1
+        self.reset_rtt()
+        out(f"path {self.name} server")
+        for frame in self.unacked.values():
+            self.stats["resent"] += 1
+            self.stats["sent_server"] += 1
+            self.relay(frame)
+        self.acked_sent = self.delivered
+        self.ack_due = False
+        if self.delivered > 0:
+            self.relay(u64_frame(ACK, self.delivered))
+
+    # ---- PeerConnections (§7.3, §7.4) ----------------------------------------------------
+
+    def new_pc(self):
+        """A PeerConnection with both pre-negotiated channels, made current."""
+        pc = RTCPeerConnection(ice_servers_config(self.s.ice_servers))
+        r = pc.createDataChannel("r", negotiated=True, id=0, ordered=True)
+        u = pc.createDataChannel("u", negotiated=True, id=1, ordered=False, maxRetransmits=0)
+        self.pc, self.r, self.u = pc, r, u
+        self.r_open = self.u_open = self.connected = self.ready_sent = False
+        self.remote_set = False
+        self.pending_candidates = []
+        self.signaled_types = {}
+
+        def current():
+            return self.pc is pc and not self.closed
+
+        def on_open(which):
+            def handler():
+                if not current():
+                    return
+                if which == "r":
+                    self.r_open = True
+                else:
+                    self.u_open = True
+                log.info("%s: gen %d channel %s open", self.name, self.gen, which)
+                if self.r_open and self.u_open and not self.ready_sent:
+                    self.ready_sent = True
+                    self.relay(ready_frame(self.gen))  # READY always on the server path
+                self.maybe_upgrade()
+
+            return handler
+
+        def on_close(which):
+            def handler():
+                if current():
+                    self.failure(self.gen, f"channel {which} closed")
+
+            return handler
+
+        def on_message(message):
+            # Frames from any of our PeerConnections are safe to process (§7.4).
+            if isinstance(message, str):
+                log.warning("%s: text data channel message dropped", self.name)
+                return
+            self.on_frame(message, direct=True)
+
+        for which, ch in (("r", r), ("u", u)):
+            ch.on("open", on_open(which))
+            ch.on("close", on_close(which))
+            ch.on("message", on_message)
+
+        @pc.on("connectionstatechange")
+        def on_state():
+            state = pc.connectionState
+            if not current():
+                return
+            log.info("%s: gen %d connection %s", self.name, self.gen, state)
+            if state == "connected":
+                self.connected = True
+                self.disarm_connect_timer()
+                self.maybe_upgrade()
+            elif state in ("disconnected", "failed", "closed"):
+                self.failure(self.gen, f"connection {state}")
+
+        return pc
+
+    def arm_connect_timer(self, pc):
+        self.disarm_connect_timer()
+
+        def expired():
+            if self.pc is pc and not self.connected:
+                self.failure(self.gen, f"not connected within {CONNECT_TIMEOUT:.0f}s")
+
+        self.connect_timer = asyncio.get_running_loop().call_later(CONNECT_TIMEOUT, expired)
+
+    def disarm_connect_timer(self):
+        if self.connect_timer is not None:
+            self.connect_timer.cancel()
+            self.connect_timer = None
+
+    def close_pc(self):
+        pc = self.pc
+        self.pc = self.r = self.u = None
+        self.r_open = self.u_open = self.connected = False
+        self.disarm_connect_timer()
+        if pc is not None:
+            self.spawn(pc.close())
+
+    def failure(self, gen, reason):
+        """A failed direct-path attempt of generation `gen` (§7.4 step 5 / responder step 3)."""
+        if self.closed or gen != self.gen or self.pc is None:
+            return
+        log.info("%s: gen %d failed: %s", self.name, gen, reason)
+        out(f"direct_failed {self.name} {reason}")
+        self.downgrade()
+        self.close_pc()
+        if self.initiator and not self.declined:
+            delay = self.backoff
+            self.backoff = min(self.backoff * 2, 5.0 if self.had_direct else 60.0)
+            self.schedule_start(delay)
+
+    def schedule_start(self, delay):
+        if self.retry_handle is not None:
+            self.retry_handle.cancel()
+        self.retry_handle = asyncio.get_running_loop().call_later(
+            delay, lambda: self.spawn(self.start())
+        )
+
+    async def start(self):
+        """Initiator: a new generation (§7.4 step 2)."""
+        self.retry_handle = None
+        if self.closed or self.declined:
+            return
+        self.close_pc()
+        self.gen += 1
+        gen = self.gen
+        try:
+            pc = self.new_pc()
+            offer = await pc.createOffer()
+            if self.pc is not pc:
+                return
+            await pc.setLocalDescription(offer)  # aiortc gathers every candidate here
+            if self.pc is not pc:
+                return
+            # aiortc does not trickle: the local description carries the candidates.
+            self.signal({"kind": "offer", "gen": gen, "sdp": pc.localDescription.sdp})
+            self.arm_connect_timer(pc)
+            log.info("%s: gen %d offer sent", self.name, gen)
+        except Exception as e:
+            log.warning("%s: gen %d offer failed: %r", self.name, gen, e)
+            self.failure(gen, f"offer failed: {e}")
+
+    # ---- signals (§7.2) ------------------------------------------------------------------
+
+    async def signal_loop(self):
+        while True:
+            data = await self.signals.get()
+            try:
+                await self.on_signal(data)
+            except Exception as e:
+                log.warning("%s: signal %r failed: %r", self.name, data.get("kind"), e)
+
+    async def on_signal(self, data):
+        if self.closed:
+            return
+        if not isinstance(data, dict) or not isinstance(data.get("gen"), int):
+            log.warning("%s: malformed signal ignored: %r", self.name, data)
+            return
+        kind, gen = data.get("kind"), data["gen"]
+        if kind == "offer":
+            await self.on_offer(gen, data.get("sdp"))
+        elif kind == "answer":
+            if not self.initiator or gen != self.gen or self.pc is None:
+                return
+            sdp = data.get("sdp")
+            if not isinstance(sdp, str):
+                return
+            pc = self.pc
+            try:
+                await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+            except Exception as e:
+                self.failure(gen, f"answer failed: {e}")
+                return
+            if self.pc is pc:
+                self.remote_set = True
+                await self.add_pending_candidates(pc)
+        elif kind == "candidate":
+            if gen != self.gen or self.pc is None:
+                return
+            await self.on_candidate(data)
+        elif kind == "decline":
+            if not self.initiator or gen != self.gen:
+                return
+            log.info("%s: peer declined direct paths", self.name)
+            self.declined = True
+            if self.retry_handle is not None:
+                self.retry_handle.cancel()
+                self.retry_handle = None
+            self.downgrade()
+            self.close_pc()
+        else:
+            log.warning("%s: unknown signal kind %r ignored", self.name, kind)
+
+    async def on_offer(self, gen, sdp):
+        if not self.s.direct:
+            self.signal({"kind": "decline", "gen": gen})
+            return
+        if self.initiator or not isinstance(sdp, str) or gen <= self.gen:
+            return
+        self.downgrade()
+        self.close_pc()
+        self.gen = gen
+        try:
+            pc = self.new_pc()
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            if self.pc is not pc:
+                return
+            self.remote_set = True
+            await self.add_pending_candidates(pc)
+            answer = await pc.createAnswer()
+            if self.pc is not pc:
+                return
+            await pc.setLocalDescription(answer)
+            if self.pc is not pc:
+                return
+            self.signal({"kind": "answer", "gen": gen, "sdp": pc.localDescription.sdp})
+            self.arm_connect_timer(pc)
+            log.info("%s: gen %d answer sent", self.name, gen)
+        except Exception as e:
+            log.warning("%s: gen %d answer failed: %r", self.name, gen, e)
+            self.failure(gen, f"offer failed: {e}")
+
+    async def on_candidate(self, data):
+        text = data.get("candidate")
+        if not isinstance(text, str) or not text.strip():
+            return  # end-of-candidates
+        text = text.strip()
+        if text.startswith("candidate:"):
+            text = text[len("candidate:"):]
+        try:
+            cand = candidate_from_sdp(text)
+        except Exception as e:
+            log.warning("%s: bad candidate %r ignored: %r", self.name, text, e)
+            return
+        self.signaled_types[(cand.ip, cand.port)] = cand.type
+        cand.sdpMid = data.get("sdpMid") or None
+        index = data.get("sdpMLineIndex")
+        cand.sdpMLineIndex = index if isinstance(index, int) else None
+        if self.remote_set:
+            await self.add_candidate(self.pc, cand)
+        else:
+            self.pending_candidates.append(cand)
+
+    async def add_pending_candidates(self, pc):
+        pending, self.pending_candidates = self.pending_candidates, []
+        for cand in pending:
+            await self.add_candidate(pc, cand)
+
+    async def add_candidate(self, pc, cand):
+        # Normalise the mid (§7.2): aiortc drops candidates whose mid is not the SCTP mid.
+        mid = application_mid(pc.remoteDescription.sdp) if pc.remoteDescription else None
+        if mid is not None and cand.sdpMid != mid:
+            cand.sdpMid = mid
+            cand.sdpMLineIndex = 0
+        if self.s.loopback_only and not (cand.ip.startswith("127.") or cand.ip == "::1"):
+            log.info("%s: non-loopback candidate %s ignored (--loopback-only)", self.name, cand.ip)
+            return
+        try:
+            await pc.addIceCandidate(cand)
+        except Exception as e:
+            log.warning("%s: addIceCandidate failed: %r", self.name, e)
+
+    # ---- end -----------------------------------------------------------------------------
+
+    def close(self):
+        """Discard the link (§7.1): nothing goes on the wire."""
+        if self.closed:
+            return
+        self.closed = True
+        self.window_free.set()
+        for handle in (self.ack_timer, self.retry_handle, self.connect_timer):
+            if handle is not None:
+                handle.cancel()
+        pc = self.pc
+        self.pc = None
+        if pc is not None:
+            asyncio.create_task(pc.close())
+        for task in self.tasks:
+            task.cancel()
+
+
+class Session:
+    """The session with the server (§2, §3)."""
+
+    def __init__(self, args):
+        self.url = args.server
+        self.name = args.name
+        self.group = args.group
+        self.direct = not args.no_direct
+        self.loopback_only = args.loopback_only
+        self.ws = None
+        self.peer_id = None
+        self.ice_servers = []
+        self.max_frame = 65600
+        self.heartbeat = 5.0
+        self.links = {}  # peer id -> Link
+        self.groups = {}  # group -> set of peer ids
+        self.outgoing = asyncio.Queue()  # (text or bytes), written in order by one task
+        self.done = asyncio.get_running_loop().create_future()
+
+    # ---- output to the server ------------------------------------------------------------
+
+    def send_json(self, obj):
+        self.send_raw(json.dumps(obj, separators=(",", ":")))
+
+    def send_binary(self, frame):
+        self.send_raw(frame)
+
+    def send_raw(self, message):
+        size = len(message.encode("utf-8")) if isinstance(message, str) else len(message)
+        if size > self.max_frame:
+            raise ValueError(f"frame of {size} bytes exceeds max_frame_bytes {self.max_frame}")
+        self.outgoing.put_nowait(message)
+
+    async def writer(self):
+        while True:
+            message = await self.outgoing.get()
+            await self.ws.send(message)
+
+    async def heartbeat_loop(self):
+        n = 0
+        while True:
+            n += 1
+            self.send_json({"type": "ping", "id": n})
+            await asyncio.sleep(self.heartbeat)
+
+    # ---- session -------------------------------------------------------------------------
+
+    async def run(self):
+        async with connect(
+            self.url, compression=None, ping_interval=None, max_size=1 << 20
+        ) as ws:
+            self.ws = ws
+            sock = ws.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await ws.send(json.dumps({"type": "hello", "version": PROTOCOL_VERSION, "name": self.name}))
+            while True:
+                msg = json.loads(await ws.recv())
+                if msg.get("type") == "welcome":
+                    break
+                if msg.get("type") == "error":
+                    raise RuntimeError(f"hello refused: {msg.get('code')}: {msg.get('message')}")
+            if msg.get("version") != PROTOCOL_VERSION:
+                raise RuntimeError(f"server speaks protocol version {msg.get('version')}")
+            self.peer_id = msg["peer"]
+            self.ice_servers = msg.get("ice_servers") or []
+            self.max_frame = msg.get("limits", {}).get("max_frame_bytes", self.max_frame)
+            self.heartbeat = max(0.1, msg.get("heartbeat_interval_ms", 5000) / 1000)
+            out(f"welcome {self.peer_id}")
+            tasks = [
+                asyncio.create_task(self.writer()),
+                asyncio.create_task(self.heartbeat_loop()),
+                asyncio.create_task(self.reader()),
+                asyncio.create_task(self.commands()),
+            ]
+            self.send_json({"type": "join", "group": self.group})
+            for t in tasks:
+                t.add_done_callback(self._task_done)
+            try:
+                return await self.done
+            finally:
+                for t in tasks:
+                    t.cancel()
+                for link in list(self.links.values()):
+                    link.close()
+                self.links.clear()
+
+    def _task_done(self, task):
+        if self.done.done():
+            return
+        if task.cancelled():
+            self.done.set_result("cancelled")
+        elif task.exception() is not None:
+            self.done.set_result(f"{type(task.exception()).__name__}: {task.exception()}")
+        else:
+            self.done.set_result(task.result() or "done")
+
+    async def reader(self):
+        try:
+            async for message in self.ws:
+                if isinstance(message, bytes):
+                    self.on_relay(message)
+                else:
+                    self.on_json(message)
+        except websockets.ConnectionClosed as e:
+            return f"connection closed: {e}"
+        return "connection closed"
+
+    def on_relay(self, frame):
+        if len(frame) < 9 or frame[0] != RELAY_KIND_DATA:
+            log.warning("bad relay frame from the server (%d bytes)", len(frame))
+            return
+        peer, link_id = struct.unpack_from(">II", frame, 1)
+        link = self.links.get(peer)
+        if link is None or link.link_id != link_id:
+            return  # a late frame of an ended link (§4)
+        link.on_frame(frame[9:], direct=False)
+
+    def on_json(self, text):
+        try:
+            msg = json.loads(text)
+        except ValueError:
+            log.warning("bad JSON from the server: %r", text[:200])
+            return
+        t = msg.get("type")
+        if t == "joined":
+            self.groups.setdefault(msg["group"], set())
+            out(f"group {msg['group']}")
+            for member in msg["members"]:
+                self.add_member(msg["group"], member)
+        elif t == "member_joined":
+            self.add_member(msg["group"], msg["member"])
+        elif t == "member_left":
+            self.remove_member(msg["group"], msg["peer"])
+        elif t == "left":
+            for peer in list(self.groups.get(msg["group"], ())):
+                self.remove_member(msg["group"], peer)
+            self.groups.pop(msg["group"], None)
+        elif t == "signal":
+            link = self.links.get(msg.get("from"))
+            if link is None or link.link_id != msg.get("link"):
+                return
+            link.signals.put_nowait(msg.get("data"))
+        elif t == "ice_servers":
+            self.ice_servers = msg.get("ice_servers") or []
+        elif t == "pong":
+            pass
+        elif t == "error":
+            code = msg.get("code")
+            if code in ("not_co_member", "stale_link") and msg.get("request") in ("signal", "relay"):
+                if msg.get("peer") not in self.links:
+                    log.debug("race: %s", msg)
+                    return
+            log.warning("server error: %s", msg)
+            out(f"error {code} {msg.get('message')}")
+        else:
+            log.debug("unknown server message type %r ignored", t)
+
+    def add_member(self, group, info):
+        peer, name, link_id = info["peer"], info["name"], info["link"]
+        self.groups.setdefault(group, set()).add(peer)
+        link = self.links.get(peer)
+        if link is not None and link.link_id != link_id:
+            link.close()
+            out(f"left {link.name} {peer}")
+            link = None
+        if link is None:
+            link = Link(self, peer, name, link_id, bool(info["initiator"]))
+            self.links[peer] = link
+            out(f"joined {name} {peer}")
+        link.groups.add(group)
+
+    def remove_member(self, group, peer):
+        self.groups.get(group, set()).discard(peer)
+        link = self.links.get(peer)
+        if link is None:
+            return
+        link.groups.discard(group)
+        if not link.groups:
+            link.close()
+            del self.links[peer]
+            out(f"left {link.name} {peer}")
+
+    # ---- commands from stdin -------------------------------------------------------------
+
+    def find(self, who):
+        for link in self.links.values():
+            if link.name == who:
+                return link
+        if who.isdigit():
+            return self.links.get(int(who))
+        return None
+
+    async def commands(self):
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=1 << 22)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        while True:
+            raw = await reader.readline()
+            if not raw:
+                return "end of input"
+            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            parts = line.split(" ", 2)
+            cmd = parts[0]
+            if cmd == "quit":
+                return "quit"
+            if cmd not in ("send", "usend", "stats", "path") or len(parts) < 2:
+                out(f"bad_command {line}")
+                continue
+            link = self.find(parts[1])
+            if link is None:
+                out(f"unknown_peer {parts[1]}")
+                continue
+            text = parts[2] if len(parts) > 2 else ""
+            if cmd == "send":
+                await link.send_reliable(text.encode("utf-8"))
+            elif cmd == "usend":
+                try:
+                    link.send_unreliable(text.encode("utf-8"))
+                except ValueError as e:
+                    out(f"bad_command {e}")
+            elif cmd == "path":
+                out(f"path {link.name} {link.path}")
+            elif cmd == "stats":
+                fields = dict(link.stats)
+                fields["delivered"] = link.delivered
+                fields["unacked"] = len(link.unacked)
+                fields["gen"] = link.gen
+                fields["peer_ready"] = link.peer_ready
+                out(f"stats {link.name} " + " ".join(f"{k}={v}" for k, v in sorted(fields.items())))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--server", required=True, help="ws://host:port/ws")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--group", required=True)
+    parser.add_argument("--no-direct", action="store_true", help="decline direct paths")
+    parser.add_argument(
+        "--loopback-only",
+        action="store_true",
+        help="gather ICE host candidates on 127.0.0.1 only and ignore remote non-loopback ones",
+    )
+    parser.add_argument("--verbose", "-v", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format=f"[peer.py {args.name}] %(levelname)s %(name)s: %(message)s",
+    )
+    if args.loopback_only:
+        # aioice skips 127.0.0.1 when it lists host addresses; use exactly loopback instead.
+        aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"]
+
+    async def run():
+        reason = await Session(args).run()
+        out(f"closed {reason}")
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()
