@@ -5,6 +5,11 @@
 //! long-term credentials itself (answering 401), enforces allocation quotas (486), the peer
 //! policy (403), clamps lifetimes, and answers 437 where the turn crate would stay silent.
 //! Outbound, it learns which Allocate requests succeeded and counts data relayed to clients.
+//!
+//! It also runs the client → peer half of the ChannelData fast path: it remembers the
+//! authenticated Allocate, Refresh, CreatePermission and ChannelBind requests it passes on and
+//! applies them to the allocation's relay socket (`RelayConn`) when the turn crate's success
+//! response goes out, and relays ChannelData on a live channel itself.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -22,9 +27,10 @@ use tokio::net::UdpSocket;
 use webrtc_util::Conn;
 
 use super::auth::{now_unix, parse_rest_username, rest_key};
+use super::relay::{Route, CHANNEL_HEADER};
 use super::socket::ClosableUdp;
 use super::wire;
-use super::{Live, Pending, Shared, LOG};
+use super::{Live, Pending, PendingOp, PendingReq, Shared, LOG};
 
 /// RFC 8656 default allocation/refresh lifetime.
 pub(crate) const DEFAULT_LIFETIME_SECS: u32 = 600;
@@ -34,6 +40,9 @@ pub(crate) const DEFAULT_LIFETIME_SECS: u32 = 600;
 pub(crate) const MAX_LIFETIME_SECS: u32 = 3599;
 /// How long an Allocate may wait for the turn crate's answer before its quota slot is freed.
 const PENDING_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most Refresh / CreatePermission / ChannelBind requests awaiting an answer that are tracked
+/// for the fast path (beyond that, new ones simply do not reach it).
+const MAX_PENDING_REQS: usize = 4096;
 
 /// What to do with an inbound datagram.
 enum Verdict {
@@ -47,7 +56,7 @@ enum Verdict {
 
 /// The listening socket as seen by the turn server.
 pub(crate) struct GuardedListener {
-    socket: ClosableUdp,
+    socket: Arc<ClosableUdp>,
     local: SocketAddr,
     shared: Arc<Shared>,
 }
@@ -55,9 +64,106 @@ pub(crate) struct GuardedListener {
 impl GuardedListener {
     pub(crate) fn new(socket: UdpSocket, local: SocketAddr, shared: Arc<Shared>) -> Self {
         GuardedListener {
-            socket: ClosableUdp::new(socket, format!("listener {local}")),
+            socket: Arc::new(ClosableUdp::new(socket, format!("listener {local}"))),
             local,
             shared,
+        }
+    }
+
+    /// The listening socket (relay sockets send ChannelData to clients through it).
+    pub(crate) fn socket(&self) -> Arc<ClosableUdp> {
+        Arc::clone(&self.socket)
+    }
+
+    /// Receives until a datagram is for the turn crate. ChannelData on a live channel is
+    /// relayed here; what the guard answers or drops never reaches the turn crate.
+    async fn recv_loop(&self, socket: &UdpSocket, buf: &mut [u8]) -> (usize, SocketAddr) {
+        loop {
+            let (n, src) = self.socket.recv_retrying(socket, buf).await;
+            if self.channel_data(&buf[..n], src).await {
+                continue;
+            }
+            match self.inspect(&mut buf[..n], src) {
+                Verdict::Pass => return (n, src),
+                Verdict::Drop => {}
+                Verdict::Reply(r) => {
+                    if let Err(e) = self.socket.send_to(&r, src).await {
+                        tracing::debug!(target: LOG, client = %src, "sending answer: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The fast path, client → peer: relays ChannelData on a live channel (with a live
+    /// permission) from the allocation's relay socket. `false`: the turn crate decides.
+    async fn channel_data(&self, d: &[u8], src: SocketAddr) -> bool {
+        if d.len() < CHANNEL_HEADER || d[0] & 0xC0 != 0x40 {
+            return false;
+        }
+        let number = u16::from_be_bytes([d[0], d[1]]);
+        let len = usize::from(u16::from_be_bytes([d[2], d[3]]));
+        // RFC 8656 §12.5: a datagram shorter than the length it claims is discarded (the turn
+        // crate does that); padding after the payload is ignored.
+        if CHANNEL_HEADER + len > d.len() {
+            return false;
+        }
+        let Some(relay) = self.shared.fast_relay(src) else {
+            return false;
+        };
+        match relay.route_to_peer(src, number, Instant::now()) {
+            Route::Pass => false,
+            Route::NoPermission => {
+                tracing::debug!(target: LOG, client = %src, channel = number,
+                    "dropped ChannelData: the permission for the peer has expired");
+                true
+            }
+            Route::Relay(peer) => {
+                relay
+                    .send_to_peer(&d[CHANNEL_HEADER..CHANNEL_HEADER + len], peer)
+                    .await;
+                true
+            }
+        }
+    }
+
+    /// Remembers a request passed to the turn crate until its answer goes out.
+    fn track(&self, txid: [u8; 12], src: SocketAddr, op: PendingOp) {
+        let now = Instant::now();
+        let mut book = self.shared.lock_book();
+        if book.pending_reqs.len() >= MAX_PENDING_REQS {
+            book.pending_reqs
+                .retain(|_, p| now.duration_since(p.at) < PENDING_TIMEOUT);
+        }
+        if book.pending_reqs.len() < MAX_PENDING_REQS {
+            book.pending_reqs
+                .insert(txid, PendingReq { src, op, at: now });
+        }
+    }
+
+    /// The turn crate answered a tracked request to `dst`; on success, tell the fast path.
+    fn settle(&self, buf: &[u8], dst: SocketAddr, success: bool) {
+        let mut txid = [0u8; 12];
+        txid.copy_from_slice(&buf[8..20]);
+        let Some(p) = self.shared.lock_book().pending_reqs.remove(&txid) else {
+            return;
+        };
+        if !success || p.src != dst {
+            return;
+        }
+        let Some(relay) = self.shared.fast_relay(dst) else {
+            return;
+        };
+        match p.op {
+            PendingOp::ChannelBind { number, peer } => {
+                relay.bind_channel(number, peer, p.at, self.shared.channel_lifetime)
+            }
+            PendingOp::CreatePermission { peers } => relay.permit(&peers, p.at),
+            PendingOp::Refresh => match lifetime_in(buf) {
+                Some(0) => self.shared.fast_detach(dst, None),
+                Some(secs) => relay.refresh(p.at, Duration::from_secs(u64::from(secs))),
+                None => {}
+            },
         }
     }
 
@@ -239,6 +345,7 @@ impl GuardedListener {
             return mismatch(m, key);
         }
         clamp_lifetime(buf, m, key, true);
+        self.track(m.transaction_id.0, src, PendingOp::Refresh);
         Verdict::Pass
     }
 
@@ -273,15 +380,32 @@ impl GuardedListener {
                 Some(key),
             ));
         }
+        let op = if m.typ.method == METHOD_CHANNEL_BIND {
+            let number = m
+                .get(ATTR_CHANNEL_NUMBER)
+                .ok()
+                .filter(|v| v.len() >= 2)
+                .map(|v| u16::from_be_bytes([v[0], v[1]]));
+            // The turn crate binds the first XOR-PEER-ADDRESS.
+            match (number, peers.first()) {
+                (Some(number), Some(&peer)) => Some(PendingOp::ChannelBind { number, peer }),
+                _ => None, // the turn crate answers 400
+            }
+        } else {
+            Some(PendingOp::CreatePermission { peers })
+        };
+        if let Some(op) = op {
+            self.track(m.transaction_id.0, src, op);
+        }
         Verdict::Pass
     }
 
     /// Watches what the turn server sends: Allocate outcomes and data towards clients.
     fn observe_outbound(&self, buf: &[u8], dst: SocketAddr) {
         if buf.len() >= 4 && buf[0] & 0xC0 == 0x40 {
-            let c = &self.shared.counters;
-            c.to_client_packets.fetch_add(1, Ordering::Relaxed);
-            c.to_client_bytes.fetch_add(
+            let c = &self.shared.counters.to_client;
+            c.packets.fetch_add(1, Ordering::Relaxed);
+            c.bytes.fetch_add(
                 u64::from(u16::from_be_bytes([buf[2], buf[3]])),
                 Ordering::Relaxed,
             );
@@ -294,22 +418,21 @@ impl GuardedListener {
             // Data indication
             0x0017 => {
                 if let Some((_, len)) = wire::find(buf, ATTR_DATA) {
-                    let c = &self.shared.counters;
-                    c.to_client_packets.fetch_add(1, Ordering::Relaxed);
-                    c.to_client_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                    let c = &self.shared.counters.to_client;
+                    c.packets.fetch_add(1, Ordering::Relaxed);
+                    c.bytes.fetch_add(len as u64, Ordering::Relaxed);
                 }
             }
+            // Refresh, CreatePermission, ChannelBind success / error responses
+            0x0104 | 0x0108 | 0x0109 => self.settle(buf, dst, true),
+            0x0114 | 0x0118 | 0x0119 => self.settle(buf, dst, false),
             // Allocate success response
             0x0103 => {
                 let mut txid = [0u8; 12];
                 txid.copy_from_slice(&buf[8..20]);
                 let relay = wire::find(buf, ATTR_XOR_RELAYED_ADDRESS)
                     .and_then(|(off, len)| wire::xor_addr(&buf[off..off + len], &txid));
-                let lifetime = wire::find(buf, ATTR_LIFETIME)
-                    .filter(|&(_, len)| len == 4)
-                    .map(|(off, _)| {
-                        u32::from_be_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]])
-                    });
+                let lifetime = lifetime_in(buf);
                 let mut book = self.shared.lock_book();
                 let Some(p) = book.pending.remove(&txid) else {
                     return;
@@ -328,6 +451,13 @@ impl GuardedListener {
                     },
                 );
                 drop(book);
+                let secs = lifetime.unwrap_or(DEFAULT_LIFETIME_SECS);
+                self.shared.fast_attach(
+                    dst,
+                    relay.port(),
+                    p.at,
+                    Duration::from_secs(u64::from(secs)),
+                );
                 self.shared
                     .counters
                     .allocations_total
@@ -360,6 +490,13 @@ fn mismatch(m: &Message, key: &[u8]) -> Verdict {
         Vec::new(),
         Some(key),
     ))
+}
+
+/// The LIFETIME of a raw STUN message.
+fn lifetime_in(buf: &[u8]) -> Option<u32> {
+    wire::find(buf, ATTR_LIFETIME)
+        .filter(|&(_, len)| len == 4)
+        .map(|(off, _)| u32::from_be_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]]))
 }
 
 fn lifetime_of(m: &Message) -> Option<u32> {
@@ -395,17 +532,11 @@ impl Conn for GuardedListener {
     }
 
     async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
-        loop {
-            let (n, src) = self.socket.recv_from(buf).await?;
-            match self.inspect(&mut buf[..n], src) {
-                Verdict::Pass => return Ok((n, src)),
-                Verdict::Drop => {}
-                Verdict::Reply(r) => {
-                    if let Err(e) = self.socket.get()?.send_to(&r, src).await {
-                        tracing::debug!(target: LOG, client = %src, "sending answer: {e}");
-                    }
-                }
-            }
+        let socket = self.socket.get()?;
+        tokio::select! {
+            biased;
+            r = self.recv_loop(&socket, buf) => Ok(r),
+            _ = self.socket.closed() => Err(webrtc_util::Error::ErrUseClosedNetworkConn),
         }
     }
 
@@ -416,9 +547,9 @@ impl Conn for GuardedListener {
     }
 
     async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
-        let socket = self.socket.get()?;
+        self.socket.get()?;
         self.observe_outbound(buf, target);
-        Ok(socket.send_to(buf, target).await?)
+        Ok(self.socket.send_to(buf, target).await?)
     }
 
     fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {

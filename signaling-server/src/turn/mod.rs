@@ -10,11 +10,20 @@
 //!   peer get 403, Send indications to it are dropped, and relay sockets drop traffic to and from
 //!   it as a second line of defence;
 //! * RFC 8656 lifetimes (default 600 s, max 3599 s — see below), enlarged socket buffers,
-//!   statistics and logging (target `peermesh_server::turn`).
+//!   statistics and logging (target `peermesh_server::turn`);
+//! * a ChannelData fast path. The turn crate's datapath copies each datagram about three
+//!   times per direction and takes async mutexes per packet. The guard watches ChannelBind,
+//!   CreatePermission, Refresh and Allocate requests and their success responses, so it knows
+//!   each allocation's live channel bindings and permissions; ChannelData from a client on a
+//!   live channel goes straight out of the allocation's relay socket, and a datagram from a
+//!   bound peer goes straight to the client as ChannelData. Only traffic with both a live
+//!   binding and a live permission (RFC 8656 §9, §12) takes it; everything else (Send and Data
+//!   indications, unknown channels) still goes through the turn crate.
 //!
 //! Lifetimes: allocations get `max(600, min(requested, 3599))` seconds (turn 0.17.2 cannot grant
 //! exactly 3600); permissions last 300 s and channel bindings 600 s (turn's fixed
-//! `PERMISSION_TIMEOUT` and our `channel_bind_timeout`), both refreshed by repeating the request.
+//! `PERMISSION_TIMEOUT` and [`TurnConfig::channel_lifetime`]), both refreshed by repeating the
+//! request (a ChannelBind also refreshes the permission of its peer).
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -36,7 +45,7 @@ mod wire;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -97,6 +106,9 @@ pub struct TurnConfig {
     pub allow_peers: Vec<IpNet>,
     /// SO_RCVBUF and SO_SNDBUF requested for the listener and relay sockets. Default 4 MiB.
     pub recv_buffer_bytes: usize,
+    /// Channel binding lifetime. Default [`CHANNEL_BIND_LIFETIME`] (the RFC's 10 minutes);
+    /// shorter only for tests.
+    pub channel_lifetime: Duration,
 }
 
 impl Default for TurnConfig {
@@ -113,6 +125,7 @@ impl Default for TurnConfig {
             total_quota: 2048,
             allow_peers: Vec::new(),
             recv_buffer_bytes: 4 * 1024 * 1024,
+            channel_lifetime: CHANNEL_BIND_LIFETIME,
         }
     }
 }
@@ -126,10 +139,14 @@ pub struct TurnStats {
     pub allocations_total: u64,
     /// Datagrams relayed from clients to peers.
     pub relayed_to_peer_packets: u64,
+    /// Of those, ChannelData relayed by our fast path (not through the turn crate).
+    pub fast_path_to_peer_packets: u64,
     /// Payload bytes relayed from clients to peers.
     pub relayed_to_peer_bytes: u64,
     /// Datagrams relayed from peers to clients (ChannelData or Data indications).
     pub relayed_to_client_packets: u64,
+    /// Of those, ChannelData sent by our fast path (not through the turn crate).
+    pub fast_path_to_client_packets: u64,
     /// Payload bytes relayed from peers to clients.
     pub relayed_to_client_bytes: u64,
     /// Requests answered 401 although they carried credentials (bad, expired or malformed).
@@ -143,13 +160,22 @@ pub struct TurnStats {
     pub refused_peer: u64,
 }
 
+/// Counters of one direction, on a cache line of their own (the two directions are counted
+/// by different tasks, often on different cores).
+#[derive(Default)]
+#[repr(align(64))]
+pub(crate) struct DirCounters {
+    pub(crate) packets: AtomicU64,
+    pub(crate) bytes: AtomicU64,
+    /// Packets that took the ChannelData fast path.
+    pub(crate) fast: AtomicU64,
+}
+
 #[derive(Default)]
 pub(crate) struct Counters {
+    pub(crate) to_peer: DirCounters,
+    pub(crate) to_client: DirCounters,
     pub(crate) allocations_total: AtomicU64,
-    pub(crate) to_peer_packets: AtomicU64,
-    pub(crate) to_peer_bytes: AtomicU64,
-    pub(crate) to_client_packets: AtomicU64,
-    pub(crate) to_client_bytes: AtomicU64,
     pub(crate) refused_auth: AtomicU64,
     pub(crate) refused_user_quota: AtomicU64,
     pub(crate) refused_total_quota: AtomicU64,
@@ -172,12 +198,27 @@ pub(crate) struct Pending {
     pub(crate) at: Instant,
 }
 
-/// Quota bookkeeping.
+/// A request the fast path wants to see the outcome of.
+pub(crate) enum PendingOp {
+    ChannelBind { number: u16, peer: SocketAddr },
+    CreatePermission { peers: Vec<SocketAddr> },
+    Refresh,
+}
+
+/// A Refresh, CreatePermission or ChannelBind handed to the turn crate, waiting for its answer.
+pub(crate) struct PendingReq {
+    pub(crate) src: SocketAddr,
+    pub(crate) op: PendingOp,
+    pub(crate) at: Instant,
+}
+
+/// Quota bookkeeping, and the requests the fast path learns from.
 #[derive(Default)]
 pub(crate) struct Book {
     pub(crate) live: HashMap<SocketAddr, Live>,
     pub(crate) per_user: HashMap<String, usize>,
     pub(crate) pending: HashMap<[u8; 12], Pending>,
+    pub(crate) pending_reqs: HashMap<[u8; 12], PendingReq>,
 }
 
 /// State shared by the guard, the relay sockets and the handle.
@@ -187,9 +228,13 @@ pub(crate) struct Shared {
     pub(crate) user_quota: usize,
     pub(crate) total_quota: usize,
     pub(crate) allow_peers: Vec<IpNet>,
+    pub(crate) channel_lifetime: Duration,
     pub(crate) counters: Counters,
     book: Mutex<Book>,
-    relays: Mutex<Vec<Weak<RelayConn>>>,
+    /// Relay sockets by port (they all bind the relay IP).
+    relays: Mutex<HashMap<u16, Weak<RelayConn>>>,
+    /// The fast path's allocations, by client transport address.
+    fast: RwLock<HashMap<SocketAddr, Arc<RelayConn>>>,
     pub(crate) relay_buf_logged: AtomicBool,
 }
 
@@ -215,14 +260,64 @@ impl Shared {
 
     pub(crate) fn register_relay(&self, conn: &Arc<RelayConn>) {
         let mut relays = self.relays.lock().unwrap_or_else(|e| e.into_inner());
-        relays.retain(|w| w.strong_count() > 0);
-        relays.push(Arc::downgrade(conn));
+        relays.retain(|_, w| w.strong_count() > 0);
+        relays.insert(conn.local().port(), Arc::downgrade(conn));
     }
 
     fn shut_relays(&self) {
+        self.fast.write().unwrap_or_else(|e| e.into_inner()).clear();
         let relays = std::mem::take(&mut *self.relays.lock().unwrap_or_else(|e| e.into_inner()));
-        for r in relays.iter().filter_map(Weak::upgrade) {
+        for r in relays.values().filter_map(Weak::upgrade) {
             r.shut();
+        }
+    }
+
+    /// The fast path's view of the allocation of `client`, if any.
+    pub(crate) fn fast_relay(&self, client: SocketAddr) -> Option<Arc<RelayConn>> {
+        self.fast
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&client)
+            .cloned()
+    }
+
+    /// An allocation of `client` on relay port `port` was granted at `at` for `lifetime`:
+    /// the fast path may serve it from now on.
+    pub(crate) fn fast_attach(
+        &self,
+        client: SocketAddr,
+        port: u16,
+        at: Instant,
+        lifetime: Duration,
+    ) {
+        let relay = self
+            .relays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&port)
+            .and_then(Weak::upgrade);
+        let Some(relay) = relay else {
+            tracing::debug!(target: LOG, client = %client, port, "no relay socket for the fast path");
+            return;
+        };
+        relay.attach(client, at, lifetime);
+        self.fast
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(client, relay);
+    }
+
+    /// The allocation of `client` (on relay port `port`, if known) ended.
+    pub(crate) fn fast_detach(&self, client: SocketAddr, port: Option<u16>) {
+        let mut fast = self.fast.write().unwrap_or_else(|e| e.into_inner());
+        let matches = fast.get(&client).is_some_and(|r| match port {
+            Some(p) => r.local().port() == p,
+            None => true,
+        });
+        if matches {
+            if let Some(r) = fast.remove(&client) {
+                r.detach();
+            }
         }
     }
 
@@ -232,10 +327,12 @@ impl Shared {
         TurnStats {
             allocations: self.lock_book().live.len() as u64,
             allocations_total: get(&c.allocations_total),
-            relayed_to_peer_packets: get(&c.to_peer_packets),
-            relayed_to_peer_bytes: get(&c.to_peer_bytes),
-            relayed_to_client_packets: get(&c.to_client_packets),
-            relayed_to_client_bytes: get(&c.to_client_bytes),
+            relayed_to_peer_packets: get(&c.to_peer.packets),
+            fast_path_to_peer_packets: get(&c.to_peer.fast),
+            relayed_to_peer_bytes: get(&c.to_peer.bytes),
+            relayed_to_client_packets: get(&c.to_client.packets),
+            fast_path_to_client_packets: get(&c.to_client.fast),
+            relayed_to_client_bytes: get(&c.to_client.bytes),
             refused_auth: get(&c.refused_auth),
             refused_user_quota: get(&c.refused_user_quota),
             refused_total_quota: get(&c.refused_total_quota),
@@ -246,6 +343,7 @@ impl Shared {
     /// An allocation ended (turn's close notification): free its quota slot.
     fn allocation_closed(&self, info: &AllocationInfo, why: &str) {
         let src = info.five_tuple.src_addr;
+        self.fast_detach(src, Some(info.relay_addr.port()));
         let mut book = self.lock_book();
         let matches = book
             .live
@@ -282,6 +380,10 @@ impl TurnServer {
         );
         anyhow::ensure!(!config.secret.is_empty(), "the TURN REST secret is empty");
         anyhow::ensure!(!config.realm.is_empty(), "the TURN realm is empty");
+        anyhow::ensure!(
+            config.channel_lifetime >= Duration::from_secs(1),
+            "the channel binding lifetime must be at least 1 s"
+        );
 
         let bound = socket::bind_udp(config.listen, config.recv_buffer_bytes)
             .with_context(|| format!("binding TURN listener {}", config.listen))?;
@@ -301,9 +403,11 @@ impl TurnServer {
             user_quota: config.user_quota,
             total_quota: config.total_quota,
             allow_peers: config.allow_peers.clone(),
+            channel_lifetime: config.channel_lifetime,
             counters: Counters::default(),
             book: Mutex::new(Book::default()),
-            relays: Mutex::new(Vec::new()),
+            relays: Mutex::new(HashMap::new()),
+            fast: RwLock::new(HashMap::new()),
             relay_buf_logged: AtomicBool::new(false),
         });
         let listener = Arc::new(GuardedListener::new(
@@ -318,6 +422,7 @@ impl TurnServer {
             min_port,
             max_port,
             buffer_bytes: config.recv_buffer_bytes,
+            listener: listener.socket(),
         };
 
         let (close_tx, mut close_rx) = mpsc::channel::<AllocationInfo>(1024);
@@ -332,7 +437,7 @@ impl TurnServer {
                 realm: config.realm.clone(),
                 shared: Arc::downgrade(&shared),
             }),
-            channel_bind_timeout: CHANNEL_BIND_LIFETIME,
+            channel_bind_timeout: config.channel_lifetime,
             alloc_close_notify: Some(close_tx),
         })
         .await
@@ -378,8 +483,10 @@ async fn log_stats(shared: Arc<Shared>, stop: CancellationToken) {
                 allocations = now.allocations,
                 allocations_total = now.allocations_total,
                 to_peer_packets = now.relayed_to_peer_packets,
+                fast_to_peer_packets = now.fast_path_to_peer_packets,
                 to_peer_bytes = now.relayed_to_peer_bytes,
                 to_client_packets = now.relayed_to_client_packets,
+                fast_to_client_packets = now.fast_path_to_client_packets,
                 to_client_bytes = now.relayed_to_client_bytes,
                 refused_auth = now.refused_auth,
                 refused_user_quota = now.refused_user_quota,

@@ -1,34 +1,298 @@
 //! Relay sockets: a [`RelayAddressGenerator`] binding ports in the configured range, and the
 //! relay [`Conn`] that counts relayed traffic and drops anything to or from a denied peer (the
 //! second line of defence behind the listener guard).
+//!
+//! The relay [`Conn`] also carries the ChannelData fast path: a datagram from a peer with a live
+//! channel binding (and permission) is framed as ChannelData and sent to the client right
+//! here, without going through the turn crate's per-allocation loop (which copies each
+//! datagram several times and takes async mutexes for it). Everything else is handed to the
+//! turn crate as before.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use tokio::net::UdpSocket;
 
 use turn::relay::RelayAddressGenerator;
 use webrtc_util::Conn;
 
 use super::socket::{bind_udp, ClosableUdp};
-use super::{Shared, LOG};
+use super::{Shared, LOG, PERMISSION_LIFETIME};
 
 /// Random ports tried before sweeping the whole range.
 const RANDOM_TRIES: usize = 32;
+/// Largest UDP payload (IPv6 without jumbograms); ChannelData lengths are 16-bit anyway.
+const MAX_DATAGRAM: usize = 65_535;
+/// ChannelData header: channel number and length, two bytes each.
+pub(crate) const CHANNEL_HEADER: usize = 4;
+
+/// A channel binding as the fast path knows it.
+struct Channel {
+    peer: SocketAddr,
+    until: Instant,
+}
+
+/// What the ChannelData fast path knows about one allocation, learned from the requests and
+/// success responses the guard sees (see `listener.rs`). The turn crate keeps its own copy
+/// (behind async mutexes) for everything else; this one only ever lags it conservatively: each
+/// lifetime counts from when the request arrived, before the turn crate acted on it.
+#[derive(Default)]
+struct FastState {
+    /// The client's transport address, once its Allocate succeeded; `None` after the
+    /// allocation ended.
+    client: Option<SocketAddr>,
+    /// End of the allocation's lifetime.
+    alloc_until: Option<Instant>,
+    channels: HashMap<u16, Channel>,
+    /// Reverse index of `channels`.
+    by_peer: HashMap<SocketAddr, u16>,
+    /// Permissions by peer IP (RFC 8656 §9: the port does not matter).
+    perms: HashMap<IpAddr, Instant>,
+}
+
+impl FastState {
+    fn prune(&mut self, now: Instant) {
+        self.channels.retain(|_, c| c.until > now);
+        let channels = &self.channels;
+        self.by_peer
+            .retain(|_, n| channels.get(n).is_some_and(|c| c.until > now));
+        self.perms.retain(|_, until| *until > now);
+    }
+
+    fn live(&self, now: Instant) -> bool {
+        self.alloc_until.is_some_and(|t| t > now)
+    }
+}
+
+/// Where a datagram goes, according to the fast path.
+pub(crate) enum Route<T> {
+    /// Relay it ourselves.
+    Relay(T),
+    /// A channel is bound but the permission for the peer has expired: RFC 8656 §9 says
+    /// discard (the turn crate would still relay it).
+    NoPermission,
+    /// Not ours to decide: hand it to the turn crate.
+    Pass,
+}
 
 /// The relay socket of one allocation.
 pub(crate) struct RelayConn {
     socket: ClosableUdp,
     local: SocketAddr,
     shared: Arc<Shared>,
+    /// The listening socket, for ChannelData to the client.
+    listener: Arc<ClosableUdp>,
+    fast: RwLock<FastState>,
+    /// Receive buffer with room for the ChannelData header in front (kept between calls).
+    frame: Mutex<Vec<u8>>,
 }
 
 impl RelayConn {
     /// Closes the socket; pending and later receives fail (which ends the allocation's
     /// packet handler in the turn crate).
     pub(crate) fn shut(&self) {
+        self.detach();
         self.socket.shut();
+    }
+
+    pub(crate) fn local(&self) -> SocketAddr {
+        self.local
+    }
+
+    fn state(&self) -> std::sync::RwLockReadGuard<'_, FastState> {
+        self.fast.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn state_mut(&self) -> std::sync::RwLockWriteGuard<'_, FastState> {
+        self.fast.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The allocation of `client` was granted at `at` for `lifetime`.
+    pub(crate) fn attach(&self, client: SocketAddr, at: Instant, lifetime: Duration) {
+        let mut st = self.state_mut();
+        *st = FastState::default();
+        st.client = Some(client);
+        st.alloc_until = Some(at + lifetime);
+    }
+
+    /// The allocation ended: the fast path forgets it.
+    pub(crate) fn detach(&self) {
+        *self.state_mut() = FastState::default();
+    }
+
+    /// A Refresh received at `at` succeeded with `lifetime` (not 0).
+    pub(crate) fn refresh(&self, at: Instant, lifetime: Duration) {
+        let mut st = self.state_mut();
+        if st.client.is_some() {
+            st.alloc_until = Some(at + lifetime);
+            st.prune(Instant::now());
+        }
+    }
+
+    /// A CreatePermission received at `at` succeeded for `peers`.
+    pub(crate) fn permit(&self, peers: &[SocketAddr], at: Instant) {
+        let mut st = self.state_mut();
+        if st.client.is_none() {
+            return;
+        }
+        st.prune(Instant::now());
+        for p in peers {
+            st.perms.insert(p.ip(), at + PERMISSION_LIFETIME);
+        }
+    }
+
+    /// A ChannelBind received at `at` succeeded: `number` is bound to `peer` for `lifetime`,
+    /// and the permission for the peer's IP is installed or refreshed (RFC 8656 §12.2).
+    pub(crate) fn bind_channel(
+        &self,
+        number: u16,
+        peer: SocketAddr,
+        at: Instant,
+        lifetime: Duration,
+    ) {
+        let mut st = self.state_mut();
+        if st.client.is_none() {
+            return;
+        }
+        st.prune(Instant::now());
+        if let Some(old) = st.channels.insert(
+            number,
+            Channel {
+                peer,
+                until: at + lifetime,
+            },
+        ) {
+            if old.peer != peer {
+                st.by_peer.remove(&old.peer);
+            }
+        }
+        if let Some(other) = st.by_peer.insert(peer, number) {
+            if other != number {
+                st.channels.remove(&other);
+            }
+        }
+        st.perms.insert(peer.ip(), at + PERMISSION_LIFETIME);
+    }
+
+    /// Client → peer: the peer of channel `number`, if `client` owns this allocation and the
+    /// allocation, the channel and the peer's permission are all live.
+    pub(crate) fn route_to_peer(
+        &self,
+        client: SocketAddr,
+        number: u16,
+        now: Instant,
+    ) -> Route<SocketAddr> {
+        let st = self.state();
+        if st.client != Some(client) || !st.live(now) {
+            return Route::Pass;
+        }
+        let Some(c) = st.channels.get(&number).filter(|c| c.until > now) else {
+            return Route::Pass;
+        };
+        if st.perms.get(&c.peer.ip()).is_some_and(|t| *t > now) {
+            Route::Relay(c.peer)
+        } else {
+            Route::NoPermission
+        }
+    }
+
+    /// Peer → client: the client and channel number for a datagram from `peer`.
+    fn route_to_client(&self, peer: SocketAddr, now: Instant) -> Route<(SocketAddr, u16)> {
+        let st = self.state();
+        let Some(client) = st.client.filter(|_| st.live(now)) else {
+            return Route::Pass;
+        };
+        let Some(&number) = st.by_peer.get(&peer) else {
+            return Route::Pass;
+        };
+        if !st
+            .channels
+            .get(&number)
+            .is_some_and(|c| c.until > now && c.peer == peer)
+        {
+            return Route::Pass;
+        }
+        if st.perms.get(&peer.ip()).is_some_and(|t| *t > now) {
+            Route::Relay((client, number))
+        } else {
+            Route::NoPermission
+        }
+    }
+
+    /// Fast path, client → peer: sends `payload` from this relay socket (the peer passed the
+    /// policy when the channel was bound; checked again here).
+    pub(crate) async fn send_to_peer(&self, payload: &[u8], peer: SocketAddr) {
+        if self.shared.denied(peer.ip()) {
+            self.shared
+                .counters
+                .refused_peer
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        match self.socket.send_to(payload, peer).await {
+            Ok(n) => {
+                let c = &self.shared.counters.to_peer;
+                c.packets.fetch_add(1, Ordering::Relaxed);
+                c.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                c.fast.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::debug!(target: LOG, relay = %self.local, %peer, "relaying ChannelData: {e}");
+            }
+        }
+    }
+
+    /// Receives until a datagram needs the turn crate (returned in `frame[CHANNEL_HEADER..]`);
+    /// datagrams from peers with a live channel binding go straight to the client as
+    /// ChannelData.
+    async fn recv_loop(&self, socket: &UdpSocket, frame: &mut [u8]) -> (usize, SocketAddr) {
+        loop {
+            let (n, src) = self
+                .socket
+                .recv_retrying(socket, &mut frame[CHANNEL_HEADER..])
+                .await;
+            if self.shared.denied(src.ip()) {
+                self.shared
+                    .counters
+                    .refused_peer
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(target: LOG, relay = %self.local, peer = %src,
+                    "dropped {n} bytes from a denied peer");
+                continue;
+            }
+            let (client, number) = match self.route_to_client(src, Instant::now()) {
+                Route::Pass => return (n, src),
+                Route::NoPermission => {
+                    tracing::debug!(target: LOG, relay = %self.local, peer = %src,
+                        "dropped {n} bytes: the permission for the peer has expired");
+                    continue;
+                }
+                Route::Relay(r) => r,
+            };
+            // RFC 8656 §12.5: over UDP the padding to a multiple of four is optional; none.
+            frame[..2].copy_from_slice(&number.to_be_bytes());
+            frame[2..4].copy_from_slice(&(n as u16).to_be_bytes());
+            match self
+                .listener
+                .send_to(&frame[..CHANNEL_HEADER + n], client)
+                .await
+            {
+                Ok(_) => {
+                    let c = &self.shared.counters.to_client;
+                    c.packets.fetch_add(1, Ordering::Relaxed);
+                    c.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    c.fast.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::debug!(target: LOG, relay = %self.local, %client,
+                        "relaying ChannelData to the client: {e}");
+                }
+            }
+        }
     }
 }
 
@@ -45,18 +309,23 @@ impl Conn for RelayConn {
     }
 
     async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
-        loop {
-            let (n, src) = self.socket.recv_from(buf).await?;
-            if !self.shared.denied(src.ip()) {
-                return Ok((n, src));
-            }
-            self.shared
-                .counters
-                .refused_peer
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(target: LOG, relay = %self.local, peer = %src,
-                "dropped {n} bytes from a denied peer");
+        let socket = self.socket.get()?;
+        let mut frame = std::mem::take(&mut *self.frame.lock().unwrap_or_else(|e| e.into_inner()));
+        if frame.len() < CHANNEL_HEADER + MAX_DATAGRAM {
+            frame = vec![0u8; CHANNEL_HEADER + MAX_DATAGRAM];
         }
+        let r = tokio::select! {
+            biased;
+            (n, src) = self.recv_loop(&socket, &mut frame) => {
+                // Truncated like any datagram read into a short buffer.
+                let n = n.min(buf.len());
+                buf[..n].copy_from_slice(&frame[CHANNEL_HEADER..CHANNEL_HEADER + n]);
+                Ok((n, src))
+            }
+            _ = self.socket.closed() => Err(webrtc_util::Error::ErrUseClosedNetworkConn),
+        };
+        *self.frame.lock().unwrap_or_else(|e| e.into_inner()) = frame;
+        r
     }
 
     async fn send(&self, _buf: &[u8]) -> webrtc_util::Result<usize> {
@@ -76,10 +345,10 @@ impl Conn for RelayConn {
             // Pretend success: the turn crate would only log an error.
             return Ok(buf.len());
         }
-        let n = self.socket.get()?.send_to(buf, target).await?;
-        let c = &self.shared.counters;
-        c.to_peer_packets.fetch_add(1, Ordering::Relaxed);
-        c.to_peer_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        let n = self.socket.send_to(buf, target).await?;
+        let c = &self.shared.counters.to_peer;
+        c.packets.fetch_add(1, Ordering::Relaxed);
+        c.bytes.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }
 
@@ -109,6 +378,8 @@ pub(crate) struct RelayGenerator {
     pub(crate) min_port: u16,
     pub(crate) max_port: u16,
     pub(crate) buffer_bytes: usize,
+    /// The listening socket (relay sockets send ChannelData to clients through it).
+    pub(crate) listener: Arc<ClosableUdp>,
 }
 
 impl RelayGenerator {
@@ -126,6 +397,9 @@ impl RelayGenerator {
             socket: ClosableUdp::new(bound.socket, format!("relay {local}")),
             local,
             shared: Arc::clone(&self.shared),
+            listener: Arc::clone(&self.listener),
+            fast: RwLock::new(FastState::default()),
+            frame: Mutex::new(Vec::new()),
         });
         self.shared.register_relay(&conn);
         Ok(conn)

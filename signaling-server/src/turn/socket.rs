@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use super::LOG;
 
@@ -78,25 +78,49 @@ impl ClosableUdp {
             .take();
     }
 
-    /// The next datagram; an error only once shut.
-    pub(crate) async fn recv_from(
+    /// Completes once the socket is shut.
+    pub(crate) fn closed(&self) -> WaitForCancellationFuture<'_> {
+        self.closed.cancelled()
+    }
+
+    /// The next datagram on `socket` (this socket, from [`ClosableUdp::get`]). Receive errors
+    /// are logged and retried; callers race this with [`ClosableUdp::closed`].
+    pub(crate) async fn recv_retrying(
         &self,
+        socket: &UdpSocket,
         buf: &mut [u8],
-    ) -> webrtc_util::Result<(usize, SocketAddr)> {
-        let socket = self.get()?;
+    ) -> (usize, SocketAddr) {
         loop {
-            tokio::select! {
-                r = socket.recv_from(buf) => match r {
-                    Ok(v) => return Ok(v),
-                    Err(e) => {
-                        tracing::debug!(target: LOG, socket = %self.what, "receive error: {e}");
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                },
-                _ = self.closed.cancelled() => {
-                    return Err(webrtc_util::Error::ErrUseClosedNetworkConn)
+            match socket.recv_from(buf).await {
+                Ok(v) => return v,
+                Err(e) => {
+                    tracing::debug!(target: LOG, socket = %self.what, "receive error: {e}");
+                    tokio::time::sleep(Duration::from_millis(1)).await;
                 }
             }
+        }
+    }
+
+    /// Sends one datagram without waiting: `WouldBlock` when the send buffer is full (or
+    /// tokio has not seen the socket writable yet).
+    pub(crate) fn try_send_to(&self, buf: &[u8], target: SocketAddr) -> io::Result<usize> {
+        match &*self.socket.read().unwrap_or_else(|e| e.into_inner()) {
+            Some(s) => s.try_send_to(buf, target),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                format!("{} is closed", self.what),
+            )),
+        }
+    }
+
+    /// Sends one datagram: at once if there is room, else once there is.
+    pub(crate) async fn send_to(&self, buf: &[u8], target: SocketAddr) -> io::Result<usize> {
+        match self.try_send_to(buf, target) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let socket = self.get().map_err(|e| io::Error::other(e.to_string()))?;
+                socket.send_to(buf, target).await
+            }
+            r => r,
         }
     }
 }
