@@ -67,7 +67,7 @@ MAX_UNRELIABLE = 16384
 ACK_EVERY = 32
 ACK_DELAY = 0.005
 MAX_REORDER = 262144
-CONNECT_TIMEOUT = 15.0
+CONNECT_TIMEOUT = 8.0
 PING_EVERY = 1.0
 MAX_PINGS = 8
 SEND_WINDOW = 8 << 20
@@ -234,7 +234,7 @@ class Link:
 
     # ---- sending (§8.4) ------------------------------------------------------------------
 
-    def transmit(self, frame, channel, app_data=False):
+    def transmit(self, frame, channel):
         """Send a link frame on the current path; a failed direct send downgrades."""
         if self.is_direct():
             ch = self.r if channel == "r" else self.u
@@ -272,12 +272,12 @@ class Link:
             frame = data_frame(seq, i == len(chunks) - 1, chunk)
             self.unacked[seq] = frame
             self.window_used += len(chunk) + FRAGMENT_OVERHEAD
-            self.transmit(frame, "r", app_data=True)
+            self.transmit(frame, "r")
 
     def send_unreliable(self, message: bytes):
         if len(message) > MAX_UNRELIABLE:
             raise ValueError(f"unreliable message of {len(message)} bytes exceeds {MAX_UNRELIABLE}")
-        self.transmit(bytes([UNRELIABLE]) + message, "u", app_data=True)
+        self.transmit(bytes([UNRELIABLE]) + message, "u")
 
     def on_ack(self, seq):
         while self.unacked:
@@ -948,6 +948,11 @@ def main():
         level=logging.INFO if args.verbose else logging.WARNING,
         format=f"[peer.py {args.name}] %(levelname)s %(name)s: %(message)s",
     )
+    # Local ICE choice (like the reference client's short ICE timeouts, §7.3): aioice checks
+    # consent every 5 s and gives up after 6 failures, so a cut path would only be noticed after
+    # about 30 s; check every second and give up after 3 failures instead.
+    aioice.ice.CONSENT_INTERVAL = 1
+    aioice.ice.CONSENT_FAILURES = 3
     if args.loopback_only:
         # aioice skips 127.0.0.1 when it lists host addresses; use exactly loopback instead.
         aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"]

@@ -1,7 +1,8 @@
 //! A third-party peer against our stack: `interop-tests/aiortc/peer.py` (Python, aiortc +
 //! websockets, written from docs/PROTOCOL.md alone) and a native client in one group of the real
 //! server. Both directions, reliable (in order across the server → direct switch) and
-//! unreliable, with the aiortc peer as WebRTC initiator and as responder.
+//! unreliable, with the aiortc peer as WebRTC initiator and as responder; and a direct path cut
+//! with nft mid-stream (fallback to the server path and back, nothing lost).
 //!
 //! Needs the venv made by `interop-tests/setup/python.sh` (run by `interop-tests/run-all.sh`),
 //! or a Python with aiortc and websockets in `PEERMESH_AIORTC_PYTHON`.
@@ -77,7 +78,10 @@ impl PyPeer {
         let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
         tokio::spawn(async move {
             while let Ok(Some(line)) = stdout.next_line().await {
-                eprintln!("[peer.py out] {line}");
+                match line.char_indices().nth(200) {
+                    Some((cut, _)) => eprintln!("[peer.py out] {}…", &line[..cut]),
+                    None => eprintln!("[peer.py out] {line}"),
+                }
                 if tx.send(line).is_err() {
                     break;
                 }
@@ -235,156 +239,260 @@ impl Native {
     }
 }
 
-fn numbered(prefix: &str, range: std::ops::Range<usize>) -> Vec<String> {
-    range.map(|i| format!("{prefix} {i:04}")).collect()
+/// Drops all UDP from and to a port range on loopback's input hook while alive (needs root and
+/// nft, as `tests/fallback.rs`).
+struct Cut(String);
+
+impl Cut {
+    fn new((lo, hi): (u16, u16)) -> Cut {
+        let table = format!("peermesh_aiortc_{}_{lo}", std::process::id());
+        let rules = format!(
+            "table inet {table} {{\n  chain input {{\n    type filter hook input priority -10; policy accept;\n    \
+             udp dport {lo}-{hi} drop\n    udp sport {lo}-{hi} drop\n  }}\n}}\n"
+        );
+        let ok = std::process::Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(rules.as_bytes())?;
+                c.wait()
+            })
+            .expect("nft (package nftables) must be installed; run the tests as root")
+            .success();
+        assert!(ok, "nft refused the rules");
+        Cut(table)
+    }
 }
 
-/// Both peers in group "g" (`py_first`: the aiortc peer joins first, so the native client is
-/// the initiator), then messages both ways across the switch to the direct path.
-async fn exchange(py_first: bool) {
-    let server = Server::bind(Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        ..Default::default()
-    })
-    .await
-    .expect("bind server")
-    .spawn();
-    let connect_native = || async {
-        let (client, events) = Client::connect(
-            &server.ws_url(),
-            ClientConfig::new(NATIVE).with_loopback_only(true),
-        )
+impl Drop for Cut {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("nft")
+            .args(["delete", "table", "inet", &self.0])
+            .status();
+    }
+}
+
+/// Numbered messages; every 25th is large (three DATA fragments).
+fn numbered(prefix: &str, range: std::ops::Range<usize>) -> Vec<String> {
+    range
+        .map(|i| {
+            if i % 25 == 7 {
+                format!("{prefix} {i:04} {}", "x".repeat(40_000))
+            } else {
+                format!("{prefix} {i:04}")
+            }
+        })
+        .collect()
+}
+
+/// A server, the native client and the aiortc peer in group "g". `py_first`: the aiortc peer
+/// joins first, so the native client is the WebRTC initiator; otherwise the aiortc peer is.
+struct Setup {
+    _server: ServerHandle,
+    native: Native,
+    py: PyPeer,
+    py_id: PeerId,
+    /// Everything sent reliably so far, each way.
+    sent_to_py: Vec<String>,
+    sent_to_native: Vec<String>,
+}
+
+impl Setup {
+    async fn new(py_first: bool, native_ports: Option<(u16, u16)>) -> Setup {
+        let server = Server::bind(Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..Default::default()
+        })
         .await
-        .expect("native connect");
-        Native {
-            client,
-            events,
-            py: None,
-            reliable: Vec::new(),
-            unreliable: Vec::new(),
+        .expect("bind server")
+        .spawn();
+        let connect_native = || async {
+            let mut config = ClientConfig::new(NATIVE).with_loopback_only(true);
+            if let Some((lo, hi)) = native_ports {
+                config = config.with_udp_ports(lo, hi);
+            }
+            let (client, events) = Client::connect(&server.ws_url(), config)
+                .await
+                .expect("native connect");
+            Native {
+                client,
+                events,
+                py: None,
+                reliable: Vec::new(),
+                unreliable: Vec::new(),
+            }
+        };
+        let (mut native, mut py) = if py_first {
+            let mut py = PyPeer::spawn(&server).await;
+            py.until("group", |_, l| l == "group g").await;
+            let native = connect_native().await;
+            native.client.join("g").await.expect("native join");
+            (native, py)
+        } else {
+            let native = connect_native().await;
+            native.client.join("g").await.expect("native join");
+            (native, PyPeer::spawn(&server).await)
+        };
+        native.until("the aiortc peer", |n| n.py.is_some()).await;
+        py.until("the native peer", |_, l| {
+            l.starts_with(&format!("joined {NATIVE} "))
+        })
+        .await;
+        let py_id = native.py();
+        Setup {
+            _server: server,
+            native,
+            py,
+            py_id,
+            sent_to_py: Vec::new(),
+            sent_to_native: Vec::new(),
         }
-    };
+    }
 
-    let (mut native, mut py) = if py_first {
-        let mut py = PyPeer::spawn(&server).await;
-        py.until("group", |_, l| l == "group g").await;
-        let native = connect_native().await;
-        native.client.join("g").await.expect("native join");
-        (native, py)
-    } else {
-        let native = connect_native().await;
-        native.client.join("g").await.expect("native join");
-        (native, PyPeer::spawn(&server).await)
-    };
-    native.until("the aiortc peer", |n| n.py.is_some()).await;
-    py.until("the native peer", |_, l| {
-        l.starts_with(&format!("joined {NATIVE} "))
-    })
-    .await;
-    let py_id = native.py();
-
-    // From the moment of join: paced reliable messages both ways, while the direct path is
-    // being set up.
-    let to_py = numbered("native", 0..EARLY);
-    let to_native = numbered("aiortc", 0..EARLY);
-    {
-        let client = &native.client;
+    /// Reliable messages both ways at once, each side paced by `pace`.
+    async fn send_both(&mut self, to_py: Vec<String>, to_native: Vec<String>, pace: Duration) {
+        let (client, py, py_id) = (&self.native.client, &mut self.py, self.py_id);
         let native_sends = async {
             for m in &to_py {
                 client
                     .send(py_id, m.clone(), Reliability::Reliable)
                     .await
                     .expect("native send");
-                sleep(PACE).await;
+                sleep(pace).await;
             }
         };
         let py_sends = async {
             for m in &to_native {
                 py.command(&format!("send {NATIVE} {m}")).await;
-                sleep(PACE).await;
+                sleep(pace).await;
             }
         };
         tokio::join!(native_sends, py_sends);
+        self.sent_to_py.extend(to_py);
+        self.sent_to_native.extend(to_native);
     }
 
-    // Both ends reach the direct path.
-    native
-        .until("a direct path", |n| matches!(n.path(), Path::Direct { .. }))
-        .await;
-    py.until("a direct path", |p, _| {
-        p.path.as_deref().is_some_and(|s| s.starts_with("direct "))
-    })
-    .await;
-
-    // More reliable messages, now on the direct path.
-    let late_to_py = numbered("native-late", 0..LATE);
-    let late_to_native = numbered("aiortc-late", 0..LATE);
-    for (to_p, to_n) in late_to_py.iter().zip(&late_to_native) {
-        native
-            .client
-            .send(py_id, to_p.clone(), Reliability::Reliable)
-            .await
-            .expect("native send");
-        py.command(&format!("send {NATIVE} {to_n}")).await;
+    /// Both ends on the direct path (`true`) or on the server path.
+    async fn wait_paths(&mut self, direct: bool) {
+        let what = if direct {
+            "a direct path"
+        } else {
+            "the server path"
+        };
+        self.native
+            .until(what, |n| matches!(n.path(), Path::Direct { .. }) == direct)
+            .await;
+        self.py
+            .until(what, |p, _| {
+                p.path
+                    .as_deref()
+                    .is_some_and(|s| s.starts_with("direct ") == direct)
+            })
+            .await;
     }
 
-    let expect_py: Vec<String> = to_py.iter().chain(&late_to_py).cloned().collect();
-    let expect_native: Vec<String> = to_native.iter().chain(&late_to_native).cloned().collect();
-    py.until("every reliable message", |p, _| {
-        p.reliable.len() >= expect_py.len()
-    })
-    .await;
-    native
-        .until("every reliable message", |n| {
-            n.reliable.len() >= expect_native.len()
-        })
-        .await;
-    assert_eq!(py.reliable, expect_py, "aiortc peer: reliable stream");
-    assert_eq!(
-        native.reliable, expect_native,
-        "native peer: reliable stream"
-    );
+    /// Everything sent reliably has arrived, complete, in order and once, on both sides.
+    async fn check_reliable(&mut self) {
+        let (to_py, to_native) = (self.sent_to_py.len(), self.sent_to_native.len());
+        self.py
+            .until("every reliable message", |p, _| p.reliable.len() >= to_py)
+            .await;
+        self.native
+            .until("every reliable message", |n| n.reliable.len() >= to_native)
+            .await;
+        // Let late duplicates show up, if any.
+        self.py.drain(Duration::from_millis(200)).await;
+        self.native.drain(Duration::from_millis(200)).await;
+        assert!(
+            self.py.reliable == self.sent_to_py,
+            "aiortc peer: reliable stream differs (got {}, sent {})",
+            self.py.reliable.len(),
+            self.sent_to_py.len()
+        );
+        assert!(
+            self.native.reliable == self.sent_to_native,
+            "native peer: reliable stream differs (got {}, sent {})",
+            self.native.reliable.len(),
+            self.sent_to_native.len()
+        );
+    }
 
-    // Unreliable both ways (best effort: retried until one arrives each way).
-    for i in 0..50 {
-        native
-            .client
-            .send(py_id, format!("native-u {i}"), Reliability::Unreliable)
-            .await
-            .expect("native unreliable send");
-        py.command(&format!("usend {NATIVE} aiortc-u {i}")).await;
-        native.drain(Duration::from_millis(100)).await;
-        py.drain(Duration::from_millis(100)).await;
-        if !native.unreliable.is_empty() && !py.unreliable.is_empty() {
-            break;
+    /// Unreliable messages both ways, retried until one arrives each way.
+    async fn check_unreliable(&mut self) {
+        for i in 0..50 {
+            self.native
+                .client
+                .send(self.py_id, format!("native-u {i}"), Reliability::Unreliable)
+                .await
+                .expect("native unreliable send");
+            self.py
+                .command(&format!("usend {NATIVE} aiortc-u {i}"))
+                .await;
+            self.native.drain(Duration::from_millis(100)).await;
+            self.py.drain(Duration::from_millis(100)).await;
+            if !self.native.unreliable.is_empty() && !self.py.unreliable.is_empty() {
+                break;
+            }
         }
+        let (n, p) = (&self.native.unreliable, &self.py.unreliable);
+        assert!(
+            !n.is_empty() && n.iter().all(|m| m.starts_with("aiortc-u ")),
+            "native peer: unreliable messages {n:?}"
+        );
+        assert!(
+            !p.is_empty() && p.iter().all(|m| m.starts_with("native-u ")),
+            "aiortc peer: unreliable messages {p:?}"
+        );
     }
-    assert!(
-        native.unreliable.iter().all(|m| m.starts_with("aiortc-u "))
-            && !native.unreliable.is_empty(),
-        "native peer: unreliable messages {:?}",
-        native.unreliable
-    );
-    assert!(
-        py.unreliable.iter().all(|m| m.starts_with("native-u ")) && !py.unreliable.is_empty(),
-        "aiortc peer: unreliable messages {:?}",
-        py.unreliable
-    );
 
-    // Direct at the end on both sides, and the bytes really took both paths.
-    let path = native.path();
-    assert!(matches!(path, Path::Direct { .. }), "native path {path}");
-    py.command(&format!("path {NATIVE}")).await;
-    let line = py
-        .until("its path", |_, l| l.starts_with(&format!("path {NATIVE} ")))
-        .await;
-    assert!(line.contains(" direct "), "aiortc peer path: {line}");
+    /// Both ends say the path is direct now.
+    async fn check_direct_now(&mut self) {
+        let path = self.native.path();
+        assert!(matches!(path, Path::Direct { .. }), "native path {path}");
+        self.py.command(&format!("path {NATIVE}")).await;
+        let line = self
+            .py
+            .until("its path", |_, l| l.starts_with(&format!("path {NATIVE} ")))
+            .await;
+        assert!(line.contains(" direct "), "aiortc peer path: {line}");
+    }
 
-    let stats = native.client.link_stats(py_id).unwrap();
+    async fn finish(self) {
+        self.py.quit().await;
+        self.native.client.close().await;
+    }
+}
+
+/// Messages both ways from the moment of join, across the server → direct switch, then on the
+/// direct path; unreliable both ways; both paths really used.
+async fn exchange(py_first: bool) {
+    let mut t = Setup::new(py_first, None).await;
+    // Paced from the moment of join, while the direct path is being set up.
+    t.send_both(
+        numbered("native", 0..EARLY),
+        numbered("aiortc", 0..EARLY),
+        PACE,
+    )
+    .await;
+    t.wait_paths(true).await;
+    // More, now on the direct path.
+    t.send_both(
+        numbered("native-late", 0..LATE),
+        numbered("aiortc-late", 0..LATE),
+        Duration::ZERO,
+    )
+    .await;
+    t.check_reliable().await;
+    t.check_unreliable().await;
+    t.check_direct_now().await;
+
+    let stats = t.native.client.link_stats(t.py_id).unwrap();
     eprintln!("native link stats: {stats:?}");
     assert!(stats.sent_server > 0 && stats.sent_direct > 0, "{stats:?}");
     assert!(stats.recv_server > 0 && stats.recv_direct > 0, "{stats:?}");
-    let py_stats = py.stats().await;
+    let py_stats = t.py.stats().await;
     eprintln!("aiortc link stats: {py_stats:?}");
     for key in ["sent_server", "sent_direct", "recv_server", "recv_direct"] {
         assert!(
@@ -392,9 +500,56 @@ async fn exchange(py_first: bool) {
             "aiortc {key}: {py_stats:?}"
         );
     }
+    t.finish().await;
+}
 
-    py.quit().await;
-    native.client.close().await;
+/// The direct path is cut (nft) mid-stream: both ends fall back to the server path, re-send
+/// what the dead path swallowed, and return to a new direct generation once the cut is lifted;
+/// nothing is lost, duplicated or reordered.
+async fn cut_and_restore(py_first: bool, native_ports: (u16, u16)) {
+    let mut t = Setup::new(py_first, Some(native_ports)).await;
+    t.wait_paths(true).await;
+    let pair = t.native.client.candidate_pair(t.py_id).unwrap();
+    let pair = pair.expect("direct pair");
+    assert!(
+        (native_ports.0..=native_ports.1).contains(&pair.local.port()),
+        "{pair:?}"
+    );
+    t.send_both(
+        numbered("n-direct", 0..50),
+        numbered("a-direct", 0..50),
+        PACE,
+    )
+    .await;
+
+    let cut = Cut::new(native_ports);
+    // Into the dying direct path, then on the server path once each end notices.
+    t.send_both(numbered("n-cut", 0..150), numbered("a-cut", 0..150), PACE)
+        .await;
+    t.wait_paths(false).await;
+    t.send_both(
+        numbered("n-server", 0..50),
+        numbered("a-server", 0..50),
+        PACE,
+    )
+    .await;
+    t.check_reliable().await;
+
+    drop(cut);
+    t.wait_paths(true).await;
+    t.send_both(numbered("n-back", 0..50), numbered("a-back", 0..50), PACE)
+        .await;
+    t.check_reliable().await;
+    t.check_direct_now().await;
+
+    let stats = t.native.client.link_stats(t.py_id).unwrap();
+    eprintln!("native link stats: {stats:?}");
+    assert!(stats.path_changes >= 3, "{stats:?}");
+    let py_stats = t.py.stats().await;
+    eprintln!("aiortc link stats: {py_stats:?}");
+    assert!(py_stats["path_changes"] >= 3, "{py_stats:?}");
+    assert!(py_stats["gen"] >= 2, "{py_stats:?}");
+    t.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -405,4 +560,14 @@ async fn aiortc_peer_as_initiator() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aiortc_peer_as_responder() {
     exchange(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aiortc_initiator_survives_a_cut_direct_path() {
+    cut_and_restore(false, (54100, 54199)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aiortc_responder_survives_a_cut_direct_path() {
+    cut_and_restore(true, (54200, 54299)).await;
 }
