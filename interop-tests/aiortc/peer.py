@@ -121,7 +121,10 @@ def decode_frame(b):
 
 
 def ice_servers_config(servers):
-    """welcome.ice_servers (RTCIceServer shape) -> aiortc configuration."""
+    """welcome.ice_servers (RTCIceServer shape) -> aiortc configuration.
+
+    An empty list stays an empty list: with iceServers=None aiortc would use a public STUN server.
+    """
     result = []
     for s in servers:
         urls = s.get("urls")
@@ -946,7 +949,7 @@ def main():
     logging.basicConfig(
         stream=sys.stderr,
         level=logging.INFO if args.verbose else logging.WARNING,
-        format=f"[peer.py {args.name}] %(levelname)s %(name)s: %(message)s",
+        format=f"[peer.py {args.name}] %(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # Local ICE choice (like the reference client's short ICE timeouts, §7.3): aioice checks
     # consent every 5 s and gives up after 6 failures, so a cut path would only be noticed after
