@@ -368,7 +368,8 @@ impl RawClient {
     /// Sends `m` (retransmitting) and returns the response with the same transaction id.
     async fn transact(&self, m: &Message) -> Option<Message> {
         let mut buf = vec![0u8; 2048];
-        for _ in 0..3 {
+        // Generous for a loaded machine: up to 6 × 700 ms.
+        for _ in 0..6 {
             self.sock.send_to(&m.raw, self.server).await.unwrap();
             let deadline = tokio::time::Instant::now() + Duration::from_millis(700);
             while let Ok(Ok((n, _))) =
@@ -1041,4 +1042,424 @@ async fn expired_credentials_still_renew_their_own_allocation() {
         "new allocation with expired credentials"
     );
     assert_success(&c.refresh(0).await, "release");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ChannelData fast path (our relay, bypassing the turn crate's datapath)
+
+/// The next datagram on `sock` within `limit`, with its source.
+async fn recv_on(sock: &UdpSocket, limit: Duration) -> Option<(Vec<u8>, SocketAddr)> {
+    let mut buf = vec![0u8; 70_000];
+    match tokio::time::timeout(limit, sock.recv_from(&mut buf)).await {
+        Ok(Ok((n, from))) => Some((buf[..n].to_vec(), from)),
+        _ => None,
+    }
+}
+
+/// Splits a ChannelData message: (channel number, payload), checking the length field against
+/// the datagram (our server sends no padding over UDP).
+fn channel_data(raw: &[u8]) -> (u16, Vec<u8>) {
+    assert!(raw.len() >= 4, "short ChannelData {raw:?}");
+    assert_eq!(raw[0] & 0xC0, 0x40, "not ChannelData: {raw:?}");
+    let len = usize::from(u16::from_be_bytes([raw[2], raw[3]]));
+    assert_eq!(raw.len(), 4 + len, "ChannelData length field vs datagram");
+    (u16::from_be_bytes([raw[0], raw[1]]), raw[4..].to_vec())
+}
+
+/// A raw client with an allocation and `channel` bound to a fresh loopback peer socket.
+async fn client_with_channel(
+    turn: &TurnHandle,
+    tag: &str,
+    channel: u16,
+) -> (RawClient, UdpSocket, SocketAddr) {
+    let peer = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let (u, p) = turn.credentials(&unique_user(tag), Duration::from_secs(600));
+    let mut c = RawClient::new(turn.local_addr(), &u, &p).await;
+    let r = c.allocate().await;
+    assert_success(&r, "allocate");
+    let relay = relayed_addr(&r);
+    let peer_addr = peer.local_addr().unwrap();
+    assert_success(&c.channel_bind(channel, peer_addr).await, "channel bind");
+    (c, peer, relay)
+}
+
+#[tokio::test]
+async fn uclient_channel_traffic_takes_the_fast_path_with_and_without_padding() {
+    let secret = "fast-uclient-secret";
+    let turn = start(TurnConfig {
+        secret: secret.into(),
+        allow_peers: vec!["127.0.0.0/8".parse().unwrap()],
+        ..loopback_config()
+    })
+    .await;
+    let (_peer, peer_port) = spawn_peer();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let port = turn.local_addr().port().to_string();
+    // -D: pad every ChannelData to a multiple of four (as pjnath does); 121 B needs 3 bytes.
+    for (extra, len, n) in [(None, 120u64, 50u64), (Some("-D"), 121, 30)] {
+        let before = turn.stats();
+        let (username, password) =
+            turn.credentials(&unique_user("fast-uc"), Duration::from_secs(600));
+        let mut args = s(&[
+            "-u",
+            &username,
+            "-w",
+            &password,
+            "-p",
+            &port,
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &peer_port.to_string(),
+            "-n",
+            &n.to_string(),
+            "-l",
+            &len.to_string(),
+            "-c",
+        ]);
+        args.extend(extra.map(String::from));
+        args.push("127.0.0.1".into());
+        let (code, out) = run_tool("turnutils_uclient", &args, Duration::from_secs(60)).await;
+        assert_eq!(code, Some(0), "uclient {extra:?}:\n{out}");
+        assert!(
+            out.contains(&format!("tot_send_msgs={n}, tot_recv_msgs={n}")),
+            "uclient {extra:?} summary:\n{out}"
+        );
+        assert!(
+            out.contains(&format!(
+                "tot_send_bytes ~ {}, tot_recv_bytes ~ {}",
+                n * len,
+                n * len
+            )),
+            "{extra:?}: {out}"
+        );
+        assert!(out.contains("Total lost packets 0 (0.000000%)"), "{out}");
+        let st = turn.stats();
+        let to_peer = st.fast_path_to_peer_packets - before.fast_path_to_peer_packets;
+        let to_client = st.fast_path_to_client_packets - before.fast_path_to_client_packets;
+        assert!(to_peer >= n, "{extra:?}: {to_peer} fast to peer: {st:?}");
+        assert!(
+            to_client >= n,
+            "{extra:?}: {to_client} fast to client: {st:?}"
+        );
+        // Every relayed datagram in this run took the fast path.
+        assert_eq!(
+            st.relayed_to_peer_packets - before.relayed_to_peer_packets,
+            to_peer,
+            "{st:?}"
+        );
+        assert_eq!(
+            st.relayed_to_client_packets - before.relayed_to_client_packets,
+            to_client,
+            "{st:?}"
+        );
+    }
+    assert_eq!(turn.stats().refused_peer, 0);
+    turn.shutdown().await;
+}
+
+#[tokio::test]
+async fn fast_path_relays_exact_payloads_both_ways() {
+    let turn = start(TurnConfig {
+        allow_peers: vec!["127.0.0.0/8".parse().unwrap()],
+        ..loopback_config()
+    })
+    .await;
+    let (c, peer, relay) = client_with_channel(&turn, "fast-exact", 0x4abc).await;
+    let sizes = [0usize, 1, 3, 4, 5, 120, 1000, 1400];
+
+    // Client → peer, including padded ChannelData (padding must not reach the peer).
+    for &n in &sizes {
+        let payload: Vec<u8> = (0..n).map(|i| (i * 7 + n) as u8).collect();
+        c.send_channel_data(0x4abc, &payload).await; // the turn crate's encoder pads
+        let (got, from) = recv_on(&peer, Duration::from_secs(2))
+            .await
+            .unwrap_or_else(|| panic!("peer got no {n}-byte payload"));
+        assert_eq!(got, payload, "{n} bytes client → peer");
+        assert_eq!(from, relay);
+    }
+    // Padding beyond the next multiple of four is tolerated too; a datagram shorter than its
+    // length field is discarded.
+    let mut raw = vec![0x4a, 0xbc, 0, 2, b'o', b'k', 0, 0, 0, 0, 0, 0];
+    c.sock.send_to(&raw, turn.local_addr()).await.unwrap();
+    assert_eq!(
+        recv_on(&peer, Duration::from_secs(2)).await.unwrap().0,
+        b"ok"
+    );
+    raw[3] = 200;
+    c.sock.send_to(&raw, turn.local_addr()).await.unwrap();
+    assert!(nothing_arrives(&peer, Duration::from_millis(300)).await);
+
+    // Peer → client: ChannelData with exactly the payload, no padding.
+    for &n in &sizes {
+        let payload: Vec<u8> = (0..n).map(|i| (i * 3 + n) as u8).collect();
+        peer.send_to(&payload, relay).await.unwrap();
+        let raw = c
+            .recv(Duration::from_secs(2))
+            .await
+            .unwrap_or_else(|| panic!("client got no {n}-byte payload"));
+        let (number, got) = channel_data(&raw);
+        assert_eq!(number, 0x4abc);
+        assert_eq!(got, payload, "{n} bytes peer → client");
+    }
+
+    let st = turn.stats();
+    let total: u64 = sizes.iter().map(|&n| n as u64).sum();
+    assert_eq!(
+        st.fast_path_to_peer_packets,
+        sizes.len() as u64 + 1,
+        "{st:?}"
+    );
+    assert_eq!(st.relayed_to_peer_packets, sizes.len() as u64 + 1, "{st:?}");
+    assert_eq!(st.relayed_to_peer_bytes, total + 2, "{st:?}");
+    assert_eq!(st.fast_path_to_client_packets, sizes.len() as u64, "{st:?}");
+    assert_eq!(st.relayed_to_client_packets, sizes.len() as u64, "{st:?}");
+    assert_eq!(st.relayed_to_client_bytes, total, "{st:?}");
+    turn.shutdown().await;
+}
+
+#[tokio::test]
+async fn fast_path_only_serves_the_bound_channel_peer_and_client() {
+    let turn = start(TurnConfig {
+        allow_peers: vec!["127.0.0.0/8".parse().unwrap()],
+        ..loopback_config()
+    })
+    .await;
+    let (mut c, peer, relay) = client_with_channel(&turn, "fast-scope", 0x4001).await;
+
+    // An unbound channel number relays nothing.
+    c.send_channel_data(0x4002, b"unbound channel").await;
+    assert!(nothing_arrives(&peer, Duration::from_millis(300)).await);
+
+    // Another 5-tuple (even with the same credentials) cannot use this allocation's channel.
+    let intruder = RawClient::new(turn.local_addr(), &c.username, &c.password).await;
+    intruder.send_channel_data(0x4001, b"not my channel").await;
+    assert!(nothing_arrives(&peer, Duration::from_millis(300)).await);
+    assert!(intruder.recv(Duration::from_millis(100)).await.is_none());
+
+    // A second peer socket on the same IP: the permission (per IP) lets it through, but it has
+    // no channel, so it arrives as a Data indication (the turn crate's path).
+    let other = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    other.send_to(b"from another port", relay).await.unwrap();
+    let raw = c
+        .recv(Duration::from_secs(2))
+        .await
+        .expect("data indication");
+    let mut m = Message::new();
+    m.raw = raw;
+    m.decode().expect("a STUN Data indication, not ChannelData");
+    let mut d = Data::default();
+    d.get_from(&m).unwrap();
+    assert_eq!(d.0, b"from another port");
+    let mut from = PeerAddress::default();
+    from.get_from(&m).unwrap();
+    assert_eq!(
+        SocketAddr::new(from.ip, from.port),
+        other.local_addr().unwrap()
+    );
+
+    // A peer without any permission (another IP) gets nothing through.
+    let stranger = UdpSocket::bind((Ipv4Addr::new(127, 0, 0, 2), 0))
+        .await
+        .unwrap();
+    stranger.send_to(b"no permission", relay).await.unwrap();
+    assert!(c.recv(Duration::from_millis(300)).await.is_none());
+
+    // The bound peer still takes the fast path both ways.
+    c.send_channel_data(0x4001, b"bound").await;
+    assert_eq!(
+        recv_on(&peer, Duration::from_secs(2)).await.unwrap().0,
+        b"bound"
+    );
+    peer.send_to(b"back", relay).await.unwrap();
+    let (n, got) = channel_data(&c.recv(Duration::from_secs(2)).await.unwrap());
+    assert_eq!((n, got.as_slice()), (0x4001, &b"back"[..]));
+    let st = turn.stats();
+    assert_eq!(st.fast_path_to_peer_packets, 1, "{st:?}");
+    assert_eq!(st.fast_path_to_client_packets, 1, "{st:?}");
+    assert_eq!(st.relayed_to_peer_packets, 1, "{st:?}");
+    assert_eq!(st.relayed_to_client_packets, 2, "{st:?}");
+
+    // Rebinding the channel to another peer is refused (RFC 8656 §12.2) and changes nothing.
+    let r = c.channel_bind(0x4001, other.local_addr().unwrap()).await;
+    assert_eq!(error_code(&r), Some(400), "{r}");
+    c.send_channel_data(0x4001, b"still the first peer").await;
+    assert_eq!(
+        recv_on(&peer, Duration::from_secs(2)).await.unwrap().0,
+        b"still the first peer"
+    );
+    assert!(nothing_arrives(&other, Duration::from_millis(200)).await);
+    assert_success(&c.refresh(0).await, "release");
+    turn.shutdown().await;
+}
+
+#[tokio::test]
+async fn channel_to_denied_peer_never_takes_the_fast_path() {
+    // Default policy: loopback peers are denied.
+    let turn = start(loopback_config()).await;
+    let peer = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+    let (u, p) = turn.credentials(&unique_user("fast-denied"), Duration::from_secs(600));
+    let mut c = RawClient::new(turn.local_addr(), &u, &p).await;
+    let relay = relayed_addr(&c.allocate().await);
+    let r = c.channel_bind(0x4000, peer_addr).await;
+    assert_eq!(error_code(&r), Some(403), "{r}");
+    for _ in 0..5 {
+        c.send_channel_data(0x4000, b"to a denied peer").await;
+    }
+    assert!(nothing_arrives(&peer, Duration::from_millis(500)).await);
+    peer.send_to(b"from a denied peer", relay).await.unwrap();
+    assert!(c.recv(Duration::from_millis(300)).await.is_none());
+    let st = turn.stats();
+    assert_eq!(st.fast_path_to_peer_packets, 0, "{st:?}");
+    assert_eq!(st.fast_path_to_client_packets, 0, "{st:?}");
+    assert_eq!(st.relayed_to_peer_packets, 0, "{st:?}");
+    assert_eq!(st.relayed_to_client_packets, 0, "{st:?}");
+    turn.shutdown().await;
+}
+
+#[tokio::test]
+async fn expired_and_released_channels_stop_the_fast_path() {
+    let turn = start(TurnConfig {
+        allow_peers: vec!["127.0.0.0/8".parse().unwrap()],
+        channel_lifetime: Duration::from_secs(2),
+        ..loopback_config()
+    })
+    .await;
+    let (mut c, peer, relay) = client_with_channel(&turn, "fast-expiry", 0x4100).await;
+    let peer_addr = peer.local_addr().unwrap();
+    c.send_channel_data(0x4100, b"live").await;
+    assert_eq!(
+        recv_on(&peer, Duration::from_secs(2)).await.unwrap().0,
+        b"live"
+    );
+    assert_eq!(turn.stats().fast_path_to_peer_packets, 1);
+
+    // The binding expires (the permission, 300 s, does not).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    c.send_channel_data(0x4100, b"expired").await;
+    assert!(nothing_arrives(&peer, Duration::from_millis(500)).await);
+    peer.send_to(b"after expiry", relay).await.unwrap();
+    let raw = c
+        .recv(Duration::from_secs(2))
+        .await
+        .expect("data indication");
+    assert_eq!(
+        raw[0] & 0xC0,
+        0,
+        "expected a Data indication after the channel expired, got {raw:?}"
+    );
+    let mut m = Message::new();
+    m.raw = raw;
+    m.decode().unwrap();
+    let mut d = Data::default();
+    d.get_from(&m).unwrap();
+    assert_eq!(d.0, b"after expiry");
+    let st = turn.stats();
+    assert_eq!(st.fast_path_to_peer_packets, 1, "{st:?}");
+    assert_eq!(st.fast_path_to_client_packets, 0, "{st:?}");
+
+    // Binding again revives it.
+    assert_success(&c.channel_bind(0x4100, peer_addr).await, "rebind");
+    c.send_channel_data(0x4100, b"rebound").await;
+    assert_eq!(
+        recv_on(&peer, Duration::from_secs(2)).await.unwrap().0,
+        b"rebound"
+    );
+    peer.send_to(b"rebound back", relay).await.unwrap();
+    let (n, got) = channel_data(&c.recv(Duration::from_secs(2)).await.unwrap());
+    assert_eq!((n, got.as_slice()), (0x4100, &b"rebound back"[..]));
+    let st = turn.stats();
+    assert_eq!(st.fast_path_to_peer_packets, 2, "{st:?}");
+    assert_eq!(st.fast_path_to_client_packets, 1, "{st:?}");
+
+    // Releasing the allocation ends relaying in both directions at once.
+    assert_success(&c.refresh(0).await, "release");
+    c.send_channel_data(0x4100, b"released").await;
+    assert!(nothing_arrives(&peer, Duration::from_millis(500)).await);
+    // The relay port may already be closed; a send error is fine, a delivery is not.
+    let _ = peer.send_to(b"to a released relay", relay).await;
+    assert!(c.recv(Duration::from_millis(500)).await.is_none());
+    let st = wait_for(&turn, "released", |s| s.allocations == 0).await;
+    assert_eq!(st.fast_path_to_peer_packets, 2, "{st:?}");
+    assert_eq!(st.fast_path_to_client_packets, 1, "{st:?}");
+    turn.shutdown().await;
+}
+
+/// Many datagrams in flight through several allocations at once: nothing lost, duplicated or
+/// misdelivered, all of it on the fast path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_path_under_load_delivers_everything_to_the_right_client() {
+    let turn = start(TurnConfig {
+        allow_peers: vec!["127.0.0.0/8".parse().unwrap()],
+        ..loopback_config()
+    })
+    .await;
+    const CLIENTS: usize = 3;
+    const MSGS: u32 = 2000;
+    const WINDOW: u32 = 16;
+    let echo = std::sync::Arc::new(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap());
+    let echo_addr = echo.local_addr().unwrap();
+    let echo_task = tokio::spawn({
+        let echo = echo.clone();
+        async move {
+            let mut buf = vec![0u8; 2048];
+            while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+                let _ = echo.send_to(&buf[..n], from).await;
+            }
+        }
+    });
+    struct AbortOnDrop(tokio::task::JoinHandle<()>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _echo_guard = AbortOnDrop(echo_task);
+
+    let mut tasks = Vec::new();
+    for i in 0..CLIENTS {
+        let (u, p) = turn.credentials(&unique_user("fast-load"), Duration::from_secs(600));
+        let mut c = RawClient::new(turn.local_addr(), &u, &p).await;
+        assert_success(&c.allocate().await, "allocate");
+        let channel = 0x4000 + i as u16;
+        assert_success(&c.channel_bind(channel, echo_addr).await, "channel bind");
+        tasks.push(tokio::spawn(async move {
+            // Payload: client index and sequence number; echoes must come back in order (one
+            // path, loopback) and only to their own client.
+            let (mut sent, mut next) = (0u32, 0u32);
+            while next < MSGS {
+                while sent < MSGS && sent - next < WINDOW {
+                    let mut payload = vec![i as u8; 100];
+                    payload[1..5].copy_from_slice(&sent.to_be_bytes());
+                    c.send_channel_data(channel, &payload).await;
+                    sent += 1;
+                }
+                let raw = c
+                    .recv(Duration::from_secs(20))
+                    .await
+                    .unwrap_or_else(|| panic!("client {i}: echo {next} missing"));
+                let (n, got) = channel_data(&raw);
+                assert_eq!(n, channel, "client {i}");
+                assert_eq!(got[0], i as u8, "client {i} got another client's echo");
+                let seq = u32::from_be_bytes([got[1], got[2], got[3], got[4]]);
+                assert_eq!(seq, next, "client {i}: out of order or lost");
+                next += 1;
+            }
+            assert_success(&c.refresh(0).await, "release");
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(120), t)
+            .await
+            .expect("load test timed out")
+            .expect("client task");
+    }
+    let st = turn.stats();
+    let total = CLIENTS as u64 * u64::from(MSGS);
+    assert_eq!(st.fast_path_to_peer_packets, total, "{st:?}");
+    assert_eq!(st.fast_path_to_client_packets, total, "{st:?}");
+    assert_eq!(st.relayed_to_peer_packets, total, "{st:?}");
+    assert_eq!(st.relayed_to_client_packets, total, "{st:?}");
+    turn.shutdown().await;
 }
