@@ -10,6 +10,7 @@ Driven by lines (one per event / command, UTF-8):
 
 stdout (events):
     welcome PEER_ID
+    declining NAME GEN                --no-direct: an offer of NAME was declined
     group GROUP                       the join succeeded
     joined NAME PEER_ID               a co-member appeared (a link was created)
     left NAME PEER_ID                 a co-member's link ended
@@ -17,6 +18,7 @@ stdout (events):
     msg NAME TEXT                     a reliable message (newlines and backslashes escaped)
     umsg NAME TEXT                    an unreliable message
     direct_failed NAME REASON         a direct-path attempt failed
+    declined NAME                     NAME declined direct paths (we stay on the server path)
     error CODE MESSAGE                an error frame from the server not explained by a race
     stats NAME k=v ...                answer to the stats command
     closed REASON                     the session ended (the process then exits)
@@ -604,6 +606,7 @@ class Link:
             if not self.initiator or gen != self.gen:
                 return
             log.info("%s: peer declined direct paths", self.name)
+            out(f"declined {self.name}")
             self.declined = True
             if self.retry_handle is not None:
                 self.retry_handle.cancel()
@@ -616,6 +619,7 @@ class Link:
     async def on_offer(self, gen, sdp):
         if not self.s.direct:
             self.signal({"kind": "decline", "gen": gen})
+            out(f"declining {self.name} {gen}")
             return
         if self.initiator or not isinstance(sdp, str) or gen <= self.gen:
             return

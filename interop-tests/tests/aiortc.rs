@@ -61,12 +61,17 @@ struct PyPeer {
 }
 
 impl PyPeer {
-    async fn spawn(server: &ServerHandle) -> PyPeer {
+    async fn spawn(server: &ServerHandle, direct: bool) -> PyPeer {
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("aiortc/peer.py");
         let mut child = Command::new(python())
             .arg(script)
             .args(["--server", &server.ws_url(), "--name", PY, "--group", "g"])
             .args(["--loopback-only", "--verbose"])
+            .args(if direct {
+                &[][..]
+            } else {
+                &["--no-direct"][..]
+            })
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -178,6 +183,8 @@ struct Native {
     py: Option<PeerId>,
     reliable: Vec<String>,
     unreliable: Vec<String>,
+    /// `DirectFailed` events seen.
+    direct_failed: usize,
 }
 
 impl Native {
@@ -198,7 +205,8 @@ impl Native {
             }
             Event::PathChanged { peer, path } => eprintln!("native: path to {peer}: {path}"),
             Event::DirectFailed { peer, reason } => {
-                eprintln!("native: direct to {peer} failed: {reason}")
+                eprintln!("native: direct to {peer} failed: {reason}");
+                self.direct_failed += 1;
             }
             Event::ServerError { code, message } => {
                 panic!("native: server error {code:?}: {message}")
@@ -301,6 +309,16 @@ struct Setup {
 
 impl Setup {
     async fn new(py_first: bool, native_ports: Option<(u16, u16)>) -> Setup {
+        Setup::with(py_first, native_ports, true, true).await
+    }
+
+    /// `native_direct` / `py_direct`: whether each end allows direct paths.
+    async fn with(
+        py_first: bool,
+        native_ports: Option<(u16, u16)>,
+        native_direct: bool,
+        py_direct: bool,
+    ) -> Setup {
         let server = Server::bind(Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             ..Default::default()
@@ -309,7 +327,9 @@ impl Setup {
         .expect("bind server")
         .spawn();
         let connect_native = || async {
-            let mut config = ClientConfig::new(NATIVE).with_loopback_only(true);
+            let mut config = ClientConfig::new(NATIVE)
+                .with_loopback_only(true)
+                .with_direct(native_direct);
             if let Some((lo, hi)) = native_ports {
                 config = config.with_udp_ports(lo, hi);
             }
@@ -322,10 +342,11 @@ impl Setup {
                 py: None,
                 reliable: Vec::new(),
                 unreliable: Vec::new(),
+                direct_failed: 0,
             }
         };
         let (mut native, mut py) = if py_first {
-            let mut py = PyPeer::spawn(&server).await;
+            let mut py = PyPeer::spawn(&server, py_direct).await;
             py.until("group", |_, l| l == "group g").await;
             let native = connect_native().await;
             native.client.join("g").await.expect("native join");
@@ -333,7 +354,7 @@ impl Setup {
         } else {
             let native = connect_native().await;
             native.client.join("g").await.expect("native join");
-            (native, PyPeer::spawn(&server).await)
+            (native, PyPeer::spawn(&server, py_direct).await)
         };
         native.until("the aiortc peer", |n| n.py.is_some()).await;
         py.until("the native peer", |_, l| {
@@ -552,6 +573,42 @@ async fn cut_and_restore(py_first: bool, native_ports: (u16, u16)) {
     t.finish().await;
 }
 
+/// One end declines direct paths: the initiator stops after its first offer, everything flows
+/// on the server path.
+async fn declined(py_declines: bool) {
+    // The decliner joins first, so the other end is the initiator.
+    let mut t = Setup::with(py_declines, None, py_declines, !py_declines).await;
+    if py_declines {
+        t.py.until("a declined offer", |_, l| {
+            l == format!("declining {NATIVE} 1")
+        })
+        .await;
+        t.native.until("the decline", |n| n.direct_failed > 0).await;
+    } else {
+        t.py.until("the decline", |_, l| l == format!("declined {NATIVE}"))
+            .await;
+    }
+    t.send_both(
+        numbered("native", 0..50),
+        numbered("aiortc", 0..50),
+        Duration::ZERO,
+    )
+    .await;
+    t.check_reliable().await;
+    t.check_unreliable().await;
+    let path = t.native.path();
+    assert_eq!(path, Path::Server);
+    assert!(t.py.path.is_none(), "aiortc peer path {:?}", t.py.path);
+    let py_stats = t.py.stats().await;
+    assert_eq!(
+        py_stats["gen"],
+        if py_declines { 0 } else { 1 },
+        "{py_stats:?}"
+    );
+    assert!(!py_stats.contains_key("sent_direct"), "{py_stats:?}");
+    t.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aiortc_peer_as_initiator() {
     exchange(false).await;
@@ -570,4 +627,14 @@ async fn aiortc_initiator_survives_a_cut_direct_path() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aiortc_responder_survives_a_cut_direct_path() {
     cut_and_restore(true, (54200, 54299)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aiortc_peer_declines_direct_paths() {
+    declined(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aiortc_initiator_accepts_a_decline() {
+    declined(false).await;
 }
