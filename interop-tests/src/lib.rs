@@ -1,6 +1,8 @@
 //! Helpers for tests against real outside peers (coturn, stock STUN/TURN clients, ...).
 //! The tests themselves are in `tests/`.
 
+pub mod nat;
+
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
