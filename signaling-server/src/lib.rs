@@ -234,7 +234,7 @@ impl Server {
         let app = Router::new()
             .route("/ws", get(ws_handler))
             .route("/healthz", get(|| async { "ok" }))
-            .route("/", get(index))
+            .merge(static_routes())
             .with_state(shared);
 
         // Small frames (signals, acks, pings) must not wait for Nagle's algorithm: with Linux's
@@ -336,12 +336,56 @@ fn ws_url(addr: SocketAddr) -> String {
     format!("ws://{addr}/ws")
 }
 
-async fn index() -> String {
-    format!(
-        "peermesh-server {}\nWebSocket endpoint: /ws (protocol v{})\nHealth check: /healthz\n",
-        env!("CARGO_PKG_VERSION"),
-        peermesh::protocol::PROTOCOL_VERSION
-    )
+/// The browser client (`/peermesh.js`, its TypeScript declarations) and the demo page (`/`),
+/// compiled into the binary: (path, content type, bytes).
+pub const STATIC_FILES: &[(&str, &str, &[u8])] = &[
+    (
+        "/",
+        "text/html; charset=utf-8",
+        include_bytes!("../static/index.html"),
+    ),
+    (
+        "/index.html",
+        "text/html; charset=utf-8",
+        include_bytes!("../static/index.html"),
+    ),
+    (
+        "/peermesh.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../static/peermesh.js"),
+    ),
+    (
+        "/peermesh.d.ts",
+        "application/typescript; charset=utf-8",
+        include_bytes!("../static/peermesh.d.ts"),
+    ),
+    (
+        "/demo.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../static/demo.js"),
+    ),
+    (
+        "/demo.css",
+        "text/css; charset=utf-8",
+        include_bytes!("../static/demo.css"),
+    ),
+];
+
+fn static_routes() -> Router<Arc<Shared>> {
+    use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
+    STATIC_FILES
+        .iter()
+        .fold(Router::new(), |router, &(path, content_type, body)| {
+            router.route(
+                path,
+                get(move || async move {
+                    (
+                        [(CONTENT_TYPE, content_type), (CACHE_CONTROL, "no-cache")],
+                        body,
+                    )
+                }),
+            )
+        })
 }
 
 async fn ws_handler(

@@ -1,0 +1,829 @@
+//! Browsers in the group: a real headless Chromium (Debian's `/usr/bin/chromium`, driven by
+//! playwright-core through `interop-tests/browser/driver.mjs`) runs `/peermesh.js` as served by
+//! the real server, next to native peermesh clients. Installed by `interop-tests/setup/browser.sh`.
+//!
+//! Network: Chromium gathers host candidates only on a non-loopback interface with a default
+//! route, so each test makes its own network namespace joined to the host by a `tn*` veth pair
+//! with 198.19.N.1 (host side: the server, TURN and the native clients, which gather candidates
+//! on that address only) and 198.19.N.2 (namespace side: Chromium, whose default route points
+//! at the host side). An nft rule in the namespace drops anything Chromium sends elsewhere.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use peermesh::{Client, ClientConfig, Event, Events, Path, PeerId, Reliability};
+use peermesh_server::turn::TurnConfig;
+use peermesh_server::{Config, Server, ServerHandle, TurnMode};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::mpsc;
+use tokio::time::{timeout, Instant};
+
+/// Liveness bound for anything a test waits for.
+const WAIT: Duration = Duration::from_secs(30);
+
+fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// A network namespace for Chromium, its veth pair and its addresses; removed on drop (after
+/// killing whatever still runs inside it).
+struct Netns {
+    name: String,
+    host_veth: String,
+    host_ip: Ipv4Addr,
+    subnet: String,
+}
+
+static NETNS_LOCK: Mutex<u32> = Mutex::new(0);
+
+impl Netns {
+    fn create() -> Netns {
+        let mut count = NETNS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        *count += 1;
+        let k = *count;
+        let pid = std::process::id();
+        // A 198.19.N.0/24 no interface of this host uses yet.
+        let used = run("ip", &["-4", "-o", "addr"]).expect("ip addr");
+        let start = (pid as usize * 7 + k as usize * 13) % 200;
+        let n = (0..200)
+            .map(|i| 20 + (start + i) % 200)
+            .find(|n| !used.contains(&format!("198.19.{n}.")))
+            .expect("a free 198.19.N.0/24");
+        let ns = Netns {
+            name: format!("pmb{pid}-{k}"),
+            host_veth: format!("tnb{k}{}a", pid % 100_000),
+            host_ip: Ipv4Addr::new(198, 19, n as u8, 1),
+            subnet: format!("198.19.{n}.0/24"),
+        };
+        drop(count);
+        if let Err(e) = ns.setup(n) {
+            panic!("setting up network namespace {}: {e}", ns.name);
+        }
+        ns
+    }
+
+    fn setup(&self, n: usize) -> Result<(), String> {
+        let (ns, host) = (self.name.as_str(), self.host_veth.as_str());
+        let inner = host.replace('a', "b");
+        let host_cidr = format!("198.19.{n}.1/24");
+        let inner_cidr = format!("198.19.{n}.2/24");
+        let gateway = format!("198.19.{n}.1");
+        run("ip", &["netns", "add", ns])?;
+        run(
+            "ip",
+            &[
+                "link", "add", host, "type", "veth", "peer", "name", &inner, "netns", ns,
+            ],
+        )?;
+        run("ip", &["addr", "add", &host_cidr, "dev", host])?;
+        run("ip", &["link", "set", host, "up"])?;
+        run("ip", &["-n", ns, "addr", "add", &inner_cidr, "dev", &inner])?;
+        run("ip", &["-n", ns, "link", "set", &inner, "up"])?;
+        run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+        run(
+            "ip",
+            &["-n", ns, "route", "add", "default", "via", &gateway],
+        )?;
+        // Chromium may talk to loopback and to the host side of the veth, nothing else.
+        let rules = format!(
+            "table inet pmguard {{\n chain out {{\n  type filter hook output priority 0; policy drop;\n  \
+             oif \"lo\" accept\n  ip daddr {gateway} accept\n }}\n}}\n"
+        );
+        let path = std::env::temp_dir().join(format!("{ns}.nft"));
+        std::fs::write(&path, rules).map_err(|e| e.to_string())?;
+        let result = run(
+            "ip",
+            &["netns", "exec", ns, "nft", "-f", &path.to_string_lossy()],
+        );
+        let _ = std::fs::remove_file(&path);
+        result.map(|_| ())
+    }
+
+    fn url(&self, server: &ServerHandle, path: &str) -> String {
+        format!("http://{}{path}", server.local_addr())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Every process still in the namespace is one of ours (Chromium's helpers).
+        if let Ok(pids) = run("ip", &["netns", "pids", &self.name]) {
+            for pid in pids.split_whitespace() {
+                let _ = run("kill", &["-9", pid]);
+            }
+        }
+        let _ = run("ip", &["link", "del", &self.host_veth]);
+        let _ = run("ip", &["netns", "del", &self.name]);
+    }
+}
+
+/// One Chromium, driven by `driver.mjs` inside the namespace.
+struct Browser {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    replies: mpsc::UnboundedReceiver<String>,
+    log: Arc<Mutex<Vec<String>>>,
+    next_id: u64,
+}
+
+impl Browser {
+    async fn launch(ns: &Netns) -> Browser {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("browser");
+        assert!(
+            dir.join("node_modules/playwright-core").exists()
+                && PathBuf::from("/usr/bin/chromium").exists(),
+            "Chromium or playwright-core missing: run interop-tests/setup/browser.sh"
+        );
+        let mut child = tokio::process::Command::new("ip")
+            .args(["netns", "exec", &ns.name, "node", "driver.mjs"])
+            .current_dir(&dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start node");
+        let stdin = child.stdin.take().expect("stdin");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let (tx, replies) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stdout.next_line().await {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stderr.next_line().await {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut b = Browser {
+            child,
+            stdin,
+            replies,
+            log,
+            next_id: 1,
+        };
+        let hello = b.reply(0).await;
+        assert!(hello.is_string(), "driver did not start: {hello}");
+        b
+    }
+
+    async fn reply(&mut self, id: u64) -> Value {
+        loop {
+            let line = match timeout(WAIT, self.replies.recv()).await {
+                Ok(Some(line)) => line,
+                Ok(None) => panic!("the browser driver exited:\n{}", self.log_text()),
+                Err(_) => panic!("no answer from the browser driver:\n{}", self.log_text()),
+            };
+            let msg: Value = serde_json::from_str(&line).expect("driver JSON");
+            if msg["id"] != json!(id) {
+                continue;
+            }
+            if msg["ok"] != json!(true) {
+                panic!("browser: {}\n{}", msg["error"], self.log_text());
+            }
+            return msg["value"].clone();
+        }
+    }
+
+    fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    async fn call(&mut self, mut cmd: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        cmd["id"] = json!(id);
+        let line = format!("{cmd}\n");
+        self.stdin
+            .write_all(line.as_bytes())
+            .await
+            .expect("write to driver");
+        self.reply(id).await
+    }
+
+    async fn open(&mut self, page: &str, url: &str) {
+        self.call(json!({"op": "open", "page": page, "url": url}))
+            .await;
+    }
+
+    async fn eval(&mut self, page: &str, js: &str, arg: Value) -> Value {
+        self.call(json!({"op": "eval", "page": page, "js": js, "arg": arg}))
+            .await
+    }
+
+    /// Evaluate `js` until it returns something truthy.
+    async fn wait_for(&mut self, page: &str, what: &str, js: &str, arg: Value) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let v = self.eval(page, js, arg.clone()).await;
+            if !(v.is_null() || v == json!(false) || v == json!(0) || v == json!("")) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "browser: timed out waiting for {what}\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn quit(mut self) {
+        self.call(json!({"op": "quit"})).await;
+        let _ = timeout(Duration::from_secs(10), self.child.wait()).await;
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- browser log ----\n{}", self.log_text());
+        }
+    }
+}
+
+/// Page-side bootstrap: connect with `arg` as options, record every event.
+const CONNECT_JS: &str = r#"
+const { connect } = await import('/peermesh.js');
+const c = await connect(arg);
+window.pm = c;
+window.events = [];
+window.msgs = [];
+for (const t of ['memberjoined', 'memberleft', 'path', 'nodirectpath', 'error', 'close']) {
+  c.on(t, (d) => window.events.push({ type: t, peer: d.peer, path: d.path, reason: d.reason, code: d.code }));
+}
+c.on('message', (d) => window.msgs.push({ from: d.from, reliable: d.reliable, data: d.data, text: d.text }));
+return c.peerId;
+"#;
+
+const PATH_JS: &str = "try { return window.pm.path(arg); } catch { return null; }";
+const DIRECT_JS: &str =
+    "try { const p = window.pm.path(arg); return p.startsWith('direct') ? p : null; } catch { return null; }";
+
+async fn server_on(ns: &Netns, turn: TurnMode) -> ServerHandle {
+    Server::bind(Config {
+        listen: SocketAddr::from((ns.host_ip, 0)),
+        turn,
+        ..Default::default()
+    })
+    .await
+    .expect("bind the server")
+    .spawn()
+}
+
+/// A native client whose host candidates are the host side of the veth only.
+async fn native(
+    ns: &Netns,
+    server: &ServerHandle,
+    name: &str,
+    relay_only: bool,
+) -> (Client, Events) {
+    let ip = IpAddr::V4(ns.host_ip);
+    let cfg = ClientConfig::new(name)
+        .with_ip_filter(move |a| a == ip)
+        .with_relay_only(relay_only);
+    Client::connect(&server.ws_url(), cfg)
+        .await
+        .expect("native client connects")
+}
+
+async fn next_event(events: &mut Events, what: &str) -> Event {
+    match timeout(WAIT, events.recv()).await {
+        Ok(Some(e)) => e,
+        Ok(None) => panic!("event stream ended waiting for {what}"),
+        Err(_) => panic!("timed out waiting for {what}"),
+    }
+}
+
+/// Wait for the next message (skipping other events).
+async fn next_message(events: &mut Events) -> (PeerId, Vec<u8>, Reliability) {
+    loop {
+        if let Event::Message {
+            from,
+            data,
+            reliability,
+        } = next_event(events, "a message").await
+        {
+            return (from, data.to_vec(), reliability);
+        }
+    }
+}
+
+/// Wait until the native client's path to `peer` is direct; returns it.
+async fn native_direct(client: &Client, events: &mut Events, peer: PeerId) -> Path {
+    loop {
+        let path = client.path(peer).expect("link exists");
+        if path != Path::Server {
+            return path;
+        }
+        let _ = timeout(Duration::from_millis(200), events.recv()).await;
+    }
+}
+
+fn pattern(len: usize, salt: usize) -> Vec<u8> {
+    (0..len).map(|i| ((i * 7 + salt) % 251) as u8).collect()
+}
+
+/// The browser sends `text` unreliably to the native peer until one copy arrives.
+async fn unreliable_to_native(
+    b: &mut Browser,
+    ne: &mut Events,
+    bid: PeerId,
+    to: PeerId,
+    text: &str,
+) {
+    for _ in 0..50 {
+        b.eval(
+            "p",
+            "window.pm.trySend(arg[0], arg[1], { reliable: false });",
+            json!([to, text]),
+        )
+        .await;
+        if let Ok((from, data, rel)) = timeout(Duration::from_millis(200), next_message(ne)).await {
+            assert_eq!(
+                (from, data.as_slice(), rel),
+                (bid, text.as_bytes(), Reliability::Unreliable)
+            );
+            return;
+        }
+    }
+    panic!("no unreliable message {text:?} from the browser arrived");
+}
+
+/// The native peer sends `text` unreliably to the browser until one copy arrives.
+async fn unreliable_to_browser(b: &mut Browser, n: &Client, bid: PeerId, text: &str) {
+    for _ in 0..50 {
+        n.send(bid, text.to_string(), Reliability::Unreliable)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let got = b
+            .eval(
+                "p",
+                "const m = window.msgs.filter((m) => !m.reliable && m.text === arg);
+                 return m.length && m.map((m) => m.from);",
+                json!(text),
+            )
+            .await;
+        if let Some(from) = got.as_array().and_then(|a| a.first()) {
+            assert_eq!(from, &json!(n.peer_id()));
+            return;
+        }
+    }
+    let stats = b
+        .eval("p", "return window.pm.stats(arg);", json!(n.peer_id()))
+        .await;
+    panic!(
+        "no unreliable message {text:?} from the native peer reached the browser \
+         (native path {:?}, browser link {stats})",
+        n.path(bid)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_and_native_exchange_every_kind_of_message_directly() {
+    let ns = Netns::create();
+    let server = server_on(&ns, TurnMode::Disabled).await;
+    let (n, mut ne) = native(&ns, &server, "native", false).await;
+    n.join("g").await.unwrap();
+    let mut b = Browser::launch(&ns).await;
+    b.open("p", &ns.url(&server, "/")).await;
+    let bid = b.eval("p", CONNECT_JS, json!({"name": "chromium"})).await;
+    let bid = bid.as_u64().unwrap() as PeerId;
+    // The browser joins second: it is the initiator of this link.
+    let members = b
+        .eval("p", "return await window.pm.join('g');", json!(null))
+        .await;
+    assert_eq!(members, json!([{"peer": n.peer_id(), "name": "native"}]));
+
+    let native_path = timeout(WAIT, native_direct(&n, &mut ne, bid))
+        .await
+        .expect("native goes direct");
+    let browser_path = b
+        .wait_for("p", "a direct path", DIRECT_JS, json!(n.peer_id()))
+        .await;
+    assert_eq!(native_path.to_string(), "direct host/host");
+    assert_eq!(browser_path, json!("direct host/host"));
+
+    // Unreliable both ways (best effort: repeated until one arrives).
+    unreliable_to_native(
+        &mut b,
+        &mut ne,
+        bid,
+        n.peer_id(),
+        "unreliable from chromium",
+    )
+    .await;
+    unreliable_to_browser(&mut b, &n, bid, "unreliable from rust").await;
+
+    // Browser -> native: reliable text, reliable binary, a 1 MiB message.
+    b.eval(
+        "p",
+        "const [peer, big] = arg;
+         await window.pm.send(peer, 'hello from chromium');
+         await window.pm.send(peer, new Uint8Array([0, 1, 2, 254, 255]));
+         const data = new Uint8Array(big);
+         for (let i = 0; i < big; i++) data[i] = (i * 7 + 1) % 251;
+         await window.pm.send(peer, data.buffer);",
+        json!([n.peer_id(), 1 << 20]),
+    )
+    .await;
+    assert_eq!(
+        next_message(&mut ne).await,
+        (bid, b"hello from chromium".to_vec(), Reliability::Reliable)
+    );
+    assert_eq!(
+        next_message(&mut ne).await,
+        (bid, vec![0, 1, 2, 254, 255], Reliability::Reliable)
+    );
+    let (from, big, rel) = next_message(&mut ne).await;
+    assert_eq!(
+        (from, rel, big.len()),
+        (bid, Reliability::Reliable, 1 << 20)
+    );
+    assert!(
+        big == pattern(1 << 20, 1),
+        "1 MiB from the browser corrupted"
+    );
+
+    // Native -> browser: the same.
+    n.send(bid, "hello from rust", Reliability::Reliable)
+        .await
+        .unwrap();
+    n.send(bid, vec![9u8, 8, 7, 0, 255], Reliability::Reliable)
+        .await
+        .unwrap();
+    n.send(bid, pattern(1 << 20, 5), Reliability::Reliable)
+        .await
+        .unwrap();
+    let got = b
+        .wait_for(
+            "p",
+            "three reliable messages",
+            "const m = window.msgs.filter((m) => m.reliable);
+             if (m.length < 3) return null;
+             const big = m[2].data;
+             let ok = big.length === (1 << 20);
+             for (let i = 0; ok && i < big.length; i++) ok = big[i] === (i * 7 + 5) % 251;
+             return [m.length, m[0].from, m[0].text, Array.from(m[1].data), ok];",
+            json!(null),
+        )
+        .await;
+    assert_eq!(
+        got,
+        json!([3, n.peer_id(), "hello from rust", [9, 8, 7, 0, 255], true])
+    );
+
+    // Unreliable messages still get through after the bulk transfers.
+    unreliable_to_native(&mut b, &mut ne, bid, n.peer_id(), "unreliable after bulk").await;
+    unreliable_to_browser(&mut b, &n, bid, "unreliable after bulk").await;
+
+    // It all went over the direct path, as claimed.
+    let stats = b
+        .eval("p", "return window.pm.stats(arg);", json!(n.peer_id()))
+        .await;
+    assert_eq!(stats["path"], json!("direct host/host"));
+    assert!(stats["sentDirect"].as_u64().unwrap() >= 66, "{stats}");
+    assert!(stats["recvDirect"].as_u64().unwrap() >= 66, "{stats}");
+    let ns_stats = n.link_stats(bid).unwrap();
+    assert!(ns_stats.recv_direct >= 66, "{ns_stats:?}");
+    assert_eq!(n.path(bid).unwrap().to_string(), "direct host/host");
+
+    b.quit().await;
+    n.close().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_member_group_all_pairs_direct() {
+    let ns = Netns::create();
+    let server = server_on(&ns, TurnMode::Disabled).await;
+    let (a, mut ae) = native(&ns, &server, "alice", false).await;
+    a.join("trio").await.unwrap();
+    let mut b = Browser::launch(&ns).await;
+    b.open("p", &ns.url(&server, "/")).await;
+    let bid = b.eval("p", CONNECT_JS, json!({"name": "chromium"})).await;
+    let bid = bid.as_u64().unwrap() as PeerId;
+    b.eval("p", "await window.pm.join('trio');", json!(null))
+        .await;
+    // Carol joins last: she is the initiator towards the browser (the browser answers).
+    let (c, mut ce) = native(&ns, &server, "carol", false).await;
+    let members = c.join("trio").await.unwrap();
+    assert_eq!(members.len(), 2);
+
+    let (ia, ic) = (a.peer_id(), c.peer_id());
+    for (client, events, peers) in [(&a, &mut ae, [bid, ic]), (&c, &mut ce, [bid, ia])] {
+        for peer in peers {
+            let path = timeout(WAIT, native_direct(client, events, peer))
+                .await
+                .expect("native pair goes direct");
+            assert_eq!(path.to_string(), "direct host/host");
+        }
+    }
+    for peer in [ia, ic] {
+        let p = b
+            .wait_for("p", "a direct path", DIRECT_JS, json!(peer))
+            .await;
+        assert_eq!(p, json!("direct host/host"));
+    }
+
+    // Everyone messages everyone.
+    b.eval(
+        "p",
+        "await window.pm.broadcast('trio', 'from chromium to all');",
+        json!(null),
+    )
+    .await;
+    a.broadcast("trio", "from alice to all", Reliability::Reliable)
+        .await
+        .unwrap();
+    c.broadcast("trio", "from carol to all", Reliability::Reliable)
+        .await
+        .unwrap();
+    let mut at_a = vec![next_message(&mut ae).await, next_message(&mut ae).await];
+    at_a.sort_by_key(|m| m.0);
+    let mut at_c = vec![next_message(&mut ce).await, next_message(&mut ce).await];
+    at_c.sort_by_key(|m| m.0);
+    let mut want_a = vec![
+        (bid, b"from chromium to all".to_vec(), Reliability::Reliable),
+        (ic, b"from carol to all".to_vec(), Reliability::Reliable),
+    ];
+    want_a.sort_by_key(|m| m.0);
+    let mut want_c = vec![
+        (bid, b"from chromium to all".to_vec(), Reliability::Reliable),
+        (ia, b"from alice to all".to_vec(), Reliability::Reliable),
+    ];
+    want_c.sort_by_key(|m| m.0);
+    assert_eq!(at_a, want_a);
+    assert_eq!(at_c, want_c);
+    let at_b = b
+        .wait_for(
+            "p",
+            "two messages",
+            "return window.msgs.length >= 2 && window.msgs.map((m) => [m.from, m.text]).sort();",
+            json!(null),
+        )
+        .await;
+    let mut want_b = vec![
+        json!([ia, "from alice to all"]),
+        json!([ic, "from carol to all"]),
+    ];
+    want_b.sort_by_key(|v| v[0].as_u64());
+    assert_eq!(at_b, json!(want_b));
+    // Still direct everywhere, and the browser's messages went directly.
+    for peer in [ia, ic] {
+        assert_eq!(
+            b.eval("p", PATH_JS, json!(peer)).await,
+            json!("direct host/host")
+        );
+    }
+    assert!(a.link_stats(bid).unwrap().recv_direct >= 1);
+    assert!(c.link_stats(bid).unwrap().recv_direct >= 1);
+
+    b.quit().await;
+    a.close().await;
+    c.close().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_first_2000_messages_from_the_browser_arrive_in_order_across_the_switch() {
+    const N: u64 = 2000;
+    let ns = Netns::create();
+    let server = server_on(&ns, TurnMode::Disabled).await;
+    let (n, mut ne) = native(&ns, &server, "native", false).await;
+    n.join("g").await.unwrap();
+    let mut b = Browser::launch(&ns).await;
+    b.open("p", &ns.url(&server, "/")).await;
+    let bid = b.eval("p", CONNECT_JS, json!({"name": "chromium"})).await;
+    let bid = bid.as_u64().unwrap() as PeerId;
+    // From the moment of join: numbered messages, paced (10 per 10 ms) so the stream spans the
+    // switch from the server path to the direct path.
+    b.eval(
+        "p",
+        "const [n] = arg;
+         const [m] = await window.pm.join('g');
+         window.sending = (async () => {
+           for (let i = 1; i <= n; i++) {
+             await window.pm.send(m.peer, `msg ${i}`);
+             if (i % 10 === 0) await new Promise((r) => setTimeout(r, 10));
+           }
+           return window.pm.stats(m.peer);
+         })();",
+        json!([N]),
+    )
+    .await;
+    for i in 1..=N {
+        let (from, data, rel) = next_message(&mut ne).await;
+        assert_eq!(from, bid);
+        assert_eq!(rel, Reliability::Reliable);
+        assert_eq!(String::from_utf8(data).unwrap(), format!("msg {i}"));
+    }
+    let stats = b
+        .eval("p", "return await window.sending;", json!(null))
+        .await;
+    let ns_stats = n.link_stats(bid).unwrap();
+    // Both paths carried some of them: the switch happened mid-stream.
+    assert!(stats["sentServer"].as_u64().unwrap() > 0, "{stats}");
+    assert!(stats["sentDirect"].as_u64().unwrap() > 0, "{stats}");
+    assert!(ns_stats.recv_server > 0, "{ns_stats:?}");
+    assert!(ns_stats.recv_direct > 0, "{ns_stats:?}");
+    assert_eq!(n.path(bid).unwrap().to_string(), "direct host/host");
+    // Nothing extra arrives.
+    if let Ok((_, data, _)) = timeout(Duration::from_millis(300), next_message(&mut ne)).await {
+        panic!("extra message {:?}", String::from_utf8_lossy(&data));
+    }
+    println!(
+        "relay-first: browser sent {} on the server path and {} directly",
+        stats["sentServer"], stats["sentDirect"]
+    );
+
+    b.quit().await;
+    n.close().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_only_browser_and_native_through_the_embedded_turn() {
+    let ns = Netns::create();
+    let turn_port = std::net::UdpSocket::bind((ns.host_ip, 0))
+        .and_then(|s| s.local_addr())
+        .expect("a free UDP port")
+        .port();
+    let server = server_on(
+        &ns,
+        TurnMode::Embedded(TurnConfig {
+            listen: SocketAddr::from((ns.host_ip, turn_port)),
+            relay_ports: (53000, 53999),
+            // Both relay addresses are on the host side of the veth: allow that subnet as peers.
+            allow_peers: vec![ns.subnet.parse().unwrap()],
+            ..Default::default()
+        }),
+    )
+    .await;
+    let turn = server.turn().expect("embedded TURN").clone();
+    let (n, mut ne) = native(&ns, &server, "native", true).await;
+    n.join("g").await.unwrap();
+    let mut b = Browser::launch(&ns).await;
+    b.open("p", &ns.url(&server, "/")).await;
+    let bid = b
+        .eval(
+            "p",
+            CONNECT_JS,
+            json!({"name": "chromium", "relayOnly": true}),
+        )
+        .await;
+    let bid = bid.as_u64().unwrap() as PeerId;
+    let ice = b
+        .eval("p", "return window.pm.iceServers;", json!(null))
+        .await;
+    assert!(
+        ice.to_string()
+            .contains(&format!("turn:{}:{turn_port}", ns.host_ip)),
+        "{ice}"
+    );
+    b.eval("p", "await window.pm.join('g');", json!(null)).await;
+
+    let native_path = timeout(WAIT, native_direct(&n, &mut ne, bid))
+        .await
+        .expect("native goes direct through TURN");
+    let browser_path = b
+        .wait_for("p", "a relayed direct path", DIRECT_JS, json!(n.peer_id()))
+        .await;
+    assert_eq!(native_path.to_string(), "direct relay/relay");
+    assert_eq!(browser_path, json!("direct relay/relay"));
+    let pair = b
+        .eval(
+            "p",
+            "return window.pm.candidatePair(arg);",
+            json!(n.peer_id()),
+        )
+        .await;
+    assert_eq!(pair["local"]["type"], json!("relay"), "{pair}");
+    let relay_port = pair["local"]["port"].as_u64().unwrap();
+    assert!((53000..=53999).contains(&relay_port), "{pair}");
+
+    b.eval(
+        "p",
+        "await window.pm.send(arg, 'through the relay');",
+        json!(n.peer_id()),
+    )
+    .await;
+    assert_eq!(
+        next_message(&mut ne).await,
+        (bid, b"through the relay".to_vec(), Reliability::Reliable)
+    );
+    n.send(bid, "and back", Reliability::Reliable)
+        .await
+        .unwrap();
+    let got = b
+        .wait_for(
+            "p",
+            "a message",
+            "return window.msgs.length && [window.msgs[0].from, window.msgs[0].text];",
+            json!(null),
+        )
+        .await;
+    assert_eq!(got, json!([n.peer_id(), "and back"]));
+    assert!(n.link_stats(bid).unwrap().recv_direct >= 1);
+    let stats = turn.stats();
+    assert!(stats.allocations >= 2, "{stats:?}");
+    assert!(stats.relayed_to_peer_packets > 0, "{stats:?}");
+
+    b.quit().await;
+    n.close().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_page_joins_chats_and_shows_paths() {
+    let ns = Netns::create();
+    let server = server_on(&ns, TurnMode::Disabled).await;
+    let (n, mut ne) = native(&ns, &server, "rusty", false).await;
+    n.join("demo").await.unwrap();
+    let mut b = Browser::launch(&ns).await;
+    b.open("p", &ns.url(&server, "/")).await;
+    b.call(json!({"op": "fill", "page": "p", "selector": "#name", "value": "Chromium"}))
+        .await;
+    b.call(json!({"op": "fill", "page": "p", "selector": "#group", "value": "demo"}))
+        .await;
+    b.call(json!({"op": "click", "page": "p", "selector": "#join"}))
+        .await;
+    // The member list shows the native peer with a direct badge and an RTT.
+    let badge = b
+        .wait_for(
+            "p",
+            "the member's direct badge and RTT",
+            "const li = document.querySelector('#members li[data-peer]');
+             if (!li) return null;
+             const badge = li.querySelector('[data-role=path]').textContent;
+             const rtt = li.querySelector('[data-role=rtt]').textContent;
+             return badge.startsWith('direct') && rtt.endsWith('ms') &&
+               [li.querySelector('.member-name').textContent, badge];",
+            json!(null),
+        )
+        .await;
+    assert_eq!(badge, json!(["rusty", "direct host/host"]));
+
+    b.call(json!({"op": "fill", "page": "p", "selector": "#message", "value": "hello from the demo page"}))
+        .await;
+    b.call(json!({"op": "press", "page": "p", "selector": "#message", "key": "Enter"}))
+        .await;
+    let (from, data, _) = next_message(&mut ne).await;
+    assert_eq!(n.name_of(from).as_deref(), Some("Chromium"));
+    assert_eq!(data, b"hello from the demo page");
+
+    n.send(from, "hi Chromium, rusty here", Reliability::Reliable)
+        .await
+        .unwrap();
+    b.wait_for(
+        "p",
+        "the native message in the chat log",
+        "return document.querySelector('#log').textContent.includes('rusty:hi Chromium, rusty here');",
+        json!(null),
+    )
+    .await;
+
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/browser-artifacts");
+    std::fs::create_dir_all(&dir).expect("artifact dir");
+    let wide = dir.join("demo.png");
+    b.call(json!({"op": "screenshot", "page": "p", "path": wide, "fullPage": true}))
+        .await;
+    b.call(json!({"op": "viewport", "page": "p", "width": 390, "height": 844}))
+        .await;
+    let narrow = dir.join("demo-narrow.png");
+    b.call(json!({"op": "screenshot", "page": "p", "path": narrow, "fullPage": true}))
+        .await;
+    for f in [&wide, &narrow] {
+        let png = std::fs::read(f).expect("screenshot written");
+        assert!(png.starts_with(b"\x89PNG"), "{}", f.display());
+    }
+    println!("screenshots: {} {}", wide.display(), narrow.display());
+
+    b.quit().await;
+    n.close().await;
+    server.shutdown().await;
+}

@@ -1,0 +1,197 @@
+// Type declarations for /peermesh.js, the browser client of peermesh (wire protocol v1).
+
+export declare const PROTOCOL_VERSION: 1;
+/** Largest unreliable message in bytes (16384). */
+export declare const MAX_UNRELIABLE_SIZE: number;
+
+/** A peer id assigned by the server (u32, never 0). */
+export type PeerId = number;
+
+/** `'server'`, or `'direct <local>/<remote>'` with the candidate types of the selected pair. */
+export type Path = 'server' | `direct ${CandidateType}/${CandidateType}`;
+export type CandidateType = 'host' | 'srflx' | 'prflx' | 'relay';
+
+export interface Candidate {
+  address: string;
+  port: number;
+  type: CandidateType;
+}
+
+export interface CandidatePair {
+  local: Candidate;
+  remote: Candidate;
+}
+
+export interface Member {
+  peer: PeerId;
+  name: string;
+}
+
+export interface IceServer {
+  urls: string[];
+  username?: string;
+  credential?: string;
+}
+
+export interface Limits {
+  max_frame_bytes: number;
+  max_groups_per_client: number;
+  max_members_per_group: number;
+}
+
+export interface ConnectOptions {
+  /** Display name: 1-64 bytes of UTF-8, no control characters. */
+  name: string;
+  /** Server URL (ws://host:port/ws, or http(s)://host:port); default: this page's host. */
+  url?: string;
+  /** `false`: never make a direct path (offers are declined); everything goes through the server. */
+  direct?: boolean;
+  /** `true`: direct paths use TURN relay candidates only (iceTransportPolicy 'relay'). */
+  relayOnly?: boolean;
+  /** Bytes of unacknowledged reliable data per link (64 KiB to 16 MiB, default 8 MiB). */
+  sendWindow?: number;
+  /** Largest reliable message (default 8 MiB, at most the send window). */
+  maxMessageSize?: number;
+  /** How long connect() waits for the server's welcome (ms, default 10000). */
+  connectTimeout?: number;
+  /** How long join()/leave() wait for the server (ms, default 10000). */
+  requestTimeout?: number;
+}
+
+export interface SendOptions {
+  /** Default true: complete, in order, exactly once. false: best effort, at most 16384 bytes. */
+  reliable?: boolean;
+}
+
+export interface LinkStats {
+  path: Path;
+  rtt: number | null;
+  sentServer: number;
+  sentDirect: number;
+  recvServer: number;
+  recvDirect: number;
+  resent: number;
+  duplicates: number;
+  pathChanges: number;
+  candidatesHost: number;
+  candidatesSrflx: number;
+  candidatesRelay: number;
+  /** Reliable fragments sent and not yet acknowledged. */
+  unacked: number;
+  /** Bytes of the send window in use. */
+  windowUsed: number;
+}
+
+export interface MemberEventDetail {
+  group: string;
+  peer: PeerId;
+  name: string;
+}
+
+export interface PathEventDetail {
+  peer: PeerId;
+  path: Path;
+  pair: CandidatePair | null;
+}
+
+export interface MessageEventDetail {
+  from: PeerId;
+  /** The bytes as sent (a string was sent as UTF-8). */
+  data: Uint8Array;
+  reliable: boolean;
+  /** `data` decoded as UTF-8. */
+  readonly text: string;
+}
+
+export interface NoDirectPathEventDetail {
+  peer: PeerId;
+  /** For people, e.g. 'not connected within 8s', 'ice failed', 'the peer does not take direct paths'. */
+  reason: string;
+}
+
+export interface ServerErrorEventDetail {
+  code: string;
+  message: string;
+  request?: string;
+  group?: string;
+  peer?: PeerId;
+}
+
+export interface CloseEventDetail {
+  code: number;
+  reason: string;
+  /** true after client.close(). */
+  byClient: boolean;
+}
+
+export interface ClientEventMap {
+  memberjoined: CustomEvent<MemberEventDetail>;
+  memberleft: CustomEvent<MemberEventDetail>;
+  path: CustomEvent<PathEventDetail>;
+  message: CustomEvent<MessageEventDetail>;
+  nodirectpath: CustomEvent<NoDirectPathEventDetail>;
+  error: CustomEvent<ServerErrorEventDetail>;
+  close: CustomEvent<CloseEventDetail>;
+}
+
+export declare class PeermeshError extends Error {
+  /**
+   * A server error code (invalid_name, already_member, not_member, group_full, ...) or one of
+   * this module's: invalid_url, invalid_group, connect, timeout, version_mismatch, closed,
+   * unknown_peer, too_large, would_block.
+   */
+  code: string;
+  request?: string;
+  group?: string;
+}
+
+export declare class Client extends EventTarget {
+  readonly url: string;
+  readonly name: string;
+  readonly peerId: PeerId;
+  readonly iceServers: IceServer[];
+  readonly limits: Limits | null;
+  readonly closed: boolean;
+  readonly groups: string[];
+
+  /** Listen to an event; the handler gets the detail. Returns an unsubscribe function. */
+  on<K extends keyof ClientEventMap>(type: K, handler: (detail: ClientEventMap[K]['detail']) => void): () => void;
+  addEventListener<K extends keyof ClientEventMap>(
+    type: K,
+    listener: (ev: ClientEventMap[K]) => void,
+    options?: boolean | AddEventListenerOptions,
+  ): void;
+  addEventListener(type: string, listener: EventListenerOrEventListenerObject | null, options?: boolean | AddEventListenerOptions): void;
+  removeEventListener<K extends keyof ClientEventMap>(
+    type: K,
+    listener: (ev: ClientEventMap[K]) => void,
+    options?: boolean | EventListenerOptions,
+  ): void;
+  removeEventListener(type: string, listener: EventListenerOrEventListenerObject | null, options?: boolean | EventListenerOptions): void;
+
+  /** Join a group; resolves to its other members (a 'memberjoined' event comes for each first). */
+  join(group: string): Promise<Member[]>;
+  /** Leave a group ('memberleft' for each of its members). */
+  leave(group: string): Promise<void>;
+  /** The other members of a group this client is in. */
+  members(group: string): Member[];
+  nameOf(peer: PeerId): string | undefined;
+  /** Resolves once the message is handed to the link (waits while the send window is full). */
+  send(peer: PeerId, data: string | ArrayBuffer | ArrayBufferView, options?: SendOptions): Promise<void>;
+  /** Like send(), but throws PeermeshError 'would_block' instead of waiting. */
+  trySend(peer: PeerId, data: string | ArrayBuffer | ArrayBufferView, options?: SendOptions): void;
+  broadcast(group: string, data: string | ArrayBuffer | ArrayBufferView, options?: SendOptions): Promise<void>;
+  /** Resolves once every reliable message sent so far is acknowledged. */
+  flush(): Promise<void>;
+  path(peer: PeerId): Path;
+  /** Smoothed RTT in ms on the current path, or null before the first sample. */
+  rtt(peer: PeerId): number | null;
+  candidatePair(peer: PeerId): CandidatePair | null;
+  stats(peer: PeerId): LinkStats;
+  close(): Promise<void>;
+}
+
+export declare function connect(options: ConnectOptions): Promise<Client>;
+export declare function connect(url: string | undefined, options: ConnectOptions): Promise<Client>;
+export declare function isValidName(name: string): boolean;
+export declare function isValidGroup(group: string): boolean;

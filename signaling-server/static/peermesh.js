@@ -1,0 +1,1263 @@
+// peermesh.js: the browser client of peermesh (wire protocol v1, docs/PROTOCOL.md).
+//
+//   import { connect } from '/peermesh.js';
+//   const client = await connect({ name: 'alice' });          // ws(s)://<this host>/ws
+//   client.on('message', ({ from, text }) => console.log(from, text));
+//   const members = await client.join('lobby');
+//   await client.broadcast('lobby', 'hello');
+//
+// A browser tab becomes a full group member: messages go through the server at once while a
+// WebRTC data channel pair is set up in the background; the link then moves to the direct path,
+// and back to the server if the direct path dies, without losing, duplicating or reordering a
+// reliable message. No build step, no dependencies. Types: /peermesh.d.ts.
+
+export const PROTOCOL_VERSION = 1;
+/** Largest unreliable message (bytes); also the size of one reliable fragment. */
+export const MAX_UNRELIABLE_SIZE = 16384;
+
+const MAX_FRAGMENT = 16384;
+const FRAGMENT_OVERHEAD = 64; // window cost of a fragment beyond its bytes
+const ACK_EVERY = 32;
+const ACK_DELAY_MS = 5;
+const MAX_REORDER = (16 << 20) / FRAGMENT_OVERHEAD;
+const CONNECT_TIMEOUT_MS = 8000; // a PeerConnection not connected by then has failed
+const PING_EVERY_MS = 1000;
+const RETRY_MIN_MS = 1000;
+const RETRY_MAX_HAD_DIRECT_MS = 5000;
+const RETRY_MAX_NEVER_DIRECT_MS = 60000;
+// Flow control on channel "r": hold DATA above 1 MiB queued, resume below 512 KiB.
+const DIRECT_HIGH = 1 << 20;
+const DIRECT_LOW = 512 << 10;
+// The link's own frames (ACK, PING, PONG) take the server path rather than queue behind this
+// much on a channel (the reference client's 100 ms bounded wait).
+const OWN_FRAME_MAX_QUEUED = 256 << 10;
+
+const K_DATA = 0x10;
+const K_ACK = 0x11;
+const K_UNRELIABLE = 0x12;
+const K_PING = 0x13;
+const K_PONG = 0x14;
+const K_READY = 0x15;
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+
+/** An error with a stable `code` (the server's error codes, or one of this module's). */
+export class PeermeshError extends Error {
+  constructor(code, message, extra = {}) {
+    super(message);
+    this.name = 'PeermeshError';
+    this.code = code;
+    Object.assign(this, extra);
+  }
+}
+
+/** Display names: 1-64 bytes of UTF-8 without control characters. */
+export function isValidName(name) {
+  if (typeof name !== 'string') return false;
+  const n = encoder.encode(name).length;
+  return n >= 1 && n <= 64 && !/[\u0000-\u001f\u007f-\u009f]/.test(name);
+}
+
+/** Group names: 1-64 characters of A-Z a-z 0-9 . _ - */
+export function isValidGroup(group) {
+  return typeof group === 'string' && /^[A-Za-z0-9._-]{1,64}$/.test(group);
+}
+
+function toBytes(data) {
+  if (typeof data === 'string') return encoder.encode(data);
+  if (data instanceof Uint8Array) return data;
+  if (data instanceof ArrayBuffer) return new Uint8Array(data);
+  if (ArrayBuffer.isView(data)) return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+  throw new TypeError('peermesh: data must be a string, an ArrayBuffer or a typed array');
+}
+
+function wsUrlFrom(url) {
+  if (url === undefined || url === null || url === '') {
+    if (typeof location === 'undefined') throw new PeermeshError('invalid_url', 'no URL given');
+    return `${location.protocol === 'https:' ? 'wss:' : 'ws:'}//${location.host}/ws`;
+  }
+  const u = String(url);
+  if (/^wss?:\/\//.test(u)) return u;
+  const m = /^(https?):\/\/([^/]+)/.exec(u);
+  if (m) return `${m[1] === 'https' ? 'wss' : 'ws'}://${m[2]}/ws`;
+  throw new PeermeshError('invalid_url', `not a ws://, wss://, http:// or https:// URL: ${u}`);
+}
+
+// ---- link frames (section 8.1) ----
+
+function u64Frame(kind, value) {
+  const f = new Uint8Array(9);
+  f[0] = kind;
+  new DataView(f.buffer).setBigUint64(1, BigInt(value));
+  return f;
+}
+
+function dataFrame(seq, fin, chunk) {
+  const f = new Uint8Array(10 + chunk.length);
+  f[0] = K_DATA;
+  f[1] = fin ? 1 : 0;
+  new DataView(f.buffer).setBigUint64(2, BigInt(seq));
+  f.set(chunk, 10);
+  return f;
+}
+
+function readyFrame(gen) {
+  const f = new Uint8Array(5);
+  f[0] = K_READY;
+  new DataView(f.buffer).setUint32(1, gen);
+  return f;
+}
+
+function relayFrame(peer, link, frame) {
+  const b = new Uint8Array(9 + frame.length);
+  const dv = new DataView(b.buffer);
+  b[0] = 0x01;
+  dv.setUint32(1, peer);
+  dv.setUint32(5, link);
+  b.set(frame, 9);
+  return b;
+}
+
+function readU64(bytes, at) {
+  return Number(new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength).getBigUint64(at));
+}
+
+function concat(parts, total) {
+  if (parts.length === 1) return parts[0].slice();
+  const out = new Uint8Array(total);
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// `candidate:<foundation> <component> <proto> <priority> <address> <port> typ <type> ...`
+function parseCandidate(line) {
+  const f = String(line).replace(/^candidate:/, '').trim().split(/\s+/);
+  const typ = f.indexOf('typ');
+  if (f.length < 8 || typ < 0 || typ + 1 >= f.length) return null;
+  return { key: `${f[4].toLowerCase()} ${f[5]}`, type: f[typ + 1] };
+}
+
+function candidateType(t) {
+  return t === 'srflx' || t === 'prflx' || t === 'relay' ? t : 'host';
+}
+
+// The selected candidate pair from getStats(): transport.selectedCandidatePairId ->
+// candidate-pair -> local-candidate / remote-candidate. A remote prflx candidate gets the type
+// the peer signaled for the same address and port (section 8.6).
+async function selectedPair(pc, signaled) {
+  const stats = await pc.getStats();
+  let pairId = null;
+  stats.forEach((s) => {
+    if (s.type === 'transport' && s.selectedCandidatePairId) pairId = s.selectedCandidatePairId;
+  });
+  if (!pairId) {
+    stats.forEach((s) => {
+      if (s.type === 'candidate-pair' && s.selected && !pairId) pairId = s.id;
+    });
+  }
+  const p = pairId && stats.get(pairId);
+  if (!p) return null;
+  const l = stats.get(p.localCandidateId);
+  const r = stats.get(p.remoteCandidateId);
+  if (!l || !r) return null;
+  const remoteAddress = r.address ?? r.ip ?? '';
+  let remoteType = candidateType(r.candidateType);
+  if (remoteType === 'prflx') {
+    remoteType = signaled.get(`${remoteAddress.toLowerCase()} ${r.port}`) ?? remoteType;
+  }
+  return {
+    local: { address: l.address ?? l.ip ?? '', port: l.port, type: candidateType(l.candidateType) },
+    remote: { address: remoteAddress, port: r.port, type: remoteType },
+  };
+}
+
+function pathOf(pair) {
+  return `direct ${pair.local.type}/${pair.remote.type}`;
+}
+
+// ---- the client ----
+
+/**
+ * Connect to a peermesh server and say hello.
+ * @param {string|object} [url] ws://host:port/ws (http(s)://host:port also works); defaults to
+ *   this page's host. May be omitted: connect({ name }).
+ * @param {object} options { name, direct = true, relayOnly = false, sendWindow = 8 MiB,
+ *   maxMessageSize = 8 MiB, connectTimeout = 10000, requestTimeout = 10000 }
+ * @returns {Promise<Client>}
+ */
+export async function connect(url, options) {
+  if (options === undefined && url !== null && typeof url === 'object') {
+    options = url;
+    url = options.url;
+  }
+  const client = new Client(wsUrlFrom(url), options ?? {});
+  await client._handshake();
+  return client;
+}
+
+/** A session with a peermesh server. Events: see peermesh.d.ts (ClientEventMap). */
+export class Client extends EventTarget {
+  constructor(url, options) {
+    super();
+    const name = options.name;
+    if (!isValidName(name)) {
+      throw new PeermeshError('invalid_name', 'names are 1-64 bytes without control characters');
+    }
+    this.url = url;
+    this.name = name;
+    this.direct = options.direct !== false;
+    this.relayOnly = options.relayOnly === true;
+    this.sendWindow = Math.min(Math.max(options.sendWindow ?? 8 << 20, 64 << 10), 16 << 20);
+    this.maxMessageSize = Math.min(options.maxMessageSize ?? 8 << 20, this.sendWindow);
+    this.connectTimeout = options.connectTimeout ?? 10000;
+    this.requestTimeout = options.requestTimeout ?? 10000;
+    /** This client's peer id (from welcome). */
+    this.peerId = 0;
+    /** The ICE servers new PeerConnections use (welcome, then every ice_servers message). */
+    this.iceServers = [];
+    /** Limits announced by the server. */
+    this.limits = null;
+    this._ws = null;
+    this._links = new Map(); // peer -> Link
+    this._groups = new Map(); // group -> Map(peer -> name)
+    this._pendingJoins = new Map();
+    this._pendingLeaves = new Map();
+    this._closed = false;
+    this._heartbeat = null;
+    this._nextPing = 1;
+    this._lastRecv = 0;
+    this._timeoutMs = 15000;
+  }
+
+  /** Listen to an event; the handler gets the event's detail. Returns an unsubscribe function. */
+  on(type, handler) {
+    const h = (e) => handler(e.detail);
+    this.addEventListener(type, h);
+    return () => this.removeEventListener(type, h);
+  }
+
+  _emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  _handshake() {
+    return new Promise((resolve, reject) => {
+      let ws;
+      try {
+        ws = new WebSocket(this.url);
+      } catch (e) {
+        reject(new PeermeshError('connect', `cannot open ${this.url}: ${e.message}`));
+        return;
+      }
+      ws.binaryType = 'arraybuffer';
+      this._ws = ws;
+      let welcomed = false;
+      const timer = setTimeout(() => {
+        if (welcomed) return;
+        ws.close();
+        reject(new PeermeshError('timeout', `no welcome from ${this.url} within ${this.connectTimeout} ms`));
+      }, this.connectTimeout);
+      ws.onopen = () => ws.send(JSON.stringify({ type: 'hello', version: PROTOCOL_VERSION, name: this.name }));
+      ws.onmessage = (e) => {
+        this._lastRecv = performance.now();
+        if (welcomed) {
+          if (typeof e.data === 'string') this._onText(e.data);
+          else this._onBinary(new Uint8Array(e.data));
+          return;
+        }
+        if (typeof e.data !== 'string') return;
+        let msg;
+        try {
+          msg = JSON.parse(e.data);
+        } catch {
+          return;
+        }
+        if (msg.type === 'error') {
+          clearTimeout(timer);
+          ws.close();
+          reject(new PeermeshError(msg.code, msg.message));
+        } else if (msg.type === 'welcome') {
+          clearTimeout(timer);
+          if (msg.version !== PROTOCOL_VERSION) {
+            ws.close();
+            reject(new PeermeshError('version_mismatch', `server speaks protocol ${msg.version}, not ${PROTOCOL_VERSION}`));
+            return;
+          }
+          welcomed = true;
+          this.peerId = msg.peer;
+          this.iceServers = msg.ice_servers ?? [];
+          this.limits = msg.limits ?? null;
+          this._timeoutMs = msg.heartbeat_timeout_ms ?? 15000;
+          const every = Math.min(Math.max(msg.heartbeat_interval_ms ?? 5000, 100), 60000);
+          this._heartbeat = setInterval(() => this._tick(), every);
+          this._tick();
+          resolve();
+        }
+      };
+      ws.onclose = (e) => {
+        clearTimeout(timer);
+        if (!welcomed) {
+          reject(new PeermeshError('connect', `server closed the connection (${e.code}${e.reason ? ' ' + e.reason : ''})`));
+          return;
+        }
+        this._end(e.code, e.reason || 'connection closed', false);
+      };
+      ws.onerror = () => {}; // a close event follows
+    });
+  }
+
+  _tick() {
+    // JSON ping: the portable heartbeat (browsers cannot send WebSocket pings).
+    this._sendJson({ type: 'ping', id: this._nextPing++ });
+    // The server answers every ping: silence this long means the connection is gone.
+    if (performance.now() - this._lastRecv > this._timeoutMs + 5000) {
+      this._ws.close(4000, 'server silent');
+      this._end(4000, 'server silent', false);
+    }
+  }
+
+  _end(code, reason, byClient) {
+    if (this._closed) return;
+    this._closed = true;
+    clearInterval(this._heartbeat);
+    for (const link of this._links.values()) link._close();
+    this._links.clear();
+    this._groups.clear();
+    const err = new PeermeshError('closed', 'the session has ended');
+    for (const p of [...this._pendingJoins.values(), ...this._pendingLeaves.values()]) p.reject(err);
+    this._pendingJoins.clear();
+    this._pendingLeaves.clear();
+    this._emit('close', { code, reason, byClient });
+  }
+
+  _sendJson(msg) {
+    if (this._ws && this._ws.readyState === WebSocket.OPEN) this._ws.send(JSON.stringify(msg));
+  }
+
+  _sendBinary(bytes) {
+    if (this._ws && this._ws.readyState === WebSocket.OPEN) this._ws.send(bytes);
+  }
+
+  /** Whether the session has ended. */
+  get closed() {
+    return this._closed;
+  }
+
+  /** The groups this client is in. */
+  get groups() {
+    return [...this._groups.keys()];
+  }
+
+  /**
+   * Join a group (created on first join). Resolves to its other members, after a
+   * 'memberjoined' event for each of them.
+   */
+  join(group) {
+    return this._request(this._pendingJoins, group, 'join', () => {
+      if (!isValidGroup(group)) throw new PeermeshError('invalid_group', `invalid group name: ${group}`);
+      if (this._pendingJoins.has(group)) throw new PeermeshError('already_member', `a join of ${group} is already under way`);
+    });
+  }
+
+  /** Leave a group; a 'memberleft' event is emitted for each of its members. */
+  leave(group) {
+    return this._request(this._pendingLeaves, group, 'leave', () => {
+      if (!this._groups.has(group)) throw new PeermeshError('not_member', `not in group ${group}`);
+    });
+  }
+
+  _request(pending, group, type, check) {
+    return new Promise((resolve, reject) => {
+      if (this._closed) throw new PeermeshError('closed', 'the session has ended');
+      check();
+      const timer = setTimeout(() => {
+        if (pending.get(group)?.timer === timer) pending.delete(group);
+        reject(new PeermeshError('timeout', `no answer to ${type} ${group}`));
+      }, this.requestTimeout);
+      pending.set(group, {
+        timer,
+        resolve: (v) => (clearTimeout(timer), resolve(v)),
+        reject: (e) => (clearTimeout(timer), reject(e)),
+      });
+      this._sendJson({ type, group });
+    });
+  }
+
+  /** The other members of a group this client is in, by ascending peer id. */
+  members(group) {
+    const m = this._groups.get(group);
+    if (!m) throw new PeermeshError('not_member', `not in group ${group}`);
+    return [...m].map(([peer, name]) => ({ peer, name })).sort((a, b) => a.peer - b.peer);
+  }
+
+  /** A co-member's display name, or undefined. */
+  nameOf(peer) {
+    return this._links.get(peer)?.name;
+  }
+
+  _link(peer) {
+    if (this._closed) throw new PeermeshError('closed', 'the session has ended');
+    const link = this._links.get(peer);
+    if (!link) throw new PeermeshError('unknown_peer', `no shared group with peer ${peer}`);
+    return link;
+  }
+
+  /**
+   * Send to a co-member. Reliable messages (default; up to maxMessageSize) arrive complete, in
+   * order and once, whatever path changes happen; the promise resolves once the message is
+   * handed to the link, waiting while the link's send window is full. Unreliable messages
+   * ({ reliable: false }, up to 16384 bytes) go on the current path, best effort.
+   */
+  async send(peer, data, { reliable = true } = {}) {
+    const bytes = toBytes(data);
+    const link = this._link(peer);
+    if (reliable) await link.sendReliable(bytes, true);
+    else link.sendUnreliable(bytes);
+  }
+
+  /** Like send(), but throws a PeermeshError 'would_block' instead of waiting for the window. */
+  trySend(peer, data, { reliable = true } = {}) {
+    const bytes = toBytes(data);
+    const link = this._link(peer);
+    if (reliable) link.sendReliable(bytes, false);
+    else link.sendUnreliable(bytes);
+  }
+
+  /** Send to every other member of a group. */
+  async broadcast(group, data, options) {
+    const bytes = toBytes(data);
+    const peers = this.members(group).map((m) => m.peer);
+    await Promise.all(
+      peers.map((peer) =>
+        this.send(peer, bytes, options).catch((e) => {
+          if (e.code !== 'unknown_peer') throw e; // it left meanwhile
+        }),
+      ),
+    );
+  }
+
+  /** Resolves once every reliable message sent so far has been acknowledged. */
+  async flush() {
+    await Promise.all([...this._links.values()].map((l) => l.flush()));
+  }
+
+  /** The path to a peer now: 'server' or 'direct <local>/<remote>' (e.g. 'direct host/host'). */
+  path(peer) {
+    return this._link(peer).path;
+  }
+
+  /** Smoothed round-trip time to a peer on the current path (ms), or null before a sample. */
+  rtt(peer) {
+    return this._link(peer).rtt;
+  }
+
+  /** The direct path's candidate pair ({local, remote}: {address, port, type}), or null. */
+  candidatePair(peer) {
+    const p = this._link(peer).pair;
+    return p && { local: { ...p.local }, remote: { ...p.remote } };
+  }
+
+  /** Counters of the link to a peer. */
+  stats(peer) {
+    const l = this._link(peer);
+    return {
+      path: l.path,
+      rtt: l.rtt,
+      ...l.stats,
+      unacked: l.unackedCount(),
+      windowUsed: l.windowUsed,
+    };
+  }
+
+  /** Leave every group and close the session. Unacknowledged reliable messages are abandoned. */
+  async close() {
+    if (this._closed) return;
+    const ws = this._ws;
+    this._end(1000, 'closed by the client', true);
+    if (ws && ws.readyState <= WebSocket.OPEN) ws.close(1000);
+  }
+
+  // ---- session messages ----
+
+  _onText(text) {
+    let msg;
+    try {
+      msg = JSON.parse(text);
+    } catch {
+      console.warn('peermesh: unparsable server frame');
+      return;
+    }
+    switch (msg.type) {
+      case 'joined': {
+        this._groups.set(msg.group, new Map());
+        for (const m of msg.members) this._addMember(msg.group, m);
+        this._pendingJoins.get(msg.group)?.resolve(msg.members.map((m) => ({ peer: m.peer, name: m.name })));
+        this._pendingJoins.delete(msg.group);
+        break;
+      }
+      case 'member_joined':
+        this._addMember(msg.group, msg.member);
+        break;
+      case 'member_left':
+        this._removeMember(msg.group, msg.peer);
+        break;
+      case 'left': {
+        for (const peer of [...(this._groups.get(msg.group)?.keys() ?? [])]) this._removeMember(msg.group, peer);
+        this._groups.delete(msg.group);
+        this._pendingLeaves.get(msg.group)?.resolve();
+        this._pendingLeaves.delete(msg.group);
+        break;
+      }
+      case 'signal': {
+        const link = this._links.get(msg.from);
+        if (link && link.linkId === msg.link) link.onSignal(msg.data);
+        break;
+      }
+      case 'ice_servers':
+        if (Array.isArray(msg.ice_servers)) this.iceServers = msg.ice_servers;
+        break;
+      case 'error':
+        this._onError(msg);
+        break;
+      default: // pong, and message types newer than this client
+        break;
+    }
+  }
+
+  _onError(msg) {
+    const pending =
+      msg.request === 'join' ? this._pendingJoins : msg.request === 'leave' ? this._pendingLeaves : null;
+    const p = pending && msg.group !== undefined ? pending.get(msg.group) : undefined;
+    if (p) {
+      pending.delete(msg.group);
+      p.reject(new PeermeshError(msg.code, msg.message, { request: msg.request, group: msg.group }));
+      return;
+    }
+    // A frame to a peer that has just left is refused: that peer is gone, and so is the frame.
+    const departed =
+      msg.code === 'not_co_member' &&
+      (msg.request === 'relay' || msg.request === 'signal') &&
+      msg.peer !== undefined &&
+      !this._links.has(msg.peer);
+    if (departed) return;
+    this._emit('error', { code: msg.code, message: msg.message, request: msg.request, group: msg.group, peer: msg.peer });
+  }
+
+  _onBinary(buf) {
+    if (buf.length < 9 || buf[0] !== 0x01) return;
+    const dv = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+    const link = this._links.get(dv.getUint32(1));
+    if (link && link.linkId === dv.getUint32(5)) link.onFrame(buf.subarray(9), false);
+  }
+
+  _addMember(group, m) {
+    if (!this._groups.has(group)) this._groups.set(group, new Map());
+    this._groups.get(group).set(m.peer, m.name);
+    let link = this._links.get(m.peer);
+    if (link && link.linkId !== m.link) {
+      link._close();
+      link = undefined;
+    }
+    if (!link) {
+      link = new Link(this, m.peer, m.link, m.initiator, m.name);
+      this._links.set(m.peer, link);
+    }
+    link.groups.add(group);
+    this._emit('memberjoined', { group, peer: m.peer, name: m.name });
+  }
+
+  _removeMember(group, peer) {
+    const members = this._groups.get(group);
+    const name = members?.get(peer);
+    members?.delete(peer);
+    const link = this._links.get(peer);
+    if (link) {
+      link.groups.delete(group);
+      if (link.groups.size === 0) {
+        this._links.delete(peer);
+        link._close();
+      }
+    }
+    if (name !== undefined) this._emit('memberleft', { group, peer, name });
+  }
+}
+
+// ---- one link per co-member (sections 7 and 8) ----
+
+class Link {
+  constructor(client, peer, linkId, initiator, name) {
+    this.c = client;
+    this.peer = peer;
+    this.linkId = linkId;
+    this.initiator = initiator;
+    this.name = name;
+    this.groups = new Set();
+    this.closed = false;
+    // sending
+    this.nextSeq = 1;
+    this.unacked = []; // {seq, frame, cost}, seq order; entries before unackedHead are gone
+    this.unackedHead = 0;
+    this.windowUsed = 0;
+    this.waiters = []; // {cost, resolve, reject}
+    this.flushWaiters = [];
+    this.directQueue = []; // DATA frames waiting for room on channel "r"
+    // receiving
+    this.delivered = 0;
+    this.ackedSent = 0;
+    this.ackDue = false;
+    this.ackTimer = null;
+    this.reorder = new Map();
+    this.partial = [];
+    this.partialLen = 0;
+    // path
+    this.path = 'server';
+    this.pair = null;
+    this.pc = null;
+    this.gen = 0;
+    this.r = null;
+    this.u = null;
+    this.rOpen = false;
+    this.uOpen = false;
+    this.connected = false;
+    this.connectTimer = null;
+    this.peerReady = 0;
+    this.retryTimer = null;
+    this.backoff = RETRY_MIN_MS;
+    this.hadDirect = false;
+    this.declined = false;
+    this.upgrading = false;
+    this.signaled = new Map(); // "address port" -> candidate type the peer signaled
+    this.remoteSet = false;
+    this.remoteQueue = [];
+    this.localSent = false;
+    this.localQueue = [];
+    // RTT
+    this.nextPing = 1;
+    this.pings = []; // [id, sent at]
+    this.rtt = null;
+    this.stats = {
+      sentServer: 0,
+      sentDirect: 0,
+      recvServer: 0,
+      recvDirect: 0,
+      resent: 0,
+      duplicates: 0,
+      pathChanges: 0,
+      candidatesHost: 0,
+      candidatesSrflx: 0,
+      candidatesRelay: 0,
+    };
+    this.pingTimer = setInterval(() => this.onPingTimer(), PING_EVERY_MS);
+    this.sendPing();
+    if (this.initiator && this.c.direct) this.start();
+  }
+
+  _close() {
+    if (this.closed) return;
+    this.closed = true;
+    clearInterval(this.pingTimer);
+    clearTimeout(this.retryTimer);
+    clearTimeout(this.ackTimer);
+    this.resetRtc();
+    const err = new PeermeshError('unknown_peer', `the link to peer ${this.peer} has closed`);
+    for (const w of this.waiters) w.reject(err);
+    this.waiters = [];
+    for (const f of this.flushWaiters) f();
+    this.flushWaiters = [];
+  }
+
+  // ---- sending ----
+
+  unackedCount() {
+    return this.unacked.length - this.unackedHead;
+  }
+
+  acquire(cost, wait) {
+    if (this.waiters.length === 0 && this.windowUsed + cost <= this.c.sendWindow) {
+      this.windowUsed += cost;
+      return null;
+    }
+    if (!wait) throw new PeermeshError('would_block', 'the send window is full');
+    return new Promise((resolve, reject) => this.waiters.push({ cost, resolve, reject }));
+  }
+
+  release(cost) {
+    this.windowUsed -= cost;
+    while (this.waiters.length && this.windowUsed + this.waiters[0].cost <= this.c.sendWindow) {
+      const w = this.waiters.shift();
+      this.windowUsed += w.cost;
+      w.resolve();
+    }
+  }
+
+  async sendReliable(bytes, wait) {
+    if (bytes.length > this.c.maxMessageSize) {
+      throw new PeermeshError('too_large', `reliable message of ${bytes.length} bytes exceeds ${this.c.maxMessageSize}`);
+    }
+    const count = Math.max(1, Math.ceil(bytes.length / MAX_FRAGMENT));
+    const cost = bytes.length + count * FRAGMENT_OVERHEAD;
+    if (cost > this.c.sendWindow) {
+      throw new PeermeshError('too_large', `reliable message of ${bytes.length} bytes does not fit the send window`);
+    }
+    // Copy now: the caller may reuse its buffer once send() has returned.
+    const copy = bytes.slice();
+    const waiting = this.acquire(cost, wait);
+    if (waiting) await waiting;
+    if (this.closed) {
+      throw new PeermeshError('unknown_peer', `the link to peer ${this.peer} has closed`);
+    }
+    for (let i = 0; i < count; i++) {
+      const chunk = copy.subarray(i * MAX_FRAGMENT, Math.min((i + 1) * MAX_FRAGMENT, copy.length));
+      const seq = this.nextSeq++;
+      const frame = dataFrame(seq, i === count - 1, chunk);
+      this.unacked.push({ seq, frame, cost: chunk.length + FRAGMENT_OVERHEAD });
+      this.transmitData(frame);
+    }
+  }
+
+  sendUnreliable(bytes) {
+    if (bytes.length > MAX_UNRELIABLE_SIZE) {
+      throw new PeermeshError('too_large', `unreliable message of ${bytes.length} bytes exceeds ${MAX_UNRELIABLE_SIZE}`);
+    }
+    const frame = new Uint8Array(1 + bytes.length);
+    frame[0] = K_UNRELIABLE;
+    frame.set(bytes, 1);
+    if (this.isDirect() && this.u.bufferedAmount < DIRECT_HIGH && this.sendOn(this.u, frame)) return;
+    this.relay(frame);
+  }
+
+  isDirect() {
+    return this.path !== 'server';
+  }
+
+  relay(frame) {
+    this.c._sendBinary(relayFrame(this.peer, this.linkId, frame));
+  }
+
+  // Send on a channel of the current PeerConnection; a failure is a failure of the direct path.
+  sendOn(ch, frame) {
+    try {
+      ch.send(frame);
+      return true;
+    } catch (e) {
+      const why = `send failed: ${e.message}`;
+      this.downgrade(why);
+      this.rtcFailed(why);
+      return false;
+    }
+  }
+
+  transmitData(frame) {
+    if (!this.isDirect()) {
+      this.stats.sentServer++;
+      this.relay(frame);
+      return;
+    }
+    if (this.directQueue.length || this.r.bufferedAmount > DIRECT_HIGH) {
+      this.directQueue.push(frame);
+      return;
+    }
+    if (this.sendOn(this.r, frame)) this.stats.sentDirect++;
+    // else: the downgrade has re-sent it with everything else unacknowledged
+  }
+
+  pumpDirect() {
+    while (this.directQueue.length && this.isDirect() && this.r.bufferedAmount <= DIRECT_HIGH) {
+      if (!this.sendOn(this.r, this.directQueue.shift())) return;
+      this.stats.sentDirect++;
+    }
+  }
+
+  // ACK, PING, PONG: on the channel when direct and not queued up, else on the server path.
+  transmitOwn(frame, ch) {
+    if (this.isDirect() && ch && ch.bufferedAmount < OWN_FRAME_MAX_QUEUED && this.sendOn(ch, frame)) return;
+    this.relay(frame);
+  }
+
+  onAck(seq) {
+    while (this.unackedHead < this.unacked.length && this.unacked[this.unackedHead].seq <= seq) {
+      const u = this.unacked[this.unackedHead];
+      this.unacked[this.unackedHead++] = undefined;
+      this.release(u.cost);
+    }
+    if (this.unackedHead > 1024 && this.unackedHead * 2 > this.unacked.length) {
+      this.unacked = this.unacked.slice(this.unackedHead);
+      this.unackedHead = 0;
+    }
+    if (this.unackedCount() === 0 && this.flushWaiters.length) {
+      const done = this.flushWaiters;
+      this.flushWaiters = [];
+      for (const f of done) f();
+    }
+  }
+
+  flush() {
+    if (this.closed || this.unackedCount() === 0) return Promise.resolve();
+    return new Promise((resolve) => this.flushWaiters.push(resolve));
+  }
+
+  // ---- receiving ----
+
+  onFrame(bytes, direct) {
+    if (this.closed || bytes.length === 0) return;
+    switch (bytes[0]) {
+      case K_DATA: {
+        if (bytes.length < 10) return;
+        const seq = readU64(bytes, 2);
+        const fin = (bytes[1] & 1) === 1;
+        const payload = bytes.subarray(10);
+        if (direct) this.stats.recvDirect++;
+        else this.stats.recvServer++;
+        if (seq <= this.delivered || this.reorder.has(seq)) {
+          // The sender is re-sending: our last ACK may have died with the direct path.
+          this.stats.duplicates++;
+          this.ackDue = true;
+          this.scheduleAck();
+          return;
+        }
+        if (seq !== this.delivered + 1) {
+          if (this.reorder.size >= MAX_REORDER) {
+            console.warn(`peermesh: reorder buffer full, fragment ${seq} from peer ${this.peer} dropped`);
+            return;
+          }
+          this.reorder.set(seq, [fin, payload]);
+          return;
+        }
+        this.accept(fin, payload);
+        while (this.reorder.has(this.delivered + 1)) {
+          const next = this.reorder.get(this.delivered + 1);
+          this.reorder.delete(this.delivered + 1);
+          this.accept(next[0], next[1]);
+        }
+        this.scheduleAck();
+        return;
+      }
+      case K_ACK:
+        if (bytes.length >= 9) this.onAck(readU64(bytes, 1));
+        return;
+      case K_UNRELIABLE:
+        this.deliver(bytes.slice(1), false);
+        return;
+      case K_PING: {
+        if (bytes.length < 9) return;
+        const pong = bytes.slice(0, 9);
+        pong[0] = K_PONG;
+        if (direct && this.isDirect()) this.transmitOwn(pong, this.u);
+        else this.relay(pong);
+        return;
+      }
+      case K_PONG:
+        if (bytes.length >= 9) this.onPong(readU64(bytes, 1));
+        return;
+      case K_READY:
+        if (bytes.length < 5) return;
+        this.peerReady = Math.max(this.peerReady, new DataView(bytes.buffer, bytes.byteOffset, 5).getUint32(1));
+        this.maybeUpgrade();
+        return;
+      default:
+        return;
+    }
+  }
+
+  accept(fin, payload) {
+    this.delivered++;
+    this.partial.push(payload);
+    this.partialLen += payload.length;
+    if (fin) {
+      const data = concat(this.partial, this.partialLen);
+      this.partial = [];
+      this.partialLen = 0;
+      this.deliver(data, true);
+    }
+  }
+
+  deliver(data, reliable) {
+    this.c._emit('message', {
+      from: this.peer,
+      data,
+      reliable,
+      get text() {
+        return decoder.decode(data);
+      },
+    });
+  }
+
+  scheduleAck() {
+    if (this.delivered - this.ackedSent >= ACK_EVERY) this.sendAck();
+    else if (!this.ackTimer) this.ackTimer = setTimeout(() => this.sendAck(), ACK_DELAY_MS);
+  }
+
+  sendAck() {
+    clearTimeout(this.ackTimer);
+    this.ackTimer = null;
+    if (this.closed || (this.ackedSent === this.delivered && !this.ackDue)) return;
+    this.ackDue = false;
+    this.ackedSent = this.delivered;
+    this.transmitOwn(u64Frame(K_ACK, this.delivered), this.r);
+  }
+
+  // ---- RTT ----
+
+  onPingTimer() {
+    this.sendPing();
+    if (this.isDirect()) this.refreshPair();
+  }
+
+  sendPing() {
+    const id = this.nextPing++;
+    if (this.pings.length >= 8) this.pings.shift();
+    this.pings.push([id, performance.now()]);
+    this.transmitOwn(u64Frame(K_PING, id), this.u);
+  }
+
+  onPong(id) {
+    const i = this.pings.findIndex(([p]) => p === id);
+    if (i < 0) return;
+    const sample = performance.now() - this.pings[i][1];
+    this.pings.splice(0, i + 1);
+    this.rtt = this.rtt === null ? sample : (7 * this.rtt + sample) / 8;
+  }
+
+  // ---- path ----
+
+  setPath(path) {
+    if (this.path === path) return;
+    this.path = path;
+    this.stats.pathChanges++;
+    this.rtt = null; // samples of one path say nothing about the other
+    this.pings = [];
+    this.c._emit('path', { peer: this.peer, path, pair: this.pair && { ...this.pair } });
+  }
+
+  // While direct: ICE may switch to a pair of other candidate types.
+  async refreshPair() {
+    const pc = this.pc;
+    if (!pc) return;
+    let pair;
+    try {
+      pair = await selectedPair(pc, this.signaled);
+    } catch {
+      return;
+    }
+    if (!pair || pc !== this.pc || !this.isDirect()) return;
+    this.pair = pair;
+    this.setPath(pathOf(pair));
+  }
+
+  canUpgrade() {
+    return !this.closed && !this.isDirect() && this.pc && this.rOpen && this.uOpen && this.connected && this.peerReady >= this.gen;
+  }
+
+  async maybeUpgrade() {
+    if (!this.canUpgrade() || this.upgrading) return;
+    this.upgrading = true;
+    try {
+      const pc = this.pc;
+      // The path type comes from the selected candidate pair; wait until ICE reports it.
+      while (this.canUpgrade() && this.pc === pc) {
+        let pair = null;
+        try {
+          pair = await selectedPair(pc, this.signaled);
+        } catch {
+          pair = null;
+        }
+        if (!(this.canUpgrade() && this.pc === pc)) return;
+        if (pair) {
+          this.backoff = RETRY_MIN_MS;
+          this.hadDirect = true;
+          this.pair = pair;
+          this.setPath(pathOf(pair));
+          this.sendPing();
+          return;
+        }
+        await sleep(50);
+      }
+    } finally {
+      this.upgrading = false;
+    }
+  }
+
+  downgrade(why) {
+    if (!this.isDirect()) return;
+    console.info(`peermesh: direct path to peer ${this.peer} lost (${why}); back to the server path`);
+    this.pair = null;
+    this.setPath('server');
+    // Everything unacknowledged may have died with the direct path: re-send it, in seq order.
+    this.directQueue = [];
+    for (let i = this.unackedHead; i < this.unacked.length; i++) {
+      this.relay(this.unacked[i].frame);
+      this.stats.resent++;
+      this.stats.sentServer++;
+    }
+    // ACKs sent directly may have died too.
+    this.ackedSent = this.delivered;
+    this.ackDue = false;
+    if (this.delivered > 0) this.relay(u64Frame(K_ACK, this.delivered));
+  }
+
+  resetRtc() {
+    const pc = this.pc;
+    this.pc = null;
+    this.r = null;
+    this.u = null;
+    this.rOpen = false;
+    this.uOpen = false;
+    this.connected = false;
+    clearTimeout(this.connectTimer);
+    this.connectTimer = null;
+    this.signaled = new Map();
+    this.remoteSet = false;
+    this.remoteQueue = [];
+    this.localSent = false;
+    this.localQueue = [];
+    if (pc) {
+      try {
+        pc.close();
+      } catch {
+        // already closed
+      }
+    }
+  }
+
+  // The direct path could not be made, or died: stay on the server path; the initiator tries
+  // again after a back-off.
+  rtcFailed(why) {
+    this.resetRtc();
+    if (this.closed) return;
+    this.c._emit('nodirectpath', { peer: this.peer, reason: why });
+    if (this.initiator && this.c.direct && !this.declined) {
+      clearTimeout(this.retryTimer);
+      this.retryTimer = setTimeout(() => {
+        this.retryTimer = null;
+        this.start();
+      }, this.backoff);
+      const max = this.hadDirect ? RETRY_MAX_HAD_DIRECT_MS : RETRY_MAX_NEVER_DIRECT_MS;
+      this.backoff = Math.min(this.backoff * 2, max);
+    }
+  }
+
+  signal(data) {
+    this.c._sendJson({ type: 'signal', to: this.peer, link: this.linkId, data });
+  }
+
+  armConnectTimer(pc) {
+    this.connectTimer = setTimeout(() => {
+      if (this.pc === pc && !this.connected) this.rtcFailed(`not connected within ${CONNECT_TIMEOUT_MS / 1000}s`);
+    }, CONNECT_TIMEOUT_MS);
+  }
+
+  // A PeerConnection of generation this.gen with both pre-negotiated channels.
+  createPc() {
+    const gen = this.gen;
+    const pc = new RTCPeerConnection({
+      iceServers: this.c.iceServers,
+      iceTransportPolicy: this.c.relayOnly ? 'relay' : 'all',
+    });
+    const r = pc.createDataChannel('r', { negotiated: true, id: 0, ordered: true });
+    const u = pc.createDataChannel('u', { negotiated: true, id: 1, ordered: false, maxRetransmits: 0 });
+    r.binaryType = 'arraybuffer';
+    u.binaryType = 'arraybuffer';
+    r.bufferedAmountLowThreshold = DIRECT_LOW;
+    this.pc = pc;
+    this.r = r;
+    this.u = u;
+    const current = () => this.pc === pc && this.gen === gen && !this.closed;
+    pc.onicecandidate = (e) => {
+      if (!current() || !e.candidate || !e.candidate.candidate) return;
+      const c = e.candidate.toJSON();
+      const t = parseCandidate(c.candidate)?.type;
+      if (t === 'host') this.stats.candidatesHost++;
+      else if (t === 'srflx') this.stats.candidatesSrflx++;
+      else if (t === 'relay') this.stats.candidatesRelay++;
+      const data = {
+        kind: 'candidate',
+        gen,
+        candidate: c.candidate,
+        sdpMid: c.sdpMid ?? '0',
+        sdpMLineIndex: c.sdpMLineIndex ?? 0,
+      };
+      if (c.usernameFragment) data.usernameFragment = c.usernameFragment;
+      // Candidates follow the offer/answer they belong to.
+      if (this.localSent) this.signal(data);
+      else this.localQueue.push(data);
+    };
+    pc.onconnectionstatechange = () => {
+      if (!current()) return;
+      const s = pc.connectionState;
+      if (s === 'connected') {
+        this.connected = true;
+        clearTimeout(this.connectTimer);
+        this.connectTimer = null;
+        this.maybeUpgrade();
+      } else if (s === 'disconnected' || s === 'failed' || s === 'closed') {
+        this.connected = false;
+        this.downgrade(`ice ${s}`);
+        this.rtcFailed(`ice ${s}`);
+      }
+    };
+    const onOpen = () => {
+      if (!current()) return;
+      const wasOpen = this.rOpen && this.uOpen;
+      this.rOpen = r.readyState === 'open';
+      this.uOpen = u.readyState === 'open';
+      if (!wasOpen && this.rOpen && this.uOpen) this.relay(readyFrame(gen)); // always on the server path
+      this.maybeUpgrade();
+    };
+    const onClose = () => {
+      if (!current()) return;
+      this.downgrade('data channel closed');
+      this.rtcFailed('data channel closed');
+    };
+    const onMessage = (e) => this.onFrame(new Uint8Array(e.data), true);
+    for (const ch of [r, u]) {
+      ch.onopen = onOpen;
+      ch.onclose = onClose;
+      ch.onmessage = onMessage;
+    }
+    r.onbufferedamountlow = () => {
+      if (current()) this.pumpDirect();
+    };
+    return pc;
+  }
+
+  sendLocal(kind, sdp) {
+    this.signal({ kind, gen: this.gen, sdp });
+    this.localSent = true;
+    for (const c of this.localQueue) this.signal(c);
+    this.localQueue = [];
+  }
+
+  // Initiator: a new PeerConnection generation and its offer.
+  async start() {
+    if (this.closed || !this.c.direct || this.declined) return;
+    this.resetRtc();
+    this.gen++;
+    let pc;
+    try {
+      pc = this.createPc();
+    } catch (e) {
+      this.rtcFailed(`creating peer connection: ${e.message}`);
+      return;
+    }
+    try {
+      const offer = await pc.createOffer();
+      if (this.pc !== pc) return;
+      await pc.setLocalDescription(offer);
+      if (this.pc !== pc) return;
+      this.sendLocal('offer', offer.sdp);
+      this.armConnectTimer(pc);
+    } catch (e) {
+      if (this.pc === pc) this.rtcFailed(`creating offer: ${e.message}`);
+    }
+  }
+
+  async onSignal(data) {
+    if (this.closed || data === null || typeof data !== 'object' || !Number.isInteger(data.gen)) return;
+    const gen = data.gen;
+    switch (data.kind) {
+      case 'offer':
+        if (typeof data.sdp !== 'string') return;
+        if (!this.c.direct) {
+          this.signal({ kind: 'decline', gen });
+          return;
+        }
+        if (gen <= this.gen) return; // stale
+        await this.acceptOffer(gen, data.sdp);
+        return;
+      case 'answer': {
+        const pc = this.pc;
+        if (gen !== this.gen || !pc || typeof data.sdp !== 'string') return;
+        try {
+          await pc.setRemoteDescription({ type: 'answer', sdp: data.sdp });
+          if (this.pc !== pc) return;
+          this.remoteSet = true;
+          await this.addQueuedCandidates(pc);
+        } catch (e) {
+          if (this.pc === pc) this.rtcFailed(`applying answer: ${e.message}`);
+        }
+        return;
+      }
+      case 'candidate': {
+        if (gen !== this.gen || !this.pc || typeof data.candidate !== 'string' || data.candidate === '') return;
+        const parsed = parseCandidate(data.candidate);
+        if (parsed) this.signaled.set(parsed.key, parsed.type);
+        const init = {
+          candidate: data.candidate.startsWith('candidate:') ? data.candidate : `candidate:${data.candidate}`,
+          sdpMid: typeof data.sdpMid === 'string' && data.sdpMid !== '' ? data.sdpMid : null,
+          sdpMLineIndex: Number.isInteger(data.sdpMLineIndex) ? data.sdpMLineIndex : 0,
+        };
+        if (typeof data.usernameFragment === 'string' && data.usernameFragment !== '') {
+          init.usernameFragment = data.usernameFragment;
+        }
+        if (this.remoteSet) await this.addCandidate(this.pc, init);
+        else this.remoteQueue.push(init);
+        return;
+      }
+      case 'decline':
+        if (gen === this.gen && this.initiator) {
+          this.declined = true;
+          this.resetRtc();
+          clearTimeout(this.retryTimer);
+          this.retryTimer = null;
+          this.c._emit('nodirectpath', { peer: this.peer, reason: 'the peer does not take direct paths' });
+        }
+        return;
+      default:
+        return;
+    }
+  }
+
+  // Responder: adopt a newer generation.
+  async acceptOffer(gen, sdp) {
+    this.downgrade('peer restarted the connection');
+    this.resetRtc();
+    this.gen = gen;
+    let pc;
+    try {
+      pc = this.createPc();
+    } catch (e) {
+      this.rtcFailed(`creating peer connection: ${e.message}`);
+      return;
+    }
+    try {
+      await pc.setRemoteDescription({ type: 'offer', sdp });
+      if (this.pc !== pc) return;
+      this.remoteSet = true;
+      await this.addQueuedCandidates(pc);
+      const answer = await pc.createAnswer();
+      if (this.pc !== pc) return;
+      await pc.setLocalDescription(answer);
+      if (this.pc !== pc) return;
+      this.sendLocal('answer', answer.sdp);
+      this.armConnectTimer(pc);
+    } catch (e) {
+      if (this.pc === pc) this.rtcFailed(`answering offer: ${e.message}`);
+    }
+  }
+
+  async addQueuedCandidates(pc) {
+    const queued = this.remoteQueue;
+    this.remoteQueue = [];
+    for (const init of queued) await this.addCandidate(pc, init);
+  }
+
+  async addCandidate(pc, init) {
+    if (init.sdpMid === null) {
+      // Peers that send no usable mid: use the mid of the (single) application section.
+      init.sdpMid = /^a=mid:(\S+)/m.exec(pc.remoteDescription?.sdp ?? '')?.[1] ?? '0';
+      init.sdpMLineIndex = 0;
+    }
+    try {
+      await pc.addIceCandidate(init);
+    } catch (e) {
+      if (this.pc === pc) console.warn(`peermesh: remote candidate refused: ${e.message}`);
+    }
+  }
+}
