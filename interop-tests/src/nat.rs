@@ -1375,16 +1375,24 @@ impl Pair {
 
     /// Wait until both sides received everything and had everything acknowledged (or
     /// `timeout`), then report.
-    pub async fn finish(&self, timeout: Duration) -> PairReport {
+    pub async fn finish(&mut self, timeout: Duration) -> PairReport {
         let mut problems = Vec::new();
+        let deadline = Instant::now() + timeout;
         for p in [&self.a, &self.b] {
             for kind in ["done", "sent"] {
-                if p.wait_line(|l| l.kind == kind || l.kind == "error", timeout)
+                let left = deadline.saturating_duration_since(Instant::now());
+                if p.wait_line(|l| l.kind == kind || l.kind == "error", left)
                     .await
                     .is_none_or(|l| l.kind == "error")
                 {
                     problems.push(format!("{}: no `{kind}`", p.name()));
                 }
+            }
+        }
+        if !problems.is_empty() {
+            // What each side has received and its link counters, for the report.
+            for p in [&mut self.a, &mut self.b] {
+                let _ = p.status().await;
             }
         }
         let mut first_via_server = true;

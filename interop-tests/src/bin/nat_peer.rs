@@ -128,6 +128,8 @@ async fn main() {
     };
     out.line(format!("ready {}", client.peer_id()));
     let names: Arc<Mutex<HashMap<PeerId, String>>> = Arc::default();
+    // Next message expected from each peer.
+    let expected: Arc<Mutex<HashMap<PeerId, u64>>> = Arc::default();
 
     // Commands from the lab.
     let (quit_tx, mut quit_rx) = tokio::sync::mpsc::channel::<()>(1);
@@ -135,6 +137,7 @@ async fn main() {
         let client = client.clone();
         let out = out.clone();
         let names = names.clone();
+        let expected = expected.clone();
         tokio::spawn(async move {
             let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
             while let Ok(Some(line)) = lines.next_line().await {
@@ -151,8 +154,9 @@ async fn main() {
                                 .link_stats(peer)
                                 .map(|s| format!("{s:?}"))
                                 .unwrap_or_else(|e| e.to_string());
+                            let received = expected.lock().unwrap().get(&peer).map_or(0, |n| n - 1);
                             out.line(format!(
-                                "status {name} {} | {stats}",
+                                "status {name} {} | received={received} {stats}",
                                 path_line(&client, peer)
                             ));
                         }
@@ -171,7 +175,6 @@ async fn main() {
         std::process::exit(1);
     }
 
-    let mut expected: HashMap<PeerId, u64> = HashMap::new();
     loop {
         let event = tokio::select! {
             e = events.recv() => match e {
@@ -222,6 +225,7 @@ async fn main() {
                 reliability: Reliability::Reliable,
             } => {
                 let name = client.name_of(from).unwrap_or_else(|| from.to_string());
+                let mut expected = expected.lock().unwrap();
                 let next = expected.entry(from).or_insert(1);
                 let seq = (data.len() == PAYLOAD)
                     .then(|| u64::from_be_bytes(data[..8].try_into().unwrap()));
