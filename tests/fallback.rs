@@ -264,9 +264,11 @@ async fn unreachable_direct_path_is_reported_and_server_path_keeps_working() {
     let (got, _) = next_message(&mut be, ia, 10).await;
     assert_eq!(&got[..], b"before");
     for (events, peer) in [(&mut ae, ib), (&mut be, ia)] {
-        match wait_for(events, 10, |e| {
-            matches!(e, peermesh::Event::DirectFailed { peer: p, .. } if *p == peer)
-        })
+        match wait_for(
+            events,
+            10,
+            |e| matches!(e, peermesh::Event::DirectFailed { peer: p, .. } if *p == peer),
+        )
         .await
         {
             peermesh::Event::DirectFailed { reason, .. } => assert!(!reason.is_empty()),

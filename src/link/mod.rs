@@ -319,12 +319,6 @@ impl LinkShared {
         self.send.lock().expect("link send lock")
     }
 
-    /// Send app data: assign sequence numbers, record the fragments, transmit them.
-    async fn send_app(&self, data: Bytes, reliable: bool, permits: u32) {
-        let prepared = self.prepare(data, reliable, permits);
-        self.transmit_prepared(prepared).await;
-    }
-
     /// Assign sequence numbers and record the fragments (no waiting).
     fn prepare(&self, data: Bytes, reliable: bool, permits: u32) -> Prepared {
         let mut st = self.lock_send();
@@ -407,26 +401,29 @@ impl LinkShared {
     /// is what happens when the path dies: the congestion window closes. So a direct send never
     /// waits unbounded: app data (`own == false`) gives up once the direct path is no longer the
     /// link's path (the downgrade re-sends every unacknowledged fragment on the server path); the
-    /// link's own frames (acks, probes) wait at most `OWN_SEND_WAIT` and then take the server
-    /// path, so the link task and the channel's read loop never stall on a dead path. A failed
-    /// send is reported to the link task, which moves to the server path.
+    /// link's own frames (acks, probes) wait at most `OWN_SEND_WAIT` and then (also) take the
+    /// server path ([`LinkShared::transmit_own_direct`]), so the link task and the channel's read
+    /// loop never stall on a dead path. A failed send is reported to the link task, which moves
+    /// to the server path.
     async fn transmit(&self, direct: Option<&DirectTx>, ch: Channel, frame: Bytes, own: bool) {
+        if let Some(d) = direct.filter(|_| own) {
+            if !self.transmit_own_direct(d, ch, frame.clone()).await {
+                self.relay(&frame).await;
+            }
+            return;
+        }
         if let Some(d) = direct {
+            // Giving up on this send (dropping it) is only safe because it happens when the
+            // channels are no longer the link's path: their PeerConnection is being closed.
             let send = d.send(ch, &frame);
             tokio::pin!(send);
-            let started = TokioInstant::now();
             let sent = loop {
                 tokio::select! {
                     // Polled first: a send that completes at once never arms the timer.
                     biased;
                     result = &mut send => break Some(result),
                     _ = tokio::time::sleep(Duration::from_millis(20)) => {
-                        let gave_up = if own {
-                            started.elapsed() >= OWN_SEND_WAIT
-                        } else {
-                            !self.lock_send().direct.as_ref().is_some_and(|c| c.same(d))
-                        };
-                        if gave_up {
+                        if !self.lock_send().direct.as_ref().is_some_and(|c| c.same(d)) {
                             break None;
                         }
                     }
@@ -439,16 +436,64 @@ impl LinkShared {
                         gen: d.gen,
                         why: format!("data channel send: {e}"),
                     });
-                    if ch == Channel::Reliable && !own {
+                    if ch == Channel::Reliable {
                         return;
                     }
                 }
-                // App data: covered by the downgrade's re-send. Own frames: server path below.
-                None if !own && ch == Channel::Reliable => return,
+                // Reliable data is covered by the downgrade's re-send; unreliable data takes
+                // the server path below.
+                None if ch == Channel::Reliable => return,
                 None => {}
             }
         }
         self.relay(&frame).await;
+    }
+
+    /// Send one of the link's own frames (ack, probe) on the direct path; `false` if it has to
+    /// (also) go on the server path.
+    ///
+    /// A channel send, once started, is never dropped: webrtc-sctp numbers a message on its
+    /// stream before it waits for room in the association's queue, so a dropped send leaves a
+    /// hole in the stream's sequence that the peer's in-order delivery waits on for good. So an
+    /// own frame goes on the server path instead when the channels' queues are well filled or
+    /// another send holds a channel (a busy or dead path), and a send that does not finish at once completes on a task of
+    /// its own while a copy goes on the server path after `OWN_SEND_WAIT` (acks are cumulative
+    /// and probes are matched by id, so a duplicate is harmless).
+    async fn transmit_own_direct(&self, d: &DirectTx, ch: Channel, frame: Bytes) -> bool {
+        match d.queued_now() {
+            Some(queued) if queued + frame.len() <= rtc::OWN_QUEUE_MAX => {}
+            _ => return false,
+        }
+        let mut send = Box::pin(d.send_owned(ch, frame));
+        let now = tokio::select! {
+            biased;
+            result = &mut send => Some(result),
+            _ = std::future::ready(()) => None,
+        };
+        let result = match now {
+            Some(result) => result,
+            None => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                tokio::spawn(async move {
+                    let _ = tx.send(send.await);
+                });
+                match tokio::time::timeout(OWN_SEND_WAIT, rx).await {
+                    Ok(Ok(result)) => result,
+                    // Still queued (or the task ended): the copy on the server path decides.
+                    _ => return false,
+                }
+            }
+        };
+        match result {
+            Ok(()) => true,
+            Err(e) => {
+                let _ = self.ctl.send(LinkInput::DirectFailed {
+                    gen: d.gen,
+                    why: format!("data channel send: {e}"),
+                });
+                false
+            }
+        }
     }
 
     async fn relay(&self, frame: &[u8]) {
@@ -589,7 +634,15 @@ impl LinkHandle {
             .await
             .map_err(|_| Error::UnknownPeer(self.peer))?
             .forget();
-        self.shared.send_app(data, reliable, permits).await;
+        // Sequence numbers are taken now; the transmission runs on its own task so that a caller
+        // who drops this future half-way (a timeout, a select) cannot leave fragments numbered
+        // but never sent, a hole the peer would wait on for good.
+        let prepared = self.shared.prepare(data, reliable, permits);
+        let shared = self.shared.clone();
+        let _ = self
+            .runtime
+            .spawn(async move { shared.transmit_prepared(prepared).await })
+            .await;
         Ok(())
     }
 

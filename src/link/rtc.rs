@@ -35,6 +35,10 @@ use crate::{CandidatePair, CandidateType};
 /// which slows webrtc-rs's SCTP and delays acks and probes queued behind it.
 pub(crate) const DC_HIGH: usize = 1 << 20;
 const DC_LOW: usize = 512 << 10;
+/// Most bytes the two channels may have queued for the link's own frames (acks, probes) to go
+/// on the direct path; above it they take the server path. Half of webrtc-sctp's 128 KiB
+/// pending queue, so that such a send (almost) never has to wait for room.
+pub(crate) const OWN_QUEUE_MAX: usize = 64 << 10;
 
 /// Data channel labels and pre-negotiated stream ids (both sides create them identically).
 const RELIABLE_LABEL: &str = "r";
@@ -295,6 +299,37 @@ impl DirectTx {
             }
             // The timeout only guards against a drain event webrtc-rs might not deliver.
             let _ = tokio::time::timeout(std::time::Duration::from_millis(100), drained).await;
+        }
+    }
+
+    /// Bytes the two channels have queued and not yet had acknowledged, if that can be told
+    /// without waiting: webrtc-rs holds a channel's lock for the whole of a send, including
+    /// while the send waits for room in a full queue, so `None` means a send is under way
+    /// (and may be stuck behind a dead path).
+    pub(crate) fn queued_now(&self) -> Option<usize> {
+        use futures_util::FutureExt;
+        let r = self.r.buffered_amount().now_or_never()?;
+        let u = self.u.buffered_amount().now_or_never()?;
+        Some(r + u)
+    }
+
+    /// [`DirectTx::send`] as a future that owns what it needs (to finish on a task of its own).
+    pub(crate) fn send_owned(
+        &self,
+        ch: Channel,
+        data: Bytes,
+    ) -> impl std::future::Future<Output = Result<(), webrtc::Error>> + Send + 'static {
+        let dc = match ch {
+            Channel::Reliable => self.r.clone(),
+            Channel::Unreliable => self.u.clone(),
+        };
+        async move {
+            // By then the path has long been declared dead and its PeerConnection closed (a
+            // dead path's queue never drains, and webrtc-sctp never wakes such a send).
+            match tokio::time::timeout(std::time::Duration::from_secs(30), dc.send(&data)).await {
+                Ok(result) => result.map(|_| ()),
+                Err(_) => Err(webrtc::Error::new("send still queued after 30 s".into())),
+            }
         }
     }
 
