@@ -10,6 +10,8 @@ command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup)" >
 #   nftables: cuts a link's UDP ports to test the fallback to the server path.
 apt_packages=()
 command -v nft >/dev/null || apt_packages+=(nftables)
+#   iproute2: the NAT lab builds its network namespaces and links with `ip`.
+command -v ip >/dev/null || apt_packages+=(iproute2)
 #   coturn, stun-client: stock STUN/TURN clients and a reference TURN server for interop tests.
 command -v turnutils_uclient >/dev/null || apt_packages+=(coturn)
 command -v stun >/dev/null || apt_packages+=(stun-client)
