@@ -159,6 +159,8 @@ impl FileConfig {
             Some(ms) if ms >= 100 => Duration::from_millis(ms),
             Some(ms) => bail!("heartbeat_timeout_ms = {ms}: must be at least 100"),
         };
+        // Smallest `max_frame_bytes` that every client can live with.
+        const MIN_FRAME_BYTES: usize = 32 * 1024;
         let positive = |name: &str, v: Option<usize>, default: usize| match v {
             Some(0) => bail!("limits.{name} must be at least 1"),
             Some(v) => Ok(v),
@@ -181,6 +183,13 @@ impl FileConfig {
                 d.limits.max_members_per_group,
             )?,
         };
+        if limits.max_frame_bytes < MIN_FRAME_BYTES {
+            bail!(
+                "limits.max_frame_bytes = {} is below {MIN_FRAME_BYTES} bytes: clients send relay \
+                 frames of up to 16403 bytes and signals with whole SDPs",
+                limits.max_frame_bytes
+            );
+        }
         if limits.max_frame_bytes > crate::HARD_FRAME_CAP {
             bail!(
                 "limits.max_frame_bytes = {} is above the hard cap of {} bytes",
@@ -346,6 +355,8 @@ mod tests {
         assert!(msg(bad("listen = \"0.0.0.0:1\"")).contains("public_ip"));
         assert!(msg(bad("[turn]\nallow_peers = [\"x/8\"]")).contains("CIDR"));
         assert!(msg(bad("heartbeat_timeout_ms = 5")).contains("at least 100"));
+        assert!(msg(bad("[limits]\nmax_frame_bytes = 1000")).contains("below 32768"));
+        assert!(msg(bad("[limits]\nmax_frame_bytes = 2000000")).contains("hard cap"));
     }
 
     #[test]
