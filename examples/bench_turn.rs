@@ -17,7 +17,10 @@
 //!   `--window` in flight per client; every echoed message counts as one round trip (two relayed
 //!   datagrams: client → peer and peer → client). A message not echoed within 50 ms counts as
 //!   lost and frees its slot. Also taken: the CPU time of the server (coturn's process; for ours
-//!   this process minus the generator's and echo peer's threads) and of the generator;
+//!   this process minus the generator's and echo peer's threads) and of the generator, and for
+//!   ours the share of relayed datagrams that took its ChannelData fast path. Besides the ratio
+//!   of the medians, the summary gives the per-round ratios (each round measures both servers
+//!   back to back, under nearly the same background load);
 //! * a relay-only pair of peermesh clients (`with_relay_only(true)`): join → `PathChanged {
 //!   Direct { relay/relay } }` on both sides, RTT of 32-byte reliable messages, reliable
 //!   throughput with 16 KiB messages.
@@ -43,7 +46,7 @@ use anyhow::{anyhow, bail, ensure, Context as _, Result};
 
 use clap::Parser;
 use peermesh::{CandidateType, ClientConfig, Event, Path};
-use peermesh_server::turn::{rest_credentials, TurnConfig, TurnHandle};
+use peermesh_server::turn::{rest_credentials, TurnConfig, TurnHandle, TurnStats};
 use peermesh_server::{Config as ServerConfig, Server, ServerHandle, TurnMode};
 use stun::attributes::{
     ATTR_CHANNEL_NUMBER, ATTR_LIFETIME, ATTR_NONCE, ATTR_REALM, ATTR_REQUESTED_TRANSPORT,
@@ -545,6 +548,9 @@ struct GenRun {
     /// CPU seconds of everything else on the machine (other processes).
     other_cpu: f64,
     timed_out: bool,
+    /// Ours only: the share of the datagrams our TURN relayed (both directions) that took its
+    /// ChannelData fast path.
+    fast_share: Option<f64>,
 }
 
 impl GenRun {
@@ -648,6 +654,7 @@ fn generate(spec: GenSpec) -> Result<GenRun> {
         server_cpu,
         gen_cpu,
         timed_out: flows.iter().any(|f| f.timed_out),
+        fast_share: None,
     })
 }
 
@@ -696,7 +703,7 @@ async fn rate_run(
     };
     let before = t.ours.map(|h| h.stats());
     let limit = p.step + Duration::from_secs(5);
-    let run = step(
+    let mut run = step(
         &format!("{} relay rate, {size} B", t.which.name()),
         limit,
         async {
@@ -710,6 +717,7 @@ async fn rate_run(
         let after = h.stats();
         let to_peer = after.relayed_to_peer_packets - before.relayed_to_peer_packets;
         let to_client = after.relayed_to_client_packets - before.relayed_to_client_packets;
+        run.fast_share = Some(fast_share(&before, &after));
         if to_client < run.round_trips {
             eprintln!(
                 "  note: our TURN counted {to_client} datagrams to clients but the generator \
@@ -719,6 +727,15 @@ async fn rate_run(
         }
     }
     Ok(run)
+}
+
+/// The share of the datagrams relayed between two stats snapshots that took the fast path.
+fn fast_share(before: &TurnStats, after: &TurnStats) -> f64 {
+    let all = (after.relayed_to_peer_packets + after.relayed_to_client_packets)
+        - (before.relayed_to_peer_packets + before.relayed_to_client_packets);
+    let fast = (after.fast_path_to_peer_packets + after.fast_path_to_client_packets)
+        - (before.fast_path_to_peer_packets + before.fast_path_to_client_packets);
+    fast as f64 / all.max(1) as f64
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -969,7 +986,7 @@ async fn run(args: Args) -> Result<()> {
                     .with_context(|| format!("round {}: {} relay rate", round + 1, which.name()))?;
                 line.push_str(&format!(
                     " {size} B {:.1}k rt/s {:.0} Mbit/s (lost {}, late {}, server {:.2} cores, \
-                     gen {:.2} cores, others {:.2} cores{}) |",
+                     gen {:.2} cores, others {:.2} cores{}{}) |",
                     r.rate() / 1e3,
                     r.mbit(),
                     r.lost,
@@ -977,6 +994,9 @@ async fn run(args: Args) -> Result<()> {
                     r.server_cpu / r.secs,
                     r.gen_cpu / r.secs,
                     r.other_cpu / r.secs,
+                    r.fast_share
+                        .map(|f| format!(", fast path {:.1} %", 100.0 * f))
+                        .unwrap_or_default(),
                     if r.timed_out { ", TIMED OUT" } else { "" }
                 ));
                 res[which as usize].rates[si].push(r);
@@ -988,15 +1008,22 @@ async fn run(args: Args) -> Result<()> {
             };
             if let Some(url) = url {
                 let label = format!("{}-{round}", which.name());
+                let before = (which == Which::Ours).then(|| ours.stats());
                 let pr = pair_run(&url, &label, &p).await.with_context(|| {
                     format!("round {}: {} relay-only pair", round + 1, which.name())
                 })?;
                 line.push_str(&format!(
-                    " pair join→relay {:.1} ms (both {:.1}), RTT {:.3} ms, {:.1} MB/s",
+                    " pair join→relay {:.1} ms (both {:.1}), RTT {:.3} ms, {:.1} MB/s{}",
                     pr.direct_b,
                     pr.direct_both,
                     stat(&pr.rtt).map_or(f64::NAN, |s| s.median),
-                    pr.mbps
+                    pr.mbps,
+                    before
+                        .map(|b| format!(
+                            " (fast path {:.1} %)",
+                            100.0 * fast_share(&b, &ours.stats())
+                        ))
+                        .unwrap_or_default()
                 ));
                 res[which as usize].pairs.push(pr);
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1122,6 +1149,25 @@ async fn run(args: Args) -> Result<()> {
                 verdict(r >= 1.0)
             ));
         }
+        // Each round measures both servers back to back, so a round's ratio compares them under
+        // nearly the same background load.
+        let paired: Vec<f64> = ro.rates[si]
+            .iter()
+            .zip(&rc.rates[si])
+            .map(|(o, c)| o.rate() / c.rate())
+            .collect();
+        let cpu: Vec<f64> = ro.rates[si]
+            .iter()
+            .zip(&rc.rates[si])
+            .map(|(o, c)| o.cpu_us_per_rt() / c.cpu_us_per_rt())
+            .collect();
+        if let (Some(r), Some(c)) = (range(&paired), range(&cpu)) {
+            line(format!(
+                "  per-round ratios at {size} B: rate ours/coturn median {:.2} (min {:.2}, max \
+                 {:.2}); server CPU per round trip ours/coturn median {:.2} (min {:.2}, max {:.2})",
+                r.0, r.1, r.2, c.0, c.1, c.2
+            ));
+        }
     }
     if let Some(d) = pairs(ro, |r| r.direct_both) {
         line(format!(
@@ -1192,6 +1238,15 @@ async fn run(args: Args) -> Result<()> {
     }
     drop(coturn);
     Ok(())
+}
+
+/// (median, min, max) of the finite values.
+fn range(values: &[f64]) -> Option<(f64, f64, f64)> {
+    let median = stat(values)?.median;
+    let finite = values.iter().copied().filter(|x| x.is_finite());
+    let min = finite.clone().fold(f64::INFINITY, f64::min);
+    let max = finite.fold(f64::NEG_INFINITY, f64::max);
+    Some((median, min, max))
 }
 
 async fn terminated() {

@@ -27,7 +27,7 @@ use tokio::net::UdpSocket;
 use webrtc_util::Conn;
 
 use super::auth::{now_unix, parse_rest_username, rest_key};
-use super::relay::{Route, CHANNEL_HEADER};
+use super::relay::{RelayConn, Route, CHANNEL_HEADER};
 use super::socket::ClosableUdp;
 use super::wire;
 use super::{Live, Pending, PendingOp, PendingReq, Shared, LOG};
@@ -52,6 +52,16 @@ enum Verdict {
     Drop,
     /// Answer it ourselves and swallow it.
     Reply(Vec<u8>),
+}
+
+/// What to do after the fast path looked at a ChannelData message.
+enum Next {
+    /// Not ours: the turn crate decides.
+    Pass,
+    /// Relayed or dropped.
+    Done,
+    /// The relay socket has no room right now: wait for it.
+    Wait(Arc<RelayConn>, SocketAddr),
 }
 
 /// The listening socket as seen by the turn server.
@@ -108,20 +118,34 @@ impl GuardedListener {
         if CHANNEL_HEADER + len > d.len() {
             return false;
         }
-        let Some(relay) = self.shared.fast_relay(src) else {
-            return false;
-        };
-        match relay.route_to_peer(src, number, Instant::now()) {
-            Route::Pass => false,
-            Route::NoPermission => {
-                tracing::debug!(target: LOG, client = %src, channel = number,
-                    "dropped ChannelData: the permission for the peer has expired");
-                true
-            }
-            Route::Relay(peer) => {
-                relay
-                    .send_to_peer(&d[CHANNEL_HEADER..CHANNEL_HEADER + len], peer)
-                    .await;
+        let payload = &d[CHANNEL_HEADER..CHANNEL_HEADER + len];
+        let now = Instant::now();
+        let next =
+            self.shared
+                .with_fast_relay(src, |relay| match relay.route_to_peer(src, number, now) {
+                    Route::Pass => Next::Pass,
+                    Route::NoPermission => {
+                        tracing::debug!(target: LOG, client = %src, channel = number,
+                        "dropped ChannelData: the permission for the peer has expired");
+                        Next::Done
+                    }
+                    Route::Relay(peer) => match relay.try_send_to_peer(payload, peer) {
+                        Ok(()) => Next::Done,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            Next::Wait(Arc::clone(relay), peer)
+                        }
+                        Err(e) => {
+                            tracing::debug!(target: LOG, client = %src, %peer,
+                            "relaying ChannelData: {e}");
+                            Next::Done
+                        }
+                    },
+                });
+        match next {
+            None | Some(Next::Pass) => false,
+            Some(Next::Done) => true,
+            Some(Next::Wait(relay, peer)) => {
+                relay.send_to_peer(payload, peer).await;
                 true
             }
         }

@@ -61,7 +61,7 @@ pub use auth::rest_credentials;
 pub use policy::is_denied_peer;
 
 use listener::GuardedListener;
-use relay::{RelayConn, RelayGenerator};
+use relay::{FastMap, RelayConn, RelayGenerator};
 
 /// The `tracing` target of everything this module logs.
 pub(crate) const LOG: &str = "peermesh_server::turn";
@@ -234,7 +234,7 @@ pub(crate) struct Shared {
     /// Relay sockets by port (they all bind the relay IP).
     relays: Mutex<HashMap<u16, Weak<RelayConn>>>,
     /// The fast path's allocations, by client transport address.
-    fast: RwLock<HashMap<SocketAddr, Arc<RelayConn>>>,
+    fast: RwLock<FastMap<SocketAddr, Arc<RelayConn>>>,
     pub(crate) relay_buf_logged: AtomicBool,
 }
 
@@ -274,11 +274,21 @@ impl Shared {
 
     /// The fast path's view of the allocation of `client`, if any.
     pub(crate) fn fast_relay(&self, client: SocketAddr) -> Option<Arc<RelayConn>> {
+        self.with_fast_relay(client, Arc::clone)
+    }
+
+    /// Runs `f` on the fast path's view of the allocation of `client` (under a read lock: `f`
+    /// must not block).
+    pub(crate) fn with_fast_relay<R>(
+        &self,
+        client: SocketAddr,
+        f: impl FnOnce(&Arc<RelayConn>) -> R,
+    ) -> Option<R> {
         self.fast
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&client)
-            .cloned()
+            .map(f)
     }
 
     /// An allocation of `client` on relay port `port` was granted at `at` for `lifetime`:
@@ -371,7 +381,8 @@ impl Shared {
 pub struct TurnServer;
 
 impl TurnServer {
-    /// Binds the UDP listener and starts serving STUN and TURN on it.
+    /// Binds the UDP listener and starts serving STUN and TURN on it (on the current tokio
+    /// runtime).
     pub async fn start(config: TurnConfig) -> anyhow::Result<TurnHandle> {
         let (min_port, max_port) = config.relay_ports;
         anyhow::ensure!(
@@ -384,88 +395,112 @@ impl TurnServer {
             config.channel_lifetime >= Duration::from_secs(1),
             "the channel binding lifetime must be at least 1 s"
         );
-
-        let bound = socket::bind_udp(config.listen, config.recv_buffer_bytes)
-            .with_context(|| format!("binding TURN listener {}", config.listen))?;
-        let local_addr = bound.socket.local_addr().context("reading local address")?;
-        tracing::info!(target: LOG, %local_addr, requested = config.recv_buffer_bytes,
-            rcvbuf = bound.rcvbuf, sndbuf = bound.sndbuf, "STUN/TURN listening (UDP)");
-        let relay_ip = config.relay_ip.unwrap_or(local_addr.ip());
-        if relay_ip.is_unspecified() && config.public_ip.is_none() {
-            tracing::warn!(target: LOG, %relay_ip,
-                "relay sockets bind an unspecified address and no public_ip is set: \
-                 clients will be told an unusable relayed address");
-        }
-
-        let shared = Arc::new(Shared {
-            realm: config.realm.clone(),
-            secret: config.secret.clone(),
-            user_quota: config.user_quota,
-            total_quota: config.total_quota,
-            allow_peers: config.allow_peers.clone(),
-            channel_lifetime: config.channel_lifetime,
-            counters: Counters::default(),
-            book: Mutex::new(Book::default()),
-            relays: Mutex::new(HashMap::new()),
-            fast: RwLock::new(HashMap::new()),
-            relay_buf_logged: AtomicBool::new(false),
-        });
-        let listener = Arc::new(GuardedListener::new(
-            bound.socket,
-            local_addr,
-            Arc::clone(&shared),
-        ));
-        let generator = RelayGenerator {
-            shared: Arc::clone(&shared),
-            relay_ip,
-            public_ip: config.public_ip,
-            min_port,
-            max_port,
-            buffer_bytes: config.recv_buffer_bytes,
-            listener: listener.socket(),
-        };
-
-        let (close_tx, mut close_rx) = mpsc::channel::<AllocationInfo>(1024);
-        let server = turn::server::Server::new(ServerConfig {
-            conn_configs: vec![ConnConfig {
-                conn: listener.clone(),
-                relay_addr_generator: Box::new(generator),
-            }],
-            realm: config.realm.clone(),
-            auth_handler: Arc::new(auth::RestAuthHandler {
-                secret: config.secret.clone(),
-                realm: config.realm.clone(),
-                shared: Arc::downgrade(&shared),
-            }),
-            channel_bind_timeout: config.channel_lifetime,
-            alloc_close_notify: Some(close_tx),
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("starting the TURN server: {e}"))?;
-
-        // Ends by itself once the turn crate has dropped every notification sender.
-        tokio::spawn({
-            let shared = Arc::clone(&shared);
-            async move {
-                while let Some(info) = close_rx.recv().await {
-                    shared.allocation_closed(&info, "expired, refreshed to 0 or shut down");
-                }
-            }
-        });
-
         let stop = CancellationToken::new();
-        tokio::spawn(log_stats(Arc::clone(&shared), stop.clone()));
+        let started = serve(config, stop.clone()).await?;
+        Ok(started.into_handle(stop))
+    }
+}
 
-        Ok(TurnHandle {
+/// What [`serve`] set up.
+struct Started {
+    shared: Arc<Shared>,
+    listener: Arc<GuardedListener>,
+    local_addr: SocketAddr,
+    server: turn::server::Server,
+}
+
+impl Started {
+    fn into_handle(self, stop: CancellationToken) -> TurnHandle {
+        TurnHandle {
             inner: Arc::new(HandleInner {
-                shared,
-                listener,
-                local_addr,
-                server: tokio::sync::Mutex::new(Some(server)),
+                shared: self.shared,
+                listener: self.listener,
+                local_addr: self.local_addr,
+                server: tokio::sync::Mutex::new(Some(self.server)),
                 stop,
             }),
-        })
+        }
     }
+}
+
+/// Binds the listener and starts the turn server and our tasks on the current runtime.
+async fn serve(config: TurnConfig, stop: CancellationToken) -> anyhow::Result<Started> {
+    let (min_port, max_port) = config.relay_ports;
+    let bound = socket::bind_udp(config.listen, config.recv_buffer_bytes)
+        .with_context(|| format!("binding TURN listener {}", config.listen))?;
+    let local_addr = bound.socket.local_addr().context("reading local address")?;
+    tracing::info!(target: LOG, %local_addr, requested = config.recv_buffer_bytes,
+        rcvbuf = bound.rcvbuf, sndbuf = bound.sndbuf, "STUN/TURN listening (UDP)");
+    let relay_ip = config.relay_ip.unwrap_or(local_addr.ip());
+    if relay_ip.is_unspecified() && config.public_ip.is_none() {
+        tracing::warn!(target: LOG, %relay_ip,
+            "relay sockets bind an unspecified address and no public_ip is set: \
+             clients will be told an unusable relayed address");
+    }
+
+    let shared = Arc::new(Shared {
+        realm: config.realm.clone(),
+        secret: config.secret.clone(),
+        user_quota: config.user_quota,
+        total_quota: config.total_quota,
+        allow_peers: config.allow_peers.clone(),
+        channel_lifetime: config.channel_lifetime,
+        counters: Counters::default(),
+        book: Mutex::new(Book::default()),
+        relays: Mutex::new(HashMap::new()),
+        fast: RwLock::new(FastMap::default()),
+        relay_buf_logged: AtomicBool::new(false),
+    });
+    let listener = Arc::new(GuardedListener::new(
+        bound.socket,
+        local_addr,
+        Arc::clone(&shared),
+    ));
+    let generator = RelayGenerator {
+        shared: Arc::clone(&shared),
+        relay_ip,
+        public_ip: config.public_ip,
+        min_port,
+        max_port,
+        buffer_bytes: config.recv_buffer_bytes,
+        listener: listener.socket(),
+    };
+
+    let (close_tx, mut close_rx) = mpsc::channel::<AllocationInfo>(1024);
+    let server = turn::server::Server::new(ServerConfig {
+        conn_configs: vec![ConnConfig {
+            conn: listener.clone(),
+            relay_addr_generator: Box::new(generator),
+        }],
+        realm: config.realm.clone(),
+        auth_handler: Arc::new(auth::RestAuthHandler {
+            secret: config.secret.clone(),
+            realm: config.realm.clone(),
+            shared: Arc::downgrade(&shared),
+        }),
+        channel_bind_timeout: config.channel_lifetime,
+        alloc_close_notify: Some(close_tx),
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("starting the TURN server: {e}"))?;
+
+    // Ends by itself once the turn crate has dropped every notification sender.
+    tokio::spawn({
+        let shared = Arc::clone(&shared);
+        async move {
+            while let Some(info) = close_rx.recv().await {
+                shared.allocation_closed(&info, "expired, refreshed to 0 or shut down");
+            }
+        }
+    });
+    tokio::spawn(log_stats(Arc::clone(&shared), stop));
+
+    Ok(Started {
+        shared,
+        listener,
+        local_addr,
+        server,
+    })
 }
 
 async fn log_stats(shared: Arc<Shared>, stop: CancellationToken) {

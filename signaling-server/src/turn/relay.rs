@@ -9,9 +9,11 @@
 //! turn crate as before.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -30,6 +32,75 @@ const MAX_DATAGRAM: usize = 65_535;
 /// ChannelData header: channel number and length, two bytes each.
 pub(crate) const CHANNEL_HEADER: usize = 4;
 
+/// The hash of the fast path's maps: a multiply–rotate mix with a random per-process seed.
+/// SipHash (the std default) costs more than the rest of a lookup; these maps' keys (addresses,
+/// channel numbers) only come from authenticated requests, and the seed keeps their buckets
+/// unpredictable.
+#[derive(Clone, Copy)]
+pub(crate) struct FastHash(u64);
+
+impl Default for FastHash {
+    fn default() -> Self {
+        static SEED: OnceLock<u64> = OnceLock::new();
+        FastHash(*SEED.get_or_init(rand::random))
+    }
+}
+
+impl BuildHasher for FastHash {
+    type Hasher = FastHasher;
+    fn build_hasher(&self) -> FastHasher {
+        FastHasher(self.0)
+    }
+}
+
+pub(crate) struct FastHasher(u64);
+
+impl FastHasher {
+    #[inline]
+    fn mix(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+impl Hasher for FastHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..chunk.len()].copy_from_slice(chunk);
+            self.mix(u64::from_le_bytes(w));
+        }
+    }
+    #[inline]
+    fn write_u8(&mut self, v: u8) {
+        self.mix(v.into());
+    }
+    #[inline]
+    fn write_u16(&mut self, v: u16) {
+        self.mix(v.into());
+    }
+    #[inline]
+    fn write_u32(&mut self, v: u32) {
+        self.mix(v.into());
+    }
+    #[inline]
+    fn write_u64(&mut self, v: u64) {
+        self.mix(v);
+    }
+    #[inline]
+    fn write_usize(&mut self, v: usize) {
+        self.mix(v as u64);
+    }
+    #[inline]
+    fn finish(&self) -> u64 {
+        // The product's high bits are the well-mixed ones; the table indexes with low bits.
+        self.0.rotate_left(26)
+    }
+}
+
+/// A map of the fast path.
+pub(crate) type FastMap<K, V> = HashMap<K, V, FastHash>;
+
 /// A channel binding as the fast path knows it.
 struct Channel {
     peer: SocketAddr,
@@ -47,11 +118,11 @@ struct FastState {
     client: Option<SocketAddr>,
     /// End of the allocation's lifetime.
     alloc_until: Option<Instant>,
-    channels: HashMap<u16, Channel>,
+    channels: FastMap<u16, Channel>,
     /// Reverse index of `channels`.
-    by_peer: HashMap<SocketAddr, u16>,
+    by_peer: FastMap<SocketAddr, u16>,
     /// Permissions by peer IP (RFC 8656 §9: the port does not matter).
-    perms: HashMap<IpAddr, Instant>,
+    perms: FastMap<IpAddr, Instant>,
 }
 
 impl FastState {
@@ -223,8 +294,23 @@ impl RelayConn {
         }
     }
 
-    /// Fast path, client → peer: sends `payload` from this relay socket (the peer passed the
-    /// policy when the channel was bound; checked again here).
+    /// Fast path, client → peer: sends `payload` from this relay socket if there is room
+    /// (`WouldBlock` otherwise: then use [`RelayConn::send_to_peer`]). The peer passed the
+    /// policy when the channel was bound; checked again here.
+    pub(crate) fn try_send_to_peer(&self, payload: &[u8], peer: SocketAddr) -> io::Result<()> {
+        if self.shared.denied(peer.ip()) {
+            self.shared
+                .counters
+                .refused_peer
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        let n = self.socket.try_send_to(payload, peer)?;
+        self.count_fast_to_peer(n);
+        Ok(())
+    }
+
+    /// [`RelayConn::try_send_to_peer`], waiting for room.
     pub(crate) async fn send_to_peer(&self, payload: &[u8], peer: SocketAddr) {
         if self.shared.denied(peer.ip()) {
             self.shared
@@ -234,16 +320,18 @@ impl RelayConn {
             return;
         }
         match self.socket.send_to(payload, peer).await {
-            Ok(n) => {
-                let c = &self.shared.counters.to_peer;
-                c.packets.fetch_add(1, Ordering::Relaxed);
-                c.bytes.fetch_add(n as u64, Ordering::Relaxed);
-                c.fast.fetch_add(1, Ordering::Relaxed);
-            }
+            Ok(n) => self.count_fast_to_peer(n),
             Err(e) => {
                 tracing::debug!(target: LOG, relay = %self.local, %peer, "relaying ChannelData: {e}");
             }
         }
+    }
+
+    fn count_fast_to_peer(&self, n: usize) {
+        let c = &self.shared.counters.to_peer;
+        c.packets.fetch_add(1, Ordering::Relaxed);
+        c.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        c.fast.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Receives until a datagram needs the turn crate (returned in `frame[CHANNEL_HEADER..]`);
