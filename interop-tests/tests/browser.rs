@@ -11,10 +11,11 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use peermesh::{Client, ClientConfig, Event, Events, Path, PeerId, Reliability};
+use peermesh::{Client, ClientConfig, Event, Events, LinkStats, Path, PeerId, Reliability};
 use peermesh_server::turn::TurnConfig;
 use peermesh_server::{Config, Server, ServerHandle, TurnMode};
 use serde_json::{json, Value};
@@ -106,11 +107,23 @@ impl Netns {
             "table inet pmguard {{\n chain out {{\n  type filter hook output priority 0; policy drop;\n  \
              oif \"lo\" accept\n  ip daddr {gateway} accept\n }}\n}}\n"
         );
-        let path = std::env::temp_dir().join(format!("{ns}.nft"));
+        self.nft(&rules)
+    }
+
+    /// Load nft `rules` inside the namespace.
+    fn nft(&self, rules: &str) -> Result<(), String> {
+        let path = std::env::temp_dir().join(format!("{}-{}.nft", self.name, rules.len()));
         std::fs::write(&path, rules).map_err(|e| e.to_string())?;
         let result = run(
             "ip",
-            &["netns", "exec", ns, "nft", "-f", &path.to_string_lossy()],
+            &[
+                "netns",
+                "exec",
+                &self.name,
+                "nft",
+                "-f",
+                &path.to_string_lossy(),
+            ],
         );
         let _ = std::fs::remove_file(&path);
         result.map(|_| ())
@@ -273,7 +286,7 @@ window.pm = c;
 window.events = [];
 window.msgs = [];
 for (const t of ['memberjoined', 'memberleft', 'path', 'nodirectpath', 'error', 'close']) {
-  c.on(t, (d) => window.events.push({ type: t, peer: d.peer, path: d.path, reason: d.reason, code: d.code }));
+  c.on(t, (d) => window.events.push({ type: t, at: performance.now(), peer: d.peer, path: d.path, reason: d.reason, code: d.code }));
 }
 c.on('message', (d) => window.msgs.push({ from: d.from, reliable: d.reliable, data: d.data, text: d.text }));
 return c.peerId;
@@ -826,4 +839,549 @@ async fn demo_page_joins_chats_and_shows_paths() {
     b.quit().await;
     n.close().await;
     server.shutdown().await;
+}
+
+/// Drops every UDP datagram into and out of Chromium's namespace (so the direct path dies, but
+/// not the TCP WebSocket to the server) until lifted or dropped.
+struct UdpCut<'a> {
+    ns: &'a Netns,
+    lifted: bool,
+}
+
+impl<'a> UdpCut<'a> {
+    fn new(ns: &'a Netns) -> UdpCut<'a> {
+        let rules = "table inet pmcut {\n \
+                     chain in { type filter hook input priority -10; policy accept; \
+                     iifname != \"lo\" meta l4proto udp drop; }\n \
+                     chain out { type filter hook output priority -10; policy accept; \
+                     oifname != \"lo\" meta l4proto udp drop; }\n}\n";
+        if let Err(e) = ns.nft(rules) {
+            panic!("cutting UDP in {}: {e}", ns.name);
+        }
+        UdpCut { ns, lifted: false }
+    }
+
+    fn lift(mut self) {
+        self.remove().expect("lifting the UDP cut");
+    }
+
+    fn remove(&mut self) -> Result<(), String> {
+        if self.lifted {
+            return Ok(());
+        }
+        self.lifted = true;
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.ns.name,
+                "nft",
+                "delete",
+                "table",
+                "inet",
+                "pmcut",
+            ],
+        )
+        .map(|_| ())
+    }
+}
+
+impl Drop for UdpCut<'_> {
+    fn drop(&mut self) {
+        let _ = self.remove();
+    }
+}
+
+/// Upper bounds of the two numbered streams of the cut test (a safety net: the test stops them
+/// long before).
+const STREAM_MAX_COUNT: u64 = 20_000;
+const STREAM_MAX_MS: u64 = 180_000;
+/// Every 50th message (i % 50 == 7) is 40 000 bytes longer: three DATA fragments, so messages
+/// are also reassembled across path changes.
+const BIG_EXTRA: usize = 40_000;
+/// The message each stream sends right after the cut is this much longer (128 fragments): more
+/// than the 1 MiB either end lets queue on channel "r", so part of it is still held back by the
+/// sender when the downgrade re-sends everything unacknowledged.
+const BURST_EXTRA: usize = 2 << 20;
+
+/// Message `i` of a stream: `<prefix> <i>`, then a space and `extra` times `x` if `extra > 0`.
+fn numbered(prefix: &str, i: u64, extra: usize) -> String {
+    if extra > 0 {
+        format!("{prefix} {i} {}", "x".repeat(extra))
+    } else {
+        format!("{prefix} {i}")
+    }
+}
+
+/// How many `x` message `i` of a stream carries when its burst message was `burst_at`.
+fn extra_of(i: u64, burst_at: u64) -> usize {
+    if i == burst_at {
+        BURST_EXTRA
+    } else if i % 50 == 7 {
+        BIG_EXTRA
+    } else {
+        0
+    }
+}
+
+/// The browser's stream: `b 1`, `b 2`, … (see `numbered`), two messages every 20 ms, until
+/// `window.stopSending`, the count bound or the time bound; one `burst`-long message after
+/// `window.burst` is set.
+const BROWSER_STREAM_JS: &str = r#"
+const [peer, max, maxMs, extra, burst] = arg;
+window.stopSending = false;
+window.burst = false;
+window.sentCount = 0;
+window.sending = (async () => {
+  const t0 = performance.now();
+  for (let i = 1; i <= max && !window.stopSending && performance.now() - t0 < maxMs; i++) {
+    let n = i % 50 === 7 ? extra : 0;
+    if (window.burst) {
+      window.burst = false;
+      window.burstAt = i;
+      n = burst;
+    }
+    await window.pm.send(peer, n ? `b ${i} ${'x'.repeat(n)}` : `b ${i}`);
+    window.sentCount = i;
+    if (i % 2 === 0) await new Promise((r) => setTimeout(r, 20));
+  }
+  return window.sentCount;
+})();
+"#;
+
+/// The link's counters in the browser plus how many reliable messages came from the peer.
+const BROWSER_SNAPSHOT_JS: &str = r#"
+const s = window.pm.stats(arg);
+s.got = window.msgs.reduce((n, m) => n + (m.from === arg && m.reliable ? 1 : 0), 0);
+s.failed = window.events.filter((e) => e.type === 'nodirectpath' && e.peer === arg).length;
+return s;
+"#;
+
+/// Checks the reliable messages from the peer: exactly `n 1` … `n <count>` (`numbered`, with
+/// the peer's burst message at `burstAt`), in order.
+const BROWSER_CHECK_JS: &str = r#"
+const [peer, burstAt, extra, burst] = arg;
+const m = window.msgs.filter((m) => m.from === peer && m.reliable);
+for (let k = 0; k < m.length; k++) {
+  const i = k + 1;
+  const n = i === burstAt ? burst : i % 50 === 7 ? extra : 0;
+  const want = n ? `n ${i} ${'x'.repeat(n)}` : `n ${i}`;
+  const got = m[k].text;
+  if (got !== want) return { got: m.length, bad: i, text: got.slice(0, 40), len: got.length };
+}
+return { got: m.length, bad: null };
+"#;
+
+/// What the native client saw of the browser: its reliable messages and path changes.
+#[derive(Default)]
+struct NativeLog {
+    msgs: Vec<Vec<u8>>,
+    paths: Vec<(Instant, Path)>,
+    direct_failed: Vec<String>,
+}
+
+fn drain_native(mut events: Events, from: PeerId) -> Arc<Mutex<NativeLog>> {
+    let log = Arc::new(Mutex::new(NativeLog::default()));
+    let sink = log.clone();
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            let mut log = sink.lock().unwrap();
+            match event {
+                Event::Message {
+                    from: f,
+                    data,
+                    reliability: Reliability::Reliable,
+                } if f == from => log.msgs.push(data.to_vec()),
+                Event::PathChanged { peer, path } if peer == from => {
+                    log.paths.push((Instant::now(), path))
+                }
+                Event::DirectFailed { peer, reason } if peer == from => {
+                    log.direct_failed.push(reason)
+                }
+                _ => {}
+            }
+        }
+    });
+    log
+}
+
+/// Both ends of the cut test at one moment.
+struct Snapshot {
+    native_path: Path,
+    native_got: usize,
+    native_failed: usize,
+    native: LinkStats,
+    browser_path: String,
+    browser_got: u64,
+    browser: Value,
+}
+
+impl Snapshot {
+    fn browser_stat(&self, key: &str) -> u64 {
+        self.browser[key].as_u64().unwrap_or(0)
+    }
+}
+
+struct CutTest {
+    b: Browser,
+    n: Client,
+    bid: PeerId,
+    nid: PeerId,
+    log: Arc<Mutex<NativeLog>>,
+}
+
+impl CutTest {
+    async fn snapshot(&mut self) -> Snapshot {
+        let browser = self.b.eval("p", BROWSER_SNAPSHOT_JS, json!(self.nid)).await;
+        let log = self.log.lock().unwrap();
+        Snapshot {
+            native_path: self.n.path(self.bid).expect("native link"),
+            native_got: log.msgs.len(),
+            native_failed: log.direct_failed.len(),
+            native: self.n.link_stats(self.bid).expect("native link"),
+            browser_path: browser["path"].as_str().unwrap_or("?").to_string(),
+            browser_got: browser["got"].as_u64().unwrap_or(0),
+            browser,
+        }
+    }
+
+    /// Polls both ends until `done` holds (liveness bound: `within`).
+    async fn until(
+        &mut self,
+        what: &str,
+        within: Duration,
+        done: impl Fn(&Snapshot) -> bool,
+    ) -> Snapshot {
+        let deadline = Instant::now() + within;
+        loop {
+            let s = self.snapshot().await;
+            if done(&s) {
+                return s;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "timed out waiting for {what}: native path {} got {} {:?}; browser {}\n{}",
+                    s.native_path,
+                    s.native_got,
+                    s.native,
+                    s.browser,
+                    self.b.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// When the native end first reported a path matching `want` at or after `since`.
+    fn native_path_at(&self, since: Instant, want: impl Fn(&Path) -> bool) -> Option<Duration> {
+        let log = self.log.lock().unwrap();
+        log.paths
+            .iter()
+            .find(|(at, p)| *at >= since && want(p))
+            .map(|(at, _)| *at - since)
+    }
+
+    /// When the browser first reported a path starting with `prefix` after `window[mark]`.
+    async fn browser_path_at(&mut self, mark: &str, prefix: &str) -> Option<Duration> {
+        let ms = self
+            .b
+            .eval(
+                "p",
+                "const [mark, prefix, peer] = arg;
+                 const e = window.events.find((e) => e.type === 'path' && e.peer === peer &&
+                   e.at >= window[mark] && e.path.startsWith(prefix));
+                 return e ? e.at - window[mark] : null;",
+                json!([mark, prefix, self.nid]),
+            )
+            .await;
+        ms.as_f64().map(|ms| Duration::from_secs_f64(ms / 1000.0))
+    }
+}
+
+/// The direct path between a browser and a native client dies mid-stream (nft drops all UDP in
+/// and out of Chromium's namespace): both ends fall back to the server path and re-send what the
+/// dead path swallowed; once UDP flows again the initiator's next PeerConnection generation
+/// takes the link direct again. Numbered reliable messages flow both ways the whole time and
+/// every one arrives exactly once, in order (PROTOCOL.md §7.4, §8.5).
+async fn cut_and_restore(browser_initiates: bool) {
+    // Bounds from PROTOCOL.md: Chromium reports ICE `disconnected` after ~5 s (the reference
+    // client after ~3 s); the initiator retries with a back-off of at most 5 s, each attempt
+    // failing after at most 8 s while the path is still cut.
+    const FALLBACK_WITHIN: Duration = Duration::from_secs(10);
+    const RETURN_WITHIN: Duration = Duration::from_secs(20);
+    // Each stream's progress expected per phase (two messages every 20 ms is ~100/s).
+    const PROGRESS: u64 = 100;
+
+    let ns = Netns::create();
+    let server = server_on(&ns, TurnMode::Disabled).await;
+    let mut b = Browser::launch(&ns).await;
+    b.open("p", &ns.url(&server, "/")).await;
+    let bid = b.eval("p", CONNECT_JS, json!({"name": "chromium"})).await;
+    let bid = bid.as_u64().unwrap() as PeerId;
+    // The member that joins second is the link's initiator.
+    let (n, ne) = if browser_initiates {
+        let (n, ne) = native(&ns, &server, "native", false).await;
+        n.join("g").await.unwrap();
+        b.eval("p", "await window.pm.join('g');", json!(null)).await;
+        (n, ne)
+    } else {
+        b.eval("p", "await window.pm.join('g');", json!(null)).await;
+        let (n, ne) = native(&ns, &server, "native", false).await;
+        n.join("g").await.unwrap();
+        (n, ne)
+    };
+    let nid = n.peer_id();
+    let log = drain_native(ne, bid);
+    let mut t = CutTest {
+        b,
+        n: n.clone(),
+        bid,
+        nid,
+        log,
+    };
+    let s = t
+        .until("both ends direct", WAIT, |s| {
+            s.native_path != Path::Server && s.browser_path.starts_with("direct")
+        })
+        .await;
+    assert_eq!(s.native_path.to_string(), "direct host/host");
+    assert_eq!(s.browser_path, "direct host/host");
+
+    // Both streams start.
+    let stop = Arc::new(AtomicBool::new(false));
+    let burst = Arc::new(AtomicBool::new(false));
+    let native_burst_at = Arc::new(AtomicU64::new(0));
+    let native_stream = {
+        let (n, stop, burst) = (n.clone(), stop.clone(), burst.clone());
+        let burst_at = native_burst_at.clone();
+        tokio::spawn(async move {
+            let t0 = Instant::now();
+            let mut i = 0;
+            while i < STREAM_MAX_COUNT
+                && !stop.load(Ordering::Relaxed)
+                && t0.elapsed() < Duration::from_millis(STREAM_MAX_MS)
+            {
+                i += 1;
+                if burst.swap(false, Ordering::Relaxed) {
+                    burst_at.store(i, Ordering::Relaxed);
+                }
+                let extra = extra_of(i, burst_at.load(Ordering::Relaxed));
+                n.send(bid, numbered("n", i, extra), Reliability::Reliable)
+                    .await
+                    .expect("native send");
+                if i % 2 == 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            i
+        })
+    };
+    t.b.eval(
+        "p",
+        BROWSER_STREAM_JS,
+        json!([nid, STREAM_MAX_COUNT, STREAM_MAX_MS, BIG_EXTRA, BURST_EXTRA]),
+    )
+    .await;
+
+    // Some of it goes direct.
+    let before = t.snapshot().await;
+    let s = t
+        .until("messages on the direct path", WAIT, |s| {
+            s.native.recv_direct >= before.native.recv_direct + PROGRESS
+                && s.browser_stat("recvDirect") >= before.browser_stat("recvDirect") + PROGRESS
+        })
+        .await;
+    assert!(s.native_path != Path::Server && s.browser_path.starts_with("direct"));
+
+    // Cut the direct path mid-stream.
+    let cut = UdpCut::new(&ns);
+    let cut_at = Instant::now();
+    t.b.eval(
+        "p",
+        "window.cutAt = performance.now(); window.burst = true;",
+        json!(null),
+    )
+    .await;
+    burst.store(true, Ordering::Relaxed);
+    let s = t
+        .until("both ends on the server path", WAIT, |s| {
+            s.native_path == Path::Server && s.browser_path == "server"
+        })
+        .await;
+    let native_fallback = t
+        .native_path_at(cut_at, |p| *p == Path::Server)
+        .expect("native reported the server path");
+    let browser_fallback = t
+        .browser_path_at("cutAt", "server")
+        .await
+        .expect("browser reported the server path");
+    println!(
+        "cut ({}): native on the server path after {native_fallback:?}, browser after \
+         {browser_fallback:?}",
+        if browser_initiates {
+            "browser initiates"
+        } else {
+            "native initiates"
+        }
+    );
+    assert!(
+        native_fallback <= FALLBACK_WITHIN && browser_fallback <= FALLBACK_WITHIN,
+        "fallback took too long: native {native_fallback:?}, browser {browser_fallback:?}"
+    );
+    // The dead path swallowed messages in both directions: each end re-sent on downgrade.
+    assert!(s.native.resent > 0, "{:?}", s.native);
+    assert!(s.browser_stat("resent") > 0, "{}", s.browser);
+
+    // Messages keep flowing, on the server path.
+    let on_server = s;
+    let s = t
+        .until("messages on the server path", WAIT, |s| {
+            s.native_got as u64 >= on_server.native_got as u64 + PROGRESS
+                && s.browser_got >= on_server.browser_got + PROGRESS
+        })
+        .await;
+    assert_eq!(s.native_path, Path::Server, "direct while cut?");
+    assert_eq!(s.browser_path, "server", "direct while cut?");
+    assert!(s.native.recv_server >= on_server.native.recv_server + PROGRESS);
+    assert!(s.browser_stat("recvServer") >= on_server.browser_stat("recvServer") + PROGRESS);
+
+    // Keep the path cut until the initiator's next generation has failed too (both ends report
+    // it), so the return below needs a new PeerConnection after a back-off.
+    let failed = (s.native_failed, s.browser_stat("failed"));
+    let s = t
+        .until("a failed retry while cut", WAIT, |s| {
+            s.native_failed > failed.0 && s.browser_stat("failed") > failed.1
+        })
+        .await;
+    assert_eq!(s.native_path, Path::Server, "direct while cut?");
+    assert_eq!(s.browser_path, "server", "direct while cut?");
+    let gen_cut =
+        t.b.eval("p", "return window.pm._links.get(arg).gen;", json!(nid))
+            .await;
+
+    // Lift the cut: the initiator's next generation takes the link direct again.
+    cut.lift();
+    let lift_at = Instant::now();
+    t.b.eval("p", "window.liftAt = performance.now();", json!(null))
+        .await;
+    let s = t
+        .until("both ends direct again", WAIT, |s| {
+            s.native_path != Path::Server && s.browser_path.starts_with("direct")
+        })
+        .await;
+    assert_eq!(s.native_path.to_string(), "direct host/host");
+    assert_eq!(s.browser_path, "direct host/host");
+    let native_return = t
+        .native_path_at(lift_at, |p| *p != Path::Server)
+        .expect("native reported a direct path");
+    let browser_return = t
+        .browser_path_at("liftAt", "direct")
+        .await
+        .expect("browser reported a direct path");
+    let generation =
+        t.b.eval("p", "return window.pm._links.get(arg).gen;", json!(nid))
+            .await;
+    println!(
+        "restore: native direct after {native_return:?}, browser after {browser_return:?} \
+         (PeerConnection generation {gen_cut} while cut, {generation} now)"
+    );
+    assert!(
+        native_return <= RETURN_WITHIN && browser_return <= RETURN_WITHIN,
+        "return to the direct path took too long: native {native_return:?}, browser \
+         {browser_return:?}"
+    );
+
+    // Messages flow directly again.
+    let back = s;
+    t.until("messages on the new direct path", WAIT, |s| {
+        s.native.recv_direct >= back.native.recv_direct + PROGRESS
+            && s.browser_stat("recvDirect") >= back.browser_stat("recvDirect") + PROGRESS
+    })
+    .await;
+
+    // Stop both streams; everything sent arrives exactly once, in order.
+    stop.store(true, Ordering::Relaxed);
+    let native_sent = native_stream.await.expect("native stream");
+    let native_burst_at = native_burst_at.load(Ordering::Relaxed);
+    let sent =
+        t.b.eval(
+            "p",
+            "window.stopSending = true; return [await window.sending, window.burstAt];",
+            json!(null),
+        )
+        .await;
+    let (browser_sent, browser_burst_at) = (sent[0].as_u64().unwrap(), sent[1].as_u64().unwrap());
+    assert!(native_burst_at > 0 && browser_burst_at > 0);
+    t.until("every message at both ends", WAIT, |s| {
+        s.native_got as u64 >= browser_sent && s.browser_got >= native_sent
+    })
+    .await;
+    // Give duplicates (if there were any) a moment to show up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    {
+        let log = t.log.lock().unwrap();
+        assert_eq!(
+            log.msgs.len() as u64,
+            browser_sent,
+            "extra messages at the native end"
+        );
+        for (k, m) in log.msgs.iter().enumerate() {
+            let i = k as u64 + 1;
+            let want = numbered("b", i, extra_of(i, browser_burst_at));
+            assert!(
+                *m == want.as_bytes(),
+                "native end: message {} is {:?} (len {})",
+                k + 1,
+                String::from_utf8_lossy(&m[..m.len().min(40)]),
+                m.len()
+            );
+        }
+    }
+    let check =
+        t.b.eval(
+            "p",
+            BROWSER_CHECK_JS,
+            json!([nid, native_burst_at, BIG_EXTRA, BURST_EXTRA]),
+        )
+        .await;
+    assert_eq!(
+        check,
+        json!({"got": native_sent, "bad": null}),
+        "browser end: wrong messages"
+    );
+
+    let end = t.snapshot().await;
+    let direct_failed = t.log.lock().unwrap().direct_failed.clone();
+    let browser_failed =
+        t.b.eval(
+            "p",
+            "return window.events.filter((e) => e.type === 'nodirectpath').map((e) => e.reason);",
+            json!(null),
+        )
+        .await;
+    println!(
+        "messages: native sent {native_sent}, browser sent {browser_sent}; fragments re-sent \
+         on downgrade: native {} browser {}; duplicates dropped: native {} browser {}; native \
+         DirectFailed: {direct_failed:?}; browser nodirectpath: {browser_failed}",
+        end.native.resent,
+        end.browser_stat("resent"),
+        end.native.duplicates,
+        end.browser_stat("duplicates"),
+    );
+    assert!(end.native.path_changes >= 3, "{:?}", end.native);
+    assert!(end.browser_stat("pathChanges") >= 3, "{}", end.browser);
+    t.b.quit().await;
+    n.close().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_initiator_falls_back_to_the_server_and_returns_direct() {
+    cut_and_restore(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_responder_falls_back_to_the_server_and_returns_direct() {
+    cut_and_restore(false).await;
 }

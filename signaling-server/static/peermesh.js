@@ -632,7 +632,7 @@ class Link {
     this.backoff = RETRY_MIN_MS;
     this.hadDirect = false;
     this.declined = false;
-    this.upgrading = false;
+    this.upgrading = null; // the PeerConnection whose selected pair maybeUpgrade waits for
     this.signaled = new Map(); // "address port" -> candidate type the peer signaled
     this.remoteSet = false;
     this.remoteQueue = [];
@@ -956,10 +956,12 @@ class Link {
   }
 
   async maybeUpgrade() {
-    if (!this.canUpgrade() || this.upgrading) return;
-    this.upgrading = true;
+    // One wait for the selected pair per PeerConnection: a wait still pending for a replaced
+    // one (its getStats may never settle once it is closed) must not hold up the new one.
+    const pc = this.pc;
+    if (!this.canUpgrade() || this.upgrading === pc) return;
+    this.upgrading = pc;
     try {
-      const pc = this.pc;
       // The path type comes from the selected candidate pair; wait until ICE reports it.
       while (this.canUpgrade() && this.pc === pc) {
         let pair = null;
@@ -980,7 +982,7 @@ class Link {
         await sleep(50);
       }
     } finally {
-      this.upgrading = false;
+      if (this.upgrading === pc) this.upgrading = null;
     }
   }
 
@@ -1029,6 +1031,7 @@ class Link {
   // The direct path could not be made, or died: stay on the server path; the initiator tries
   // again after a back-off.
   rtcFailed(why) {
+    this.downgrade(why); // a PeerConnection carrying the link is never dropped without one
     this.resetRtc();
     if (this.closed) return;
     this.c._emit('nodirectpath', { peer: this.peer, reason: why });
@@ -1137,6 +1140,7 @@ class Link {
   // Initiator: a new PeerConnection generation and its offer.
   async start() {
     if (this.closed || !this.c.direct || this.declined) return;
+    this.downgrade('new connection attempt');
     this.resetRtc();
     this.gen++;
     let pc;
