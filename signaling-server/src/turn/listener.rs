@@ -13,7 +13,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -27,6 +27,7 @@ use tokio::net::UdpSocket;
 use webrtc_util::Conn;
 
 use super::auth::{now_unix, parse_rest_username, rest_key};
+use super::batch::{RecvBatch, MAX_BATCH};
 use super::relay::{RelayConn, Route, CHANNEL_HEADER};
 use super::socket::ClosableUdp;
 use super::wire;
@@ -40,6 +41,9 @@ pub(crate) const DEFAULT_LIFETIME_SECS: u32 = 600;
 pub(crate) const MAX_LIFETIME_SECS: u32 = 3599;
 /// How long an Allocate may wait for the turn crate's answer before its quota slot is freed.
 const PENDING_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest datagram from a client that is handled (STUN and ChannelData; bigger ones are
+/// dropped, the turn crate reads at most 1500 bytes).
+const LISTENER_MAX_DATAGRAM: usize = 2048;
 /// Most Refresh / CreatePermission / ChannelBind requests awaiting an answer that are tracked
 /// for the fast path (beyond that, new ones simply do not reach it).
 const MAX_PENDING_REQS: usize = 4096;
@@ -69,6 +73,8 @@ pub(crate) struct GuardedListener {
     socket: Arc<ClosableUdp>,
     local: SocketAddr,
     shared: Arc<Shared>,
+    /// Received datagrams not yet handled (kept between calls).
+    batch: Mutex<Option<RecvBatch>>,
 }
 
 impl GuardedListener {
@@ -77,6 +83,7 @@ impl GuardedListener {
             socket: Arc::new(ClosableUdp::new(socket, format!("listener {local}"))),
             local,
             shared,
+            batch: Mutex::new(None),
         }
     }
 
@@ -85,23 +92,38 @@ impl GuardedListener {
         Arc::clone(&self.socket)
     }
 
-    /// Receives until a datagram is for the turn crate. ChannelData on a live channel is
-    /// relayed here; what the guard answers or drops never reaches the turn crate.
-    async fn recv_loop(&self, socket: &UdpSocket, buf: &mut [u8]) -> (usize, SocketAddr) {
+    /// Receives until a datagram is for the turn crate (copied into `buf`). ChannelData on a
+    /// live channel is relayed here; what the guard answers or drops never reaches the turn
+    /// crate.
+    async fn recv_loop(
+        &self,
+        socket: &UdpSocket,
+        batch: &mut RecvBatch,
+        buf: &mut [u8],
+    ) -> (usize, SocketAddr) {
         loop {
-            let (n, src) = self.socket.recv_retrying(socket, buf).await;
-            if self.channel_data(&buf[..n], src).await {
-                continue;
-            }
-            match self.inspect(&mut buf[..n], src) {
-                Verdict::Pass => return (n, src),
-                Verdict::Drop => {}
-                Verdict::Reply(r) => {
-                    if let Err(e) = self.socket.send_to(&r, src).await {
-                        tracing::debug!(target: LOG, client = %src, "sending answer: {e}");
+            while let Some((i, n, src, truncated)) = batch.pop() {
+                if truncated {
+                    tracing::debug!(target: LOG, client = %src,
+                        "dropped a datagram over {LISTENER_MAX_DATAGRAM} bytes");
+                    continue;
+                }
+                if self.channel_data(batch.data(i, n), src).await {
+                    continue;
+                }
+                let n = n.min(buf.len());
+                buf[..n].copy_from_slice(&batch.data(i, n)[..n]);
+                match self.inspect(&mut buf[..n], src) {
+                    Verdict::Pass => return (n, src),
+                    Verdict::Drop => {}
+                    Verdict::Reply(r) => {
+                        if let Err(e) = self.socket.send_to(&r, src).await {
+                            tracing::debug!(target: LOG, client = %src, "sending answer: {e}");
+                        }
                     }
                 }
             }
+            self.socket.refill(socket, batch).await;
         }
     }
 
@@ -557,11 +579,19 @@ impl Conn for GuardedListener {
 
     async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
         let socket = self.socket.get()?;
-        tokio::select! {
+        let mut batch = self
+            .batch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_else(|| RecvBatch::new(MAX_BATCH, LISTENER_MAX_DATAGRAM, 0));
+        let r = tokio::select! {
             biased;
-            r = self.recv_loop(&socket, buf) => Ok(r),
+            r = self.recv_loop(&socket, &mut batch, buf) => Ok(r),
             _ = self.socket.closed() => Err(webrtc_util::Error::ErrUseClosedNetworkConn),
-        }
+        };
+        *self.batch.lock().unwrap_or_else(|e| e.into_inner()) = Some(batch);
+        r
     }
 
     async fn send(&self, _buf: &[u8]) -> webrtc_util::Result<usize> {

@@ -36,6 +36,7 @@
 //! ```
 
 mod auth;
+mod batch;
 mod listener;
 mod policy;
 mod relay;

@@ -22,13 +22,17 @@ use tokio::net::UdpSocket;
 use turn::relay::RelayAddressGenerator;
 use webrtc_util::Conn;
 
+use super::batch::RecvBatch;
 use super::socket::{bind_udp, ClosableUdp};
 use super::{Shared, LOG, PERMISSION_LIFETIME};
 
 /// Random ports tried before sweeping the whole range.
 const RANDOM_TRIES: usize = 32;
-/// Largest UDP payload (IPv6 without jumbograms); ChannelData lengths are 16-bit anyway.
-const MAX_DATAGRAM: usize = 65_535;
+/// Largest datagram from a peer that is relayed (bigger ones are dropped: they would not fit
+/// a path MTU anyway, and the turn crate reads at most 1500 bytes).
+const MAX_DATAGRAM: usize = 2048;
+/// Datagrams received per system call on a relay socket.
+const RELAY_BATCH: usize = 8;
 /// ChannelData header: channel number and length, two bytes each.
 pub(crate) const CHANNEL_HEADER: usize = 4;
 
@@ -158,8 +162,9 @@ pub(crate) struct RelayConn {
     /// The listening socket, for ChannelData to the client.
     listener: Arc<ClosableUdp>,
     fast: RwLock<FastState>,
-    /// Receive buffer with room for the ChannelData header in front (kept between calls).
-    frame: Mutex<Vec<u8>>,
+    /// Received datagrams not yet handled (kept between calls), each with room for the
+    /// ChannelData header in front.
+    batch: Mutex<Option<RecvBatch>>,
 }
 
 impl RelayConn {
@@ -334,52 +339,61 @@ impl RelayConn {
         c.fast.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Receives until a datagram needs the turn crate (returned in `frame[CHANNEL_HEADER..]`);
-    /// datagrams from peers with a live channel binding go straight to the client as
-    /// ChannelData.
-    async fn recv_loop(&self, socket: &UdpSocket, frame: &mut [u8]) -> (usize, SocketAddr) {
+    /// Receives until a datagram needs the turn crate (copied into `buf`); datagrams from
+    /// peers with a live channel binding go straight to the client as ChannelData.
+    async fn recv_loop(
+        &self,
+        socket: &UdpSocket,
+        batch: &mut RecvBatch,
+        buf: &mut [u8],
+    ) -> (usize, SocketAddr) {
         loop {
-            let (n, src) = self
-                .socket
-                .recv_retrying(socket, &mut frame[CHANNEL_HEADER..])
-                .await;
-            if self.shared.denied(src.ip()) {
-                self.shared
-                    .counters
-                    .refused_peer
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(target: LOG, relay = %self.local, peer = %src,
-                    "dropped {n} bytes from a denied peer");
-                continue;
-            }
-            let (client, number) = match self.route_to_client(src, Instant::now()) {
-                Route::Pass => return (n, src),
-                Route::NoPermission => {
+            while let Some((i, n, src, truncated)) = batch.pop() {
+                if truncated {
                     tracing::debug!(target: LOG, relay = %self.local, peer = %src,
-                        "dropped {n} bytes: the permission for the peer has expired");
+                        "dropped a datagram over {MAX_DATAGRAM} bytes");
                     continue;
                 }
-                Route::Relay(r) => r,
-            };
-            // RFC 8656 §12.5: over UDP the padding to a multiple of four is optional; none.
-            frame[..2].copy_from_slice(&number.to_be_bytes());
-            frame[2..4].copy_from_slice(&(n as u16).to_be_bytes());
-            match self
-                .listener
-                .send_to(&frame[..CHANNEL_HEADER + n], client)
-                .await
-            {
-                Ok(_) => {
-                    let c = &self.shared.counters.to_client;
-                    c.packets.fetch_add(1, Ordering::Relaxed);
-                    c.bytes.fetch_add(n as u64, Ordering::Relaxed);
-                    c.fast.fetch_add(1, Ordering::Relaxed);
+                if self.shared.denied(src.ip()) {
+                    self.shared
+                        .counters
+                        .refused_peer
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(target: LOG, relay = %self.local, peer = %src,
+                        "dropped {n} bytes from a denied peer");
+                    continue;
                 }
-                Err(e) => {
-                    tracing::debug!(target: LOG, relay = %self.local, %client,
-                        "relaying ChannelData to the client: {e}");
+                let (client, number) = match self.route_to_client(src, Instant::now()) {
+                    Route::Pass => {
+                        let m = n.min(buf.len());
+                        buf[..m].copy_from_slice(&batch.data(i, n)[..m]);
+                        return (m, src);
+                    }
+                    Route::NoPermission => {
+                        tracing::debug!(target: LOG, relay = %self.local, peer = %src,
+                            "dropped {n} bytes: the permission for the peer has expired");
+                        continue;
+                    }
+                    Route::Relay(r) => r,
+                };
+                // RFC 8656 §12.5: over UDP the padding to a multiple of four is optional; none.
+                let frame = batch.frame_mut(i, n);
+                frame[..2].copy_from_slice(&number.to_be_bytes());
+                frame[2..4].copy_from_slice(&(n as u16).to_be_bytes());
+                match self.listener.send_to(frame, client).await {
+                    Ok(_) => {
+                        let c = &self.shared.counters.to_client;
+                        c.packets.fetch_add(1, Ordering::Relaxed);
+                        c.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                        c.fast.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::debug!(target: LOG, relay = %self.local, %client,
+                            "relaying ChannelData to the client: {e}");
+                    }
                 }
             }
+            self.socket.refill(socket, batch).await;
         }
     }
 }
@@ -398,21 +412,18 @@ impl Conn for RelayConn {
 
     async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
         let socket = self.socket.get()?;
-        let mut frame = std::mem::take(&mut *self.frame.lock().unwrap_or_else(|e| e.into_inner()));
-        if frame.len() < CHANNEL_HEADER + MAX_DATAGRAM {
-            frame = vec![0u8; CHANNEL_HEADER + MAX_DATAGRAM];
-        }
+        let mut batch = self
+            .batch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_else(|| RecvBatch::new(RELAY_BATCH, MAX_DATAGRAM, CHANNEL_HEADER));
         let r = tokio::select! {
             biased;
-            (n, src) = self.recv_loop(&socket, &mut frame) => {
-                // Truncated like any datagram read into a short buffer.
-                let n = n.min(buf.len());
-                buf[..n].copy_from_slice(&frame[CHANNEL_HEADER..CHANNEL_HEADER + n]);
-                Ok((n, src))
-            }
+            r = self.recv_loop(&socket, &mut batch, buf) => Ok(r),
             _ = self.socket.closed() => Err(webrtc_util::Error::ErrUseClosedNetworkConn),
         };
-        *self.frame.lock().unwrap_or_else(|e| e.into_inner()) = frame;
+        *self.batch.lock().unwrap_or_else(|e| e.into_inner()) = Some(batch);
         r
     }
 
@@ -487,7 +498,7 @@ impl RelayGenerator {
             shared: Arc::clone(&self.shared),
             listener: Arc::clone(&self.listener),
             fast: RwLock::new(FastState::default()),
-            frame: Mutex::new(Vec::new()),
+            batch: Mutex::new(None),
         });
         self.shared.register_relay(&conn);
         Ok(conn)

@@ -9,6 +9,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
+use super::batch::RecvBatch;
 use super::LOG;
 
 /// A bound, non-blocking UDP socket registered with tokio.
@@ -83,22 +84,28 @@ impl ClosableUdp {
         self.closed.cancelled()
     }
 
-    /// The next datagram on `socket` (this socket, from [`ClosableUdp::get`]). Receive errors
-    /// are logged and retried; callers race this with [`ClosableUdp::closed`].
-    pub(crate) async fn recv_retrying(
-        &self,
-        socket: &UdpSocket,
-        buf: &mut [u8],
-    ) -> (usize, SocketAddr) {
+    /// Refills `batch` from `socket` (this socket, from [`ClosableUdp::get`]), waiting until
+    /// something arrives. Receive errors are logged and retried; callers race this with
+    /// [`ClosableUdp::closed`]. Yields to other tasks now and then (tokio's budget), since a
+    /// busy socket would otherwise never make this wait.
+    pub(crate) async fn refill(&self, socket: &UdpSocket, batch: &mut RecvBatch) {
         loop {
-            match socket.recv_from(buf).await {
-                Ok(v) => return v,
+            match batch.fill(socket) {
+                Ok(_) => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Err(e) = socket.readable().await {
+                        tracing::debug!(target: LOG, socket = %self.what, "waiting to read: {e}");
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     tracing::debug!(target: LOG, socket = %self.what, "receive error: {e}");
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
             }
         }
+        tokio::task::coop::consume_budget().await;
     }
 
     /// Sends one datagram without waiting: `WouldBlock` when the send buffer is full (or
