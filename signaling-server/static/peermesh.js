@@ -927,13 +927,18 @@ class Link {
 
   // ---- path ----
 
-  setPath(path) {
+  // `quiet`: the caller reports the change itself (emitPath) once its state is consistent.
+  setPath(path, quiet = false) {
     if (this.path === path) return;
     this.path = path;
     this.stats.pathChanges++;
     this.rtt = null; // samples of one path say nothing about the other
     this.pings = [];
-    this.c._emit('path', { peer: this.peer, path, pair: this.pair && { ...this.pair } });
+    if (!quiet) this.emitPath();
+  }
+
+  emitPath() {
+    this.c._emit('path', { peer: this.peer, path: this.path, pair: this.pair && { ...this.pair } });
   }
 
   // While direct: ICE may switch to a pair of other candidate types.
@@ -990,7 +995,7 @@ class Link {
     if (!this.isDirect()) return;
     console.info(`peermesh: direct path to peer ${this.peer} lost (${why}); back to the server path`);
     this.pair = null;
-    this.setPath('server');
+    this.setPath('server', true);
     // Everything unacknowledged may have died with the direct path: re-send it, in seq order.
     this.directQueue = [];
     for (let i = this.unackedHead; i < this.unacked.length; i++) {
@@ -1002,6 +1007,9 @@ class Link {
     this.ackedSent = this.delivered;
     this.ackDue = false;
     if (this.delivered > 0) this.relay(u64Frame(K_ACK, this.delivered));
+    // Only now: a 'path' handler that sends finds the re-send done (its message is not re-sent
+    // too, and it follows the re-sent fragments on the server path).
+    this.emitPath();
   }
 
   resetRtc() {
