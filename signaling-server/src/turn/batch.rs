@@ -1,13 +1,14 @@
-//! Receiving several datagrams per system call.
+//! Receiving and sending several datagrams per system call.
 //!
 //! Relaying costs two receives and two sends per datagram and round trip, and on a virtual
 //! machine the system-call entry and exit are a large part of each. [`RecvBatch`] fills up to
-//! [`RecvBatch::capacity`] slots with one Linux `recvmmsg(2)` call (64-bit little-endian Linux,
-//! where the `msghdr` layout below is the C library's); elsewhere it receives one datagram per
-//! call through tokio.
+//! its capacity of slots with one `recvmmsg(2)` call and [`send_batch`] sends several datagrams
+//! to one destination with one `sendmmsg(2)` call (64-bit little-endian Linux, where the
+//! `msghdr` layout below is the C library's); elsewhere they go one per call through tokio.
 //!
 //! The FFI is declared here because the crate does not depend on `libc`; it is limited to
-//! `recvmmsg` with `MSG_DONTWAIT`, on buffers this struct owns, with the results bounds-checked.
+//! these two calls with `MSG_DONTWAIT`, on buffers borrowed for the call, with the results
+//! bounds-checked.
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -65,6 +66,12 @@ impl RecvBatch {
         &mut self.buf[start..start + self.headroom + len]
     }
 
+    /// Slot `i`: the headroom followed by the datagram (`len` bytes).
+    pub(crate) fn frame(&self, i: usize, len: usize) -> &[u8] {
+        let start = i * self.slot;
+        &self.buf[start..start + self.headroom + len]
+    }
+
     /// The datagram in slot `i`.
     pub(crate) fn data(&self, i: usize, len: usize) -> &[u8] {
         let start = i * self.slot + self.headroom;
@@ -92,6 +99,34 @@ impl RecvBatch {
     }
 }
 
+/// Sends `frames` (at most [`MAX_BATCH`]) to `dst` without waiting, with as few system calls as
+/// possible (one `sendmmsg(2)` where available). Returns how many were sent, in order;
+/// `WouldBlock` if the send buffer had room for none.
+pub(crate) fn send_batch(
+    socket: &UdpSocket,
+    frames: &[&[u8]],
+    dst: SocketAddr,
+) -> io::Result<usize> {
+    if frames.is_empty() {
+        return Ok(0);
+    }
+    socket.try_io(Interest::WRITABLE, || sys::send_batch(socket, frames, dst))
+}
+
+/// [`send_batch`] one datagram per call.
+#[allow(dead_code)]
+fn send_one_by_one(socket: &UdpSocket, frames: &[&[u8]], dst: SocketAddr) -> io::Result<usize> {
+    let mut sent = 0;
+    for f in frames {
+        match socket.try_send_to(f, dst) {
+            Ok(_) => sent += 1,
+            Err(e) if sent > 0 && e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(sent)
+}
+
 fn addr_v4(port: u16, octets: [u8; 4]) -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(octets), port))
 }
@@ -113,6 +148,7 @@ fn addr_v6(port: u16, octets: [u8; 16], flowinfo: u32, scope_id: u32) -> SocketA
 mod sys {
     use std::ffi::{c_int, c_uint, c_void};
     use std::io;
+    use std::net::SocketAddr;
     use std::os::fd::AsRawFd;
     use std::ptr;
 
@@ -161,6 +197,7 @@ mod sys {
     const AF_INET6: u16 = 10;
 
     extern "C" {
+        fn sendmmsg(fd: c_int, msgvec: *mut MMsgHdr, vlen: c_uint, flags: c_int) -> c_int;
         fn recvmmsg(
             fd: c_int,
             msgvec: *mut MMsgHdr,
@@ -170,23 +207,87 @@ mod sys {
         ) -> c_int;
     }
 
+    const NO_IOV: IoVec = IoVec {
+        base: ptr::null_mut(),
+        len: 0,
+    };
+    const NO_HDR: MMsgHdr = MMsgHdr {
+        hdr: MsgHdr {
+            name: ptr::null_mut(),
+            namelen: 0,
+            iov: ptr::null_mut(),
+            iovlen: 0,
+            control: ptr::null_mut(),
+            controllen: 0,
+            flags: 0,
+        },
+        len: 0,
+    };
+
+    /// `dst` as a `sockaddr_in` / `sockaddr_in6`, and its length.
+    fn encode(dst: SocketAddr) -> (SockAddrStorage, u32) {
+        let mut s = SockAddrStorage([0; 128]);
+        let b = &mut s.0;
+        match dst {
+            SocketAddr::V4(a) => {
+                b[0..2].copy_from_slice(&AF_INET.to_ne_bytes());
+                b[2..4].copy_from_slice(&a.port().to_be_bytes());
+                b[4..8].copy_from_slice(&a.ip().octets());
+                (s, 16)
+            }
+            SocketAddr::V6(a) => {
+                b[0..2].copy_from_slice(&AF_INET6.to_ne_bytes());
+                b[2..4].copy_from_slice(&a.port().to_be_bytes());
+                b[4..8].copy_from_slice(&a.flowinfo().to_ne_bytes());
+                b[8..24].copy_from_slice(&a.ip().octets());
+                b[24..28].copy_from_slice(&a.scope_id().to_ne_bytes());
+                (s, 28)
+            }
+        }
+    }
+
+    pub(super) fn send_batch(
+        socket: &UdpSocket,
+        frames: &[&[u8]],
+        dst: SocketAddr,
+    ) -> io::Result<usize> {
+        let count = frames.len().min(MAX_BATCH);
+        let (mut name, namelen) = encode(dst);
+        let mut iovs = [NO_IOV; MAX_BATCH];
+        let mut hdrs = [NO_HDR; MAX_BATCH];
+        let iov_ptr = iovs.as_mut_ptr();
+        let name_ptr: *mut c_void = name.0.as_mut_ptr().cast();
+        for (i, (h, f)) in hdrs.iter_mut().zip(frames).enumerate().take(count) {
+            // SAFETY: `i < count <= MAX_BATCH`, within `iovs`.
+            unsafe {
+                *iov_ptr.add(i) = IoVec {
+                    base: f.as_ptr().cast_mut().cast(),
+                    len: f.len(),
+                };
+                h.hdr.iov = iov_ptr.add(i);
+            }
+            h.hdr.name = name_ptr;
+            h.hdr.namelen = namelen;
+            h.hdr.iovlen = 1;
+        }
+        // SAFETY: each header points at a live iovec of this frame describing a live slice
+        // (the kernel only reads from it) and at the encoded destination. MSG_DONTWAIT:
+        // never blocks.
+        let r = unsafe {
+            sendmmsg(
+                socket.as_raw_fd(),
+                hdrs.as_mut_ptr(),
+                count as c_uint,
+                MSG_DONTWAIT,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((r as usize).min(count))
+    }
+
     pub(super) fn recv_batch(b: &mut RecvBatch, socket: &UdpSocket) -> io::Result<usize> {
-        const NO_IOV: IoVec = IoVec {
-            base: ptr::null_mut(),
-            len: 0,
-        };
-        const NO_HDR: MMsgHdr = MMsgHdr {
-            hdr: MsgHdr {
-                name: ptr::null_mut(),
-                namelen: 0,
-                iov: ptr::null_mut(),
-                iovlen: 0,
-                control: ptr::null_mut(),
-                controllen: 0,
-                flags: 0,
-            },
-            len: 0,
-        };
         let count = b.capacity.min(MAX_BATCH);
         let room = b.slot - b.headroom;
         assert!(b.buf.len() >= count * b.slot);
@@ -264,5 +365,13 @@ mod sys {
 
     pub(super) fn recv_batch(b: &mut RecvBatch, socket: &UdpSocket) -> io::Result<usize> {
         b.fill_one(socket)
+    }
+
+    pub(super) fn send_batch(
+        socket: &UdpSocket,
+        frames: &[&[u8]],
+        dst: std::net::SocketAddr,
+    ) -> io::Result<usize> {
+        super::send_one_by_one(socket, frames, dst)
     }
 }

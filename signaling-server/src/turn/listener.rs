@@ -58,14 +58,54 @@ enum Verdict {
     Reply(Vec<u8>),
 }
 
-/// What to do after the fast path looked at a ChannelData message.
-enum Next {
-    /// Not ours: the turn crate decides.
-    Pass,
-    /// Relayed or dropped.
-    Done,
-    /// The relay socket has no room right now: wait for it.
-    Wait(Arc<RelayConn>, SocketAddr),
+/// ChannelData payloads of one received batch for one relay socket and peer:
+/// (batch slot, payload length).
+struct Group {
+    relay: Arc<RelayConn>,
+    peer: SocketAddr,
+    items: [(usize, usize); MAX_BATCH],
+    count: usize,
+}
+
+/// The fast path's ChannelData of one received batch, by relay socket and peer (each in
+/// arrival order).
+#[derive(Default)]
+struct Groups {
+    list: Vec<Group>,
+    len: usize,
+}
+
+impl Groups {
+    fn push(&mut self, relay: &Arc<RelayConn>, peer: SocketAddr, item: (usize, usize)) {
+        let found = self.list[..self.len]
+            .iter()
+            .position(|g| g.peer == peer && Arc::ptr_eq(&g.relay, relay));
+        let g = match found {
+            Some(k) => &mut self.list[k],
+            None => {
+                let g = Group {
+                    relay: Arc::clone(relay),
+                    peer,
+                    items: [(0, 0); MAX_BATCH],
+                    count: 0,
+                };
+                if self.len < self.list.len() {
+                    self.list[self.len] = g;
+                } else {
+                    self.list.push(g);
+                }
+                self.len += 1;
+                &mut self.list[self.len - 1]
+            }
+        };
+        g.items[g.count] = item;
+        g.count += 1;
+    }
+
+    fn clear(&mut self) {
+        self.list.clear();
+        self.len = 0;
+    }
 }
 
 /// The listening socket as seen by the turn server.
@@ -101,6 +141,7 @@ impl GuardedListener {
         batch: &mut RecvBatch,
         buf: &mut [u8],
     ) -> (usize, SocketAddr) {
+        let mut groups = Groups::default();
         loop {
             while let Some((i, n, src, truncated)) = batch.pop() {
                 if truncated {
@@ -108,9 +149,11 @@ impl GuardedListener {
                         "dropped a datagram over {LISTENER_MAX_DATAGRAM} bytes");
                     continue;
                 }
-                if self.channel_data(batch.data(i, n), src).await {
+                if self.channel_data(batch.data(i, n), i, src, &mut groups) {
                     continue;
                 }
+                // What went before leaves first.
+                self.flush(batch, &mut groups).await;
                 let n = n.min(buf.len());
                 buf[..n].copy_from_slice(&batch.data(i, n)[..n]);
                 match self.inspect(&mut buf[..n], src) {
@@ -123,13 +166,16 @@ impl GuardedListener {
                     }
                 }
             }
+            self.flush(batch, &mut groups).await;
             self.socket.refill(socket, batch).await;
         }
     }
 
-    /// The fast path, client → peer: relays ChannelData on a live channel (with a live
-    /// permission) from the allocation's relay socket. `false`: the turn crate decides.
-    async fn channel_data(&self, d: &[u8], src: SocketAddr) -> bool {
+    /// The fast path, client → peer: whether ChannelData in `d` (slot `slot` of the batch)
+    /// goes on a live channel (with a live permission); if so it joins `groups`, to be sent from
+    /// the allocation's relay socket by [`GuardedListener::flush`]. `false`: the turn crate
+    /// decides.
+    fn channel_data(&self, d: &[u8], slot: usize, src: SocketAddr, groups: &mut Groups) -> bool {
         if d.len() < CHANNEL_HEADER || d[0] & 0xC0 != 0x40 {
             return false;
         }
@@ -140,37 +186,35 @@ impl GuardedListener {
         if CHANNEL_HEADER + len > d.len() {
             return false;
         }
-        let payload = &d[CHANNEL_HEADER..CHANNEL_HEADER + len];
         let now = Instant::now();
+        let item = (slot, len);
         let next =
             self.shared
                 .with_fast_relay(src, |relay| match relay.route_to_peer(src, number, now) {
-                    Route::Pass => Next::Pass,
+                    Route::Pass => false,
                     Route::NoPermission => {
                         tracing::debug!(target: LOG, client = %src, channel = number,
                         "dropped ChannelData: the permission for the peer has expired");
-                        Next::Done
+                        true
                     }
-                    Route::Relay(peer) => match relay.try_send_to_peer(payload, peer) {
-                        Ok(()) => Next::Done,
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            Next::Wait(Arc::clone(relay), peer)
-                        }
-                        Err(e) => {
-                            tracing::debug!(target: LOG, client = %src, %peer,
-                            "relaying ChannelData: {e}");
-                            Next::Done
-                        }
-                    },
+                    Route::Relay(peer) => {
+                        groups.push(relay, peer, item);
+                        true
+                    }
                 });
-        match next {
-            None | Some(Next::Pass) => false,
-            Some(Next::Done) => true,
-            Some(Next::Wait(relay, peer)) => {
-                relay.send_to_peer(payload, peer).await;
-                true
+        next.unwrap_or(false)
+    }
+
+    /// Sends the ChannelData payloads collected in `groups`.
+    async fn flush(&self, batch: &RecvBatch, groups: &mut Groups) {
+        for g in &groups.list[..groups.len] {
+            let mut slices: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
+            for (slice, &(slot, len)) in slices.iter_mut().zip(&g.items[..g.count]) {
+                *slice = &batch.data(slot, CHANNEL_HEADER + len)[CHANNEL_HEADER..];
             }
+            g.relay.send_batch_to_peer(&slices[..g.count], g.peer).await;
         }
+        groups.clear();
     }
 
     /// Remembers a request passed to the turn crate until its answer goes out.

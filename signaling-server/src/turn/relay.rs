@@ -154,6 +154,13 @@ pub(crate) enum Route<T> {
     Pass,
 }
 
+/// ChannelData frames of one received batch waiting to go to the client: (slot, payload length).
+struct Outgoing {
+    client: Option<SocketAddr>,
+    frames: [(usize, usize); RELAY_BATCH],
+    len: usize,
+}
+
 /// The relay socket of one allocation.
 pub(crate) struct RelayConn {
     socket: ClosableUdp,
@@ -299,35 +306,35 @@ impl RelayConn {
         }
     }
 
-    /// Fast path, client → peer: sends `payload` from this relay socket if there is room
-    /// (`WouldBlock` otherwise: then use [`RelayConn::send_to_peer`]). The peer passed the
-    /// policy when the channel was bound; checked again here.
-    pub(crate) fn try_send_to_peer(&self, payload: &[u8], peer: SocketAddr) -> io::Result<()> {
+    /// Fast path, client → peer: sends `payloads` from this relay socket to `peer`, in one
+    /// system call if there is room (else the rest one by one, waiting for room). The peer
+    /// passed the policy when the channel was bound; checked again here.
+    pub(crate) async fn send_batch_to_peer(&self, payloads: &[&[u8]], peer: SocketAddr) {
         if self.shared.denied(peer.ip()) {
             self.shared
                 .counters
                 .refused_peer
-                .fetch_add(1, Ordering::Relaxed);
-            return Ok(());
-        }
-        let n = self.socket.try_send_to(payload, peer)?;
-        self.count_fast_to_peer(n);
-        Ok(())
-    }
-
-    /// [`RelayConn::try_send_to_peer`], waiting for room.
-    pub(crate) async fn send_to_peer(&self, payload: &[u8], peer: SocketAddr) {
-        if self.shared.denied(peer.ip()) {
-            self.shared
-                .counters
-                .refused_peer
-                .fetch_add(1, Ordering::Relaxed);
+                .fetch_add(payloads.len() as u64, Ordering::Relaxed);
             return;
         }
-        match self.socket.send_to(payload, peer).await {
-            Ok(n) => self.count_fast_to_peer(n),
+        let sent = match self.socket.try_send_batch(payloads, peer) {
+            Ok(k) => k,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             Err(e) => {
                 tracing::debug!(target: LOG, relay = %self.local, %peer, "relaying ChannelData: {e}");
+                return;
+            }
+        };
+        for p in &payloads[..sent] {
+            self.count_fast_to_peer(p.len());
+        }
+        for p in &payloads[sent..] {
+            match self.socket.send_to(p, peer).await {
+                Ok(n) => self.count_fast_to_peer(n),
+                Err(e) => {
+                    tracing::debug!(target: LOG, relay = %self.local, %peer,
+                        "relaying ChannelData: {e}");
+                }
             }
         }
     }
@@ -347,6 +354,11 @@ impl RelayConn {
         batch: &mut RecvBatch,
         buf: &mut [u8],
     ) -> (usize, SocketAddr) {
+        let mut out = Outgoing {
+            client: None,
+            frames: [(0, 0); RELAY_BATCH],
+            len: 0,
+        };
         loop {
             while let Some((i, n, src, truncated)) = batch.pop() {
                 if truncated {
@@ -365,6 +377,8 @@ impl RelayConn {
                 }
                 let (client, number) = match self.route_to_client(src, Instant::now()) {
                     Route::Pass => {
+                        // What went before leaves first.
+                        self.flush(batch, &mut out).await;
                         let m = n.min(buf.len());
                         buf[..m].copy_from_slice(&batch.data(i, n)[..m]);
                         return (m, src);
@@ -380,21 +394,57 @@ impl RelayConn {
                 let frame = batch.frame_mut(i, n);
                 frame[..2].copy_from_slice(&number.to_be_bytes());
                 frame[2..4].copy_from_slice(&(n as u16).to_be_bytes());
-                match self.listener.send_to(frame, client).await {
-                    Ok(_) => {
-                        let c = &self.shared.counters.to_client;
-                        c.packets.fetch_add(1, Ordering::Relaxed);
-                        c.bytes.fetch_add(n as u64, Ordering::Relaxed);
-                        c.fast.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        tracing::debug!(target: LOG, relay = %self.local, %client,
-                            "relaying ChannelData to the client: {e}");
-                    }
+                if out.client != Some(client) {
+                    self.flush(batch, &mut out).await;
+                    out.client = Some(client);
                 }
+                out.frames[out.len] = (i, n);
+                out.len += 1;
             }
+            self.flush(batch, &mut out).await;
             self.socket.refill(socket, batch).await;
         }
+    }
+
+    /// Sends the ChannelData frames collected in `out` to their client, all in one system call
+    /// if there is room (else the rest one by one, waiting for room).
+    async fn flush(&self, batch: &RecvBatch, out: &mut Outgoing) {
+        let Some(client) = out.client else {
+            return;
+        };
+        let mut slices: [&[u8]; RELAY_BATCH] = [&[]; RELAY_BATCH];
+        let mut bytes = 0;
+        for (slice, &(i, n)) in slices.iter_mut().zip(&out.frames[..out.len]) {
+            *slice = batch.frame(i, n);
+            bytes += n;
+        }
+        let frames = &slices[..out.len];
+        out.len = 0;
+        let mut sent = match self.listener.try_send_batch(frames, client) {
+            Ok(k) => k,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => {
+                tracing::debug!(target: LOG, relay = %self.local, %client,
+                    "relaying ChannelData to the client: {e}");
+                return;
+            }
+        };
+        let mut failed_bytes = 0;
+        for f in &frames[sent..] {
+            match self.listener.send_to(f, client).await {
+                Ok(_) => sent += 1,
+                Err(e) => {
+                    failed_bytes += f.len() - CHANNEL_HEADER;
+                    tracing::debug!(target: LOG, relay = %self.local, %client,
+                        "relaying ChannelData to the client: {e}");
+                }
+            }
+        }
+        let c = &self.shared.counters.to_client;
+        c.packets.fetch_add(sent as u64, Ordering::Relaxed);
+        c.bytes
+            .fetch_add((bytes - failed_bytes) as u64, Ordering::Relaxed);
+        c.fast.fetch_add(sent as u64, Ordering::Relaxed);
     }
 }
 

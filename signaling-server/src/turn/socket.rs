@@ -9,7 +9,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
-use super::batch::RecvBatch;
+use super::batch::{self, RecvBatch};
 use super::LOG;
 
 /// A bound, non-blocking UDP socket registered with tokio.
@@ -113,6 +113,17 @@ impl ClosableUdp {
     pub(crate) fn try_send_to(&self, buf: &[u8], target: SocketAddr) -> io::Result<usize> {
         match &*self.socket.read().unwrap_or_else(|e| e.into_inner()) {
             Some(s) => s.try_send_to(buf, target),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                format!("{} is closed", self.what),
+            )),
+        }
+    }
+
+    /// Sends `frames` to `target` without waiting (see [`batch::send_batch`]): how many went.
+    pub(crate) fn try_send_batch(&self, frames: &[&[u8]], target: SocketAddr) -> io::Result<usize> {
+        match &*self.socket.read().unwrap_or_else(|e| e.into_inner()) {
+            Some(s) => batch::send_batch(s, frames, target),
             None => Err(io::Error::new(
                 io::ErrorKind::NotConnected,
                 format!("{} is closed", self.what),
