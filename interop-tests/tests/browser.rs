@@ -952,7 +952,12 @@ window.sending = (async () => {
 
 /// The link's counters in the browser plus how many reliable messages came from the peer.
 const BROWSER_SNAPSHOT_JS: &str = r#"
-const s = window.pm.stats(arg);
+let s;
+try {
+  s = window.pm.stats(arg);
+} catch {
+  return { path: 'no link' }; // not told about the peer yet
+}
 s.got = window.msgs.reduce((n, m) => n + (m.from === arg && m.reliable ? 1 : 0), 0);
 s.failed = window.events.filter((e) => e.type === 'nodirectpath' && e.peer === arg).length;
 return s;
@@ -1453,8 +1458,13 @@ async fn closed_data_channel_mid_stream_loses_and_duplicates_nothing() {
     let gen_before = t.generation().await;
 
     streams.burst(&mut t).await;
-    t.b.eval("p", "window.pm._links.get(arg).r.close();", json!(t.nid))
-        .await;
+    let closed_at = Instant::now();
+    t.b.eval(
+        "p",
+        "window.closedAt = performance.now(); window.pm._links.get(arg).r.close();",
+        json!(t.nid),
+    )
+    .await;
     // Both ends report the loss and go back to the server path (briefly: the native initiator
     // retries after 1 s).
     t.until("the loss reported at both ends", WAIT, |s| {
@@ -1471,7 +1481,15 @@ async fn closed_data_channel_mid_stream_loses_and_duplicates_nothing() {
         generation.as_u64() > gen_before.as_u64(),
         "{gen_before} -> {generation}"
     );
-    println!("closed channel: PeerConnection generation {gen_before} -> {generation}");
+    let native_down = t.native_path_at(closed_at, |p| *p == Path::Server);
+    let browser_down = t.browser_path_at("closedAt", "server").await;
+    let native_up = t.native_path_at(closed_at, |p| *p != Path::Server);
+    let browser_up = t.browser_path_at("closedAt", "direct").await;
+    println!(
+        "closed channel: on the server path after {native_down:?} (native), {browser_down:?} \
+         (browser); direct again after {native_up:?}, {browser_up:?}; PeerConnection \
+         generation {gen_before} -> {generation}"
+    );
     Streams::progress(&mut t, "direct").await;
     streams.stop_and_check(&mut t).await;
     t.finish().await;

@@ -760,7 +760,9 @@ class Link {
       this.relay(frame);
       return;
     }
-    if (this.directQueue.length || this.r.bufferedAmount > DIRECT_HIGH) {
+    // Queue only behind an open channel: one that is closing never drains its queue (nor fires
+    // bufferedamountlow), and the send below fails at once, which downgrades the link.
+    if (this.r.readyState === 'open' && (this.directQueue.length || this.r.bufferedAmount > DIRECT_HIGH)) {
       this.directQueue.push(frame);
       return;
     }
