@@ -18,7 +18,9 @@
 //!   live channel goes straight out of the allocation's relay socket, and a datagram from a
 //!   bound peer goes straight to the client as ChannelData. Only traffic with both a live
 //!   binding and a live permission (RFC 8656 §9, §12) takes it; everything else (Send and Data
-//!   indications, unknown channels) still goes through the turn crate.
+//!   indications, unknown channels) still goes through the turn crate. The listener and relay
+//!   sockets are read with `recvmmsg` (up to 32 and 8 datagrams per call) and each batch's
+//!   ChannelData leaves with one `sendmmsg` per destination (see `batch.rs`).
 //!
 //! Lifetimes: allocations get `max(600, min(requested, 3599))` seconds (turn 0.17.2 cannot grant
 //! exactly 3600); permissions last 300 s and channel bindings 600 s (turn's fixed
