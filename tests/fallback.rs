@@ -260,6 +260,7 @@ async fn unreachable_direct_path_is_reported_and_server_path_keeps_working() {
     let t = Instant::now();
     b.join("g").await.unwrap();
     let (ia, ib) = (a.peer_id(), b.peer_id());
+    wait_joined(&mut ae, ib).await;
     a.send(ib, "before", Reliability::Reliable).await.unwrap();
     let (got, _) = next_message(&mut be, ia, 10).await;
     assert_eq!(&got[..], b"before");
