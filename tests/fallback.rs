@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::process::Command;
+use peermesh_interop_tests::UdpCut;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,40 +15,6 @@ use tokio::time::Instant;
 
 const PORTS: (u16, u16) = (47100, 47199);
 const BULK_PORTS: (u16, u16) = (47200, 47299);
-
-/// Drops all UDP from and to a port range on the input hook while alive.
-struct Cut(String);
-
-impl Cut {
-    fn new((lo, hi): (u16, u16)) -> Cut {
-        let table = format!("peermesh_test_{}_{lo}", std::process::id());
-        let rules = format!(
-            "table inet {table} {{\n  chain input {{\n    type filter hook input priority -10; policy accept;\n    \
-             udp dport {lo}-{hi} drop\n    udp sport {lo}-{hi} drop\n  }}\n}}\n"
-        );
-        let ok = Command::new("nft")
-            .args(["-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .and_then(|mut c| {
-                use std::io::Write;
-                c.stdin.take().unwrap().write_all(rules.as_bytes())?;
-                c.wait()
-            })
-            .expect("nft (package nftables) must be installed; run the tests as root")
-            .success();
-        assert!(ok, "nft refused the rules");
-        Cut(table)
-    }
-}
-
-impl Drop for Cut {
-    fn drop(&mut self) {
-        let _ = Command::new("nft")
-            .args(["delete", "table", "inet", &self.0])
-            .status();
-    }
-}
 
 async fn wait_path(
     c: &peermesh::Client,
@@ -134,7 +100,7 @@ async fn direct_path_cut_falls_back_to_server_and_returns_without_loss() {
     });
 
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let cut = Cut::new(PORTS);
+    let cut = UdpCut::new("test", PORTS);
     let to_server = wait_path(&a, ib, false, 10).await;
     wait_path(&b, ia, false, 10).await;
     assert!(
@@ -222,7 +188,7 @@ async fn cut_with_a_full_send_queue_loses_nothing() {
             tracing::info!(i, "received");
         }
         if i == 200 {
-            cut = Some(Cut::new(BULK_PORTS));
+            cut = Some(UdpCut::new("test", BULK_PORTS));
         }
         if i == 600 {
             assert_eq!(
@@ -247,7 +213,7 @@ async fn cut_with_a_full_send_queue_loses_nothing() {
 async fn unreachable_direct_path_is_reported_and_server_path_keeps_working() {
     init_log();
     const NO_UDP_PORTS: (u16, u16) = (47300, 47399);
-    let _cut = Cut::new(NO_UDP_PORTS);
+    let _cut = UdpCut::new("test", NO_UDP_PORTS);
     let server = server().await;
     let cfg = |n: &str| {
         ClientConfig::new(n)

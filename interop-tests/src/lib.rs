@@ -124,3 +124,43 @@ impl Drop for Coturn {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Drops all UDP from and to a local port range on the root namespace's input hook while alive
+/// (an nft table of its own, deleted on drop), to cut a direct path whose sockets use that range
+/// (`ClientConfig::with_udp_ports`). Needs root and nft (package nftables).
+pub struct UdpCut(String);
+
+impl UdpCut {
+    /// Cuts ports `lo..=hi`; `tag` keeps tables of different tests apart.
+    pub fn new(tag: &str, (lo, hi): (u16, u16)) -> UdpCut {
+        let table = format!("peermesh_{tag}_{}_{lo}", std::process::id());
+        let rules = format!(
+            "table inet {table} {{\n  chain input {{\n    type filter hook input priority -10; policy accept;\n    \
+             udp dport {lo}-{hi} drop\n    udp sport {lo}-{hi} drop\n  }}\n}}\n"
+        );
+        let ok = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin
+                    .take()
+                    .expect("piped stdin")
+                    .write_all(rules.as_bytes())?;
+                c.wait()
+            })
+            .expect("nft (package nftables) must be installed; run the tests as root")
+            .success();
+        assert!(ok, "nft refused the rules");
+        UdpCut(table)
+    }
+}
+
+impl Drop for UdpCut {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &self.0])
+            .status();
+    }
+}

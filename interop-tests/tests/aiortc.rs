@@ -16,6 +16,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use peermesh::{Client, ClientConfig, Event, Events, Path, PeerId, Reliability};
+use peermesh_interop_tests::UdpCut;
 use peermesh_server::{Config, Server, ServerHandle};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
@@ -244,41 +245,6 @@ impl Native {
         self.client
             .path(self.py())
             .expect("link to the aiortc peer")
-    }
-}
-
-/// Drops all UDP from and to a port range on loopback's input hook while alive (needs root and
-/// nft, as `tests/fallback.rs`).
-struct Cut(String);
-
-impl Cut {
-    fn new((lo, hi): (u16, u16)) -> Cut {
-        let table = format!("peermesh_aiortc_{}_{lo}", std::process::id());
-        let rules = format!(
-            "table inet {table} {{\n  chain input {{\n    type filter hook input priority -10; policy accept;\n    \
-             udp dport {lo}-{hi} drop\n    udp sport {lo}-{hi} drop\n  }}\n}}\n"
-        );
-        let ok = std::process::Command::new("nft")
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .spawn()
-            .and_then(|mut c| {
-                use std::io::Write;
-                c.stdin.take().unwrap().write_all(rules.as_bytes())?;
-                c.wait()
-            })
-            .expect("nft (package nftables) must be installed; run the tests as root")
-            .success();
-        assert!(ok, "nft refused the rules");
-        Cut(table)
-    }
-}
-
-impl Drop for Cut {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("nft")
-            .args(["delete", "table", "inet", &self.0])
-            .status();
     }
 }
 
@@ -543,7 +509,7 @@ async fn cut_and_restore(py_first: bool, native_ports: (u16, u16)) {
     )
     .await;
 
-    let cut = Cut::new(native_ports);
+    let cut = UdpCut::new("aiortc", native_ports);
     // Into the dying direct path, then on the server path once each end notices.
     t.send_both(numbered("n-cut", 0..150), numbered("a-cut", 0..150), PACE)
         .await;
