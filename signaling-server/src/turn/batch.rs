@@ -3,12 +3,11 @@
 //! Relaying costs two receives and two sends per datagram and round trip, and on a virtual
 //! machine the system-call entry and exit are a large part of each. [`RecvBatch`] fills up to
 //! its capacity of slots with one `recvmmsg(2)` call and [`send_batch`] sends several datagrams
-//! to one destination with one `sendmmsg(2)` call (64-bit little-endian Linux, where the
-//! `msghdr` layout below is the C library's); elsewhere they go one per call through tokio.
+//! to one destination with one `sendmmsg(2)` call (Linux, through `libc`); elsewhere they go one
+//! per call through tokio.
 //!
-//! The FFI is declared here because the crate does not depend on `libc`; it is limited to
-//! these two calls with `MSG_DONTWAIT`, on buffers borrowed for the call, with the results
-//! bounds-checked.
+//! The `unsafe` is limited to these two calls with `MSG_DONTWAIT`, on buffers borrowed for the
+//! call, and to reading the socket addresses they fill in; results are bounds-checked.
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -140,109 +139,92 @@ fn addr_v6(port: u16, octets: [u8; 16], flowinfo: u32, scope_id: u32) -> SocketA
     ))
 }
 
-#[cfg(all(
-    target_os = "linux",
-    target_pointer_width = "64",
-    target_endian = "little"
-))]
+#[cfg(target_os = "linux")]
 mod sys {
-    use std::ffi::{c_int, c_uint, c_void};
     use std::io;
+    use std::mem;
     use std::net::SocketAddr;
     use std::os::fd::AsRawFd;
     use std::ptr;
 
+    use libc::{c_uint, c_void, iovec, mmsghdr, sockaddr_storage, socklen_t};
     use tokio::net::UdpSocket;
 
     use super::{addr_v4, addr_v6, RecvBatch, MAX_BATCH};
 
-    /// `struct iovec`.
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct IoVec {
-        base: *mut c_void,
-        len: usize,
+    const STORAGE_LEN: socklen_t = mem::size_of::<sockaddr_storage>() as socklen_t;
+
+    fn no_iov() -> iovec {
+        iovec {
+            iov_base: ptr::null_mut(),
+            iov_len: 0,
+        }
     }
 
-    /// `struct msghdr` of glibc on 64-bit Linux (musl's, with its padding words, has the same
-    /// little-endian layout).
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct MsgHdr {
-        name: *mut c_void,
-        namelen: u32,
-        iov: *mut IoVec,
-        iovlen: usize,
-        control: *mut c_void,
-        controllen: usize,
-        flags: c_int,
+    fn no_hdr() -> mmsghdr {
+        // SAFETY: all-zero is a valid `mmsghdr` (null pointers, zero lengths and flags).
+        unsafe { mem::zeroed() }
     }
 
-    /// `struct mmsghdr`.
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct MMsgHdr {
-        hdr: MsgHdr,
-        len: c_uint,
+    fn no_storage() -> sockaddr_storage {
+        // SAFETY: all-zero is a valid `sockaddr_storage` (family AF_UNSPEC).
+        unsafe { mem::zeroed() }
     }
 
-    /// `struct sockaddr_storage`.
-    #[repr(C, align(8))]
-    #[derive(Clone, Copy)]
-    struct SockAddrStorage([u8; 128]);
-
-    const MSG_TRUNC: c_int = 0x20;
-    const MSG_DONTWAIT: c_int = 0x40;
-    const AF_INET: u16 = 2;
-    const AF_INET6: u16 = 10;
-
-    extern "C" {
-        fn sendmmsg(fd: c_int, msgvec: *mut MMsgHdr, vlen: c_uint, flags: c_int) -> c_int;
-        fn recvmmsg(
-            fd: c_int,
-            msgvec: *mut MMsgHdr,
-            vlen: c_uint,
-            flags: c_int,
-            timeout: *mut c_void,
-        ) -> c_int;
-    }
-
-    const NO_IOV: IoVec = IoVec {
-        base: ptr::null_mut(),
-        len: 0,
-    };
-    const NO_HDR: MMsgHdr = MMsgHdr {
-        hdr: MsgHdr {
-            name: ptr::null_mut(),
-            namelen: 0,
-            iov: ptr::null_mut(),
-            iovlen: 0,
-            control: ptr::null_mut(),
-            controllen: 0,
-            flags: 0,
-        },
-        len: 0,
-    };
-
-    /// `dst` as a `sockaddr_in` / `sockaddr_in6`, and its length.
-    fn encode(dst: SocketAddr) -> (SockAddrStorage, u32) {
-        let mut s = SockAddrStorage([0; 128]);
-        let b = &mut s.0;
+    /// `dst` as a `sockaddr_in` / `sockaddr_in6` in a `sockaddr_storage`, and its length.
+    fn encode(dst: SocketAddr) -> (sockaddr_storage, socklen_t) {
+        let mut storage = no_storage();
         match dst {
             SocketAddr::V4(a) => {
-                b[0..2].copy_from_slice(&AF_INET.to_ne_bytes());
-                b[2..4].copy_from_slice(&a.port().to_be_bytes());
-                b[4..8].copy_from_slice(&a.ip().octets());
-                (s, 16)
+                // SAFETY: `sockaddr_storage` is large and aligned enough for any socket address.
+                let sin = unsafe {
+                    &mut *(&mut storage as *mut sockaddr_storage).cast::<libc::sockaddr_in>()
+                };
+                sin.sin_family = libc::AF_INET as libc::sa_family_t;
+                sin.sin_port = a.port().to_be();
+                sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
+                (storage, mem::size_of::<libc::sockaddr_in>() as socklen_t)
             }
             SocketAddr::V6(a) => {
-                b[0..2].copy_from_slice(&AF_INET6.to_ne_bytes());
-                b[2..4].copy_from_slice(&a.port().to_be_bytes());
-                b[4..8].copy_from_slice(&a.flowinfo().to_ne_bytes());
-                b[8..24].copy_from_slice(&a.ip().octets());
-                b[24..28].copy_from_slice(&a.scope_id().to_ne_bytes());
-                (s, 28)
+                // SAFETY: as above.
+                let sin6 = unsafe {
+                    &mut *(&mut storage as *mut sockaddr_storage).cast::<libc::sockaddr_in6>()
+                };
+                sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+                sin6.sin6_port = a.port().to_be();
+                sin6.sin6_flowinfo = a.flowinfo();
+                sin6.sin6_addr.s6_addr = a.ip().octets();
+                sin6.sin6_scope_id = a.scope_id();
+                (storage, mem::size_of::<libc::sockaddr_in6>() as socklen_t)
             }
+        }
+    }
+
+    /// The address the kernel wrote into `storage` (`len` bytes), if IPv4 or IPv6.
+    fn decode(storage: &sockaddr_storage, len: socklen_t) -> Option<SocketAddr> {
+        let len = len as usize;
+        match storage.ss_family as libc::c_int {
+            libc::AF_INET if len >= mem::size_of::<libc::sockaddr_in>() => {
+                // SAFETY: the family says the storage holds a `sockaddr_in`.
+                let sin =
+                    unsafe { &*(storage as *const sockaddr_storage).cast::<libc::sockaddr_in>() };
+                Some(addr_v4(
+                    u16::from_be(sin.sin_port),
+                    sin.sin_addr.s_addr.to_ne_bytes(),
+                ))
+            }
+            libc::AF_INET6 if len >= mem::size_of::<libc::sockaddr_in6>() => {
+                // SAFETY: the family says the storage holds a `sockaddr_in6`.
+                let sin6 =
+                    unsafe { &*(storage as *const sockaddr_storage).cast::<libc::sockaddr_in6>() };
+                Some(addr_v6(
+                    u16::from_be(sin6.sin6_port),
+                    sin6.sin6_addr.s6_addr,
+                    sin6.sin6_flowinfo,
+                    sin6.sin6_scope_id,
+                ))
+            }
+            _ => None,
         }
     }
 
@@ -253,32 +235,28 @@ mod sys {
     ) -> io::Result<usize> {
         let count = frames.len().min(MAX_BATCH);
         let (mut name, namelen) = encode(dst);
-        let mut iovs = [NO_IOV; MAX_BATCH];
-        let mut hdrs = [NO_HDR; MAX_BATCH];
-        let iov_ptr = iovs.as_mut_ptr();
-        let name_ptr: *mut c_void = name.0.as_mut_ptr().cast();
-        for (i, (h, f)) in hdrs.iter_mut().zip(frames).enumerate().take(count) {
-            // SAFETY: `i < count <= MAX_BATCH`, within `iovs`.
-            unsafe {
-                *iov_ptr.add(i) = IoVec {
-                    base: f.as_ptr().cast_mut().cast(),
-                    len: f.len(),
-                };
-                h.hdr.iov = iov_ptr.add(i);
-            }
-            h.hdr.name = name_ptr;
-            h.hdr.namelen = namelen;
-            h.hdr.iovlen = 1;
+        let mut iovs: [iovec; MAX_BATCH] = std::array::from_fn(|_| no_iov());
+        let mut hdrs: [mmsghdr; MAX_BATCH] = std::array::from_fn(|_| no_hdr());
+        let name_ptr: *mut c_void = (&mut name as *mut sockaddr_storage).cast();
+        for ((h, iov), f) in hdrs.iter_mut().zip(iovs.iter_mut()).zip(frames).take(count) {
+            *iov = iovec {
+                iov_base: f.as_ptr().cast_mut().cast(),
+                iov_len: f.len(),
+            };
+            h.msg_hdr.msg_iov = iov;
+            h.msg_hdr.msg_iovlen = 1;
+            h.msg_hdr.msg_name = name_ptr;
+            h.msg_hdr.msg_namelen = namelen;
         }
-        // SAFETY: each header points at a live iovec of this frame describing a live slice
-        // (the kernel only reads from it) and at the encoded destination. MSG_DONTWAIT:
-        // never blocks.
+        // SAFETY: each of the first `count` headers points at a live iovec of this frame that
+        // describes a live slice (the kernel only reads from it) and at the encoded
+        // destination. MSG_DONTWAIT: never blocks.
         let r = unsafe {
-            sendmmsg(
+            libc::sendmmsg(
                 socket.as_raw_fd(),
                 hdrs.as_mut_ptr(),
                 count as c_uint,
-                MSG_DONTWAIT,
+                libc::MSG_DONTWAIT,
             )
         };
         if r < 0 {
@@ -291,35 +269,36 @@ mod sys {
         let count = b.capacity.min(MAX_BATCH);
         let room = b.slot - b.headroom;
         assert!(b.buf.len() >= count * b.slot);
-        let mut iovs = [NO_IOV; MAX_BATCH];
-        let mut names = [SockAddrStorage([0; 128]); MAX_BATCH];
-        let mut hdrs = [NO_HDR; MAX_BATCH];
-        let base = b.buf.as_mut_ptr();
-        let iov_ptr = iovs.as_mut_ptr();
-        let name_ptr = names.as_mut_ptr();
-        for (i, h) in hdrs.iter_mut().enumerate().take(count) {
-            // SAFETY: slot `i` lies within `b.buf` (asserted above), and `i < MAX_BATCH` for
-            // the three local arrays.
-            unsafe {
-                *iov_ptr.add(i) = IoVec {
-                    base: base.add(i * b.slot + b.headroom).cast(),
-                    len: room,
-                };
-                h.hdr.name = name_ptr.add(i).cast();
-                h.hdr.iov = iov_ptr.add(i);
-            }
-            h.hdr.namelen = 128;
-            h.hdr.iovlen = 1;
+        let mut iovs: [iovec; MAX_BATCH] = std::array::from_fn(|_| no_iov());
+        let mut names: [sockaddr_storage; MAX_BATCH] = std::array::from_fn(|_| no_storage());
+        let mut hdrs: [mmsghdr; MAX_BATCH] = std::array::from_fn(|_| no_hdr());
+        let (slot, headroom) = (b.slot, b.headroom);
+        for (i, ((h, iov), name)) in hdrs
+            .iter_mut()
+            .zip(iovs.iter_mut())
+            .zip(names.iter_mut())
+            .enumerate()
+            .take(count)
+        {
+            *iov = iovec {
+                iov_base: b.buf[i * slot + headroom..].as_mut_ptr().cast(),
+                iov_len: room,
+            };
+            h.msg_hdr.msg_iov = iov;
+            h.msg_hdr.msg_iovlen = 1;
+            h.msg_hdr.msg_name = (name as *mut sockaddr_storage).cast();
+            h.msg_hdr.msg_namelen = STORAGE_LEN;
         }
-        // SAFETY: every header points at a live iovec and sockaddr_storage of this frame and
-        // at `room` writable bytes of `b.buf`; the kernel writes at most that much into each
-        // and fills in `len`, `namelen` and `flags`. MSG_DONTWAIT: never blocks.
+        // SAFETY: each of the first `count` headers points at a live iovec and
+        // sockaddr_storage of this frame and at `room` writable bytes of `b.buf` (slot `i`
+        // lies within it, asserted above); the kernel writes at most that much into each and
+        // fills in `msg_len`, `msg_namelen` and `msg_flags`. MSG_DONTWAIT: never blocks.
         let r = unsafe {
-            recvmmsg(
+            libc::recvmmsg(
                 socket.as_raw_fd(),
                 hdrs.as_mut_ptr(),
                 count as c_uint,
-                MSG_DONTWAIT,
+                libc::MSG_DONTWAIT,
                 ptr::null_mut(),
             )
         };
@@ -328,34 +307,16 @@ mod sys {
         }
         let r = (r as usize).min(count);
         for (h, name) in hdrs.iter().zip(names.iter()).take(r) {
-            let n = (h.len as usize).min(room);
-            let trunc = h.hdr.flags & MSG_TRUNC != 0;
-            let s = &name.0;
-            let family = u16::from_ne_bytes([s[0], s[1]]);
-            let port = u16::from_be_bytes([s[2], s[3]]);
-            let src = match (family, h.hdr.namelen) {
-                (AF_INET, l) if l >= 16 => Some(addr_v4(port, [s[4], s[5], s[6], s[7]])),
-                (AF_INET6, l) if l >= 28 => {
-                    let mut ip = [0u8; 16];
-                    ip.copy_from_slice(&s[8..24]);
-                    // As the standard library reads it (tokio's addresses match ours).
-                    let flow = u32::from_ne_bytes([s[4], s[5], s[6], s[7]]);
-                    let scope = u32::from_ne_bytes([s[24], s[25], s[26], s[27]]);
-                    Some(addr_v6(port, ip, flow, scope))
-                }
-                _ => None,
-            };
+            let n = (h.msg_len as usize).min(room);
+            let trunc = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+            let src = decode(name, h.msg_hdr.msg_namelen);
             b.got.push(src.map(|src| (n, src, trunc)));
         }
         Ok(r)
     }
 }
 
-#[cfg(not(all(
-    target_os = "linux",
-    target_pointer_width = "64",
-    target_endian = "little"
-)))]
+#[cfg(not(target_os = "linux"))]
 mod sys {
     use std::io;
 
