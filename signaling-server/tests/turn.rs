@@ -57,9 +57,22 @@ fn loopback_config() -> TurnConfig {
     }
 }
 
+/// [`loopback_config`] that lets clients relay to peers on 127.0.0.0/8.
+fn open_config() -> TurnConfig {
+    TurnConfig {
+        allow_peers: vec!["127.0.0.0/8".parse().unwrap()],
+        ..loopback_config()
+    }
+}
+
 async fn start(config: TurnConfig) -> TurnHandle {
     init_tracing();
     TurnServer::start(config).await.expect("start TURN")
+}
+
+/// Credentials for a fresh user (see [`unique_user`]), valid for ten minutes.
+fn credentials(turn: &TurnHandle, tag: &str) -> (String, String) {
+    turn.credentials(&unique_user(tag), Duration::from_secs(600))
 }
 
 /// A UDP port that was free a moment ago.
@@ -192,17 +205,22 @@ fn spawn_peer() -> (tokio::process::Child, u16) {
     (child, port)
 }
 
+/// [`spawn_peer`], given a moment to bind its port.
+async fn spawn_ready_peer() -> (tokio::process::Child, u16) {
+    let peer = spawn_peer();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    peer
+}
+
 #[tokio::test]
 async fn uclient_relays_through_channel_to_turnutils_peer() {
     let secret = "uclient-secret";
     let turn = start(TurnConfig {
         secret: secret.into(),
-        allow_peers: vec!["127.0.0.0/8".parse().unwrap()],
-        ..loopback_config()
+        ..open_config()
     })
     .await;
-    let (_peer, peer_port) = spawn_peer();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_peer, peer_port) = spawn_ready_peer().await;
     let user = unique_user("uclient");
     let (username, password) = turn.credentials(&user, Duration::from_secs(600));
     let port = turn.local_addr().port().to_string();
@@ -267,7 +285,7 @@ async fn uclient_wrong_password_and_expired_credentials_get_401() {
     })
     .await;
     let port = turn.local_addr().port().to_string();
-    let (username, _) = turn.credentials(&unique_user("wrongpw"), Duration::from_secs(600));
+    let (username, _) = credentials(&turn, "wrongpw");
     let expired = rest_credentials(secret, &unique_user("expired"), now_unix() - 60);
     for (what, username, password) in [
         ("wrong password", username, "not-the-password".to_string()),
@@ -636,7 +654,7 @@ async fn user_quota_gives_486_and_frees_on_refresh_0() {
     let mut c = RawClient::new(server, &username2, &password2).await;
     assert_eq!(error_code(&c.allocate().await), Some(486));
     // Another user is not affected.
-    let (other, other_pw) = turn.credentials(&unique_user("quota-other"), Duration::from_secs(600));
+    let (other, other_pw) = credentials(&turn, "quota-other");
     let mut d = RawClient::new(server, &other, &other_pw).await;
     assert_success(&d.allocate().await, "other user");
 
@@ -663,8 +681,8 @@ async fn total_quota_gives_486() {
     })
     .await;
     let server = turn.local_addr();
-    let (u1, p1) = turn.credentials(&unique_user("total-a"), Duration::from_secs(600));
-    let (u2, p2) = turn.credentials(&unique_user("total-b"), Duration::from_secs(600));
+    let (u1, p1) = credentials(&turn, "total-a");
+    let (u2, p2) = credentials(&turn, "total-b");
     let mut a = RawClient::new(server, &u1, &p1).await;
     assert_success(&a.allocate().await, "first");
     let mut b = RawClient::new(server, &u2, &p2).await;
@@ -679,12 +697,11 @@ async fn total_quota_gives_486() {
 async fn uclient_two_clients_over_user_quota_one() {
     let turn = start(TurnConfig {
         user_quota: 1,
-        allow_peers: vec!["127.0.0.0/8".parse().unwrap()],
-        ..loopback_config()
+        ..open_config()
     })
     .await;
-    let (_peer, peer_port) = spawn_peer();
-    let (username, password) = turn.credentials(&unique_user("uc-quota"), Duration::from_secs(600));
+    let (_peer, peer_port) = spawn_ready_peer().await;
+    let (username, password) = credentials(&turn, "uc-quota");
     let (code, out) = run_tool(
         "turnutils_uclient",
         &s(&[
@@ -721,7 +738,7 @@ async fn uclient_two_clients_over_user_quota_one() {
 async fn lifetimes_are_clamped() {
     let turn = start(loopback_config()).await;
     let server = turn.local_addr();
-    let (u, p) = turn.credentials(&unique_user("life"), Duration::from_secs(600));
+    let (u, p) = credentials(&turn, "life");
     for (asked, granted) in [
         (Some(5000), 3599),
         (Some(3600), 3599),
@@ -822,7 +839,7 @@ async fn denied_peer_gets_403_and_no_relayed_bytes() {
     let server = turn.local_addr();
     let peer = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
     let peer_addr = peer.local_addr().unwrap();
-    let (u, p) = turn.credentials(&unique_user("denied"), Duration::from_secs(600));
+    let (u, p) = credentials(&turn, "denied");
     let mut c = RawClient::new(server, &u, &p).await;
     let r = c.allocate().await;
     assert_success(&r, "allocate");
@@ -890,15 +907,11 @@ async fn denied_peer_gets_403_and_no_relayed_bytes() {
 
 #[tokio::test]
 async fn allowed_peer_relays_both_ways_with_raw_client() {
-    let turn = start(TurnConfig {
-        allow_peers: vec!["127.0.0.0/8".parse().unwrap()],
-        ..loopback_config()
-    })
-    .await;
+    let turn = start(open_config()).await;
     let server = turn.local_addr();
     let peer = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
     let peer_addr = peer.local_addr().unwrap();
-    let (u, p) = turn.credentials(&unique_user("allowed"), Duration::from_secs(600));
+    let (u, p) = credentials(&turn, "allowed");
     let mut c = RawClient::new(server, &u, &p).await;
     let r = c.allocate().await;
     assert_success(&r, "allocate");
@@ -957,7 +970,7 @@ async fn allowed_peer_relays_both_ways_with_raw_client() {
 async fn shutdown_closes_listener_allocations_and_relays() {
     let turn = start(loopback_config()).await;
     let server = turn.local_addr();
-    let (u, p) = turn.credentials(&unique_user("shutdown"), Duration::from_secs(600));
+    let (u, p) = credentials(&turn, "shutdown");
     let mut relays = Vec::new();
     for _ in 0..3 {
         let mut c = RawClient::new(server, &u, &p).await;
@@ -985,7 +998,7 @@ async fn relay_ports_stay_in_range() {
     })
     .await;
     let server = turn.local_addr();
-    let (u, p) = turn.credentials(&unique_user("range"), Duration::from_secs(600));
+    let (u, p) = credentials(&turn, "range");
     let mut ok = 0;
     let mut clients = Vec::new();
     for _ in 0..3 {
@@ -1013,8 +1026,7 @@ async fn expired_credentials_still_renew_their_own_allocation() {
     let secret = "renew-secret";
     let turn = start(TurnConfig {
         secret: secret.into(),
-        allow_peers: vec!["127.0.0.0/8".parse().unwrap()],
-        ..loopback_config()
+        ..open_config()
     })
     .await;
     let server = turn.local_addr();
@@ -1073,7 +1085,7 @@ async fn client_with_channel(
     channel: u16,
 ) -> (RawClient, UdpSocket, SocketAddr) {
     let peer = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
-    let (u, p) = turn.credentials(&unique_user(tag), Duration::from_secs(600));
+    let (u, p) = credentials(turn, tag);
     let mut c = RawClient::new(turn.local_addr(), &u, &p).await;
     let r = c.allocate().await;
     assert_success(&r, "allocate");
@@ -1088,18 +1100,15 @@ async fn uclient_channel_traffic_takes_the_fast_path_with_and_without_padding() 
     let secret = "fast-uclient-secret";
     let turn = start(TurnConfig {
         secret: secret.into(),
-        allow_peers: vec!["127.0.0.0/8".parse().unwrap()],
-        ..loopback_config()
+        ..open_config()
     })
     .await;
-    let (_peer, peer_port) = spawn_peer();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_peer, peer_port) = spawn_ready_peer().await;
     let port = turn.local_addr().port().to_string();
     // -D: pad every ChannelData to a multiple of four (as pjnath does); 121 B needs 3 bytes.
     for (extra, len, n) in [(None, 120u64, 50u64), (Some("-D"), 121, 30)] {
         let before = turn.stats();
-        let (username, password) =
-            turn.credentials(&unique_user("fast-uc"), Duration::from_secs(600));
+        let (username, password) = credentials(&turn, "fast-uc");
         let mut args = s(&[
             "-u",
             &username,
@@ -1160,11 +1169,7 @@ async fn uclient_channel_traffic_takes_the_fast_path_with_and_without_padding() 
 
 #[tokio::test]
 async fn fast_path_relays_exact_payloads_both_ways() {
-    let turn = start(TurnConfig {
-        allow_peers: vec!["127.0.0.0/8".parse().unwrap()],
-        ..loopback_config()
-    })
-    .await;
+    let turn = start(open_config()).await;
     let (c, peer, relay) = client_with_channel(&turn, "fast-exact", 0x4abc).await;
     let sizes = [0usize, 1, 3, 4, 5, 120, 1000, 1400];
 
@@ -1220,11 +1225,7 @@ async fn fast_path_relays_exact_payloads_both_ways() {
 
 #[tokio::test]
 async fn fast_path_only_serves_the_bound_channel_peer_and_client() {
-    let turn = start(TurnConfig {
-        allow_peers: vec!["127.0.0.0/8".parse().unwrap()],
-        ..loopback_config()
-    })
-    .await;
+    let turn = start(open_config()).await;
     let (mut c, peer, relay) = client_with_channel(&turn, "fast-scope", 0x4001).await;
 
     // An unbound channel number relays nothing.
@@ -1299,7 +1300,7 @@ async fn channel_to_denied_peer_never_takes_the_fast_path() {
     let turn = start(loopback_config()).await;
     let peer = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
     let peer_addr = peer.local_addr().unwrap();
-    let (u, p) = turn.credentials(&unique_user("fast-denied"), Duration::from_secs(600));
+    let (u, p) = credentials(&turn, "fast-denied");
     let mut c = RawClient::new(turn.local_addr(), &u, &p).await;
     let relay = relayed_addr(&c.allocate().await);
     let r = c.channel_bind(0x4000, peer_addr).await;
@@ -1321,9 +1322,8 @@ async fn channel_to_denied_peer_never_takes_the_fast_path() {
 #[tokio::test]
 async fn expired_and_released_channels_stop_the_fast_path() {
     let turn = start(TurnConfig {
-        allow_peers: vec!["127.0.0.0/8".parse().unwrap()],
         channel_lifetime: Duration::from_secs(2),
-        ..loopback_config()
+        ..open_config()
     })
     .await;
     let (mut c, peer, relay) = client_with_channel(&turn, "fast-expiry", 0x4100).await;
@@ -1390,11 +1390,7 @@ async fn expired_and_released_channels_stop_the_fast_path() {
 /// misdelivered, all of it on the fast path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fast_path_under_load_delivers_everything_to_the_right_client() {
-    let turn = start(TurnConfig {
-        allow_peers: vec!["127.0.0.0/8".parse().unwrap()],
-        ..loopback_config()
-    })
-    .await;
+    let turn = start(open_config()).await;
     const CLIENTS: usize = 3;
     const MSGS: u32 = 2000;
     const WINDOW: u32 = 16;
@@ -1419,7 +1415,7 @@ async fn fast_path_under_load_delivers_everything_to_the_right_client() {
 
     let mut tasks = Vec::new();
     for i in 0..CLIENTS {
-        let (u, p) = turn.credentials(&unique_user("fast-load"), Duration::from_secs(600));
+        let (u, p) = credentials(&turn, "fast-load");
         let mut c = RawClient::new(turn.local_addr(), &u, &p).await;
         assert_success(&c.allocate().await, "allocate");
         let channel = 0x4000 + i as u16;

@@ -11,6 +11,7 @@
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::sync::Mutex;
 
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
@@ -95,6 +96,40 @@ impl RecvBatch {
         // tokio does not say whether the datagram was cut; a full slot may have been.
         self.got.push(Some((n.min(cap), src, n >= cap)));
         Ok(1)
+    }
+}
+
+/// Where a socket's [`RecvBatch`] waits between receive calls, with the datagrams not yet
+/// handed out (the turn crate asks for one datagram per call).
+pub(crate) struct BatchSlot {
+    batch: Mutex<Option<RecvBatch>>,
+    /// (capacity, max_datagram, headroom) of a new batch.
+    shape: (usize, usize, usize),
+}
+
+impl BatchSlot {
+    /// An empty slot; the first [`BatchSlot::take`] makes a `RecvBatch::new(capacity,
+    /// max_datagram, headroom)`.
+    pub(crate) fn new(capacity: usize, max_datagram: usize, headroom: usize) -> Self {
+        BatchSlot {
+            batch: Mutex::new(None),
+            shape: (capacity, max_datagram, headroom),
+        }
+    }
+
+    /// The parked batch, or a new empty one.
+    pub(crate) fn take(&self) -> RecvBatch {
+        let (capacity, max_datagram, headroom) = self.shape;
+        self.batch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_else(|| RecvBatch::new(capacity, max_datagram, headroom))
+    }
+
+    /// Parks `batch` for the next receive call.
+    pub(crate) fn put(&self, batch: RecvBatch) {
+        *self.batch.lock().unwrap_or_else(|e| e.into_inner()) = Some(batch);
     }
 }
 

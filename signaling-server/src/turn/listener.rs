@@ -13,7 +13,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -27,7 +27,7 @@ use tokio::net::UdpSocket;
 use webrtc_util::Conn;
 
 use super::auth::{now_unix, parse_rest_username, rest_key};
-use super::batch::{RecvBatch, MAX_BATCH};
+use super::batch::{BatchSlot, RecvBatch, MAX_BATCH};
 use super::relay::{RelayConn, Route, CHANNEL_HEADER};
 use super::socket::ClosableUdp;
 use super::wire;
@@ -114,7 +114,7 @@ pub(crate) struct GuardedListener {
     local: SocketAddr,
     shared: Arc<Shared>,
     /// Received datagrams not yet handled (kept between calls).
-    batch: Mutex<Option<RecvBatch>>,
+    batch: BatchSlot,
 }
 
 impl GuardedListener {
@@ -123,7 +123,7 @@ impl GuardedListener {
             socket: Arc::new(ClosableUdp::new(socket, format!("listener {local}"))),
             local,
             shared,
-            batch: Mutex::new(None),
+            batch: BatchSlot::new(MAX_BATCH, LISTENER_MAX_DATAGRAM, 0),
         }
     }
 
@@ -286,10 +286,7 @@ impl GuardedListener {
         if class == CLASS_INDICATION && method == METHOD_SEND {
             if let Some(peers) = wire::peer_addresses(buf) {
                 if let Some(p) = peers.iter().find(|p| self.shared.denied(p.ip())) {
-                    self.shared
-                        .counters
-                        .refused_peer
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.shared.refuse_peer(1);
                     tracing::debug!(target: LOG, client = %src, peer = %p,
                         "dropped Send indication to a denied peer");
                     return Verdict::Drop;
@@ -455,10 +452,7 @@ impl GuardedListener {
             return Verdict::Pass; // malformed: the turn crate answers 400
         };
         if let Some(p) = peers.iter().find(|p| self.shared.denied(p.ip())) {
-            self.shared
-                .counters
-                .refused_peer
-                .fetch_add(1, Ordering::Relaxed);
+            self.shared.refuse_peer(1);
             tracing::info!(target: LOG, client = %src, username, peer = %p, method = %m.typ.method,
                 "refused (403): peer address denied by policy");
             return reply(wire::error_response(
@@ -623,18 +617,11 @@ impl Conn for GuardedListener {
 
     async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
         let socket = self.socket.get()?;
-        let mut batch = self
-            .batch
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .unwrap_or_else(|| RecvBatch::new(MAX_BATCH, LISTENER_MAX_DATAGRAM, 0));
-        let r = tokio::select! {
-            biased;
-            r = self.recv_loop(&socket, &mut batch, buf) => Ok(r),
-            _ = self.socket.closed() => Err(webrtc_util::Error::ErrUseClosedNetworkConn),
-        };
-        *self.batch.lock().unwrap_or_else(|e| e.into_inner()) = Some(batch);
+        let mut batch = self.batch.take();
+        let r = (self.socket)
+            .until_closed(self.recv_loop(&socket, &mut batch, buf))
+            .await;
+        self.batch.put(batch);
         r
     }
 

@@ -257,6 +257,11 @@ impl Shared {
         is_denied_peer(ip, &self.allow_peers)
     }
 
+    /// Counts `n` requests, indications or datagrams refused by the peer policy.
+    pub(crate) fn refuse_peer(&self, n: u64) {
+        self.counters.refused_peer.fetch_add(n, Ordering::Relaxed);
+    }
+
     pub(crate) fn lock_book(&self) -> MutexGuard<'_, Book> {
         self.book.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -13,7 +13,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -22,7 +22,7 @@ use tokio::net::UdpSocket;
 use turn::relay::RelayAddressGenerator;
 use webrtc_util::Conn;
 
-use super::batch::RecvBatch;
+use super::batch::{BatchSlot, RecvBatch};
 use super::socket::{bind_udp, ClosableUdp};
 use super::{Shared, LOG, PERMISSION_LIFETIME};
 
@@ -171,7 +171,7 @@ pub(crate) struct RelayConn {
     fast: RwLock<FastState>,
     /// Received datagrams not yet handled (kept between calls), each with room for the
     /// ChannelData header in front.
-    batch: Mutex<Option<RecvBatch>>,
+    batch: BatchSlot,
 }
 
 impl RelayConn {
@@ -311,10 +311,7 @@ impl RelayConn {
     /// passed the policy when the channel was bound; checked again here.
     pub(crate) async fn send_batch_to_peer(&self, payloads: &[&[u8]], peer: SocketAddr) {
         if self.shared.denied(peer.ip()) {
-            self.shared
-                .counters
-                .refused_peer
-                .fetch_add(payloads.len() as u64, Ordering::Relaxed);
+            self.shared.refuse_peer(payloads.len() as u64);
             return;
         }
         let sent = match self.socket.try_send_batch(payloads, peer) {
@@ -367,10 +364,7 @@ impl RelayConn {
                     continue;
                 }
                 if self.shared.denied(src.ip()) {
-                    self.shared
-                        .counters
-                        .refused_peer
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.shared.refuse_peer(1);
                     tracing::debug!(target: LOG, relay = %self.local, peer = %src,
                         "dropped {n} bytes from a denied peer");
                     continue;
@@ -462,18 +456,11 @@ impl Conn for RelayConn {
 
     async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
         let socket = self.socket.get()?;
-        let mut batch = self
-            .batch
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .unwrap_or_else(|| RecvBatch::new(RELAY_BATCH, MAX_DATAGRAM, CHANNEL_HEADER));
-        let r = tokio::select! {
-            biased;
-            r = self.recv_loop(&socket, &mut batch, buf) => Ok(r),
-            _ = self.socket.closed() => Err(webrtc_util::Error::ErrUseClosedNetworkConn),
-        };
-        *self.batch.lock().unwrap_or_else(|e| e.into_inner()) = Some(batch);
+        let mut batch = self.batch.take();
+        let r = (self.socket)
+            .until_closed(self.recv_loop(&socket, &mut batch, buf))
+            .await;
+        self.batch.put(batch);
         r
     }
 
@@ -485,10 +472,7 @@ impl Conn for RelayConn {
 
     async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
         if self.shared.denied(target.ip()) {
-            self.shared
-                .counters
-                .refused_peer
-                .fetch_add(1, Ordering::Relaxed);
+            self.shared.refuse_peer(1);
             tracing::debug!(target: LOG, relay = %self.local, peer = %target,
                 "dropped {} bytes to a denied peer", buf.len());
             // Pretend success: the turn crate would only log an error.
@@ -548,7 +532,7 @@ impl RelayGenerator {
             shared: Arc::clone(&self.shared),
             listener: Arc::clone(&self.listener),
             fast: RwLock::new(FastState::default()),
-            batch: Mutex::new(None),
+            batch: BatchSlot::new(RELAY_BATCH, MAX_DATAGRAM, CHANNEL_HEADER),
         });
         self.shared.register_relay(&conn);
         Ok(conn)

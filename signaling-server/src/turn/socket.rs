@@ -84,6 +84,18 @@ impl ClosableUdp {
         self.closed.cancelled()
     }
 
+    /// Runs `recv` (a receive loop on this socket) until it ends or the socket is shut.
+    pub(crate) async fn until_closed<T>(
+        &self,
+        recv: impl std::future::Future<Output = T>,
+    ) -> webrtc_util::Result<T> {
+        tokio::select! {
+            biased;
+            r = recv => Ok(r),
+            _ = self.closed() => Err(webrtc_util::Error::ErrUseClosedNetworkConn),
+        }
+    }
+
     /// Refills `batch` from `socket` (this socket, from [`ClosableUdp::get`]), waiting until
     /// something arrives. Receive errors are logged and retried; callers race this with
     /// [`ClosableUdp::closed`]. Yields to other tasks now and then (tokio's budget), since a
