@@ -242,6 +242,22 @@ impl Browser {
             .await;
     }
 
+    /// A browser on the server's page "p", connected with `options` (events recorded by
+    /// `CONNECT_JS`); returns it with its peer id.
+    async fn connect(ns: &Netns, server: &ServerHandle, options: Value) -> (Browser, PeerId) {
+        let mut b = Browser::launch(ns).await;
+        b.open("p", &ns.url(server, "/")).await;
+        let id = b.eval("p", CONNECT_JS, options).await;
+        let id = id.as_u64().expect("a numeric peer id") as PeerId;
+        (b, id)
+    }
+
+    /// Joins `group` on page "p"; returns the member list the server answered with.
+    async fn join(&mut self, group: &str) -> Value {
+        self.eval("p", "return await window.pm.join(arg);", json!(group))
+            .await
+    }
+
     async fn eval(&mut self, page: &str, js: &str, arg: Value) -> Value {
         self.call(json!({"op": "eval", "page": page, "js": js, "arg": arg}))
             .await
@@ -422,14 +438,9 @@ async fn browser_and_native_exchange_every_kind_of_message_directly() {
     let server = server_on(&ns, TurnMode::Disabled).await;
     let (n, mut ne) = native(&ns, &server, "native", false).await;
     n.join("g").await.unwrap();
-    let mut b = Browser::launch(&ns).await;
-    b.open("p", &ns.url(&server, "/")).await;
-    let bid = b.eval("p", CONNECT_JS, json!({"name": "chromium"})).await;
-    let bid = bid.as_u64().unwrap() as PeerId;
+    let (mut b, bid) = Browser::connect(&ns, &server, json!({"name": "chromium"})).await;
     // The browser joins second: it is the initiator of this link.
-    let members = b
-        .eval("p", "return await window.pm.join('g');", json!(null))
-        .await;
+    let members = b.join("g").await;
     assert_eq!(members, json!([{"peer": n.peer_id(), "name": "native"}]));
 
     let native_path = timeout(WAIT, native_direct(&n, &mut ne, bid))
@@ -501,13 +512,19 @@ async fn browser_and_native_exchange_every_kind_of_message_directly() {
              const big = m[2].data;
              let ok = big.length === (1 << 20);
              for (let i = 0; ok && i < big.length; i++) ok = big[i] === (i * 7 + 5) % 251;
-             return [m.length, m[0].from, m[0].text, Array.from(m[1].data), ok];",
+             return [m.length, m.map((m) => m.from), m[0].text, Array.from(m[1].data), ok];",
             json!(null),
         )
         .await;
     assert_eq!(
         got,
-        json!([3, n.peer_id(), "hello from rust", [9, 8, 7, 0, 255], true])
+        json!([
+            3,
+            vec![n.peer_id(); 3],
+            "hello from rust",
+            [9, 8, 7, 0, 255],
+            true
+        ])
     );
 
     // Unreliable messages still get through after the bulk transfers.
@@ -536,12 +553,8 @@ async fn three_member_group_all_pairs_direct() {
     let server = server_on(&ns, TurnMode::Disabled).await;
     let (a, mut ae) = native(&ns, &server, "alice", false).await;
     a.join("trio").await.unwrap();
-    let mut b = Browser::launch(&ns).await;
-    b.open("p", &ns.url(&server, "/")).await;
-    let bid = b.eval("p", CONNECT_JS, json!({"name": "chromium"})).await;
-    let bid = bid.as_u64().unwrap() as PeerId;
-    b.eval("p", "await window.pm.join('trio');", json!(null))
-        .await;
+    let (mut b, bid) = Browser::connect(&ns, &server, json!({"name": "chromium"})).await;
+    b.join("trio").await;
     // Carol joins last: she is the initiator towards the browser (the browser answers).
     let (c, mut ce) = native(&ns, &server, "carol", false).await;
     let members = c.join("trio").await.unwrap();
@@ -629,10 +642,7 @@ async fn relay_first_2000_messages_from_the_browser_arrive_in_order_across_the_s
     let server = server_on(&ns, TurnMode::Disabled).await;
     let (n, mut ne) = native(&ns, &server, "native", false).await;
     n.join("g").await.unwrap();
-    let mut b = Browser::launch(&ns).await;
-    b.open("p", &ns.url(&server, "/")).await;
-    let bid = b.eval("p", CONNECT_JS, json!({"name": "chromium"})).await;
-    let bid = bid.as_u64().unwrap() as PeerId;
+    let (mut b, bid) = Browser::connect(&ns, &server, json!({"name": "chromium"})).await;
     // From the moment of join: numbered messages, paced (10 per 10 ms) so the stream spans the
     // switch from the server path to the direct path.
     b.eval(
@@ -700,16 +710,8 @@ async fn relay_only_browser_and_native_through_the_embedded_turn() {
     let turn = server.turn().expect("embedded TURN").clone();
     let (n, mut ne) = native(&ns, &server, "native", true).await;
     n.join("g").await.unwrap();
-    let mut b = Browser::launch(&ns).await;
-    b.open("p", &ns.url(&server, "/")).await;
-    let bid = b
-        .eval(
-            "p",
-            CONNECT_JS,
-            json!({"name": "chromium", "relayOnly": true}),
-        )
-        .await;
-    let bid = bid.as_u64().unwrap() as PeerId;
+    let (mut b, bid) =
+        Browser::connect(&ns, &server, json!({"name": "chromium", "relayOnly": true})).await;
     let ice = b
         .eval("p", "return window.pm.iceServers;", json!(null))
         .await;
@@ -718,7 +720,7 @@ async fn relay_only_browser_and_native_through_the_embedded_turn() {
             .contains(&format!("turn:{}:{turn_port}", ns.host_ip)),
         "{ice}"
     );
-    b.eval("p", "await window.pm.join('g');", json!(null)).await;
+    b.join("g").await;
 
     let native_path = timeout(WAIT, native_direct(&n, &mut ne, bid))
         .await
@@ -1111,17 +1113,14 @@ impl CutTest {
     /// A browser and a native client in group "g" on a direct host/host path; the member that
     /// joins second is the link's initiator.
     async fn setup(ns: &Netns, server: &ServerHandle, browser_initiates: bool) -> CutTest {
-        let mut b = Browser::launch(ns).await;
-        b.open("p", &ns.url(server, "/")).await;
-        let bid = b.eval("p", CONNECT_JS, json!({"name": "chromium"})).await;
-        let bid = bid.as_u64().unwrap() as PeerId;
+        let (mut b, bid) = Browser::connect(ns, server, json!({"name": "chromium"})).await;
         let (n, ne) = if browser_initiates {
             let (n, ne) = native(ns, server, "native", false).await;
             n.join("g").await.unwrap();
-            b.eval("p", "await window.pm.join('g');", json!(null)).await;
+            b.join("g").await;
             (n, ne)
         } else {
-            b.eval("p", "await window.pm.join('g');", json!(null)).await;
+            b.join("g").await;
             let (n, ne) = native(ns, server, "native", false).await;
             n.join("g").await.unwrap();
             (n, ne)

@@ -1150,23 +1150,12 @@ class Link {
   // Initiator: a new PeerConnection generation and its offer.
   async start() {
     if (this.closed || !this.c.direct || this.declined) return;
-    this.downgrade('new connection attempt');
-    this.resetRtc();
-    this.gen++;
-    let pc;
-    try {
-      pc = this.createPc();
-    } catch (e) {
-      this.rtcFailed(`creating peer connection: ${e.message}`);
-      return;
-    }
+    const pc = this.newGeneration(this.gen + 1, 'new connection attempt');
+    if (!pc) return;
     try {
       const offer = await pc.createOffer();
       if (this.pc !== pc) return;
-      await pc.setLocalDescription(offer);
-      if (this.pc !== pc) return;
-      this.sendLocal('offer', offer.sdp);
-      this.armConnectTimer(pc);
+      await this.publishLocal(pc, offer);
     } catch (e) {
       if (this.pc === pc) this.rtcFailed(`creating offer: ${e.message}`);
     }
@@ -1230,16 +1219,8 @@ class Link {
 
   // Responder: adopt a newer generation.
   async acceptOffer(gen, sdp) {
-    this.downgrade('peer restarted the connection');
-    this.resetRtc();
-    this.gen = gen;
-    let pc;
-    try {
-      pc = this.createPc();
-    } catch (e) {
-      this.rtcFailed(`creating peer connection: ${e.message}`);
-      return;
-    }
+    const pc = this.newGeneration(gen, 'peer restarted the connection');
+    if (!pc) return;
     try {
       await pc.setRemoteDescription({ type: 'offer', sdp });
       if (this.pc !== pc) return;
@@ -1247,13 +1228,32 @@ class Link {
       await this.addQueuedCandidates(pc);
       const answer = await pc.createAnswer();
       if (this.pc !== pc) return;
-      await pc.setLocalDescription(answer);
-      if (this.pc !== pc) return;
-      this.sendLocal('answer', answer.sdp);
-      this.armConnectTimer(pc);
+      await this.publishLocal(pc, answer);
     } catch (e) {
       if (this.pc === pc) this.rtcFailed(`answering offer: ${e.message}`);
     }
+  }
+
+  // Back to the server path and a new PeerConnection for generation `gen`; null if that failed
+  // (already reported).
+  newGeneration(gen, reason) {
+    this.downgrade(reason);
+    this.resetRtc();
+    this.gen = gen;
+    try {
+      return this.createPc();
+    } catch (e) {
+      this.rtcFailed(`creating peer connection: ${e.message}`);
+      return null;
+    }
+  }
+
+  // Applies `desc` (offer or answer) locally and signals it, unless `pc` was replaced meanwhile.
+  async publishLocal(pc, desc) {
+    await pc.setLocalDescription(desc);
+    if (this.pc !== pc) return;
+    this.sendLocal(desc.type, desc.sdp);
+    this.armConnectTimer(pc);
   }
 
   async addQueuedCandidates(pc) {
