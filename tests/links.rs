@@ -430,3 +430,47 @@ async fn a_full_send_window_pushes_back_and_drains() {
         .unwrap_err();
     assert!(matches!(err, Error::MessageTooLarge { .. }), "{err:?}");
 }
+
+/// A peer with direct paths off declines the joiner's offer: the joiner is told "no direct
+/// path" once, stays on the server path, and messages flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declined_direct_path_is_reported_once() {
+    init_log();
+    let server = server().await;
+    let (bob, mut be) = client_with(&server, ClientConfig::new("bob").with_direct(false)).await;
+    bob.join("g").await.unwrap();
+    // The joiner is the initiator: alice offers, bob declines.
+    let (alice, mut ae) = client(&server, "alice").await;
+    alice.join("g").await.unwrap();
+    let ib = bob.peer_id();
+    match wait_for(
+        &mut ae,
+        10,
+        |e| matches!(e, Event::DirectFailed { peer, .. } if *peer == ib),
+    )
+    .await
+    {
+        Event::DirectFailed { reason, .. } => assert!(reason.contains("does not take direct")),
+        _ => unreachable!(),
+    }
+    alice
+        .send(ib, "still here", Reliability::Reliable)
+        .await
+        .unwrap();
+    let (got, _) = next_message(&mut be, alice.peer_id(), 10).await;
+    assert_eq!(&got[..], b"still here");
+    assert_eq!(alice.path(ib).unwrap(), Path::Server);
+    // No retry, so no second report (the back-off would retry within 2 s).
+    let again = tokio::time::timeout(Duration::from_secs(3), async {
+        while let Some(e) = ae.recv().await {
+            if matches!(e, Event::DirectFailed { .. }) {
+                return;
+            }
+        }
+        std::future::pending::<()>().await
+    })
+    .await;
+    assert!(again.is_err(), "a declined link tried again");
+    alice.close().await;
+    bob.close().await;
+}

@@ -1141,14 +1141,9 @@ impl LinkTask {
                 if gen == self.gen && self.initiator {
                     tracing::info!(peer = self.peer, "peer does not take direct paths");
                     self.declined = true;
-                    self.reset_rtc();
                     self.retry_at = None;
-                    self.shared
-                        .emit(Event::DirectFailed {
-                            peer: self.peer,
-                            reason: "the peer does not take direct paths".into(),
-                        })
-                        .await;
+                    // Reported like any failed attempt; `declined` stops the retries.
+                    self.rtc_failed("the peer does not take direct paths").await;
                 }
             }
             LinkSignal::Answer { gen, sdp } => {

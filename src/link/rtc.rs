@@ -319,15 +319,13 @@ impl DirectTx {
         ch: Channel,
         data: Bytes,
     ) -> impl std::future::Future<Output = Result<(), webrtc::Error>> + Send + 'static {
-        let dc = match ch {
-            Channel::Reliable => self.r.clone(),
-            Channel::Unreliable => self.u.clone(),
-        };
+        let tx = self.clone();
         async move {
             // By then the path has long been declared dead and its PeerConnection closed (a
             // dead path's queue never drains, and webrtc-sctp never wakes such a send).
-            match tokio::time::timeout(std::time::Duration::from_secs(30), dc.send(&data)).await {
-                Ok(result) => result.map(|_| ()),
+            match tokio::time::timeout(std::time::Duration::from_secs(30), tx.send(ch, &data)).await
+            {
+                Ok(result) => result,
                 Err(_) => Err(webrtc::Error::new("send still queued after 30 s".into())),
             }
         }
