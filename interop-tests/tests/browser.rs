@@ -628,6 +628,11 @@ async fn three_member_group_all_pairs_direct() {
     }
     assert!(a.link_stats(bid).unwrap().recv_direct >= 1);
     assert!(c.link_stats(bid).unwrap().recv_direct >= 1);
+    // Exactly one copy of each broadcast reached the browser.
+    assert_eq!(
+        b.eval("p", "return window.msgs.length;", json!(null)).await,
+        json!(2)
+    );
 
     b.quit().await;
     a.close().await;
@@ -758,11 +763,12 @@ async fn relay_only_browser_and_native_through_the_embedded_turn() {
         .wait_for(
             "p",
             "a message",
-            "return window.msgs.length && [window.msgs[0].from, window.msgs[0].text];",
+            "const m = window.msgs;
+             return m.length && [m.length, m[0].from, m[0].reliable, m[0].text];",
             json!(null),
         )
         .await;
-    assert_eq!(got, json!([n.peer_id(), "and back"]));
+    assert_eq!(got, json!([1, n.peer_id(), true, "and back"]));
     assert!(n.link_stats(bid).unwrap().recv_direct >= 1);
     let stats = turn.stats();
     assert!(stats.allocations >= 2, "{stats:?}");
