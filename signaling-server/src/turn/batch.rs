@@ -206,6 +206,27 @@ mod sys {
         unsafe { mem::zeroed() }
     }
 
+    /// Points `h` at one buffer (`len` bytes at `base`, described by `iov`) and at a socket
+    /// address (`namelen` bytes at `name`). Only pointers are stored here; the callers keep
+    /// what they point at alive across the system call.
+    fn point(
+        h: &mut mmsghdr,
+        iov: &mut iovec,
+        base: *mut c_void,
+        len: usize,
+        name: *mut c_void,
+        namelen: socklen_t,
+    ) {
+        *iov = iovec {
+            iov_base: base,
+            iov_len: len,
+        };
+        h.msg_hdr.msg_iov = iov;
+        h.msg_hdr.msg_iovlen = 1;
+        h.msg_hdr.msg_name = name;
+        h.msg_hdr.msg_namelen = namelen;
+    }
+
     /// `dst` as a `sockaddr_in` / `sockaddr_in6` in a `sockaddr_storage`, and its length.
     fn encode(dst: SocketAddr) -> (sockaddr_storage, socklen_t) {
         let mut storage = no_storage();
@@ -274,14 +295,14 @@ mod sys {
         let mut hdrs: [mmsghdr; MAX_BATCH] = std::array::from_fn(|_| no_hdr());
         let name_ptr: *mut c_void = (&mut name as *mut sockaddr_storage).cast();
         for ((h, iov), f) in hdrs.iter_mut().zip(iovs.iter_mut()).zip(frames).take(count) {
-            *iov = iovec {
-                iov_base: f.as_ptr().cast_mut().cast(),
-                iov_len: f.len(),
-            };
-            h.msg_hdr.msg_iov = iov;
-            h.msg_hdr.msg_iovlen = 1;
-            h.msg_hdr.msg_name = name_ptr;
-            h.msg_hdr.msg_namelen = namelen;
+            point(
+                h,
+                iov,
+                f.as_ptr().cast_mut().cast(),
+                f.len(),
+                name_ptr,
+                namelen,
+            );
         }
         // SAFETY: each of the first `count` headers points at a live iovec of this frame that
         // describes a live slice (the kernel only reads from it) and at the encoded
@@ -315,14 +336,9 @@ mod sys {
             .enumerate()
             .take(count)
         {
-            *iov = iovec {
-                iov_base: b.buf[i * slot + headroom..].as_mut_ptr().cast(),
-                iov_len: room,
-            };
-            h.msg_hdr.msg_iov = iov;
-            h.msg_hdr.msg_iovlen = 1;
-            h.msg_hdr.msg_name = (name as *mut sockaddr_storage).cast();
-            h.msg_hdr.msg_namelen = STORAGE_LEN;
+            let base = b.buf[i * slot + headroom..].as_mut_ptr().cast();
+            let name = (name as *mut sockaddr_storage).cast();
+            point(h, iov, base, room, name, STORAGE_LEN);
         }
         // SAFETY: each of the first `count` headers points at a live iovec and
         // sockaddr_storage of this frame and at `room` writable bytes of `b.buf` (slot `i`
