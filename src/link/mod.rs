@@ -465,12 +465,7 @@ impl LinkShared {
             _ => return false,
         }
         let mut send = Box::pin(d.send_owned(ch, frame));
-        let now = tokio::select! {
-            biased;
-            result = &mut send => Some(result),
-            _ = std::future::ready(()) => None,
-        };
-        let result = match now {
+        let result = match futures_util::FutureExt::now_or_never(&mut send) {
             Some(result) => result,
             None => {
                 let (tx, rx) = tokio::sync::oneshot::channel();
