@@ -95,7 +95,7 @@ struct Params {
 
 impl Params {
     fn transfer_limit(&self) -> Duration {
-        self.step + Duration::from_secs((self.bytes >> 20) as u64)
+        transfer_limit(self.step, self.bytes)
     }
 }
 
@@ -209,28 +209,22 @@ async fn peermesh_run(url: &str, i: usize, p: &Params) -> Result<PmRun> {
     let mut notes = Vec::new();
     let stats_at_direct = (a.link_stats(b_id)?, b.link_stats(a_id)?);
 
-    // ---- direct-path RTT: B pings, A's event loop echoes ----
+    // ---- direct-path RTT (B pings, A echoes), then throughput A → B ----
     ensure!(
         matches!(b.path(a_id)?, Path::Direct { .. }),
         "B is not on the direct path before the RTT step"
     );
-    let echo = spawn_echo(a.clone(), ea);
-    let rtt_direct = step(
-        "direct-path RTT",
-        p.step,
-        ping_pong(&b, a_id, &mut eb, p.warmup, p.rtt_samples),
-    )
-    .await?;
-
-    // ---- direct-path throughput: A → B ----
-    let mbps = transfer(
+    let (rtt_direct, mbps) = rtt_and_throughput(
         &a,
         a_id,
+        ea,
+        &b,
         b_id,
         &mut eb,
+        "direct-path",
+        p.warmup,
+        p.rtt_samples,
         p.bytes,
-        "direct-path throughput",
-        p.transfer_limit(),
         p.step,
     )
     .await?;
@@ -239,7 +233,6 @@ async fn peermesh_run(url: &str, i: usize, p: &Params) -> Result<PmRun> {
     check_stats("A→B", &stats_at_direct.0, &stats_end.0, &mut notes);
     check_stats("B→A", &stats_at_direct.1, &stats_end.1, &mut notes);
 
-    echo.abort();
     a.close().await;
     b.close().await;
     Ok(PmRun {

@@ -127,12 +127,6 @@ struct Params {
     step: Duration,
 }
 
-impl Params {
-    fn transfer_limit(&self) -> Duration {
-        self.step + Duration::from_secs((self.bytes >> 20) as u64)
-    }
-}
-
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Which {
     Ours,
@@ -804,30 +798,23 @@ async fn pair_run(url: &str, label: &str, p: &Params) -> Result<PairRun> {
     }
     let (a_direct, b_direct) = (a_direct.unwrap_or_default(), b_direct.unwrap_or_default());
 
-    // ---- RTT: B pings, A's event loop echoes ----
+    // ---- RTT (B pings, A echoes), then throughput A → B ----
     ensure!(b.path(a_id)? == RELAY, "B is not on the relay path");
-    let echo = spawn_echo(a.clone(), ea);
-    let rtt = step(
-        "relay-path RTT",
-        p.step,
-        ping_pong(&b, a_id, &mut eb, p.warmup, p.rtt_samples),
-    )
-    .await?;
-
-    // ---- throughput: A → B ----
-    let mbps = transfer(
+    let (rtt, mbps) = rtt_and_throughput(
         &a,
         a_id,
+        ea,
+        &b,
         b_id,
         &mut eb,
+        "relay-path",
+        p.warmup,
+        p.rtt_samples,
         p.bytes,
-        "relay-path throughput",
-        p.transfer_limit(),
         p.step,
     )
     .await?;
 
-    echo.abort();
     a.close().await;
     b.close().await;
     Ok(PairRun {

@@ -210,3 +210,51 @@ pub fn row(figure: &str, a: Option<Stat>, b: Option<Stat>, prec: usize) -> Strin
         f(b.map(|s| s.p95)),
     )
 }
+
+/// Time limit for moving `bytes` through the throughput step: `step` plus a second per MiB.
+pub fn transfer_limit(step_limit: Duration, bytes: usize) -> Duration {
+    step_limit + Duration::from_secs((bytes >> 20) as u64)
+}
+
+/// The two measured steps of a pair run, on whatever path the pair is on (`path` names it in
+/// errors): RTT (B pings, A's event loop echoes) then throughput A → B. Consumes A's events for
+/// the echo task, which is stopped before returning. Returns (RTT samples in ms, MB/s).
+#[allow(clippy::too_many_arguments)]
+pub async fn rtt_and_throughput(
+    a: &Client,
+    a_id: PeerId,
+    ea: Events,
+    b: &Client,
+    b_id: PeerId,
+    eb: &mut Events,
+    path: &str,
+    warmup: usize,
+    rtt_samples: usize,
+    bytes: usize,
+    step_limit: Duration,
+) -> Result<(Vec<f64>, f64)> {
+    let echo = spawn_echo(a.clone(), ea);
+    let result = async {
+        let rtt = step(
+            &format!("{path} RTT"),
+            step_limit,
+            ping_pong(b, a_id, eb, warmup, rtt_samples),
+        )
+        .await?;
+        let mbps = transfer(
+            a,
+            a_id,
+            b_id,
+            eb,
+            bytes,
+            &format!("{path} throughput"),
+            transfer_limit(step_limit, bytes),
+            step_limit,
+        )
+        .await?;
+        Ok((rtt, mbps))
+    }
+    .await;
+    echo.abort();
+    result
+}

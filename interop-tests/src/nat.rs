@@ -121,6 +121,16 @@ pub fn ns_run(ns: &str, program: &str, args: &[&str]) -> Result<String> {
     run("ip", &all, None)
 }
 
+/// Delete the nftables table `ip <table>` in namespace `ns`.
+fn nft_delete_table(ns: &str, table: &str) -> Result<()> {
+    run(
+        "ip",
+        &["netns", "exec", ns, "nft", "delete", "table", "ip", table],
+        None,
+    )
+    .map(|_| ())
+}
+
 fn nft(ns: &str, ruleset: &str) -> Result<()> {
     run(
         "ip",
@@ -900,21 +910,7 @@ impl Lab {
 
     /// Undo [`Lab::cut_udp`].
     pub fn restore_udp(&self, router: &str) -> Result<()> {
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                router,
-                "nft",
-                "delete",
-                "table",
-                "ip",
-                "pmlab_cut",
-            ],
-            None,
-        )
-        .map(|_| ())
+        nft_delete_table(router, "pmlab_cut")
     }
 
     /// Hold back the UDP a router forwards from its LAN to anywhere but the server (STUN/TURN
@@ -929,21 +925,7 @@ impl Lab {
 
     /// Undo [`Lab::hold_outbound`].
     pub fn release_hold(&self, router: &str) -> Result<()> {
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                router,
-                "nft",
-                "delete",
-                "table",
-                "ip",
-                "pmlab_hold",
-            ],
-            None,
-        )
-        .map(|_| ())
+        nft_delete_table(router, "pmlab_hold")
     }
 
     /// Drop `percent` % of the UDP packets entering a router (either side), at random.
