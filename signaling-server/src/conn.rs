@@ -1,5 +1,6 @@
 //! One WebSocket session: a reader loop (this task) and a writer task.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -69,10 +70,17 @@ struct Session {
     peer: Option<PeerId>,
     /// Host (no port) from the HTTP `Host` header, for TURN URLs that follow it.
     host: Option<String>,
+    /// The connection's source address (TURN credentials name it).
+    client_ip: Option<IpAddr>,
 }
 
 /// Serve one upgraded WebSocket until it ends.
-pub(crate) async fn run(socket: WebSocket, shared: Arc<Shared>, host: Option<String>) {
+pub(crate) async fn run(
+    socket: WebSocket,
+    shared: Arc<Shared>,
+    host: Option<String>,
+    client_ip: Option<IpAddr>,
+) {
     let (sink, mut stream) = socket.split();
     let (tx, rx) = mpsc::unbounded_channel();
     let budget = Arc::new(Semaphore::new(RELAY_BUDGET_BYTES));
@@ -88,6 +96,7 @@ pub(crate) async fn run(socket: WebSocket, shared: Arc<Shared>, host: Option<Str
         kill: Some(kill_tx),
         peer: None,
         host,
+        client_ip,
     };
     // Fresh TURN credentials before the old ones expire.
     let refresh_every = session.shared.ice.refresh_every();
@@ -129,7 +138,10 @@ pub(crate) async fn run(socket: WebSocket, shared: Arc<Shared>, host: Option<Str
             _ = &mut writer => break 'session Exit::WriterGone,
             _ = refresh.tick(), if refresh_every.is_some() => {
                 if let Some(peer) = session.peer {
-                    let ice_servers = session.shared.ice.for_peer(peer, session.host.as_deref());
+                    let ice_servers = session
+                        .shared
+                        .ice
+                        .for_peer(peer, session.host.as_deref(), session.client_ip);
                     session.send(&ServerMsg::IceServers { ice_servers });
                 }
                 Flow::Continue
@@ -390,10 +402,10 @@ impl Session {
             tx: self.tx.clone(),
             budget: self.budget.clone(),
         };
-        let (ice, host) = (&self.shared.ice, self.host.as_deref());
+        let (ice, host, ip) = (&self.shared.ice, self.host.as_deref(), self.client_ip);
         let peer = self.shared.hub.register(
             &self.shared.config,
-            |peer| ice.for_peer(peer, host),
+            |peer| ice.for_peer(peer, host, ip),
             name.to_owned(),
             outlet,
             kill,

@@ -50,7 +50,15 @@ impl IceList {
 
     /// The list for one client. `request_host` is the host (without port) of the client's
     /// HTTP `Host` header, used where the TURN address is not fixed.
-    pub(crate) fn for_peer(&self, peer: PeerId, request_host: Option<&str>) -> Vec<IceServer> {
+    ///
+    /// `client_ip` is the signaling connection's source address: the TURN user part names it
+    /// (see [`crate::turn::session_user`]) so that TURN quotas apply per source address too.
+    pub(crate) fn for_peer(
+        &self,
+        peer: PeerId,
+        request_host: Option<&str>,
+        client_ip: Option<IpAddr>,
+    ) -> Vec<IceServer> {
         let mut list = self.extra.clone();
         let Some(turn) = &self.turn else {
             return list;
@@ -77,7 +85,11 @@ impl IceList {
                 .saturating_add(turn.ttl)
                 .as_secs();
             let (username, credential) =
-                crate::turn::rest_credentials(&turn.secret, &format!("peer{peer}"), expiry);
+                crate::turn::rest_credentials(
+                &turn.secret,
+                &crate::turn::session_user(peer, client_ip),
+                expiry,
+            );
             list.push(IceServer {
                 urls: turn_urls,
                 username: Some(username),
@@ -131,7 +143,7 @@ mod tests {
                 ttl: Duration::from_secs(600),
             }),
         };
-        let servers = list.for_peer(7, Some("203.0.113.9"));
+        let servers = list.for_peer(7, Some("203.0.113.9"), None);
         assert_eq!(servers[0].urls, vec!["stun:203.0.113.9:3478"]);
         assert_eq!(servers[1].urls, vec!["turn:203.0.113.9:3478?transport=udp"]);
         let user = servers[1].username.as_deref().unwrap();

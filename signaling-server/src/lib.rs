@@ -399,5 +399,5 @@ async fn ws_handler(
         .and_then(ice::host_from_header);
     ws.max_message_size(HARD_FRAME_CAP)
         .max_frame_size(HARD_FRAME_CAP)
-        .on_upgrade(move |socket| conn::run(socket, shared, host))
+        .on_upgrade(move |socket| conn::run(socket, shared, host, None))
 }

@@ -15,6 +15,15 @@ pub fn rest_credentials(secret: &str, user: &str, expiry_unix: u64) -> (String, 
     (username, password)
 }
 
+/// The REST user part minted for signaling session `peer` connected from `ip`:
+/// `peer{peer}@{ip}` (just `peer{peer}` when the address is unknown).
+pub fn session_user(peer: u32, ip: Option<std::net::IpAddr>) -> String {
+    match ip {
+        Some(ip) => format!("peer{peer}@{ip}"),
+        None => format!("peer{peer}"),
+    }
+}
+
 /// `base64(HMAC-SHA1(secret, username))`.
 pub(crate) fn rest_password(secret: &str, username: &str) -> String {
     let key = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, secret.as_bytes());

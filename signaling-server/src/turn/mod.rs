@@ -60,7 +60,7 @@ use tokio_util::sync::CancellationToken;
 use turn::allocation::AllocationInfo;
 use turn::server::config::{ConnConfig, ServerConfig};
 
-pub use auth::rest_credentials;
+pub use auth::{rest_credentials, session_user};
 pub use policy::is_denied_peer;
 
 use listener::GuardedListener;
