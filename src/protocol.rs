@@ -42,11 +42,17 @@ pub const RELAY_PEER_RANGE: std::ops::Range<usize> = 1..5;
 pub mod close_code {
     /// Server shutting down, or the client was silent past the heartbeat timeout.
     pub const GOING_AWAY: u16 = 1001;
-    /// `hello` asked for an unsupported protocol version.
+    /// `hello` asked for an unsupported protocol version, or the client broke the WebSocket
+    /// protocol (unmasked frame, reserved bits, unknown opcode, ...).
     pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text frame was not valid UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    /// The client broke the server's rules: no `hello` in time or past the pre-`hello` budget,
+    /// or it did not read the server's replies and events (its queue overflowed).
+    pub const POLICY_VIOLATION: u16 = 1008;
     /// A frame exceeded the server's hard size cap.
     pub const TOO_BIG: u16 = 1009;
-    /// The client did not read its frames fast enough.
+    /// The client did not read relayed frames fast enough.
     pub const TRY_AGAIN_LATER: u16 = 1013;
 }
 

@@ -10,7 +10,7 @@ use peermesh::protocol::{IceServer, Limits};
 use serde::{Deserialize, Serialize};
 
 use crate::turn::TurnConfig;
-use crate::{Config, TurnMode};
+use crate::{Config, Rate, ServerLimits, TurnMode};
 
 /// The built-in defaults, documented key by key.
 pub const DEFAULT_CONFIG: &str = include_str!("../peermesh-server.toml");
@@ -25,6 +25,8 @@ pub struct FileConfig {
     pub ice_servers: Option<Vec<String>>,
     /// Heartbeat timeout in ms.
     pub heartbeat_timeout_ms: Option<u64>,
+    /// Admin listener (`/metrics`, `/healthz`), or `"off"`.
+    pub admin_listen: Option<String>,
     /// `[limits]`.
     #[serde(default)]
     pub limits: LimitsFile,
@@ -34,15 +36,185 @@ pub struct FileConfig {
 }
 
 /// The `[limits]` table.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsFile {
     /// See [`Limits::max_frame_bytes`].
+    #[arg(
+        long,
+        env = "PEERMESH_MAX_FRAME_BYTES",
+        global = true,
+        help = "Largest WebSocket frame accepted (bytes)"
+    )]
     pub max_frame_bytes: Option<usize>,
     /// See [`Limits::max_groups_per_client`].
+    #[arg(
+        long,
+        env = "PEERMESH_MAX_GROUPS_PER_CLIENT",
+        global = true,
+        help = "Most groups one client may be in"
+    )]
     pub max_groups_per_client: Option<usize>,
     /// See [`Limits::max_members_per_group`].
+    #[arg(
+        long,
+        env = "PEERMESH_MAX_MEMBERS_PER_GROUP",
+        global = true,
+        help = "Most members in one group"
+    )]
     pub max_members_per_group: Option<usize>,
+    /// See [`ServerLimits::max_connections`].
+    #[arg(
+        long,
+        env = "PEERMESH_MAX_CONNECTIONS",
+        global = true,
+        help = "Open TCP connections in total (default 10000; fitted to the fd limit)"
+    )]
+    pub max_connections: Option<usize>,
+    /// See [`ServerLimits::max_connections_per_ip`].
+    #[arg(
+        long,
+        env = "PEERMESH_MAX_CONNECTIONS_PER_IP",
+        global = true,
+        help = "Open TCP connections from one source IP (default 64)"
+    )]
+    pub max_connections_per_ip: Option<usize>,
+    /// See [`ServerLimits::listen_backlog`].
+    #[arg(
+        long,
+        env = "PEERMESH_LISTEN_BACKLOG",
+        global = true,
+        help = "Listen backlog of the signaling socket (default 4096)"
+    )]
+    pub listen_backlog: Option<u32>,
+    /// See [`ServerLimits::reserved_fds`].
+    #[arg(
+        long,
+        env = "PEERMESH_RESERVED_FDS",
+        global = true,
+        help = "File descriptors kept free (default 64)"
+    )]
+    pub reserved_fds: Option<usize>,
+    /// See [`ServerLimits::header_read_timeout`] (ms).
+    #[arg(
+        long,
+        env = "PEERMESH_HEADER_READ_TIMEOUT_MS",
+        global = true,
+        help = "Request line and headers must arrive within this (ms, default 5000)"
+    )]
+    pub header_read_timeout_ms: Option<u64>,
+    /// See [`ServerLimits::upgrade_timeout`] (ms).
+    #[arg(
+        long,
+        env = "PEERMESH_UPGRADE_TIMEOUT_MS",
+        global = true,
+        help = "Close connections not upgraded to WebSocket within this (ms, default 30000)"
+    )]
+    pub upgrade_timeout_ms: Option<u64>,
+    /// See [`ServerLimits::hello_timeout`] (ms).
+    #[arg(
+        long,
+        env = "PEERMESH_HELLO_TIMEOUT_MS",
+        global = true,
+        help = "Close sessions without hello within this (ms, default 10000)"
+    )]
+    pub hello_timeout_ms: Option<u64>,
+    /// See [`ServerLimits::hello_max_frames`].
+    #[arg(
+        long,
+        env = "PEERMESH_HELLO_MAX_FRAMES",
+        global = true,
+        help = "Frames allowed before hello is accepted (default 4)"
+    )]
+    pub hello_max_frames: Option<u32>,
+    /// See [`ServerLimits::hello_max_bytes`].
+    #[arg(
+        long,
+        env = "PEERMESH_HELLO_MAX_BYTES",
+        global = true,
+        help = "Bytes allowed before hello is accepted (default 16384)"
+    )]
+    pub hello_max_bytes: Option<usize>,
+    /// See [`ServerLimits::outbound_queue_bytes`].
+    #[arg(
+        long,
+        env = "PEERMESH_OUTBOUND_QUEUE_BYTES",
+        global = true,
+        help = "Replies and events queued towards one client before it is closed (default 262144)"
+    )]
+    pub outbound_queue_bytes: Option<usize>,
+    /// See [`ServerLimits::relay_queue_bytes`].
+    #[arg(
+        long,
+        env = "PEERMESH_RELAY_QUEUE_BYTES",
+        global = true,
+        help = "Relayed bytes queued towards one receiver (default 4194304)"
+    )]
+    pub relay_queue_bytes: Option<usize>,
+    /// See [`ServerLimits::requests`] (0: unlimited).
+    #[arg(
+        long,
+        env = "PEERMESH_REQUESTS_PER_S",
+        global = true,
+        help = "Requests per second per session, 0 = unlimited (default 20)"
+    )]
+    pub requests_per_s: Option<u64>,
+    /// Burst of [`ServerLimits::requests`].
+    #[arg(
+        long,
+        env = "PEERMESH_REQUESTS_BURST",
+        global = true,
+        help = "Request burst per session (default 50)"
+    )]
+    pub requests_burst: Option<u64>,
+    /// See [`ServerLimits::signals`] (0: unlimited).
+    #[arg(
+        long,
+        env = "PEERMESH_SIGNALS_PER_S",
+        global = true,
+        help = "Signals per second per session, 0 = unlimited (default 200)"
+    )]
+    pub signals_per_s: Option<u64>,
+    /// Burst of [`ServerLimits::signals`].
+    #[arg(
+        long,
+        env = "PEERMESH_SIGNALS_BURST",
+        global = true,
+        help = "Signal burst per session (default 1000)"
+    )]
+    pub signals_burst: Option<u64>,
+    /// See [`ServerLimits::joins`] (0: unlimited).
+    #[arg(
+        long,
+        env = "PEERMESH_JOINS_PER_S",
+        global = true,
+        help = "Joins per second per session, 0 = unlimited (default 5)"
+    )]
+    pub joins_per_s: Option<u64>,
+    /// Burst of [`ServerLimits::joins`].
+    #[arg(
+        long,
+        env = "PEERMESH_JOINS_BURST",
+        global = true,
+        help = "Join burst per session (default 32)"
+    )]
+    pub joins_burst: Option<u64>,
+    /// See [`ServerLimits::relay_bytes`] (0: unlimited).
+    #[arg(
+        long,
+        env = "PEERMESH_RELAY_BYTES_PER_S",
+        global = true,
+        help = "Relay bytes per second per session, paced; 0 = unlimited (default 33554432)"
+    )]
+    pub relay_bytes_per_s: Option<u64>,
+    /// Burst of [`ServerLimits::relay_bytes`].
+    #[arg(
+        long,
+        env = "PEERMESH_RELAY_BURST_BYTES",
+        global = true,
+        help = "Relay burst per session in bytes (default 8388608)"
+    )]
+    pub relay_burst_bytes: Option<u64>,
 }
 
 /// The `[turn]` table.
@@ -103,13 +275,39 @@ impl FileConfig {
 
     /// Put `top` over `self`: every key `top` sets wins.
     pub fn overlay(&mut self, top: FileConfig) {
-        overlay!(self, top, listen, ice_servers, heartbeat_timeout_ms);
+        overlay!(
+            self,
+            top,
+            listen,
+            ice_servers,
+            heartbeat_timeout_ms,
+            admin_listen
+        );
         overlay!(
             self.limits,
             top.limits,
             max_frame_bytes,
             max_groups_per_client,
-            max_members_per_group
+            max_members_per_group,
+            max_connections,
+            max_connections_per_ip,
+            listen_backlog,
+            reserved_fds,
+            header_read_timeout_ms,
+            upgrade_timeout_ms,
+            hello_timeout_ms,
+            hello_max_frames,
+            hello_max_bytes,
+            outbound_queue_bytes,
+            relay_queue_bytes,
+            requests_per_s,
+            requests_burst,
+            signals_per_s,
+            signals_burst,
+            joins_per_s,
+            joins_burst,
+            relay_bytes_per_s,
+            relay_burst_bytes
         );
         overlay!(
             self.turn,
@@ -276,6 +474,14 @@ impl FileConfig {
             }
             other => bail!("turn.mode = {other:?}: expected \"embedded\", \"external\" or \"off\""),
         };
+        let admin_listen = match self.admin_listen.as_deref() {
+            None | Some("off") | Some("") => None,
+            Some(a) => Some(a.parse::<SocketAddr>().map_err(|_| {
+                anyhow::anyhow!(
+                    "admin_listen = {a:?}: expected IP:PORT (e.g. 127.0.0.1:8081) or \"off\""
+                )
+            })?),
+        };
         Ok(Config {
             listen,
             ice_servers,
@@ -284,7 +490,113 @@ impl FileConfig {
             limits,
             turn,
             turn_credential_ttl: ttl,
+            server_limits: self.limits.server_limits()?,
+            admin_listen,
         })
+    }
+}
+
+impl LimitsFile {
+    /// The [`ServerLimits`] these keys describe (absent keys keep the defaults).
+    fn server_limits(&self) -> anyhow::Result<ServerLimits> {
+        let d = ServerLimits::default();
+        let at_least = |name: &str, v: Option<u64>, min: u64, default: u64| match v {
+            Some(v) if v < min => bail!("limits.{name} = {v}: must be at least {min}"),
+            Some(v) => Ok(v),
+            None => Ok(default),
+        };
+        let ms = |name: &str, v: Option<u64>, min: u64, default: Duration| {
+            at_least(name, v, min, default.as_millis() as u64).map(Duration::from_millis)
+        };
+        let count = |name: &str, v: Option<usize>, min: usize, default: usize| {
+            at_least(name, v.map(|v| v as u64), min as u64, default as u64).map(|v| v as usize)
+        };
+        let rate = |name: &str, per_s: Option<u64>, burst: Option<u64>, default: Rate| {
+            Ok::<_, anyhow::Error>(Rate {
+                per_second: per_s.unwrap_or(default.per_second),
+                burst: at_least(&format!("{name}_burst"), burst, 1, default.burst)?,
+            })
+        };
+        let limits = ServerLimits {
+            max_connections: count(
+                "max_connections",
+                self.max_connections,
+                1,
+                d.max_connections,
+            )?,
+            max_connections_per_ip: count(
+                "max_connections_per_ip",
+                self.max_connections_per_ip,
+                1,
+                d.max_connections_per_ip,
+            )?,
+            listen_backlog: at_least(
+                "listen_backlog",
+                self.listen_backlog.map(u64::from),
+                1,
+                u64::from(d.listen_backlog),
+            )?
+            .min(u64::from(u32::MAX)) as u32,
+            reserved_fds: count("reserved_fds", self.reserved_fds, 16, d.reserved_fds)?,
+            header_read_timeout: ms(
+                "header_read_timeout_ms",
+                self.header_read_timeout_ms,
+                100,
+                d.header_read_timeout,
+            )?,
+            upgrade_timeout: ms(
+                "upgrade_timeout_ms",
+                self.upgrade_timeout_ms,
+                100,
+                d.upgrade_timeout,
+            )?,
+            hello_timeout: ms(
+                "hello_timeout_ms",
+                self.hello_timeout_ms,
+                100,
+                d.hello_timeout,
+            )?,
+            hello_max_frames: at_least(
+                "hello_max_frames",
+                self.hello_max_frames.map(u64::from),
+                1,
+                u64::from(d.hello_max_frames),
+            )?
+            .min(u64::from(u32::MAX)) as u32,
+            hello_max_bytes: count(
+                "hello_max_bytes",
+                self.hello_max_bytes,
+                1024,
+                d.hello_max_bytes,
+            )?,
+            outbound_queue_bytes: count(
+                "outbound_queue_bytes",
+                self.outbound_queue_bytes,
+                64 * 1024,
+                d.outbound_queue_bytes,
+            )?,
+            relay_queue_bytes: count(
+                "relay_queue_bytes",
+                self.relay_queue_bytes,
+                crate::HARD_FRAME_CAP,
+                d.relay_queue_bytes,
+            )?,
+            requests: rate(
+                "requests",
+                self.requests_per_s,
+                self.requests_burst,
+                d.requests,
+            )?,
+            signals: rate("signals", self.signals_per_s, self.signals_burst, d.signals)?,
+            joins: rate("joins", self.joins_per_s, self.joins_burst, d.joins)?,
+            relay_bytes: rate(
+                "relay",
+                self.relay_bytes_per_s,
+                self.relay_burst_bytes,
+                d.relay_bytes,
+            )?,
+        };
+        Ok(limits)
     }
 }
 

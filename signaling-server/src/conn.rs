@@ -1,4 +1,9 @@
 //! One WebSocket session: a reader loop (this task) and a writer task.
+//!
+//! What a client may cost is bounded here: a deadline and a frame/byte budget before `hello`,
+//! token-bucket rate limits per session (requests, signals, joins refused with `rate_limited`;
+//! relay bytes paced by reading no further), bounded queues towards the client (see `hub.rs`),
+//! and close codes for WebSocket protocol violations (1002, 1007).
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -6,8 +11,8 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::{Bytes, BytesMut};
-use futures_util::stream::SplitSink;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{FutureExt as _, SinkExt, StreamExt};
 use peermesh::protocol::{
     validate_name, ClientMsg, ErrorCode, PeerId, RelayFrame, ServerMsg, PROTOCOL_VERSION,
 };
@@ -15,12 +20,13 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 
-use crate::hub::{encode, CloseReason, Failure, Outbound, Outlet};
-use crate::{Shared, HARD_FRAME_CAP, RELAY_BUDGET_BYTES, RELAY_STALL_TIMEOUT};
+use crate::hub::{encode, CloseReason, Failure, Outbound, Outlet, OutletState};
+use crate::{Rate, Shared, HARD_FRAME_CAP, RELAY_STALL_TIMEOUT};
 
 /// Close codes used by the server.
 use peermesh::protocol::close_code::{
-    GOING_AWAY as CLOSE_GOING_AWAY, PROTOCOL_ERROR as CLOSE_PROTOCOL, TOO_BIG as CLOSE_TOO_BIG,
+    GOING_AWAY as CLOSE_GOING_AWAY, INVALID_PAYLOAD as CLOSE_INVALID_PAYLOAD,
+    POLICY_VIOLATION as CLOSE_POLICY, PROTOCOL_ERROR as CLOSE_PROTOCOL, TOO_BIG as CLOSE_TOO_BIG,
 };
 
 /// How long the writer may take to flush queued frames and the close frame when a session ends.
@@ -61,17 +67,82 @@ struct PendingForward {
     permits: usize,
 }
 
+/// A token bucket (see [`Rate`]). Tokens may go into debt (`take_paced`), which is paid back
+/// over time before more is accepted.
+struct Bucket {
+    rate: Rate,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(rate: Rate) -> Self {
+        Bucket {
+            rate,
+            tokens: rate.burst.max(1) as f64,
+            last: Instant::now(),
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate.per_second as f64)
+            .min(self.rate.burst.max(1) as f64);
+    }
+
+    /// Take one token if there is one.
+    fn try_take(&mut self) -> bool {
+        if self.rate.per_second == 0 {
+            return true;
+        }
+        self.refill(Instant::now());
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Take `n` tokens, going into debt if needed; returns how long to wait until the debt is
+    /// paid.
+    fn take_paced(&mut self, n: usize) -> Option<Duration> {
+        if self.rate.per_second == 0 {
+            return None;
+        }
+        self.refill(Instant::now());
+        self.tokens -= n as f64;
+        (self.tokens < 0.0)
+            .then(|| Duration::from_secs_f64(-self.tokens / self.rate.per_second as f64))
+    }
+}
+
+/// The rate limits that refuse frames (relay bytes are paced instead).
+#[derive(Clone, Copy)]
+enum Limit {
+    Requests,
+    Signals,
+    Joins,
+}
+
 struct Session {
     shared: Arc<Shared>,
-    tx: mpsc::UnboundedSender<Outbound>,
-    budget: Arc<Semaphore>,
-    /// Handed to the hub on a successful `hello`.
-    kill: Option<oneshot::Sender<CloseReason>>,
+    outlet: Outlet,
     peer: Option<PeerId>,
     /// Host (no port) from the HTTP `Host` header, for TURN URLs that follow it.
     host: Option<String>,
     /// The connection's source address (TURN credentials name it).
     client_ip: Option<IpAddr>,
+    /// Frames and bytes received before `hello` was accepted.
+    hello_frames: u32,
+    hello_bytes: usize,
+    requests: Bucket,
+    signals: Bucket,
+    joins: Bucket,
+    relay: Bucket,
+    /// Stop reading until then (relay rate limit).
+    pause: Option<Duration>,
 }
 
 /// Serve one upgraded WebSocket until it ends.
@@ -81,22 +152,29 @@ pub(crate) async fn run(
     host: Option<String>,
     client_ip: Option<IpAddr>,
 ) {
+    let limits = shared.config.server_limits.clone();
     let (sink, mut stream) = socket.split();
     let (tx, rx) = mpsc::unbounded_channel();
-    let budget = Arc::new(Semaphore::new(RELAY_BUDGET_BYTES));
+    let budget = Arc::new(Semaphore::new(limits.relay_queue_bytes));
     let (kill_tx, kill_rx) = oneshot::channel();
-    let mut writer = tokio::spawn(write_loop(sink, rx, budget.clone(), kill_rx));
+    let state = OutletState::new(limits.outbound_queue_bytes, kill_tx, shared.metrics.clone());
+    let mut writer = tokio::spawn(write_loop(sink, rx, budget.clone(), state.clone(), kill_rx));
     let mut shutdown = shared.shutdown.clone();
     let heartbeat_timeout = shared.config.heartbeat_timeout;
 
     let mut session = Session {
         shared,
-        tx,
-        budget,
-        kill: Some(kill_tx),
+        outlet: Outlet { tx, budget, state },
         peer: None,
         host,
         client_ip,
+        hello_frames: 0,
+        hello_bytes: 0,
+        requests: Bucket::new(limits.requests),
+        signals: Bucket::new(limits.signals),
+        joins: Bucket::new(limits.joins),
+        relay: Bucket::new(limits.relay_bytes),
+        pause: None,
     };
     // Fresh TURN credentials before the old ones expire.
     let refresh_every = session.shared.ice.refresh_every();
@@ -106,36 +184,31 @@ pub(crate) async fn run(
 
     let deadline = tokio::time::sleep_until(Instant::now() + heartbeat_timeout);
     tokio::pin!(deadline);
+    let hello_deadline = tokio::time::sleep(limits.hello_timeout);
+    tokio::pin!(hello_deadline);
 
     let exit = 'session: loop {
-        let flow = tokio::select! {
-            msg = stream.next() => {
-                deadline.as_mut().reset(Instant::now() + heartbeat_timeout);
-                match msg {
-                    None => break 'session Exit::ClientGone,
-                    Some(Err(e)) => {
-                        if is_capacity_error(e) {
-                            break 'session Exit::TooBig;
-                        }
-                        break 'session Exit::ClientGone;
-                    }
-                    Some(Ok(Message::Text(text))) => session.on_text(&text),
-                    Some(Ok(Message::Binary(data))) => session.on_binary(data),
-                    // Pings are answered by the WebSocket layer; both count as liveness. After a
-                    // close frame the next read returns `None` once the reply is flushed.
-                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_))) => {
-                        Flow::Continue
-                    }
-                }
-            }
-            () = &mut deadline => {
-                tracing::debug!(peer = ?session.peer, "heartbeat timeout");
-                break 'session Exit::Close((CLOSE_GOING_AWAY, "heartbeat timeout"));
-            }
+        let next = tokio::select! {
+            biased;
             _ = shutdown.wait_for(|stop| *stop) => {
                 break 'session Exit::Close((CLOSE_GOING_AWAY, "server shutting down"));
             }
             _ = &mut writer => break 'session Exit::WriterGone,
+            () = &mut hello_deadline, if session.peer.is_none() => {
+                break 'session Exit::Close((CLOSE_POLICY, "hello timeout"));
+            }
+            msg = stream.next() => Some(msg),
+            () = &mut deadline => {
+                // Liveness counts frames read, not time: a frame already waiting in the socket
+                // (say the server process was stalled) is read now and counts.
+                match stream.next().now_or_never() {
+                    Some(msg) => Some(msg),
+                    None => {
+                        tracing::debug!(peer = ?session.peer, "heartbeat timeout");
+                        break 'session Exit::Close((CLOSE_GOING_AWAY, "heartbeat timeout"));
+                    }
+                }
+            }
             _ = refresh.tick(), if refresh_every.is_some() => {
                 if let Some(peer) = session.peer {
                     let ice_servers = session
@@ -144,7 +217,17 @@ pub(crate) async fn run(
                         .for_peer(peer, session.host.as_deref(), session.client_ip);
                     session.send(&ServerMsg::IceServers { ice_servers });
                 }
-                Flow::Continue
+                None
+            }
+        };
+        let flow = match next {
+            None => Flow::Continue,
+            Some(msg) => {
+                deadline.as_mut().reset(Instant::now() + heartbeat_timeout);
+                match session.on_message(msg) {
+                    Ok(flow) => flow,
+                    Err(exit) => break 'session exit,
+                }
             }
         };
         match flow {
@@ -177,7 +260,11 @@ pub(crate) async fn run(
                 match acquired {
                     Ok(Ok(permit)) => {
                         permit.forget();
-                        if let Err(failure) = session.shared.hub.forward_deliver(
+                        let bytes = match &msg {
+                            Message::Binary(b) => Some(b.len()),
+                            _ => None,
+                        };
+                        match session.shared.hub.forward_deliver(
                             me,
                             to,
                             link,
@@ -185,7 +272,19 @@ pub(crate) async fn run(
                             msg,
                             permits,
                         ) {
-                            session.reply_error(failure, Some(request));
+                            Ok(()) => {
+                                let m = &session.shared.metrics;
+                                match bytes {
+                                    Some(n) => {
+                                        m.relay_frames_out.inc();
+                                        m.relay_bytes_out.inc_by(n as u64);
+                                    }
+                                    None => {
+                                        m.signals.inc();
+                                    }
+                                }
+                            }
+                            Err(failure) => session.reply_error(failure, Some(request)),
                         }
                     }
                     // The receiver is gone; its co-members (including us) hear `member_left`.
@@ -194,6 +293,17 @@ pub(crate) async fn run(
                 }
             }
         }
+        // Over the relay rate: read nothing more until the debt is paid (TCP back-pressure).
+        if let Some(pause) = session.pause.take() {
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                _ = shutdown.wait_for(|stop| *stop) => {
+                    break 'session Exit::Close((CLOSE_GOING_AWAY, "server shutting down"));
+                }
+                _ = &mut writer => break 'session Exit::WriterGone,
+            }
+            deadline.as_mut().reset(Instant::now() + heartbeat_timeout);
+        }
     };
 
     // Tell co-members first, then close the socket.
@@ -201,8 +311,16 @@ pub(crate) async fn run(
         session.shared.hub.unregister(peer);
         tracing::debug!(peer, "session ended");
     }
-    session.budget.close();
-    let Session { tx, .. } = session;
+    session.outlet.budget.close();
+    let Session { outlet, shared, .. } = session;
+    let Outlet { tx, state, .. } = outlet;
+    let close_code = match &exit {
+        Exit::WriterGone => state.killed_with(),
+        Exit::ClientGone => None,
+        Exit::Close((code, _)) => Some(*code),
+        Exit::TooBig => Some(CLOSE_TOO_BIG),
+    };
+    shared.metrics.closed(close_code);
     match exit {
         Exit::WriterGone => {}
         Exit::ClientGone => {
@@ -214,10 +332,7 @@ pub(crate) async fn run(
             drop(tx);
             finish_writer(writer).await;
             // Give the client a moment to answer the close frame (clean close handshake).
-            let _ = timeout(Duration::from_secs(1), async {
-                while let Some(Ok(_)) = stream.next().await {}
-            })
-            .await;
+            drain(&mut stream, Duration::from_secs(1)).await;
         }
         Exit::TooBig => {
             let _ = tx.send(Outbound::Close((CLOSE_TOO_BIG, "frame too large")));
@@ -231,9 +346,31 @@ pub(crate) async fn run(
     }
 }
 
+/// Read and discard what the client still sends, for up to `limit` (bounded in frames too).
+async fn drain(stream: &mut SplitStream<WebSocket>, limit: Duration) {
+    let _ = timeout(limit, async {
+        let mut frames = 0;
+        while let Some(Ok(_)) = stream.next().await {
+            frames += 1;
+            if frames > 64 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 async fn finish_writer(mut writer: JoinHandle<()>) {
     if timeout(WRITER_GRACE, &mut writer).await.is_err() {
         writer.abort();
+    }
+}
+
+fn message_len(msg: &Message) -> usize {
+    match msg {
+        Message::Text(t) => t.len(),
+        Message::Binary(b) | Message::Ping(b) | Message::Pong(b) => b.len(),
+        Message::Close(c) => c.as_ref().map_or(0, |c| 2 + c.reason.len()),
     }
 }
 
@@ -241,17 +378,29 @@ fn permits_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
-fn is_capacity_error(e: axum::Error) -> bool {
-    matches!(
-        e.into_inner().downcast::<tungstenite::Error>().map(|b| *b),
-        Ok(tungstenite::Error::Capacity(_))
-    )
+/// How a failed read ends the session: frames above the hard cap close with 1009, WebSocket
+/// protocol violations with 1002, invalid UTF-8 in a text frame with 1007; anything else
+/// means the client is gone.
+fn read_error_exit(e: axum::Error) -> Exit {
+    use tungstenite::error::ProtocolError;
+    match e.into_inner().downcast::<tungstenite::Error>().map(|b| *b) {
+        Ok(tungstenite::Error::Capacity(_)) => Exit::TooBig,
+        Ok(tungstenite::Error::Utf8(_)) => Exit::Close((CLOSE_INVALID_PAYLOAD, "invalid UTF-8")),
+        Ok(tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => {
+            Exit::ClientGone
+        }
+        Ok(tungstenite::Error::Protocol(p)) => {
+            tracing::debug!("WebSocket protocol violation: {p}");
+            Exit::Close((CLOSE_PROTOCOL, "protocol error"))
+        }
+        _ => Exit::ClientGone,
+    }
 }
 
 impl Session {
     fn send(&self, msg: &ServerMsg) {
         if let Some(text) = encode(msg) {
-            let _ = self.tx.send(Outbound::Text(text));
+            self.outlet.send_text(text);
         }
     }
 
@@ -259,7 +408,62 @@ impl Session {
         if let Some(peer) = self.peer {
             tracing::debug!(peer, code = %failure.code, request, "{}", failure.message);
         }
+        self.shared.metrics.frame_refused(failure.code);
         self.send(&failure.into_msg(request));
+    }
+
+    /// One read from the WebSocket.
+    fn on_message(&mut self, msg: Option<Result<Message, axum::Error>>) -> Result<Flow, Exit> {
+        let msg = match msg {
+            None => return Err(Exit::ClientGone),
+            Some(Err(e)) => return Err(read_error_exit(e)),
+            Some(Ok(msg)) => msg,
+        };
+        if self.peer.is_none() {
+            // Before `hello`: a small budget of frames and bytes, then the connection is closed.
+            let limits = &self.shared.config.server_limits;
+            self.hello_frames += 1;
+            self.hello_bytes += message_len(&msg);
+            if self.hello_frames > limits.hello_max_frames
+                || self.hello_bytes > limits.hello_max_bytes
+            {
+                return Ok(Flow::Close((CLOSE_POLICY, "hello required")));
+            }
+        }
+        Ok(match msg {
+            Message::Text(text) => self.on_text(&text),
+            Message::Binary(data) => self.on_binary(data),
+            // Pings are answered by the WebSocket layer; both count as liveness. After a close
+            // frame the next read returns `None` once the reply is flushed.
+            Message::Ping(_) | Message::Pong(_) | Message::Close(_) => Flow::Continue,
+        })
+    }
+
+    /// Take a token from `bucket` (one of the session's rate limits) or answer `rate_limited`.
+    fn admit(&mut self, which: Limit, request: Option<&str>) -> bool {
+        let bucket = match which {
+            Limit::Requests => &mut self.requests,
+            Limit::Signals => &mut self.signals,
+            Limit::Joins => &mut self.joins,
+        };
+        if bucket.try_take() {
+            return true;
+        }
+        let rate = bucket.rate;
+        let what = match which {
+            Limit::Requests => "requests",
+            Limit::Signals => "signals",
+            Limit::Joins => "joins",
+        };
+        self.error(
+            ErrorCode::RateLimited,
+            &format!(
+                "over {} {what} per second (burst {}); this frame was not handled",
+                rate.per_second, rate.burst
+            ),
+            request,
+        );
+        false
     }
 
     fn error(&self, code: ErrorCode, message: &str, request: Option<&str>) {
@@ -279,7 +483,9 @@ impl Session {
         let msg = match serde_json::from_str::<ClientMsg>(text.as_str()) {
             Ok(msg) => msg,
             Err(e) => {
-                self.classify_bad_text(text.as_str(), &e);
+                if self.admit(Limit::Requests, None) {
+                    self.classify_bad_text(text.as_str(), &e);
+                }
                 return Flow::Continue;
             }
         };
@@ -290,6 +496,17 @@ impl Session {
             ClientMsg::Signal { .. } => "signal",
             ClientMsg::Ping { .. } => "ping",
         };
+        let admitted = match &msg {
+            ClientMsg::Signal { .. } => self.admit(Limit::Signals, Some(request)),
+            ClientMsg::Join { .. } => {
+                self.admit(Limit::Requests, Some(request))
+                    && self.admit(Limit::Joins, Some(request))
+            }
+            _ => self.admit(Limit::Requests, Some(request)),
+        };
+        if !admitted {
+            return Flow::Continue;
+        }
         let me = match (&msg, self.peer) {
             (ClientMsg::Hello { version, name }, None) => return self.on_hello(*version, name),
             (ClientMsg::Hello { .. }, Some(_)) => {
@@ -341,7 +558,9 @@ impl Session {
             self.error(ErrorCode::Internal, "cannot encode signal", Some("signal"));
             return Flow::Continue;
         };
-        let permits = text.len().min(RELAY_BUDGET_BYTES);
+        let permits = text
+            .len()
+            .min(self.shared.config.server_limits.relay_queue_bytes);
         Flow::Forward(PendingForward {
             request: "signal",
             to,
@@ -389,26 +608,13 @@ impl Session {
             );
             return Flow::Continue;
         }
-        let Some(kill) = self.kill.take() else {
-            // Unreachable: `kill` is only taken here, once.
-            self.error(
-                ErrorCode::Internal,
-                "session already registered",
-                Some("hello"),
-            );
-            return Flow::Continue;
-        };
-        let outlet = Outlet {
-            tx: self.tx.clone(),
-            budget: self.budget.clone(),
-        };
+        let outlet = self.outlet.clone();
         let (ice, host, ip) = (&self.shared.ice, self.host.as_deref(), self.client_ip);
         let peer = self.shared.hub.register(
             &self.shared.config,
             |peer| ice.for_peer(peer, host, ip),
             name.to_owned(),
             outlet,
-            kill,
         );
         tracing::info!(peer, name, "client said hello");
         self.peer = Some(peer);
@@ -441,6 +647,9 @@ impl Session {
             );
             return Flow::Continue;
         };
+        let m = &self.shared.metrics;
+        m.relay_frames_in.inc();
+        m.relay_bytes_in.inc_by(data.len() as u64);
         let outlet = match self.shared.hub.forward_target(me, to, link) {
             Ok(outlet) => outlet,
             Err(failure) => {
@@ -453,7 +662,10 @@ impl Session {
             .try_into_mut()
             .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
         buf[peermesh::protocol::RELAY_PEER_RANGE].copy_from_slice(&me.to_be_bytes());
-        let permits = buf.len().min(RELAY_BUDGET_BYTES);
+        let permits = buf
+            .len()
+            .min(self.shared.config.server_limits.relay_queue_bytes);
+        self.pause = self.relay.take_paced(buf.len());
         Flow::Forward(PendingForward {
             request: "relay",
             to,
@@ -471,6 +683,7 @@ async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
     mut rx: mpsc::UnboundedReceiver<Outbound>,
     budget: Arc<Semaphore>,
+    state: Arc<OutletState>,
     kill: oneshot::Receiver<CloseReason>,
 ) {
     enum Step {
@@ -503,7 +716,7 @@ async fn write_loop(
         let step = tokio::select! {
             biased;
             reason = &mut kill => Step::Killed(reason),
-            r = write_batch(&mut sink, first, &mut rx, &budget) => Step::Wrote(r),
+            r = write_batch(&mut sink, first, &mut rx, &budget, &state) => Step::Wrote(r),
         };
         match step {
             Step::Killed(reason) => return close_now(&mut sink, reason).await,
@@ -520,12 +733,18 @@ async fn write_batch(
     first: Outbound,
     rx: &mut mpsc::UnboundedReceiver<Outbound>,
     budget: &Semaphore,
+    state: &OutletState,
 ) -> Result<bool, axum::Error> {
     let mut next = Some(first);
     let mut written = 0;
     while let Some(out) = next.take() {
         match out {
-            Outbound::Text(text) => sink.feed(Message::Text(text)).await?,
+            Outbound::Text(text) => {
+                let len = text.len();
+                let r = sink.feed(Message::Text(text)).await;
+                state.written(len);
+                r?;
+            }
             Outbound::Forward { msg, permits } => {
                 let r = sink.feed(msg).await;
                 budget.add_permits(permits);

@@ -1,10 +1,14 @@
 //! Shared server state: clients, groups and links.
 //!
 //! Everything lives behind one `std::sync::Mutex` that is never held across an `.await`. Frames
-//! to clients are queued on unbounded channels while the lock is held, which never blocks and
-//! gives every client a consistent order of events.
+//! to clients are queued on channels while the lock is held, which never blocks and gives every
+//! client a consistent order of events. The channels are bounded in bytes rather than in
+//! frames: forwarded frames by the receiver's relay budget (senders wait for it), the server's
+//! own replies and events by [`Outlet::send_text`], which closes a client that lets them pile
+//! up (it is not reading).
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::extract::ws::{Message, Utf8Bytes};
@@ -13,14 +17,21 @@ use peermesh::protocol::{
 };
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::metrics::{HubSnapshot, Metrics, SlowQueue};
 use crate::Config;
+
+/// Close code for a client whose queue of replies and events overflowed (it does not read).
+pub(crate) const NOT_READING: CloseReason = (
+    peermesh::protocol::close_code::POLICY_VIOLATION,
+    "not reading",
+);
 
 /// A close code and reason for a WebSocket close frame.
 pub(crate) type CloseReason = (u16, &'static str);
 
 /// Something for a connection's writer task to send.
 pub(crate) enum Outbound {
-    /// A JSON text frame.
+    /// A JSON text frame from the server itself (counted in [`OutletState::queued`]).
     Text(Utf8Bytes),
     /// A frame forwarded from another client (relay frame or `signal`); `permits` bytes of the
     /// receiver's relay budget are released once it is written.
@@ -35,14 +46,81 @@ pub(crate) struct Outlet {
     pub(crate) tx: mpsc::UnboundedSender<Outbound>,
     /// Forwarded bytes (relay frames and `signal`s) that may still be queued towards this client.
     pub(crate) budget: Arc<Semaphore>,
+    pub(crate) state: Arc<OutletState>,
+}
+
+/// The byte count of a client's queued replies and events, and the way to close it at once.
+pub(crate) struct OutletState {
+    /// Bytes of [`Outbound::Text`] queued and not yet written.
+    pub(crate) queued: AtomicUsize,
+    limit: usize,
+    /// Tells the connection's writer to close at once (skipping queued frames).
+    kill: Mutex<Option<oneshot::Sender<CloseReason>>>,
+    /// The close code the session was killed with (0: not killed).
+    killed_with: AtomicU16,
+    metrics: Arc<Metrics>,
+}
+
+impl OutletState {
+    pub(crate) fn new(
+        limit: usize,
+        kill: oneshot::Sender<CloseReason>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        Arc::new(OutletState {
+            queued: AtomicUsize::new(0),
+            limit,
+            kill: Mutex::new(Some(kill)),
+            killed_with: AtomicU16::new(0),
+            metrics,
+        })
+    }
+
+    /// The close code the session was killed with, if it was.
+    pub(crate) fn killed_with(&self) -> Option<u16> {
+        Some(self.killed_with.load(Ordering::Relaxed)).filter(|&c| c != 0)
+    }
+
+    /// Close the client at once with `reason` (skipping what is queued). Returns `false` if it
+    /// was already being closed this way.
+    pub(crate) fn kill(&self, reason: CloseReason) -> bool {
+        let kill = self.kill.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(kill) = kill else { return false };
+        self.killed_with.store(reason.0, Ordering::Relaxed);
+        kill.send(reason).is_ok()
+    }
+
+    /// `bytes` of a text frame were written (or dropped).
+    pub(crate) fn written(&self, bytes: usize) {
+        self.queued.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+impl Outlet {
+    /// Queue a JSON frame from the server. A client whose queue of such frames would exceed
+    /// its limit is not reading: it is closed with [`NOT_READING`] and the frame is dropped
+    /// with it.
+    pub(crate) fn send_text(&self, text: Utf8Bytes) {
+        let len = text.len();
+        let before = self.state.queued.fetch_add(len, Ordering::Relaxed);
+        if before + len > self.state.limit {
+            self.state.written(len);
+            if self.state.kill(NOT_READING) {
+                tracing::info!("dropping client: {} bytes of replies unread", before);
+                self.state.metrics.slow_dropped(SlowQueue::Control);
+            }
+            return;
+        }
+        if self.tx.send(Outbound::Text(text)).is_err() {
+            self.state.written(len);
+        }
+    }
 }
 
 struct Client {
     name: String,
     groups: BTreeSet<String>,
     outlet: Outlet,
-    /// Tells the connection's writer to close at once (skipping queued frames).
-    kill: Option<oneshot::Sender<CloseReason>>,
 }
 
 struct Link {
@@ -64,6 +142,8 @@ struct State {
 /// The shared state of one server.
 pub(crate) struct Hub {
     state: Mutex<State>,
+    /// Sessions unregistered since start (the server trims its heap when this moves).
+    ended: AtomicU64,
 }
 
 /// Details for an `error` frame.
@@ -119,7 +199,7 @@ pub(crate) fn encode(msg: &ServerMsg) -> Option<Utf8Bytes> {
 
 fn send(outlet: &Outlet, msg: &ServerMsg) {
     if let Some(text) = encode(msg) {
-        let _ = outlet.tx.send(Outbound::Text(text));
+        outlet.send_text(text);
     }
 }
 
@@ -166,7 +246,7 @@ impl State {
                 }
             }
             if let (Some(client), Some(text)) = (self.clients.get(&other), &text) {
-                let _ = client.outlet.tx.send(Outbound::Text(text.clone()));
+                client.outlet.send_text(text.clone());
             }
         }
     }
@@ -187,7 +267,23 @@ impl Hub {
     pub(crate) fn new() -> Self {
         Hub {
             state: Mutex::new(State::default()),
+            ended: AtomicU64::new(0),
         }
+    }
+
+    /// Sessions, groups and memberships now.
+    pub(crate) fn snapshot(&self) -> HubSnapshot {
+        let st = self.lock();
+        HubSnapshot {
+            sessions: st.clients.len(),
+            groups: st.groups.len(),
+            members: st.groups.values().map(BTreeSet::len).sum(),
+        }
+    }
+
+    /// Sessions unregistered since start.
+    pub(crate) fn sessions_ended(&self) -> u64 {
+        self.ended.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -203,7 +299,6 @@ impl Hub {
         ice_servers: impl FnOnce(PeerId) -> Vec<peermesh::protocol::IceServer>,
         name: String,
         outlet: Outlet,
-        kill: oneshot::Sender<CloseReason>,
     ) -> PeerId {
         let mut st = self.lock();
         let mut peer = next_id(&mut st.last_peer);
@@ -227,7 +322,6 @@ impl Hub {
                 name,
                 groups: BTreeSet::new(),
                 outlet,
-                kill: Some(kill),
             },
         );
         peer
@@ -235,7 +329,9 @@ impl Hub {
 
     /// Remove a client (close, timeout, shutdown) and tell its co-members.
     pub(crate) fn unregister(&self, peer: PeerId) {
-        self.lock().remove(peer);
+        if self.lock().remove(peer).is_some() {
+            self.ended.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Drop a client that reads too slowly: tell its co-members and close its socket at once.
@@ -249,10 +345,15 @@ impl Hub {
         if !same {
             return;
         }
-        if let Some(mut client) = st.remove(peer) {
+        if let Some(client) = st.remove(peer) {
+            self.ended.fetch_add(1, Ordering::Relaxed);
             tracing::info!(peer, "dropping client: too slow to read relayed data");
-            if let Some(kill) = client.kill.take() {
-                let _ = kill.send((peermesh::protocol::close_code::TRY_AGAIN_LATER, "too slow"));
+            if client
+                .outlet
+                .state
+                .kill((peermesh::protocol::close_code::TRY_AGAIN_LATER, "too slow"))
+            {
+                client.outlet.state.metrics.slow_dropped(SlowQueue::Relay);
             }
         }
     }

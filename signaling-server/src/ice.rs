@@ -84,8 +84,7 @@ impl IceList {
                 .unwrap_or_default()
                 .saturating_add(turn.ttl)
                 .as_secs();
-            let (username, credential) =
-                crate::turn::rest_credentials(
+            let (username, credential) = crate::turn::rest_credentials(
                 &turn.secret,
                 &crate::turn::session_user(peer, client_ip),
                 expiry,

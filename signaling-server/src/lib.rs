@@ -18,6 +18,8 @@ pub mod config;
 mod conn;
 mod hub;
 mod ice;
+mod metrics;
+mod net;
 pub mod turn;
 
 use std::future::Future;
@@ -41,9 +43,14 @@ use tokio::task::JoinHandle;
 /// `error` frame with code `frame_too_large`.
 pub const HARD_FRAME_CAP: usize = 1024 * 1024;
 
-/// Bytes forwarded from other clients (relay frames and `signal`s) that may be queued towards
-/// one receiver before senders have to wait.
+/// Default of [`ServerLimits::relay_queue_bytes`].
 pub const RELAY_BUDGET_BYTES: usize = 4 * 1024 * 1024;
+
+/// WebSocket read buffer per connection (tungstenite's default is 128 KiB, zero-filled on each
+/// read; most frames are far smaller, and a larger frame grows the buffer while it is read).
+const WS_READ_BUFFER: usize = 4 * 1024;
+/// Outgoing frames gathered before a write to the socket.
+const WS_WRITE_BUFFER: usize = 16 * 1024;
 
 /// How long a receiver's relay budget may stay exhausted before the receiver is dropped as too
 /// slow (close code 1013).
@@ -72,6 +79,113 @@ pub struct Config {
     /// Lifetime of the TURN credentials minted for each client; clients get fresh ones every
     /// half of it. Default 1 hour.
     pub turn_credential_ttl: Duration,
+    /// What one connection or client may cost the server (connection limits, timeouts, queue
+    /// bounds, rate limits).
+    pub server_limits: ServerLimits,
+    /// Admin listener (Prometheus `/metrics`, `/healthz`); keep it on loopback or a private
+    /// network. Default `None` for the library (the binary's default is `127.0.0.1:8081`).
+    pub admin_listen: Option<SocketAddr>,
+}
+
+/// A token-bucket rate: `per_second` on average, up to `burst` at once. `per_second == 0` means
+/// unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Sustained rate.
+    pub per_second: u64,
+    /// Bucket size (at least 1).
+    pub burst: u64,
+}
+
+impl Rate {
+    /// No limit.
+    pub const UNLIMITED: Rate = Rate {
+        per_second: 0,
+        burst: 1,
+    };
+}
+
+/// What one connection or client may cost the server. Every field has a safe default for a
+/// public deployment; see `docs/OPERATIONS.md`.
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    /// Open TCP connections (HTTP and WebSocket) in total. Default 10 000; lowered at startup
+    /// when the file-descriptor limit cannot hold that many (see `reserved_fds`).
+    pub max_connections: usize,
+    /// Open TCP connections from one source IP address. Default 64.
+    pub max_connections_per_ip: usize,
+    /// Listen backlog of the signaling socket (the kernel caps it at `net.core.somaxconn`).
+    /// Default 4096.
+    pub listen_backlog: u32,
+    /// File descriptors kept free for the admin listener, TURN's own sockets, logging and the
+    /// like when connections and TURN allocations are sized to the descriptor limit. Default 64.
+    pub reserved_fds: usize,
+    /// A request's line and headers must arrive within this (also the longest an HTTP
+    /// connection may wait idle for its next request). Default 5 s.
+    pub header_read_timeout: Duration,
+    /// A connection that has not upgraded to a WebSocket within this is closed. Default 30 s.
+    pub upgrade_timeout: Duration,
+    /// A WebSocket that has not said `hello` within this is closed (1008). Default 10 s.
+    pub hello_timeout: Duration,
+    /// Frames a client may send before its `hello` is accepted (the `hello` included); one more
+    /// closes the connection (1008). Default 4.
+    pub hello_max_frames: u32,
+    /// Bytes a client may send before its `hello` is accepted. Default 16 KiB.
+    pub hello_max_bytes: usize,
+    /// Bytes of replies and events (JSON frames from the server itself) that may wait towards
+    /// one client; a client that lets more pile up is not reading and is closed (1008).
+    /// Default 256 KiB.
+    pub outbound_queue_bytes: usize,
+    /// Bytes forwarded from other clients (relay frames and signals) that may wait towards one
+    /// receiver; senders then wait, and a receiver that stays full for 10 s is closed (1013).
+    /// Default 4 MiB.
+    pub relay_queue_bytes: usize,
+    /// JSON requests other than `signal` (`hello`, `join`, `leave`, `ping`, bad frames) per
+    /// second; over it a request gets `rate_limited`. Default 20/s, burst 50.
+    pub requests: Rate,
+    /// `signal` frames per second; over it a signal gets `rate_limited`. Default 200/s, burst
+    /// 1000.
+    pub signals: Rate,
+    /// `join` requests per second (they also count as requests). Default 5/s, burst 32.
+    pub joins: Rate,
+    /// Relay bytes per second one client may send. The server stops reading from a client over
+    /// it until it is back under (TCP back-pressure) rather than dropping reliable data.
+    /// Default 32 MiB/s, burst 8 MiB.
+    pub relay_bytes: Rate,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            max_connections: 10_000,
+            max_connections_per_ip: 64,
+            listen_backlog: 4096,
+            reserved_fds: 64,
+            header_read_timeout: Duration::from_secs(5),
+            upgrade_timeout: Duration::from_secs(30),
+            hello_timeout: Duration::from_secs(10),
+            hello_max_frames: 4,
+            hello_max_bytes: 16 * 1024,
+            outbound_queue_bytes: 256 * 1024,
+            relay_queue_bytes: RELAY_BUDGET_BYTES,
+            requests: Rate {
+                per_second: 20,
+                burst: 50,
+            },
+            signals: Rate {
+                per_second: 200,
+                burst: 1000,
+            },
+            joins: Rate {
+                per_second: 5,
+                burst: 32,
+            },
+            relay_bytes: Rate {
+                per_second: 32 * 1024 * 1024,
+                burst: 8 * 1024 * 1024,
+            },
+        }
+    }
 }
 
 /// Where clients get STUN/TURN from.
@@ -124,6 +238,8 @@ impl Default for Config {
             },
             turn: TurnMode::Disabled,
             turn_credential_ttl: Duration::from_secs(3600),
+            server_limits: ServerLimits::default(),
+            admin_listen: None,
         }
     }
 }
@@ -133,6 +249,7 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) ice: ice::IceList,
     pub(crate) hub: hub::Hub,
+    pub(crate) metrics: Arc<metrics::Metrics>,
     /// Becomes `true` when the server shuts down.
     pub(crate) shutdown: watch::Receiver<bool>,
     /// Dropped (with the last `Arc<Shared>`) once every session has ended; `run` waits for that.
@@ -143,6 +260,7 @@ pub(crate) struct Shared {
 pub struct Server {
     listener: TcpListener,
     local_addr: SocketAddr,
+    admin: Option<(TcpListener, SocketAddr)>,
     config: Config,
     turn: Option<turn::TurnHandle>,
     ice: ice::IceList,
@@ -153,10 +271,20 @@ impl Server {
     pub async fn bind(mut config: Config) -> anyhow::Result<Server> {
         // Clients must ping well within the timeout, whatever was set.
         config.heartbeat_interval = config.heartbeat_interval.min(config.heartbeat_timeout / 3);
-        let listener = TcpListener::bind(config.listen)
-            .await
+        fit_to_fd_limit(&mut config);
+        let listener = net::bind(config.listen, config.server_limits.listen_backlog)
             .with_context(|| format!("binding {}", config.listen))?;
         let local_addr = listener.local_addr().context("reading local address")?;
+        let admin = match config.admin_listen {
+            None => None,
+            Some(addr) => {
+                let l = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the admin listener {addr}"))?;
+                let a = l.local_addr().context("reading the admin address")?;
+                Some((l, a))
+            }
+        };
         let mut ice = ice::IceList {
             extra: config.ice_servers.clone(),
             turn: None,
@@ -195,6 +323,7 @@ impl Server {
         Ok(Server {
             listener,
             local_addr,
+            admin,
             config,
             turn,
             ice,
@@ -211,6 +340,16 @@ impl Server {
         self.local_addr
     }
 
+    /// The admin listener's address (`/metrics`, `/healthz`), when configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(_, a)| *a)
+    }
+
+    /// The configuration in force (after fitting limits to the file-descriptor limit).
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     /// The WebSocket URL clients connect to: `ws://{local_addr}/ws`.
     pub fn ws_url(&self) -> String {
         ws_url(self.local_addr)
@@ -224,34 +363,63 @@ impl Server {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
         let turn = self.turn.clone();
+        let metrics = Arc::new(metrics::Metrics::new());
+        let limits = self.config.server_limits.clone();
         let shared = Arc::new(Shared {
             hub: hub::Hub::new(),
             config: self.config,
             ice: self.ice,
-            shutdown: shutdown_rx,
+            metrics: metrics.clone(),
+            shutdown: shutdown_rx.clone(),
             _alive: alive_tx,
         });
         let app = Router::new()
             .route("/ws", get(ws_handler))
             .route("/healthz", get(|| async { "ok" }))
             .merge(static_routes())
-            .with_state(shared);
-
-        // Small frames (signals, acks, pings) must not wait for Nagle's algorithm: with Linux's
-        // delayed acks that costs ~40 ms a round trip (measured: join → first message 42 ms).
-        use axum::serve::ListenerExt as _;
-        let listener = self.listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!("TCP_NODELAY: {e}");
-            }
-        });
-        let result = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                tracing::info!("shutting down");
-                let _ = shutdown_tx.send(true);
-            })
-            .await;
+            .with_state(shared.clone());
+        let limiter = net::ConnLimiter::new(
+            limits.max_connections,
+            limits.max_connections_per_ip,
+            metrics.clone(),
+        );
+        let front = net::FrontConfig {
+            header_read_timeout: limits.header_read_timeout,
+            upgrade_timeout: limits.upgrade_timeout,
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        if let Some((admin_listener, _)) = self.admin {
+            let admin = admin_router(shared.clone(), turn.clone());
+            let mut stop = shutdown_rx.clone();
+            tasks.spawn(async move {
+                let r = axum::serve(admin_listener, admin)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })
+                    .await;
+                if let Err(e) = r {
+                    tracing::warn!("admin listener: {e}");
+                }
+            });
+        }
+        tasks.spawn(housekeeping(shared.clone(), shutdown_rx.clone()));
+        drop(shared);
+        let serving = net::serve(
+            self.listener,
+            app,
+            limiter,
+            front,
+            metrics,
+            shutdown_rx.clone(),
+        );
+        tokio::select! {
+            () = serving => {}
+            () = shutdown => {}
+        }
+        tracing::info!("shutting down");
+        let _ = shutdown_tx.send(true);
+        while tasks.join_next().await.is_some() {}
+        let result: anyhow::Result<()> = Ok(());
         // Every session holds the `Shared` (and so the `alive` sender); `recv` returns `None` once
         // the last one has closed.
         if tokio::time::timeout(SHUTDOWN_GRACE, alive_rx.recv())
@@ -392,12 +560,150 @@ async fn ws_handler(
     ws: WebSocketUpgrade,
     headers: axum::http::HeaderMap,
     State(shared): State<Arc<Shared>>,
+    conn_info: Option<axum::Extension<net::ConnInfo>>,
 ) -> Response {
     let host = headers
         .get(axum::http::header::HOST)
         .and_then(|h| h.to_str().ok())
         .and_then(ice::host_from_header);
+    let (ip, slot) = match conn_info {
+        Some(axum::Extension(info)) => (Some(info.remote.ip()), Some(info.slot)),
+        None => (None, None),
+    };
     ws.max_message_size(HARD_FRAME_CAP)
         .max_frame_size(HARD_FRAME_CAP)
-        .on_upgrade(move |socket| conn::run(socket, shared, host, None))
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(WS_WRITE_BUFFER)
+        .on_upgrade(move |socket| async move {
+            conn::run(socket, shared, host, ip).await;
+            // The connection counts against the limits until the session has ended.
+            drop(slot);
+        })
+}
+
+/// The admin listener's routes: Prometheus metrics and a health check.
+fn admin_router(shared: Arc<Shared>, turn: Option<turn::TurnHandle>) -> Router {
+    use axum::http::header::CONTENT_TYPE;
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let shared = shared.clone();
+                let turn = turn.clone();
+                async move {
+                    let text = shared
+                        .metrics
+                        .render(shared.hub.snapshot(), turn.as_ref().map(|t| t.stats()));
+                    (
+                        [(
+                            CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        text,
+                    )
+                }
+            }),
+        )
+}
+
+/// Periodic work: give freed memory back to the system after sessions have ended.
+async fn housekeeping(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_ended = shared.hub.sessions_ended();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let ended = shared.hub.sessions_ended();
+        if ended != last_ended {
+            last_ended = ended;
+            trim_heap();
+        }
+    }
+}
+
+/// Return free heap memory to the system (glibc keeps freed memory in its arenas otherwise, so
+/// RSS would stay at its peak after many clients leave).
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Lower `max_connections` and the embedded TURN's `total_quota` (one relay socket each) so
+/// that, together with `reserved_fds`, they fit the process's file-descriptor limit (raised to
+/// its hard limit first). Running out of descriptors would lock out new clients without an
+/// answer and make TURN allocations fail.
+fn fit_to_fd_limit(config: &mut Config) {
+    let Some(limit) = raise_nofile_limit() else {
+        return;
+    };
+    let limits = &mut config.server_limits;
+    let available = limit.saturating_sub(limits.reserved_fds as u64) as usize;
+    let turn_quota = match &mut config.turn {
+        TurnMode::Embedded(tc) => Some(&mut tc.total_quota),
+        _ => None,
+    };
+    let wanted = limits.max_connections + turn_quota.as_deref().copied().unwrap_or(0);
+    if wanted <= available {
+        return;
+    }
+    // Connections get three quarters of what is there, TURN allocations the rest.
+    match turn_quota {
+        Some(quota) => {
+            let turn_share = (*quota).min(available / 4);
+            let conn_share = limits.max_connections.min(available - turn_share);
+            tracing::warn!(
+                nofile = limit,
+                "file-descriptor limit too low for max_connections = {} and turn.total_quota =                  {}: using {conn_share} and {turn_share}",
+                limits.max_connections,
+                *quota
+            );
+            *quota = turn_share.max(1);
+            limits.max_connections = conn_share.max(1);
+        }
+        None => {
+            tracing::warn!(
+                nofile = limit,
+                "file-descriptor limit too low for max_connections = {}: using {available}",
+                limits.max_connections
+            );
+            limits.max_connections = available.max(1);
+        }
+    }
+}
+
+/// Raise the soft `RLIMIT_NOFILE` to the hard limit; returns the soft limit in force.
+fn raise_nofile_limit() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+                return None;
+            }
+            if lim.rlim_cur < lim.rlim_max {
+                let raised = libc::rlimit {
+                    rlim_cur: lim.rlim_max,
+                    rlim_max: lim.rlim_max,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                    lim.rlim_cur = lim.rlim_max;
+                }
+            }
+        }
+        #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 everywhere
+        Some(lim.rlim_cur as u64)
+    }
+    #[cfg(not(unix))]
+    None
 }

@@ -45,6 +45,14 @@ struct Args {
     #[arg(long, global = true)]
     heartbeat_timeout_ms: Option<u64>,
 
+    /// Admin listener (Prometheus /metrics, /healthz), IP:PORT or "off". Default 127.0.0.1:8081.
+    #[arg(long, env = "PEERMESH_ADMIN_LISTEN", global = true)]
+    admin_listen: Option<String>,
+
+    /// `[limits]` keys as flags.
+    #[command(flatten)]
+    limits: peermesh_server::config::LimitsFile,
+
     /// Do not run or hand out any TURN service.
     #[arg(long, global = true, conflicts_with_all = ["turn_urls"])]
     no_turn: bool,
@@ -123,6 +131,8 @@ impl Args {
             listen: self.listen,
             ice_servers: (!self.ice_servers.is_empty()).then(|| self.ice_servers.clone()),
             heartbeat_timeout_ms: self.heartbeat_timeout_ms,
+            admin_listen: self.admin_listen.clone(),
+            limits: self.limits.clone(),
             ..Default::default()
         };
         let t = &mut top.turn;
@@ -169,6 +179,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve => {
             let server = Server::bind(config).await?;
             tracing::info!("listening on {}", server.ws_url());
+            if let Some(admin) = server.admin_addr() {
+                tracing::info!("admin (metrics, health) on http://{admin}");
+            }
             if let Some(turn) = server.turn() {
                 tracing::info!("STUN/TURN on udp {}", turn.local_addr());
             }
