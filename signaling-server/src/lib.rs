@@ -438,6 +438,7 @@ impl Server {
     /// the handle.
     pub fn spawn(self) -> ServerHandle {
         let local_addr = self.local_addr;
+        let admin_addr = self.admin_addr();
         let turn = self.turn.clone();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(self.run(async move {
@@ -446,6 +447,7 @@ impl Server {
         }));
         ServerHandle {
             local_addr,
+            admin_addr,
             turn,
             stop: Some(stop_tx),
             task: Some(task),
@@ -456,6 +458,7 @@ impl Server {
 /// A server running on a tokio task (see [`Server::spawn`]). Dropping it stops the server.
 pub struct ServerHandle {
     local_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     turn: Option<turn::TurnHandle>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
@@ -465,6 +468,11 @@ impl ServerHandle {
     /// The address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The admin listener's address (`/metrics`, `/healthz`), when configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// The WebSocket URL clients connect to: `ws://{local_addr}/ws`.

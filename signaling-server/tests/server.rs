@@ -6,7 +6,7 @@ use futures_util::{SinkExt, StreamExt};
 use peermesh::protocol::{
     ErrorCode, Limits, MemberInfo, PeerId, RelayFrame, ServerMsg, PROTOCOL_VERSION,
 };
-use peermesh_server::{Config, Server, ServerHandle};
+use peermesh_server::{Config, Rate, Server, ServerHandle, ServerLimits};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -913,4 +913,314 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A test server with some [`ServerLimits`] changed and the admin listener on.
+async fn start_limited(change: impl FnOnce(&mut ServerLimits)) -> ServerHandle {
+    let mut config = test_config();
+    config.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    change(&mut config.server_limits);
+    start(config).await
+}
+
+#[tokio::test]
+async fn frames_before_hello_are_bounded() {
+    let server = start_limited(|l| l.hello_timeout = Duration::from_millis(500)).await;
+    let url = server.ws_url();
+    let peer = Client::hello(&url, "alice").await.peer;
+
+    // Four frames (the default budget) are answered; the fifth closes with 1008.
+    let mut c = Client::connect(&url).await;
+    for _ in 0..4 {
+        c.send_binary(relay(peer, 1, b"")).await;
+        c.expect_error(ErrorCode::HelloRequired).await;
+    }
+    c.send_binary(relay(peer, 1, b"")).await;
+    assert_eq!(c.expect_closed().await, Some(1008));
+
+    // Bytes count too: one frame over the 16 KiB budget.
+    let mut c = Client::connect(&url).await;
+    c.send_text(format!("{{\"type\":\"{}\"}}", "x".repeat(17 * 1024)))
+        .await;
+    assert_eq!(c.expect_closed().await, Some(1008));
+
+    // Saying nothing: closed at the hello deadline.
+    let mut c = Client::connect(&url).await;
+    let started = Instant::now();
+    assert_eq!(c.expect_closed().await, Some(1008));
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn request_signal_and_join_rates_answer_rate_limited() {
+    let server = start_limited(|l| {
+        l.requests = Rate {
+            per_second: 1,
+            burst: 5,
+        };
+        l.signals = Rate {
+            per_second: 1,
+            burst: 3,
+        };
+        l.joins = Rate {
+            per_second: 1,
+            burst: 2,
+        };
+    })
+    .await;
+    let url = server.ws_url();
+    // The hello took one request token: four pings pass, the fifth is refused.
+    let mut a = Client::hello(&url, "alice").await;
+    for id in 0..4 {
+        a.ping(id).await;
+    }
+    a.send_json(json!({"type": "ping", "id": 9})).await;
+    let (request, _, _) = a.expect_error(ErrorCode::RateLimited).await;
+    assert_eq!(request.as_deref(), Some("ping"));
+
+    // Joins: two, then rate_limited (the session has request tokens again after a wait).
+    let mut b = Client::hello(&url, "bob").await;
+    let mut c = Client::hello(&url, "carol").await;
+    b.join("g1").await;
+    let (link, _, _) = pair_up(&mut b, &mut c, "g2").await;
+    b.send_json(json!({"type": "join", "group": "g3"})).await;
+    let (request, _, _) = b.expect_error(ErrorCode::RateLimited).await;
+    assert_eq!(request.as_deref(), Some("join"));
+
+    // Signals: three reach carol, the fourth is refused and never forwarded.
+    for n in 0..4 {
+        b.send_json(json!({"type": "signal", "to": c.peer, "link": link, "data": {"n": n}}))
+            .await;
+    }
+    let (request, _, peer) = b.expect_error(ErrorCode::RateLimited).await;
+    assert_eq!((request.as_deref(), peer), (Some("signal"), None));
+    for n in 0..3 {
+        match c.recv().await {
+            ServerMsg::Signal { data, .. } => assert_eq!(data["n"], n),
+            other => panic!("expected signal {n}, got {other:?}"),
+        }
+    }
+    c.ping(1).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn relay_over_its_rate_is_paced_not_dropped() {
+    const FRAMES: usize = 40;
+    const SIZE: usize = 10_000;
+    let server = start_limited(|l| {
+        l.relay_bytes = Rate {
+            per_second: 100_000,
+            burst: 100_000,
+        }
+    })
+    .await;
+    let url = server.ws_url();
+    let mut a = Client::hello(&url, "alice").await;
+    let mut b = Client::hello(&url, "bob").await;
+    let (link, _, _) = pair_up(&mut a, &mut b, "g").await;
+    let started = Instant::now();
+    for i in 0..FRAMES {
+        a.send_binary(relay(b.peer, link, &[i as u8; SIZE])).await;
+    }
+    // 400 kB at 100 kB/s with a 100 kB burst: every frame arrives, in order, and the last
+    // ones only after the sender has been held back for about three seconds.
+    for i in 0..FRAMES {
+        let frame = tokio::time::timeout(Duration::from_secs(10), b.recv_binary())
+            .await
+            .expect("paced frame");
+        let f = RelayFrame::decode(&frame).unwrap();
+        assert_eq!(
+            (f.peer, f.payload.len(), f.payload[0]),
+            (a.peer, SIZE, i as u8)
+        );
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    a.ping(1).await;
+    server.shutdown().await;
+}
+
+/// A WebSocket handshake from source address `from` to `server`.
+async fn connect_from(
+    from: &str,
+    server: std::net::SocketAddr,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let tcp = socket.connect(server).await.unwrap();
+    let url = format!("ws://{server}/ws");
+    tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(tcp))
+        .await
+        .map(|(ws, _)| ws)
+}
+
+/// The HTTP status of a refused WebSocket handshake from `from`.
+async fn refused_status(from: &str, server: std::net::SocketAddr) -> u16 {
+    match connect_from(from, server).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+        Err(e) => panic!("expected an HTTP refusal, got {e}"),
+        Ok(_) => panic!("expected an HTTP refusal, got a session"),
+    }
+}
+
+#[tokio::test]
+async fn connection_limits_answer_503() {
+    let server = start_limited(|l| {
+        l.max_connections = 3;
+        l.max_connections_per_ip = 2;
+    })
+    .await;
+    let url = server.ws_url();
+    let addr = server.local_addr();
+    let a = Client::hello(&url, "a").await;
+    let _b = Client::hello(&url, "b").await;
+    assert_eq!(refused_status("127.0.0.1", addr).await, 503);
+    // Another source address has its own allowance, up to the total.
+    let _c = connect_from("127.0.0.2", addr).await.unwrap();
+    assert_eq!(refused_status("127.0.0.2", addr).await, 503);
+    // A place frees up when a session ends.
+    drop(a);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match connect_from("127.0.0.1", addr).await {
+            Ok(_) => break,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("no place after a session ended: {e}"),
+        }
+    }
+    let admin = server.admin_addr().unwrap().to_string();
+    let metrics = http_get(&admin, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains("peermesh_connections_refused_total{reason=\"max_connections_per_ip\"} 1"),
+        "{metrics}"
+    );
+    // (the retries above may have been refused too while the session was ending)
+    assert!(
+        metrics.contains("peermesh_connections_refused_total{reason=\"max_connections\"}"),
+        "{metrics}"
+    );
+    server.shutdown().await;
+}
+
+/// Open a WebSocket by hand (so that broken frames can be sent) and return the socket.
+async fn raw_websocket(addr: std::net::SocketAddr) -> TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(s.read_u8().await.unwrap());
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    s
+}
+
+/// Read server frames until a close frame; its status code (`None`: no code or no close).
+async fn raw_close_code(s: &mut TcpStream) -> Option<u16> {
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        loop {
+            let b0 = s.read_u8().await.ok()?;
+            let len = match s.read_u8().await.ok()? & 0x7f {
+                126 => u64::from(s.read_u16().await.ok()?),
+                127 => s.read_u64().await.ok()?,
+                n => u64::from(n),
+            };
+            let mut payload = vec![0; len as usize];
+            s.read_exact(&mut payload).await.ok()?;
+            if b0 & 0x0f == 0x8 {
+                return (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+            }
+        }
+    };
+    tokio::time::timeout(RECV_TIMEOUT, read)
+        .await
+        .expect("close in time")
+}
+
+#[tokio::test]
+async fn websocket_protocol_violations_close_with_1002_and_1007() {
+    use tokio::io::AsyncWriteExt;
+    let server = start(test_config()).await;
+    // (what, raw frame from the client, expected close code). A zero mask key leaves the
+    // payload as written.
+    let cases: [(&str, &[u8], u16); 5] = [
+        ("unmasked frame", &[0x81, 0x02, b'h', b'i'], 1002),
+        ("reserved bit", &[0xc1, 0x82, 0, 0, 0, 0, b'h', b'i'], 1002),
+        ("unknown opcode", &[0x83, 0x80, 0, 0, 0, 0], 1002),
+        ("fragmented ping", &[0x09, 0x80, 0, 0, 0, 0], 1002),
+        ("invalid UTF-8", &[0x81, 0x82, 0, 0, 0, 0, 0xff, 0xfe], 1007),
+    ];
+    for (what, frame, code) in cases {
+        let mut s = raw_websocket(server.local_addr()).await;
+        s.write_all(frame).await.unwrap();
+        assert_eq!(raw_close_code(&mut s).await, Some(code), "{what}");
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn admin_listener_serves_metrics_and_health() {
+    let server = start_limited(|_| {}).await;
+    let url = server.ws_url();
+    let admin = server.admin_addr().unwrap().to_string();
+    assert!(http_get(&admin, "/healthz").await.unwrap().ends_with("ok"));
+    let mut a = Client::hello(&url, "alice").await;
+    let mut b = Client::hello(&url, "bob").await;
+    let (link, _, _) = pair_up(&mut a, &mut b, "g").await;
+    a.send_binary(relay(b.peer, link, b"12345")).await;
+    b.recv_binary().await;
+    a.send_json(json!({"type": "nope"})).await;
+    a.expect_error(ErrorCode::UnknownType).await;
+    let mut c = Client::connect(&url).await;
+    c.send_binary(vec![0xff; 3]).await;
+    c.expect_error(ErrorCode::BadFrame).await;
+    drop(c);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let metrics = loop {
+        let m = http_get(&admin, "/metrics").await.unwrap();
+        if m.contains("peermesh_session_closes_total{code=\"client\"} 1")
+            || Instant::now() > deadline
+        {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for line in [
+        "peermesh_sessions 2",
+        "peermesh_groups 1",
+        "peermesh_members 2",
+        "peermesh_relay_frames_received_total 1",
+        "peermesh_relay_bytes_received_total 14",
+        "peermesh_relay_frames_sent_total 1",
+        "peermesh_frames_refused_total{code=\"unknown_type\"} 1",
+        "peermesh_frames_refused_total{code=\"bad_frame\"} 1",
+        "peermesh_session_closes_total{code=\"client\"} 1",
+        "peermesh_connections 2",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+    }
+    assert!(
+        !http_get(&url.replace("ws://", "").replace("/ws", ""), "/metrics")
+            .await
+            .unwrap()
+            .contains("peermesh_sessions")
+    );
+    server.shutdown().await;
 }
