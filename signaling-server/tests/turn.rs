@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use peermesh_server::turn::{
-    is_denied_peer, rest_credentials, TurnConfig, TurnHandle, TurnServer, TurnStats,
+    is_denied_peer, rest_credentials, session_user, TurnConfig, TurnHandle, TurnServer, TurnStats,
 };
 use stun::agent::TransactionId;
 use stun::attributes::*;
@@ -344,8 +344,14 @@ fn error_code(m: &Message) -> Option<u16> {
 
 impl RawClient {
     async fn new(server: SocketAddr, username: &str, password: &str) -> RawClient {
+        RawClient::new_on(LOCALHOST, server, username, password).await
+    }
+
+    /// A client whose socket binds `ip` (a loopback address).
+    async fn new_on(ip: IpAddr, server: SocketAddr, username: &str, password: &str) -> RawClient {
+        assert!(ip.is_loopback());
         RawClient {
-            sock: UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap(),
+            sock: UdpSocket::bind((ip, 0)).await.unwrap(),
             server,
             username: username.into(),
             password: password.into(),
@@ -797,6 +803,35 @@ mod policy {
             "::ffff:127.0.0.1",
             "::ffff:10.0.0.1",
             "::ffff:169.254.169.254",
+            // IPv4-translated (RFC 2765)
+            "::ffff:0:127.0.0.1",
+            "::ffff:0:10.0.0.1",
+            "::ffff:0:169.254.169.254",
+            // IPv4-compatible (deprecated)
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "::192.168.0.1",
+            "::0.0.0.2",
+            // NAT64 well-known prefix (RFC 6052)
+            "64:ff9b::127.0.0.1",
+            "64:ff9b::10.0.0.1",
+            "64:ff9b::169.254.169.254",
+            "64:ff9b::100.64.0.1",
+            "64:ff9b::224.0.0.1",
+            // 6to4 (RFC 3056): IPv4 in bits 16..48
+            "2002:7f00:1::1",
+            "2002:a00:1::",
+            "2002:a9fe:a9fe:1:2:3:4:5",
+            "2002:c0a8:101::1",
+            // local-use NAT64 (RFC 8215), Teredo (RFC 4380): denied outright
+            "64:ff9b:1::a00:1",
+            "64:ff9b:1:2::8.8.8.8",
+            "2001::1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "2001:0:ffff:ffff:ffff:ffff:ffff:ffff",
+            // site-local (deprecated), discard-only
+            "fec0::1",
+            "100::1",
         ] {
             assert!(denied(s), "{s} should be denied");
         }
@@ -816,6 +851,15 @@ mod policy {
             "2606:4700::1111",
             "::ffff:8.8.8.8",
             "::ffff:203.0.113.5",
+            "::ffff:0:8.8.8.8",
+            "::8.8.8.8",
+            "64:ff9b::8.8.8.8",
+            "64:ff9b::203.0.113.5",
+            "2002:808:808::1",
+            "2002:cb00:7105::1",
+            "2001:1::1",
+            "2001:db8:0:1::1",
+            "64:ff9b:2::1",
         ] {
             assert!(!denied(s), "{s} should be allowed");
         }
@@ -829,6 +873,38 @@ mod policy {
         assert!(!is_denied_peer("fd00::5".parse().unwrap(), &allow));
         assert!(is_denied_peer("10.0.0.1".parse().unwrap(), &allow));
         assert!(is_denied_peer("fc00::1".parse().unwrap(), &allow));
+        // Embedded IPv4 addresses are matched against the allow list too ...
+        for s in [
+            "::ffff:0:127.0.0.1",
+            "::127.0.0.1",
+            "64:ff9b::127.0.0.1",
+            "2002:7f00:1::1",
+        ] {
+            assert!(!is_denied_peer(s.parse().unwrap(), &allow), "{s}");
+        }
+        for s in [
+            "::ffff:0:10.0.0.1",
+            "::10.0.0.1",
+            "64:ff9b::10.0.0.1",
+            "2002:a00:1::1",
+        ] {
+            assert!(is_denied_peer(s.parse().unwrap(), &allow), "{s}");
+        }
+        // ... and the address as given.
+        let allow: Vec<IpNet> = vec![
+            "64:ff9b::/96".parse().unwrap(),
+            "2001::/32".parse().unwrap(),
+            "64:ff9b:1::/48".parse().unwrap(),
+        ];
+        for s in ["64:ff9b::10.0.0.1", "2001::1", "64:ff9b:1::a00:1"] {
+            assert!(!is_denied_peer(s.parse().unwrap(), &allow), "{s}");
+        }
+        assert!(is_denied_peer("::ffff:10.0.0.1".parse().unwrap(), &allow));
+        // `::` and `::1` are not IPv4-compatible addresses: 0.0.0.0/8 does not exempt them.
+        let allow: Vec<IpNet> = vec!["0.0.0.0/8".parse().unwrap()];
+        assert!(is_denied_peer("::".parse().unwrap(), &allow));
+        assert!(is_denied_peer("::1".parse().unwrap(), &allow));
+        assert!(!is_denied_peer("::0.0.0.2".parse().unwrap(), &allow));
     }
 }
 
@@ -1457,5 +1533,451 @@ async fn fast_path_under_load_delivers_everything_to_the_right_client() {
     assert_eq!(st.fast_path_to_client_packets, total, "{st:?}");
     assert_eq!(st.relayed_to_peer_packets, total, "{st:?}");
     assert_eq!(st.relayed_to_client_packets, total, "{st:?}");
+    turn.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 10: malformed peer addresses, IPv4-embedding IPv6 peers, address families, per-source
+// quotas, live permission / channel gauges.
+
+/// An attribute with exactly the given value bytes (for malformed ones).
+struct RawAttr(AttrType, Vec<u8>);
+
+impl Setter for RawAttr {
+    fn add_to(&self, m: &mut Message) -> Result<(), stun::Error> {
+        m.add(self.0, &self.1);
+        Ok(())
+    }
+}
+
+fn peer_attr(peer: SocketAddr) -> Box<dyn Setter> {
+    Box::new(PeerAddress {
+        ip: peer.ip(),
+        port: peer.port(),
+    })
+}
+
+fn udp_transport() -> Box<dyn Setter> {
+    Box::new(RequestedTransport {
+        protocol: PROTO_UDP,
+    })
+}
+
+/// XOR-PEER-ADDRESS values the guard must refuse: `(what, value)`. The truncated ones are what
+/// `stun` would decode as 127.0.0.0, 10.0.0.0, 169.254.0.0, 0.0.0.0, fe80:: and fc00::.
+fn malformed_peer_values() -> Vec<(&'static str, Vec<u8>)> {
+    // Port 9 XOR 0x2112; address bytes XOR the magic cookie (0x2112a442).
+    let port = (9u16 ^ 0x2112).to_be_bytes();
+    let v = |family: [u8; 2], rest: &[u8]| {
+        let mut out = vec![family[0], family[1], port[0], port[1]];
+        out.extend_from_slice(rest);
+        out
+    };
+    vec![
+        ("truncated IPv4 127.0.0.0", v([0, 1], &[127 ^ 0x21])),
+        ("truncated IPv4 10.0.0.0", v([0, 1], &[10 ^ 0x21])),
+        (
+            "truncated IPv4 169.254.0.0",
+            v([0, 1], &[169 ^ 0x21, 254 ^ 0x12]),
+        ),
+        ("truncated IPv4 0.0.0.0", v([0, 1], &[0x21])),
+        (
+            "truncated IPv6 fe80::",
+            v([0, 2], &[0xfe ^ 0x21, 0x80 ^ 0x12]),
+        ),
+        ("truncated IPv6 fc00::", v([0, 2], &[0xfc ^ 0x21])),
+        ("IPv4 with 3 address bytes", v([0, 1], &[0x5e, 0x12, 0xa4])),
+        (
+            "IPv4 with 5 address bytes",
+            v([0, 1], &[0x2a, 0x12, 0xa4, 0x43, 0]),
+        ),
+        ("IPv4 family, IPv6 length", v([0, 1], &[0x2a; 16])),
+        (
+            "IPv6 family, IPv4 length",
+            v([0, 2], &[0x2a, 0x12, 0xa4, 0x43]),
+        ),
+        ("IPv6 with 17 address bytes", v([0, 2], &[0x2a; 17])),
+        ("no address", v([0, 1], &[])),
+        ("unknown family 3", v([0, 3], &[0x2a, 0x12, 0xa4, 0x43])),
+        ("family 0", v([0, 0], &[0x2a, 0x12, 0xa4, 0x43])),
+        (
+            "non-zero reserved byte",
+            v([1, 1], &[0x2a, 0x12, 0xa4, 0x43]),
+        ),
+        ("empty value", Vec::new()),
+        ("two bytes", vec![0, 1]),
+    ]
+}
+
+#[tokio::test]
+async fn malformed_peer_addresses_get_400() {
+    // 127.0.0.0/8 allowed: a garbage address decoding to 127.0.0.0 would otherwise be granted.
+    let turn = start(open_config()).await;
+    let server = turn.local_addr();
+    let (u, p) = credentials(&turn, "malformed");
+    let mut c = RawClient::new(server, &u, &p).await;
+    assert_success(&c.allocate().await, "allocate");
+    let good: SocketAddr = "203.0.113.7:9".parse().unwrap();
+
+    let values = malformed_peer_values();
+    let mut expected = 0;
+    for (what, value) in &values {
+        let r = c
+            .request(METHOD_CREATE_PERMISSION, || {
+                vec![Box::new(RawAttr(ATTR_XOR_PEER_ADDRESS, value.clone()))]
+            })
+            .await
+            .unwrap();
+        assert_eq!(error_code(&r), Some(400), "CreatePermission, {what}: {r}");
+        c.key()
+            .check(&mut r.clone())
+            .expect("400 MESSAGE-INTEGRITY");
+        // One malformed address among good ones spoils the request.
+        let r = c
+            .request(METHOD_CREATE_PERMISSION, || {
+                vec![
+                    peer_attr(good),
+                    Box::new(RawAttr(ATTR_XOR_PEER_ADDRESS, value.clone())),
+                ]
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            error_code(&r),
+            Some(400),
+            "CreatePermission +good, {what}: {r}"
+        );
+        let r = c
+            .request(METHOD_CHANNEL_BIND, || {
+                vec![
+                    Box::new(ChannelNumber(0x4000)),
+                    Box::new(RawAttr(ATTR_XOR_PEER_ADDRESS, value.clone())),
+                ]
+            })
+            .await
+            .unwrap();
+        assert_eq!(error_code(&r), Some(400), "ChannelBind, {what}: {r}");
+        expected += 3;
+    }
+    // No XOR-PEER-ADDRESS at all.
+    let r = c.request(METHOD_CREATE_PERMISSION, Vec::new).await.unwrap();
+    assert_eq!(
+        error_code(&r),
+        Some(400),
+        "CreatePermission without peer: {r}"
+    );
+    let r = c
+        .request(METHOD_CHANNEL_BIND, || {
+            vec![Box::new(ChannelNumber(0x4000))]
+        })
+        .await
+        .unwrap();
+    assert_eq!(error_code(&r), Some(400), "ChannelBind without peer: {r}");
+    expected += 2;
+    let st = turn.stats();
+    assert_eq!(st.refused_malformed, expected, "{st:?}");
+    assert_eq!(st.permissions, 0, "{st:?}");
+    assert_eq!(st.channel_bindings, 0, "{st:?}");
+
+    // Send indications with a malformed (or no) peer address are dropped and counted.
+    for (_, value) in &values {
+        let m = c.build(
+            METHOD_SEND,
+            CLASS_INDICATION,
+            vec![
+                Box::new(RawAttr(ATTR_XOR_PEER_ADDRESS, value.clone())),
+                Box::new(Data(b"x".to_vec())),
+            ],
+            false,
+        );
+        c.sock.send_to(&m.raw, server).await.unwrap();
+    }
+    let m = c.build(
+        METHOD_SEND,
+        CLASS_INDICATION,
+        vec![Box::new(Data(b"x".to_vec()))],
+        false,
+    );
+    c.sock.send_to(&m.raw, server).await.unwrap();
+    expected += values.len() as u64 + 1;
+    // So is what is neither STUN nor ChannelData.
+    c.sock
+        .send_to(b"\x80\x00junk-not-stun", server)
+        .await
+        .unwrap();
+    c.sock.send_to(&[0u8; 24], server).await.unwrap();
+    expected += 2;
+    let st = wait_for(&turn, "malformed datagrams counted", |s| {
+        s.refused_malformed >= expected
+    })
+    .await;
+    assert_eq!(st.refused_malformed, expected, "{st:?}");
+    assert_eq!(st.relayed_to_peer_packets, 0, "{st:?}");
+    assert_eq!(st.refused_peer, 0, "{st:?}");
+
+    // The allocation still works.
+    assert_success(&c.refresh(600).await, "refresh");
+    assert_success(&c.refresh(0).await, "refresh 0");
+    turn.shutdown().await;
+}
+
+/// IPv6 peers that embed a denied IPv4 address, local-use NAT64 and Teredo.
+const DENIED_EMBEDDED: &[&str] = &[
+    "::ffff:127.0.0.1",
+    "::ffff:0:10.0.0.1",
+    "::169.254.169.254",
+    "64:ff9b::127.0.0.1",
+    "64:ff9b::10.1.2.3",
+    "64:ff9b::169.254.169.254",
+    "2002:7f00:1::1",
+    "2002:c0a8:101::1",
+    "64:ff9b:1::a00:1",
+    "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+];
+
+/// Asserts that CreatePermission and ChannelBind towards each of `peers` get 403.
+async fn assert_peers_forbidden(c: &mut RawClient, peers: &[&str]) {
+    for s in peers {
+        let peer = SocketAddr::new(s.parse().unwrap(), 3478);
+        let r = c.create_permission(peer).await;
+        assert_eq!(error_code(&r), Some(403), "CreatePermission {s}: {r}");
+        c.key()
+            .check(&mut r.clone())
+            .expect("403 MESSAGE-INTEGRITY");
+        let r = c.channel_bind(0x4002, peer).await;
+        assert_eq!(error_code(&r), Some(403), "ChannelBind {s}: {r}");
+    }
+}
+
+#[tokio::test]
+async fn ipv6_peers_embedding_denied_ipv4_get_403() {
+    let turn = start(loopback_config()).await;
+    let (u, p) = credentials(&turn, "embedded");
+    let mut c = RawClient::new(turn.local_addr(), &u, &p).await;
+    assert_success(&c.allocate().await, "allocate");
+    assert_peers_forbidden(&mut c, DENIED_EMBEDDED).await;
+    let st = turn.stats();
+    assert_eq!(st.refused_peer, 2 * DENIED_EMBEDDED.len() as u64, "{st:?}");
+    assert_eq!(st.permissions, 0, "{st:?}");
+    assert_success(&c.refresh(0).await, "refresh 0");
+    turn.shutdown().await;
+}
+
+#[tokio::test]
+async fn requested_address_family_the_relay_lacks_gets_440() {
+    let turn = start(loopback_config()).await;
+    let server = turn.local_addr();
+    let (u, p) = credentials(&turn, "family4");
+    let family = |f: u8| -> Box<dyn Setter> {
+        Box::new(RawAttr(ATTR_REQUESTED_ADDRESS_FAMILY, vec![f, 0, 0, 0]))
+    };
+    for (what, f, want) in [("IPv6", 2u8, 440), ("unknown", 7, 440)] {
+        let mut c = RawClient::new(server, &u, &p).await;
+        let r = c
+            .request(METHOD_ALLOCATE, || vec![udp_transport(), family(f)])
+            .await
+            .unwrap();
+        assert_eq!(error_code(&r), Some(want), "{what}: {r}");
+        c.key()
+            .check(&mut r.clone())
+            .expect("440 MESSAGE-INTEGRITY");
+    }
+    // A REQUESTED-ADDRESS-FAMILY that is not 4 bytes long is malformed.
+    let mut c = RawClient::new(server, &u, &p).await;
+    let r = c
+        .request(METHOD_ALLOCATE, || {
+            vec![
+                udp_transport(),
+                Box::new(RawAttr(ATTR_REQUESTED_ADDRESS_FAMILY, vec![1, 0])),
+            ]
+        })
+        .await
+        .unwrap();
+    assert_eq!(error_code(&r), Some(400), "{r}");
+    // Asking for IPv4 explicitly is fine.
+    let r = c
+        .request(METHOD_ALLOCATE, || vec![udp_transport(), family(1)])
+        .await
+        .unwrap();
+    assert_success(&r, "IPv4 requested");
+    assert_eq!(relayed_addr(&r).ip(), LOCALHOST);
+    let st = turn.stats();
+    assert_eq!(st.allocations_total, 1, "{st:?}");
+    assert_eq!(st.refused_malformed, 1, "{st:?}");
+    assert_success(&c.refresh(0).await, "refresh 0");
+    turn.shutdown().await;
+}
+
+/// Whether this machine has IPv6 loopback.
+fn have_ipv6_loopback() -> bool {
+    std::net::UdpSocket::bind((std::net::Ipv6Addr::LOCALHOST, 0)).is_ok()
+}
+
+#[tokio::test]
+async fn ipv6_only_listener_answers_440_and_applies_the_policy() {
+    if !have_ipv6_loopback() {
+        eprintln!("skipped: no IPv6 loopback");
+        return;
+    }
+    let v6_local = IpAddr::V6(std::net::Ipv6Addr::LOCALHOST);
+    let turn = start(TurnConfig {
+        listen: SocketAddr::new(v6_local, 0),
+        ..loopback_config()
+    })
+    .await;
+    let server = turn.local_addr();
+    let (u, p) = credentials(&turn, "family6");
+
+    // RFC 6156: no REQUESTED-ADDRESS-FAMILY means IPv4, which this relay does not have.
+    let mut c = RawClient::new_on(v6_local, server, &u, &p).await;
+    let r = c.allocate().await;
+    assert_eq!(error_code(&r), Some(440), "{r}");
+    c.key()
+        .check(&mut r.clone())
+        .expect("440 MESSAGE-INTEGRITY");
+    let r = c
+        .request(METHOD_ALLOCATE, || {
+            vec![
+                udp_transport(),
+                Box::new(RawAttr(ATTR_REQUESTED_ADDRESS_FAMILY, vec![1, 0, 0, 0])),
+            ]
+        })
+        .await
+        .unwrap();
+    assert_eq!(error_code(&r), Some(440), "{r}");
+
+    // IPv6 requested: granted, on ::1.
+    let r = c
+        .request(METHOD_ALLOCATE, || {
+            vec![
+                udp_transport(),
+                Box::new(RawAttr(ATTR_REQUESTED_ADDRESS_FAMILY, vec![2, 0, 0, 0])),
+            ]
+        })
+        .await
+        .unwrap();
+    assert_success(&r, "IPv6 allocation");
+    assert_eq!(relayed_addr(&r).ip(), v6_local);
+
+    // Same-family peers: the turn crate would grant these; the policy must not.
+    assert_peers_forbidden(&mut c, DENIED_EMBEDDED).await;
+    assert_peers_forbidden(&mut c, &["::1", "fe80::1", "fd00::1"]).await;
+    // Embedded public IPv4 addresses and ordinary global ones are fine (permissions only:
+    // nothing is sent to them).
+    for s in ["64:ff9b::203.0.113.5", "2002:cb00:7105::1", "2001:db8::1"] {
+        let peer = SocketAddr::new(s.parse().unwrap(), 3478);
+        assert_success(&c.create_permission(peer).await, s);
+    }
+    let st = turn.stats();
+    assert_eq!(st.allocations_total, 1, "{st:?}");
+    assert_eq!(st.permissions, 3, "{st:?}");
+    assert_success(&c.refresh(0).await, "refresh 0");
+    wait_for(&turn, "released", |s| s.allocations == 0).await;
+    turn.shutdown().await;
+}
+
+#[tokio::test]
+async fn ip_quota_caps_one_source_and_one_signaling_address() {
+    const QUOTA: usize = 4;
+    let turn = start(TurnConfig {
+        ip_quota: QUOTA,
+        ..loopback_config()
+    })
+    .await;
+    let server = turn.local_addr();
+    let ttl = Duration::from_secs(600);
+    let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+    let base = std::process::id() * 1000;
+
+    // One client at 127.0.0.1 with many signaling sessions' credentials (peerN@127.0.0.1):
+    // only QUOTA allocations, whatever the number of users.
+    let mut held = Vec::new();
+    for n in 0..QUOTA as u32 {
+        let (u, p) = turn.credentials(&session_user(base + n, Some(LOCALHOST)), ttl);
+        let mut c = RawClient::new(server, &u, &p).await;
+        assert_success(&c.allocate().await, "within the quota");
+        held.push(c);
+    }
+    for n in 0..3 {
+        let user = session_user(base + 100 + n, Some(LOCALHOST));
+        let (u, p) = turn.credentials(&user, ttl);
+        let mut c = RawClient::new(server, &u, &p).await;
+        let r = c.allocate().await;
+        assert_eq!(error_code(&r), Some(486), "{user}: {r}");
+        c.key()
+            .check(&mut r.clone())
+            .expect("486 MESSAGE-INTEGRITY");
+    }
+    // Credentials without an address in the user part are capped by the UDP source alone.
+    let (u, p) = credentials(&turn, "no-ip");
+    let mut c = RawClient::new(server, &u, &p).await;
+    assert_eq!(error_code(&c.allocate().await), Some(486));
+    let st = turn.stats();
+    assert_eq!(st.refused_ip_quota, 4, "{st:?}");
+    assert_eq!(st.refused_user_quota, 0, "{st:?}");
+    assert_eq!(st.allocations, QUOTA as u64, "{st:?}");
+
+    // Another identity from another source still gets one.
+    let other_ip = ip("127.0.0.2");
+    let (u, p) = turn.credentials(&session_user(base + 200, Some(other_ip)), ttl);
+    let mut other = RawClient::new_on(other_ip, server, &u, &p).await;
+    assert_success(&other.allocate().await, "other identity");
+
+    // The address in the user part counts on its own: credentials minted for a signaling
+    // session from 203.0.113.9 are capped even when used from distinct UDP sources.
+    let signaling_ip = ip("203.0.113.9");
+    for k in 0..QUOTA as u32 {
+        let (u, p) = turn.credentials(&session_user(base + 300 + k, Some(signaling_ip)), ttl);
+        let src = ip(&format!("127.0.1.{}", k + 1));
+        let mut c = RawClient::new_on(src, server, &u, &p).await;
+        assert_success(&c.allocate().await, "user-part address within the quota");
+        held.push(c);
+    }
+    let (u, p) = turn.credentials(&session_user(base + 400, Some(signaling_ip)), ttl);
+    let mut c = RawClient::new_on(ip("127.0.1.100"), server, &u, &p).await;
+    assert_eq!(error_code(&c.allocate().await), Some(486));
+    let st = turn.stats();
+    assert_eq!(st.refused_ip_quota, 5, "{st:?}");
+    assert_eq!(st.allocations, 2 * QUOTA as u64 + 1, "{st:?}");
+
+    // Releasing one allocation of 127.0.0.1 frees a slot for it.
+    assert_success(&held[0].refresh(0).await, "refresh 0");
+    wait_for(&turn, "slot freed", |s| s.allocations == 2 * QUOTA as u64).await;
+    let (u, p) = turn.credentials(&session_user(base + 500, Some(LOCALHOST)), ttl);
+    let mut c = RawClient::new(server, &u, &p).await;
+    assert_success(&c.allocate().await, "after release");
+    turn.shutdown().await;
+    assert_eq!(turn.stats().allocations, 0);
+}
+
+#[tokio::test]
+async fn stats_count_live_permissions_and_channel_bindings() {
+    let turn = start(open_config()).await;
+    let server = turn.local_addr();
+    // Peers are only named, never sent to.
+    let peer_a: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let peer_b: SocketAddr = "127.0.0.2:9".parse().unwrap();
+    let (u, p) = credentials(&turn, "gauges");
+    let mut c1 = RawClient::new(server, &u, &p).await;
+    let mut c2 = RawClient::new(server, &u, &p).await;
+    assert_success(&c1.allocate().await, "allocate 1");
+    assert_success(&c2.allocate().await, "allocate 2");
+
+    assert_success(&c1.create_permission(peer_a).await, "permission");
+    let st = turn.stats();
+    assert_eq!((st.permissions, st.channel_bindings), (1, 0), "{st:?}");
+    // A ChannelBind also installs the permission of its peer (same IP: no new permission).
+    assert_success(&c1.channel_bind(0x4000, peer_a).await, "bind a");
+    assert_success(&c1.channel_bind(0x4001, peer_b).await, "bind b");
+    assert_success(&c2.channel_bind(0x4000, peer_b).await, "bind c2");
+    let st = turn.stats();
+    assert_eq!((st.permissions, st.channel_bindings), (3, 3), "{st:?}");
+
+    assert_success(&c1.refresh(0).await, "refresh 0");
+    let st = wait_for(&turn, "c1 released", |s| s.allocations == 1).await;
+    assert_eq!((st.permissions, st.channel_bindings), (1, 1), "{st:?}");
+    assert_success(&c2.refresh(0).await, "refresh 0");
+    let st = wait_for(&turn, "c2 released", |s| s.allocations == 0).await;
+    assert_eq!((st.permissions, st.channel_bindings), (0, 0), "{st:?}");
     turn.shutdown().await;
 }

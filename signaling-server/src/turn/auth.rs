@@ -24,6 +24,12 @@ pub fn session_user(peer: u32, ip: Option<std::net::IpAddr>) -> String {
     }
 }
 
+/// The address a REST user part names after its last `@` (`peer7@203.0.113.5` → 203.0.113.5,
+/// see [`session_user`]), if it parses as one.
+pub(crate) fn user_ip(user: &str) -> Option<std::net::IpAddr> {
+    user.rsplit_once('@')?.1.parse().ok()
+}
+
 /// `base64(HMAC-SHA1(secret, username))`.
 pub(crate) fn rest_password(secret: &str, username: &str) -> String {
     let key = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, secret.as_bytes());
@@ -150,5 +156,21 @@ mod tests {
         assert_eq!(parse_rest_username("alice"), Err(CredError::Malformed));
         assert_eq!(parse_rest_username("alice:bob"), Err(CredError::Malformed));
         assert_eq!(parse_rest_username(""), Err(CredError::Malformed));
+    }
+
+    #[test]
+    fn user_ip_forms() {
+        let ip = |s: &str| Some(s.parse::<std::net::IpAddr>().unwrap());
+        assert_eq!(user_ip("peer7@203.0.113.5"), ip("203.0.113.5"));
+        assert_eq!(user_ip("peer7@2001:db8::1"), ip("2001:db8::1"));
+        assert_eq!(
+            user_ip(&session_user(3, ip("::ffff:1.2.3.4"))),
+            ip("::ffff:1.2.3.4")
+        );
+        assert_eq!(user_ip("a@b@10.0.0.1"), ip("10.0.0.1"));
+        assert_eq!(user_ip("peer7"), None);
+        assert_eq!(user_ip("peer7@"), None);
+        assert_eq!(user_ip("peer7@example.org"), None);
+        assert_eq!(user_ip(""), None);
     }
 }

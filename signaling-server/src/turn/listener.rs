@@ -2,8 +2,10 @@
 //!
 //! The turn crate's request handling is crate-private, so policy goes in front of it: the
 //! guard is the [`Conn`] the turn server reads from and writes to. Inbound, it verifies the
-//! long-term credentials itself (answering 401), enforces allocation quotas (486), the peer
-//! policy (403), clamps lifetimes, and answers 437 where the turn crate would stay silent.
+//! long-term credentials itself (answering 401), enforces allocation quotas (486), the relay
+//! address family (440), the peer policy (403), refuses malformed peer addresses (400) that
+//! the turn crate would decode as garbage, drops what is not STUN or ChannelData, clamps
+//! lifetimes, and answers 437 where the turn crate would stay silent.
 //! Outbound, it learns which Allocate requests succeeded and counts data relayed to clients.
 //!
 //! It also runs the client → peer half of the ChannelData fast path: it remembers the
@@ -30,8 +32,8 @@ use super::auth::{now_unix, parse_rest_username, rest_key};
 use super::batch::{BatchSlot, RecvBatch, MAX_BATCH};
 use super::relay::{RelayConn, Route, CHANNEL_HEADER};
 use super::socket::ClosableUdp;
-use super::wire;
-use super::{Live, Pending, PendingOp, PendingReq, Shared, LOG};
+use super::wire::{self, RequestedFamily};
+use super::{IpKeys, Live, Pending, PendingOp, PendingReq, Shared, LOG};
 
 /// RFC 8656 default allocation/refresh lifetime.
 pub(crate) const DEFAULT_LIFETIME_SECS: u32 = 600;
@@ -49,7 +51,7 @@ const LISTENER_MAX_DATAGRAM: usize = 2048;
 const MAX_PENDING_REQS: usize = 4096;
 
 /// What to do with an inbound datagram.
-enum Verdict {
+pub(crate) enum Verdict {
     /// Hand it to the turn server (possibly rewritten in place).
     Pass,
     /// Swallow it.
@@ -70,7 +72,7 @@ struct Group {
 /// The fast path's ChannelData of one received batch, by relay socket and peer (each in
 /// arrival order).
 #[derive(Default)]
-struct Groups {
+pub(crate) struct Groups {
     list: Vec<Group>,
     len: usize,
 }
@@ -175,7 +177,13 @@ impl GuardedListener {
     /// goes on a live channel (with a live permission); if so it joins `groups`, to be sent from
     /// the allocation's relay socket by [`GuardedListener::flush`]. `false`: the turn crate
     /// decides.
-    fn channel_data(&self, d: &[u8], slot: usize, src: SocketAddr, groups: &mut Groups) -> bool {
+    pub(crate) fn channel_data(
+        &self,
+        d: &[u8],
+        slot: usize,
+        src: SocketAddr,
+        groups: &mut Groups,
+    ) -> bool {
         if d.len() < CHANNEL_HEADER || d[0] & 0xC0 != 0x40 {
             return false;
         }
@@ -262,8 +270,12 @@ impl GuardedListener {
         self.socket.shut();
     }
 
-    fn inspect(&self, buf: &mut [u8], src: SocketAddr) -> Verdict {
-        if buf.is_empty() || buf[0] & 0xC0 == 0x40 {
+    pub(crate) fn inspect(&self, buf: &mut [u8], src: SocketAddr) -> Verdict {
+        if buf.is_empty() {
+            self.shared.refuse_malformed();
+            return Verdict::Drop;
+        }
+        if buf[0] & 0xC0 == 0x40 {
             // ChannelData: only reaches peers through an existing (vetted) channel binding.
             return Verdict::Pass;
         }
@@ -273,24 +285,35 @@ impl GuardedListener {
                 None => Verdict::Drop,
             };
         }
-        if !is_message(buf) {
-            return Verdict::Pass;
-        }
-        let mut m = Message::new();
-        m.raw = buf.to_vec();
-        if m.decode().is_err() {
-            return Verdict::Pass;
-        }
+        // Neither ChannelData nor STUN (the turn crate would fail to decode it and drop it).
+        let m = if is_message(buf) {
+            let mut m = Message::new();
+            m.raw = buf.to_vec();
+            m.decode().is_ok().then_some(m)
+        } else {
+            None
+        };
+        let Some(mut m) = m else {
+            self.shared.refuse_malformed();
+            tracing::trace!(target: LOG, client = %src, len = buf.len(),
+                "dropped a datagram that is neither STUN nor ChannelData");
+            return Verdict::Drop;
+        };
         let (method, class) = (m.typ.method, m.typ.class);
 
         if class == CLASS_INDICATION && method == METHOD_SEND {
-            if let Some(peers) = wire::peer_addresses(buf) {
-                if let Some(p) = peers.iter().find(|p| self.shared.denied(p.ip())) {
-                    self.shared.refuse_peer(1);
-                    tracing::debug!(target: LOG, client = %src, peer = %p,
-                        "dropped Send indication to a denied peer");
-                    return Verdict::Drop;
-                }
+            let peers = wire::peer_addresses(buf).unwrap_or_default();
+            if peers.is_empty() {
+                self.shared.refuse_malformed();
+                tracing::debug!(target: LOG, client = %src,
+                    "dropped Send indication with a malformed or missing XOR-PEER-ADDRESS");
+                return Verdict::Drop;
+            }
+            if let Some(p) = peers.iter().find(|p| self.shared.denied(p.ip())) {
+                self.shared.refuse_peer(1);
+                tracing::debug!(target: LOG, client = %src, peer = %p,
+                    "dropped Send indication to a denied peer");
+                return Verdict::Drop;
             }
             return Verdict::Pass;
         }
@@ -364,11 +387,48 @@ impl GuardedListener {
         key: &[u8],
     ) -> Verdict {
         let txid = m.transaction_id;
+        let answer = |code: ErrorCode, reason: &str| {
+            reply(wire::error_response(
+                txid,
+                METHOD_ALLOCATE,
+                code,
+                reason,
+                Vec::new(),
+                Some(key),
+            ))
+        };
+        if self.shared.lock_book().live.contains_key(&src) {
+            // A retransmission or a second Allocate on the same 5-tuple: the turn crate
+            // answers 437.
+            return Verdict::Pass;
+        }
+        // RFC 8656 §7.2 / RFC 6156 §4.2: without REQUESTED-ADDRESS-FAMILY the client wants an
+        // IPv4 relayed address; a family the relay sockets do not have gets 440 (the turn crate
+        // would answer 508).
+        let wants_v4 = match wire::requested_family(buf) {
+            RequestedFamily::Absent | RequestedFamily::V4 => Some(true),
+            RequestedFamily::V6 => Some(false),
+            RequestedFamily::Unknown(_) => None,
+            RequestedFamily::Malformed => {
+                self.shared.refuse_malformed();
+                tracing::debug!(target: LOG, client = %src, username,
+                    "refused (400): malformed REQUESTED-ADDRESS-FAMILY");
+                return answer(CODE_BAD_REQUEST, "Bad Request");
+            }
+        };
+        if wants_v4 != Some(self.shared.relay_v4) {
+            tracing::debug!(target: LOG, client = %src, username,
+                family = ?wire::requested_family(buf), relay_v4 = self.shared.relay_v4,
+                "refused (440): address family not served");
+            return answer(
+                CODE_ADDR_FAMILY_NOT_SUPPORTED,
+                "Address Family not Supported",
+            );
+        }
+        let keys = IpKeys::new(src.ip(), &user);
         {
             let mut book = self.shared.lock_book();
             if book.live.contains_key(&src) {
-                // A retransmission or a second Allocate on the same 5-tuple: the turn crate
-                // answers 437.
                 return Verdict::Pass;
             }
             let now = Instant::now();
@@ -378,6 +438,21 @@ impl GuardedListener {
             let total = book.live.len() + book.pending.len();
             let for_user = book.per_user.get(&user).copied().unwrap_or(0)
                 + book.pending.values().filter(|p| p.user == user).count();
+            let for_src = book.per_src_ip.get(&keys.src).copied().unwrap_or(0)
+                + book
+                    .pending
+                    .values()
+                    .filter(|p| p.keys.src == keys.src)
+                    .count();
+            let for_cred = keys.cred.map(|k| {
+                book.per_cred_ip.get(&k).copied().unwrap_or(0)
+                    + book
+                        .pending
+                        .values()
+                        .filter(|p| p.keys.cred == Some(k))
+                        .count()
+            });
+            let ip_quota = self.shared.ip_quota;
             let refusal = if total >= self.shared.total_quota {
                 self.shared
                     .counters
@@ -396,20 +471,31 @@ impl GuardedListener {
                     "user quota reached ({for_user}/{})",
                     self.shared.user_quota
                 ))
+            } else if for_src >= ip_quota {
+                self.shared
+                    .counters
+                    .refused_ip_quota
+                    .fetch_add(1, Ordering::Relaxed);
+                Some(format!(
+                    "source address quota reached for {} ({for_src}/{ip_quota})",
+                    keys.src
+                ))
+            } else if let Some(n) = for_cred.filter(|&n| n >= ip_quota) {
+                self.shared
+                    .counters
+                    .refused_ip_quota
+                    .fetch_add(1, Ordering::Relaxed);
+                Some(format!(
+                    "source address quota reached for the user part's {} ({n}/{ip_quota})",
+                    keys.cred.map(|k| k.to_string()).unwrap_or_default()
+                ))
             } else {
                 None
             };
             if let Some(why) = refusal {
                 drop(book);
                 tracing::info!(target: LOG, client = %src, username, "allocation refused (486): {why}");
-                return reply(wire::error_response(
-                    txid,
-                    METHOD_ALLOCATE,
-                    CODE_ALLOC_QUOTA_REACHED,
-                    "Allocation Quota Reached",
-                    Vec::new(),
-                    Some(key),
-                ));
+                return answer(CODE_ALLOC_QUOTA_REACHED, "Allocation Quota Reached");
             }
             book.pending.insert(
                 txid.0,
@@ -417,6 +503,7 @@ impl GuardedListener {
                     src,
                     user,
                     username: username.to_owned(),
+                    keys,
                     at: now,
                 },
             );
@@ -448,9 +535,23 @@ impl GuardedListener {
             // The turn crate would not answer at all (request.rs:694, 821).
             return mismatch(m, key);
         }
-        let Some(peers) = wire::peer_addresses(buf) else {
-            return Verdict::Pass; // malformed: the turn crate answers 400
-        };
+        // The turn crate decodes a truncated or over-long XOR-PEER-ADDRESS as some address
+        // (`stun`'s XorMappedAddress only checks for overflow), and answers a CreatePermission
+        // without one with a codeless error: answer 400 here.
+        let peers = wire::peer_addresses(buf).unwrap_or_default();
+        if peers.is_empty() {
+            self.shared.refuse_malformed();
+            tracing::debug!(target: LOG, client = %src, username, method = %m.typ.method,
+                "refused (400): malformed or missing XOR-PEER-ADDRESS");
+            return reply(wire::error_response(
+                m.transaction_id,
+                m.typ.method,
+                CODE_BAD_REQUEST,
+                "Bad Request",
+                Vec::new(),
+                Some(key),
+            ));
+        }
         if let Some(p) = peers.iter().find(|p| self.shared.denied(p.ip())) {
             self.shared.refuse_peer(1);
             tracing::info!(target: LOG, client = %src, username, peer = %p, method = %m.typ.method,
@@ -485,7 +586,7 @@ impl GuardedListener {
     }
 
     /// Watches what the turn server sends: Allocate outcomes and data towards clients.
-    fn observe_outbound(&self, buf: &[u8], dst: SocketAddr) {
+    pub(crate) fn observe_outbound(&self, buf: &[u8], dst: SocketAddr) {
         if buf.len() >= 4 && buf[0] & 0xC0 == 0x40 {
             let c = &self.shared.counters.to_client;
             c.packets.fetch_add(1, Ordering::Relaxed);
@@ -524,7 +625,7 @@ impl GuardedListener {
                 let Some(relay) = relay else {
                     return;
                 };
-                *book.per_user.entry(p.user.clone()).or_insert(0) += 1;
+                book.count(&p.user, p.keys);
                 let live = book.live.len() + 1;
                 book.live.insert(
                     dst,
@@ -532,6 +633,7 @@ impl GuardedListener {
                         user: p.user,
                         username: p.username.clone(),
                         relay,
+                        keys: p.keys,
                     },
                 );
                 drop(book);
@@ -577,7 +679,7 @@ fn mismatch(m: &Message, key: &[u8]) -> Verdict {
 }
 
 /// The LIFETIME of a raw STUN message.
-fn lifetime_in(buf: &[u8]) -> Option<u32> {
+pub(crate) fn lifetime_in(buf: &[u8]) -> Option<u32> {
     wire::find(buf, ATTR_LIFETIME)
         .filter(|&(_, len)| len == 4)
         .map(|(off, _)| u32::from_be_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]]))

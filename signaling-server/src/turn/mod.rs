@@ -5,7 +5,22 @@
 //!
 //! * coturn-compatible REST credentials (`expiry:user` or `user:expiry`, password
 //!   `base64(HMAC-SHA1(secret, username))`), refused with 401;
-//! * allocation quotas per user part and in total (486 Allocation Quota Reached);
+//! * allocation quotas (486 Allocation Quota Reached) per REST user part, per source address
+//!   and in total. The per-source quota ([`TurnConfig::ip_quota`]) counts each allocation both
+//!   under the UDP source address of its Allocate and under the address named by the user part
+//!   (`peer7@203.0.113.5`, see [`session_user`]: the signaling session's source address, which
+//!   the client cannot forge since the username is signed); either count reaching the quota
+//!   refuses the Allocate. IPv6 addresses count per /64 (a subscriber's usual share), and
+//!   IPv4-mapped IPv6 addresses as their IPv4 address;
+//! * strict parsing of what the turn crate would misread: an XOR-PEER-ADDRESS whose length
+//!   does not match its family (8 bytes for IPv4, 20 for IPv6), of an unknown family, or a
+//!   CreatePermission / ChannelBind without any, gets 400 Bad Request (a Send indication with
+//!   one is dropped); so does a REQUESTED-ADDRESS-FAMILY that is not 4 bytes long. Datagrams
+//!   that are neither ChannelData nor a decodable STUN message are dropped. All of these are
+//!   counted in [`TurnStats::refused_malformed`];
+//! * RFC 6156 / RFC 8656 §7.2 address families: an Allocate asking (with
+//!   REQUESTED-ADDRESS-FAMILY, or by default IPv4 without it) for a relay family the service
+//!   does not have (the relay IP's family) gets 440 Address Family not Supported;
 //! * a peer-address policy ([`is_denied_peer`]): CreatePermission / ChannelBind towards a denied
 //!   peer get 403, Send indications to it are dropped, and relay sockets drop traffic to and from
 //!   it as a second line of defence;
@@ -39,6 +54,8 @@
 
 mod auth;
 mod batch;
+#[cfg(test)]
+mod fuzz_tests;
 mod listener;
 mod policy;
 mod relay;
@@ -46,7 +63,7 @@ mod socket;
 mod wire;
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::time::{Duration, Instant};
@@ -105,6 +122,11 @@ pub struct TurnConfig {
     pub user_quota: usize,
     /// Live allocations allowed in total. Default 2048.
     pub total_quota: usize,
+    /// Live allocations allowed per source address, counted both per UDP source address of
+    /// the Allocate and per address in the REST user part (`peer7@203.0.113.5`, see
+    /// [`session_user`]); either reaching it gives 486. IPv6 addresses count per /64.
+    /// Default 64.
+    pub ip_quota: usize,
     /// Peer CIDRs exempt from the deny list of [`is_denied_peer`] (e.g. `127.0.0.0/8` in tests).
     pub allow_peers: Vec<IpNet>,
     /// SO_RCVBUF and SO_SNDBUF requested for the listener and relay sockets. Default 4 MiB.
@@ -126,6 +148,7 @@ impl Default for TurnConfig {
             secret: BASE64_STANDARD.encode(secret),
             user_quota: 16,
             total_quota: 2048,
+            ip_quota: 64,
             allow_peers: Vec::new(),
             recv_buffer_bytes: 4 * 1024 * 1024,
             channel_lifetime: CHANNEL_BIND_LIFETIME,
@@ -133,11 +156,18 @@ impl Default for TurnConfig {
     }
 }
 
-/// A snapshot of the service's counters.
+/// A snapshot of the service's counters. `allocations`, `permissions` and `channel_bindings`
+/// are gauges (live now), everything else counts since start.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TurnStats {
     /// Live allocations.
     pub allocations: u64,
+    /// Live permissions (peer IPs a client may exchange data with, RFC 8656 §9), summed over
+    /// the live allocations, as the ChannelData fast path knows them.
+    pub permissions: u64,
+    /// Live channel bindings (RFC 8656 §12), summed over the live allocations, as the
+    /// ChannelData fast path knows them.
+    pub channel_bindings: u64,
     /// Allocations created since start.
     pub allocations_total: u64,
     /// Datagrams relayed from clients to peers.
@@ -158,9 +188,17 @@ pub struct TurnStats {
     pub refused_user_quota: u64,
     /// Allocate requests answered 486 because of the total quota.
     pub refused_total_quota: u64,
+    /// Allocate requests answered 486 because of the per-source quota ([`TurnConfig::ip_quota`]:
+    /// UDP source address or address in the user part).
+    pub refused_ip_quota: u64,
     /// Requests answered 403, indications dropped and relay datagrams dropped because of the
     /// peer policy.
     pub refused_peer: u64,
+    /// Requests answered 400 and datagrams dropped because they could not be parsed: malformed
+    /// or missing XOR-PEER-ADDRESS (CreatePermission, ChannelBind, Send indications), malformed
+    /// REQUESTED-ADDRESS-FAMILY, and datagrams that are neither ChannelData nor a decodable
+    /// STUN message.
+    pub refused_malformed: u64,
 }
 
 /// Counters of one direction, on a cache line of their own (the two directions are counted
@@ -182,7 +220,9 @@ pub(crate) struct Counters {
     pub(crate) refused_auth: AtomicU64,
     pub(crate) refused_user_quota: AtomicU64,
     pub(crate) refused_total_quota: AtomicU64,
+    pub(crate) refused_ip_quota: AtomicU64,
     pub(crate) refused_peer: AtomicU64,
+    pub(crate) refused_malformed: AtomicU64,
 }
 
 /// A live allocation, keyed by the client's transport address (one listener, UDP only, so that
@@ -191,6 +231,37 @@ pub(crate) struct Live {
     pub(crate) user: String,
     pub(crate) username: String,
     pub(crate) relay: SocketAddr,
+    pub(crate) keys: IpKeys,
+}
+
+/// What an allocation counts against the per-source quota (see [`quota_ip`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct IpKeys {
+    /// The UDP source address of the Allocate.
+    pub(crate) src: IpAddr,
+    /// The address named in the REST user part (`peer7@203.0.113.5`), if any.
+    pub(crate) cred: Option<IpAddr>,
+}
+
+impl IpKeys {
+    pub(crate) fn new(src: IpAddr, user: &str) -> IpKeys {
+        IpKeys {
+            src: quota_ip(src),
+            cred: auth::user_ip(user).map(quota_ip),
+        }
+    }
+}
+
+/// The key an address counts under for the per-source quota: IPv4 addresses as they are
+/// (IPv4-mapped IPv6 ones as their IPv4 address), other IPv6 addresses by their /64.
+pub(crate) fn quota_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u128::MAX >> 64))),
+        },
+    }
 }
 
 /// An Allocate request handed to the turn crate, waiting for its answer.
@@ -198,6 +269,7 @@ pub(crate) struct Pending {
     pub(crate) src: SocketAddr,
     pub(crate) user: String,
     pub(crate) username: String,
+    pub(crate) keys: IpKeys,
     pub(crate) at: Instant,
 }
 
@@ -220,6 +292,10 @@ pub(crate) struct PendingReq {
 pub(crate) struct Book {
     pub(crate) live: HashMap<SocketAddr, Live>,
     pub(crate) per_user: HashMap<String, usize>,
+    /// Live allocations per [`IpKeys::src`].
+    pub(crate) per_src_ip: HashMap<IpAddr, usize>,
+    /// Live allocations per [`IpKeys::cred`].
+    pub(crate) per_cred_ip: HashMap<IpAddr, usize>,
     pub(crate) pending: HashMap<[u8; 12], Pending>,
     pub(crate) pending_reqs: HashMap<[u8; 12], PendingReq>,
 }
@@ -230,6 +306,9 @@ pub(crate) struct Shared {
     pub(crate) secret: String,
     pub(crate) user_quota: usize,
     pub(crate) total_quota: usize,
+    pub(crate) ip_quota: usize,
+    /// Whether the relay sockets are IPv4 (else IPv6): the only family Allocate can get.
+    pub(crate) relay_v4: bool,
     pub(crate) allow_peers: Vec<IpNet>,
     pub(crate) channel_lifetime: Duration,
     pub(crate) counters: Counters,
@@ -241,7 +320,54 @@ pub(crate) struct Shared {
     pub(crate) relay_buf_logged: AtomicBool,
 }
 
+impl Book {
+    /// Counts a new live allocation.
+    pub(crate) fn count(&mut self, user: &str, keys: IpKeys) {
+        *self.per_user.entry(user.to_owned()).or_insert(0) += 1;
+        *self.per_src_ip.entry(keys.src).or_insert(0) += 1;
+        if let Some(k) = keys.cred {
+            *self.per_cred_ip.entry(k).or_insert(0) += 1;
+        }
+    }
+
+    /// Uncounts a live allocation that ended.
+    fn uncount(&mut self, user: &str, keys: IpKeys) {
+        fn dec<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, k: &K) {
+            if let Some(n) = map.get_mut(k) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    map.remove(k);
+                }
+            }
+        }
+        dec(&mut self.per_user, &user.to_owned());
+        dec(&mut self.per_src_ip, &keys.src);
+        if let Some(k) = keys.cred {
+            dec(&mut self.per_cred_ip, &k);
+        }
+    }
+}
+
 impl Shared {
+    /// The state of a service configured by `config` whose relay sockets bind `relay_ip`.
+    fn new(config: &TurnConfig, relay_ip: IpAddr) -> Shared {
+        Shared {
+            realm: config.realm.clone(),
+            secret: config.secret.clone(),
+            user_quota: config.user_quota,
+            total_quota: config.total_quota,
+            ip_quota: config.ip_quota,
+            relay_v4: relay_ip.is_ipv4(),
+            allow_peers: config.allow_peers.clone(),
+            channel_lifetime: config.channel_lifetime,
+            counters: Counters::default(),
+            book: Mutex::new(Book::default()),
+            relays: Mutex::new(HashMap::new()),
+            fast: RwLock::new(FastMap::default()),
+            relay_buf_logged: AtomicBool::new(false),
+        }
+    }
+
     /// Whether `src` holds a live allocation of the user in `username` (any expiry).
     pub(crate) fn owns_allocation(&self, src: SocketAddr, username: &str) -> bool {
         let Ok((_, user)) = auth::parse_rest_username(username) else {
@@ -260,6 +386,13 @@ impl Shared {
     /// Counts `n` requests, indications or datagrams refused by the peer policy.
     pub(crate) fn refuse_peer(&self, n: u64) {
         self.counters.refused_peer.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts a request or datagram refused as malformed.
+    pub(crate) fn refuse_malformed(&self) {
+        self.counters
+            .refused_malformed
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn lock_book(&self) -> MutexGuard<'_, Book> {
@@ -339,11 +472,24 @@ impl Shared {
         }
     }
 
+    /// Live permissions and channel bindings over all allocations the fast path knows.
+    fn live_grants(&self) -> (u64, u64) {
+        let now = Instant::now();
+        let fast = self.fast.read().unwrap_or_else(|e| e.into_inner());
+        fast.values().fold((0, 0), |(p, c), relay| {
+            let (rp, rc) = relay.live_counts(now);
+            (p + rp as u64, c + rc as u64)
+        })
+    }
+
     fn stats(&self) -> TurnStats {
         let c = &self.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (permissions, channel_bindings) = self.live_grants();
         TurnStats {
             allocations: self.lock_book().live.len() as u64,
+            permissions,
+            channel_bindings,
             allocations_total: get(&c.allocations_total),
             relayed_to_peer_packets: get(&c.to_peer.packets),
             fast_path_to_peer_packets: get(&c.to_peer.fast),
@@ -354,7 +500,9 @@ impl Shared {
             refused_auth: get(&c.refused_auth),
             refused_user_quota: get(&c.refused_user_quota),
             refused_total_quota: get(&c.refused_total_quota),
+            refused_ip_quota: get(&c.refused_ip_quota),
             refused_peer: get(&c.refused_peer),
+            refused_malformed: get(&c.refused_malformed),
         }
     }
 
@@ -371,12 +519,7 @@ impl Shared {
             return;
         }
         if let Some(l) = book.live.remove(&src) {
-            if let Some(n) = book.per_user.get_mut(&l.user) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    book.per_user.remove(&l.user);
-                }
-            }
+            book.uncount(&l.user, l.keys);
             let live = book.live.len();
             drop(book);
             tracing::info!(target: LOG, client = %src, username = %l.username, relay = %l.relay,
@@ -446,19 +589,7 @@ async fn serve(config: TurnConfig, stop: CancellationToken) -> anyhow::Result<St
              clients will be told an unusable relayed address");
     }
 
-    let shared = Arc::new(Shared {
-        realm: config.realm.clone(),
-        secret: config.secret.clone(),
-        user_quota: config.user_quota,
-        total_quota: config.total_quota,
-        allow_peers: config.allow_peers.clone(),
-        channel_lifetime: config.channel_lifetime,
-        counters: Counters::default(),
-        book: Mutex::new(Book::default()),
-        relays: Mutex::new(HashMap::new()),
-        fast: RwLock::new(FastMap::default()),
-        relay_buf_logged: AtomicBool::new(false),
-    });
+    let shared = Arc::new(Shared::new(&config, relay_ip));
     let listener = Arc::new(GuardedListener::new(
         bound.socket,
         local_addr,
@@ -524,6 +655,8 @@ async fn log_stats(shared: Arc<Shared>, stop: CancellationToken) {
         if now != last {
             tracing::info!(target: LOG,
                 allocations = now.allocations,
+                permissions = now.permissions,
+                channel_bindings = now.channel_bindings,
                 allocations_total = now.allocations_total,
                 to_peer_packets = now.relayed_to_peer_packets,
                 fast_to_peer_packets = now.fast_path_to_peer_packets,
@@ -534,7 +667,9 @@ async fn log_stats(shared: Arc<Shared>, stop: CancellationToken) {
                 refused_auth = now.refused_auth,
                 refused_user_quota = now.refused_user_quota,
                 refused_total_quota = now.refused_total_quota,
+                refused_ip_quota = now.refused_ip_quota,
                 refused_peer = now.refused_peer,
+                refused_malformed = now.refused_malformed,
                 "TURN stats");
             last = now;
         }

@@ -202,6 +202,18 @@ impl RelayConn {
         st.alloc_until = Some(at + lifetime);
     }
 
+    /// Live (permissions, channel bindings) of this allocation at `now` (none once it has
+    /// expired).
+    pub(crate) fn live_counts(&self, now: Instant) -> (usize, usize) {
+        let st = self.state();
+        if !st.live(now) {
+            return (0, 0);
+        }
+        let perms = st.perms.values().filter(|t| **t > now).count();
+        let channels = st.channels.values().filter(|c| c.until > now).count();
+        (perms, channels)
+    }
+
     /// The allocation ended: the fast path forgets it.
     pub(crate) fn detach(&self) {
         *self.state_mut() = FastState::default();

@@ -36,22 +36,30 @@ pub(crate) fn attrs(raw: &[u8]) -> Vec<(u16, usize, usize)> {
     out
 }
 
-/// Decodes an XOR-*-ADDRESS value (RFC 8489 §14.2).
+/// Address family values of XOR-*-ADDRESS (RFC 8489 §14.1).
+const FAMILY_IPV4: u16 = 0x0001;
+const FAMILY_IPV6: u16 = 0x0002;
+
+/// Decodes an XOR-*-ADDRESS value (RFC 8489 §14.2). Strict: the value must be exactly 8 bytes
+/// for IPv4 and 20 for IPv6, and the family (read as 16 bits, like the `stun` crate does, so a
+/// non-zero reserved byte makes an unknown family) must be one of those two. `txid` is the
+/// 12-byte transaction id.
 pub(crate) fn xor_addr(value: &[u8], txid: &[u8]) -> Option<SocketAddr> {
-    if value.len() < 4 {
+    if value.len() < 4 || txid.len() != 12 {
         return None;
     }
+    let family = u16::from_be_bytes([value[0], value[1]]);
     let port = u16::from_be_bytes([value[2], value[3]]) ^ (MAGIC_COOKIE >> 16) as u16;
     let cookie = MAGIC_COOKIE.to_be_bytes();
-    match value[1] {
-        0x01 if value.len() >= 8 => {
+    match (family, value.len()) {
+        (FAMILY_IPV4, 8) => {
             let mut ip = [0u8; 4];
             for i in 0..4 {
                 ip[i] = value[4 + i] ^ cookie[i];
             }
             Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::from(ip)), port))
         }
-        0x02 if value.len() >= 20 && txid.len() == 12 => {
+        (FAMILY_IPV6, 20) => {
             let mut key = [0u8; 16];
             key[..4].copy_from_slice(&cookie);
             key[4..].copy_from_slice(txid);
@@ -65,14 +73,41 @@ pub(crate) fn xor_addr(value: &[u8], txid: &[u8]) -> Option<SocketAddr> {
     }
 }
 
-/// All XOR-PEER-ADDRESS attributes of a message; `None` if one of them is malformed.
+/// All XOR-PEER-ADDRESS attributes of a STUN message, in order (empty if there is none);
+/// `None` if one of them is malformed (see [`xor_addr`]) or `raw` is shorter than a header.
 pub(crate) fn peer_addresses(raw: &[u8]) -> Option<Vec<SocketAddr>> {
-    let txid = &raw[8..20];
+    let txid = raw.get(8..HEADER)?;
     attrs(raw)
         .into_iter()
         .filter(|&(t, _, _)| t == ATTR_XOR_PEER_ADDRESS.0)
         .map(|(_, off, len)| xor_addr(&raw[off..off + len], txid))
         .collect()
+}
+
+/// The REQUESTED-ADDRESS-FAMILY of an Allocate (RFC 8656 §18.10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RequestedFamily {
+    /// No such attribute: the client wants IPv4 (RFC 8656 §7.2).
+    Absent,
+    V4,
+    V6,
+    /// A family value other than 0x01 and 0x02 (answered 440, as the turn crate does).
+    Unknown(u8),
+    /// A value that is not 4 bytes long (answered 400).
+    Malformed,
+}
+
+/// The first REQUESTED-ADDRESS-FAMILY of a STUN message.
+pub(crate) fn requested_family(raw: &[u8]) -> RequestedFamily {
+    match find(raw, ATTR_REQUESTED_ADDRESS_FAMILY) {
+        None => RequestedFamily::Absent,
+        Some((off, 4)) => match raw[off] {
+            0x01 => RequestedFamily::V4,
+            0x02 => RequestedFamily::V6,
+            other => RequestedFamily::Unknown(other),
+        },
+        Some(_) => RequestedFamily::Malformed,
+    }
 }
 
 /// The first attribute of type `typ`: `(value offset, length)`.
