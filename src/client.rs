@@ -268,7 +268,7 @@ impl Client {
         // No Nagle: small frames would wait for the server's delayed ack (~40 ms).
         let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
             .await
-            .map_err(|e| Error::Connect(e.to_string()))?;
+            .map_err(connect_error)?;
         let hello = ClientMsg::Hello {
             version: PROTOCOL_VERSION,
             name: config.name.clone(),
@@ -542,6 +542,26 @@ impl Client {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
         self.inner.shared.lock().expect("client state lock")
+    }
+}
+
+/// A failed WebSocket handshake: a 503 (the server is at a connection limit) is
+/// [`Error::ServerBusy`], anything else [`Error::Connect`].
+fn connect_error(e: tokio_tungstenite::tungstenite::Error) -> Error {
+    use tokio_tungstenite::tungstenite::http::{header::RETRY_AFTER, StatusCode};
+    match e {
+        tokio_tungstenite::tungstenite::Error::Http(resp)
+            if resp.status() == StatusCode::SERVICE_UNAVAILABLE =>
+        {
+            let retry_after = resp
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            Error::ServerBusy { retry_after }
+        }
+        e => Error::Connect(e.to_string()),
     }
 }
 

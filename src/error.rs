@@ -15,6 +15,14 @@ pub enum Error {
     /// Connecting the WebSocket or the hello/welcome exchange failed.
     #[error("could not connect to the server: {0}")]
     Connect(String),
+    /// The server refused the connection because it is at one of its limits (HTTP 503:
+    /// connections in total or from this address); try again later, after `retry_after` if the
+    /// server said.
+    #[error("server busy, try again later{}", match retry_after { Some(d) => format!(" (in {} s)", d.as_secs()), None => String::new() })]
+    ServerBusy {
+        /// The server's `Retry-After`.
+        retry_after: Option<std::time::Duration>,
+    },
     /// The server speaks another protocol version.
     #[error("server speaks protocol version {server}, this client speaks {client}")]
     VersionMismatch {

@@ -474,3 +474,24 @@ async fn declined_direct_path_is_reported_once() {
     alice.close().await;
     bob.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_at_its_connection_limit_is_a_typed_error() {
+    let mut config = peermesh_server::Config::default();
+    config.server_limits.max_connections_per_ip = 1;
+    let server = common::server_with(config).await;
+    let (_a, _a_events) = common::client(&server, "a").await;
+    let busy = peermesh::Client::connect(
+        &server.ws_url(),
+        peermesh::ClientConfig::new("b").with_loopback_only(true),
+    )
+    .await
+    .map(drop)
+    .unwrap_err();
+    match busy {
+        peermesh::Error::ServerBusy { retry_after } => {
+            assert_eq!(retry_after, Some(Duration::from_secs(5)))
+        }
+        other => panic!("expected ServerBusy, got {other}"),
+    }
+}

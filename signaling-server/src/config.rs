@@ -241,6 +241,8 @@ pub struct TurnFile {
     pub credential_ttl_s: Option<u64>,
     /// Allocations per user.
     pub user_quota: Option<usize>,
+    /// Allocations per source address.
+    pub ip_quota: Option<usize>,
     /// Allocations in total.
     pub total_quota: Option<usize>,
     /// CIDRs exempt from the peer deny list.
@@ -322,6 +324,7 @@ impl FileConfig {
             urls,
             credential_ttl_s,
             user_quota,
+            ip_quota,
             total_quota,
             allow_peers,
             recv_buffer_bytes
@@ -449,6 +452,9 @@ impl FileConfig {
                 }
                 if let Some(q) = t.user_quota {
                     tc.user_quota = q;
+                }
+                if let Some(q) = t.ip_quota {
+                    tc.ip_quota = q;
                 }
                 if let Some(q) = t.total_quota {
                     tc.total_quota = q;
@@ -625,6 +631,7 @@ mod tests {
         assert_eq!(t.listen, "127.0.0.1:3478".parse::<SocketAddr>().unwrap());
         assert_eq!(t.relay_ports, (49152, 65535));
         assert_eq!(t.user_quota, 16);
+        assert_eq!(t.ip_quota, 64);
         assert!(!t.secret.is_empty(), "random secret");
         assert_eq!(c.turn_credential_ttl, Duration::from_secs(3600));
         assert_eq!(c.heartbeat_timeout, Duration::from_secs(15));

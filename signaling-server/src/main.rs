@@ -99,6 +99,11 @@ struct Args {
     #[arg(long, global = true)]
     turn_user_quota: Option<usize>,
 
+    /// Live TURN allocations per source address (the UDP source, and the signaling session's
+    /// address named in the credentials). Default 64.
+    #[arg(long, env = "PEERMESH_TURN_IP_QUOTA", global = true)]
+    turn_ip_quota: Option<usize>,
+
     /// Live TURN allocations in total. Default 2048.
     #[arg(long, global = true)]
     turn_total_quota: Option<usize>,
@@ -150,6 +155,7 @@ impl Args {
         t.secret = self.turn_secret.clone();
         t.credential_ttl_s = self.turn_credential_ttl_s;
         t.user_quota = self.turn_user_quota;
+        t.ip_quota = self.turn_ip_quota;
         t.total_quota = self.turn_total_quota;
         if !self.turn_allow_peers.is_empty() {
             t.allow_peers = Some(self.turn_allow_peers.clone());

@@ -83,12 +83,6 @@ struct TurnMetrics {
     malformed: Counter,
 }
 
-/// TURN figures not yet in [`TurnStats`]: (permissions, channel bindings, ip-quota refusals,
-/// malformed requests).
-fn turn_extra(_s: &TurnStats) -> (u64, u64, u64, u64) {
-    (0, 0, 0, 0)
-}
-
 /// Advance a counter that mirrors a monotonic figure kept elsewhere.
 fn advance(counter: &Counter, old: u64, new: u64) {
     if new > old {
@@ -296,10 +290,8 @@ impl Metrics {
         if let Some(s) = turn {
             let mut t = self.turn.lock().unwrap_or_else(|p| p.into_inner());
             t.allocations.set(clamp64(s.allocations));
-            let (permissions, channel_bindings, ip_quota, malformed) = turn_extra(&s);
-            let (_, _, old_ip_quota, old_malformed) = turn_extra(&t.last);
-            t.permissions.set(clamp64(permissions));
-            t.channel_bindings.set(clamp64(channel_bindings));
+            t.permissions.set(clamp64(s.permissions));
+            t.channel_bindings.set(clamp64(s.channel_bindings));
             let old = t.last.clone();
             advance(
                 &t.allocations_total,
@@ -334,13 +326,13 @@ impl Metrics {
             advance(&t.auth_failures, old.refused_auth, s.refused_auth);
             for (quota, o, n) in [
                 ("user", old.refused_user_quota, s.refused_user_quota),
-                ("ip", old_ip_quota, ip_quota),
+                ("ip", old.refused_ip_quota, s.refused_ip_quota),
                 ("total", old.refused_total_quota, s.refused_total_quota),
             ] {
                 advance(&t.quota_refusals.get_or_create(&[("quota", quota)]), o, n);
             }
             advance(&t.peer_refusals, old.refused_peer, s.refused_peer);
-            advance(&t.malformed, old_malformed, malformed);
+            advance(&t.malformed, old.refused_malformed, s.refused_malformed);
             t.last = s;
         }
         let mut out = String::new();
