@@ -73,7 +73,8 @@ pub enum ErrorCode {
     HelloRequired,
     /// A group name was empty, too long or had forbidden characters.
     InvalidGroup,
-    /// A name was empty, too long or had control characters.
+    /// A name was empty, too long or had a forbidden code point (control, format or other
+    /// invisible character; see [`validate_name`]).
     InvalidName,
     /// The client is already in the group named in `join`.
     AlreadyMember,
@@ -491,9 +492,57 @@ pub fn validate_group(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// Validate a display name: 1–64 bytes, no control characters.
+/// Validate a display name: 1–64 bytes of UTF-8 without a forbidden code point
+/// (`docs/PROTOCOL.md` §3.3).
+///
+/// The rule: refuse every code point that is invisible by design or changes how the text
+/// around it is laid out, so that a name cannot pass for another name, hide, or reorder the text
+/// it is shown next to:
+///
+/// * general category **Cc** (controls) and **Cf** (format characters: bidi embeddings,
+///   overrides and isolates U+202A–U+202E, U+2066–U+2069, marks U+200E/U+200F/U+061C,
+///   zero-width space/joiners U+200B–U+200D, word joiner U+2060, BOM U+FEFF, soft hyphen U+00AD,
+///   tag characters U+E0001, U+E0020–U+E007F, …);
+/// * **Zl** and **Zp** (U+2028 line and U+2029 paragraph separator): line breaks, like `\n`;
+/// * the other code points Unicode lists as *Default_Ignorable_Code_Point* (rendered as nothing)
+///   that are not Cf: U+034F combining grapheme joiner, U+115F/U+1160/U+3164/U+FFA0 Hangul
+///   fillers, U+17B4/U+17B5 Khmer inherent vowels, and the ranges Unicode reserves as
+///   default-ignorable for future use (U+2065, U+FFF0–U+FFF8, U+E0000–U+E0FFF) — **except** the
+///   variation selectors U+FE00–U+FE0F, U+E0100–U+E01EF and Mongolian U+180B–U+180D, U+180F,
+///   which emoji (U+2764 U+FE0F, the red heart most emoji keyboards insert), Mongolian and CJK names
+///   need.
+///
+/// Everything else is allowed: letters, marks, digits, punctuation and symbols of every script,
+/// emoji, spaces (Zs), private-use and unassigned code points (refusing unassigned ones would make
+/// validity depend on the Unicode version of each implementation and refuse newer emoji).
+/// Consequences of refusing all of Cf: emoji ZWJ sequences (family, rainbow flag: emoji joined
+/// by U+200D), subdivision flags (U+1F3F4 + tag characters) and ZWNJ/ZWJ in Persian and Indic
+/// spellings are refused; single emoji, skin-tone modifiers and regional-indicator flags are
+/// fine.
 pub fn validate_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 64 && !name.chars().any(char::is_control)
+    !name.is_empty() && name.len() <= 64 && !name.chars().any(name_char_forbidden)
+}
+
+/// Whether `c` may not appear in a display name (the rule is documented on [`validate_name`]).
+fn name_char_forbidden(c: char) -> bool {
+    use unicode_properties::{GeneralCategory as Gc, UnicodeGeneralCategory};
+    matches!(
+        c.general_category(),
+        Gc::Control | Gc::Format | Gc::LineSeparator | Gc::ParagraphSeparator
+    ) || matches!(
+        c,
+        '\u{034F}'
+            | '\u{115F}'
+            | '\u{1160}'
+            | '\u{17B4}'
+            | '\u{17B5}'
+            | '\u{2065}'
+            | '\u{3164}'
+            | '\u{FFA0}'
+            | '\u{FFF0}'..='\u{FFF8}'
+            | '\u{E0000}'..='\u{E00FF}'
+            | '\u{E01F0}'..='\u{E0FFF}'
+    )
 }
 
 #[cfg(test)]
@@ -540,6 +589,136 @@ mod tests {
         assert!(LinkFrame::decode(&[]).is_err());
         assert!(LinkFrame::decode(&[0x10, 0, 1]).is_err());
         assert!(LinkFrame::decode(&[0x99]).is_err());
+    }
+
+    #[test]
+    fn names_accepted() {
+        for name in [
+            "alice",
+            " ",
+            "Ana María",
+            "Zoë-Ünal",
+            "Дмитрий",
+            "Σωκράτης",
+            "李小龙",
+            "山田太郎",
+            "김민수",
+            "محمد",
+            "דוד",
+            "देवनागरी",
+            "สมชาย",
+            "ქართული",
+            "Ἀθηνᾶ",
+            "e\u{301}cole", // combining acute accent (Mn)
+            "🎮 gamer",
+            "🚀🚀🚀",
+            "\u{1F44D}\u{1F3FD}",    // thumbs up + skin tone modifier
+            "\u{1F1EB}\u{1F1F7}",    // regional indicator flag FR
+            "\u{2764}\u{FE0F} love", // emoji presentation selector VS16
+            "\u{845B}\u{E0100}",     // ideographic variation selector
+            "\u{1820}\u{180B}",      // Mongolian free variation selector
+            "\u{00A0}nbsp\u{3000}",  // Zs spaces are visible
+            "\u{E000}",              // private use
+            "\u{2800}",              // braille blank: a visible-width cell like a space
+            "a\u{FFFC}",             // object replacement character (So)
+        ] {
+            assert!(validate_name(name), "{name:?} should be valid");
+        }
+        // Length is in bytes: 64 two-byte letters are too long, 32 are fine.
+        assert!(validate_name(&"é".repeat(32)));
+        assert!(!validate_name(&"é".repeat(33)));
+        assert!(validate_name(&"x".repeat(64)));
+        assert!(!validate_name(&"x".repeat(65)));
+        assert!(!validate_name(""));
+    }
+
+    #[test]
+    fn names_refused() {
+        let refused: &[(&str, &[char])] = &[
+            (
+                "C0/C1 controls (Cc)",
+                &[
+                    '\0', '\u{7}', '\t', '\n', '\r', '\u{1B}', '\u{7F}', '\u{85}', '\u{9F}',
+                ],
+            ),
+            (
+                "bidi embeddings and overrides (Cf)",
+                &['\u{202A}', '\u{202B}', '\u{202C}', '\u{202D}', '\u{202E}'],
+            ),
+            (
+                "bidi isolates (Cf)",
+                &['\u{2066}', '\u{2067}', '\u{2068}', '\u{2069}'],
+            ),
+            ("bidi marks (Cf)", &['\u{200E}', '\u{200F}', '\u{061C}']),
+            (
+                "zero-width space and joiners (Cf)",
+                &['\u{200B}', '\u{200C}', '\u{200D}'],
+            ),
+            (
+                "word joiner and invisible operators (Cf)",
+                &['\u{2060}', '\u{2061}', '\u{2062}', '\u{2063}', '\u{2064}'],
+            ),
+            ("deprecated format controls (Cf)", &['\u{206A}', '\u{206F}']),
+            ("byte order mark (Cf)", &['\u{FEFF}']),
+            ("soft hyphen (Cf)", &['\u{00AD}']),
+            ("Mongolian vowel separator (Cf)", &['\u{180E}']),
+            (
+                "Arabic number sign, interlinear annotation (Cf)",
+                &['\u{0600}', '\u{FFF9}', '\u{FFFB}'],
+            ),
+            (
+                "shorthand format controls, musical beams (Cf)",
+                &['\u{1BCA0}', '\u{1D173}'],
+            ),
+            (
+                "tag characters (Cf)",
+                &['\u{E0001}', '\u{E0020}', '\u{E0041}', '\u{E007F}'],
+            ),
+            (
+                "line and paragraph separators (Zl, Zp)",
+                &['\u{2028}', '\u{2029}'],
+            ),
+            ("combining grapheme joiner", &['\u{034F}']),
+            (
+                "Hangul fillers",
+                &['\u{115F}', '\u{1160}', '\u{3164}', '\u{FFA0}'],
+            ),
+            ("Khmer inherent vowels", &['\u{17B4}', '\u{17B5}']),
+            (
+                "reserved default-ignorables",
+                &[
+                    '\u{2065}',
+                    '\u{FFF0}',
+                    '\u{FFF8}',
+                    '\u{E0000}',
+                    '\u{E0080}',
+                    '\u{E00FF}',
+                    '\u{E01F0}',
+                    '\u{E0FFF}',
+                ],
+            ),
+        ];
+        for (class, chars) in refused {
+            for &c in *chars {
+                for name in [
+                    c.to_string(),
+                    format!("ab{c}"),
+                    format!("{c}ab"),
+                    format!("a{c}b"),
+                ] {
+                    assert!(!validate_name(&name), "{class}: {name:?} should be refused");
+                }
+            }
+        }
+        // The spoofs the rule exists for.
+        assert!(!validate_name("alice\u{202E}gpj.exe"));
+        assert!(!validate_name("ali\u{200B}ce"));
+        assert!(!validate_name("\u{3164}"));
+        assert!(!validate_name("admin\u{2028}system: you are banned"));
+        // Emoji ZWJ sequences contain U+200D (Cf) and are refused with it.
+        assert!(!validate_name(
+            "\u{1F468}\u{200D}\u{1F469}\u{200D}\u{1F467}"
+        ));
     }
 
     #[test]

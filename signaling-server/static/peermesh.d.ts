@@ -40,7 +40,7 @@ export interface Limits {
 }
 
 export interface ConnectOptions {
-  /** Display name: 1-64 bytes of UTF-8, no control characters. */
+  /** Display name: 1-64 bytes of UTF-8, no control, format or other invisible characters. */
   name: string;
   /** Server URL (ws://host:port/ws, or http(s)://host:port); default: this page's host. */
   url?: string;

@@ -52,11 +52,21 @@ export class PeermeshError extends Error {
   }
 }
 
-/** Display names: 1-64 bytes of UTF-8 without control characters. */
+// Code points refused in display names (the server's rule, docs/PROTOCOL.md §3.3): controls (Cc),
+// format characters (Cf: bidi controls, zero-width characters, soft hyphen, tags, ...), line and
+// paragraph separators (Zl, Zp), the other default-ignorable code points except variation
+// selectors, and lone surrogates (Cs), which cannot be sent as UTF-8.
+const FORBIDDEN_NAME_CHAR =
+  /[\p{Cc}\p{Cf}\p{Cs}\p{Zl}\p{Zp}\u034F\u115F\u1160\u17B4\u17B5\u2065\u3164\uFFA0\uFFF0-\uFFF8\u{E0000}-\u{E00FF}\u{E01F0}-\u{E0FFF}]/u;
+
+/**
+ * Display names: 1-64 bytes of UTF-8 without control, format or other invisible characters
+ * (docs/PROTOCOL.md §3.3).
+ */
 export function isValidName(name) {
   if (typeof name !== 'string') return false;
   const n = encoder.encode(name).length;
-  return n >= 1 && n <= 64 && !/[\u0000-\u001f\u007f-\u009f]/.test(name);
+  return n >= 1 && n <= 64 && !FORBIDDEN_NAME_CHAR.test(name);
 }
 
 /** Group names: 1-64 characters of A-Z a-z 0-9 . _ - */
@@ -208,7 +218,10 @@ export class Client extends EventTarget {
     super();
     const name = options.name;
     if (!isValidName(name)) {
-      throw new PeermeshError('invalid_name', 'names are 1-64 bytes without control characters');
+      throw new PeermeshError(
+        'invalid_name',
+        'names are 1-64 bytes of UTF-8 without control, format or invisible characters',
+      );
     }
     this.url = url;
     this.name = name;

@@ -38,8 +38,14 @@ const ACK_DELAY: Duration = Duration::from_millis(5);
 const OWN_SEND_WAIT: Duration = Duration::from_millis(100);
 /// Window cost of a fragment beyond its bytes.
 const FRAGMENT_OVERHEAD: usize = 64;
+/// Largest send window of a reference sender (`ClientConfig::with_send_window` and peermesh.js
+/// clamp to it). A peer within it never has more than this many fragment bytes + 64 per
+/// fragment unacknowledged, nor a reliable message longer than this: the receiver bounds its
+/// reorder buffer and the message being reassembled by it, so a misbehaving peer cannot make it
+/// hold more.
+const MAX_PEER_WINDOW: usize = 16 << 20;
 /// Most fragments held for reordering: what a 16 MiB window can have in flight.
-const MAX_REORDER: usize = (16 << 20) / FRAGMENT_OVERHEAD;
+const MAX_REORDER: usize = MAX_PEER_WINDOW / FRAGMENT_OVERHEAD;
 /// Longest a new PeerConnection may take to connect before it counts as failed (and the app
 /// gets [`Event::DirectFailed`]). ICE on a LAN or through TURN connects in well under a second;
 /// pairs that cannot connect (two symmetric NATs without TURN) are told within 10 s.
@@ -145,7 +151,77 @@ struct RecvState {
     /// The link task has been asked to ack soon.
     ack_asked: bool,
     reorder: BTreeMap<u64, (bool, Bytes)>,
+    /// Sum over `reorder` of fragment length + `FRAGMENT_OVERHEAD` (at most `MAX_PEER_WINDOW`).
+    reorder_bytes: usize,
     partial: BytesMut,
+    /// The message being received grew past `MAX_PEER_WINDOW` bytes: its fragments up to FIN are
+    /// dropped.
+    discarding: bool,
+}
+
+impl RecvState {
+    /// Hold an early fragment until the gap before it fills; `false` (not held) if the reorder
+    /// buffer is full, in fragments or in bytes.
+    fn hold(&mut self, seq: u64, fin: bool, payload: Bytes) -> bool {
+        let cost = payload.len() + FRAGMENT_OVERHEAD;
+        if self.reorder.len() >= MAX_REORDER || self.reorder_bytes + cost > MAX_PEER_WINDOW {
+            return false;
+        }
+        self.reorder_bytes += cost;
+        self.reorder.insert(seq, (fin, payload));
+        true
+    }
+
+    /// Take the held fragment that comes next in order, if it is there.
+    fn take_next(&mut self) -> Option<(bool, Bytes)> {
+        let entry = self.reorder.first_entry()?;
+        if *entry.key() != self.delivered + 1 {
+            return None;
+        }
+        let (fin, payload) = entry.remove();
+        self.reorder_bytes -= payload.len() + FRAGMENT_OVERHEAD;
+        Some((fin, payload))
+    }
+
+    /// Count the next in-order fragment as delivered and add it to the message being
+    /// reassembled: the whole message if this was its last fragment. A message longer than
+    /// `MAX_PEER_WINDOW` (no reference sender sends one) is dropped, with its fragments up to
+    /// FIN, rather than buffered without bound.
+    fn reassemble(&mut self, fin: bool, payload: Bytes) -> Reassembled {
+        self.delivered += 1;
+        if self.discarding {
+            self.discarding = !fin;
+            return Reassembled::Partial;
+        }
+        if self.partial.len() + payload.len() > MAX_PEER_WINDOW {
+            self.partial = BytesMut::new();
+            self.discarding = !fin;
+            return Reassembled::TooLarge;
+        }
+        if self.partial.is_empty() {
+            if !fin {
+                self.partial.extend_from_slice(&payload);
+                return Reassembled::Partial;
+            }
+            return Reassembled::Message(payload);
+        }
+        self.partial.extend_from_slice(&payload);
+        if !fin {
+            return Reassembled::Partial;
+        }
+        Reassembled::Message(std::mem::take(&mut self.partial).freeze())
+    }
+}
+
+/// What one in-order fragment completed.
+#[derive(Debug, PartialEq)]
+enum Reassembled {
+    /// Nothing yet (or the rest of a dropped message).
+    Partial,
+    /// A whole message.
+    Message(Bytes),
+    /// The message grew too long and is being dropped.
+    TooLarge,
 }
 
 impl LinkShared {
@@ -207,24 +283,18 @@ impl LinkShared {
             // The sender may be re-sending because our ack was lost with the path: ack again.
             r.ack_due = true;
         } else if seq != r.delivered + 1 {
-            if r.reorder.len() >= MAX_REORDER {
+            if !r.hold(seq, fin, payload) {
                 // A sender within its window never gets this far ahead.
                 tracing::warn!(
                     peer = self.peer,
                     seq,
                     "reorder buffer full; fragment dropped"
                 );
-                return;
             }
-            r.reorder.insert(seq, (fin, payload));
             return;
         } else {
             self.accept(r, fin, payload).await;
-            while let Some(entry) = r.reorder.first_entry() {
-                if *entry.key() != r.delivered + 1 {
-                    break;
-                }
-                let (fin, payload) = entry.remove();
+            while let Some((fin, payload)) = r.take_next() {
                 self.accept(r, fin, payload).await;
             }
         }
@@ -241,19 +311,16 @@ impl LinkShared {
     }
 
     async fn accept(&self, r: &mut RecvState, fin: bool, payload: Bytes) {
-        r.delivered += 1;
-        let data = if r.partial.is_empty() {
-            if !fin {
-                r.partial.extend_from_slice(&payload);
+        let data = match r.reassemble(fin, payload) {
+            Reassembled::Partial => return,
+            Reassembled::TooLarge => {
+                tracing::warn!(
+                    peer = self.peer,
+                    "reliable message longer than {MAX_PEER_WINDOW} bytes; dropped"
+                );
                 return;
             }
-            payload
-        } else {
-            r.partial.extend_from_slice(&payload);
-            if !fin {
-                return;
-            }
-            std::mem::take(&mut r.partial).freeze()
+            Reassembled::Message(data) => data,
         };
         self.emit(Event::Message {
             from: self.peer,
@@ -1222,6 +1289,201 @@ impl LinkTask {
                 }
                 ConnState::Other => {}
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The receiving half of `LinkShared::on_data` without its async parts (acks, events): the
+    /// messages and drops that `seq` completes.
+    fn feed(r: &mut RecvState, seq: u64, fin: bool, payload: Bytes) -> Vec<Reassembled> {
+        let mut out = Vec::new();
+        if seq <= r.delivered || r.reorder.contains_key(&seq) {
+            return out;
+        }
+        if seq != r.delivered + 1 {
+            r.hold(seq, fin, payload);
+            return out;
+        }
+        out.push(r.reassemble(fin, payload));
+        while let Some((fin, payload)) = r.take_next() {
+            out.push(r.reassemble(fin, payload));
+        }
+        out.retain(|x| *x != Reassembled::Partial);
+        out
+    }
+
+    fn check_bounds(r: &RecvState) {
+        let held: usize = r
+            .reorder
+            .values()
+            .map(|(_, p)| p.len() + FRAGMENT_OVERHEAD)
+            .sum();
+        assert_eq!(held, r.reorder_bytes);
+        assert!(r.reorder_bytes <= MAX_PEER_WINDOW);
+        assert!(r.reorder.len() <= MAX_REORDER);
+        assert!(r.partial.len() <= MAX_PEER_WINDOW);
+    }
+
+    /// One shared buffer that test payloads are slices of (no allocation per fragment).
+    fn big() -> Bytes {
+        Bytes::from((0..(1usize << 20)).map(|i| i as u8).collect::<Vec<u8>>())
+    }
+
+    #[test]
+    fn fragments_without_fin_are_bounded() {
+        let big = big();
+        let mut r = RecvState::default();
+        let mut seq = 0;
+        let mut too_large = 0;
+        // 20 MiB of fragments without FIN: the first 16 MiB are kept, then the message is dropped.
+        for _ in 0..(20 << 20) / MAX_FRAGMENT_PAYLOAD {
+            seq += 1;
+            for out in feed(&mut r, seq, false, big.slice(..MAX_FRAGMENT_PAYLOAD)) {
+                assert_eq!(out, Reassembled::TooLarge);
+                too_large += 1;
+            }
+            check_bounds(&r);
+        }
+        assert_eq!(too_large, 1);
+        assert!(r.discarding && r.partial.is_empty());
+        // Its FIN ends the dropped message; the next message arrives whole.
+        seq += 1;
+        assert_eq!(feed(&mut r, seq, true, big.slice(..10)), vec![]);
+        seq += 1;
+        assert_eq!(
+            feed(&mut r, seq, true, big.slice(..2)),
+            vec![Reassembled::Message(big.slice(..2))]
+        );
+        assert_eq!(r.delivered, seq);
+    }
+
+    #[test]
+    fn largest_message_is_delivered() {
+        let big = big();
+        let mut r = RecvState::default();
+        let n = MAX_PEER_WINDOW / MAX_FRAGMENT_PAYLOAD;
+        let mut got = Vec::new();
+        for seq in 1..=n as u64 {
+            got.extend(feed(
+                &mut r,
+                seq,
+                seq == n as u64,
+                big.slice(..MAX_FRAGMENT_PAYLOAD),
+            ));
+        }
+        match &got[..] {
+            [Reassembled::Message(m)] => assert_eq!(m.len(), MAX_PEER_WINDOW),
+            other => panic!("{} results", other.len()),
+        }
+        // One byte more is too large.
+        let mut r = RecvState::default();
+        feed(&mut r, 1, false, big.slice(..1));
+        let mut got = Vec::new();
+        for seq in 2..=n as u64 + 1 {
+            got.extend(feed(
+                &mut r,
+                seq,
+                seq == n as u64 + 1,
+                big.slice(..MAX_FRAGMENT_PAYLOAD),
+            ));
+        }
+        assert_eq!(got, vec![Reassembled::TooLarge]);
+        assert!(!r.discarding && r.partial.is_empty());
+    }
+
+    #[test]
+    fn reorder_buffer_is_bounded_in_bytes() {
+        let big = big();
+        let mut r = RecvState::default();
+        // Fragments far larger than a reference sender's: the byte cap stops them long before
+        // the fragment cap.
+        let len = 64 << 10;
+        let mut held = 0;
+        for seq in 2..2000 {
+            feed(&mut r, seq, true, big.slice(..len));
+            check_bounds(&r);
+            held = r.reorder.len();
+        }
+        assert_eq!(held, MAX_PEER_WINDOW / (len + FRAGMENT_OVERHEAD));
+        // Filling the gap delivers everything held, in order, and empties the buffer.
+        let got = feed(&mut r, 1, true, big.slice(..1));
+        assert_eq!(got.len(), held + 1);
+        assert!(r.reorder.is_empty());
+        assert_eq!(r.reorder_bytes, 0);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 64,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        /// Arbitrary DATA fragments (duplicates, gaps, huge payloads, no FIN) never panic and
+        /// never push the receiver past its bounds.
+        #[test]
+        fn arbitrary_fragments_stay_bounded(
+            frames in prop::collection::vec((0u64..400, any::<bool>(), 0usize..(128 << 10)), 0..400),
+        ) {
+            let big = big();
+            let mut r = RecvState::default();
+            for (ahead, fin, len) in frames {
+                let seq = r.delivered.saturating_add(ahead);
+                for out in feed(&mut r, seq, fin, big.slice(..len.min(big.len()))) {
+                    if let Reassembled::Message(m) = out {
+                        prop_assert!(m.len() <= MAX_PEER_WINDOW);
+                    }
+                }
+                check_bounds(&r);
+            }
+        }
+
+        /// Messages cut into fragments and delivered in any order come out whole and in order.
+        #[test]
+        fn shuffled_fragments_reassemble(
+            sizes in prop::collection::vec(0usize..50_000, 1..8),
+            order in Just((0..64usize).collect::<Vec<_>>()).prop_shuffle(),
+        ) {
+            let big = big();
+            let mut frames = Vec::new();
+            let mut at = 0;
+            for &size in &sizes {
+                let msg = big.slice(at..at + size);
+                at += size;
+                let mut rest = msg;
+                loop {
+                    let chunk = rest.split_to(rest.len().min(MAX_FRAGMENT_PAYLOAD));
+                    frames.push((frames.len() as u64 + 1, rest.is_empty(), chunk));
+                    if rest.is_empty() {
+                        break;
+                    }
+                }
+            }
+            // Shuffle by the first frames.len() indices of `order` that are in range.
+            let idx: Vec<usize> = order.into_iter().filter(|&i| i < frames.len()).collect();
+            prop_assume!(idx.len() == frames.len());
+            let mut r = RecvState::default();
+            let mut got = Vec::new();
+            for i in idx {
+                let (seq, fin, chunk) = frames[i].clone();
+                got.extend(feed(&mut r, seq, fin, chunk));
+                check_bounds(&r);
+            }
+            let mut at = 0;
+            let want: Vec<Reassembled> = sizes
+                .iter()
+                .map(|&size| {
+                    at += size;
+                    Reassembled::Message(big.slice(at - size..at))
+                })
+                .collect();
+            prop_assert_eq!(got, want);
+            prop_assert!(r.reorder.is_empty() && r.partial.is_empty());
         }
     }
 }
