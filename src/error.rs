@@ -42,8 +42,9 @@ pub enum Error {
     /// A group name is not 1–64 bytes of `[A-Za-z0-9._-]`.
     #[error("invalid group name {0:?}: 1-64 bytes of A-Z a-z 0-9 . _ -")]
     InvalidGroup(String),
-    /// A display name is empty, longer than 64 bytes or has control characters.
-    #[error("invalid name {0:?}: 1-64 bytes, no control characters")]
+    /// A display name is empty, longer than 64 bytes or has control, format or invisible
+    /// characters (see [`crate::protocol::validate_name`]).
+    #[error("invalid name {0:?}: 1-64 bytes of UTF-8 without control, format or invisible characters")]
     InvalidName(String),
     /// The peer is not (or no longer) a member of any group this client is in.
     #[error("peer {0} is not a co-member")]

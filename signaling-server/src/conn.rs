@@ -14,13 +14,15 @@ use bytes::{Bytes, BytesMut};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt as _, SinkExt, StreamExt};
 use peermesh::protocol::{
-    validate_name, ClientMsg, ErrorCode, PeerId, RelayFrame, ServerMsg, PROTOCOL_VERSION,
+    validate_name, ErrorCode, PeerId, RelayFrame, ServerMsg, PROTOCOL_VERSION,
 };
+use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 
 use crate::hub::{encode, CloseReason, Failure, Outbound, Outlet, OutletState};
+use crate::request::{self, BadRequest, Request};
 use crate::{Rate, Shared, HARD_FRAME_CAP, RELAY_STALL_TIMEOUT};
 
 /// Close codes used by the server.
@@ -33,9 +35,6 @@ use peermesh::protocol::close_code::{
 const WRITER_GRACE: Duration = Duration::from_secs(2);
 /// Most frames written before one flush.
 const WRITE_BATCH: usize = 64;
-
-/// Client frame types known to this server (anything else is `unknown_type`).
-const KNOWN_TYPES: [&str; 5] = ["hello", "join", "leave", "signal", "ping"];
 
 /// Why the reader loop ended.
 enum Exit {
@@ -480,44 +479,37 @@ impl Session {
             );
             return Flow::Continue;
         }
-        let msg = match serde_json::from_str::<ClientMsg>(text.as_str()) {
+        let msg = match request::parse(text.as_str()) {
             Ok(msg) => msg,
-            Err(e) => {
+            Err(bad) => {
                 if self.admit(Limit::Requests, None) {
-                    self.classify_bad_text(text.as_str(), &e);
+                    self.bad_text(bad);
                 }
                 return Flow::Continue;
             }
         };
-        let request = match &msg {
-            ClientMsg::Hello { .. } => "hello",
-            ClientMsg::Join { .. } => "join",
-            ClientMsg::Leave { .. } => "leave",
-            ClientMsg::Signal { .. } => "signal",
-            ClientMsg::Ping { .. } => "ping",
-        };
+        let kind = msg.kind();
         let admitted = match &msg {
-            ClientMsg::Signal { .. } => self.admit(Limit::Signals, Some(request)),
-            ClientMsg::Join { .. } => {
-                self.admit(Limit::Requests, Some(request))
-                    && self.admit(Limit::Joins, Some(request))
+            Request::Signal { .. } => self.admit(Limit::Signals, Some(kind)),
+            Request::Join { .. } => {
+                self.admit(Limit::Requests, Some(kind)) && self.admit(Limit::Joins, Some(kind))
             }
-            _ => self.admit(Limit::Requests, Some(request)),
+            _ => self.admit(Limit::Requests, Some(kind)),
         };
         if !admitted {
             return Flow::Continue;
         }
         let me = match (&msg, self.peer) {
-            (ClientMsg::Hello { version, name }, None) => return self.on_hello(*version, name),
-            (ClientMsg::Hello { .. }, Some(_)) => {
-                self.error(ErrorCode::BadFrame, "already said hello", Some(request));
+            (Request::Hello { version, name }, None) => return self.on_hello(*version, name),
+            (Request::Hello { .. }, Some(_)) => {
+                self.error(ErrorCode::BadFrame, "already said hello", Some(kind));
                 return Flow::Continue;
             }
             (_, None) => {
                 self.error(
                     ErrorCode::HelloRequired,
                     "the first frame must be hello",
-                    Some(request),
+                    Some(kind),
                 );
                 return Flow::Continue;
             }
@@ -525,24 +517,24 @@ impl Session {
         };
         let shared = &self.shared;
         let result = match msg {
-            ClientMsg::Hello { .. } => Ok(()),
-            ClientMsg::Join { group } => shared.hub.join(&shared.config, me, &group),
-            ClientMsg::Leave { group } => shared.hub.leave(me, &group),
-            ClientMsg::Signal { to, link, data } => return self.on_signal(me, to, link, data),
-            ClientMsg::Ping { id } => {
+            Request::Hello { .. } => Ok(()),
+            Request::Join { group } => shared.hub.join(&shared.config, me, &group),
+            Request::Leave { group } => shared.hub.leave(me, &group),
+            Request::Signal { to, link, data } => return self.on_signal(me, to, link, data),
+            Request::Ping { id } => {
                 self.send(&ServerMsg::Pong { id });
                 Ok(())
             }
         };
         if let Err(failure) = result {
-            self.reply_error(failure, Some(request));
+            self.reply_error(failure, Some(kind));
         }
         Flow::Continue
     }
 
     /// `signal`: forwarded like relay data (it comes from a peer, so it counts against the
     /// receiver's budget rather than growing its queue without bound).
-    fn on_signal(&self, me: PeerId, to: PeerId, link: u32, data: serde_json::Value) -> Flow {
+    fn on_signal(&self, me: PeerId, to: PeerId, link: u32, data: &RawValue) -> Flow {
         let outlet = match self.shared.hub.forward_target(me, to, link) {
             Ok(outlet) => outlet,
             Err(failure) => {
@@ -550,14 +542,7 @@ impl Session {
                 return Flow::Continue;
             }
         };
-        let Some(text) = encode(&ServerMsg::Signal {
-            from: me,
-            link,
-            data,
-        }) else {
-            self.error(ErrorCode::Internal, "cannot encode signal", Some("signal"));
-            return Flow::Continue;
-        };
+        let text = Utf8Bytes::from(request::forwarded_signal(me, link, data));
         let permits = text
             .len()
             .min(self.shared.config.server_limits.relay_queue_bytes);
@@ -571,23 +556,21 @@ impl Session {
         })
     }
 
-    /// Tell malformed JSON (`bad_frame`) from a well-formed frame of an unknown type
-    /// (`unknown_type`).
-    fn classify_bad_text(&self, text: &str, err: &serde_json::Error) {
-        let value = match serde_json::from_str::<serde_json::Value>(text) {
-            Ok(v) => v,
-            Err(e) => {
-                self.error(ErrorCode::BadFrame, &format!("invalid JSON: {e}"), None);
-                return;
+    /// Answer a frame that was not understood: malformed JSON or fields (`bad_frame`), or a
+    /// well-formed frame of an unknown type (`unknown_type`).
+    fn bad_text(&self, bad: BadRequest) {
+        match bad {
+            BadRequest::InvalidJson(e) => {
+                self.error(ErrorCode::BadFrame, &format!("invalid JSON: {e}"), None)
             }
-        };
-        match value.get("type").and_then(serde_json::Value::as_str) {
-            Some(ty) if !KNOWN_TYPES.contains(&ty) => self.error(
+            BadRequest::BadFrame { kind, error } => {
+                self.error(ErrorCode::BadFrame, &format!("bad frame: {error}"), kind)
+            }
+            BadRequest::UnknownType(kind) => self.error(
                 ErrorCode::UnknownType,
-                &format!("unknown frame type {ty:?}"),
-                Some(ty),
+                &format!("unknown frame type {kind:?}"),
+                Some(&kind),
             ),
-            ty => self.error(ErrorCode::BadFrame, &format!("bad frame: {err}"), ty),
         }
     }
 
@@ -603,7 +586,7 @@ impl Session {
         if !validate_name(name) {
             self.error(
                 ErrorCode::InvalidName,
-                "names are 1-64 bytes without control characters",
+                "names are 1-64 bytes of UTF-8 without control, format or invisible characters",
                 Some("hello"),
             );
             return Flow::Continue;

@@ -20,6 +20,7 @@ mod hub;
 mod ice;
 mod metrics;
 mod net;
+mod request;
 pub mod turn;
 
 use std::future::Future;

@@ -1,0 +1,257 @@
+//! Reading a client's JSON frame without building a tree of it.
+//!
+//! [`peermesh::protocol::ClientMsg`] is an internally tagged enum: serde buffers the whole frame
+//! into a generic tree before it looks at `type`, and some inputs cost over 100 bytes of memory
+//! per input byte that way (`{"":{"":…}}`: about 8 MB for one 64 KiB frame). The server reads the
+//! same frames in two passes over the text instead: the `type`, then the fields of that type,
+//! skipping unknown fields without storing them. A `signal`'s `data` stays the raw JSON text
+//! (the server only forwards it), so a frame costs about its own size.
+
+use std::borrow::Cow;
+
+use peermesh::protocol::{LinkId, PeerId};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// A client frame the server understood.
+#[derive(Debug)]
+pub(crate) enum Request<'a> {
+    Hello {
+        version: u32,
+        name: String,
+    },
+    Join {
+        group: String,
+    },
+    Leave {
+        group: String,
+    },
+    Signal {
+        to: PeerId,
+        link: LinkId,
+        /// The `data` value exactly as the client wrote it.
+        data: &'a RawValue,
+    },
+    Ping {
+        id: u64,
+    },
+}
+
+impl Request<'_> {
+    /// The frame's `type`.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Request::Hello { .. } => "hello",
+            Request::Join { .. } => "join",
+            Request::Leave { .. } => "leave",
+            Request::Signal { .. } => "signal",
+            Request::Ping { .. } => "ping",
+        }
+    }
+}
+
+/// Why a frame was not understood.
+#[derive(Debug, PartialEq)]
+pub(crate) enum BadRequest {
+    /// Not JSON at all.
+    InvalidJson(String),
+    /// JSON, but not an object with a string `type` (`kind` absent), or a known `type` with a
+    /// missing or wrongly typed field (`kind` is that type).
+    BadFrame {
+        kind: Option<&'static str>,
+        error: String,
+    },
+    /// An object whose `type` is not one this server knows.
+    UnknownType(String),
+}
+
+#[derive(Deserialize)]
+struct Tag<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct HelloFields {
+    version: u32,
+    name: String,
+}
+
+#[derive(Deserialize)]
+struct GroupFields {
+    group: String,
+}
+
+#[derive(Deserialize)]
+struct SignalFields<'a> {
+    to: PeerId,
+    link: LinkId,
+    #[serde(borrow)]
+    data: &'a RawValue,
+}
+
+#[derive(Deserialize)]
+struct PingFields {
+    id: u64,
+}
+
+/// Read one client frame.
+pub(crate) fn parse(text: &str) -> Result<Request<'_>, BadRequest> {
+    let tag = match serde_json::from_str::<Tag<'_>>(text) {
+        Ok(tag) => tag,
+        Err(e) => {
+            return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+                Err(syntax) => BadRequest::InvalidJson(syntax.to_string()),
+                Ok(_) => BadRequest::BadFrame {
+                    kind: None,
+                    error: e.to_string(),
+                },
+            })
+        }
+    };
+    fn fields<'a, T: Deserialize<'a>>(text: &'a str, kind: &'static str) -> Result<T, BadRequest> {
+        serde_json::from_str(text).map_err(|e| BadRequest::BadFrame {
+            kind: Some(kind),
+            error: e.to_string(),
+        })
+    }
+    Ok(match tag.kind.as_ref() {
+        "hello" => {
+            let f: HelloFields = fields(text, "hello")?;
+            Request::Hello {
+                version: f.version,
+                name: f.name,
+            }
+        }
+        "join" => Request::Join {
+            group: fields::<GroupFields>(text, "join")?.group,
+        },
+        "leave" => Request::Leave {
+            group: fields::<GroupFields>(text, "leave")?.group,
+        },
+        "signal" => {
+            let f: SignalFields<'_> = fields(text, "signal")?;
+            Request::Signal {
+                to: f.to,
+                link: f.link,
+                data: f.data,
+            }
+        }
+        "ping" => Request::Ping {
+            id: fields::<PingFields>(text, "ping")?.id,
+        },
+        other => return Err(BadRequest::UnknownType(other.to_owned())),
+    })
+}
+
+/// The `signal` frame the receiver gets: `{"type":"signal","from":…,"link":…,"data":…}` with
+/// `data` as the sender wrote it.
+pub(crate) fn forwarded_signal(from: PeerId, link: LinkId, data: &RawValue) -> String {
+    format!(
+        "{{\"type\":\"signal\",\"from\":{from},\"link\":{link},\"data\":{}}}",
+        data.get()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use peermesh::protocol::{ClientMsg, ServerMsg};
+    use proptest::prelude::*;
+
+    /// What `ClientMsg` makes of the same text, as a `Request` would carry it.
+    fn via_client_msg(text: &str) -> Option<((), String)> {
+        let msg = serde_json::from_str::<ClientMsg>(text).ok()?;
+        Some(((), serde_json::to_string(&msg).ok()?))
+    }
+
+    fn as_client_msg(r: &Request<'_>) -> ClientMsg {
+        match r {
+            Request::Hello { version, name } => ClientMsg::Hello {
+                version: *version,
+                name: name.clone(),
+            },
+            Request::Join { group } => ClientMsg::Join {
+                group: group.clone(),
+            },
+            Request::Leave { group } => ClientMsg::Leave {
+                group: group.clone(),
+            },
+            Request::Signal { to, link, data } => ClientMsg::Signal {
+                to: *to,
+                link: *link,
+                data: serde_json::from_str(data.get()).unwrap(),
+            },
+            Request::Ping { id } => ClientMsg::Ping { id: *id },
+        }
+    }
+
+    #[test]
+    fn reads_every_frame_type_and_classifies_bad_ones() {
+        let ok = [
+            r#"{"type":"hello","version":1,"name":"alice"}"#,
+            r#"{"name":"bob","version":1,"type":"hello","extra":{"x":[1,2]}}"#,
+            r#"{"type":"join","group":"g"}"#,
+            r#"{"type":"leave","group":"g"}"#,
+            r#"{"type":"signal","to":2,"link":3,"data":{"sdp":"v=0\r\n","n":[1,null]}}"#,
+            r#"{"type":"signal","to":2,"link":3,"data":null}"#,
+            r#"{"type":"ping","id":18446744073709551615}"#,
+            r#"{"type":"p\u0069ng","id":1}"#,
+        ];
+        for text in ok {
+            let r = parse(text).unwrap_or_else(|e| panic!("{text}: {e:?}"));
+            let want: ClientMsg = serde_json::from_str(text).unwrap();
+            assert_eq!(as_client_msg(&r), want, "{text}");
+        }
+        let bad_frame = |kind: Option<&'static str>| move |r: Result<Request<'_>, BadRequest>| matches!(r, Err(BadRequest::BadFrame { kind: k, .. }) if k == kind);
+        assert!(matches!(parse("{"), Err(BadRequest::InvalidJson(_))));
+        assert!(matches!(parse(""), Err(BadRequest::InvalidJson(_))));
+        assert!(bad_frame(None)(parse("[1]")));
+        assert!(bad_frame(None)(parse(r#"{"type":1}"#)));
+        assert!(bad_frame(None)(parse(r#"{"group":"g"}"#)));
+        assert!(bad_frame(Some("join"))(parse(r#"{"type":"join"}"#)));
+        assert!(bad_frame(Some("hello"))(parse(
+            r#"{"type":"hello","version":4294967296,"name":"a"}"#
+        )));
+        assert!(bad_frame(Some("signal"))(parse(
+            r#"{"type":"signal","to":2,"link":3}"#
+        )));
+        assert!(
+            matches!(parse(r#"{"type":"nope","x":1}"#), Err(BadRequest::UnknownType(t)) if t == "nope")
+        );
+    }
+
+    #[test]
+    fn forwarded_signal_is_the_server_msg() {
+        let data: &RawValue = serde_json::from_str(r#"{"candidate": "a b", "n": [1, 2.5]}"#)
+            .map(|b: Box<RawValue>| Box::leak(b) as &RawValue)
+            .unwrap();
+        let text = forwarded_signal(7, 9, data);
+        let msg: ServerMsg = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            msg,
+            ServerMsg::Signal {
+                from: 7,
+                link: 9,
+                data: serde_json::json!({"candidate": "a b", "n": [1, 2.5]}),
+            }
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Any text: no panic, and whatever `ClientMsg` accepts is read the same way.
+        #[test]
+        fn agrees_with_client_msg(text in prop_oneof![
+            ".{0,200}",
+            r#"\{"type":"(hello|join|leave|signal|ping|x)"(,"(version|name|group|to|link|data|id)":(1|"a"|null|\[\]|\{\}|-1|4294967296)){0,4}\}"#,
+        ]) {
+            let r = parse(&text);
+            if let Some((_, json)) = via_client_msg(&text) {
+                let req = r.map_err(|e| TestCaseError::fail(format!("{text}: {e:?}")))?;
+                prop_assert_eq!(serde_json::to_string(&as_client_msg(&req)).unwrap(), json);
+            }
+        }
+    }
+}
