@@ -12,7 +12,7 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{FutureExt as _, SinkExt, StreamExt};
+use futures_util::{SinkExt, StreamExt};
 use peermesh::protocol::{
     validate_name, ErrorCode, PeerId, RelayFrame, ServerMsg, PROTOCOL_VERSION,
 };
@@ -33,6 +33,9 @@ use peermesh::protocol::close_code::{
 
 /// How long the writer may take to flush queued frames and the close frame when a session ends.
 const WRITER_GRACE: Duration = Duration::from_secs(2);
+/// How long an expired heartbeat deadline still waits for a frame that may already be in the
+/// socket (see the deadline branch of [`run`]).
+const STALL_GRACE: Duration = Duration::from_millis(200);
 /// Most frames written before one flush.
 const WRITE_BATCH: usize = 64;
 
@@ -189,7 +192,8 @@ pub(crate) async fn run(
     let exit = 'session: loop {
         let next = tokio::select! {
             biased;
-            _ = shutdown.wait_for(|stop| *stop) => {
+            // (The `Ref` that `wait_for` returns must not live across the awaits below.)
+            () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => {
                 break 'session Exit::Close((CLOSE_GOING_AWAY, "server shutting down"));
             }
             _ = &mut writer => break 'session Exit::WriterGone,
@@ -199,10 +203,13 @@ pub(crate) async fn run(
             msg = stream.next() => Some(msg),
             () = &mut deadline => {
                 // Liveness counts frames read, not time: a frame already waiting in the socket
-                // (say the server process was stalled) is read now and counts.
-                match stream.next().now_or_never() {
-                    Some(msg) => Some(msg),
-                    None => {
+                // (say the server process was stalled) is read now and counts. After a stall
+                // the runtime may fire expired timers before it has polled the sockets, so
+                // give the I/O driver a turn and the socket a moment first.
+                tokio::task::yield_now().await;
+                match timeout(STALL_GRACE, stream.next()).await {
+                    Ok(msg) => Some(msg),
+                    Err(_) => {
                         tracing::debug!(peer = ?session.peer, "heartbeat timeout");
                         break 'session Exit::Close((CLOSE_GOING_AWAY, "heartbeat timeout"));
                     }
