@@ -130,10 +130,14 @@ struct Args {
     /// Time limit of the whole run, in seconds.
     #[arg(long, default_value_t = 900)]
     max_seconds: u64,
+    /// Extra argument for the server (repeatable), e.g. `--server-arg=--relay-bytes-per-s=0`.
+    #[arg(long = "server-arg", allow_hyphen_values = true)]
+    server_args: Vec<String>,
 }
 
 struct Params {
     server_bin: PathBuf,
+    server_args: Vec<String>,
     idle_small: usize,
     idle_large: usize,
     idle: Duration,
@@ -164,6 +168,7 @@ impl Params {
         };
         let p = Params {
             server_bin,
+            server_args: a.server_args.clone(),
             idle_small: pick(a.idle_small, 1000, 100),
             idle_large: pick(a.idle_large, 10_000, 1000),
             idle: secs(a.idle_secs, 5, 2),
@@ -212,7 +217,7 @@ impl Drop for ServerProc {
 }
 
 impl ServerProc {
-    async fn start(bin: &Path) -> Result<Self> {
+    async fn start(bin: &Path, extra: &[String]) -> Result<Self> {
         ensure!(
             bin.is_file(),
             "server binary {} not found; build it with `cargo build --release -p peermesh-server` \
@@ -231,6 +236,7 @@ impl ServerProc {
         cmd.arg("--listen")
             .arg(addr.to_string())
             .arg("--no-turn")
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out);
@@ -1340,7 +1346,7 @@ async fn run(p: Params, report: SharedReport) -> Result<()> {
     epoch();
     let load_start = loadavg();
     eprintln!("starting {}", p.server_bin.display());
-    let mut server = ServerProc::start(&p.server_bin).await?;
+    let mut server = ServerProc::start(&p.server_bin, &p.server_args).await?;
     let ctx = Arc::new(Ctx {
         server: server.addr,
         sources: Sources {
@@ -1351,10 +1357,11 @@ async fn run(p: Params, report: SharedReport) -> Result<()> {
     {
         let mut r = report.lock().unwrap();
         r.header.push(format!(
-            "server: {} (pid {}), run as `--listen {} --no-turn`, log level: its default, log: {}",
+            "server: {} (pid {}), run as `--listen {} --no-turn{}`, log level: its default, log: {}",
             p.server_bin.display(),
             server.pid,
             server.addr,
+            p.server_args.iter().map(|a| format!(" {a}")).collect::<String>(),
             server.log.display()
         ));
         r.header.push(format!(

@@ -47,11 +47,13 @@ pub const HARD_FRAME_CAP: usize = 1024 * 1024;
 /// Default of [`ServerLimits::relay_queue_bytes`].
 pub const RELAY_BUDGET_BYTES: usize = 4 * 1024 * 1024;
 
-/// WebSocket read buffer per connection (tungstenite's default is 128 KiB, zero-filled on each
-/// read; most frames are far smaller, and a larger frame grows the buffer while it is read).
+/// WebSocket read buffer per connection (tungstenite's default is 128 KiB, allocated up front
+/// and zero-filled on each read). Most frames are far smaller, a larger frame grows the buffer
+/// while it is read, and a busy connection reads its socket 64 KiB at a time through
+/// [`net::ElasticReader`], so this small buffer costs no system calls.
 const WS_READ_BUFFER: usize = 4 * 1024;
-/// Outgoing frames gathered before a write to the socket.
-const WS_WRITE_BUFFER: usize = 16 * 1024;
+/// Outgoing frames gathered before a write to the socket (grown only as needed).
+const WS_WRITE_BUFFER: usize = 128 * 1024;
 
 /// How long a receiver's relay budget may stay exhausted before the receiver is dropped as too
 /// slow (close code 1013).

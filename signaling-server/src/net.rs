@@ -292,7 +292,7 @@ async fn serve_conn(
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout);
     let conn = builder
-        .serve_connection(TokioIo::new(tcp), service)
+        .serve_connection(TokioIo::new(ElasticReader::new(tcp)), service)
         .with_upgrades();
     tokio::pin!(conn);
     let deadline = tokio::time::sleep(config.upgrade_timeout);
@@ -336,5 +336,166 @@ mod tests {
         assert!(r.starts_with("HTTP/1.1 503 "));
         let (head, body) = r.split_once("\r\n\r\n").unwrap();
         assert!(head.contains(&format!("Content-Length: {}", body.len())));
+    }
+}
+
+/// How much a busy connection reads from its socket at once (see [`ElasticReader`]).
+const BUSY_READ: usize = 64 * 1024;
+
+/// A socket reader whose buffer exists only while the connection is busy.
+///
+/// The WebSocket layer reads in small steps (its buffer is small so that idle sessions cost
+/// little). While reads come back small they go straight to the socket. Once a read fills the
+/// caller's whole buffer (more is probably waiting), the socket is read [`BUSY_READ`] bytes at a
+/// time into a buffer of our own and handed out from there: one system call per 64 KiB instead
+/// of one per small step. When a socket read no longer fills that buffer, it is freed again once
+/// drained.
+pub(crate) struct ElasticReader<T> {
+    inner: T,
+    /// Present while busy.
+    buf: Option<Box<[u8]>>,
+    start: usize,
+    end: usize,
+    /// The last socket read filled the buffer it was given.
+    busy: bool,
+}
+
+impl<T> ElasticReader<T> {
+    pub(crate) fn new(inner: T) -> Self {
+        ElasticReader {
+            inner,
+            buf: None,
+            start: 0,
+            end: 0,
+            busy: false,
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ElasticReader<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        dst: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        loop {
+            if let Some(buf) = &this.buf {
+                if this.start < this.end {
+                    let n = (this.end - this.start).min(dst.remaining());
+                    dst.put_slice(&buf[this.start..this.start + n]);
+                    this.start += n;
+                    return Poll::Ready(Ok(()));
+                }
+                if !this.busy {
+                    // Drained and the socket was not keeping up with us: idle again.
+                    this.buf = None;
+                    continue;
+                }
+                let buf = this.buf.as_mut().expect("checked above");
+                let mut rb = tokio::io::ReadBuf::new(buf);
+                match std::pin::Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        this.busy = n == BUSY_READ;
+                        (this.start, this.end) = (0, n);
+                        if n == 0 {
+                            this.buf = None;
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
+                    other => return other,
+                }
+            } else {
+                let before = dst.filled().len();
+                let wanted = dst.remaining();
+                let r = std::pin::Pin::new(&mut this.inner).poll_read(cx, dst);
+                if matches!(r, Poll::Ready(Ok(()))) && wanted > 0 && wanted < BUSY_READ {
+                    if dst.filled().len() - before == wanted {
+                        this.buf = Some(vec![0; BUSY_READ].into_boxed_slice());
+                        (this.start, this.end, this.busy) = (0, 0, true);
+                    }
+                }
+                return r;
+            }
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for ElasticReader<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod elastic_tests {
+    use super::*;
+    use tokio::io::AsyncReadExt as _;
+
+    /// Whatever the pattern of writes and read sizes, the bytes come out exactly once and in
+    /// order, and the buffer is gone once the reader has caught up.
+    #[tokio::test]
+    async fn hands_out_every_byte_once_in_order_and_frees_its_buffer() {
+        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        let mut r = ElasticReader::new(rx);
+        let data: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+        let writer = {
+            let data = data.clone();
+            tokio::spawn(async move {
+                for chunk in data.chunks(70_001) {
+                    tx.write_all(chunk).await.unwrap();
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        let mut got = Vec::new();
+        let mut step = [0u8; 4096];
+        let mut saw_buffer = false;
+        while got.len() < data.len() {
+            let n = r.read(&mut step[..(got.len() % 4000) + 96]).await.unwrap();
+            assert!(n > 0);
+            saw_buffer |= r.buf.is_some();
+            got.extend_from_slice(&step[..n]);
+        }
+        writer.await.unwrap();
+        assert_eq!(got, data);
+        assert!(saw_buffer, "a busy stream is read through the buffer");
+        // The writer is gone: the end of the stream frees the buffer.
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        assert!(r.buf.is_none());
     }
 }
