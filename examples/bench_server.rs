@@ -937,7 +937,7 @@ async fn blast(
     while !shared.stop.load(Ordering::Relaxed) {
         sink.feed(Message::Binary(frame.clone())).await?;
         sent += 1;
-        if sent % 64 == 0 && Instant::now() >= next_ping {
+        if sent.is_multiple_of(64) && Instant::now() >= next_ping {
             ping_id += 1;
             let ping = serde_json::to_string(&ClientMsg::Ping { id: ping_id })?;
             sink.feed(Message::text(ping)).await?;

@@ -44,7 +44,9 @@ pub enum Error {
     InvalidGroup(String),
     /// A display name is empty, longer than 64 bytes or has control, format or invisible
     /// characters (see [`crate::protocol::validate_name`]).
-    #[error("invalid name {0:?}: 1-64 bytes of UTF-8 without control, format or invisible characters")]
+    #[error(
+        "invalid name {0:?}: 1-64 bytes of UTF-8 without control, format or invisible characters"
+    )]
     InvalidName(String),
     /// The peer is not (or no longer) a member of any group this client is in.
     #[error("peer {0} is not a co-member")]

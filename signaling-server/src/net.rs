@@ -411,11 +411,13 @@ impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ElasticReader<T> 
                 let before = dst.filled().len();
                 let wanted = dst.remaining();
                 let r = std::pin::Pin::new(&mut this.inner).poll_read(cx, dst);
-                if matches!(r, Poll::Ready(Ok(()))) && wanted > 0 && wanted < BUSY_READ {
-                    if dst.filled().len() - before == wanted {
-                        this.buf = Some(vec![0; BUSY_READ].into_boxed_slice());
-                        (this.start, this.end, this.busy) = (0, 0, true);
-                    }
+                if matches!(r, Poll::Ready(Ok(())))
+                    && wanted > 0
+                    && wanted < BUSY_READ
+                    && dst.filled().len() - before == wanted
+                {
+                    this.buf = Some(vec![0; BUSY_READ].into_boxed_slice());
+                    (this.start, this.end, this.busy) = (0, 0, true);
                 }
                 return r;
             }

@@ -238,6 +238,100 @@ mod tests {
         );
     }
 
+    /// Counts the heap bytes live on the measuring thread (a test binary's allocator).
+    mod counting {
+        use std::alloc::{GlobalAlloc, Layout, System};
+        use std::cell::Cell;
+
+        pub(super) struct Counting;
+
+        thread_local! {
+            static ACTIVE: Cell<bool> = const { Cell::new(false) };
+            static LIVE: Cell<isize> = const { Cell::new(0) };
+            static PEAK: Cell<isize> = const { Cell::new(0) };
+        }
+
+        fn note(delta: isize) {
+            // `try_with`: thread-local storage may be gone while a thread exits.
+            let _ = ACTIVE.try_with(|a| {
+                if a.get() {
+                    let live = LIVE.with(|l| {
+                        l.set(l.get() + delta);
+                        l.get()
+                    });
+                    PEAK.with(|p| p.set(p.get().max(live)));
+                }
+            });
+        }
+
+        // SAFETY: every call is passed on to `System` unchanged; only counters are kept.
+        unsafe impl GlobalAlloc for Counting {
+            unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+                note(layout.size() as isize);
+                unsafe { System.alloc(layout) }
+            }
+            unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+                note(-(layout.size() as isize));
+                unsafe { System.dealloc(ptr, layout) }
+            }
+        }
+
+        /// Peak bytes allocated on this thread while `f` runs.
+        pub(super) fn peak<R>(f: impl FnOnce() -> R) -> (usize, R) {
+            LIVE.with(|l| l.set(0));
+            PEAK.with(|p| p.set(0));
+            ACTIVE.with(|a| a.set(true));
+            let r = f();
+            ACTIVE.with(|a| a.set(false));
+            (PEAK.with(|p| p.get()).max(0) as usize, r)
+        }
+    }
+
+    #[global_allocator]
+    static ALLOC: counting::Counting = counting::Counting;
+
+    /// The frames that cost `ClientMsg` the most (over 100 bytes per input byte) cost the
+    /// server's reader next to nothing.
+    #[test]
+    fn heavy_frames_cost_about_their_size() {
+        let n = 60_000;
+        let nested = |open: &str, close: &str, inner: &str| {
+            let depth = 120; // below serde_json's recursion limit
+            format!("{}{inner}{}", open.repeat(depth), close.repeat(depth))
+        };
+        let many = |item: &str| vec![item; n / (item.len() + 1)].join(",");
+        let frames = [
+            format!(
+                r#"{{"type":"signal","to":1,"link":1,"data":[{}]}}"#,
+                many(r#"{"":{"":0}}"#)
+            ),
+            format!(
+                r#"{{"type":"signal","to":1,"link":1,"data":[{}]}}"#,
+                many("0")
+            ),
+            format!(
+                r#"{{"type":"hello","version":1,"name":"a","x":[{}],"y":{}}}"#,
+                many(r#"{"":[0]}"#),
+                nested(r#"{"":"#, "}", "0")
+            ),
+            format!(r#"{{"type":"nope","x":[{}]}}"#, many(r#"{"":0}"#)),
+            format!(r#"{{"x":[{}]}}"#, many(r#"{"":0}"#)),
+        ];
+        for (i, text) in frames.iter().enumerate() {
+            let (peak, r) = counting::peak(|| parse(text).map(|r| r.kind()).map_err(drop));
+            assert!(
+                peak <= 4096,
+                "{peak} bytes to read a {}-byte frame ({r:?})",
+                text.len()
+            );
+            // The known types, for comparison (an unknown `type` first stops `ClientMsg` early).
+            if i < 3 {
+                let (tree, _) = counting::peak(|| serde_json::from_str::<ClientMsg>(text).is_ok());
+                assert!(tree > 20 * text.len(), "ClientMsg: only {tree} bytes");
+            }
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
 
