@@ -488,7 +488,9 @@ fn echo_peer(sock: UdpSocket, stop: Arc<AtomicBool>, limit: Duration) -> (u64, u
     let mut n_loops = 0u32;
     loop {
         n_loops = n_loops.wrapping_add(1);
-        if n_loops.is_multiple_of(1024) && (stop.load(Ordering::Relaxed) || Instant::now() >= deadline) {
+        if n_loops.is_multiple_of(1024)
+            && (stop.load(Ordering::Relaxed) || Instant::now() >= deadline)
+        {
             break;
         }
         match sock.recv_from(&mut buf) {
