@@ -51,7 +51,7 @@ pub const RELAY_BUDGET_BYTES: usize = 4 * 1024 * 1024;
 /// and zero-filled on each read). Most frames are far smaller, a larger frame grows the buffer
 /// while it is read, and a busy connection reads its socket 64 KiB at a time through
 /// [`net::ElasticReader`], so this small buffer costs no system calls.
-const WS_READ_BUFFER: usize = 4 * 1024;
+const WS_READ_BUFFER: usize = 8 * 1024;
 /// Outgoing frames gathered before a write to the socket (grown only as needed).
 const WS_WRITE_BUFFER: usize = 128 * 1024;
 

@@ -293,6 +293,17 @@ async fn hello_welcome_and_hello_errors() {
         .await;
     assert!(matches!(e.recv().await, ServerMsg::Welcome { .. }));
 
+    // Names that could pass for another: bidi override, zero-width space, BOM.
+    let mut f = Client::connect(&url).await;
+    for name in ["eci\u{202E}la", "al\u{200B}ice", "\u{FEFF}bob"] {
+        f.send_json(json!({"type": "hello", "version": 1, "name": name}))
+            .await;
+        f.expect_error(ErrorCode::InvalidName).await;
+    }
+    f.send_json(json!({"type": "hello", "version": 1, "name": "Zoë 🎮 李"}))
+        .await;
+    assert!(matches!(f.recv().await, ServerMsg::Welcome { .. }));
+
     // Wrong version: error, then close with 1002.
     let mut d = Client::connect(&url).await;
     d.send_json(json!({"type": "hello", "version": 2, "name": "dave"}))
