@@ -759,6 +759,9 @@ impl Lab {
             format!("{ip}:{WS_PORT}"),
             "--heartbeat-timeout-ms".into(),
             "15000".into(),
+            // Several servers share the namespace's loopback: no admin listener.
+            "--admin-listen".into(),
+            "off".into(),
         ];
         if !extra.contains(&"--no-turn") {
             args.extend([

@@ -26,13 +26,14 @@ use futures_util::stream::{self, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use peermesh::protocol::{IceServer, LinkId, PeerId, RelayFrame, ServerMsg, PROTOCOL_VERSION};
 use serde_json::{json, Value};
-use stun::message::Getter as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream, UdpSocket};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 use tokio::time::{sleep, timeout, timeout_at, Instant};
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
+
+mod common;
 
 type Ws = WebSocketStream<TcpStream>;
 
@@ -1014,142 +1015,24 @@ async fn slowloris_and_idle_connections_are_closed() {
 // ---------------------------------------------------------------------------------------------
 // 5. Out of file descriptors
 
-/// A long-term-credential TURN client for one Allocate and its release.
-struct TurnProbe {
-    sock: UdpSocket,
-    server: SocketAddr,
-    username: String,
-    password: String,
-    realm: String,
-    nonce: String,
-}
-
-impl TurnProbe {
-    async fn new(server: SocketAddr, ice: &[IceServer]) -> TurnProbe {
-        let turn = ice
-            .iter()
-            .find(|s| s.urls.iter().any(|u| u.starts_with("turn:")))
-            .expect("a turn: server in welcome");
-        TurnProbe {
-            sock: UdpSocket::bind((LOCALHOST, 0)).await.expect("bind UDP"),
-            server,
-            username: turn.username.clone().expect("TURN username"),
-            password: turn.credential.clone().expect("TURN credential"),
-            realm: String::new(),
-            nonce: String::new(),
-        }
-    }
-
-    /// A request of `method` with `attrs`, signed when `signed`.
-    fn request(
-        &self,
-        method: stun::message::Method,
-        attrs: Vec<Box<dyn stun::message::Setter>>,
-        signed: bool,
-    ) -> stun::message::Message {
-        use stun::attributes::{ATTR_NONCE, ATTR_REALM, ATTR_USERNAME};
-        use stun::textattrs::TextAttribute;
-        let mut setters: Vec<Box<dyn stun::message::Setter>> = vec![
-            Box::new(stun::agent::TransactionId::new()),
-            Box::new(stun::message::MessageType::new(
-                method,
-                stun::message::CLASS_REQUEST,
-            )),
-        ];
-        setters.extend(attrs);
-        if signed {
-            for (attr, text) in [
-                (ATTR_USERNAME, &self.username),
-                (ATTR_REALM, &self.realm),
-                (ATTR_NONCE, &self.nonce),
-            ] {
-                setters.push(Box::new(TextAttribute::new(attr, text.clone())));
-            }
-            setters.push(Box::new(
-                stun::integrity::MessageIntegrity::new_long_term_integrity(
-                    self.username.clone(),
-                    self.realm.clone(),
-                    self.password.clone(),
-                ),
-            ));
-        }
-        let mut m = stun::message::Message::new();
-        m.build(&setters).expect("build a STUN request");
-        m
-    }
-
-    /// Send `req` (up to five times, 500 ms apart) and return the answer to it.
-    async fn exchange(
-        &self,
-        req: &stun::message::Message,
-    ) -> Result<stun::message::Message, String> {
-        let mut buf = [0u8; 1500];
-        for _ in 0..5 {
-            self.sock
-                .send_to(&req.raw, self.server)
-                .await
-                .map_err(|e| format!("send to TURN: {e}"))?;
-            let wait = Instant::now() + Duration::from_millis(500);
-            while let Ok(Ok((n, _))) = timeout_at(wait, self.sock.recv_from(&mut buf)).await {
-                let mut answer = stun::message::Message::new();
-                answer.raw = buf[..n].to_vec();
-                if answer.decode().is_ok() && answer.transaction_id == req.transaction_id {
-                    return Ok(answer);
-                }
-            }
-        }
-        Err("no answer from TURN".into())
-    }
-
-    /// Allocate (401 challenge, then signed), then release it (Refresh with lifetime 0).
-    /// Returns the relayed address.
-    async fn allocate_and_release(&mut self) -> Result<SocketAddr, String> {
-        use ::turn::proto::lifetime::Lifetime;
-        use ::turn::proto::relayaddr::RelayedAddress;
-        use ::turn::proto::reqtrans::RequestedTransport;
-        use stun::message::{CLASS_SUCCESS_RESPONSE, METHOD_ALLOCATE, METHOD_REFRESH};
-        let udp = || -> Vec<Box<dyn stun::message::Setter>> {
-            vec![Box::new(RequestedTransport {
-                protocol: ::turn::proto::PROTO_UDP,
-            })]
-        };
-        let challenge = self
-            .exchange(&self.request(METHOD_ALLOCATE, udp(), false))
-            .await?;
-        let mut code = stun::error_code::ErrorCodeAttribute::default();
-        code.get_from(&challenge)
-            .map_err(|e| format!("unsigned Allocate: no error code ({e})"))?;
-        if code.code.0 != 401 {
-            return Err(format!("unsigned Allocate got {}, not 401", code.code.0));
-        }
-        let text = |attr| {
-            stun::textattrs::TextAttribute::get_from_as(&challenge, attr)
-                .map(|t| t.text)
-                .map_err(|e| format!("401 without {attr}: {e}"))
-        };
-        self.realm = text(stun::attributes::ATTR_REALM)?;
-        self.nonce = text(stun::attributes::ATTR_NONCE)?;
-
-        let allocated = self
-            .exchange(&self.request(METHOD_ALLOCATE, udp(), true))
-            .await?;
-        if allocated.typ.class != CLASS_SUCCESS_RESPONSE {
-            return Err(format!("signed Allocate failed: {allocated}"));
-        }
-        let mut relayed = RelayedAddress::default();
-        relayed
-            .get_from(&allocated)
-            .map_err(|e| format!("no relayed address: {e}"))?;
-
-        let release: Vec<Box<dyn stun::message::Setter>> = vec![Box::new(Lifetime(Duration::ZERO))];
-        let released = self
-            .exchange(&self.request(METHOD_REFRESH, release, true))
-            .await?;
-        if released.typ.class != CLASS_SUCCESS_RESPONSE {
-            return Err(format!("Refresh with lifetime 0 failed: {released}"));
-        }
-        Ok(SocketAddr::new(relayed.ip, relayed.port))
-    }
+/// Allocate on the TURN service at `server` with the credentials a session got in `welcome`,
+/// then release it; returns the relayed address.
+async fn allocate_and_release(server: SocketAddr, ice: &[IceServer]) -> SocketAddr {
+    use common::turn_client::{assert_success, relayed_addr, RawClient};
+    let turn = ice
+        .iter()
+        .find(|s| s.urls.iter().any(|u| u.starts_with("turn:")))
+        .expect("a turn: server in welcome");
+    let mut client = RawClient::new(
+        server,
+        turn.username.as_deref().expect("TURN username"),
+        turn.credential.as_deref().expect("TURN credential"),
+    )
+    .await;
+    let allocated = client.allocate().await;
+    assert_success(&allocated, "Allocate");
+    assert_success(&client.refresh(0).await, "Refresh with lifetime 0");
+    relayed_addr(&allocated)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1214,11 +1097,7 @@ async fn out_of_file_descriptors_still_answers() {
             println!("out of descriptors: refusal after {:?}", started.elapsed());
 
             // TURN still allocates, with the credentials a session was handed.
-            let relayed = TurnProbe::new(turn, &arena.witness.ice_servers)
-                .await
-                .allocate_and_release()
-                .await
-                .expect("TURN Allocate with every connection slot taken");
+            let relayed = allocate_and_release(turn, &arena.witness.ice_servers).await;
             println!("out of descriptors: TURN relayed address {relayed}");
             idle
         })

@@ -842,6 +842,8 @@ async fn binary_serves_and_stops_on_sigterm() {
             "stun:127.0.0.1:3478",
             "--turn-listen",
             "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
         ])
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())

@@ -29,6 +29,7 @@ fn config() -> Result<FileConfig, String> {
                 .get_or_insert_with(Vec::new)
                 .push(value),
             "--ice-server" => top.ice_servers.get_or_insert_with(Vec::new).push(value),
+            "--admin-listen" => top.admin_listen = Some(value),
             "--heartbeat-timeout-ms" => {
                 top.heartbeat_timeout_ms = Some(value.parse().map_err(|e| bad(&e))?)
             }
