@@ -620,7 +620,7 @@ fn admin_router(shared: Arc<Shared>, turn: Option<turn::TurnHandle>) -> Router {
 
 /// Periodic work: give freed memory back to the system after sessions have ended.
 async fn housekeeping(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_ended = shared.hub.sessions_ended();
     loop {

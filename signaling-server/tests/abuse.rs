@@ -944,7 +944,7 @@ async fn idle_sessions_cost_little_and_memory_returns() {
         "{per_session} bytes of RSS per idle session"
     );
 
-    // Close them all: the server trims its heap every 5 s after sessions have ended.
+    // Close them all: the server trims its heap within a second or two after sessions have ended.
     drop(sessions);
     let closed_at = Instant::now();
     let (mut rss_now, mut left) = (server.rss_bytes(), f64::NAN);
