@@ -602,6 +602,14 @@ impl LimitsFile {
                 d.relay_bytes,
             )?,
         };
+        for (name, v) in [
+            ("relay_queue_bytes", limits.relay_queue_bytes),
+            ("outbound_queue_bytes", limits.outbound_queue_bytes),
+        ] {
+            if v > 1 << 30 {
+                bail!("limits.{name} = {v}: at most 1073741824 (1 GiB)");
+            }
+        }
         Ok(limits)
     }
 }

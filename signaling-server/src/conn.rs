@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 
-use crate::hub::{encode, CloseReason, Failure, Outbound, Outlet, OutletState};
+use crate::hub::{encode, CloseReason, Failure, Outbound, Outlet, OutletState, FRAME_OVERHEAD};
 use crate::request::{self, BadRequest, Request};
 use crate::{Rate, Shared, HARD_FRAME_CAP, RELAY_STALL_TIMEOUT};
 
@@ -147,7 +147,34 @@ struct Session {
     pause: Option<Duration>,
     /// Relay and signal counts not yet added to the shared metrics.
     tally: Tally,
+    /// Error answers (see [`REFUSALS`]).
+    refusals: Bucket,
+    last_refusal_notice: Option<Instant>,
+    /// Refused frames, answered or not (see [`ABUSE`]).
+    abuse: Bucket,
+    /// Over [`ABUSE`]: the session is closed with 1008.
+    abusive: bool,
 }
+
+/// Refused frames (answered or not) one session may send: past this rate the session is closed
+/// with 1008 `too many refused frames`. No well-behaved client gets there; frames in flight to
+/// a peer that has just left are bounded by the sender's socket buffer.
+const ABUSE: Rate = Rate {
+    per_second: 200,
+    burst: 5000,
+};
+
+/// Error answers one session gets at most: a client that keeps sending refused frames (to a
+/// peer that is not a co-member, malformed, over a rate limit, ...) is answered up to this rate,
+/// then once a second. Generous, so that ordinary races (frames in flight to a peer that just
+/// left) are always answered.
+const REFUSALS: Rate = Rate {
+    per_second: 100,
+    burst: 1000,
+};
+
+/// Longest error message sent (messages may quote what the client sent).
+const MAX_ERROR_MESSAGE: usize = 200;
 
 /// Counts kept per session and added to the shared metrics in batches (every
 /// [`TALLY_BATCH`] frames or [`TALLY_DELAY`] after the first): shared counters updated from
@@ -221,6 +248,10 @@ pub(crate) async fn run(
         relay: Bucket::new(limits.relay_bytes),
         pause: None,
         tally: Tally::default(),
+        refusals: Bucket::new(REFUSALS),
+        last_refusal_notice: None,
+        abuse: Bucket::new(ABUSE),
+        abusive: false,
     };
     let tally_timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(tally_timer);
@@ -247,21 +278,8 @@ pub(crate) async fn run(
             () = &mut hello_deadline, if session.peer.is_none() => {
                 break 'session Exit::Close((CLOSE_POLICY, "hello timeout"));
             }
-            msg = stream.next() => Some(msg),
-            () = &mut deadline => {
-                // Liveness counts frames read, not time: a frame already waiting in the socket
-                // (say the server process was stalled) is read now and counts. After a stall
-                // the runtime may fire expired timers before it has polled the sockets, so
-                // give the I/O driver a turn and the socket a moment first.
-                tokio::task::yield_now().await;
-                match timeout(STALL_GRACE, stream.next()).await {
-                    Ok(msg) => Some(msg),
-                    Err(_) => {
-                        tracing::debug!(peer = ?session.peer, "heartbeat timeout");
-                        break 'session Exit::Close((CLOSE_GOING_AWAY, "heartbeat timeout"));
-                    }
-                }
-            }
+            // Timers before the socket: a client that keeps it always readable must not
+            // hold back credential refreshes or metric flushes.
             () = &mut tally_timer, if tally_armed => {
                 tally_armed = false;
                 session.tally.flush(&session.shared.metrics);
@@ -277,6 +295,21 @@ pub(crate) async fn run(
                 }
                 None
             }
+            msg = stream.next() => Some(msg),
+            () = &mut deadline => {
+                // Liveness counts frames read, not time: a frame already waiting in the socket
+                // (say the server process was stalled) is read now and counts. After a stall
+                // the runtime may fire expired timers before it has polled the sockets, so
+                // give the I/O driver a turn and the socket a moment first.
+                tokio::task::yield_now().await;
+                match timeout(STALL_GRACE, stream.next()).await {
+                    Ok(msg) => Some(msg),
+                    Err(_) => {
+                        tracing::debug!(peer = ?session.peer, "heartbeat timeout");
+                        break 'session Exit::Close((CLOSE_GOING_AWAY, "heartbeat timeout"));
+                    }
+                }
+            }
         };
         let flow = match next {
             None => Flow::Continue,
@@ -288,6 +321,9 @@ pub(crate) async fn run(
                 }
             }
         };
+        if session.abusive {
+            break 'session Exit::Close((CLOSE_POLICY, "too many refused frames"));
+        }
         match flow {
             Flow::Continue => {}
             Flow::Close(reason) => break 'session Exit::Close(reason),
@@ -468,11 +504,44 @@ impl Session {
         }
     }
 
-    fn reply_error(&self, failure: Failure, request: Option<&str>) {
+    fn reply_error(&mut self, mut failure: Failure, request: Option<&str>) {
         if let Some(peer) = self.peer {
             tracing::debug!(peer, code = %failure.code, request, "{}", failure.message);
         }
         self.shared.metrics.frame_refused(failure.code);
+        // A client whose frames keep being refused gets a bounded number of answers: past the
+        // refusal rate, one `rate_limited` a second says so and the rest go unanswered.
+        if !self.abuse.try_take() {
+            self.abusive = true;
+            return;
+        }
+        if !self.refusals.try_take() {
+            let now = Instant::now();
+            if self
+                .last_refusal_notice
+                .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
+            {
+                return;
+            }
+            self.last_refusal_notice = Some(now);
+            failure = Failure::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "over {} refused frames per second (burst {}); further refused frames get \
+                     no answer for a second",
+                    REFUSALS.per_second, REFUSALS.burst
+                ),
+            );
+        }
+        // Error messages may quote the input: keep them short.
+        if failure.message.len() > MAX_ERROR_MESSAGE {
+            let mut end = MAX_ERROR_MESSAGE;
+            while !failure.message.is_char_boundary(end) {
+                end -= 1;
+            }
+            failure.message.truncate(end);
+            failure.message.push('…');
+        }
         self.send(&failure.into_msg(request));
     }
 
@@ -530,7 +599,7 @@ impl Session {
         false
     }
 
-    fn error(&self, code: ErrorCode, message: &str, request: Option<&str>) {
+    fn error(&mut self, code: ErrorCode, message: &str, request: Option<&str>) {
         self.reply_error(Failure::new(code, message), request);
     }
 
@@ -599,7 +668,7 @@ impl Session {
 
     /// `signal`: forwarded like relay data (it comes from a peer, so it counts against the
     /// receiver's budget rather than growing its queue without bound).
-    fn on_signal(&self, me: PeerId, to: PeerId, link: u32, data: &RawValue) -> Flow {
+    fn on_signal(&mut self, me: PeerId, to: PeerId, link: u32, data: &RawValue) -> Flow {
         let outlet = match self.shared.hub.forward_target(me, to, link) {
             Ok(outlet) => outlet,
             Err(failure) => {
@@ -608,9 +677,8 @@ impl Session {
             }
         };
         let text = Utf8Bytes::from(request::forwarded_signal(me, link, data));
-        let permits = text
-            .len()
-            .min(self.shared.config.server_limits.relay_queue_bytes);
+        let permits =
+            (text.len() + FRAME_OVERHEAD).min(self.shared.config.server_limits.relay_queue_bytes);
         Flow::Forward(PendingForward {
             request: "signal",
             to,
@@ -623,7 +691,7 @@ impl Session {
 
     /// Answer a frame that was not understood: malformed JSON or fields (`bad_frame`), or a
     /// well-formed frame of an unknown type (`unknown_type`).
-    fn bad_text(&self, bad: BadRequest) {
+    fn bad_text(&mut self, bad: BadRequest) {
         match bad {
             BadRequest::InvalidJson(e) => {
                 self.error(ErrorCode::BadFrame, &format!("invalid JSON: {e}"), None)
@@ -709,9 +777,8 @@ impl Session {
             .try_into_mut()
             .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
         buf[peermesh::protocol::RELAY_PEER_RANGE].copy_from_slice(&me.to_be_bytes());
-        let permits = buf
-            .len()
-            .min(self.shared.config.server_limits.relay_queue_bytes);
+        let permits =
+            (buf.len() + FRAME_OVERHEAD).min(self.shared.config.server_limits.relay_queue_bytes);
         self.pause = self.relay.take_paced(buf.len());
         Flow::Forward(PendingForward {
             request: "relay",
@@ -737,6 +804,7 @@ async fn write_loop(
         Killed(CloseReason),
         Next(Option<Outbound>),
         Wrote(Result<bool, axum::Error>),
+        Stalled,
     }
     // Resolves only when the hub kills the session; a dropped sender just means "never".
     let kill = async move {
@@ -755,7 +823,7 @@ async fn write_loop(
         let first = match step {
             Step::Killed(reason) => return close_now(&mut sink, reason).await,
             Step::Next(Some(m)) => m,
-            Step::Next(None) | Step::Wrote(_) => {
+            Step::Next(None) | Step::Wrote(_) | Step::Stalled => {
                 let _ = timeout(WRITER_GRACE, sink.close()).await;
                 return;
             }
@@ -763,10 +831,21 @@ async fn write_loop(
         let step = tokio::select! {
             biased;
             reason = &mut kill => Step::Killed(reason),
-            r = write_batch(&mut sink, first, &mut rx, &budget, &state) => Step::Wrote(r),
+            r = timeout(RELAY_STALL_TIMEOUT, write_batch(&mut sink, first, &mut rx, &budget, &state)) => match r {
+                Ok(r) => Step::Wrote(r),
+                Err(_) => Step::Stalled,
+            },
         };
         match step {
             Step::Killed(reason) => return close_now(&mut sink, reason).await,
+            // The client has not taken a byte for the stall timeout whatever is queued (replies,
+            // relayed frames): it does not read. End the session (its close frame could not be
+            // written either).
+            Step::Stalled => {
+                tracing::info!("dropping client: nothing written for {RELAY_STALL_TIMEOUT:?}");
+                state.stalled();
+                return;
+            }
             Step::Wrote(Ok(true)) => {}
             Step::Wrote(Ok(false) | Err(_)) | Step::Next(_) => return,
         }

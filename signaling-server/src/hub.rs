@@ -20,6 +20,11 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use crate::metrics::{HubSnapshot, Metrics, SlowQueue};
 use crate::Config;
 
+/// What one queued frame costs besides its bytes (the queue slot, the buffer's header): queues
+/// are bounded by bytes + this per frame, so a flood of tiny frames cannot hide behind its
+/// small byte count.
+pub(crate) const FRAME_OVERHEAD: usize = 128;
+
 /// Close code for a client whose queue of replies and events overflowed (it does not read).
 pub(crate) const NOT_READING: CloseReason = (
     peermesh::protocol::close_code::POLICY_VIOLATION,
@@ -86,13 +91,30 @@ impl OutletState {
     pub(crate) fn kill(&self, reason: CloseReason) -> bool {
         let kill = self.kill.lock().unwrap_or_else(|p| p.into_inner()).take();
         let Some(kill) = kill else { return false };
-        self.killed_with.store(reason.0, Ordering::Relaxed);
-        kill.send(reason).is_ok()
+        let sent = kill.send(reason).is_ok();
+        if sent {
+            self.killed_with.store(reason.0, Ordering::Relaxed);
+        }
+        sent
     }
 
-    /// `bytes` of a text frame were written (or dropped).
+    /// A text frame of `bytes` was written (or dropped).
     pub(crate) fn written(&self, bytes: usize) {
-        self.queued.fetch_sub(bytes, Ordering::Relaxed);
+        self.queued
+            .fetch_sub(bytes + FRAME_OVERHEAD, Ordering::Relaxed);
+    }
+
+    /// The writer made no progress for the stall timeout: the client does not read. Counted
+    /// like a kill with 1013 (the writer then ends the session).
+    pub(crate) fn stalled(&self) {
+        let kill = self.kill.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if kill.is_some() {
+            self.killed_with.store(
+                peermesh::protocol::close_code::TRY_AGAIN_LATER,
+                Ordering::Relaxed,
+            );
+            self.metrics.slow_dropped(SlowQueue::Relay);
+        }
     }
 }
 
@@ -102,8 +124,9 @@ impl Outlet {
     /// with it.
     pub(crate) fn send_text(&self, text: Utf8Bytes) {
         let len = text.len();
-        let before = self.state.queued.fetch_add(len, Ordering::Relaxed);
-        if before + len > self.state.limit {
+        let cost = len + FRAME_OVERHEAD;
+        let before = self.state.queued.fetch_add(cost, Ordering::Relaxed);
+        if before + cost > self.state.limit {
             self.state.written(len);
             if self.state.kill(NOT_READING) {
                 tracing::info!("dropping client: {} bytes of replies unread", before);

@@ -387,6 +387,9 @@ impl Server {
             metrics.clone(),
         );
         let front = net::FrontConfig {
+            // Refusals in flight hold descriptors beyond `max_connections`: keep them within
+            // half of the reserve.
+            max_refusals_in_flight: (limits.reserved_fds / 2).max(1),
             header_read_timeout: limits.header_read_timeout,
             upgrade_timeout: limits.upgrade_timeout,
         };
@@ -623,15 +626,19 @@ async fn housekeeping(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_ended = shared.hub.sessions_ended();
+    let mut last_trim = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
         let ended = shared.hub.sessions_ended();
-        if ended != last_ended {
+        // At most every 2 s however many clients come and go, and off the runtime's workers
+        // (on a large heap the trim walks every arena under its lock).
+        if ended != last_ended && last_trim.elapsed() >= Duration::from_secs(2) {
             last_ended = ended;
-            trim_heap();
+            last_trim = tokio::time::Instant::now();
+            let _ = tokio::task::spawn_blocking(trim_heap).await;
         }
     }
 }
@@ -660,7 +667,9 @@ fn fit_to_fd_limit(config: &mut Config) {
         TurnMode::Embedded(tc) => Some(&mut tc.total_quota),
         _ => None,
     };
-    let wanted = limits.max_connections + turn_quota.as_deref().copied().unwrap_or(0);
+    let wanted = limits
+        .max_connections
+        .saturating_add(turn_quota.as_deref().copied().unwrap_or(0));
     if wanted <= available {
         return;
     }
@@ -671,7 +680,7 @@ fn fit_to_fd_limit(config: &mut Config) {
             let conn_share = limits.max_connections.min(available - turn_share);
             tracing::warn!(
                 nofile = limit,
-                "file-descriptor limit too low for max_connections = {} and turn.total_quota =                  {}: using {conn_share} and {turn_share}",
+                "file-descriptor limit too low for max_connections = {} and turn.total_quota = {}: using {conn_share} and {turn_share}",
                 limits.max_connections,
                 *quota
             );

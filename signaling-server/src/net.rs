@@ -32,6 +32,9 @@ use crate::metrics::{Metrics, RefusedReason};
 /// Limits of the TCP front (see [`crate::ServerLimits`] for the documented defaults).
 #[derive(Debug, Clone)]
 pub(crate) struct FrontConfig {
+    /// Refused connections answered on a task of their own at once (each holds a descriptor
+    /// for up to a second); past this many the 503 is written without waiting.
+    pub(crate) max_refusals_in_flight: usize,
     pub(crate) header_read_timeout: Duration,
     pub(crate) upgrade_timeout: Duration,
 }
@@ -72,8 +75,10 @@ impl ConnLimiter {
         })
     }
 
-    /// Admit a connection from `ip`, or say which limit it is over.
+    /// Admit a connection from `ip`, or say which limit it is over. IPv6 sources count per
+    /// /64 (one subscriber's prefix), IPv4-mapped ones as their IPv4 address.
     pub(crate) fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnSlot, Refusal> {
+        let ip = source_key(ip);
         let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
         if self.total.load(Ordering::Relaxed) >= self.max_total {
             return Err(Refusal::Total);
@@ -113,6 +118,19 @@ impl Drop for ConnSlot {
     }
 }
 
+/// The address a connection counts under for `max_connections_per_ip`.
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
+    }
+}
+
 /// What the router sees of the connection a request came on (a request extension).
 #[derive(Clone)]
 pub(crate) struct ConnInfo {
@@ -141,10 +159,6 @@ fn refusal_response(reason: &str) -> String {
         body.len()
     )
 }
-
-/// Refusals answered on a task of their own at once; past this many, the 503 is written without
-/// waiting for the client's request (its unread request may then turn our close into a reset).
-const MAX_REFUSALS_IN_FLIGHT: usize = 256;
 
 /// Answer a refused connection with 503 and close it. The client's request is read (and thrown
 /// away) for up to a second so that closing does not reset the connection before the client
@@ -191,7 +205,9 @@ pub(crate) async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut reserve = open_reserve();
-    let refusals = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSALS_IN_FLIGHT));
+    let refusals = Arc::new(tokio::sync::Semaphore::new(
+        config.max_refusals_in_flight.max(1),
+    ));
     let mut last_fd_warning: Option<Instant> = None;
     let mut fd_refusals_since_warning = 0u64;
     loop {
@@ -328,6 +344,22 @@ mod tests {
         drop(s1);
         assert_eq!(l.open(), 2);
         assert!(l.try_acquire(a).is_ok());
+    }
+
+    #[test]
+    fn ipv6_sources_count_per_64_and_mapped_ones_as_ipv4() {
+        let l = ConnLimiter::new(10, 1, Arc::new(Metrics::new()));
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let same_64: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other_64: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let _s = l.try_acquire(a).unwrap();
+        assert_eq!(l.try_acquire(same_64).err(), Some(Refusal::PerIp));
+        assert!(l.try_acquire(other_64).is_ok());
+        let _v4 = l.try_acquire("192.0.2.7".parse().unwrap()).unwrap();
+        assert_eq!(
+            l.try_acquire("::ffff:192.0.2.7".parse().unwrap()).err(),
+            Some(Refusal::PerIp)
+        );
     }
 
     #[test]

@@ -140,7 +140,8 @@ pub(crate) fn parse(text: &str) -> Result<Request<'_>, BadRequest> {
         "ping" => Request::Ping {
             id: fields::<PingFields>(text, "ping")?.id,
         },
-        other => return Err(BadRequest::UnknownType(other.to_owned())),
+        // (Echoed in the answer: at most 64 characters of it.)
+        other => return Err(BadRequest::UnknownType(other.chars().take(64).collect())),
     })
 }
 

@@ -785,7 +785,8 @@ async fn slow_receiver_is_dropped() {
     assert!(started.elapsed() >= Duration::from_secs(10));
 
     // The sender's session is intact: the rest of its flood is answered with not_co_member
-    // errors (b is gone), then a ping round-trips.
+    // errors (b is gone; past 1000 answers, one rate_limited notice a second stands for the
+    // rest), then a ping round-trips.
     let sink = flood.await.unwrap();
     let mut a = Client {
         ws: sink.reunite(stream).unwrap(),
@@ -795,9 +796,10 @@ async fn slow_receiver_is_dropped() {
     loop {
         match a.recv_any().await {
             Incoming::Msg(ServerMsg::Pong { id: 42 }) => break,
-            Incoming::Msg(ServerMsg::Error { code, .. }) => {
-                assert_eq!(code, ErrorCode::NotCoMember)
-            }
+            Incoming::Msg(ServerMsg::Error { code, .. }) => assert!(
+                matches!(code, ErrorCode::NotCoMember | ErrorCode::RateLimited),
+                "{code}"
+            ),
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -1237,5 +1239,65 @@ async fn admin_listener_serves_metrics_and_health() {
             .unwrap()
             .contains("peermesh_sessions")
     );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn refused_frames_get_bounded_answers_then_a_close() {
+    let server = start(test_config()).await;
+    let url = server.ws_url();
+    let mut a = Client::hello(&url, "alice").await;
+    // Relay frames to oneself are refused (not_co_member). The first 1000 refusals are
+    // answered, then at most 100 a second plus one `rate_limited` notice a second.
+    let me = a.peer;
+    let frame = relay(me, 1, b"");
+    let started = Instant::now();
+    for _ in 0..1500 {
+        a.ws.feed(Message::binary(frame.clone())).await.unwrap();
+    }
+    a.ws.flush().await.unwrap();
+    a.send_json(json!({"type": "ping", "id": 7})).await;
+    let (mut refused, mut limited) = (0u32, 0u32);
+    loop {
+        match a.recv_any().await {
+            Incoming::Msg(ServerMsg::Error {
+                code: ErrorCode::NotCoMember,
+                ..
+            }) => refused += 1,
+            Incoming::Msg(ServerMsg::Error {
+                code: ErrorCode::RateLimited,
+                ..
+            }) => limited += 1,
+            Incoming::Msg(ServerMsg::Pong { id: 7 }) => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    assert!(refused >= 1000, "{refused} answers");
+    assert!(
+        f64::from(refused) <= 1000.0 + 100.0 * secs + 1.0,
+        "{refused} answers in {secs:.2} s"
+    );
+    assert!(
+        (1..=1 + secs as u32).contains(&limited),
+        "{limited} notices"
+    );
+    // A client that goes on sending refused frames is closed (1008).
+    for _ in 0..6000 {
+        if a.ws.feed(Message::binary(frame.clone())).await.is_err() {
+            break;
+        }
+    }
+    let _ = a.ws.flush().await;
+    loop {
+        match a.recv_any().await {
+            Incoming::Msg(_) => continue,
+            Incoming::Close(code) => {
+                assert_eq!(code, Some(1008));
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
     server.shutdown().await;
 }
