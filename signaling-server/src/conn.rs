@@ -12,7 +12,7 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt as _, SinkExt, StreamExt};
 use peermesh::protocol::{
     validate_name, ErrorCode, PeerId, RelayFrame, ServerMsg, PROTOCOL_VERSION,
 };
@@ -256,6 +256,7 @@ pub(crate) async fn run(
     let tally_timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(tally_timer);
     let mut tally_armed = false;
+    let mut handled: u32 = 0;
     // Fresh TURN credentials before the old ones expire.
     let refresh_every = session.shared.ice.refresh_every();
     let mut refresh = tokio::time::interval(refresh_every.unwrap_or(Duration::from_secs(3600)));
@@ -278,23 +279,6 @@ pub(crate) async fn run(
             () = &mut hello_deadline, if session.peer.is_none() => {
                 break 'session Exit::Close((CLOSE_POLICY, "hello timeout"));
             }
-            // Timers before the socket: a client that keeps it always readable must not
-            // hold back credential refreshes or metric flushes.
-            () = &mut tally_timer, if tally_armed => {
-                tally_armed = false;
-                session.tally.flush(&session.shared.metrics);
-                None
-            }
-            _ = refresh.tick(), if refresh_every.is_some() => {
-                if let Some(peer) = session.peer {
-                    let ice_servers = session
-                        .shared
-                        .ice
-                        .for_peer(peer, session.host.as_deref(), session.client_ip);
-                    session.send(&ServerMsg::IceServers { ice_servers });
-                }
-                None
-            }
             msg = stream.next() => Some(msg),
             () = &mut deadline => {
                 // Liveness counts frames read, not time: a frame already waiting in the socket
@@ -309,6 +293,15 @@ pub(crate) async fn run(
                         break 'session Exit::Close((CLOSE_GOING_AWAY, "heartbeat timeout"));
                     }
                 }
+            }
+            () = &mut tally_timer, if tally_armed => {
+                tally_armed = false;
+                session.tally.flush(&session.shared.metrics);
+                None
+            }
+            _ = refresh.tick(), if refresh_every.is_some() => {
+                session.send_ice_servers();
+                None
             }
         };
         let flow = match next {
@@ -391,6 +384,16 @@ pub(crate) async fn run(
         } else if !tally_armed && !session.tally.is_empty() {
             tally_timer.as_mut().reset(Instant::now() + TALLY_DELAY);
             tally_armed = true;
+        }
+        // A client that keeps the socket always readable would starve the timer branches
+        // above (the socket comes first): look at the credential refresh now and then. (The
+        // metrics tally flushes itself every `TALLY_BATCH` frames.)
+        handled = handled.wrapping_add(1);
+        if handled.is_multiple_of(256)
+            && refresh_every.is_some()
+            && refresh.tick().now_or_never().is_some()
+        {
+            session.send_ice_servers();
         }
         // Over the relay rate: read nothing more until the debt is paid (TCP back-pressure).
         if let Some(pause) = session.pause.take() {
@@ -501,6 +504,17 @@ impl Session {
     fn send(&self, msg: &ServerMsg) {
         if let Some(text) = encode(msg) {
             self.outlet.send_text(text);
+        }
+    }
+
+    /// Fresh TURN credentials (`ice_servers`).
+    fn send_ice_servers(&self) {
+        if let Some(peer) = self.peer {
+            let ice_servers = self
+                .shared
+                .ice
+                .for_peer(peer, self.host.as_deref(), self.client_ip);
+            self.send(&ServerMsg::IceServers { ice_servers });
         }
     }
 
