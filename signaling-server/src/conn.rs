@@ -21,7 +21,10 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 
-use crate::hub::{encode, CloseReason, Failure, Outbound, Outlet, OutletState, FRAME_OVERHEAD};
+use crate::hub::{
+    encode, CloseReason, Failure, Outbound, Outlet, OutletState, FRAME_OVERHEAD, TOO_SLOW,
+};
+use crate::metrics::SlowQueue;
 use crate::request::{self, BadRequest, Request};
 use crate::{Rate, Shared, HARD_FRAME_CAP, RELAY_STALL_TIMEOUT};
 
@@ -857,7 +860,7 @@ async fn write_loop(
             // written either).
             Step::Stalled => {
                 tracing::info!("dropping client: nothing written for {RELAY_STALL_TIMEOUT:?}");
-                state.stalled();
+                state.drop_slow(TOO_SLOW, SlowQueue::Relay);
                 return;
             }
             Step::Wrote(Ok(true)) => {}

@@ -25,6 +25,11 @@ use crate::Config;
 /// small byte count.
 pub(crate) const FRAME_OVERHEAD: usize = 128;
 
+/// Close code for a client that does not read relayed data (its budget stayed full, or nothing
+/// could be written to it, for the stall timeout).
+pub(crate) const TOO_SLOW: CloseReason =
+    (peermesh::protocol::close_code::TRY_AGAIN_LATER, "too slow");
+
 /// Close code for a client whose queue of replies and events overflowed (it does not read).
 pub(crate) const NOT_READING: CloseReason = (
     peermesh::protocol::close_code::POLICY_VIOLATION,
@@ -104,17 +109,14 @@ impl OutletState {
             .fetch_sub(bytes + FRAME_OVERHEAD, Ordering::Relaxed);
     }
 
-    /// The writer made no progress for the stall timeout: the client does not read. Counted
-    /// like a kill with 1013 (the writer then ends the session).
-    pub(crate) fn stalled(&self) {
-        let kill = self.kill.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if kill.is_some() {
-            self.killed_with.store(
-                peermesh::protocol::close_code::TRY_AGAIN_LATER,
-                Ordering::Relaxed,
-            );
-            self.metrics.slow_dropped(SlowQueue::Relay);
+    /// Close a client that does not read (see [`kill`](Self::kill)) and count it under the
+    /// queue that showed it. Returns `false` if it was already being closed.
+    pub(crate) fn drop_slow(&self, reason: CloseReason, queue: SlowQueue) -> bool {
+        let killed = self.kill(reason);
+        if killed {
+            self.metrics.slow_dropped(queue);
         }
+        killed
     }
 }
 
@@ -128,9 +130,8 @@ impl Outlet {
         let before = self.state.queued.fetch_add(cost, Ordering::Relaxed);
         if before + cost > self.state.limit {
             self.state.written(len);
-            if self.state.kill(NOT_READING) {
+            if self.state.drop_slow(NOT_READING, SlowQueue::Control) {
                 tracing::info!("dropping client: {} bytes of replies unread", before);
-                self.state.metrics.slow_dropped(SlowQueue::Control);
             }
             return;
         }
@@ -371,13 +372,7 @@ impl Hub {
         if let Some(client) = st.remove(peer) {
             self.ended.fetch_add(1, Ordering::Relaxed);
             tracing::info!(peer, "dropping client: too slow to read relayed data");
-            if client
-                .outlet
-                .state
-                .kill((peermesh::protocol::close_code::TRY_AGAIN_LATER, "too slow"))
-            {
-                client.outlet.state.metrics.slow_dropped(SlowQueue::Relay);
-            }
+            client.outlet.state.drop_slow(TOO_SLOW, SlowQueue::Relay);
         }
     }
 

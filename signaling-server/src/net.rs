@@ -78,7 +78,7 @@ impl ConnLimiter {
     /// Admit a connection from `ip`, or say which limit it is over. IPv6 sources count per
     /// /64 (one subscriber's prefix), IPv4-mapped ones as their IPv4 address.
     pub(crate) fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnSlot, Refusal> {
-        let ip = source_key(ip);
+        let ip = crate::turn::quota_ip(ip);
         let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
         if self.total.load(Ordering::Relaxed) >= self.max_total {
             return Err(Refusal::Total);
@@ -115,19 +115,6 @@ impl Drop for ConnSlot {
         }
         l.total.fetch_sub(1, Ordering::Relaxed);
         l.metrics.connections.dec();
-    }
-}
-
-/// The address a connection counts under for `max_connections_per_ip`.
-fn source_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(std::net::Ipv6Addr::from(
-                u128::from(v6) & !((1u128 << 64) - 1),
-            )),
-        },
     }
 }
 

@@ -1112,6 +1112,9 @@ async fn out_of_file_descriptors_still_answers() {
         .metric("peermesh_connections_refused_total{reason=\"file_descriptors\"}")
         .await;
     println!("out of descriptors: {refused} refused as server full, {fd_refused} for descriptors");
+    // The limits fitted to the descriptor limit refuse clients before `accept` itself fails.
+    assert!(refused > 0.0, "nobody was refused as server full");
+    assert_eq!(fd_refused, 0.0, "accept ran out of descriptors");
     let server = arena.finish("out of descriptors", 32 * MIB).await;
 
     // Once the idle connections are gone, new clients get in again.

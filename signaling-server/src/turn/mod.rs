@@ -252,8 +252,9 @@ impl IpKeys {
     }
 }
 
-/// The key an address counts under for the per-source quota: IPv4 addresses as they are
-/// (IPv4-mapped IPv6 ones as their IPv4 address), other IPv6 addresses by their /64.
+/// The key an address counts under for the per-source quota (and for the signaling listener's
+/// `max_connections_per_ip`): IPv4 addresses as they are (IPv4-mapped IPv6 ones as their IPv4
+/// address), other IPv6 addresses by their /64.
 pub(crate) fn quota_ip(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,
