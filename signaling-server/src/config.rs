@@ -646,6 +646,15 @@ mod tests {
     }
 
     #[test]
+    fn the_built_in_file_spells_out_the_library_limits() {
+        // `peermesh-server.toml` (the binary's defaults, documented key by key) and
+        // `ServerLimits::default` (the library's) must not drift apart.
+        let c = FileConfig::defaults().resolve().unwrap();
+        assert_eq!(c.server_limits, ServerLimits::default());
+        assert_eq!(c.admin_listen, Some("127.0.0.1:8081".parse().unwrap()));
+    }
+
+    #[test]
     fn layers_override_key_by_key() {
         let mut c = FileConfig::defaults();
         c.overlay(

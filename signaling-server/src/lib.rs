@@ -110,7 +110,7 @@ impl Rate {
 
 /// What one connection or client may cost the server. Every field has a safe default for a
 /// public deployment; see `docs/OPERATIONS.md`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerLimits {
     /// Open TCP connections (HTTP and WebSocket) in total. Default 10 000; lowered at startup
     /// when the file-descriptor limit cannot hold that many (see `reserved_fds`).
