@@ -1500,3 +1500,21 @@ async fn closed_data_channel_mid_stream_loses_and_duplicates_nothing() {
     t.finish().await;
     server.shutdown().await;
 }
+
+/// peermesh.js's link protocol v2 pieces that need no browser (UNRELIABLE_PART framing and
+/// reassembly, the 1024-byte rule, the dead-path rule), checked in node by
+/// `interop-tests/browser/unit.mjs`.
+#[test]
+fn peermesh_js_link_v2_units() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("browser");
+    let out = Command::new("node")
+        .arg("unit.mjs")
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("node (run interop-tests/setup/browser.sh)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "unit.mjs failed");
+    assert!(stdout.contains("all 11 checks passed"), "{stdout}");
+}

@@ -1,4 +1,5 @@
-// peermesh.js: the browser client of peermesh (wire protocol v1, docs/PROTOCOL.md).
+// peermesh.js: the browser client of peermesh (wire protocol v1, docs/PROTOCOL.md; link protocol
+// version 2, docs/notes/link-v2.md).
 //
 //   import { connect } from '/peermesh.js';
 //   const client = await connect({ name: 'alice' });          // ws(s)://<this host>/ws
@@ -12,6 +13,8 @@
 // reliable message. No build step, no dependencies. Types: /peermesh.d.ts.
 
 export const PROTOCOL_VERSION = 1;
+/** The link protocol version this client speaks (offer/answer "version", docs/notes/link-v2.md). */
+export const LINK_VERSION = 2;
 /** Largest unreliable message (bytes); also the size of one reliable fragment. */
 export const MAX_UNRELIABLE_SIZE = 16384;
 
@@ -31,6 +34,16 @@ const DIRECT_LOW = 512 << 10;
 // The link's own frames (ACK, PING, PONG) take the server path rather than queue behind this
 // much on a channel (the reference client's 100 ms bounded wait).
 const OWN_FRAME_MAX_QUEUED = 256 << 10;
+// Link protocol v2: every message on the direct path's unreliable channel fits in one SCTP chunk.
+const MAX_DIRECT_UNRELIABLE_FRAME = 1024;
+const PART_HEADER = 9; // [0x16][msg u32][index u16][count u16]
+const PART_BYTES = MAX_DIRECT_UNRELIABLE_FRAME - PART_HEADER; // 1015
+const MAX_PARTS = Math.ceil(16384 / PART_BYTES); // 17
+const PART_EXPIRY_MS = 1000; // an incomplete split message is dropped this long after its first part
+const PART_MAX_HELD = 256 << 10; // bytes of parts held in all
+const PART_DONE_MAX = 4096; // ids of recently completed split messages remembered (deliver once)
+// Direct path with nothing received on the current generation's channels for this long: dead.
+const DEAD_PATH_TIMEOUT_MS = 3000;
 
 const K_DATA = 0x10;
 const K_ACK = 0x11;
@@ -38,6 +51,7 @@ const K_UNRELIABLE = 0x12;
 const K_PING = 0x13;
 const K_PONG = 0x14;
 const K_READY = 0x15;
+const K_PART = 0x16;
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -117,6 +131,103 @@ function readyFrame(gen) {
   f[0] = K_READY;
   new DataView(f.buffer).setUint32(1, gen);
   return f;
+}
+
+// UNRELIABLE_PART frames of one split unreliable message (link v2): 1015 bytes each but the last.
+function partFrames(msg, bytes) {
+  const count = Math.max(1, Math.ceil(bytes.length / PART_BYTES));
+  const frames = [];
+  for (let i = 0; i < count; i++) {
+    const chunk = bytes.subarray(i * PART_BYTES, Math.min((i + 1) * PART_BYTES, bytes.length));
+    const f = new Uint8Array(PART_HEADER + chunk.length);
+    const dv = new DataView(f.buffer);
+    f[0] = K_PART;
+    dv.setUint32(1, msg);
+    dv.setUint16(5, i);
+    dv.setUint16(7, count);
+    f.set(chunk, PART_HEADER);
+    frames.push(f);
+  }
+  return frames;
+}
+
+// Reassembly of UNRELIABLE_PART frames (from any path): a message is delivered once, when all its
+// parts are there; incomplete ones expire PART_EXPIRY_MS after their first part; at most
+// PART_MAX_HELD bytes are held (the oldest message goes first).
+class PartReassembly {
+  constructor(stats, now = () => performance.now()) {
+    this.stats = stats; // partsDropped, partsExpired, unreliableJoined
+    this.now = now;
+    this.msgs = new Map(); // msg -> {count, parts, got, len, at}, in order of first arrival
+    this.held = 0;
+    this.done = new Map(); // msg -> completed at
+  }
+
+  // The whole message once `frame` completes it, else null.
+  push(frame) {
+    const t = this.now();
+    this.expire(t);
+    if (frame.length < PART_HEADER) return this.drop();
+    const dv = new DataView(frame.buffer, frame.byteOffset, frame.byteLength);
+    const msg = dv.getUint32(1);
+    const index = dv.getUint16(5);
+    const count = dv.getUint16(7);
+    const bytes = frame.subarray(PART_HEADER);
+    if (count < 2 || count > MAX_PARTS || index >= count || this.done.has(msg)) return this.drop();
+    let m = this.msgs.get(msg);
+    if (m) {
+      if (count !== m.count || m.parts[index] !== undefined) return this.drop();
+      if (m.len + bytes.length > MAX_UNRELIABLE_SIZE) return this.drop();
+    } else {
+      if (bytes.length > MAX_UNRELIABLE_SIZE) return this.drop();
+      m = { count, parts: new Array(count), got: 0, len: 0, at: t };
+      this.msgs.set(msg, m);
+    }
+    // Room for it: evict whole messages, oldest first (never the one this part belongs to).
+    for (const [id, old] of this.msgs) {
+      if (this.held + bytes.length <= PART_MAX_HELD) break;
+      if (id === msg) continue;
+      this.msgs.delete(id);
+      this.held -= old.len;
+      this.stats.partsExpired++;
+    }
+    m.parts[index] = bytes.slice();
+    m.got++;
+    m.len += bytes.length;
+    this.held += bytes.length;
+    if (m.got < m.count) return null;
+    this.msgs.delete(msg);
+    this.held -= m.len;
+    this.done.set(msg, t);
+    if (this.done.size > PART_DONE_MAX) this.done.delete(this.done.keys().next().value);
+    this.stats.unreliableJoined++;
+    return concat(m.parts, m.len);
+  }
+
+  drop() {
+    this.stats.partsDropped++;
+    return null;
+  }
+
+  expire(t = this.now()) {
+    for (const [id, m] of this.msgs) {
+      if (t - m.at < PART_EXPIRY_MS) break;
+      this.msgs.delete(id);
+      this.held -= m.len;
+      this.stats.partsExpired++;
+    }
+    for (const [id, at] of this.done) {
+      if (t - at < PART_EXPIRY_MS) break;
+      this.done.delete(id);
+    }
+  }
+}
+
+/** Internals for unit checks (not part of the API; may change at any time). */
+
+// The version an offer or answer announces: absent (or not a positive integer) means 1.
+function signaledVersion(data) {
+  return Number.isInteger(data.version) && data.version >= 1 ? data.version : 1;
 }
 
 function relayFrame(peer, link, frame) {
@@ -199,7 +310,8 @@ function pathOf(pair) {
  * @param {string|object} [url] ws://host:port/ws (http(s)://host:port also works); defaults to
  *   this page's host. May be omitted: connect({ name }).
  * @param {object} options { name, direct = true, relayOnly = false, sendWindow = 8 MiB,
- *   maxMessageSize = 8 MiB, connectTimeout = 10000, requestTimeout = 10000 }
+ *   maxMessageSize = 8 MiB, connectTimeout = 10000, requestTimeout = 10000,
+ *   deadPathTimeoutMs = 3000 }
  * @returns {Promise<Client>}
  */
 export async function connect(url, options) {
@@ -231,6 +343,9 @@ export class Client extends EventTarget {
     this.maxMessageSize = Math.min(options.maxMessageSize ?? 8 << 20, this.sendWindow);
     this.connectTimeout = options.connectTimeout ?? 10000;
     this.requestTimeout = options.requestTimeout ?? 10000;
+    // A direct path (link v2) on which nothing arrives for this long is given up.
+    const dead = Number(options.deadPathTimeoutMs ?? DEAD_PATH_TIMEOUT_MS);
+    this.deadPathTimeoutMs = Number.isFinite(dead) && dead > 0 ? dead : DEAD_PATH_TIMEOUT_MS;
     /** This client's peer id (from welcome). */
     this.peerId = 0;
     /** The ICE servers new PeerConnections use (welcome, then every ice_servers message). */
@@ -629,6 +744,7 @@ class Link {
     this.reorder = new Map();
     this.partial = [];
     this.partialLen = 0;
+    this.nextPartMsg = 1; // msg of the next split unreliable message (link v2)
     // path
     this.path = 'server';
     this.pair = null;
@@ -636,10 +752,16 @@ class Link {
     this.gen = 0;
     this.r = null;
     this.u = null;
+    this.u2 = null; // link v2: the in-band unreliable channel
     this.rOpen = false;
     this.uOpen = false;
+    this.u2Open = false;
+    this.readySent = false;
+    this.version = 0; // link protocol version of generation `gen` (0: not known yet)
     this.connected = false;
     this.connectTimer = null;
+    this.lastDirectRecv = 0; // when a frame last arrived on the current generation's channels
+    this.deadTimer = null;
     this.peerReady = 0;
     this.retryTimer = null;
     this.backoff = RETRY_MIN_MS;
@@ -666,7 +788,13 @@ class Link {
       candidatesHost: 0,
       candidatesSrflx: 0,
       candidatesRelay: 0,
+      unreliableSplit: 0,
+      unreliableJoined: 0,
+      partsDropped: 0,
+      partsExpired: 0,
+      deadPaths: 0,
     };
+    this.parts = new PartReassembly(this.stats);
     this.pingTimer = setInterval(() => this.onPingTimer(), PING_EVERY_MS);
     this.sendPing();
     if (this.initiator && this.c.direct) this.start();
@@ -739,11 +867,31 @@ class Link {
     if (bytes.length > MAX_UNRELIABLE_SIZE) {
       throw new PeermeshError('too_large', `unreliable message of ${bytes.length} bytes exceeds ${MAX_UNRELIABLE_SIZE}`);
     }
+    const ch = this.isDirect() ? this.unreliableChannel() : null;
+    const direct = ch !== null && ch.bufferedAmount < DIRECT_HIGH;
+    if (direct && this.version >= 2 && 1 + bytes.length > MAX_DIRECT_UNRELIABLE_FRAME) {
+      // Link v2: one SCTP chunk per message on the direct path, so split it. A part that cannot
+      // go direct goes on the server path as it is.
+      const msg = this.nextPartMsg;
+      this.nextPartMsg = (msg + 1) >>> 0;
+      this.stats.unreliableSplit++;
+      for (const f of partFrames(msg, bytes)) {
+        const now = this.isDirect() && this.unreliableChannel() === ch && ch.bufferedAmount < DIRECT_HIGH;
+        if (!(now && this.sendOn(ch, f))) this.relay(f);
+      }
+      return;
+    }
     const frame = new Uint8Array(1 + bytes.length);
     frame[0] = K_UNRELIABLE;
     frame.set(bytes, 1);
-    if (this.isDirect() && this.u.bufferedAmount < DIRECT_HIGH && this.sendOn(this.u, frame)) return;
+    if (direct && this.sendOn(ch, frame)) return;
     this.relay(frame);
+  }
+
+  // The channel of UNRELIABLE, UNRELIABLE_PART, PING and PONG on the direct path: "u2" in a
+  // link v2 generation, "u" in a v1 one.
+  unreliableChannel() {
+    return this.version >= 2 ? this.u2 : this.u;
   }
 
   isDirect() {
@@ -860,11 +1008,16 @@ class Link {
       case K_UNRELIABLE:
         this.deliver(bytes.slice(1), false);
         return;
+      case K_PART: {
+        const whole = this.parts.push(bytes);
+        if (whole) this.deliver(whole, false);
+        return;
+      }
       case K_PING: {
         if (bytes.length < 9) return;
         const pong = bytes.slice(0, 9);
         pong[0] = K_PONG;
-        if (direct && this.isDirect()) this.transmitOwn(pong, this.u);
+        if (direct && this.isDirect()) this.transmitOwn(pong, this.unreliableChannel());
         else this.relay(pong);
         return;
       }
@@ -921,6 +1074,7 @@ class Link {
   // ---- RTT ----
 
   onPingTimer() {
+    this.parts.expire();
     this.sendPing();
     if (this.isDirect()) this.refreshPair();
   }
@@ -929,7 +1083,7 @@ class Link {
     const id = this.nextPing++;
     if (this.pings.length >= 8) this.pings.shift();
     this.pings.push([id, performance.now()]);
-    this.transmitOwn(u64Frame(K_PING, id), this.u);
+    this.transmitOwn(u64Frame(K_PING, id), this.unreliableChannel());
   }
 
   onPong(id) {
@@ -971,8 +1125,13 @@ class Link {
     this.setPath(pathOf(pair));
   }
 
+  // Every channel of the generation is open: "r" and "u", and "u2" in a link v2 generation.
+  channelsOpen() {
+    return this.rOpen && this.uOpen && this.version >= 1 && (this.version < 2 || this.u2Open);
+  }
+
   canUpgrade() {
-    return !this.closed && !this.isDirect() && this.pc && this.rOpen && this.uOpen && this.connected && this.peerReady >= this.gen;
+    return !this.closed && !this.isDirect() && this.pc && this.channelsOpen() && this.connected && this.peerReady >= this.gen;
   }
 
   async maybeUpgrade() {
@@ -996,6 +1155,8 @@ class Link {
           this.hadDirect = true;
           this.pair = pair;
           this.setPath(pathOf(pair));
+          this.lastDirectRecv = performance.now();
+          if (this.version >= 2) this.armDeadTimer(pc, this.c.deadPathTimeoutMs);
           this.sendPing();
           return;
         }
@@ -1004,6 +1165,24 @@ class Link {
     } finally {
       if (this.upgrading === pc) this.upgrading = null;
     }
+  }
+
+  // Dead-path rule (link v2): while direct, nothing at all on the current generation's channels
+  // for deadPathTimeoutMs means the direct path has failed, whatever ICE says.
+  armDeadTimer(pc, delay) {
+    clearTimeout(this.deadTimer);
+    this.deadTimer = setTimeout(() => {
+      this.deadTimer = null;
+      if (this.closed || this.pc !== pc || !this.isDirect() || this.version < 2) return;
+      const limit = this.c.deadPathTimeoutMs;
+      const idle = performance.now() - this.lastDirectRecv;
+      if (idle < limit) {
+        this.armDeadTimer(pc, limit - idle);
+        return;
+      }
+      this.stats.deadPaths++;
+      this.rtcFailed(`nothing received on the direct path for ${(idle / 1000).toFixed(1)}s`);
+    }, delay);
   }
 
   downgrade(why) {
@@ -1032,11 +1211,17 @@ class Link {
     this.pc = null;
     this.r = null;
     this.u = null;
+    this.u2 = null;
     this.rOpen = false;
     this.uOpen = false;
+    this.u2Open = false;
+    this.readySent = false;
+    this.version = 0;
     this.connected = false;
     clearTimeout(this.connectTimer);
     this.connectTimer = null;
+    clearTimeout(this.deadTimer);
+    this.deadTimer = null;
     this.signaled = new Map();
     this.remoteSet = false;
     this.remoteQueue = [];
@@ -1088,8 +1273,6 @@ class Link {
     });
     const r = pc.createDataChannel('r', { negotiated: true, id: 0, ordered: true });
     const u = pc.createDataChannel('u', { negotiated: true, id: 1, ordered: false, maxRetransmits: 0 });
-    r.binaryType = 'arraybuffer';
-    u.binaryType = 'arraybuffer';
     r.bufferedAmountLowThreshold = DIRECT_LOW;
     this.pc = pc;
     this.r = r;
@@ -1128,33 +1311,67 @@ class Link {
         this.rtcFailed(`ice ${s}`);
       }
     };
-    const onOpen = () => {
-      if (!current()) return;
-      const wasOpen = this.rOpen && this.uOpen;
-      this.rOpen = r.readyState === 'open';
-      this.uOpen = u.readyState === 'open';
-      if (!wasOpen && this.rOpen && this.uOpen) this.relay(readyFrame(gen)); // always on the server path
-      this.maybeUpgrade();
+    // Link v2, responder: the initiator's in-band "u2"; any other in-band channel is closed.
+    pc.ondatachannel = (e) => {
+      const ch = e.channel;
+      if (current() && ch.label === 'u2' && this.version >= 2 && !this.u2) {
+        this.u2 = ch;
+        this.wireChannel(pc, gen, ch);
+        this.channelOpened(pc, gen); // announced channels are usually open already
+        return;
+      }
+      try {
+        ch.close();
+      } catch {
+        // already closed
+      }
     };
-    const onClose = () => {
-      if (!current()) return;
-      this.downgrade('data channel closed');
-      this.rtcFailed('data channel closed');
-    };
-    const onMessage = (e) => this.onFrame(new Uint8Array(e.data), true);
-    for (const ch of [r, u]) {
-      ch.onopen = onOpen;
-      ch.onclose = onClose;
-      ch.onmessage = onMessage;
-    }
+    for (const ch of [r, u]) this.wireChannel(pc, gen, ch);
     r.onbufferedamountlow = () => {
       if (current()) this.pumpDirect();
     };
     return pc;
   }
 
+  // Link v2, initiator: the in-band unreliable channel, right after a v2 answer was applied.
+  openU2(pc) {
+    const u2 = pc.createDataChannel('u2', { ordered: false, maxRetransmits: 0 });
+    this.u2 = u2;
+    this.wireChannel(pc, this.gen, u2);
+  }
+
+  // open / close / message handlers of a data channel of PeerConnection `pc` (generation `gen`).
+  wireChannel(pc, gen, ch) {
+    const current = () => this.pc === pc && this.gen === gen && !this.closed;
+    ch.binaryType = 'arraybuffer';
+    ch.onopen = () => this.channelOpened(pc, gen);
+    ch.onclose = () => {
+      if (!current()) return;
+      this.downgrade(`data channel ${ch.label} closed`);
+      this.rtcFailed(`data channel ${ch.label} closed`);
+    };
+    ch.onmessage = (e) => {
+      // Frames of older generations are still processed (section 7.4), but only the current
+      // generation's channels count as signs of life of the direct path.
+      if (current()) this.lastDirectRecv = performance.now();
+      this.onFrame(new Uint8Array(e.data), true);
+    };
+  }
+
+  channelOpened(pc, gen) {
+    if (this.pc !== pc || this.gen !== gen || this.closed) return;
+    this.rOpen = this.r?.readyState === 'open';
+    this.uOpen = this.u?.readyState === 'open';
+    this.u2Open = this.u2?.readyState === 'open';
+    if (!this.readySent && this.channelsOpen()) {
+      this.readySent = true;
+      this.relay(readyFrame(gen)); // always on the server path
+    }
+    this.maybeUpgrade();
+  }
+
   sendLocal(kind, sdp) {
-    this.signal({ kind, gen: this.gen, sdp });
+    this.signal({ kind, gen: this.gen, sdp, version: LINK_VERSION });
     this.localSent = true;
     for (const c of this.localQueue) this.signal(c);
     this.localQueue = [];
@@ -1185,15 +1402,17 @@ class Link {
           return;
         }
         if (gen <= this.gen) return; // stale
-        await this.acceptOffer(gen, data.sdp);
+        await this.acceptOffer(gen, data.sdp, Math.min(LINK_VERSION, signaledVersion(data)));
         return;
       case 'answer': {
         const pc = this.pc;
         if (gen !== this.gen || !pc || typeof data.sdp !== 'string') return;
         try {
+          this.version = Math.min(LINK_VERSION, signaledVersion(data));
           await pc.setRemoteDescription({ type: 'answer', sdp: data.sdp });
           if (this.pc !== pc) return;
           this.remoteSet = true;
+          if (this.version >= 2) this.openU2(pc);
           await this.addQueuedCandidates(pc);
         } catch (e) {
           if (this.pc === pc) this.rtcFailed(`applying answer: ${e.message}`);
@@ -1231,9 +1450,10 @@ class Link {
   }
 
   // Responder: adopt a newer generation.
-  async acceptOffer(gen, sdp) {
+  async acceptOffer(gen, sdp, version) {
     const pc = this.newGeneration(gen, 'peer restarted the connection');
     if (!pc) return;
+    this.version = version;
     try {
       await pc.setRemoteDescription({ type: 'offer', sdp });
       if (this.pc !== pc) return;
@@ -1288,3 +1508,6 @@ class Link {
     }
   }
 }
+
+/** Internals for unit checks (interop-tests/browser/unit.mjs); not part of the API. */
+export const _internals = { partFrames, PartReassembly, Link, K_PART, PART_BYTES, MAX_PARTS };

@@ -1,0 +1,272 @@
+// Unit checks of peermesh.js's link protocol v2 pieces that need no browser: UNRELIABLE_PART
+// framing, reassembly (expiry, cap, drop rules, deliver once), the direct-path 1024-byte rule,
+// msg wrap-around and the dead-path rule. Run by interop-tests/tests/browser.rs
+// (`peermesh_js_link_v2_units`), or by hand: node interop-tests/browser/unit.mjs
+import assert from 'node:assert/strict';
+import { _internals, LINK_VERSION, MAX_UNRELIABLE_SIZE } from '../../signaling-server/static/peermesh.js';
+
+const { partFrames, PartReassembly, Link, K_PART, PART_BYTES, MAX_PARTS } = _internals;
+let checks = 0;
+const check = (name, f) => {
+  f();
+  checks++;
+  process.stdout.write(`ok ${name}\n`);
+};
+const pattern = (n, salt = 0) => Uint8Array.from({ length: n }, (_, i) => (i * 7 + salt) % 251);
+const hex = (b) => Buffer.from(b).toString('hex');
+const newStats = () => ({ partsDropped: 0, partsExpired: 0, unreliableJoined: 0 });
+const part = (msg, index, count, bytes) => {
+  const f = new Uint8Array(9 + bytes.length);
+  const dv = new DataView(f.buffer);
+  f[0] = K_PART;
+  dv.setUint32(1, msg);
+  dv.setUint16(5, index);
+  dv.setUint16(7, count);
+  f.set(bytes, 9);
+  return f;
+};
+
+check('constants', () => {
+  assert.equal(LINK_VERSION, 2);
+  assert.equal(K_PART, 0x16);
+  assert.equal(PART_BYTES, 1015);
+  assert.equal(MAX_PARTS, 17);
+});
+
+check('the 2000-byte example of the spec', () => {
+  const msg = pattern(2000);
+  const f = partFrames(1, msg);
+  assert.equal(f.length, 2);
+  assert.equal(hex(f[0].subarray(0, 9)), '16' + '00000001' + '0000' + '0002');
+  assert.equal(hex(f[1].subarray(0, 9)), '16' + '00000001' + '0001' + '0002');
+  assert.equal(f[0].length, 9 + 1015);
+  assert.equal(f[1].length, 9 + 985);
+  assert.deepEqual(Buffer.concat([f[0].subarray(9), f[1].subarray(9)]), Buffer.from(msg));
+});
+
+check('every part of a 16384-byte message fits in 1024 bytes', () => {
+  const f = partFrames(7, pattern(16384));
+  assert.equal(f.length, 17);
+  for (const x of f) assert.ok(x.length <= 1024);
+  assert.equal(f[16].length, 9 + 16384 - 16 * 1015);
+});
+
+check('reassembly in any order, delivered once', () => {
+  const stats = newStats();
+  const r = new PartReassembly(stats, () => 0);
+  const msg = pattern(16384, 3);
+  const f = partFrames(42, msg);
+  const order = [...f.keys()].reverse();
+  let got = null;
+  for (const i of order) {
+    const out = r.push(f[i]);
+    if (i !== order[order.length - 1]) assert.equal(out, null);
+    else got = out;
+  }
+  assert.deepEqual(got, msg);
+  assert.equal(stats.unreliableJoined, 1);
+  // A late copy of a part of a delivered message is not the start of a new one.
+  assert.equal(r.push(f[3]), null);
+  assert.equal(r.msgs.size, 0);
+  assert.equal(r.held, 0);
+  assert.equal(stats.partsDropped, 1);
+});
+
+check('drop rules', () => {
+  const stats = newStats();
+  const r = new PartReassembly(stats, () => 0);
+  const b = pattern(1015);
+  assert.equal(r.push(part(1, 2, 2, b)), null); // index >= count
+  assert.equal(r.push(part(1, 0, 1, b)), null); // count < 2
+  assert.equal(r.push(part(1, 0, 18, b)), null); // count > 17
+  assert.equal(r.push(new Uint8Array([K_PART, 0, 0, 0])), null); // too short
+  assert.equal(stats.partsDropped, 4);
+  assert.equal(r.msgs.size, 0);
+  assert.equal(r.push(part(2, 0, 3, b)), null);
+  assert.equal(r.push(part(2, 1, 4, b)), null); // count differs from the first part's
+  assert.equal(r.push(part(2, 0, 3, b)), null); // repeated index
+  assert.equal(stats.partsDropped, 6);
+  // Longer than 16384 in all: 17 parts of 1015 would be 17255 bytes.
+  for (let i = 0; i < 16; i++) assert.equal(r.push(part(3, i, 17, b)), null);
+  assert.equal(r.push(part(3, 16, 17, b)), null);
+  assert.equal(stats.partsDropped, 7);
+  // The rest completes normally.
+  const whole = r.push(part(2, 1, 3, b)) ?? r.push(part(2, 2, 3, pattern(10)));
+  assert.equal(whole.length, 2 * 1015 + 10);
+});
+
+check('incomplete messages expire 1 s after their first part', () => {
+  let now = 0;
+  const stats = newStats();
+  const r = new PartReassembly(stats, () => now);
+  const f = partFrames(5, pattern(3000));
+  r.push(f[0]);
+  now = 600;
+  r.push(f[1]);
+  now = 1000;
+  assert.equal(r.push(f[2]), null); // too late: the message was dropped, this starts a new one
+  assert.equal(stats.partsExpired, 1);
+  assert.equal(r.held, f[2].length - 9);
+  now = 2000;
+  r.expire();
+  assert.equal(r.msgs.size, 0);
+  assert.equal(r.held, 0);
+  // Within the second it completes.
+  const g = partFrames(6, pattern(3000, 1));
+  now = 5000;
+  r.push(g[2]);
+  r.push(g[0]);
+  now = 5999;
+  assert.deepEqual(r.push(g[1]), pattern(3000, 1));
+});
+
+check('at most 256 KiB held, the oldest message evicted first', () => {
+  const stats = newStats();
+  const r = new PartReassembly(stats, () => 0);
+  const msgs = [];
+  for (let m = 1; m <= 17; m++) msgs.push(partFrames(m, pattern(16384, m)));
+  // 16 parts of each of 16 messages: 259840 bytes.
+  for (let m = 0; m < 16; m++) for (let i = 0; i < 16; i++) r.push(msgs[m][i]);
+  assert.equal(r.held, 16 * 16 * 1015);
+  assert.equal(stats.partsExpired, 0);
+  // Message 17: its third part no longer fits, so message 1 goes.
+  for (let i = 0; i < 3; i++) r.push(msgs[16][i]);
+  assert.equal(stats.partsExpired, 1);
+  assert.ok(!r.msgs.has(1));
+  assert.ok(r.held <= 256 << 10);
+  // Message 2 still completes; message 1 does not.
+  assert.deepEqual(r.push(msgs[1][16]), pattern(16384, 2));
+  assert.equal(r.push(msgs[0][16]), null);
+});
+
+// A Link with a fake client and fake channels (no RTCPeerConnection in node).
+function fakeLink({ initiator = false, deadPathTimeoutMs = 3000 } = {}) {
+  const relayed = [];
+  const events = [];
+  const client = {
+    direct: true,
+    sendWindow: 8 << 20,
+    maxMessageSize: 8 << 20,
+    deadPathTimeoutMs,
+    iceServers: [],
+    _sendBinary: (b) => relayed.push(b.slice(9)),
+    _sendJson: () => {},
+    _emit: (type, detail) => events.push({ type, detail }),
+  };
+  const link = new Link(client, 2, 9, initiator, 'peer');
+  relayed.length = 0; // the first PING
+  const channel = (label) => ({
+    label,
+    readyState: 'open',
+    bufferedAmount: 0,
+    sent: [],
+    send(f) {
+      this.sent.push(f.slice());
+    },
+    close() {},
+  });
+  return { link, relayed, events, channel };
+}
+
+check('v2 direct: whole frames up to 1024 bytes, parts beyond, msg wraps to 0', () => {
+  const { link, relayed, channel } = fakeLink();
+  link.path = 'direct host/host';
+  link.version = 2;
+  link.u = channel('u');
+  link.u2 = channel('u2');
+  link.sendUnreliable(pattern(1023));
+  assert.equal(link.u2.sent.length, 1);
+  assert.equal(link.u2.sent[0].length, 1024);
+  assert.equal(link.u2.sent[0][0], 0x12);
+  link.nextPartMsg = 0xffffffff;
+  link.sendUnreliable(pattern(1024));
+  link.sendUnreliable(pattern(16384));
+  const parts = link.u2.sent.slice(1);
+  assert.equal(parts.length, 2 + 17);
+  for (const f of parts) assert.ok(f.length <= 1024 && f[0] === K_PART);
+  const dv = (f) => new DataView(f.buffer, f.byteOffset);
+  assert.equal(dv(parts[0]).getUint32(1), 0xffffffff);
+  assert.equal(dv(parts[2]).getUint32(1), 0);
+  assert.equal(link.nextPartMsg, 1);
+  assert.equal(link.u.sent.length, 0);
+  assert.equal(relayed.length, 0);
+  // PING goes on "u2".
+  link.sendPing();
+  assert.equal(link.u2.sent.at(-1)[0], 0x13);
+  // On the server path: whole UNRELIABLE frames, up to 16384.
+  link.path = 'server';
+  link.sendUnreliable(pattern(16384));
+  assert.equal(relayed.length, 1);
+  assert.equal(relayed[0].length, 16385);
+  // The receiver side takes the parts from any path.
+  const got = [];
+  link.c._emit = (type, d) => type === 'message' && got.push(d.data);
+  for (const f of parts.slice(2)) link.onFrame(f, false);
+  assert.equal(got.length, 1);
+  assert.deepEqual(got[0], pattern(16384));
+  link._close();
+});
+
+check('v1 direct: whole frames on "u", any size', () => {
+  const { link, relayed, channel } = fakeLink();
+  link.path = 'direct host/host';
+  link.version = 1;
+  link.u = channel('u');
+  link.sendUnreliable(pattern(16384));
+  assert.equal(link.u.sent.length, 1);
+  assert.equal(link.u.sent[0].length, 16385);
+  assert.equal(relayed.length, 0);
+  link._close();
+});
+
+check('a split message whose direct send fails goes on as parts on the server path', () => {
+  const { link, relayed, channel } = fakeLink();
+  link.path = 'direct host/host';
+  link.version = 2;
+  link.u = channel('u');
+  link.u2 = channel('u2');
+  let n = 0;
+  link.u2.send = () => {
+    if (++n === 3) throw new Error('boom');
+  };
+  link.sendUnreliable(pattern(5000));
+  assert.equal(link.path, 'server');
+  assert.equal(relayed.filter((f) => f[0] === K_PART).length, 5 - 2);
+  link._close();
+});
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+{
+  // Dead-path rule: frames keep it alive; silence for deadPathTimeoutMs downgrades and closes.
+  const { link, events, channel } = fakeLink({ deadPathTimeoutMs: 300 });
+  let closed = 0;
+  const pc = { close: () => closed++ };
+  link.pc = pc;
+  link.path = 'direct host/host';
+  link.version = 2;
+  link.r = channel('r');
+  link.u = channel('u');
+  link.u2 = channel('u2');
+  link.lastDirectRecv = performance.now();
+  link.armDeadTimer(pc, 300);
+  for (let i = 0; i < 6; i++) {
+    await sleep(100);
+    link.lastDirectRecv = performance.now(); // a frame arrived
+  }
+  assert.equal(link.path, 'direct host/host');
+  const t0 = performance.now();
+  while (link.path !== 'server' && performance.now() - t0 < 2000) await sleep(10);
+  const took = performance.now() - t0;
+  assert.equal(link.path, 'server');
+  assert.ok(took >= 250 && took < 600, `dead path noticed after ${took} ms`);
+  assert.equal(closed, 1);
+  assert.equal(link.stats.deadPaths, 1);
+  assert.ok(events.some((e) => e.type === 'nodirectpath' && /nothing received/.test(e.detail.reason)));
+  link._close();
+  checks++;
+  process.stdout.write(`ok dead-path rule (noticed after ${took.toFixed(0)} ms of silence)\n`);
+}
+
+assert.equal(MAX_UNRELIABLE_SIZE, 16384);
+process.stdout.write(`all ${checks} checks passed\n`);
