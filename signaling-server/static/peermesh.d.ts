@@ -1,6 +1,9 @@
-// Type declarations for /peermesh.js, the browser client of peermesh (wire protocol v1).
+// Type declarations for /peermesh.js, the browser client of peermesh (wire protocol v1, link
+// protocol version 2).
 
 export declare const PROTOCOL_VERSION: 1;
+/** The link protocol version this client announces in its offers and answers. */
+export declare const LINK_VERSION: 2;
 /** Largest unreliable message in bytes (16384). */
 export declare const MAX_UNRELIABLE_SIZE: number;
 
@@ -56,6 +59,11 @@ export interface ConnectOptions {
   connectTimeout?: number;
   /** How long join()/leave() wait for the server (ms, default 10000). */
   requestTimeout?: number;
+  /**
+   * A direct path (link protocol v2) on which nothing at all has arrived for this long is given
+   * up: back to the server path, and a new connection attempt (ms, default 3000).
+   */
+  deadPathTimeoutMs?: number;
 }
 
 export interface SendOptions {
@@ -76,6 +84,16 @@ export interface LinkStats {
   candidatesHost: number;
   candidatesSrflx: number;
   candidatesRelay: number;
+  /** Unreliable messages sent split into UNRELIABLE_PART frames (direct path, link v2). */
+  unreliableSplit: number;
+  /** Split unreliable messages received complete. */
+  unreliableJoined: number;
+  /** UNRELIABLE_PART frames dropped as malformed, repeated or too long. */
+  partsDropped: number;
+  /** Incomplete split messages discarded (1 s old, or evicted to stay within 256 KiB). */
+  partsExpired: number;
+  /** Direct paths given up because nothing arrived on them for deadPathTimeoutMs. */
+  deadPaths: number;
   /** Reliable fragments sent and not yet acknowledged. */
   unacked: number;
   /** Bytes of the send window in use. */
