@@ -6,6 +6,11 @@ co-member: relay-first on the server path, then the WebRTC direct path (pre-nego
 channels "r" and "u", READY, generations), with the link layer of §8 (DATA/ACK/UNRELIABLE/
 PING/PONG/READY, in-order reliable delivery across path changes).
 
+Link protocol version 2 (docs/notes/link-v2.md) by default: "version" in offer/answer, the
+in-band channel "u2" for UNRELIABLE/UNRELIABLE_PART/PING/PONG, direct unreliable frames of at
+most 1024 bytes (longer messages split into UNRELIABLE_PART), and the dead-path rule.
+`--link-version 1` makes it a pure version 1 peer.
+
 Driven by lines (one per event / command, UTF-8):
 
 stdout (events):
@@ -21,11 +26,14 @@ stdout (events):
     declined NAME                     NAME declined direct paths (we stay on the server path)
     error CODE MESSAGE                an error frame from the server not explained by a race
     stats NAME k=v ...                answer to the stats command
+    usent NAME COUNT                  the usend_many command is done
     closed REASON                     the session ended (the process then exits)
 
 stdin (commands):
     send NAME TEXT                    reliable message to NAME
     usend NAME TEXT                   unreliable message to NAME
+    usend_many NAME COUNT SIZE MS     COUNT unreliable messages of SIZE bytes ("<i> " + x...),
+                                      one every MS milliseconds
     stats NAME                        print link counters
     path NAME                         print the current path again
     quit                              close and exit (also on end of input)
@@ -58,8 +66,9 @@ log = logging.getLogger("peer")
 
 PROTOCOL_VERSION = 1
 
-# Link frame kinds (§8.1).
+# Link frame kinds (§8.1; UNRELIABLE_PART: link v2).
 DATA, ACK, UNRELIABLE, PING, PONG, READY = 0x10, 0x11, 0x12, 0x13, 0x14, 0x15
+UNRELIABLE_PART = 0x16
 FIN = 0x01
 RELAY_KIND_DATA = 0x01
 
@@ -74,6 +83,17 @@ PING_EVERY = 1.0
 MAX_PINGS = 8
 SEND_WINDOW = 8 << 20
 FRAGMENT_OVERHEAD = 64
+
+# Link protocol version 2 (docs/notes/link-v2.md).
+LINK_VERSION = 2
+MAX_DIRECT_UNRELIABLE_FRAME = 1024  # one SCTP chunk at every known stack
+PART_HEADER = 9  # [0x16][msg u32][index u16][count u16]
+PART_BYTES = MAX_DIRECT_UNRELIABLE_FRAME - PART_HEADER  # 1015
+MAX_PARTS = 17
+PART_EXPIRY = 1.0
+PART_MAX_HELD = 256 << 10
+PART_DONE_MAX = 4096
+DEAD_PATH_TIMEOUT = 3.0
 
 
 def out(line):
@@ -99,11 +119,94 @@ def ready_frame(gen):
     return struct.pack(">BI", READY, gen)
 
 
-def decode_frame(b):
+def part_frames(msg, payload):
+    """UNRELIABLE_PART frames of one split unreliable message: 1015 bytes each but the last."""
+    count = max(1, -(-len(payload) // PART_BYTES))
+    return [
+        struct.pack(">BIHH", UNRELIABLE_PART, msg, i, count)
+        + payload[i * PART_BYTES : (i + 1) * PART_BYTES]
+        for i in range(count)
+    ]
+
+
+class PartReassembly:
+    """UNRELIABLE_PART frames (from any path) back into whole messages, each delivered once;
+    incomplete ones expire PART_EXPIRY after their first part; at most PART_MAX_HELD bytes held,
+    the oldest message evicted first."""
+
+    def __init__(self, stats):
+        self.stats = stats
+        self.msgs = collections.OrderedDict()  # msg -> [count, parts dict, length, first at]
+        self.held = 0
+        self.done = collections.OrderedDict()  # msg -> completed at
+
+    def push(self, frame):
+        """The whole message once `frame` completes it, else None."""
+        now = time.monotonic()
+        self.expire(now)
+        if len(frame) < PART_HEADER:
+            return self.drop()
+        _, msg, index, count = struct.unpack_from(">BIHH", frame)
+        data = bytes(frame[PART_HEADER:])
+        if count < 2 or count > MAX_PARTS or index >= count or msg in self.done:
+            return self.drop()
+        m = self.msgs.get(msg)
+        if m is not None:
+            if count != m[0] or index in m[1] or m[2] + len(data) > MAX_UNRELIABLE:
+                return self.drop()
+        else:
+            if len(data) > MAX_UNRELIABLE:
+                return self.drop()
+            m = self.msgs[msg] = [count, {}, 0, now]
+        for old in list(self.msgs):  # room for it: oldest messages first, never this one
+            if self.held + len(data) <= PART_MAX_HELD:
+                break
+            if old != msg:
+                self.held -= self.msgs.pop(old)[2]
+                self.stats["parts_expired"] += 1
+        m[1][index] = data
+        m[2] += len(data)
+        self.held += len(data)
+        if len(m[1]) < count:
+            return None
+        del self.msgs[msg]
+        self.held -= m[2]
+        self.done[msg] = now
+        if len(self.done) > PART_DONE_MAX:
+            self.done.popitem(last=False)
+        self.stats["unreliable_joined"] += 1
+        return b"".join(m[1][i] for i in range(count))
+
+    def drop(self):
+        self.stats["parts_dropped"] += 1
+        return None
+
+    def expire(self, now=None):
+        now = time.monotonic() if now is None else now
+        while self.msgs:
+            msg, m = next(iter(self.msgs.items()))
+            if now - m[3] < PART_EXPIRY:
+                break
+            del self.msgs[msg]
+            self.held -= m[2]
+            self.stats["parts_expired"] += 1
+        while self.done and now - next(iter(self.done.values())) >= PART_EXPIRY:
+            self.done.popitem(last=False)
+
+
+def signaled_version(data):
+    """The link protocol version an offer or answer announces: absent means 1."""
+    v = data.get("version")
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 1 else 1
+
+
+def decode_frame(b, version=LINK_VERSION):
     """(kind, fields...) or None for an undecodable frame (§8.1)."""
     if not b:
         return None
     kind = b[0]
+    if kind == UNRELIABLE_PART and version >= 2:
+        return (UNRELIABLE_PART, b)
     if kind == DATA:
         if len(b) < 10:
             return None
@@ -182,10 +285,15 @@ class Link:
         self.pc = None
         self.r = None
         self.u = None
+        self.u2 = None  # link v2: the in-band unreliable channel
         self.gen = 0
+        self.version = 0  # link protocol version of generation `gen` (0: not known yet)
         self.r_open = False
         self.u_open = False
+        self.u2_open = False
         self.connected = False
+        self.last_direct_recv = 0.0  # a frame last arrived on the current generation's channels
+        self.dead_timer = None
         self.ready_sent = False
         self.connect_timer = None
         self.peer_ready = 0
@@ -203,6 +311,9 @@ class Link:
         self.rtt = None
         # counters
         self.stats = collections.Counter()
+        # link v2: split unreliable messages
+        self.next_part_msg = 1
+        self.parts = PartReassembly(self.stats)
         # signals are handled one after another (each may await aiortc)
         self.signals = asyncio.Queue()
         self.tasks = [
@@ -239,10 +350,14 @@ class Link:
 
     # ---- sending (§8.4) ------------------------------------------------------------------
 
+    def unreliable_channel(self):
+        """The direct path's channel for UNRELIABLE(_PART), PING, PONG: "u2" in a v2 generation."""
+        return self.u2 if self.version >= 2 else self.u
+
     def transmit(self, frame, channel):
         """Send a link frame on the current path; a failed direct send downgrades."""
         if self.is_direct():
-            ch = self.r if channel == "r" else self.u
+            ch = self.r if channel == "r" else self.unreliable_channel()
             gen = self.gen
             try:
                 ch.send(frame)
@@ -282,6 +397,15 @@ class Link:
     def send_unreliable(self, message: bytes):
         if len(message) > MAX_UNRELIABLE:
             raise ValueError(f"unreliable message of {len(message)} bytes exceeds {MAX_UNRELIABLE}")
+        if self.is_direct() and self.version >= 2 and 1 + len(message) > MAX_DIRECT_UNRELIABLE_FRAME:
+            # Link v2: one SCTP chunk per message on the direct path. A part whose direct send
+            # fails goes on the server path as it is (transmit).
+            msg = self.next_part_msg
+            self.next_part_msg = (msg + 1) & 0xFFFFFFFF
+            self.stats["unreliable_split"] += 1
+            for frame in part_frames(msg, message):
+                self.transmit(frame, "u")
+            return
         self.transmit(bytes([UNRELIABLE]) + message, "u")
 
     def on_ack(self, seq):
@@ -298,7 +422,7 @@ class Link:
     def on_frame(self, b, direct):
         if self.closed:
             return
-        f = decode_frame(b)
+        f = decode_frame(b, self.s.link_version)
         if f is None:
             log.warning("%s: undecodable link frame (%d bytes) dropped", self.name, len(b))
             return
@@ -325,6 +449,10 @@ class Link:
             self.on_ack(f[1])
         elif kind == UNRELIABLE:
             out(f"umsg {self.name} {escape(f[1])}")
+        elif kind == UNRELIABLE_PART:
+            whole = self.parts.push(f[1])
+            if whole is not None:
+                out(f"umsg {self.name} {escape(whole)}")
         elif kind == PING:
             if direct and self.is_direct():
                 self.transmit(u64_frame(PONG, f[1]), "u")
@@ -378,6 +506,7 @@ class Link:
 
     async def ping_loop(self):
         while not self.closed:
+            self.parts.expire()
             self.send_ping()
             await asyncio.sleep(PING_EVERY)
 
@@ -402,7 +531,7 @@ class Link:
     def maybe_upgrade(self):
         if self.closed or self.is_direct() or self.pc is None:
             return
-        if self.r_open and self.u_open and self.connected and self.peer_ready >= self.gen:
+        if self.channels_open() and self.connected and self.peer_ready >= self.gen:
             local, remote = self.selected_types()
             self.path = f"direct {local}/{remote}"
             self.backoff = 1.0
@@ -410,7 +539,36 @@ class Link:
             self.stats["path_changes"] += 1
             self.reset_rtt()
             out(f"path {self.name} {self.path}")
+            self.last_direct_recv = time.monotonic()
+            if self.version >= 2:
+                self.arm_dead_timer(self.pc, self.s.dead_path_timeout)
             self.send_ping()
+
+    def channels_open(self):
+        """Every channel of the generation is open: "r", "u", and "u2" in a v2 generation."""
+        if self.version < 1 or not (self.r_open and self.u_open):
+            return False
+        return self.version < 2 or self.u2_open
+
+    def arm_dead_timer(self, pc, delay):
+        """Dead-path rule (link v2): while direct, nothing at all on the current generation's
+        channels for --dead-path-timeout means the direct path has failed, whatever ICE says."""
+        if self.dead_timer is not None:
+            self.dead_timer.cancel()
+
+        def check():
+            self.dead_timer = None
+            if self.closed or self.pc is not pc or not self.is_direct() or self.version < 2:
+                return
+            limit = self.s.dead_path_timeout
+            idle = time.monotonic() - self.last_direct_recv
+            if idle < limit:
+                self.arm_dead_timer(pc, limit - idle)
+                return
+            self.stats["dead_paths"] += 1
+            self.failure(self.gen, f"nothing received on the direct path for {idle:.1f}s")
+
+        self.dead_timer = asyncio.get_running_loop().call_later(delay, check)
 
     def reset_rtt(self):
         self.rtt = None
@@ -439,8 +597,8 @@ class Link:
         pc = RTCPeerConnection(ice_servers_config(self.s.ice_servers))
         r = pc.createDataChannel("r", negotiated=True, id=0, ordered=True)
         u = pc.createDataChannel("u", negotiated=True, id=1, ordered=False, maxRetransmits=0)
-        self.pc, self.r, self.u = pc, r, u
-        self.r_open = self.u_open = self.connected = self.ready_sent = False
+        self.pc, self.r, self.u, self.u2 = pc, r, u, None
+        self.r_open = self.u_open = self.u2_open = self.connected = self.ready_sent = False
         self.remote_set = False
         self.pending_candidates = []
         self.signaled_types = {}
@@ -448,40 +606,21 @@ class Link:
         def current():
             return self.pc is pc and not self.closed
 
-        def on_open(which):
-            def handler():
-                if not current():
-                    return
-                if which == "r":
-                    self.r_open = True
-                else:
-                    self.u_open = True
-                log.info("%s: gen %d channel %s open", self.name, self.gen, which)
-                if self.r_open and self.u_open and not self.ready_sent:
-                    self.ready_sent = True
-                    self.relay(ready_frame(self.gen))  # READY always on the server path
-                self.maybe_upgrade()
+        for ch in (r, u):
+            self.wire_channel(pc, ch)
 
-            return handler
-
-        def on_close(which):
-            def handler():
-                if current():
-                    self.failure(self.gen, f"channel {which} closed")
-
-            return handler
-
-        def on_message(message):
-            # Frames from any of our PeerConnections are safe to process (§7.4).
-            if isinstance(message, str):
-                log.warning("%s: text data channel message dropped", self.name)
-                return
-            self.on_frame(message, direct=True)
-
-        for which, ch in (("r", r), ("u", u)):
-            ch.on("open", on_open(which))
-            ch.on("close", on_close(which))
-            ch.on("message", on_message)
+        @pc.on("datachannel")
+        def on_datachannel(ch):
+            # Link v2, responder: the initiator's in-band "u2"; any other one is closed.
+            if current() and ch.label == "u2" and self.version >= 2 and self.u2 is None:
+                log.info("%s: gen %d in-band channel u2 (id %s) arrived", self.name, self.gen, ch.id)
+                self.u2 = ch
+                self.wire_channel(pc, ch)
+                if ch.readyState == "open":  # aiortc announces it open (its "open" has fired)
+                    self.channel_open(pc, "u2")
+            else:
+                log.info("%s: unexpected in-band channel %r closed", self.name, ch.label)
+                ch.close()
 
         @pc.on("connectionstatechange")
         def on_state():
@@ -497,6 +636,52 @@ class Link:
                 self.failure(self.gen, f"connection {state}")
 
         return pc
+
+    def open_u2(self, pc):
+        """Link v2, initiator: the in-band unreliable channel, right after a v2 answer."""
+        u2 = pc.createDataChannel("u2", ordered=False, maxRetransmits=0)
+        self.u2 = u2
+        self.wire_channel(pc, u2)
+
+    def wire_channel(self, pc, ch):
+        """open / close / message handlers of a data channel of PeerConnection `pc`."""
+        which = ch.label
+
+        def current():
+            return self.pc is pc and not self.closed
+
+        def on_close():
+            if current():
+                self.failure(self.gen, f"channel {which} closed")
+
+        def on_message(message):
+            # Frames from any of our PeerConnections are safe to process (§7.4), but only the
+            # current generation's channels count as signs of life of the direct path.
+            if current():
+                self.last_direct_recv = time.monotonic()
+            if isinstance(message, str):
+                log.warning("%s: text data channel message dropped", self.name)
+                return
+            self.on_frame(message, direct=True)
+
+        ch.on("open", lambda: self.channel_open(pc, which))
+        ch.on("close", on_close)
+        ch.on("message", on_message)
+
+    def channel_open(self, pc, which):
+        if self.pc is not pc or self.closed:
+            return
+        if which == "r":
+            self.r_open = True
+        elif which == "u":
+            self.u_open = True
+        elif which == "u2":
+            self.u2_open = True
+        log.info("%s: gen %d channel %s open", self.name, self.gen, which)
+        if self.channels_open() and not self.ready_sent:
+            self.ready_sent = True
+            self.relay(ready_frame(self.gen))  # READY always on the server path
+        self.maybe_upgrade()
 
     def arm_connect_timer(self, pc):
         self.disarm_connect_timer()
@@ -514,9 +699,13 @@ class Link:
 
     def close_pc(self):
         pc = self.pc
-        self.pc = self.r = self.u = None
-        self.r_open = self.u_open = self.connected = False
+        self.pc = self.r = self.u = self.u2 = None
+        self.r_open = self.u_open = self.u2_open = self.connected = False
+        self.version = 0
         self.disarm_connect_timer()
+        if self.dead_timer is not None:
+            self.dead_timer.cancel()
+            self.dead_timer = None
         if pc is not None:
             self.spawn(pc.close())
 
@@ -557,7 +746,7 @@ class Link:
             if self.pc is not pc:
                 return
             # aiortc does not trickle: the local description carries the candidates.
-            self.signal({"kind": "offer", "gen": gen, "sdp": pc.localDescription.sdp})
+            self.signal(self.with_version({"kind": "offer", "gen": gen, "sdp": pc.localDescription.sdp}))
             self.arm_connect_timer(pc)
             log.info("%s: gen %d offer sent", self.name, gen)
         except Exception as e:
@@ -565,6 +754,12 @@ class Link:
             self.failure(gen, f"offer failed: {e}")
 
     # ---- signals (§7.2) ------------------------------------------------------------------
+
+    def with_version(self, data):
+        """An offer or answer with our link protocol version (a v1 peer sends none)."""
+        if self.s.link_version >= 2:
+            data["version"] = self.s.link_version
+        return data
 
     async def signal_loop(self):
         while True:
@@ -582,7 +777,7 @@ class Link:
             return
         kind, gen = data.get("kind"), data["gen"]
         if kind == "offer":
-            await self.on_offer(gen, data.get("sdp"))
+            await self.on_offer(gen, data.get("sdp"), signaled_version(data))
         elif kind == "answer":
             if not self.initiator or gen != self.gen or self.pc is None:
                 return
@@ -590,8 +785,11 @@ class Link:
             if not isinstance(sdp, str):
                 return
             pc = self.pc
+            self.version = min(self.s.link_version, signaled_version(data))
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+                if self.pc is pc and self.version >= 2:
+                    self.open_u2(pc)
             except Exception as e:
                 self.failure(gen, f"answer failed: {e}")
                 return
@@ -616,7 +814,7 @@ class Link:
         else:
             log.warning("%s: unknown signal kind %r ignored", self.name, kind)
 
-    async def on_offer(self, gen, sdp):
+    async def on_offer(self, gen, sdp, version):
         if not self.s.direct:
             self.signal({"kind": "decline", "gen": gen})
             out(f"declining {self.name} {gen}")
@@ -626,6 +824,7 @@ class Link:
         self.downgrade()
         self.close_pc()
         self.gen = gen
+        self.version = min(self.s.link_version, version)
         try:
             pc = self.new_pc()
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
@@ -639,7 +838,7 @@ class Link:
             await pc.setLocalDescription(answer)
             if self.pc is not pc:
                 return
-            self.signal({"kind": "answer", "gen": gen, "sdp": pc.localDescription.sdp})
+            self.signal(self.with_version({"kind": "answer", "gen": gen, "sdp": pc.localDescription.sdp}))
             self.arm_connect_timer(pc)
             log.info("%s: gen %d answer sent", self.name, gen)
         except Exception as e:
@@ -694,7 +893,7 @@ class Link:
             return
         self.closed = True
         self.window_free.set()
-        for handle in (self.ack_timer, self.retry_handle, self.connect_timer):
+        for handle in (self.ack_timer, self.retry_handle, self.connect_timer, self.dead_timer):
             if handle is not None:
                 handle.cancel()
         pc = self.pc
@@ -714,6 +913,8 @@ class Session:
         self.group = args.group
         self.direct = not args.no_direct
         self.loopback_only = args.loopback_only
+        self.link_version = args.link_version
+        self.dead_path_timeout = args.dead_path_timeout
         self.ws = None
         self.peer_id = None
         self.ice_servers = []
@@ -911,7 +1112,7 @@ class Session:
             cmd = parts[0]
             if cmd == "quit":
                 return "quit"
-            if cmd not in ("send", "usend", "stats", "path") or len(parts) < 2:
+            if cmd not in ("send", "usend", "usend_many", "stats", "path") or len(parts) < 2:
                 out(f"bad_command {line}")
                 continue
             link = self.find(parts[1])
@@ -926,6 +1127,13 @@ class Session:
                     link.send_unreliable(text.encode("utf-8"))
                 except ValueError as e:
                     out(f"bad_command {e}")
+            elif cmd == "usend_many":
+                try:
+                    count, size, pace = (int(x) for x in text.split(" "))
+                except ValueError:
+                    out(f"bad_command {line}")
+                    continue
+                link.spawn(self.usend_many(link, count, size, pace / 1000))
             elif cmd == "path":
                 out(f"path {link.name} {link.path}")
             elif cmd == "stats":
@@ -934,7 +1142,23 @@ class Session:
                 fields["unacked"] = len(link.unacked)
                 fields["gen"] = link.gen
                 fields["peer_ready"] = link.peer_ready
+                fields["version"] = link.version
                 out(f"stats {link.name} " + " ".join(f"{k}={v}" for k, v in sorted(fields.items())))
+
+
+    async def usend_many(self, link, count, size, pace):
+        """`count` unreliable messages of `size` bytes: "<i> " padded with x."""
+        for i in range(count):
+            if link.closed:
+                return
+            head = f"{i} ".encode()
+            try:
+                link.send_unreliable(head + b"x" * max(0, size - len(head)))
+            except ValueError as e:
+                out(f"bad_command {e}")
+                return
+            await asyncio.sleep(pace)
+        out(f"usent {link.name} {count}")
 
 
 def main():
@@ -947,6 +1171,19 @@ def main():
         "--loopback-only",
         action="store_true",
         help="gather ICE host candidates on 127.0.0.1 only and ignore remote non-loopback ones",
+    )
+    parser.add_argument(
+        "--link-version",
+        type=int,
+        choices=(1, 2),
+        default=LINK_VERSION,
+        help="link protocol version to speak (1: a pure version 1 peer)",
+    )
+    parser.add_argument(
+        "--dead-path-timeout",
+        type=float,
+        default=DEAD_PATH_TIMEOUT,
+        help="seconds without any frame on a direct path before it is given up (link v2)",
     )
     parser.add_argument("--verbose", "-v", action="store_true")
     args = parser.parse_args()
