@@ -26,7 +26,8 @@ stdout (events):
     declined NAME                     NAME declined direct paths (we stay on the server path)
     error CODE MESSAGE                an error frame from the server not explained by a race
     stats NAME k=v ...                answer to the stats command
-    usent NAME COUNT                  the usend_many command is done
+    usent NAME COUNT                  the usend_many command is done (its messages have left
+                                      the data channel's buffer)
     closed REASON                     the session ended (the process then exits)
 
 stdin (commands):
@@ -1158,6 +1159,14 @@ class Session:
                 out(f"bad_command {e}")
                 return
             await asyncio.sleep(pace)
+        # Done once they have left the channel's buffer for the SCTP association (aiortc moves
+        # the next message there only when the association's queue is empty).
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not link.closed:
+            ch = link.unreliable_channel() if link.is_direct() else None
+            if ch is None or ch.bufferedAmount == 0:
+                break
+            await asyncio.sleep(0.01)
         out(f"usent {link.name} {count}")
 
 

@@ -164,3 +164,67 @@ impl Drop for UdpCut {
             .status();
     }
 }
+
+/// Drops `percent` % of the UDP datagrams to and from a local port range, at random, while
+/// alive (an nft table of its own, deleted on drop): datagrams *to* the range on the input hook,
+/// datagrams *from* it on the output hook, so each datagram of a path whose local end uses that
+/// range (`ClientConfig::with_udp_ports`) is subject to one draw, whether the other end is on
+/// loopback or behind a veth. Needs root and nft (package nftables).
+pub struct UdpLoss(String);
+
+impl UdpLoss {
+    /// `percent` % loss on ports `lo..=hi`; `tag` keeps tables of different tests apart.
+    pub fn new(tag: &str, (lo, hi): (u16, u16), percent: u32) -> UdpLoss {
+        let table = format!("peermesh_loss_{tag}_{}_{lo}", std::process::id());
+        let rules = format!(
+            "table inet {table} {{\n  chain input {{\n    type filter hook input priority -10; policy accept;\n    \
+             udp dport {lo}-{hi} numgen random mod 100 < {percent} counter drop\n  }}\n  \
+             chain output {{\n    type filter hook output priority -10; policy accept;\n    \
+             udp sport {lo}-{hi} numgen random mod 100 < {percent} counter drop\n  }}\n}}\n"
+        );
+        nft_load(&rules);
+        UdpLoss(table)
+    }
+
+    /// Datagrams dropped so far (the two rules' counters), if nft tells.
+    pub fn dropped(&self) -> Option<u64> {
+        let out = Command::new("nft")
+            .args(["list", "table", "inet", &self.0])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut total = None;
+        for word in text.split("packets ").skip(1) {
+            let n: u64 = word.split_whitespace().next()?.parse().ok()?;
+            total = Some(total.unwrap_or(0) + n);
+        }
+        total
+    }
+}
+
+impl Drop for UdpLoss {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &self.0])
+            .status();
+    }
+}
+
+/// Loads an nft ruleset from text; panics if nft is missing or refuses it.
+fn nft_load(rules: &str) {
+    let ok = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin
+                .take()
+                .expect("piped stdin")
+                .write_all(rules.as_bytes())?;
+            c.wait()
+        })
+        .expect("nft (package nftables) must be installed; run the tests as root")
+        .success();
+    assert!(ok, "nft refused the rules");
+}

@@ -16,7 +16,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use peermesh::{Client, ClientConfig, Event, Events, Path, PeerId, Reliability};
-use peermesh_interop_tests::UdpCut;
+use peermesh_interop_tests::{UdpCut, UdpLoss};
 use peermesh_server::{Config, Server, ServerHandle};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
@@ -184,6 +184,8 @@ struct Native {
     py: Option<PeerId>,
     reliable: Vec<String>,
     unreliable: Vec<String>,
+    /// When each reliable message from the aiortc peer arrived.
+    reliable_at: Vec<Instant>,
     /// `DirectFailed` events seen.
     direct_failed: usize,
 }
@@ -200,7 +202,10 @@ impl Native {
             } if Some(from) == self.py => {
                 let text = String::from_utf8(data.to_vec()).expect("UTF-8 from peer.py");
                 match reliability {
-                    Reliability::Reliable => self.reliable.push(text),
+                    Reliability::Reliable => {
+                        self.reliable.push(text);
+                        self.reliable_at.push(Instant::now());
+                    }
                     Reliability::Unreliable => self.unreliable.push(text),
                 }
             }
@@ -308,6 +313,7 @@ impl Setup {
                 py: None,
                 reliable: Vec::new(),
                 unreliable: Vec::new(),
+                reliable_at: Vec::new(),
                 direct_failed: 0,
             }
         };
@@ -603,4 +609,97 @@ async fn aiortc_peer_declines_direct_paths() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aiortc_initiator_accepts_a_decline() {
     declined(false).await;
+}
+
+/// Link protocol v2 under loss: with 5 % of the direct path's UDP dropped at random, the aiortc
+/// peer sends max-size (16384-byte) unreliable messages to the native peer, then reliable ones.
+/// Every reliable message arrives, in order, the first within 2 s of being sent: no unreliable
+/// fragment left behind by a loss may hold the receiver's SCTP window (docs/notes/link-v2.md).
+/// The link keeps working after the loss stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aiortc_max_size_unreliable_under_loss_then_reliable() {
+    const PORTS: (u16, u16) = (54300, 54399);
+    const UNRELIABLE: usize = 200;
+    const RELIABLE: usize = 50;
+    let mut t = Setup::new(false, Some(PORTS)).await;
+    t.wait_paths(true).await;
+    let py_stats = t.py.stats().await;
+    assert_eq!(py_stats.get("version"), Some(&2), "{py_stats:?}");
+
+    let before = t.native.client.link_stats(t.py_id).unwrap();
+    let failed_before = t.native.direct_failed;
+    let loss = UdpLoss::new("aiortc", PORTS, 5);
+    let started = Instant::now();
+    t.py.command(&format!("usend_many {NATIVE} {UNRELIABLE} 16384 8"))
+        .await;
+    let (native, py) = (&mut t.native, &mut t.py);
+    let done = async {
+        py.until("usent", |_, l| l.starts_with(&format!("usent {NATIVE} ")))
+            .await;
+    };
+    tokio::select! {
+        _ = done => {}
+        _ = native.drain(WAIT) => panic!("aiortc peer: usend_many did not finish"),
+    }
+    eprintln!("unreliable sent in {:?}", started.elapsed());
+
+    // Then reliable messages, still under loss.
+    let to_native = numbered("after-loss", 0..RELIABLE);
+    let sent_at = Instant::now();
+    t.send_both(Vec::new(), to_native, PACE).await;
+    t.native
+        .until("the first reliable message", |n| !n.reliable.is_empty())
+        .await;
+    let first = t.native.reliable_at[0] - sent_at;
+    t.check_reliable().await;
+    let unreliable = std::mem::take(&mut t.native.unreliable);
+    let dropped = loss.dropped();
+    let stats = t.native.client.link_stats(t.py_id).unwrap();
+    eprintln!(
+        "under loss: first reliable after {first:?}, {} of {UNRELIABLE} unreliable arrived, \
+         {dropped:?} datagrams dropped, {} direct failures, native {stats:?}",
+        unreliable.len(),
+        t.native.direct_failed
+    );
+    assert!(
+        first < Duration::from_secs(2),
+        "the first reliable message took {first:?}"
+    );
+    assert!(!unreliable.is_empty(), "no unreliable message arrived");
+    for m in &unreliable {
+        let (i, pad) = m.split_once(' ').expect("numbered");
+        assert!(
+            m.len() == 16384 && i.parse::<usize>().is_ok() && pad.bytes().all(|b| b == b'x'),
+            "unreliable message corrupted: {} bytes, {:?}",
+            m.len(),
+            &m[..m.len().min(20)]
+        );
+    }
+    assert!(dropped.is_some_and(|d| d > 0), "nft dropped nothing");
+    // All of it on the direct path, which survived the loss.
+    assert_eq!(
+        t.native.direct_failed, failed_before,
+        "the direct path failed"
+    );
+    assert!(matches!(t.native.path(), Path::Direct { .. }));
+    assert!(
+        stats.recv_direct - before.recv_direct >= RELIABLE as u64,
+        "reliable messages not received directly: {stats:?}"
+    );
+
+    // The loss stops: the link works, direct, both ways.
+    drop(loss);
+    t.wait_paths(true).await;
+    t.send_both(numbered("n-clear", 0..20), numbered("a-clear", 0..20), PACE)
+        .await;
+    t.check_reliable().await;
+    t.check_unreliable().await;
+    t.check_direct_now().await;
+    let py_stats = t.py.stats().await;
+    eprintln!("aiortc link stats: {py_stats:?}");
+    assert!(
+        py_stats.get("unreliable_split").copied().unwrap_or(0) >= UNRELIABLE as u64,
+        "{py_stats:?}"
+    );
+    t.finish().await;
 }
