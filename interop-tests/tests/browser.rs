@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use peermesh::{Client, ClientConfig, Event, Events, LinkStats, Path, PeerId, Reliability};
+use peermesh_interop_tests::UdpLoss;
 use peermesh_server::turn::TurnConfig;
 use peermesh_server::{Config, Server, ServerHandle, TurnMode};
 use serde_json::{json, Value};
@@ -1499,6 +1500,372 @@ async fn closed_data_channel_mid_stream_loses_and_duplicates_nothing() {
     streams.stop_and_check(&mut t).await;
     t.finish().await;
     server.shutdown().await;
+}
+
+/// Max-size unreliable messages in the loss tests (bytes).
+const LOSSY_SIZE: usize = 16384;
+/// Unreliable messages sent under loss, one every `LOSSY_PACE_MS`.
+const LOSSY_COUNT: usize = 200;
+const LOSSY_PACE_MS: u64 = 8;
+/// Reliable messages sent after them, still under loss.
+const LOSSY_RELIABLE: usize = 50;
+
+/// Unreliable message `i` of the loss tests: `i` (u32 BE), then `(j * 7 + i) % 251` per byte.
+fn lossy_message(i: usize) -> Vec<u8> {
+    let mut m: Vec<u8> = (0..LOSSY_SIZE).map(|j| ((j * 7 + i) % 251) as u8).collect();
+    m[..4].copy_from_slice(&(i as u32).to_be_bytes());
+    m
+}
+
+/// The same in the page, and `window.checkLossy(data)`: whether `data` is such a message.
+const LOSSY_JS: &str = r#"
+window.lossyMessage = (i, size) => {
+  const m = new Uint8Array(size);
+  for (let j = 0; j < size; j++) m[j] = (j * 7 + i) % 251;
+  new DataView(m.buffer).setUint32(0, i);
+  return m;
+};
+window.checkLossy = (data, size) => {
+  if (data.length !== size) return false;
+  const i = new DataView(data.buffer, data.byteOffset).getUint32(0);
+  for (let j = 4; j < size; j++) if (data[j] !== (j * 7 + i) % 251) return false;
+  return true;
+};
+"#;
+
+/// What the native end of a loss test received from the browser.
+#[derive(Default)]
+struct LossLog {
+    reliable: Vec<(Instant, String)>,
+    unreliable: Vec<Vec<u8>>,
+    direct_failed: Vec<String>,
+}
+
+fn log_native(mut events: Events, from: PeerId) -> Arc<Mutex<LossLog>> {
+    let log = Arc::new(Mutex::new(LossLog::default()));
+    let sink = log.clone();
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            let mut log = sink.lock().unwrap();
+            match event {
+                Event::Message {
+                    from: f,
+                    data,
+                    reliability,
+                } if f == from => match reliability {
+                    Reliability::Reliable => log
+                        .reliable
+                        .push((Instant::now(), String::from_utf8_lossy(&data).into_owned())),
+                    Reliability::Unreliable => log.unreliable.push(data.to_vec()),
+                },
+                Event::PathChanged { peer, path } if peer == from => {
+                    eprintln!("native: path to the browser: {path}")
+                }
+                Event::DirectFailed { peer, reason } if peer == from => {
+                    eprintln!("native: direct path to the browser failed: {reason}");
+                    log.direct_failed.push(reason)
+                }
+                _ => {}
+            }
+        }
+    });
+    log
+}
+
+/// Link protocol v2 under loss: with 5 % of the direct path's UDP dropped at random (an nft
+/// table on the native client's port range), one end sends `LOSSY_COUNT` max-size unreliable
+/// messages, then `LOSSY_RELIABLE` reliable ones. Every reliable message arrives, in order, the
+/// first within 2 s of being sent, all of it on the direct path, which survives: no fragment of
+/// an unreliable message lost on the way may hold the receiver's SCTP window
+/// (docs/notes/link-v2.md). Then the loss stops and the link keeps working both ways.
+async fn max_size_unreliable_under_loss(browser_sends: bool, ports: (u16, u16)) {
+    let ns = Netns::create();
+    let server = server_on(&ns, TurnMode::Disabled).await;
+    let ip = IpAddr::V4(ns.host_ip);
+    let cfg = ClientConfig::new("native")
+        .with_ip_filter(move |a| a == ip)
+        .with_udp_ports(ports.0, ports.1);
+    let (n, ne) = Client::connect(&server.ws_url(), cfg)
+        .await
+        .expect("native client connects");
+    n.join("g").await.unwrap();
+    let nid = n.peer_id();
+    let (mut b, bid) = Browser::connect(&ns, &server, json!({"name": "chromium"})).await;
+    b.eval("p", LOSSY_JS, json!(null)).await;
+    // The browser joins second: it is the initiator (it opens "u2").
+    b.join("g").await;
+    let log = log_native(ne, bid);
+    let deadline = Instant::now() + WAIT;
+    while n.path(bid).map_or(true, |p| p == Path::Server) {
+        assert!(
+            Instant::now() < deadline,
+            "the native end never went direct"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b.wait_for("p", "a direct path", DIRECT_JS, json!(nid))
+        .await;
+    let pair = n.candidate_pair(bid).unwrap().expect("direct pair");
+    assert!((ports.0..=ports.1).contains(&pair.local.port()), "{pair:?}");
+    let version = b
+        .eval("p", "return window.pm._links.get(arg).version;", json!(nid))
+        .await;
+    assert_eq!(version, json!(2), "link protocol version of the generation");
+    let native_before = n.link_stats(bid).unwrap();
+    let browser_before = b
+        .eval("p", "return window.pm.stats(arg);", json!(nid))
+        .await;
+
+    let loss = UdpLoss::new("browser", ports, 5);
+    let started = Instant::now();
+    if browser_sends {
+        b.eval(
+            "p",
+            "const [peer, count, size, pace] = arg;
+             for (let i = 0; i < count; i++) {
+               window.pm.trySend(peer, window.lossyMessage(i, size), { reliable: false });
+               await new Promise((r) => setTimeout(r, pace));
+             }
+             // Until they have left the channel's buffer.
+             const link = window.pm._links.get(peer);
+             const t0 = performance.now();
+             while ((link.unreliableChannel()?.bufferedAmount ?? 0) > 0 && performance.now() - t0 < 20000) {
+               await new Promise((r) => setTimeout(r, 10));
+             }",
+            json!([nid, LOSSY_COUNT, LOSSY_SIZE, LOSSY_PACE_MS]),
+        )
+        .await;
+    } else {
+        for i in 0..LOSSY_COUNT {
+            n.send(bid, lossy_message(i), Reliability::Unreliable)
+                .await
+                .expect("native unreliable send");
+            tokio::time::sleep(Duration::from_millis(LOSSY_PACE_MS)).await;
+        }
+    }
+    eprintln!("unreliable messages sent in {:?}", started.elapsed());
+
+    // Then reliable messages, still under loss.
+    let sent_at = Instant::now();
+    let first = if browser_sends {
+        b.eval(
+            "p",
+            "const [peer, count] = arg;
+             for (let i = 0; i < count; i++) {
+               await window.pm.send(peer, `r ${i}`);
+               await new Promise((r) => setTimeout(r, 20));
+             }",
+            json!([nid, LOSSY_RELIABLE]),
+        )
+        .await;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some((at, _)) = log.lock().unwrap().reliable.first() {
+                break *at - sent_at;
+            }
+            assert!(Instant::now() < deadline, "no reliable message arrived");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    } else {
+        let sender = {
+            let n = n.clone();
+            tokio::spawn(async move {
+                for i in 0..LOSSY_RELIABLE {
+                    n.send(bid, format!("r {i}"), Reliability::Reliable)
+                        .await
+                        .expect("native send");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        };
+        b.wait_for(
+            "p",
+            "the first reliable message",
+            "return window.msgs.some((m) => m.from === arg && m.reliable);",
+            json!(nid),
+        )
+        .await;
+        let first = sent_at.elapsed();
+        sender.await.unwrap();
+        first
+    };
+
+    // Every reliable message, in order; the unreliable ones that arrived are intact.
+    let want: Vec<String> = (0..LOSSY_RELIABLE).map(|i| format!("r {i}")).collect();
+    let (unreliable, intact) = if browser_sends {
+        let deadline = Instant::now() + WAIT;
+        while log.lock().unwrap().reliable.len() < LOSSY_RELIABLE {
+            assert!(
+                Instant::now() < deadline,
+                "not every reliable message arrived"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut log = log.lock().unwrap();
+        let got: Vec<String> = log.reliable.iter().map(|(_, m)| m.clone()).collect();
+        assert_eq!(got, want, "reliable messages at the native end");
+        let unreliable = std::mem::take(&mut log.unreliable);
+        let intact = unreliable
+            .iter()
+            .filter(|m| {
+                m.len() == LOSSY_SIZE && {
+                    let i = u32::from_be_bytes(m[..4].try_into().unwrap()) as usize;
+                    i < LOSSY_COUNT && **m == lossy_message(i)
+                }
+            })
+            .count();
+        (unreliable.len(), intact)
+    } else {
+        let got = b
+            .wait_for(
+                "p",
+                "every reliable message",
+                "const [peer, count, size] = arg;
+                 const m = window.msgs.filter((m) => m.from === peer);
+                 const r = m.filter((m) => m.reliable);
+                 if (r.length < count) return null;
+                 const u = m.filter((m) => !m.reliable);
+                 const intact = u.filter((m) => window.checkLossy(m.data, size)).length;
+                 window.msgs = window.msgs.filter((m) => m.from !== peer || m.reliable);
+                 return [r.map((m) => m.text), u.length, intact];",
+                json!([nid, LOSSY_RELIABLE, LOSSY_SIZE]),
+            )
+            .await;
+        assert_eq!(got[0], json!(want), "reliable messages at the browser");
+        (
+            got[1].as_u64().unwrap() as usize,
+            got[2].as_u64().unwrap() as usize,
+        )
+    };
+    let dropped = loss.dropped();
+    let native = n.link_stats(bid).unwrap();
+    let browser = b
+        .eval("p", "return window.pm.stats(arg);", json!(nid))
+        .await;
+    eprintln!(
+        "under loss: first reliable message after {first:?}; {unreliable} of {LOSSY_COUNT} \
+         unreliable messages arrived ({intact} intact); {dropped:?} datagrams dropped\n\
+         native {native:?}\nbrowser {browser}"
+    );
+    assert!(
+        first < Duration::from_secs(2),
+        "the first reliable message took {first:?}"
+    );
+    assert!(unreliable > 0, "no unreliable message arrived");
+    assert_eq!(intact, unreliable, "unreliable messages corrupted");
+    assert!(dropped.is_some_and(|d| d > 0), "nft dropped nothing");
+    // All of it on the direct path, which survived the loss.
+    assert!(
+        log.lock().unwrap().direct_failed.is_empty(),
+        "the native end lost its direct path"
+    );
+    let failed = b
+        .eval(
+            "p",
+            "return window.events.filter((e) => e.type === 'nodirectpath').length;",
+            json!(null),
+        )
+        .await;
+    assert_eq!(failed, json!(0), "the browser lost its direct path");
+    assert!(matches!(n.path(bid).unwrap(), Path::Direct { .. }));
+    if browser_sends {
+        assert!(
+            native.recv_direct - native_before.recv_direct >= LOSSY_RELIABLE as u64,
+            "{native:?}"
+        );
+        let split = browser["unreliableSplit"].as_u64().unwrap()
+            - browser_before["unreliableSplit"].as_u64().unwrap();
+        assert_eq!(split, LOSSY_COUNT as u64, "{browser}");
+    } else {
+        let direct = browser["recvDirect"].as_u64().unwrap()
+            - browser_before["recvDirect"].as_u64().unwrap();
+        assert!(direct >= LOSSY_RELIABLE as u64, "{browser}");
+        assert!(
+            browser["unreliableJoined"].as_u64().unwrap() > 0,
+            "{browser}"
+        );
+    }
+
+    // The loss stops: the link works, direct, both ways.
+    drop(loss);
+    b.eval(
+        "p",
+        "await window.pm.send(arg, 'browser after the loss');",
+        json!(nid),
+    )
+    .await;
+    n.send(bid, "native after the loss", Reliability::Reliable)
+        .await
+        .unwrap();
+    b.wait_for(
+        "p",
+        "the native end's message after the loss",
+        "return window.msgs.some((m) => m.reliable && m.text === 'native after the loss');",
+        json!(null),
+    )
+    .await;
+    let deadline = Instant::now() + WAIT;
+    while !log
+        .lock()
+        .unwrap()
+        .reliable
+        .iter()
+        .any(|(_, m)| m == "browser after the loss")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the browser's message after the loss"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for i in 0..50 {
+        let text = format!("unreliable after the loss {i}");
+        b.eval(
+            "p",
+            "window.pm.trySend(arg[0], arg[1], { reliable: false });",
+            json!([nid, text]),
+        )
+        .await;
+        n.send(bid, text.clone(), Reliability::Unreliable)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let at_browser = b
+            .eval(
+                "p",
+                "return window.msgs.some((m) => !m.reliable && m.text.startsWith('unreliable after'));",
+                json!(null),
+            )
+            .await;
+        let at_native = log
+            .lock()
+            .unwrap()
+            .unreliable
+            .iter()
+            .any(|m| m.starts_with(b"unreliable after"));
+        if at_browser == json!(true) && at_native {
+            break;
+        }
+        assert!(i < 49, "unreliable messages after the loss");
+    }
+    assert!(matches!(n.path(bid).unwrap(), Path::Direct { .. }));
+    b.wait_for("p", "a direct path", DIRECT_JS, json!(nid))
+        .await;
+
+    b.quit().await;
+    n.close().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_sends_max_size_unreliable_under_loss_then_reliable() {
+    max_size_unreliable_under_loss(true, (54400, 54499)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_sends_max_size_unreliable_to_the_browser_under_loss_then_reliable() {
+    max_size_unreliable_under_loss(false, (54500, 54599)).await;
 }
 
 /// peermesh.js's link protocol v2 pieces that need no browser (UNRELIABLE_PART framing and
