@@ -62,12 +62,14 @@ struct PyPeer {
 }
 
 impl PyPeer {
-    async fn spawn(server: &ServerHandle, direct: bool) -> PyPeer {
+    /// `link_version`: peer.py's `--link-version` (2 is its default).
+    async fn spawn(server: &ServerHandle, direct: bool, link_version: u32) -> PyPeer {
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("aiortc/peer.py");
         let mut child = Command::new(python())
             .arg(script)
             .args(["--server", &server.ws_url(), "--name", PY, "--group", "g"])
             .args(["--loopback-only", "--verbose"])
+            .args(["--link-version", &link_version.to_string()])
             .args(if direct {
                 &[][..]
             } else {
@@ -280,15 +282,17 @@ struct Setup {
 
 impl Setup {
     async fn new(py_first: bool, native_ports: Option<(u16, u16)>) -> Setup {
-        Setup::with(py_first, native_ports, true, true).await
+        Setup::with(py_first, native_ports, true, true, 2).await
     }
 
-    /// `native_direct` / `py_direct`: whether each end allows direct paths.
+    /// `native_direct` / `py_direct`: whether each end allows direct paths; `py_version`: the
+    /// link protocol version peer.py speaks.
     async fn with(
         py_first: bool,
         native_ports: Option<(u16, u16)>,
         native_direct: bool,
         py_direct: bool,
+        py_version: u32,
     ) -> Setup {
         let server = Server::bind(Config {
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -318,7 +322,7 @@ impl Setup {
             }
         };
         let (mut native, mut py) = if py_first {
-            let mut py = PyPeer::spawn(&server, py_direct).await;
+            let mut py = PyPeer::spawn(&server, py_direct, py_version).await;
             py.until("group", |_, l| l == "group g").await;
             let native = connect_native().await;
             native.client.join("g").await.expect("native join");
@@ -326,7 +330,7 @@ impl Setup {
         } else {
             let native = connect_native().await;
             native.client.join("g").await.expect("native join");
-            (native, PyPeer::spawn(&server, py_direct).await)
+            (native, PyPeer::spawn(&server, py_direct, py_version).await)
         };
         native.until("the aiortc peer", |n| n.py.is_some()).await;
         py.until("the native peer", |_, l| {
@@ -440,6 +444,62 @@ impl Setup {
         );
     }
 
+    /// Max-size (16384-byte) unreliable messages both ways on the direct path, retried until
+    /// one arrives each way, intact: whole UNRELIABLE frames in a v1 generation, UNRELIABLE_PART
+    /// frames in a v2 one (a v1 peer drops those as unknown frames).
+    async fn check_max_size_unreliable(&mut self) {
+        let (mut to_py, mut to_native) = (None, None);
+        for i in 0..50 {
+            let n = format!("native-big {i} {}", "n".repeat(16384 - 12));
+            let n = n[..16384].to_string();
+            let a = format!("aiortc-big {i} {}", "a".repeat(16384 - 12));
+            let a = a[..16384].to_string();
+            self.native
+                .client
+                .send(self.py_id, n.clone(), Reliability::Unreliable)
+                .await
+                .expect("native unreliable send");
+            self.py.command(&format!("usend {NATIVE} {a}")).await;
+            self.native.drain(Duration::from_millis(100)).await;
+            self.py.drain(Duration::from_millis(100)).await;
+            to_native = to_native.or_else(|| {
+                self.native
+                    .unreliable
+                    .iter()
+                    .find(|m| m.starts_with("aiortc-big "))
+                    .cloned()
+            });
+            to_py = to_py.or_else(|| {
+                self.py
+                    .unreliable
+                    .iter()
+                    .find(|m| m.starts_with("native-big "))
+                    .cloned()
+            });
+            if to_py.is_some() && to_native.is_some() {
+                break;
+            }
+        }
+        let intact = |m: &Option<String>, fill: char| {
+            m.as_ref().is_some_and(|m| {
+                m.len() == 16384
+                    && m.split(' ')
+                        .nth(2)
+                        .is_some_and(|f| f.chars().all(|c| c == fill))
+            })
+        };
+        assert!(
+            intact(&to_native, 'a'),
+            "no max-size unreliable message reached the native peer"
+        );
+        assert!(
+            intact(&to_py, 'n'),
+            "no max-size unreliable message reached the aiortc peer"
+        );
+        self.native.unreliable.clear();
+        self.py.unreliable.clear();
+    }
+
     /// Both ends say the path is direct now.
     async fn check_direct_now(&mut self) {
         let path = self.native.path();
@@ -459,9 +519,10 @@ impl Setup {
 }
 
 /// Messages both ways from the moment of join, across the server → direct switch, then on the
-/// direct path; unreliable both ways; both paths really used.
-async fn exchange(py_first: bool) {
-    let mut t = Setup::new(py_first, None).await;
+/// direct path; unreliable both ways; both paths really used. `py_version`: the link protocol
+/// version peer.py speaks (the generation's version is the lower of the two ends').
+async fn exchange(py_first: bool, py_version: u32) {
+    let mut t = Setup::with(py_first, None, true, true, py_version).await;
     // Paced from the moment of join, while the direct path is being set up.
     t.send_both(
         numbered("native", 0..EARLY),
@@ -493,6 +554,12 @@ async fn exchange(py_first: bool) {
             "aiortc {key}: {py_stats:?}"
         );
     }
+    assert_eq!(
+        py_stats.get("version"),
+        Some(&(py_version as u64)),
+        "{py_stats:?}"
+    );
+    t.check_max_size_unreliable().await;
     t.finish().await;
 }
 
@@ -549,7 +616,7 @@ async fn cut_and_restore(py_first: bool, native_ports: (u16, u16)) {
 /// on the server path.
 async fn declined(py_declines: bool) {
     // The decliner joins first, so the other end is the initiator.
-    let mut t = Setup::with(py_declines, None, py_declines, !py_declines).await;
+    let mut t = Setup::with(py_declines, None, py_declines, !py_declines, 2).await;
     if py_declines {
         t.py.until("a declined offer", |_, l| {
             l == format!("declining {NATIVE} 1")
@@ -583,12 +650,24 @@ async fn declined(py_declines: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aiortc_peer_as_initiator() {
-    exchange(false).await;
+    exchange(false, 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aiortc_peer_as_responder() {
-    exchange(true).await;
+    exchange(true, 2).await;
+}
+
+/// Old and new: a link protocol version 1 peer (`peer.py --link-version 1`) and the native
+/// client interoperate as version 1, both ways round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aiortc_link_v1_initiator() {
+    exchange(false, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aiortc_link_v1_responder() {
+    exchange(true, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
