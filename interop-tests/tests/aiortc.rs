@@ -2,7 +2,10 @@
 //! websockets, written from docs/PROTOCOL.md alone) and a native client in one group of the real
 //! server. Both directions, reliable (in order across the server → direct switch) and
 //! unreliable, with the aiortc peer as WebRTC initiator and as responder; and a direct path cut
-//! with nft mid-stream (fallback to the server path and back, nothing lost).
+//! with nft mid-stream (fallback to the server path and back, nothing lost). Link protocol
+//! version 2 (docs/notes/link-v2.md): max-size unreliable messages both ways, a version 1
+//! peer.py (`--link-version 1`) against the native client, and max-size unreliable messages
+//! under 5 % random UDP loss followed by reliable ones.
 //!
 //! Needs the venv made by `interop-tests/setup/python.sh` (run by `interop-tests/run-all.sh`),
 //! or a Python with aiortc and websockets in `PEERMESH_AIORTC_PYTHON`.

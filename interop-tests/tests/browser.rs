@@ -7,6 +7,8 @@
 //! with 198.19.N.1 (host side: the server, TURN and the native clients, which gather candidates
 //! on that address only) and 198.19.N.2 (namespace side: Chromium, whose default route points
 //! at the host side). An nft rule in the namespace drops anything Chromium sends elsewhere.
+//! The link protocol v2 loss tests drop 5 % of the direct path's UDP at random with an nft table
+//! in the host namespace that matches the native client's port range (`with_udp_ports`).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
