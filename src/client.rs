@@ -37,6 +37,8 @@ pub struct ClientConfig {
     max_message_size: usize,
     connect_timeout: Duration,
     request_timeout: Duration,
+    dead_path_timeout: Duration,
+    link_version: u32,
 }
 
 impl std::fmt::Debug for ClientConfig {
@@ -67,6 +69,8 @@ impl ClientConfig {
             max_message_size: 8 << 20,
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
+            dead_path_timeout: Duration::from_secs(3),
+            link_version: crate::protocol::LINK_VERSION,
         }
     }
 
@@ -125,6 +129,23 @@ impl ClientConfig {
     /// How long `connect` waits for the server.
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long a direct path may stay silent (no frame of any kind from the peer) before the
+    /// link treats it as dead, falls back to the server path and re-sends what is
+    /// unacknowledged, whatever ICE reports (default 3 s, at least 1 s; both ends probe every
+    /// second, so a live path is never silent that long). `docs/PROTOCOL.md` §8.7.
+    pub fn with_dead_path_timeout(mut self, timeout: Duration) -> Self {
+        self.dead_path_timeout = timeout.max(Duration::from_secs(1));
+        self
+    }
+
+    /// Speak an older link protocol version (1 or 2) on direct paths, to test interoperation
+    /// with older peers.
+    #[doc(hidden)]
+    pub fn with_link_version(mut self, version: u32) -> Self {
+        self.link_version = version.clamp(1, crate::protocol::LINK_VERSION);
         self
     }
 
@@ -328,6 +349,8 @@ impl Client {
             rtc,
             window: config.send_window,
             max_message: config.max_message_size,
+            dead_path: config.dead_path_timeout,
+            link_version: config.link_version,
         };
         tokio::spawn(write_loop(sink, ws_rx));
         let ice_servers = Arc::new(Mutex::new(ice_servers));

@@ -26,8 +26,26 @@ pub type LinkId = u32;
 /// Largest app payload carried by one link-layer fragment (bytes).
 pub const MAX_FRAGMENT_PAYLOAD: usize = 16 * 1024;
 
-/// Largest unreliable message (bytes): unreliable messages are never fragmented.
+/// Largest unreliable message (bytes).
 pub const MAX_UNRELIABLE_PAYLOAD: usize = MAX_FRAGMENT_PAYLOAD;
+
+/// Link protocol version this client speaks (`docs/PROTOCOL.md` §7.6). Version 1 peers send no
+/// version in their offer or answer.
+pub const LINK_VERSION: u32 = 2;
+
+/// Largest message a version 2 sender puts on a direct path's unreliable channel: it fits in
+/// one SCTP DATA chunk at every known stack, so a lost one never leaves fragments in the
+/// receiver's reassembly queue (`docs/PROTOCOL.md` §7.6).
+pub const MAX_DIRECT_UNRELIABLE_FRAME: usize = 1024;
+
+/// Header of an UNRELIABLE_PART frame: kind, msg u32, index u16, count u16.
+pub const PART_HEADER_LEN: usize = 9;
+
+/// Largest payload of one UNRELIABLE_PART frame.
+pub const MAX_PART_PAYLOAD: usize = MAX_DIRECT_UNRELIABLE_FRAME - PART_HEADER_LEN;
+
+/// Most parts an unreliable message is split into.
+pub const MAX_PARTS: usize = MAX_UNRELIABLE_PAYLOAD.div_ceil(MAX_PART_PAYLOAD);
 
 /// Byte length of a relay frame header (`kind`, `peer`, `link`).
 pub const RELAY_HEADER_LEN: usize = 9;
@@ -359,6 +377,9 @@ pub mod link_kind {
     /// Direct path ready: `[0x15][gen u32 BE]`, sent on the server path once both data channels
     /// of PeerConnection generation `gen` are open locally.
     pub const READY: u8 = 0x15;
+    /// Part of an unreliable message split to fit one SCTP chunk (version 2, direct path):
+    /// `[0x16][msg u32 BE][index u16 BE][count u16 BE][bytes]`.
+    pub const UNRELIABLE_PART: u8 = 0x16;
 }
 
 /// `flags` bit of a DATA fragment: this is the last fragment of its message.
@@ -403,6 +424,18 @@ pub enum LinkFrame<'a> {
         /// PeerConnection generation.
         gen: u32,
     },
+    /// Part `index` of `count` of unreliable message `msg` (version 2: an unreliable message
+    /// longer than one SCTP chunk, split for the direct path).
+    UnreliablePart {
+        /// Message number, per link and sender.
+        msg: u32,
+        /// Part number, `0..count`.
+        index: u16,
+        /// Number of parts of the message.
+        count: u16,
+        /// Part bytes.
+        bytes: &'a [u8],
+    },
 }
 
 fn read_u64(buf: &[u8], at: usize) -> Result<u64, FrameError> {
@@ -435,6 +468,20 @@ impl<'a> LinkFrame<'a> {
             LinkFrame::Unreliable { bytes } => {
                 let mut out = Vec::with_capacity(1 + bytes.len());
                 out.push(link_kind::UNRELIABLE);
+                out.extend_from_slice(bytes);
+                out
+            }
+            LinkFrame::UnreliablePart {
+                msg,
+                index,
+                count,
+                bytes,
+            } => {
+                let mut out = Vec::with_capacity(PART_HEADER_LEN + bytes.len());
+                out.push(link_kind::UNRELIABLE_PART);
+                out.extend_from_slice(&msg.to_be_bytes());
+                out.extend_from_slice(&index.to_be_bytes());
+                out.extend_from_slice(&count.to_be_bytes());
                 out.extend_from_slice(bytes);
                 out
             }
@@ -478,6 +525,17 @@ impl<'a> LinkFrame<'a> {
                 }),
                 None => Err(FrameError::Truncated(buf.len())),
             },
+            link_kind::UNRELIABLE_PART => {
+                if buf.len() < PART_HEADER_LEN {
+                    return Err(FrameError::Truncated(buf.len()));
+                }
+                Ok(LinkFrame::UnreliablePart {
+                    msg: u32::from_be_bytes(buf[1..5].try_into().expect("4 bytes")),
+                    index: u16::from_be_bytes([buf[5], buf[6]]),
+                    count: u16::from_be_bytes([buf[7], buf[8]]),
+                    bytes: &buf[PART_HEADER_LEN..],
+                })
+            }
             k => Err(FrameError::UnknownKind(k)),
         }
     }
@@ -565,6 +623,24 @@ mod tests {
         );
     }
 
+    /// The UNRELIABLE_PART example of PROTOCOL.md §8.1, byte for byte.
+    #[test]
+    fn unreliable_part_matches_the_documented_bytes() {
+        let f = LinkFrame::UnreliablePart {
+            msg: 1,
+            index: 0,
+            count: 2,
+            bytes: b"ab",
+        };
+        assert_eq!(
+            f.encode(),
+            [0x16, 0, 0, 0, 1, 0, 0, 0, 2, 0x61, 0x62].to_vec()
+        );
+        assert_eq!(MAX_PART_PAYLOAD, 1015);
+        assert_eq!(MAX_PARTS, 17);
+        assert!(LinkFrame::decode(&[0x16, 0, 0, 0, 1, 0, 0, 0]).is_err());
+    }
+
     #[test]
     fn link_roundtrip() {
         for f in [
@@ -583,6 +659,12 @@ mod tests {
             LinkFrame::Ping { id: 5 },
             LinkFrame::Pong { id: 6 },
             LinkFrame::Ready { gen: 3 },
+            LinkFrame::UnreliablePart {
+                msg: 7,
+                index: 1,
+                count: 2,
+                bytes: b"yz",
+            },
         ] {
             assert_eq!(LinkFrame::decode(&f.encode()).unwrap(), f);
         }

@@ -357,6 +357,12 @@ fn valid_binary_frames() -> Vec<Vec<u8>> {
         LinkFrame::Ping { id: 1 },
         LinkFrame::Pong { id: 1 },
         LinkFrame::Ready { gen: 1 },
+        LinkFrame::UnreliablePart {
+            msg: 1,
+            index: 0,
+            count: 2,
+            bytes: b"ab",
+        },
     ];
     let mut out = Vec::new();
     for l in &links {
@@ -531,6 +537,7 @@ fn kinded_bytes() -> impl Strategy<Value = Vec<u8>> {
                 link_kind::PING,
                 link_kind::PONG,
                 link_kind::READY,
+                link_kind::UNRELIABLE_PART,
             ][..],
         ),
         prop::collection::vec(any::<u8>(), 0..32),
@@ -601,6 +608,12 @@ proptest! {
             LinkFrame::Ping { id: seq },
             LinkFrame::Pong { id: seq },
             LinkFrame::Ready { gen },
+            LinkFrame::UnreliablePart {
+                msg: gen,
+                index: seq as u16,
+                count: (seq >> 16) as u16,
+                bytes: &bytes,
+            },
         ];
         for f in frames {
             let enc = f.encode();
@@ -891,6 +904,7 @@ fn link_frames_with_extreme_headers() {
                 link_kind::ACK | link_kind::PING | link_kind::PONG => 9,
                 link_kind::READY => 5,
                 link_kind::UNRELIABLE => 1,
+                link_kind::UNRELIABLE_PART => 9,
                 _ => usize::MAX,
             };
             assert_eq!(

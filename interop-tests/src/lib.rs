@@ -125,19 +125,25 @@ impl Drop for Coturn {
     }
 }
 
-/// Drops all UDP from and to a local port range on the root namespace's input hook while alive
-/// (an nft table of its own, deleted on drop), to cut a direct path whose sockets use that range
-/// (`ClientConfig::with_udp_ports`). Needs root and nft (package nftables).
-pub struct UdpCut(String);
+/// An nft table of a test's own with one filter chain on the root namespace's input hook
+/// (priority -10, policy accept), deleted on drop (also when the test fails). Loopback traffic
+/// passes the input hook once per packet. Needs root and nft (package nftables).
+pub struct NftTable(String);
 
-impl UdpCut {
-    /// Cuts ports `lo..=hi`; `tag` keeps tables of different tests apart.
-    pub fn new(tag: &str, (lo, hi): (u16, u16)) -> UdpCut {
-        let table = format!("peermesh_{tag}_{}_{lo}", std::process::id());
-        let rules = format!(
-            "table inet {table} {{\n  chain input {{\n    type filter hook input priority -10; policy accept;\n    \
-             udp dport {lo}-{hi} drop\n    udp sport {lo}-{hi} drop\n  }}\n}}\n"
+impl NftTable {
+    /// A table named after `tag` (and the process and `unique`, so tests never share one)
+    /// whose input chain holds `rules`, one nft rule per entry.
+    pub fn new(tag: &str, unique: u16, rules: &[String]) -> NftTable {
+        let table = format!("peermesh_{tag}_{}_{unique}", std::process::id());
+        let mut text = format!(
+            "table inet {table} {{\n  chain input {{\n    type filter hook input priority -10; policy accept;\n"
         );
+        for r in rules {
+            text.push_str("    ");
+            text.push_str(r);
+            text.push('\n');
+        }
+        text.push_str("  }\n}\n");
         let ok = Command::new("nft")
             .args(["-f", "-"])
             .stdin(Stdio::piped())
@@ -147,17 +153,66 @@ impl UdpCut {
                 c.stdin
                     .take()
                     .expect("piped stdin")
-                    .write_all(rules.as_bytes())?;
+                    .write_all(text.as_bytes())?;
                 c.wait()
             })
             .expect("nft (package nftables) must be installed; run the tests as root")
             .success();
-        assert!(ok, "nft refused the rules");
-        UdpCut(table)
+        assert!(ok, "nft refused the rules:\n{text}");
+        NftTable(table)
+    }
+
+    /// Randomly drops `percent` % of the UDP packets to and from local ports `lo..=hi` (each
+    /// packet once, also when both ends are in the range): loss on the direct paths of clients
+    /// that use that range (`ClientConfig::with_udp_ports`), nothing else.
+    pub fn udp_loss(tag: &str, (lo, hi): (u16, u16), percent: u32) -> NftTable {
+        NftTable::new(
+            tag,
+            lo,
+            &[
+                format!("udp dport {lo}-{hi} numgen random mod 100 < {percent} drop"),
+                format!(
+                    "udp sport {lo}-{hi} udp dport != {lo}-{hi} numgen random mod 100 < {percent} drop"
+                ),
+            ],
+        )
+    }
+
+    /// Drops every UDP packet from ports `from` to ports `to` that is not STUN (the STUN magic
+    /// cookie 0x2112A442 is not at payload offset 4): the DTLS/SCTP traffic of a direct path
+    /// dies in one direction while ICE consent checks still pass both ways.
+    pub fn one_way_non_stun(tag: &str, from: (u16, u16), to: (u16, u16)) -> NftTable {
+        NftTable::new(
+            tag,
+            from.0,
+            &[format!(
+                "udp sport {}-{} udp dport {}-{} @th,96,32 != 0x2112a442 drop",
+                from.0, from.1, to.0, to.1
+            )],
+        )
     }
 }
 
-impl Drop for UdpCut {
+/// Drops all UDP from and to a local port range on the root namespace's input hook while alive
+/// (an nft table of its own, deleted on drop), to cut a direct path whose sockets use that range
+/// (`ClientConfig::with_udp_ports`). Needs root and nft (package nftables).
+pub struct UdpCut(#[allow(dead_code)] NftTable);
+
+impl UdpCut {
+    /// Cuts ports `lo..=hi`; `tag` keeps tables of different tests apart.
+    pub fn new(tag: &str, (lo, hi): (u16, u16)) -> UdpCut {
+        UdpCut(NftTable::new(
+            tag,
+            lo,
+            &[
+                format!("udp dport {lo}-{hi} drop"),
+                format!("udp sport {lo}-{hi} drop"),
+            ],
+        ))
+    }
+}
+
+impl Drop for NftTable {
     fn drop(&mut self) {
         let _ = Command::new("nft")
             .args(["delete", "table", "inet", &self.0])

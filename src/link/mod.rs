@@ -7,6 +7,7 @@
 //! direct path needs no re-send: the server path is itself ordered and reliable, so fragments still
 //! on it arrive and the receiver fills the gap from its reorder buffer.
 
+mod parts;
 mod rtc;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -21,11 +22,12 @@ use tokio::time::{sleep_until, Instant as TokioInstant};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use rtc::FrameSink;
-use rtc::{Channel, ConnState, DirectTx, Rtc, RtcEvent};
+use rtc::{Channel, ConnState, DirectTx, Inband, Rtc, RtcEvent};
 pub(crate) use rtc::{RtcFactory, RtcOptions};
 
 use crate::protocol::{
-    ClientMsg, LinkFrame, LinkId, PeerId, RelayFrame, MAX_FRAGMENT_PAYLOAD, MAX_UNRELIABLE_PAYLOAD,
+    ClientMsg, LinkFrame, LinkId, PeerId, RelayFrame, MAX_DIRECT_UNRELIABLE_FRAME,
+    MAX_FRAGMENT_PAYLOAD, MAX_UNRELIABLE_PAYLOAD,
 };
 use crate::{CandidatePair, CandidateType, Error, Event, Path, Reliability, Result};
 
@@ -93,6 +95,8 @@ struct SendState {
     sent_server: u64,
     sent_direct: u64,
     resent: u64,
+    /// Number of the next unreliable message split into parts.
+    next_part_msg: u32,
 }
 
 /// Frames ready to transmit, with the path chosen for them.
@@ -118,6 +122,10 @@ struct LinkShared {
     /// Receiving state. An async lock, held while delivering events, so the two paths' frames
     /// (handled by the link task and by the data channel's read loop) are delivered in order.
     recv: tokio::sync::Mutex<RecvState>,
+    /// Unreliable messages arriving in parts.
+    parts: Mutex<parts::Parts>,
+    /// Generation of the PeerConnection a frame last arrived on, and when (dead-path rule).
+    direct_rx: Mutex<Option<(u32, Instant)>>,
     counters: Counters,
 }
 
@@ -125,6 +133,7 @@ struct LinkShared {
 /// [`LinkHandle::status`]. The send counters live in [`SendState`], under its lock.
 #[derive(Default)]
 struct Counters {
+    unreliable_dropped: AtomicU64,
     recv_server: AtomicU64,
     recv_direct: AtomicU64,
     duplicates: AtomicU64,
@@ -254,6 +263,33 @@ impl LinkShared {
                     reliability: Reliability::Unreliable,
                 })
                 .await;
+            }
+            LinkFrame::UnreliablePart {
+                msg,
+                index,
+                count,
+                bytes,
+            } => {
+                let part = frame.slice_ref(bytes);
+                let whole = self.parts.lock().expect("link parts lock").push(
+                    Instant::now(),
+                    msg,
+                    index,
+                    count,
+                    part,
+                );
+                match whole {
+                    Ok(Some(data)) => {
+                        self.emit(Event::Message {
+                            from: self.peer,
+                            data,
+                            reliability: Reliability::Unreliable,
+                        })
+                        .await
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(peer = self.peer, "dropping unreliable part: {e}"),
+                }
             }
             LinkFrame::Ping { id } => {
                 // Answer on the path the probe came by, if we are on it too.
@@ -390,9 +426,34 @@ impl LinkShared {
     fn prepare(&self, data: Bytes, reliable: bool, permits: u32) -> Prepared {
         let mut st = self.lock_send();
         if !reliable {
-            let frame = Bytes::from(LinkFrame::Unreliable { bytes: &data }.encode());
+            let split = st.direct.as_ref().is_some_and(|d| d.split);
+            let frames = if split && 1 + data.len() > MAX_DIRECT_UNRELIABLE_FRAME {
+                // One SCTP chunk per frame: a lost part leaves nothing in the peer's SCTP
+                // reassembly queue (PROTOCOL.md §7.6).
+                let msg = st.next_part_msg;
+                st.next_part_msg = msg.wrapping_add(1);
+                let pieces = parts::split(&data);
+                let count = pieces.len() as u16;
+                pieces
+                    .iter()
+                    .enumerate()
+                    .map(|(index, bytes)| {
+                        Bytes::from(
+                            LinkFrame::UnreliablePart {
+                                msg,
+                                index: index as u16,
+                                count,
+                                bytes,
+                            }
+                            .encode(),
+                        )
+                    })
+                    .collect()
+            } else {
+                vec![Bytes::from(LinkFrame::Unreliable { bytes: &data }.encode())]
+            };
             return Prepared {
-                frames: vec![frame],
+                frames,
                 direct: st.direct.clone(),
                 unreliable_permits: Some(permits),
             };
@@ -437,6 +498,18 @@ impl LinkShared {
     /// Transmit prepared frames on the path chosen when they were prepared.
     async fn transmit_prepared(&self, p: Prepared) {
         if let Some(permits) = p.unreliable_permits {
+            let congested = p.direct.as_ref().filter(|d| d.split).is_some_and(|d| {
+                // Unknown (another send holds the channel for a moment): send, and wait.
+                d.unreliable_queued_now()
+                    .is_some_and(|q| q > rtc::UNRELIABLE_QUEUE_MAX)
+            });
+            if congested {
+                // Dropped whole, like a datagram at a full socket buffer (see
+                // `UNRELIABLE_QUEUE_MAX`); counted in `LinkStats::unreliable_dropped`.
+                bump(&self.counters.unreliable_dropped);
+                self.window.add_permits(permits as usize);
+                return;
+            }
             for frame in p.frames {
                 self.transmit(p.direct.as_ref(), Channel::Unreliable, frame, false)
                     .await;
@@ -587,6 +660,9 @@ pub struct LinkStats {
     pub duplicates: u64,
     /// Times the link moved between the server and direct paths.
     pub path_changes: u64,
+    /// Unreliable messages not sent because the direct path's unreliable channel already had
+    /// 256 KiB queued (a congested path; such messages are dropped rather than delayed).
+    pub unreliable_dropped: u64,
     /// Local ICE candidates gathered and signaled, by type (all PeerConnection generations).
     pub candidates_host: u64,
     /// See `candidates_host`.
@@ -611,6 +687,10 @@ pub(crate) struct LinkCtx {
     pub rtc: Option<Arc<RtcFactory>>,
     pub window: usize,
     pub max_message: usize,
+    /// Dead-path rule: longest silence of a direct path before it counts as failed.
+    pub dead_path: Duration,
+    /// Link protocol version offered to peers.
+    pub link_version: u32,
 }
 
 /// The client's handle on a running link task.
@@ -644,9 +724,12 @@ impl LinkHandle {
                 sent_server: 0,
                 sent_direct: 0,
                 resent: 0,
+                next_part_msg: 1,
             }),
             events: ctx.events.clone(),
             recv: tokio::sync::Mutex::new(RecvState::default()),
+            parts: Mutex::new(parts::Parts::default()),
+            direct_rx: Mutex::new(None),
             counters: Counters::default(),
         });
         let handle = LinkHandle {
@@ -672,6 +755,9 @@ impl LinkHandle {
             gen: 0,
             r_open: false,
             u_open: false,
+            u2_open: false,
+            version: 1,
+            direct_since: None,
             connected: false,
             peer_ready: 0,
             retry_at: None,
@@ -786,6 +872,7 @@ impl LinkHandle {
             resent: send.resent,
             duplicates: get(&c.duplicates),
             path_changes: get(&c.path_changes),
+            unreliable_dropped: get(&c.unreliable_dropped),
             candidates_host: get(&c.candidates_host),
             candidates_srflx: get(&c.candidates_srflx),
             candidates_relay: get(&c.candidates_relay),
@@ -813,10 +900,15 @@ enum LinkSignal {
     Offer {
         gen: u32,
         sdp: String,
+        /// Link protocol version of the sender; absent from version 1 peers.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<u32>,
     },
     Answer {
         gen: u32,
         sdp: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<u32>,
     },
     Candidate {
         gen: u32,
@@ -824,9 +916,7 @@ enum LinkSignal {
         candidate: serde_json::Value,
     },
     /// The responder will not make a direct path (direct paths are off on its side).
-    Decline {
-        gen: u32,
-    },
+    Decline { gen: u32 },
 }
 
 struct Unacked {
@@ -851,6 +941,12 @@ struct LinkTask {
     gen: u32,
     r_open: bool,
     u_open: bool,
+    /// The in-band unreliable channel is open (version 2).
+    u2_open: bool,
+    /// Link protocol version of the current generation (the lower of the two ends').
+    version: u32,
+    /// When the link last moved onto the direct path (dead-path rule).
+    direct_since: Option<Instant>,
     connected: bool,
     /// Highest generation whose channels the peer reported open.
     peer_ready: u32,
@@ -879,6 +975,7 @@ impl LinkTask {
             let ack_at = self.ack_deadline.unwrap_or_else(far);
             let retry_at = self.retry_at.unwrap_or_else(far);
             let connect_by = self.connect_by.unwrap_or_else(far);
+            let dead_at = self.dead_path_deadline();
             tokio::select! {
                 biased;
                 input = rx.recv() => match input {
@@ -898,11 +995,35 @@ impl LinkTask {
                     self.rtc_failed(&format!("not connected within {CONNECT_TIMEOUT:?}")).await;
                 }
                 _ = ping.tick() => self.send_ping().await,
+                _ = sleep_until(dead_at.unwrap_or_else(far)), if dead_at.is_some() => {
+                    // Re-checked: a frame may have arrived since the deadline was computed.
+                    if self.dead_path_deadline().is_some_and(|at| at <= TokioInstant::now()) {
+                        let why = format!(
+                            "nothing received on the direct path for {:?}",
+                            self.ctx.dead_path
+                        );
+                        self.downgrade(&why).await;
+                        self.rtc_failed(&why).await;
+                    }
+                }
             }
         }
         if let Some(rtc) = self.rtc.take() {
             rtc.close();
         }
+    }
+
+    /// Dead-path rule (PROTOCOL.md §8.7): while direct, the path has failed when nothing has
+    /// arrived on the current generation's channels for `dead_path` since the later of the
+    /// upgrade and the last frame. Both ends probe every second, so a live path is never
+    /// silent that long, whatever ICE reports.
+    fn dead_path_deadline(&self) -> Option<TokioInstant> {
+        let since = self.direct_since?;
+        let last = match *self.shared.direct_rx.lock().expect("direct rx lock") {
+            Some((gen, at)) if gen == self.gen => at.max(since),
+            _ => since,
+        };
+        Some(TokioInstant::from_std(last + self.ctx.dead_path))
     }
 
     fn publish(&self) {
@@ -1008,9 +1129,14 @@ impl LinkTask {
             .await;
     }
 
+    /// The channels this generation needs are open: "r", "u" and, for version 2, "u2".
+    fn channels_open(&self) -> bool {
+        self.r_open && self.u_open && (self.version < 2 || self.u2_open)
+    }
+
     async fn maybe_upgrade(&mut self) {
         if self.direct_up()
-            || !(self.r_open && self.u_open && self.connected && self.peer_ready >= self.gen)
+            || !(self.channels_open() && self.connected && self.peer_ready >= self.gen)
         {
             return;
         }
@@ -1022,6 +1148,7 @@ impl LinkTask {
         self.had_direct = true;
         self.pair = Some(pair);
         self.shared.lock_send().direct = Some(rtc.tx());
+        self.direct_since = Some(Instant::now());
         self.set_path(pair.path()).await;
         self.send_ping().await;
     }
@@ -1034,6 +1161,7 @@ impl LinkTask {
             peer = self.peer,
             "direct path lost ({why}); back to the server path"
         );
+        self.direct_since = None;
         self.set_path(Path::Server).await;
         // Everything not acknowledged may have died with the direct path. New frames go on the
         // server path from the moment `direct` is cleared, in the same critical section.
@@ -1065,8 +1193,10 @@ impl LinkTask {
         };
         self.reset_rtc();
         self.gen += 1;
+        // Known once the answer arrives.
+        self.version = 1;
         match factory
-            .create(self.gen, self.shared.ctl.clone(), self.frame_sink())
+            .create(self.gen, self.shared.ctl.clone(), self.frame_sink(self.gen))
             .await
         {
             Ok(rtc) => match rtc.offer().await {
@@ -1074,7 +1204,8 @@ impl LinkTask {
                     self.rtc = Some(rtc);
                     self.connect_by = Some(TokioInstant::now() + CONNECT_TIMEOUT);
                     let gen = self.gen;
-                    self.signal(LinkSignal::Offer { gen, sdp }).await;
+                    let version = Some(self.ctx.link_version);
+                    self.signal(LinkSignal::Offer { gen, sdp, version }).await;
                 }
                 Err(e) => {
                     rtc.close();
@@ -1088,14 +1219,16 @@ impl LinkTask {
         }
     }
 
-    /// Incoming direct-path frames are handled in the data channel's read loop (no hop through
-    /// this task). A weak reference: the channel's handler must not keep the link alive.
-    fn frame_sink(&self) -> FrameSink {
+    /// Incoming direct-path frames of generation `gen` are handled in the data channel's read
+    /// loop (no hop through this task), and their arrival is noted for the dead-path rule. A
+    /// weak reference: the channel's handler must not keep the link alive.
+    fn frame_sink(&self, gen: u32) -> FrameSink {
         let shared: Weak<LinkShared> = Arc::downgrade(&self.shared);
         Arc::new(move |frame| {
             let shared = shared.clone();
             Box::pin(async move {
                 if let Some(shared) = shared.upgrade() {
+                    *shared.direct_rx.lock().expect("direct rx lock") = Some((gen, Instant::now()));
                     shared.receive(frame, true).await;
                 }
             })
@@ -1108,6 +1241,7 @@ impl LinkTask {
         }
         self.r_open = false;
         self.u_open = false;
+        self.u2_open = false;
         self.connected = false;
         self.connect_by = None;
     }
@@ -1161,7 +1295,7 @@ impl LinkTask {
             }
         };
         match sig {
-            LinkSignal::Offer { gen, sdp } => {
+            LinkSignal::Offer { gen, sdp, version } => {
                 let Some(factory) = self.ctx.rtc.clone() else {
                     tracing::debug!(
                         peer = self.peer,
@@ -1176,8 +1310,9 @@ impl LinkTask {
                 self.downgrade("peer restarted the connection").await;
                 self.reset_rtc();
                 self.gen = gen;
+                self.version = version.unwrap_or(1).clamp(1, self.ctx.link_version);
                 let mut rtc = match factory
-                    .create(gen, self.shared.ctl.clone(), self.frame_sink())
+                    .create(gen, self.shared.ctl.clone(), self.frame_sink(gen))
                     .await
                 {
                     Ok(r) => r,
@@ -1191,7 +1326,13 @@ impl LinkTask {
                     Ok(answer) => {
                         self.rtc = Some(rtc);
                         self.connect_by = Some(TokioInstant::now() + CONNECT_TIMEOUT);
-                        self.signal(LinkSignal::Answer { gen, sdp: answer }).await;
+                        let version = Some(self.ctx.link_version);
+                        self.signal(LinkSignal::Answer {
+                            gen,
+                            sdp: answer,
+                            version,
+                        })
+                        .await;
                     }
                     Err(e) => {
                         rtc.close();
@@ -1208,13 +1349,21 @@ impl LinkTask {
                     self.rtc_failed("the peer does not take direct paths").await;
                 }
             }
-            LinkSignal::Answer { gen, sdp } => {
+            LinkSignal::Answer { gen, sdp, version } => {
                 if gen != self.gen {
                     return;
                 }
                 if let Some(rtc) = &mut self.rtc {
                     if let Err(e) = rtc.accept_answer(sdp).await {
-                        self.rtc_failed(&format!("applying answer: {e}")).await;
+                        return self.rtc_failed(&format!("applying answer: {e}")).await;
+                    }
+                    self.version = version.unwrap_or(1).clamp(1, self.ctx.link_version);
+                    if self.version >= 2 {
+                        if let Err(e) = rtc.open_inband().await {
+                            return self
+                                .rtc_failed(&format!("opening the unreliable channel: {e}"))
+                                .await;
+                        }
                     }
                 }
             }
@@ -1229,6 +1378,22 @@ impl LinkTask {
                 }
             }
         }
+    }
+
+    fn use_inband(&mut self, ch: Inband) {
+        if let Some(rtc) = &mut self.rtc {
+            rtc.use_inband(ch);
+        }
+    }
+
+    /// A channel opened: tell the peer once all of this generation's are (READY), and move to
+    /// the direct path if everything else is in place.
+    async fn channels_opened(&mut self, was_open: bool) {
+        if !was_open && self.channels_open() {
+            let ready = LinkFrame::Ready { gen: self.gen }.encode();
+            self.relay(&ready).await;
+        }
+        self.maybe_upgrade().await;
     }
 
     async fn on_rtc(&mut self, event: RtcEvent) {
@@ -1246,16 +1411,21 @@ impl LinkTask {
                 self.signal(LinkSignal::Candidate { gen, candidate }).await;
             }
             RtcEvent::Open(ch) => {
-                let was_open = self.r_open && self.u_open;
+                let was_open = self.channels_open();
                 match ch {
                     Channel::Reliable => self.r_open = true,
                     Channel::Unreliable => self.u_open = true,
                 }
-                if !was_open && self.r_open && self.u_open {
-                    let ready = LinkFrame::Ready { gen: self.gen }.encode();
-                    self.relay(&ready).await;
+                self.channels_opened(was_open).await;
+            }
+            RtcEvent::InbandOpen(ch) => {
+                if self.version < 2 {
+                    return; // not offered: the peer breaks the protocol; "u" stays in use
                 }
-                self.maybe_upgrade().await;
+                let was_open = self.channels_open();
+                self.u2_open = true;
+                self.use_inband(ch);
+                self.channels_opened(was_open).await;
             }
             RtcEvent::Closed => {
                 self.downgrade("data channel closed").await;

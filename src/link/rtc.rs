@@ -1,4 +1,5 @@
-//! The direct path: one webrtc-rs PeerConnection with two pre-negotiated data channels.
+//! The direct path: one webrtc-rs PeerConnection with two pre-negotiated data channels, and
+//! (link protocol version 2) an in-band unreliable one.
 //!
 //! This is the only module that names webrtc-rs types; everything above it speaks in
 //! [`RtcEvent`], [`Channel`] and [`CandidateType`], so a move to another WebRTC stack touches
@@ -39,12 +40,24 @@ const DC_LOW: usize = 512 << 10;
 /// on the direct path; above it they take the server path. Half of webrtc-sctp's 128 KiB
 /// pending queue, so that such a send (almost) never has to wait for room.
 pub(crate) const OWN_QUEUE_MAX: usize = 64 << 10;
+/// Most bytes the in-band unreliable channel (version 2) may have queued (sent and not yet
+/// acknowledged) for another unreliable message to be handed to it; beyond that the message is
+/// dropped, as at a full UDP socket buffer (Linux's default is 208 KiB). webrtc-sctp sends
+/// every queued unordered chunk before any ordered one, so an unbounded unreliable queue on a
+/// congested path would starve the reliable channel. (Version 1's "u" is ordered, queued in
+/// turn with "r", and needs no bound.)
+pub(crate) const UNRELIABLE_QUEUE_MAX: usize = 256 << 10;
 
 /// Data channel labels and pre-negotiated stream ids (both sides create them identically).
 const RELIABLE_LABEL: &str = "r";
 const RELIABLE_ID: u16 = 0;
 const UNRELIABLE_LABEL: &str = "u";
 const UNRELIABLE_ID: u16 = 1;
+/// Label of the in-band (DCEP) unreliable channel of a version 2 generation, opened by the
+/// initiator. webrtc-rs applies the reliability options of an in-band channel (unordered, no
+/// retransmissions) on both ends, and those of a pre-negotiated one on neither
+/// (`docs/notes/sctp-unreliable.md`).
+const INBAND_LABEL: &str = "u2";
 
 /// Which of the two data channels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,10 +85,52 @@ pub(crate) enum RtcEvent {
     /// shape).
     Candidate(serde_json::Value),
     Open(Channel),
+    /// The in-band unreliable channel is open (either end may have created it).
+    InbandOpen(Inband),
     Closed,
     State(ConnState),
     /// ICE selected a (new) candidate pair.
     PairSelected,
+}
+
+/// An open in-band unreliable channel, handed to the link task to send on.
+pub(crate) struct Inband(Arc<RTCDataChannel>);
+
+impl std::fmt::Debug for Inband {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Inband({})", self.0.id())
+    }
+}
+
+/// Report a channel's open and close to the link and feed its messages to `on_frame`. The
+/// handlers hold the channel weakly: they live inside it.
+fn wire_channel(
+    dc: &Arc<RTCDataChannel>,
+    gen: u32,
+    tx: &UnboundedSender<LinkInput>,
+    on_frame: &FrameSink,
+    open: impl Fn(&Arc<RTCDataChannel>) -> RtcEvent + Send + Sync + 'static,
+) {
+    let (t, weak) = (tx.clone(), Arc::downgrade(dc));
+    dc.on_open(Box::new(move || {
+        if let Some(dc) = weak.upgrade() {
+            let _ = t.send(LinkInput::Rtc {
+                gen,
+                event: open(&dc),
+            });
+        }
+        Box::pin(async {})
+    }));
+    let t = tx.clone();
+    dc.on_close(Box::new(move || {
+        let _ = t.send(LinkInput::Rtc {
+            gen,
+            event: RtcEvent::Closed,
+        });
+        Box::pin(async {})
+    }));
+    let sink = on_frame.clone();
+    dc.on_message(Box::new(move |msg| sink(msg.data)));
 }
 
 /// Where a PeerConnection's incoming messages go.
@@ -241,24 +296,31 @@ impl RtcFactory {
         }))
         .await;
         for (dc, ch) in [(&r, Channel::Reliable), (&u, Channel::Unreliable)] {
-            let t = tx.clone();
-            dc.on_open(Box::new(move || {
-                send(&t, RtcEvent::Open(ch));
-                Box::pin(async {})
-            }));
-            let t = tx.clone();
-            dc.on_close(Box::new(move || {
-                send(&t, RtcEvent::Closed);
-                Box::pin(async {})
-            }));
-            let sink = on_frame.clone();
-            dc.on_message(Box::new(move |msg| sink(msg.data)));
+            wire_channel(dc, gen, &tx, &on_frame, move |_| RtcEvent::Open(ch));
         }
+        // The responder's end of a version 2 generation's in-band channel.
+        let (t, sink) = (tx.clone(), on_frame.clone());
+        pc.on_data_channel(Box::new(move |dc: Arc<RTCDataChannel>| {
+            if dc.label() == INBAND_LABEL && !dc.negotiated() {
+                wire_channel(&dc, gen, &t, &sink, |dc| {
+                    RtcEvent::InbandOpen(Inband(dc.clone()))
+                });
+            } else {
+                tracing::debug!(label = dc.label(), "closing an unexpected data channel");
+                tokio::spawn(async move {
+                    let _ = dc.close().await;
+                });
+            }
+            Box::pin(async {})
+        }));
         Ok(Rtc {
             gen,
             pc,
             r,
             u,
+            u2: None,
+            tx,
+            on_frame,
             drained,
             remote_set: false,
             pending: Vec::new(),
@@ -272,7 +334,11 @@ impl RtcFactory {
 pub(crate) struct DirectTx {
     /// Generation of the PeerConnection these channels belong to.
     pub(crate) gen: u32,
+    /// Link protocol version 2 or later: unreliable messages longer than one SCTP chunk are
+    /// split into parts (`MAX_DIRECT_UNRELIABLE_FRAME`).
+    pub(crate) split: bool,
     r: Arc<RTCDataChannel>,
+    /// The unreliable channel in use: the in-band one (version 2) or "u".
     u: Arc<RTCDataChannel>,
     /// Signaled when the reliable channel's queue drains below `DC_LOW`.
     drained: Arc<tokio::sync::Notify>,
@@ -313,6 +379,13 @@ impl DirectTx {
         Some(r + u)
     }
 
+    /// Bytes the unreliable channel has queued, if that can be told without waiting (`None`
+    /// while a send holds the channel).
+    pub(crate) fn unreliable_queued_now(&self) -> Option<usize> {
+        use futures_util::FutureExt;
+        self.u.buffered_amount().now_or_never()
+    }
+
     /// [`DirectTx::send`] as a future that owns what it needs (to finish on a task of its own).
     pub(crate) fn send_owned(
         &self,
@@ -347,6 +420,10 @@ pub(crate) struct Rtc {
     pc: Arc<RTCPeerConnection>,
     r: Arc<RTCDataChannel>,
     u: Arc<RTCDataChannel>,
+    /// The in-band unreliable channel, once open (version 2).
+    u2: Option<Arc<RTCDataChannel>>,
+    tx: UnboundedSender<LinkInput>,
+    on_frame: FrameSink,
     drained: Arc<tokio::sync::Notify>,
     remote_set: bool,
     pending: Vec<RTCIceCandidateInit>,
@@ -449,12 +526,38 @@ impl Rtc {
         }
     }
 
+    /// Initiator of a version 2 generation: open the in-band unreliable channel (reported by
+    /// [`RtcEvent::InbandOpen`] once open).
+    pub(crate) async fn open_inband(&self) -> Result<(), webrtc::Error> {
+        let dc = self
+            .pc
+            .create_data_channel(
+                INBAND_LABEL,
+                Some(RTCDataChannelInit {
+                    ordered: Some(false),
+                    max_retransmits: Some(0),
+                    ..Default::default()
+                }),
+            )
+            .await?;
+        wire_channel(&dc, self.gen, &self.tx, &self.on_frame, |dc| {
+            RtcEvent::InbandOpen(Inband(dc.clone()))
+        });
+        Ok(())
+    }
+
+    /// Send unreliable frames on this in-band channel from now on.
+    pub(crate) fn use_inband(&mut self, ch: Inband) {
+        self.u2 = Some(ch.0);
+    }
+
     /// The sending half, for senders outside the link task.
     pub(crate) fn tx(&self) -> DirectTx {
         DirectTx {
             gen: self.gen,
+            split: self.u2.is_some(),
             r: self.r.clone(),
-            u: self.u.clone(),
+            u: self.u2.clone().unwrap_or_else(|| self.u.clone()),
             drained: self.drained.clone(),
         }
     }
