@@ -6,7 +6,7 @@ co-member: relay-first on the server path, then the WebRTC direct path (pre-nego
 channels "r" and "u", READY, generations), with the link layer of §8 (DATA/ACK/UNRELIABLE/
 PING/PONG/READY, in-order reliable delivery across path changes).
 
-Link protocol version 2 (docs/notes/link-v2.md) by default: "version" in offer/answer, the
+Link protocol version 2 (docs/PROTOCOL.md §7.6) by default: "version" in offer/answer, the
 in-band channel "u2" for UNRELIABLE/UNRELIABLE_PART/PING/PONG, direct unreliable frames of at
 most 1024 bytes (longer messages split into UNRELIABLE_PART), and the dead-path rule.
 `--link-version 1` makes it a pure version 1 peer.
@@ -85,14 +85,15 @@ MAX_PINGS = 8
 SEND_WINDOW = 8 << 20
 FRAGMENT_OVERHEAD = 64
 
-# Link protocol version 2 (docs/notes/link-v2.md).
+# Link protocol version 2 (docs/PROTOCOL.md §7.6).
 LINK_VERSION = 2
 MAX_DIRECT_UNRELIABLE_FRAME = 1024  # one SCTP chunk at every known stack
 PART_HEADER = 9  # [0x16][msg u32][index u16][count u16]
 PART_BYTES = MAX_DIRECT_UNRELIABLE_FRAME - PART_HEADER  # 1015
 MAX_PARTS = 17
 PART_EXPIRY = 1.0
-PART_MAX_HELD = 256 << 10
+PART_MAX_HELD = 256 << 10  # parts held in all, each counted as its bytes + PART_OVERHEAD
+PART_OVERHEAD = 64
 PART_DONE_MAX = 4096
 DEAD_PATH_TIMEOUT = 3.0
 
@@ -132,12 +133,12 @@ def part_frames(msg, payload):
 
 class PartReassembly:
     """UNRELIABLE_PART frames (from any path) back into whole messages, each delivered once;
-    incomplete ones expire PART_EXPIRY after their first part; at most PART_MAX_HELD bytes held,
-    the oldest message evicted first."""
+    incomplete ones expire PART_EXPIRY after their first part; at most PART_MAX_HELD held (each
+    part counted as its bytes + 64), the oldest message evicted first (§7.6)."""
 
     def __init__(self, stats):
         self.stats = stats
-        self.msgs = collections.OrderedDict()  # msg -> [count, parts dict, length, first at]
+        self.msgs = collections.OrderedDict()  # msg -> [count, parts, length, first at, cost]
         self.held = 0
         self.done = collections.OrderedDict()  # msg -> completed at
 
@@ -149,29 +150,31 @@ class PartReassembly:
             return self.drop()
         _, msg, index, count = struct.unpack_from(">BIHH", frame)
         data = bytes(frame[PART_HEADER:])
-        if count < 2 or count > MAX_PARTS or index >= count or msg in self.done:
+        if count < 2 or count > MAX_PARTS or index >= count or len(data) > PART_BYTES:
+            return self.drop()
+        if msg in self.done:
             return self.drop()
         m = self.msgs.get(msg)
         if m is not None:
             if count != m[0] or index in m[1] or m[2] + len(data) > MAX_UNRELIABLE:
                 return self.drop()
         else:
-            if len(data) > MAX_UNRELIABLE:
-                return self.drop()
-            m = self.msgs[msg] = [count, {}, 0, now]
+            m = self.msgs[msg] = [count, {}, 0, now, 0]
+        cost = len(data) + PART_OVERHEAD
         for old in list(self.msgs):  # room for it: oldest messages first, never this one
-            if self.held + len(data) <= PART_MAX_HELD:
+            if self.held + cost <= PART_MAX_HELD:
                 break
             if old != msg:
-                self.held -= self.msgs.pop(old)[2]
+                self.held -= self.msgs.pop(old)[4]
                 self.stats["parts_expired"] += 1
         m[1][index] = data
         m[2] += len(data)
-        self.held += len(data)
+        m[4] += cost
+        self.held += cost
         if len(m[1]) < count:
             return None
         del self.msgs[msg]
-        self.held -= m[2]
+        self.held -= m[4]
         self.done[msg] = now
         if len(self.done) > PART_DONE_MAX:
             self.done.popitem(last=False)
@@ -189,7 +192,7 @@ class PartReassembly:
             if now - m[3] < PART_EXPIRY:
                 break
             del self.msgs[msg]
-            self.held -= m[2]
+            self.held -= m[4]
             self.stats["parts_expired"] += 1
         while self.done and now - next(iter(self.done.values())) >= PART_EXPIRY:
             self.done.popitem(last=False)
@@ -541,7 +544,7 @@ class Link:
             self.reset_rtt()
             out(f"path {self.name} {self.path}")
             self.last_direct_recv = time.monotonic()
-            if self.version >= 2:
+            if self.s.link_version >= 2:  # every generation; a pure v1 peer predates the rule
                 self.arm_dead_timer(self.pc, self.s.dead_path_timeout)
             self.send_ping()
 
@@ -552,14 +555,14 @@ class Link:
         return self.version < 2 or self.u2_open
 
     def arm_dead_timer(self, pc, delay):
-        """Dead-path rule (link v2): while direct, nothing at all on the current generation's
+        """Dead-path rule (§8.7): while direct, nothing at all on the current generation's
         channels for --dead-path-timeout means the direct path has failed, whatever ICE says."""
         if self.dead_timer is not None:
             self.dead_timer.cancel()
 
         def check():
             self.dead_timer = None
-            if self.closed or self.pc is not pc or not self.is_direct() or self.version < 2:
+            if self.closed or self.pc is not pc or not self.is_direct():
                 return
             limit = self.s.dead_path_timeout
             idle = time.monotonic() - self.last_direct_recv
@@ -1192,7 +1195,8 @@ def main():
         "--dead-path-timeout",
         type=float,
         default=DEAD_PATH_TIMEOUT,
-        help="seconds without any frame on a direct path before it is given up (link v2)",
+        help="seconds without any frame on a direct path before it is given up (§8.7; not with "
+        "--link-version 1)",
     )
     parser.add_argument("--verbose", "-v", action="store_true")
     args = parser.parse_args()

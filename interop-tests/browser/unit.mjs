@@ -80,16 +80,17 @@ check('drop rules', () => {
   assert.equal(r.push(part(1, 0, 1, b)), null); // count < 2
   assert.equal(r.push(part(1, 0, 18, b)), null); // count > 17
   assert.equal(r.push(new Uint8Array([K_PART, 0, 0, 0])), null); // too short
-  assert.equal(stats.partsDropped, 4);
+  assert.equal(r.push(part(1, 0, 2, pattern(1016))), null); // part longer than 1015
+  assert.equal(stats.partsDropped, 5);
   assert.equal(r.msgs.size, 0);
   assert.equal(r.push(part(2, 0, 3, b)), null);
   assert.equal(r.push(part(2, 1, 4, b)), null); // count differs from the first part's
   assert.equal(r.push(part(2, 0, 3, b)), null); // repeated index
-  assert.equal(stats.partsDropped, 6);
+  assert.equal(stats.partsDropped, 7);
   // Longer than 16384 in all: 17 parts of 1015 would be 17255 bytes.
   for (let i = 0; i < 16; i++) assert.equal(r.push(part(3, i, 17, b)), null);
   assert.equal(r.push(part(3, 16, 17, b)), null);
-  assert.equal(stats.partsDropped, 7);
+  assert.equal(stats.partsDropped, 8);
   // The rest completes normally.
   const whole = r.push(part(2, 1, 3, b)) ?? r.push(part(2, 2, 3, pattern(10)));
   assert.equal(whole.length, 2 * 1015 + 10);
@@ -106,7 +107,7 @@ check('incomplete messages expire 1 s after their first part', () => {
   now = 1000;
   assert.equal(r.push(f[2]), null); // too late: the message was dropped, this starts a new one
   assert.equal(stats.partsExpired, 1);
-  assert.equal(r.held, f[2].length - 9);
+  assert.equal(r.held, f[2].length - 9 + 64);
   now = 2000;
   r.expire();
   assert.equal(r.msgs.size, 0);
@@ -120,17 +121,17 @@ check('incomplete messages expire 1 s after their first part', () => {
   assert.deepEqual(r.push(g[1]), pattern(3000, 1));
 });
 
-check('at most 256 KiB held, the oldest message evicted first', () => {
+check('at most 256 KiB held (bytes + 64 a part), the oldest message evicted first', () => {
   const stats = newStats();
   const r = new PartReassembly(stats, () => 0);
   const msgs = [];
-  for (let m = 1; m <= 17; m++) msgs.push(partFrames(m, pattern(16384, m)));
-  // 16 parts of each of 16 messages: 259840 bytes.
-  for (let m = 0; m < 16; m++) for (let i = 0; i < 16; i++) r.push(msgs[m][i]);
-  assert.equal(r.held, 16 * 16 * 1015);
+  for (let m = 1; m <= 16; m++) msgs.push(partFrames(m, pattern(16384, m)));
+  // 16 parts of each of 15 messages: 240 * 1079 = 258960.
+  for (let m = 0; m < 15; m++) for (let i = 0; i < 16; i++) r.push(msgs[m][i]);
+  assert.equal(r.held, 15 * 16 * (1015 + 64));
   assert.equal(stats.partsExpired, 0);
-  // Message 17: its third part no longer fits, so message 1 goes.
-  for (let i = 0; i < 3; i++) r.push(msgs[16][i]);
+  // Message 16: its third part no longer fits, so message 1 goes.
+  for (let i = 0; i < 3; i++) r.push(msgs[15][i]);
   assert.equal(stats.partsExpired, 1);
   assert.ok(!r.msgs.has(1));
   assert.ok(r.held <= 256 << 10);
@@ -244,7 +245,7 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
   const pc = { close: () => closed++ };
   link.pc = pc;
   link.path = 'direct host/host';
-  link.version = 2;
+  link.version = 1; // the rule holds in every generation (section 8.7)
   link.r = channel('r');
   link.u = channel('u');
   link.u2 = channel('u2');

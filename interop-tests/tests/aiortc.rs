@@ -3,7 +3,7 @@
 //! server. Both directions, reliable (in order across the server → direct switch) and
 //! unreliable, with the aiortc peer as WebRTC initiator and as responder; and a direct path cut
 //! with nft mid-stream (fallback to the server path and back, nothing lost). Link protocol
-//! version 2 (docs/notes/link-v2.md): max-size unreliable messages both ways, a version 1
+//! version 2 (docs/PROTOCOL.md §7.6): max-size unreliable messages both ways, a version 1
 //! peer.py (`--link-version 1`) against the native client, and max-size unreliable messages
 //! under 5 % random UDP loss followed by reliable ones.
 //!
@@ -696,7 +696,7 @@ async fn aiortc_initiator_accepts_a_decline() {
 /// Link protocol v2 under loss: with 5 % of the direct path's UDP dropped at random, the aiortc
 /// peer sends max-size (16384-byte) unreliable messages to the native peer, then reliable ones.
 /// Every reliable message arrives, in order, the first within 2 s of being sent: no unreliable
-/// fragment left behind by a loss may hold the receiver's SCTP window (docs/notes/link-v2.md).
+/// fragment left behind by a loss may hold the receiver's SCTP window (docs/PROTOCOL.md §7.6).
 /// The link keeps working after the loss stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aiortc_max_size_unreliable_under_loss_then_reliable() {

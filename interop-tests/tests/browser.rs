@@ -1579,7 +1579,7 @@ fn log_native(mut events: Events, from: PeerId) -> Arc<Mutex<LossLog>> {
 /// messages, then `LOSSY_RELIABLE` reliable ones. Every reliable message arrives, in order, the
 /// first within 2 s of being sent, all of it on the direct path, which survives: no fragment of
 /// an unreliable message lost on the way may hold the receiver's SCTP window
-/// (docs/notes/link-v2.md). Then the loss stops and the link keeps working both ways.
+/// (docs/PROTOCOL.md §7.6). Then the loss stops and the link keeps working both ways.
 async fn max_size_unreliable_under_loss(browser_sends: bool, ports: (u16, u16)) {
     let ns = Netns::create();
     let server = server_on(&ns, TurnMode::Disabled).await;

@@ -60,8 +60,8 @@ export interface ConnectOptions {
   /** How long join()/leave() wait for the server (ms, default 10000). */
   requestTimeout?: number;
   /**
-   * A direct path (link protocol v2) on which nothing at all has arrived for this long is given
-   * up: back to the server path, and a new connection attempt (ms, default 3000).
+   * A direct path on which nothing at all has arrived for this long is given up: back to the
+   * server path, and a new connection attempt (ms, default 3000; docs/PROTOCOL.md §8.7).
    */
   deadPathTimeoutMs?: number;
 }
@@ -90,7 +90,7 @@ export interface LinkStats {
   unreliableJoined: number;
   /** UNRELIABLE_PART frames dropped as malformed, repeated or too long. */
   partsDropped: number;
-  /** Incomplete split messages discarded (1 s old, or evicted to stay within 256 KiB). */
+  /** Incomplete split messages discarded (1 s old, or evicted to stay within 256 KiB of parts). */
   partsExpired: number;
   /** Direct paths given up because nothing arrived on them for deadPathTimeoutMs. */
   deadPaths: number;

@@ -1,5 +1,5 @@
 // peermesh.js: the browser client of peermesh (wire protocol v1, docs/PROTOCOL.md; link protocol
-// version 2, docs/notes/link-v2.md).
+// version 2, section 7.6).
 //
 //   import { connect } from '/peermesh.js';
 //   const client = await connect({ name: 'alice' });          // ws(s)://<this host>/ws
@@ -13,7 +13,7 @@
 // reliable message. No build step, no dependencies. Types: /peermesh.d.ts.
 
 export const PROTOCOL_VERSION = 1;
-/** The link protocol version this client speaks (offer/answer "version", docs/notes/link-v2.md). */
+/** The link protocol version this client speaks (offer/answer "version", docs/PROTOCOL.md §7.6). */
 export const LINK_VERSION = 2;
 /** Largest unreliable message (bytes); also the size of one reliable fragment. */
 export const MAX_UNRELIABLE_SIZE = 16384;
@@ -40,7 +40,8 @@ const PART_HEADER = 9; // [0x16][msg u32][index u16][count u16]
 const PART_BYTES = MAX_DIRECT_UNRELIABLE_FRAME - PART_HEADER; // 1015
 const MAX_PARTS = Math.ceil(16384 / PART_BYTES); // 17
 const PART_EXPIRY_MS = 1000; // an incomplete split message is dropped this long after its first part
-const PART_MAX_HELD = 256 << 10; // bytes of parts held in all
+const PART_MAX_HELD = 256 << 10; // parts held in all, each counted as its bytes + PART_OVERHEAD
+const PART_OVERHEAD = 64;
 const PART_DONE_MAX = 4096; // ids of recently completed split messages remembered (deliver once)
 // Direct path with nothing received on the current generation's channels for this long: dead.
 const DEAD_PATH_TIMEOUT_MS = 3000;
@@ -151,14 +152,14 @@ function partFrames(msg, bytes) {
   return frames;
 }
 
-// Reassembly of UNRELIABLE_PART frames (from any path): a message is delivered once, when all its
-// parts are there; incomplete ones expire PART_EXPIRY_MS after their first part; at most
-// PART_MAX_HELD bytes are held (the oldest message goes first).
+// Reassembly of UNRELIABLE_PART frames (from any path, section 7.6): a message is delivered once,
+// when all its parts are there; incomplete ones expire PART_EXPIRY_MS after their first part; at
+// most PART_MAX_HELD is held, each part counted as its bytes + 64 (the oldest message goes first).
 class PartReassembly {
   constructor(stats, now = () => performance.now()) {
     this.stats = stats; // partsDropped, partsExpired, unreliableJoined
     this.now = now;
-    this.msgs = new Map(); // msg -> {count, parts, got, len, at}, in order of first arrival
+    this.msgs = new Map(); // msg -> {count, parts, got, len, cost, at}, in order of first arrival
     this.held = 0;
     this.done = new Map(); // msg -> completed at
   }
@@ -173,31 +174,33 @@ class PartReassembly {
     const index = dv.getUint16(5);
     const count = dv.getUint16(7);
     const bytes = frame.subarray(PART_HEADER);
-    if (count < 2 || count > MAX_PARTS || index >= count || this.done.has(msg)) return this.drop();
+    if (count < 2 || count > MAX_PARTS || index >= count || bytes.length > PART_BYTES) return this.drop();
+    if (this.done.has(msg)) return this.drop();
     let m = this.msgs.get(msg);
     if (m) {
       if (count !== m.count || m.parts[index] !== undefined) return this.drop();
       if (m.len + bytes.length > MAX_UNRELIABLE_SIZE) return this.drop();
     } else {
-      if (bytes.length > MAX_UNRELIABLE_SIZE) return this.drop();
-      m = { count, parts: new Array(count), got: 0, len: 0, at: t };
+      m = { count, parts: new Array(count), got: 0, len: 0, cost: 0, at: t };
       this.msgs.set(msg, m);
     }
     // Room for it: evict whole messages, oldest first (never the one this part belongs to).
+    const cost = bytes.length + PART_OVERHEAD;
     for (const [id, old] of this.msgs) {
-      if (this.held + bytes.length <= PART_MAX_HELD) break;
+      if (this.held + cost <= PART_MAX_HELD) break;
       if (id === msg) continue;
       this.msgs.delete(id);
-      this.held -= old.len;
+      this.held -= old.cost;
       this.stats.partsExpired++;
     }
     m.parts[index] = bytes.slice();
     m.got++;
     m.len += bytes.length;
-    this.held += bytes.length;
+    m.cost += cost;
+    this.held += cost;
     if (m.got < m.count) return null;
     this.msgs.delete(msg);
-    this.held -= m.len;
+    this.held -= m.cost;
     this.done.set(msg, t);
     if (this.done.size > PART_DONE_MAX) this.done.delete(this.done.keys().next().value);
     this.stats.unreliableJoined++;
@@ -213,7 +216,7 @@ class PartReassembly {
     for (const [id, m] of this.msgs) {
       if (t - m.at < PART_EXPIRY_MS) break;
       this.msgs.delete(id);
-      this.held -= m.len;
+      this.held -= m.cost;
       this.stats.partsExpired++;
     }
     for (const [id, at] of this.done) {
@@ -343,7 +346,7 @@ export class Client extends EventTarget {
     this.maxMessageSize = Math.min(options.maxMessageSize ?? 8 << 20, this.sendWindow);
     this.connectTimeout = options.connectTimeout ?? 10000;
     this.requestTimeout = options.requestTimeout ?? 10000;
-    // A direct path (link v2) on which nothing arrives for this long is given up.
+    // A direct path on which nothing arrives for this long is given up (section 8.7).
     const dead = Number(options.deadPathTimeoutMs ?? DEAD_PATH_TIMEOUT_MS);
     this.deadPathTimeoutMs = Number.isFinite(dead) && dead > 0 ? dead : DEAD_PATH_TIMEOUT_MS;
     /** This client's peer id (from welcome). */
@@ -1156,7 +1159,7 @@ class Link {
           this.pair = pair;
           this.setPath(pathOf(pair));
           this.lastDirectRecv = performance.now();
-          if (this.version >= 2) this.armDeadTimer(pc, this.c.deadPathTimeoutMs);
+          this.armDeadTimer(pc, this.c.deadPathTimeoutMs);
           this.sendPing();
           return;
         }
@@ -1167,13 +1170,14 @@ class Link {
     }
   }
 
-  // Dead-path rule (link v2): while direct, nothing at all on the current generation's channels
-  // for deadPathTimeoutMs means the direct path has failed, whatever ICE says.
+  // Dead-path rule (section 8.7; every generation, version 1 ones too): while direct, nothing at
+  // all on the current generation's channels for deadPathTimeoutMs means the direct path has
+  // failed, whatever ICE says.
   armDeadTimer(pc, delay) {
     clearTimeout(this.deadTimer);
     this.deadTimer = setTimeout(() => {
       this.deadTimer = null;
-      if (this.closed || this.pc !== pc || !this.isDirect() || this.version < 2) return;
+      if (this.closed || this.pc !== pc || !this.isDirect()) return;
       const limit = this.c.deadPathTimeoutMs;
       const idle = performance.now() - this.lastDirectRecv;
       if (idle < limit) {
