@@ -13,7 +13,11 @@
 //!   (and, in a second row, until both sides have seen it);
 //! * RTT of 32-byte reliable messages, echoed by the peer's event loop, on the server path (a
 //!   separate pair of clients built with `with_direct(false)`) and on the direct path;
-//! * reliable throughput on the direct path with 16 KiB messages.
+//! * reliable throughput on the direct path with 16 KiB messages;
+//! * one-way latency (p50/p99) and delivery of 200-byte unreliable messages sent every 2 ms on
+//!   the direct path, with 0 % and 5 % UDP loss (nft `numgen random` on the pair's own UDP port
+//!   range; needs root), for link protocol version 2 ("u2": unordered, no retransmissions)
+//!   against version 1 ("u", which webrtc-rs 0.17 sends ordered and reliable) in the same run.
 //!
 //! In the same run, the same direct figures are taken for two bare webrtc-rs PeerConnections
 //! signaled in-process with the same two pre-negotiated data channels ("r" id 0 ordered, "u" id 1
@@ -81,6 +85,15 @@ struct Args {
     /// peermesh's (the loopback-only and mDNS settings stay).
     #[arg(long)]
     bare_defaults: bool,
+    /// Unreliable messages per latency measurement (default 500; 200 with --quick).
+    #[arg(long)]
+    unreliable_samples: Option<usize>,
+    /// Link protocol version of the peermesh pairs in the main table (default: the newest).
+    #[arg(long)]
+    link_version: Option<u32>,
+    /// Skip the unreliable latency section.
+    #[arg(long)]
+    no_unreliable: bool,
 }
 
 struct Params {
@@ -91,6 +104,11 @@ struct Params {
     step: Duration,
     bare_defaults: bool,
     bare_buffer: usize,
+    unreliable_samples: usize,
+    link_version: u32,
+    no_unreliable: bool,
+    /// nft works here (root): the unreliable latency is also measured under loss.
+    loss: bool,
 }
 
 impl Params {
@@ -111,6 +129,118 @@ struct PmRun {
     rtt_direct: Vec<f64>,
     mbps: f64,
     notes: Vec<String>,
+}
+
+/// Local UDP ports of the unreliable-latency pairs (the loss rule matches only these).
+const UNREL_PORTS: (u16, u16) = (47600, 47699);
+/// Size and spacing of the unreliable latency probes.
+const UNREL_SIZE: usize = 200;
+const UNREL_EVERY: Duration = Duration::from_millis(2);
+
+/// One-way latencies (ms) of the unreliable messages that arrived, and how many were sent.
+#[derive(Default)]
+struct UnrelRun {
+    lat: Vec<f64>,
+    sent: usize,
+}
+
+/// Unreliable one-way latency on the direct path for link protocol `version`, without loss and
+/// with 5 % loss (if nft works): (no loss, loss).
+async fn unreliable_latency(
+    url: &str,
+    version: u32,
+    i: usize,
+    p: &Params,
+) -> Result<(UnrelRun, Option<UnrelRun>)> {
+    let cfg = |name: &str| {
+        ClientConfig::new(name)
+            .with_loopback_only(true)
+            .with_udp_ports(UNREL_PORTS.0, UNREL_PORTS.1)
+            .with_link_version(version)
+    };
+    let (a, _ea) = connect(url, cfg("unrel-a"), "A", p.step).await?;
+    let (b, mut eb) = connect(url, cfg("unrel-b"), "B", p.step).await?;
+    let (a_id, b_id) = (a.peer_id(), b.peer_id());
+    let group = format!("unrel-{version}-{i}");
+    step("A joins", p.step, async { Ok(a.join(&group).await?) }).await?;
+    step("B joins", p.step, async { Ok(b.join(&group).await?) }).await?;
+    step("both direct", p.step, async {
+        // Until each has seen the other join, `path` says it is not a co-member.
+        let direct = |c: &peermesh::Client, peer| matches!(c.path(peer), Ok(Path::Direct { .. }));
+        while !(direct(&a, b_id) && direct(&b, a_id)) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    })
+    .await?;
+    let clean = unreliable_probe(&a, b_id, &mut eb, a_id, p.unreliable_samples, 0).await?;
+    let lossy = if p.loss {
+        let _loss = peermesh_interop_tests::NftTable::udp_loss("bench", UNREL_PORTS, 5);
+        let base = p.unreliable_samples as u32;
+        Some(unreliable_probe(&a, b_id, &mut eb, a_id, p.unreliable_samples, base).await?)
+    } else {
+        None
+    };
+    ensure!(
+        matches!(a.path(b_id)?, Path::Direct { .. }),
+        "version {version}: the pair left the direct path during the latency measurement"
+    );
+    a.close().await;
+    b.close().await;
+    Ok((clean, lossy))
+}
+
+/// Send `n` numbered unreliable messages A → B every `UNREL_EVERY` and time their arrival.
+async fn unreliable_probe(
+    a: &peermesh::Client,
+    b_id: peermesh::PeerId,
+    eb: &mut peermesh::Events,
+    a_id: peermesh::PeerId,
+    n: usize,
+    base: u32,
+) -> Result<UnrelRun> {
+    let mut sent_at = std::collections::HashMap::with_capacity(n);
+    let mut run = UnrelRun::default();
+    let mut tick = tokio::time::interval(UNREL_EVERY);
+    let start = Instant::now();
+    let end = UNREL_EVERY * n as u32 + Duration::from_millis(1500);
+    while run.sent < n || start.elapsed() < end {
+        tokio::select! {
+            _ = tick.tick(), if run.sent < n => {
+                let k = base + run.sent as u32;
+                let mut msg = vec![0u8; UNREL_SIZE];
+                msg[..4].copy_from_slice(&k.to_be_bytes());
+                sent_at.insert(k, Instant::now());
+                a.try_send(b_id, msg, Reliability::Unreliable)?;
+                run.sent += 1;
+            }
+            ev = eb.recv() => match ev {
+                Some(Event::Message { from, data, reliability: Reliability::Unreliable })
+                    if from == a_id && data.len() == UNREL_SIZE =>
+                {
+                    let k = u32::from_be_bytes(data[..4].try_into()?);
+                    if let Some(t) = sent_at.remove(&k) {
+                        run.lat.push(ms(t.elapsed()));
+                    }
+                }
+                Some(_) => {}
+                None => bail!("B's event stream ended"),
+            },
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+    Ok(run)
+}
+
+/// The q-quantile (nearest rank) of `v`.
+fn quantile(v: &[f64], q: f64) -> Option<f64> {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    Some(v[rank - 1])
 }
 
 /// Server-path RTT with a pair of clients that never go direct.
@@ -147,7 +277,11 @@ async fn peermesh_run(url: &str, i: usize, p: &Params) -> Result<PmRun> {
     let rtt_server = pm_server_rtt(url, i, p).await?;
     tokio::time::sleep(Duration::from_millis(50)).await;
 
-    let cfg = |name: &str| ClientConfig::new(name).with_loopback_only(true);
+    let cfg = |name: &str| {
+        ClientConfig::new(name)
+            .with_loopback_only(true)
+            .with_link_version(p.link_version)
+    };
     let (a, mut ea) = connect(url, cfg("bench-a"), "A", p.step).await?;
     let (b, mut eb) = connect(url, cfg("bench-b"), "B", p.step).await?;
     let (a_id, b_id) = (a.peer_id(), b.peer_id());
@@ -576,7 +710,24 @@ async fn run(args: Args) -> Result<()> {
         step: Duration::from_secs(args.step_timeout.max(1)),
         bare_defaults: args.bare_defaults,
         bare_buffer: args.bare_buffer_kib.max(64) << 10,
+        unreliable_samples: args
+            .unreliable_samples
+            .unwrap_or(if args.quick { 200 } else { 500 })
+            .max(10),
+        link_version: args
+            .link_version
+            .unwrap_or(peermesh::protocol::LINK_VERSION),
+        no_unreliable: args.no_unreliable,
+        loss: std::process::Command::new("nft")
+            .args(["list", "tables"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success()),
     };
+    if !p.loss {
+        eprintln!("note: nft is not usable here (root and package nftables needed): no loss rows");
+    }
     if p.runs < 20 && !args.quick {
         eprintln!("note: {} runs; the issue asks for at least 20", p.runs);
     }
@@ -594,6 +745,8 @@ async fn run(args: Args) -> Result<()> {
     let started = Instant::now();
     let mut pm_runs = Vec::with_capacity(p.runs);
     let mut bare_runs = Vec::with_capacity(p.runs);
+    // Unreliable latency per link protocol version: [v2, v1] × (no loss, 5 % loss).
+    let mut unrel: [(UnrelRun, UnrelRun); 2] = Default::default();
     for i in 0..p.runs {
         let pm = peermesh_run(&url, i, &p)
             .await
@@ -623,6 +776,39 @@ async fn run(args: Args) -> Result<()> {
         );
         for n in &pm.notes {
             eprintln!("  note: {n}");
+        }
+        // Alternate which version goes first, so both see the same machine noise.
+        let order = if i % 2 == 0 { [2, 1] } else { [1, 2] };
+        for version in order.into_iter().filter(|_| !p.no_unreliable) {
+            let (clean, lossy) = unreliable_latency(&url, version, i, &p)
+                .await
+                .with_context(|| format!("run {}: unreliable latency, version {version}", i + 1))?;
+            let slot = &mut unrel[2 - version as usize];
+            eprintln!(
+                "  unreliable v{version}: no loss p50 {:.3} p99 {:.3} ms ({}/{}){}",
+                quantile(&clean.lat, 0.5).unwrap_or(f64::NAN),
+                quantile(&clean.lat, 0.99).unwrap_or(f64::NAN),
+                clean.lat.len(),
+                clean.sent,
+                lossy.as_ref().map_or(String::new(), |l| format!(
+                    "; 5 % loss p50 {:.3} p99 {:.3} ms ({}/{})",
+                    quantile(&l.lat, 0.5).unwrap_or(f64::NAN),
+                    quantile(&l.lat, 0.99).unwrap_or(f64::NAN),
+                    l.lat.len(),
+                    l.sent
+                ))
+            );
+            slot.0.lat.extend(clean.lat);
+            slot.0.sent += clean.sent;
+            if let Some(l) = lossy {
+                slot.1.lat.extend(l.lat);
+                slot.1.sent += l.sent;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if !p.no_unreliable {
+            // Let the closed PeerConnections finish tearing down before the next run.
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
         pm_runs.push(pm);
         bare_runs.push(bare);
@@ -716,6 +902,50 @@ async fn run(args: Args) -> Result<()> {
         bare_mbps,
         1,
     ));
+    line(String::new());
+    line(format!(
+        "Unreliable one-way latency on the direct path: {UNREL_SIZE}-byte messages every {} ms, \
+         {} per run and condition, pooled over the runs; loss: nft drops 5 % of the pair's UDP \
+         packets at random.",
+        UNREL_EVERY.as_millis(),
+        p.unreliable_samples
+    ));
+    line(String::new());
+    line(
+        "| figure | version 2 (\"u2\": unordered, no retransmissions) | version 1 (\"u\": ordered, \
+         reliable at webrtc-rs 0.17) | ratio (v2/v1) |"
+            .into(),
+    );
+    line("|---|---:|---:|---:|".into());
+    let conditions: &[(&str, fn(&(UnrelRun, UnrelRun)) -> &UnrelRun)] = if p.loss {
+        &[("0 % loss", |u| &u.0), ("5 % loss", |u| &u.1)]
+    } else {
+        &[("0 % loss", |u| &u.0)]
+    };
+    for (cond, pick) in conditions {
+        let (v2, v1) = (pick(&unrel[0]), pick(&unrel[1]));
+        for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
+            let (a, b) = (quantile(&v2.lat, q), quantile(&v1.lat, q));
+            let f = |x: Option<f64>| x.map_or_else(|| "–".to_string(), |x| format!("{x:.3}"));
+            let ratio = match (a, b) {
+                (Some(a), Some(b)) if b > 0.0 && a / b < 0.01 => format!("{:.5}", a / b),
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+                _ => "–".into(),
+            };
+            line(format!(
+                "| one-way latency {name}, {cond} (ms) | {} | {} | {ratio} |",
+                f(a),
+                f(b)
+            ));
+        }
+        let pct = |u: &UnrelRun| 100.0 * u.lat.len() as f64 / u.sent.max(1) as f64;
+        line(format!(
+            "| delivered, {cond} (%) | {:.1} | {:.1} | {:.2} |",
+            pct(v2),
+            pct(v1),
+            pct(v2) / pct(v1).max(f64::MIN_POSITIVE)
+        ));
+    }
     line(String::new());
 
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
