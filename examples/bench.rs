@@ -917,7 +917,8 @@ async fn run(args: Args) -> Result<()> {
             .into(),
     );
     line("|---|---:|---:|---:|".into());
-    let conditions: &[(&str, fn(&(UnrelRun, UnrelRun)) -> &UnrelRun)] = if p.loss {
+    type Pick = fn(&(UnrelRun, UnrelRun)) -> &UnrelRun;
+    let conditions: &[(&str, Pick)] = if p.loss {
         &[("0 % loss", |u| &u.0), ("5 % loss", |u| &u.1)]
     } else {
         &[("0 % loss", |u| &u.0)]
