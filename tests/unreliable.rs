@@ -384,11 +384,6 @@ async fn link_versions_1_and_2_interoperate() {
                 .await
                 .unwrap();
         }
-        eprintln!(
-            "b version {b_version}: a {:?}\nb {:?}",
-            a.link_stats(ib).unwrap(),
-            b.link_stats(ia).unwrap()
-        );
         let (_, to_b) = expect_messages(&mut be, ia, 5, (LEN, 20), 10).await;
         let (_, to_a) = expect_messages(&mut ae, ib, 5, (LEN, 20), 10).await;
         eprintln!("b version {b_version}: unreliable {to_b}/20 to b, {to_a}/20 to a");

@@ -756,6 +756,7 @@ impl LinkHandle {
             r_open: false,
             u_open: false,
             u2_open: false,
+            peer_u2_open: false,
             version: 1,
             direct_since: None,
             connected: false,
@@ -903,12 +904,19 @@ enum LinkSignal {
         /// Link protocol version of the sender; absent from version 1 peers.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         version: Option<u32>,
+        /// Version 2: the sender asks the peer to open its "u2" reliable (unordered), because
+        /// webrtc-sctp 0.17 drops whole any packet with a FORWARD-TSN followed by other chunks
+        /// (PROTOCOL.md §7.6).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        u2_reliable: Option<bool>,
     },
     Answer {
         gen: u32,
         sdp: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         version: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        u2_reliable: Option<bool>,
     },
     Candidate {
         gen: u32,
@@ -941,8 +949,10 @@ struct LinkTask {
     gen: u32,
     r_open: bool,
     u_open: bool,
-    /// The in-band unreliable channel is open (version 2).
+    /// This end's in-band unreliable send channel is open (version 2).
     u2_open: bool,
+    /// The peer's in-band unreliable send channel is open (version 2).
+    peer_u2_open: bool,
     /// Link protocol version of the current generation (the lower of the two ends').
     version: u32,
     /// When the link last moved onto the direct path (dead-path rule).
@@ -1129,9 +1139,10 @@ impl LinkTask {
             .await;
     }
 
-    /// The channels this generation needs are open: "r", "u" and, for version 2, "u2".
+    /// The channels this generation needs are open: "r", "u" and, for version 2, both ends'
+    /// "u2".
     fn channels_open(&self) -> bool {
-        self.r_open && self.u_open && (self.version < 2 || self.u2_open)
+        self.r_open && self.u_open && (self.version < 2 || (self.u2_open && self.peer_u2_open))
     }
 
     async fn maybe_upgrade(&mut self) {
@@ -1205,7 +1216,14 @@ impl LinkTask {
                     self.connect_by = Some(TokioInstant::now() + CONNECT_TIMEOUT);
                     let gen = self.gen;
                     let version = Some(self.ctx.link_version);
-                    self.signal(LinkSignal::Offer { gen, sdp, version }).await;
+                    let u2_reliable = (self.ctx.link_version >= 2).then_some(true);
+                    self.signal(LinkSignal::Offer {
+                        gen,
+                        sdp,
+                        version,
+                        u2_reliable,
+                    })
+                    .await;
                 }
                 Err(e) => {
                     rtc.close();
@@ -1242,6 +1260,7 @@ impl LinkTask {
         self.r_open = false;
         self.u_open = false;
         self.u2_open = false;
+        self.peer_u2_open = false;
         self.connected = false;
         self.connect_by = None;
     }
@@ -1295,7 +1314,9 @@ impl LinkTask {
             }
         };
         match sig {
-            LinkSignal::Offer { gen, sdp, version } => {
+            LinkSignal::Offer {
+                gen, sdp, version, ..
+            } => {
                 let Some(factory) = self.ctx.rtc.clone() else {
                     tracing::debug!(
                         peer = self.peer,
@@ -1327,12 +1348,15 @@ impl LinkTask {
                         self.rtc = Some(rtc);
                         self.connect_by = Some(TokioInstant::now() + CONNECT_TIMEOUT);
                         let version = Some(self.ctx.link_version);
+                        let u2_reliable = (self.ctx.link_version >= 2).then_some(true);
                         self.signal(LinkSignal::Answer {
                             gen,
                             sdp: answer,
                             version,
+                            u2_reliable,
                         })
                         .await;
+                        self.open_inband().await;
                     }
                     Err(e) => {
                         rtc.close();
@@ -1349,7 +1373,9 @@ impl LinkTask {
                     self.rtc_failed("the peer does not take direct paths").await;
                 }
             }
-            LinkSignal::Answer { gen, sdp, version } => {
+            LinkSignal::Answer {
+                gen, sdp, version, ..
+            } => {
                 if gen != self.gen {
                     return;
                 }
@@ -1358,13 +1384,7 @@ impl LinkTask {
                         return self.rtc_failed(&format!("applying answer: {e}")).await;
                     }
                     self.version = version.unwrap_or(1).clamp(1, self.ctx.link_version);
-                    if self.version >= 2 {
-                        if let Err(e) = rtc.open_inband().await {
-                            return self
-                                .rtc_failed(&format!("opening the unreliable channel: {e}"))
-                                .await;
-                        }
-                    }
+                    self.open_inband().await;
                 }
             }
             LinkSignal::Candidate { gen, candidate } => {
@@ -1376,6 +1396,20 @@ impl LinkTask {
                         tracing::warn!(peer = self.peer, "remote candidate refused: {e}");
                     }
                 }
+            }
+        }
+    }
+
+    /// Version 2: open this end's in-band unreliable send channel (each end opens its own,
+    /// once its side of the offer/answer is done).
+    async fn open_inband(&mut self) {
+        if self.version < 2 {
+            return;
+        }
+        if let Some(rtc) = &self.rtc {
+            if let Err(e) = rtc.open_inband().await {
+                self.rtc_failed(&format!("opening the unreliable channel: {e}"))
+                    .await;
             }
         }
     }
@@ -1425,6 +1459,14 @@ impl LinkTask {
                 let was_open = self.channels_open();
                 self.u2_open = true;
                 self.use_inband(ch);
+                self.channels_opened(was_open).await;
+            }
+            RtcEvent::PeerInbandOpen => {
+                if self.version < 2 {
+                    return; // not offered: the peer breaks the protocol
+                }
+                let was_open = self.channels_open();
+                self.peer_u2_open = true;
                 self.channels_opened(was_open).await;
             }
             RtcEvent::Closed => {

@@ -85,8 +85,10 @@ pub(crate) enum RtcEvent {
     /// shape).
     Candidate(serde_json::Value),
     Open(Channel),
-    /// The in-band unreliable channel is open (either end may have created it).
+    /// The in-band unreliable channel this end opened (version 2) is open: send on it.
     InbandOpen(Inband),
+    /// The peer's in-band unreliable channel (version 2) is open: it receives on it.
+    PeerInbandOpen,
     Closed,
     State(ConnState),
     /// ICE selected a (new) candidate pair.
@@ -298,13 +300,14 @@ impl RtcFactory {
         for (dc, ch) in [(&r, Channel::Reliable), (&u, Channel::Unreliable)] {
             wire_channel(dc, gen, &tx, &on_frame, move |_| RtcEvent::Open(ch));
         }
-        // The responder's end of a version 2 generation's in-band channel.
+        // The peer's in-band send channel of a version 2 generation (one; any other in-band
+        // channel is closed).
         let (t, sink) = (tx.clone(), on_frame.clone());
+        let taken = Arc::new(std::sync::atomic::AtomicBool::new(false));
         pc.on_data_channel(Box::new(move |dc: Arc<RTCDataChannel>| {
-            if dc.label() == INBAND_LABEL && !dc.negotiated() {
-                wire_channel(&dc, gen, &t, &sink, |dc| {
-                    RtcEvent::InbandOpen(Inband(dc.clone()))
-                });
+            use std::sync::atomic::Ordering::SeqCst;
+            if dc.label() == INBAND_LABEL && !dc.negotiated() && !taken.swap(true, SeqCst) {
+                wire_channel(&dc, gen, &t, &sink, |_| RtcEvent::PeerInbandOpen);
             } else {
                 tracing::debug!(label = dc.label(), "closing an unexpected data channel");
                 tokio::spawn(async move {
@@ -526,8 +529,10 @@ impl Rtc {
         }
     }
 
-    /// Initiator of a version 2 generation: open the in-band unreliable channel (reported by
-    /// [`RtcEvent::InbandOpen`] once open).
+    /// Version 2: open this end's in-band unreliable send channel (reported by
+    /// [`RtcEvent::InbandOpen`] once open). Always without retransmissions: webrtc-rs sends
+    /// FORWARD-TSN in a packet of its own, so the peer's `"u2_reliable"` request (PROTOCOL.md
+    /// §7.6) may be ignored.
     pub(crate) async fn open_inband(&self) -> Result<(), webrtc::Error> {
         let dc = self
             .pc
