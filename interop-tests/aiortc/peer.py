@@ -1170,6 +1170,7 @@ class Session:
                 fields["gen"] = link.gen
                 fields["peer_ready"] = link.peer_ready
                 fields["version"] = link.version
+                fields["u2_reliable"] = int(link.u2_reliable)  # the peer asked for it
                 out(f"stats {link.name} " + " ".join(f"{k}={v}" for k, v in sorted(fields.items())))
 
 
