@@ -6,8 +6,9 @@ co-member: relay-first on the server path, then the WebRTC direct path (pre-nego
 channels "r" and "u", READY, generations), with the link layer of §8 (DATA/ACK/UNRELIABLE/
 PING/PONG/READY, in-order reliable delivery across path changes).
 
-Link protocol version 2 (docs/PROTOCOL.md §7.6) by default: "version" in offer/answer, the
-in-band channel "u2" for UNRELIABLE/UNRELIABLE_PART/PING/PONG, direct unreliable frames of at
+Link protocol version 2 (docs/PROTOCOL.md §7.6) by default: "version" in offer/answer, an
+in-band send channel "u2" opened by each end for UNRELIABLE/UNRELIABLE_PART/PING/PONG (reliable
+unordered when the peer asks with "u2_reliable": true), direct unreliable frames of at
 most 1024 bytes (longer messages split into UNRELIABLE_PART), and the dead-path rule.
 `--link-version 1` makes it a pure version 1 peer.
 
@@ -289,12 +290,15 @@ class Link:
         self.pc = None
         self.r = None
         self.u = None
-        self.u2 = None  # link v2: the in-band unreliable channel
+        self.u2 = None  # link v2: the in-band send channel this end opened
+        self.u2_in = None  # link v2: the peer's in-band "u2" (received on)
+        self.u2_reliable = False  # the peer asked for a reliable "u2" ("u2_reliable": true)
         self.gen = 0
         self.version = 0  # link protocol version of generation `gen` (0: not known yet)
         self.r_open = False
         self.u_open = False
         self.u2_open = False
+        self.u2_in_open = False
         self.connected = False
         self.last_direct_recv = 0.0  # a frame last arrived on the current generation's channels
         self.dead_timer = None
@@ -355,7 +359,8 @@ class Link:
     # ---- sending (§8.4) ------------------------------------------------------------------
 
     def unreliable_channel(self):
-        """The direct path's channel for UNRELIABLE(_PART), PING, PONG: "u2" in a v2 generation."""
+        """The direct path's channel for UNRELIABLE(_PART), PING, PONG: our own "u2" in a v2
+        generation."""
         return self.u2 if self.version >= 2 else self.u
 
     def transmit(self, frame, channel):
@@ -549,10 +554,11 @@ class Link:
             self.send_ping()
 
     def channels_open(self):
-        """Every channel of the generation is open: "r", "u", and "u2" in a v2 generation."""
+        """Every channel of the generation is open: "r", "u", and in a v2 generation both "u2"s
+        (ours and the peer's)."""
         if self.version < 1 or not (self.r_open and self.u_open):
             return False
-        return self.version < 2 or self.u2_open
+        return self.version < 2 or (self.u2_open and self.u2_in_open)
 
     def arm_dead_timer(self, pc, delay):
         """Dead-path rule (§8.7): while direct, nothing at all on the current generation's
@@ -601,8 +607,9 @@ class Link:
         pc = RTCPeerConnection(ice_servers_config(self.s.ice_servers))
         r = pc.createDataChannel("r", negotiated=True, id=0, ordered=True)
         u = pc.createDataChannel("u", negotiated=True, id=1, ordered=False, maxRetransmits=0)
-        self.pc, self.r, self.u, self.u2 = pc, r, u, None
-        self.r_open = self.u_open = self.u2_open = self.connected = self.ready_sent = False
+        self.pc, self.r, self.u, self.u2, self.u2_in = pc, r, u, None, None
+        self.r_open = self.u_open = self.u2_open = self.u2_in_open = False
+        self.connected = self.ready_sent = False
         self.remote_set = False
         self.pending_candidates = []
         self.signaled_types = {}
@@ -615,13 +622,13 @@ class Link:
 
         @pc.on("datachannel")
         def on_datachannel(ch):
-            # Link v2, responder: the initiator's in-band "u2"; any other one is closed.
-            if current() and ch.label == "u2" and self.version >= 2 and self.u2 is None:
-                log.info("%s: gen %d in-band channel u2 (id %s) arrived", self.name, self.gen, ch.id)
-                self.u2 = ch
-                self.wire_channel(pc, ch)
+            # Link v2: the peer's in-band "u2" (at most one); any other one is closed.
+            if current() and ch.label == "u2" and self.version >= 2 and self.u2_in is None:
+                log.info("%s: gen %d peer's channel u2 (id %s) arrived", self.name, self.gen, ch.id)
+                self.u2_in = ch
+                self.wire_channel(pc, ch, "u2_in")
                 if ch.readyState == "open":  # aiortc announces it open (its "open" has fired)
-                    self.channel_open(pc, "u2")
+                    self.channel_open(pc, "u2_in")
             else:
                 log.info("%s: unexpected in-band channel %r closed", self.name, ch.label)
                 ch.close()
@@ -642,14 +649,22 @@ class Link:
         return pc
 
     def open_u2(self, pc):
-        """Link v2, initiator: the in-band unreliable channel, right after a v2 answer."""
-        u2 = pc.createDataChannel("u2", ordered=False, maxRetransmits=0)
+        """Link v2: our in-band send channel "u2", opened by the initiator right after it applied
+        a v2 answer, by the responder right after it set its answer. Unreliable unless the peer
+        asked for a reliable one ("u2_reliable": true; a reliable channel never sends a
+        FORWARD-TSN)."""
+        if self.u2_reliable:
+            u2 = pc.createDataChannel("u2", ordered=False)
+        else:
+            u2 = pc.createDataChannel("u2", ordered=False, maxRetransmits=0)
+        kind = "reliable" if self.u2_reliable else "unreliable"
+        log.info("%s: gen %d opening u2 (%s)", self.name, self.gen, kind)
         self.u2 = u2
         self.wire_channel(pc, u2)
 
-    def wire_channel(self, pc, ch):
+    def wire_channel(self, pc, ch, which=None):
         """open / close / message handlers of a data channel of PeerConnection `pc`."""
-        which = ch.label
+        which = which or ch.label
 
         def current():
             return self.pc is pc and not self.closed
@@ -681,6 +696,8 @@ class Link:
             self.u_open = True
         elif which == "u2":
             self.u2_open = True
+        elif which == "u2_in":
+            self.u2_in_open = True
         log.info("%s: gen %d channel %s open", self.name, self.gen, which)
         if self.channels_open() and not self.ready_sent:
             self.ready_sent = True
@@ -703,9 +720,10 @@ class Link:
 
     def close_pc(self):
         pc = self.pc
-        self.pc = self.r = self.u = self.u2 = None
-        self.r_open = self.u_open = self.u2_open = self.connected = False
+        self.pc = self.r = self.u = self.u2 = self.u2_in = None
+        self.r_open = self.u_open = self.u2_open = self.u2_in_open = self.connected = False
         self.version = 0
+        self.u2_reliable = False
         self.disarm_connect_timer()
         if self.dead_timer is not None:
             self.dead_timer.cancel()
@@ -781,7 +799,8 @@ class Link:
             return
         kind, gen = data.get("kind"), data["gen"]
         if kind == "offer":
-            await self.on_offer(gen, data.get("sdp"), signaled_version(data))
+            u2_reliable = data.get("u2_reliable") is True
+            await self.on_offer(gen, data.get("sdp"), signaled_version(data), u2_reliable)
         elif kind == "answer":
             if not self.initiator or gen != self.gen or self.pc is None:
                 return
@@ -790,6 +809,7 @@ class Link:
                 return
             pc = self.pc
             self.version = min(self.s.link_version, signaled_version(data))
+            self.u2_reliable = data.get("u2_reliable") is True
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
                 if self.pc is pc and self.version >= 2:
@@ -818,7 +838,7 @@ class Link:
         else:
             log.warning("%s: unknown signal kind %r ignored", self.name, kind)
 
-    async def on_offer(self, gen, sdp, version):
+    async def on_offer(self, gen, sdp, version, u2_reliable):
         if not self.s.direct:
             self.signal({"kind": "decline", "gen": gen})
             out(f"declining {self.name} {gen}")
@@ -829,6 +849,7 @@ class Link:
         self.close_pc()
         self.gen = gen
         self.version = min(self.s.link_version, version)
+        self.u2_reliable = u2_reliable
         try:
             pc = self.new_pc()
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
@@ -842,6 +863,8 @@ class Link:
             await pc.setLocalDescription(answer)
             if self.pc is not pc:
                 return
+            if self.version >= 2:
+                self.open_u2(pc)
             self.signal(self.with_version({"kind": "answer", "gen": gen, "sdp": pc.localDescription.sdp}))
             self.arm_connect_timer(pc)
             log.info("%s: gen %d answer sent", self.name, gen)
@@ -1147,6 +1170,7 @@ class Session:
                 fields["gen"] = link.gen
                 fields["peer_ready"] = link.peer_ready
                 fields["version"] = link.version
+                fields["u2_reliable"] = int(link.u2_reliable)  # the peer asked for it
                 out(f"stats {link.name} " + " ".join(f"{k}={v}" for k, v in sorted(fields.items())))
 
 

@@ -1,6 +1,7 @@
 // Unit checks of peermesh.js's link protocol v2 pieces that need no browser: UNRELIABLE_PART
 // framing, reassembly (expiry, cap, drop rules, deliver once), the direct-path 1024-byte rule,
-// msg wrap-around and the dead-path rule. Run by interop-tests/tests/browser.rs
+// msg wrap-around, the dead-path rule, and the v2 channel set-up (each end opens its own "u2",
+// reliable if the peer asks for it; READY waits for both; a v1 peer gets none). Run by interop-tests/tests/browser.rs
 // (`peermesh_js_link_v2_units`), or by hand: node interop-tests/browser/unit.mjs
 import assert from 'node:assert/strict';
 import { _internals, LINK_VERSION, MAX_UNRELIABLE_SIZE } from '../../signaling-server/static/peermesh.js';
@@ -237,6 +238,173 @@ check('a split message whose direct send fails goes on as parts on the server pa
 });
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+// A fake RTCPeerConnection (node has none): records the channels made and what was signaled.
+class FakePc {
+  constructor() {
+    this.channels = [];
+    this.closed = false;
+    FakePc.last = this;
+  }
+  createDataChannel(label, options) {
+    const ch = {
+      label,
+      options,
+      // set when it was made: the local and remote descriptions then
+      descriptions: [this.localDescription?.type, this.remoteDescription?.type],
+      readyState: 'connecting',
+      bufferedAmount: 0,
+      sent: [],
+      closed: false,
+      send(f) {
+        this.sent.push(f.slice());
+      },
+      close() {
+        this.closed = true;
+      },
+    };
+    this.channels.push(ch);
+    return ch;
+  }
+  async createOffer() {
+    return { type: 'offer', sdp: 'v=0 offer' };
+  }
+  async createAnswer() {
+    return { type: 'answer', sdp: 'v=0 answer' };
+  }
+  async setLocalDescription(d) {
+    this.localDescription = d;
+    this.events?.push(`local ${d.type}`);
+  }
+  async setRemoteDescription(d) {
+    this.remoteDescription = d;
+    this.events?.push(`remote ${d.type}`);
+  }
+  async addIceCandidate() {}
+  close() {
+    this.closed = true;
+  }
+}
+globalThis.RTCPeerConnection = FakePc;
+
+// Opens a channel (fake or peer-announced) and tells the link.
+const open = (ch) => {
+  ch.readyState = 'open';
+  ch.onopen?.();
+};
+// A peer-announced in-band channel.
+const announced = (label) => ({
+  label,
+  readyState: 'open',
+  bufferedAmount: 0,
+  sent: [],
+  closed: false,
+  close() {
+    this.closed = true;
+  },
+});
+
+// Link v2 channel set-up (section 7.6), run for both roles and both u2 options.
+for (const [initiator, u2Reliable] of [
+  [false, false],
+  [false, true],
+  [true, false],
+  [true, true],
+]) {
+  const { link, relayed } = fakeLink({ initiator });
+  const signals = [];
+  link.c._sendJson = (m) => signals.push(m.data);
+  let pc;
+  if (initiator) {
+    await link.start();
+    pc = FakePc.last;
+    assert.equal(signals[0].kind, 'offer');
+    assert.equal(signals[0].version, 2);
+    assert.equal('u2_reliable' in signals[0], false, 'the JS client never asks for a reliable u2');
+    // No "u2" before the answer.
+    assert.deepEqual(pc.channels.map((c) => c.label), ['r', 'u']);
+    const answer = { kind: 'answer', gen: link.gen, sdp: 'x', version: 2 };
+    if (u2Reliable) answer.u2_reliable = true;
+    await link.onSignal(answer);
+  } else {
+    const offer = { kind: 'offer', gen: 1, sdp: 'x', version: 2 };
+    if (u2Reliable) offer.u2_reliable = true;
+    await link.onSignal(offer);
+    pc = FakePc.last;
+    assert.equal(signals[0].kind, 'answer');
+    assert.equal(signals[0].version, 2);
+    assert.equal('u2_reliable' in signals[0], false, 'the JS client never asks for a reliable u2');
+  }
+  const [r, u, u2, ...more] = pc.channels;
+  assert.deepEqual([r.label, u.label, u2?.label, more.length], ['r', 'u', 'u2', 0]);
+  assert.deepEqual(r.options, { negotiated: true, id: 0, ordered: true });
+  assert.deepEqual(u2.options, u2Reliable ? { ordered: false } : { ordered: false, maxRetransmits: 0 });
+  assert.equal(link.u2, u2);
+  // The initiator opens it once the answer is applied, the responder once its answer is set.
+  assert.deepEqual(u2.descriptions, initiator ? ['offer', 'answer'] : ['answer', 'offer']);
+  // The peer's "u2" is taken (once); any other in-band channel is closed, a second "u2" too.
+  const peerU2 = announced('u2');
+  const other = announced('x');
+  const second = announced('u2');
+  pc.ondatachannel({ channel: peerU2 });
+  pc.ondatachannel({ channel: other });
+  pc.ondatachannel({ channel: second });
+  assert.equal(link.u2In, peerU2);
+  assert.deepEqual([peerU2.closed, other.closed, second.closed], [false, true, true]);
+  // READY once "r", "u", this end's "u2" and the peer's "u2" are open.
+  const ready = () => relayed.filter((f) => f[0] === 0x15).length;
+  open(r);
+  open(u);
+  assert.equal(ready(), 0, 'READY before this end\'s u2 is open');
+  open(u2);
+  assert.equal(ready(), 1);
+  // Frames from the peer's "u2" are received; this end sends only on its own.
+  link.path = 'direct host/host';
+  link.sendUnreliable(pattern(10));
+  assert.equal(u2.sent.length, 1);
+  assert.equal(peerU2.sent.length + u.sent.length, 0);
+  const got = [];
+  link.c._emit = (type, d) => type === 'message' && got.push(d.data);
+  const frame = new Uint8Array([0x12, 1, 2, 3]);
+  peerU2.onmessage({ data: frame.buffer });
+  assert.deepEqual(got, [Uint8Array.from([1, 2, 3])]);
+  link._close();
+  checks++;
+  process.stdout.write(`ok v2 channels, ${initiator ? 'initiator' : 'responder'}, u2 ${u2Reliable ? 'reliable' : 'unreliable'}\n`);
+}
+
+{
+  // READY waits for the peer's "u2" too (here it arrives last).
+  const { link, relayed } = fakeLink();
+  await link.onSignal({ kind: 'offer', gen: 1, sdp: 'x', version: 2 });
+  const [r, u, u2] = FakePc.last.channels;
+  for (const ch of [r, u, u2]) open(ch);
+  const ready = () => relayed.filter((f) => f[0] === 0x15).length;
+  assert.equal(ready(), 0, 'READY before the peer\'s u2 arrived');
+  FakePc.last.ondatachannel({ channel: announced('u2') });
+  assert.equal(ready(), 1);
+  link._close();
+  checks++;
+  process.stdout.write('ok v2 READY waits for the peer\'s u2\n');
+}
+
+{
+  // A v1 peer (no "version"): no "u2" at all, an in-band one is closed, READY on "r" and "u".
+  const { link, relayed } = fakeLink();
+  const signals = [];
+  link.c._sendJson = (m) => signals.push(m.data);
+  await link.onSignal({ kind: 'offer', gen: 1, sdp: 'x' });
+  const pc = FakePc.last;
+  assert.deepEqual(pc.channels.map((c) => c.label), ['r', 'u']);
+  const stray = announced('u2');
+  pc.ondatachannel({ channel: stray });
+  assert.equal(stray.closed, true);
+  for (const ch of pc.channels) open(ch);
+  assert.equal(relayed.filter((f) => f[0] === 0x15).length, 1);
+  link._close();
+  checks++;
+  process.stdout.write('ok v1 peer: no u2\n');
+}
 
 {
   // Dead-path rule: frames keep it alive; silence for deadPathTimeoutMs downgrades and closes.

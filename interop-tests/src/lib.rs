@@ -162,6 +162,11 @@ impl NftTable {
         NftTable(table)
     }
 
+    /// The table's name (family `inet`).
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+
     /// Randomly drops `percent` % of the UDP packets to and from local ports `lo..=hi` (each
     /// packet once, also when both ends are in the range): loss on the direct paths of clients
     /// that use that range (`ClientConfig::with_udp_ports`), nothing else.

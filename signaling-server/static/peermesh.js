@@ -755,10 +755,13 @@ class Link {
     this.gen = 0;
     this.r = null;
     this.u = null;
-    this.u2 = null; // link v2: the in-band unreliable channel
+    this.u2 = null; // link v2: the in-band unreliable channel this end opened (sends go here)
+    this.u2In = null; // link v2: the peer's in-band "u2" (receive only)
+    this.u2Reliable = false; // the peer asked for a reliable "u2" ("u2_reliable" in its offer/answer)
     this.rOpen = false;
     this.uOpen = false;
     this.u2Open = false;
+    this.u2InOpen = false;
     this.readySent = false;
     this.version = 0; // link protocol version of generation `gen` (0: not known yet)
     this.connected = false;
@@ -891,8 +894,8 @@ class Link {
     this.relay(frame);
   }
 
-  // The channel of UNRELIABLE, UNRELIABLE_PART, PING and PONG on the direct path: "u2" in a
-  // link v2 generation, "u" in a v1 one.
+  // The channel of UNRELIABLE, UNRELIABLE_PART, PING and PONG on the direct path: the "u2" this
+  // end opened in a link v2 generation, "u" in a v1 one.
   unreliableChannel() {
     return this.version >= 2 ? this.u2 : this.u;
   }
@@ -1128,9 +1131,10 @@ class Link {
     this.setPath(pathOf(pair));
   }
 
-  // Every channel of the generation is open: "r" and "u", and "u2" in a link v2 generation.
+  // Every channel of the generation is open: "r" and "u", and in a link v2 generation both "u2"s
+  // (the one this end opened and the peer's).
   channelsOpen() {
-    return this.rOpen && this.uOpen && this.version >= 1 && (this.version < 2 || this.u2Open);
+    return this.rOpen && this.uOpen && this.version >= 1 && (this.version < 2 || (this.u2Open && this.u2InOpen));
   }
 
   canUpgrade() {
@@ -1216,9 +1220,12 @@ class Link {
     this.r = null;
     this.u = null;
     this.u2 = null;
+    this.u2In = null;
+    this.u2Reliable = false;
     this.rOpen = false;
     this.uOpen = false;
     this.u2Open = false;
+    this.u2InOpen = false;
     this.readySent = false;
     this.version = 0;
     this.connected = false;
@@ -1315,11 +1322,11 @@ class Link {
         this.rtcFailed(`ice ${s}`);
       }
     };
-    // Link v2, responder: the initiator's in-band "u2"; any other in-band channel is closed.
+    // Link v2: the peer's in-band "u2" (at most one); any other in-band channel is closed.
     pc.ondatachannel = (e) => {
       const ch = e.channel;
-      if (current() && ch.label === 'u2' && this.version >= 2 && !this.u2) {
-        this.u2 = ch;
+      if (current() && ch.label === 'u2' && this.version >= 2 && !this.u2In) {
+        this.u2In = ch;
         this.wireChannel(pc, gen, ch);
         this.channelOpened(pc, gen); // announced channels are usually open already
         return;
@@ -1337,9 +1344,13 @@ class Link {
     return pc;
   }
 
-  // Link v2, initiator: the in-band unreliable channel, right after a v2 answer was applied.
+  // Link v2: this end's in-band send channel "u2" (section 7.6), opened by the initiator right
+  // after it applied a v2 answer, by the responder right after it set its answer. Unreliable,
+  // unless the peer asked for a reliable one ("u2_reliable": its SCTP stack cannot parse a
+  // FORWARD-TSN bundled with other chunks; a reliable channel never sends one).
   openU2(pc) {
-    const u2 = pc.createDataChannel('u2', { ordered: false, maxRetransmits: 0 });
+    const options = this.u2Reliable ? { ordered: false } : { ordered: false, maxRetransmits: 0 };
+    const u2 = pc.createDataChannel('u2', options);
     this.u2 = u2;
     this.wireChannel(pc, this.gen, u2);
   }
@@ -1367,6 +1378,7 @@ class Link {
     this.rOpen = this.r?.readyState === 'open';
     this.uOpen = this.u?.readyState === 'open';
     this.u2Open = this.u2?.readyState === 'open';
+    this.u2InOpen = this.u2In?.readyState === 'open';
     if (!this.readySent && this.channelsOpen()) {
       this.readySent = true;
       this.relay(readyFrame(gen)); // always on the server path
@@ -1406,13 +1418,15 @@ class Link {
           return;
         }
         if (gen <= this.gen) return; // stale
-        await this.acceptOffer(gen, data.sdp, Math.min(LINK_VERSION, signaledVersion(data)));
+        const version = Math.min(LINK_VERSION, signaledVersion(data));
+        await this.acceptOffer(gen, data.sdp, version, data.u2_reliable === true);
         return;
       case 'answer': {
         const pc = this.pc;
         if (gen !== this.gen || !pc || typeof data.sdp !== 'string') return;
         try {
           this.version = Math.min(LINK_VERSION, signaledVersion(data));
+          this.u2Reliable = data.u2_reliable === true;
           await pc.setRemoteDescription({ type: 'answer', sdp: data.sdp });
           if (this.pc !== pc) return;
           this.remoteSet = true;
@@ -1454,10 +1468,11 @@ class Link {
   }
 
   // Responder: adopt a newer generation.
-  async acceptOffer(gen, sdp, version) {
+  async acceptOffer(gen, sdp, version, u2Reliable) {
     const pc = this.newGeneration(gen, 'peer restarted the connection');
     if (!pc) return;
     this.version = version;
+    this.u2Reliable = u2Reliable;
     try {
       await pc.setRemoteDescription({ type: 'offer', sdp });
       if (this.pc !== pc) return;
@@ -1466,6 +1481,7 @@ class Link {
       const answer = await pc.createAnswer();
       if (this.pc !== pc) return;
       await this.publishLocal(pc, answer);
+      if (this.pc === pc && this.version >= 2) this.openU2(pc);
     } catch (e) {
       if (this.pc === pc) this.rtcFailed(`answering offer: ${e.message}`);
     }
