@@ -827,6 +827,82 @@ async fn aiortc_max_size_unreliable_under_loss_then_reliable() {
     t.finish().await;
 }
 
+/// A peer that breaks version 2's rules cannot stall us for good: a link protocol version 1 peer
+/// (`peer.py --link-version 1`) sends max-size unreliable messages on the pre-negotiated `"u"`,
+/// truly unreliable and in many SCTP chunks each, under 5 % loss. webrtc-sctp 0.17 never purges
+/// the fragments such a lost message leaves (docs/PROTOCOL.md §7.3), so the native end's receive
+/// window can run out and the association stall while ICE stays connected. The dead-path rule
+/// (§8.7) must turn that into a reset: every reliable message sent afterwards still arrives, in
+/// order, and once the loss stops the link is direct again and works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aiortc_v1_peer_breaking_the_rule_cannot_stall_the_native_end() {
+    const PORTS: (u16, u16) = (54600, 54699);
+    const UNRELIABLE: usize = 300;
+    const RELIABLE: usize = 50;
+    let mut t = Setup::with(false, Some(PORTS), true, true, 1).await;
+    t.wait_paths(true).await;
+    let failed_before = t.native.direct_failed;
+    let (lo, hi) = PORTS;
+    let loss = NftTable::new(
+        "aiortc_v1_loss",
+        lo,
+        &[
+            format!("udp dport {lo}-{hi} numgen random mod 100 < 5 counter drop"),
+            format!(
+                "udp sport {lo}-{hi} udp dport != {lo}-{hi} numgen random mod 100 < 5 counter drop"
+            ),
+        ],
+    );
+    t.py.command(&format!("usend_many {NATIVE} {UNRELIABLE} 16384 5"))
+        .await;
+    let (native, py) = (&mut t.native, &mut t.py);
+    let done = async {
+        py.until("usent", |_, l| l.starts_with(&format!("usent {NATIVE} ")))
+            .await;
+    };
+    tokio::select! {
+        _ = done => {}
+        _ = native.drain(WAIT) => panic!("aiortc peer: usend_many did not finish"),
+    }
+    let to_native = numbered("v1-after-loss", 0..RELIABLE);
+    let sent_at = Instant::now();
+    t.send_both(Vec::new(), to_native, PACE).await;
+    let want = t.sent_to_native.len();
+    t.native
+        .until("every reliable message", |n| n.reliable.len() >= want)
+        .await;
+    let all_in = sent_at.elapsed();
+    t.native.drain(Duration::from_millis(200)).await;
+    assert!(
+        t.native.reliable == t.sent_to_native,
+        "native peer: reliable stream differs (got {}, sent {})",
+        t.native.reliable.len(),
+        want
+    );
+    let unreliable = std::mem::take(&mut t.native.unreliable);
+    let resets = t.native.direct_failed - failed_before;
+    eprintln!(
+        "v1 rule-breaker under loss: {} of {UNRELIABLE} unreliable arrived, {} datagrams \
+         dropped; every reliable message in {all_in:?}; direct path reset {resets} time(s)",
+        unreliable.len(),
+        nft_dropped(loss.name()),
+    );
+
+    drop(loss);
+    t.native
+        .until("a direct path", |n| matches!(n.path(), Path::Direct { .. }))
+        .await;
+    t.send_both(
+        numbered("n-v1-clear", 0..20),
+        numbered("a-v1-clear", 0..20),
+        PACE,
+    )
+    .await;
+    t.check_reliable().await;
+    t.check_direct_now().await;
+    t.finish().await;
+}
+
 /// The sum of the packet counters of nft table `inet name`.
 fn nft_dropped(name: &str) -> u64 {
     let out = std::process::Command::new("nft")
