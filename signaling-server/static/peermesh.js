@@ -1438,11 +1438,14 @@ class Link {
         return;
       }
       case 'candidate': {
-        if (gen !== this.gen || !this.pc || typeof data.candidate !== 'string' || data.candidate === '') return;
-        const parsed = parseCandidate(data.candidate);
+        if (gen !== this.gen || !this.pc || typeof data.candidate !== 'string') return;
+        // Some stacks send the SDP attribute line itself: accept and strip `a=` (PROTOCOL.md §7.2).
+        const line = data.candidate.trim().replace(/^a=/, '');
+        if (line === '') return;
+        const parsed = parseCandidate(line);
         if (parsed) this.signaled.set(parsed.key, parsed.type);
         const init = {
-          candidate: data.candidate.startsWith('candidate:') ? data.candidate : `candidate:${data.candidate}`,
+          candidate: line.startsWith('candidate:') ? line : `candidate:${line}`,
           sdpMid: typeof data.sdpMid === 'string' && data.sdpMid !== '' ? data.sdpMid : null,
           sdpMLineIndex: Number.isInteger(data.sdpMLineIndex) ? data.sdpMLineIndex : 0,
         };
@@ -1516,9 +1519,11 @@ class Link {
   }
 
   async addCandidate(pc, init) {
-    if (init.sdpMid === null) {
-      // Peers that send no usable mid: use the mid of the (single) application section.
-      init.sdpMid = /^a=mid:(\S+)/m.exec(pc.remoteDescription?.sdp ?? '')?.[1] ?? '0';
+    const mid = /^a=mid:(\S+)/m.exec(pc.remoteDescription?.sdp ?? '')?.[1];
+    if (init.sdpMid === null || (mid !== undefined && init.sdpMid !== mid)) {
+      // Peers that send no usable mid (missing, empty, or not the one of the remote
+      // description): use the mid of the (single) application section.
+      init.sdpMid = mid ?? '0';
       init.sdpMLineIndex = 0;
     }
     try {
