@@ -492,6 +492,7 @@ async fn hello(ws: &mut Ws, name: &str) -> Result<Welcome> {
     let msg = ClientMsg::Hello {
         version: PROTOCOL_VERSION,
         name: name.into(),
+        token: None,
     };
     send_json(ws, &msg).await?;
     loop {

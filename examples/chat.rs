@@ -42,6 +42,10 @@ struct Args {
     /// Gather ICE host candidates on loopback only (everything on one machine).
     #[arg(long)]
     loopback_only: bool,
+    /// Identity token from the app's backend (servers run with --auth-secret require one;
+    /// `peermesh-server token --sub NAME --groups GROUP` prints one). Env PEERMESH_TOKEN.
+    #[arg(long, env = "PEERMESH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[tokio::main]
@@ -53,10 +57,13 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let config = ClientConfig::new(&args.name)
+    let mut config = ClientConfig::new(&args.name)
         .with_direct(!args.no_direct)
         .with_relay_only(args.relay_only)
         .with_loopback_only(args.loopback_only);
+    if let Some(token) = args.token {
+        config = config.with_token(token);
+    }
     let (client, mut events) = Client::connect(&args.server, config).await?;
     client.join(&args.group).await?;
 

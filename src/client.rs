@@ -39,6 +39,7 @@ pub struct ClientConfig {
     request_timeout: Duration,
     dead_path_timeout: Duration,
     link_version: u32,
+    token: Option<String>,
 }
 
 impl std::fmt::Debug for ClientConfig {
@@ -71,7 +72,15 @@ impl ClientConfig {
             request_timeout: Duration::from_secs(10),
             dead_path_timeout: Duration::from_secs(3),
             link_version: crate::protocol::LINK_VERSION,
+            token: None,
         }
+    }
+
+    /// The identity token (a JWT minted by the app's backend) sent in `hello`; servers run with
+    /// an auth secret require one, and take the display name and user id from it.
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
     }
 
     /// `false`: never try a direct path; every message goes through the server. This also keeps
@@ -174,6 +183,8 @@ pub struct Member {
     pub peer: PeerId,
     /// Its display name.
     pub name: String,
+    /// Its user id (the `sub` of its token) when the server requires tokens.
+    pub user: Option<String>,
 }
 
 /// The stream of [`Event`]s of a client. Read it steadily: when it falls 4096 events behind,
@@ -213,7 +224,8 @@ enum Cmd {
 #[derive(Default)]
 struct Shared {
     links: HashMap<PeerId, LinkEntry>,
-    groups: HashMap<String, BTreeMap<PeerId, String>>,
+    /// Per group: each member's display name and user id.
+    groups: HashMap<String, BTreeMap<PeerId, (String, Option<String>)>>,
     closed: bool,
 }
 
@@ -293,6 +305,7 @@ impl Client {
         let hello = ClientMsg::Hello {
             version: PROTOCOL_VERSION,
             name: config.name.clone(),
+            token: config.token.clone(),
         };
         ws.send(WsMessage::Text(to_json(&hello).into()))
             .await
@@ -508,9 +521,10 @@ impl Client {
             .ok_or_else(|| Error::NotMember(group.to_string()))?;
         Ok(members
             .iter()
-            .map(|(&peer, name)| Member {
+            .map(|(&peer, (name, user))| Member {
                 peer,
                 name: name.clone(),
+                user: user.clone(),
             })
             .collect())
     }
@@ -739,6 +753,7 @@ impl Session {
                     .map(|m| Member {
                         peer: m.peer,
                         name: m.name.clone(),
+                        user: m.user.clone(),
                     })
                     .collect();
                 self.lock().groups.insert(group.clone(), BTreeMap::new());
@@ -826,7 +841,7 @@ impl Session {
                 .groups
                 .entry(group.to_string())
                 .or_default()
-                .insert(m.peer, m.name.clone());
+                .insert(m.peer, (m.name.clone(), m.user.clone()));
             let stale = match shared.links.get(&m.peer) {
                 Some(e) if e.handle.link_id != m.link => shared.links.remove(&m.peer),
                 _ => None,
@@ -845,6 +860,7 @@ impl Session {
             group: group.to_string(),
             peer: m.peer,
             name: m.name,
+            user: m.user,
         })
         .await;
     }
@@ -852,7 +868,11 @@ impl Session {
     async fn remove_member(&mut self, group: &str, peer: PeerId) {
         let (name, gone) = {
             let mut shared = self.lock();
-            let name = shared.groups.get_mut(group).and_then(|g| g.remove(&peer));
+            let name = shared
+                .groups
+                .get_mut(group)
+                .and_then(|g| g.remove(&peer))
+                .map(|(name, _)| name);
             let gone = match shared.links.get_mut(&peer) {
                 Some(e) => {
                     e.groups.remove(group);

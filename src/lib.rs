@@ -155,6 +155,9 @@ pub enum Event {
         peer: PeerId,
         /// Its display name.
         name: String,
+        /// Its user id (the `sub` of its token) when the server requires tokens: tells users
+        /// apart whatever their display names.
+        user: Option<String>,
     },
     /// A member left a group (left, closed, or timed out), or this client left the group.
     MemberLeft {

@@ -72,6 +72,8 @@ pub mod close_code {
     pub const TOO_BIG: u16 = 1009;
     /// The client did not read relayed frames fast enough.
     pub const TRY_AGAIN_LATER: u16 = 1013;
+    /// A newer session of the same user (token `sub`) replaced this one.
+    pub const REPLACED: u16 = 4001;
 }
 
 /// Stable error codes carried in `error` frames. The string form (`as_str`) is what goes on the
@@ -110,6 +112,11 @@ pub enum ErrorCode {
     RateLimited,
     /// The server hit an internal problem handling this frame.
     Internal,
+    /// The server requires a token in `hello` and this one was missing, malformed, expired or
+    /// badly signed. The server closes the session (1008 `unauthorized`).
+    Unauthorized,
+    /// The session's token does not allow joining this group.
+    Forbidden,
 }
 
 impl ErrorCode {
@@ -131,6 +138,8 @@ impl ErrorCode {
             ErrorCode::GroupFull => "group_full",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Internal => "internal",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
         }
     }
 }
@@ -170,8 +179,13 @@ pub struct Limits {
 pub struct MemberInfo {
     /// The member's peer id.
     pub peer: PeerId,
-    /// The member's display name from its `hello`.
+    /// The member's display name: from its token when the server requires tokens, else from its
+    /// `hello`.
     pub name: String,
+    /// The member's user id (the `sub` of its token) when the server requires tokens: stable,
+    /// unique among live sessions, whatever the display name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     /// The pair's current link id.
     pub link: LinkId,
     /// `true` if the receiver of this frame makes the WebRTC offer for this link (the server
@@ -187,8 +201,12 @@ pub enum ClientMsg {
     Hello {
         /// Protocol version the client speaks.
         version: u32,
-        /// Display name shown to co-members.
+        /// Display name shown to co-members (a server that requires tokens uses the token's).
         name: String,
+        /// Identity token (a JWT minted by the app's backend), required by servers run with an
+        /// auth secret.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
     },
     /// Join a group by name (created on first join).
     Join {
@@ -811,7 +829,8 @@ mod tests {
             m,
             ClientMsg::Hello {
                 version: 1,
-                name: "a".into()
+                name: "a".into(),
+                token: None,
             }
         );
         let e = serde_json::to_string(&ServerMsg::error(ErrorCode::NotCoMember, "x")).unwrap();

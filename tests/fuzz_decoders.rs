@@ -256,6 +256,7 @@ fn valid_json_frames() -> Vec<Vec<u8>> {
     let member = MemberInfo {
         peer: 2,
         name: "bob".into(),
+        user: Some("u-2".into()),
         link: 7,
         initiator: true,
     };
@@ -274,6 +275,12 @@ fn valid_json_frames() -> Vec<Vec<u8>> {
         ClientMsg::Hello {
             version: 1,
             name: "alice".into(),
+            token: None,
+        },
+        ClientMsg::Hello {
+            version: 1,
+            name: "alice".into(),
+            token: Some("eyJhbGciOiJIUzI1NiJ9.e30.sig".into()),
         },
         ClientMsg::Join {
             group: "lobby".into(),

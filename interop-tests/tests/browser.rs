@@ -323,6 +323,8 @@ async fn server_on(ns: &Netns, turn: TurnMode) -> ServerHandle {
     Server::bind(Config {
         listen: SocketAddr::from((ns.host_ip, 0)),
         turn,
+        // The namespace's address is not loopback: run open on purpose (a test network).
+        auth: peermesh_server::Auth::Open,
         ..Default::default()
     })
     .await

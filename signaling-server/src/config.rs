@@ -33,6 +33,19 @@ pub struct FileConfig {
     /// `[turn]`.
     #[serde(default)]
     pub turn: TurnFile,
+    /// `[auth]`.
+    #[serde(default)]
+    pub auth: AuthFile,
+}
+
+/// The `[auth]` table.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthFile {
+    /// HS256 secret the app's backend signs tokens with; every `hello` must carry one.
+    pub secret: Option<String>,
+    /// `"open"`: no tokens, even on a non-loopback address.
+    pub mode: Option<String>,
 }
 
 /// The `[limits]` table.
@@ -329,6 +342,7 @@ impl FileConfig {
             allow_peers,
             recv_buffer_bytes
         );
+        overlay!(self.auth, top.auth, secret, mode);
     }
 
     /// TOML text of this layer.
@@ -488,7 +502,16 @@ impl FileConfig {
                 )
             })?),
         };
+        let auth = match (self.auth.secret.as_deref(), self.auth.mode.as_deref()) {
+            (Some(""), _) => bail!("auth.secret is empty"),
+            (Some(secret), None | Some("secret")) => crate::Auth::Secret(secret.to_owned()),
+            (Some(_), Some(m)) => bail!("auth.mode = {m:?} together with auth.secret"),
+            (None, Some("open")) => crate::Auth::Open,
+            (None, None) => crate::Auth::OpenOnLoopback,
+            (None, Some(m)) => bail!("auth.mode = {m:?}: expected \"open\" (or give auth.secret)"),
+        };
         Ok(Config {
+            auth,
             listen,
             ice_servers,
             heartbeat_interval: heartbeat_timeout / 3,

@@ -157,6 +157,8 @@ struct Session {
     abuse: Bucket,
     /// Over [`ABUSE`]: the session is closed with 1008.
     abusive: bool,
+    /// Groups the session's token lets it join (`None`: the server is open).
+    allowed_groups: Option<Vec<String>>,
 }
 
 /// Refused frames (answered or not) one session may send: past this rate the session is closed
@@ -255,6 +257,7 @@ pub(crate) async fn run(
         last_refusal_notice: None,
         abuse: Bucket::new(ABUSE),
         abusive: false,
+        allowed_groups: None,
     };
     let tally_timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(tally_timer);
@@ -651,7 +654,14 @@ impl Session {
             return Flow::Continue;
         }
         let me = match (&msg, self.peer) {
-            (Request::Hello { version, name }, None) => return self.on_hello(*version, name),
+            (
+                Request::Hello {
+                    version,
+                    name,
+                    token,
+                },
+                None,
+            ) => return self.on_hello(*version, name, token.as_deref()),
             (Request::Hello { .. }, Some(_)) => {
                 self.error(ErrorCode::BadFrame, "already said hello", Some(kind));
                 return Flow::Continue;
@@ -669,7 +679,14 @@ impl Session {
         let shared = &self.shared;
         let result = match msg {
             Request::Hello { .. } => Ok(()),
-            Request::Join { group } => shared.hub.join(&shared.config, me, &group),
+            Request::Join { group } => match &self.allowed_groups {
+                Some(allowed) if !allowed.contains(&group) => Err(Failure::new(
+                    ErrorCode::Forbidden,
+                    "your token does not allow joining this group",
+                )
+                .in_group(&group)),
+                _ => shared.hub.join(&shared.config, me, &group),
+            },
             Request::Leave { group } => shared.hub.leave(me, &group),
             Request::Signal { to, link, data } => return self.on_signal(me, to, link, data),
             Request::Ping { id } => {
@@ -724,7 +741,7 @@ impl Session {
         }
     }
 
-    fn on_hello(&mut self, version: u32, name: &str) -> Flow {
+    fn on_hello(&mut self, version: u32, name: &str, token: Option<&str>) -> Flow {
         if version != PROTOCOL_VERSION {
             self.error(
                 ErrorCode::UnsupportedVersion,
@@ -733,23 +750,41 @@ impl Session {
             );
             return Flow::Close((CLOSE_PROTOCOL, "unsupported protocol version"));
         }
-        if !validate_name(name) {
-            self.error(
-                ErrorCode::InvalidName,
-                "names are 1-64 bytes of UTF-8 without control, format or invisible characters",
-                Some("hello"),
-            );
-            return Flow::Continue;
-        }
+        // With an auth secret the token decides who this is; the hello's name is not used.
+        let (name, user) = match &self.shared.config.auth {
+            crate::Auth::Secret(secret) => match crate::auth::verify_token(secret, token) {
+                Ok(claims) => {
+                    self.allowed_groups = Some(claims.groups);
+                    (claims.name, Some(claims.sub))
+                }
+                Err(e) => {
+                    self.error(ErrorCode::Unauthorized, &e.to_string(), Some("hello"));
+                    return Flow::Close((CLOSE_POLICY, "unauthorized"));
+                }
+            },
+            _ => {
+                if !validate_name(name) {
+                    self.error(
+                        ErrorCode::InvalidName,
+                        "names are 1-64 bytes of UTF-8 without control, format or invisible \
+                         characters",
+                        Some("hello"),
+                    );
+                    return Flow::Continue;
+                }
+                (name.to_owned(), None)
+            }
+        };
         let outlet = self.outlet.clone();
         let (ice, host, ip) = (&self.shared.ice, self.host.as_deref(), self.client_ip);
         let peer = self.shared.hub.register(
             &self.shared.config,
             |peer| ice.for_peer(peer, host, ip),
-            name.to_owned(),
+            name.clone(),
+            user.clone(),
             outlet,
         );
-        tracing::info!(peer, name, "client said hello");
+        tracing::info!(peer, name, user, "client said hello");
         self.peer = Some(peer);
         Flow::Continue
     }

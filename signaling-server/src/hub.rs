@@ -36,6 +36,12 @@ pub(crate) const NOT_READING: CloseReason = (
     "not reading",
 );
 
+/// Close code for a session replaced by a newer one of the same user.
+pub(crate) const REPLACED: CloseReason = (
+    peermesh::protocol::close_code::REPLACED,
+    "replaced by a newer session",
+);
+
 /// A close code and reason for a WebSocket close frame.
 pub(crate) type CloseReason = (u16, &'static str);
 
@@ -143,6 +149,8 @@ impl Outlet {
 
 struct Client {
     name: String,
+    /// User id (token `sub`) when the server requires tokens.
+    user: Option<String>,
     groups: BTreeSet<String>,
     outlet: Outlet,
 }
@@ -158,6 +166,8 @@ struct State {
     last_peer: PeerId,
     last_link: LinkId,
     clients: HashMap<PeerId, Client>,
+    /// The live session of each user id.
+    users: HashMap<String, PeerId>,
     groups: HashMap<String, BTreeSet<PeerId>>,
     /// Keyed by `(smaller peer id, larger peer id)`.
     links: HashMap<(PeerId, PeerId), Link>,
@@ -186,6 +196,10 @@ impl Failure {
             group: None,
             peer: None,
         }
+    }
+
+    pub(crate) fn in_group(self, group: &str) -> Self {
+        self.group(group)
     }
 
     fn group(mut self, group: &str) -> Self {
@@ -278,6 +292,11 @@ impl State {
     /// Remove a client entirely, telling its co-members.
     fn remove(&mut self, peer: PeerId) -> Option<Client> {
         let client = self.clients.remove(&peer)?;
+        if let Some(user) = &client.user {
+            if self.users.get(user) == Some(&peer) {
+                self.users.remove(user);
+            }
+        }
         for group in &client.groups {
             self.leave_group(peer, group);
         }
@@ -317,14 +336,24 @@ impl Hub {
     }
 
     /// Register a client after a valid `hello` and queue its `welcome`. Returns its peer id.
+    /// A user (`user`: token `sub`) has one live session: an older one is removed (its
+    /// co-members see it leave) and closed with [`REPLACED`].
     pub(crate) fn register(
         &self,
         config: &Config,
         ice_servers: impl FnOnce(PeerId) -> Vec<peermesh::protocol::IceServer>,
         name: String,
+        user: Option<String>,
         outlet: Outlet,
     ) -> PeerId {
         let mut st = self.lock();
+        if let Some(old) = user.as_ref().and_then(|u| st.users.get(u).copied()) {
+            if let Some(client) = st.remove(old) {
+                self.ended.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(peer = old, "session replaced by a newer one of its user");
+                client.outlet.state.kill(REPLACED);
+            }
+        }
         let mut peer = next_id(&mut st.last_peer);
         while st.clients.contains_key(&peer) {
             peer = next_id(&mut st.last_peer);
@@ -340,10 +369,14 @@ impl Hub {
                 limits: config.limits,
             },
         );
+        if let Some(user) = &user {
+            st.users.insert(user.clone(), peer);
+        }
         st.clients.insert(
             peer,
             Client {
                 name,
+                user,
                 groups: BTreeSet::new(),
                 outlet,
             },
@@ -411,6 +444,7 @@ impl Hub {
             .group(group));
         }
         let my_name = client.name.clone();
+        let my_user = client.user.clone();
         let my_outlet = client.outlet.clone();
 
         let mut members = Vec::with_capacity(existing.len());
@@ -427,6 +461,7 @@ impl Hub {
             members.push(MemberInfo {
                 peer: other,
                 name: other_client.name.clone(),
+                user: other_client.user.clone(),
                 link: link.id,
                 initiator: link.initiator == me,
             });
@@ -437,6 +472,7 @@ impl Hub {
                     member: MemberInfo {
                         peer: me,
                         name: my_name.clone(),
+                        user: my_user.clone(),
                         link: link.id,
                         initiator: link.initiator == other,
                     },

@@ -14,6 +14,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod config;
 mod conn;
 mod hub;
@@ -22,6 +23,8 @@ mod metrics;
 mod net;
 mod request;
 pub mod turn;
+
+pub use auth::Auth;
 
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -88,6 +91,9 @@ pub struct Config {
     /// Admin listener (Prometheus `/metrics`, `/healthz`); keep it on loopback or a private
     /// network. Default `None` for the library (the binary's default is `127.0.0.1:8081`).
     pub admin_listen: Option<SocketAddr>,
+    /// How clients are identified: tokens signed with a secret, or open (loopback only unless
+    /// given explicitly). Default [`Auth::OpenOnLoopback`].
+    pub auth: Auth,
 }
 
 /// A token-bucket rate: `per_second` on average, up to `burst` at once. `per_second == 0` means
@@ -243,6 +249,7 @@ impl Default for Config {
             turn_credential_ttl: Duration::from_secs(3600),
             server_limits: ServerLimits::default(),
             admin_listen: None,
+            auth: Auth::OpenOnLoopback,
         }
     }
 }
@@ -272,6 +279,17 @@ pub struct Server {
 impl Server {
     /// Bind the TCP listener (`config.listen` may use port 0).
     pub async fn bind(mut config: Config) -> anyhow::Result<Server> {
+        if config.auth == Auth::OpenOnLoopback && !config.listen.ip().is_loopback() {
+            anyhow::bail!(
+                "refusing to listen on {} without an auth secret: an open server lets anyone \
+                 join any group under any name. Give --auth-secret (PEERMESH_AUTH_SECRET), or \
+                 --auth open to run open anyway",
+                config.listen
+            );
+        }
+        if matches!(&config.auth, Auth::Secret(s) if s.is_empty()) {
+            anyhow::bail!("the auth secret is empty");
+        }
         // Clients must ping well within the timeout, whatever was set.
         config.heartbeat_interval = config.heartbeat_interval.min(config.heartbeat_timeout / 3);
         fit_to_fd_limit(&mut config);

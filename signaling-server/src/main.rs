@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use peermesh_server::auth::{mint_token, Claims};
 use peermesh_server::config::FileConfig;
 use peermesh_server::turn::TurnServer;
 use peermesh_server::{Server, TurnMode};
@@ -48,6 +49,21 @@ struct Args {
     /// Admin listener (Prometheus /metrics, /healthz), IP:PORT or "off". Default 127.0.0.1:8081.
     #[arg(long, env = "PEERMESH_ADMIN_LISTEN", global = true)]
     admin_listen: Option<String>,
+
+    /// Identity: every hello must carry a JWT signed HS256 with this secret by the app's
+    /// backend (see `token`), and joins are limited to the token's groups.
+    #[arg(
+        long,
+        env = "PEERMESH_AUTH_SECRET",
+        global = true,
+        hide_env_values = true
+    )]
+    auth_secret: Option<String>,
+
+    /// "open": run without tokens even on a non-loopback address (anyone may join any group
+    /// under any name). Without it and without --auth-secret the server listens on loopback only.
+    #[arg(long, value_name = "MODE", global = true, value_parser = ["open"], conflicts_with = "auth_secret")]
+    auth: Option<String>,
 
     /// `[limits]` keys as flags.
     #[command(flatten)]
@@ -123,6 +139,41 @@ enum Command {
     Turn,
     /// Print the effective configuration as TOML and exit.
     PrintConfig,
+    /// Print a token for a user, signed with the auth secret (--auth-secret or
+    /// PEERMESH_AUTH_SECRET), as the app's backend would mint it.
+    Token {
+        /// User id (stable; one live session per user).
+        #[arg(long)]
+        sub: String,
+        /// Display name (default: the user id).
+        #[arg(long)]
+        name: Option<String>,
+        /// Groups the user may join by itself (comma-separated or repeated).
+        #[arg(long, value_delimiter = ',')]
+        groups: Vec<String>,
+        /// Lifetime, e.g. 3600s, 90m, 1h, 7d.
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: std::time::Duration,
+        /// The device's own limit on direct connections.
+        #[arg(long, value_parser = ["any", "relay", "none"])]
+        direct: Option<String>,
+    },
+}
+
+/// `90s`, `15m`, `1h`, `7d` (a bare number is seconds).
+fn parse_ttl(s: &str) -> Result<std::time::Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected e.g. 90s, 15m, 1h, 7d"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return Err(format!("{s:?}: unit must be s, m, h or d")),
+    };
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 impl Args {
@@ -160,6 +211,8 @@ impl Args {
         if !self.turn_allow_peers.is_empty() {
             t.allow_peers = Some(self.turn_allow_peers.clone());
         }
+        top.auth.secret = self.auth_secret.clone();
+        top.auth.mode = self.auth.clone();
         config.overlay(top);
         Ok(config)
     }
@@ -182,6 +235,24 @@ async fn main() -> anyhow::Result<()> {
 
     match args.command.unwrap_or(Command::Serve) {
         Command::PrintConfig => print!("{}", file_config.to_toml()),
+        Command::Token {
+            sub,
+            name,
+            groups,
+            ttl,
+            direct,
+        } => {
+            let peermesh_server::Auth::Secret(secret) = &config.auth else {
+                anyhow::bail!(
+                    "`token` needs the auth secret: --auth-secret or PEERMESH_AUTH_SECRET"
+                );
+            };
+            let mut claims = Claims::new(sub.clone(), name.unwrap_or(sub), groups, ttl);
+            claims.direct = direct
+                .map(|d| serde_json::from_value(serde_json::Value::String(d)))
+                .transpose()?;
+            println!("{}", mint_token(secret, &claims)?);
+        }
         Command::Serve => {
             let server = Server::bind(config).await?;
             tracing::info!("listening on {}", server.ws_url());

@@ -19,6 +19,7 @@ pub(crate) enum Request<'a> {
     Hello {
         version: u32,
         name: String,
+        token: Option<String>,
     },
     Join {
         group: String,
@@ -75,6 +76,8 @@ struct Tag<'a> {
 struct HelloFields {
     version: u32,
     name: String,
+    #[serde(default)]
+    token: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -121,6 +124,7 @@ pub(crate) fn parse(text: &str) -> Result<Request<'_>, BadRequest> {
             Request::Hello {
                 version: f.version,
                 name: f.name,
+                token: f.token,
             }
         }
         "join" => Request::Join {
@@ -168,9 +172,14 @@ mod tests {
 
     fn as_client_msg(r: &Request<'_>) -> ClientMsg {
         match r {
-            Request::Hello { version, name } => ClientMsg::Hello {
+            Request::Hello {
+                version,
+                name,
+                token,
+            } => ClientMsg::Hello {
                 version: *version,
                 name: name.clone(),
+                token: token.clone(),
             },
             Request::Join { group } => ClientMsg::Join {
                 group: group.clone(),

@@ -28,6 +28,8 @@ export interface CandidatePair {
 export interface Member {
   peer: PeerId;
   name: string;
+  /** User id (the token's `sub`) when the server requires tokens, else null. */
+  user: string | null;
 }
 
 export interface IceServer {
@@ -64,6 +66,8 @@ export interface ConnectOptions {
    * server path, and a new connection attempt (ms, default 3000; docs/PROTOCOL.md §8.7).
    */
   deadPathTimeoutMs?: number;
+  /** Identity token (a JWT minted by the app's backend); required by servers run with an auth secret. */
+  token?: string;
 }
 
 export interface SendOptions {
@@ -104,6 +108,8 @@ export interface MemberEventDetail {
   group: string;
   peer: PeerId;
   name: string;
+  /** User id (the token's `sub`) when the server requires tokens, else null (memberjoined only). */
+  user?: string | null;
 }
 
 export interface PathEventDetail {

@@ -345,6 +345,8 @@ export class Client extends EventTarget {
     this.sendWindow = Math.min(Math.max(options.sendWindow ?? 8 << 20, 64 << 10), 16 << 20);
     this.maxMessageSize = Math.min(options.maxMessageSize ?? 8 << 20, this.sendWindow);
     this.connectTimeout = options.connectTimeout ?? 10000;
+    // Identity token (a JWT from the app's backend), required by servers run with an auth secret.
+    this.token = typeof options.token === 'string' ? options.token : null;
     this.requestTimeout = options.requestTimeout ?? 10000;
     // A direct path on which nothing arrives for this long is given up (section 8.7).
     const dead = Number(options.deadPathTimeoutMs ?? DEAD_PATH_TIMEOUT_MS);
@@ -395,7 +397,11 @@ export class Client extends EventTarget {
         ws.close();
         reject(new PeermeshError('timeout', `no welcome from ${this.url} within ${this.connectTimeout} ms`));
       }, this.connectTimeout);
-      ws.onopen = () => ws.send(JSON.stringify({ type: 'hello', version: PROTOCOL_VERSION, name: this.name }));
+      ws.onopen = () => {
+        const hello = { type: 'hello', version: PROTOCOL_VERSION, name: this.name };
+        if (this.token !== null) hello.token = this.token;
+        ws.send(JSON.stringify(hello));
+      };
       ws.onmessage = (e) => {
         this._lastRecv = performance.now();
         if (welcomed) {
@@ -629,7 +635,7 @@ export class Client extends EventTarget {
       case 'joined': {
         this._groups.set(msg.group, new Map());
         for (const m of msg.members) this._addMember(msg.group, m);
-        this._pendingJoins.get(msg.group)?.resolve(msg.members.map((m) => ({ peer: m.peer, name: m.name })));
+        this._pendingJoins.get(msg.group)?.resolve(msg.members.map((m) => ({ peer: m.peer, name: m.name, user: m.user ?? null })));
         this._pendingJoins.delete(msg.group);
         break;
       }
@@ -701,7 +707,7 @@ export class Client extends EventTarget {
       this._links.set(m.peer, link);
     }
     link.groups.add(group);
-    this._emit('memberjoined', { group, peer: m.peer, name: m.name });
+    this._emit('memberjoined', { group, peer: m.peer, name: m.name, user: m.user ?? null });
   }
 
   _removeMember(group, peer) {
