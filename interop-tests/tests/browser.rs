@@ -450,7 +450,10 @@ async fn browser_and_native_exchange_every_kind_of_message_directly() {
     let (mut b, bid) = Browser::connect(&ns, &server, json!({"name": "chromium"})).await;
     // The browser joins second: it is the initiator of this link.
     let members = b.join("g").await;
-    assert_eq!(members, json!([{"peer": n.peer_id(), "name": "native"}]));
+    assert_eq!(
+        members,
+        json!([{"peer": n.peer_id(), "name": "native", "user": null}])
+    );
 
     let native_path = timeout(WAIT, native_direct(&n, &mut ne, bid))
         .await
