@@ -16,27 +16,6 @@ use tokio::time::Instant;
 const PORTS: (u16, u16) = (47100, 47199);
 const BULK_PORTS: (u16, u16) = (47200, 47299);
 
-async fn wait_path(
-    c: &peermesh::Client,
-    peer: peermesh::PeerId,
-    want_direct: bool,
-    secs: u64,
-) -> Duration {
-    let t = Instant::now();
-    loop {
-        let direct = matches!(c.path(peer).unwrap(), Path::Direct { .. });
-        if direct == want_direct {
-            return t.elapsed();
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(secs),
-            "path not {} within {secs} s",
-            if want_direct { "direct" } else { "server" }
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_path_cut_falls_back_to_server_and_returns_without_loss() {
     init_log();

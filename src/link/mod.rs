@@ -660,6 +660,9 @@ pub struct LinkStats {
     pub duplicates: u64,
     /// Times the link moved between the server and direct paths.
     pub path_changes: u64,
+    /// Unreliable messages received in parts of which some never arrived (discarded after 1 s,
+    /// or to keep at most 256 KiB of parts).
+    pub unreliable_incomplete: u64,
     /// Unreliable messages not sent because the direct path's unreliable channel already had
     /// 256 KiB queued (a congested path; such messages are dropped rather than delayed).
     pub unreliable_dropped: u64,
@@ -874,6 +877,11 @@ impl LinkHandle {
             duplicates: get(&c.duplicates),
             path_changes: get(&c.path_changes),
             unreliable_dropped: get(&c.unreliable_dropped),
+            unreliable_incomplete: {
+                let mut parts = self.shared.parts.lock().expect("link parts lock");
+                parts.expire(Instant::now());
+                parts.discarded
+            },
             candidates_host: get(&c.candidates_host),
             candidates_srflx: get(&c.candidates_srflx),
             candidates_relay: get(&c.candidates_relay),
@@ -1453,9 +1461,7 @@ impl LinkTask {
                 self.channels_opened(was_open).await;
             }
             RtcEvent::InbandOpen(ch) => {
-                if self.version < 2 {
-                    return; // not offered: the peer breaks the protocol; "u" stays in use
-                }
+                // Only opened in a version 2 generation (`open_inband`).
                 let was_open = self.channels_open();
                 self.u2_open = true;
                 self.use_inband(ch);

@@ -48,7 +48,7 @@ struct Partial {
 pub(crate) struct Parts {
     msgs: VecDeque<Partial>,
     held: usize,
-    /// Incomplete messages discarded (expired or evicted), for diagnostics.
+    /// Incomplete messages discarded (expired or evicted): `LinkStats::unreliable_incomplete`.
     pub(crate) discarded: u64,
 }
 

@@ -123,3 +123,21 @@ pub async fn direct_pair(
         b_path,
     }
 }
+
+/// Wait up to `secs` until `c`'s path to `peer` is direct (or, with `want_direct` false, the
+/// server path); returns how long that took.
+pub async fn wait_path(c: &Client, peer: PeerId, want_direct: bool, secs: u64) -> Duration {
+    let t = tokio::time::Instant::now();
+    loop {
+        let direct = matches!(c.path(peer).unwrap(), Path::Direct { .. });
+        if direct == want_direct {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(secs),
+            "path not {} within {secs} s",
+            if want_direct { "direct" } else { "server" }
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
