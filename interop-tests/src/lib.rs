@@ -167,6 +167,16 @@ impl NftTable {
         &self.0
     }
 
+    /// Packets its rules with a `counter` have matched so far (the datagrams a loss rule
+    /// dropped).
+    pub fn dropped(&self) -> u64 {
+        let out = Command::new("nft")
+            .args(["list", "table", "inet", &self.0])
+            .output()
+            .expect("nft");
+        nft_counted(&String::from_utf8_lossy(&out.stdout))
+    }
+
     /// Randomly drops `percent` % of the UDP packets to and from local ports `lo..=hi` (each
     /// packet once, also when both ends are in the range): loss on the direct paths of clients
     /// that use that range (`ClientConfig::with_udp_ports`), nothing else.
@@ -175,9 +185,10 @@ impl NftTable {
             tag,
             lo,
             &[
-                format!("udp dport {lo}-{hi} numgen random mod 100 < {percent} drop"),
+                format!("udp dport {lo}-{hi} numgen random mod 100 < {percent} counter drop"),
                 format!(
-                    "udp sport {lo}-{hi} udp dport != {lo}-{hi} numgen random mod 100 < {percent} drop"
+                    "udp sport {lo}-{hi} udp dport != {lo}-{hi} numgen random mod 100 < {percent} \
+                     counter drop"
                 ),
             ],
         )
@@ -196,6 +207,16 @@ impl NftTable {
             )],
         )
     }
+}
+
+/// The sum of the `counter … packets N` of an `nft list` output.
+pub fn nft_counted(listing: &str) -> u64 {
+    let words: Vec<&str> = listing.split_whitespace().collect();
+    words
+        .windows(2)
+        .filter(|w| w[0] == "packets")
+        .map(|w| w[1].parse::<u64>().unwrap_or(0))
+        .sum()
 }
 
 /// Drops all UDP from and to a local port range on the root namespace's input hook while alive

@@ -715,17 +715,7 @@ async fn aiortc_max_size_unreliable_under_loss_then_reliable() {
     let failed_before = t.native.direct_failed;
     // Input hook only: a drop on the output hook would fail the sender's sendto (EPERM), which
     // webrtc-sctp takes for a dead association.
-    let (lo, hi) = PORTS;
-    let loss = NftTable::new(
-        "aiortc_loss",
-        lo,
-        &[
-            format!("udp dport {lo}-{hi} numgen random mod 100 < 5 counter drop"),
-            format!(
-                "udp sport {lo}-{hi} udp dport != {lo}-{hi} numgen random mod 100 < 5 counter drop"
-            ),
-        ],
-    );
+    let loss = NftTable::udp_loss("aiortc_loss", PORTS, 5);
     let started = Instant::now();
     t.py.command(&format!("usend_many {NATIVE} {UNRELIABLE} 16384 10"))
         .await;
@@ -761,7 +751,7 @@ async fn aiortc_max_size_unreliable_under_loss_then_reliable() {
     );
     let unreliable = std::mem::take(&mut t.native.unreliable);
     let stats = t.native.client.link_stats(t.py_id).unwrap();
-    let dropped = nft_dropped(loss.name());
+    let dropped = loss.dropped();
     eprintln!(
         "under loss: first reliable after {first:?}, {} of {UNRELIABLE} unreliable arrived, \
          {dropped} datagrams dropped, {} direct failures, native {stats:?}",
@@ -842,17 +832,7 @@ async fn aiortc_v1_peer_breaking_the_rule_cannot_stall_the_native_end() {
     let mut t = Setup::with(false, Some(PORTS), true, true, 1).await;
     t.wait_paths(true).await;
     let failed_before = t.native.direct_failed;
-    let (lo, hi) = PORTS;
-    let loss = NftTable::new(
-        "aiortc_v1_loss",
-        lo,
-        &[
-            format!("udp dport {lo}-{hi} numgen random mod 100 < 5 counter drop"),
-            format!(
-                "udp sport {lo}-{hi} udp dport != {lo}-{hi} numgen random mod 100 < 5 counter drop"
-            ),
-        ],
-    );
+    let loss = NftTable::udp_loss("aiortc_v1_loss", PORTS, 5);
     t.py.command(&format!("usend_many {NATIVE} {UNRELIABLE} 16384 5"))
         .await;
     let (native, py) = (&mut t.native, &mut t.py);
@@ -885,7 +865,7 @@ async fn aiortc_v1_peer_breaking_the_rule_cannot_stall_the_native_end() {
         "v1 rule-breaker under loss: {} of {UNRELIABLE} unreliable arrived, {} datagrams \
          dropped; every reliable message in {all_in:?}; direct path reset {resets} time(s)",
         unreliable.len(),
-        nft_dropped(loss.name()),
+        loss.dropped(),
     );
 
     drop(loss);
@@ -901,19 +881,4 @@ async fn aiortc_v1_peer_breaking_the_rule_cannot_stall_the_native_end() {
     t.check_reliable().await;
     t.check_direct_now().await;
     t.finish().await;
-}
-
-/// The sum of the packet counters of nft table `inet name`.
-fn nft_dropped(name: &str) -> u64 {
-    let out = std::process::Command::new("nft")
-        .args(["list", "table", "inet", name])
-        .output()
-        .expect("nft");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let words: Vec<&str> = text.split_whitespace().collect();
-    words
-        .windows(2)
-        .filter(|w| w[0] == "packets")
-        .map(|w| w[1].parse::<u64>().unwrap_or(0))
-        .sum()
 }

@@ -998,10 +998,13 @@ for (let k = 0; k < m.length; k++) {
 return { got: m.length, bad: null };
 "#;
 
-/// What the native client saw of the browser: its reliable messages and path changes.
+/// What the native client saw of the browser: its reliable messages (and when each arrived),
+/// its unreliable ones, path changes and direct-path failures.
 #[derive(Default)]
 struct NativeLog {
     msgs: Vec<Vec<u8>>,
+    msgs_at: Vec<Instant>,
+    unreliable: Vec<Vec<u8>>,
     paths: Vec<(Instant, Path)>,
     direct_failed: Vec<String>,
 }
@@ -1016,8 +1019,14 @@ fn drain_native(mut events: Events, from: PeerId) -> Arc<Mutex<NativeLog>> {
                 Event::Message {
                     from: f,
                     data,
-                    reliability: Reliability::Reliable,
-                } if f == from => log.msgs.push(data.to_vec()),
+                    reliability,
+                } if f == from => match reliability {
+                    Reliability::Reliable => {
+                        log.msgs.push(data.to_vec());
+                        log.msgs_at.push(Instant::now());
+                    }
+                    Reliability::Unreliable => log.unreliable.push(data.to_vec()),
+                },
                 Event::PathChanged { peer, path } if peer == from => {
                     log.paths.push((Instant::now(), path))
                 }
@@ -1564,8 +1573,7 @@ impl<'a> NsLoss<'a> {
 
     /// Datagrams dropped so far.
     fn dropped(&self) -> u64 {
-        nft_dropped(&[
-            "ip",
+        let cmd = [
             "netns",
             "exec",
             &self.ns.name,
@@ -1574,7 +1582,9 @@ impl<'a> NsLoss<'a> {
             "table",
             "inet",
             "pmloss",
-        ])
+        ];
+        let listing = run("ip", &cmd).unwrap_or_else(|e| panic!("ip {cmd:?}: {e}"));
+        peermesh_interop_tests::nft_counted(&listing)
     }
 }
 
@@ -1595,19 +1605,8 @@ impl HostLoss {
 
     /// Datagrams dropped so far.
     fn dropped(&self) -> u64 {
-        nft_dropped(&["nft", "list", "table", "inet", self.0.name()])
+        self.0.dropped()
     }
-}
-
-/// The sum of the packet counters in the output of `cmd` (an `nft list table`).
-fn nft_dropped(cmd: &[&str]) -> u64 {
-    let text = run(cmd[0], &cmd[1..]).unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let words: Vec<&str> = text.split_whitespace().collect();
-    words
-        .windows(2)
-        .filter(|w| w[0] == "packets")
-        .map(|w| w[1].parse::<u64>().unwrap_or(0))
-        .sum()
 }
 
 /// webrtc-sctp 0.17's "unable to parse SCTP packet chunk too short" warnings (a packet with a
@@ -1677,45 +1676,6 @@ impl Drop for NsLoss<'_> {
     }
 }
 
-/// What the native end of a loss test received from the browser.
-#[derive(Default)]
-struct LossLog {
-    reliable: Vec<(Instant, String)>,
-    unreliable: Vec<Vec<u8>>,
-    direct_failed: Vec<String>,
-}
-
-fn log_native(mut events: Events, from: PeerId) -> Arc<Mutex<LossLog>> {
-    let log = Arc::new(Mutex::new(LossLog::default()));
-    let sink = log.clone();
-    tokio::spawn(async move {
-        while let Some(event) = events.recv().await {
-            let mut log = sink.lock().unwrap();
-            match event {
-                Event::Message {
-                    from: f,
-                    data,
-                    reliability,
-                } if f == from => match reliability {
-                    Reliability::Reliable => log
-                        .reliable
-                        .push((Instant::now(), String::from_utf8_lossy(&data).into_owned())),
-                    Reliability::Unreliable => log.unreliable.push(data.to_vec()),
-                },
-                Event::PathChanged { peer, path } if peer == from => {
-                    eprintln!("native: path to the browser: {path}")
-                }
-                Event::DirectFailed { peer, reason } if peer == from => {
-                    eprintln!("native: direct path to the browser failed: {reason}");
-                    log.direct_failed.push(reason)
-                }
-                _ => {}
-            }
-        }
-    });
-    log
-}
-
 /// Link protocol v2 under loss: with 5 % of the direct path's UDP dropped at random in both
 /// directions (on the native client's port range), one end sends `LOSSY_COUNT` max-size
 /// unreliable messages, then `LOSSY_RELIABLE` reliable ones. Every reliable message arrives, in
@@ -1757,7 +1717,7 @@ async fn max_size_unreliable_under_loss(browser_sends: bool, ports: (u16, u16)) 
     b.eval("p", LOSSY_JS, json!(null)).await;
     // The browser joins second: it is the initiator.
     b.join("g").await;
-    let log = log_native(ne, bid);
+    let log = drain_native(ne, bid);
     let deadline = Instant::now() + WAIT;
     while n.path(bid).map_or(true, |p| p == Path::Server) {
         assert!(
@@ -1851,7 +1811,7 @@ async fn max_size_unreliable_under_loss(browser_sends: bool, ports: (u16, u16)) 
         .await;
         let deadline = Instant::now() + WAIT;
         loop {
-            if let Some((at, _)) = log.lock().unwrap().reliable.first() {
+            if let Some(at) = log.lock().unwrap().msgs_at.first() {
                 break *at - sent_at;
             }
             assert!(Instant::now() < deadline, "no reliable message arrived");
@@ -1885,7 +1845,7 @@ async fn max_size_unreliable_under_loss(browser_sends: bool, ports: (u16, u16)) 
     let want: Vec<String> = (0..LOSSY_RELIABLE).map(|i| format!("r {i}")).collect();
     let (unreliable, intact) = if browser_sends {
         let deadline = Instant::now() + WAIT;
-        while log.lock().unwrap().reliable.len() < LOSSY_RELIABLE {
+        while log.lock().unwrap().msgs.len() < LOSSY_RELIABLE {
             assert!(
                 Instant::now() < deadline,
                 "not every reliable message arrived"
@@ -1894,7 +1854,11 @@ async fn max_size_unreliable_under_loss(browser_sends: bool, ports: (u16, u16)) 
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
         let mut log = log.lock().unwrap();
-        let got: Vec<String> = log.reliable.iter().map(|(_, m)| m.clone()).collect();
+        let got: Vec<String> = log
+            .msgs
+            .iter()
+            .map(|m| String::from_utf8_lossy(m).into_owned())
+            .collect();
         assert_eq!(got, want, "reliable messages at the native end");
         let unreliable = std::mem::take(&mut log.unreliable);
         let intact = unreliable
@@ -2061,9 +2025,9 @@ async fn max_size_unreliable_under_loss(browser_sends: bool, ports: (u16, u16)) 
     while !log
         .lock()
         .unwrap()
-        .reliable
+        .msgs
         .iter()
-        .any(|(_, m)| m == "browser after the loss")
+        .any(|m| m == b"browser after the loss")
     {
         assert!(
             Instant::now() < deadline,
