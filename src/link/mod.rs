@@ -22,7 +22,7 @@ use tokio::time::{sleep_until, Instant as TokioInstant};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use rtc::FrameSink;
-use rtc::{Channel, ConnState, DirectTx, Inband, Rtc, RtcEvent};
+use rtc::{Channel, ConnState, DirectTx, Rtc, RtcEvent};
 pub(crate) use rtc::{RtcFactory, RtcOptions};
 
 use crate::protocol::{
@@ -1414,17 +1414,10 @@ impl LinkTask {
         if self.version < 2 {
             return;
         }
-        if let Some(rtc) = &self.rtc {
-            if let Err(e) = rtc.open_inband().await {
-                self.rtc_failed(&format!("opening the unreliable channel: {e}"))
-                    .await;
-            }
-        }
-    }
-
-    fn use_inband(&mut self, ch: Inband) {
-        if let Some(rtc) = &mut self.rtc {
-            rtc.use_inband(ch);
+        let Some(rtc) = &mut self.rtc else { return };
+        if let Err(e) = rtc.open_inband().await {
+            self.rtc_failed(&format!("opening the unreliable channel: {e}"))
+                .await;
         }
     }
 
@@ -1460,11 +1453,9 @@ impl LinkTask {
                 }
                 self.channels_opened(was_open).await;
             }
-            RtcEvent::InbandOpen(ch) => {
-                // Only opened in a version 2 generation (`open_inband`).
+            RtcEvent::InbandOpen => {
                 let was_open = self.channels_open();
                 self.u2_open = true;
-                self.use_inband(ch);
                 self.channels_opened(was_open).await;
             }
             RtcEvent::PeerInbandOpen => {

@@ -53,8 +53,8 @@ const RELIABLE_LABEL: &str = "r";
 const RELIABLE_ID: u16 = 0;
 const UNRELIABLE_LABEL: &str = "u";
 const UNRELIABLE_ID: u16 = 1;
-/// Label of the in-band (DCEP) unreliable channel of a version 2 generation, opened by the
-/// initiator. webrtc-rs applies the reliability options of an in-band channel (unordered, no
+/// Label of the in-band (DCEP) unreliable send channel each end opens in a version 2
+/// generation. webrtc-rs applies the reliability options of an in-band channel (unordered, no
 /// retransmissions) on both ends, and those of a pre-negotiated one on neither
 /// (`docs/notes/sctp-unreliable.md`).
 const INBAND_LABEL: &str = "u2";
@@ -85,8 +85,8 @@ pub(crate) enum RtcEvent {
     /// shape).
     Candidate(serde_json::Value),
     Open(Channel),
-    /// The in-band unreliable channel this end opened (version 2) is open: send on it.
-    InbandOpen(Inband),
+    /// The in-band unreliable channel this end opened (version 2) is open.
+    InbandOpen,
     /// The peer's in-band unreliable channel (version 2) is open: it receives on it.
     PeerInbandOpen,
     Closed,
@@ -95,32 +95,17 @@ pub(crate) enum RtcEvent {
     PairSelected,
 }
 
-/// An open in-band unreliable channel, handed to the link task to send on.
-pub(crate) struct Inband(Arc<RTCDataChannel>);
-
-impl std::fmt::Debug for Inband {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Inband({})", self.0.id())
-    }
-}
-
-/// Report a channel's open and close to the link and feed its messages to `on_frame`. The
-/// handlers hold the channel weakly: they live inside it.
+/// Report a channel's open and close to the link and feed its messages to `on_frame`.
 fn wire_channel(
     dc: &Arc<RTCDataChannel>,
     gen: u32,
     tx: &UnboundedSender<LinkInput>,
     on_frame: &FrameSink,
-    open: impl Fn(&Arc<RTCDataChannel>) -> RtcEvent + Send + Sync + 'static,
+    open: impl Fn() -> RtcEvent + Send + Sync + 'static,
 ) {
-    let (t, weak) = (tx.clone(), Arc::downgrade(dc));
+    let t = tx.clone();
     dc.on_open(Box::new(move || {
-        if let Some(dc) = weak.upgrade() {
-            let _ = t.send(LinkInput::Rtc {
-                gen,
-                event: open(&dc),
-            });
-        }
+        let _ = t.send(LinkInput::Rtc { gen, event: open() });
         Box::pin(async {})
     }));
     let t = tx.clone();
@@ -298,7 +283,7 @@ impl RtcFactory {
         }))
         .await;
         for (dc, ch) in [(&r, Channel::Reliable), (&u, Channel::Unreliable)] {
-            wire_channel(dc, gen, &tx, &on_frame, move |_| RtcEvent::Open(ch));
+            wire_channel(dc, gen, &tx, &on_frame, move || RtcEvent::Open(ch));
         }
         // The peer's in-band send channel of a version 2 generation (one; any other in-band
         // channel is closed).
@@ -307,7 +292,7 @@ impl RtcFactory {
         pc.on_data_channel(Box::new(move |dc: Arc<RTCDataChannel>| {
             use std::sync::atomic::Ordering::SeqCst;
             if dc.label() == INBAND_LABEL && !dc.negotiated() && !taken.swap(true, SeqCst) {
-                wire_channel(&dc, gen, &t, &sink, |_| RtcEvent::PeerInbandOpen);
+                wire_channel(&dc, gen, &t, &sink, || RtcEvent::PeerInbandOpen);
             } else {
                 tracing::debug!(label = dc.label(), "closing an unexpected data channel");
                 tokio::spawn(async move {
@@ -423,7 +408,7 @@ pub(crate) struct Rtc {
     pc: Arc<RTCPeerConnection>,
     r: Arc<RTCDataChannel>,
     u: Arc<RTCDataChannel>,
-    /// The in-band unreliable channel, once open (version 2).
+    /// This end's in-band unreliable send channel (version 2).
     u2: Option<Arc<RTCDataChannel>>,
     tx: UnboundedSender<LinkInput>,
     on_frame: FrameSink,
@@ -529,11 +514,11 @@ impl Rtc {
         }
     }
 
-    /// Version 2: open this end's in-band unreliable send channel (reported by
-    /// [`RtcEvent::InbandOpen`] once open). Always without retransmissions: webrtc-rs sends
-    /// FORWARD-TSN in a packet of its own, so the peer's `"u2_reliable"` request (PROTOCOL.md
-    /// §7.6) may be ignored.
-    pub(crate) async fn open_inband(&self) -> Result<(), webrtc::Error> {
+    /// Version 2: open this end's in-band unreliable send channel, used for unreliable frames
+    /// from then on (the link sends nothing directly before [`RtcEvent::InbandOpen`]). Always
+    /// without retransmissions: webrtc-rs sends FORWARD-TSN in a packet of its own, so the
+    /// peer's `"u2_reliable"` request (PROTOCOL.md §7.6) may be ignored.
+    pub(crate) async fn open_inband(&mut self) -> Result<(), webrtc::Error> {
         let dc = self
             .pc
             .create_data_channel(
@@ -545,15 +530,11 @@ impl Rtc {
                 }),
             )
             .await?;
-        wire_channel(&dc, self.gen, &self.tx, &self.on_frame, |dc| {
-            RtcEvent::InbandOpen(Inband(dc.clone()))
+        wire_channel(&dc, self.gen, &self.tx, &self.on_frame, || {
+            RtcEvent::InbandOpen
         });
+        self.u2 = Some(dc);
         Ok(())
-    }
-
-    /// Send unreliable frames on this in-band channel from now on.
-    pub(crate) fn use_inband(&mut self, ch: Inband) {
-        self.u2 = Some(ch.0);
     }
 
     /// The sending half, for senders outside the link task.
