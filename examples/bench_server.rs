@@ -493,6 +493,7 @@ async fn hello(ws: &mut Ws, name: &str) -> Result<Welcome> {
         version: PROTOCOL_VERSION,
         name: name.into(),
         token: None,
+        direct: Default::default(),
     };
     send_json(ws, &msg).await?;
     loop {
@@ -523,7 +524,9 @@ async fn join(ws: &mut Ws, group: &str) -> Result<Vec<peermesh::protocol::Member
     .await?;
     loop {
         match next_server_msg(ws).await? {
-            ServerMsg::Joined { group: g, members } if g == group => return Ok(members),
+            ServerMsg::Joined {
+                group: g, members, ..
+            } if g == group => return Ok(members),
             ServerMsg::Error { code, message, .. } => {
                 bail!("join {group} refused: {code}: {message}")
             }

@@ -306,6 +306,7 @@ impl Client {
             version: PROTOCOL_VERSION,
             name: config.name.clone(),
             token: config.token.clone(),
+            direct: Default::default(),
         };
         ws.send(WsMessage::Text(to_json(&hello).into()))
             .await
@@ -747,7 +748,7 @@ impl Session {
             }
         };
         match msg {
-            ServerMsg::Joined { group, members } => {
+            ServerMsg::Joined { group, members, .. } => {
                 let list = members
                     .iter()
                     .map(|m| Member {
@@ -764,9 +765,9 @@ impl Session {
                     let _ = tx.send(Ok(list));
                 }
             }
-            ServerMsg::MemberJoined { group, member } => self.add_member(&group, member).await,
-            ServerMsg::MemberLeft { group, peer } => self.remove_member(&group, peer).await,
-            ServerMsg::Left { group } => {
+            ServerMsg::MemberJoined { group, member, .. } => self.add_member(&group, member).await,
+            ServerMsg::MemberLeft { group, peer, .. } => self.remove_member(&group, peer).await,
+            ServerMsg::Left { group, .. } => {
                 let peers: Vec<PeerId> = self
                     .lock()
                     .groups

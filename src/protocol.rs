@@ -115,8 +115,15 @@ pub enum ErrorCode {
     /// The server requires a token in `hello` and this one was missing, malformed, expired or
     /// badly signed. The server closes the session (1008 `unauthorized`).
     Unauthorized,
-    /// The session's token does not allow joining this group.
+    /// The session's token does not allow joining this group, or the group does not let
+    /// clients join it by themselves (its members are added by the app's backend).
     Forbidden,
+    /// The pair's direct-connectivity policy is `none`: the server does not forward `signal`
+    /// between them (they stay on the server path).
+    DirectNotAllowed,
+    /// The group named in the request does not exist (a closed server does not create groups on
+    /// `join`).
+    NoSuchGroup,
 }
 
 impl ErrorCode {
@@ -140,6 +147,8 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::DirectNotAllowed => "direct_not_allowed",
+            ErrorCode::NoSuchGroup => "no_such_group",
         }
     }
 }
@@ -148,6 +157,84 @@ impl std::fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// Which direct paths a pair of members may use (`docs/PROTOCOL.md` §3.4). Ordered from the most
+/// permissive to the strictest, so the policy of a pair is the `max` of every limit that applies.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum DirectPolicy {
+    /// Direct paths of any kind (host, server reflexive, relay candidates).
+    #[default]
+    Any,
+    /// TURN relay candidates only: neither end ever sends a host, server reflexive or peer
+    /// reflexive address, in SDP or trickled.
+    Relay,
+    /// No direct path: the pair stays on the server path and the server does not forward
+    /// `signal` between them.
+    None,
+}
+
+impl DirectPolicy {
+    /// `true` for [`DirectPolicy::Any`] (the default, omitted on the wire).
+    pub fn is_any(&self) -> bool {
+        *self == DirectPolicy::Any
+    }
+
+    /// The wire string: `any`, `relay`, `none`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DirectPolicy::Any => "any",
+            DirectPolicy::Relay => "relay",
+            DirectPolicy::None => "none",
+        }
+    }
+}
+
+impl std::fmt::Display for DirectPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for DirectPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "any" => Ok(DirectPolicy::Any),
+            "relay" => Ok(DirectPolicy::Relay),
+            "none" => Ok(DirectPolicy::None),
+            other => Err(format!(
+                "direct policy must be any, relay or none, not {other:?}"
+            )),
+        }
+    }
+}
+
+/// The path a client reports for one of its links (`path` frame, for the app's backend).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PathKind {
+    /// Relayed through the server.
+    Server,
+    /// The WebRTC data channels.
+    Direct,
+}
+
+/// An ICE candidate type as reported in a `path` frame: `host`, `srflx`, `prflx`, `relay`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WireCandidateType {
+    /// An address of the host itself.
+    Host,
+    /// Server reflexive.
+    Srflx,
+    /// Peer reflexive.
+    Prflx,
+    /// A TURN relay address.
+    Relay,
 }
 
 /// One ICE server as handed to clients (same shape as the browser's `RTCIceServer`).
@@ -191,6 +278,9 @@ pub struct MemberInfo {
     /// `true` if the receiver of this frame makes the WebRTC offer for this link (the server
     /// decides, so there is no glare).
     pub initiator: bool,
+    /// The pair's direct-connectivity policy (absent: `any`). Both ends get the same value.
+    #[serde(default, skip_serializing_if = "DirectPolicy::is_any")]
+    pub direct: DirectPolicy,
 }
 
 /// JSON text frames a client sends.
@@ -207,6 +297,10 @@ pub enum ClientMsg {
         /// auth secret.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         token: Option<String>,
+        /// This client's own limit on direct paths (absent: `any`). The server applies the
+        /// strictest of this, the token's `direct` and the group's policy to each pair.
+        #[serde(default, skip_serializing_if = "DirectPolicy::is_any")]
+        direct: DirectPolicy,
     },
     /// Join a group by name (created on first join).
     Join {
@@ -231,6 +325,29 @@ pub enum ClientMsg {
     Ping {
         /// Echoed back.
         id: u64,
+    },
+    /// The client has processed a membership change (`joined`, `left`, `member_joined`,
+    /// `member_left` carrying `change`).
+    Ack {
+        /// The group.
+        group: String,
+        /// The `change` number of that frame.
+        change: u64,
+    },
+    /// The path of one of the client's links now (for the app's backend and operators).
+    Path {
+        /// The other end of the link.
+        peer: PeerId,
+        /// The link id.
+        link: LinkId,
+        /// Server or direct.
+        path: PathKind,
+        /// On a direct path: this client's candidate type in the selected pair.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        local: Option<WireCandidateType>,
+        /// On a direct path: the peer's candidate type in the selected pair.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        remote: Option<WireCandidateType>,
     },
 }
 
@@ -259,11 +376,18 @@ pub enum ServerMsg {
         group: String,
         /// Members other than the client.
         members: Vec<MemberInfo>,
+        /// The group's membership change number, to `ack` once processed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        change: Option<u64>,
     },
-    /// Answer to `leave`.
+    /// Answer to `leave`, or the app's backend removed the client from the group (or destroyed
+    /// it).
     Left {
         /// Group name.
         group: String,
+        /// The group's membership change number, to `ack` once processed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        change: Option<u64>,
     },
     /// Another client joined a group the receiver is in.
     MemberJoined {
@@ -271,6 +395,9 @@ pub enum ServerMsg {
         group: String,
         /// The new member.
         member: MemberInfo,
+        /// The group's membership change number, to `ack` once processed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        change: Option<u64>,
     },
     /// A member left a group the receiver is in (leave, close or heartbeat timeout).
     MemberLeft {
@@ -278,6 +405,9 @@ pub enum ServerMsg {
         group: String,
         /// The member that left.
         peer: PeerId,
+        /// The group's membership change number, to `ack` once processed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        change: Option<u64>,
     },
     /// Signaling data from a co-member.
     Signal {
@@ -831,6 +961,7 @@ mod tests {
                 version: 1,
                 name: "a".into(),
                 token: None,
+                direct: DirectPolicy::Any,
             }
         );
         let e = serde_json::to_string(&ServerMsg::error(ErrorCode::NotCoMember, "x")).unwrap();

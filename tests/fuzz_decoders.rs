@@ -32,8 +32,9 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
 use peermesh::protocol::{
-    link_kind, ClientMsg, ErrorCode, IceServer, Limits, LinkFrame, MemberInfo, RelayFrame,
-    ServerMsg, FLAG_FIN, RELAY_HEADER_LEN, RELAY_KIND_DATA,
+    link_kind, ClientMsg, DirectPolicy, ErrorCode, IceServer, Limits, LinkFrame, MemberInfo,
+    PathKind, RelayFrame, ServerMsg, WireCandidateType, FLAG_FIN, RELAY_HEADER_LEN,
+    RELAY_KIND_DATA,
 };
 use proptest::prelude::*;
 
@@ -259,6 +260,7 @@ fn valid_json_frames() -> Vec<Vec<u8>> {
         user: Some("u-2".into()),
         link: 7,
         initiator: true,
+        direct: DirectPolicy::Relay,
     };
     let ice = vec![
         IceServer {
@@ -276,11 +278,13 @@ fn valid_json_frames() -> Vec<Vec<u8>> {
             version: 1,
             name: "alice".into(),
             token: None,
+            direct: DirectPolicy::Any,
         },
         ClientMsg::Hello {
             version: 1,
             name: "alice".into(),
             token: Some("eyJhbGciOiJIUzI1NiJ9.e30.sig".into()),
+            direct: DirectPolicy::None,
         },
         ClientMsg::Join {
             group: "lobby".into(),
@@ -294,6 +298,17 @@ fn valid_json_frames() -> Vec<Vec<u8>> {
             data: serde_json::json!({"kind": "candidate", "gen": 1, "candidate": "candidate:1 1 udp 2130706431 127.0.0.1 5000 typ host", "sdpMid": "0", "sdpMLineIndex": 0}),
         },
         ClientMsg::Ping { id: u64::MAX },
+        ClientMsg::Ack {
+            group: "lobby".into(),
+            change: 3,
+        },
+        ClientMsg::Path {
+            peer: 2,
+            link: 7,
+            path: PathKind::Direct,
+            local: Some(WireCandidateType::Relay),
+            remote: Some(WireCandidateType::Host),
+        },
     ];
     let server = [
         ServerMsg::Welcome {
@@ -311,17 +326,21 @@ fn valid_json_frames() -> Vec<Vec<u8>> {
         ServerMsg::Joined {
             group: "lobby".into(),
             members: vec![member.clone(), member.clone()],
+            change: Some(1),
         },
         ServerMsg::Left {
             group: "lobby".into(),
+            change: None,
         },
         ServerMsg::MemberJoined {
             group: "lobby".into(),
             member,
+            change: Some(2),
         },
         ServerMsg::MemberLeft {
             group: "lobby".into(),
             peer: 2,
+            change: Some(4),
         },
         ServerMsg::Signal {
             from: 2,

@@ -20,17 +20,9 @@ pub enum Auth {
     Secret(String),
 }
 
-/// The device's own limit on direct connections, from its token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DirectLimit {
-    /// Direct paths of any kind.
-    Any,
-    /// TURN relay candidates only (the device's addresses are never shared).
-    Relay,
-    /// The server path only.
-    None,
-}
+/// The device's own limit on direct connections, from its token (the wire's
+/// [`DirectPolicy`](peermesh::protocol::DirectPolicy)).
+pub use peermesh::protocol::DirectPolicy as DirectLimit;
 
 /// The claims of a peermesh token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -659,6 +659,7 @@ impl Session {
                     version,
                     name,
                     token,
+                    ..
                 },
                 None,
             ) => return self.on_hello(*version, name, token.as_deref()),
@@ -693,6 +694,7 @@ impl Session {
                 self.send(&ServerMsg::Pong { id });
                 Ok(())
             }
+            Request::Ack { .. } | Request::Path { .. } => Ok(()),
         };
         if let Err(failure) = result {
             self.reply_error(failure, Some(kind));

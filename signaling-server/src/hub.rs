@@ -273,6 +273,7 @@ impl State {
         let note = ServerMsg::MemberLeft {
             group: group.to_owned(),
             peer,
+            change: None,
         };
         let text = encode(&note);
         for other in remaining {
@@ -464,6 +465,7 @@ impl Hub {
                 user: other_client.user.clone(),
                 link: link.id,
                 initiator: link.initiator == me,
+                direct: Default::default(),
             });
             send(
                 &other_client.outlet,
@@ -475,7 +477,9 @@ impl Hub {
                         user: my_user.clone(),
                         link: link.id,
                         initiator: link.initiator == other,
+                        direct: Default::default(),
                     },
+                    change: None,
                 },
             );
         }
@@ -488,6 +492,7 @@ impl Hub {
             &ServerMsg::Joined {
                 group: group.to_owned(),
                 members,
+                change: None,
             },
         );
         Ok(())
@@ -508,6 +513,7 @@ impl Hub {
             &outlet,
             &ServerMsg::Left {
                 group: group.to_owned(),
+                change: None,
             },
         );
         Ok(())

@@ -9,7 +9,7 @@
 
 use std::borrow::Cow;
 
-use peermesh::protocol::{LinkId, PeerId};
+use peermesh::protocol::{DirectPolicy, LinkId, PathKind, PeerId, WireCandidateType};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -20,6 +20,7 @@ pub(crate) enum Request<'a> {
         version: u32,
         name: String,
         token: Option<String>,
+        direct: DirectPolicy,
     },
     Join {
         group: String,
@@ -36,6 +37,17 @@ pub(crate) enum Request<'a> {
     Ping {
         id: u64,
     },
+    Ack {
+        group: String,
+        change: u64,
+    },
+    Path {
+        peer: PeerId,
+        link: LinkId,
+        path: PathKind,
+        local: Option<WireCandidateType>,
+        remote: Option<WireCandidateType>,
+    },
 }
 
 impl Request<'_> {
@@ -47,6 +59,8 @@ impl Request<'_> {
             Request::Leave { .. } => "leave",
             Request::Signal { .. } => "signal",
             Request::Ping { .. } => "ping",
+            Request::Ack { .. } => "ack",
+            Request::Path { .. } => "path",
         }
     }
 }
@@ -78,6 +92,8 @@ struct HelloFields {
     name: String,
     #[serde(default)]
     token: Option<String>,
+    #[serde(default)]
+    direct: DirectPolicy,
 }
 
 #[derive(Deserialize)]
@@ -96,6 +112,23 @@ struct SignalFields<'a> {
 #[derive(Deserialize)]
 struct PingFields {
     id: u64,
+}
+
+#[derive(Deserialize)]
+struct AckFields {
+    group: String,
+    change: u64,
+}
+
+#[derive(Deserialize)]
+struct PathFields {
+    peer: PeerId,
+    link: LinkId,
+    path: PathKind,
+    #[serde(default)]
+    local: Option<WireCandidateType>,
+    #[serde(default)]
+    remote: Option<WireCandidateType>,
 }
 
 /// Read one client frame.
@@ -125,6 +158,7 @@ pub(crate) fn parse(text: &str) -> Result<Request<'_>, BadRequest> {
                 version: f.version,
                 name: f.name,
                 token: f.token,
+                direct: f.direct,
             }
         }
         "join" => Request::Join {
@@ -144,6 +178,23 @@ pub(crate) fn parse(text: &str) -> Result<Request<'_>, BadRequest> {
         "ping" => Request::Ping {
             id: fields::<PingFields>(text, "ping")?.id,
         },
+        "ack" => {
+            let f: AckFields = fields(text, "ack")?;
+            Request::Ack {
+                group: f.group,
+                change: f.change,
+            }
+        }
+        "path" => {
+            let f: PathFields = fields(text, "path")?;
+            Request::Path {
+                peer: f.peer,
+                link: f.link,
+                path: f.path,
+                local: f.local,
+                remote: f.remote,
+            }
+        }
         // (Echoed in the answer: at most 64 characters of it.)
         other => return Err(BadRequest::UnknownType(other.chars().take(64).collect())),
     })
@@ -176,10 +227,12 @@ mod tests {
                 version,
                 name,
                 token,
+                direct,
             } => ClientMsg::Hello {
                 version: *version,
                 name: name.clone(),
                 token: token.clone(),
+                direct: *direct,
             },
             Request::Join { group } => ClientMsg::Join {
                 group: group.clone(),
@@ -193,6 +246,23 @@ mod tests {
                 data: serde_json::from_str(data.get()).unwrap(),
             },
             Request::Ping { id } => ClientMsg::Ping { id: *id },
+            Request::Ack { group, change } => ClientMsg::Ack {
+                group: group.clone(),
+                change: *change,
+            },
+            Request::Path {
+                peer,
+                link,
+                path,
+                local,
+                remote,
+            } => ClientMsg::Path {
+                peer: *peer,
+                link: *link,
+                path: *path,
+                local: *local,
+                remote: *remote,
+            },
         }
     }
 
@@ -207,6 +277,10 @@ mod tests {
             r#"{"type":"signal","to":2,"link":3,"data":null}"#,
             r#"{"type":"ping","id":18446744073709551615}"#,
             r#"{"type":"p\u0069ng","id":1}"#,
+            r#"{"type":"hello","version":1,"name":"a","direct":"relay"}"#,
+            r#"{"type":"ack","group":"g","change":7}"#,
+            r#"{"type":"path","peer":2,"link":3,"path":"server"}"#,
+            r#"{"type":"path","peer":2,"link":3,"path":"direct","local":"relay","remote":"host"}"#,
         ];
         for text in ok {
             let r = parse(text).unwrap_or_else(|e| panic!("{text}: {e:?}"));
@@ -349,7 +423,7 @@ mod tests {
         #[test]
         fn agrees_with_client_msg(text in prop_oneof![
             ".{0,200}",
-            r#"\{"type":"(hello|join|leave|signal|ping|x)"(,"(version|name|group|to|link|data|id)":(1|"a"|null|\[\]|\{\}|-1|4294967296)){0,4}\}"#,
+            r#"\{"type":"(hello|join|leave|signal|ping|ack|path|x)"(,"(version|name|group|to|link|data|id|change|path|direct)":(1|"a"|null|\[\]|\{\}|-1|4294967296)){0,4}\}"#,
         ]) {
             let r = parse(&text);
             if let Some((_, json)) = via_client_msg(&text) {

@@ -94,7 +94,9 @@ async fn join(ws: &mut Ws, group: &str) -> Result<Vec<MemberInfo>, ErrorCode> {
     send(ws, json!({"type": "join", "group": group})).await;
     loop {
         match next(ws).await {
-            Seen::Msg(ServerMsg::Joined { group: g, members }) if g == group => return Ok(members),
+            Seen::Msg(ServerMsg::Joined {
+                group: g, members, ..
+            }) if g == group => return Ok(members),
             Seen::Msg(ServerMsg::Error { code, .. }) => return Err(code),
             Seen::Msg(_) => continue,
             other => panic!("join {group}: {other:?}"),

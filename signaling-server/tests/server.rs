@@ -138,21 +138,27 @@ impl Client {
         self.send_json(json!({"type": "join", "group": group}))
             .await;
         match self.recv().await {
-            ServerMsg::Joined { group: g, members } if g == group => members,
+            ServerMsg::Joined {
+                group: g, members, ..
+            } if g == group => members,
             other => panic!("expected joined {group}, got {other:?}"),
         }
     }
 
     async fn expect_member_joined(&mut self, group: &str) -> MemberInfo {
         match self.recv().await {
-            ServerMsg::MemberJoined { group: g, member } if g == group => member,
+            ServerMsg::MemberJoined {
+                group: g, member, ..
+            } if g == group => member,
             other => panic!("expected member_joined {group}, got {other:?}"),
         }
     }
 
     async fn expect_member_left(&mut self, group: &str, peer: PeerId) {
         match self.recv().await {
-            ServerMsg::MemberLeft { group: g, peer: p } if g == group && p == peer => {}
+            ServerMsg::MemberLeft {
+                group: g, peer: p, ..
+            } if g == group && p == peer => {}
             other => panic!("expected member_left {group} {peer}, got {other:?}"),
         }
     }
@@ -376,7 +382,7 @@ async fn join_links_and_leave() {
     // Leaving one of two shared groups keeps the link.
     a.send_json(json!({"type": "leave", "group": "side"})).await;
     match a.recv().await {
-        ServerMsg::Left { group } => assert_eq!(group, "side"),
+        ServerMsg::Left { group, .. } => assert_eq!(group, "side"),
         other => panic!("expected left, got {other:?}"),
     }
     b.expect_member_left("side", a.peer).await;
@@ -393,7 +399,7 @@ async fn join_links_and_leave() {
     // Leaving the last shared group removes the link; re-sharing gets a new id.
     a.send_json(json!({"type": "leave", "group": "room"})).await;
     match a.recv().await {
-        ServerMsg::Left { group } => assert_eq!(group, "room"),
+        ServerMsg::Left { group, .. } => assert_eq!(group, "room"),
         other => panic!("expected left, got {other:?}"),
     }
     b.expect_member_left("room", a.peer).await;
@@ -667,7 +673,7 @@ async fn member_left_after_clean_close() {
     let mut left = Vec::new();
     for _ in 0..2 {
         match b.recv().await {
-            ServerMsg::MemberLeft { group, peer } => {
+            ServerMsg::MemberLeft { group, peer, .. } => {
                 assert_eq!(peer, a.peer);
                 left.push(group);
             }
@@ -714,7 +720,7 @@ async fn heartbeat_timeout_drops_silent_client() {
         a.send_json(json!({"type": "ping", "id": 1})).await;
         let next = tokio::time::timeout(Duration::from_millis(300), a.recv()).await;
         match next {
-            Ok(ServerMsg::MemberLeft { group, peer }) => {
+            Ok(ServerMsg::MemberLeft { group, peer, .. }) => {
                 assert_eq!(group, "g");
                 assert_eq!(peer, silent.peer);
                 break;
@@ -770,7 +776,7 @@ async fn slow_receiver_is_dropped() {
                 Some(Ok(Message::Text(t))) => {
                     let msg: ServerMsg = serde_json::from_str(t.as_str()).unwrap();
                     match msg {
-                        ServerMsg::MemberLeft { group, peer } => return (group, peer),
+                        ServerMsg::MemberLeft { group, peer, .. } => return (group, peer),
                         other => panic!("unexpected {other:?}"),
                     }
                 }
