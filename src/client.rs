@@ -14,8 +14,8 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::link::{LinkCtx, LinkHandle, LinkInput, LinkStats, RtcFactory, RtcOptions};
 use crate::protocol::{
-    validate_group, validate_name, ClientMsg, ErrorCode, IceServer, MemberInfo, PeerId, RelayFrame,
-    ServerMsg, PROTOCOL_VERSION,
+    validate_group, validate_name, ClientMsg, DirectPolicy, ErrorCode, IceServer, MemberInfo,
+    PeerId, RelayFrame, ServerMsg, PROTOCOL_VERSION,
 };
 use crate::{CandidatePair, Error, Event, Path, Result};
 
@@ -28,8 +28,7 @@ const WS_QUEUE: usize = 1024;
 #[derive(Clone)]
 pub struct ClientConfig {
     name: String,
-    direct: bool,
-    relay_only: bool,
+    direct: DirectPolicy,
     loopback_only: bool,
     ip_filter: Option<Arc<dyn Fn(IpAddr) -> bool + Send + Sync>>,
     udp_ports: Option<(u16, u16)>,
@@ -47,7 +46,6 @@ impl std::fmt::Debug for ClientConfig {
         f.debug_struct("ClientConfig")
             .field("name", &self.name)
             .field("direct", &self.direct)
-            .field("relay_only", &self.relay_only)
             .field("loopback_only", &self.loopback_only)
             .field("send_window", &self.send_window)
             .field("max_message_size", &self.max_message_size)
@@ -61,8 +59,7 @@ impl ClientConfig {
     pub fn new(name: impl Into<String>) -> Self {
         ClientConfig {
             name: name.into(),
-            direct: true,
-            relay_only: false,
+            direct: DirectPolicy::Any,
             loopback_only: false,
             ip_filter: None,
             udp_ports: None,
@@ -83,17 +80,40 @@ impl ClientConfig {
         self
     }
 
-    /// `false`: never try a direct path; every message goes through the server. This also keeps
-    /// this client's addresses from its peers.
-    pub fn with_direct(mut self, direct: bool) -> Self {
-        self.direct = direct;
+    /// This client's own limit on direct paths, sent to the server in `hello`. Each pair's
+    /// policy is the strictest of this, the peer's, the group's and the tokens' (the server
+    /// tells both ends; [`Event::MemberJoined`] and [`Member`] carry the result):
+    ///
+    /// * [`DirectPolicy::Any`] (the default): direct paths over any ICE candidates;
+    /// * [`DirectPolicy::Relay`]: TURN relay candidates only (`iceTransportPolicy: relay`), and
+    ///   neither end ever sends a host, server reflexive or peer reflexive address, so peers
+    ///   never learn this client's addresses;
+    /// * [`DirectPolicy::None`]: never a direct path; every message goes through the server, and
+    ///   no address is exchanged at all.
+    pub fn with_direct_policy(mut self, policy: DirectPolicy) -> Self {
+        self.direct = policy;
         self
     }
 
-    /// `true`: direct paths use TURN relay candidates only (`iceTransportPolicy: relay`), so
-    /// peers never learn this client's addresses.
+    /// Shorthand for [`ClientConfig::with_direct_policy`]: `false` is [`DirectPolicy::None`];
+    /// `true` turns `None` back into [`DirectPolicy::Any`] and leaves `Relay` as it is.
+    pub fn with_direct(mut self, direct: bool) -> Self {
+        match (direct, self.direct) {
+            (false, _) => self.direct = DirectPolicy::None,
+            (true, DirectPolicy::None) => self.direct = DirectPolicy::Any,
+            (true, _) => {}
+        }
+        self
+    }
+
+    /// Shorthand for [`ClientConfig::with_direct_policy`]: `true` is [`DirectPolicy::Relay`];
+    /// `false` turns `Relay` back into [`DirectPolicy::Any`] and leaves `None` as it is.
     pub fn with_relay_only(mut self, relay_only: bool) -> Self {
-        self.relay_only = relay_only;
+        match (relay_only, self.direct) {
+            (true, _) => self.direct = DirectPolicy::Relay,
+            (false, DirectPolicy::Relay) => self.direct = DirectPolicy::Any,
+            (false, _) => {}
+        }
         self
     }
 
@@ -168,7 +188,6 @@ impl ClientConfig {
             (f, false) => f.clone(),
         };
         RtcOptions {
-            relay_only: self.relay_only,
             include_loopback: self.loopback_only,
             ip_filter,
             udp_ports: self.udp_ports,
@@ -185,6 +204,8 @@ pub struct Member {
     pub name: String,
     /// Its user id (the `sub` of its token) when the server requires tokens.
     pub user: Option<String>,
+    /// Which direct paths this client and the member may use (see [`Event::MemberJoined`]).
+    pub direct: DirectPolicy,
 }
 
 /// The stream of [`Event`]s of a client. Read it steadily: when it falls 4096 events behind,
@@ -224,8 +245,8 @@ enum Cmd {
 #[derive(Default)]
 struct Shared {
     links: HashMap<PeerId, LinkEntry>,
-    /// Per group: each member's display name and user id.
-    groups: HashMap<String, BTreeMap<PeerId, (String, Option<String>)>>,
+    /// Per group: each member.
+    groups: HashMap<String, BTreeMap<PeerId, Member>>,
     closed: bool,
 }
 
@@ -233,6 +254,8 @@ struct LinkEntry {
     handle: LinkHandle,
     name: String,
     groups: HashSet<String>,
+    /// The pair's effective direct policy, as the link applies it.
+    direct: DirectPolicy,
 }
 
 impl Drop for LinkEntry {
@@ -306,7 +329,7 @@ impl Client {
             version: PROTOCOL_VERSION,
             name: config.name.clone(),
             token: config.token.clone(),
-            direct: Default::default(),
+            direct: config.direct,
         };
         ws.send(WsMessage::Text(to_json(&hello).into()))
             .await
@@ -351,11 +374,11 @@ impl Client {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Mutex::new(Shared::default()));
         let rtc = match config.direct {
-            true => Some(Arc::new(
+            DirectPolicy::Any | DirectPolicy::Relay => Some(Arc::new(
                 RtcFactory::new(&config.rtc_options(), &ice_servers)
                     .map_err(Error::InvalidConfig)?,
             )),
-            false => None,
+            DirectPolicy::None => None,
         };
         let ctx = LinkCtx {
             ws_tx: ws_tx.clone(),
@@ -372,6 +395,7 @@ impl Client {
             ctx,
             ice_servers: ice_servers.clone(),
             shared: shared.clone(),
+            direct: config.direct,
             pending_joins: HashMap::new(),
             pending_leaves: HashMap::new(),
             next_ping: 1,
@@ -520,14 +544,7 @@ impl Client {
             .groups
             .get(group)
             .ok_or_else(|| Error::NotMember(group.to_string()))?;
-        Ok(members
-            .iter()
-            .map(|(&peer, (name, user))| Member {
-                peer,
-                name: name.clone(),
-                user: user.clone(),
-            })
-            .collect())
+        Ok(members.values().cloned().collect())
     }
 
     /// A co-member's display name.
@@ -634,6 +651,8 @@ struct Session {
     ctx: LinkCtx,
     ice_servers: Arc<Mutex<Vec<IceServer>>>,
     shared: Arc<Mutex<Shared>>,
+    /// This client's own direct policy.
+    direct: DirectPolicy,
     pending_joins: HashMap<String, oneshot::Sender<Result<Vec<Member>>>>,
     pending_leaves: HashMap<String, oneshot::Sender<Result<()>>>,
     next_ping: u64,
@@ -748,26 +767,38 @@ impl Session {
             }
         };
         match msg {
-            ServerMsg::Joined { group, members, .. } => {
-                let list = members
-                    .iter()
-                    .map(|m| Member {
-                        peer: m.peer,
-                        name: m.name.clone(),
-                        user: m.user.clone(),
-                    })
-                    .collect();
+            ServerMsg::Joined {
+                group,
+                members,
+                change,
+            } => {
                 self.lock().groups.insert(group.clone(), BTreeMap::new());
+                let mut list = Vec::with_capacity(members.len());
                 for m in members {
-                    self.add_member(&group, m).await;
+                    list.push(self.add_member(&group, m).await);
                 }
                 if let Some(tx) = self.pending_joins.remove(&group) {
                     let _ = tx.send(Ok(list));
                 }
+                self.ack(group, change).await;
             }
-            ServerMsg::MemberJoined { group, member, .. } => self.add_member(&group, member).await,
-            ServerMsg::MemberLeft { group, peer, .. } => self.remove_member(&group, peer).await,
-            ServerMsg::Left { group, .. } => {
+            ServerMsg::MemberJoined {
+                group,
+                member,
+                change,
+            } => {
+                self.add_member(&group, member).await;
+                self.ack(group, change).await;
+            }
+            ServerMsg::MemberLeft {
+                group,
+                peer,
+                change,
+            } => {
+                self.remove_member(&group, peer).await;
+                self.ack(group, change).await;
+            }
+            ServerMsg::Left { group, change } => {
                 let peers: Vec<PeerId> = self
                     .lock()
                     .groups
@@ -781,6 +812,7 @@ impl Session {
                 if let Some(tx) = self.pending_leaves.remove(&group) {
                     let _ = tx.send(Ok(()));
                 }
+                self.ack(group, change).await;
             }
             ServerMsg::Signal { from, link, data } => {
                 let shared = self.lock();
@@ -820,14 +852,37 @@ impl Session {
                         .map(|tx| tx.send(Err(err())).is_ok()),
                     _ => None,
                 };
+                if pending.is_some() {
+                    return;
+                }
                 // A frame to a peer that has just left (we have not seen its member_left yet)
                 // is refused; that peer is gone and so is what we sent it.
                 let departed = code == ErrorCode::NotCoMember
                     && matches!(request.as_deref(), Some("relay" | "signal"))
                     && peer.is_some_and(|p| !self.lock().links.contains_key(&p));
-                if pending.is_none() && departed {
+                // Reports for the server's records: a refusal (a link that has just ended or
+                // been replaced, a group just left, an older server that does not know them)
+                // changes nothing for the app.
+                let report = matches!(request.as_deref(), Some("ack" | "path"));
+                // The server does not let this pair exchange signals: no direct path, for good.
+                let not_allowed = peer.filter(|_| {
+                    code == ErrorCode::DirectNotAllowed && request.as_deref() == Some("signal")
+                });
+                if departed {
                     tracing::debug!(?peer, "frame to a departed peer refused");
-                } else if pending.is_none() {
+                } else if report {
+                    tracing::debug!(?request, ?peer, "report refused: {code}: {message}");
+                } else if let Some(peer) = not_allowed {
+                    tracing::debug!(peer, "signal refused: {message}");
+                    if let Some(e) = self.lock().links.get(&peer) {
+                        e.handle.deliver(LinkInput::Restrict {
+                            policy: DirectPolicy::None,
+                            why: Some(
+                                "the server does not allow a direct path to this peer".into(),
+                            ),
+                        });
+                    }
+                } else {
                     tracing::warn!(?request, ?peer, "server error {code}: {message}");
                     self.emit(Event::ServerError { code, message }).await;
                 }
@@ -835,35 +890,62 @@ impl Session {
         }
     }
 
-    async fn add_member(&mut self, group: &str, m: MemberInfo) {
-        let stale: Option<LinkEntry> = {
+    /// Record a member and make (or keep) its link; returns it as the app sees it.
+    async fn add_member(&mut self, group: &str, m: MemberInfo) -> Member {
+        let wanted = self.direct.max(m.direct);
+        let (member, stale) = {
             let mut shared = self.lock();
-            shared
-                .groups
-                .entry(group.to_string())
-                .or_default()
-                .insert(m.peer, (m.name.clone(), m.user.clone()));
             let stale = match shared.links.get(&m.peer) {
                 Some(e) if e.handle.link_id != m.link => shared.links.remove(&m.peer),
                 _ => None,
             };
             let ctx = self.ctx.clone();
             let entry = shared.links.entry(m.peer).or_insert_with(|| LinkEntry {
-                handle: LinkHandle::spawn(m.peer, m.link, m.initiator, ctx),
+                handle: LinkHandle::spawn(m.peer, m.link, m.initiator, wanted, ctx),
                 name: m.name.clone(),
                 groups: HashSet::new(),
+                direct: wanted,
             });
             entry.groups.insert(group.to_string());
-            stale
+            // The pair shares another group already; the server computes the pair's policy
+            // when it makes the link, so this is only ever the same, but a stricter one wins.
+            if wanted > entry.direct {
+                entry.direct = wanted;
+                entry.handle.deliver(LinkInput::Restrict {
+                    policy: wanted,
+                    why: None,
+                });
+            }
+            let member = Member {
+                peer: m.peer,
+                name: m.name,
+                user: m.user,
+                direct: entry.direct,
+            };
+            shared
+                .groups
+                .entry(group.to_string())
+                .or_default()
+                .insert(m.peer, member.clone());
+            (member, stale)
         };
         drop(stale);
         self.emit(Event::MemberJoined {
             group: group.to_string(),
-            peer: m.peer,
-            name: m.name,
-            user: m.user,
+            peer: member.peer,
+            name: member.name.clone(),
+            user: member.user.clone(),
+            direct: member.direct,
         })
         .await;
+        member
+    }
+
+    /// Tell the server a membership change is processed (its events are queued to the app).
+    async fn ack(&self, group: String, change: Option<u64>) {
+        if let Some(change) = change {
+            self.send(&ClientMsg::Ack { group, change }).await;
+        }
     }
 
     async fn remove_member(&mut self, group: &str, peer: PeerId) {
@@ -873,7 +955,7 @@ impl Session {
                 .groups
                 .get_mut(group)
                 .and_then(|g| g.remove(&peer))
-                .map(|(name, _)| name);
+                .map(|m| m.name);
             let gone = match shared.links.get_mut(&peer) {
                 Some(e) => {
                     e.groups.remove(group);

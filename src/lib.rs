@@ -58,7 +58,7 @@ pub use client::{Client, ClientConfig, Events, Member, Reliability};
 pub use error::{Error, Result};
 #[cfg(feature = "client")]
 pub use link::LinkStats;
-pub use protocol::PeerId;
+pub use protocol::{DirectPolicy, PeerId};
 
 /// The type of an ICE candidate, as in the selected candidate pair of a direct path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -81,6 +81,17 @@ impl CandidateType {
             CandidateType::Srflx => "srflx",
             CandidateType::Prflx => "prflx",
             CandidateType::Relay => "relay",
+        }
+    }
+}
+
+impl From<CandidateType> for protocol::WireCandidateType {
+    fn from(t: CandidateType) -> Self {
+        match t {
+            CandidateType::Host => protocol::WireCandidateType::Host,
+            CandidateType::Srflx => protocol::WireCandidateType::Srflx,
+            CandidateType::Prflx => protocol::WireCandidateType::Prflx,
+            CandidateType::Relay => protocol::WireCandidateType::Relay,
         }
     }
 }
@@ -158,6 +169,10 @@ pub enum Event {
         /// Its user id (the `sub` of its token) when the server requires tokens: tells users
         /// apart whatever their display names.
         user: Option<String>,
+        /// Which direct paths this client and the member may use: the strictest of this
+        /// client's own [`ClientConfig::with_direct_policy`] and what the server computed for
+        /// the pair (group, tokens, the member's own setting).
+        direct: DirectPolicy,
     },
     /// A member left a group (left, closed, or timed out), or this client left the group.
     MemberLeft {

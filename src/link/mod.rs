@@ -22,12 +22,12 @@ use tokio::time::{sleep_until, Instant as TokioInstant};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use rtc::FrameSink;
-use rtc::{Channel, ConnState, DirectTx, Rtc, RtcEvent};
+use rtc::{Candidates, Channel, ConnState, DirectTx, Rtc, RtcEvent};
 pub(crate) use rtc::{RtcFactory, RtcOptions};
 
 use crate::protocol::{
-    ClientMsg, LinkFrame, LinkId, PeerId, RelayFrame, MAX_DIRECT_UNRELIABLE_FRAME,
-    MAX_FRAGMENT_PAYLOAD, MAX_UNRELIABLE_PAYLOAD,
+    ClientMsg, DirectPolicy, LinkFrame, LinkId, PathKind, PeerId, RelayFrame,
+    MAX_DIRECT_UNRELIABLE_FRAME, MAX_FRAGMENT_PAYLOAD, MAX_UNRELIABLE_PAYLOAD,
 };
 use crate::{CandidatePair, CandidateType, Error, Event, Path, Reliability, Result};
 
@@ -78,6 +78,13 @@ pub(crate) enum LinkInput {
     Pong(u64),
     /// The peer's channels of this generation are open.
     Ready(u32),
+    /// The pair's direct policy is at least this strict from now on (a stricter `MemberInfo`
+    /// for the same link, or the server refused a `signal` with `direct_not_allowed`).
+    Restrict {
+        policy: DirectPolicy,
+        /// Tell the app (`Event::DirectFailed`) why, if the link was trying.
+        why: Option<String>,
+    },
     /// The pair no longer shares a group: stop.
     Close,
 }
@@ -709,8 +716,15 @@ pub(crate) struct LinkHandle {
 }
 
 impl LinkHandle {
-    /// Start a link task.
-    pub(crate) fn spawn(peer: PeerId, link_id: LinkId, initiator: bool, ctx: LinkCtx) -> Self {
+    /// Start a link task. `policy` is the pair's effective direct policy: the strictest of this
+    /// client's own and the server's `MemberInfo.direct`.
+    pub(crate) fn spawn(
+        peer: PeerId,
+        link_id: LinkId,
+        initiator: bool,
+        policy: DirectPolicy,
+        ctx: LinkCtx,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let status = Arc::new(Mutex::new(LinkStatus::default()));
         let shared = Arc::new(LinkShared {
@@ -748,6 +762,7 @@ impl LinkHandle {
             peer,
             link_id,
             initiator,
+            policy,
             ctx,
             shared,
             status,
@@ -945,6 +960,9 @@ struct LinkTask {
     peer: PeerId,
     link_id: LinkId,
     initiator: bool,
+    /// The pair's direct policy: `None` makes no PeerConnection and declines offers, `Relay`
+    /// makes relay-only ones.
+    policy: DirectPolicy,
     ctx: LinkCtx,
     shared: Arc<LinkShared>,
     status: Arc<Mutex<LinkStatus>>,
@@ -1089,7 +1107,50 @@ impl LinkTask {
                     }
                 }
             }
+            LinkInput::Restrict { policy, why } => self.restrict(policy, why).await,
             LinkInput::Close => {}
+        }
+    }
+
+    /// The factory for this link's PeerConnections: none when its policy forbids direct paths
+    /// (or this client has them off).
+    fn factory(&self) -> Option<Arc<RtcFactory>> {
+        match self.policy {
+            DirectPolicy::None => None,
+            DirectPolicy::Any | DirectPolicy::Relay => self.ctx.rtc.clone(),
+        }
+    }
+
+    fn candidates(&self) -> Candidates {
+        match self.policy {
+            DirectPolicy::Relay => Candidates::RelayOnly,
+            DirectPolicy::Any | DirectPolicy::None => Candidates::All,
+        }
+    }
+
+    /// Tighten the link's policy. A PeerConnection made under the looser one is dropped (it may
+    /// be using, or have signaled, addresses the new one forbids); under `relay` the initiator
+    /// starts a relay-only one, under `none` nothing more is tried.
+    async fn restrict(&mut self, policy: DirectPolicy, why: Option<String>) {
+        if policy <= self.policy {
+            return;
+        }
+        tracing::info!(peer = self.peer, %policy, "the pair's direct policy is now stricter");
+        self.policy = policy;
+        let trying = self.rtc.is_some() || self.retry_at.is_some() || self.direct_up();
+        self.downgrade("direct policy tightened").await;
+        self.reset_rtc();
+        self.retry_at = None;
+        if let Some(reason) = why.filter(|_| trying) {
+            self.shared
+                .emit(Event::DirectFailed {
+                    peer: self.peer,
+                    reason,
+                })
+                .await;
+        }
+        if self.initiator && !self.declined && self.factory().is_some() {
+            self.start_rtc().await;
         }
     }
 
@@ -1145,6 +1206,21 @@ impl LinkTask {
                 path,
             })
             .await;
+        // Reported to the server too, for the app's backend.
+        let (kind, local, remote) = match path {
+            Path::Server => (PathKind::Server, None, None),
+            Path::Direct { local, remote } => {
+                (PathKind::Direct, Some(local.into()), Some(remote.into()))
+            }
+        };
+        self.send_msg(&ClientMsg::Path {
+            peer: self.peer,
+            link: self.link_id,
+            path: kind,
+            local,
+            remote,
+        })
+        .await;
     }
 
     /// The channels this generation needs are open: "r", "u" and, for version 2, both ends'
@@ -1207,7 +1283,7 @@ impl LinkTask {
     }
 
     async fn start_rtc(&mut self) {
-        let Some(factory) = self.ctx.rtc.clone() else {
+        let Some(factory) = self.factory() else {
             return;
         };
         self.reset_rtc();
@@ -1215,7 +1291,12 @@ impl LinkTask {
         // Known once the answer arrives.
         self.version = 1;
         match factory
-            .create(self.gen, self.shared.ctl.clone(), self.frame_sink(self.gen))
+            .create(
+                self.gen,
+                self.candidates(),
+                self.shared.ctl.clone(),
+                self.frame_sink(self.gen),
+            )
             .await
         {
             Ok(rtc) => match rtc.offer().await {
@@ -1284,7 +1365,7 @@ impl LinkTask {
                 reason: why.to_string(),
             })
             .await;
-        if self.initiator && self.ctx.rtc.is_some() && !self.declined {
+        if self.initiator && self.factory().is_some() && !self.declined {
             self.retry_at = Some(TokioInstant::now() + self.backoff);
             let max = if self.had_direct {
                 RETRY_MAX_HAD_DIRECT
@@ -1303,12 +1384,18 @@ impl LinkTask {
                 return;
             }
         };
-        let msg = ClientMsg::Signal {
+        self.send_msg(&ClientMsg::Signal {
             to: self.peer,
             link: self.link_id,
             data,
-        };
-        if let Ok(text) = serde_json::to_string(&msg) {
+        })
+        .await;
+    }
+
+    /// Send a session message to the server.
+    async fn send_msg(&self, msg: &ClientMsg) {
+        if let Ok(text) = serde_json::to_string(msg) {
+            // Fails only when the session is closing, and then the link is going away too.
             let _ = self.ctx.ws_tx.send(WsMessage::Text(text.into())).await;
         }
     }
@@ -1325,10 +1412,10 @@ impl LinkTask {
             LinkSignal::Offer {
                 gen, sdp, version, ..
             } => {
-                let Some(factory) = self.ctx.rtc.clone() else {
+                let Some(factory) = self.factory() else {
                     tracing::debug!(
                         peer = self.peer,
-                        "direct paths are off; declining the offer"
+                        "no direct path for this pair (policy none); declining the offer"
                     );
                     self.signal(LinkSignal::Decline { gen }).await;
                     return;
@@ -1341,7 +1428,12 @@ impl LinkTask {
                 self.gen = gen;
                 self.version = version.unwrap_or(1).clamp(1, self.ctx.link_version);
                 let mut rtc = match factory
-                    .create(gen, self.shared.ctl.clone(), self.frame_sink(gen))
+                    .create(
+                        gen,
+                        self.candidates(),
+                        self.shared.ctl.clone(),
+                        self.frame_sink(gen),
+                    )
                     .await
                 {
                     Ok(r) => r,

@@ -125,19 +125,33 @@ pub(crate) type FrameSink = Arc<
     dyn Fn(Bytes) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync,
 >;
 
-/// Options for the direct path that apply to every link of a client.
+/// Options for the direct path that apply to every link of a client. Whether a link's
+/// PeerConnections are relay-only is the link's choice ([`RtcFactory::create`]).
 #[derive(Clone, Default)]
 pub(crate) struct RtcOptions {
-    pub relay_only: bool,
     pub include_loopback: bool,
     pub ip_filter: Option<Arc<dyn Fn(IpAddr) -> bool + Send + Sync>>,
     pub udp_ports: Option<(u16, u16)>,
 }
 
+/// Which ICE candidates a PeerConnection may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Candidates {
+    /// Host, server reflexive, peer reflexive and relay.
+    All,
+    /// TURN relay candidates only (`iceTransportPolicy: relay`): no other address of either end
+    /// is sent, accepted or used (PROTOCOL.md: direct policy `relay`).
+    RelayOnly,
+}
+
 /// Builds PeerConnections for one client.
 pub(crate) struct RtcFactory {
-    api: API,
-    config: std::sync::Mutex<RTCConfiguration>,
+    /// The client's settings; each API below is a copy with its own relay acceptance wait.
+    settings: SettingEngine,
+    /// Built on first use: most clients only ever need one of the two.
+    api_all: std::sync::OnceLock<API>,
+    api_relay: std::sync::OnceLock<API>,
+    ice_servers: std::sync::Mutex<Vec<RTCIceServer>>,
 }
 
 fn rtc_ice_servers(ice_servers: &[IceServer]) -> Vec<RTCIceServer> {
@@ -168,13 +182,6 @@ impl RtcFactory {
             Some(Duration::from_secs(8)),
             Some(Duration::from_millis(500)),
         );
-        // webrtc-rs waits 2 s before accepting a relay pair by default; a relay-only pair has
-        // nothing better to wait for.
-        if opts.relay_only {
-            s.set_relay_acceptance_min_wait(Some(Duration::ZERO));
-        } else {
-            s.set_relay_acceptance_min_wait(Some(Duration::from_millis(500)));
-        }
         // A peer's host candidate is often first learnt from its check (prflx) because the check
         // overtakes the trickled candidate; waiting 1 s (the default) for something better only
         // delays the direct path.
@@ -186,25 +193,32 @@ impl RtcFactory {
         if let Some(f) = opts.ip_filter.clone() {
             s.set_ip_filter(Box::new(move |ip| f(ip)));
         }
-        let api = APIBuilder::new().with_setting_engine(s).build();
-        let config = RTCConfiguration {
-            ice_servers: rtc_ice_servers(ice_servers),
-            ice_transport_policy: if opts.relay_only {
-                RTCIceTransportPolicy::Relay
-            } else {
-                RTCIceTransportPolicy::All
-            },
-            ..Default::default()
-        };
         Ok(RtcFactory {
-            api,
-            config: std::sync::Mutex::new(config),
+            settings: s,
+            api_all: std::sync::OnceLock::new(),
+            api_relay: std::sync::OnceLock::new(),
+            ice_servers: std::sync::Mutex::new(rtc_ice_servers(ice_servers)),
+        })
+    }
+
+    fn api(&self, candidates: Candidates) -> &API {
+        let (cell, wait) = match candidates {
+            // webrtc-rs waits 2 s before accepting a relay pair by default; 500 ms still lets a
+            // host or srflx pair win when there is one.
+            Candidates::All => (&self.api_all, Duration::from_millis(500)),
+            // A relay-only PeerConnection has nothing better to wait for.
+            Candidates::RelayOnly => (&self.api_relay, Duration::ZERO),
+        };
+        cell.get_or_init(|| {
+            let mut s = self.settings.clone();
+            s.set_relay_acceptance_min_wait(Some(wait));
+            APIBuilder::new().with_setting_engine(s).build()
         })
     }
 
     /// Use these ICE servers for PeerConnections created from now on.
     pub(crate) fn set_ice_servers(&self, ice_servers: &[IceServer]) {
-        self.config.lock().expect("rtc config lock").ice_servers = rtc_ice_servers(ice_servers);
+        *self.ice_servers.lock().expect("rtc config lock") = rtc_ice_servers(ice_servers);
     }
 
     /// A new PeerConnection of generation `gen` whose events go to `tx` and whose incoming
@@ -212,11 +226,19 @@ impl RtcFactory {
     pub(crate) async fn create(
         &self,
         gen: u32,
+        candidates: Candidates,
         tx: UnboundedSender<LinkInput>,
         on_frame: FrameSink,
     ) -> Result<Rtc, webrtc::Error> {
-        let config = self.config.lock().expect("rtc config lock").clone();
-        let pc = Arc::new(self.api.new_peer_connection(config).await?);
+        let config = RTCConfiguration {
+            ice_servers: self.ice_servers.lock().expect("rtc config lock").clone(),
+            ice_transport_policy: match candidates {
+                Candidates::All => RTCIceTransportPolicy::All,
+                Candidates::RelayOnly => RTCIceTransportPolicy::Relay,
+            },
+            ..Default::default()
+        };
+        let pc = Arc::new(self.api(candidates).new_peer_connection(config).await?);
         let send = move |tx: &UnboundedSender<LinkInput>, event| {
             let _ = tx.send(LinkInput::Rtc { gen, event });
         };
@@ -224,6 +246,12 @@ impl RtcFactory {
         let t = tx.clone();
         pc.on_ice_candidate(Box::new(move |c| {
             if let Some(c) = c {
+                // The transport policy already gathers nothing else; this is the last check
+                // before an address leaves the host.
+                if candidates == Candidates::RelayOnly && c.typ != RTCIceCandidateType::Relay {
+                    tracing::warn!(typ = %c.typ, "relay-only: local candidate not signaled");
+                    return Box::pin(async {});
+                }
                 match c.to_json() {
                     Ok(init) => send(&t, RtcEvent::Candidate(candidate_json(init))),
                     Err(e) => tracing::warn!("candidate not serializable: {e}"),
@@ -303,6 +331,7 @@ impl RtcFactory {
         }));
         Ok(Rtc {
             gen,
+            candidates,
             pc,
             r,
             u,
@@ -405,6 +434,7 @@ impl DirectTx {
 /// One PeerConnection generation of a link.
 pub(crate) struct Rtc {
     gen: u32,
+    candidates: Candidates,
     pc: Arc<RTCPeerConnection>,
     r: Arc<RTCDataChannel>,
     u: Arc<RTCDataChannel>,
@@ -453,29 +483,48 @@ pub(crate) fn parse_candidate(line: &str) -> Option<((String, u16), CandidateTyp
     Some(((addr, port), typ))
 }
 
+/// `sdp` as it may be sent to (or taken from) a peer: for [`Candidates::RelayOnly`], without
+/// any `a=candidate` line whose type is not `relay` (unparsable ones included). Every other line
+/// is kept as it is.
+pub(crate) fn filter_sdp(sdp: &str, candidates: Candidates) -> String {
+    if candidates == Candidates::All {
+        return sdp.to_string();
+    }
+    sdp.split_inclusive('\n')
+        .filter(|line| {
+            let line = line.trim_start();
+            !line.starts_with("a=candidate:")
+                || parse_candidate(line).is_some_and(|(_, t)| t == CandidateType::Relay)
+        })
+        .collect()
+}
+
 impl Rtc {
-    /// Create the offer and set it as the local description; returns its SDP.
+    /// Create the offer and set it as the local description; returns its SDP, as it may be
+    /// sent.
     pub(crate) async fn offer(&self) -> Result<String, webrtc::Error> {
         let offer = self.pc.create_offer(None).await?;
-        let sdp = offer.sdp.clone();
+        let sdp = filter_sdp(&offer.sdp, self.candidates);
         self.pc.set_local_description(offer).await?;
         Ok(sdp)
     }
 
-    /// Apply the peer's offer and answer it; returns the answer's SDP.
+    /// Apply the peer's offer and answer it; returns the answer's SDP, as it may be sent.
     pub(crate) async fn accept_offer(&mut self, sdp: String) -> Result<String, webrtc::Error> {
+        let sdp = filter_sdp(&sdp, self.candidates);
         self.pc
             .set_remote_description(RTCSessionDescription::offer(sdp)?)
             .await?;
         self.remote_set().await?;
         let answer = self.pc.create_answer(None).await?;
-        let sdp = answer.sdp.clone();
+        let sdp = filter_sdp(&answer.sdp, self.candidates);
         self.pc.set_local_description(answer).await?;
         Ok(sdp)
     }
 
     /// Apply the peer's answer.
     pub(crate) async fn accept_answer(&mut self, sdp: String) -> Result<(), webrtc::Error> {
+        let sdp = filter_sdp(&sdp, self.candidates);
         self.pc
             .set_remote_description(RTCSessionDescription::answer(sdp)?)
             .await?;
@@ -500,7 +549,18 @@ impl Rtc {
         if init.candidate.is_empty() {
             return Ok(()); // end-of-candidates
         }
-        if let Some((key, typ)) = parse_candidate(&init.candidate) {
+        let parsed = parse_candidate(&init.candidate);
+        if self.candidates == Candidates::RelayOnly
+            && !parsed
+                .as_ref()
+                .is_some_and(|(_, t)| *t == CandidateType::Relay)
+        {
+            // A relay-only pair exchanges relay addresses only; a peer that sends another kind
+            // breaks the pair's policy, and using it would reveal our relay to that address.
+            tracing::debug!(candidate = %init.candidate, "relay-only: remote candidate ignored");
+            return Ok(());
+        }
+        if let Some((key, typ)) = parsed {
             self.signaled.insert(key, typ);
         }
         if self.remote_set {
@@ -621,5 +681,32 @@ mod tests {
             Some((("203.0.113.5".to_string(), 6000), CandidateType::Srflx))
         );
         assert_eq!(parse_candidate("garbage"), None);
+    }
+
+    #[test]
+    fn relay_only_sdp_keeps_relay_candidates_only() {
+        let sdp = "v=0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:0\r\n\
+                   a=candidate:1 1 udp 2130706431 192.0.2.1 5000 typ host\r\n\
+                   a=candidate:2 1 udp 1694498815 203.0.113.5 6000 typ srflx raddr 0.0.0.0 rport 0\r\n\
+                   a=candidate:3 1 udp 16777215 198.51.100.7 7000 typ relay raddr 203.0.113.5 rport 6000\r\n\
+                   a=candidate:4 1 udp 1 198.51.100.8 7001 typ prflx\r\n\
+                   a=candidate:garbage\r\n\
+                   a=end-of-candidates\r\n";
+        let relay = filter_sdp(sdp, Candidates::RelayOnly);
+        assert_eq!(
+            relay,
+            "v=0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:0\r\n\
+             a=candidate:3 1 udp 16777215 198.51.100.7 7000 typ relay raddr 203.0.113.5 rport 6000\r\n\
+             a=end-of-candidates\r\n"
+        );
+        assert_eq!(filter_sdp(sdp, Candidates::All), sdp);
+        // Bare \n line ends too.
+        assert_eq!(
+            filter_sdp(
+                "a=mid:0\na=candidate:1 1 udp 1 192.0.2.1 5 typ host\n",
+                Candidates::RelayOnly
+            ),
+            "a=mid:0\n"
+        );
     }
 }
