@@ -1,12 +1,16 @@
 // Unit checks of peermesh.js's link protocol v2 pieces that need no browser: UNRELIABLE_PART
 // framing, reassembly (expiry, cap, drop rules, deliver once), the direct-path 1024-byte rule,
 // msg wrap-around, the dead-path rule, and the v2 channel set-up (each end opens its own "u2",
-// reliable if the peer asks for it; READY waits for both; a v1 peer gets none). Run by interop-tests/tests/browser.rs
+// reliable if the peer asks for it; READY waits for both; a v1 peer gets none), and the direct
+// policies (relay-only PeerConnections that signal and take relay candidates only, 'none' links
+// that never signal and decline, tightening), acks of membership changes and path reports. Run
+// by interop-tests/tests/browser.rs
 // (`peermesh_js_link_v2_units`), or by hand: node interop-tests/browser/unit.mjs
 import assert from 'node:assert/strict';
 import { _internals, LINK_VERSION, MAX_UNRELIABLE_SIZE } from '../../signaling-server/static/peermesh.js';
 
-const { partFrames, PartReassembly, Link, K_PART, PART_BYTES, MAX_PARTS } = _internals;
+const { partFrames, PartReassembly, Link, Client, K_PART, PART_BYTES, MAX_PARTS, strictest, ownPolicy, filterSdp } =
+  _internals;
 let checks = 0;
 const check = (name, f) => {
   f();
@@ -142,7 +146,7 @@ check('at most 256 KiB held (bytes + 64 a part), the oldest message evicted firs
 });
 
 // A Link with a fake client and fake channels (no RTCPeerConnection in node).
-function fakeLink({ initiator = false, deadPathTimeoutMs = 3000 } = {}) {
+function fakeLink({ initiator = false, deadPathTimeoutMs = 3000, policy = 'any' } = {}) {
   const relayed = [];
   const events = [];
   const client = {
@@ -155,7 +159,7 @@ function fakeLink({ initiator = false, deadPathTimeoutMs = 3000 } = {}) {
     _sendJson: () => {},
     _emit: (type, detail) => events.push({ type, detail }),
   };
-  const link = new Link(client, 2, 9, initiator, 'peer');
+  const link = new Link(client, 2, 9, initiator, 'peer', policy);
   relayed.length = 0; // the first PING
   const channel = (label) => ({
     label,
@@ -241,7 +245,9 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 // A fake RTCPeerConnection (node has none): records the channels made and what was signaled.
 class FakePc {
-  constructor() {
+  constructor(config) {
+    this.config = config;
+    this.added = [];
     this.channels = [];
     this.closed = false;
     FakePc.last = this;
@@ -267,10 +273,10 @@ class FakePc {
     return ch;
   }
   async createOffer() {
-    return { type: 'offer', sdp: 'v=0 offer' };
+    return { type: 'offer', sdp: FakePc.sdp ?? 'v=0 offer' };
   }
   async createAnswer() {
-    return { type: 'answer', sdp: 'v=0 answer' };
+    return { type: 'answer', sdp: FakePc.sdp ?? 'v=0 answer' };
   }
   async setLocalDescription(d) {
     this.localDescription = d;
@@ -280,7 +286,9 @@ class FakePc {
     this.remoteDescription = d;
     this.events?.push(`remote ${d.type}`);
   }
-  async addIceCandidate() {}
+  async addIceCandidate(c) {
+    this.added.push(c.candidate);
+  }
   close() {
     this.closed = true;
   }
@@ -436,6 +444,217 @@ for (const [initiator, u2Reliable] of [
   checks++;
   process.stdout.write(`ok dead-path rule (noticed after ${took.toFixed(0)} ms of silence)\n`);
 }
+
+// ---- direct policies, acks, path reports ----
+
+const HOST = 'candidate:1 1 udp 2130706431 192.0.2.1 5000 typ host';
+const SRFLX = 'candidate:2 1 udp 1694498815 203.0.113.5 6000 typ srflx raddr 0.0.0.0 rport 0';
+const RELAY = 'candidate:3 1 udp 16777215 198.51.100.7 7000 typ relay raddr 203.0.113.5 rport 6000';
+const SDP = `v=0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:0\r\na=${HOST}\r\na=${SRFLX}\r\na=${RELAY}\r\na=end-of-candidates\r\n`;
+const SDP_RELAY = `v=0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:0\r\na=${RELAY}\r\na=end-of-candidates\r\n`;
+// A local candidate event as a browser fires it.
+const iceEvent = (candidate) => ({
+  candidate: { candidate, toJSON: () => ({ candidate, sdpMid: '0', sdpMLineIndex: 0 }) },
+});
+
+check('policies: strictest, own options, SDP filter', () => {
+  assert.equal(strictest('any', 'relay'), 'relay');
+  assert.equal(strictest('none', 'relay'), 'none');
+  assert.equal(strictest('any', 'any'), 'any');
+  assert.equal(strictest('any', 'bogus'), 'none'); // an unknown policy opens nothing
+  assert.equal(strictest('any', 'toString'), 'none');
+  assert.equal(ownPolicy({}), 'any');
+  assert.equal(ownPolicy({ direct: 'relay' }), 'relay');
+  assert.equal(ownPolicy({ direct: 'none' }), 'none');
+  assert.equal(ownPolicy({ direct: false }), 'none');
+  assert.equal(ownPolicy({ direct: true, relayOnly: true }), 'relay');
+  assert.throws(() => ownPolicy({ direct: 'sometimes' }), /direct must be/);
+  assert.equal(filterSdp(SDP, 'relay'), SDP_RELAY);
+  assert.equal(filterSdp(SDP, 'any'), SDP);
+  assert.equal(filterSdp(`a=mid:0\na=${HOST}\n`, 'relay'), 'a=mid:0\n');
+});
+
+{
+  // Relay-only initiator: iceTransportPolicy 'relay', the offer and trickled candidates carry
+  // relay addresses only, received host/srflx candidates (in SDP or trickled) are not used.
+  FakePc.sdp = SDP;
+  const { link } = fakeLink({ initiator: true, policy: 'relay' });
+  const signals = [];
+  link.c._sendJson = (m) => signals.push(m.data);
+  await link.start(); // a second generation: its signals are recorded
+  const pc = FakePc.last;
+  assert.equal(pc.config.iceTransportPolicy, 'relay');
+  assert.equal(pc.localDescription.sdp, SDP, 'the local description is what the browser made');
+  assert.equal(signals[0].kind, 'offer');
+  assert.equal(signals[0].sdp, SDP_RELAY);
+  for (const c of [HOST, SRFLX, RELAY]) pc.onicecandidate(iceEvent(c));
+  assert.deepEqual(
+    signals.slice(1).map((s) => s.candidate),
+    [RELAY],
+  );
+  await link.onSignal({ kind: 'answer', gen: link.gen, sdp: SDP, version: 2 });
+  assert.equal(pc.remoteDescription.sdp, SDP_RELAY);
+  for (const c of [HOST, SRFLX, RELAY]) await link.onSignal({ kind: 'candidate', gen: link.gen, candidate: c });
+  assert.deepEqual(pc.added, [RELAY]);
+  link._close();
+  FakePc.sdp = undefined;
+  checks++;
+  process.stdout.write('ok relay-only initiator signals and takes relay candidates only\n');
+}
+
+{
+  // Relay-only responder: the answer too.
+  const { link } = fakeLink({ policy: 'relay' });
+  const signals = [];
+  link.c._sendJson = (m) => signals.push(m.data);
+  FakePc.sdp = SDP;
+  await link.onSignal({ kind: 'offer', gen: 1, sdp: SDP, version: 2 });
+  const pc = FakePc.last;
+  assert.equal(pc.config.iceTransportPolicy, 'relay');
+  assert.equal(pc.remoteDescription.sdp, SDP_RELAY);
+  assert.equal(signals[0].kind, 'answer');
+  assert.equal(signals[0].sdp, SDP_RELAY);
+  link._close();
+  FakePc.sdp = undefined;
+  checks++;
+  process.stdout.write('ok relay-only responder answers with relay candidates only\n');
+}
+
+{
+  // 'none': the initiator never makes a PeerConnection, the responder declines every offer and
+  // signals nothing else.
+  const before = FakePc.last;
+  const { link: init } = fakeLink({ initiator: true, policy: 'none' });
+  await init.start();
+  assert.equal(FakePc.last, before);
+  const { link } = fakeLink({ policy: 'none' });
+  const signals = [];
+  link.c._sendJson = (m) => signals.push(m.data);
+  await link.onSignal({ kind: 'offer', gen: 1, sdp: SDP, version: 2 });
+  await link.onSignal({ kind: 'offer', gen: 2, sdp: SDP, version: 2 });
+  assert.equal(FakePc.last, before);
+  assert.deepEqual(signals, [
+    { kind: 'decline', gen: 1 },
+    { kind: 'decline', gen: 2 },
+  ]);
+  init._close();
+  link._close();
+  checks++;
+  process.stdout.write('ok none: no PeerConnection, offers declined\n');
+}
+
+{
+  // Tightening: to 'relay' the initiator starts over relay-only; to 'none' it stops for good
+  // (told once), and looser policies change nothing.
+  const { link, events } = fakeLink({ initiator: true });
+  await sleep(0); // the constructor's start()
+  const first = FakePc.last;
+  assert.equal(first.config.iceTransportPolicy, 'all');
+  link.restrict('relay');
+  await sleep(0);
+  assert.equal(first.closed, true);
+  const second = FakePc.last;
+  assert.notEqual(second, first);
+  assert.equal(second.config.iceTransportPolicy, 'relay');
+  link.restrict('any');
+  assert.equal(link.policy, 'relay');
+  link.restrict('none', 'the server does not allow a direct path to this peer');
+  assert.equal(second.closed, true);
+  assert.equal(link.pc, null);
+  assert.equal(link.retryTimer, null);
+  link.restrict('none', 'again');
+  assert.deepEqual(
+    events.filter((e) => e.type === 'nodirectpath').map((e) => e.detail.reason),
+    ['the server does not allow a direct path to this peer'],
+  );
+  link._close();
+  checks++;
+  process.stdout.write('ok tightening a link\'s policy\n');
+}
+
+check('path reports follow path events', () => {
+  const { link } = fakeLink();
+  const sent = [];
+  link.c._sendJson = (m) => sent.push(m);
+  link.setPath('direct relay/host');
+  link.setPath('server');
+  assert.deepEqual(sent, [
+    { type: 'path', peer: 2, link: 9, path: 'direct', local: 'relay', remote: 'host' },
+    { type: 'path', peer: 2, link: 9, path: 'server' },
+  ]);
+  link._close();
+});
+
+{
+  // hello carries the client's own policy, except 'any'.
+  class FakeWs {
+    constructor() {
+      this.sent = [];
+      FakeWs.last = this;
+    }
+    send(m) {
+      this.sent.push(JSON.parse(m));
+    }
+    close() {}
+  }
+  globalThis.WebSocket = FakeWs;
+  for (const [options, direct] of [
+    [{}, undefined],
+    [{ direct: 'relay' }, 'relay'],
+    [{ direct: false }, 'none'],
+  ]) {
+    const c = new Client('ws://127.0.0.1:1/ws', { name: 'me', ...options });
+    const handshake = c._handshake();
+    FakeWs.last.onopen();
+    const hello = FakeWs.last.sent[0];
+    assert.equal(hello.type, 'hello');
+    assert.equal(hello.direct, direct);
+    assert.equal('direct' in hello, direct !== undefined);
+    FakeWs.last.onmessage({ data: JSON.stringify({ type: 'welcome', version: 1, peer: 5, ice_servers: [] }) });
+    await handshake;
+    c._end(1000, 'done', true);
+  }
+  delete globalThis.WebSocket;
+  checks++;
+  process.stdout.write('ok hello carries the own policy\n');
+}
+
+check('a client: member direct, acks, quiet report errors, direct_not_allowed', () => {
+  const c = new Client('ws://127.0.0.1:1/ws', { name: 'me', direct: 'relay' });
+  const sent = [];
+  const seen = [];
+  c._sendJson = (m) => sent.push(m);
+  for (const t of ['memberjoined', 'memberleft', 'error', 'nodirectpath']) c.on(t, (d) => seen.push({ t, ...d }));
+  let joined;
+  c._pendingJoins.set('g', { resolve: (v) => (joined = v), reject: assert.fail });
+  c._onText(JSON.stringify({ type: 'joined', group: 'g', change: 7, members: [{ peer: 2, name: 'p', link: 5, initiator: false }] }));
+  assert.deepEqual(joined, [{ peer: 2, name: 'p', user: null, direct: 'relay' }]);
+  assert.deepEqual(c.members('g'), joined);
+  assert.deepEqual(seen.shift(), { t: 'memberjoined', group: 'g', peer: 2, name: 'p', user: null, direct: 'relay' });
+  c._onText(JSON.stringify({ type: 'member_joined', group: 'g', member: { peer: 3, name: 'q', link: 6, initiator: false, direct: 'none' } }));
+  assert.equal(seen.shift().direct, 'none');
+  c._onText(JSON.stringify({ type: 'member_joined', group: 'g', member: { peer: 4, name: 'r', link: 7, initiator: false } }));
+  assert.equal(seen.shift().direct, 'relay');
+  c._onText(JSON.stringify({ type: 'member_left', group: 'g', peer: 4, change: 9 }));
+  assert.deepEqual(seen.shift(), { t: 'memberleft', group: 'g', peer: 4, name: 'r' });
+  // Acks after the events, with the group and number; none for frames without a number.
+  assert.deepEqual(
+    sent.filter((m) => m.type === 'ack'),
+    [
+      { type: 'ack', group: 'g', change: 7 },
+      { type: 'ack', group: 'g', change: 9 },
+    ],
+  );
+  // Refused reports are not the app's business; direct_not_allowed closes the pair's direct path.
+  c._onText(JSON.stringify({ type: 'error', code: 'stale_link', message: 'x', request: 'path', peer: 2 }));
+  c._onText(JSON.stringify({ type: 'error', code: 'not_member', message: 'x', request: 'ack', group: 'g' }));
+  c._onText(JSON.stringify({ type: 'error', code: 'direct_not_allowed', message: 'x', request: 'signal', peer: 2 }));
+  assert.equal(c._links.get(2).policy, 'none');
+  assert.deepEqual(seen, []);
+  c._onText(JSON.stringify({ type: 'left', group: 'g', change: 10 }));
+  assert.deepEqual(sent.at(-1), { type: 'ack', group: 'g', change: 10 });
+  c._end(1000, 'done', true);
+});
 
 assert.equal(MAX_UNRELIABLE_SIZE, 16384);
 process.stdout.write(`all ${checks} checks passed\n`);

@@ -452,7 +452,7 @@ async fn browser_and_native_exchange_every_kind_of_message_directly() {
     let members = b.join("g").await;
     assert_eq!(
         members,
-        json!([{"peer": n.peer_id(), "name": "native", "user": null}])
+        json!([{"peer": n.peer_id(), "name": "native", "user": null, "direct": "any"}])
     );
 
     let native_path = timeout(WAIT, native_direct(&n, &mut ne, bid))
@@ -2101,9 +2101,9 @@ async fn native_sends_max_size_unreliable_to_the_browser_under_loss_then_reliabl
     max_size_unreliable_under_loss(false, (54500, 54599)).await;
 }
 
-/// peermesh.js's link protocol v2 pieces that need no browser (UNRELIABLE_PART framing and
-/// reassembly, the 1024-byte rule, the dead-path rule, the set-up of both ends' "u2"), checked
-/// in node by `interop-tests/browser/unit.mjs`.
+/// peermesh.js's pieces that need no browser (UNRELIABLE_PART framing and reassembly, the
+/// 1024-byte rule, the dead-path rule, the set-up of both ends' "u2", direct policies, acks and
+/// path reports), checked in node by `interop-tests/browser/unit.mjs`.
 #[test]
 fn peermesh_js_link_v2_units() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("browser");
@@ -2116,5 +2116,102 @@ fn peermesh_js_link_v2_units() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "unit.mjs failed");
-    assert!(stdout.contains("all 17 checks passed"), "{stdout}");
+    assert!(stdout.contains("all 25 checks passed"), "{stdout}");
+}
+
+/// A browser configured `direct: 'relay'` and a native peer with the default policy: the server
+/// makes the pair relay-only, both ends say so, and both end on a TURN-relayed direct path
+/// (relay/relay), with no other candidate exchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_relay_policy_makes_the_pair_relay_relay() {
+    let ns = Netns::create();
+    let turn_port = std::net::UdpSocket::bind((ns.host_ip, 0))
+        .and_then(|s| s.local_addr())
+        .expect("a free UDP port")
+        .port();
+    let server = server_on(
+        &ns,
+        TurnMode::Embedded(TurnConfig {
+            listen: SocketAddr::from((ns.host_ip, turn_port)),
+            relay_ports: (54700, 54799),
+            allow_peers: vec![ns.subnet.parse().unwrap()],
+            ..Default::default()
+        }),
+    )
+    .await;
+    let (n, mut ne) = native(&ns, &server, "native", false).await;
+    n.join("g").await.unwrap();
+    let (mut b, bid) =
+        Browser::connect(&ns, &server, json!({"name": "chromium", "direct": "relay"})).await;
+    // What the browser signals, recorded before it joins (the joiner makes the offer).
+    b.eval(
+        "p",
+        "window.signaled = [];
+         const send = window.pm._sendJson.bind(window.pm);
+         window.pm._sendJson = (m) => { if (m.type === 'signal') window.signaled.push(m.data); send(m); };",
+        json!(null),
+    )
+    .await;
+    let members = b.join("g").await;
+    assert_eq!(
+        members,
+        json!([{"peer": n.peer_id(), "name": "native", "user": null, "direct": "relay"}])
+    );
+    loop {
+        match next_event(&mut ne, "the browser joining").await {
+            Event::MemberJoined { peer, direct, .. } if peer == bid => {
+                assert_eq!(direct, peermesh::DirectPolicy::Relay);
+                break;
+            }
+            _ => {}
+        }
+    }
+    let native_path = timeout(WAIT, native_direct(&n, &mut ne, bid))
+        .await
+        .expect("native goes direct through TURN");
+    let browser_path = b
+        .wait_for("p", "a relayed direct path", DIRECT_JS, json!(n.peer_id()))
+        .await;
+    assert_eq!(native_path.to_string(), "direct relay/relay");
+    assert_eq!(browser_path, json!("direct relay/relay"));
+    let pair = n.candidate_pair(bid).unwrap().expect("a candidate pair");
+    assert!((54700..=54799).contains(&pair.local.port()), "{pair:?}");
+    // The browser signaled relay addresses only.
+    let signaled = b.eval("p", "return window.signaled;", json!(null)).await;
+    let signaled = signaled.as_array().expect("signals");
+    let mut candidates = 0;
+    for s in signaled {
+        let lines: Vec<&str> = match s["kind"].as_str() {
+            Some("offer" | "answer") => s["sdp"]
+                .as_str()
+                .unwrap()
+                .lines()
+                .filter(|l| l.starts_with("a=candidate:"))
+                .collect(),
+            Some("candidate") => {
+                candidates += 1;
+                vec![s["candidate"].as_str().unwrap()]
+            }
+            _ => vec![],
+        };
+        for l in lines {
+            assert!(l.contains(" typ relay"), "the browser signaled {l}");
+        }
+    }
+    assert!(candidates > 0, "{signaled:?}");
+
+    b.eval(
+        "p",
+        "await window.pm.send(arg, 'relayed by policy');",
+        json!(n.peer_id()),
+    )
+    .await;
+    assert_eq!(
+        next_message(&mut ne).await,
+        (bid, b"relayed by policy".to_vec(), Reliability::Reliable)
+    );
+
+    b.quit().await;
+    n.close().await;
+    server.shutdown().await;
 }

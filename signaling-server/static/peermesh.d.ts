@@ -14,6 +14,14 @@ export type PeerId = number;
 export type Path = 'server' | `direct ${CandidateType}/${CandidateType}`;
 export type CandidateType = 'host' | 'srflx' | 'prflx' | 'relay';
 
+/**
+ * Which direct paths a pair may use: 'any' (every candidate type), 'relay' (TURN relay
+ * candidates only; no other address is ever sent to the peer), 'none' (the server path only; no
+ * address is exchanged at all). A pair's policy is the strictest of both clients' own, their
+ * tokens' and the group's.
+ */
+export type DirectPolicy = 'any' | 'relay' | 'none';
+
 export interface Candidate {
   address: string;
   port: number;
@@ -30,6 +38,8 @@ export interface Member {
   name: string;
   /** User id (the token's `sub`) when the server requires tokens, else null. */
   user: string | null;
+  /** The pair's direct policy: the strictest of this client's own and the server's for the pair. */
+  direct: DirectPolicy;
 }
 
 export interface IceServer {
@@ -49,9 +59,14 @@ export interface ConnectOptions {
   name: string;
   /** Server URL (ws://host:port/ws, or http(s)://host:port); default: this page's host. */
   url?: string;
-  /** `false`: never make a direct path (offers are declined); everything goes through the server. */
-  direct?: boolean;
-  /** `true`: direct paths use TURN relay candidates only (iceTransportPolicy 'relay'). */
+  /**
+   * This client's own limit on direct paths, sent to the server in hello (default 'any').
+   * 'relay': relay-only PeerConnections (iceTransportPolicy 'relay'), only relay candidates
+   * signaled or taken. 'none': no PeerConnection; offers are declined. `false` is the older
+   * spelling of 'none', `true` of 'any'.
+   */
+  direct?: DirectPolicy | boolean;
+  /** Older spelling of `direct: 'relay'`. */
   relayOnly?: boolean;
   /** Bytes of unacknowledged reliable data per link (64 KiB to 16 MiB, default 8 MiB). */
   sendWindow?: number;
@@ -110,6 +125,8 @@ export interface MemberEventDetail {
   name: string;
   /** User id (the token's `sub`) when the server requires tokens, else null (memberjoined only). */
   user?: string | null;
+  /** The pair's direct policy (memberjoined only). */
+  direct?: DirectPolicy;
 }
 
 export interface PathEventDetail {
@@ -161,8 +178,8 @@ export interface ClientEventMap {
 export declare class PeermeshError extends Error {
   /**
    * A server error code (invalid_name, already_member, not_member, group_full, ...) or one of
-   * this module's: invalid_url, invalid_group, connect, timeout, version_mismatch, closed,
-   * unknown_peer, too_large, would_block.
+   * this module's: invalid_url, invalid_option, invalid_group, connect, timeout,
+   * version_mismatch, closed, unknown_peer, too_large, would_block.
    */
   code: string;
   request?: string;
@@ -172,6 +189,8 @@ export declare class PeermeshError extends Error {
 export declare class Client extends EventTarget {
   readonly url: string;
   readonly name: string;
+  /** This client's own direct policy (from the `direct` option). */
+  readonly directPolicy: DirectPolicy;
   readonly peerId: PeerId;
   readonly iceServers: IceServer[];
   readonly limits: Limits | null;

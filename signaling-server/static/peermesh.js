@@ -306,15 +306,50 @@ function pathOf(pair) {
   return `direct ${pair.local.type}/${pair.remote.type}`;
 }
 
+// ---- direct policy (docs/PROTOCOL.md §3.3) ----
+
+const POLICY_RANK = { any: 0, relay: 1, none: 2 };
+
+// The stricter of two policies. A value this client does not know counts as 'none': a policy it
+// cannot apply must not open more than the server meant.
+function strictest(a, b) {
+  const known = (p) => (typeof p === 'string' && Object.hasOwn(POLICY_RANK, p) ? p : 'none');
+  const [x, y] = [known(a), known(b)];
+  return POLICY_RANK[x] >= POLICY_RANK[y] ? x : y;
+}
+
+// The client's own policy from its options: `direct` is 'any', 'relay' or 'none'; the older
+// `direct: false` means 'none' and `relayOnly: true` means 'relay'.
+function ownPolicy(options) {
+  const d = options.direct;
+  if (d === false || d === 'none') return 'none';
+  if (d === 'relay' || options.relayOnly === true) return 'relay';
+  if (d === undefined || d === null || d === true || d === 'any') return 'any';
+  throw new PeermeshError('invalid_option', `direct must be 'any', 'relay' or 'none', not ${d}`);
+}
+
+// `sdp` as it may be sent to (or taken from) a peer of a relay-only pair: without the
+// a=candidate lines of any type but relay. Every other line is kept as it is.
+function filterSdp(sdp, policy) {
+  if (policy !== 'relay' || typeof sdp !== 'string') return sdp;
+  return sdp
+    .split(/(?<=\n)/)
+    .filter((line) => {
+      const l = line.trimStart();
+      return !l.startsWith('a=candidate:') || parseCandidate(l.slice(2))?.type === 'relay';
+    })
+    .join('');
+}
+
 // ---- the client ----
 
 /**
  * Connect to a peermesh server and say hello.
  * @param {string|object} [url] ws://host:port/ws (http(s)://host:port also works); defaults to
  *   this page's host. May be omitted: connect({ name }).
- * @param {object} options { name, direct = true, relayOnly = false, sendWindow = 8 MiB,
+ * @param {object} options { name, direct = 'any' ('relay', 'none'), sendWindow = 8 MiB,
  *   maxMessageSize = 8 MiB, connectTimeout = 10000, requestTimeout = 10000,
- *   deadPathTimeoutMs = 3000 }
+ *   deadPathTimeoutMs = 3000, token }
  * @returns {Promise<Client>}
  */
 export async function connect(url, options) {
@@ -340,8 +375,11 @@ export class Client extends EventTarget {
     }
     this.url = url;
     this.name = name;
-    this.direct = options.direct !== false;
-    this.relayOnly = options.relayOnly === true;
+    /**
+     * This client's own limit on direct paths ('any', 'relay' or 'none'), sent in hello; each
+     * pair's policy is the strictest of it and the server's for the pair (member.direct).
+     */
+    this.directPolicy = ownPolicy(options);
     this.sendWindow = Math.min(Math.max(options.sendWindow ?? 8 << 20, 64 << 10), 16 << 20);
     this.maxMessageSize = Math.min(options.maxMessageSize ?? 8 << 20, this.sendWindow);
     this.connectTimeout = options.connectTimeout ?? 10000;
@@ -359,7 +397,7 @@ export class Client extends EventTarget {
     this.limits = null;
     this._ws = null;
     this._links = new Map(); // peer -> Link
-    this._groups = new Map(); // group -> Map(peer -> name)
+    this._groups = new Map(); // group -> Map(peer -> {peer, name, user, direct})
     this._pendingJoins = new Map();
     this._pendingLeaves = new Map();
     this._closed = false;
@@ -400,6 +438,7 @@ export class Client extends EventTarget {
       ws.onopen = () => {
         const hello = { type: 'hello', version: PROTOCOL_VERSION, name: this.name };
         if (this.token !== null) hello.token = this.token;
+        if (this.directPolicy !== 'any') hello.direct = this.directPolicy;
         ws.send(JSON.stringify(hello));
       };
       ws.onmessage = (e) => {
@@ -531,7 +570,7 @@ export class Client extends EventTarget {
   members(group) {
     const m = this._groups.get(group);
     if (!m) throw new PeermeshError('not_member', `not in group ${group}`);
-    return [...m].map(([peer, name]) => ({ peer, name })).sort((a, b) => a.peer - b.peer);
+    return [...m.values()].map((x) => ({ ...x })).sort((a, b) => a.peer - b.peer);
   }
 
   /** A co-member's display name, or undefined. */
@@ -634,22 +673,26 @@ export class Client extends EventTarget {
     switch (msg.type) {
       case 'joined': {
         this._groups.set(msg.group, new Map());
-        for (const m of msg.members) this._addMember(msg.group, m);
-        this._pendingJoins.get(msg.group)?.resolve(msg.members.map((m) => ({ peer: m.peer, name: m.name, user: m.user ?? null })));
+        const members = msg.members.map((m) => this._addMember(msg.group, m));
+        this._pendingJoins.get(msg.group)?.resolve(members);
         this._pendingJoins.delete(msg.group);
+        this._ack(msg);
         break;
       }
       case 'member_joined':
         this._addMember(msg.group, msg.member);
+        this._ack(msg);
         break;
       case 'member_left':
         this._removeMember(msg.group, msg.peer);
+        this._ack(msg);
         break;
       case 'left': {
         for (const peer of [...(this._groups.get(msg.group)?.keys() ?? [])]) this._removeMember(msg.group, peer);
         this._groups.delete(msg.group);
         this._pendingLeaves.get(msg.group)?.resolve();
         this._pendingLeaves.delete(msg.group);
+        this._ack(msg);
         break;
       }
       case 'signal': {
@@ -668,6 +711,11 @@ export class Client extends EventTarget {
     }
   }
 
+  // A membership change is processed (its events dispatched): tell the server, if it asked.
+  _ack(msg) {
+    if (Number.isInteger(msg.change)) this._sendJson({ type: 'ack', group: msg.group, change: msg.change });
+  }
+
   _onError(msg) {
     const pending =
       msg.request === 'join' ? this._pendingJoins : msg.request === 'leave' ? this._pendingLeaves : null;
@@ -684,6 +732,14 @@ export class Client extends EventTarget {
       msg.peer !== undefined &&
       !this._links.has(msg.peer);
     if (departed) return;
+    // Reports for the server's records (ack, path): a refusal (a link that has just ended or
+    // been replaced, a group just left, an older server) changes nothing for the app.
+    if (msg.request === 'ack' || msg.request === 'path') return;
+    // The server does not let this pair exchange signals: no direct path, for good.
+    if (msg.code === 'direct_not_allowed' && msg.request === 'signal' && msg.peer !== undefined) {
+      this._links.get(msg.peer)?.restrict('none', 'the server does not allow a direct path to this peer');
+      return;
+    }
     this._emit('error', { code: msg.code, message: msg.message, request: msg.request, group: msg.group, peer: msg.peer });
   }
 
@@ -694,25 +750,33 @@ export class Client extends EventTarget {
     if (link && link.linkId === dv.getUint32(5)) link.onFrame(buf.subarray(9), false);
   }
 
+  // Records a member and makes (or keeps) its link; returns the member as the app sees it.
   _addMember(group, m) {
     if (!this._groups.has(group)) this._groups.set(group, new Map());
-    this._groups.get(group).set(m.peer, m.name);
+    const policy = strictest(this.directPolicy, m.direct ?? 'any');
     let link = this._links.get(m.peer);
     if (link && link.linkId !== m.link) {
       link._close();
       link = undefined;
     }
     if (!link) {
-      link = new Link(this, m.peer, m.link, m.initiator, m.name);
+      link = new Link(this, m.peer, m.link, m.initiator, m.name, policy);
       this._links.set(m.peer, link);
+    } else {
+      // The pair shares another group already: the server made its policy with the link, so
+      // this is only ever the same, but a stricter one wins.
+      link.restrict(policy);
     }
     link.groups.add(group);
-    this._emit('memberjoined', { group, peer: m.peer, name: m.name, user: m.user ?? null });
+    const member = { peer: m.peer, name: m.name, user: m.user ?? null, direct: link.policy };
+    this._groups.get(group).set(m.peer, member);
+    this._emit('memberjoined', { group, ...member });
+    return { ...member };
   }
 
   _removeMember(group, peer) {
     const members = this._groups.get(group);
-    const name = members?.get(peer);
+    const name = members?.get(peer)?.name;
     members?.delete(peer);
     const link = this._links.get(peer);
     if (link) {
@@ -729,12 +793,15 @@ export class Client extends EventTarget {
 // ---- one link per co-member (sections 7 and 8) ----
 
 class Link {
-  constructor(client, peer, linkId, initiator, name) {
+  constructor(client, peer, linkId, initiator, name, policy = 'any') {
     this.c = client;
     this.peer = peer;
     this.linkId = linkId;
     this.initiator = initiator;
     this.name = name;
+    // The pair's direct policy: 'none' makes no PeerConnection and declines offers, 'relay'
+    // makes relay-only ones and never sends or takes another kind of candidate.
+    this.policy = policy;
     this.groups = new Set();
     this.closed = false;
     // sending
@@ -809,7 +876,24 @@ class Link {
     this.parts = new PartReassembly(this.stats);
     this.pingTimer = setInterval(() => this.onPingTimer(), PING_EVERY_MS);
     this.sendPing();
-    if (this.initiator && this.c.direct) this.start();
+    if (this.initiator && this.policy !== 'none') this.start();
+  }
+
+  // Tightens the pair's policy. A PeerConnection made under the looser one is dropped (it may
+  // be using, or have signaled, addresses the new one forbids); under 'relay' the initiator
+  // starts a relay-only one, under 'none' nothing more is tried. `why`: tell the app
+  // ('nodirectpath') if the link was trying.
+  restrict(policy, why = null) {
+    const next = strictest(this.policy, policy);
+    if (this.closed || next === this.policy) return;
+    this.policy = next;
+    const trying = this.pc !== null || this.retryTimer !== null || this.isDirect();
+    this.downgrade('direct policy tightened');
+    this.resetRtc();
+    clearTimeout(this.retryTimer);
+    this.retryTimer = null;
+    if (why !== null && trying) this.c._emit('nodirectpath', { peer: this.peer, reason: why });
+    if (this.initiator && next !== 'none' && !this.declined) this.start();
   }
 
   _close() {
@@ -1120,6 +1204,11 @@ class Link {
 
   emitPath() {
     this.c._emit('path', { peer: this.peer, path: this.path, pair: this.pair && { ...this.pair } });
+    // Reported to the server too, for the app's backend.
+    const report = { type: 'path', peer: this.peer, link: this.linkId, path: 'server' };
+    const direct = /^direct (\w+)\/(\w+)$/.exec(this.path);
+    if (direct) Object.assign(report, { path: 'direct', local: direct[1], remote: direct[2] });
+    this.c._sendJson(report);
   }
 
   // While direct: ICE may switch to a pair of other candidate types.
@@ -1260,7 +1349,7 @@ class Link {
     this.resetRtc();
     if (this.closed) return;
     this.c._emit('nodirectpath', { peer: this.peer, reason: why });
-    if (this.initiator && this.c.direct && !this.declined) {
+    if (this.initiator && this.policy !== 'none' && !this.declined) {
       clearTimeout(this.retryTimer);
       this.retryTimer = setTimeout(() => {
         this.retryTimer = null;
@@ -1286,7 +1375,7 @@ class Link {
     const gen = this.gen;
     const pc = new RTCPeerConnection({
       iceServers: this.c.iceServers,
-      iceTransportPolicy: this.c.relayOnly ? 'relay' : 'all',
+      iceTransportPolicy: this.policy === 'relay' ? 'relay' : 'all',
     });
     const r = pc.createDataChannel('r', { negotiated: true, id: 0, ordered: true });
     const u = pc.createDataChannel('u', { negotiated: true, id: 1, ordered: false, maxRetransmits: 0 });
@@ -1299,6 +1388,9 @@ class Link {
       if (!current() || !e.candidate || !e.candidate.candidate) return;
       const c = e.candidate.toJSON();
       const t = parseCandidate(c.candidate)?.type;
+      // The transport policy gathers nothing else; this is the last check before an address
+      // leaves the host.
+      if (this.policy === 'relay' && t !== 'relay') return;
       if (t === 'host') this.stats.candidatesHost++;
       else if (t === 'srflx') this.stats.candidatesSrflx++;
       else if (t === 'relay') this.stats.candidatesRelay++;
@@ -1393,7 +1485,7 @@ class Link {
   }
 
   sendLocal(kind, sdp) {
-    this.signal({ kind, gen: this.gen, sdp, version: LINK_VERSION });
+    this.signal({ kind, gen: this.gen, sdp: filterSdp(sdp, this.policy), version: LINK_VERSION });
     this.localSent = true;
     for (const c of this.localQueue) this.signal(c);
     this.localQueue = [];
@@ -1401,7 +1493,7 @@ class Link {
 
   // Initiator: a new PeerConnection generation and its offer.
   async start() {
-    if (this.closed || !this.c.direct || this.declined) return;
+    if (this.closed || this.policy === 'none' || this.declined) return;
     const pc = this.newGeneration(this.gen + 1, 'new connection attempt');
     if (!pc) return;
     try {
@@ -1419,7 +1511,7 @@ class Link {
     switch (data.kind) {
       case 'offer':
         if (typeof data.sdp !== 'string') return;
-        if (!this.c.direct) {
+        if (this.policy === 'none') {
           this.signal({ kind: 'decline', gen });
           return;
         }
@@ -1433,7 +1525,7 @@ class Link {
         try {
           this.version = Math.min(LINK_VERSION, signaledVersion(data));
           this.u2Reliable = data.u2_reliable === true;
-          await pc.setRemoteDescription({ type: 'answer', sdp: data.sdp });
+          await pc.setRemoteDescription({ type: 'answer', sdp: filterSdp(data.sdp, this.policy) });
           if (this.pc !== pc) return;
           this.remoteSet = true;
           if (this.version >= 2) this.openU2(pc);
@@ -1449,6 +1541,9 @@ class Link {
         const line = data.candidate.trim().replace(/^a=/, '');
         if (line === '') return;
         const parsed = parseCandidate(line);
+        // A relay-only pair exchanges relay addresses only (defence in depth: the peer should
+        // not have sent it).
+        if (this.policy === 'relay' && parsed?.type !== 'relay') return;
         if (parsed) this.signaled.set(parsed.key, parsed.type);
         const init = {
           candidate: line.startsWith('candidate:') ? line : `candidate:${line}`,
@@ -1483,7 +1578,7 @@ class Link {
     this.version = version;
     this.u2Reliable = u2Reliable;
     try {
-      await pc.setRemoteDescription({ type: 'offer', sdp });
+      await pc.setRemoteDescription({ type: 'offer', sdp: filterSdp(sdp, this.policy) });
       if (this.pc !== pc) return;
       this.remoteSet = true;
       await this.addQueuedCandidates(pc);
@@ -1541,4 +1636,15 @@ class Link {
 }
 
 /** Internals for unit checks (interop-tests/browser/unit.mjs); not part of the API. */
-export const _internals = { partFrames, PartReassembly, Link, K_PART, PART_BYTES, MAX_PARTS };
+export const _internals = {
+  partFrames,
+  PartReassembly,
+  Link,
+  Client,
+  K_PART,
+  PART_BYTES,
+  MAX_PARTS,
+  strictest,
+  ownPolicy,
+  filterSdp,
+};
