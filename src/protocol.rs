@@ -74,6 +74,8 @@ pub mod close_code {
     pub const TRY_AGAIN_LATER: u16 = 1013;
     /// A newer session of the same user (token `sub`) replaced this one.
     pub const REPLACED: u16 = 4001;
+    /// The app's backend ended this session (admin API `DELETE /v1/sessions/{user}`).
+    pub const KICKED: u16 = 4002;
 }
 
 /// Stable error codes carried in `error` frames. The string form (`as_str`) is what goes on the

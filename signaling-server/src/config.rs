@@ -25,8 +25,14 @@ pub struct FileConfig {
     pub ice_servers: Option<Vec<String>>,
     /// Heartbeat timeout in ms.
     pub heartbeat_timeout_ms: Option<u64>,
-    /// Admin listener (`/metrics`, `/healthz`), or `"off"`.
+    /// Admin listener (`/metrics`, `/healthz`, the admin API), or `"off"`.
     pub admin_listen: Option<String>,
+    /// Bearer secret of the admin API (`/v1/...`); without it the admin API answers 401.
+    pub admin_secret: Option<String>,
+    /// Whether a client's `join` creates a group that does not exist.
+    pub client_groups: Option<bool>,
+    /// How long a membership change waits for every member's `ack` (ms).
+    pub ack_timeout_ms: Option<u64>,
     /// `[limits]`.
     #[serde(default)]
     pub limits: LimitsFile,
@@ -296,7 +302,10 @@ impl FileConfig {
             listen,
             ice_servers,
             heartbeat_timeout_ms,
-            admin_listen
+            admin_listen,
+            admin_secret,
+            client_groups,
+            ack_timeout_ms
         );
         overlay!(
             self.limits,
@@ -510,8 +519,20 @@ impl FileConfig {
             (None, None) => crate::Auth::OpenOnLoopback,
             (None, Some(m)) => bail!("auth.mode = {m:?}: expected \"open\" (or give auth.secret)"),
         };
+        let admin_secret = match self.admin_secret.as_deref() {
+            Some("") => bail!("admin_secret is empty"),
+            other => other.map(str::to_owned),
+        };
+        let ack_timeout = match self.ack_timeout_ms {
+            Some(ms) if ms < 100 => bail!("ack_timeout_ms = {ms}: must be at least 100"),
+            Some(ms) => Duration::from_millis(ms),
+            None => d.ack_timeout,
+        };
         Ok(Config {
             auth,
+            admin_secret,
+            client_groups: self.client_groups.unwrap_or(d.client_groups),
+            ack_timeout,
             listen,
             ice_servers,
             heartbeat_interval: heartbeat_timeout / 3,

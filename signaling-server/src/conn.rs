@@ -14,7 +14,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt as _, SinkExt, StreamExt};
 use peermesh::protocol::{
-    validate_name, ErrorCode, PeerId, RelayFrame, ServerMsg, PROTOCOL_VERSION,
+    validate_name, DirectPolicy, ErrorCode, PeerId, RelayFrame, ServerMsg, PROTOCOL_VERSION,
 };
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -417,7 +417,13 @@ pub(crate) async fn run(
     session.tally.flush(&session.shared.metrics);
     // Tell co-members first, then close the socket.
     if let Some(peer) = session.peer {
-        session.shared.hub.unregister(peer);
+        let reason = match &exit {
+            Exit::Close((CLOSE_GOING_AWAY, "server shutting down")) => "shutdown",
+            Exit::Close((CLOSE_GOING_AWAY, _)) => "heartbeat timeout",
+            Exit::Close(_) | Exit::TooBig => "protocol violation",
+            Exit::ClientGone | Exit::WriterGone => "closed",
+        };
+        session.shared.hub.unregister(peer, reason);
         tracing::debug!(peer, "session ended");
     }
     session.outlet.budget.close();
@@ -659,10 +665,10 @@ impl Session {
                     version,
                     name,
                     token,
-                    ..
+                    direct,
                 },
                 None,
-            ) => return self.on_hello(*version, name, token.as_deref()),
+            ) => return self.on_hello(*version, name, token.as_deref(), *direct),
             (Request::Hello { .. }, Some(_)) => {
                 self.error(ErrorCode::BadFrame, "already said hello", Some(kind));
                 return Flow::Continue;
@@ -686,7 +692,7 @@ impl Session {
                     "your token does not allow joining this group",
                 )
                 .in_group(&group)),
-                _ => shared.hub.join(&shared.config, me, &group),
+                _ => shared.hub.join(me, &group),
             },
             Request::Leave { group } => shared.hub.leave(me, &group),
             Request::Signal { to, link, data } => return self.on_signal(me, to, link, data),
@@ -694,7 +700,17 @@ impl Session {
                 self.send(&ServerMsg::Pong { id });
                 Ok(())
             }
-            Request::Ack { .. } | Request::Path { .. } => Ok(()),
+            Request::Ack { group, change } => {
+                shared.hub.ack(me, &group, change);
+                Ok(())
+            }
+            Request::Path {
+                peer,
+                link,
+                path,
+                local,
+                remote,
+            } => shared.hub.path(me, peer, link, path, local, remote),
         };
         if let Err(failure) = result {
             self.reply_error(failure, Some(kind));
@@ -705,7 +721,7 @@ impl Session {
     /// `signal`: forwarded like relay data (it comes from a peer, so it counts against the
     /// receiver's budget rather than growing its queue without bound).
     fn on_signal(&mut self, me: PeerId, to: PeerId, link: u32, data: &RawValue) -> Flow {
-        let outlet = match self.shared.hub.forward_target(me, to, link) {
+        let outlet = match self.shared.hub.forward_target(me, to, link, true) {
             Ok(outlet) => outlet,
             Err(failure) => {
                 self.reply_error(failure, Some("signal"));
@@ -743,7 +759,13 @@ impl Session {
         }
     }
 
-    fn on_hello(&mut self, version: u32, name: &str, token: Option<&str>) -> Flow {
+    fn on_hello(
+        &mut self,
+        version: u32,
+        name: &str,
+        token: Option<&str>,
+        direct: DirectPolicy,
+    ) -> Flow {
         if version != PROTOCOL_VERSION {
             self.error(
                 ErrorCode::UnsupportedVersion,
@@ -753,11 +775,12 @@ impl Session {
             return Flow::Close((CLOSE_PROTOCOL, "unsupported protocol version"));
         }
         // With an auth secret the token decides who this is; the hello's name is not used.
-        let (name, user) = match &self.shared.config.auth {
+        let (name, user, direct) = match &self.shared.config.auth {
             crate::Auth::Secret(secret) => match crate::auth::verify_token(secret, token) {
                 Ok(claims) => {
                     self.allowed_groups = Some(claims.groups);
-                    (claims.name, Some(claims.sub))
+                    let limit = claims.direct.unwrap_or_default();
+                    (claims.name, Some(claims.sub), direct.max(limit))
                 }
                 Err(e) => {
                     self.error(ErrorCode::Unauthorized, &e.to_string(), Some("hello"));
@@ -774,7 +797,7 @@ impl Session {
                     );
                     return Flow::Continue;
                 }
-                (name.to_owned(), None)
+                (name.to_owned(), None, direct)
             }
         };
         let outlet = self.outlet.clone();
@@ -784,6 +807,7 @@ impl Session {
             |peer| ice.for_peer(peer, host, ip),
             name.clone(),
             user.clone(),
+            direct,
             outlet,
         );
         tracing::info!(peer, name, user, "client said hello");
@@ -819,7 +843,7 @@ impl Session {
         };
         self.tally.frames_in += 1;
         self.tally.bytes_in += data.len() as u64;
-        let outlet = match self.shared.hub.forward_target(me, to, link) {
+        let outlet = match self.shared.hub.forward_target(me, to, link, false) {
             Ok(outlet) => outlet,
             Err(failure) => {
                 self.reply_error(failure, REQUEST);

@@ -7,16 +7,19 @@
 //! own replies and events by [`Outlet::send_text`], which closes a client that lets them pile
 //! up (it is not reading).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, Utf8Bytes};
 use peermesh::protocol::{
-    validate_group, ErrorCode, LinkId, MemberInfo, PeerId, ServerMsg, PROTOCOL_VERSION,
+    validate_group, DirectPolicy, ErrorCode, Limits, LinkId, MemberInfo, PathKind, PeerId,
+    ServerMsg, WireCandidateType, PROTOCOL_VERSION,
 };
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{broadcast, mpsc, oneshot, Semaphore};
 
+use crate::admin::{AdminError, GroupInfo, GroupOptions, GroupSummary, MemberSummary, ServerEvent};
 use crate::metrics::{HubSnapshot, Metrics, SlowQueue};
 use crate::Config;
 
@@ -40,6 +43,12 @@ pub(crate) const NOT_READING: CloseReason = (
 pub(crate) const REPLACED: CloseReason = (
     peermesh::protocol::close_code::REPLACED,
     "replaced by a newer session",
+);
+
+/// Close code for a session ended by the app's backend.
+pub(crate) const KICKED: CloseReason = (
+    peermesh::protocol::close_code::KICKED,
+    "removed by the server",
 );
 
 /// A close code and reason for a WebSocket close frame.
@@ -151,7 +160,11 @@ struct Client {
     name: String,
     /// User id (token `sub`) when the server requires tokens.
     user: Option<String>,
+    /// The session's own limit on direct paths: the strictest of its token's and its hello's.
+    direct: DirectPolicy,
     groups: BTreeSet<String>,
+    /// Membership changes this session was told of and has not acknowledged yet.
+    acks_due: HashSet<(String, u64)>,
     outlet: Outlet,
 }
 
@@ -159,7 +172,30 @@ struct Link {
     id: LinkId,
     initiator: PeerId,
     shared_groups: usize,
+    /// Fixed when the link is made (see [`State::link_policy`]).
+    direct: DirectPolicy,
 }
+
+/// A membership change not yet acknowledged by every session told of it.
+struct PendingChange {
+    change: u64,
+    waiting: BTreeSet<PeerId>,
+    at: Instant,
+}
+
+struct Group {
+    members: BTreeSet<PeerId>,
+    options: GroupOptions,
+    /// Created by the app's backend: it stays when empty, until destroyed.
+    managed: bool,
+    /// The number of the last membership change.
+    change: u64,
+    /// Oldest first; at most [`MAX_PENDING_CHANGES`].
+    pending: VecDeque<PendingChange>,
+}
+
+/// Unacknowledged changes kept per group; an older one is reported as timed out early.
+const MAX_PENDING_CHANGES: usize = 64;
 
 #[derive(Default)]
 struct State {
@@ -168,7 +204,7 @@ struct State {
     clients: HashMap<PeerId, Client>,
     /// The live session of each user id.
     users: HashMap<String, PeerId>,
-    groups: HashMap<String, BTreeSet<PeerId>>,
+    groups: HashMap<String, Group>,
     /// Keyed by `(smaller peer id, larger peer id)`.
     links: HashMap<(PeerId, PeerId), Link>,
 }
@@ -178,6 +214,12 @@ pub(crate) struct Hub {
     state: Mutex<State>,
     /// Sessions unregistered since start (the server trims its heap when this moves).
     ended: AtomicU64,
+    limits: Limits,
+    /// Clients may create a group by joining it.
+    client_groups: bool,
+    /// How long a membership change may wait for acknowledgements.
+    ack_timeout: Duration,
+    events: broadcast::Sender<ServerEvent>,
 }
 
 /// Details for an `error` frame.
@@ -258,25 +300,116 @@ fn next_id(last: &mut u32) -> u32 {
     *last
 }
 
+/// Why a member is removed from a group.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Removal {
+    /// It asked (`leave`): it gets `left`.
+    Leave,
+    /// The app's backend removed it or destroyed the group: it gets `left`.
+    Backend,
+    /// Its session ended: nothing is sent to it.
+    SessionEnded,
+}
+
+/// Events to publish once the lock is released.
+type Outbox = Vec<ServerEvent>;
+
 impl State {
-    /// Remove `peer` from `group`, updating links and telling the remaining members. The caller
-    /// updates the leaver's own group set.
-    fn leave_group(&mut self, peer: PeerId, group: &str) {
-        let Some(members) = self.groups.get_mut(group) else {
+    /// Record change `change` of `group` as waiting for the acknowledgements of `waiting`
+    /// (each was sent a frame carrying it). A change nobody has to acknowledge is acknowledged
+    /// at once.
+    fn expect_acks(
+        &mut self,
+        group: &str,
+        change: u64,
+        waiting: BTreeSet<PeerId>,
+        out: &mut Outbox,
+    ) {
+        if waiting.is_empty() {
+            out.push(ServerEvent::ChangeAcked {
+                group: group.to_owned(),
+                change,
+            });
+            return;
+        }
+        for peer in &waiting {
+            if let Some(c) = self.clients.get_mut(peer) {
+                c.acks_due.insert((group.to_owned(), change));
+            }
+        }
+        let Some(g) = self.groups.get_mut(group) else {
             return;
         };
-        members.remove(&peer);
-        let remaining: Vec<PeerId> = members.iter().copied().collect();
-        if remaining.is_empty() {
-            self.groups.remove(group);
+        g.pending.push_back(PendingChange {
+            change,
+            waiting,
+            at: Instant::now(),
+        });
+        if g.pending.len() > MAX_PENDING_CHANGES {
+            if let Some(old) = g.pending.pop_front() {
+                self.time_out(group, old, out);
+            }
         }
-        let note = ServerMsg::MemberLeft {
+    }
+
+    /// Report `pending` as not acknowledged by everyone in time.
+    fn time_out(&mut self, group: &str, pending: PendingChange, out: &mut Outbox) {
+        for peer in &pending.waiting {
+            if let Some(c) = self.clients.get_mut(peer) {
+                c.acks_due.remove(&(group.to_owned(), pending.change));
+            }
+        }
+        out.push(ServerEvent::ChangeAckTimedOut {
+            group: group.to_owned(),
+            change: pending.change,
+            missing: pending.waiting.into_iter().collect(),
+        });
+    }
+
+    /// `peer` acknowledged (or can no longer acknowledge) change `change` of `group`.
+    fn acked(&mut self, peer: PeerId, group: &str, change: u64, out: &mut Outbox) {
+        let Some(g) = self.groups.get_mut(group) else {
+            return;
+        };
+        let Some(i) = g.pending.iter().position(|p| p.change == change) else {
+            return;
+        };
+        g.pending[i].waiting.remove(&peer);
+        if g.pending[i].waiting.is_empty() {
+            g.pending.remove(i);
+            out.push(ServerEvent::ChangeAcked {
+                group: group.to_owned(),
+                change,
+            });
+        }
+    }
+
+    /// The policy of a new link between `a` and `b` made by a change of `group`.
+    fn link_policy(&self, group: &Group, a: &Client, b: &Client) -> DirectPolicy {
+        group.options.direct.max(a.direct).max(b.direct)
+    }
+
+    /// Remove `peer` from `group`, updating links and telling the members (the remaining ones
+    /// get `member_left`; the removed one `left` unless its session ended). Also updates the
+    /// removed client's group set. Deletes the group when it is empty and not managed.
+    fn remove_member(&mut self, peer: PeerId, group: &str, why: Removal, out: &mut Outbox) {
+        let Some(g) = self.groups.get_mut(group) else {
+            return;
+        };
+        if !g.members.remove(&peer) {
+            return;
+        }
+        g.change += 1;
+        let change = g.change;
+        let remaining: Vec<PeerId> = g.members.iter().copied().collect();
+        let user = self.clients.get(&peer).and_then(|c| c.user.clone());
+        let note = encode(&ServerMsg::MemberLeft {
             group: group.to_owned(),
             peer,
-            change: None,
-        };
-        let text = encode(&note);
-        for other in remaining {
+            change: Some(change),
+        });
+        let mut waiting: BTreeSet<PeerId> = BTreeSet::new();
+        for &other in &remaining {
             let key = pair(peer, other);
             if let Some(link) = self.links.get_mut(&key) {
                 link.shared_groups = link.shared_groups.saturating_sub(1);
@@ -284,34 +417,226 @@ impl State {
                     self.links.remove(&key);
                 }
             }
-            if let (Some(client), Some(text)) = (self.clients.get(&other), &text) {
+            if let (Some(client), Some(text)) = (self.clients.get(&other), &note) {
                 client.outlet.send_text(text.clone());
+                waiting.insert(other);
             }
+        }
+        if let Some(client) = self.clients.get_mut(&peer) {
+            client.groups.remove(group);
+            if why != Removal::SessionEnded {
+                send(
+                    &client.outlet,
+                    &ServerMsg::Left {
+                        group: group.to_owned(),
+                        change: Some(change),
+                    },
+                );
+                waiting.insert(peer);
+            }
+        }
+        out.push(ServerEvent::MemberLeft {
+            group: group.to_owned(),
+            peer,
+            user,
+            change,
+        });
+        self.expect_acks(group, change, waiting, out);
+        if remaining.is_empty() && self.groups.get(group).is_some_and(|g| !g.managed) {
+            self.groups.remove(group);
+            out.push(ServerEvent::GroupDestroyed {
+                group: group.to_owned(),
+            });
         }
     }
 
+    /// Add `me` to the existing group `group`, making links and telling everyone (`joined` to
+    /// `me`, `member_joined` to the others). The caller checked that `me` may join.
+    fn add_member(&mut self, me: PeerId, group: &str, out: &mut Outbox) {
+        let Some(g) = self.groups.get_mut(group) else {
+            return;
+        };
+        g.change += 1;
+        let change = g.change;
+        let existing: Vec<PeerId> = g.members.iter().copied().collect();
+        let Some(client) = self.clients.get(&me) else {
+            return;
+        };
+        let my_name = client.name.clone();
+        let my_user = client.user.clone();
+        let my_outlet = client.outlet.clone();
+
+        let mut members = Vec::with_capacity(existing.len());
+        let mut waiting: BTreeSet<PeerId> = BTreeSet::new();
+        for &other in &existing {
+            let (Some(g), Some(mine), Some(theirs)) = (
+                self.groups.get(group),
+                self.clients.get(&me),
+                self.clients.get(&other),
+            ) else {
+                continue;
+            };
+            let direct = self.link_policy(g, mine, theirs);
+            let link = self.links.entry(pair(me, other)).or_insert_with(|| Link {
+                id: next_id(&mut self.last_link),
+                initiator: me,
+                shared_groups: 0,
+                direct,
+            });
+            link.shared_groups += 1;
+            members.push(MemberInfo {
+                peer: other,
+                name: theirs.name.clone(),
+                user: theirs.user.clone(),
+                link: link.id,
+                initiator: link.initiator == me,
+                direct: link.direct,
+            });
+            send(
+                &theirs.outlet,
+                &ServerMsg::MemberJoined {
+                    group: group.to_owned(),
+                    member: MemberInfo {
+                        peer: me,
+                        name: my_name.clone(),
+                        user: my_user.clone(),
+                        link: link.id,
+                        initiator: link.initiator == other,
+                        direct: link.direct,
+                    },
+                    change: Some(change),
+                },
+            );
+            waiting.insert(other);
+        }
+        if let Some(g) = self.groups.get_mut(group) {
+            g.members.insert(me);
+        }
+        if let Some(client) = self.clients.get_mut(&me) {
+            client.groups.insert(group.to_owned());
+        }
+        send(
+            &my_outlet,
+            &ServerMsg::Joined {
+                group: group.to_owned(),
+                members,
+                change: Some(change),
+            },
+        );
+        waiting.insert(me);
+        out.push(ServerEvent::MemberJoined {
+            group: group.to_owned(),
+            peer: me,
+            user: my_user,
+            change,
+        });
+        self.expect_acks(group, change, waiting, out);
+    }
+
+    /// Why `me` may not be added to `group` (which exists) by anyone, if it may not.
+    fn check_add(&self, limits: &Limits, me: PeerId, group: &str) -> Result<(), Failure> {
+        let client = self
+            .clients
+            .get(&me)
+            .ok_or_else(|| Failure::new(ErrorCode::Internal, "session not registered"))?;
+        if client.groups.contains(group) {
+            return Err(
+                Failure::new(ErrorCode::AlreadyMember, "already in this group").group(group),
+            );
+        }
+        if client.groups.len() >= limits.max_groups_per_client {
+            return Err(Failure::new(
+                ErrorCode::TooManyGroups,
+                format!("already in {} groups", limits.max_groups_per_client),
+            )
+            .group(group));
+        }
+        if let Some(g) = self.groups.get(group) {
+            let max = g.max_members(limits);
+            if g.members.len() >= max {
+                return Err(
+                    Failure::new(ErrorCode::GroupFull, format!("group has {max} members"))
+                        .group(group),
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Remove a client entirely, telling its co-members.
-    fn remove(&mut self, peer: PeerId) -> Option<Client> {
+    fn remove(&mut self, peer: PeerId, reason: &str, out: &mut Outbox) -> Option<Client> {
+        let groups: Vec<String> = self.clients.get(&peer)?.groups.iter().cloned().collect();
+        for group in &groups {
+            self.remove_member(peer, group, Removal::SessionEnded, out);
+        }
         let client = self.clients.remove(&peer)?;
         if let Some(user) = &client.user {
             if self.users.get(user) == Some(&peer) {
                 self.users.remove(user);
             }
         }
-        for group in &client.groups {
-            self.leave_group(peer, group);
+        for (group, change) in &client.acks_due {
+            self.acked(peer, group, *change, out);
         }
         // Wake relay senders waiting for this client's budget: their frames are dropped.
         client.outlet.budget.close();
+        out.push(ServerEvent::SessionDisconnected {
+            peer,
+            user: client.user.clone(),
+            reason: reason.to_owned(),
+        });
         Some(client)
+    }
+
+    fn group_info(&self, name: &str, g: &Group) -> GroupInfo {
+        GroupInfo {
+            name: name.to_owned(),
+            options: g.options.clone(),
+            managed: g.managed,
+            change: g.change,
+            members: g
+                .members
+                .iter()
+                .filter_map(|p| {
+                    self.clients.get(p).map(|c| MemberSummary {
+                        peer: *p,
+                        user: c.user.clone(),
+                        name: c.name.clone(),
+                    })
+                })
+                .collect(),
+        }
+    }
+}
+
+impl Group {
+    fn new(options: GroupOptions, managed: bool) -> Self {
+        Group {
+            members: BTreeSet::new(),
+            options,
+            managed,
+            change: 0,
+            pending: VecDeque::new(),
+        }
+    }
+
+    fn max_members(&self, limits: &Limits) -> usize {
+        self.options
+            .max_members
+            .unwrap_or(limits.max_members_per_group)
+            .min(limits.max_members_per_group)
     }
 }
 
 impl Hub {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(config: &Config) -> Self {
         Hub {
             state: Mutex::new(State::default()),
             ended: AtomicU64::new(0),
+            limits: config.limits,
+            client_groups: config.client_groups,
+            ack_timeout: config.ack_timeout,
+            events: broadcast::channel(EVENT_BUFFER).0,
         }
     }
 
@@ -321,7 +646,7 @@ impl Hub {
         HubSnapshot {
             sessions: st.clients.len(),
             groups: st.groups.len(),
-            members: st.groups.values().map(BTreeSet::len).sum(),
+            members: st.groups.values().map(|g| g.members.len()).sum(),
         }
     }
 
@@ -330,10 +655,22 @@ impl Hub {
         self.ended.load(Ordering::Relaxed)
     }
 
+    /// A stream of the server's events from now on.
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<ServerEvent> {
+        self.events.subscribe()
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the maps half-updated in a way that matters
         // more than losing the whole server would, so keep going on poisoning.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publish events (after the lock is released: a subscriber never waits on it).
+    fn publish(&self, out: Outbox) {
+        for event in out {
+            let _ = self.events.send(event);
+        }
     }
 
     /// Register a client after a valid `hello` and queue its `welcome`. Returns its peer id.
@@ -345,11 +682,13 @@ impl Hub {
         ice_servers: impl FnOnce(PeerId) -> Vec<peermesh::protocol::IceServer>,
         name: String,
         user: Option<String>,
+        direct: DirectPolicy,
         outlet: Outlet,
     ) -> PeerId {
+        let mut out = Outbox::new();
         let mut st = self.lock();
         if let Some(old) = user.as_ref().and_then(|u| st.users.get(u).copied()) {
-            if let Some(client) = st.remove(old) {
+            if let Some(client) = st.remove(old, "replaced", &mut out) {
                 self.ended.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(peer = old, "session replaced by a newer one of its user");
                 client.outlet.state.kill(REPLACED);
@@ -373,28 +712,41 @@ impl Hub {
         if let Some(user) = &user {
             st.users.insert(user.clone(), peer);
         }
+        out.push(ServerEvent::SessionConnected {
+            peer,
+            user: user.clone(),
+            name: name.clone(),
+        });
         st.clients.insert(
             peer,
             Client {
                 name,
                 user,
+                direct,
                 groups: BTreeSet::new(),
+                acks_due: HashSet::new(),
                 outlet,
             },
         );
+        drop(st);
+        self.publish(out);
         peer
     }
 
     /// Remove a client (close, timeout, shutdown) and tell its co-members.
-    pub(crate) fn unregister(&self, peer: PeerId) {
-        if self.lock().remove(peer).is_some() {
+    pub(crate) fn unregister(&self, peer: PeerId, reason: &str) {
+        let mut out = Outbox::new();
+        let removed = self.lock().remove(peer, reason, &mut out).is_some();
+        if removed {
             self.ended.fetch_add(1, Ordering::Relaxed);
         }
+        self.publish(out);
     }
 
     /// Drop a client that reads too slowly: tell its co-members and close its socket at once.
     /// `budget` identifies the session (no-op if that client is already gone).
     pub(crate) fn kill_slow(&self, peer: PeerId, budget: &Arc<Semaphore>) {
+        let mut out = Outbox::new();
         let mut st = self.lock();
         let same = st
             .clients
@@ -403,124 +755,144 @@ impl Hub {
         if !same {
             return;
         }
-        if let Some(client) = st.remove(peer) {
+        if let Some(client) = st.remove(peer, "too slow", &mut out) {
             self.ended.fetch_add(1, Ordering::Relaxed);
             tracing::info!(peer, "dropping client: too slow to read relayed data");
             client.outlet.state.drop_slow(TOO_SLOW, SlowQueue::Relay);
         }
+        drop(st);
+        self.publish(out);
     }
 
     /// Handle `join`.
-    pub(crate) fn join(&self, config: &Config, me: PeerId, group: &str) -> Result<(), Failure> {
+    pub(crate) fn join(&self, me: PeerId, group: &str) -> Result<(), Failure> {
         if !validate_group(group) {
             return Err(Failure::new(ErrorCode::InvalidGroup, "invalid group name").group(group));
         }
-        let mut guard = self.lock();
-        let st = &mut *guard;
-        let Some(client) = st.clients.get(&me) else {
-            return Err(Failure::new(ErrorCode::Internal, "session not registered"));
-        };
-        if client.groups.contains(group) {
-            return Err(
-                Failure::new(ErrorCode::AlreadyMember, "already in this group").group(group),
-            );
-        }
-        if client.groups.len() >= config.limits.max_groups_per_client {
-            return Err(Failure::new(
-                ErrorCode::TooManyGroups,
-                format!("already in {} groups", config.limits.max_groups_per_client),
-            )
-            .group(group));
-        }
-        let existing: Vec<PeerId> = st
-            .groups
-            .get(group)
-            .map(|m| m.iter().copied().collect())
-            .unwrap_or_default();
-        if existing.len() >= config.limits.max_members_per_group {
-            return Err(Failure::new(
-                ErrorCode::GroupFull,
-                format!("group has {} members", config.limits.max_members_per_group),
-            )
-            .group(group));
-        }
-        let my_name = client.name.clone();
-        let my_user = client.user.clone();
-        let my_outlet = client.outlet.clone();
-
-        let mut members = Vec::with_capacity(existing.len());
-        for &other in &existing {
-            let Some(other_client) = st.clients.get(&other) else {
-                continue;
-            };
-            let link = st.links.entry(pair(me, other)).or_insert_with(|| Link {
-                id: next_id(&mut st.last_link),
-                initiator: me,
-                shared_groups: 0,
-            });
-            link.shared_groups += 1;
-            members.push(MemberInfo {
-                peer: other,
-                name: other_client.name.clone(),
-                user: other_client.user.clone(),
-                link: link.id,
-                initiator: link.initiator == me,
-                direct: Default::default(),
-            });
-            send(
-                &other_client.outlet,
-                &ServerMsg::MemberJoined {
+        let mut out = Outbox::new();
+        let mut st = self.lock();
+        st.check_add(&self.limits, me, group)?;
+        match st.groups.get(group) {
+            Some(g) if !g.options.self_join => {
+                return Err(Failure::new(
+                    ErrorCode::Forbidden,
+                    "members of this group are added by the app's backend",
+                )
+                .group(group));
+            }
+            Some(_) => {}
+            None if !self.client_groups => {
+                return Err(Failure::new(ErrorCode::NoSuchGroup, "no such group").group(group));
+            }
+            None => {
+                let options = GroupOptions::default();
+                st.groups
+                    .insert(group.to_owned(), Group::new(options.clone(), false));
+                out.push(ServerEvent::GroupCreated {
                     group: group.to_owned(),
-                    member: MemberInfo {
-                        peer: me,
-                        name: my_name.clone(),
-                        user: my_user.clone(),
-                        link: link.id,
-                        initiator: link.initiator == other,
-                        direct: Default::default(),
-                    },
-                    change: None,
-                },
-            );
+                    options,
+                    managed: false,
+                });
+            }
         }
-        st.groups.entry(group.to_owned()).or_default().insert(me);
-        if let Some(client) = st.clients.get_mut(&me) {
-            client.groups.insert(group.to_owned());
-        }
-        send(
-            &my_outlet,
-            &ServerMsg::Joined {
-                group: group.to_owned(),
-                members,
-                change: None,
-            },
-        );
+        st.add_member(me, group, &mut out);
+        drop(st);
+        self.publish(out);
         Ok(())
     }
 
     /// Handle `leave`.
     pub(crate) fn leave(&self, me: PeerId, group: &str) -> Result<(), Failure> {
+        let mut out = Outbox::new();
         let mut st = self.lock();
-        let Some(client) = st.clients.get_mut(&me) else {
+        let Some(client) = st.clients.get(&me) else {
             return Err(Failure::new(ErrorCode::Internal, "session not registered"));
         };
-        if !client.groups.remove(group) {
+        if !client.groups.contains(group) {
             return Err(Failure::new(ErrorCode::NotMember, "not in this group").group(group));
         }
-        let outlet = client.outlet.clone();
-        st.leave_group(me, group);
-        send(
-            &outlet,
-            &ServerMsg::Left {
-                group: group.to_owned(),
-                change: None,
-            },
-        );
+        st.remove_member(me, group, Removal::Leave, &mut out);
+        drop(st);
+        self.publish(out);
         Ok(())
     }
 
-    /// The current link between `me` and `to`, checked against `link`; returns `to`'s outlet.
-    fn check_link(st: &State, me: PeerId, to: PeerId, link: LinkId) -> Result<&Outlet, Failure> {
+    /// Handle `ack`. An ack of a change this session was not asked to acknowledge (already
+    /// acknowledged, timed out, unknown) is ignored.
+    pub(crate) fn ack(&self, me: PeerId, group: &str, change: u64) {
+        let mut out = Outbox::new();
+        let mut st = self.lock();
+        let due = st
+            .clients
+            .get_mut(&me)
+            .is_some_and(|c| c.acks_due.remove(&(group.to_owned(), change)));
+        if due {
+            st.acked(me, group, change, &mut out);
+        }
+        drop(st);
+        self.publish(out);
+    }
+
+    /// Handle `path`: publish it for the backend.
+    pub(crate) fn path(
+        &self,
+        me: PeerId,
+        to: PeerId,
+        link: LinkId,
+        path: PathKind,
+        local: Option<WireCandidateType>,
+        remote: Option<WireCandidateType>,
+    ) -> Result<(), Failure> {
+        let st = self.lock();
+        Self::check_link(&st, me, to, link)?;
+        let user = |p: &PeerId| st.clients.get(p).and_then(|c| c.user.clone());
+        let event = ServerEvent::Path {
+            peer: me,
+            user: user(&me),
+            other: to,
+            other_user: user(&to),
+            link,
+            path,
+            local,
+            remote,
+        };
+        drop(st);
+        self.publish(vec![event]);
+        Ok(())
+    }
+
+    /// Report changes that waited for acknowledgements longer than the ack timeout.
+    pub(crate) fn expire_acks(&self) {
+        let mut out = Outbox::new();
+        let mut st = self.lock();
+        let now = Instant::now();
+        let names: Vec<String> = st
+            .groups
+            .iter()
+            .filter(|(_, g)| {
+                g.pending
+                    .front()
+                    .is_some_and(|p| now.duration_since(p.at) >= self.ack_timeout)
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in names {
+            while let Some(old) = st.groups.get_mut(&name).and_then(|g| {
+                g.pending
+                    .front()
+                    .is_some_and(|p| now.duration_since(p.at) >= self.ack_timeout)
+                    .then(|| g.pending.pop_front())
+                    .flatten()
+            }) {
+                st.time_out(&name, old, &mut out);
+            }
+        }
+        drop(st);
+        self.publish(out);
+    }
+
+    /// The current link between `me` and `to`, checked against `link`.
+    fn check_link(st: &State, me: PeerId, to: PeerId, link: LinkId) -> Result<&Link, Failure> {
         let not_co_member =
             || Failure::new(ErrorCode::NotCoMember, "no shared group with that peer").peer(to);
         if me == to {
@@ -534,22 +906,36 @@ impl Hub {
             )
             .peer(to));
         }
-        st.clients
-            .get(&to)
-            .map(|c| &c.outlet)
-            .ok_or_else(not_co_member)
+        Ok(current)
     }
 
-    /// First step of forwarding a relay frame or `signal`: check the link and return the
-    /// receiver's outlet so the caller can wait for its budget without holding the lock.
+    /// The current link between `me` and `to`, checked against `link`; returns `to`'s outlet.
+    fn check_target(st: &State, me: PeerId, to: PeerId, link: LinkId) -> Result<&Outlet, Failure> {
+        Self::check_link(st, me, to, link)?;
+        st.clients.get(&to).map(|c| &c.outlet).ok_or_else(|| {
+            Failure::new(ErrorCode::NotCoMember, "no shared group with that peer").peer(to)
+        })
+    }
+
+    /// First step of forwarding a relay frame or `signal`: check the link (for a `signal`, also
+    /// that the pair may use direct paths) and return the receiver's outlet so the caller can
+    /// wait for its budget without holding the lock.
     pub(crate) fn forward_target(
         &self,
         me: PeerId,
         to: PeerId,
         link: LinkId,
+        signal: bool,
     ) -> Result<Outlet, Failure> {
         let st = self.lock();
-        Self::check_link(&st, me, to, link).cloned()
+        if signal && Self::check_link(&st, me, to, link)?.direct == DirectPolicy::None {
+            return Err(Failure::new(
+                ErrorCode::DirectNotAllowed,
+                "this pair's direct policy is none: it stays on the server path",
+            )
+            .peer(to));
+        }
+        Self::check_target(&st, me, to, link).cloned()
     }
 
     /// Second step of forwarding, once `permits` budget bytes are held: re-check the link (it
@@ -564,7 +950,7 @@ impl Hub {
         permits: usize,
     ) -> Result<(), Failure> {
         let st = self.lock();
-        let result = Self::check_link(&st, me, to, link).and_then(|outlet| {
+        let result = Self::check_target(&st, me, to, link).and_then(|outlet| {
             if Arc::ptr_eq(&outlet.budget, budget) {
                 Ok(outlet)
             } else {
@@ -586,7 +972,186 @@ impl Hub {
             }
         }
     }
+
+    // ---- The app's backend (see `admin.rs`) ----
+
+    /// Create a managed group, or update the options of an existing one (which becomes
+    /// managed). Returns `true` if it was created.
+    pub(crate) fn put_group(&self, name: &str, options: GroupOptions) -> Result<bool, AdminError> {
+        if !validate_group(name) {
+            return Err(AdminError::InvalidGroup(name.to_owned()));
+        }
+        if let Some(max) = options.max_members {
+            if max == 0 || max > self.limits.max_members_per_group {
+                return Err(AdminError::InvalidOptions(format!(
+                    "max_members must be 1 to {} (the server's max_members_per_group)",
+                    self.limits.max_members_per_group
+                )));
+            }
+        }
+        let mut out = Outbox::new();
+        let mut st = self.lock();
+        let created = match st.groups.get_mut(name) {
+            Some(g) => {
+                g.options = options;
+                g.managed = true;
+                false
+            }
+            None => {
+                st.groups
+                    .insert(name.to_owned(), Group::new(options.clone(), true));
+                out.push(ServerEvent::GroupCreated {
+                    group: name.to_owned(),
+                    options,
+                    managed: true,
+                });
+                true
+            }
+        };
+        drop(st);
+        self.publish(out);
+        Ok(created)
+    }
+
+    /// Destroy a group: every member gets `left` (one change; nobody gets `member_left`).
+    pub(crate) fn destroy_group(&self, name: &str) -> Result<(), AdminError> {
+        let mut out = Outbox::new();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let Some(g) = st.groups.remove(name) else {
+            return Err(AdminError::NoSuchGroup(name.to_owned()));
+        };
+        let change = g.change + 1;
+        for p in &g.pending {
+            for peer in &p.waiting {
+                if let Some(c) = st.clients.get_mut(peer) {
+                    c.acks_due.remove(&(name.to_owned(), p.change));
+                }
+            }
+        }
+        let members: Vec<PeerId> = g.members.iter().copied().collect();
+        for (i, &peer) in members.iter().enumerate() {
+            for &other in &members[i + 1..] {
+                let key = pair(peer, other);
+                if let Some(link) = st.links.get_mut(&key) {
+                    link.shared_groups = link.shared_groups.saturating_sub(1);
+                    if link.shared_groups == 0 {
+                        st.links.remove(&key);
+                    }
+                }
+            }
+            if let Some(client) = st.clients.get_mut(&peer) {
+                client.groups.remove(name);
+                send(
+                    &client.outlet,
+                    &ServerMsg::Left {
+                        group: name.to_owned(),
+                        change: Some(change),
+                    },
+                );
+                out.push(ServerEvent::MemberLeft {
+                    group: name.to_owned(),
+                    peer,
+                    user: client.user.clone(),
+                    change,
+                });
+            }
+        }
+        out.push(ServerEvent::GroupDestroyed {
+            group: name.to_owned(),
+        });
+        drop(guard);
+        self.publish(out);
+        Ok(())
+    }
+
+    fn session_of(st: &State, user: &str) -> Result<PeerId, AdminError> {
+        st.users
+            .get(user)
+            .copied()
+            .ok_or_else(|| AdminError::NoSuchSession(user.to_owned()))
+    }
+
+    /// Add the live session of `user` to the existing group `name`: it gets `joined`.
+    pub(crate) fn add_user(&self, name: &str, user: &str) -> Result<(), AdminError> {
+        let mut out = Outbox::new();
+        let mut st = self.lock();
+        if !st.groups.contains_key(name) {
+            return Err(AdminError::NoSuchGroup(name.to_owned()));
+        }
+        let peer = Self::session_of(&st, user)?;
+        st.check_add(&self.limits, peer, name)
+            .map_err(|f| AdminError::Refused {
+                code: f.code,
+                message: f.message,
+            })?;
+        st.add_member(peer, name, &mut out);
+        drop(st);
+        self.publish(out);
+        Ok(())
+    }
+
+    /// Remove the live session of `user` from group `name`: it gets `left`.
+    pub(crate) fn remove_user(&self, name: &str, user: &str) -> Result<(), AdminError> {
+        let mut out = Outbox::new();
+        let mut st = self.lock();
+        let Some(g) = st.groups.get(name) else {
+            return Err(AdminError::NoSuchGroup(name.to_owned()));
+        };
+        let peer = Self::session_of(&st, user)?;
+        if !g.members.contains(&peer) {
+            return Err(AdminError::NotMember {
+                group: name.to_owned(),
+                user: user.to_owned(),
+            });
+        }
+        st.remove_member(peer, name, Removal::Backend, &mut out);
+        drop(st);
+        self.publish(out);
+        Ok(())
+    }
+
+    /// End the live session of `user` (close code [`KICKED`]).
+    pub(crate) fn kick(&self, user: &str) -> Result<(), AdminError> {
+        let mut out = Outbox::new();
+        let mut st = self.lock();
+        let peer = Self::session_of(&st, user)?;
+        if let Some(client) = st.remove(peer, "kicked", &mut out) {
+            self.ended.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(peer, user, "session ended by the app's backend");
+            client.outlet.state.kill(KICKED);
+        }
+        drop(st);
+        self.publish(out);
+        Ok(())
+    }
+
+    /// Every group, by name.
+    pub(crate) fn groups(&self) -> Vec<GroupSummary> {
+        let st = self.lock();
+        let mut list: Vec<GroupSummary> = st
+            .groups
+            .iter()
+            .map(|(name, g)| GroupSummary {
+                name: name.clone(),
+                options: g.options.clone(),
+                managed: g.managed,
+                members: g.members.len(),
+            })
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+
+    /// One group and its members.
+    pub(crate) fn group(&self, name: &str) -> Option<GroupInfo> {
+        let st = self.lock();
+        st.groups.get(name).map(|g| st.group_info(name, g))
+    }
 }
+
+/// Events kept for a slow subscriber before it misses some (it is told how many).
+const EVENT_BUFFER: usize = 4096;
 
 fn duration_ms(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)

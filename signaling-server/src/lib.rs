@@ -14,6 +14,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 mod conn;
@@ -24,6 +25,7 @@ mod net;
 mod request;
 pub mod turn;
 
+pub use admin::Admin;
 pub use auth::Auth;
 
 use std::future::Future;
@@ -94,6 +96,15 @@ pub struct Config {
     /// How clients are identified: tokens signed with a secret, or open (loopback only unless
     /// given explicitly). Default [`Auth::OpenOnLoopback`].
     pub auth: Auth,
+    /// Bearer secret of the admin API (`/v1/...` on the admin listener); without it every
+    /// admin API request gets 401. Default `None`.
+    pub admin_secret: Option<String>,
+    /// Whether a client's `join` of a group that does not exist creates it (`false`: only the
+    /// app's backend creates groups; such a join gets `no_such_group`). Default `true`.
+    pub client_groups: bool,
+    /// How long a membership change waits for every member's `ack` before the backend is told
+    /// who did not acknowledge it. Default 30 s.
+    pub ack_timeout: Duration,
 }
 
 /// A token-bucket rate: `per_second` on average, up to `burst` at once. `per_second == 0` means
@@ -250,6 +261,9 @@ impl Default for Config {
             server_limits: ServerLimits::default(),
             admin_listen: None,
             auth: Auth::OpenOnLoopback,
+            admin_secret: None,
+            client_groups: true,
+            ack_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -258,7 +272,7 @@ impl Default for Config {
 pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) ice: ice::IceList,
-    pub(crate) hub: hub::Hub,
+    pub(crate) hub: Arc<hub::Hub>,
     pub(crate) metrics: Arc<metrics::Metrics>,
     /// Becomes `true` when the server shuts down.
     pub(crate) shutdown: watch::Receiver<bool>,
@@ -274,6 +288,7 @@ pub struct Server {
     config: Config,
     turn: Option<turn::TurnHandle>,
     ice: ice::IceList,
+    hub: Arc<hub::Hub>,
 }
 
 impl Server {
@@ -341,6 +356,10 @@ impl Server {
                 None
             }
         };
+        if matches!(&config.admin_secret, Some(s) if s.is_empty()) {
+            anyhow::bail!("the admin secret is empty");
+        }
+        let hub = Arc::new(hub::Hub::new(&config));
         Ok(Server {
             listener,
             local_addr,
@@ -348,12 +367,21 @@ impl Server {
             config,
             turn,
             ice,
+            hub,
         })
     }
 
     /// The embedded STUN/TURN service, when [`TurnMode::Embedded`].
     pub fn turn(&self) -> Option<&turn::TurnHandle> {
         self.turn.as_ref()
+    }
+
+    /// The app's backend's handle: server-managed groups, sessions and events (see
+    /// [`admin`]).
+    pub fn admin(&self) -> Admin {
+        Admin {
+            hub: self.hub.clone(),
+        }
     }
 
     /// The address the server listens on.
@@ -387,7 +415,7 @@ impl Server {
         let metrics = Arc::new(metrics::Metrics::new());
         let limits = self.config.server_limits.clone();
         let shared = Arc::new(Shared {
-            hub: hub::Hub::new(),
+            hub: self.hub.clone(),
             config: self.config,
             ice: self.ice,
             metrics: metrics.clone(),
@@ -413,7 +441,7 @@ impl Server {
         };
         let mut tasks = tokio::task::JoinSet::new();
         if let Some((admin_listener, _)) = self.admin {
-            let admin = admin_router(shared.clone(), turn.clone());
+            let admin = admin_router(shared.clone(), turn.clone(), shutdown_rx.clone());
             let mut stop = shutdown_rx.clone();
             tasks.spawn(async move {
                 let r = axum::serve(admin_listener, admin)
@@ -464,6 +492,7 @@ impl Server {
         let local_addr = self.local_addr;
         let admin_addr = self.admin_addr();
         let turn = self.turn.clone();
+        let admin = self.admin();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(self.run(async move {
             // Completes on an explicit stop and when the handle is dropped.
@@ -473,6 +502,7 @@ impl Server {
             local_addr,
             admin_addr,
             turn,
+            admin,
             stop: Some(stop_tx),
             task: Some(task),
         }
@@ -484,6 +514,7 @@ pub struct ServerHandle {
     local_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
     turn: Option<turn::TurnHandle>,
+    admin: Admin,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -507,6 +538,11 @@ impl ServerHandle {
     /// The embedded STUN/TURN service, when [`TurnMode::Embedded`].
     pub fn turn(&self) -> Option<&turn::TurnHandle> {
         self.turn.as_ref()
+    }
+
+    /// The app's backend's handle (see [`Server::admin`]).
+    pub fn admin(&self) -> Admin {
+        self.admin.clone()
     }
 
     /// Stop the server gracefully and wait until it has stopped.
@@ -613,9 +649,20 @@ async fn ws_handler(
         })
 }
 
-/// The admin listener's routes: Prometheus metrics and a health check.
-fn admin_router(shared: Arc<Shared>, turn: Option<turn::TurnHandle>) -> Router {
+/// The admin listener's routes: Prometheus metrics, a health check and the admin API.
+fn admin_router(
+    shared: Arc<Shared>,
+    turn: Option<turn::TurnHandle>,
+    shutdown: watch::Receiver<bool>,
+) -> Router {
     use axum::http::header::CONTENT_TYPE;
+    let api = admin::router(
+        Admin {
+            hub: shared.hub.clone(),
+        },
+        shared.config.admin_secret.clone(),
+        shutdown,
+    );
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(
@@ -637,6 +684,7 @@ fn admin_router(shared: Arc<Shared>, turn: Option<turn::TurnHandle>) -> Router {
                 }
             }),
         )
+        .merge(api)
 }
 
 /// Periodic work: give freed memory back to the system after sessions have ended.
@@ -650,6 +698,7 @@ async fn housekeeping(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) 
             _ = tick.tick() => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
+        shared.hub.expire_acks();
         let ended = shared.hub.sessions_ended();
         // At most every 2 s however many clients come and go, and off the runtime's workers
         // (on a large heap the trim walks every arena under its lock).

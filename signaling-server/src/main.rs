@@ -50,6 +50,16 @@ struct Args {
     #[arg(long, env = "PEERMESH_ADMIN_LISTEN", global = true)]
     admin_listen: Option<String>,
 
+    /// Bearer secret of the admin API (/v1/groups, /v1/sessions, /v1/events on the admin
+    /// listener); without it the admin API answers 401.
+    #[arg(
+        long,
+        env = "PEERMESH_ADMIN_SECRET",
+        global = true,
+        hide_env_values = true
+    )]
+    admin_secret: Option<String>,
+
     /// Identity: every hello must carry a JWT signed HS256 with this secret by the app's
     /// backend (see `token`), and joins are limited to the token's groups.
     #[arg(
@@ -188,6 +198,7 @@ impl Args {
             ice_servers: (!self.ice_servers.is_empty()).then(|| self.ice_servers.clone()),
             heartbeat_timeout_ms: self.heartbeat_timeout_ms,
             admin_listen: self.admin_listen.clone(),
+            admin_secret: self.admin_secret.clone(),
             limits: self.limits.clone(),
             ..Default::default()
         };

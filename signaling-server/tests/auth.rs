@@ -4,20 +4,15 @@
 
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
-use peermesh::protocol::{close_code, ErrorCode, MemberInfo, PeerId, ServerMsg, PROTOCOL_VERSION};
+mod common;
+
+use common::raw_ws::*;
+use peermesh::protocol::{close_code, ErrorCode, ServerMsg};
 use peermesh_server::auth::{mint_token, verify_token, Claims};
 use peermesh_server::{Auth, Config, Server, ServerHandle};
-use serde_json::{json, Value};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use serde_json::json;
 
 const SECRET: &str = "test-secret-0123456789";
-const WAIT: Duration = Duration::from_secs(5);
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
 async fn server() -> ServerHandle {
     Server::bind(Config {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -37,71 +32,6 @@ fn token(sub: &str, name: &str, groups: &[&str]) -> String {
         Duration::from_secs(600),
     );
     mint_token(SECRET, &claims).unwrap()
-}
-
-/// What a raw client saw next.
-#[derive(Debug)]
-enum Seen {
-    Msg(ServerMsg),
-    Close(Option<u16>, String),
-    End,
-}
-
-async fn next(ws: &mut Ws) -> Seen {
-    loop {
-        match tokio::time::timeout(WAIT, ws.next()).await {
-            Err(_) => panic!("nothing from the server within {WAIT:?}"),
-            Ok(None) | Ok(Some(Err(_))) => return Seen::End,
-            Ok(Some(Ok(Message::Text(t)))) => {
-                return Seen::Msg(serde_json::from_str(&t).expect("server frame"))
-            }
-            Ok(Some(Ok(Message::Close(c)))) => {
-                return Seen::Close(
-                    c.as_ref().map(|c| u16::from(c.code)),
-                    c.map(|c| c.reason.to_string()).unwrap_or_default(),
-                )
-            }
-            Ok(Some(Ok(_))) => continue,
-        }
-    }
-}
-
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::Text(v.to_string().into())).await.unwrap();
-}
-
-/// Connect and say hello with `token` (and a hello name of its own, which a server with a secret
-/// ignores).
-async fn hello(url: &str, token: Option<&str>) -> (Ws, Seen) {
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    let mut h = json!({"type": "hello", "version": PROTOCOL_VERSION, "name": "whoever"});
-    if let Some(t) = token {
-        h["token"] = t.into();
-    }
-    send(&mut ws, h).await;
-    let first = next(&mut ws).await;
-    (ws, first)
-}
-
-async fn welcomed(url: &str, token: &str) -> (Ws, PeerId) {
-    match hello(url, Some(token)).await {
-        (ws, Seen::Msg(ServerMsg::Welcome { peer, .. })) => (ws, peer),
-        (_, other) => panic!("expected welcome, got {other:?}"),
-    }
-}
-
-async fn join(ws: &mut Ws, group: &str) -> Result<Vec<MemberInfo>, ErrorCode> {
-    send(ws, json!({"type": "join", "group": group})).await;
-    loop {
-        match next(ws).await {
-            Seen::Msg(ServerMsg::Joined {
-                group: g, members, ..
-            }) if g == group => return Ok(members),
-            Seen::Msg(ServerMsg::Error { code, .. }) => return Err(code),
-            Seen::Msg(_) => continue,
-            other => panic!("join {group}: {other:?}"),
-        }
-    }
 }
 
 #[tokio::test]
