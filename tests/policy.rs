@@ -597,3 +597,87 @@ async fn path_changes_are_reported_to_the_server() {
     a.close().await;
     b.close().await;
 }
+
+/// Groups the app's backend makes with a policy: in a `relay` group two clients with the
+/// default policy end on a TURN-relayed direct path, and the backend sees both acknowledge every
+/// membership change and report the path; in a `none` group they never leave the server path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_groups_impose_their_policy() {
+    use peermesh_server::admin::{GroupOptions, ServerEvent};
+    init_log();
+    let server = turn_server((51300, 51399)).await;
+    let admin = server.admin();
+    let mut backend = admin.events();
+    for (group, direct) in [("r", DirectPolicy::Relay), ("n", DirectPolicy::None)] {
+        let options = GroupOptions {
+            direct,
+            ..Default::default()
+        };
+        admin.create_group(group, options).unwrap();
+    }
+    let (a, mut ae) = client_with(&server, config("a", DirectPolicy::Any)).await;
+    let (b, mut be) = client_with(&server, config("b", DirectPolicy::Any)).await;
+    a.join("r").await.unwrap();
+    assert_eq!(b.join("r").await.unwrap()[0].direct, DirectPolicy::Relay);
+    let relay = Path::Direct {
+        local: CandidateType::Relay,
+        remote: CandidateType::Relay,
+    };
+    assert_eq!(wait_direct(&mut ae, b.peer_id()).await, relay);
+    assert_eq!(wait_direct(&mut be, a.peer_id()).await, relay);
+    // Both joins acknowledged by every member told of them, both paths reported.
+    let (mut acked, mut reported) = (Vec::new(), Vec::new());
+    let deadline = Instant::now() + WAIT;
+    while acked.len() < 2 || reported.len() < 2 {
+        match timeout_at(deadline, backend.recv()).await {
+            Ok(Ok(ServerEvent::ChangeAcked { group, change })) if group == "r" => {
+                acked.push(change)
+            }
+            Ok(Ok(ServerEvent::ChangeAckTimedOut { group, change, .. })) => {
+                panic!("change {change} of {group} not acknowledged")
+            }
+            Ok(Ok(ServerEvent::Path {
+                peer,
+                path,
+                local,
+                remote,
+                ..
+            })) => reported.push((peer, path, local, remote)),
+            Ok(Ok(_)) => {}
+            other => panic!("backend events: {other:?}; acked {acked:?}, paths {reported:?}"),
+        }
+    }
+    acked.sort();
+    assert_eq!(acked, vec![1, 2]);
+    reported.sort_by_key(|r| r.0);
+    use peermesh::protocol::{PathKind, WireCandidateType};
+    let direct_relay = (
+        PathKind::Direct,
+        Some(WireCandidateType::Relay),
+        Some(WireCandidateType::Relay),
+    );
+    assert_eq!(
+        reported,
+        vec![
+            (a.peer_id(), direct_relay.0, direct_relay.1, direct_relay.2),
+            (b.peer_id(), direct_relay.0, direct_relay.1, direct_relay.2),
+        ]
+    );
+
+    // A `none` group: two other clients stay on the server path, and nothing is even tried.
+    let (c, mut ce) = client_with(&server, config("c", DirectPolicy::Any)).await;
+    let (d, _de) = client_with(&server, config("d", DirectPolicy::Any)).await;
+    c.join("n").await.unwrap();
+    assert_eq!(d.join("n").await.unwrap()[0].direct, DirectPolicy::None);
+    let tried = tokio::time::timeout(QUIET, async {
+        while let Some(e) = ce.recv().await {
+            if matches!(e, Event::PathChanged { .. } | Event::DirectFailed { .. }) {
+                return e;
+            }
+        }
+        std::future::pending().await
+    })
+    .await;
+    assert!(tried.is_err(), "{tried:?}");
+    assert_eq!(c.path(d.peer_id()).unwrap(), Path::Server);
+}
