@@ -159,6 +159,8 @@ struct Session {
     abusive: bool,
     /// Groups the session's token lets it join (`None`: the server is open).
     allowed_groups: Option<Vec<String>>,
+    /// The session's user id (token `sub`), once it said hello on a server with tokens.
+    user: Option<String>,
 }
 
 /// Refused frames (answered or not) one session may send: past this rate the session is closed
@@ -258,6 +260,7 @@ pub(crate) async fn run(
         abuse: Bucket::new(ABUSE),
         abusive: false,
         allowed_groups: None,
+        user: None,
     };
     let tally_timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(tally_timer);
@@ -522,10 +525,12 @@ impl Session {
     /// Fresh TURN credentials (`ice_servers`).
     fn send_ice_servers(&self) {
         if let Some(peer) = self.peer {
-            let ice_servers = self
-                .shared
-                .ice
-                .for_peer(peer, self.host.as_deref(), self.client_ip);
+            let ice_servers = self.shared.ice.for_peer(
+                peer,
+                self.user.as_deref(),
+                self.host.as_deref(),
+                self.client_ip,
+            );
             self.send(&ServerMsg::IceServers { ice_servers });
         }
     }
@@ -804,13 +809,14 @@ impl Session {
         let (ice, host, ip) = (&self.shared.ice, self.host.as_deref(), self.client_ip);
         let peer = self.shared.hub.register(
             &self.shared.config,
-            |peer| ice.for_peer(peer, host, ip),
+            |peer| ice.for_peer(peer, user.as_deref(), host, ip),
             name.clone(),
             user.clone(),
             direct,
             outlet,
         );
         tracing::info!(peer, name, user, "client said hello");
+        self.user = user;
         self.peer = Some(peer);
         Flow::Continue
     }
