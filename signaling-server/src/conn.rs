@@ -726,14 +726,27 @@ impl Session {
     /// `signal`: forwarded like relay data (it comes from a peer, so it counts against the
     /// receiver's budget rather than growing its queue without bound).
     fn on_signal(&mut self, me: PeerId, to: PeerId, link: u32, data: &RawValue) -> Flow {
-        let outlet = match self.shared.hub.forward_target(me, to, link, true) {
-            Ok(outlet) => outlet,
+        let (outlet, direct) = match self.shared.hub.forward_target(me, to, link, true) {
+            Ok(found) => found,
             Err(failure) => {
                 self.reply_error(failure, Some("signal"));
                 return Flow::Continue;
             }
         };
-        let text = Utf8Bytes::from(request::forwarded_signal(me, link, data));
+        let text = if direct == DirectPolicy::Relay {
+            // Whatever the client does, a relay pair never gets an address but the relays'.
+            let Some(redacted) = request::relay_only(data) else {
+                tracing::debug!(peer = me, to, "not forwarding a non-relay candidate");
+                return Flow::Continue;
+            };
+            let data: Box<RawValue> = match RawValue::from_string(redacted) {
+                Ok(d) => d,
+                Err(_) => return Flow::Continue,
+            };
+            Utf8Bytes::from(request::forwarded_signal(me, link, &data))
+        } else {
+            Utf8Bytes::from(request::forwarded_signal(me, link, data))
+        };
         let permits =
             (text.len() + FRAME_OVERHEAD).min(self.shared.config.server_limits.relay_queue_bytes);
         Flow::Forward(PendingForward {
@@ -850,7 +863,7 @@ impl Session {
         self.tally.frames_in += 1;
         self.tally.bytes_in += data.len() as u64;
         let outlet = match self.shared.hub.forward_target(me, to, link, false) {
-            Ok(outlet) => outlet,
+            Ok((outlet, _)) => outlet,
             Err(failure) => {
                 self.reply_error(failure, REQUEST);
                 return Flow::Continue;

@@ -918,24 +918,25 @@ impl Hub {
     }
 
     /// First step of forwarding a relay frame or `signal`: check the link (for a `signal`, also
-    /// that the pair may use direct paths) and return the receiver's outlet so the caller can
-    /// wait for its budget without holding the lock.
+    /// that the pair may use direct paths) and return the receiver's outlet, so the caller can
+    /// wait for its budget without holding the lock, and the pair's policy.
     pub(crate) fn forward_target(
         &self,
         me: PeerId,
         to: PeerId,
         link: LinkId,
         signal: bool,
-    ) -> Result<Outlet, Failure> {
+    ) -> Result<(Outlet, DirectPolicy), Failure> {
         let st = self.lock();
-        if signal && Self::check_link(&st, me, to, link)?.direct == DirectPolicy::None {
+        let direct = Self::check_link(&st, me, to, link)?.direct;
+        if signal && direct == DirectPolicy::None {
             return Err(Failure::new(
                 ErrorCode::DirectNotAllowed,
                 "this pair's direct policy is none: it stays on the server path",
             )
             .peer(to));
         }
-        Self::check_target(&st, me, to, link).cloned()
+        Ok((Self::check_target(&st, me, to, link)?.clone(), direct))
     }
 
     /// Second step of forwarding, once `permits` budget bytes are held: re-check the link (it
