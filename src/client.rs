@@ -307,6 +307,8 @@ impl Client {
             name: config.name.clone(),
             token: config.token.clone(),
             direct: Default::default(),
+            resumable: false,
+            resume: None,
         };
         ws.send(WsMessage::Text(to_json(&hello).into()))
             .await
@@ -797,7 +799,10 @@ impl Session {
                 }
                 *self.ice_servers.lock().expect("ice servers lock") = ice_servers;
             }
-            ServerMsg::Pong { .. } | ServerMsg::Welcome { .. } => {}
+            ServerMsg::Pong { .. }
+            | ServerMsg::Welcome { .. }
+            | ServerMsg::MemberSuspended { .. }
+            | ServerMsg::MemberResumed { .. } => {}
             ServerMsg::Error {
                 code,
                 message,

@@ -72,6 +72,16 @@ struct PendingForward {
     permits: usize,
 }
 
+/// The fields of a `hello`.
+struct Hello<'a> {
+    version: u32,
+    name: &'a str,
+    token: Option<&'a str>,
+    direct: DirectPolicy,
+    resumable: bool,
+    resume: Option<&'a peermesh::protocol::Resume>,
+}
+
 /// A token bucket (see [`Rate`]). Tokens may go into debt (`take_paced`), which is paid back
 /// over time before more is accepted.
 struct Bucket {
@@ -161,6 +171,8 @@ struct Session {
     allowed_groups: Option<Vec<String>>,
     /// The session's user id (token `sub`), once it said hello on a server with tokens.
     user: Option<String>,
+    /// The client sent a close frame.
+    client_closed: bool,
 }
 
 /// Refused frames (answered or not) one session may send: past this rate the session is closed
@@ -261,6 +273,7 @@ pub(crate) async fn run(
         abusive: false,
         allowed_groups: None,
         user: None,
+        client_closed: false,
     };
     let tally_timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(tally_timer);
@@ -426,7 +439,18 @@ pub(crate) async fn run(
             Exit::Close(_) | Exit::TooBig => "protocol violation",
             Exit::ClientGone | Exit::WriterGone => "closed",
         };
-        session.shared.hub.unregister(peer, reason);
+        // The connection was lost (not closed by either side on purpose): a resumable session
+        // waits for its client to come back.
+        let lost = match &exit {
+            Exit::ClientGone => !session.client_closed,
+            Exit::WriterGone => session.outlet.state.killed_with().is_none(),
+            Exit::Close((CLOSE_GOING_AWAY, "heartbeat timeout")) => true,
+            Exit::Close(_) | Exit::TooBig => false,
+        };
+        let budget = session.outlet.budget.clone();
+        if !(lost && session.shared.hub.suspend(peer, &budget)) {
+            session.shared.hub.unregister(peer, &budget, reason);
+        }
         tracing::debug!(peer, "session ended");
     }
     session.outlet.budget.close();
@@ -599,7 +623,11 @@ impl Session {
             Message::Binary(data) => self.on_binary(data),
             // Pings are answered by the WebSocket layer; both count as liveness. After a close
             // frame the next read returns `None` once the reply is flushed.
-            Message::Ping(_) | Message::Pong(_) | Message::Close(_) => Flow::Continue,
+            Message::Close(_) => {
+                self.client_closed = true;
+                Flow::Continue
+            }
+            Message::Ping(_) | Message::Pong(_) => Flow::Continue,
         })
     }
 
@@ -671,9 +699,21 @@ impl Session {
                     name,
                     token,
                     direct,
+                    resumable,
+                    resume,
                 },
                 None,
-            ) => return self.on_hello(*version, name, token.as_deref(), *direct),
+            ) => {
+                let hello = Hello {
+                    version: *version,
+                    name,
+                    token: token.as_deref(),
+                    direct: *direct,
+                    resumable: *resumable,
+                    resume: resume.as_ref(),
+                };
+                return self.on_hello(hello);
+            }
             (Request::Hello { .. }, Some(_)) => {
                 self.error(ErrorCode::BadFrame, "already said hello", Some(kind));
                 return Flow::Continue;
@@ -777,13 +817,15 @@ impl Session {
         }
     }
 
-    fn on_hello(
-        &mut self,
-        version: u32,
-        name: &str,
-        token: Option<&str>,
-        direct: DirectPolicy,
-    ) -> Flow {
+    fn on_hello(&mut self, hello: Hello<'_>) -> Flow {
+        let Hello {
+            version,
+            name,
+            token,
+            direct,
+            resumable,
+            resume,
+        } = hello;
         if version != PROTOCOL_VERSION {
             self.error(
                 ErrorCode::UnsupportedVersion,
@@ -820,15 +862,40 @@ impl Session {
         };
         let outlet = self.outlet.clone();
         let (ice, host, ip) = (&self.shared.ice, self.host.as_deref(), self.client_ip);
-        let peer = self.shared.hub.register(
-            &self.shared.config,
-            |peer| ice.for_peer(peer, user.as_deref(), host, ip),
-            name.clone(),
-            user.clone(),
-            direct,
-            outlet,
-        );
-        tracing::info!(peer, name, user, "client said hello");
+        let peer = match resume {
+            Some(r) => {
+                let resumed = self.shared.hub.resume(
+                    &self.shared.config,
+                    |peer| ice.for_peer(peer, user.as_deref(), host, ip),
+                    r.peer,
+                    &r.token,
+                    user.as_deref(),
+                    outlet,
+                );
+                if let Err(failure) = resumed {
+                    // The client may start a new session with a plain hello.
+                    self.reply_error(failure, Some("hello"));
+                    return Flow::Continue;
+                }
+                tracing::info!(peer = r.peer, user, "session resumed");
+                r.peer
+            }
+            None => {
+                let peer = self.shared.hub.register(
+                    &self.shared.config,
+                    |peer| ice.for_peer(peer, user.as_deref(), host, ip),
+                    crate::hub::NewSession {
+                        name: name.clone(),
+                        user: user.clone(),
+                        direct,
+                        resumable,
+                    },
+                    outlet,
+                );
+                tracing::info!(peer, name, user, "client said hello");
+                peer
+            }
+        };
         self.user = user;
         self.peer = Some(peer);
         Flow::Continue

@@ -9,7 +9,7 @@
 
 use std::borrow::Cow;
 
-use peermesh::protocol::{DirectPolicy, LinkId, PathKind, PeerId, WireCandidateType};
+use peermesh::protocol::{DirectPolicy, LinkId, PathKind, PeerId, Resume, WireCandidateType};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -21,6 +21,8 @@ pub(crate) enum Request<'a> {
         name: String,
         token: Option<String>,
         direct: DirectPolicy,
+        resumable: bool,
+        resume: Option<Resume>,
     },
     Join {
         group: String,
@@ -94,6 +96,10 @@ struct HelloFields {
     token: Option<String>,
     #[serde(default)]
     direct: DirectPolicy,
+    #[serde(default)]
+    resumable: bool,
+    #[serde(default)]
+    resume: Option<Resume>,
 }
 
 #[derive(Deserialize)]
@@ -159,6 +165,8 @@ pub(crate) fn parse(text: &str) -> Result<Request<'_>, BadRequest> {
                 name: f.name,
                 token: f.token,
                 direct: f.direct,
+                resumable: f.resumable,
+                resume: f.resume,
             }
         }
         "join" => Request::Join {
@@ -318,11 +326,15 @@ mod tests {
                 name,
                 token,
                 direct,
+                resumable,
+                resume,
             } => ClientMsg::Hello {
                 version: *version,
                 name: name.clone(),
                 token: token.clone(),
                 direct: *direct,
+                resumable: *resumable,
+                resume: resume.clone(),
             },
             Request::Join { group } => ClientMsg::Join {
                 group: group.clone(),
@@ -368,6 +380,8 @@ mod tests {
             r#"{"type":"ping","id":18446744073709551615}"#,
             r#"{"type":"p\u0069ng","id":1}"#,
             r#"{"type":"hello","version":1,"name":"a","direct":"relay"}"#,
+            r#"{"type":"hello","version":1,"name":"a","resumable":true}"#,
+            r#"{"type":"hello","version":1,"name":"a","resume":{"peer":3,"token":"x"}}"#,
             r#"{"type":"ack","group":"g","change":7}"#,
             r#"{"type":"path","peer":2,"link":3,"path":"server"}"#,
             r#"{"type":"path","peer":2,"link":3,"path":"direct","local":"relay","remote":"host"}"#,

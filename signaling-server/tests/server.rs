@@ -230,7 +230,12 @@ async fn hello_welcome_and_hello_errors() {
             heartbeat_interval_ms,
             heartbeat_timeout_ms,
             limits,
+            resume_token,
+            resume_grace_ms,
+            resumed,
         } => {
+            // Not resumable unless the hello says so.
+            assert_eq!((resume_token, resume_grace_ms, resumed), (None, None, false));
             assert_eq!(version, PROTOCOL_VERSION);
             assert_eq!(version, 1);
             assert_ne!(peer, 0);
