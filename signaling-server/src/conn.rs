@@ -34,6 +34,13 @@ use peermesh::protocol::close_code::{
     POLICY_VIOLATION as CLOSE_POLICY, PROTOCOL_ERROR as CLOSE_PROTOCOL, TOO_BIG as CLOSE_TOO_BIG,
 };
 
+/// Close reason when the server stops: 1012 (Service Restart) tells clients to reconnect (to
+/// this address once the server is back, or another instance behind it) with a new session.
+const SHUTTING_DOWN: CloseReason = (
+    peermesh::protocol::close_code::SERVICE_RESTART,
+    "server restarting",
+);
+
 /// How long the writer may take to flush queued frames and the close frame when a session ends.
 const WRITER_GRACE: Duration = Duration::from_secs(2);
 /// How long an expired heartbeat deadline still waits for a frame that may already be in the
@@ -295,7 +302,7 @@ pub(crate) async fn run(
             biased;
             // (The `Ref` that `wait_for` returns must not live across the awaits below.)
             () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => {
-                break 'session Exit::Close((CLOSE_GOING_AWAY, "server shutting down"));
+                break 'session Exit::Close(SHUTTING_DOWN);
             }
             _ = &mut writer => break 'session Exit::WriterGone,
             () = &mut hello_deadline, if session.peer.is_none() => {
@@ -359,7 +366,7 @@ pub(crate) async fn run(
                         outlet.budget.clone().acquire_many_owned(permits_u32(permits)),
                     ) => r,
                     _ = shutdown.wait_for(|stop| *stop) => {
-                        break 'session Exit::Close((CLOSE_GOING_AWAY, "server shutting down"));
+                        break 'session Exit::Close(SHUTTING_DOWN);
                     }
                     _ = &mut writer => break 'session Exit::WriterGone,
                 };
@@ -422,7 +429,7 @@ pub(crate) async fn run(
             tokio::select! {
                 () = tokio::time::sleep(pause) => {}
                 _ = shutdown.wait_for(|stop| *stop) => {
-                    break 'session Exit::Close((CLOSE_GOING_AWAY, "server shutting down"));
+                    break 'session Exit::Close(SHUTTING_DOWN);
                 }
                 _ = &mut writer => break 'session Exit::WriterGone,
             }
@@ -434,7 +441,7 @@ pub(crate) async fn run(
     // Tell co-members first, then close the socket.
     if let Some(peer) = session.peer {
         let reason = match &exit {
-            Exit::Close((CLOSE_GOING_AWAY, "server shutting down")) => "shutdown",
+            Exit::Close(SHUTTING_DOWN) => "shutdown",
             Exit::Close((CLOSE_GOING_AWAY, _)) => "heartbeat timeout",
             Exit::Close(_) | Exit::TooBig => "protocol violation",
             Exit::ClientGone | Exit::WriterGone => "closed",
