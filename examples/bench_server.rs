@@ -494,6 +494,8 @@ async fn hello(ws: &mut Ws, name: &str) -> Result<Welcome> {
         name: name.into(),
         token: None,
         direct: Default::default(),
+        resumable: false,
+        resume: None,
     };
     send_json(ws, &msg).await?;
     loop {

@@ -330,6 +330,8 @@ impl Client {
             name: config.name.clone(),
             token: config.token.clone(),
             direct: config.direct,
+            resumable: false,
+            resume: None,
         };
         ws.send(WsMessage::Text(to_json(&hello).into()))
             .await
@@ -829,7 +831,10 @@ impl Session {
                 }
                 *self.ice_servers.lock().expect("ice servers lock") = ice_servers;
             }
-            ServerMsg::Pong { .. } | ServerMsg::Welcome { .. } => {}
+            ServerMsg::Pong { .. }
+            | ServerMsg::Welcome { .. }
+            | ServerMsg::MemberSuspended { .. }
+            | ServerMsg::MemberResumed { .. } => {}
             ServerMsg::Error {
                 code,
                 message,

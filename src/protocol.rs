@@ -76,6 +76,11 @@ pub mod close_code {
     pub const REPLACED: u16 = 4001;
     /// The app's backend ended this session (admin API `DELETE /v1/sessions/{user}`).
     pub const KICKED: u16 = 4002;
+    /// The server is restarting (drain on SIGTERM): reconnect, with a fresh session (its state
+    /// does not survive the restart).
+    pub const SERVICE_RESTART: u16 = 1012;
+    /// A resume of this session from another connection took it over.
+    pub const RESUMED_ELSEWHERE: u16 = 4003;
 }
 
 /// Stable error codes carried in `error` frames. The string form (`as_str`) is what goes on the
@@ -126,6 +131,12 @@ pub enum ErrorCode {
     /// The group named in the request does not exist (a closed server does not create groups on
     /// `join`).
     NoSuchGroup,
+    /// The target peer's session is suspended (its connection dropped; it may resume): the
+    /// relay frame or `signal` was not forwarded. Its co-members got `member_suspended`.
+    PeerSuspended,
+    /// A `hello` asked to resume a session that does not exist (any more) or with a wrong
+    /// token: start a new session with a plain `hello`.
+    ResumeFailed,
 }
 
 impl ErrorCode {
@@ -151,6 +162,8 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::DirectNotAllowed => "direct_not_allowed",
             ErrorCode::NoSuchGroup => "no_such_group",
+            ErrorCode::PeerSuspended => "peer_suspended",
+            ErrorCode::ResumeFailed => "resume_failed",
         }
     }
 }
@@ -285,6 +298,15 @@ pub struct MemberInfo {
     pub direct: DirectPolicy,
 }
 
+/// Which session a `hello` resumes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    /// The session's peer id.
+    pub peer: PeerId,
+    /// The `resume_token` of its `welcome`.
+    pub token: String,
+}
+
 /// JSON text frames a client sends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -303,6 +325,14 @@ pub enum ClientMsg {
         /// strictest of this, the token's `direct` and the group's policy to each pair.
         #[serde(default, skip_serializing_if = "DirectPolicy::is_any")]
         direct: DirectPolicy,
+        /// The client can resume this session after its connection drops: the server then
+        /// keeps it suspended for the grace period instead of ending it (`docs/PROTOCOL.md`
+        /// §3.14).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        resumable: bool,
+        /// Resume this suspended session instead of starting a new one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume: Option<Resume>,
     },
     /// Join a group by name (created on first join).
     Join {
@@ -371,6 +401,16 @@ pub enum ServerMsg {
         heartbeat_timeout_ms: u64,
         /// Limits enforced by the server.
         limits: Limits,
+        /// The secret to resume this session with, when the client said it is `resumable`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume_token: Option<String>,
+        /// How long a suspended session waits for its resume (ms).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume_grace_ms: Option<u64>,
+        /// `true`: this is a resumed session (same peer id, groups and links); a `joined` for
+        /// each of its groups follows with the members now.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        resumed: bool,
     },
     /// Answer to `join`: the group's other members.
     Joined {
@@ -410,6 +450,18 @@ pub enum ServerMsg {
         /// The group's membership change number, to `ack` once processed.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         change: Option<u64>,
+    },
+    /// A co-member's connection dropped; its session is suspended and may resume. Frames to it
+    /// are refused (`peer_suspended`) meanwhile.
+    MemberSuspended {
+        /// The suspended peer.
+        peer: PeerId,
+    },
+    /// A suspended co-member resumed its session (same peer id and links). Reliable frames it
+    /// has not acknowledged should be sent again on the server path.
+    MemberResumed {
+        /// The resumed peer.
+        peer: PeerId,
     },
     /// Signaling data from a co-member.
     Signal {
@@ -964,6 +1016,8 @@ mod tests {
                 name: "a".into(),
                 token: None,
                 direct: DirectPolicy::Any,
+                resumable: false,
+                resume: None,
             }
         );
         let e = serde_json::to_string(&ServerMsg::error(ErrorCode::NotCoMember, "x")).unwrap();

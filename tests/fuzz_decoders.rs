@@ -33,7 +33,7 @@ use std::cell::Cell;
 
 use peermesh::protocol::{
     link_kind, ClientMsg, DirectPolicy, ErrorCode, IceServer, Limits, LinkFrame, MemberInfo,
-    PathKind, RelayFrame, ServerMsg, WireCandidateType, FLAG_FIN, RELAY_HEADER_LEN,
+    PathKind, RelayFrame, Resume, ServerMsg, WireCandidateType, FLAG_FIN, RELAY_HEADER_LEN,
     RELAY_KIND_DATA,
 };
 use proptest::prelude::*;
@@ -279,12 +279,19 @@ fn valid_json_frames() -> Vec<Vec<u8>> {
             name: "alice".into(),
             token: None,
             direct: DirectPolicy::Any,
+            resumable: true,
+            resume: None,
         },
         ClientMsg::Hello {
             version: 1,
             name: "alice".into(),
             token: Some("eyJhbGciOiJIUzI1NiJ9.e30.sig".into()),
             direct: DirectPolicy::None,
+            resumable: false,
+            resume: Some(Resume {
+                peer: 3,
+                token: "3q2-xyz".into(),
+            }),
         },
         ClientMsg::Join {
             group: "lobby".into(),
@@ -322,7 +329,12 @@ fn valid_json_frames() -> Vec<Vec<u8>> {
                 max_groups_per_client: 32,
                 max_members_per_group: 64,
             },
+            resume_token: Some("3q2-xyz".into()),
+            resume_grace_ms: Some(30_000),
+            resumed: true,
         },
+        ServerMsg::MemberSuspended { peer: 2 },
+        ServerMsg::MemberResumed { peer: 2 },
         ServerMsg::Joined {
             group: "lobby".into(),
             members: vec![member.clone(), member.clone()],

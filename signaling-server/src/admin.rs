@@ -132,6 +132,22 @@ pub enum ServerEvent {
         /// `too slow`, `shutdown`.
         reason: String,
     },
+    /// A resumable session's connection dropped; it waits for a resume (its memberships stay).
+    SessionSuspended {
+        /// Its peer id.
+        peer: PeerId,
+        /// Its user id.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+    },
+    /// A suspended session resumed on a new connection.
+    SessionResumed {
+        /// Its peer id.
+        peer: PeerId,
+        /// Its user id.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+    },
     /// A group was created (by a client's `join` or by the backend).
     GroupCreated {
         /// Its name.
@@ -404,13 +420,7 @@ fn authorized(headers: &HeaderMap, secret: Option<&str>) -> Result<(), &'static 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or("missing Authorization: Bearer <admin secret>")?;
-    let same = given.len() == secret.len()
-        && given
-            .bytes()
-            .zip(secret.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
-    if same {
+    if crate::hub::constant_time_eq(given.as_bytes(), secret.as_bytes()) {
         Ok(())
     } else {
         Err("wrong admin secret")

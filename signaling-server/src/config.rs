@@ -33,6 +33,8 @@ pub struct FileConfig {
     pub client_groups: Option<bool>,
     /// How long a membership change waits for every member's `ack` (ms).
     pub ack_timeout_ms: Option<u64>,
+    /// How long a dropped resumable session waits for its resume (ms).
+    pub resume_grace_ms: Option<u64>,
     /// `[limits]`.
     #[serde(default)]
     pub limits: LimitsFile,
@@ -305,7 +307,8 @@ impl FileConfig {
             admin_listen,
             admin_secret,
             client_groups,
-            ack_timeout_ms
+            ack_timeout_ms,
+            resume_grace_ms
         );
         overlay!(
             self.limits,
@@ -528,8 +531,14 @@ impl FileConfig {
             Some(ms) => Duration::from_millis(ms),
             None => d.ack_timeout,
         };
+        let resume_grace = match self.resume_grace_ms {
+            Some(ms) if ms > 3_600_000 => bail!("resume_grace_ms = {ms}: at most 3600000 (1 h)"),
+            Some(ms) => Duration::from_millis(ms),
+            None => d.resume_grace,
+        };
         Ok(Config {
             auth,
+            resume_grace,
             admin_secret,
             client_groups: self.client_groups.unwrap_or(d.client_groups),
             ack_timeout,

@@ -34,6 +34,13 @@ use peermesh::protocol::close_code::{
     POLICY_VIOLATION as CLOSE_POLICY, PROTOCOL_ERROR as CLOSE_PROTOCOL, TOO_BIG as CLOSE_TOO_BIG,
 };
 
+/// Close reason when the server stops: 1012 (Service Restart) tells clients to reconnect (to
+/// this address once the server is back, or another instance behind it) with a new session.
+const SHUTTING_DOWN: CloseReason = (
+    peermesh::protocol::close_code::SERVICE_RESTART,
+    "server restarting",
+);
+
 /// How long the writer may take to flush queued frames and the close frame when a session ends.
 const WRITER_GRACE: Duration = Duration::from_secs(2);
 /// How long an expired heartbeat deadline still waits for a frame that may already be in the
@@ -70,6 +77,16 @@ struct PendingForward {
     outlet: Outlet,
     msg: Message,
     permits: usize,
+}
+
+/// The fields of a `hello`.
+struct Hello<'a> {
+    version: u32,
+    name: &'a str,
+    token: Option<&'a str>,
+    direct: DirectPolicy,
+    resumable: bool,
+    resume: Option<&'a peermesh::protocol::Resume>,
 }
 
 /// A token bucket (see [`Rate`]). Tokens may go into debt (`take_paced`), which is paid back
@@ -159,6 +176,10 @@ struct Session {
     abusive: bool,
     /// Groups the session's token lets it join (`None`: the server is open).
     allowed_groups: Option<Vec<String>>,
+    /// The session's user id (token `sub`), once it said hello on a server with tokens.
+    user: Option<String>,
+    /// The client sent a close frame.
+    client_closed: bool,
 }
 
 /// Refused frames (answered or not) one session may send: past this rate the session is closed
@@ -258,6 +279,8 @@ pub(crate) async fn run(
         abuse: Bucket::new(ABUSE),
         abusive: false,
         allowed_groups: None,
+        user: None,
+        client_closed: false,
     };
     let tally_timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(tally_timer);
@@ -279,7 +302,7 @@ pub(crate) async fn run(
             biased;
             // (The `Ref` that `wait_for` returns must not live across the awaits below.)
             () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => {
-                break 'session Exit::Close((CLOSE_GOING_AWAY, "server shutting down"));
+                break 'session Exit::Close(SHUTTING_DOWN);
             }
             _ = &mut writer => break 'session Exit::WriterGone,
             () = &mut hello_deadline, if session.peer.is_none() => {
@@ -343,7 +366,7 @@ pub(crate) async fn run(
                         outlet.budget.clone().acquire_many_owned(permits_u32(permits)),
                     ) => r,
                     _ = shutdown.wait_for(|stop| *stop) => {
-                        break 'session Exit::Close((CLOSE_GOING_AWAY, "server shutting down"));
+                        break 'session Exit::Close(SHUTTING_DOWN);
                     }
                     _ = &mut writer => break 'session Exit::WriterGone,
                 };
@@ -406,7 +429,7 @@ pub(crate) async fn run(
             tokio::select! {
                 () = tokio::time::sleep(pause) => {}
                 _ = shutdown.wait_for(|stop| *stop) => {
-                    break 'session Exit::Close((CLOSE_GOING_AWAY, "server shutting down"));
+                    break 'session Exit::Close(SHUTTING_DOWN);
                 }
                 _ = &mut writer => break 'session Exit::WriterGone,
             }
@@ -418,12 +441,23 @@ pub(crate) async fn run(
     // Tell co-members first, then close the socket.
     if let Some(peer) = session.peer {
         let reason = match &exit {
-            Exit::Close((CLOSE_GOING_AWAY, "server shutting down")) => "shutdown",
+            Exit::Close(SHUTTING_DOWN) => "shutdown",
             Exit::Close((CLOSE_GOING_AWAY, _)) => "heartbeat timeout",
             Exit::Close(_) | Exit::TooBig => "protocol violation",
             Exit::ClientGone | Exit::WriterGone => "closed",
         };
-        session.shared.hub.unregister(peer, reason);
+        // The connection was lost (not closed by either side on purpose): a resumable session
+        // waits for its client to come back.
+        let lost = match &exit {
+            Exit::ClientGone => !session.client_closed,
+            Exit::WriterGone => session.outlet.state.killed_with().is_none(),
+            Exit::Close((CLOSE_GOING_AWAY, "heartbeat timeout")) => true,
+            Exit::Close(_) | Exit::TooBig => false,
+        };
+        let budget = session.outlet.budget.clone();
+        if !(lost && session.shared.hub.suspend(peer, &budget)) {
+            session.shared.hub.unregister(peer, &budget, reason);
+        }
         tracing::debug!(peer, "session ended");
     }
     session.outlet.budget.close();
@@ -522,10 +556,12 @@ impl Session {
     /// Fresh TURN credentials (`ice_servers`).
     fn send_ice_servers(&self) {
         if let Some(peer) = self.peer {
-            let ice_servers = self
-                .shared
-                .ice
-                .for_peer(peer, self.host.as_deref(), self.client_ip);
+            let ice_servers = self.shared.ice.for_peer(
+                peer,
+                self.user.as_deref(),
+                self.host.as_deref(),
+                self.client_ip,
+            );
             self.send(&ServerMsg::IceServers { ice_servers });
         }
     }
@@ -594,7 +630,11 @@ impl Session {
             Message::Binary(data) => self.on_binary(data),
             // Pings are answered by the WebSocket layer; both count as liveness. After a close
             // frame the next read returns `None` once the reply is flushed.
-            Message::Ping(_) | Message::Pong(_) | Message::Close(_) => Flow::Continue,
+            Message::Close(_) => {
+                self.client_closed = true;
+                Flow::Continue
+            }
+            Message::Ping(_) | Message::Pong(_) => Flow::Continue,
         })
     }
 
@@ -666,9 +706,21 @@ impl Session {
                     name,
                     token,
                     direct,
+                    resumable,
+                    resume,
                 },
                 None,
-            ) => return self.on_hello(*version, name, token.as_deref(), *direct),
+            ) => {
+                let hello = Hello {
+                    version: *version,
+                    name,
+                    token: token.as_deref(),
+                    direct: *direct,
+                    resumable: *resumable,
+                    resume: resume.as_ref(),
+                };
+                return self.on_hello(hello);
+            }
             (Request::Hello { .. }, Some(_)) => {
                 self.error(ErrorCode::BadFrame, "already said hello", Some(kind));
                 return Flow::Continue;
@@ -721,14 +773,27 @@ impl Session {
     /// `signal`: forwarded like relay data (it comes from a peer, so it counts against the
     /// receiver's budget rather than growing its queue without bound).
     fn on_signal(&mut self, me: PeerId, to: PeerId, link: u32, data: &RawValue) -> Flow {
-        let outlet = match self.shared.hub.forward_target(me, to, link, true) {
-            Ok(outlet) => outlet,
+        let (outlet, direct) = match self.shared.hub.forward_target(me, to, link, true) {
+            Ok(found) => found,
             Err(failure) => {
                 self.reply_error(failure, Some("signal"));
                 return Flow::Continue;
             }
         };
-        let text = Utf8Bytes::from(request::forwarded_signal(me, link, data));
+        let text = if direct == DirectPolicy::Relay {
+            // Whatever the client does, a relay pair never gets an address but the relays'.
+            let Some(redacted) = request::relay_only(data) else {
+                tracing::debug!(peer = me, to, "not forwarding a non-relay candidate");
+                return Flow::Continue;
+            };
+            let data: Box<RawValue> = match RawValue::from_string(redacted) {
+                Ok(d) => d,
+                Err(_) => return Flow::Continue,
+            };
+            Utf8Bytes::from(request::forwarded_signal(me, link, &data))
+        } else {
+            Utf8Bytes::from(request::forwarded_signal(me, link, data))
+        };
         let permits =
             (text.len() + FRAME_OVERHEAD).min(self.shared.config.server_limits.relay_queue_bytes);
         Flow::Forward(PendingForward {
@@ -759,13 +824,15 @@ impl Session {
         }
     }
 
-    fn on_hello(
-        &mut self,
-        version: u32,
-        name: &str,
-        token: Option<&str>,
-        direct: DirectPolicy,
-    ) -> Flow {
+    fn on_hello(&mut self, hello: Hello<'_>) -> Flow {
+        let Hello {
+            version,
+            name,
+            token,
+            direct,
+            resumable,
+            resume,
+        } = hello;
         if version != PROTOCOL_VERSION {
             self.error(
                 ErrorCode::UnsupportedVersion,
@@ -802,15 +869,41 @@ impl Session {
         };
         let outlet = self.outlet.clone();
         let (ice, host, ip) = (&self.shared.ice, self.host.as_deref(), self.client_ip);
-        let peer = self.shared.hub.register(
-            &self.shared.config,
-            |peer| ice.for_peer(peer, host, ip),
-            name.clone(),
-            user.clone(),
-            direct,
-            outlet,
-        );
-        tracing::info!(peer, name, user, "client said hello");
+        let peer = match resume {
+            Some(r) => {
+                let resumed = self.shared.hub.resume(
+                    &self.shared.config,
+                    |peer| ice.for_peer(peer, user.as_deref(), host, ip),
+                    r.peer,
+                    &r.token,
+                    user.as_deref(),
+                    outlet,
+                );
+                if let Err(failure) = resumed {
+                    // The client may start a new session with a plain hello.
+                    self.reply_error(failure, Some("hello"));
+                    return Flow::Continue;
+                }
+                tracing::info!(peer = r.peer, user, "session resumed");
+                r.peer
+            }
+            None => {
+                let peer = self.shared.hub.register(
+                    &self.shared.config,
+                    |peer| ice.for_peer(peer, user.as_deref(), host, ip),
+                    crate::hub::NewSession {
+                        name: name.clone(),
+                        user: user.clone(),
+                        direct,
+                        resumable,
+                    },
+                    outlet,
+                );
+                tracing::info!(peer, name, user, "client said hello");
+                peer
+            }
+        };
+        self.user = user;
         self.peer = Some(peer);
         Flow::Continue
     }
@@ -844,7 +937,7 @@ impl Session {
         self.tally.frames_in += 1;
         self.tally.bytes_in += data.len() as u64;
         let outlet = match self.shared.hub.forward_target(me, to, link, false) {
-            Ok(outlet) => outlet,
+            Ok((outlet, _)) => outlet,
             Err(failure) => {
                 self.reply_error(failure, REQUEST);
                 return Flow::Continue;

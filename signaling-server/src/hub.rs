@@ -45,6 +45,12 @@ pub(crate) const REPLACED: CloseReason = (
     "replaced by a newer session",
 );
 
+/// Close code for a connection whose session was resumed on another one.
+pub(crate) const RESUMED_ELSEWHERE: CloseReason = (
+    peermesh::protocol::close_code::RESUMED_ELSEWHERE,
+    "session resumed elsewhere",
+);
+
 /// Close code for a session ended by the app's backend.
 pub(crate) const KICKED: CloseReason = (
     peermesh::protocol::close_code::KICKED,
@@ -166,6 +172,10 @@ struct Client {
     /// Membership changes this session was told of and has not acknowledged yet.
     acks_due: HashSet<(String, u64)>,
     outlet: Outlet,
+    /// The secret that resumes this session (the client said it is resumable).
+    resume_token: Option<String>,
+    /// Since when the session's connection is gone (it waits for a resume).
+    suspended: Option<Instant>,
 }
 
 struct Link {
@@ -219,7 +229,21 @@ pub(crate) struct Hub {
     client_groups: bool,
     /// How long a membership change may wait for acknowledgements.
     ack_timeout: Duration,
+    /// How long a suspended session waits for its resume.
+    resume_grace: Duration,
     events: broadcast::Sender<ServerEvent>,
+}
+
+/// Who a new session is (from its `hello` and token).
+pub(crate) struct NewSession {
+    /// Display name.
+    pub(crate) name: String,
+    /// User id (token `sub`).
+    pub(crate) user: Option<String>,
+    /// Its own limit on direct paths (token and hello).
+    pub(crate) direct: DirectPolicy,
+    /// The client can resume the session.
+    pub(crate) resumable: bool,
 }
 
 /// Details for an `error` frame.
@@ -563,6 +587,22 @@ impl State {
         Ok(())
     }
 
+    /// The peers `peer` has a link with.
+    fn co_members(&self, peer: PeerId) -> Vec<PeerId> {
+        self.links
+            .keys()
+            .filter_map(|&(a, b)| {
+                if a == peer {
+                    Some(b)
+                } else if b == peer {
+                    Some(a)
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
+
     /// Remove a client entirely, telling its co-members.
     fn remove(&mut self, peer: PeerId, reason: &str, out: &mut Outbox) -> Option<Client> {
         let groups: Vec<String> = self.clients.get(&peer)?.groups.iter().cloned().collect();
@@ -636,6 +676,7 @@ impl Hub {
             limits: config.limits,
             client_groups: config.client_groups,
             ack_timeout: config.ack_timeout,
+            resume_grace: config.resume_grace,
             events: broadcast::channel(EVENT_BUFFER).0,
         }
     }
@@ -680,11 +721,15 @@ impl Hub {
         &self,
         config: &Config,
         ice_servers: impl FnOnce(PeerId) -> Vec<peermesh::protocol::IceServer>,
-        name: String,
-        user: Option<String>,
-        direct: DirectPolicy,
+        who: NewSession,
         outlet: Outlet,
     ) -> PeerId {
+        let NewSession {
+            name,
+            user,
+            direct,
+            resumable,
+        } = who;
         let mut out = Outbox::new();
         let mut st = self.lock();
         if let Some(old) = user.as_ref().and_then(|u| st.users.get(u).copied()) {
@@ -698,6 +743,8 @@ impl Hub {
         while st.clients.contains_key(&peer) {
             peer = next_id(&mut st.last_peer);
         }
+        let resumable = resumable && !self.resume_grace.is_zero();
+        let resume_token = resumable.then(new_resume_token);
         send(
             &outlet,
             &ServerMsg::Welcome {
@@ -707,6 +754,9 @@ impl Hub {
                 heartbeat_interval_ms: duration_ms(config.heartbeat_interval),
                 heartbeat_timeout_ms: duration_ms(config.heartbeat_timeout),
                 limits: config.limits,
+                resume_token: resume_token.clone(),
+                resume_grace_ms: resumable.then(|| duration_ms(self.resume_grace)),
+                resumed: false,
             },
         );
         if let Some(user) = &user {
@@ -726,6 +776,8 @@ impl Hub {
                 groups: BTreeSet::new(),
                 acks_due: HashSet::new(),
                 outlet,
+                resume_token,
+                suspended: None,
             },
         );
         drop(st);
@@ -733,13 +785,165 @@ impl Hub {
         peer
     }
 
-    /// Remove a client (close, timeout, shutdown) and tell its co-members.
-    pub(crate) fn unregister(&self, peer: PeerId, reason: &str) {
+    /// Remove a client (close, timeout, shutdown) and tell its co-members. `budget` identifies
+    /// the session's connection: a session that was resumed on another connection since is left
+    /// alone.
+    pub(crate) fn unregister(&self, peer: PeerId, budget: &Arc<Semaphore>, reason: &str) {
         let mut out = Outbox::new();
-        let removed = self.lock().remove(peer, reason, &mut out).is_some();
-        if removed {
+        let mut st = self.lock();
+        let same = st
+            .clients
+            .get(&peer)
+            .is_some_and(|c| Arc::ptr_eq(&c.outlet.budget, budget));
+        if same && st.remove(peer, reason, &mut out).is_some() {
             self.ended.fetch_add(1, Ordering::Relaxed);
         }
+        drop(st);
+        self.publish(out);
+    }
+
+    /// The connection of a resumable session dropped: keep the session (groups, links) for the
+    /// resume grace, tell its co-members `member_suspended`. Returns `false` (and does nothing)
+    /// if the session is not resumable, or not this connection's any more.
+    pub(crate) fn suspend(&self, peer: PeerId, budget: &Arc<Semaphore>) -> bool {
+        let mut out = Outbox::new();
+        let mut st = self.lock();
+        let Some(client) = st.clients.get_mut(&peer) else {
+            return false;
+        };
+        if !Arc::ptr_eq(&client.outlet.budget, budget)
+            || client.resume_token.is_none()
+            || client.suspended.is_some()
+        {
+            return false;
+        }
+        client.suspended = Some(Instant::now());
+        let user = client.user.clone();
+        let note = encode(&ServerMsg::MemberSuspended { peer });
+        for other in st.co_members(peer) {
+            if let (Some(c), Some(text)) = (st.clients.get(&other), &note) {
+                c.outlet.send_text(text.clone());
+            }
+        }
+        out.push(ServerEvent::SessionSuspended { peer, user });
+        drop(st);
+        self.publish(out);
+        true
+    }
+
+    /// Resume session `peer` on a new connection (`outlet`): check `token` and that the same
+    /// user asks, then queue `welcome` (resumed) and a `joined` per group with the members
+    /// now, and tell the co-members `member_resumed`. A session whose old connection has not
+    /// been noticed dead yet is taken over (the old one is closed with 4003).
+    pub(crate) fn resume(
+        &self,
+        config: &Config,
+        ice_servers: impl FnOnce(PeerId) -> Vec<peermesh::protocol::IceServer>,
+        peer: PeerId,
+        token: &str,
+        user: Option<&str>,
+        outlet: Outlet,
+    ) -> Result<(), Failure> {
+        let failed = |m: &str| Failure::new(ErrorCode::ResumeFailed, m);
+        let mut out = Outbox::new();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let client = st.clients.get_mut(&peer).ok_or_else(|| {
+            failed("no such session: it ended (grace over) or the server restarted")
+        })?;
+        let token_ok = client
+            .resume_token
+            .as_deref()
+            .is_some_and(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
+        if !token_ok || client.user.as_deref() != user {
+            return Err(failed("wrong resume token for this session"));
+        }
+        let old = std::mem::replace(&mut client.outlet, outlet.clone());
+        let was_suspended = client.suspended.take().is_some();
+        if !was_suspended {
+            old.state.kill(RESUMED_ELSEWHERE);
+        }
+        // Frames forwarded to the old connection are gone with it.
+        old.budget.close();
+        let user = client.user.clone();
+        let groups: Vec<String> = client.groups.iter().cloned().collect();
+        let resume_token = client.resume_token.clone();
+        send(
+            &outlet,
+            &ServerMsg::Welcome {
+                version: PROTOCOL_VERSION,
+                peer,
+                ice_servers: ice_servers(peer),
+                heartbeat_interval_ms: duration_ms(config.heartbeat_interval),
+                heartbeat_timeout_ms: duration_ms(config.heartbeat_timeout),
+                limits: config.limits,
+                resume_token,
+                resume_grace_ms: Some(duration_ms(self.resume_grace)),
+                resumed: true,
+            },
+        );
+        for group in &groups {
+            let Some(g) = st.groups.get(group) else {
+                continue;
+            };
+            let members = g
+                .members
+                .iter()
+                .filter(|&&p| p != peer)
+                .filter_map(|&other| {
+                    let c = st.clients.get(&other)?;
+                    let link = st.links.get(&pair(peer, other))?;
+                    Some(MemberInfo {
+                        peer: other,
+                        name: c.name.clone(),
+                        user: c.user.clone(),
+                        link: link.id,
+                        initiator: link.initiator == peer,
+                        direct: link.direct,
+                    })
+                })
+                .collect();
+            send(
+                &outlet,
+                &ServerMsg::Joined {
+                    group: group.clone(),
+                    members,
+                    change: Some(g.change),
+                },
+            );
+        }
+        let note = encode(&ServerMsg::MemberResumed { peer });
+        for other in st.co_members(peer) {
+            if let (Some(c), Some(text)) = (st.clients.get(&other), &note) {
+                c.outlet.send_text(text.clone());
+            }
+        }
+        out.push(ServerEvent::SessionResumed { peer, user });
+        drop(guard);
+        self.publish(out);
+        Ok(())
+    }
+
+    /// End the sessions that stayed suspended past the resume grace.
+    pub(crate) fn expire_suspended(&self) {
+        let mut out = Outbox::new();
+        let mut st = self.lock();
+        let now = Instant::now();
+        let expired: Vec<PeerId> = st
+            .clients
+            .iter()
+            .filter(|(_, c)| {
+                c.suspended
+                    .is_some_and(|at| now.duration_since(at) >= self.resume_grace)
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in expired {
+            if st.remove(peer, "resume grace over", &mut out).is_some() {
+                self.ended.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        drop(st);
         self.publish(out);
     }
 
@@ -817,17 +1021,28 @@ impl Hub {
         Ok(())
     }
 
-    /// Handle `ack`. An ack of a change this session was not asked to acknowledge (already
-    /// acknowledged, timed out, unknown) is ignored.
+    /// Handle `ack`: it acknowledges every change of the group up to `change` this session was
+    /// asked to acknowledge (others, already acknowledged or timed out, are ignored).
     pub(crate) fn ack(&self, me: PeerId, group: &str, change: u64) {
         let mut out = Outbox::new();
         let mut st = self.lock();
-        let due = st
-            .clients
-            .get_mut(&me)
-            .is_some_and(|c| c.acks_due.remove(&(group.to_owned(), change)));
-        if due {
-            st.acked(me, group, change, &mut out);
+        let due: Vec<u64> = match st.clients.get_mut(&me) {
+            Some(c) => {
+                let due: Vec<u64> = c
+                    .acks_due
+                    .iter()
+                    .filter(|(g, n)| g == group && *n <= change)
+                    .map(|(_, n)| *n)
+                    .collect();
+                for n in &due {
+                    c.acks_due.remove(&(group.to_owned(), *n));
+                }
+                due
+            }
+            None => Vec::new(),
+        };
+        for n in due {
+            st.acked(me, group, n, &mut out);
         }
         drop(st);
         self.publish(out);
@@ -909,33 +1124,43 @@ impl Hub {
         Ok(current)
     }
 
-    /// The current link between `me` and `to`, checked against `link`; returns `to`'s outlet.
+    /// The current link between `me` and `to`, checked against `link`; returns `to`'s outlet
+    /// (refused while `to` is suspended).
     fn check_target(st: &State, me: PeerId, to: PeerId, link: LinkId) -> Result<&Outlet, Failure> {
         Self::check_link(st, me, to, link)?;
-        st.clients.get(&to).map(|c| &c.outlet).ok_or_else(|| {
+        let c = st.clients.get(&to).ok_or_else(|| {
             Failure::new(ErrorCode::NotCoMember, "no shared group with that peer").peer(to)
-        })
+        })?;
+        if c.suspended.is_some() {
+            return Err(Failure::new(
+                ErrorCode::PeerSuspended,
+                "that peer's connection dropped; it may resume (member_resumed)",
+            )
+            .peer(to));
+        }
+        Ok(&c.outlet)
     }
 
     /// First step of forwarding a relay frame or `signal`: check the link (for a `signal`, also
-    /// that the pair may use direct paths) and return the receiver's outlet so the caller can
-    /// wait for its budget without holding the lock.
+    /// that the pair may use direct paths) and return the receiver's outlet, so the caller can
+    /// wait for its budget without holding the lock, and the pair's policy.
     pub(crate) fn forward_target(
         &self,
         me: PeerId,
         to: PeerId,
         link: LinkId,
         signal: bool,
-    ) -> Result<Outlet, Failure> {
+    ) -> Result<(Outlet, DirectPolicy), Failure> {
         let st = self.lock();
-        if signal && Self::check_link(&st, me, to, link)?.direct == DirectPolicy::None {
+        let direct = Self::check_link(&st, me, to, link)?.direct;
+        if signal && direct == DirectPolicy::None {
             return Err(Failure::new(
                 ErrorCode::DirectNotAllowed,
                 "this pair's direct policy is none: it stays on the server path",
             )
             .peer(to));
         }
-        Self::check_target(&st, me, to, link).cloned()
+        Ok((Self::check_target(&st, me, to, link)?.clone(), direct))
     }
 
     /// Second step of forwarding, once `permits` budget bytes are held: re-check the link (it
@@ -1148,6 +1373,18 @@ impl Hub {
         let st = self.lock();
         st.groups.get(name).map(|g| st.group_info(name, g))
     }
+}
+
+/// A fresh resume secret: 32 random bytes, base64url.
+fn new_resume_token() -> String {
+    use base64::Engine as _;
+    let bytes: [u8; 32] = rand::random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Compare secrets in time that does not depend on where they differ.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Events kept for a slow subscriber before it misses some (it is told how many).

@@ -51,11 +51,13 @@ impl IceList {
     /// The list for one client. `request_host` is the host (without port) of the client's
     /// HTTP `Host` header, used where the TURN address is not fixed.
     ///
-    /// `client_ip` is the signaling connection's source address: the TURN user part names it
-    /// (see [`crate::turn::session_user`]) so that TURN quotas apply per source address too.
+    /// `user` is the session's user id (token `sub`) and `client_ip` the signaling connection's
+    /// source address: the TURN user part names both (see [`crate::turn::identity_user`]), so
+    /// TURN quotas count per identity and per source address.
     pub(crate) fn for_peer(
         &self,
         peer: PeerId,
+        user: Option<&str>,
         request_host: Option<&str>,
         client_ip: Option<IpAddr>,
     ) -> Vec<IceServer> {
@@ -86,7 +88,7 @@ impl IceList {
                 .as_secs();
             let (username, credential) = crate::turn::rest_credentials(
                 &turn.secret,
-                &crate::turn::session_user(peer, client_ip),
+                &crate::turn::identity_user(peer, user, client_ip),
                 expiry,
             );
             list.push(IceServer {
@@ -142,7 +144,7 @@ mod tests {
                 ttl: Duration::from_secs(600),
             }),
         };
-        let servers = list.for_peer(7, Some("203.0.113.9"), None);
+        let servers = list.for_peer(7, None, Some("203.0.113.9"), None);
         assert_eq!(servers[0].urls, vec!["stun:203.0.113.9:3478"]);
         assert_eq!(servers[1].urls, vec!["turn:203.0.113.9:3478?transport=udp"]);
         let user = servers[1].username.as_deref().unwrap();

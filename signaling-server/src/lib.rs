@@ -105,6 +105,10 @@ pub struct Config {
     /// How long a membership change waits for every member's `ack` before the backend is told
     /// who did not acknowledge it. Default 30 s.
     pub ack_timeout: Duration,
+    /// How long the session of a resumable client whose connection dropped is kept (suspended:
+    /// groups and links stay, co-members see `member_suspended`) for it to resume. Default
+    /// 30 s.
+    pub resume_grace: Duration,
 }
 
 /// A token-bucket rate: `per_second` on average, up to `burst` at once. `per_second == 0` means
@@ -264,6 +268,7 @@ impl Default for Config {
             admin_secret: None,
             client_groups: true,
             ack_timeout: Duration::from_secs(30),
+            resume_grace: Duration::from_secs(30),
         }
     }
 }
@@ -699,6 +704,7 @@ async fn housekeeping(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) 
             _ = shutdown.wait_for(|s| *s) => return,
         }
         shared.hub.expire_acks();
+        shared.hub.expire_suspended();
         let ended = shared.hub.sessions_ended();
         // At most every 2 s however many clients come and go, and off the runtime's workers
         // (on a large heap the trim walks every arena under its lock).

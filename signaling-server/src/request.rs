@@ -9,7 +9,7 @@
 
 use std::borrow::Cow;
 
-use peermesh::protocol::{DirectPolicy, LinkId, PathKind, PeerId, WireCandidateType};
+use peermesh::protocol::{DirectPolicy, LinkId, PathKind, PeerId, Resume, WireCandidateType};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -21,6 +21,8 @@ pub(crate) enum Request<'a> {
         name: String,
         token: Option<String>,
         direct: DirectPolicy,
+        resumable: bool,
+        resume: Option<Resume>,
     },
     Join {
         group: String,
@@ -94,6 +96,10 @@ struct HelloFields {
     token: Option<String>,
     #[serde(default)]
     direct: DirectPolicy,
+    #[serde(default)]
+    resumable: bool,
+    #[serde(default)]
+    resume: Option<Resume>,
 }
 
 #[derive(Deserialize)]
@@ -159,6 +165,8 @@ pub(crate) fn parse(text: &str) -> Result<Request<'_>, BadRequest> {
                 name: f.name,
                 token: f.token,
                 direct: f.direct,
+                resumable: f.resumable,
+                resume: f.resume,
             }
         }
         "join" => Request::Join {
@@ -209,6 +217,96 @@ pub(crate) fn forwarded_signal(from: PeerId, link: LinkId, data: &RawValue) -> S
     )
 }
 
+/// What the server forwards of a `signal` between a pair whose policy is `relay`
+/// (`docs/PROTOCOL.md` §3.13), whatever the sender's client does: only TURN relay candidates,
+/// and no address of the sender's own. `None`: forward nothing (a host, server or peer reflexive
+/// candidate). Otherwise the `data` text to forward: a relay candidate's related address
+/// (`raddr`/`rport`, the sender's own address as the TURN server saw it) becomes
+/// `0.0.0.0`/`0`, and in an `sdp` every `a=candidate` line that is not a relay candidate is
+/// removed, relay ones are redacted the same way, and the `c=` and `a=rtcp` addresses become
+/// `0.0.0.0` (`::` for IPv6). Data that is not an object is forwarded as it is.
+pub(crate) fn relay_only(data: &RawValue) -> Option<String> {
+    let mut value: serde_json::Value = match serde_json::from_str(data.get()) {
+        Ok(v) => v,
+        Err(_) => return Some(data.get().to_owned()),
+    };
+    let Some(obj) = value.as_object_mut() else {
+        return Some(data.get().to_owned());
+    };
+    let mut changed = false;
+    if let Some(serde_json::Value::String(c)) = obj.get_mut("candidate") {
+        // An empty candidate is "end of candidates".
+        if !c.trim().is_empty() {
+            let redacted = redact_candidate(c.trim().trim_start_matches("a="))?;
+            changed |= redacted != *c;
+            *c = redacted;
+        }
+    }
+    if let Some(serde_json::Value::String(sdp)) = obj.get_mut("sdp") {
+        let redacted = redact_sdp(sdp);
+        changed |= redacted != *sdp;
+        *sdp = redacted;
+    }
+    Some(if changed {
+        value.to_string()
+    } else {
+        data.get().to_owned()
+    })
+}
+
+/// A relay candidate (`candidate:…`) with its related address zeroed; `None` for any other type.
+fn redact_candidate(line: &str) -> Option<String> {
+    let mut fields: Vec<&str> = line.split_ascii_whitespace().collect();
+    let typ = fields.iter().position(|f| *f == "typ")?;
+    if fields.get(typ + 1) != Some(&"relay") {
+        return None;
+    }
+    for (key, zero) in [("raddr", "0.0.0.0"), ("rport", "0")] {
+        if let Some(i) = fields.iter().position(|f| *f == key) {
+            if i + 1 < fields.len() {
+                fields[i + 1] = zero;
+            }
+        }
+    }
+    Some(fields.join(" "))
+}
+
+/// An SDP with only redacted relay candidates and no connection address (see [`relay_only`]).
+fn redact_sdp(sdp: &str) -> String {
+    let crlf = sdp.contains("\r\n");
+    let mut out = String::with_capacity(sdp.len());
+    for line in sdp.lines() {
+        let line = if let Some(c) = line.strip_prefix("a=") {
+            if c.starts_with("candidate:") {
+                match redact_candidate(c) {
+                    Some(r) => format!("a={r}"),
+                    None => continue,
+                }
+            } else if let Some(rtcp) = c.strip_prefix("rtcp:") {
+                let port = rtcp.split_ascii_whitespace().next().unwrap_or("9");
+                let v6 = rtcp.contains("IP6");
+                format!(
+                    "a=rtcp:{port} IN {}",
+                    if v6 { "IP6 ::" } else { "IP4 0.0.0.0" }
+                )
+            } else {
+                line.to_owned()
+            }
+        } else if line.starts_with("c=") {
+            if line.contains("IP6") {
+                "c=IN IP6 ::".to_owned()
+            } else {
+                "c=IN IP4 0.0.0.0".to_owned()
+            }
+        } else {
+            line.to_owned()
+        };
+        out.push_str(&line);
+        out.push_str(if crlf { "\r\n" } else { "\n" });
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,11 +326,15 @@ mod tests {
                 name,
                 token,
                 direct,
+                resumable,
+                resume,
             } => ClientMsg::Hello {
                 version: *version,
                 name: name.clone(),
                 token: token.clone(),
                 direct: *direct,
+                resumable: *resumable,
+                resume: resume.clone(),
             },
             Request::Join { group } => ClientMsg::Join {
                 group: group.clone(),
@@ -278,6 +380,8 @@ mod tests {
             r#"{"type":"ping","id":18446744073709551615}"#,
             r#"{"type":"p\u0069ng","id":1}"#,
             r#"{"type":"hello","version":1,"name":"a","direct":"relay"}"#,
+            r#"{"type":"hello","version":1,"name":"a","resumable":true}"#,
+            r#"{"type":"hello","version":1,"name":"a","resume":{"peer":3,"token":"x"}}"#,
             r#"{"type":"ack","group":"g","change":7}"#,
             r#"{"type":"path","peer":2,"link":3,"path":"server"}"#,
             r#"{"type":"path","peer":2,"link":3,"path":"direct","local":"relay","remote":"host"}"#,
@@ -302,6 +406,73 @@ mod tests {
         )));
         assert!(
             matches!(parse(r#"{"type":"nope","x":1}"#), Err(BadRequest::UnknownType(t)) if t == "nope")
+        );
+    }
+
+    fn raw(text: &str) -> &'static RawValue {
+        serde_json::from_str::<Box<RawValue>>(text)
+            .map(|b| &*Box::leak(b))
+            .unwrap()
+    }
+
+    #[test]
+    fn relay_pairs_get_no_address_but_the_relays() {
+        let host = r#"{"kind":"candidate","gen":1,"candidate":"candidate:1 1 udp 2130706431 198.51.100.7 5000 typ host","sdpMid":"0"}"#;
+        assert_eq!(relay_only(raw(host)), None);
+        let srflx = r#"{"kind":"candidate","candidate":"a=candidate:2 1 udp 1694498815 203.0.113.9 5001 typ srflx raddr 198.51.100.7 rport 5000"}"#;
+        assert_eq!(relay_only(raw(srflx)), None);
+        let relay = r#"{"kind":"candidate","candidate":"candidate:3 1 udp 16777215 192.0.2.1 60000 typ relay raddr 203.0.113.9 rport 5001 generation 0"}"#;
+        let out: serde_json::Value =
+            serde_json::from_str(&relay_only(raw(relay)).unwrap()).unwrap();
+        assert_eq!(
+            out["candidate"],
+            "candidate:3 1 udp 16777215 192.0.2.1 60000 typ relay raddr 0.0.0.0 rport 0 generation 0"
+        );
+        let end = r#"{"kind":"candidate","candidate":""}"#;
+        assert!(relay_only(raw(end)).is_some());
+        let sdp = "v=0
+o=- 1 2 IN IP4 127.0.0.1
+m=application 5000 UDP/DTLS/SCTP webrtc-datachannel
+c=IN IP4 198.51.100.7
+a=rtcp:5000 IN IP4 198.51.100.7
+a=candidate:1 1 udp 2130706431 198.51.100.7 5000 typ host
+a=candidate:3 1 udp 16777215 192.0.2.1 60000 typ relay raddr 203.0.113.9 rport 5001
+a=mid:0
+";
+        let offer = serde_json::json!({"kind": "offer", "gen": 1, "sdp": sdp}).to_string();
+        let out: serde_json::Value =
+            serde_json::from_str(&relay_only(raw(&offer)).unwrap()).unwrap();
+        let got = out["sdp"].as_str().unwrap();
+        assert!(!got.contains("198.51.100.7"), "{got}");
+        assert!(!got.contains("203.0.113.9"), "{got}");
+        assert!(
+            got.contains(
+                "a=candidate:3 1 udp 16777215 192.0.2.1 60000 typ relay raddr 0.0.0.0 rport 0
+"
+            ),
+            "{got}"
+        );
+        assert!(
+            got.contains(
+                "c=IN IP4 0.0.0.0
+a=rtcp:5000 IN IP4 0.0.0.0
+"
+            ),
+            "{got}"
+        );
+        assert!(
+            got.ends_with(
+                "a=mid:0
+"
+            ),
+            "{got}"
+        );
+        assert_eq!(out["kind"], "offer");
+        // Anything else goes through as it is.
+        assert_eq!(relay_only(raw("null")).as_deref(), Some("null"));
+        assert_eq!(
+            relay_only(raw(r#"{"kind":"decline","gen":2}"#)).as_deref(),
+            Some(r#"{"kind":"decline","gen":2}"#)
         );
     }
 

@@ -579,6 +579,26 @@ async fn the_pair_policy_is_the_strictest_and_none_gets_no_signal() {
                         other => panic!("{label}: {other:?}"),
                     }
                 }
+                if want == Relay {
+                    // Whatever b's client sends, a gets no address of b's but the relay's.
+                    for c in [
+                        "candidate:1 1 udp 2130706431 198.51.100.7 5000 typ host",
+                        "candidate:2 1 udp 1694498815 203.0.113.9 5001 typ srflx raddr 198.51.100.7 rport 5000",
+                        "candidate:3 1 udp 1 198.51.100.7 5002 typ prflx",
+                        "candidate:4 1 udp 16777215 192.0.2.1 60000 typ relay raddr 203.0.113.9 rport 5001",
+                    ] {
+                        send(&mut b, json!({"type": "signal", "to": a_peer, "link": link,
+                            "data": {"kind": "candidate", "gen": 1, "candidate": c}})).await;
+                    }
+                    match next_msg(&mut a).await {
+                        ServerMsg::Signal { data, .. } => assert_eq!(
+                            data["candidate"],
+                            "candidate:4 1 udp 16777215 192.0.2.1 60000 typ relay raddr 0.0.0.0 rport 0",
+                            "{label}"
+                        ),
+                        other => panic!("{label}: {other:?}"),
+                    }
+                }
                 // Relay frames flow whatever the policy.
                 let mut frame = vec![0x01];
                 frame.extend_from_slice(&a_peer.to_be_bytes());

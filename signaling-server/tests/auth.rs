@@ -221,3 +221,64 @@ fn the_token_command_prints_a_token_the_server_accepts() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("auth secret"));
 }
+
+/// TURN credentials are minted per identity: the REST username carries the user id, and the
+/// per-user quota counts every session of that user together (a replaced session's
+/// allocations still count), while another user is unaffected.
+#[tokio::test]
+async fn turn_credentials_and_quotas_are_per_identity() {
+    use common::turn_client::{assert_success, error_code, RawClient};
+    use peermesh_server::turn::TurnConfig;
+    use peermesh_server::TurnMode;
+    let server = Server::bind(Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        auth: Auth::Secret(SECRET.into()),
+        turn: TurnMode::Embedded(TurnConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            user_quota: 2,
+            recv_buffer_bytes: 1 << 20,
+            ..TurnConfig::default()
+        }),
+        ..Config::default()
+    })
+    .await
+    .expect("bind")
+    .spawn();
+    let turn_addr = server.turn().expect("embedded TURN").local_addr();
+    let url = server.ws_url();
+    async fn turn_credentials(url: &str, token: &str) -> (Ws, String, String) {
+        match hello(url, Some(token)).await {
+            (ws, Seen::Msg(ServerMsg::Welcome { ice_servers, .. })) => {
+                let t = ice_servers
+                    .into_iter()
+                    .find(|s| s.username.is_some())
+                    .expect("a TURN entry");
+                (ws, t.username.unwrap(), t.credential.unwrap())
+            }
+            (_, other) => panic!("{other:?}"),
+        }
+    }
+    let (_first, user, pass) =
+        turn_credentials(&url, &token("alice@example.org", "alice", &[])).await;
+    assert!(
+        user.ends_with(":u.alice%40example.org@127.0.0.1"),
+        "the username names the user id: {user}"
+    );
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = RawClient::new(turn_addr, &user, &pass).await;
+        assert_success(&c.allocate().await, "within the user's quota");
+        held.push(c);
+    }
+    // A newer session of the same user gets its own credentials, counted under the same
+    // identity: refused (486).
+    let (_second, user2, pass2) =
+        turn_credentials(&url, &token("alice@example.org", "alice", &[])).await;
+    assert_ne!(user2, "");
+    let mut c = RawClient::new(turn_addr, &user2, &pass2).await;
+    assert_eq!(error_code(&c.allocate().await), Some(486));
+    // Another user is not affected.
+    let (_bob, user3, pass3) = turn_credentials(&url, &token("bob", "bob", &[])).await;
+    let mut c = RawClient::new(turn_addr, &user3, &pass3).await;
+    assert_success(&c.allocate().await, "another identity");
+}

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use peermesh::protocol::{
-    ErrorCode, Limits, MemberInfo, PeerId, RelayFrame, ServerMsg, PROTOCOL_VERSION,
+    close_code, ErrorCode, Limits, MemberInfo, PeerId, RelayFrame, ServerMsg, PROTOCOL_VERSION,
 };
 use peermesh_server::{Config, Rate, Server, ServerHandle, ServerLimits};
 use serde_json::{json, Value};
@@ -230,7 +230,15 @@ async fn hello_welcome_and_hello_errors() {
             heartbeat_interval_ms,
             heartbeat_timeout_ms,
             limits,
+            resume_token,
+            resume_grace_ms,
+            resumed,
         } => {
+            // Not resumable unless the hello says so.
+            assert_eq!(
+                (resume_token, resume_grace_ms, resumed),
+                (None, None, false)
+            );
             assert_eq!(version, PROTOCOL_VERSION);
             assert_eq!(version, 1);
             assert_ne!(peer, 0);
@@ -905,13 +913,13 @@ async fn binary_serves_and_stops_on_sigterm() {
         other => panic!("expected welcome, got {other:?}"),
     }
 
-    // SIGTERM: the open session is closed with 1001 and the process exits 0.
+    // SIGTERM: the open session is closed with 1012 (reconnect later) and the process exits 0.
     let status = Command::new("kill")
         .args(["-TERM", &child.0.id().to_string()])
         .status()
         .expect("run kill");
     assert!(status.success());
-    assert_eq!(c.expect_closed().await, Some(1001));
+    assert_eq!(c.expect_closed().await, Some(close_code::SERVICE_RESTART));
     let deadline = Instant::now() + Duration::from_secs(5);
     let status = loop {
         if let Some(status) = child.0.try_wait().unwrap() {

@@ -24,6 +24,36 @@ pub fn session_user(peer: u32, ip: Option<std::net::IpAddr>) -> String {
     }
 }
 
+/// The REST user part minted for a session: with a user id (token `sub`),
+/// `u.{sub}@{ip}` with every byte of `sub` outside `A–Z a–z 0–9 . _ -` written `%XX`, so quotas
+/// count per identity whatever the session; without one, [`session_user`].
+pub fn identity_user(peer: u32, user: Option<&str>, ip: Option<std::net::IpAddr>) -> String {
+    let Some(sub) = user else {
+        return session_user(peer, ip);
+    };
+    let mut id = String::from("u.");
+    for b in sub.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-') {
+            id.push(b as char);
+        } else {
+            id.push_str(&format!("%{b:02X}"));
+        }
+    }
+    match ip {
+        Some(ip) => format!("{id}@{ip}"),
+        None => id,
+    }
+}
+
+/// What a REST user part counts under for the per-user quota: the identity without the
+/// source address (`u.alice@203.0.113.5` → `u.alice`, `peer7@…` → `peer7`).
+pub(crate) fn quota_user(user: &str) -> &str {
+    match user.rsplit_once('@') {
+        Some((id, ip)) if ip.parse::<std::net::IpAddr>().is_ok() => id,
+        _ => user,
+    }
+}
+
 /// The address a REST user part names after its last `@` (`peer7@203.0.113.5` → 203.0.113.5,
 /// see [`session_user`]), if it parses as one.
 pub(crate) fn user_ip(user: &str) -> Option<std::net::IpAddr> {
@@ -156,6 +186,21 @@ mod tests {
         assert_eq!(parse_rest_username("alice"), Err(CredError::Malformed));
         assert_eq!(parse_rest_username("alice:bob"), Err(CredError::Malformed));
         assert_eq!(parse_rest_username(""), Err(CredError::Malformed));
+    }
+
+    #[test]
+    fn identity_users_escape_the_sub_and_count_per_identity() {
+        let ip = Some("203.0.113.5".parse().unwrap());
+        assert_eq!(identity_user(7, None, ip), "peer7@203.0.113.5");
+        assert_eq!(identity_user(7, Some("alice"), ip), "u.alice@203.0.113.5");
+        // '@' and ':' cannot make the user part name another address or split differently.
+        let tricky = identity_user(7, Some("a@198.51.100.1:x y"), None);
+        assert_eq!(tricky, "u.a%40198.51.100.1%3Ax%20y");
+        assert_eq!(user_ip(&tricky), None);
+        assert_eq!(quota_user("u.alice@203.0.113.5"), "u.alice");
+        assert_eq!(quota_user("u.alice@2001:db8::1"), "u.alice");
+        assert_eq!(quota_user("peer7"), "peer7");
+        assert_eq!(quota_user("a@example.org"), "a@example.org");
     }
 
     #[test]

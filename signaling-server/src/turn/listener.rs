@@ -426,6 +426,8 @@ impl GuardedListener {
             );
         }
         let keys = IpKeys::new(src.ip(), &user);
+        // The per-user quota counts the identity, whatever the session and address.
+        let user = super::auth::quota_user(&user).to_owned();
         {
             let mut book = self.shared.lock_book();
             if book.live.contains_key(&src) {

@@ -77,7 +77,7 @@ use tokio_util::sync::CancellationToken;
 use turn::allocation::AllocationInfo;
 use turn::server::config::{ConnConfig, ServerConfig};
 
-pub use auth::{rest_credentials, session_user};
+pub use auth::{identity_user, rest_credentials, session_user};
 pub use policy::is_denied_peer;
 
 use listener::GuardedListener;
@@ -118,7 +118,9 @@ pub struct TurnConfig {
     pub realm: String,
     /// Shared secret of the TURN REST credentials. Default: 32 random bytes, base64.
     pub secret: String,
-    /// Live allocations allowed per REST user part. Default 16.
+    /// Live allocations allowed per identity: the REST user part without its address
+    /// (`u.alice` for every session of user `alice`, see [`identity_user`]; `peer7` on an open
+    /// server). Default 16.
     pub user_quota: usize,
     /// Live allocations allowed in total. Default 2048.
     pub total_quota: usize,
@@ -377,7 +379,7 @@ impl Shared {
         self.lock_book()
             .live
             .get(&src)
-            .is_some_and(|l| l.user == user)
+            .is_some_and(|l| l.user == auth::quota_user(user))
     }
 
     pub(crate) fn denied(&self, ip: IpAddr) -> bool {

@@ -1,0 +1,288 @@
+//! Sessions that survive a dropped connection (issue "Sessions that survive", server side):
+//! a resumable session is suspended when its connection is lost, its co-members are told, and
+//! it resumes with its secret on a new connection — same peer id, groups and links, no
+//! `member_left`. Real server, real WebSockets on 127.0.0.1, the protocol spoken by hand.
+
+mod common;
+
+use std::time::Duration;
+
+use common::raw_ws::*;
+use futures_util::{SinkExt, StreamExt};
+use peermesh::protocol::{close_code, ErrorCode, PeerId, ServerMsg};
+use peermesh_server::admin::ServerEvent;
+use peermesh_server::{Config, Server, ServerHandle};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+async fn server(grace: Duration) -> ServerHandle {
+    Server::bind(Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        resume_grace: grace,
+        ..Config::default()
+    })
+    .await
+    .expect("bind")
+    .spawn()
+}
+
+/// A resumable session: (socket, peer id, resume token).
+async fn resumable(url: &str, name: &str) -> (Ws, PeerId, String) {
+    match hello_with(url, None, json!({"name": name, "resumable": true})).await {
+        (
+            ws,
+            Seen::Msg(ServerMsg::Welcome {
+                peer,
+                resume_token: Some(token),
+                resume_grace_ms: Some(_),
+                resumed: false,
+                ..
+            }),
+        ) => (ws, peer, token),
+        (_, other) => panic!("expected a welcome with a resume token, got {other:?}"),
+    }
+}
+
+fn relay_frame(to: PeerId, link: u32, payload: &[u8]) -> Message {
+    let mut f = vec![0x01];
+    f.extend_from_slice(&to.to_be_bytes());
+    f.extend_from_slice(&link.to_be_bytes());
+    f.extend_from_slice(payload);
+    Message::Binary(f.into())
+}
+
+/// The next binary frame's payload (skipping text frames).
+async fn next_binary(ws: &mut Ws) -> Vec<u8> {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => return b[9..].to_vec(),
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("expected a relay frame, got {other:?}"),
+        }
+    }
+}
+
+/// Drop the TCP connection without a close frame (what a lost network looks like to the server
+/// once the socket errors or ends).
+fn lose(ws: Ws) {
+    let stream = ws.into_inner();
+    drop(stream);
+}
+
+#[tokio::test]
+async fn a_dropped_connection_resumes_with_the_same_peer_groups_and_links() {
+    let server = server(Duration::from_secs(30)).await;
+    let url = server.ws_url();
+    let mut events = server.admin().events();
+    let (mut alice, alice_peer, token) = resumable(&url, "alice").await;
+    let (mut bob, bob_peer, _) = resumable(&url, "bob").await;
+    join(&mut alice, "room").await.unwrap();
+    let members = join(&mut bob, "room").await.unwrap();
+    let link = members[0].link;
+    assert!(matches!(
+        next_msg(&mut alice).await,
+        ServerMsg::MemberJoined { .. }
+    ));
+
+    lose(alice);
+    match next_msg(&mut bob).await {
+        ServerMsg::MemberSuspended { peer } => assert_eq!(peer, alice_peer),
+        other => panic!("{other:?}"),
+    }
+    // Frames to a suspended peer are refused, so the sender keeps them for after the resume.
+    bob.send(relay_frame(alice_peer, link, b"while away"))
+        .await
+        .unwrap();
+    match next_msg(&mut bob).await {
+        ServerMsg::Error { code, peer, .. } => {
+            assert_eq!((code, peer), (ErrorCode::PeerSuspended, Some(alice_peer)))
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // A wrong token is refused and changes nothing; the right one resumes.
+    let (mut thief, seen) = hello_with(
+        &url,
+        None,
+        json!({"name": "alice", "resume": {"peer": alice_peer, "token": "guess"}}),
+    )
+    .await;
+    match seen {
+        Seen::Msg(ServerMsg::Error { code, .. }) => assert_eq!(code, ErrorCode::ResumeFailed),
+        other => panic!("{other:?}"),
+    }
+    // The refused connection may still start a session of its own.
+    send(
+        &mut thief,
+        json!({"type": "hello", "version": 1, "name": "thief"}),
+    )
+    .await;
+    match next_msg(&mut thief).await {
+        ServerMsg::Welcome { peer, .. } => assert_ne!(peer, alice_peer),
+        other => panic!("{other:?}"),
+    }
+
+    let (mut alice, seen) = hello_with(
+        &url,
+        None,
+        json!({"name": "alice", "resume": {"peer": alice_peer, "token": token}}),
+    )
+    .await;
+    match seen {
+        Seen::Msg(ServerMsg::Welcome {
+            peer,
+            resumed,
+            resume_token,
+            ..
+        }) => {
+            assert_eq!(peer, alice_peer);
+            assert!(resumed);
+            assert_eq!(resume_token.as_deref(), Some(token.as_str()));
+        }
+        other => panic!("{other:?}"),
+    }
+    match next_msg(&mut alice).await {
+        ServerMsg::Joined {
+            group,
+            members,
+            change,
+        } => {
+            assert_eq!((group.as_str(), change), ("room", Some(2)));
+            assert_eq!(members.len(), 1);
+            assert_eq!((members[0].peer, members[0].link), (bob_peer, link));
+        }
+        other => panic!("{other:?}"),
+    }
+    match next_msg(&mut bob).await {
+        ServerMsg::MemberResumed { peer } => assert_eq!(peer, alice_peer),
+        other => panic!("{other:?}"),
+    }
+    bob.send(relay_frame(alice_peer, link, b"back"))
+        .await
+        .unwrap();
+    assert_eq!(next_binary(&mut alice).await, b"back");
+    alice
+        .send(relay_frame(bob_peer, link, b"hi bob"))
+        .await
+        .unwrap();
+    assert_eq!(next_binary(&mut bob).await, b"hi bob");
+
+    // Bob never saw alice leave or join again.
+    assert!(maybe_next(&mut bob, Duration::from_millis(200))
+        .await
+        .is_none());
+    let mut seen = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        seen.push(e);
+    }
+    assert!(seen.contains(&ServerEvent::SessionSuspended {
+        peer: alice_peer,
+        user: None
+    }));
+    assert!(seen.contains(&ServerEvent::SessionResumed {
+        peer: alice_peer,
+        user: None
+    }));
+    assert!(
+        !seen
+            .iter()
+            .any(|e| matches!(e, ServerEvent::MemberLeft { .. })),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn past_the_grace_the_session_ends_and_cannot_resume() {
+    let server = server(Duration::from_millis(300)).await;
+    let url = server.ws_url();
+    let (mut alice, alice_peer, token) = resumable(&url, "alice").await;
+    let (mut bob, _, _) = resumable(&url, "bob").await;
+    join(&mut alice, "room").await.unwrap();
+    join(&mut bob, "room").await.unwrap();
+    lose(alice);
+    assert!(matches!(
+        next_msg(&mut bob).await,
+        ServerMsg::MemberSuspended { .. }
+    ));
+    // Ended by the server's housekeeping (every second) once the grace is over.
+    match next_msg(&mut bob).await {
+        ServerMsg::MemberLeft { peer, .. } => assert_eq!(peer, alice_peer),
+        other => panic!("{other:?}"),
+    }
+    let (_, seen) = hello_with(
+        &url,
+        None,
+        json!({"name": "alice", "resume": {"peer": alice_peer, "token": token}}),
+    )
+    .await;
+    match seen {
+        Seen::Msg(ServerMsg::Error { code, message, .. }) => {
+            assert_eq!(code, ErrorCode::ResumeFailed);
+            assert!(message.contains("no such session"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Clients that did not say they can resume, and clients that close on purpose, leave at once
+/// as before.
+#[tokio::test]
+async fn only_lost_resumable_sessions_are_kept() {
+    let server = server(Duration::from_secs(30)).await;
+    let url = server.ws_url();
+    let (mut bob, _, _) = resumable(&url, "bob").await;
+    join(&mut bob, "room").await.unwrap();
+
+    let (mut old, old_peer) = welcomed_with(&url, None, json!({"name": "old"})).await;
+    join(&mut old, "room").await.unwrap();
+    assert!(matches!(
+        next_msg(&mut bob).await,
+        ServerMsg::MemberJoined { .. }
+    ));
+    lose(old);
+    match next_msg(&mut bob).await {
+        ServerMsg::MemberLeft { peer, .. } => assert_eq!(peer, old_peer),
+        other => panic!("{other:?}"),
+    }
+
+    let (mut tidy, tidy_peer, _) = resumable(&url, "tidy").await;
+    join(&mut tidy, "room").await.unwrap();
+    assert!(matches!(
+        next_msg(&mut bob).await,
+        ServerMsg::MemberJoined { .. }
+    ));
+    tidy.close(None).await.unwrap();
+    match next_msg(&mut bob).await {
+        ServerMsg::MemberLeft { peer, .. } => assert_eq!(peer, tidy_peer),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A resume while the server still thinks the old connection is alive takes the session over;
+/// the old connection is closed with 4003.
+#[tokio::test]
+async fn a_resume_takes_over_a_connection_not_yet_seen_dead() {
+    let server = server(Duration::from_secs(30)).await;
+    let url = server.ws_url();
+    let (mut first, peer, token) = resumable(&url, "alice").await;
+    let (_second, seen) = hello_with(
+        &url,
+        None,
+        json!({"name": "alice", "resume": {"peer": peer, "token": token}}),
+    )
+    .await;
+    assert!(
+        matches!(seen, Seen::Msg(ServerMsg::Welcome { resumed: true, .. })),
+        "{seen:?}"
+    );
+    loop {
+        match next(&mut first).await {
+            Seen::Close(code, _) => {
+                assert_eq!(code, Some(close_code::RESUMED_ELSEWHERE));
+                break;
+            }
+            Seen::Msg(_) => continue,
+            Seen::End => panic!("closed without a close frame"),
+        }
+    }
+}
