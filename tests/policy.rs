@@ -148,6 +148,18 @@ fn candidate_type(line: &str) -> Option<&str> {
     it.next()
 }
 
+/// A relay candidate that reveals no address but the relay's: `typ relay`, and its related
+/// address (the sender's own, as TURN saw it), if given, `0.0.0.0`/`0`.
+fn assert_relay_candidate(line: &str, what: &str) {
+    assert_eq!(candidate_type(line), Some("relay"), "{what}: {line}");
+    let words: Vec<&str> = line.split_whitespace().collect();
+    for (key, unspecified) in [("raddr", "0.0.0.0"), ("rport", "0")] {
+        if let Some(at) = words.iter().position(|w| *w == key) {
+            assert_eq!(words.get(at + 1), Some(&unspecified), "{what}: {line}");
+        }
+    }
+}
+
 /// The `a=candidate` lines of an SDP.
 fn sdp_candidates(sdp: &str) -> Vec<&str> {
     sdp.lines()
@@ -156,8 +168,10 @@ fn sdp_candidates(sdp: &str) -> Vec<&str> {
         .collect()
 }
 
-/// Everything a relay-only end signaled: the offer or answer has no `a=candidate` line of
-/// another type, and every trickled candidate is `typ relay` (at least one was trickled).
+/// Everything a relay-only end signaled (as it sent it, or as the peer receives it after the
+/// server's own enforcement of the same rules, §3.13): the offer or answer has no `a=candidate` line of another type and no address in `c=`, and every trickled
+/// candidate is `typ relay` (at least one was trickled); no relay candidate has a related
+/// address.
 fn assert_relay_only(signals: &[Value], sdp_kind: &str) {
     let sdp = signals
         .iter()
@@ -167,10 +181,12 @@ fn assert_relay_only(signals: &[Value], sdp_kind: &str) {
         .unwrap()
         .to_string();
     for line in sdp_candidates(&sdp) {
-        assert_eq!(
-            candidate_type(line),
-            Some("relay"),
-            "in the {sdp_kind}: {line}"
+        assert_relay_candidate(line, &format!("in the {sdp_kind}"));
+    }
+    for line in sdp.lines().filter(|l| l.starts_with("c=")) {
+        assert!(
+            line.ends_with(" 0.0.0.0") || line.ends_with(" ::"),
+            "{line}"
         );
     }
     let trickled: Vec<&str> = signals
@@ -180,7 +196,7 @@ fn assert_relay_only(signals: &[Value], sdp_kind: &str) {
         .collect();
     assert!(!trickled.is_empty(), "no candidate trickled: {signals:#?}");
     for c in &trickled {
-        assert_eq!(candidate_type(c), Some("relay"), "trickled: {c}");
+        assert_relay_candidate(c, "trickled");
     }
 }
 
@@ -221,7 +237,11 @@ async fn relay_initiator_signals_relay_candidates_only() {
     let mut raw = Raw::hello(&server, "raw").await;
     raw.join("g").await;
     // The joiner is the initiator.
-    let (c, _ce) = client_with(&server, config("c", DirectPolicy::Relay)).await;
+    // Through a recorder: what c itself sends, before the server's own enforcement.
+    let rec = Recorder::start(&server).await;
+    let (c, _ce) = peermesh::Client::connect(&rec.url, config("c", DirectPolicy::Relay))
+        .await
+        .expect("connect through the recorder");
     c.join("g").await.unwrap();
     let member = raw
         .expect("member_joined", |m| m["type"] == "member_joined")
@@ -235,6 +255,7 @@ async fn relay_initiator_signals_relay_candidates_only() {
         .await;
     assert!(signals.iter().all(|s| s["link"] == link), "{signals:#?}");
     assert_relay_only(&signals, "offer");
+    assert_relay_only(&rec.sent("signal"), "offer");
 }
 
 /// A relay-only client that answers sends only relay candidates, in its answer and trickled,
@@ -243,7 +264,11 @@ async fn relay_initiator_signals_relay_candidates_only() {
 async fn relay_responder_signals_relay_candidates_only() {
     init_log();
     let server = turn_server((51100, 51199)).await;
-    let (c, _ce) = client_with(&server, config("c", DirectPolicy::Relay)).await;
+    // Through a recorder: what c itself sends, before the server's own enforcement.
+    let rec = Recorder::start(&server).await;
+    let (c, _ce) = peermesh::Client::connect(&rec.url, config("c", DirectPolicy::Relay))
+        .await
+        .expect("connect through the recorder");
     c.join("g").await.unwrap();
     let mut raw = Raw::hello(&server, "raw").await;
     let joined = raw.join("g").await;
@@ -264,6 +289,7 @@ async fn relay_responder_signals_relay_candidates_only() {
         })
         .await;
     assert_relay_only(&signals, "answer");
+    assert_relay_only(&rec.sent("signal"), "answer");
 }
 
 /// A client with direct paths off (`none`) never signals, and nothing is signaled to it: its
@@ -459,6 +485,15 @@ impl Recorder {
 
     fn frames(&self) -> Vec<(Dir, Value)> {
         self.frames.lock().unwrap().clone()
+    }
+
+    /// The frames of `kind` the client sent.
+    fn sent(&self, kind: &str) -> Vec<Value> {
+        self.frames()
+            .into_iter()
+            .filter(|(d, v)| *d == Dir::Up && v["type"] == kind)
+            .map(|(_, v)| v)
+            .collect()
     }
 
     /// Wait until a frame going `dir` matches `pred`; returns it.

@@ -9,8 +9,19 @@
 import assert from 'node:assert/strict';
 import { _internals, LINK_VERSION, MAX_UNRELIABLE_SIZE } from '../../signaling-server/static/peermesh.js';
 
-const { partFrames, PartReassembly, Link, Client, K_PART, PART_BYTES, MAX_PARTS, strictest, ownPolicy, filterSdp } =
-  _internals;
+const {
+  partFrames,
+  PartReassembly,
+  Link,
+  Client,
+  K_PART,
+  PART_BYTES,
+  MAX_PARTS,
+  strictest,
+  ownPolicy,
+  filterSdp,
+  relayCandidate,
+} = _internals;
 let checks = 0;
 const check = (name, f) => {
   f();
@@ -449,9 +460,15 @@ for (const [initiator, u2Reliable] of [
 
 const HOST = 'candidate:1 1 udp 2130706431 192.0.2.1 5000 typ host';
 const SRFLX = 'candidate:2 1 udp 1694498815 203.0.113.5 6000 typ srflx raddr 0.0.0.0 rport 0';
-const RELAY = 'candidate:3 1 udp 16777215 198.51.100.7 7000 typ relay raddr 203.0.113.5 rport 6000';
-const SDP = `v=0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:0\r\na=${HOST}\r\na=${SRFLX}\r\na=${RELAY}\r\na=end-of-candidates\r\n`;
-const SDP_RELAY = `v=0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:0\r\na=${RELAY}\r\na=end-of-candidates\r\n`;
+const RELAY = 'candidate:3 1 udp 16777215 198.51.100.7 7000 typ relay raddr 203.0.113.5 rport 6000 generation 0';
+// As a relay-only end sends it: without its related address (its own, as TURN saw it).
+const RELAY_SENT = 'candidate:3 1 udp 16777215 198.51.100.7 7000 typ relay raddr 0.0.0.0 rport 0 generation 0';
+const SDP =
+  'v=0\r\nm=application 50000 UDP/DTLS/SCTP webrtc-datachannel\r\nc=IN IP4 203.0.113.5\r\n' +
+  `a=rtcp:9 IN IP4 203.0.113.5\r\na=mid:0\r\na=${HOST}\r\na=${SRFLX}\r\na=${RELAY}\r\na=end-of-candidates\r\n`;
+const SDP_RELAY =
+  'v=0\r\nm=application 50000 UDP/DTLS/SCTP webrtc-datachannel\r\nc=IN IP4 0.0.0.0\r\n' +
+  `a=rtcp:9 IN IP4 0.0.0.0\r\na=mid:0\r\na=${RELAY_SENT}\r\na=end-of-candidates\r\n`;
 // A local candidate event as a browser fires it.
 const iceEvent = (candidate) => ({
   candidate: { candidate, toJSON: () => ({ candidate, sdpMid: '0', sdpMLineIndex: 0 }) },
@@ -471,7 +488,11 @@ check('policies: strictest, own options, SDP filter', () => {
   assert.throws(() => ownPolicy({ direct: 'sometimes' }), /direct must be/);
   assert.equal(filterSdp(SDP, 'relay'), SDP_RELAY);
   assert.equal(filterSdp(SDP, 'any'), SDP);
-  assert.equal(filterSdp(`a=mid:0\na=${HOST}\n`, 'relay'), 'a=mid:0\n');
+  assert.equal(filterSdp(`a=mid:0\na=${HOST}\nc=IN IP6 2001:db8::1\na=rtcp:9\n`, 'relay'), 'a=mid:0\nc=IN IP6 ::\na=rtcp:9\n');
+  assert.equal(relayCandidate(RELAY), RELAY_SENT);
+  assert.equal(relayCandidate(`a=${RELAY}`), `a=${RELAY_SENT}`);
+  assert.equal(relayCandidate('candidate:3 1 udp 1 198.51.100.7 7000 typ relay'), 'candidate:3 1 udp 1 198.51.100.7 7000 typ relay');
+  assert.equal(relayCandidate(SRFLX), null);
 });
 
 {
@@ -490,7 +511,7 @@ check('policies: strictest, own options, SDP filter', () => {
   for (const c of [HOST, SRFLX, RELAY]) pc.onicecandidate(iceEvent(c));
   assert.deepEqual(
     signals.slice(1).map((s) => s.candidate),
-    [RELAY],
+    [RELAY_SENT],
   );
   await link.onSignal({ kind: 'answer', gen: link.gen, sdp: SDP, version: 2 });
   assert.equal(pc.remoteDescription.sdp, SDP_RELAY);

@@ -2196,6 +2196,11 @@ async fn browser_relay_policy_makes_the_pair_relay_relay() {
         };
         for l in lines {
             assert!(l.contains(" typ relay"), "the browser signaled {l}");
+            // Not even the related address: the browser's own, as TURN saw it.
+            assert!(
+                !l.contains(" raddr ") || l.contains(" raddr 0.0.0.0 rport 0"),
+                "the browser signaled {l}"
+            );
         }
     }
     assert!(candidates > 0, "{signaled:?}");

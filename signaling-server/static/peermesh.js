@@ -328,20 +328,45 @@ function ownPolicy(options) {
   throw new PeermeshError('invalid_option', `direct must be 'any', 'relay' or 'none', not ${d}`);
 }
 
-// `sdp` as it may be sent to (or taken from) a peer of a relay-only pair: without the
-// a=candidate lines of any type but relay. Every other line is kept as it is.
-function filterSdp(sdp, policy) {
-  if (policy !== 'relay' || typeof sdp !== 'string') return sdp;
-  return sdp
-    .split(/(?<=\n)/)
-    .filter((line) => {
-      const l = line.trimStart();
-      return !l.startsWith('a=candidate:') || parseCandidate(l.slice(2))?.type === 'relay';
-    })
-    .join('');
+// A relay candidate (`candidate:...`, with or without `a=`) as it may leave a relay-only end:
+// its related address (raddr/rport, this end's own address as the TURN server saw it) becomes
+// 0.0.0.0/0. null for a candidate of any other type, or one that does not parse.
+function relayCandidate(line) {
+  if (parseCandidate(line)?.type !== 'relay') return null;
+  // <foundation> <component> <proto> <priority> <address> <port> typ relay, then name/value pairs
+  const words = String(line).trim().split(/\s+/);
+  for (let i = 8; i + 1 < words.length; i += 2) {
+    if (words[i] === 'raddr') words[i + 1] = '0.0.0.0';
+    else if (words[i] === 'rport') words[i + 1] = '0';
+  }
+  return words.join(' ');
 }
 
-// ---- the client ----
+// `sdp` as it may be sent to (or taken from) a peer of a relay-only pair: without the
+// a=candidate lines of any type but relay, relay ones without their related address, and the
+// addresses of c= and a=rtcp: lines unspecified (0.0.0.0 or ::). Every other line is kept.
+function filterSdp(sdp, policy) {
+  if (policy !== 'relay' || typeof sdp !== 'string') return sdp;
+  const out = [];
+  for (const line of sdp.split(/(?<=\n)/)) {
+    const body = line.replace(/[\r\n]+$/, '');
+    const end = line.slice(body.length);
+    if (body.startsWith('a=candidate:')) {
+      const c = relayCandidate(body.slice(2));
+      if (c !== null) out.push(`a=${c}${end}`);
+      continue;
+    }
+    const words = body.split(/\s+/);
+    const at = words[0].startsWith('c=') ? 2 : words[0].startsWith('a=rtcp:') ? 3 : -1;
+    if (at > 0 && words.length === at + 1) {
+      words[at] = words[at - 1] === 'IP6' ? '::' : '0.0.0.0';
+      out.push(words.join(' ') + end);
+    } else {
+      out.push(line);
+    }
+  }
+  return out.join('');
+}
 
 /**
  * Connect to a peermesh server and say hello.
@@ -1390,14 +1415,15 @@ class Link {
       const t = parseCandidate(c.candidate)?.type;
       // The transport policy gathers nothing else; this is the last check before an address
       // leaves the host.
-      if (this.policy === 'relay' && t !== 'relay') return;
+      const candidate = this.policy === 'relay' ? relayCandidate(c.candidate) : c.candidate;
+      if (candidate === null) return;
       if (t === 'host') this.stats.candidatesHost++;
       else if (t === 'srflx') this.stats.candidatesSrflx++;
       else if (t === 'relay') this.stats.candidatesRelay++;
       const data = {
         kind: 'candidate',
         gen,
-        candidate: c.candidate,
+        candidate,
         sdpMid: c.sdpMid ?? '0',
         sdpMLineIndex: c.sdpMLineIndex ?? 0,
       };
@@ -1647,4 +1673,5 @@ export const _internals = {
   strictest,
   ownPolicy,
   filterSdp,
+  relayCandidate,
 };
