@@ -495,6 +495,12 @@ async fn acknowledgements_and_the_event_stream() {
         .iter()
         .position(|e| matches!(e, ServerEvent::SessionConnected { .. }));
     assert_eq!(first, Some(0), "{kinds:?}");
+
+    // An open event stream does not hold up the server's shutdown: the stream ends.
+    tokio::time::timeout(Duration::from_secs(8), server.shutdown())
+        .await
+        .expect("shutdown with an event stream open");
+    assert!(events.next(Duration::from_secs(2)).await.is_none());
 }
 
 /// The pair policy (strictest of group option, both tokens' `direct`, both hellos' `direct`) is
