@@ -775,6 +775,10 @@ impl Session {
                 change,
             } => {
                 self.lock().groups.insert(group.clone(), BTreeMap::new());
+                self.emit(Event::GroupJoined {
+                    group: group.clone(),
+                })
+                .await;
                 let mut list = Vec::with_capacity(members.len());
                 for m in members {
                     list.push(self.add_member(&group, m).await);
@@ -811,6 +815,10 @@ impl Session {
                     self.remove_member(&group, peer).await;
                 }
                 self.lock().groups.remove(&group);
+                self.emit(Event::GroupLeft {
+                    group: group.clone(),
+                })
+                .await;
                 if let Some(tx) = self.pending_leaves.remove(&group) {
                     let _ = tx.send(Ok(()));
                 }

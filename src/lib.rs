@@ -174,6 +174,19 @@ pub enum Event {
         /// the pair (group, tokens, the member's own setting).
         direct: DirectPolicy,
     },
+    /// This client is now a member of a group: it joined, or the app's backend added it (then
+    /// without a call to [`Client::join`]). A [`Event::MemberJoined`] follows for each member
+    /// already there.
+    GroupJoined {
+        /// The group.
+        group: String,
+    },
+    /// This client is no longer a member of a group: it left, or the app's backend removed it
+    /// or destroyed the group. A [`Event::MemberLeft`] came first for each of its members.
+    GroupLeft {
+        /// The group.
+        group: String,
+    },
     /// A member left a group (left, closed, or timed out), or this client left the group.
     MemberLeft {
         /// The group.

@@ -228,6 +228,12 @@ impl std::str::FromStr for DirectPolicy {
     }
 }
 
+/// A policy from a newer server that this crate does not know is read as the strictest.
+fn lenient_policy<'de, D: serde::Deserializer<'de>>(d: D) -> Result<DirectPolicy, D::Error> {
+    let s = String::deserialize(d)?;
+    Ok(s.parse().unwrap_or(DirectPolicy::None))
+}
+
 /// The path a client reports for one of its links (`path` frame, for the app's backend).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -293,8 +299,13 @@ pub struct MemberInfo {
     /// `true` if the receiver of this frame makes the WebRTC offer for this link (the server
     /// decides, so there is no glare).
     pub initiator: bool,
-    /// The pair's direct-connectivity policy (absent: `any`). Both ends get the same value.
-    #[serde(default, skip_serializing_if = "DirectPolicy::is_any")]
+    /// The pair's direct-connectivity policy (absent: `any`). Both ends get the same value; a
+    /// value this crate does not know is read as the strictest, [`DirectPolicy::None`].
+    #[serde(
+        default,
+        skip_serializing_if = "DirectPolicy::is_any",
+        deserialize_with = "lenient_policy"
+    )]
     pub direct: DirectPolicy,
 }
 
@@ -1003,6 +1014,23 @@ mod tests {
         assert!(!validate_name(
             "\u{1F468}\u{200D}\u{1F469}\u{200D}\u{1F467}"
         ));
+    }
+
+    #[test]
+    fn an_unknown_direct_policy_reads_as_the_strictest() {
+        let m: MemberInfo = serde_json::from_str(
+            r#"{"peer":1,"name":"a","link":2,"initiator":true,"direct":"lan-only"}"#,
+        )
+        .unwrap();
+        assert_eq!(m.direct, DirectPolicy::None);
+        let m: MemberInfo =
+            serde_json::from_str(r#"{"peer":1,"name":"a","link":2,"initiator":true}"#).unwrap();
+        assert_eq!(m.direct, DirectPolicy::Any);
+        let m: MemberInfo = serde_json::from_str(
+            r#"{"peer":1,"name":"a","link":2,"initiator":true,"direct":"relay"}"#,
+        )
+        .unwrap();
+        assert_eq!(m.direct, DirectPolicy::Relay);
     }
 
     #[test]

@@ -165,7 +165,15 @@ export interface CloseEventDetail {
   byClient: boolean;
 }
 
+export interface GroupEventDetail {
+  group: string;
+}
+
 export interface ClientEventMap {
+  /** This client is now in a group: it joined, or the app's backend added it ('memberjoined' follows for each member). */
+  groupjoined: CustomEvent<GroupEventDetail>;
+  /** This client is no longer in a group: it left, or the backend removed it or destroyed the group. */
+  groupleft: CustomEvent<GroupEventDetail>;
   memberjoined: CustomEvent<MemberEventDetail>;
   memberleft: CustomEvent<MemberEventDetail>;
   path: CustomEvent<PathEventDetail>;

@@ -698,6 +698,7 @@ export class Client extends EventTarget {
     switch (msg.type) {
       case 'joined': {
         this._groups.set(msg.group, new Map());
+        this._emit('groupjoined', { group: msg.group });
         const members = msg.members.map((m) => this._addMember(msg.group, m));
         this._pendingJoins.get(msg.group)?.resolve(members);
         this._pendingJoins.delete(msg.group);
@@ -715,6 +716,7 @@ export class Client extends EventTarget {
       case 'left': {
         for (const peer of [...(this._groups.get(msg.group)?.keys() ?? [])]) this._removeMember(msg.group, peer);
         this._groups.delete(msg.group);
+        this._emit('groupleft', { group: msg.group });
         this._pendingLeaves.get(msg.group)?.resolve();
         this._pendingLeaves.delete(msg.group);
         this._ack(msg);
