@@ -24,7 +24,8 @@ stdout (events):
     msg NAME TEXT                     a reliable message (newlines and backslashes escaped)
     umsg NAME TEXT                    an unreliable message
     direct_failed NAME REASON         a direct-path attempt failed
-    declined NAME                     NAME declined direct paths (we stay on the server path)
+    declined NAME                     no direct path with NAME: it declined, or the pair's policy is
+                                      none (we stay on the server path)
     error CODE MESSAGE                an error frame from the server not explained by a race
     stats NAME k=v ...                answer to the stats command
     usent NAME COUNT                  the usend_many command is done (its messages have left
@@ -264,7 +265,7 @@ def application_mid(sdp):
 class Link:
     """One link to one co-member (§7, §8)."""
 
-    def __init__(self, session, peer, name, link_id, initiator):
+    def __init__(self, session, peer, name, link_id, initiator, direct="any"):
         self.s = session
         self.peer = peer
         self.name = name
@@ -328,8 +329,24 @@ class Link:
             asyncio.create_task(self.signal_loop()),
             asyncio.create_task(self.ping_loop()),
         ]
-        if self.initiator and self.s.direct:
+        if direct not in ("any", "relay"):
+            # The pair's policy is none (§3.13; an unknown value counts as none): no direct path
+            # (said once the link is announced).
+            asyncio.get_running_loop().call_soon(self.no_direct)
+        elif self.initiator and self.s.direct:
             self.spawn(self.start())
+
+    def no_direct(self):
+        """The pair may not use a direct path (policy none, or the server said
+        direct_not_allowed): stop trying, for good."""
+        if self.declined:
+            return
+        self.declined = True
+        if self.retry_handle is not None:
+            self.retry_handle.cancel()
+            self.retry_handle = None
+        self.close_pc()
+        out(f"declined {self.name}")
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -1082,6 +1099,10 @@ class Session:
             pass
         elif t == "error":
             code = msg.get("code")
+            link = self.links.get(msg.get("peer"))
+            if code == "direct_not_allowed" and link is not None:
+                link.no_direct()
+                return
             if code in ("not_co_member", "stale_link") and msg.get("request") in ("signal", "relay"):
                 if msg.get("peer") not in self.links:
                     log.debug("race: %s", msg)
@@ -1100,7 +1121,9 @@ class Session:
             out(f"left {link.name} {peer}")
             link = None
         if link is None:
-            link = Link(self, peer, name, link_id, bool(info["initiator"]))
+            link = Link(
+                self, peer, name, link_id, bool(info["initiator"]), info.get("direct", "any")
+            )
             self.links[peer] = link
             out(f"joined {name} {peer}")
         link.groups.add(group)

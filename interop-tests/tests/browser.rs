@@ -2124,6 +2124,21 @@ fn peermesh_js_link_v2_units() {
 /// (relay/relay), with no other candidate exchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_relay_policy_makes_the_pair_relay_relay() {
+    relay_relay_pair(json!({"name": "chromium", "direct": "relay"}), false).await;
+}
+
+/// A Chromium member and a native one, both with default options, in a group the app's backend
+/// created with `direct: relay`: the pair ends on direct relay/relay and the browser signals no
+/// address but the relay's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_in_a_relay_group_ends_direct_relay_relay() {
+    relay_relay_pair(json!({"name": "chromium"}), true).await;
+}
+
+/// A browser (`options`) and a default native client join group "g" (created by the backend
+/// with `direct: relay` when `relay_group`): both end relay/relay, and everything the browser
+/// signals is a relay candidate without its related address.
+async fn relay_relay_pair(options: serde_json::Value, relay_group: bool) {
     let ns = Netns::create();
     let turn_port = std::net::UdpSocket::bind((ns.host_ip, 0))
         .and_then(|s| s.local_addr())
@@ -2139,10 +2154,21 @@ async fn browser_relay_policy_makes_the_pair_relay_relay() {
         }),
     )
     .await;
+    if relay_group {
+        server
+            .admin()
+            .create_group(
+                "g",
+                peermesh_server::admin::GroupOptions {
+                    direct: peermesh::DirectPolicy::Relay,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+    }
     let (n, mut ne) = native(&ns, &server, "native", false).await;
     n.join("g").await.unwrap();
-    let (mut b, bid) =
-        Browser::connect(&ns, &server, json!({"name": "chromium", "direct": "relay"})).await;
+    let (mut b, bid) = Browser::connect(&ns, &server, options).await;
     // What the browser signals, recorded before it joins (the joiner makes the offer).
     b.eval(
         "p",
