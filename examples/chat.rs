@@ -13,7 +13,15 @@
 //! path <name> server
 //! path <name> direct <local-candidate-type>/<remote-candidate-type>
 //! <name>: <text>
+//! reconnecting (attempt <n>)
+//! reconnected
+//! rejoined <group>
 //! ```
+//!
+//! When the connection to the server drops, the chat reconnects by itself (direct paths keep
+//! working meanwhile) and lines typed in between are sent once the session is back; if the
+//! server restarted, it joins the group again, and lines that may not have arrived are reported
+//! on stderr.
 
 use std::collections::HashMap;
 
@@ -73,7 +81,13 @@ async fn main() -> anyhow::Result<()> {
     loop {
         tokio::select! {
             line = stdin.next_line(), if stdin_open => match line? {
-                Some(line) => client.broadcast(&args.group, line, Reliability::Reliable).await?,
+                Some(line) => {
+                    // Never exit over one line: say it was not sent (e.g. between a server
+                    // restart and the rejoin) and go on.
+                    if let Err(e) = client.broadcast(&args.group, line.clone(), Reliability::Reliable).await {
+                        eprintln!("not sent ({e}): {line}");
+                    }
+                }
                 None => stdin_open = false,
             },
             event = events.recv() => match event {
@@ -122,6 +136,13 @@ fn print_event(client: &Client, names: &mut HashMap<PeerId, String>, event: Even
                 String::from_utf8_lossy(&data)
             )
         }
+        Event::Reconnecting { attempt, .. } => println!("reconnecting (attempt {attempt})"),
+        Event::Reconnected { .. } => println!("reconnected"),
+        Event::Rejoined { group } => println!("rejoined {group}"),
+        Event::Undelivered { peer, messages } => eprintln!(
+            "{messages} message(s) to {} may not have arrived (the server restarted)",
+            name_of(names, peer)
+        ),
         Event::ServerError { code, message } => eprintln!("server error {code}: {message}"),
         Event::Disconnected { reason } => eprintln!("disconnected: {reason}"),
         other => eprintln!("{other:?}"),

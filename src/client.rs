@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -14,8 +15,8 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::link::{LinkCtx, LinkHandle, LinkInput, LinkStats, RtcFactory, RtcOptions};
 use crate::protocol::{
-    validate_group, validate_name, ClientMsg, DirectPolicy, ErrorCode, IceServer, MemberInfo,
-    PeerId, RelayFrame, ServerMsg, PROTOCOL_VERSION,
+    validate_group, validate_name, ClientMsg, DirectPolicy, ErrorCode, IceServer, LinkId,
+    MemberInfo, PeerId, RelayFrame, Resume, ServerMsg, PROTOCOL_VERSION,
 };
 use crate::{CandidatePair, Error, Event, Path, Result};
 
@@ -39,6 +40,42 @@ pub struct ClientConfig {
     dead_path_timeout: Duration,
     link_version: u32,
     token: Option<String>,
+    reconnect: Option<Reconnect>,
+}
+
+/// How a client reconnects after its connection to the server drops (see
+/// [`ClientConfig::with_reconnect`]): exponential back-off from `initial_delay` to `max_delay`,
+/// each delay drawn at random between half and all of it (jitter), so clients that lost the
+/// same server do not all come back at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reconnect {
+    /// Delay before the first attempt. Default 250 ms.
+    pub initial_delay: Duration,
+    /// Longest delay between attempts. Default 10 s.
+    pub max_delay: Duration,
+    /// Give up after this many attempts (then [`Event::Disconnected`]). Default `None`: never.
+    pub max_attempts: Option<u32>,
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Reconnect {
+            initial_delay: Duration::from_millis(250),
+            max_delay: Duration::from_secs(10),
+            max_attempts: None,
+        }
+    }
+}
+
+impl Reconnect {
+    /// The delay before attempt `attempt` (from 1), with jitter.
+    fn delay(&self, attempt: u32) -> Duration {
+        let base = self
+            .initial_delay
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
+            .min(self.max_delay);
+        base.mul_f64(rand::random_range(0.5..=1.0))
+    }
 }
 
 impl std::fmt::Debug for ClientConfig {
@@ -70,7 +107,23 @@ impl ClientConfig {
             dead_path_timeout: Duration::from_secs(3),
             link_version: crate::protocol::LINK_VERSION,
             token: None,
+            reconnect: Some(Reconnect::default()),
         }
+    }
+
+    /// How to reconnect when the connection to the server drops; `None`: do not (the session
+    /// ends with [`Event::Disconnected`], as does every link). Default: [`Reconnect::default`].
+    ///
+    /// While reconnecting, links on a direct path keep working; reliable messages to peers on
+    /// the server path wait (the send window applies) and go once the session is back. Within
+    /// the server's resume grace the same session goes on ([`Event::Reconnected`] with
+    /// `resumed`): same peer id, groups and links, nothing lost or duplicated. Otherwise (the
+    /// server restarted, the grace ran out) a new session starts, joins the same groups again
+    /// ([`Event::Rejoined`]) and reports reliable messages that may not have arrived
+    /// ([`Event::Undelivered`]).
+    pub fn with_reconnect(mut self, reconnect: Option<Reconnect>) -> Self {
+        self.reconnect = reconnect;
+        self
     }
 
     /// The identity token (a JWT minted by the app's backend) sent in `hello`; servers run with
@@ -265,7 +318,8 @@ impl Drop for LinkEntry {
 }
 
 struct Inner {
-    peer: PeerId,
+    /// This client's peer id (a new session after a server restart gets a new one).
+    peer: Arc<AtomicU32>,
     ice_servers: Arc<Mutex<Vec<IceServer>>>,
     cmd_tx: mpsc::UnboundedSender<Cmd>,
     shared: Arc<Mutex<Shared>>,
@@ -284,7 +338,7 @@ pub struct Client {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("peer", &self.inner.peer)
+            .field("peer", &self.peer_id())
             .finish_non_exhaustive()
     }
 }
@@ -321,54 +375,15 @@ impl Client {
     }
 
     async fn handshake(url: &str, config: ClientConfig) -> Result<(Client, Events)> {
-        // No Nagle: small frames would wait for the server's delayed ack (~40 ms).
-        let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
-            .await
-            .map_err(connect_error)?;
-        let hello = ClientMsg::Hello {
-            version: PROTOCOL_VERSION,
-            name: config.name.clone(),
-            token: config.token.clone(),
-            direct: config.direct,
-            resumable: false,
-            resume: None,
-        };
-        ws.send(WsMessage::Text(to_json(&hello).into()))
-            .await
-            .map_err(|e| Error::Connect(e.to_string()))?;
-        let welcome = loop {
-            match ws.next().await {
-                Some(Ok(WsMessage::Text(t))) => match serde_json::from_str::<ServerMsg>(&t) {
-                    Ok(m @ ServerMsg::Welcome { .. }) => break m,
-                    Ok(ServerMsg::Error { code, message, .. }) => {
-                        return Err(Error::Server { code, message })
-                    }
-                    Ok(_) => continue,
-                    Err(e) => return Err(Error::Connect(format!("bad welcome: {e}"))),
-                },
-                Some(Ok(WsMessage::Close(_))) | None => {
-                    return Err(Error::Connect("server closed the connection".into()))
-                }
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Err(Error::Connect(e.to_string())),
-            }
-        };
-        let ServerMsg::Welcome {
-            version,
+        let (ws, welcome) = say_hello(url, &config, None).await?;
+        let Welcome {
             peer,
             ice_servers,
             heartbeat_interval_ms,
+            heartbeat_timeout_ms,
+            resume_token,
             ..
-        } = welcome
-        else {
-            unreachable!("loop breaks only on welcome")
-        };
-        if version != PROTOCOL_VERSION {
-            return Err(Error::VersionMismatch {
-                server: version,
-                client: PROTOCOL_VERSION,
-            });
-        }
+        } = welcome;
 
         let (sink, stream) = ws.split();
         let (ws_tx, ws_rx) = mpsc::channel(WS_QUEUE);
@@ -391,8 +406,9 @@ impl Client {
             dead_path: config.dead_path_timeout,
             link_version: config.link_version,
         };
-        tokio::spawn(write_loop(sink, ws_rx));
+        let writer = Writer::spawn(sink, ws_rx);
         let ice_servers = Arc::new(Mutex::new(ice_servers));
+        let peer = Arc::new(AtomicU32::new(peer));
         let session = Session {
             ctx,
             ice_servers: ice_servers.clone(),
@@ -401,9 +417,15 @@ impl Client {
             pending_joins: HashMap::new(),
             pending_leaves: HashMap::new(),
             next_ping: 1,
+            url: url.to_owned(),
+            config: config.clone(),
+            peer: peer.clone(),
+            resume_token,
+            heartbeat: heartbeat_of(heartbeat_interval_ms, heartbeat_timeout_ms),
+            resyncing: HashSet::new(),
+            rejoining: HashSet::new(),
         };
-        let heartbeat = Duration::from_millis(heartbeat_interval_ms.clamp(100, 60_000));
-        tokio::spawn(session.run(stream, cmd_rx, heartbeat));
+        tokio::spawn(session.run(stream, cmd_rx, writer));
         let inner = Inner {
             peer,
             ice_servers,
@@ -421,7 +443,7 @@ impl Client {
 
     /// This client's peer id.
     pub fn peer_id(&self) -> PeerId {
-        self.inner.peer
+        self.inner.peer.load(Ordering::Relaxed)
     }
 
     /// The ICE servers in use: from the server's `welcome`, replaced whenever the server sends
@@ -626,27 +648,220 @@ fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("protocol messages always serialize")
 }
 
+/// The task that writes the session's outgoing queue to the current WebSocket. On a
+/// reconnect it is stopped and hands the queue back, so what links queued meanwhile goes on
+/// the next connection.
+struct Writer {
+    task: tokio::task::JoinHandle<mpsc::Receiver<WsMessage>>,
+    stop: oneshot::Sender<()>,
+}
+
+impl Writer {
+    fn spawn(
+        sink: futures_util::stream::SplitSink<WsStream, WsMessage>,
+        rx: mpsc::Receiver<WsMessage>,
+    ) -> Writer {
+        let (stop, stopped) = oneshot::channel();
+        Writer {
+            task: tokio::spawn(write_loop(sink, rx, stopped)),
+            stop,
+        }
+    }
+
+    /// Stop writing; the queue (what was not written yet) comes back.
+    async fn stop(self) -> Option<mpsc::Receiver<WsMessage>> {
+        let _ = self.stop.send(());
+        self.task.await.ok()
+    }
+}
+
 async fn write_loop(
     mut sink: futures_util::stream::SplitSink<WsStream, WsMessage>,
     mut rx: mpsc::Receiver<WsMessage>,
-) {
-    while let Some(msg) = rx.recv().await {
+    stop: oneshot::Receiver<()>,
+) -> mpsc::Receiver<WsMessage> {
+    // Stopped only when asked; a dropped `Writer` lets the loop run to its end.
+    let stop = async {
+        if stop.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::pin!(stop);
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = &mut stop => return rx,
+            msg = rx.recv() => match msg {
+                Some(msg) => msg,
+                None => break,
+            },
+        };
         let close = matches!(msg, WsMessage::Close(_));
-        if let Err(e) = sink.feed(msg).await {
-            tracing::debug!("websocket write failed: {e}");
-            break;
-        }
-        // Batch whatever is already queued into one flush.
-        while let Ok(more) = rx.try_recv() {
-            if sink.feed(more).await.is_err() {
-                return;
+        let wrote = async {
+            sink.feed(msg).await?;
+            // Batch whatever is already queued into one flush.
+            while let Ok(more) = rx.try_recv() {
+                sink.feed(more).await?;
             }
+            sink.flush().await
+        };
+        let wrote = tokio::select! {
+            biased;
+            _ = &mut stop => return rx,
+            r = wrote => r,
+        };
+        if let Err(e) = wrote {
+            tracing::debug!("websocket write failed: {e}");
+            // The session notices the loss on its read side; wait to be stopped.
+            stop.await;
+            return rx;
         }
-        if sink.flush().await.is_err() || close {
+        if close {
             break;
         }
     }
     let _ = sink.close().await;
+    rx
+}
+
+/// What a `welcome` says that the session keeps.
+struct Welcome {
+    peer: PeerId,
+    ice_servers: Vec<IceServer>,
+    heartbeat_interval_ms: u64,
+    heartbeat_timeout_ms: u64,
+    resume_token: Option<String>,
+    resumed: bool,
+    groups: Vec<String>,
+}
+
+/// The ping interval and the silence after which the connection counts as dead.
+fn heartbeat_of(interval_ms: u64, timeout_ms: u64) -> (Duration, Duration) {
+    let interval = Duration::from_millis(interval_ms.clamp(100, 60_000));
+    let timeout = Duration::from_millis(timeout_ms.max(3 * interval_ms.clamp(100, 60_000)));
+    (interval, timeout)
+}
+
+/// Open a WebSocket to `url` and say hello (resumable), resuming `resume` if given: a refused
+/// resume falls back to a new session on the same connection.
+async fn say_hello(
+    url: &str,
+    config: &ClientConfig,
+    resume: Option<Resume>,
+) -> Result<(WsStream, Welcome)> {
+    // No Nagle: small frames would wait for the server's delayed ack (~40 ms).
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
+        .await
+        .map_err(connect_error)?;
+    let mut resume = resume;
+    loop {
+        let hello = ClientMsg::Hello {
+            version: PROTOCOL_VERSION,
+            name: config.name.clone(),
+            token: config.token.clone(),
+            direct: config.direct,
+            resumable: config.reconnect.is_some(),
+            resume: resume.take(),
+        };
+        let resuming = matches!(
+            &hello,
+            ClientMsg::Hello {
+                resume: Some(_),
+                ..
+            }
+        );
+        ws.send(WsMessage::Text(to_json(&hello).into()))
+            .await
+            .map_err(|e| Error::Connect(e.to_string()))?;
+        let welcome = loop {
+            match ws.next().await {
+                Some(Ok(WsMessage::Text(t))) => match serde_json::from_str::<ServerMsg>(&t) {
+                    Ok(m @ ServerMsg::Welcome { .. }) => break m,
+                    Ok(ServerMsg::Error {
+                        code: ErrorCode::ResumeFailed,
+                        message,
+                        ..
+                    }) if resuming => {
+                        tracing::info!("resume refused ({message}): starting a new session");
+                        break ServerMsg::Pong { id: 0 };
+                    }
+                    Ok(ServerMsg::Error { code, message, .. }) => {
+                        return Err(Error::Server { code, message })
+                    }
+                    Ok(_) => continue,
+                    Err(e) => return Err(Error::Connect(format!("bad welcome: {e}"))),
+                },
+                Some(Ok(WsMessage::Close(_))) | None => {
+                    return Err(Error::Connect("server closed the connection".into()))
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(Error::Connect(e.to_string())),
+            }
+        };
+        let ServerMsg::Welcome {
+            version,
+            peer,
+            ice_servers,
+            heartbeat_interval_ms,
+            heartbeat_timeout_ms,
+            resume_token,
+            resumed,
+            groups,
+            ..
+        } = welcome
+        else {
+            // The resume was refused: say a plain hello.
+            continue;
+        };
+        if version != PROTOCOL_VERSION {
+            return Err(Error::VersionMismatch {
+                server: version,
+                client: PROTOCOL_VERSION,
+            });
+        }
+        return Ok((
+            ws,
+            Welcome {
+                peer,
+                ice_servers,
+                heartbeat_interval_ms,
+                heartbeat_timeout_ms,
+                resume_token,
+                resumed,
+                groups: groups.unwrap_or_default(),
+            },
+        ));
+    }
+}
+
+/// What a close frame from the server means: reconnect, or the session is over for good.
+fn closed_by_server(frame: Option<tokio_tungstenite::tungstenite::protocol::CloseFrame>) -> End {
+    use crate::protocol::close_code;
+    let (code, why) = match &frame {
+        Some(f) => (u16::from(f.code), f.reason.to_string()),
+        None => (0, String::new()),
+    };
+    let reason = format!("server closed the session: {code} {why}");
+    match code {
+        // Restarting, heartbeat timeout, too slow, or no code at all: come back.
+        close_code::SERVICE_RESTART
+        | close_code::GOING_AWAY
+        | close_code::TRY_AGAIN_LATER
+        | 0
+        | 1006 => End::Lost(reason),
+        // Replaced, kicked, resumed elsewhere, refused, protocol violations: done.
+        _ => End::Fatal(reason),
+    }
+}
+
+/// How serving one connection ended.
+enum End {
+    /// The app closed the client.
+    ByApp,
+    /// The connection was lost or the server asked to reconnect: try again if configured.
+    Lost(String),
+    /// The server ended the session for good (replaced, kicked, refused).
+    Fatal(String),
 }
 
 struct Session {
@@ -658,29 +873,101 @@ struct Session {
     pending_joins: HashMap<String, oneshot::Sender<Result<Vec<Member>>>>,
     pending_leaves: HashMap<String, oneshot::Sender<Result<()>>>,
     next_ping: u64,
+    url: String,
+    config: ClientConfig,
+    peer: Arc<AtomicU32>,
+    /// The secret that resumes this session (the server keeps it for a while when the
+    /// connection drops).
+    resume_token: Option<String>,
+    /// Ping interval, and the silence after which the connection counts as dead.
+    heartbeat: (Duration, Duration),
+    /// Groups whose next `joined` (after a resume) reconciles what the client knew rather
+    /// than announcing the group.
+    resyncing: HashSet<String>,
+    /// Groups the client joins again by itself after a new session.
+    rejoining: HashSet<String>,
 }
+
+type WsReader = futures_util::stream::SplitStream<WsStream>;
 
 impl Session {
     async fn run(
         mut self,
-        mut stream: futures_util::stream::SplitStream<WsStream>,
+        mut stream: WsReader,
         mut cmds: mpsc::UnboundedReceiver<Cmd>,
-        heartbeat: Duration,
+        writer: Writer,
     ) {
-        let mut tick = tokio::time::interval(heartbeat);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut writer = Some(writer);
         let reason = loop {
+            let reason = match self.serve(&mut stream, &mut cmds).await {
+                End::ByApp => break String::new(),
+                End::Fatal(reason) => break reason,
+                End::Lost(reason) => reason,
+            };
+            let Some(policy) = self.config.reconnect else {
+                break reason;
+            };
+            tracing::info!("{reason}: reconnecting");
+            // Nothing goes on the server path until the session is back (links keep their
+            // unacknowledged frames and send them again then).
+            self.each_link(|| LinkInput::PauseRelay);
+            let stopped = match writer.take() {
+                Some(w) => w.stop().await,
+                None => None,
+            };
+            let Some(queue) = stopped else {
+                break reason;
+            };
+            match self.reconnect(&policy, &mut cmds, &reason).await {
+                Ok((ws, welcome)) => {
+                    let (sink, read) = ws.split();
+                    stream = read;
+                    let queue = self.reconnected(welcome, queue).await;
+                    writer = Some(Writer::spawn(sink, queue));
+                    self.after_reconnect().await;
+                }
+                Err(reason) => break reason,
+            }
+        };
+        let links: Vec<LinkEntry> = {
+            let mut shared = self.lock();
+            shared.closed = true;
+            shared.groups.clear();
+            shared.links.drain().map(|(_, e)| e).collect()
+        };
+        drop(links);
+        // The writer goes on by itself until it has written the close frame (after `close`) or
+        // its queue ends.
+        drop(writer);
+        if !reason.is_empty() {
+            tracing::warn!("{reason}");
+            let _ = self.ctx.events.send(Event::Disconnected { reason }).await;
+        }
+    }
+
+    /// Serve one connection until it ends.
+    async fn serve(
+        &mut self,
+        stream: &mut WsReader,
+        cmds: &mut mpsc::UnboundedReceiver<Cmd>,
+    ) -> End {
+        let (interval, dead_after) = self.heartbeat;
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut heard = tokio::time::Instant::now();
+        loop {
             tokio::select! {
-                msg = stream.next() => match msg {
-                    Some(Ok(WsMessage::Text(t))) => self.on_text(&t).await,
-                    Some(Ok(WsMessage::Binary(b))) => self.on_binary(b),
-                    Some(Ok(WsMessage::Close(frame))) => {
-                        break format!("server closed the session: {frame:?}")
+                msg = stream.next() => {
+                    heard = tokio::time::Instant::now();
+                    match msg {
+                        Some(Ok(WsMessage::Text(t))) => self.on_text(&t).await,
+                        Some(Ok(WsMessage::Binary(b))) => self.on_binary(b),
+                        Some(Ok(WsMessage::Close(frame))) => return closed_by_server(frame),
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => return End::Lost(format!("connection lost: {e}")),
+                        None => return End::Lost("connection lost".to_string()),
                     }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => break format!("connection lost: {e}"),
-                    None => break "connection lost".to_string(),
-                },
+                }
                 cmd = cmds.recv() => match cmd {
                     Some(Cmd::Join(group, tx)) => {
                         if self.pending_joins.contains_key(&group) {
@@ -703,27 +990,205 @@ impl Session {
                     }
                     Some(Cmd::Close) | None => {
                         let _ = self.ctx.ws_tx.send(WsMessage::Close(None)).await;
-                        break String::new();
+                        return End::ByApp;
                     }
                 },
                 _ = tick.tick() => {
+                    // Dead WebSocket detection: the server answers every ping at once.
+                    if heard.elapsed() > dead_after {
+                        return End::Lost(format!(
+                            "no answer from the server for {:.1} s",
+                            heard.elapsed().as_secs_f64()
+                        ));
+                    }
                     let id = self.next_ping;
                     self.next_ping += 1;
                     self.send(&ClientMsg::Ping { id }).await;
                 }
             }
-        };
-        let links: Vec<LinkEntry> = {
-            let mut shared = self.lock();
-            shared.closed = true;
-            shared.groups.clear();
-            shared.links.drain().map(|(_, e)| e).collect()
-        };
-        drop(links);
-        if !reason.is_empty() {
-            tracing::warn!("{reason}");
-            let _ = self.ctx.events.send(Event::Disconnected { reason }).await;
         }
+    }
+
+    /// Try to connect again, with back-off, until it works, the policy gives up, the server
+    /// refuses for good, or the app closes the client.
+    async fn reconnect(
+        &mut self,
+        policy: &Reconnect,
+        cmds: &mut mpsc::UnboundedReceiver<Cmd>,
+        reason: &str,
+    ) -> std::result::Result<(WsStream, Welcome), String> {
+        // Requests made while disconnected fail at once (the app may try again later).
+        let refuse = |cmd: Cmd| match cmd {
+            Cmd::Join(_, tx) => {
+                let _ = tx.send(Err(Error::Connect("reconnecting to the server".into())));
+                false
+            }
+            Cmd::Leave(_, tx) => {
+                let _ = tx.send(Err(Error::Connect("reconnecting to the server".into())));
+                false
+            }
+            Cmd::Close => true,
+        };
+        for attempt in 1u32.. {
+            if policy.max_attempts.is_some_and(|max| attempt > max) {
+                return Err(format!("{reason}; gave up after {} attempts", attempt - 1));
+            }
+            let delay = policy.delay(attempt);
+            self.emit(Event::Reconnecting { attempt, delay }).await;
+            let wait = tokio::time::sleep(delay);
+            tokio::pin!(wait);
+            loop {
+                tokio::select! {
+                    _ = &mut wait => break,
+                    cmd = cmds.recv() => match cmd {
+                        Some(cmd) => if refuse(cmd) { return Err(String::new()) },
+                        None => return Err(String::new()),
+                    },
+                }
+            }
+            let resume = self.resume_token.clone().map(|token| Resume {
+                peer: self.peer.load(Ordering::Relaxed),
+                token,
+            });
+            let hello = say_hello(&self.url, &self.config, resume);
+            let connected = tokio::select! {
+                r = tokio::time::timeout(self.config.connect_timeout, hello) => r,
+                cmd = cmds.recv() => {
+                    match cmd {
+                        Some(cmd) => {
+                            if refuse(cmd) {
+                                return Err(String::new());
+                            }
+                            continue;
+                        }
+                        None => return Err(String::new()),
+                    }
+                }
+            };
+            match connected {
+                Ok(Ok(done)) => return Ok(done),
+                Ok(Err(Error::Server { code, message }))
+                    if matches!(
+                        code,
+                        ErrorCode::Unauthorized | ErrorCode::UnsupportedVersion
+                    ) =>
+                {
+                    return Err(format!(
+                        "reconnecting: the server refused: {code}: {message}"
+                    ));
+                }
+                Ok(Err(e)) => tracing::debug!(attempt, "reconnect failed: {e}"),
+                Err(_) => tracing::debug!(attempt, "reconnect timed out"),
+            }
+        }
+        Err(reason.to_owned())
+    }
+
+    /// The connection is back: adopt the welcome. Returns the outgoing queue to write on it
+    /// (emptied of stale frames when a new session started).
+    async fn reconnected(
+        &mut self,
+        welcome: Welcome,
+        mut queue: mpsc::Receiver<WsMessage>,
+    ) -> mpsc::Receiver<WsMessage> {
+        let Welcome {
+            peer,
+            ice_servers,
+            heartbeat_interval_ms,
+            heartbeat_timeout_ms,
+            resume_token,
+            resumed,
+            groups,
+        } = welcome;
+        self.heartbeat = heartbeat_of(heartbeat_interval_ms, heartbeat_timeout_ms);
+        self.resume_token = resume_token;
+        if let Some(rtc) = &self.ctx.rtc {
+            rtc.set_ice_servers(&ice_servers);
+        }
+        *self.ice_servers.lock().expect("ice servers lock") = ice_servers;
+        let known: Vec<String> = self.lock().groups.keys().cloned().collect();
+        if resumed {
+            // Groups left meanwhile (the backend removed this client): as if `left` came.
+            for group in known.iter().filter(|g| !groups.contains(g)) {
+                self.forget_group(group).await;
+            }
+            self.resyncing = groups.into_iter().collect();
+            self.emit(Event::Reconnected {
+                peer,
+                resumed: true,
+            })
+            .await;
+            return queue;
+        }
+        // A new session: the old peer id, links and link ids are gone. What was queued for the
+        // server belonged to them.
+        while queue.try_recv().is_ok() {}
+        self.peer.store(peer, Ordering::Relaxed);
+        let links: Vec<(PeerId, LinkEntry)> = self.lock().links.drain().collect();
+        for (peer, entry) in &links {
+            let messages = entry.handle.unacked_messages();
+            if messages > 0 {
+                self.emit(Event::Undelivered {
+                    peer: *peer,
+                    messages,
+                })
+                .await;
+            }
+        }
+        drop(links);
+        for group in &known {
+            self.forget_members(group).await;
+        }
+        self.lock().groups.clear();
+        self.rejoining = known.into_iter().collect();
+        self.emit(Event::Reconnected {
+            peer,
+            resumed: false,
+        })
+        .await;
+        queue
+    }
+
+    /// After the writer runs again: links send again what may have been lost; a new session
+    /// joins its groups again.
+    async fn after_reconnect(&mut self) {
+        if self.rejoining.is_empty() {
+            self.each_link(|| LinkInput::Resync);
+            return;
+        }
+        let groups: Vec<String> = self.rejoining.iter().cloned().collect();
+        for group in groups {
+            self.send(&ClientMsg::Join { group }).await;
+        }
+    }
+
+    fn each_link(&self, input: impl Fn() -> LinkInput) {
+        for e in self.lock().links.values() {
+            e.handle.deliver(input());
+        }
+    }
+
+    /// Every member of `group` leaves (`MemberLeft`), the links that no other group holds end.
+    async fn forget_members(&mut self, group: &str) {
+        let peers: Vec<PeerId> = self
+            .lock()
+            .groups
+            .get(group)
+            .map(|m| m.keys().copied().collect())
+            .unwrap_or_default();
+        for peer in peers {
+            self.remove_member(group, peer).await;
+        }
+    }
+
+    /// This client is no longer in `group`.
+    async fn forget_group(&mut self, group: &str) {
+        self.forget_members(group).await;
+        self.lock().groups.remove(group);
+        self.emit(Event::GroupLeft {
+            group: group.to_owned(),
+        })
+        .await;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
@@ -773,12 +1238,49 @@ impl Session {
                 group,
                 members,
                 change,
+            } if self.resyncing.remove(&group) => {
+                // After a resume: the members now, against what the client knew.
+                let known: HashMap<PeerId, LinkId> = {
+                    let shared = self.lock();
+                    let links = &shared.links;
+                    shared
+                        .groups
+                        .get(&group)
+                        .map(|g| {
+                            g.keys()
+                                .filter_map(|p| links.get(p).map(|e| (*p, e.handle.link_id)))
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                };
+                let listed: HashSet<PeerId> = members.iter().map(|m| m.peer).collect();
+                for peer in known.keys().filter(|p| !listed.contains(p)) {
+                    self.remove_member(&group, *peer).await;
+                }
+                self.lock().groups.entry(group.clone()).or_default();
+                for m in members {
+                    if known.get(&m.peer) != Some(&m.link) {
+                        self.add_member(&group, m).await;
+                    }
+                }
+                self.ack(group, change).await;
+            }
+            ServerMsg::Joined {
+                group,
+                members,
+                change,
             } => {
                 self.lock().groups.insert(group.clone(), BTreeMap::new());
-                self.emit(Event::GroupJoined {
-                    group: group.clone(),
-                })
-                .await;
+                let event = if self.rejoining.remove(&group) {
+                    Event::Rejoined {
+                        group: group.clone(),
+                    }
+                } else {
+                    Event::GroupJoined {
+                        group: group.clone(),
+                    }
+                };
+                self.emit(event).await;
                 let mut list = Vec::with_capacity(members.len());
                 for m in members {
                     list.push(self.add_member(&group, m).await);
@@ -839,10 +1341,17 @@ impl Session {
                 }
                 *self.ice_servers.lock().expect("ice servers lock") = ice_servers;
             }
-            ServerMsg::Pong { .. }
-            | ServerMsg::Welcome { .. }
-            | ServerMsg::MemberSuspended { .. }
-            | ServerMsg::MemberResumed { .. } => {}
+            ServerMsg::MemberSuspended { peer } => {
+                if let Some(e) = self.lock().links.get(&peer) {
+                    e.handle.deliver(LinkInput::PauseRelay);
+                }
+            }
+            ServerMsg::MemberResumed { peer } => {
+                if let Some(e) = self.lock().links.get(&peer) {
+                    e.handle.deliver(LinkInput::Resync);
+                }
+            }
+            ServerMsg::Pong { .. } | ServerMsg::Welcome { .. } => {}
             ServerMsg::Error {
                 code,
                 message,
@@ -854,6 +1363,15 @@ impl Session {
                     code,
                     message: message.clone(),
                 };
+                // A group this client joins again by itself after a new session: it is gone.
+                if let (Some("join"), Some(g)) = (request.as_deref(), &group) {
+                    if self.rejoining.remove(g) {
+                        tracing::warn!(group = g, "could not join again: {code}: {message}");
+                        self.emit(Event::GroupLeft { group: g.clone() }).await;
+                        self.emit(Event::ServerError { code, message }).await;
+                        return;
+                    }
+                }
                 let pending = match (request.as_deref(), &group) {
                     (Some("join"), Some(g)) => self
                         .pending_joins
@@ -873,6 +1391,9 @@ impl Session {
                 let departed = code == ErrorCode::NotCoMember
                     && matches!(request.as_deref(), Some("relay" | "signal"))
                     && peer.is_some_and(|p| !self.lock().links.contains_key(&p));
+                // Frames in flight to a peer whose session was just suspended: its link waits
+                // for `member_resumed` and sends them again then.
+                let suspended = code == ErrorCode::PeerSuspended;
                 // Reports for the server's records: a refusal (a link that has just ended or
                 // been replaced, a group just left, an older server that does not know them)
                 // changes nothing for the app.
@@ -881,8 +1402,8 @@ impl Session {
                 let not_allowed = peer.filter(|_| {
                     code == ErrorCode::DirectNotAllowed && request.as_deref() == Some("signal")
                 });
-                if departed {
-                    tracing::debug!(?peer, "frame to a departed peer refused");
+                if departed || suspended {
+                    tracing::debug!(?peer, "frame refused: {code}");
                 } else if report {
                     tracing::debug!(?request, ?peer, "report refused: {code}: {message}");
                 } else if let Some(peer) = not_allowed {

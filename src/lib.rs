@@ -53,7 +53,7 @@ mod error;
 mod link;
 
 #[cfg(feature = "client")]
-pub use client::{Client, ClientConfig, Events, Member, Reliability};
+pub use client::{Client, ClientConfig, Events, Member, Reconnect, Reliability};
 #[cfg(feature = "client")]
 pub use error::{Error, Result};
 #[cfg(feature = "client")]
@@ -173,6 +173,41 @@ pub enum Event {
         /// client's own [`ClientConfig::with_direct_policy`] and what the server computed for
         /// the pair (group, tokens, the member's own setting).
         direct: DirectPolicy,
+    },
+    /// The connection to the server was lost (or the server is restarting): attempt `attempt`
+    /// (from 1) to connect again starts after `delay`. Links on a direct path keep carrying
+    /// messages meanwhile; reliable messages to peers on the server path wait.
+    Reconnecting {
+        /// Attempt number, from 1.
+        attempt: u32,
+        /// Back-off before this attempt.
+        delay: std::time::Duration,
+    },
+    /// Connected again. `resumed`: the same session goes on (same peer id, groups and links;
+    /// reliable messages in flight are sent again, nothing is lost or duplicated). Otherwise a
+    /// new session started with a new `peer` id: its links start anew, the client joins its
+    /// groups again ([`Event::Rejoined`]), and messages that may not have arrived are reported
+    /// ([`Event::Undelivered`]).
+    Reconnected {
+        /// This client's peer id now.
+        peer: PeerId,
+        /// The session was resumed rather than started anew.
+        resumed: bool,
+    },
+    /// After a new session (see [`Event::Reconnected`]), the client is in `group` again; a
+    /// [`Event::MemberJoined`] follows for each member. If it cannot join again
+    /// ([`Event::ServerError`]), [`Event::GroupLeft`] is emitted instead.
+    Rejoined {
+        /// The group.
+        group: String,
+    },
+    /// Reliable messages to `peer` that the peer had not acknowledged when their link ended with
+    /// the old session (the server restarted): they may or may not have arrived.
+    Undelivered {
+        /// The peer (its id in the old session).
+        peer: PeerId,
+        /// How many messages.
+        messages: u64,
     },
     /// This client is now a member of a group: it joined, or the app's backend added it (then
     /// without a call to [`Client::join`]). A [`Event::MemberJoined`] follows for each member

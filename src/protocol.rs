@@ -422,6 +422,9 @@ pub enum ServerMsg {
         /// each of its groups follows with the members now.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         resumed: bool,
+        /// With `resumed`: the groups the session is in now (a `joined` follows for each).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        groups: Option<Vec<String>>,
     },
     /// Answer to `join`: the group's other members.
     Joined {

@@ -332,6 +332,7 @@ fn valid_json_frames() -> Vec<Vec<u8>> {
             resume_token: Some("3q2-xyz".into()),
             resume_grace_ms: Some(30_000),
             resumed: true,
+            groups: Some(vec!["lobby".into()]),
         },
         ServerMsg::MemberSuspended { peer: 2 },
         ServerMsg::MemberResumed { peer: 2 },

@@ -217,6 +217,9 @@ struct State {
     groups: HashMap<String, Group>,
     /// Keyed by `(smaller peer id, larger peer id)`.
     links: HashMap<(PeerId, PeerId), Link>,
+    /// The server is stopping: sessions end without telling their co-members (who are being
+    /// closed too, and whose direct paths should not end with the server).
+    stopping: bool,
 }
 
 /// The shared state of one server.
@@ -441,7 +444,9 @@ impl State {
                     self.links.remove(&key);
                 }
             }
-            if let (Some(client), Some(text)) = (self.clients.get(&other), &note) {
+            if let (Some(client), Some(text), false) =
+                (self.clients.get(&other), &note, self.stopping)
+            {
                 client.outlet.send_text(text.clone());
                 waiting.insert(other);
             }
@@ -696,6 +701,11 @@ impl Hub {
         self.ended.load(Ordering::Relaxed)
     }
 
+    /// The server is stopping: from now on sessions end without `member_left` to co-members.
+    pub(crate) fn stop(&self) {
+        self.lock().stopping = true;
+    }
+
     /// A stream of the server's events from now on.
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<ServerEvent> {
         self.events.subscribe()
@@ -757,6 +767,7 @@ impl Hub {
                 resume_token: resume_token.clone(),
                 resume_grace_ms: resumable.then(|| duration_ms(self.resume_grace)),
                 resumed: false,
+                groups: None,
             },
         );
         if let Some(user) = &user {
@@ -880,6 +891,7 @@ impl Hub {
                 resume_token,
                 resume_grace_ms: Some(duration_ms(self.resume_grace)),
                 resumed: true,
+                groups: Some(groups.clone()),
             },
         );
         for group in &groups {

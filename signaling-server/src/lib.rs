@@ -419,6 +419,7 @@ impl Server {
         let turn = self.turn.clone();
         let metrics = Arc::new(metrics::Metrics::new());
         let limits = self.config.server_limits.clone();
+        let shared_hub = self.hub.clone();
         let shared = Arc::new(Shared {
             hub: self.hub.clone(),
             config: self.config,
@@ -474,6 +475,7 @@ impl Server {
             () = shutdown => {}
         }
         tracing::info!("shutting down");
+        shared_hub.stop();
         let _ = shutdown_tx.send(true);
         while tasks.join_next().await.is_some() {}
         let result: anyhow::Result<()> = Ok(());

@@ -133,10 +133,12 @@ async fn a_dropped_connection_resumes_with_the_same_peer_groups_and_links() {
             peer,
             resumed,
             resume_token,
+            groups,
             ..
         }) => {
             assert_eq!(peer, alice_peer);
             assert!(resumed);
+            assert_eq!(groups, Some(vec!["room".to_string()]));
             assert_eq!(resume_token.as_deref(), Some(token.as_str()));
         }
         other => panic!("{other:?}"),

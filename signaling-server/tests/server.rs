@@ -233,11 +233,12 @@ async fn hello_welcome_and_hello_errors() {
             resume_token,
             resume_grace_ms,
             resumed,
+            groups,
         } => {
             // Not resumable unless the hello says so.
             assert_eq!(
-                (resume_token, resume_grace_ms, resumed),
-                (None, None, false)
+                (resume_token, resume_grace_ms, resumed, groups),
+                (None, None, false, None)
             );
             assert_eq!(version, PROTOCOL_VERSION);
             assert_eq!(version, 1);

@@ -11,7 +11,7 @@ mod parts;
 mod rtc;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -85,6 +85,13 @@ pub(crate) enum LinkInput {
         /// Tell the app (`Event::DirectFailed`) why, if the link was trying.
         why: Option<String>,
     },
+    /// The server path is interrupted (this client's connection to the server is down, or the
+    /// peer's session is suspended): nothing is relayed until [`LinkInput::Resync`]; reliable
+    /// frames stay unacknowledged and are sent again then.
+    PauseRelay,
+    /// The server path is back (this session resumed, or the peer's did): send again on it
+    /// every reliable frame not acknowledged, and the current ack, unless on the direct path.
+    Resync,
     /// The pair no longer shares a group: stop.
     Close,
 }
@@ -133,6 +140,8 @@ struct LinkShared {
     parts: Mutex<parts::Parts>,
     /// Generation of the PeerConnection a frame last arrived on, and when (dead-path rule).
     direct_rx: Mutex<Option<(u32, Instant)>>,
+    /// The server path is interrupted: relay nothing (see [`LinkInput::PauseRelay`]).
+    relay_paused: AtomicBool,
     counters: Counters,
 }
 
@@ -639,6 +648,16 @@ impl LinkShared {
     }
 
     async fn relay(&self, frame: &[u8]) {
+        if self.relay_paused.load(Ordering::Relaxed) {
+            // Reliable frames stay unacknowledged and go again on `Resync`; acks are sent
+            // again then; an unreliable message is lost, as on any interrupted path.
+            if frame.first() == Some(&crate::protocol::link_kind::UNRELIABLE)
+                || frame.first() == Some(&crate::protocol::link_kind::UNRELIABLE_PART)
+            {
+                bump(&self.counters.unreliable_dropped);
+            }
+            return;
+        }
         let buf = RelayFrame {
             peer: self.peer,
             link: self.link_id,
@@ -747,6 +766,7 @@ impl LinkHandle {
             recv: tokio::sync::Mutex::new(RecvState::default()),
             parts: Mutex::new(parts::Parts::default()),
             direct_rx: Mutex::new(None),
+            relay_paused: AtomicBool::new(false),
             counters: Counters::default(),
         });
         let handle = LinkHandle {
@@ -866,6 +886,24 @@ impl LinkHandle {
             .await
             .map(drop)
             .map_err(|_| Error::UnknownPeer(self.peer))
+    }
+
+    /// Reliable messages sent and not (completely) acknowledged by the peer.
+    pub(crate) fn unacked_messages(&self) -> u64 {
+        let st = self.shared.lock_send();
+        let fins = st
+            .unacked
+            .iter()
+            .filter(|u| {
+                matches!(
+                    LinkFrame::decode(&u.frame),
+                    Ok(LinkFrame::Data { fin: true, .. })
+                )
+            })
+            .count() as u64;
+        // Every message's fragments are recorded at once, so each unacknowledged message has
+        // its last (FIN) fragment among them.
+        fins
     }
 
     /// Stop the link: senders waiting on the window get an error, the task closes its
@@ -1108,6 +1146,13 @@ impl LinkTask {
                 }
             }
             LinkInput::Restrict { policy, why } => self.restrict(policy, why).await,
+            LinkInput::PauseRelay => self.shared.relay_paused.store(true, Ordering::Relaxed),
+            LinkInput::Resync => {
+                self.shared.relay_paused.store(false, Ordering::Relaxed);
+                if !self.direct_up() {
+                    self.resend_on_server(false).await;
+                }
+            }
             LinkInput::Close => {}
         }
     }
@@ -1258,11 +1303,22 @@ impl LinkTask {
         );
         self.direct_since = None;
         self.set_path(Path::Server).await;
-        // Everything not acknowledged may have died with the direct path. New frames go on the
-        // server path from the moment `direct` is cleared, in the same critical section.
+        // Everything not acknowledged may have died with the direct path.
+        self.resend_on_server(true).await;
+    }
+
+    /// Send every unacknowledged reliable frame again on the server path, then the current ack
+    /// (frames and acks may have been lost with a path: the direct one, or the session's
+    /// connection). The peer discards what it already has.
+    ///
+    /// `leave_direct`: also stop using the direct path, in the same critical section, so new
+    /// frames go on the server path from the moment the re-sent ones are taken.
+    async fn resend_on_server(&mut self, leave_direct: bool) {
         let frames: Vec<Bytes> = {
             let mut st = self.shared.lock_send();
-            st.direct = None;
+            if leave_direct {
+                st.direct = None;
+            }
             let frames: Vec<Bytes> = st.unacked.iter().map(|u| u.frame.clone()).collect();
             st.resent += frames.len() as u64;
             st.sent_server += frames.len() as u64;

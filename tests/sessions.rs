@@ -1,0 +1,289 @@
+//! Sessions that survive (issue "Sessions that survive"): a client whose signaling connection
+//! is cut silently resumes the same session without losing, duplicating or reordering a
+//! reliable message; a server restart leaves direct links working and the clients join their
+//! groups again by themselves. Real server, real sockets on 127.0.0.1; the cut is a TCP proxy
+//! in the test that stops forwarding without closing anything.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use peermesh::{Client, ClientConfig, Event, Events, PeerId, Reconnect, Reliability};
+use peermesh_server::{Config, Server};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A TCP proxy to the server whose connections can be cut silently: from the cut on, nothing
+/// is forwarded either way (what is read is dropped), and nothing is closed, like a network
+/// that stops carrying packets. Connections made after the cut work.
+struct Proxy {
+    addr: SocketAddr,
+    cuts: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(upstream: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cuts: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+        let list = cuts.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((down, _)) = listener.accept().await {
+                let Ok(up) = TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let cut = Arc::new(AtomicBool::new(false));
+                list.lock().unwrap().push(cut.clone());
+                let (dr, dw) = down.into_split();
+                let (ur, uw) = up.into_split();
+                tokio::spawn(pipe(dr, uw, cut.clone()));
+                tokio::spawn(pipe(ur, dw, cut));
+            }
+        });
+        Proxy { addr, cuts, task }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// Cut every connection made so far.
+    fn cut(&self) {
+        for c in self.cuts.lock().unwrap().iter() {
+            c.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    cut: Arc<AtomicBool>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if cut.load(Ordering::Relaxed) {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    // After a cut, keep the other side open (a silent cut never closes anything).
+    if cut.load(Ordering::Relaxed) {
+        std::future::pending::<()>().await;
+    }
+}
+
+fn fast_reconnect(c: ClientConfig) -> ClientConfig {
+    c.with_reconnect(Some(Reconnect {
+        initial_delay: Duration::from_millis(100),
+        max_delay: Duration::from_millis(500),
+        max_attempts: None,
+    }))
+}
+
+fn numbered(n: u32) -> Vec<u8> {
+    format!("{n:05} {}", "x".repeat(200)).into_bytes()
+}
+
+/// Receive `count` numbered messages from `from` and check they came in order, once each;
+/// collects other events into `seen`.
+async fn receive_all(events: &mut Events, from: PeerId, count: u32, seen: &mut Vec<Event>) {
+    let mut next = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while next < count {
+        let e = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {next} of {count} messages within 60 s"))
+            .expect("event stream");
+        match e {
+            Event::Message {
+                from: f,
+                data,
+                reliability: Reliability::Reliable,
+            } if f == from => {
+                assert_eq!(data, numbered(next), "message {next} out of order or twice");
+                next += 1;
+            }
+            other => seen.push(other),
+        }
+    }
+}
+
+/// Cut one client's signaling connection silently while both stream reliable messages on the
+/// server path: it notices (no answer to its pings), reconnects and resumes the same session;
+/// every message arrives once, in order, and the other member never sees it leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silently_cut_connection_resumes_without_losing_a_message() {
+    init_log();
+    let server = server_with(Config {
+        heartbeat_timeout: Duration::from_secs(3),
+        ..Config::default()
+    })
+    .await;
+    let proxy = Proxy::start(server.local_addr()).await;
+    let cfg = |name: &str| fast_reconnect(ClientConfig::new(name).with_direct(false));
+    let (a, mut ae) = Client::connect(&proxy.url(), cfg("a")).await.unwrap();
+    let (b, mut be) = client_with(&server, cfg("b")).await;
+    a.join("g").await.unwrap();
+    b.join("g").await.unwrap();
+    let (ia, ib) = (a.peer_id(), b.peer_id());
+    wait_joined(&mut ae, ib).await;
+    wait_joined(&mut be, ia).await;
+
+    const N: u32 = 2000;
+    let sender = |c: Client, to: PeerId| {
+        tokio::spawn(async move {
+            for n in 0..N {
+                c.send(to, numbered(n), Reliability::Reliable)
+                    .await
+                    .unwrap();
+                if n % 100 == 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        })
+    };
+    let (sa, sb) = (sender(a.clone(), ib), sender(b.clone(), ia));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let cut_at = tokio::time::Instant::now();
+    proxy.cut();
+
+    let (mut seen_a, mut seen_b) = (Vec::new(), Vec::new());
+    tokio::join!(
+        receive_all(&mut ae, ib, N, &mut seen_a),
+        receive_all(&mut be, ia, N, &mut seen_b)
+    );
+    sa.await.unwrap();
+    sb.await.unwrap();
+    eprintln!(
+        "all {N} messages each way within {:?} of the cut",
+        cut_at.elapsed()
+    );
+    assert!(
+        seen_a
+            .iter()
+            .any(|e| matches!(e, Event::Reconnecting { .. })),
+        "{seen_a:?}"
+    );
+    assert!(
+        seen_a.iter().any(|e| matches!(
+            e,
+            Event::Reconnected {
+                resumed: true,
+                peer
+            } if *peer == ia
+        )),
+        "{seen_a:?}"
+    );
+    assert_eq!(a.peer_id(), ia, "same session, same peer id");
+    for e in seen_a.iter().chain(&seen_b) {
+        assert!(
+            !matches!(
+                e,
+                Event::MemberLeft { .. } | Event::MemberJoined { .. } | Event::Disconnected { .. }
+            ),
+            "{e:?}"
+        );
+    }
+    let stats = a.link_stats(ib).unwrap();
+    eprintln!("a's link after the resume: {stats:?}");
+}
+
+/// The server goes away: direct links keep carrying messages; the clients reconnect once it is
+/// back (a new process: nothing to resume), join their group again by themselves and find each
+/// other, and a newcomer sees them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_server_restart_clients_rejoin_and_direct_links_keep_working() {
+    init_log();
+    let first = server().await;
+    let addr = first.local_addr();
+    let url = first.ws_url();
+    let cfg = |name: &str| fast_reconnect(ClientConfig::new(name).with_loopback_only(true));
+    let (a, mut ae) = Client::connect(&url, cfg("a")).await.unwrap();
+    let (b, mut be) = Client::connect(&url, cfg("b")).await.unwrap();
+    a.join("g").await.unwrap();
+    b.join("g").await.unwrap();
+    let (ia, ib) = (a.peer_id(), b.peer_id());
+    wait_direct(&mut ae, ib).await;
+    wait_direct(&mut be, ia).await;
+
+    first.shutdown().await;
+    wait_for(&mut ae, 5, |e| matches!(e, Event::Reconnecting { .. })).await;
+    // The direct path does not need the server.
+    for n in 0..300 {
+        a.send(ib, numbered(n), Reliability::Reliable)
+            .await
+            .unwrap();
+    }
+    let mut seen = Vec::new();
+    receive_all(&mut be, ia, 300, &mut seen).await;
+    assert!(
+        !seen.iter().any(|e| matches!(e, Event::MemberLeft { .. })),
+        "{seen:?}"
+    );
+
+    // The server is back on the same address.
+    let second = Server::bind(Config {
+        listen: addr,
+        ..Config::default()
+    })
+    .await
+    .expect("bind the same address again")
+    .spawn();
+    let back = tokio::time::Instant::now();
+    for (events, c) in [(&mut ae, &a), (&mut be, &b)] {
+        wait_for(events, 10, |e| {
+            matches!(e, Event::Reconnected { resumed: false, .. })
+        })
+        .await;
+        wait_for(
+            events,
+            5,
+            |e| matches!(e, Event::Rejoined { group } if group == "g"),
+        )
+        .await;
+        assert_ne!(c.peer_id(), 0);
+    }
+    // Whoever rejoined second sees the first; then both see each other.
+    let (na, nb) = (a.peer_id(), b.peer_id());
+    for _ in 0..50 {
+        if a.members("g").unwrap().len() == 1 && b.members("g").unwrap().len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(a.members("g").unwrap()[0].peer, nb);
+    assert_eq!(b.members("g").unwrap()[0].peer, na);
+    eprintln!("both members again {:?} after the restart", back.elapsed());
+    assert!(back.elapsed() < Duration::from_secs(5));
+    let (c, _ce) = Client::connect(&second.ws_url(), cfg("c")).await.unwrap();
+    let members = c.join("g").await.unwrap();
+    let mut peers: Vec<PeerId> = members.iter().map(|m| m.peer).collect();
+    peers.sort();
+    let mut want = vec![na, nb];
+    want.sort();
+    assert_eq!(peers, want);
+    // And the new links carry messages.
+    a.send(nb, b"after the restart".to_vec(), Reliability::Reliable)
+        .await
+        .unwrap();
+    let (data, _) = next_message(&mut be, na, 10).await;
+    assert_eq!(&data[..], b"after the restart");
+}
