@@ -33,6 +33,9 @@ use tokio::time::{timeout, Instant};
 /// Liveness bound for anything a test waits for.
 const WAIT: Duration = Duration::from_secs(30);
 
+#[path = "../../tests/common/proxy.rs"]
+mod proxy;
+
 fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
     let out = Command::new(cmd)
         .args(args)
@@ -2240,6 +2243,127 @@ async fn relay_relay_pair(options: serde_json::Value, relay_group: bool) {
     assert_eq!(
         next_message(&mut ne).await,
         (bid, b"relayed by policy".to_vec(), Reliability::Reliable)
+    );
+
+    b.quit().await;
+    n.close().await;
+    server.shutdown().await;
+}
+
+/// The browser's connection to the server is cut silently (a proxy stops forwarding, nothing is
+/// closed) while it and a native peer exchange numbered reliable messages on the server path:
+/// the browser notices the silence, reconnects, resumes the same session, and every message
+/// arrives once and in order both ways; the native peer never sees it leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_resumes_after_a_silent_cut() {
+    const N: u64 = 500;
+    let ns = Netns::create();
+    let server = Server::bind(Config {
+        listen: SocketAddr::from((ns.host_ip, 0)),
+        auth: peermesh_server::Auth::Open,
+        heartbeat_timeout: Duration::from_secs(3),
+        ..Default::default()
+    })
+    .await
+    .expect("bind the server")
+    .spawn();
+    let proxy = proxy::Proxy::start(SocketAddr::from((ns.host_ip, 0)), server.local_addr()).await;
+    let ip = IpAddr::V4(ns.host_ip);
+    let (n, mut ne) = Client::connect(
+        &server.ws_url(),
+        ClientConfig::new("native")
+            .with_ip_filter(move |a| a == ip)
+            .with_direct(false),
+    )
+    .await
+    .unwrap();
+    n.join("g").await.unwrap();
+    let options = json!({"name": "chromium", "direct": "none", "url": proxy.url(),
+        "reconnect": {"initialDelayMs": 100, "maxDelayMs": 500}});
+    let (mut b, bid) = Browser::connect(&ns, &server, options).await;
+    b.eval(
+        "p",
+        "window.sessionEvents = [];
+         for (const t of ['reconnecting', 'reconnected', 'rejoined', 'undelivered']) {
+           window.pm.on(t, (d) => window.sessionEvents.push({ type: t, ...d }));
+         }
+         const [n] = arg;
+         const [m] = await window.pm.join('g');
+         window.sending = (async () => {
+           for (let i = 1; i <= n; i++) {
+             await window.pm.send(m.peer, `b ${i}`);
+             if (i % 10 === 0) await new Promise((r) => setTimeout(r, 10));
+           }
+         })();",
+        json!([N]),
+    )
+    .await;
+    let sender = {
+        let n = n.clone();
+        tokio::spawn(async move {
+            for i in 1..=N {
+                n.send(bid, format!("n {i}").into_bytes(), Reliability::Reliable)
+                    .await
+                    .unwrap();
+                if i % 10 == 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cut_at = Instant::now();
+    proxy.cut();
+    let mut left = false;
+    let mut i = 1;
+    while i <= N {
+        let e = timeout(Duration::from_secs(30), ne.recv())
+            .await
+            .unwrap_or_else(|_| panic!("native: message {i} of {N} not within 30 s"))
+            .unwrap();
+        match e {
+            Event::Message { from, data, .. } if from == bid => {
+                assert_eq!(String::from_utf8(data.to_vec()).unwrap(), format!("b {i}"));
+                i += 1;
+            }
+            Event::MemberLeft { .. } => left = true,
+            _ => {}
+        }
+    }
+    sender.await.unwrap();
+    let got = b
+        .wait_for(
+            "p",
+            "all native messages",
+            "const n = arg; const m = window.msgs.filter((x) => x.text.startsWith('n ')); \
+             return m.length >= n ? m.map((x) => x.text) : null;",
+            json!(N),
+        )
+        .await;
+    let want: Vec<String> = (1..=N).map(|i| format!("n {i}")).collect();
+    assert_eq!(got, json!(want), "in order, once each");
+    eprintln!(
+        "browser: both streams complete {:?} after the cut",
+        cut_at.elapsed()
+    );
+    let events = b
+        .eval("p", "return window.sessionEvents;", json!(null))
+        .await;
+    let events = events.as_array().unwrap();
+    assert!(
+        events.iter().any(|e| e["type"] == "reconnecting"),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "reconnected" && e["resumed"] == true && e["peer"] == bid),
+        "{events:?}"
+    );
+    assert!(!left, "the native peer saw the browser leave");
+    assert_eq!(
+        b.eval("p", "return window.pm.peerId;", json!(null)).await,
+        json!(bid)
     );
 
     b.quit().await;

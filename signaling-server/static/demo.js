@@ -153,6 +153,18 @@ $('join-form').addEventListener('submit', async (e) => {
     });
     client.on('message', ({ from, text }) => log('', client.nameOf(from) ?? `peer ${from}`, text));
     client.on('error', ({ code, message }) => log('system', null, `server error ${code}: ${message}`));
+    client.on('reconnecting', ({ attempt }) => {
+      $('status').textContent = `reconnecting… (attempt ${attempt})`;
+      $('status').className = 'status offline';
+    });
+    client.on('reconnected', ({ resumed }) => {
+      log('system', null, resumed ? 'reconnected' : 'reconnected (new session)');
+      setOnline(true);
+    });
+    client.on('rejoined', ({ group: g }) => log('system', null, `rejoined ${g}`));
+    client.on('undelivered', ({ messages }) =>
+      log('system', null, `${messages} message(s) may not have arrived (the server restarted)`),
+    );
     client.on('close', ({ reason, byClient }) => {
       if (!byClient) log('system', null, `disconnected: ${reason}`);
       state.client = null;

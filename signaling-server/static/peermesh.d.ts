@@ -83,6 +83,12 @@ export interface ConnectOptions {
   deadPathTimeoutMs?: number;
   /** Identity token (a JWT minted by the app's backend); required by servers run with an auth secret. */
   token?: string;
+  /**
+   * Reconnect by itself when the connection to the server is lost (default: on, 250 ms
+   * doubling to 10 s, with jitter); false: the session ends ('close'). Within the server's
+   * resume grace the same session goes on; otherwise a new one joins the groups again.
+   */
+  reconnect?: false | { initialDelayMs?: number; maxDelayMs?: number; maxAttempts?: number };
 }
 
 export interface SendOptions {
@@ -169,7 +175,36 @@ export interface GroupEventDetail {
   group: string;
 }
 
+export interface ReconnectingEventDetail {
+  /** Attempt number, from 1. */
+  attempt: number;
+  /** Back-off before this attempt (ms). */
+  delay: number;
+}
+
+export interface ReconnectedEventDetail {
+  /** This client's peer id now (new after a new session). */
+  peer: number;
+  /** true: the same session went on (same peer id, groups, links; nothing lost). */
+  resumed: boolean;
+}
+
+export interface UndeliveredEventDetail {
+  /** The peer (its id in the old session). */
+  peer: number;
+  /** Reliable messages it had not acknowledged: they may or may not have arrived. */
+  messages: number;
+}
+
 export interface ClientEventMap {
+  /** The connection was lost: attempt `attempt` to connect again starts after `delay` ms. */
+  reconnecting: CustomEvent<ReconnectingEventDetail>;
+  /** Connected again. */
+  reconnected: CustomEvent<ReconnectedEventDetail>;
+  /** After a new session, the client is in this group again ('memberjoined' follows for each member). */
+  rejoined: CustomEvent<GroupEventDetail>;
+  /** Reliable messages of a link that ended with the old session were not acknowledged. */
+  undelivered: CustomEvent<UndeliveredEventDetail>;
   /** This client is now in a group: it joined, or the app's backend added it ('memberjoined' follows for each member). */
   groupjoined: CustomEvent<GroupEventDetail>;
   /** This client is no longer in a group: it left, or the backend removed it or destroyed the group. */

@@ -430,6 +430,20 @@ export class Client extends EventTarget {
     this._nextPing = 1;
     this._lastRecv = 0;
     this._timeoutMs = 15000;
+    // Reconnect after a lost connection (section 3.14): false, or back-off settings.
+    const r = options.reconnect ?? {};
+    this.reconnect =
+      r === false
+        ? null
+        : {
+            initialDelayMs: Number(r.initialDelayMs ?? 250),
+            maxDelayMs: Number(r.maxDelayMs ?? 10000),
+            maxAttempts: Number(r.maxAttempts ?? Infinity),
+          };
+    this._resumeToken = null;
+    this._reconnecting = false;
+    this._resyncing = new Set(); // groups whose next 'joined' reconciles (after a resume)
+    this._rejoining = new Set(); // groups joined again by the client itself (new session)
   }
 
   /** Listen to an event; the handler gets the event's detail. Returns an unsubscribe function. */
@@ -444,6 +458,13 @@ export class Client extends EventTarget {
   }
 
   _handshake() {
+    return this._open(null).then((msg) => this._welcomed(msg));
+  }
+
+  // Open a WebSocket and say hello (resuming `resume` if given; a refused resume falls back to
+  // a new session on the same connection). Resolves to the welcome, once this._ws is the new
+  // socket and its frames reach _onText/_onBinary.
+  _open(resume) {
     return new Promise((resolve, reject) => {
       let ws;
       try {
@@ -453,19 +474,22 @@ export class Client extends EventTarget {
         return;
       }
       ws.binaryType = 'arraybuffer';
-      this._ws = ws;
+      if (resume === null) this._ws = ws;
       let welcomed = false;
       const timer = setTimeout(() => {
         if (welcomed) return;
         ws.close();
         reject(new PeermeshError('timeout', `no welcome from ${this.url} within ${this.connectTimeout} ms`));
       }, this.connectTimeout);
-      ws.onopen = () => {
-        const hello = { type: 'hello', version: PROTOCOL_VERSION, name: this.name };
-        if (this.token !== null) hello.token = this.token;
-        if (this.directPolicy !== 'any') hello.direct = this.directPolicy;
-        ws.send(JSON.stringify(hello));
+      const hello = (resuming) => {
+        const h = { type: 'hello', version: PROTOCOL_VERSION, name: this.name };
+        if (this.token !== null) h.token = this.token;
+        if (this.directPolicy !== 'any') h.direct = this.directPolicy;
+        if (this.reconnect) h.resumable = true;
+        if (resuming) h.resume = resume;
+        ws.send(JSON.stringify(h));
       };
+      ws.onopen = () => hello(resume !== null);
       ws.onmessage = (e) => {
         this._lastRecv = performance.now();
         if (welcomed) {
@@ -480,7 +504,11 @@ export class Client extends EventTarget {
         } catch {
           return;
         }
-        if (msg.type === 'error') {
+        if (msg.type === 'error' && msg.code === 'resume_failed' && resume !== null) {
+          // The session is gone (the server restarted, or the grace ran out): a new one.
+          resume = null;
+          hello(false);
+        } else if (msg.type === 'error') {
           clearTimeout(timer);
           ws.close();
           reject(new PeermeshError(msg.code, msg.message));
@@ -492,14 +520,8 @@ export class Client extends EventTarget {
             return;
           }
           welcomed = true;
-          this.peerId = msg.peer;
-          this.iceServers = msg.ice_servers ?? [];
-          this.limits = msg.limits ?? null;
-          this._timeoutMs = msg.heartbeat_timeout_ms ?? 15000;
-          const every = Math.min(Math.max(msg.heartbeat_interval_ms ?? 5000, 100), 60000);
-          this._heartbeat = setInterval(() => this._tick(), every);
-          this._tick();
-          resolve();
+          this._ws = ws;
+          resolve(msg);
         }
       };
       ws.onclose = (e) => {
@@ -508,25 +530,133 @@ export class Client extends EventTarget {
           reject(new PeermeshError('connect', `server closed the connection (${e.code}${e.reason ? ' ' + e.reason : ''})`));
           return;
         }
-        this._end(e.code, e.reason || 'connection closed', false);
+        if (this._ws !== ws) return; // an old connection, replaced by a reconnect
+        this._onClose(e.code, e.reason || 'connection closed');
       };
       ws.onerror = () => {}; // a close event follows
     });
+  }
+
+  // Adopt a welcome: peer id, ICE servers, heartbeat.
+  _welcomed(msg) {
+    this.peerId = msg.peer;
+    this.iceServers = msg.ice_servers ?? [];
+    this.limits = msg.limits ?? null;
+    this._resumeToken = msg.resume_token ?? null;
+    this._timeoutMs = msg.heartbeat_timeout_ms ?? 15000;
+    const every = Math.min(Math.max(msg.heartbeat_interval_ms ?? 5000, 100), 60000);
+    clearInterval(this._heartbeat);
+    this._lastRecv = performance.now();
+    this._heartbeat = setInterval(() => this._tick(), every);
+    this._tick();
   }
 
   _tick() {
     // JSON ping: the portable heartbeat (browsers cannot send WebSocket pings).
     this._sendJson({ type: 'ping', id: this._nextPing++ });
     // The server answers every ping: silence this long means the connection is gone.
-    if (performance.now() - this._lastRecv > this._timeoutMs + 5000) {
-      this._ws.close(4000, 'server silent');
-      this._end(4000, 'server silent', false);
+    if (performance.now() - this._lastRecv > this._timeoutMs) {
+      const ws = this._ws;
+      this._onClose(4000, 'server silent');
+      ws?.close(4000, 'server silent');
     }
+  }
+
+  // The connection ended: reconnect if it was lost and reconnecting is on, else end.
+  _onClose(code, reason) {
+    if (this._closed || this._reconnecting) return;
+    // 1001 going away / heartbeat, 1006 lost, 1012 restarting, 1013 too slow, 4000 silent.
+    const lost = [1001, 1005, 1006, 1012, 1013, 4000].includes(code);
+    if (!this.reconnect || !lost) {
+      this._end(code, reason, false);
+      return;
+    }
+    this._reconnecting = true;
+    this._ws = null;
+    clearInterval(this._heartbeat);
+    // Requests in flight are not answered on a new connection.
+    const err = new PeermeshError('reconnecting', 'the connection to the server was lost');
+    for (const p of [...this._pendingJoins.values(), ...this._pendingLeaves.values()]) p.reject(err);
+    this._pendingJoins.clear();
+    this._pendingLeaves.clear();
+    // Nothing is relayed until the session is back; unacknowledged frames go again then.
+    for (const link of this._links.values()) link.relayPaused = true;
+    this._retry(1, reason);
+  }
+
+  _retry(attempt, reason) {
+    if (this._closed) return;
+    const r = this.reconnect;
+    if (attempt > r.maxAttempts) {
+      this._reconnecting = false;
+      this._end(1006, `${reason}; gave up after ${attempt - 1} attempts`, false);
+      return;
+    }
+    const base = Math.min(r.initialDelayMs * 2 ** Math.min(attempt - 1, 16), r.maxDelayMs);
+    const delay = Math.round(base * (0.5 + Math.random() / 2));
+    this._emit('reconnecting', { attempt, delay });
+    setTimeout(() => {
+      if (this._closed) return;
+      const resume = this._resumeToken ? { peer: this.peerId, token: this._resumeToken } : null;
+      this._open(resume).then(
+        (msg) => {
+          if (this._closed) {
+            this._ws?.close(1000);
+            return;
+          }
+          this._reconnecting = false;
+          this._reconnected(msg);
+        },
+        (e) => {
+          if (['unauthorized', 'unsupported_version', 'version_mismatch'].includes(e.code)) {
+            this._reconnecting = false;
+            this._end(1008, `reconnecting: ${e.message}`, false);
+          } else {
+            this._retry(attempt + 1, reason);
+          }
+        },
+      );
+    }, delay);
+  }
+
+  _reconnected(msg) {
+    const known = [...this._groups.keys()];
+    this._welcomed(msg);
+    if (msg.resumed) {
+      const now = new Set(msg.groups ?? []);
+      for (const g of known) if (!now.has(g)) this._forgetGroup(g);
+      this._resyncing = now;
+      this._emit('reconnected', { peer: this.peerId, resumed: true });
+      for (const link of this._links.values()) link.resync();
+      return;
+    }
+    // A new session: links and link ids are gone. Report what may not have arrived.
+    for (const link of [...this._links.values()]) {
+      const messages = link.unackedMessages();
+      if (messages > 0) this._emit('undelivered', { peer: link.peer, messages });
+    }
+    for (const g of known) {
+      for (const peer of [...(this._groups.get(g)?.keys() ?? [])]) this._removeMember(g, peer);
+    }
+    for (const link of this._links.values()) link._close();
+    this._links.clear();
+    this._groups.clear();
+    this._resyncing = new Set();
+    this._rejoining = new Set(known);
+    this._emit('reconnected', { peer: this.peerId, resumed: false });
+    for (const g of known) this._sendJson({ type: 'join', group: g });
+  }
+
+  _forgetGroup(group) {
+    for (const peer of [...(this._groups.get(group)?.keys() ?? [])]) this._removeMember(group, peer);
+    this._groups.delete(group);
+    this._emit('groupleft', { group });
   }
 
   _end(code, reason, byClient) {
     if (this._closed) return;
     this._closed = true;
+    this._reconnecting = false;
     clearInterval(this._heartbeat);
     for (const link of this._links.values()) link._close();
     this._links.clear();
@@ -697,8 +827,21 @@ export class Client extends EventTarget {
     }
     switch (msg.type) {
       case 'joined': {
+        if (this._resyncing.delete(msg.group)) {
+          // After a resume: the members now, against what the client knew.
+          const known = this._groups.get(msg.group) ?? new Map();
+          const listed = new Set(msg.members.map((m) => m.peer));
+          for (const peer of [...known.keys()]) if (!listed.has(peer)) this._removeMember(msg.group, peer);
+          if (!this._groups.has(msg.group)) this._groups.set(msg.group, new Map());
+          for (const m of msg.members) {
+            if (this._links.get(m.peer)?.linkId !== m.link || !known.has(m.peer)) this._addMember(msg.group, m);
+          }
+          this._ack(msg);
+          break;
+        }
         this._groups.set(msg.group, new Map());
-        this._emit('groupjoined', { group: msg.group });
+        if (this._rejoining.delete(msg.group)) this._emit('rejoined', { group: msg.group });
+        else this._emit('groupjoined', { group: msg.group });
         const members = msg.members.map((m) => this._addMember(msg.group, m));
         this._pendingJoins.get(msg.group)?.resolve(members);
         this._pendingJoins.delete(msg.group);
@@ -730,6 +873,14 @@ export class Client extends EventTarget {
       case 'ice_servers':
         if (Array.isArray(msg.ice_servers)) this.iceServers = msg.ice_servers;
         break;
+      case 'member_suspended': {
+        const link = this._links.get(msg.peer);
+        if (link) link.relayPaused = true;
+        break;
+      }
+      case 'member_resumed':
+        this._links.get(msg.peer)?.resync();
+        break;
       case 'error':
         this._onError(msg);
         break;
@@ -759,6 +910,13 @@ export class Client extends EventTarget {
       msg.peer !== undefined &&
       !this._links.has(msg.peer);
     if (departed) return;
+    // Frames in flight to a peer whose session was just suspended: its link sends them again
+    // on member_resumed.
+    if (msg.code === 'peer_suspended') return;
+    // A group this client joins again by itself after a new session: it is gone.
+    if (msg.request === 'join' && this._rejoining.delete(msg.group)) {
+      this._emit('groupleft', { group: msg.group });
+    }
     // Reports for the server's records (ack, path): a refusal (a link that has just ended or
     // been replaced, a group just left, an older server) changes nothing for the app.
     if (msg.request === 'ack' || msg.request === 'path') return;
@@ -850,6 +1008,8 @@ class Link {
     this.nextPartMsg = 1; // msg of the next split unreliable message (link v2)
     // path
     this.path = 'server';
+    // The server path is interrupted (member_suspended, or this client is reconnecting).
+    this.relayPaused = false;
     this.pair = null;
     this.pc = null;
     this.gen = 0;
@@ -981,7 +1141,7 @@ class Link {
       const chunk = copy.subarray(i * MAX_FRAGMENT, Math.min((i + 1) * MAX_FRAGMENT, copy.length));
       const seq = this.nextSeq++;
       const frame = dataFrame(seq, i === count - 1, chunk);
-      this.unacked.push({ seq, frame, cost: chunk.length + FRAGMENT_OVERHEAD });
+      this.unacked.push({ seq, frame, cost: chunk.length + FRAGMENT_OVERHEAD, fin: i === count - 1 });
       this.transmitData(frame);
     }
   }
@@ -1022,7 +1182,38 @@ class Link {
   }
 
   relay(frame) {
+    // While the server path is interrupted nothing is relayed: reliable frames stay
+    // unacknowledged and go again on resync().
+    if (this.relayPaused || this.c._reconnecting) return;
     this.c._sendBinary(relayFrame(this.peer, this.linkId, frame));
+  }
+
+  // The server path is back (this session resumed, or the peer's did): send again every
+  // unacknowledged fragment and the current ACK, unless the link is direct.
+  resync() {
+    this.relayPaused = false;
+    if (!this.isDirect()) this.resendOnServer();
+  }
+
+  // Send every unacknowledged fragment again on the server path, in seq order, then the
+  // current ACK (frames and ACKs may have died with a path: the direct one, or the session's
+  // connection).
+  resendOnServer() {
+    for (let i = this.unackedHead; i < this.unacked.length; i++) {
+      this.relay(this.unacked[i].frame);
+      this.stats.resent++;
+      this.stats.sentServer++;
+    }
+    this.ackedSent = this.delivered;
+    this.ackDue = false;
+    if (this.delivered > 0) this.relay(u64Frame(K_ACK, this.delivered));
+  }
+
+  // Reliable messages not (completely) acknowledged: their last fragments (FIN) are unacked.
+  unackedMessages() {
+    let n = 0;
+    for (let i = this.unackedHead; i < this.unacked.length; i++) if (this.unacked[i].fin) n++;
+    return n;
   }
 
   // Send on a channel of the current PeerConnection; a failure is a failure of the direct path.
@@ -1320,17 +1511,9 @@ class Link {
     console.info(`peermesh: direct path to peer ${this.peer} lost (${why}); back to the server path`);
     this.pair = null;
     this.setPath('server', true);
-    // Everything unacknowledged may have died with the direct path: re-send it, in seq order.
+    // Everything unacknowledged may have died with the direct path, ACKs sent directly too.
     this.directQueue = [];
-    for (let i = this.unackedHead; i < this.unacked.length; i++) {
-      this.relay(this.unacked[i].frame);
-      this.stats.resent++;
-      this.stats.sentServer++;
-    }
-    // ACKs sent directly may have died too.
-    this.ackedSent = this.delivered;
-    this.ackDue = false;
-    if (this.delivered > 0) this.relay(u64Frame(K_ACK, this.delivered));
+    this.resendOnServer();
     // Only now: a 'path' handler that sends finds the re-send done (its message is not re-sent
     // too, and it follows the re-sent fragments on the server path).
     this.emitPath();

@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: a real server on 127.0.0.1 and real clients.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::time::Duration;
 
 use peermesh::{Client, ClientConfig, Event, Events, Path, PeerId};
