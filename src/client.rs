@@ -1124,6 +1124,11 @@ impl Session {
         // server belonged to them.
         while queue.try_recv().is_ok() {}
         self.peer.store(peer, Ordering::Relaxed);
+        self.emit(Event::Reconnected {
+            peer,
+            resumed: false,
+        })
+        .await;
         let links: Vec<(PeerId, LinkEntry)> = self.lock().links.drain().collect();
         for (peer, entry) in &links {
             let messages = entry.handle.unacked_messages();
@@ -1141,11 +1146,6 @@ impl Session {
         }
         self.lock().groups.clear();
         self.rejoining = known.into_iter().collect();
-        self.emit(Event::Reconnected {
-            peer,
-            resumed: false,
-        })
-        .await;
         queue
     }
 

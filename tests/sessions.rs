@@ -21,6 +21,21 @@ fn fast_reconnect(c: ClientConfig) -> ClientConfig {
     }))
 }
 
+/// Two members of "g" on the server path, `a` connected through a [`Proxy`] that can cut it.
+async fn pair_behind_a_proxy(
+    server: &peermesh_server::ServerHandle,
+) -> (Proxy, (Client, Events), (Client, Events)) {
+    let proxy = Proxy::start("127.0.0.1:0".parse().unwrap(), server.local_addr()).await;
+    let cfg = |name: &str| fast_reconnect(ClientConfig::new(name).with_direct(false));
+    let (a, mut ae) = Client::connect(&proxy.url(), cfg("a")).await.unwrap();
+    let (b, mut be) = client_with(server, cfg("b")).await;
+    a.join("g").await.unwrap();
+    b.join("g").await.unwrap();
+    wait_joined(&mut ae, b.peer_id()).await;
+    wait_joined(&mut be, a.peer_id()).await;
+    (proxy, (a, ae), (b, be))
+}
+
 fn numbered(n: u32) -> Vec<u8> {
     format!("{n:05} {}", "x".repeat(200)).into_bytes()
 }
@@ -60,15 +75,8 @@ async fn a_silently_cut_connection_resumes_without_losing_a_message() {
         ..Config::default()
     })
     .await;
-    let proxy = Proxy::start("127.0.0.1:0".parse().unwrap(), server.local_addr()).await;
-    let cfg = |name: &str| fast_reconnect(ClientConfig::new(name).with_direct(false));
-    let (a, mut ae) = Client::connect(&proxy.url(), cfg("a")).await.unwrap();
-    let (b, mut be) = client_with(&server, cfg("b")).await;
-    a.join("g").await.unwrap();
-    b.join("g").await.unwrap();
+    let (proxy, (a, mut ae), (b, mut be)) = pair_behind_a_proxy(&server).await;
     let (ia, ib) = (a.peer_id(), b.peer_id());
-    wait_joined(&mut ae, ib).await;
-    wait_joined(&mut be, ia).await;
 
     const N: u32 = 2000;
     let sender = |c: Client, to: PeerId| {
@@ -209,4 +217,73 @@ async fn after_a_server_restart_clients_rejoin_and_direct_links_keep_working() {
         .unwrap();
     let (data, _) = next_message(&mut be, na, 10).await;
     assert_eq!(&data[..], b"after the restart");
+}
+
+/// Cut for longer than the resume grace: the server ends the session (the other member sees it
+/// leave); the client comes back with a new session, joins its group again, and reports the
+/// reliable messages that were not acknowledged instead of losing them silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_grace_a_new_session_rejoins_and_reports_what_was_not_acknowledged() {
+    init_log();
+    let server = server_with(Config {
+        heartbeat_timeout: Duration::from_secs(1),
+        resume_grace: Duration::from_millis(500),
+        ..Config::default()
+    })
+    .await;
+    let (proxy, (a, mut ae), (b, mut be)) = pair_behind_a_proxy(&server).await;
+    let (ia, ib) = (a.peer_id(), b.peer_id());
+
+    proxy.block(true);
+    proxy.cut();
+    // Sent into the cut: never acknowledged.
+    for n in 0..20 {
+        a.send(ib, numbered(n), Reliability::Reliable)
+            .await
+            .unwrap();
+    }
+    // The server notices the silence (1 s), suspends the session, ends it after the grace.
+    wait_for(
+        &mut be,
+        10,
+        |e| matches!(e, Event::MemberLeft { peer, .. } if *peer == ia),
+    )
+    .await;
+    proxy.block(false);
+    wait_for(&mut ae, 10, |e| {
+        matches!(e, Event::Reconnected { resumed: false, .. })
+    })
+    .await;
+    let na = a.peer_id();
+    assert_ne!(na, ia, "a new session");
+    let mut undelivered = 0;
+    let mut rejoined = false;
+    while !rejoined {
+        match wait_for(&mut ae, 10, |e| {
+            matches!(e, Event::Undelivered { .. } | Event::Rejoined { .. })
+        })
+        .await
+        {
+            Event::Undelivered { peer, messages } => {
+                assert_eq!(peer, ib);
+                undelivered += messages;
+            }
+            Event::Rejoined { group } => {
+                assert_eq!(group, "g");
+                rejoined = true;
+            }
+            _ => unreachable!(),
+        }
+    }
+    assert_eq!(
+        undelivered, 20,
+        "every message sent into the cut is reported"
+    );
+    wait_joined(&mut be, na).await;
+    wait_joined(&mut ae, ib).await;
+    a.send(ib, b"again".to_vec(), Reliability::Reliable)
+        .await
+        .unwrap();
+    let (data, _) = next_message(&mut be, na, 10).await;
+    assert_eq!(&data[..], b"again");
 }

@@ -631,6 +631,7 @@ export class Client extends EventTarget {
       return;
     }
     // A new session: links and link ids are gone. Report what may not have arrived.
+    this._emit('reconnected', { peer: this.peerId, resumed: false });
     for (const link of [...this._links.values()]) {
       const messages = link.unackedMessages();
       if (messages > 0) this._emit('undelivered', { peer: link.peer, messages });
@@ -643,7 +644,6 @@ export class Client extends EventTarget {
     this._groups.clear();
     this._resyncing = new Set();
     this._rejoining = new Set(known);
-    this._emit('reconnected', { peer: this.peerId, resumed: false });
     for (const g of known) this._sendJson({ type: 'join', group: g });
   }
 

@@ -15,6 +15,8 @@ use tokio::net::{TcpListener, TcpStream};
 pub struct Proxy {
     addr: SocketAddr,
     cuts: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
+    /// New connections are closed at once (the server is unreachable).
+    blocked: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -24,9 +26,15 @@ impl Proxy {
         let listener = TcpListener::bind(bind).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cuts: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+        let blocked = Arc::new(AtomicBool::new(false));
         let list = cuts.clone();
+        let refuse = blocked.clone();
         let task = tokio::spawn(async move {
             while let Ok((down, _)) = listener.accept().await {
+                if refuse.load(Ordering::Relaxed) {
+                    drop(down);
+                    continue;
+                }
                 let Ok(up) = TcpStream::connect(upstream).await else {
                     continue;
                 };
@@ -38,12 +46,22 @@ impl Proxy {
                 tokio::spawn(pipe(ur, dw, cut));
             }
         });
-        Proxy { addr, cuts, task }
+        Proxy {
+            addr,
+            cuts,
+            blocked,
+            task,
+        }
     }
 
     /// The WebSocket URL of the server through the proxy.
     pub fn url(&self) -> String {
         format!("ws://{}/ws", self.addr)
+    }
+
+    /// While `true`, new connections are closed at once, as if the server were unreachable.
+    pub fn block(&self, blocked: bool) {
+        self.blocked.store(blocked, Ordering::Relaxed);
     }
 
     /// Cut every connection made so far.
