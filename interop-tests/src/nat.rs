@@ -931,6 +931,53 @@ impl Lab {
         nft_delete_table(router, "pmlab_hold")
     }
 
+    /// Give a NATed peer a new LAN address (`198.18.k.h` → `198.18.k.(h + 100)`), as when a
+    /// device moves to another network: the new address is added, the old one removed (its
+    /// sockets stop working), the default route kept. Returns (old, new).
+    pub fn renumber_peer(&self, peer: &str) -> Result<(Ipv4Addr, Ipv4Addr)> {
+        let shown = ip(&["-n", peer, "-4", "-o", "addr", "show", "dev", "tne"])?;
+        let old: Ipv4Addr = shown
+            .split_whitespace()
+            .skip_while(|w| *w != "inet")
+            .nth(1)
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| format!("no address on {peer}/tne: {shown:?}"))?;
+        let [a, b, k, h] = old.octets();
+        if (a, b) != (198, 18) || h >= 100 {
+            return Err(format!("{peer}: {old} is not a LAN peer address"));
+        }
+        let new = Ipv4Addr::new(a, b, k, h + 100);
+        // Keep the new (secondary) address when the old (primary) one goes.
+        ns_run(
+            peer,
+            "sysctl",
+            &["-q", "-w", "net.ipv4.conf.tne.promote_secondaries=1"],
+        )?;
+        ip(&[
+            "-n",
+            peer,
+            "addr",
+            "add",
+            &format!("{new}/24"),
+            "dev",
+            "tne",
+        ])?;
+        ip(&[
+            "-n",
+            peer,
+            "addr",
+            "del",
+            &format!("{old}/24"),
+            "dev",
+            "tne",
+        ])?;
+        let gw = format!("{a}.{b}.{k}.1");
+        // The default route may have gone with the old address.
+        let _ = ip(&["-n", peer, "route", "replace", "default", "via", &gw]);
+        Ok((old, new))
+    }
+
     /// Drop `percent` % of the UDP packets entering a router (either side), at random.
     pub fn add_loss(&self, router: &str, percent: u32) -> Result<()> {
         nft(

@@ -432,6 +432,70 @@ fn nat_direct_path_cut_and_restored() {
     });
 }
 
+/// A peer behind a home router gets a new LAN address mid-stream (the old one is removed, as
+/// when a device changes networks): its WebSocket and its direct path die with the old address;
+/// it resumes its session from the new address, the link goes direct again with a new
+/// generation, and the reliable stream completes in order, once.
+#[test]
+fn nat_address_change_mid_stream() {
+    serial(async {
+        let lab = Lab::new(programs()).expect("building the lab");
+        let _server = lab
+            .start_server(SERVER_A, &["--heartbeat-timeout-ms", "3000"])
+            .await
+            .expect("server");
+        let _responder = lab.start_responder().await.expect("probe responder");
+        let mut lab = lab;
+        let sa = checked_site(&mut lab, Kind::Home, 1).await;
+        let sb = checked_site(&mut lab, Kind::FullCone, 1).await;
+        let mut pair = Pair::start(&lab, &sa.peers[0], &sb.peers[0], SERVER_A, "move", 4000, 5)
+            .await
+            .expect("peers");
+        let direct = |l: &Line| l.kind == "path" && l.rest.contains(" direct ");
+        for p in [&pair.a, &pair.b] {
+            p.wait_line(direct, Duration::from_secs(15))
+                .await
+                .unwrap_or_else(|| panic!("no direct path: {}", pair.dump()));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+
+        let moved = Instant::now();
+        let (old, new) = lab.renumber_peer(&sa.peers[0]).expect("renumber");
+        println!("{}: {old} -> {new}", sa.peers[0]);
+        let resumed = pair
+            .a
+            .wait_line_after(
+                moved,
+                |l| l.rest.contains("Reconnected") && l.rest.contains("resumed: true"),
+                Duration::from_secs(20),
+            )
+            .await
+            .unwrap_or_else(|| panic!("the moved peer did not resume: {}", pair.dump()));
+        println!(
+            "session resumed {} after the move",
+            secs(resumed.at - moved)
+        );
+        let back = pair
+            .a
+            .wait_line_after(moved, direct, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|| panic!("never direct again: {}", pair.dump()));
+        println!(
+            "direct again {} after the move ({})",
+            secs(back.at - moved),
+            back.rest
+        );
+        let report = pair.finish(Duration::from_secs(90)).await;
+        assert!(
+            report.messages_ok && report.problems.is_empty(),
+            "{report:?}\n{}",
+            pair.dump()
+        );
+        pair.stop().await;
+        lab.shutdown().expect("clean teardown");
+    });
+}
+
 /// 5 % random UDP loss in a router (both directions): the reliable stream still completes, in
 /// order, once.
 #[test]
