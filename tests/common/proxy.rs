@@ -17,6 +17,8 @@ pub struct Proxy {
     cuts: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
     /// New connections are closed at once (the server is unreachable).
     blocked: Arc<AtomicBool>,
+    /// The forwarding tasks of every connection (aborting one drops its sockets).
+    pipes: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -29,6 +31,8 @@ impl Proxy {
         let blocked = Arc::new(AtomicBool::new(false));
         let list = cuts.clone();
         let refuse = blocked.clone();
+        let pipes: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let tasks = pipes.clone();
         let task = tokio::spawn(async move {
             while let Ok((down, _)) = listener.accept().await {
                 if refuse.load(Ordering::Relaxed) {
@@ -42,14 +46,16 @@ impl Proxy {
                 list.lock().unwrap().push(cut.clone());
                 let (dr, dw) = down.into_split();
                 let (ur, uw) = up.into_split();
-                tokio::spawn(pipe(dr, uw, cut.clone()));
-                tokio::spawn(pipe(ur, dw, cut));
+                let one = tokio::spawn(pipe(dr, uw, cut.clone())).abort_handle();
+                let other = tokio::spawn(pipe(ur, dw, cut)).abort_handle();
+                tasks.lock().unwrap().extend([one, other]);
             }
         });
         Proxy {
             addr,
             cuts,
             blocked,
+            pipes,
             task,
         }
     }
@@ -64,6 +70,14 @@ impl Proxy {
         self.blocked.store(blocked, Ordering::Relaxed);
     }
 
+    /// Close every connection made so far, both sides, without a WebSocket close frame (a
+    /// reset network path).
+    pub fn reset(&self) {
+        for t in self.pipes.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+
     /// Cut every connection made so far.
     pub fn cut(&self) {
         for c in self.cuts.lock().unwrap().iter() {
@@ -75,6 +89,7 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.task.abort();
+        self.reset();
     }
 }
 
