@@ -245,53 +245,43 @@ async fn main() -> Result<()> {
         args.rounds
     );
     println!("|---|---|---|---|---|---|");
-    println!(
-        "{}",
-        row(
-            "resume after a reset, ms (baseline: connect)",
+    let rows = [
+        (
+            "resume after a reset, ms (baseline: connect)".to_string(),
             col(&reset, |c| c.resumed_ms),
             col(&reset, |c| c.baseline_ms),
-            1
-        )
-    );
-    println!(
-        "{}",
-        row(
-            "resume after a silent cut, ms (baseline: heartbeat timeout)",
+            1,
+        ),
+        (
+            "resume after a silent cut, ms (baseline: heartbeat timeout)".to_string(),
             col(&silent, |c| c.resumed_ms),
             heartbeat,
-            1
-        )
-    );
-    println!(
-        "{}",
-        row(
-            "streams complete after a reset, ms (baseline: connect)",
+            1,
+        ),
+        (
+            "streams complete after a reset, ms (baseline: connect)".to_string(),
             col(&reset, |c| c.complete_ms),
             col(&reset, |c| c.baseline_ms),
-            1
-        )
-    );
-    println!(
-        "{}",
-        row(
-            "frames re-sent per resume (reset / silent cut)",
+            1,
+        ),
+        (
+            "frames re-sent per resume (reset / silent cut)".to_string(),
             col(&reset, |c| c.resent),
             col(&silent, |c| c.resent),
-            0
-        )
-    );
-    println!(
-        "{}",
-        row(
-            &format!(
+            0,
+        ),
+        (
+            format!(
                 "restart → {} clients rejoined, ms (baseline: they connect and join)",
                 args.clients
             ),
             stat(&restart.iter().map(|r| r.0).collect::<Vec<_>>()),
             stat(&restart.iter().map(|r| r.1).collect::<Vec<_>>()),
-            1
-        )
-    );
+            1,
+        ),
+    ];
+    for (figure, a, b, prec) in rows {
+        println!("{}", row(&figure, a, b, prec));
+    }
     Ok(())
 }
