@@ -896,6 +896,7 @@ impl Session {
                         user: user.clone(),
                         direct,
                         resumable,
+                        ip: self.client_ip.map(crate::turn::quota_ip),
                     },
                     outlet,
                 );

@@ -176,6 +176,8 @@ struct Client {
     resume_token: Option<String>,
     /// Since when the session's connection is gone (it waits for a resume).
     suspended: Option<Instant>,
+    /// Source address (per-address limit on suspended sessions).
+    ip: Option<std::net::IpAddr>,
 }
 
 struct Link {
@@ -220,6 +222,9 @@ struct State {
     /// The server is stopping: sessions end without telling their co-members (who are being
     /// closed too, and whose direct paths should not end with the server).
     stopping: bool,
+    /// Suspended sessions, in total and per source address.
+    suspended_total: usize,
+    suspended_by_ip: HashMap<std::net::IpAddr, usize>,
 }
 
 /// The shared state of one server.
@@ -234,6 +239,9 @@ pub(crate) struct Hub {
     ack_timeout: Duration,
     /// How long a suspended session waits for its resume.
     resume_grace: Duration,
+    /// Most suspended sessions from one source address, and in total.
+    max_suspended_per_ip: usize,
+    max_suspended: usize,
     events: broadcast::Sender<ServerEvent>,
 }
 
@@ -247,6 +255,8 @@ pub(crate) struct NewSession {
     pub(crate) direct: DirectPolicy,
     /// The client can resume the session.
     pub(crate) resumable: bool,
+    /// Its source address as counted for per-address limits (IPv6 by /64).
+    pub(crate) ip: Option<std::net::IpAddr>,
 }
 
 /// Details for an `error` frame.
@@ -592,6 +602,34 @@ impl State {
         Ok(())
     }
 
+    /// Mark `peer` suspended (since now) or not, keeping the counts.
+    fn set_suspended(&mut self, peer: PeerId, suspended: bool) {
+        let Some(c) = self.clients.get_mut(&peer) else {
+            return;
+        };
+        if c.suspended.is_some() == suspended {
+            return;
+        }
+        c.suspended = suspended.then(Instant::now);
+        let ip = c.ip;
+        if suspended {
+            self.suspended_total += 1;
+            if let Some(ip) = ip {
+                *self.suspended_by_ip.entry(ip).or_insert(0) += 1;
+            }
+        } else {
+            self.suspended_total -= 1;
+            if let Some(ip) = ip {
+                if let Some(n) = self.suspended_by_ip.get_mut(&ip) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.suspended_by_ip.remove(&ip);
+                    }
+                }
+            }
+        }
+    }
+
     /// The peers `peer` has a link with.
     fn co_members(&self, peer: PeerId) -> Vec<PeerId> {
         self.links
@@ -611,6 +649,7 @@ impl State {
     /// Remove a client entirely, telling its co-members.
     fn remove(&mut self, peer: PeerId, reason: &str, out: &mut Outbox) -> Option<Client> {
         let groups: Vec<String> = self.clients.get(&peer)?.groups.iter().cloned().collect();
+        self.set_suspended(peer, false);
         for group in &groups {
             self.remove_member(peer, group, Removal::SessionEnded, out);
         }
@@ -682,6 +721,8 @@ impl Hub {
             client_groups: config.client_groups,
             ack_timeout: config.ack_timeout,
             resume_grace: config.resume_grace,
+            max_suspended_per_ip: config.server_limits.max_connections_per_ip,
+            max_suspended: config.server_limits.max_connections,
             events: broadcast::channel(EVENT_BUFFER).0,
         }
     }
@@ -739,6 +780,7 @@ impl Hub {
             user,
             direct,
             resumable,
+            ip,
         } = who;
         let mut out = Outbox::new();
         let mut st = self.lock();
@@ -789,6 +831,7 @@ impl Hub {
                 outlet,
                 resume_token,
                 suspended: None,
+                ip,
             },
         );
         drop(st);
@@ -819,7 +862,7 @@ impl Hub {
     pub(crate) fn suspend(&self, peer: PeerId, budget: &Arc<Semaphore>) -> bool {
         let mut out = Outbox::new();
         let mut st = self.lock();
-        let Some(client) = st.clients.get_mut(&peer) else {
+        let Some(client) = st.clients.get(&peer) else {
             return false;
         };
         if !Arc::ptr_eq(&client.outlet.budget, budget)
@@ -828,8 +871,16 @@ impl Hub {
         {
             return false;
         }
-        client.suspended = Some(Instant::now());
-        let user = client.user.clone();
+        // Suspended sessions hold no connection: bound them per source address and in total
+        // like connections, so dropping connections cannot pile them up.
+        let ip = client.ip;
+        let from_ip = ip.map_or(0, |ip| st.suspended_by_ip.get(&ip).copied().unwrap_or(0));
+        if from_ip >= self.max_suspended_per_ip || st.suspended_total >= self.max_suspended {
+            tracing::info!(peer, "not keeping the session: too many suspended sessions");
+            return false;
+        }
+        st.set_suspended(peer, true);
+        let user = st.clients.get(&peer).and_then(|c| c.user.clone());
         let note = encode(&ServerMsg::MemberSuspended { peer });
         for other in st.co_members(peer) {
             if let (Some(c), Some(text)) = (st.clients.get(&other), &note) {
@@ -870,15 +921,16 @@ impl Hub {
             return Err(failed("wrong resume token for this session"));
         }
         let old = std::mem::replace(&mut client.outlet, outlet.clone());
-        let was_suspended = client.suspended.take().is_some();
+        let was_suspended = client.suspended.is_some();
+        let user = client.user.clone();
+        let groups: Vec<String> = client.groups.iter().cloned().collect();
+        let resume_token = client.resume_token.clone();
+        st.set_suspended(peer, false);
         if !was_suspended {
             old.state.kill(RESUMED_ELSEWHERE);
         }
         // Frames forwarded to the old connection are gone with it.
         old.budget.close();
-        let user = client.user.clone();
-        let groups: Vec<String> = client.groups.iter().cloned().collect();
-        let resume_token = client.resume_token.clone();
         send(
             &outlet,
             &ServerMsg::Welcome {

@@ -288,3 +288,52 @@ async fn a_resume_takes_over_a_connection_not_yet_seen_dead() {
         }
     }
 }
+
+/// Suspended sessions hold no connection, so they are bounded like connections: past
+/// `max_connections_per_ip` suspended sessions from one address, a lost session ends at once.
+#[tokio::test]
+async fn suspended_sessions_are_bounded_per_address() {
+    let server = Server::bind(Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        resume_grace: Duration::from_secs(30),
+        server_limits: peermesh_server::ServerLimits {
+            max_connections_per_ip: 5,
+            ..Default::default()
+        },
+        ..Config::default()
+    })
+    .await
+    .expect("bind")
+    .spawn();
+    let url = server.ws_url();
+    let (mut witness, _, _) = resumable(&url, "witness").await;
+    join(&mut witness, "room").await.unwrap();
+    let mut kept = 0;
+    for batch in [4, 2] {
+        let mut lost = Vec::new();
+        for i in 0..batch {
+            let (mut ws, peer, _) = resumable(&url, &format!("c{i}")).await;
+            join(&mut ws, "room").await.unwrap();
+            assert!(matches!(
+                next_msg(&mut witness).await,
+                ServerMsg::MemberJoined { .. }
+            ));
+            lost.push((ws, peer));
+        }
+        for (ws, peer) in lost {
+            lose(ws);
+            match next_msg(&mut witness).await {
+                ServerMsg::MemberSuspended { peer: p } => {
+                    assert_eq!(p, peer);
+                    kept += 1;
+                }
+                ServerMsg::MemberLeft { peer: p, .. } => {
+                    assert_eq!(p, peer);
+                    assert_eq!(kept, 5, "ended although only {kept} were suspended");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    assert_eq!(kept, 5);
+}
