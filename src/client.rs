@@ -1307,20 +1307,7 @@ impl Session {
                 self.ack(group, change).await;
             }
             ServerMsg::Left { group, change } => {
-                let peers: Vec<PeerId> = self
-                    .lock()
-                    .groups
-                    .get(&group)
-                    .map(|m| m.keys().copied().collect())
-                    .unwrap_or_default();
-                for peer in peers {
-                    self.remove_member(&group, peer).await;
-                }
-                self.lock().groups.remove(&group);
-                self.emit(Event::GroupLeft {
-                    group: group.clone(),
-                })
-                .await;
+                self.forget_group(&group).await;
                 if let Some(tx) = self.pending_leaves.remove(&group) {
                     let _ = tx.send(Ok(()));
                 }

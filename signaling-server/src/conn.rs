@@ -79,16 +79,6 @@ struct PendingForward {
     permits: usize,
 }
 
-/// The fields of a `hello`.
-struct Hello<'a> {
-    version: u32,
-    name: &'a str,
-    token: Option<&'a str>,
-    direct: DirectPolicy,
-    resumable: bool,
-    resume: Option<&'a peermesh::protocol::Resume>,
-}
-
 /// A token bucket (see [`Rate`]). Tokens may go into debt (`take_paced`), which is paid back
 /// over time before more is accepted.
 struct Bucket {
@@ -700,28 +690,8 @@ impl Session {
             return Flow::Continue;
         }
         let me = match (&msg, self.peer) {
-            (
-                Request::Hello {
-                    version,
-                    name,
-                    token,
-                    direct,
-                    resumable,
-                    resume,
-                },
-                None,
-            ) => {
-                let hello = Hello {
-                    version: *version,
-                    name,
-                    token: token.as_deref(),
-                    direct: *direct,
-                    resumable: *resumable,
-                    resume: resume.as_ref(),
-                };
-                return self.on_hello(hello);
-            }
-            (Request::Hello { .. }, Some(_)) => {
+            (Request::Hello(hello), None) => return self.on_hello(hello),
+            (Request::Hello(_), Some(_)) => {
                 self.error(ErrorCode::BadFrame, "already said hello", Some(kind));
                 return Flow::Continue;
             }
@@ -737,7 +707,7 @@ impl Session {
         };
         let shared = &self.shared;
         let result = match msg {
-            Request::Hello { .. } => Ok(()),
+            Request::Hello(_) => Ok(()),
             Request::Join { group } => match &self.allowed_groups {
                 Some(allowed) if !allowed.contains(&group) => Err(Failure::new(
                     ErrorCode::Forbidden,
@@ -824,15 +794,16 @@ impl Session {
         }
     }
 
-    fn on_hello(&mut self, hello: Hello<'_>) -> Flow {
-        let Hello {
+    fn on_hello(&mut self, hello: &request::Hello) -> Flow {
+        let request::Hello {
             version,
-            name,
-            token,
+            ref name,
+            ref token,
             direct,
             resumable,
-            resume,
-        } = hello;
+            ref resume,
+        } = *hello;
+        let token = token.as_deref();
         if version != PROTOCOL_VERSION {
             self.error(
                 ErrorCode::UnsupportedVersion,

@@ -447,13 +447,7 @@ impl State {
         });
         let mut waiting: BTreeSet<PeerId> = BTreeSet::new();
         for &other in &remaining {
-            let key = pair(peer, other);
-            if let Some(link) = self.links.get_mut(&key) {
-                link.shared_groups = link.shared_groups.saturating_sub(1);
-                if link.shared_groups == 0 {
-                    self.links.remove(&key);
-                }
-            }
+            self.unlink(peer, other);
             if let (Some(client), Some(text), false) =
                 (self.clients.get(&other), &note, self.stopping)
             {
@@ -630,20 +624,35 @@ impl State {
         }
     }
 
-    /// The peers `peer` has a link with.
-    fn co_members(&self, peer: PeerId) -> Vec<PeerId> {
-        self.links
-            .keys()
-            .filter_map(|&(a, b)| {
-                if a == peer {
-                    Some(b)
-                } else if b == peer {
-                    Some(a)
-                } else {
-                    None
-                }
-            })
-            .collect()
+    /// Send `msg` to every peer `peer` has a link with (the members of its groups), once each.
+    fn tell_co_members(&self, peer: PeerId, msg: &ServerMsg) {
+        let Some(text) = encode(msg) else { return };
+        let Some(me) = self.clients.get(&peer) else {
+            return;
+        };
+        let others: BTreeSet<PeerId> = me
+            .groups
+            .iter()
+            .filter_map(|g| self.groups.get(g))
+            .flat_map(|g| g.members.iter().copied())
+            .filter(|&p| p != peer)
+            .collect();
+        for other in others {
+            if let Some(c) = self.clients.get(&other) {
+                c.outlet.send_text(text.clone());
+            }
+        }
+    }
+
+    /// The pair `(a, b)` shares one group less: its link ends when it shares none.
+    fn unlink(&mut self, a: PeerId, b: PeerId) {
+        let key = pair(a, b);
+        if let Some(link) = self.links.get_mut(&key) {
+            link.shared_groups = link.shared_groups.saturating_sub(1);
+            if link.shared_groups == 0 {
+                self.links.remove(&key);
+            }
+        }
     }
 
     /// Remove a client entirely, telling its co-members.
@@ -881,12 +890,7 @@ impl Hub {
         }
         st.set_suspended(peer, true);
         let user = st.clients.get(&peer).and_then(|c| c.user.clone());
-        let note = encode(&ServerMsg::MemberSuspended { peer });
-        for other in st.co_members(peer) {
-            if let (Some(c), Some(text)) = (st.clients.get(&other), &note) {
-                c.outlet.send_text(text.clone());
-            }
-        }
+        st.tell_co_members(peer, &ServerMsg::MemberSuspended { peer });
         out.push(ServerEvent::SessionSuspended { peer, user });
         drop(st);
         self.publish(out);
@@ -976,12 +980,7 @@ impl Hub {
                 },
             );
         }
-        let note = encode(&ServerMsg::MemberResumed { peer });
-        for other in st.co_members(peer) {
-            if let (Some(c), Some(text)) = (st.clients.get(&other), &note) {
-                c.outlet.send_text(text.clone());
-            }
-        }
+        st.tell_co_members(peer, &ServerMsg::MemberResumed { peer });
         out.push(ServerEvent::SessionResumed { peer, user });
         drop(guard);
         self.publish(out);
@@ -992,6 +991,9 @@ impl Hub {
     pub(crate) fn expire_suspended(&self) {
         let mut out = Outbox::new();
         let mut st = self.lock();
+        if st.suspended_total == 0 {
+            return;
+        }
         let now = Instant::now();
         let expired: Vec<PeerId> = st
             .clients
@@ -1321,13 +1323,7 @@ impl Hub {
         let members: Vec<PeerId> = g.members.iter().copied().collect();
         for (i, &peer) in members.iter().enumerate() {
             for &other in &members[i + 1..] {
-                let key = pair(peer, other);
-                if let Some(link) = st.links.get_mut(&key) {
-                    link.shared_groups = link.shared_groups.saturating_sub(1);
-                    if link.shared_groups == 0 {
-                        st.links.remove(&key);
-                    }
-                }
+                st.unlink(peer, other);
             }
             if let Some(client) = st.clients.get_mut(&peer) {
                 client.groups.remove(name);

@@ -16,14 +16,7 @@ use serde_json::value::RawValue;
 /// A client frame the server understood.
 #[derive(Debug)]
 pub(crate) enum Request<'a> {
-    Hello {
-        version: u32,
-        name: String,
-        token: Option<String>,
-        direct: DirectPolicy,
-        resumable: bool,
-        resume: Option<Resume>,
-    },
+    Hello(Hello),
     Join {
         group: String,
     },
@@ -56,7 +49,7 @@ impl Request<'_> {
     /// The frame's `type`.
     pub(crate) fn kind(&self) -> &'static str {
         match self {
-            Request::Hello { .. } => "hello",
+            Request::Hello(_) => "hello",
             Request::Join { .. } => "join",
             Request::Leave { .. } => "leave",
             Request::Signal { .. } => "signal",
@@ -88,18 +81,19 @@ struct Tag<'a> {
     kind: Cow<'a, str>,
 }
 
-#[derive(Deserialize)]
-struct HelloFields {
-    version: u32,
-    name: String,
+/// The fields of a `hello`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct Hello {
+    pub(crate) version: u32,
+    pub(crate) name: String,
     #[serde(default)]
-    token: Option<String>,
+    pub(crate) token: Option<String>,
     #[serde(default)]
-    direct: DirectPolicy,
+    pub(crate) direct: DirectPolicy,
     #[serde(default)]
-    resumable: bool,
+    pub(crate) resumable: bool,
     #[serde(default)]
-    resume: Option<Resume>,
+    pub(crate) resume: Option<Resume>,
 }
 
 #[derive(Deserialize)]
@@ -158,17 +152,7 @@ pub(crate) fn parse(text: &str) -> Result<Request<'_>, BadRequest> {
         })
     }
     Ok(match tag.kind.as_ref() {
-        "hello" => {
-            let f: HelloFields = fields(text, "hello")?;
-            Request::Hello {
-                version: f.version,
-                name: f.name,
-                token: f.token,
-                direct: f.direct,
-                resumable: f.resumable,
-                resume: f.resume,
-            }
-        }
+        "hello" => Request::Hello(fields(text, "hello")?),
         "join" => Request::Join {
             group: fields::<GroupFields>(text, "join")?.group,
         },
@@ -321,20 +305,13 @@ mod tests {
 
     fn as_client_msg(r: &Request<'_>) -> ClientMsg {
         match r {
-            Request::Hello {
-                version,
-                name,
-                token,
-                direct,
-                resumable,
-                resume,
-            } => ClientMsg::Hello {
-                version: *version,
-                name: name.clone(),
-                token: token.clone(),
-                direct: *direct,
-                resumable: *resumable,
-                resume: resume.clone(),
+            Request::Hello(h) => ClientMsg::Hello {
+                version: h.version,
+                name: h.name.clone(),
+                token: h.token.clone(),
+                direct: h.direct,
+                resumable: h.resumable,
+                resume: h.resume.clone(),
             },
             Request::Join { group } => ClientMsg::Join {
                 group: group.clone(),

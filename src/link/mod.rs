@@ -493,6 +493,7 @@ impl LinkShared {
                 seq,
                 frame: frame.clone(),
                 permits: fragment_permits(chunk.len()),
+                fin,
             });
             frames.push(frame);
             if fin {
@@ -888,22 +889,15 @@ impl LinkHandle {
             .map_err(|_| Error::UnknownPeer(self.peer))
     }
 
-    /// Reliable messages sent and not (completely) acknowledged by the peer.
+    /// Reliable messages sent and not (completely) acknowledged by the peer: each has its last
+    /// fragment among the unacknowledged ones (a message's fragments are recorded at once).
     pub(crate) fn unacked_messages(&self) -> u64 {
-        let st = self.shared.lock_send();
-        let fins = st
+        self.shared
+            .lock_send()
             .unacked
             .iter()
-            .filter(|u| {
-                matches!(
-                    LinkFrame::decode(&u.frame),
-                    Ok(LinkFrame::Data { fin: true, .. })
-                )
-            })
-            .count() as u64;
-        // Every message's fragments are recorded at once, so each unacknowledged message has
-        // its last (FIN) fragment among them.
-        fins
+            .filter(|u| u.fin)
+            .count() as u64
     }
 
     /// Stop the link: senders waiting on the window get an error, the task closes its
@@ -992,6 +986,8 @@ struct Unacked {
     seq: u64,
     frame: Bytes,
     permits: u32,
+    /// The last fragment of its message.
+    fin: bool,
 }
 
 struct LinkTask {
