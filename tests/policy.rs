@@ -16,8 +16,7 @@ use common::*;
 use futures_util::{SinkExt, StreamExt};
 use peermesh::protocol::PROTOCOL_VERSION;
 use peermesh::{CandidateType, ClientConfig, DirectPolicy, Event, Path};
-use peermesh_server::turn::TurnConfig;
-use peermesh_server::{Config, ServerHandle, TurnMode};
+use peermesh_server::ServerHandle;
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
@@ -28,20 +27,6 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 const WAIT: Duration = Duration::from_secs(10);
 /// How long a test watches for frames that must not come.
 const QUIET: Duration = Duration::from_secs(3);
-
-/// A server whose embedded TURN relays between loopback addresses from `relay_ports`.
-async fn turn_server(relay_ports: (u16, u16)) -> ServerHandle {
-    server_with(Config {
-        turn: TurnMode::Embedded(TurnConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            relay_ports,
-            allow_peers: vec!["127.0.0.0/8".parse().unwrap()],
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
-    .await
-}
 
 fn config(name: &str, policy: DirectPolicy) -> ClientConfig {
     ClientConfig::new(name)
@@ -233,7 +218,7 @@ fn raw_offer_sdp() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_initiator_signals_relay_candidates_only() {
     init_log();
-    let server = turn_server((51000, 51099)).await;
+    let server = server_with(embedded_turn((51000, 51099))).await;
     let mut raw = Raw::hello(&server, "raw").await;
     raw.join("g").await;
     // The joiner is the initiator.
@@ -263,7 +248,7 @@ async fn relay_initiator_signals_relay_candidates_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_responder_signals_relay_candidates_only() {
     init_log();
-    let server = turn_server((51100, 51199)).await;
+    let server = server_with(embedded_turn((51100, 51199))).await;
     // Through a recorder: what c itself sends, before the server's own enforcement.
     let rec = Recorder::start(&server).await;
     let (c, _ce) = peermesh::Client::connect(&rec.url, config("c", DirectPolicy::Relay))
@@ -394,7 +379,7 @@ async fn a_declined_offer_is_reported_once_and_never_repeated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_relay_member_makes_the_pair_relay_relay() {
     init_log();
-    let server = turn_server((51200, 51299)).await;
+    let server = server_with(embedded_turn((51200, 51299))).await;
     let (a, mut ae) = client_with(&server, config("a", DirectPolicy::Relay)).await;
     let (b, mut be) = client_with(&server, config("b", DirectPolicy::Any)).await;
     a.join("g").await.unwrap();
@@ -640,7 +625,7 @@ async fn path_changes_are_reported_to_the_server() {
 async fn backend_groups_impose_their_policy() {
     use peermesh_server::admin::{GroupOptions, ServerEvent};
     init_log();
-    let server = turn_server((51300, 51399)).await;
+    let server = server_with(embedded_turn((51300, 51399))).await;
     let admin = server.admin();
     let mut backend = admin.events();
     for (group, direct) in [("r", DirectPolicy::Relay), ("n", DirectPolicy::None)] {

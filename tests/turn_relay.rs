@@ -6,21 +6,7 @@ use std::time::Duration;
 
 use common::*;
 use peermesh::{CandidateType, ClientConfig, Path, Reliability};
-use peermesh_server::turn::TurnConfig;
-use peermesh_server::{Config, TurnMode};
-
-fn embedded_turn(relay_ports: (u16, u16)) -> Config {
-    Config {
-        turn: TurnMode::Embedded(TurnConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            relay_ports,
-            // The relay candidates of both clients are loopback addresses.
-            allow_peers: vec!["127.0.0.0/8".parse().unwrap()],
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
+use peermesh_server::Config;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_only_pair_through_our_turn_delivers_10000_in_order() {

@@ -284,6 +284,23 @@ struct Setup {
 }
 
 impl Setup {
+    /// Have the aiortc peer send `count` unreliable messages of `size` bytes, one every `ms`,
+    /// and wait until they have left its data channel (the native side keeps reading).
+    async fn usend_many(&mut self, count: usize, size: usize, ms: u64) {
+        self.py
+            .command(&format!("usend_many {NATIVE} {count} {size} {ms}"))
+            .await;
+        let (native, py) = (&mut self.native, &mut self.py);
+        let done = async {
+            py.until("usent", |_, l| l.starts_with(&format!("usent {NATIVE} ")))
+                .await;
+        };
+        tokio::select! {
+            _ = done => {}
+            _ = native.drain(WAIT) => panic!("aiortc peer: usend_many did not finish"),
+        }
+    }
+
     async fn new(py_first: bool, native_ports: Option<(u16, u16)>) -> Setup {
         Setup::with(py_first, native_ports, true, true, 2).await
     }
@@ -715,17 +732,7 @@ async fn aiortc_max_size_unreliable_under_loss_then_reliable() {
     // webrtc-sctp takes for a dead association.
     let loss = NftTable::udp_loss("aiortc_loss", PORTS, 5);
     let started = Instant::now();
-    t.py.command(&format!("usend_many {NATIVE} {UNRELIABLE} 16384 10"))
-        .await;
-    let (native, py) = (&mut t.native, &mut t.py);
-    let done = async {
-        py.until("usent", |_, l| l.starts_with(&format!("usent {NATIVE} ")))
-            .await;
-    };
-    tokio::select! {
-        _ = done => {}
-        _ = native.drain(WAIT) => panic!("aiortc peer: usend_many did not finish"),
-    }
+    t.usend_many(UNRELIABLE, 16384, 10).await;
     eprintln!("unreliable sent in {:?}", started.elapsed());
 
     // Then reliable messages, still under loss.
@@ -831,17 +838,7 @@ async fn aiortc_v1_peer_breaking_the_rule_cannot_stall_the_native_end() {
     t.wait_paths(true).await;
     let failed_before = t.native.direct_failed;
     let loss = NftTable::udp_loss("aiortc_v1_loss", PORTS, 5);
-    t.py.command(&format!("usend_many {NATIVE} {UNRELIABLE} 16384 5"))
-        .await;
-    let (native, py) = (&mut t.native, &mut t.py);
-    let done = async {
-        py.until("usent", |_, l| l.starts_with(&format!("usent {NATIVE} ")))
-            .await;
-    };
-    tokio::select! {
-        _ = done => {}
-        _ = native.drain(WAIT) => panic!("aiortc peer: usend_many did not finish"),
-    }
+    t.usend_many(UNRELIABLE, 16384, 5).await;
     let to_native = numbered("v1-after-loss", 0..RELIABLE);
     let sent_at = Instant::now();
     t.send_both(Vec::new(), to_native, PACE).await;

@@ -335,6 +335,25 @@ async fn server_on(ns: &Netns, turn: TurnMode) -> ServerHandle {
     .spawn()
 }
 
+/// [`server_on`] with the embedded TURN service on the host side of the veth, relaying on
+/// `relay_ports`; both ends' relay addresses are on that side, so its subnet is allowed as peers.
+async fn server_with_turn(ns: &Netns, relay_ports: (u16, u16)) -> ServerHandle {
+    let turn_port = std::net::UdpSocket::bind((ns.host_ip, 0))
+        .and_then(|s| s.local_addr())
+        .expect("a free UDP port")
+        .port();
+    server_on(
+        ns,
+        TurnMode::Embedded(TurnConfig {
+            listen: SocketAddr::from((ns.host_ip, turn_port)),
+            relay_ports,
+            allow_peers: vec![ns.subnet.parse().unwrap()],
+            ..Default::default()
+        }),
+    )
+    .await
+}
+
 /// A native client whose host candidates are the host side of the veth only.
 async fn native(
     ns: &Netns,
@@ -712,22 +731,9 @@ async fn relay_first_2000_messages_from_the_browser_arrive_in_order_across_the_s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_only_browser_and_native_through_the_embedded_turn() {
     let ns = Netns::create();
-    let turn_port = std::net::UdpSocket::bind((ns.host_ip, 0))
-        .and_then(|s| s.local_addr())
-        .expect("a free UDP port")
-        .port();
-    let server = server_on(
-        &ns,
-        TurnMode::Embedded(TurnConfig {
-            listen: SocketAddr::from((ns.host_ip, turn_port)),
-            relay_ports: (53000, 53999),
-            // Both relay addresses are on the host side of the veth: allow that subnet as peers.
-            allow_peers: vec![ns.subnet.parse().unwrap()],
-            ..Default::default()
-        }),
-    )
-    .await;
+    let server = server_with_turn(&ns, (53000, 53999)).await;
     let turn = server.turn().expect("embedded TURN").clone();
+    let turn_port = turn.local_addr().port();
     let (n, mut ne) = native(&ns, &server, "native", true).await;
     n.join("g").await.unwrap();
     let (mut b, bid) =
@@ -2143,20 +2149,7 @@ async fn chromium_in_a_relay_group_ends_direct_relay_relay() {
 /// signals is a relay candidate without its related address.
 async fn relay_relay_pair(options: serde_json::Value, relay_group: bool) {
     let ns = Netns::create();
-    let turn_port = std::net::UdpSocket::bind((ns.host_ip, 0))
-        .and_then(|s| s.local_addr())
-        .expect("a free UDP port")
-        .port();
-    let server = server_on(
-        &ns,
-        TurnMode::Embedded(TurnConfig {
-            listen: SocketAddr::from((ns.host_ip, turn_port)),
-            relay_ports: (54700, 54799),
-            allow_peers: vec![ns.subnet.parse().unwrap()],
-            ..Default::default()
-        }),
-    )
-    .await;
+    let server = server_with_turn(&ns, (54700, 54799)).await;
     if relay_group {
         server
             .admin()

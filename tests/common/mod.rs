@@ -17,6 +17,20 @@ pub async fn server_with(mut config: Config) -> ServerHandle {
     Server::bind(config).await.expect("bind server").spawn()
 }
 
+/// A server configuration with the embedded TURN service on loopback, relaying on
+/// `relay_ports` between loopback addresses (both clients' relay candidates are on loopback).
+pub fn embedded_turn(relay_ports: (u16, u16)) -> Config {
+    Config {
+        turn: peermesh_server::TurnMode::Embedded(peermesh_server::turn::TurnConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            relay_ports,
+            allow_peers: vec!["127.0.0.0/8".parse().unwrap()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// A client whose direct paths stay on loopback (the test network rule).
 pub async fn client(server: &ServerHandle, name: &str) -> (Client, Events) {
     client_with(server, ClientConfig::new(name).with_loopback_only(true)).await

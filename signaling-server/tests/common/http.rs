@@ -15,6 +15,12 @@ pub struct Answer {
 }
 
 impl Answer {
+    /// Status and the `error` code of an admin API refusal.
+    pub fn error(&self) -> (u16, String) {
+        let code = self.json()["error"].as_str().unwrap_or_default().to_owned();
+        (self.status, code)
+    }
+
     /// The body as JSON.
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
@@ -135,6 +141,23 @@ impl Events {
         .await
         .ok()
         .flatten()
+    }
+
+    /// Whether the stream ends (the server closes it) within `within`, whatever events come
+    /// before.
+    pub async fn ends_within(&mut self, within: Duration) -> bool {
+        tokio::time::timeout(within, async {
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match self.reader.read_line(&mut line).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .is_ok()
     }
 
     /// Skip events until one named `event` for which `pred` holds.
