@@ -424,6 +424,8 @@ impl Client {
             heartbeat: heartbeat_of(heartbeat_interval_ms, heartbeat_timeout_ms),
             resyncing: HashSet::new(),
             rejoining: HashSet::new(),
+            draining: Drain::No,
+            carried: Vec::new(),
         };
         tokio::spawn(session.run(stream, cmd_rx, writer));
         let inner = Inner {
@@ -854,6 +856,9 @@ fn closed_by_server(frame: Option<tokio_tungstenite::tungstenite::protocol::Clos
     }
 }
 
+/// How often a draining client checks whether its links have everything acknowledged.
+const DRAIN_CHECK: Duration = Duration::from_millis(10);
+
 /// How serving one connection ended.
 enum End {
     /// The app closed the client.
@@ -886,6 +891,47 @@ struct Session {
     resyncing: HashSet<String>,
     /// Groups the client joins again by itself after a new session.
     rejoining: HashSet<String>,
+    /// The server is draining (PROTOCOL.md §3.15): links hold new reliable messages; `drained`
+    /// goes once every link has had everything it sent acknowledged.
+    draining: Drain,
+    /// Reliable messages held by the links of an ended session, waiting for a link to the same
+    /// user in the new one.
+    carried: Vec<Carried>,
+}
+
+/// Where a drain stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drain {
+    No,
+    /// Links hold; `drained` not sent yet.
+    Holding,
+    /// `drained` sent; waiting for the server to close.
+    Answered,
+}
+
+/// How long held messages wait for a link to the same user after a new session.
+const CARRY_WAIT: Duration = Duration::from_secs(30);
+
+/// Reliable messages for a peer of an ended session that were never transmitted (held while the
+/// server drained): they go first on the next link to the same user.
+struct Carried {
+    /// The old peer id (for `Event::Undelivered` if nobody comes).
+    peer: PeerId,
+    /// The peer's user id, or its name when the server has no identities.
+    user: Option<String>,
+    name: String,
+    messages: Vec<Bytes>,
+    until: tokio::time::Instant,
+}
+
+impl Carried {
+    fn matches(&self, m: &MemberInfo) -> bool {
+        match (&self.user, &m.user) {
+            (Some(a), Some(b)) => a == b,
+            (None, None) => self.name == m.name,
+            _ => false,
+        }
+    }
 }
 
 type WsReader = futures_util::stream::SplitStream<WsStream>;
@@ -908,6 +954,8 @@ impl Session {
                 break reason;
             };
             tracing::info!("{reason}: reconnecting");
+            // Close this connection now (the server waits for that after its close frame).
+            drop(stream);
             // Nothing goes on the server path until the session is back (links keep their
             // unacknowledged frames and send them again then).
             self.each_link(|| LinkInput::PauseRelay);
@@ -936,6 +984,13 @@ impl Session {
             shared.links.drain().map(|(_, e)| e).collect()
         };
         drop(links);
+        for c in std::mem::take(&mut self.carried) {
+            self.emit(Event::Undelivered {
+                peer: c.peer,
+                messages: c.messages.len() as u64,
+            })
+            .await;
+        }
         // The writer goes on by itself until it has written the close frame (after `close`) or
         // its queue ends.
         drop(writer);
@@ -955,8 +1010,16 @@ impl Session {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut heard = tokio::time::Instant::now();
+        let mut drain_tick = tokio::time::interval(DRAIN_CHECK);
         loop {
             tokio::select! {
+                _ = drain_tick.tick(), if self.draining == Drain::Holding => {
+                    let drained = self.lock().links.values().all(|e| e.handle.drained());
+                    if drained {
+                        self.draining = Drain::Answered;
+                        self.send(&ClientMsg::Drained).await;
+                    }
+                }
                 msg = stream.next() => {
                     heard = tokio::time::Instant::now();
                     match msg {
@@ -994,6 +1057,7 @@ impl Session {
                     }
                 },
                 _ = tick.tick() => {
+                    self.expire_carried().await;
                     // Dead WebSocket detection: the server answers every ping at once.
                     if heard.elapsed() > dead_after {
                         return End::Lost(format!(
@@ -1107,6 +1171,8 @@ impl Session {
         }
         *self.ice_servers.lock().expect("ice servers lock") = ice_servers;
         let known: Vec<String> = self.lock().groups.keys().cloned().collect();
+        // A drain ends with the connection (a resume's `Resync` ends the links' hold).
+        self.draining = Drain::No;
         if resumed {
             // Groups left meanwhile (the backend removed this client): as if `left` came.
             for group in known.iter().filter(|g| !groups.contains(g)) {
@@ -1129,15 +1195,37 @@ impl Session {
             resumed: false,
         })
         .await;
-        let links: Vec<(PeerId, LinkEntry)> = self.lock().links.drain().collect();
+        let (links, users) = {
+            let mut shared = self.lock();
+            let users: HashMap<PeerId, Option<String>> = shared
+                .groups
+                .values()
+                .flat_map(|g| g.values())
+                .map(|m| (m.peer, m.user.clone()))
+                .collect();
+            let links: Vec<(PeerId, LinkEntry)> = shared.links.drain().collect();
+            (links, users)
+        };
+        let until = tokio::time::Instant::now() + CARRY_WAIT;
         for (peer, entry) in &links {
-            let messages = entry.handle.unacked_messages();
+            // Held messages (a drain) were never transmitted: they go on the next link to the
+            // same user. The others may or may not have arrived.
+            let (held, messages) = entry.handle.take_held();
             if messages > 0 {
                 self.emit(Event::Undelivered {
                     peer: *peer,
                     messages,
                 })
                 .await;
+            }
+            if !held.is_empty() {
+                self.carried.push(Carried {
+                    peer: *peer,
+                    user: users.get(peer).cloned().flatten(),
+                    name: entry.name.clone(),
+                    messages: held,
+                    until,
+                });
             }
         }
         drop(links);
@@ -1159,6 +1247,22 @@ impl Session {
         let groups: Vec<String> = self.rejoining.iter().cloned().collect();
         for group in groups {
             self.send(&ClientMsg::Join { group }).await;
+        }
+    }
+
+    /// Held messages whose user did not come back in time: tell the app.
+    async fn expire_carried(&mut self) {
+        let now = tokio::time::Instant::now();
+        let (expired, kept): (Vec<Carried>, Vec<Carried>) = std::mem::take(&mut self.carried)
+            .into_iter()
+            .partition(|c| c.until <= now);
+        self.carried = kept;
+        for c in expired {
+            self.emit(Event::Undelivered {
+                peer: c.peer,
+                messages: c.messages.len() as u64,
+            })
+            .await;
         }
     }
 
@@ -1298,6 +1402,18 @@ impl Session {
                 self.add_member(&group, member).await;
                 self.ack(group, change).await;
             }
+            ServerMsg::Drain { reconnect_url, .. } => {
+                // Only a client that reconnects holds its messages for the next server; one
+                // that does not keeps sending until the connection ends.
+                if self.config.reconnect.is_some() && self.draining == Drain::No {
+                    tracing::info!("the server is draining");
+                    if let Some(url) = reconnect_url {
+                        self.url = url;
+                    }
+                    self.draining = Drain::Holding;
+                    self.each_link(|| LinkInput::Hold);
+                }
+            }
             ServerMsg::MemberLeft {
                 group,
                 peer,
@@ -1415,17 +1531,35 @@ impl Session {
     async fn add_member(&mut self, group: &str, m: MemberInfo) -> Member {
         let wanted = self.direct.max(m.direct);
         let (member, stale) = {
-            let mut shared = self.lock();
+            // (The field, not `self.lock()`: `self.carried` is borrowed below too.)
+            let mut shared = self.shared.lock().expect("client state lock");
             let stale = match shared.links.get(&m.peer) {
                 Some(e) if e.handle.link_id != m.link => shared.links.remove(&m.peer),
                 _ => None,
             };
             let ctx = self.ctx.clone();
-            let entry = shared.links.entry(m.peer).or_insert_with(|| LinkEntry {
-                handle: LinkHandle::spawn(m.peer, m.link, m.initiator, wanted, ctx),
-                name: m.name.clone(),
-                groups: HashSet::new(),
-                direct: wanted,
+            let carried = &mut self.carried;
+            let holding = self.draining != Drain::No;
+            let entry = shared.links.entry(m.peer).or_insert_with(|| {
+                let handle = LinkHandle::spawn(m.peer, m.link, m.initiator, wanted, ctx);
+                // What an ended session held for this user goes first (before the app hears of
+                // the member and can send anything itself).
+                if let Some(i) = carried.iter().position(|c| c.matches(&m)) {
+                    for msg in carried.swap_remove(i).messages {
+                        if let Err(e) = handle.try_send(msg, Reliability::Reliable) {
+                            tracing::warn!(peer = m.peer, "a held message was not re-sent: {e}");
+                        }
+                    }
+                }
+                if holding {
+                    handle.deliver(LinkInput::Hold);
+                }
+                LinkEntry {
+                    handle,
+                    name: m.name.clone(),
+                    groups: HashSet::new(),
+                    direct: wanted,
+                }
             });
             entry.groups.insert(group.to_string());
             // The pair shares another group already; the server computes the pair's policy

@@ -392,6 +392,9 @@ pub enum ClientMsg {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         remote: Option<WireCandidateType>,
     },
+    /// Answer to `drain`: every reliable link frame this client sent is acknowledged, and it
+    /// holds new ones until it reconnects (`docs/PROTOCOL.md` §3.15).
+    Drained,
 }
 
 /// JSON text frames the server sends.
@@ -496,6 +499,16 @@ pub enum ServerMsg {
     Pong {
         /// Echoed id.
         id: u64,
+    },
+    /// The server is about to restart (`docs/PROTOCOL.md` §3.15): hold new reliable link frames,
+    /// answer `drained` once every one sent is acknowledged, then reconnect when the server
+    /// closes the connection (1012), to `reconnect_url` if given.
+    Drain {
+        /// Where to reconnect instead of the current URL (another instance), if set.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reconnect_url: Option<String>,
+        /// How long the server waits for `drained` before it closes anyway (ms).
+        timeout_ms: u64,
     },
     /// A request failed. The session stays up unless the code says otherwise.
     Error {

@@ -305,6 +305,7 @@ fn valid_json_frames() -> Vec<Vec<u8>> {
             data: serde_json::json!({"kind": "candidate", "gen": 1, "candidate": "candidate:1 1 udp 2130706431 127.0.0.1 5000 typ host", "sdpMid": "0", "sdpMLineIndex": 0}),
         },
         ClientMsg::Ping { id: u64::MAX },
+        ClientMsg::Drained,
         ClientMsg::Ack {
             group: "lobby".into(),
             change: 3,
@@ -335,6 +336,10 @@ fn valid_json_frames() -> Vec<Vec<u8>> {
             groups: Some(vec!["lobby".into()]),
         },
         ServerMsg::MemberSuspended { peer: 2 },
+        ServerMsg::Drain {
+            reconnect_url: Some("wss://b.example.com/ws".into()),
+            timeout_ms: 10_000,
+        },
         ServerMsg::MemberResumed { peer: 2 },
         ServerMsg::Joined {
             group: "lobby".into(),

@@ -14,6 +14,7 @@
 //! they drop, and a `log` logger counts webrtc-sctp's "unable to parse SCTP packet chunk too
 //! short" warnings (docs/PROTOCOL.md §7.6) in this process.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -2243,6 +2244,21 @@ async fn relay_relay_pair(options: serde_json::Value, relay_group: bool) {
     server.shutdown().await;
 }
 
+/// The browser received the native peer's messages "n 1" … "n {n}", in order, once each.
+async fn browser_got_numbered(b: &mut Browser, n: u64) {
+    let got = b
+        .wait_for(
+            "p",
+            "all native messages",
+            "const n = arg; const m = window.msgs.filter((x) => x.text.startsWith('n ')); \
+             return m.length >= n ? m.map((x) => x.text) : null;",
+            json!(n),
+        )
+        .await;
+    let want: Vec<String> = (1..=n).map(|i| format!("n {i}")).collect();
+    assert_eq!(got, json!(want), "in order, once each");
+}
+
 /// The browser's connection to the server is cut silently (a proxy stops forwarding, nothing is
 /// closed) while it and a native peer exchange numbered reliable messages on the server path:
 /// the browser notices the silence, reconnects, resumes the same session, and every message
@@ -2324,17 +2340,7 @@ async fn browser_resumes_after_a_silent_cut() {
         }
     }
     sender.await.unwrap();
-    let got = b
-        .wait_for(
-            "p",
-            "all native messages",
-            "const n = arg; const m = window.msgs.filter((x) => x.text.startsWith('n ')); \
-             return m.length >= n ? m.map((x) => x.text) : null;",
-            json!(N),
-        )
-        .await;
-    let want: Vec<String> = (1..=N).map(|i| format!("n {i}")).collect();
-    assert_eq!(got, json!(want), "in order, once each");
+    browser_got_numbered(&mut b, N).await;
     eprintln!(
         "browser: both streams complete {:?} after the cut",
         cut_at.elapsed()
@@ -2362,4 +2368,152 @@ async fn browser_resumes_after_a_silent_cut() {
     b.quit().await;
     n.close().await;
     server.shutdown().await;
+}
+
+/// A rolling restart with a browser in the group: while the browser and a native peer exchange
+/// numbered reliable messages on the server path, the server shuts down (it drains: both
+/// clients hold new messages once what they sent is acknowledged) and a new one starts on the
+/// same address. Both start new sessions there; every message arrives once and in order, the
+/// held ones first on the new links, and nothing is reported undelivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_drain_and_restart_loses_nothing() {
+    const N: u64 = 500;
+    let ns = Netns::create();
+    let config = |listen| Config {
+        listen,
+        auth: peermesh_server::Auth::Open,
+        ..Default::default()
+    };
+    let server = Server::bind(config(SocketAddr::from((ns.host_ip, 0))))
+        .await
+        .expect("bind the server")
+        .spawn();
+    let addr = server.local_addr();
+    let ip = IpAddr::V4(ns.host_ip);
+    let (n, mut ne) = Client::connect(
+        &server.ws_url(),
+        ClientConfig::new("native")
+            .with_ip_filter(move |a| a == ip)
+            .with_direct(false)
+            .with_reconnect(Some(peermesh::Reconnect {
+                initial_delay: Duration::from_millis(100),
+                max_delay: Duration::from_millis(500),
+                max_attempts: None,
+            })),
+    )
+    .await
+    .unwrap();
+    n.join("g").await.unwrap();
+    let options = json!({"name": "chromium", "direct": "none",
+        "reconnect": {"initialDelayMs": 100, "maxDelayMs": 500}});
+    let (mut b, _) = Browser::connect(&ns, &server, options).await;
+    b.eval(
+        "p",
+        "window.sessionEvents = [];
+         for (const t of ['reconnected', 'rejoined', 'undelivered']) {
+           window.pm.on(t, (d) => window.sessionEvents.push({ type: t, ...d }));
+         }
+         await window.pm.join('g');
+         // (Not in the group for a moment: between the new session and its rejoin.)
+         const peerOf = (name) => {
+           try { return window.pm.members('g').find((m) => m.name === name)?.peer; }
+           catch { return undefined; }
+         };
+         const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+         window.sending = (async () => {
+           for (let i = 1; i <= arg; i++) {
+             for (;;) {
+               const peer = peerOf('native');
+               if (peer === undefined) { await sleep(10); continue; }
+               try { await window.pm.send(peer, `b ${i}`); break; }
+               catch (e) { if (e.code !== 'unknown_peer') throw e; await sleep(10); }
+             }
+             if (i % 10 === 0) await sleep(10);
+           }
+         })();",
+        json!(N),
+    )
+    .await;
+    let sender = {
+        let n = n.clone();
+        tokio::spawn(async move {
+            let mut i = 1;
+            while i <= N {
+                let peer = n
+                    .members("g")
+                    .ok()
+                    .and_then(|m| m.into_iter().find(|m| m.name == "chromium"))
+                    .map(|m| m.peer);
+                let Some(peer) = peer else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                match n
+                    .send(peer, format!("n {i}").into_bytes(), Reliability::Reliable)
+                    .await
+                {
+                    Ok(()) => i += 1,
+                    Err(peermesh::Error::UnknownPeer(_)) => {
+                        tokio::time::sleep(Duration::from_millis(10)).await
+                    }
+                    Err(e) => panic!("native: send {i}: {e}"),
+                }
+                if i % 10 == 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopped_at = Instant::now();
+    server.shutdown().await;
+    let drained = stopped_at.elapsed();
+    let restarted = Server::bind(config(addr))
+        .await
+        .expect("bind the new server")
+        .spawn();
+    let mut names: HashMap<PeerId, String> = HashMap::new();
+    let mut undelivered = Vec::new();
+    let mut i = 1;
+    while i <= N {
+        let e = timeout(Duration::from_secs(30), ne.recv())
+            .await
+            .unwrap_or_else(|_| panic!("native: message {i} of {N} not within 30 s"))
+            .unwrap();
+        match e {
+            Event::MemberJoined { peer, name, .. } => {
+                names.insert(peer, name);
+            }
+            Event::Message { from, data, .. }
+                if names.get(&from).map(String::as_str) == Some("chromium") =>
+            {
+                assert_eq!(String::from_utf8(data.to_vec()).unwrap(), format!("b {i}"));
+                i += 1;
+            }
+            Event::Undelivered { .. } => undelivered.push(e),
+            _ => {}
+        }
+    }
+    sender.await.unwrap();
+    browser_got_numbered(&mut b, N).await;
+    eprintln!("browser: drained in {drained:?}; both streams complete across the restart");
+    assert!(undelivered.is_empty(), "native: {undelivered:?}");
+    let events = b
+        .eval("p", "return window.sessionEvents;", json!(null))
+        .await;
+    let events = events.as_array().unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "reconnected" && e["resumed"] == false),
+        "{events:?}"
+    );
+    assert!(
+        !events.iter().any(|e| e["type"] == "undelivered"),
+        "{events:?}"
+    );
+
+    b.quit().await;
+    n.close().await;
+    restarted.shutdown().await;
 }

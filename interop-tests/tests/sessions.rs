@@ -138,6 +138,20 @@ async fn wait_event(events: &mut Events, secs: u64, what: &str, pred: impl Fn(&E
     }
 }
 
+/// Clients "a" and "b" in group "g", on the server path.
+async fn server_path_pair(server: &ServerProcess) -> ((Client, Events), (Client, Events)) {
+    let mut pair = Vec::new();
+    for name in ["a", "b"] {
+        let (c, e) = Client::connect(&server.url(), config(name, false))
+            .await
+            .unwrap();
+        c.join("g").await.unwrap();
+        pair.push((c, e));
+    }
+    let b = pair.pop().unwrap();
+    (pair.pop().unwrap(), b)
+}
+
 /// Three clients on direct paths; the server is killed with SIGKILL while 5000 numbered
 /// messages flow each way between every pair: all arrive, once and in order, during the outage.
 /// The server restarts on the same address: all three are members again within 5 s, and a
@@ -275,14 +289,7 @@ async fn kill_9_the_server_mid_stream_then_restart() {
 async fn sigstop_past_the_heartbeat_timeout_then_sigcont_resumes() {
     const N: u32 = 1000;
     let server = ServerProcess::start(free_addr(), 2_000).await;
-    let (a, mut ae) = Client::connect(&server.url(), config("a", false))
-        .await
-        .unwrap();
-    let (b, mut be) = Client::connect(&server.url(), config("b", false))
-        .await
-        .unwrap();
-    a.join("g").await.unwrap();
-    b.join("g").await.unwrap();
+    let ((a, mut ae), (b, mut be)) = server_path_pair(&server).await;
     let (ia, ib) = (a.peer_id(), b.peer_id());
     wait_event(&mut ae, 5, "b joining", |e| {
         matches!(e, Event::MemberJoined { .. })
@@ -340,4 +347,130 @@ async fn sigstop_past_the_heartbeat_timeout_then_sigcont_resumes() {
     assert!(resumed >= 1, "{seen_a:?} {seen_b:?}");
     a.close().await;
     b.close().await;
+}
+
+/// Receive from the members named in `want` (name → count) their numbered messages, in order
+/// and once each, whatever peer ids they have (a new session gives new ones); returns the other
+/// events seen.
+async fn receive_by_name(events: &mut Events, want: &HashMap<String, u32>) -> Vec<Event> {
+    let mut names: HashMap<PeerId, String> = HashMap::new();
+    let mut next: HashMap<String, u32> = want.keys().map(|n| (n.clone(), 0)).collect();
+    let mut others = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while next.iter().any(|(name, n)| *n < want[name]) {
+        let e = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("streams incomplete: {next:?}"))
+            .expect("event stream");
+        match e {
+            Event::MemberJoined { peer, name, .. } => {
+                names.insert(peer, name);
+            }
+            Event::Message {
+                from,
+                data,
+                reliability: Reliability::Reliable,
+            } => {
+                let name = names.get(&from).expect("a message from a known member");
+                let n = next.get_mut(name).unwrap();
+                assert_eq!(
+                    data,
+                    numbered(name, *n),
+                    "from {name}: out of order or twice"
+                );
+                *n += 1;
+            }
+            other => others.push(other),
+        }
+    }
+    others
+}
+
+/// Send `n` numbered messages to the member named `to`, whatever its peer id: a send refused
+/// because the link ended (a new session) goes again to the member's new peer id once it is
+/// back.
+async fn send_by_name(c: Client, to: &'static str, from: &'static str, n: u32) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for i in 0..n {
+        loop {
+            assert!(Instant::now() < deadline, "{from}: message {i} not sent");
+            let peer = c
+                .members("g")
+                .ok()
+                .and_then(|m| m.into_iter().find(|m| m.name == to))
+                .map(|m| m.peer);
+            let Some(peer) = peer else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            match c.send(peer, numbered(from, i), Reliability::Reliable).await {
+                Ok(()) => break,
+                Err(peermesh::Error::UnknownPeer(_)) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                Err(e) => panic!("{from}: send {i}: {e}"),
+            }
+        }
+        if i % 50 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// A rolling restart: while two clients stream on the server path, the server gets SIGTERM; it
+/// drains (every message sent is acknowledged, new ones are held) and exits; a new server starts
+/// on the same address; the clients start new sessions there and every message arrives once
+/// and in order, none reported undelivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drain_then_restart_loses_nothing() {
+    const N: u32 = 3000;
+    let addr = free_addr();
+    let mut server = ServerProcess::start(addr, 15_000).await;
+    let ((a, mut ae), (b, mut be)) = server_path_pair(&server).await;
+    let sa = tokio::spawn(send_by_name(a.clone(), "b", "a", N));
+    let sb = tokio::spawn(send_by_name(b.clone(), "a", "b", N));
+    let want_a: HashMap<String, u32> = [("b".to_string(), N)].into();
+    let want_b: HashMap<String, u32> = [("a".to_string(), N)].into();
+    let receiving = tokio::spawn(async move {
+        let (seen_a, seen_b) = tokio::join!(
+            receive_by_name(&mut ae, &want_a),
+            receive_by_name(&mut be, &want_b)
+        );
+        (seen_a, seen_b)
+    });
+
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let term = Instant::now();
+    server.signal("-TERM");
+    let status = tokio::task::spawn_blocking(move || {
+        let status = server.child.wait().expect("wait for the server");
+        (status, server)
+    });
+    let (status, server) = status.await.unwrap();
+    let drained = term.elapsed();
+    assert!(status.success(), "server exit: {status}");
+    drop(server);
+    eprintln!("server drained and exited {drained:?} after SIGTERM");
+
+    let restarted = ServerProcess::start(addr, 15_000).await;
+    let back = Instant::now();
+    let (seen_a, seen_b) = receiving.await.unwrap();
+    sa.await.unwrap();
+    sb.await.unwrap();
+    eprintln!(
+        "both streams of {N} complete {:?} after the new server started",
+        back.elapsed()
+    );
+    for (name, seen) in [("a", &seen_a), ("b", &seen_b)] {
+        assert!(
+            !seen.iter().any(|e| matches!(e, Event::Undelivered { .. })),
+            "{name}: {seen:?}"
+        );
+        assert!(
+            seen.iter()
+                .any(|e| matches!(e, Event::Reconnected { resumed: false, .. })),
+            "{name}: no new session: {seen:?}"
+        );
+    }
+    drop(restarted);
 }

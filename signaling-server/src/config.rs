@@ -35,6 +35,10 @@ pub struct FileConfig {
     pub ack_timeout_ms: Option<u64>,
     /// How long a dropped resumable session waits for its resume (ms).
     pub resume_grace_ms: Option<u64>,
+    /// On shutdown, how long to wait for sessions to drain (ms).
+    pub drain_timeout_ms: Option<u64>,
+    /// On shutdown, where clients reconnect (`ws://` or `wss://` URL of another instance).
+    pub reconnect_url: Option<String>,
     /// `[limits]`.
     #[serde(default)]
     pub limits: LimitsFile,
@@ -308,7 +312,9 @@ impl FileConfig {
             admin_secret,
             client_groups,
             ack_timeout_ms,
-            resume_grace_ms
+            resume_grace_ms,
+            drain_timeout_ms,
+            reconnect_url
         );
         overlay!(
             self.limits,
@@ -536,9 +542,22 @@ impl FileConfig {
             Some(ms) => Duration::from_millis(ms),
             None => d.resume_grace,
         };
+        let drain_timeout = match self.drain_timeout_ms {
+            Some(ms) if ms > 600_000 => bail!("drain_timeout_ms = {ms}: at most 600000 (10 min)"),
+            Some(ms) => Duration::from_millis(ms),
+            None => d.drain_timeout,
+        };
+        let reconnect_url = match self.reconnect_url.as_deref() {
+            Some(url) if !(url.starts_with("ws://") || url.starts_with("wss://")) => {
+                bail!("reconnect_url = {url:?}: expected a ws:// or wss:// URL")
+            }
+            other => other.map(str::to_owned),
+        };
         Ok(Config {
             auth,
             resume_grace,
+            drain_timeout,
+            reconnect_url,
             admin_secret,
             client_groups: self.client_groups.unwrap_or(d.client_groups),
             ack_timeout,
@@ -705,6 +724,26 @@ mod tests {
         let c = FileConfig::defaults().resolve().unwrap();
         assert_eq!(c.server_limits, ServerLimits::default());
         assert_eq!(c.admin_listen, Some("127.0.0.1:8081".parse().unwrap()));
+    }
+
+    #[test]
+    fn drain_keys_are_read_and_checked() {
+        let c = FileConfig::parse(
+            "drain_timeout_ms = 2500\nreconnect_url = \"wss://b.example.com/ws\"\n",
+        )
+        .unwrap()
+        .resolve()
+        .unwrap();
+        assert_eq!(c.drain_timeout, Duration::from_millis(2500));
+        assert_eq!(c.reconnect_url.as_deref(), Some("wss://b.example.com/ws"));
+        let d = FileConfig::defaults().resolve().unwrap();
+        assert_eq!(d.drain_timeout, Duration::from_secs(10));
+        assert_eq!(d.reconnect_url, None);
+        let bad = FileConfig::parse("reconnect_url = \"https://b.example.com/ws\"\n")
+            .unwrap()
+            .resolve()
+            .unwrap_err();
+        assert!(format!("{bad:#}").contains("ws:// or wss://"), "{bad:#}");
     }
 
     #[test]

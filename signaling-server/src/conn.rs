@@ -733,6 +733,10 @@ impl Session {
                 local,
                 remote,
             } => shared.hub.path(me, peer, link, path, local, remote),
+            Request::Drained => {
+                shared.hub.drained(me);
+                Ok(())
+            }
         };
         if let Err(failure) = result {
             self.reply_error(failure, Some(kind));

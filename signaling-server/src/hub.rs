@@ -17,7 +17,7 @@ use peermesh::protocol::{
     validate_group, DirectPolicy, ErrorCode, Limits, LinkId, MemberInfo, PathKind, PeerId,
     ServerMsg, WireCandidateType, PROTOCOL_VERSION,
 };
-use tokio::sync::{broadcast, mpsc, oneshot, Semaphore};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Semaphore};
 
 use crate::admin::{AdminError, GroupInfo, GroupOptions, GroupSummary, MemberSummary, ServerEvent};
 use crate::metrics::{HubSnapshot, Metrics, SlowQueue};
@@ -225,6 +225,15 @@ struct State {
     /// Suspended sessions, in total and per source address.
     suspended_total: usize,
     suspended_by_ip: HashMap<std::net::IpAddr, usize>,
+    /// The server is draining (see [`Hub::drain`]).
+    drain: Option<Drain>,
+}
+
+/// The sessions a drain still waits for.
+struct Drain {
+    waiting: HashSet<PeerId>,
+    /// How many are left, for the server's shutdown.
+    left: watch::Sender<usize>,
 }
 
 /// The shared state of one server.
@@ -607,6 +616,7 @@ impl State {
         c.suspended = suspended.then(Instant::now);
         let ip = c.ip;
         if suspended {
+            self.drain_done(peer);
             self.suspended_total += 1;
             if let Some(ip) = ip {
                 *self.suspended_by_ip.entry(ip).or_insert(0) += 1;
@@ -620,6 +630,15 @@ impl State {
                         self.suspended_by_ip.remove(&ip);
                     }
                 }
+            }
+        }
+    }
+
+    /// The drain no longer waits for `peer` (it answered `drained`, left or lost its connection).
+    fn drain_done(&mut self, peer: PeerId) {
+        if let Some(d) = &mut self.drain {
+            if d.waiting.remove(&peer) {
+                d.left.send_replace(d.waiting.len());
             }
         }
     }
@@ -663,6 +682,7 @@ impl State {
             self.remove_member(peer, group, Removal::SessionEnded, out);
         }
         let client = self.clients.remove(&peer)?;
+        self.drain_done(peer);
         if let Some(user) = &client.user {
             if self.users.get(user) == Some(&peer) {
                 self.users.remove(user);
@@ -754,6 +774,39 @@ impl Hub {
     /// The server is stopping: from now on sessions end without `member_left` to co-members.
     pub(crate) fn stop(&self) {
         self.lock().stopping = true;
+    }
+
+    /// The server is about to stop (it no longer accepts connections): send every session
+    /// `drain` and wait for `drained` from the resumable ones (the clients that reconnect by
+    /// themselves, and so can hold their messages for the next server). The returned count of
+    /// sessions still waited for reaches 0 once each has answered or ended.
+    pub(crate) fn drain(
+        &self,
+        reconnect_url: Option<&str>,
+        timeout: Duration,
+    ) -> watch::Receiver<usize> {
+        let mut st = self.lock();
+        let msg = ServerMsg::Drain {
+            reconnect_url: reconnect_url.map(str::to_owned),
+            timeout_ms: duration_ms(timeout),
+        };
+        let mut waiting = HashSet::new();
+        if let Some(text) = encode(&msg) {
+            for (&peer, c) in st.clients.iter().filter(|(_, c)| c.suspended.is_none()) {
+                c.outlet.send_text(text.clone());
+                if c.resume_token.is_some() {
+                    waiting.insert(peer);
+                }
+            }
+        }
+        let (left, rx) = watch::channel(waiting.len());
+        st.drain = Some(Drain { waiting, left });
+        rx
+    }
+
+    /// `peer` answered `drain`: every reliable frame it sent is acknowledged.
+    pub(crate) fn drained(&self, peer: PeerId) {
+        self.lock().drain_done(peer);
     }
 
     /// A stream of the server's events from now on.

@@ -109,6 +109,13 @@ pub struct Config {
     /// groups and links stay, co-members see `member_suspended`) for it to resume. Default
     /// 30 s.
     pub resume_grace: Duration,
+    /// On shutdown (SIGTERM), how long the server waits for its sessions to drain (every
+    /// client's reliable messages acknowledged, new ones held for the next server) before it
+    /// closes them. Default 10 s.
+    pub drain_timeout: Duration,
+    /// On shutdown, where clients should reconnect (another instance: `ws://` or `wss://`);
+    /// `None`: the same URL, once a server is back there. Default `None`.
+    pub reconnect_url: Option<String>,
 }
 
 /// A token-bucket rate: `per_second` on average, up to `burst` at once. `per_second == 0` means
@@ -269,6 +276,8 @@ impl Default for Config {
             client_groups: true,
             ack_timeout: Duration::from_secs(30),
             resume_grace: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(10),
+            reconnect_url: None,
         }
     }
 }
@@ -419,6 +428,8 @@ impl Server {
         let turn = self.turn.clone();
         let metrics = Arc::new(metrics::Metrics::new());
         let limits = self.config.server_limits.clone();
+        let (drain_timeout, reconnect_url) =
+            (self.config.drain_timeout, self.config.reconnect_url.clone());
         let shared_hub = self.hub.clone();
         let shared = Arc::new(Shared {
             hub: self.hub.clone(),
@@ -473,6 +484,24 @@ impl Server {
         tokio::select! {
             () = serving => {}
             () = shutdown => {}
+        }
+        // The listener is closed now (`serving` is gone): drain, then close every session.
+        if !drain_timeout.is_zero() {
+            let mut left = shared_hub.drain(reconnect_url.as_deref(), drain_timeout);
+            let waiting = *left.borrow();
+            tracing::info!(sessions = waiting, "draining");
+            let started = std::time::Instant::now();
+            let drained = tokio::time::timeout(drain_timeout, async {
+                let _ = left.wait_for(|n| *n == 0).await;
+            })
+            .await;
+            match drained {
+                Ok(()) => tracing::info!("drained in {:?}", started.elapsed()),
+                Err(_) => tracing::warn!(
+                    sessions = *left.borrow(),
+                    "sessions not drained within {drain_timeout:?}"
+                ),
+            }
         }
         tracing::info!("shutting down");
         shared_hub.stop();

@@ -60,6 +60,11 @@ struct Args {
     )]
     admin_secret: Option<String>,
 
+    /// On shutdown (SIGTERM), where clients should reconnect (ws:// or wss:// URL of another
+    /// instance); default: this server's URL, once it is back.
+    #[arg(long, env = "PEERMESH_RECONNECT_URL", global = true)]
+    reconnect_url: Option<String>,
+
     /// Identity: every hello must carry a JWT signed HS256 with this secret by the app's
     /// backend (see `token`), and joins are limited to the token's groups.
     #[arg(
@@ -199,6 +204,7 @@ impl Args {
             heartbeat_timeout_ms: self.heartbeat_timeout_ms,
             admin_listen: self.admin_listen.clone(),
             admin_secret: self.admin_secret.clone(),
+            reconnect_url: self.reconnect_url.clone(),
             limits: self.limits.clone(),
             ..Default::default()
         };

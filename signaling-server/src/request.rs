@@ -43,6 +43,7 @@ pub(crate) enum Request<'a> {
         local: Option<WireCandidateType>,
         remote: Option<WireCandidateType>,
     },
+    Drained,
 }
 
 impl Request<'_> {
@@ -56,6 +57,7 @@ impl Request<'_> {
             Request::Ping { .. } => "ping",
             Request::Ack { .. } => "ack",
             Request::Path { .. } => "path",
+            Request::Drained => "drained",
         }
     }
 }
@@ -187,6 +189,7 @@ pub(crate) fn parse(text: &str) -> Result<Request<'_>, BadRequest> {
                 remote: f.remote,
             }
         }
+        "drained" => Request::Drained,
         // (Echoed in the answer: at most 64 characters of it.)
         other => return Err(BadRequest::UnknownType(other.chars().take(64).collect())),
     })
@@ -342,6 +345,7 @@ mod tests {
                 local: *local,
                 remote: *remote,
             },
+            Request::Drained => ClientMsg::Drained,
         }
     }
 
@@ -362,6 +366,7 @@ mod tests {
             r#"{"type":"ack","group":"g","change":7}"#,
             r#"{"type":"path","peer":2,"link":3,"path":"server"}"#,
             r#"{"type":"path","peer":2,"link":3,"path":"direct","local":"relay","remote":"host"}"#,
+            r#"{"type":"drained"}"#,
         ];
         for text in ok {
             let r = parse(text).unwrap_or_else(|e| panic!("{text}: {e:?}"));

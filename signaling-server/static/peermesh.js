@@ -45,6 +45,9 @@ const PART_OVERHEAD = 64;
 const PART_DONE_MAX = 4096; // ids of recently completed split messages remembered (deliver once)
 // Direct path with nothing received on the current generation's channels for this long: dead.
 const DEAD_PATH_TIMEOUT_MS = 3000;
+const DATA_HEADER = 10; // [0x10][flags][seq u64]
+const DRAIN_CHECK_MS = 10; // how often a draining client checks that all it sent is acknowledged
+const CARRY_WAIT_MS = 30000; // how long held messages wait for a link to the same user
 
 const K_DATA = 0x10;
 const K_ACK = 0x11;
@@ -119,11 +122,11 @@ function u64Frame(kind, value) {
 }
 
 function dataFrame(seq, fin, chunk) {
-  const f = new Uint8Array(10 + chunk.length);
+  const f = new Uint8Array(DATA_HEADER + chunk.length);
   f[0] = K_DATA;
   f[1] = fin ? 1 : 0;
   new DataView(f.buffer).setBigUint64(2, BigInt(seq));
-  f.set(chunk, 10);
+  f.set(chunk, DATA_HEADER);
   return f;
 }
 
@@ -444,6 +447,13 @@ export class Client extends EventTarget {
     this._reconnecting = false;
     this._resyncing = new Set(); // groups whose next 'joined' reconciles (after a resume)
     this._rejoining = new Set(); // groups joined again by the client itself (new session)
+    // The server is draining (PROTOCOL.md §3.15): null, 'holding' (links hold new reliable
+    // messages; 'drained' goes once all they sent is acknowledged) or 'answered'.
+    this._draining = null;
+    this._drainCheck = null;
+    // Reliable messages an ended session's links held, waiting for a link to the same user in
+    // the new session: {peer, user, name, messages, until}.
+    this._carried = [];
   }
 
   /** Listen to an event; the handler gets the event's detail. Returns an unsubscribe function. */
@@ -552,6 +562,7 @@ export class Client extends EventTarget {
   }
 
   _tick() {
+    this._expireCarried(performance.now());
     // JSON ping: the portable heartbeat (browsers cannot send WebSocket pings).
     this._sendJson({ type: 'ping', id: this._nextPing++ });
     // The server answers every ping: silence this long means the connection is gone.
@@ -574,6 +585,7 @@ export class Client extends EventTarget {
     this._reconnecting = true;
     this._ws = null;
     clearInterval(this._heartbeat);
+    clearInterval(this._drainCheck);
     // Requests in flight are not answered on a new connection.
     const err = new PeermeshError('reconnecting', 'the connection to the server was lost');
     for (const p of [...this._pendingJoins.values(), ...this._pendingLeaves.values()]) p.reject(err);
@@ -622,6 +634,8 @@ export class Client extends EventTarget {
   _reconnected(msg) {
     const known = [...this._groups.keys()];
     this._welcomed(msg);
+    // A drain ends with the connection (a resume's resync() ends the links' hold).
+    this._draining = null;
     if (msg.resumed) {
       const now = new Set(msg.groups ?? []);
       for (const g of known) if (!now.has(g)) this._forgetGroup(g);
@@ -630,11 +644,18 @@ export class Client extends EventTarget {
       for (const link of this._links.values()) link.resync();
       return;
     }
-    // A new session: links and link ids are gone. Report what may not have arrived.
+    // A new session: links and link ids are gone. Held messages (a drain) were never
+    // transmitted: they go on the next link to the same user. Report what may not have arrived.
     this._emit('reconnected', { peer: this.peerId, resumed: false });
+    const users = new Map();
+    for (const members of this._groups.values()) for (const m of members.values()) users.set(m.peer, m.user);
+    const until = performance.now() + CARRY_WAIT_MS;
     for (const link of [...this._links.values()]) {
-      const messages = link.unackedMessages();
-      if (messages > 0) this._emit('undelivered', { peer: link.peer, messages });
+      const { messages, undelivered } = link.takeHeld();
+      if (undelivered > 0) this._emit('undelivered', { peer: link.peer, messages: undelivered });
+      if (messages.length > 0) {
+        this._carried.push({ peer: link.peer, user: users.get(link.peer) ?? null, name: link.name, messages, until });
+      }
     }
     for (const g of known) {
       for (const peer of [...(this._groups.get(g)?.keys() ?? [])]) this._removeMember(g, peer);
@@ -645,6 +666,34 @@ export class Client extends EventTarget {
     this._resyncing = new Set();
     this._rejoining = new Set(known);
     for (const g of known) this._sendJson({ type: 'join', group: g });
+  }
+
+  // Held messages whose user did not come back in time (or the session ended): tell the app.
+  _expireCarried(now) {
+    const expired = this._carried.filter((c) => c.until <= now);
+    this._carried = this._carried.filter((c) => c.until > now);
+    for (const c of expired) this._emit('undelivered', { peer: c.peer, messages: c.messages.length });
+  }
+
+  // The server is draining: hold new reliable messages, answer once every link has had what it
+  // sent acknowledged. A client that does not reconnect keeps sending until the end.
+  _onDrain(msg) {
+    if (!this.reconnect || this._draining) return;
+    if (typeof msg.reconnect_url === 'string') this.url = msg.reconnect_url;
+    this._draining = 'holding';
+    for (const link of this._links.values()) link.hold();
+    clearInterval(this._drainCheck);
+    this._drainCheck = setInterval(() => {
+      if (this._draining !== 'holding') {
+        clearInterval(this._drainCheck);
+        return;
+      }
+      if ([...this._links.values()].every((l) => l.drained())) {
+        this._draining = 'answered';
+        clearInterval(this._drainCheck);
+        this._sendJson({ type: 'drained' });
+      }
+    }, DRAIN_CHECK_MS);
   }
 
   _forgetGroup(group) {
@@ -658,9 +707,11 @@ export class Client extends EventTarget {
     this._closed = true;
     this._reconnecting = false;
     clearInterval(this._heartbeat);
+    clearInterval(this._drainCheck);
     for (const link of this._links.values()) link._close();
     this._links.clear();
     this._groups.clear();
+    this._expireCarried(Infinity);
     const err = new PeermeshError('closed', 'the session has ended');
     for (const p of [...this._pendingJoins.values(), ...this._pendingLeaves.values()]) p.reject(err);
     this._pendingJoins.clear();
@@ -881,6 +932,9 @@ export class Client extends EventTarget {
       case 'member_resumed':
         this._links.get(msg.peer)?.resync();
         break;
+      case 'drain':
+        this._onDrain(msg);
+        break;
       case 'error':
         this._onError(msg);
         break;
@@ -947,6 +1001,17 @@ export class Client extends EventTarget {
     if (!link) {
       link = new Link(this, m.peer, m.link, m.initiator, m.name, policy);
       this._links.set(m.peer, link);
+      // What an ended session held for this user goes first (before the app hears of the
+      // member and can send anything itself).
+      const user = m.user ?? null;
+      const i = this._carried.findIndex((c) => (c.user !== null || user !== null ? c.user === user : c.name === m.name));
+      if (i >= 0) {
+        const [c] = this._carried.splice(i, 1);
+        for (const bytes of c.messages) {
+          link.sendReliable(bytes, false).catch((e) => console.warn(`peermesh: a held message was not re-sent: ${e.message}`));
+        }
+      }
+      if (this._draining) link.hold();
     } else {
       // The pair shares another group already: the server made its policy with the link, so
       // this is only ever the same, but a stricter one wins.
@@ -991,6 +1056,8 @@ class Link {
     this.closed = false;
     // sending
     this.nextSeq = 1;
+    this.draining = false; // the server drains (see hold())
+    this.heldFrom = null; // first seq held meanwhile
     this.unacked = []; // {seq, frame, cost}, seq order; entries before unackedHead are gone
     this.unackedHead = 0;
     this.windowUsed = 0;
@@ -1137,12 +1204,14 @@ class Link {
     if (this.closed) {
       throw new PeermeshError('unknown_peer', `the link to peer ${this.peer} has closed`);
     }
+    if (this.draining && !this.isDirect() && this.heldFrom === null) this.heldFrom = this.nextSeq;
     for (let i = 0; i < count; i++) {
       const chunk = copy.subarray(i * MAX_FRAGMENT, Math.min((i + 1) * MAX_FRAGMENT, copy.length));
       const seq = this.nextSeq++;
       const frame = dataFrame(seq, i === count - 1, chunk);
       this.unacked.push({ seq, frame, cost: chunk.length + FRAGMENT_OVERHEAD, fin: i === count - 1 });
-      this.transmitData(frame);
+      // Held (a drain): recorded, transmitted on resync() or taken by takeHeld().
+      if (this.heldFrom === null) this.transmitData(frame);
     }
   }
 
@@ -1192,14 +1261,72 @@ class Link {
   // unacknowledged fragment and the current ACK, unless the link is direct.
   resync() {
     this.relayPaused = false;
-    if (!this.isDirect()) this.resendOnServer();
+    const held = this.heldFrom;
+    this.draining = false;
+    this.heldFrom = null;
+    if (!this.isDirect()) {
+      this.resendOnServer();
+    } else if (held !== null) {
+      // Held messages never went: send them now on the direct path.
+      for (let i = this.unackedHead; i < this.unacked.length; i++) {
+        if (this.unacked[i].seq >= held) this.transmitData(this.unacked[i].frame);
+      }
+    }
+  }
+
+  // The server is draining: from the first reliable message that would go on the server path,
+  // reliable messages are numbered and kept, not transmitted, until resync() or takeHeld().
+  // ACKs and probes still go. A direct link goes on sending: it does not need the server.
+  hold() {
+    this.draining = true;
+  }
+
+  // Draining, and nothing of this link in flight through the server: every reliable fragment
+  // transmitted before the hold is acknowledged, or the link is direct and holds nothing.
+  drained() {
+    if (!this.draining) return false;
+    if (this.heldFrom === null) return this.isDirect() || this.unackedCount() === 0;
+    return this.unackedCount() === 0 || this.unacked[this.unackedHead].seq >= this.heldFrom;
+  }
+
+  // A new session replaces this link: the held messages (never transmitted), oldest first, and
+  // how many transmitted ones are not acknowledged (they may or may not have arrived).
+  takeHeld() {
+    const held = this.heldFrom ?? Infinity;
+    const messages = [];
+    let parts = [];
+    let undelivered = 0;
+    for (let i = this.unackedHead; i < this.unacked.length; i++) {
+      const u = this.unacked[i];
+      if (u.seq < held) {
+        if (u.fin) undelivered++;
+        continue;
+      }
+      parts.push(u.frame.subarray(DATA_HEADER));
+      if (u.fin) {
+        const total = parts.reduce((n, p) => n + p.length, 0);
+        const msg = new Uint8Array(total);
+        let at = 0;
+        for (const p of parts) {
+          msg.set(p, at);
+          at += p.length;
+        }
+        messages.push(msg);
+        parts = [];
+      }
+    }
+    this.unacked = [];
+    this.unackedHead = 0;
+    return { messages, undelivered };
   }
 
   // Send every unacknowledged fragment again on the server path, in seq order, then the
   // current ACK (frames and ACKs may have died with a path: the direct one, or the session's
   // connection).
   resendOnServer() {
+    const held = this.heldFrom ?? Infinity;
     for (let i = this.unackedHead; i < this.unacked.length; i++) {
+      if (this.unacked[i].seq >= held) break;
       this.relay(this.unacked[i].frame);
       this.stats.resent++;
       this.stats.sentServer++;
@@ -1207,13 +1334,6 @@ class Link {
     this.ackedSent = this.delivered;
     this.ackDue = false;
     if (this.delivered > 0) this.relay(u64Frame(K_ACK, this.delivered));
-  }
-
-  // Reliable messages not (completely) acknowledged: their last fragments (FIN) are unacked.
-  unackedMessages() {
-    let n = 0;
-    for (let i = this.unackedHead; i < this.unacked.length; i++) if (this.unacked[i].fin) n++;
-    return n;
   }
 
   // Send on a channel of the current PeerConnection; a failure is a failure of the direct path.

@@ -337,3 +337,104 @@ async fn suspended_sessions_are_bounded_per_address() {
     }
     assert_eq!(kept, 5);
 }
+
+async fn draining_server(timeout: Duration) -> ServerHandle {
+    Server::bind(Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        drain_timeout: timeout,
+        reconnect_url: Some("ws://127.0.0.1:9/ws".into()),
+        ..Config::default()
+    })
+    .await
+    .expect("bind")
+    .spawn()
+}
+
+async fn expect_restart_close(ws: &mut Ws) {
+    match next(ws).await {
+        Seen::Close(Some(code), _) => assert_eq!(code, close_code::SERVICE_RESTART),
+        other => panic!("expected a close (1012), got {other:?}"),
+    }
+}
+
+/// Shutdown drains: every session gets `drain` (with the reconnect URL), the listener is closed,
+/// relaying goes on, and the server closes the sessions (1012) once every resumable one
+/// answered `drained` — not before, and without waiting for sessions that cannot reconnect.
+#[tokio::test]
+async fn shutdown_drains_until_every_resumable_session_answers() {
+    let server = draining_server(Duration::from_secs(20)).await;
+    let url = server.ws_url();
+    let addr = server.local_addr();
+    let (mut alice, alice_peer, _) = resumable(&url, "alice").await;
+    let (mut bob, _, _) = resumable(&url, "bob").await;
+    let (mut carol, _) = welcomed_with(&url, None, json!({"name": "carol"})).await;
+    join(&mut alice, "g").await.unwrap();
+    let link = join(&mut bob, "g").await.unwrap()[0].link;
+    join(&mut carol, "g").await.unwrap();
+    let started = std::time::Instant::now();
+    let stopping = tokio::spawn(server.shutdown());
+    for ws in [&mut alice, &mut bob, &mut carol] {
+        loop {
+            match next_msg(ws).await {
+                ServerMsg::Drain {
+                    reconnect_url,
+                    timeout_ms,
+                } => {
+                    assert_eq!(reconnect_url.as_deref(), Some("ws://127.0.0.1:9/ws"));
+                    assert_eq!(timeout_ms, 20_000);
+                    break;
+                }
+                ServerMsg::MemberJoined { .. } => {}
+                other => panic!("expected drain, got {other:?}"),
+            }
+        }
+    }
+    // No new connections while draining.
+    let deadline = std::time::Instant::now() + WAIT;
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(std::time::Instant::now() < deadline, "still accepting");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Relaying goes on (what was sent gets acknowledged).
+    bob.send(relay_frame(alice_peer, link, b"ack"))
+        .await
+        .unwrap();
+    assert_eq!(next_binary(&mut alice).await, b"ack");
+    send(&mut alice, json!({"type": "drained"})).await;
+    assert!(
+        maybe_next(&mut bob, Duration::from_millis(300))
+            .await
+            .is_none(),
+        "closed before bob answered"
+    );
+    send(&mut bob, json!({"type": "drained"})).await;
+    for ws in [&mut alice, &mut bob, &mut carol] {
+        expect_restart_close(ws).await;
+    }
+    tokio::time::timeout(WAIT, stopping)
+        .await
+        .expect("server stopped")
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "waited for the drain timeout"
+    );
+}
+
+/// A session that never answers `drain` holds the shutdown for the drain timeout only.
+#[tokio::test]
+async fn a_silent_session_holds_the_drain_for_its_timeout_only() {
+    let server = draining_server(Duration::from_millis(500)).await;
+    let url = server.ws_url();
+    let (mut alice, _, _) = resumable(&url, "alice").await;
+    let stopping = tokio::spawn(server.shutdown());
+    assert!(matches!(
+        next_msg(&mut alice).await,
+        ServerMsg::Drain { .. }
+    ));
+    expect_restart_close(&mut alice).await;
+    tokio::time::timeout(WAIT, stopping)
+        .await
+        .expect("server stopped")
+        .unwrap();
+}

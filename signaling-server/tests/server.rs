@@ -178,7 +178,8 @@ impl Client {
             match self.recv_any().await {
                 Incoming::Close(code) => return code,
                 Incoming::End => return None,
-                Incoming::Msg(ServerMsg::Pong { .. }) => continue,
+                // (A stopping server drains first; this client does not take part.)
+                Incoming::Msg(ServerMsg::Pong { .. } | ServerMsg::Drain { .. }) => continue,
                 other => panic!("expected the socket to close, got {other:?}"),
             }
         }

@@ -91,7 +91,15 @@ pub(crate) enum LinkInput {
     PauseRelay,
     /// The server path is back (this session resumed, or the peer's did): send again on it
     /// every reliable frame not acknowledged, and the current ack, unless on the direct path.
+    /// Ends a [`LinkInput::Hold`] too.
     Resync,
+    /// The server is draining (PROTOCOL.md §3.15): from the first reliable message that would
+    /// go on the server path, reliable messages are numbered and kept but not transmitted,
+    /// until [`LinkInput::Resync`] (the session resumed after all) or
+    /// [`LinkHandle::take_held`] (a new session: they go on the new link to the same user).
+    /// Acks and probes still go, so what was sent gets acknowledged. A link on the direct path
+    /// goes on sending there: it does not need the server.
+    Hold,
     /// The pair no longer shares a group: stop.
     Close,
 }
@@ -111,6 +119,12 @@ struct SendState {
     resent: u64,
     /// Number of the next unreliable message split into parts.
     next_part_msg: u32,
+    /// The server is draining (see [`LinkInput::Hold`]).
+    draining: bool,
+    /// Held: the first sequence number not transmitted.
+    held_from: Option<u64>,
+    /// [`LinkHandle::take_held`] emptied the link: a send that raced it fails.
+    taken: bool,
 }
 
 /// Frames ready to transmit, with the path chosen for them.
@@ -438,9 +452,13 @@ impl LinkShared {
         self.send.lock().expect("link send lock")
     }
 
-    /// Assign sequence numbers and record the fragments (no waiting).
-    fn prepare(&self, data: Bytes, reliable: bool, permits: u32) -> Prepared {
+    /// Assign sequence numbers and record the fragments (no waiting). `UnknownPeer` once the
+    /// link was emptied by [`LinkHandle::take_held`] (its session ended).
+    fn prepare(&self, data: Bytes, reliable: bool, permits: u32) -> Result<Prepared> {
         let mut st = self.lock_send();
+        if st.taken {
+            return Err(Error::UnknownPeer(self.peer));
+        }
         if !reliable {
             let split = st.direct.as_ref().is_some_and(|d| d.split);
             let frames = if split && 1 + data.len() > MAX_DIRECT_UNRELIABLE_FRAME {
@@ -468,11 +486,14 @@ impl LinkShared {
             } else {
                 vec![Bytes::from(LinkFrame::Unreliable { bytes: &data }.encode())]
             };
-            return Prepared {
+            return Ok(Prepared {
                 frames,
                 direct: st.direct.clone(),
                 unreliable_permits: Some(permits),
-            };
+            });
+        }
+        if st.draining && st.direct.is_none() && st.held_from.is_none() {
+            st.held_from = Some(st.next_seq);
         }
         let mut frames = Vec::with_capacity(data.len() / MAX_FRAGMENT_PAYLOAD + 1);
         let mut rest = data;
@@ -500,16 +521,24 @@ impl LinkShared {
                 break;
             }
         }
+        if st.held_from.is_some() {
+            // Recorded above; transmitted on `Resync` or taken by `take_held`.
+            return Ok(Prepared {
+                frames: Vec::new(),
+                direct: None,
+                unreliable_permits: None,
+            });
+        }
         let n = frames.len() as u64;
         match st.direct {
             Some(_) => st.sent_direct += n,
             None => st.sent_server += n,
         }
-        Prepared {
+        Ok(Prepared {
             frames,
             direct: st.direct.clone(),
             unreliable_permits: None,
-        }
+        })
     }
 
     /// Transmit prepared frames on the path chosen when they were prepared.
@@ -762,6 +791,9 @@ impl LinkHandle {
                 sent_direct: 0,
                 resent: 0,
                 next_part_msg: 1,
+                draining: false,
+                held_from: None,
+                taken: false,
             }),
             events: ctx.events.clone(),
             recv: tokio::sync::Mutex::new(RecvState::default()),
@@ -825,7 +857,7 @@ impl LinkHandle {
         // Sequence numbers are taken now; the transmission runs on its own task so that a caller
         // who drops this future half-way (a timeout, a select) cannot leave fragments numbered
         // but never sent, a hole the peer would wait on for good.
-        let prepared = self.shared.prepare(data, reliable, permits);
+        let prepared = self.shared.prepare(data, reliable, permits)?;
         let shared = self.shared.clone();
         let _ = self
             .runtime
@@ -846,7 +878,7 @@ impl LinkHandle {
         }
         // Sequence numbers are taken now, in call order; the transmission runs on its own task
         // (it may wait for the data channel to drain).
-        let prepared = self.shared.prepare(data, reliable, permits);
+        let prepared = self.shared.prepare(data, reliable, permits)?;
         let shared = self.shared.clone();
         self.runtime
             .spawn(async move { shared.transmit_prepared(prepared).await });
@@ -889,15 +921,46 @@ impl LinkHandle {
             .map_err(|_| Error::UnknownPeer(self.peer))
     }
 
-    /// Reliable messages sent and not (completely) acknowledged by the peer: each has its last
-    /// fragment among the unacknowledged ones (a message's fragments are recorded at once).
-    pub(crate) fn unacked_messages(&self) -> u64 {
-        self.shared
-            .lock_send()
-            .unacked
-            .iter()
-            .filter(|u| u.fin)
-            .count() as u64
+    /// Draining (see [`LinkInput::Hold`]) and nothing of this link is in flight through the
+    /// server: every reliable frame transmitted before the hold is acknowledged, or the link is
+    /// on the direct path and holds nothing.
+    pub(crate) fn drained(&self) -> bool {
+        let st = self.shared.lock_send();
+        if !st.draining {
+            return false;
+        }
+        match st.held_from {
+            Some(held) => st.unacked.front().is_none_or(|u| u.seq >= held),
+            None => st.direct.is_some() || st.unacked.is_empty(),
+        }
+    }
+
+    /// A new session replaces this link: take the reliable messages held since
+    /// [`LinkInput::Hold`] (never transmitted, so they can go on the next link to the same peer
+    /// without a duplicate), oldest first, and count the messages transmitted but not
+    /// acknowledged (they may or may not have arrived).
+    pub(crate) fn take_held(&self) -> (Vec<Bytes>, u64) {
+        let mut st = self.shared.lock_send();
+        st.taken = true;
+        let held = st.held_from.unwrap_or(u64::MAX);
+        let unacked = std::mem::take(&mut st.unacked);
+        drop(st);
+        let mut messages = Vec::new();
+        let mut current: Vec<u8> = Vec::new();
+        let mut undelivered = 0;
+        for u in unacked {
+            if u.seq < held {
+                undelivered += u64::from(u.fin);
+                continue;
+            }
+            if let Ok(LinkFrame::Data { bytes, fin, .. }) = LinkFrame::decode(&u.frame) {
+                current.extend_from_slice(bytes);
+                if fin {
+                    messages.push(Bytes::from(std::mem::take(&mut current)));
+                }
+            }
+        }
+        (messages, undelivered)
     }
 
     /// Stop the link: senders waiting on the window get an error, the task closes its
@@ -1145,10 +1208,33 @@ impl LinkTask {
             LinkInput::PauseRelay => self.shared.relay_paused.store(true, Ordering::Relaxed),
             LinkInput::Resync => {
                 self.shared.relay_paused.store(false, Ordering::Relaxed);
+                let held = {
+                    let mut st = self.shared.lock_send();
+                    st.draining = false;
+                    st.held_from.take()
+                };
                 if !self.direct_up() {
                     self.resend_on_server(false).await;
+                } else if let Some(held) = held {
+                    // Held messages never went: send them now on the direct path.
+                    let (frames, direct) = {
+                        let st = self.shared.lock_send();
+                        let frames: Vec<Bytes> = st
+                            .unacked
+                            .iter()
+                            .filter(|u| u.seq >= held)
+                            .map(|u| u.frame.clone())
+                            .collect();
+                        (frames, st.direct.clone())
+                    };
+                    for f in frames {
+                        self.shared
+                            .transmit(direct.as_ref(), Channel::Reliable, f, false)
+                            .await;
+                    }
                 }
             }
+            LinkInput::Hold => self.shared.lock_send().draining = true,
             LinkInput::Close => {}
         }
     }
@@ -1315,7 +1401,13 @@ impl LinkTask {
             if leave_direct {
                 st.direct = None;
             }
-            let frames: Vec<Bytes> = st.unacked.iter().map(|u| u.frame.clone()).collect();
+            let held = st.held_from.unwrap_or(u64::MAX);
+            let frames: Vec<Bytes> = st
+                .unacked
+                .iter()
+                .filter(|u| u.seq < held)
+                .map(|u| u.frame.clone())
+                .collect();
             st.resent += frames.len() as u64;
             st.sent_server += frames.len() as u64;
             frames
