@@ -299,3 +299,63 @@ async fn past_the_grace_a_new_session_rejoins_and_reports_what_was_not_acknowled
     let (data, _) = next_message(&mut be, na, 10).await;
     assert_eq!(&data[..], b"again");
 }
+
+/// A draining server can send its clients to another instance (`reconnect_url`): they start new
+/// sessions there by themselves, join their group again and reach each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_sends_clients_to_the_reconnect_url() {
+    init_log();
+    let second = server().await;
+    let first = server_with(Config {
+        reconnect_url: Some(second.ws_url()),
+        ..Config::default()
+    })
+    .await;
+    let cfg = |name: &str| fast_reconnect(ClientConfig::new(name).with_direct(false));
+    let (a, mut ae) = client_with(&first, cfg("a")).await;
+    let (b, mut be) = client_with(&first, cfg("b")).await;
+    a.join("g").await.unwrap();
+    b.join("g").await.unwrap();
+    wait_joined(&mut ae, b.peer_id()).await;
+    // The first server stays down: only the other instance can take the clients.
+    first.shutdown().await;
+    for events in [&mut ae, &mut be] {
+        wait_for(events, 10, |e| {
+            matches!(e, Event::Reconnected { resumed: false, .. })
+        })
+        .await;
+        wait_for(
+            events,
+            5,
+            |e| matches!(e, Event::Rejoined { group } if group == "g"),
+        )
+        .await;
+    }
+    let members = |c: &Client| c.members("g").unwrap_or_default();
+    for _ in 0..50 {
+        if members(&a).len() == 1 && members(&b).len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(members(&a)[0].peer, b.peer_id());
+    let mut peers: Vec<String> = second
+        .admin()
+        .group("g")
+        .expect("the group on the other instance")
+        .members
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    peers.sort();
+    assert_eq!(peers, ["a", "b"]);
+    a.send(
+        b.peer_id(),
+        b"on the other instance".to_vec(),
+        Reliability::Reliable,
+    )
+    .await
+    .unwrap();
+    let (data, _) = next_message(&mut be, a.peer_id(), 10).await;
+    assert_eq!(&data[..], b"on the other instance");
+}
