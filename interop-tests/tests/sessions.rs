@@ -1,7 +1,8 @@
 //! Sessions that survive the server process (issue "Sessions that survive"): the server binary
 //! (`nat_server`, the `peermesh-server` library with the binary's configuration path) killed
-//! with SIGKILL mid-stream and restarted, and stopped with SIGSTOP past the heartbeat timeout.
-//! Real processes, real sockets on 127.0.0.1; the server is ended by its PID, even on failure.
+//! with SIGKILL mid-stream and restarted, drained with SIGTERM and restarted, stopped with
+//! SIGSTOP past the heartbeat timeout, and cut off silently by nft. Real processes, real sockets
+//! on 127.0.0.1; the server is ended by its PID and the nft table deleted, even on failure.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -287,6 +288,31 @@ async fn kill_9_the_server_mid_stream_then_restart() {
 /// ids, nobody leaves) and every message arrives once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigstop_past_the_heartbeat_timeout_then_sigcont_resumes() {
+    streams_resume_across(Interruption::Stop).await;
+}
+
+/// The signaling TCP connections are cut silently for 10 s (nft drops every packet to and from
+/// the server's port: no FIN, no RST), within the resume grace but far past the heartbeat
+/// timeout, while two clients stream on the server path: both resume their sessions, nobody
+/// leaves, and every message arrives once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_nft_cut_within_the_grace_resumes() {
+    streams_resume_across(Interruption::NftCut).await;
+}
+
+/// How the server becomes unreachable for a while.
+#[derive(Clone, Copy, Debug)]
+enum Interruption {
+    /// SIGSTOP for 4 s, then SIGCONT.
+    Stop,
+    /// nft drops the server port's packets for 10 s.
+    NftCut,
+}
+
+/// Two clients stream 1000 numbered messages each way on the server path while the server is
+/// unreachable for longer than the heartbeat timeout (2 s) and shorter than the resume grace:
+/// the sessions resume (same peer ids, nobody leaves) and every message arrives once, in order.
+async fn streams_resume_across(how: Interruption) {
     const N: u32 = 1000;
     let server = ServerProcess::start(free_addr(), 2_000).await;
     let ((a, mut ae), (b, mut be)) = server_path_pair(&server).await;
@@ -313,10 +339,28 @@ async fn sigstop_past_the_heartbeat_timeout_then_sigcont_resumes() {
     };
     let (sa, sb) = (sender(a.clone(), ib, "a"), sender(b.clone(), ia, "b"));
     tokio::time::sleep(Duration::from_millis(50)).await;
-    server.signal("-STOP");
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    server.signal("-CONT");
-    let continued = Instant::now();
+    match how {
+        Interruption::Stop => {
+            server.signal("-STOP");
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            server.signal("-CONT");
+        }
+        Interruption::NftCut => {
+            let port = server.addr.port();
+            let cut = peermesh_interop_tests::NftTable::new(
+                "sigcut",
+                port,
+                &[
+                    format!("tcp dport {port} counter drop"),
+                    format!("tcp sport {port} counter drop"),
+                ],
+            );
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            assert!(cut.dropped() > 0, "the cut dropped nothing");
+            drop(cut);
+        }
+    }
+    let back = Instant::now();
     let want_a: HashMap<PeerId, (String, u32)> = [(ib, ("b".to_string(), N))].into();
     let want_b: HashMap<PeerId, (String, u32)> = [(ia, ("a".to_string(), N))].into();
     let ((seen_a, _), (seen_b, _)) = tokio::join!(
@@ -326,8 +370,8 @@ async fn sigstop_past_the_heartbeat_timeout_then_sigcont_resumes() {
     sa.await.unwrap();
     sb.await.unwrap();
     eprintln!(
-        "both streams complete {:?} after SIGCONT",
-        continued.elapsed()
+        "{how:?}: both streams complete {:?} after the server was reachable again",
+        back.elapsed()
     );
     assert_eq!((a.peer_id(), b.peer_id()), (ia, ib), "same sessions");
     for e in seen_a.iter().chain(&seen_b) {
