@@ -117,6 +117,9 @@ pub(crate) enum SendError {
     /// message limit and the window).
     #[error("message of {size} bytes is longer than {limit}")]
     TooLarge { size: usize, limit: usize },
+    /// [`LinkCore::take_held`] emptied the link (its session ended): send to the new one.
+    #[error("the link's session ended")]
+    Ended,
 }
 
 /// Configuration of one link.
@@ -193,6 +196,8 @@ struct SendStream {
     /// Fragments to transmit again on the server path while the link stays direct: those last
     /// sent there before a server-path interruption (see [`LinkCore::resync_server`]).
     server_resend: VecDeque<u64>,
+    /// Draining (§3.15): fragments from this seq on are recorded but not transmitted.
+    held_from: Option<u64>,
 }
 
 impl SendStream {
@@ -203,6 +208,7 @@ impl SendStream {
             unacked_permits: 0,
             next_tx: 1,
             server_resend: VecDeque::new(),
+            held_from: None,
         }
     }
 
@@ -430,6 +436,16 @@ enum DirectState {
     Down,
 }
 
+/// The server's drain (§3.15), as far as this link is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drain {
+    Off,
+    /// Reliable messages that would go on the server path are held (`SendStream::held_from`).
+    Holding,
+    /// The held messages were taken for a new session: the link takes no more.
+    Taken,
+}
+
 /// Whether the server path carries frames now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ServerPath {
@@ -445,6 +461,7 @@ pub(crate) struct LinkCore {
     send: SendStream,
     recv: RecvStream,
     server: ServerPath,
+    drain: Drain,
     /// The newest generation, if one was started.
     direct: Option<DirectPath>,
     /// Highest generation the peer reported READY for (never reset).
@@ -480,6 +497,7 @@ impl LinkCore {
             send: SendStream::new(),
             recv: RecvStream::default(),
             server: ServerPath::Connected,
+            drain: Drain::Off,
             direct: None,
             peer_ready: Gen(0),
             ready_due: None,
@@ -557,11 +575,24 @@ impl LinkCore {
                 limit: limit.min(fits),
             });
         }
+        if self.drain == Drain::Taken {
+            return Err(SendError::Ended);
+        }
         if permits > self.window_available() {
             return Err(SendError::WouldBlock);
         }
         match reliability {
-            Reliability::Reliable => self.send.push_message(data),
+            Reliability::Reliable => {
+                if self.drain == Drain::Holding
+                    && self.path() == PathId::Server
+                    && self.send.held_from.is_none()
+                {
+                    // From the first message that would go through the draining server on,
+                    // nothing more reliable goes (on either path) until the hold ends.
+                    self.send.held_from = Some(self.send.next_seq);
+                }
+                self.send.push_message(data)
+            }
             Reliability::Unreliable => {
                 // Costs window while it waits to be transmitted, as in the reference client.
                 self.unreliable_permits += permits;
@@ -792,8 +823,15 @@ impl LinkCore {
     /// before an upgrade if the cut took them). A READY of the current generation goes again
     /// too: one lost in the cut (or dropped while paused) would keep the peer off the direct
     /// path for good.
+    ///
+    /// It also ends a hold ([`LinkCore::hold`]: the session resumed after all): held messages
+    /// go on the link's path.
     pub(crate) fn resync_server(&mut self) {
         self.server = ServerPath::Connected;
+        if self.drain == Drain::Holding {
+            self.drain = Drain::Off;
+            self.send.held_from = None;
+        }
         // The ack goes again whatever the path (§3.14 "and its current ACK"): one that fell
         // back to the interrupted server path (busy channels) was dropped, and a peer whose
         // window is full waits on it.
@@ -820,6 +858,57 @@ impl LinkCore {
                 self.ready_due = Some(d.gen);
             }
         }
+    }
+
+    /// The server is draining (`LinkInput::Hold`, §3.15): from the first reliable message that
+    /// would go on the server path, reliable messages are numbered and kept but not transmitted
+    /// until [`LinkCore::resync_server`] or [`LinkCore::take_held`]. Acks, probes and unreliable
+    /// messages still go.
+    pub(crate) fn hold(&mut self) {
+        if self.drain == Drain::Off {
+            self.drain = Drain::Holding;
+        }
+    }
+
+    /// Holding, and nothing of this link is in flight through the server: every fragment
+    /// transmitted before the hold is acknowledged, or the link is direct and holds nothing.
+    pub(crate) fn drained(&self) -> bool {
+        if self.drain != Drain::Holding {
+            return false;
+        }
+        match self.send.held_from {
+            Some(held) => self.send.unacked.front().is_none_or(|u| u.seq >= held),
+            None => matches!(self.path(), PathId::Direct(_)) || self.send.unacked.is_empty(),
+        }
+    }
+
+    /// A new session replaces this link: the reliable messages held (never transmitted, so
+    /// they can go on the next link to the same user without a duplicate), oldest first, and
+    /// the number of messages transmitted and not acknowledged (they may or may not have
+    /// arrived). The link takes no more messages.
+    pub(crate) fn take_held(&mut self) -> (Vec<Bytes>, u64) {
+        self.drain = Drain::Taken;
+        let held = self.send.held_from.unwrap_or(u64::MAX);
+        let unacked = std::mem::take(&mut self.send.unacked);
+        self.send.unacked_permits = 0;
+        self.send.next_tx = self.send.next_seq;
+        self.send.server_resend.clear();
+        let mut messages = Vec::new();
+        let mut current = BytesMut::new();
+        let mut undelivered = 0;
+        for u in unacked {
+            if u.seq < held {
+                undelivered += u64::from(u.fin);
+                continue;
+            }
+            if let Ok(LinkFrame::Data { bytes, fin, .. }) = LinkFrame::decode(&u.frame) {
+                current.extend_from_slice(bytes);
+                if fin {
+                    messages.push(std::mem::take(&mut current).freeze());
+                }
+            }
+        }
+        (messages, undelivered)
     }
 
     /// Run the timers due at `now`: the ack timer, the probe interval, the dead-path rule.
@@ -1007,6 +1096,9 @@ impl LinkCore {
             }
         };
         let seq = self.send.next_tx;
+        if self.send.held_from.is_some_and(|held| seq >= held) {
+            return None;
+        }
         let u = self.send.get_mut(seq)?;
         if u.via.is_some() {
             self.stats.resent += 1;
@@ -1508,6 +1600,82 @@ mod tests {
     }
 
     #[test]
+    fn drain_holds_messages_for_the_server_path_and_hands_them_over() {
+        let t0 = Instant::now();
+        let mut c = LinkCore::new(cfg(1 << 20), t0);
+        c.send(Bytes::from_static(b"before"), Reliability::Reliable)
+            .unwrap();
+        drain(&mut c);
+        c.hold();
+        assert!(!c.drained(), "seq 1 is in flight through the server");
+        c.send(big().slice(..20_000), Reliability::Reliable)
+            .unwrap();
+        c.send(Bytes::from_static(b"u"), Reliability::Unreliable)
+            .unwrap();
+        c.send(Bytes::from_static(b"last"), Reliability::Reliable)
+            .unwrap();
+        // Only the unreliable message goes, on either path, even after an upgrade.
+        assert_eq!(
+            kinds(&drain(&mut c)),
+            vec![(Route::Server, link_kind::UNRELIABLE)]
+        );
+        c.direct_started(Gen(1), t0);
+        c.direct_channels_open(Gen(1), LinkVersion(2), t0);
+        c.direct_connected(Gen(1), t0);
+        let ready = Bytes::from(LinkFrame::Ready { gen: 1 }.encode());
+        c.handle_frame(PathId::Server, ready, t0);
+        assert!(!kinds(&drain(&mut c)).iter().any(|k| k.1 == link_kind::DATA));
+        let ack = Bytes::from(LinkFrame::Ack { seq: 1 }.encode());
+        c.handle_frame(PathId::Server, ack, t0);
+        assert!(c.drained());
+        let (held, undelivered) = c.take_held();
+        assert_eq!(
+            held,
+            vec![big().slice(..20_000), Bytes::from_static(b"last")]
+        );
+        assert_eq!(undelivered, 0);
+        assert_eq!(c.window_available(), 1 << 20);
+        assert_eq!(
+            c.send(Bytes::new(), Reliability::Reliable),
+            Err(SendError::Ended)
+        );
+
+        // Direct links go on sending directly; a resume ends the hold.
+        let mut c = direct_core(t0);
+        drain(&mut c);
+        c.hold();
+        c.send(Bytes::from_static(b"d"), Reliability::Reliable)
+            .unwrap();
+        assert!(kinds(&drain(&mut c))
+            .contains(&(Route::Direct(Gen(1), Channel::Reliable), link_kind::DATA)));
+        assert!(c.drained());
+        c.direct_down(Gen(1), t0);
+        c.send(Bytes::from_static(b"held"), Reliability::Reliable)
+            .unwrap();
+        // The downgrade re-sends what went directly, not what is held.
+        assert_eq!(
+            kinds(&drain(&mut c))
+                .iter()
+                .filter(|k| k.1 == link_kind::DATA)
+                .count(),
+            1
+        );
+        c.resync_server();
+        let out = drain(&mut c);
+        let held = Bytes::from(
+            LinkFrame::Data {
+                seq: 2,
+                fin: true,
+                bytes: b"held",
+            }
+            .encode(),
+        );
+        assert!(out
+            .iter()
+            .any(|t| t.route == Route::Server && t.frame == held));
+    }
+
+    #[test]
     fn rtt_from_probes_and_reset_on_path_changes() {
         let t0 = Instant::now();
         let mut c = LinkCore::new(cfg(1 << 20), t0);
@@ -1589,6 +1757,8 @@ mod tests {
         /// Frames towards this end are lost from now on (one direction of the path dead).
         OneWay(usize),
         Cut(Duration),
+        /// The server drains (§3.15) and, this long after, the sessions resume after all.
+        Drain(Duration),
         Busy(usize, Duration),
         Open(usize, Gen),
         Connected(usize, Gen),
@@ -1695,7 +1865,8 @@ mod tests {
                     3 | 4 => Act::Kill,
                     5 => Act::OneWay(rng.below(2) as usize),
                     6 | 7 => Act::Cut(rng.ms(1, 2000)),
-                    _ => Act::Busy(rng.below(2) as usize, rng.ms(1, 500)),
+                    8 => Act::Busy(rng.below(2) as usize, rng.ms(1, 500)),
+                    _ => Act::Drain(rng.ms(1, 2000)),
                 };
                 acts.push((at, act));
             }
@@ -1780,6 +1951,13 @@ mod tests {
                     for e in 0..2 {
                         self.ends[e].core.pause_server();
                         self.server[e].clear();
+                        let skew = self.rng.ms(0, 50);
+                        self.schedule(d + skew, Act::Resync(e));
+                    }
+                }
+                Act::Drain(d) => {
+                    for e in 0..2 {
+                        self.ends[e].core.hold();
                         let skew = self.rng.ms(0, 50);
                         self.schedule(d + skew, Act::Resync(e));
                     }
