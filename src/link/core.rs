@@ -1026,7 +1026,15 @@ impl LinkCore {
     fn poll_unreliable(&mut self) -> Option<Transmit> {
         loop {
             if let Some(t) = self.routed.pop_front() {
-                return Some(t);
+                if matches!(t.route, Route::Direct(gen, _) if self.path() == PathId::Direct(gen)) {
+                    return Some(t);
+                }
+                // The direct path went away between the parts: the rest go on the server path
+                // as they are (§7.6).
+                match self.relay(t.frame) {
+                    Some(t) => return Some(t),
+                    None => continue,
+                }
             }
             let (data, permits) = self.unreliable.pop_front()?;
             self.unreliable_permits -= permits;
