@@ -1210,7 +1210,7 @@ impl Session {
         for (peer, entry) in &links {
             // Held messages (a drain) were never transmitted: they go on the next link to the
             // same user. The others may or may not have arrived.
-            let (held, messages) = entry.handle.take_held();
+            let (held, messages) = entry.handle.take_held().await;
             if messages > 0 {
                 self.emit(Event::Undelivered {
                     peer: *peer,

@@ -30,11 +30,8 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use super::parts::{self, Parts};
+pub(crate) use super::rtc::Channel;
 use super::rtc::{DC_HIGH, OWN_QUEUE_MAX, UNRELIABLE_QUEUE_MAX};
-use super::{
-    fragment_permits, permits_for, ACK_DELAY, ACK_EVERY, FRAGMENT_OVERHEAD, MAX_PEER_WINDOW,
-    MAX_REORDER, PING_EVERY,
-};
 use crate::protocol::{
     link_kind, LinkFrame, MAX_DIRECT_UNRELIABLE_FRAME, MAX_FRAGMENT_PAYLOAD, MAX_UNRELIABLE_PAYLOAD,
 };
@@ -42,6 +39,35 @@ use crate::Reliability;
 
 /// Outstanding PINGs remembered for RTT samples (§8.6).
 const MAX_PINGS: usize = 8;
+/// Send an ack after this many fragments even if the ack timer has not fired.
+pub(crate) const ACK_EVERY: u64 = 32;
+/// Longest a received fragment waits for its ack.
+pub(crate) const ACK_DELAY: Duration = Duration::from_millis(5);
+/// Window cost of a fragment beyond its bytes.
+pub(crate) const FRAGMENT_OVERHEAD: usize = 64;
+/// Largest send window of a reference sender (`ClientConfig::with_send_window` and peermesh.js
+/// clamp to it). A peer within it never has more than this many fragment bytes + 64 per
+/// fragment unacknowledged, nor a reliable message longer than this: the receiver bounds its
+/// reorder buffer and the message being reassembled by it, so a misbehaving peer cannot make it
+/// hold more.
+pub(crate) const MAX_PEER_WINDOW: usize = 16 << 20;
+/// Most fragments held for reordering: what a 16 MiB window can have in flight.
+pub(crate) const MAX_REORDER: usize = MAX_PEER_WINDOW / FRAGMENT_OVERHEAD;
+/// RTT probe interval.
+pub(crate) const PING_EVERY: Duration = Duration::from_secs(1);
+
+/// Window cost of one fragment: its bytes plus a fixed overhead, so that a window of W bytes
+/// holds at most W / 64 fragments in flight however small the messages (and the receiver's
+/// reorder buffer, capped at `MAX_REORDER`, can take them all).
+pub(crate) fn fragment_permits(len: usize) -> usize {
+    len + FRAGMENT_OVERHEAD
+}
+
+/// Window cost of a message of `len` bytes (one fragment per started 16 KiB, at least one).
+pub(crate) fn permits_for(len: usize) -> usize {
+    let fragments = len.div_ceil(MAX_FRAGMENT_PAYLOAD).max(1);
+    len + fragments * FRAGMENT_OVERHEAD
+}
 
 /// A PeerConnection generation of the link (§7.4); the first is 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -65,14 +91,6 @@ pub(crate) enum PathId {
     Server,
     /// The data channels of PeerConnection generation `Gen`.
     Direct(Gen),
-}
-
-/// Which data channel of a generation: "r", or the unreliable one in use ("u" in version 1,
-/// this end's "u2" in version 2; the async layer knows which).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Channel {
-    Reliable,
-    Unreliable,
 }
 
 /// Where one frame goes.
@@ -131,6 +149,28 @@ pub(crate) struct CoreConfig {
     pub max_message: usize,
     /// Dead-path rule (§8.7): longest silence of the direct path.
     pub dead_path: Duration,
+}
+
+impl CoreConfig {
+    /// Window cost of a message, or why it can never be sent. [`LinkCore::send`] checks the
+    /// same; the async layer asks first, to admit a send without a hop through the link task.
+    pub(crate) fn cost(&self, len: usize, reliability: Reliability) -> Result<usize, SendError> {
+        let limit = match reliability {
+            Reliability::Reliable => self.max_message,
+            Reliability::Unreliable => MAX_UNRELIABLE_PAYLOAD,
+        };
+        let permits = permits_for(len);
+        if len > limit || permits > self.window {
+            // The largest payload that fits both the limit and the window.
+            let fragments = self.window.div_ceil(MAX_FRAGMENT_PAYLOAD);
+            let fits = self.window.saturating_sub(fragments * FRAGMENT_OVERHEAD);
+            return Err(SendError::TooLarge {
+                size: len,
+                limit: limit.min(fits),
+            });
+        }
+        Ok(permits)
+    }
 }
 
 /// Bytes the data channels of a generation have queued and not had acknowledged.
@@ -228,7 +268,7 @@ impl SendStream {
                 }
                 .encode(),
             );
-            let permits = fragment_permits(chunk.len()) as usize;
+            let permits = fragment_permits(chunk.len());
             self.unacked_permits += permits;
             self.unacked.push_back(Unacked {
                 seq,
@@ -549,7 +589,19 @@ impl LinkCore {
         }
     }
 
+    /// Sequence number of the last reliable fragment numbered (0 before the first).
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.send.next_seq - 1
+    }
+
+    /// Every reliable fragment up to `seq` is acknowledged (or was taken by
+    /// [`LinkCore::take_held`]).
+    pub(crate) fn acked_through(&self, seq: u64) -> bool {
+        self.send.unacked.front().is_none_or(|u| u.seq > seq)
+    }
+
     /// Reliable messages sent and not (completely) acknowledged.
+    #[cfg(test)]
     pub(crate) fn unacked_messages(&self) -> u64 {
         self.send.unacked.iter().filter(|u| u.fin).count() as u64
     }
@@ -558,23 +610,7 @@ impl LinkCore {
 
     /// Take a message to send. Reliable ones are numbered now, in call order.
     pub(crate) fn send(&mut self, data: Bytes, reliability: Reliability) -> Result<(), SendError> {
-        let limit = match reliability {
-            Reliability::Reliable => self.cfg.max_message,
-            Reliability::Unreliable => MAX_UNRELIABLE_PAYLOAD,
-        };
-        let permits = permits_for(data.len());
-        if data.len() > limit || permits > self.cfg.window {
-            // The largest payload that fits both the limit and the window.
-            let fragments = self.cfg.window.div_ceil(MAX_FRAGMENT_PAYLOAD);
-            let fits = self
-                .cfg
-                .window
-                .saturating_sub(fragments * FRAGMENT_OVERHEAD);
-            return Err(SendError::TooLarge {
-                size: data.len(),
-                limit: limit.min(fits),
-            });
-        }
+        let permits = self.cfg.cost(data.len(), reliability)?;
         if self.drain == Drain::Taken {
             return Err(SendError::Ended);
         }

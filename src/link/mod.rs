@@ -6,81 +6,67 @@
 //! and sends them again on the server path when the direct path goes away. Moving *up* to the
 //! direct path needs no re-send: the server path is itself ordered and reliable, so fragments still
 //! on it arrive and the receiver fills the gap from its reorder buffer.
+//!
+//! The algorithm is [`core::LinkCore`] (sans-IO, `core.rs`). This module is its async layer: one
+//! task per link ([`LinkTask`]) owns the core and the PeerConnection, feeds it what arrives
+//! (relay frames, data channel frames, commands from [`LinkHandle`], reports of the channel
+//! writers, the clock) and carries out what it asks (frames to the WebSocket or to a writer task
+//! per data channel, messages to the app, path reports). Nothing of the link's state is shared:
+//! the handles read a published [`LinkView`] and claim send-window credit from a [`Gate`].
 
-// The sans-IO delivery algorithm; the link task adopts it next (until then only its tests use it).
-#[cfg_attr(not(test), allow(dead_code))]
 mod core;
 mod parts;
 mod rtc;
 
-use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep_until, Instant as TokioInstant};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
+use self::core::{
+    Buffered, CoreConfig, CoreEvent, CoreStats, Gen, LinkCore, LinkVersion, PathId, Route,
+    SendError, Transmit,
+};
 use rtc::FrameSink;
 use rtc::{Candidates, Channel, ConnState, DirectTx, Rtc, RtcEvent};
 pub(crate) use rtc::{RtcFactory, RtcOptions};
 
-use crate::protocol::{
-    ClientMsg, DirectPolicy, LinkFrame, LinkId, PathKind, PeerId, RelayFrame,
-    MAX_DIRECT_UNRELIABLE_FRAME, MAX_FRAGMENT_PAYLOAD, MAX_UNRELIABLE_PAYLOAD,
-};
+use crate::protocol::{link_kind, ClientMsg, DirectPolicy, LinkId, PathKind, PeerId, RelayFrame};
 use crate::{CandidatePair, CandidateType, Error, Event, Path, Reliability, Result};
 
-/// Send an ack after this many fragments even if the ack timer has not fired.
-const ACK_EVERY: u64 = 32;
-/// Longest a received fragment waits for its ack.
-const ACK_DELAY: Duration = Duration::from_millis(5);
-/// Longest the link's own frames (acks, probes) wait for room on the direct path before they
-/// take the server path.
+/// Longest the link's own frames (acks, probes) wait on a data channel before a copy takes the
+/// server path ([`LinkCore::transmit_abandoned`]).
 const OWN_SEND_WAIT: Duration = Duration::from_millis(100);
-/// Window cost of a fragment beyond its bytes.
-const FRAGMENT_OVERHEAD: usize = 64;
-/// Largest send window of a reference sender (`ClientConfig::with_send_window` and peermesh.js
-/// clamp to it). A peer within it never has more than this many fragment bytes + 64 per
-/// fragment unacknowledged, nor a reliable message longer than this: the receiver bounds its
-/// reorder buffer and the message being reassembled by it, so a misbehaving peer cannot make it
-/// hold more.
-const MAX_PEER_WINDOW: usize = 16 << 20;
-/// Most fragments held for reordering: what a 16 MiB window can have in flight.
-const MAX_REORDER: usize = MAX_PEER_WINDOW / FRAGMENT_OVERHEAD;
 /// Longest a new PeerConnection may take to connect before it counts as failed (and the app
 /// gets [`Event::DirectFailed`]). ICE on a LAN or through TURN connects in well under a second;
 /// pairs that cannot connect (two symmetric NATs without TURN) are told within 10 s.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(crate::CONNECT_TIMEOUT_SECS);
-/// RTT probe interval.
-const PING_EVERY: Duration = Duration::from_secs(1);
 /// First wait before the initiator tries a new PeerConnection after a failure, and the longest
 /// for a pair that had a direct path before (it is likely to come back) and for one that never
 /// had one (it may never get one; retries are cheap but not free).
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX_HAD_DIRECT: Duration = Duration::from_secs(5);
 const RETRY_MAX_NEVER_DIRECT: Duration = Duration::from_secs(60);
+/// How often an idle channel writer reports its channel's queue while it drains.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
 
-/// Inputs to a link task.
+/// Inputs to a link task from outside it: the client's session and the PeerConnection.
 #[derive(Debug)]
 pub(crate) enum LinkInput {
     /// A link-layer frame that came over the server path.
     Relay(Bytes),
+    /// A link-layer frame that came on a data channel of PeerConnection generation `gen`.
+    Direct { gen: u32, frame: Bytes },
     /// Signaling data from the peer.
     Signal(serde_json::Value),
     /// Something the PeerConnection of generation `gen` reported.
     Rtc { gen: u32, event: RtcEvent },
-    /// Sending on the direct path of PeerConnection generation `gen` failed.
-    DirectFailed { gen: u32, why: String },
-    /// Something was delivered that is not acknowledged yet: ack within `ACK_DELAY`.
-    AckSoon,
-    /// An RTT probe answer arrived.
-    Pong(u64),
-    /// The peer's channels of this generation are open.
-    Ready(u32),
     /// The pair's direct policy is at least this strict from now on (a stricter `MemberInfo`
     /// for the same link, or the server refused a `signal` with `direct_not_allowed`).
     Restrict {
@@ -107,602 +93,99 @@ pub(crate) enum LinkInput {
     Close,
 }
 
-/// Sending state, shared by the app's tasks (which send from their own task, so a message
-/// costs no hop through the link task) and the link task (which acks, switches paths and
-/// re-sends). Sequence numbers are assigned and frames recorded under this lock; the sends
-/// themselves happen after it is released.
-struct SendState {
-    next_seq: u64,
-    unacked: VecDeque<Unacked>,
-    /// Where new frames go: the direct path's channels, or the server path when `None`. Set and
-    /// cleared by the link task together with its path.
-    direct: Option<DirectTx>,
-    sent_server: u64,
-    sent_direct: u64,
-    resent: u64,
-    /// Number of the next unreliable message split into parts.
-    next_part_msg: u32,
-    /// The server is draining (see [`LinkInput::Hold`]).
-    draining: bool,
-    /// Held: the first sequence number not transmitted.
-    held_from: Option<u64>,
-    /// [`LinkHandle::take_held`] emptied the link: a send that raced it fails.
-    taken: bool,
+/// Requests of the link's handles.
+enum Cmd {
+    /// Send a message. `claimed`: its window cost was taken from the [`Gate`] (the core has
+    /// room for it); otherwise it waits in line for room.
+    Send {
+        data: Bytes,
+        reliability: Reliability,
+        claimed: bool,
+        reply: Option<oneshot::Sender<Result<(), SendError>>>,
+    },
+    /// Answer once every reliable message sent before it is acknowledged.
+    Flush(oneshot::Sender<()>),
+    /// Empty the link for a new session ([`LinkCore::take_held`]).
+    TakeHeld(oneshot::Sender<(Vec<Bytes>, u64)>),
 }
 
-/// Frames ready to transmit, with the path chosen for them.
-struct Prepared {
-    frames: Vec<Bytes>,
-    direct: Option<DirectTx>,
-    /// For an unreliable message: the window permits to give back once it is sent.
-    unreliable_permits: Option<u32>,
+/// What a channel writer reports to its link task.
+enum WriterReport {
+    /// Frame `id` was handed to the channel (or refused): the channel now has `buffered` bytes
+    /// queued.
+    Written {
+        gen: Gen,
+        ch: Channel,
+        id: u64,
+        len: usize,
+        buffered: usize,
+        failed: Option<(Transmit, String)>,
+    },
+    /// The channel's queue while it drains, with no frame to send.
+    Buffered {
+        gen: Gen,
+        ch: Channel,
+        buffered: usize,
+    },
 }
 
-/// What a link's handles and its task share.
-struct LinkShared {
-    peer: PeerId,
-    link_id: LinkId,
-    ws_tx: mpsc::Sender<WsMessage>,
-    /// Control input to the link task.
-    ctl: mpsc::UnboundedSender<LinkInput>,
-    window: Semaphore,
-    /// Total permits of `window`.
-    window_size: usize,
-    send: Mutex<SendState>,
-    events: mpsc::Sender<Event>,
-    /// Receiving state. An async lock, held while delivering events, so the two paths' frames
-    /// (handled by the link task and by the data channel's read loop) are delivered in order.
-    recv: tokio::sync::Mutex<RecvState>,
-    /// Unreliable messages arriving in parts.
-    parts: Mutex<parts::Parts>,
-    /// Generation of the PeerConnection a frame last arrived on, and when (dead-path rule).
-    direct_rx: Mutex<Option<(u32, Instant)>>,
-    /// The server path is interrupted: relay nothing (see [`LinkInput::PauseRelay`]).
-    relay_paused: AtomicBool,
-    counters: Counters,
+/// Send-window credit the link task lends its handles, so that a send with room in the window
+/// is admitted without waiting for the task (and `try_send` can answer at once, without a round
+/// trip). The task lends what the core has free while nobody waits in line, takes it back when
+/// someone does, and counts what it lent ([`LinkTask::lent`]); a claim travels with its message,
+/// which the core then has room for. Closed by [`LinkHandle::take_held`] and
+/// [`LinkHandle::close`]: claims fail from then on.
+struct Gate(AtomicU64);
+
+const GATE_CLOSED: u64 = 1 << 63;
+
+enum Claim {
+    Granted,
+    Short,
+    Closed,
 }
 
-/// Counters updated where the events happen (data channel read loop, link task); read by
-/// [`LinkHandle::status`]. The send counters live in [`SendState`], under its lock.
-#[derive(Default)]
-struct Counters {
-    unreliable_dropped: AtomicU64,
-    recv_server: AtomicU64,
-    recv_direct: AtomicU64,
-    duplicates: AtomicU64,
-    path_changes: AtomicU64,
-    candidates_host: AtomicU64,
-    candidates_srflx: AtomicU64,
-    candidates_relay: AtomicU64,
-}
-
-fn bump(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
-}
-
-/// Receiving state of a link.
-#[derive(Default)]
-struct RecvState {
-    /// Highest sequence number delivered in order.
-    delivered: u64,
-    /// Highest sequence number acknowledged to the peer.
-    acked_sent: u64,
-    /// An ack must go out even if nothing new was delivered (a duplicate arrived: the sender
-    /// is re-sending, so our last ack may have been lost).
-    ack_due: bool,
-    /// The link task has been asked to ack soon.
-    ack_asked: bool,
-    reorder: BTreeMap<u64, (bool, Bytes)>,
-    /// Sum over `reorder` of fragment length + `FRAGMENT_OVERHEAD` (at most `MAX_PEER_WINDOW`).
-    reorder_bytes: usize,
-    partial: BytesMut,
-    /// The message being received grew past `MAX_PEER_WINDOW` bytes: its fragments up to FIN are
-    /// dropped.
-    discarding: bool,
-}
-
-impl RecvState {
-    /// Hold an early fragment until the gap before it fills; `false` (not held) if the reorder
-    /// buffer is full, in fragments or in bytes.
-    fn hold(&mut self, seq: u64, fin: bool, payload: Bytes) -> bool {
-        let cost = payload.len() + FRAGMENT_OVERHEAD;
-        if self.reorder.len() >= MAX_REORDER || self.reorder_bytes + cost > MAX_PEER_WINDOW {
-            return false;
-        }
-        self.reorder_bytes += cost;
-        self.reorder.insert(seq, (fin, payload));
-        true
-    }
-
-    /// Take the held fragment that comes next in order, if it is there.
-    fn take_next(&mut self) -> Option<(bool, Bytes)> {
-        let entry = self.reorder.first_entry()?;
-        if *entry.key() != self.delivered + 1 {
-            return None;
-        }
-        let (fin, payload) = entry.remove();
-        self.reorder_bytes -= payload.len() + FRAGMENT_OVERHEAD;
-        Some((fin, payload))
-    }
-
-    /// Count the next in-order fragment as delivered and add it to the message being
-    /// reassembled: the whole message if this was its last fragment. A message longer than
-    /// `MAX_PEER_WINDOW` (no reference sender sends one) is dropped, with its fragments up to
-    /// FIN, rather than buffered without bound.
-    fn reassemble(&mut self, fin: bool, payload: Bytes) -> Reassembled {
-        self.delivered += 1;
-        if self.discarding {
-            self.discarding = !fin;
-            return Reassembled::Partial;
-        }
-        if self.partial.len() + payload.len() > MAX_PEER_WINDOW {
-            self.partial = BytesMut::new();
-            self.discarding = !fin;
-            return Reassembled::TooLarge;
-        }
-        if self.partial.is_empty() {
-            if !fin {
-                self.partial.extend_from_slice(&payload);
-                return Reassembled::Partial;
-            }
-            return Reassembled::Message(payload);
-        }
-        self.partial.extend_from_slice(&payload);
-        if !fin {
-            return Reassembled::Partial;
-        }
-        Reassembled::Message(std::mem::take(&mut self.partial).freeze())
-    }
-}
-
-/// What one in-order fragment completed.
-#[derive(Debug, PartialEq)]
-enum Reassembled {
-    /// Nothing yet (or the rest of a dropped message).
-    Partial,
-    /// A whole message.
-    Message(Bytes),
-    /// The message grew too long and is being dropped.
-    TooLarge,
-}
-
-impl LinkShared {
-    /// Handle a link-layer frame from either path. Data is delivered here; probes and READY go
-    /// to the link task.
-    async fn receive(&self, frame: Bytes, direct: bool) {
-        let decoded = match LinkFrame::decode(&frame) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!(peer = self.peer, "dropping bad link frame: {e}");
-                return;
-            }
-        };
-        match decoded {
-            LinkFrame::Data { seq, fin, bytes } => {
-                bump(if direct {
-                    &self.counters.recv_direct
-                } else {
-                    &self.counters.recv_server
-                });
-                let payload = frame.slice_ref(bytes);
-                self.on_data(seq, fin, payload).await;
-            }
-            LinkFrame::Ack { seq } => self.on_ack(seq),
-            LinkFrame::Unreliable { bytes } => {
-                let data = frame.slice_ref(bytes);
-                self.emit(Event::Message {
-                    from: self.peer,
-                    data,
-                    reliability: Reliability::Unreliable,
-                })
-                .await;
-            }
-            LinkFrame::UnreliablePart {
-                msg,
-                index,
-                count,
-                bytes,
-            } => {
-                let part = frame.slice_ref(bytes);
-                let whole = self.parts.lock().expect("link parts lock").push(
-                    Instant::now(),
-                    msg,
-                    index,
-                    count,
-                    part,
-                );
-                match whole {
-                    Ok(Some(data)) => {
-                        self.emit(Event::Message {
-                            from: self.peer,
-                            data,
-                            reliability: Reliability::Unreliable,
-                        })
-                        .await
-                    }
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!(peer = self.peer, "dropping unreliable part: {e}"),
-                }
-            }
-            LinkFrame::Ping { id } => {
-                // Answer on the path the probe came by, if we are on it too.
-                let pong = Bytes::from(LinkFrame::Pong { id }.encode());
-                let direct = if direct {
-                    self.lock_send().direct.clone()
-                } else {
-                    None
-                };
-                self.transmit(direct.as_ref(), Channel::Unreliable, pong, true)
-                    .await;
-            }
-            LinkFrame::Pong { id } => {
-                let _ = self.ctl.send(LinkInput::Pong(id));
-            }
-            LinkFrame::Ready { gen } => {
-                let _ = self.ctl.send(LinkInput::Ready(gen));
-            }
-        }
-    }
-
-    async fn on_data(&self, seq: u64, fin: bool, payload: Bytes) {
-        let mut guard = self.recv.lock().await;
-        let r = &mut *guard;
-        if seq <= r.delivered || r.reorder.contains_key(&seq) {
-            bump(&self.counters.duplicates);
-            // The sender may be re-sending because our ack was lost with the path: ack again.
-            r.ack_due = true;
-        } else if seq != r.delivered + 1 {
-            if !r.hold(seq, fin, payload) {
-                // A sender within its window never gets this far ahead.
-                tracing::warn!(
-                    peer = self.peer,
-                    seq,
-                    "reorder buffer full; fragment dropped"
-                );
-            }
-            return;
-        } else {
-            self.accept(r, fin, payload).await;
-            while let Some((fin, payload)) = r.take_next() {
-                self.accept(r, fin, payload).await;
-            }
-        }
-        if r.delivered - r.acked_sent >= ACK_EVERY {
-            let ack = Self::take_ack(r);
-            drop(guard);
-            if let Some(ack) = ack {
-                self.send_frame(ack).await;
-            }
-        } else if !r.ack_asked {
-            r.ack_asked = true;
-            let _ = self.ctl.send(LinkInput::AckSoon);
-        }
-    }
-
-    async fn accept(&self, r: &mut RecvState, fin: bool, payload: Bytes) {
-        let data = match r.reassemble(fin, payload) {
-            Reassembled::Partial => return,
-            Reassembled::TooLarge => {
-                tracing::warn!(
-                    peer = self.peer,
-                    "reliable message longer than {MAX_PEER_WINDOW} bytes; dropped"
-                );
-                return;
-            }
-            Reassembled::Message(data) => data,
-        };
-        self.emit(Event::Message {
-            from: self.peer,
-            data,
-            reliability: Reliability::Reliable,
-        })
-        .await;
-    }
-
-    /// The ack to send now, if one is owed; records it as sent.
-    fn take_ack(r: &mut RecvState) -> Option<Bytes> {
-        r.ack_asked = false;
-        if r.acked_sent == r.delivered && !r.ack_due {
-            return None;
-        }
-        r.ack_due = false;
-        r.acked_sent = r.delivered;
-        Some(Bytes::from(LinkFrame::Ack { seq: r.delivered }.encode()))
-    }
-
-    /// Send the ack owed, if any, on the current path.
-    async fn send_ack(&self) {
-        let ack = Self::take_ack(&mut *self.recv.lock().await);
-        if let Some(ack) = ack {
-            self.send_frame(ack).await;
-        }
-    }
-
-    /// Send a frame of the link's own (ack, probe) on the current path.
-    async fn send_frame(&self, frame: Bytes) {
-        let direct = self.lock_send().direct.clone();
-        let ch = if frame.first() == Some(&crate::protocol::link_kind::ACK) {
-            Channel::Reliable
-        } else {
-            Channel::Unreliable
-        };
-        self.transmit(direct.as_ref(), ch, frame, true).await;
-    }
-
-    fn on_ack(&self, seq: u64) {
-        let mut released = 0usize;
-        {
-            let mut st = self.lock_send();
-            while let Some(front) = st.unacked.front() {
-                if front.seq > seq {
-                    break;
-                }
-                released += front.permits as usize;
-                st.unacked.pop_front();
-            }
-        }
-        if released > 0 {
-            self.window.add_permits(released);
-        }
-    }
-
-    async fn emit(&self, event: Event) {
-        // The app dropped its event stream: nobody is listening any more.
-        let _ = self.events.send(event).await;
-    }
-
-    fn lock_send(&self) -> std::sync::MutexGuard<'_, SendState> {
-        self.send.lock().expect("link send lock")
-    }
-
-    /// Assign sequence numbers and record the fragments (no waiting). `UnknownPeer` once the
-    /// link was emptied by [`LinkHandle::take_held`] (its session ended).
-    fn prepare(&self, data: Bytes, reliable: bool, permits: u32) -> Result<Prepared> {
-        let mut st = self.lock_send();
-        if st.taken {
-            return Err(Error::UnknownPeer(self.peer));
-        }
-        if !reliable {
-            let split = st.direct.as_ref().is_some_and(|d| d.split);
-            let frames = if split && 1 + data.len() > MAX_DIRECT_UNRELIABLE_FRAME {
-                // One SCTP chunk per frame: a lost part leaves nothing in the peer's SCTP
-                // reassembly queue (PROTOCOL.md §7.6).
-                let msg = st.next_part_msg;
-                st.next_part_msg = msg.wrapping_add(1);
-                let pieces = parts::split(&data);
-                let count = pieces.len() as u16;
-                pieces
-                    .iter()
-                    .enumerate()
-                    .map(|(index, bytes)| {
-                        Bytes::from(
-                            LinkFrame::UnreliablePart {
-                                msg,
-                                index: index as u16,
-                                count,
-                                bytes,
-                            }
-                            .encode(),
-                        )
-                    })
-                    .collect()
-            } else {
-                vec![Bytes::from(LinkFrame::Unreliable { bytes: &data }.encode())]
-            };
-            return Ok(Prepared {
-                frames,
-                direct: st.direct.clone(),
-                unreliable_permits: Some(permits),
-            });
-        }
-        if st.draining && st.direct.is_none() && st.held_from.is_none() {
-            st.held_from = Some(st.next_seq);
-        }
-        let mut frames = Vec::with_capacity(data.len() / MAX_FRAGMENT_PAYLOAD + 1);
-        let mut rest = data;
+impl Gate {
+    fn claim(&self, permits: usize) -> Claim {
+        let permits = permits as u64;
+        let mut cur = self.0.load(Ordering::Acquire);
         loop {
-            let chunk = rest.split_to(rest.len().min(MAX_FRAGMENT_PAYLOAD));
-            let fin = rest.is_empty();
-            let seq = st.next_seq;
-            st.next_seq += 1;
-            let frame = Bytes::from(
-                LinkFrame::Data {
-                    seq,
-                    fin,
-                    bytes: &chunk,
-                }
-                .encode(),
-            );
-            st.unacked.push_back(Unacked {
-                seq,
-                frame: frame.clone(),
-                permits: fragment_permits(chunk.len()),
-                fin,
-            });
-            frames.push(frame);
-            if fin {
-                break;
+            if cur & GATE_CLOSED != 0 {
+                return Claim::Closed;
             }
-        }
-        if st.held_from.is_some() {
-            // Recorded above; transmitted on `Resync` or taken by `take_held`.
-            return Ok(Prepared {
-                frames: Vec::new(),
-                direct: None,
-                unreliable_permits: None,
-            });
-        }
-        let n = frames.len() as u64;
-        match st.direct {
-            Some(_) => st.sent_direct += n,
-            None => st.sent_server += n,
-        }
-        Ok(Prepared {
-            frames,
-            direct: st.direct.clone(),
-            unreliable_permits: None,
-        })
-    }
-
-    /// Transmit prepared frames on the path chosen when they were prepared.
-    async fn transmit_prepared(&self, p: Prepared) {
-        if let Some(permits) = p.unreliable_permits {
-            let congested = p.direct.as_ref().filter(|d| d.split).is_some_and(|d| {
-                // Unknown (another send holds the channel for a moment): send, and wait.
-                d.unreliable_queued_now()
-                    .is_some_and(|q| q > rtc::UNRELIABLE_QUEUE_MAX)
-            });
-            if congested {
-                // Dropped whole, like a datagram at a full socket buffer (see
-                // `UNRELIABLE_QUEUE_MAX`); counted in `LinkStats::unreliable_dropped`.
-                bump(&self.counters.unreliable_dropped);
-                self.window.add_permits(permits as usize);
-                return;
+            if cur < permits {
+                return Claim::Short;
             }
-            for frame in p.frames {
-                self.transmit(p.direct.as_ref(), Channel::Unreliable, frame, false)
-                    .await;
-            }
-            self.window.add_permits(permits as usize);
-            return;
-        }
-        for frame in p.frames {
-            // What SCTP has queued is part of what we have not had acknowledged, so its queue
-            // can only be over the high mark when that is; only then ask the channel (which
-            // takes webrtc-rs's locks).
-            let unacked = self.window_size - self.window.available_permits();
-            if let Some(d) = p.direct.as_ref().filter(|_| unacked > rtc::DC_HIGH) {
-                let current = || self.lock_send().direct.as_ref().is_some_and(|c| c.same(d));
-                if !d.wait_for_room(current).await {
-                    // The direct path went away: its downgrade re-sends every unacknowledged
-                    // fragment, these included, on the server path.
-                    return;
-                }
-            }
-            self.transmit(p.direct.as_ref(), Channel::Reliable, frame, false)
-                .await;
-        }
-    }
-
-    /// Send one frame on the direct path if given, else on the server path.
-    ///
-    /// webrtc-sctp blocks a send while its association's pending queue (128 KiB) is full, which
-    /// is what happens when the path dies: the congestion window closes. So a direct send never
-    /// waits unbounded: app data (`own == false`) gives up once the direct path is no longer the
-    /// link's path (the downgrade re-sends every unacknowledged fragment on the server path); the
-    /// link's own frames (acks, probes) wait at most `OWN_SEND_WAIT` and then (also) take the
-    /// server path ([`LinkShared::transmit_own_direct`]), so the link task and the channel's read
-    /// loop never stall on a dead path. A failed send is reported to the link task, which moves
-    /// to the server path.
-    async fn transmit(&self, direct: Option<&DirectTx>, ch: Channel, frame: Bytes, own: bool) {
-        if let Some(d) = direct.filter(|_| own) {
-            if !self.transmit_own_direct(d, ch, frame.clone()).await {
-                self.relay(&frame).await;
-            }
-            return;
-        }
-        if let Some(d) = direct {
-            // Giving up on this send (dropping it) is only safe because it happens when the
-            // channels are no longer the link's path: their PeerConnection is being closed.
-            let send = d.send(ch, &frame);
-            tokio::pin!(send);
-            let sent = loop {
-                tokio::select! {
-                    // Polled first: a send that completes at once never arms the timer.
-                    biased;
-                    result = &mut send => break Some(result),
-                    _ = tokio::time::sleep(Duration::from_millis(20)) => {
-                        if !self.lock_send().direct.as_ref().is_some_and(|c| c.same(d)) {
-                            break None;
-                        }
-                    }
-                }
-            };
-            match sent {
-                Some(Ok(())) => return,
-                Some(Err(e)) => {
-                    let _ = self.ctl.send(LinkInput::DirectFailed {
-                        gen: d.gen,
-                        why: format!("data channel send: {e}"),
-                    });
-                    if ch == Channel::Reliable {
-                        return;
-                    }
-                }
-                // Reliable data is covered by the downgrade's re-send; unreliable data takes
-                // the server path below.
-                None if ch == Channel::Reliable => return,
-                None => {}
-            }
-        }
-        self.relay(&frame).await;
-    }
-
-    /// Send one of the link's own frames (ack, probe) on the direct path; `false` if it has to
-    /// (also) go on the server path.
-    ///
-    /// A channel send, once started, is never dropped: webrtc-sctp numbers a message on its
-    /// stream before it waits for room in the association's queue, so a dropped send leaves a
-    /// hole in the stream's sequence that the peer's in-order delivery waits on for good. So an
-    /// own frame goes on the server path instead when the channels' queues are well filled or
-    /// another send holds a channel (a busy or dead path), and a send that does not finish at once completes on a task of
-    /// its own while a copy goes on the server path after `OWN_SEND_WAIT` (acks are cumulative
-    /// and probes are matched by id, so a duplicate is harmless).
-    async fn transmit_own_direct(&self, d: &DirectTx, ch: Channel, frame: Bytes) -> bool {
-        match d.queued_now() {
-            Some(queued) if queued + frame.len() <= rtc::OWN_QUEUE_MAX => {}
-            _ => return false,
-        }
-        let mut send = Box::pin(d.send_owned(ch, frame));
-        let result = match futures_util::FutureExt::now_or_never(&mut send) {
-            Some(result) => result,
-            None => {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                tokio::spawn(async move {
-                    let _ = tx.send(send.await);
-                });
-                match tokio::time::timeout(OWN_SEND_WAIT, rx).await {
-                    Ok(Ok(result)) => result,
-                    // Still queued (or the task ended): the copy on the server path decides.
-                    _ => return false,
-                }
-            }
-        };
-        match result {
-            Ok(()) => true,
-            Err(e) => {
-                let _ = self.ctl.send(LinkInput::DirectFailed {
-                    gen: d.gen,
-                    why: format!("data channel send: {e}"),
-                });
-                false
+            match self.0.compare_exchange_weak(
+                cur,
+                cur - permits,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Claim::Granted,
+                Err(now) => cur = now,
             }
         }
     }
 
-    async fn relay(&self, frame: &[u8]) {
-        if self.relay_paused.load(Ordering::Relaxed) {
-            // Reliable frames stay unacknowledged and go again on `Resync`; acks are sent
-            // again then; an unreliable message is lost, as on any interrupted path.
-            if frame.first() == Some(&crate::protocol::link_kind::UNRELIABLE)
-                || frame.first() == Some(&crate::protocol::link_kind::UNRELIABLE_PART)
-            {
-                bump(&self.counters.unreliable_dropped);
-            }
-            return;
-        }
-        let buf = RelayFrame {
-            peer: self.peer,
-            link: self.link_id,
-            payload: frame,
-        }
-        .encode();
-        // Fails only when the session is closing, and then the link is going away too.
-        let _ = self.ws_tx.send(WsMessage::Binary(buf.into())).await;
+    fn lend(&self, permits: usize) {
+        self.0.fetch_add(permits as u64, Ordering::AcqRel);
+    }
+
+    /// Take back all credit not claimed.
+    fn take_back(&self) -> usize {
+        (self.0.fetch_and(GATE_CLOSED, Ordering::AcqRel) & !GATE_CLOSED) as usize
+    }
+
+    fn close(&self) {
+        self.0.fetch_or(GATE_CLOSED, Ordering::AcqRel);
     }
 }
 
-/// Counters of one link, for diagnostics and tests.
+/// Counters of one link, for diagnostics and tests. The send counters count transmissions as
+/// they are handed on (to the WebSocket writer or a data channel writer), not messages as they
+/// are accepted: a fragment accepted while the window's path is busy or held is counted when it
+/// goes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LinkStats {
     /// Reliable fragments sent on the server path (first sends and re-sends).
@@ -713,17 +196,20 @@ pub struct LinkStats {
     pub recv_server: u64,
     /// Reliable fragments received on the direct path (including duplicates).
     pub recv_direct: u64,
-    /// Reliable fragments sent again after the direct path went away.
+    /// Reliable fragments sent again (after the direct path went away, or the server path came
+    /// back after an interruption).
     pub resent: u64,
     /// Duplicate reliable fragments received and dropped.
     pub duplicates: u64,
-    /// Times the link moved between the server and direct paths.
+    /// Times the link moved between the server and direct paths (or to a direct candidate pair
+    /// of other types).
     pub path_changes: u64,
     /// Unreliable messages received in parts of which some never arrived (discarded after 1 s,
     /// or to keep at most 256 KiB of parts).
     pub unreliable_incomplete: u64,
-    /// Unreliable messages not sent because the direct path's unreliable channel already had
-    /// 256 KiB queued (a congested path; such messages are dropped rather than delayed).
+    /// Unreliable messages not sent: the direct path's unreliable channel already had 256 KiB
+    /// queued (a congested path; such messages are dropped rather than delayed), or the server
+    /// path was interrupted.
     pub unreliable_dropped: u64,
     /// Local ICE candidates gathered and signaled, by type (all PeerConnection generations).
     pub candidates_host: u64,
@@ -739,6 +225,15 @@ pub(crate) struct LinkStatus {
     pub path: Path,
     pub pair: Option<CandidatePair>,
     pub rtt: Option<Duration>,
+}
+
+/// What the link task publishes after every step.
+#[derive(Debug, Clone, Default)]
+struct LinkView {
+    status: LinkStatus,
+    stats: LinkStats,
+    /// [`LinkCore::drained`].
+    drained: bool,
 }
 
 /// What every link of a client shares.
@@ -760,11 +255,11 @@ pub(crate) struct LinkCtx {
 pub(crate) struct LinkHandle {
     pub peer: PeerId,
     pub link_id: LinkId,
-    shared: Arc<LinkShared>,
-    window_size: u32,
-    max_message: usize,
-    status: Arc<Mutex<LinkStatus>>,
-    runtime: tokio::runtime::Handle,
+    inputs: mpsc::UnboundedSender<LinkInput>,
+    cmds: mpsc::UnboundedSender<Cmd>,
+    gate: Arc<Gate>,
+    view: watch::Receiver<LinkView>,
+    cfg: CoreConfig,
 }
 
 impl LinkHandle {
@@ -777,54 +272,41 @@ impl LinkHandle {
         policy: DirectPolicy,
         ctx: LinkCtx,
     ) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let status = Arc::new(Mutex::new(LinkStatus::default()));
-        let shared = Arc::new(LinkShared {
-            peer,
-            link_id,
-            ws_tx: ctx.ws_tx.clone(),
-            ctl: tx,
-            window: Semaphore::new(ctx.window),
-            window_size: ctx.window,
-            send: Mutex::new(SendState {
-                next_seq: 1,
-                unacked: VecDeque::new(),
-                direct: None,
-                sent_server: 0,
-                sent_direct: 0,
-                resent: 0,
-                next_part_msg: 1,
-                draining: false,
-                held_from: None,
-                taken: false,
-            }),
-            events: ctx.events.clone(),
-            recv: tokio::sync::Mutex::new(RecvState::default()),
-            parts: Mutex::new(parts::Parts::default()),
-            direct_rx: Mutex::new(None),
-            relay_paused: AtomicBool::new(false),
-            counters: Counters::default(),
-        });
-        let handle = LinkHandle {
-            peer,
-            link_id,
-            shared: shared.clone(),
-            window_size: ctx.window as u32,
+        let (inputs, inputs_rx) = mpsc::unbounded_channel();
+        let (cmds, cmds_rx) = mpsc::unbounded_channel();
+        let (reports, reports_rx) = mpsc::unbounded_channel();
+        let cfg = CoreConfig {
+            window: ctx.window,
             max_message: ctx.max_message,
-            status: status.clone(),
-            runtime: tokio::runtime::Handle::current(),
+            dead_path: ctx.dead_path,
         };
+        let gate = Arc::new(Gate(AtomicU64::new(0)));
+        let (view_tx, view) = watch::channel(LinkView::default());
         let task = LinkTask {
             peer,
             link_id,
             initiator,
             policy,
-            ctx,
-            shared,
-            status,
-            ack_deadline: None,
+            core: LinkCore::new(cfg, Instant::now()),
+            inputs: inputs.clone(),
+            reports,
+            view: view_tx,
+            gate: gate.clone(),
+            lent: 0,
+            waiting: VecDeque::new(),
+            flushes: Vec::new(),
+            replies: Vec::new(),
+            take_held: None,
+            ended: false,
+            outbox: VecDeque::new(),
+            path_msgs: VecDeque::new(),
+            writers: None,
+            own_waits: VecDeque::new(),
+            next_write: 0,
+            candidates: [0; 3],
             path: Path::Server,
             pair: None,
+            told_connected: false,
             rtc: None,
             gen: 0,
             r_open: false,
@@ -832,187 +314,134 @@ impl LinkHandle {
             u2_open: false,
             peer_u2_open: false,
             version: 1,
-            direct_since: None,
             connected: false,
-            peer_ready: 0,
             retry_at: None,
             connect_by: None,
             declined: false,
             backoff: RETRY_MIN,
             had_direct: false,
-            next_ping: 1,
-            pings: VecDeque::new(),
-            rtt: None,
+            ctx,
         };
-        tokio::spawn(task.run(rx));
-        handle
+        tokio::spawn(task.run(inputs_rx, cmds_rx, reports_rx));
+        LinkHandle {
+            peer,
+            link_id,
+            inputs,
+            cmds,
+            gate,
+            view,
+            cfg,
+        }
     }
 
-    /// Send, waiting for room in the send window.
+    fn error(&self, e: SendError) -> Error {
+        match e {
+            SendError::WouldBlock => Error::WouldBlock(self.peer),
+            SendError::TooLarge { size, limit } => Error::MessageTooLarge { size, limit },
+            SendError::Ended => Error::UnknownPeer(self.peer),
+        }
+    }
+
+    /// Send, waiting for room in the send window. Answers once the link task has taken the
+    /// message (numbered it, if reliable) and handed on what it could send.
     pub(crate) async fn send(&self, data: Bytes, reliability: Reliability) -> Result<()> {
-        let (reliable, permits) = self.check(&data, reliability)?;
-        self.shared
-            .window
-            .acquire_many(permits)
-            .await
-            .map_err(|_| Error::UnknownPeer(self.peer))?
-            .forget();
-        // Sequence numbers are taken now; the transmission runs on its own task so that a caller
-        // who drops this future half-way (a timeout, a select) cannot leave fragments numbered
-        // but never sent, a hole the peer would wait on for good.
-        let prepared = self.shared.prepare(data, reliable, permits)?;
-        let shared = self.shared.clone();
-        let _ = self
-            .runtime
-            .spawn(async move { shared.transmit_prepared(prepared).await })
-            .await;
-        Ok(())
-    }
-
-    /// Send without waiting; `WouldBlock` if the window is full.
-    pub(crate) fn try_send(&self, data: Bytes, reliability: Reliability) -> Result<()> {
-        let (reliable, permits) = self.check(&data, reliability)?;
-        match self.shared.window.try_acquire_many(permits) {
-            Ok(p) => p.forget(),
-            Err(tokio::sync::TryAcquireError::NoPermits) => {
-                return Err(Error::WouldBlock(self.peer))
-            }
-            Err(tokio::sync::TryAcquireError::Closed) => return Err(Error::UnknownPeer(self.peer)),
-        }
-        // Sequence numbers are taken now, in call order; the transmission runs on its own task
-        // (it may wait for the data channel to drain).
-        let prepared = self.shared.prepare(data, reliable, permits)?;
-        let shared = self.shared.clone();
-        self.runtime
-            .spawn(async move { shared.transmit_prepared(prepared).await });
-        Ok(())
-    }
-
-    /// Whether the message is reliable, and its window cost; `MessageTooLarge` if it can never
-    /// be sent.
-    fn check(&self, data: &Bytes, reliability: Reliability) -> Result<(bool, u32)> {
-        let (reliable, limit) = match reliability {
-            Reliability::Reliable => (true, self.max_message),
-            Reliability::Unreliable => (false, MAX_UNRELIABLE_PAYLOAD),
+        let permits = self
+            .cfg
+            .cost(data.len(), reliability)
+            .map_err(|e| self.error(e))?;
+        let claimed = match self.gate.claim(permits) {
+            Claim::Granted => true,
+            Claim::Short => false,
+            Claim::Closed => return Err(Error::UnknownPeer(self.peer)),
         };
-        let permits = permits_for(data.len());
-        if data.len() > limit || permits > self.window_size as usize {
-            // The largest payload that fits both the limit and the window.
-            let fragments = (self.window_size as usize).div_ceil(MAX_FRAGMENT_PAYLOAD);
-            let fits = (self.window_size as usize).saturating_sub(fragments * FRAGMENT_OVERHEAD);
-            return Err(Error::MessageTooLarge {
-                size: data.len(),
-                limit: limit.min(fits),
-            });
+        let (tx, rx) = oneshot::channel();
+        self.cmds
+            .send(Cmd::Send {
+                data,
+                reliability,
+                claimed,
+                reply: Some(tx),
+            })
+            .map_err(|_| Error::UnknownPeer(self.peer))?;
+        // Dropping this future while the message waits in line withdraws it; once taken it
+        // goes, whatever becomes of this future.
+        match rx.await {
+            Ok(r) => r.map_err(|e| self.error(e)),
+            Err(_) => Err(Error::UnknownPeer(self.peer)),
         }
-        Ok((reliable, permits as u32))
+    }
+
+    /// Send without waiting; `WouldBlock` if the window is full (or others wait for it).
+    pub(crate) fn try_send(&self, data: Bytes, reliability: Reliability) -> Result<()> {
+        let permits = self
+            .cfg
+            .cost(data.len(), reliability)
+            .map_err(|e| self.error(e))?;
+        match self.gate.claim(permits) {
+            Claim::Granted => {}
+            Claim::Short => return Err(Error::WouldBlock(self.peer)),
+            Claim::Closed => return Err(Error::UnknownPeer(self.peer)),
+        }
+        // Claimed: the core has room for it, and the task takes it in call order.
+        self.cmds
+            .send(Cmd::Send {
+                data,
+                reliability,
+                claimed: true,
+                reply: None,
+            })
+            .map_err(|_| Error::UnknownPeer(self.peer))
     }
 
     pub(crate) fn deliver(&self, input: LinkInput) {
         // A closed task means the link is being torn down; late frames have nowhere to go.
-        let _ = self.shared.ctl.send(input);
+        let _ = self.inputs.send(input);
     }
 
     /// Wait until every reliable message sent so far is acknowledged by the peer.
     pub(crate) async fn flush(&self) -> Result<()> {
-        let all = self.window_size;
-        self.shared
-            .window
-            .acquire_many(all)
-            .await
-            .map(drop)
-            .map_err(|_| Error::UnknownPeer(self.peer))
+        let (tx, rx) = oneshot::channel();
+        self.cmds
+            .send(Cmd::Flush(tx))
+            .map_err(|_| Error::UnknownPeer(self.peer))?;
+        rx.await.map_err(|_| Error::UnknownPeer(self.peer))
     }
 
     /// Draining (see [`LinkInput::Hold`]) and nothing of this link is in flight through the
     /// server: every reliable frame transmitted before the hold is acknowledged, or the link is
     /// on the direct path and holds nothing.
     pub(crate) fn drained(&self) -> bool {
-        let st = self.shared.lock_send();
-        if !st.draining {
-            return false;
-        }
-        match st.held_from {
-            Some(held) => st.unacked.front().is_none_or(|u| u.seq >= held),
-            None => st.direct.is_some() || st.unacked.is_empty(),
-        }
+        self.view.borrow().drained
     }
 
     /// A new session replaces this link: take the reliable messages held since
     /// [`LinkInput::Hold`] (never transmitted, so they can go on the next link to the same peer
     /// without a duplicate), oldest first, and count the messages transmitted but not
-    /// acknowledged (they may or may not have arrived).
-    pub(crate) fn take_held(&self) -> (Vec<Bytes>, u64) {
-        let mut st = self.shared.lock_send();
-        st.taken = true;
-        let held = st.held_from.unwrap_or(u64::MAX);
-        let unacked = std::mem::take(&mut st.unacked);
-        drop(st);
-        let mut messages = Vec::new();
-        let mut current: Vec<u8> = Vec::new();
-        let mut undelivered = 0;
-        for u in unacked {
-            if u.seq < held {
-                undelivered += u64::from(u.fin);
-                continue;
-            }
-            if let Ok(LinkFrame::Data { bytes, fin, .. }) = LinkFrame::decode(&u.frame) {
-                current.extend_from_slice(bytes);
-                if fin {
-                    messages.push(Bytes::from(std::mem::take(&mut current)));
-                }
-            }
+    /// acknowledged (they may or may not have arrived). A send from now on, or one that raced
+    /// this and lost, fails with `UnknownPeer`.
+    pub(crate) async fn take_held(&self) -> (Vec<Bytes>, u64) {
+        self.gate.close();
+        let (tx, rx) = oneshot::channel();
+        if self.cmds.send(Cmd::TakeHeld(tx)).is_err() {
+            return (Vec::new(), 0);
         }
-        (messages, undelivered)
+        rx.await.unwrap_or_default()
     }
 
     /// Stop the link: senders waiting on the window get an error, the task closes its
     /// PeerConnection and ends.
     pub(crate) fn close(&self) {
-        self.shared.window.close();
-        let _ = self.shared.ctl.send(LinkInput::Close);
+        self.gate.close();
+        let _ = self.inputs.send(LinkInput::Close);
     }
 
     pub(crate) fn status(&self) -> LinkStatus {
-        self.status.lock().expect("link status lock").clone()
+        self.view.borrow().status.clone()
     }
 
     pub(crate) fn stats(&self) -> LinkStats {
-        let c = &self.shared.counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let send = self.shared.lock_send();
-        LinkStats {
-            sent_server: send.sent_server,
-            sent_direct: send.sent_direct,
-            recv_server: get(&c.recv_server),
-            recv_direct: get(&c.recv_direct),
-            resent: send.resent,
-            duplicates: get(&c.duplicates),
-            path_changes: get(&c.path_changes),
-            unreliable_dropped: get(&c.unreliable_dropped),
-            unreliable_incomplete: {
-                let mut parts = self.shared.parts.lock().expect("link parts lock");
-                parts.expire(Instant::now());
-                parts.discarded
-            },
-            candidates_host: get(&c.candidates_host),
-            candidates_srflx: get(&c.candidates_srflx),
-            candidates_relay: get(&c.candidates_relay),
-        }
+        self.view.borrow().stats
     }
-}
-
-/// Window cost of one fragment: its bytes plus a fixed overhead, so that a window of W bytes
-/// holds at most W / 64 fragments in flight however small the messages (and the receiver's
-/// reorder buffer, capped at `MAX_REORDER`, can take them all).
-fn fragment_permits(len: usize) -> u32 {
-    (len + FRAGMENT_OVERHEAD) as u32
-}
-
-/// Window cost of a message of `len` bytes (one fragment per started 16 KiB, at least one).
-fn permits_for(len: usize) -> usize {
-    let fragments = len.div_ceil(MAX_FRAGMENT_PAYLOAD).max(1);
-    len + fragments * FRAGMENT_OVERHEAD
 }
 
 /// Signaling payloads exchanged between the two ends of a link (inside `signal.data`).
@@ -1048,12 +477,124 @@ enum LinkSignal {
     Decline { gen: u32 },
 }
 
-struct Unacked {
-    seq: u64,
-    frame: Bytes,
-    permits: u32,
-    /// The last fragment of its message.
-    fin: bool,
+/// A send or a flush waiting in line for the window.
+enum Waiter {
+    Send {
+        data: Bytes,
+        reliability: Reliability,
+        permits: usize,
+        reply: Option<oneshot::Sender<Result<(), SendError>>>,
+    },
+    Flush(oneshot::Sender<()>),
+}
+
+/// The writer tasks of one generation's two channels.
+struct Writers {
+    gen: Gen,
+    /// Indexed by [`ch_index`].
+    frames: [mpsc::UnboundedSender<(u64, Transmit)>; 2],
+    /// Bytes handed to each writer and not yet to its channel.
+    queued: [usize; 2],
+    /// What each channel last reported queued.
+    buffered: [usize; 2],
+    /// Dropped when the generation ends: the writers stop, even in the middle of a send (its
+    /// PeerConnection is being closed, so no hole in a stream matters any more).
+    _stop: watch::Sender<()>,
+}
+
+impl Writers {
+    fn estimate(&self) -> Buffered {
+        Buffered {
+            reliable: self.queued[0] + self.buffered[0],
+            unreliable: self.queued[1] + self.buffered[1],
+        }
+    }
+}
+
+fn ch_index(ch: Channel) -> usize {
+    match ch {
+        Channel::Reliable => 0,
+        Channel::Unreliable => 1,
+    }
+}
+
+/// Hand frames to one data channel, in order, one send at a time, and report each result and
+/// the channel's queue. A send once started is never dropped while its generation lives
+/// ([`DirectTx::send`]); a channel whose queue is full makes only its writer wait, never the
+/// link task.
+async fn write_channel(
+    gen: Gen,
+    ch: Channel,
+    tx: DirectTx,
+    mut frames: mpsc::UnboundedReceiver<(u64, Transmit)>,
+    reports: mpsc::UnboundedSender<WriterReport>,
+    mut stop: watch::Receiver<()>,
+) {
+    let mut last = 0usize;
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = stop.changed() => return,
+            f = frames.recv() => f,
+            // Idle with bytes queued: tell the task as the queue drains (it holds DATA back
+            // above `DC_HIGH`, and its own frames above `OWN_QUEUE_MAX`).
+            _ = async {
+                match ch {
+                    Channel::Reliable => tx.drained(DRAIN_POLL).await,
+                    Channel::Unreliable => tokio::time::sleep(DRAIN_POLL).await,
+                }
+            }, if last > 0 => {
+                let buffered = tx.buffered(ch).await;
+                if buffered != last {
+                    last = buffered;
+                    if reports.send(WriterReport::Buffered { gen, ch, buffered }).is_err() {
+                        return;
+                    }
+                }
+                continue;
+            }
+        };
+        let Some((id, t)) = next else { return };
+        let result = {
+            let send = tx.send(ch, &t.frame);
+            tokio::pin!(send);
+            tokio::select! {
+                biased;
+                r = &mut send => r,
+                _ = stop.changed() => return,
+            }
+        };
+        let buffered = tx.buffered(ch).await;
+        last = buffered;
+        let len = t.frame.len();
+        let failed = result
+            .err()
+            .map(|e| (t, format!("data channel send: {e}")));
+        let report = WriterReport::Written {
+            gen,
+            ch,
+            id,
+            len,
+            buffered,
+            failed,
+        };
+        if reports.send(report).is_err() {
+            return;
+        }
+    }
+}
+
+/// The link's own frames: an ACK, PING or PONG that waits too long on a channel also goes on
+/// the server path.
+fn is_own(frame: &[u8]) -> bool {
+    matches!(
+        frame.first(),
+        Some(&link_kind::ACK) | Some(&link_kind::PING) | Some(&link_kind::PONG)
+    )
+}
+
+fn tokio_at(at: Instant) -> TokioInstant {
+    TokioInstant::from_std(at)
 }
 
 struct LinkTask {
@@ -1064,13 +605,39 @@ struct LinkTask {
     /// makes relay-only ones.
     policy: DirectPolicy,
     ctx: LinkCtx,
-    shared: Arc<LinkShared>,
-    status: Arc<Mutex<LinkStatus>>,
-    /// When the owed ack goes out.
-    ack_deadline: Option<TokioInstant>,
-    // Path.
+    /// The delivery algorithm: sequence numbers, window, acks, reorder, path, timers.
+    core: LinkCore,
+    /// Sender of this task's inputs, for the PeerConnection's callbacks.
+    inputs: mpsc::UnboundedSender<LinkInput>,
+    reports: mpsc::UnboundedSender<WriterReport>,
+    view: watch::Sender<LinkView>,
+    gate: Arc<Gate>,
+    /// Window lent to the handles: the [`Gate`]'s credit and claims on their way here.
+    lent: usize,
+    /// Sends and flushes waiting in line for the window, oldest first.
+    waiting: VecDeque<Waiter>,
+    /// Flushes waiting for every fragment up to their seq to be acknowledged.
+    flushes: Vec<(u64, oneshot::Sender<()>)>,
+    /// Answers to sends taken since the last step, sent once their frames are handed on.
+    replies: Vec<(oneshot::Sender<Result<(), SendError>>, Result<(), SendError>)>,
+    /// [`LinkHandle::take_held`] asked; answered once no claim is on its way.
+    take_held: Option<oneshot::Sender<(Vec<Bytes>, u64)>>,
+    /// The link was emptied for a new session: it takes no more messages.
+    ended: bool,
+    /// Events for the app, in order.
+    outbox: VecDeque<Event>,
+    /// Path reports for the server.
+    path_msgs: VecDeque<ClientMsg>,
+    writers: Option<Writers>,
+    /// Own frames handed to a writer: id, when a copy goes on the server path instead, frame.
+    own_waits: VecDeque<(u64, Instant, Transmit)>,
+    next_write: u64,
+    /// Local candidates signaled: host, srflx, relay.
+    candidates: [u64; 3],
+    // Path, as published.
     path: Path,
     pair: Option<CandidatePair>,
+    // The current PeerConnection generation.
     rtc: Option<Rtc>,
     gen: u32,
     r_open: bool,
@@ -1081,11 +648,9 @@ struct LinkTask {
     peer_u2_open: bool,
     /// Link protocol version of the current generation (the lower of the two ends').
     version: u32,
-    /// When the link last moved onto the direct path (dead-path rule).
-    direct_since: Option<Instant>,
     connected: bool,
-    /// Highest generation whose channels the peer reported open.
-    peer_ready: u32,
+    /// The core was told the generation is connected (ICE connected, with a selected pair).
+    told_connected: bool,
     retry_at: Option<TokioInstant>,
     /// When the current PeerConnection counts as failed if it has not connected.
     connect_by: Option<TokioInstant>,
@@ -1093,104 +658,415 @@ struct LinkTask {
     declined: bool,
     backoff: Duration,
     had_direct: bool,
-    // RTT.
-    next_ping: u64,
-    pings: VecDeque<(u64, Instant)>,
-    rtt: Option<Duration>,
 }
 
 impl LinkTask {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<LinkInput>) {
+    async fn run(
+        mut self,
+        mut inputs: mpsc::UnboundedReceiver<LinkInput>,
+        mut cmds: mpsc::UnboundedReceiver<Cmd>,
+        mut reports: mpsc::UnboundedReceiver<WriterReport>,
+    ) {
         if self.initiator {
             self.start_rtc().await;
         }
-        let mut ping = tokio::time::interval(PING_EVERY);
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.settle().await;
         let far = || TokioInstant::now() + Duration::from_secs(3600);
         loop {
-            let ack_at = self.ack_deadline.unwrap_or_else(far);
-            let retry_at = self.retry_at.unwrap_or_else(far);
-            let connect_by = self.connect_by.unwrap_or_else(far);
-            let dead_at = self.dead_path_deadline();
+            let wake = self.core.poll_timeout();
+            let own_at = self.own_waits.iter().map(|w| w.1).min();
+            let retry_at = self.retry_at;
+            let connect_by = self.connect_by;
             tokio::select! {
                 biased;
-                input = rx.recv() => match input {
+                // Commands first: a claimed send was admitted before anything that follows.
+                cmd = cmds.recv() => match cmd {
+                    Some(cmd) => self.on_cmd(cmd),
+                    // Every handle is gone.
+                    None => break,
+                },
+                input = inputs.recv() => match input {
                     Some(LinkInput::Close) | None => break,
                     Some(input) => self.handle(input).await,
                 },
-                _ = sleep_until(ack_at), if self.ack_deadline.is_some() => {
-                    self.ack_deadline = None;
-                    self.shared.send_ack().await;
+                Some(report) = reports.recv() => self.on_report(report),
+                _ = sleep_until(wake.map_or_else(far, tokio_at)), if wake.is_some() => {
+                    self.core.handle_timeout(Instant::now());
                 }
-                _ = sleep_until(retry_at), if self.retry_at.is_some() => {
+                _ = sleep_until(own_at.map_or_else(far, tokio_at)), if own_at.is_some() => {
+                    self.own_waits_expired();
+                }
+                _ = sleep_until(retry_at.unwrap_or_else(far)), if retry_at.is_some() => {
                     self.retry_at = None;
                     self.start_rtc().await;
                 }
-                _ = sleep_until(connect_by), if self.connect_by.is_some() => {
+                _ = sleep_until(connect_by.unwrap_or_else(far)), if connect_by.is_some() => {
                     self.connect_by = None;
-                    self.rtc_failed(&format!("not connected within {CONNECT_TIMEOUT:?}")).await;
-                }
-                _ = ping.tick() => self.send_ping().await,
-                _ = sleep_until(dead_at.unwrap_or_else(far)), if dead_at.is_some() => {
-                    // Re-checked: a frame may have arrived since the deadline was computed.
-                    if self.dead_path_deadline().is_some_and(|at| at <= TokioInstant::now()) {
-                        let why = format!(
-                            "nothing received on the direct path for {:?}",
-                            self.ctx.dead_path
-                        );
-                        self.downgrade(&why).await;
-                        self.rtc_failed(&why).await;
-                    }
+                    self.rtc_failed(&format!("not connected within {CONNECT_TIMEOUT:?}"));
                 }
             }
+            self.settle().await;
         }
+        self.writers = None;
         if let Some(rtc) = self.rtc.take() {
             rtc.close();
         }
     }
 
-    /// Dead-path rule (PROTOCOL.md §8.7): while direct, the path has failed when nothing has
-    /// arrived on the current generation's channels for `dead_path` since the later of the
-    /// upgrade and the last frame. Both ends probe every second, so a live path is never
-    /// silent that long, whatever ICE reports.
-    fn dead_path_deadline(&self) -> Option<TokioInstant> {
-        let since = self.direct_since?;
-        let last = match *self.shared.direct_rx.lock().expect("direct rx lock") {
-            Some((gen, at)) if gen == self.gen => at.max(since),
-            _ => since,
+    // ---- sending ----
+
+    fn on_cmd(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Send {
+                data,
+                reliability,
+                claimed,
+                reply,
+            } => {
+                let Ok(permits) = self.core_cfg().cost(data.len(), reliability) else {
+                    // The handle checked the size with the same configuration.
+                    return;
+                };
+                if claimed {
+                    self.lent -= permits;
+                    let r = self.core.send(data, reliability);
+                    debug_assert!(r != Err(SendError::WouldBlock), "a claim had no room");
+                    if let Some(reply) = reply {
+                        self.replies.push((reply, r));
+                    }
+                } else {
+                    self.waiting.push_back(Waiter::Send {
+                        data,
+                        reliability,
+                        permits,
+                        reply,
+                    });
+                }
+            }
+            Cmd::Flush(reply) => self.waiting.push_back(Waiter::Flush(reply)),
+            Cmd::TakeHeld(reply) => self.take_held = Some(reply),
+        }
+    }
+
+    fn core_cfg(&self) -> CoreConfig {
+        CoreConfig {
+            window: self.ctx.window,
+            max_message: self.ctx.max_message,
+            dead_path: self.ctx.dead_path,
+        }
+    }
+
+    /// Window the core has free and nobody holds a claim on.
+    fn free(&self) -> usize {
+        self.core.window_available().saturating_sub(self.lent)
+    }
+
+    /// Admit waiting sends in order while the window has room for the oldest.
+    fn serve_waiters(&mut self) {
+        while let Some(front) = self.waiting.front() {
+            match front {
+                Waiter::Flush(_) => {
+                    let Some(Waiter::Flush(reply)) = self.waiting.pop_front() else {
+                        unreachable!()
+                    };
+                    self.flushes.push((self.core.last_seq(), reply));
+                }
+                Waiter::Send { permits, reply, .. } => {
+                    let withdrawn = reply.as_ref().is_some_and(|r| r.is_closed());
+                    if !withdrawn && *permits > self.free() && !self.ended {
+                        break;
+                    }
+                    let Some(Waiter::Send {
+                        data,
+                        reliability,
+                        reply,
+                        ..
+                    }) = self.waiting.pop_front()
+                    else {
+                        unreachable!()
+                    };
+                    if withdrawn {
+                        continue;
+                    }
+                    let r = self.core.send(data, reliability);
+                    if let Some(reply) = reply {
+                        self.replies.push((reply, r));
+                    }
+                }
+            }
+        }
+    }
+
+    /// After every input: admit waiting sends, carry out what the core asks (app events,
+    /// frames), answer the handles and publish the link's view.
+    async fn settle(&mut self) {
+        if !self.waiting.is_empty() || self.take_held.is_some() {
+            // In line for the window (or emptying the link): the handles' credit comes back.
+            self.lent -= self.gate.take_back();
+        }
+        self.serve_waiters();
+        if self.lent == 0 {
+            if let Some(reply) = self.take_held.take() {
+                let _ = reply.send(self.core.take_held());
+                self.ended = true;
+                // Those in line fail now (`SendError::Ended`).
+                self.serve_waiters();
+            }
+        }
+        loop {
+            self.take_core_events();
+            while let Some(event) = self.outbox.pop_front() {
+                // The app dropped its event stream: nobody is listening any more.
+                let _ = self.ctx.events.send(event).await;
+            }
+            while let Some(msg) = self.path_msgs.pop_front() {
+                self.send_msg(&msg).await;
+            }
+            let mut sent = false;
+            while let Some(t) = self.core.poll_transmit() {
+                sent = true;
+                self.dispatch(t).await;
+            }
+            if !sent && self.outbox.is_empty() {
+                break;
+            }
+            // Unreliable messages sent free window.
+            self.serve_waiters();
+        }
+        for (reply, r) in self.replies.drain(..) {
+            let _ = reply.send(r);
+        }
+        let mut pending = Vec::new();
+        for (seq, reply) in self.flushes.drain(..) {
+            if self.core.acked_through(seq) {
+                let _ = reply.send(());
+            } else if !reply.is_closed() {
+                pending.push((seq, reply));
+            }
+        }
+        self.flushes = pending;
+        if self.waiting.is_empty() && !self.ended {
+            let free = self.free();
+            if free > 0 {
+                self.lent += free;
+                self.gate.lend(free);
+            }
+        }
+        self.publish();
+    }
+
+    /// Hand one frame on: to the WebSocket, or to the writer of its channel.
+    async fn dispatch(&mut self, t: Transmit) {
+        let (gen, ch) = match t.route {
+            Route::Server => return self.relay(&t.frame).await,
+            Route::Direct(gen, ch) => (gen, ch),
         };
-        Some(TokioInstant::from_std(last + self.ctx.dead_path))
+        if self.writers.as_ref().is_none_or(|w| w.gen != gen) {
+            self.start_writers(gen);
+        }
+        let now = Instant::now();
+        let Some(w) = self.writers.as_mut().filter(|w| w.gen == gen) else {
+            // The generation is gone (the core hears of it next): the server path takes it.
+            self.core.transmit_abandoned(t, now);
+            return;
+        };
+        let id = self.next_write;
+        self.next_write += 1;
+        let i = ch_index(ch);
+        let len = t.frame.len();
+        let own = is_own(&t.frame).then(|| t.clone());
+        if w.frames[i].send((id, t)).is_err() {
+            return;
+        }
+        w.queued[i] += len;
+        let buffered = w.estimate();
+        self.core.direct_buffered(gen, buffered);
+        if let Some(t) = own {
+            self.own_waits.push_back((id, now + OWN_SEND_WAIT, t));
+        }
+    }
+
+    /// Writer tasks for the channels of generation `gen`, if it is the current PeerConnection.
+    fn start_writers(&mut self, gen: Gen) {
+        let Some(rtc) = self.rtc.as_ref().filter(|_| self.gen == gen.0) else {
+            return;
+        };
+        let tx = rtc.tx();
+        let (stop, stop_rx) = watch::channel(());
+        let mut senders = Vec::new();
+        for ch in [Channel::Reliable, Channel::Unreliable] {
+            let (frames, frames_rx) = mpsc::unbounded_channel();
+            senders.push(frames);
+            tokio::spawn(write_channel(
+                gen,
+                ch,
+                tx.clone(),
+                frames_rx,
+                self.reports.clone(),
+                stop_rx.clone(),
+            ));
+        }
+        let [r, u]: [_; 2] = senders.try_into().ok().expect("two channels");
+        self.writers = Some(Writers {
+            gen,
+            frames: [r, u],
+            queued: [0; 2],
+            buffered: [0; 2],
+            _stop: stop,
+        });
+    }
+
+    fn on_report(&mut self, report: WriterReport) {
+        let now = Instant::now();
+        let (gen, ch, buffered) = match report {
+            WriterReport::Written {
+                gen,
+                ch,
+                id,
+                len,
+                buffered,
+                failed,
+            } => {
+                self.own_waits.retain(|w| w.0 != id);
+                if let Some(w) = self.writers.as_mut().filter(|w| w.gen == gen) {
+                    w.queued[ch_index(ch)] -= len;
+                }
+                if let Some((t, why)) = failed {
+                    self.core.transmit_failed(t, &why, now);
+                }
+                (gen, ch, buffered)
+            }
+            WriterReport::Buffered { gen, ch, buffered } => (gen, ch, buffered),
+        };
+        if let Some(w) = self.writers.as_mut().filter(|w| w.gen == gen) {
+            w.buffered[ch_index(ch)] = buffered;
+            let estimate = w.estimate();
+            self.core.direct_buffered(gen, estimate);
+        }
+    }
+
+    /// Own frames still on a channel after `OWN_SEND_WAIT`: a copy takes the server path (the
+    /// channel's send goes on; acks are cumulative and probes matched by id).
+    fn own_waits_expired(&mut self) {
+        let now = Instant::now();
+        let (due, rest): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.own_waits)
+            .into_iter()
+            .partition(|w| w.1 <= now);
+        self.own_waits = rest;
+        for (_, _, t) in due {
+            self.core.transmit_abandoned(t, now);
+        }
+    }
+
+    async fn relay(&self, frame: &[u8]) {
+        let buf = RelayFrame {
+            peer: self.peer,
+            link: self.link_id,
+            payload: frame,
+        }
+        .encode();
+        // Fails only when the session is closing, and then the link is going away too.
+        let _ = self.ctx.ws_tx.send(WsMessage::Binary(buf.into())).await;
+    }
+
+    // ---- what the core says ----
+
+    /// Turn the core's events into app events, path reports and PeerConnection failures.
+    fn take_core_events(&mut self) {
+        while let Some(event) = self.core.poll_event() {
+            match event {
+                CoreEvent::Deliver { data, reliability } => self.outbox.push_back(Event::Message {
+                    from: self.peer,
+                    data,
+                    reliability,
+                }),
+                CoreEvent::PathChanged(PathId::Direct(gen)) => {
+                    let pair = self.pair.filter(|_| gen.0 == self.gen);
+                    let Some(pair) = pair else {
+                        // The core upgrades only after `direct_connected`, told with a pair.
+                        tracing::warn!(peer = self.peer, "direct path without a candidate pair");
+                        continue;
+                    };
+                    self.backoff = RETRY_MIN;
+                    self.had_direct = true;
+                    self.set_path(pair.path());
+                }
+                CoreEvent::PathChanged(PathId::Server) => self.set_path(Path::Server),
+                CoreEvent::DirectFailed { gen, why } => {
+                    // A late verdict on an older PeerConnection says nothing about this one.
+                    if gen.0 == self.gen && self.rtc.is_some() {
+                        tracing::info!(peer = self.peer, "direct path lost ({why})");
+                        self.rtc_failed(&why);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Take `path` and tell the app and the server if it changed.
+    fn set_path(&mut self, path: Path) {
+        if self.path == path {
+            return;
+        }
+        self.path = path;
+        tracing::debug!(peer = self.peer, %path, "path changed");
+        self.outbox.push_back(Event::PathChanged {
+            peer: self.peer,
+            path,
+        });
+        // Reported to the server too, for the app's backend.
+        let (kind, local, remote) = match path {
+            Path::Server => (PathKind::Server, None, None),
+            Path::Direct { local, remote } => {
+                (PathKind::Direct, Some(local.into()), Some(remote.into()))
+            }
+        };
+        self.path_msgs.push_back(ClientMsg::Path {
+            peer: self.peer,
+            link: self.link_id,
+            path: kind,
+            local,
+            remote,
+        });
     }
 
     fn publish(&self) {
-        let mut s = self.status.lock().expect("link status lock");
-        s.path = self.path;
-        s.pair = self.pair;
-        s.rtt = self.rtt;
+        let c: CoreStats = self.core.stats();
+        let direct = matches!(self.path, Path::Direct { .. });
+        let view = LinkView {
+            status: LinkStatus {
+                path: self.path,
+                pair: self.pair.filter(|_| direct),
+                rtt: self.core.rtt(),
+            },
+            stats: LinkStats {
+                sent_server: c.sent_server,
+                sent_direct: c.sent_direct,
+                recv_server: c.recv_server,
+                recv_direct: c.recv_direct,
+                resent: c.resent,
+                duplicates: c.duplicates,
+                path_changes: c.path_changes,
+                unreliable_incomplete: c.unreliable_incomplete,
+                unreliable_dropped: c.unreliable_dropped,
+                candidates_host: self.candidates[0],
+                candidates_srflx: self.candidates[1],
+                candidates_relay: self.candidates[2],
+            },
+            drained: self.core.drained(),
+        };
+        self.view.send_replace(view);
     }
 
+    // ---- inputs ----
+
     async fn handle(&mut self, input: LinkInput) {
+        let now = Instant::now();
         match input {
-            LinkInput::Relay(frame) => self.shared.receive(frame, false).await,
-            LinkInput::AckSoon => {
-                if self.ack_deadline.is_none() {
-                    self.ack_deadline = Some(TokioInstant::now() + ACK_DELAY);
-                }
-            }
-            LinkInput::Pong(id) => {
-                if let Some(pos) = self.pings.iter().position(|(p, _)| *p == id) {
-                    let sample = self.pings[pos].1.elapsed();
-                    self.pings.drain(..=pos);
-                    self.rtt = Some(match self.rtt {
-                        None => sample,
-                        Some(old) => (old * 7 + sample) / 8,
-                    });
-                    self.publish();
-                }
-            }
-            LinkInput::Ready(gen) => {
-                self.peer_ready = self.peer_ready.max(gen);
-                self.maybe_upgrade().await;
+            LinkInput::Relay(frame) => self.core.handle_frame(PathId::Server, frame, now),
+            LinkInput::Direct { gen, frame } => {
+                self.core
+                    .handle_frame(PathId::Direct(Gen(gen)), frame, now)
             }
             LinkInput::Signal(data) => self.on_signal(data).await,
             LinkInput::Rtc { gen, event } => {
@@ -1198,46 +1074,10 @@ impl LinkTask {
                     self.on_rtc(event).await
                 }
             }
-            LinkInput::DirectFailed { gen, why } => {
-                // A late report from an older PeerConnection says nothing about this one.
-                if gen == self.gen {
-                    self.downgrade(&why).await;
-                    if self.rtc.is_some() {
-                        self.rtc_failed(&why).await;
-                    }
-                }
-            }
             LinkInput::Restrict { policy, why } => self.restrict(policy, why).await,
-            LinkInput::PauseRelay => self.shared.relay_paused.store(true, Ordering::Relaxed),
-            LinkInput::Resync => {
-                self.shared.relay_paused.store(false, Ordering::Relaxed);
-                let held = {
-                    let mut st = self.shared.lock_send();
-                    st.draining = false;
-                    st.held_from.take()
-                };
-                if !self.direct_up() {
-                    self.resend_on_server(false).await;
-                } else if let Some(held) = held {
-                    // Held messages never went: send them now on the direct path.
-                    let (frames, direct) = {
-                        let st = self.shared.lock_send();
-                        let frames: Vec<Bytes> = st
-                            .unacked
-                            .iter()
-                            .filter(|u| u.seq >= held)
-                            .map(|u| u.frame.clone())
-                            .collect();
-                        (frames, st.direct.clone())
-                    };
-                    for f in frames {
-                        self.shared
-                            .transmit(direct.as_ref(), Channel::Reliable, f, false)
-                            .await;
-                    }
-                }
-            }
-            LinkInput::Hold => self.shared.lock_send().draining = true,
+            LinkInput::PauseRelay => self.core.pause_server(),
+            LinkInput::Resync => self.core.resync_server(),
+            LinkInput::Hold => self.core.hold(),
             LinkInput::Close => {}
         }
     }
@@ -1251,7 +1091,7 @@ impl LinkTask {
         }
     }
 
-    fn candidates(&self) -> Candidates {
+    fn candidate_policy(&self) -> Candidates {
         match self.policy {
             DirectPolicy::Relay => Candidates::RelayOnly,
             DirectPolicy::Any | DirectPolicy::None => Candidates::All,
@@ -1267,167 +1107,23 @@ impl LinkTask {
         }
         tracing::info!(peer = self.peer, %policy, "the pair's direct policy is now stricter");
         self.policy = policy;
-        let trying = self.rtc.is_some() || self.retry_at.is_some() || self.direct_up();
-        self.downgrade("direct policy tightened").await;
+        let trying = self.rtc.is_some() || self.retry_at.is_some();
         self.reset_rtc();
         self.retry_at = None;
         if let Some(reason) = why.filter(|_| trying) {
-            self.shared
-                .emit(Event::DirectFailed {
-                    peer: self.peer,
-                    reason,
-                })
-                .await;
+            // After the path change the reset caused.
+            self.take_core_events();
+            self.outbox.push_back(Event::DirectFailed {
+                peer: self.peer,
+                reason,
+            });
         }
         if self.initiator && !self.declined && self.factory().is_some() {
             self.start_rtc().await;
         }
     }
 
-    // ---- sending ----
-
-    fn direct_up(&self) -> bool {
-        matches!(self.path, Path::Direct { .. })
-    }
-
-    /// Send a frame of the link's own (ack, probe) on the current path.
-    async fn transmit(&mut self, frame: Bytes, ch: Channel) {
-        let direct = self.shared.lock_send().direct.clone();
-        self.shared.transmit(direct.as_ref(), ch, frame, true).await;
-    }
-
-    async fn relay(&self, frame: &[u8]) {
-        self.shared.relay(frame).await;
-    }
-
-    async fn send_ping(&mut self) {
-        let id = self.next_ping;
-        self.next_ping += 1;
-        if self.pings.len() >= 8 {
-            self.pings.pop_front();
-        }
-        self.pings.push_back((id, Instant::now()));
-        let frame = Bytes::from(LinkFrame::Ping { id }.encode());
-        self.transmit(frame, Channel::Unreliable).await;
-    }
-
-    // ---- receiving ----
-
-    // ---- path ----
-
-    /// Take `path` (with `self.pair` already set for it) and publish; tell the app if the path
-    /// changed.
-    async fn set_path(&mut self, path: Path) {
-        if self.path == path {
-            // The pair may have changed under the same candidate types.
-            self.publish();
-            return;
-        }
-        self.path = path;
-        bump(&self.shared.counters.path_changes);
-        // RTT samples of one path say nothing about the other.
-        self.rtt = None;
-        self.pings.clear();
-        self.publish();
-        tracing::debug!(peer = self.peer, %path, "path changed");
-        self.shared
-            .emit(Event::PathChanged {
-                peer: self.peer,
-                path,
-            })
-            .await;
-        // Reported to the server too, for the app's backend.
-        let (kind, local, remote) = match path {
-            Path::Server => (PathKind::Server, None, None),
-            Path::Direct { local, remote } => {
-                (PathKind::Direct, Some(local.into()), Some(remote.into()))
-            }
-        };
-        self.send_msg(&ClientMsg::Path {
-            peer: self.peer,
-            link: self.link_id,
-            path: kind,
-            local,
-            remote,
-        })
-        .await;
-    }
-
-    /// The channels this generation needs are open: "r", "u" and, for version 2, both ends'
-    /// "u2".
-    fn channels_open(&self) -> bool {
-        self.r_open && self.u_open && (self.version < 2 || (self.u2_open && self.peer_u2_open))
-    }
-
-    async fn maybe_upgrade(&mut self) {
-        if self.direct_up()
-            || !(self.channels_open() && self.connected && self.peer_ready >= self.gen)
-        {
-            return;
-        }
-        let Some(rtc) = &self.rtc else { return };
-        let Some(pair) = rtc.selected_pair().await else {
-            return;
-        };
-        self.backoff = RETRY_MIN;
-        self.had_direct = true;
-        self.pair = Some(pair);
-        self.shared.lock_send().direct = Some(rtc.tx());
-        self.direct_since = Some(Instant::now());
-        self.set_path(pair.path()).await;
-        self.send_ping().await;
-    }
-
-    async fn downgrade(&mut self, why: &str) {
-        if !self.direct_up() {
-            return;
-        }
-        tracing::info!(
-            peer = self.peer,
-            "direct path lost ({why}); back to the server path"
-        );
-        self.direct_since = None;
-        self.set_path(Path::Server).await;
-        // Everything not acknowledged may have died with the direct path.
-        self.resend_on_server(true).await;
-    }
-
-    /// Send every unacknowledged reliable frame again on the server path, then the current ack
-    /// (frames and acks may have been lost with a path: the direct one, or the session's
-    /// connection). The peer discards what it already has.
-    ///
-    /// `leave_direct`: also stop using the direct path, in the same critical section, so new
-    /// frames go on the server path from the moment the re-sent ones are taken.
-    async fn resend_on_server(&mut self, leave_direct: bool) {
-        let frames: Vec<Bytes> = {
-            let mut st = self.shared.lock_send();
-            if leave_direct {
-                st.direct = None;
-            }
-            let held = st.held_from.unwrap_or(u64::MAX);
-            let frames: Vec<Bytes> = st
-                .unacked
-                .iter()
-                .filter(|u| u.seq < held)
-                .map(|u| u.frame.clone())
-                .collect();
-            st.resent += frames.len() as u64;
-            st.sent_server += frames.len() as u64;
-            frames
-        };
-        for f in frames {
-            self.relay(&f).await;
-        }
-        // Acks we sent on the direct path may be gone too: send the current one again.
-        let ack = {
-            let mut r = self.shared.recv.lock().await;
-            r.ack_due = r.delivered > 0;
-            LinkShared::take_ack(&mut r)
-        };
-        if let Some(ack) = ack {
-            self.relay(&ack).await;
-        }
-    }
+    // ---- PeerConnection lifecycle ----
 
     async fn start_rtc(&mut self) {
         let Some(factory) = self.factory() else {
@@ -1437,11 +1133,12 @@ impl LinkTask {
         self.gen += 1;
         // Known once the answer arrives.
         self.version = 1;
+        self.core.direct_started(Gen(self.gen), Instant::now());
         match factory
             .create(
                 self.gen,
-                self.candidates(),
-                self.shared.ctl.clone(),
+                self.candidate_policy(),
+                self.inputs.clone(),
                 self.frame_sink(self.gen),
             )
             .await
@@ -1463,55 +1160,52 @@ impl LinkTask {
                 }
                 Err(e) => {
                     rtc.close();
-                    self.rtc_failed(&format!("creating offer: {e}")).await;
+                    self.rtc_failed(&format!("creating offer: {e}"));
                 }
             },
-            Err(e) => {
-                self.rtc_failed(&format!("creating peer connection: {e}"))
-                    .await
-            }
+            Err(e) => self.rtc_failed(&format!("creating peer connection: {e}")),
         }
     }
 
-    /// Incoming direct-path frames of generation `gen` are handled in the data channel's read
-    /// loop (no hop through this task), and their arrival is noted for the dead-path rule. A
-    /// weak reference: the channel's handler must not keep the link alive.
+    /// Frames from the data channels of generation `gen` come to this task as inputs, in the
+    /// order the channels deliver them.
     fn frame_sink(&self, gen: u32) -> FrameSink {
-        let shared: Weak<LinkShared> = Arc::downgrade(&self.shared);
+        let inputs = self.inputs.clone();
         Arc::new(move |frame| {
-            let shared = shared.clone();
-            Box::pin(async move {
-                if let Some(shared) = shared.upgrade() {
-                    *shared.direct_rx.lock().expect("direct rx lock") = Some((gen, Instant::now()));
-                    shared.receive(frame, true).await;
-                }
-            })
+            let _ = inputs.send(LinkInput::Direct { gen, frame });
+            Box::pin(async {})
         })
     }
 
+    /// Drop the current PeerConnection, if any: the core leaves its generation (with the
+    /// re-send of §8.5 if it was the path) and its channel writers stop.
     fn reset_rtc(&mut self) {
         if let Some(old) = self.rtc.take() {
+            self.core.direct_down(Gen(self.gen), Instant::now());
             old.close();
         }
+        self.writers = None;
         self.r_open = false;
         self.u_open = false;
         self.u2_open = false;
         self.peer_u2_open = false;
         self.connected = false;
+        self.told_connected = false;
+        self.pair = None;
         self.connect_by = None;
     }
 
     /// The direct path could not be made (or died for good): stay on the server path and, if we
     /// are the initiator, try again later.
-    async fn rtc_failed(&mut self, why: &str) {
+    fn rtc_failed(&mut self, why: &str) {
         tracing::info!(peer = self.peer, "no direct path: {why}");
         self.reset_rtc();
-        self.shared
-            .emit(Event::DirectFailed {
-                peer: self.peer,
-                reason: why.to_string(),
-            })
-            .await;
+        // The path change (if the link was direct) comes first.
+        self.take_core_events();
+        self.outbox.push_back(Event::DirectFailed {
+            peer: self.peer,
+            reason: why.to_string(),
+        });
         if self.initiator && self.factory().is_some() && !self.declined {
             self.retry_at = Some(TokioInstant::now() + self.backoff);
             let max = if self.had_direct {
@@ -1570,25 +1264,22 @@ impl LinkTask {
                 if gen <= self.gen {
                     return; // stale
                 }
-                self.downgrade("peer restarted the connection").await;
+                // The peer restarted the connection.
                 self.reset_rtc();
                 self.gen = gen;
                 self.version = version.unwrap_or(1).clamp(1, self.ctx.link_version);
+                self.core.direct_started(Gen(gen), Instant::now());
                 let mut rtc = match factory
                     .create(
                         gen,
-                        self.candidates(),
-                        self.shared.ctl.clone(),
+                        self.candidate_policy(),
+                        self.inputs.clone(),
                         self.frame_sink(gen),
                     )
                     .await
                 {
                     Ok(r) => r,
-                    Err(e) => {
-                        return self
-                            .rtc_failed(&format!("creating peer connection: {e}"))
-                            .await
-                    }
+                    Err(e) => return self.rtc_failed(&format!("creating peer connection: {e}")),
                 };
                 match rtc.accept_offer(sdp).await {
                     Ok(answer) => {
@@ -1607,7 +1298,7 @@ impl LinkTask {
                     }
                     Err(e) => {
                         rtc.close();
-                        self.rtc_failed(&format!("answering offer: {e}")).await;
+                        self.rtc_failed(&format!("answering offer: {e}"));
                     }
                 }
             }
@@ -1617,7 +1308,7 @@ impl LinkTask {
                     self.declined = true;
                     self.retry_at = None;
                     // Reported like any failed attempt; `declined` stops the retries.
-                    self.rtc_failed("the peer does not take direct paths").await;
+                    self.rtc_failed("the peer does not take direct paths");
                 }
             }
             LinkSignal::Answer {
@@ -1628,7 +1319,7 @@ impl LinkTask {
                 }
                 if let Some(rtc) = &mut self.rtc {
                     if let Err(e) = rtc.accept_answer(sdp).await {
-                        return self.rtc_failed(&format!("applying answer: {e}")).await;
+                        return self.rtc_failed(&format!("applying answer: {e}"));
                     }
                     self.version = version.unwrap_or(1).clamp(1, self.ctx.link_version);
                     self.open_inband().await;
@@ -1655,19 +1346,46 @@ impl LinkTask {
         }
         let Some(rtc) = &mut self.rtc else { return };
         if let Err(e) = rtc.open_inband().await {
-            self.rtc_failed(&format!("opening the unreliable channel: {e}"))
-                .await;
+            self.rtc_failed(&format!("opening the unreliable channel: {e}"));
         }
     }
 
-    /// A channel opened: tell the peer once all of this generation's are (READY), and move to
-    /// the direct path if everything else is in place.
-    async fn channels_opened(&mut self, was_open: bool) {
-        if !was_open && self.channels_open() {
-            let ready = LinkFrame::Ready { gen: self.gen }.encode();
-            self.relay(&ready).await;
+    /// The channels this generation needs are open: "r", "u" and, for version 2, both ends'
+    /// "u2".
+    fn channels_open(&self) -> bool {
+        self.r_open && self.u_open && (self.version < 2 || (self.u2_open && self.peer_u2_open))
+    }
+
+    /// A channel opened: once all of this generation's are, the core tells the peer (READY)
+    /// and moves to the direct path when everything else is in place.
+    fn channels_opened(&mut self) {
+        if self.channels_open() {
+            self.core.direct_channels_open(
+                Gen(self.gen),
+                LinkVersion(self.version),
+                Instant::now(),
+            );
         }
-        self.maybe_upgrade().await;
+    }
+
+    /// Learn the selected candidate pair: the core hears the generation is connected once ICE
+    /// is and a pair is known; a pair of other types under an open path is a path change.
+    async fn refresh_pair(&mut self) {
+        let Some(rtc) = &self.rtc else { return };
+        let Some(pair) = rtc.selected_pair().await else {
+            return;
+        };
+        let gen = Gen(self.gen);
+        self.pair = Some(pair);
+        if self.connected && !self.told_connected {
+            self.told_connected = true;
+            self.core.direct_connected(gen, Instant::now());
+        }
+        if self.core.path() == PathId::Direct(gen) && self.path != pair.path() {
+            // ICE switched pairs under an open path: report the new candidate types.
+            self.core.direct_pair_changed(gen);
+            self.set_path(pair.path());
+        }
     }
 
     async fn on_rtc(&mut self, event: RtcEvent) {
@@ -1676,262 +1394,49 @@ impl LinkTask {
             RtcEvent::Candidate(candidate) => {
                 let line = candidate["candidate"].as_str().unwrap_or_default();
                 match rtc::parse_candidate(line).map(|(_, t)| t) {
-                    Some(CandidateType::Host) => bump(&self.shared.counters.candidates_host),
-                    Some(CandidateType::Srflx) => bump(&self.shared.counters.candidates_srflx),
-                    Some(CandidateType::Relay) => bump(&self.shared.counters.candidates_relay),
+                    Some(CandidateType::Host) => self.candidates[0] += 1,
+                    Some(CandidateType::Srflx) => self.candidates[1] += 1,
+                    Some(CandidateType::Relay) => self.candidates[2] += 1,
                     _ => {}
                 }
                 let gen = self.gen;
                 self.signal(LinkSignal::Candidate { gen, candidate }).await;
             }
             RtcEvent::Open(ch) => {
-                let was_open = self.channels_open();
                 match ch {
                     Channel::Reliable => self.r_open = true,
                     Channel::Unreliable => self.u_open = true,
                 }
-                self.channels_opened(was_open).await;
+                self.channels_opened();
             }
             RtcEvent::InbandOpen => {
-                let was_open = self.channels_open();
                 self.u2_open = true;
-                self.channels_opened(was_open).await;
+                self.channels_opened();
             }
             RtcEvent::PeerInbandOpen => {
                 if self.version < 2 {
                     return; // not offered: the peer breaks the protocol
                 }
-                let was_open = self.channels_open();
                 self.peer_u2_open = true;
-                self.channels_opened(was_open).await;
+                self.channels_opened();
             }
-            RtcEvent::Closed => {
-                self.downgrade("data channel closed").await;
-                self.rtc_failed("data channel closed").await;
-            }
-            RtcEvent::PairSelected => {
-                if !self.direct_up() {
-                    return self.maybe_upgrade().await;
-                }
-                // ICE switched pairs under an open path: report the new candidate types.
-                if let Some(rtc) = &self.rtc {
-                    if let Some(pair) = rtc.selected_pair().await {
-                        self.pair = Some(pair);
-                        self.set_path(pair.path()).await;
-                    }
-                }
-            }
+            RtcEvent::Closed => self.rtc_failed("data channel closed"),
+            RtcEvent::PairSelected => self.refresh_pair().await,
             RtcEvent::State(state) => match state {
                 ConnState::Connected => {
                     self.connected = true;
                     self.connect_by = None;
-                    self.maybe_upgrade().await;
+                    self.refresh_pair().await;
                 }
                 // A PeerConnection that lost its path is not reused: its SCTP association may
                 // have backed off its retransmissions for many seconds. A fresh one is quick.
                 ConnState::Disconnected | ConnState::Failed | ConnState::Closed => {
                     self.connected = false;
                     let why = format!("ICE {state:?}").to_lowercase();
-                    self.downgrade(&why).await;
-                    self.rtc_failed(&why).await;
+                    self.rtc_failed(&why);
                 }
                 ConnState::Other => {}
             },
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    /// The receiving half of `LinkShared::on_data` without its async parts (acks, events): the
-    /// messages and drops that `seq` completes.
-    fn feed(r: &mut RecvState, seq: u64, fin: bool, payload: Bytes) -> Vec<Reassembled> {
-        let mut out = Vec::new();
-        if seq <= r.delivered || r.reorder.contains_key(&seq) {
-            return out;
-        }
-        if seq != r.delivered + 1 {
-            r.hold(seq, fin, payload);
-            return out;
-        }
-        out.push(r.reassemble(fin, payload));
-        while let Some((fin, payload)) = r.take_next() {
-            out.push(r.reassemble(fin, payload));
-        }
-        out.retain(|x| *x != Reassembled::Partial);
-        out
-    }
-
-    fn check_bounds(r: &RecvState) {
-        let held: usize = r
-            .reorder
-            .values()
-            .map(|(_, p)| p.len() + FRAGMENT_OVERHEAD)
-            .sum();
-        assert_eq!(held, r.reorder_bytes);
-        assert!(r.reorder_bytes <= MAX_PEER_WINDOW);
-        assert!(r.reorder.len() <= MAX_REORDER);
-        assert!(r.partial.len() <= MAX_PEER_WINDOW);
-    }
-
-    /// One shared buffer that test payloads are slices of (no allocation per fragment).
-    fn big() -> Bytes {
-        Bytes::from((0..(1usize << 20)).map(|i| i as u8).collect::<Vec<u8>>())
-    }
-
-    #[test]
-    fn fragments_without_fin_are_bounded() {
-        let big = big();
-        let mut r = RecvState::default();
-        let mut seq = 0;
-        let mut too_large = 0;
-        // 20 MiB of fragments without FIN: the first 16 MiB are kept, then the message is dropped.
-        for _ in 0..(20 << 20) / MAX_FRAGMENT_PAYLOAD {
-            seq += 1;
-            for out in feed(&mut r, seq, false, big.slice(..MAX_FRAGMENT_PAYLOAD)) {
-                assert_eq!(out, Reassembled::TooLarge);
-                too_large += 1;
-            }
-            check_bounds(&r);
-        }
-        assert_eq!(too_large, 1);
-        assert!(r.discarding && r.partial.is_empty());
-        // Its FIN ends the dropped message; the next message arrives whole.
-        seq += 1;
-        assert_eq!(feed(&mut r, seq, true, big.slice(..10)), vec![]);
-        seq += 1;
-        assert_eq!(
-            feed(&mut r, seq, true, big.slice(..2)),
-            vec![Reassembled::Message(big.slice(..2))]
-        );
-        assert_eq!(r.delivered, seq);
-    }
-
-    #[test]
-    fn largest_message_is_delivered() {
-        let big = big();
-        let mut r = RecvState::default();
-        let n = MAX_PEER_WINDOW / MAX_FRAGMENT_PAYLOAD;
-        let mut got = Vec::new();
-        for seq in 1..=n as u64 {
-            got.extend(feed(
-                &mut r,
-                seq,
-                seq == n as u64,
-                big.slice(..MAX_FRAGMENT_PAYLOAD),
-            ));
-        }
-        match &got[..] {
-            [Reassembled::Message(m)] => assert_eq!(m.len(), MAX_PEER_WINDOW),
-            other => panic!("{} results", other.len()),
-        }
-        // One byte more is too large.
-        let mut r = RecvState::default();
-        feed(&mut r, 1, false, big.slice(..1));
-        let mut got = Vec::new();
-        for seq in 2..=n as u64 + 1 {
-            got.extend(feed(
-                &mut r,
-                seq,
-                seq == n as u64 + 1,
-                big.slice(..MAX_FRAGMENT_PAYLOAD),
-            ));
-        }
-        assert_eq!(got, vec![Reassembled::TooLarge]);
-        assert!(!r.discarding && r.partial.is_empty());
-    }
-
-    #[test]
-    fn reorder_buffer_is_bounded_in_bytes() {
-        let big = big();
-        let mut r = RecvState::default();
-        // Fragments far larger than a reference sender's: the byte cap stops them long before
-        // the fragment cap.
-        let len = 64 << 10;
-        let mut held = 0;
-        for seq in 2..2000 {
-            feed(&mut r, seq, true, big.slice(..len));
-            check_bounds(&r);
-            held = r.reorder.len();
-        }
-        assert_eq!(held, MAX_PEER_WINDOW / (len + FRAGMENT_OVERHEAD));
-        // Filling the gap delivers everything held, in order, and empties the buffer.
-        let got = feed(&mut r, 1, true, big.slice(..1));
-        assert_eq!(got.len(), held + 1);
-        assert!(r.reorder.is_empty());
-        assert_eq!(r.reorder_bytes, 0);
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig {
-            cases: 64,
-            failure_persistence: None,
-            ..ProptestConfig::default()
-        })]
-
-        /// Arbitrary DATA fragments (duplicates, gaps, huge payloads, no FIN) never panic and
-        /// never push the receiver past its bounds.
-        #[test]
-        fn arbitrary_fragments_stay_bounded(
-            frames in prop::collection::vec((0u64..400, any::<bool>(), 0usize..(128 << 10)), 0..400),
-        ) {
-            let big = big();
-            let mut r = RecvState::default();
-            for (ahead, fin, len) in frames {
-                let seq = r.delivered.saturating_add(ahead);
-                for out in feed(&mut r, seq, fin, big.slice(..len.min(big.len()))) {
-                    if let Reassembled::Message(m) = out {
-                        prop_assert!(m.len() <= MAX_PEER_WINDOW);
-                    }
-                }
-                check_bounds(&r);
-            }
-        }
-
-        /// Messages cut into fragments and delivered in any order come out whole and in order.
-        #[test]
-        fn shuffled_fragments_reassemble(
-            sizes in prop::collection::vec(0usize..50_000, 1..8),
-            order in Just((0..64usize).collect::<Vec<_>>()).prop_shuffle(),
-        ) {
-            let big = big();
-            let mut frames = Vec::new();
-            let mut at = 0;
-            for &size in &sizes {
-                let msg = big.slice(at..at + size);
-                at += size;
-                let mut rest = msg;
-                loop {
-                    let chunk = rest.split_to(rest.len().min(MAX_FRAGMENT_PAYLOAD));
-                    frames.push((frames.len() as u64 + 1, rest.is_empty(), chunk));
-                    if rest.is_empty() {
-                        break;
-                    }
-                }
-            }
-            // Shuffle by the first frames.len() indices of `order` that are in range.
-            let idx: Vec<usize> = order.into_iter().filter(|&i| i < frames.len()).collect();
-            prop_assume!(idx.len() == frames.len());
-            let mut r = RecvState::default();
-            let mut got = Vec::new();
-            for i in idx {
-                let (seq, fin, chunk) = frames[i].clone();
-                got.extend(feed(&mut r, seq, fin, chunk));
-                check_bounds(&r);
-            }
-            let mut at = 0;
-            let want: Vec<Reassembled> = sizes
-                .iter()
-                .map(|&size| {
-                    at += size;
-                    Reassembled::Message(big.slice(at - size..at))
-                })
-                .collect();
-            prop_assert_eq!(got, want);
-            prop_assert!(r.reorder.is_empty() && r.partial.is_empty());
         }
     }
 }

@@ -357,11 +357,6 @@ impl RtcFactory {
 /// The two channels of an open direct path, for sending; cheap to clone.
 #[derive(Clone)]
 pub(crate) struct DirectTx {
-    /// Generation of the PeerConnection these channels belong to.
-    pub(crate) gen: u32,
-    /// Link protocol version 2 or later: unreliable messages longer than one SCTP chunk are
-    /// split into parts (`MAX_DIRECT_UNRELIABLE_FRAME`).
-    pub(crate) split: bool,
     r: Arc<RTCDataChannel>,
     /// The unreliable channel in use: the in-band one (version 2) or "u".
     u: Arc<RTCDataChannel>,
@@ -370,72 +365,31 @@ pub(crate) struct DirectTx {
 }
 
 impl DirectTx {
-    /// The same channels?
-    pub(crate) fn same(&self, other: &DirectTx) -> bool {
-        Arc::ptr_eq(&self.r, &other.r)
-    }
-
-    /// Wait while the reliable channel's queue is above `DC_HIGH` (app data only). Returns
-    /// `false` as soon as `current()` says these channels are no longer the link's path: a dead
-    /// path's queue never drains (webrtc-rs lowers it only on the peer's acknowledgement).
-    pub(crate) async fn wait_for_room(&self, current: impl Fn() -> bool) -> bool {
-        loop {
-            // Registered before the check, so a drain in between is not missed.
-            let drained = self.drained.notified();
-            if !current() {
-                return false;
-            }
-            if self.r.buffered_amount().await <= DC_HIGH {
-                return true;
-            }
-            // The timeout only guards against a drain event webrtc-rs might not deliver.
-            let _ = tokio::time::timeout(std::time::Duration::from_millis(100), drained).await;
-        }
-    }
-
-    /// Bytes the two channels have queued and not yet had acknowledged, if that can be told
-    /// without waiting: webrtc-rs holds a channel's lock for the whole of a send, including
-    /// while the send waits for room in a full queue, so `None` means a send is under way
-    /// (and may be stuck behind a dead path).
-    pub(crate) fn queued_now(&self) -> Option<usize> {
-        use futures_util::FutureExt;
-        let r = self.r.buffered_amount().now_or_never()?;
-        let u = self.u.buffered_amount().now_or_never()?;
-        Some(r + u)
-    }
-
-    /// Bytes the unreliable channel has queued, if that can be told without waiting (`None`
-    /// while a send holds the channel).
-    pub(crate) fn unreliable_queued_now(&self) -> Option<usize> {
-        use futures_util::FutureExt;
-        self.u.buffered_amount().now_or_never()
-    }
-
-    /// [`DirectTx::send`] as a future that owns what it needs (to finish on a task of its own).
-    pub(crate) fn send_owned(
-        &self,
-        ch: Channel,
-        data: Bytes,
-    ) -> impl std::future::Future<Output = Result<(), webrtc::Error>> + Send + 'static {
-        let tx = self.clone();
-        async move {
-            // By then the path has long been declared dead and its PeerConnection closed (a
-            // dead path's queue never drains, and webrtc-sctp never wakes such a send).
-            match tokio::time::timeout(std::time::Duration::from_secs(30), tx.send(ch, &data)).await
-            {
-                Ok(result) => result,
-                Err(_) => Err(webrtc::Error::new("send still queued after 30 s".into())),
-            }
-        }
-    }
-
-    /// Send on one of the channels.
-    pub(crate) async fn send(&self, ch: Channel, data: &Bytes) -> Result<(), webrtc::Error> {
-        let dc = match ch {
+    fn channel(&self, ch: Channel) -> &Arc<RTCDataChannel> {
+        match ch {
             Channel::Reliable => &self.r,
             Channel::Unreliable => &self.u,
-        };
-        dc.send(data).await.map(|_| ())
+        }
+    }
+
+    /// Bytes `ch` has queued and not yet had acknowledged. webrtc-rs holds a channel's lock for
+    /// the whole of a send, so ask only from the one task that sends on it, between sends.
+    pub(crate) async fn buffered(&self, ch: Channel) -> usize {
+        self.channel(ch).buffered_amount().await
+    }
+
+    /// Wait until the reliable channel's queue drains below `DC_LOW`, or at most `limit`
+    /// (webrtc-rs might not deliver every drain event).
+    pub(crate) async fn drained(&self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, self.drained.notified()).await;
+    }
+
+    /// Send on one of the channels. webrtc-sctp numbers a message on its stream before it waits
+    /// for room in the association's queue: a send once started must complete, or the stream
+    /// gets a hole the peer's in-order delivery waits on for good (unless the PeerConnection is
+    /// being closed anyway).
+    pub(crate) async fn send(&self, ch: Channel, data: &Bytes) -> Result<(), webrtc::Error> {
+        self.channel(ch).send(data).await.map(|_| ())
     }
 }
 
@@ -667,8 +621,6 @@ impl Rtc {
     /// The sending half, for senders outside the link task.
     pub(crate) fn tx(&self) -> DirectTx {
         DirectTx {
-            gen: self.gen,
-            split: self.u2.is_some(),
             r: self.r.clone(),
             u: self.u2.clone().unwrap_or_else(|| self.u.clone()),
             drained: self.drained.clone(),
