@@ -280,7 +280,9 @@ impl LinkHandle {
             max_message: ctx.max_message,
             dead_path: ctx.dead_path,
         };
-        let gate = Arc::new(Gate(AtomicU64::new(0)));
+        // The whole window is free: lent at once, so that a `try_send` right after the link is
+        // made does not depend on when its task first runs.
+        let gate = Arc::new(Gate(AtomicU64::new(ctx.window as u64)));
         let (view_tx, view) = watch::channel(LinkView::default());
         let task = LinkTask {
             peer,
@@ -292,7 +294,7 @@ impl LinkHandle {
             reports,
             view: view_tx,
             gate: gate.clone(),
-            lent: 0,
+            lent: ctx.window,
             waiting: VecDeque::new(),
             flushes: Vec::new(),
             replies: Vec::new(),
@@ -815,6 +817,10 @@ impl LinkTask {
         }
         loop {
             self.take_core_events();
+            if !self.outbox.is_empty() {
+                // What the app hears of (a path change) is readable when it does.
+                self.publish();
+            }
             while let Some(event) = self.outbox.pop_front() {
                 // The app dropped its event stream: nobody is listening any more.
                 let _ = self.ctx.events.send(event).await;
