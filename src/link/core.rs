@@ -947,7 +947,8 @@ impl LinkCore {
         (messages, undelivered)
     }
 
-    /// Run the timers due at `now`: the ack timer, the probe interval, the dead-path rule.
+    /// Run the timers due at `now`: the ack timer, the probe interval, the dead-path rule, the
+    /// expiry of incomplete unreliable messages.
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
         if self.recv.ack_at.is_some_and(|at| at <= now) {
             self.recv.ack_at = None;
@@ -978,6 +979,8 @@ impl LinkCore {
             self.recv.ack_at,
             Some(self.next_ping_at),
             self.dead_path_deadline(),
+            // Incomplete unreliable messages are discarded (and counted) on time.
+            self.parts.next_expiry(),
         ]
         .into_iter()
         .flatten()
@@ -1551,6 +1554,31 @@ mod tests {
         // PROTOCOL.md §8.1's example: msg 1, parts 0 and 1 of 2, 1015 + 985 bytes.
         assert_eq!(&out[0].frame[..9], &[0x16, 0, 0, 0, 1, 0, 0, 0, 2]);
         assert_eq!(out[1].frame.len(), 9 + 985);
+    }
+
+    #[test]
+    fn incomplete_unreliable_messages_are_discarded_on_time() {
+        let t0 = Instant::now();
+        let mut c = direct_core(t0);
+        drain(&mut c);
+        // Part 0 of 2 arrives, part 1 never does.
+        let part = Bytes::from(
+            LinkFrame::UnreliablePart {
+                msg: 7,
+                index: 0,
+                count: 2,
+                bytes: &big()[..100],
+            }
+            .encode(),
+        );
+        c.handle_frame(PathId::Direct(Gen(1)), part, t0 + ms(300));
+        // The probe timer (1 s) alone would count it only at t0 + 2 s.
+        c.handle_timeout(t0 + ms(1000));
+        drain(&mut c);
+        let due = c.poll_timeout().expect("a timer");
+        assert!(due <= t0 + ms(1300), "{:?}", due - t0);
+        c.handle_timeout(t0 + ms(1300));
+        assert_eq!(c.stats().unreliable_incomplete, 1);
     }
 
     #[test]
@@ -2371,6 +2399,152 @@ mod tests {
                 prop_assert!(c.recv.partial.len() <= MAX_PEER_WINDOW);
                 prop_assert!(c.parts.held() <= parts::MAX_HELD + 1024 + 64);
             }
+        }
+    }
+
+    // ---- the receiving stream's bounds (ported from the link task's former RecvState tests) ----
+
+    /// Feed one fragment: the messages it completed and how many were dropped as too large.
+    fn feed(r: &mut RecvStream, seq: u64, fin: bool, payload: Bytes) -> (Vec<Bytes>, u64) {
+        match r.on_data(seq, fin, payload) {
+            Received::Accepted {
+                messages,
+                too_large,
+            } => (messages, too_large),
+            _ => (Vec::new(), 0),
+        }
+    }
+
+    fn check_recv_bounds(r: &RecvStream) {
+        let held: usize = r
+            .reorder
+            .values()
+            .map(|(_, p)| p.len() + FRAGMENT_OVERHEAD)
+            .sum();
+        assert_eq!(held, r.reorder_bytes);
+        assert!(r.reorder_bytes <= MAX_PEER_WINDOW);
+        assert!(r.reorder.len() <= MAX_REORDER);
+        assert!(r.partial.len() <= MAX_PEER_WINDOW);
+    }
+
+    #[test]
+    fn fragments_without_fin_are_bounded() {
+        let big = big();
+        let mut r = RecvStream::default();
+        let mut seq = 0;
+        let mut too_large = 0;
+        // 20 MiB of fragments without FIN: the first 16 MiB are kept, then the message is dropped.
+        for _ in 0..(20 << 20) / MAX_FRAGMENT_PAYLOAD {
+            seq += 1;
+            let (messages, dropped) = feed(&mut r, seq, false, big.slice(..MAX_FRAGMENT_PAYLOAD));
+            assert!(messages.is_empty());
+            too_large += dropped;
+            check_recv_bounds(&r);
+        }
+        assert_eq!(too_large, 1);
+        assert!(r.discarding && r.partial.is_empty());
+        // Its FIN ends the dropped message; the next message arrives whole.
+        seq += 1;
+        assert_eq!(feed(&mut r, seq, true, big.slice(..10)), (vec![], 0));
+        seq += 1;
+        assert_eq!(
+            feed(&mut r, seq, true, big.slice(..2)),
+            (vec![big.slice(..2)], 0)
+        );
+        assert_eq!(r.delivered, seq);
+    }
+
+    #[test]
+    fn largest_message_is_delivered() {
+        let big = big();
+        let mut r = RecvStream::default();
+        let n = (MAX_PEER_WINDOW / MAX_FRAGMENT_PAYLOAD) as u64;
+        let mut got = Vec::new();
+        for seq in 1..=n {
+            got.extend(feed(&mut r, seq, seq == n, big.slice(..MAX_FRAGMENT_PAYLOAD)).0);
+        }
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].len(), MAX_PEER_WINDOW);
+        // One byte more is too large.
+        let mut r = RecvStream::default();
+        feed(&mut r, 1, false, big.slice(..1));
+        let mut dropped = 0;
+        for seq in 2..=n + 1 {
+            let (messages, d) = feed(&mut r, seq, seq == n + 1, big.slice(..MAX_FRAGMENT_PAYLOAD));
+            assert!(messages.is_empty());
+            dropped += d;
+        }
+        assert_eq!(dropped, 1);
+        assert!(!r.discarding && r.partial.is_empty());
+    }
+
+    #[test]
+    fn reorder_buffer_is_bounded_in_bytes() {
+        let big = big();
+        let mut r = RecvStream::default();
+        // Fragments far larger than a reference sender's: the byte cap stops them long before
+        // the fragment cap.
+        let len = 64 << 10;
+        for seq in 2..2000 {
+            feed(&mut r, seq, true, big.slice(..len));
+            check_recv_bounds(&r);
+        }
+        let held = r.reorder.len();
+        assert_eq!(held, MAX_PEER_WINDOW / (len + FRAGMENT_OVERHEAD));
+        // Filling the gap delivers everything held, in order, and empties the buffer.
+        let (got, _) = feed(&mut r, 1, true, big.slice(..1));
+        assert_eq!(got.len(), held + 1);
+        assert!(r.reorder.is_empty());
+        assert_eq!(r.reorder_bytes, 0);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 64,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        /// Messages cut into fragments and delivered in any order come out whole and in order.
+        #[test]
+        fn shuffled_fragments_reassemble(
+            sizes in prop::collection::vec(0usize..50_000, 1..8),
+            order in Just((0..64usize).collect::<Vec<_>>()).prop_shuffle(),
+        ) {
+            let big = big();
+            let mut frames = Vec::new();
+            let mut at = 0;
+            for &size in &sizes {
+                let mut rest = big.slice(at..at + size);
+                at += size;
+                loop {
+                    let chunk = rest.split_to(rest.len().min(MAX_FRAGMENT_PAYLOAD));
+                    frames.push((frames.len() as u64 + 1, rest.is_empty(), chunk));
+                    if rest.is_empty() {
+                        break;
+                    }
+                }
+            }
+            // Shuffle by the first frames.len() indices of `order` that are in range.
+            let idx: Vec<usize> = order.into_iter().filter(|&i| i < frames.len()).collect();
+            prop_assume!(idx.len() == frames.len());
+            let mut r = RecvStream::default();
+            let mut got = Vec::new();
+            for i in idx {
+                let (seq, fin, chunk) = frames[i].clone();
+                got.extend(feed(&mut r, seq, fin, chunk).0);
+                check_recv_bounds(&r);
+            }
+            let mut at = 0;
+            let want: Vec<Bytes> = sizes
+                .iter()
+                .map(|&size| {
+                    at += size;
+                    big.slice(at - size..at)
+                })
+                .collect();
+            prop_assert_eq!(got, want);
+            prop_assert!(r.reorder.is_empty() && r.partial.is_empty());
         }
     }
 

@@ -136,6 +136,11 @@ impl Parts {
         }
     }
 
+    /// When the oldest incomplete message expires ([`Parts::expire`]), if any is held.
+    pub(crate) fn next_expiry(&self) -> Option<Instant> {
+        self.msgs.front().map(|p| p.first + PART_EXPIRY)
+    }
+
     /// Bytes (plus per-part cost) held now.
     #[cfg(test)]
     pub(crate) fn held(&self) -> usize {
