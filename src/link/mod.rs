@@ -298,6 +298,8 @@ impl LinkHandle {
             waiting: VecDeque::new(),
             flushes: Vec::new(),
             replies: Vec::new(),
+            answering: VecDeque::new(),
+            writing: std::collections::BTreeSet::new(),
             take_held: None,
             ended: false,
             outbox: VecDeque::new(),
@@ -493,6 +495,7 @@ enum Waiter {
 /// The writer tasks of one generation's two channels.
 struct Writers {
     gen: Gen,
+    tx: DirectTx,
     /// Indexed by [`ch_index`].
     frames: [mpsc::UnboundedSender<(u64, Transmit)>; 2],
     /// Bytes handed to each writer and not yet to its channel.
@@ -569,9 +572,7 @@ async fn write_channel(
         let buffered = tx.buffered(ch).await;
         last = buffered;
         let len = t.frame.len();
-        let failed = result
-            .err()
-            .map(|e| (t, format!("data channel send: {e}")));
+        let failed = result.err().map(|e| (t, format!("data channel send: {e}")));
         let report = WriterReport::Written {
             gen,
             ch,
@@ -620,8 +621,21 @@ struct LinkTask {
     waiting: VecDeque<Waiter>,
     /// Flushes waiting for every fragment up to their seq to be acknowledged.
     flushes: Vec<(u64, oneshot::Sender<()>)>,
-    /// Answers to sends taken since the last step, sent once their frames are handed on.
-    replies: Vec<(oneshot::Sender<Result<(), SendError>>, Result<(), SendError>)>,
+    /// Answers to sends taken since the last step.
+    replies: Vec<(
+        oneshot::Sender<Result<(), SendError>>,
+        Result<(), SendError>,
+    )>,
+    /// Answers sent once every app frame handed to a writer before them (ids below the first)
+    /// is on its channel: `send` returns when its frames are with the WebRTC stack, as a
+    /// caller pacing its sends expects.
+    answering: VecDeque<(
+        u64,
+        oneshot::Sender<Result<(), SendError>>,
+        Result<(), SendError>,
+    )>,
+    /// App frames (DATA, unreliable) handed to a writer and not yet on their channel.
+    writing: std::collections::BTreeSet<u64>,
     /// [`LinkHandle::take_held`] asked; answered once no claim is on its way.
     take_held: Option<oneshot::Sender<(Vec<Bytes>, u64)>>,
     /// The link was emptied for a new session: it takes no more messages.
@@ -828,6 +842,7 @@ impl LinkTask {
             while let Some(msg) = self.path_msgs.pop_front() {
                 self.send_msg(&msg).await;
             }
+            self.refresh_buffered();
             let mut sent = false;
             while let Some(t) = self.core.poll_transmit() {
                 sent = true;
@@ -839,7 +854,16 @@ impl LinkTask {
             // Unreliable messages sent free window.
             self.serve_waiters();
         }
-        for (reply, r) in self.replies.drain(..) {
+        let next = self.next_write;
+        self.answering
+            .extend(self.replies.drain(..).map(|(reply, r)| (next, reply, r)));
+        while let Some((upto, ..)) = self.answering.front() {
+            if self.writing.first().is_some_and(|id| id < upto) {
+                break;
+            }
+            let Some((_, reply, r)) = self.answering.pop_front() else {
+                break;
+            };
             let _ = reply.send(r);
         }
         let mut pending = Vec::new();
@@ -887,8 +911,31 @@ impl LinkTask {
         w.queued[i] += len;
         let buffered = w.estimate();
         self.core.direct_buffered(gen, buffered);
-        if let Some(t) = own {
-            self.own_waits.push_back((id, now + OWN_SEND_WAIT, t));
+        match own {
+            Some(t) => self.own_waits.push_back((id, now + OWN_SEND_WAIT, t)),
+            None => {
+                self.writing.insert(id);
+            }
+        }
+    }
+
+    /// Tell the core what the channels have queued now, where that can be read without waiting
+    /// (an idle channel): the writers' last reports may be older than the peer's last SACK.
+    fn refresh_buffered(&mut self) {
+        let Some(w) = &mut self.writers else { return };
+        let mut fresh = false;
+        for ch in [Channel::Reliable, Channel::Unreliable] {
+            let i = ch_index(ch);
+            if w.queued[i] == 0 {
+                if let Some(b) = w.tx.buffered_now(ch) {
+                    fresh |= b != w.buffered[i];
+                    w.buffered[i] = b;
+                }
+            }
+        }
+        if fresh {
+            let (gen, estimate) = (w.gen, w.estimate());
+            self.core.direct_buffered(gen, estimate);
         }
     }
 
@@ -915,6 +962,7 @@ impl LinkTask {
         let [r, u]: [_; 2] = senders.try_into().ok().expect("two channels");
         self.writers = Some(Writers {
             gen,
+            tx,
             frames: [r, u],
             queued: [0; 2],
             buffered: [0; 2],
@@ -934,6 +982,7 @@ impl LinkTask {
                 failed,
             } => {
                 self.own_waits.retain(|w| w.0 != id);
+                self.writing.remove(&id);
                 if let Some(w) = self.writers.as_mut().filter(|w| w.gen == gen) {
                     w.queued[ch_index(ch)] -= len;
                 }
@@ -1071,8 +1120,7 @@ impl LinkTask {
         match input {
             LinkInput::Relay(frame) => self.core.handle_frame(PathId::Server, frame, now),
             LinkInput::Direct { gen, frame } => {
-                self.core
-                    .handle_frame(PathId::Direct(Gen(gen)), frame, now)
+                self.core.handle_frame(PathId::Direct(Gen(gen)), frame, now)
             }
             LinkInput::Signal(data) => self.on_signal(data).await,
             LinkInput::Rtc { gen, event } => {
@@ -1191,6 +1239,8 @@ impl LinkTask {
             old.close();
         }
         self.writers = None;
+        // Their frames are dropped with the generation (DATA goes again on the server path).
+        self.writing.clear();
         self.r_open = false;
         self.u_open = false;
         self.u2_open = false;

@@ -378,6 +378,13 @@ impl DirectTx {
         self.channel(ch).buffered_amount().await
     }
 
+    /// [`DirectTx::buffered`] if it can be told without waiting (`None` while a send holds the
+    /// channel).
+    pub(crate) fn buffered_now(&self, ch: Channel) -> Option<usize> {
+        use futures_util::FutureExt;
+        self.channel(ch).buffered_amount().now_or_never()
+    }
+
     /// Wait until the reliable channel's queue drains below `DC_LOW`, or at most `limit`
     /// (webrtc-rs might not deliver every drain event).
     pub(crate) async fn drained(&self, limit: Duration) {
