@@ -304,6 +304,7 @@ impl LinkHandle {
             ended: false,
             outbox: VecDeque::new(),
             path_msgs: VecDeque::new(),
+            upgrading: None,
             writers: None,
             own_waits: VecDeque::new(),
             next_write: 0,
@@ -644,6 +645,8 @@ struct LinkTask {
     outbox: VecDeque<Event>,
     /// Path reports for the server.
     path_msgs: VecDeque<ClientMsg>,
+    /// The core moved to this direct generation; reported next ([`LinkTask::upgraded`]).
+    upgrading: Option<Gen>,
     writers: Option<Writers>,
     /// Own frames handed to a writer: id, when a copy goes on the server path instead, frame.
     own_waits: VecDeque<(u64, Instant, Transmit)>,
@@ -831,6 +834,10 @@ impl LinkTask {
         }
         loop {
             self.take_core_events();
+            if let Some(gen) = self.upgrading.take() {
+                self.upgraded(gen).await;
+                continue;
+            }
             if !self.outbox.is_empty() {
                 // What the app hears of (a path change) is readable when it does.
                 self.publish();
@@ -1028,7 +1035,10 @@ impl LinkTask {
 
     /// Turn the core's events into app events, path reports and PeerConnection failures.
     fn take_core_events(&mut self) {
-        while let Some(event) = self.core.poll_event() {
+        while self.upgrading.is_none() {
+            let Some(event) = self.core.poll_event() else {
+                break;
+            };
             match event {
                 CoreEvent::Deliver { data, reliability } => self.outbox.push_back(Event::Message {
                     from: self.peer,
@@ -1036,15 +1046,10 @@ impl LinkTask {
                     reliability,
                 }),
                 CoreEvent::PathChanged(PathId::Direct(gen)) => {
-                    let pair = self.pair.filter(|_| gen.0 == self.gen);
-                    let Some(pair) = pair else {
-                        // The core upgrades only after `direct_connected`, told with a pair.
-                        tracing::warn!(peer = self.peer, "direct path without a candidate pair");
-                        continue;
-                    };
-                    self.backoff = RETRY_MIN;
-                    self.had_direct = true;
-                    self.set_path(pair.path());
+                    // Reported with the pair as ICE has it now ([`LinkTask::upgraded`]); the
+                    // events after it wait.
+                    self.upgrading = Some(gen);
+                    return;
                 }
                 CoreEvent::PathChanged(PathId::Server) => self.set_path(Path::Server),
                 CoreEvent::DirectFailed { gen, why } => {
@@ -1056,6 +1061,30 @@ impl LinkTask {
                 }
             }
         }
+    }
+
+    /// The core moved to generation `gen`: learn the selected pair now (the peer's candidates
+    /// may have been signaled since ICE connected, resolving a peer-reflexive type) and report
+    /// the path with it.
+    async fn upgraded(&mut self, gen: Gen) {
+        if gen.0 != self.gen || self.core.path() != PathId::Direct(gen) {
+            // Left again in the same step: the app hears of the failure only.
+            return;
+        }
+        if let Some(pair) = match &self.rtc {
+            Some(rtc) => rtc.selected_pair().await,
+            None => None,
+        } {
+            self.pair = Some(pair);
+        }
+        let Some(pair) = self.pair else {
+            // The core upgrades only after `direct_connected`, told with a pair.
+            tracing::warn!(peer = self.peer, "direct path without a candidate pair");
+            return;
+        };
+        self.backoff = RETRY_MIN;
+        self.had_direct = true;
+        self.set_path(pair.path());
     }
 
     /// Take `path` and tell the app and the server if it changed.
