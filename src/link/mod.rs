@@ -101,7 +101,7 @@ enum Cmd {
         data: Bytes,
         reliability: Reliability,
         claimed: bool,
-        reply: Option<oneshot::Sender<Result<(), SendError>>>,
+        reply: Option<SendReply>,
     },
     /// Answer once every reliable message sent before it is acknowledged.
     Flush(oneshot::Sender<()>),
@@ -482,13 +482,16 @@ enum LinkSignal {
     Decline { gen: u32 },
 }
 
+/// Where a `send` learns whether the link took its message.
+type SendReply = oneshot::Sender<Result<(), SendError>>;
+
 /// A send or a flush waiting in line for the window.
 enum Waiter {
     Send {
         data: Bytes,
         reliability: Reliability,
         permits: usize,
-        reply: Option<oneshot::Sender<Result<(), SendError>>>,
+        reply: Option<SendReply>,
     },
     Flush(oneshot::Sender<()>),
 }
@@ -623,18 +626,11 @@ struct LinkTask {
     /// Flushes waiting for every fragment up to their seq to be acknowledged.
     flushes: Vec<(u64, oneshot::Sender<()>)>,
     /// Answers to sends taken since the last step.
-    replies: Vec<(
-        oneshot::Sender<Result<(), SendError>>,
-        Result<(), SendError>,
-    )>,
+    replies: Vec<(SendReply, Result<(), SendError>)>,
     /// Answers sent once every app frame handed to a writer before them (ids below the first)
     /// is on its channel: `send` returns when its frames are with the WebRTC stack, as a
     /// caller pacing its sends expects.
-    answering: VecDeque<(
-        u64,
-        oneshot::Sender<Result<(), SendError>>,
-        Result<(), SendError>,
-    )>,
+    answering: VecDeque<(u64, SendReply, Result<(), SendError>)>,
     /// App frames (DATA, unreliable) handed to a writer and not yet on their channel.
     writing: std::collections::BTreeSet<u64>,
     /// [`LinkHandle::take_held`] asked; answered once no claim is on its way.
@@ -953,10 +949,8 @@ impl LinkTask {
         };
         let tx = rtc.tx();
         let (stop, stop_rx) = watch::channel(());
-        let mut senders = Vec::new();
-        for ch in [Channel::Reliable, Channel::Unreliable] {
+        let spawn = |ch| {
             let (frames, frames_rx) = mpsc::unbounded_channel();
-            senders.push(frames);
             tokio::spawn(write_channel(
                 gen,
                 ch,
@@ -965,12 +959,13 @@ impl LinkTask {
                 self.reports.clone(),
                 stop_rx.clone(),
             ));
-        }
-        let [r, u]: [_; 2] = senders.try_into().ok().expect("two channels");
+            frames
+        };
+        let frames = [spawn(Channel::Reliable), spawn(Channel::Unreliable)];
         self.writers = Some(Writers {
             gen,
             tx,
-            frames: [r, u],
+            frames,
             queued: [0; 2],
             buffered: [0; 2],
             _stop: stop,
