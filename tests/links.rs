@@ -497,3 +497,70 @@ async fn a_server_at_its_connection_limit_is_a_typed_error() {
         other => panic!("expected ServerBusy, got {other}"),
     }
 }
+
+/// Resident memory of this process, in bytes.
+fn rss() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").expect("/proc/self/statm");
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+/// An app that stops reading its events while its peer floods it with the largest unreliable
+/// messages on the direct path (which no send window limits): the receiving client's memory
+/// stays bounded (what arrives waits in its bounded event queue, its link's bounded queue of
+/// direct frames and SCTP's buffers; the sender drops what its congested channel cannot take)
+/// and the link carries a reliable message once the app reads again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_stops_reading_holds_a_flooding_peer_back() {
+    init_log();
+    let server = server().await;
+    let (a, mut ae) = client(&server, "a").await;
+    let (b, mut be) = client(&server, "b").await;
+    a.join("g").await.unwrap();
+    b.join("g").await.unwrap();
+    wait_direct(&mut ae, b.peer_id()).await;
+    wait_direct(&mut be, a.peer_id()).await;
+    let before = rss();
+    // Bounded: at most 20 000 messages (320 MiB) or 4 s.
+    let payload = Bytes::from(vec![7u8; 16 * 1024]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+    let mut sent = 0u64;
+    while sent < 20_000 && tokio::time::Instant::now() < deadline {
+        a.send(b.peer_id(), payload.clone(), Reliability::Unreliable)
+            .await
+            .unwrap();
+        sent += 1;
+        if sent.is_multiple_of(64) {
+            tokio::task::yield_now().await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let grown = rss().saturating_sub(before);
+    eprintln!(
+        "{sent} unreliable messages of 16 KiB offered ({} MiB); memory grew {} MiB",
+        sent * 16 / 1024,
+        grown >> 20
+    );
+    // The event queue (16 KiB messages) and SCTP's buffers, not what was offered.
+    assert!(grown < 96 << 20, "memory grew {} MiB", grown >> 20);
+    // The app reads again: the link still carries reliable messages.
+    a.send(b.peer_id(), b"still here".to_vec(), Reliability::Reliable)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let e = tokio::time::timeout_at(deadline, be.recv())
+            .await
+            .expect("the reliable message after the flood")
+            .unwrap();
+        if let Event::Message {
+            data,
+            reliability: Reliability::Reliable,
+            ..
+        } = e
+        {
+            assert_eq!(&data[..], b"still here");
+            break;
+        }
+    }
+}

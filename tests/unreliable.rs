@@ -163,20 +163,35 @@ async fn lost_unreliable_parts_never_stall_reliable_delivery() {
     // Every unreliable message is accounted for: delivered whole, dropped at the sender as
     // congestion, or (some part lost) discarded by the receiver after 1 s — none held, none
     // delivered twice or in part.
+    // (Counted when the receivers' expiry timers have run: 1 s after a message's first part,
+    // later on a loaded machine, so the accounts are read until they add up, for up to 10 s.)
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let late_b = late_unreliable(&mut be, LEN).await;
-    let late_a = late_unreliable(&mut ae, LEN).await;
-    let (sa, sb) = (a.link_stats(ib).unwrap(), b.link_stats(ia).unwrap());
-    let to_b = (
-        unrel_b + late_b,
-        sa.unreliable_dropped,
-        sb.unreliable_incomplete,
-    );
-    let to_a = (
-        unrel_a + late_a,
-        sb.unreliable_dropped,
-        sa.unreliable_incomplete,
-    );
+    let (mut late_b, mut late_a) = (0, 0);
+    let settle_by = Instant::now() + Duration::from_secs(10);
+    let (to_b, to_a) = loop {
+        late_b += late_unreliable(&mut be, LEN).await;
+        late_a += late_unreliable(&mut ae, LEN).await;
+        let (sa, sb) = (a.link_stats(ib).unwrap(), b.link_stats(ia).unwrap());
+        let to_b = (
+            unrel_b + late_b,
+            sa.unreliable_dropped,
+            sb.unreliable_incomplete,
+        );
+        let to_a = (
+            unrel_a + late_a,
+            sb.unreliable_dropped,
+            sa.unreliable_incomplete,
+        );
+        let settled = [to_b, to_a]
+            .iter()
+            .all(|&(delivered, dropped, incomplete)| {
+                delivered as u64 + dropped + incomplete == N as u64
+            });
+        if settled || Instant::now() > settle_by {
+            break (to_b, to_a);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     eprintln!(
         "(delivered, dropped at the sender, discarded incomplete): to b {to_b:?}, to a {to_a:?}"
     );

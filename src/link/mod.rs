@@ -43,6 +43,10 @@ use crate::{CandidatePair, CandidateType, Error, Event, Path, Reliability, Resul
 /// Longest the link's own frames (acks, probes) wait on a data channel before a copy takes the
 /// server path ([`LinkCore::transmit_abandoned`]).
 const OWN_SEND_WAIT: Duration = Duration::from_millis(100);
+
+/// Frames from the data channels that may wait for the link task (see `LinkTask::direct`):
+/// at most 128 × 16 KiB.
+const DIRECT_FRAMES_QUEUED: usize = 128;
 /// Longest a new PeerConnection may take to connect before it counts as failed (and the app
 /// gets [`Event::DirectFailed`]). ICE on a LAN or through TURN connects in well under a second;
 /// pairs that cannot connect (two symmetric NATs without TURN) are told within 10 s.
@@ -273,6 +277,7 @@ impl LinkHandle {
         ctx: LinkCtx,
     ) -> Self {
         let (inputs, inputs_rx) = mpsc::unbounded_channel();
+        let (direct, direct_rx) = mpsc::channel(DIRECT_FRAMES_QUEUED);
         let (cmds, cmds_rx) = mpsc::unbounded_channel();
         let (reports, reports_rx) = mpsc::unbounded_channel();
         let cfg = CoreConfig {
@@ -291,6 +296,7 @@ impl LinkHandle {
             policy,
             core: LinkCore::new(cfg, Instant::now()),
             inputs: inputs.clone(),
+            direct,
             reports,
             view: view_tx,
             gate: gate.clone(),
@@ -327,7 +333,7 @@ impl LinkHandle {
             had_direct: false,
             ctx,
         };
-        tokio::spawn(task.run(inputs_rx, cmds_rx, reports_rx));
+        tokio::spawn(task.run(inputs_rx, direct_rx, cmds_rx, reports_rx));
         LinkHandle {
             peer,
             link_id,
@@ -616,6 +622,11 @@ struct LinkTask {
     core: LinkCore,
     /// Sender of this task's inputs, for the PeerConnection's callbacks.
     inputs: mpsc::UnboundedSender<LinkInput>,
+    /// Frames from the data channels, with their generation: bounded, and the channels' read
+    /// loops wait for room, so a peer that sends faster than the app takes its messages (or
+    /// floods unreliable ones, which no window limits) is held back by SCTP's receive window
+    /// instead of growing this queue.
+    direct: mpsc::Sender<(u32, Bytes)>,
     reports: mpsc::UnboundedSender<WriterReport>,
     view: watch::Sender<LinkView>,
     gate: Arc<Gate>,
@@ -679,6 +690,7 @@ impl LinkTask {
     async fn run(
         mut self,
         mut inputs: mpsc::UnboundedReceiver<LinkInput>,
+        mut direct: mpsc::Receiver<(u32, Bytes)>,
         mut cmds: mpsc::UnboundedReceiver<Cmd>,
         mut reports: mpsc::UnboundedReceiver<WriterReport>,
     ) {
@@ -704,6 +716,10 @@ impl LinkTask {
                     Some(LinkInput::Close) | None => break,
                     Some(input) => self.handle(input).await,
                 },
+                // After `inputs`: a channel's open (an input) comes before its first frame.
+                Some((gen, frame)) = direct.recv() => {
+                    self.handle(LinkInput::Direct { gen, frame }).await;
+                }
                 Some(report) = reports.recv() => self.on_report(report),
                 _ = sleep_until(wake.map_or_else(far, tokio_at)), if wake.is_some() => {
                     self.core.handle_timeout(Instant::now());
@@ -1248,10 +1264,13 @@ impl LinkTask {
     /// Frames from the data channels of generation `gen` come to this task as inputs, in the
     /// order the channels deliver them.
     fn frame_sink(&self, gen: u32) -> FrameSink {
-        let inputs = self.inputs.clone();
+        let direct = self.direct.clone();
         Arc::new(move |frame| {
-            let _ = inputs.send(LinkInput::Direct { gen, frame });
-            Box::pin(async {})
+            let direct = direct.clone();
+            Box::pin(async move {
+                // Fails only when the link task has ended.
+                let _ = direct.send((gen, frame)).await;
+            })
         })
     }
 
