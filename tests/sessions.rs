@@ -36,6 +36,49 @@ async fn pair_behind_a_proxy(
     (proxy, (a, ae), (b, be))
 }
 
+/// Wait for a new session (`Reconnected { resumed: false }`) and the rejoin of "g"; the client
+/// took the new session's peer id (a restarted server's ids start again, so it may equal the
+/// old one).
+async fn new_session_rejoins(events: &mut Events, c: &Client) {
+    let peer = match wait_for(events, 10, |e| {
+        matches!(e, Event::Reconnected { resumed: false, .. })
+    })
+    .await
+    {
+        Event::Reconnected { peer, .. } => peer,
+        _ => unreachable!(),
+    };
+    wait_for(
+        events,
+        5,
+        |e| matches!(e, Event::Rejoined { group } if group == "g"),
+    )
+    .await;
+    assert_eq!(
+        c.peer_id(),
+        peer,
+        "the client took the new session's peer id"
+    );
+}
+
+/// Wait (up to 5 s) until `a` and `b` each see the other as the only other member of "g".
+async fn see_each_other(a: &Client, b: &Client) {
+    let other = |c: &Client| -> Vec<PeerId> {
+        c.members("g")
+            .unwrap_or_default()
+            .iter()
+            .map(|m| m.peer)
+            .collect()
+    };
+    for _ in 0..50 {
+        if other(a) == [b.peer_id()] && other(b) == [a.peer_id()] {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("members: a sees {:?}, b sees {:?}", other(a), other(b));
+}
+
 fn numbered(n: u32) -> Vec<u8> {
     format!("{n:05} {}", "x".repeat(200)).into_bytes()
 }
@@ -181,39 +224,11 @@ async fn after_a_server_restart_clients_rejoin_and_direct_links_keep_working() {
     .expect("bind the same address again")
     .spawn();
     let back = tokio::time::Instant::now();
-    for (events, c) in [(&mut ae, &a), (&mut be, &b)] {
-        // A new session (the new server has no state: peer ids start again, so the new id
-        // may equal the old one).
-        let peer = match wait_for(events, 10, |e| {
-            matches!(e, Event::Reconnected { resumed: false, .. })
-        })
-        .await
-        {
-            Event::Reconnected { peer, .. } => peer,
-            _ => unreachable!(),
-        };
-        wait_for(
-            events,
-            5,
-            |e| matches!(e, Event::Rejoined { group } if group == "g"),
-        )
-        .await;
-        assert_eq!(
-            c.peer_id(),
-            peer,
-            "the client took the new session's peer id"
-        );
-    }
+    new_session_rejoins(&mut ae, &a).await;
+    new_session_rejoins(&mut be, &b).await;
     // Whoever rejoined second sees the first; then both see each other.
     let (na, nb) = (a.peer_id(), b.peer_id());
-    for _ in 0..50 {
-        if a.members("g").unwrap().len() == 1 && b.members("g").unwrap().len() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(a.members("g").unwrap()[0].peer, nb);
-    assert_eq!(b.members("g").unwrap()[0].peer, na);
+    see_each_other(&a, &b).await;
     eprintln!("both members again {:?} after the restart", back.elapsed());
     assert!(back.elapsed() < Duration::from_secs(5));
     let (c, _ce) = Client::connect(&second.ws_url(), cfg("c")).await.unwrap();
@@ -319,26 +334,9 @@ async fn a_drain_sends_clients_to_the_reconnect_url() {
     wait_joined(&mut ae, b.peer_id()).await;
     // The first server stays down: only the other instance can take the clients.
     first.shutdown().await;
-    for events in [&mut ae, &mut be] {
-        wait_for(events, 10, |e| {
-            matches!(e, Event::Reconnected { resumed: false, .. })
-        })
-        .await;
-        wait_for(
-            events,
-            5,
-            |e| matches!(e, Event::Rejoined { group } if group == "g"),
-        )
-        .await;
-    }
-    let members = |c: &Client| c.members("g").unwrap_or_default();
-    for _ in 0..50 {
-        if members(&a).len() == 1 && members(&b).len() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(members(&a)[0].peer, b.peer_id());
+    new_session_rejoins(&mut ae, &a).await;
+    new_session_rejoins(&mut be, &b).await;
+    see_each_other(&a, &b).await;
     let mut peers: Vec<String> = second
         .admin()
         .group("g")

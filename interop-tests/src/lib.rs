@@ -245,3 +245,34 @@ impl Drop for NftTable {
             .status();
     }
 }
+
+/// Send `data` reliably to the member of `group` named `to`, whatever its peer id: after a new
+/// session (a server restart) the member has a new one, and a send to the old id gets
+/// `UnknownPeer`; such a send goes again, to the new id, once the member is back. Gives up
+/// (panics) after 60 s.
+pub async fn send_to_member(c: &peermesh::Client, group: &str, to: &str, data: Vec<u8>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no member {to:?} of {group:?} to send to within 60 s"
+        );
+        // (Not in the group for a moment: between a new session and its rejoin.)
+        let peer = c
+            .members(group)
+            .ok()
+            .and_then(|m| m.into_iter().find(|m| m.name == to))
+            .map(|m| m.peer);
+        if let Some(peer) = peer {
+            match c
+                .send(peer, data.clone(), peermesh::Reliability::Reliable)
+                .await
+            {
+                Ok(()) => return,
+                Err(peermesh::Error::UnknownPeer(_)) => {}
+                Err(e) => panic!("send to {to}: {e}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -324,8 +324,13 @@ const DIRECT_JS: &str =
     "try { const p = window.pm.path(arg); return p.startsWith('direct') ? p : null; } catch { return null; }";
 
 async fn server_on(ns: &Netns, turn: TurnMode) -> ServerHandle {
+    server_at(SocketAddr::from((ns.host_ip, 0)), turn).await
+}
+
+/// [`server_on`] on a given address (the same again after a restart).
+async fn server_at(listen: SocketAddr, turn: TurnMode) -> ServerHandle {
     Server::bind(Config {
-        listen: SocketAddr::from((ns.host_ip, 0)),
+        listen,
         turn,
         // The namespace's address is not loopback: run open on purpose (a test network).
         auth: peermesh_server::Auth::Open,
@@ -2379,15 +2384,7 @@ async fn browser_resumes_after_a_silent_cut() {
 async fn browser_drain_and_restart_loses_nothing() {
     const N: u64 = 500;
     let ns = Netns::create();
-    let config = |listen| Config {
-        listen,
-        auth: peermesh_server::Auth::Open,
-        ..Default::default()
-    };
-    let server = Server::bind(config(SocketAddr::from((ns.host_ip, 0))))
-        .await
-        .expect("bind the server")
-        .spawn();
+    let server = server_on(&ns, TurnMode::Disabled).await;
     let addr = server.local_addr();
     let ip = IpAddr::V4(ns.host_ip);
     let (n, mut ne) = Client::connect(
@@ -2437,27 +2434,9 @@ async fn browser_drain_and_restart_loses_nothing() {
     let sender = {
         let n = n.clone();
         tokio::spawn(async move {
-            let mut i = 1;
-            while i <= N {
-                let peer = n
-                    .members("g")
-                    .ok()
-                    .and_then(|m| m.into_iter().find(|m| m.name == "chromium"))
-                    .map(|m| m.peer);
-                let Some(peer) = peer else {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                };
-                match n
-                    .send(peer, format!("n {i}").into_bytes(), Reliability::Reliable)
-                    .await
-                {
-                    Ok(()) => i += 1,
-                    Err(peermesh::Error::UnknownPeer(_)) => {
-                        tokio::time::sleep(Duration::from_millis(10)).await
-                    }
-                    Err(e) => panic!("native: send {i}: {e}"),
-                }
+            for i in 1..=N {
+                let data = format!("n {i}").into_bytes();
+                peermesh_interop_tests::send_to_member(&n, "g", "chromium", data).await;
                 if i % 10 == 0 {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
@@ -2465,13 +2444,11 @@ async fn browser_drain_and_restart_loses_nothing() {
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!sender.is_finished(), "the stream ended before the restart");
     let stopped_at = Instant::now();
     server.shutdown().await;
     let drained = stopped_at.elapsed();
-    let restarted = Server::bind(config(addr))
-        .await
-        .expect("bind the new server")
-        .spawn();
+    let restarted = server_at(addr, TurnMode::Disabled).await;
     let mut names: HashMap<PeerId, String> = HashMap::new();
     let mut undelivered = Vec::new();
     let mut i = 1;

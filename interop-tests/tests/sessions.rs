@@ -430,31 +430,10 @@ async fn receive_by_name(events: &mut Events, want: &HashMap<String, u32>) -> Ve
     others
 }
 
-/// Send `n` numbered messages to the member named `to`, whatever its peer id: a send refused
-/// because the link ended (a new session) goes again to the member's new peer id once it is
-/// back.
+/// Send `n` numbered messages to the member named `to` of "g", across new sessions.
 async fn send_by_name(c: Client, to: &'static str, from: &'static str, n: u32) {
-    let deadline = Instant::now() + Duration::from_secs(60);
     for i in 0..n {
-        loop {
-            assert!(Instant::now() < deadline, "{from}: message {i} not sent");
-            let peer = c
-                .members("g")
-                .ok()
-                .and_then(|m| m.into_iter().find(|m| m.name == to))
-                .map(|m| m.peer);
-            let Some(peer) = peer else {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            };
-            match c.send(peer, numbered(from, i), Reliability::Reliable).await {
-                Ok(()) => break,
-                Err(peermesh::Error::UnknownPeer(_)) => {
-                    tokio::time::sleep(Duration::from_millis(10)).await
-                }
-                Err(e) => panic!("{from}: send {i}: {e}"),
-            }
-        }
+        peermesh_interop_tests::send_to_member(&c, "g", to, numbered(from, i)).await;
         if i % 50 == 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -484,6 +463,10 @@ async fn sigterm_drain_then_restart_loses_nothing() {
     });
 
     tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(
+        !sa.is_finished() && !sb.is_finished(),
+        "the streams ended before the restart"
+    );
     let term = Instant::now();
     server.signal("-TERM");
     let status = tokio::task::spawn_blocking(move || {
