@@ -31,7 +31,7 @@ pub const MAX_UNRELIABLE_PAYLOAD: usize = MAX_FRAGMENT_PAYLOAD;
 
 /// Link protocol version this client speaks (`docs/PROTOCOL.md` §7.6). Version 1 peers send no
 /// version in their offer or answer.
-pub const LINK_VERSION: u32 = 2;
+pub const LINK_VERSION: u32 = 3;
 
 /// Largest message a version 2 sender puts on a direct path's unreliable channel: it fits in
 /// one SCTP DATA chunk at every known stack, so a lost one never leaves fragments in the
@@ -609,7 +609,26 @@ pub mod link_kind {
     /// Part of an unreliable message split to fit one SCTP chunk (version 2, direct path):
     /// `[0x16][msg u32 BE][index u16 BE][count u16 BE][bytes]`.
     pub const UNRELIABLE_PART: u8 = 0x16;
+    /// Reliable fragment of lane 1..7 (version 3, §8.8):
+    /// `[0x17][flags u8][lane u8][seq u64 BE][bytes]`.
+    pub const DATA_LANE: u8 = 0x17;
+    /// Cumulative ack of lane 1..7 (version 3): `[0x18][lane u8][seq u64 BE]`.
+    pub const ACK_LANE: u8 = 0x18;
+    /// Sequenced unreliable message, or one part of it (version 3):
+    /// `[0x19][lane u8][seq u32 BE][index u8][count u8][bytes]`.
+    pub const UNRELIABLE_SEQ: u8 = 0x19;
+    /// The sender's link protocol version, in band (version 3): `[0x1a][version u32 BE]`.
+    pub const VERSION: u8 = 0x1a;
 }
+
+/// Lanes of a link (`docs/PROTOCOL.md` §8.8): 0 to 7.
+pub const MAX_LANES: usize = 8;
+
+/// Header of an UNRELIABLE_SEQ frame: kind, lane, seq u32, index, count.
+pub const SEQ_HEADER_LEN: usize = 8;
+
+/// Largest payload of one UNRELIABLE_SEQ frame on a version 2 direct path (one SCTP chunk).
+pub const MAX_SEQ_PART_PAYLOAD: usize = MAX_DIRECT_UNRELIABLE_FRAME - SEQ_HEADER_LEN;
 
 /// `flags` bit of a DATA fragment: this is the last fragment of its message.
 pub const FLAG_FIN: u8 = 0x01;
@@ -665,6 +684,43 @@ pub enum LinkFrame<'a> {
         /// Part bytes.
         bytes: &'a [u8],
     },
+    /// A reliable fragment of lane 1..7 (version 3), with the lane's sequence number.
+    DataLane {
+        /// Lane, 1..7.
+        lane: u8,
+        /// Sequence number within the lane.
+        seq: u64,
+        /// Last fragment of a message.
+        fin: bool,
+        /// Fragment bytes.
+        bytes: &'a [u8],
+    },
+    /// Every fragment of `lane` (1..7) up to and including `seq` was delivered (version 3).
+    AckLane {
+        /// Lane, 1..7.
+        lane: u8,
+        /// Cumulative sequence number within the lane.
+        seq: u64,
+    },
+    /// Part `index` of `count` of sequenced unreliable message `seq` of `lane` (version 3): the
+    /// receiver drops it if it is not newer than the newest delivered on the lane.
+    UnreliableSeq {
+        /// Lane, 0..7.
+        lane: u8,
+        /// Message number within the lane (wrapping).
+        seq: u32,
+        /// Part number, `0..count`.
+        index: u8,
+        /// Parts of the message (1 for a whole one).
+        count: u8,
+        /// Part bytes.
+        bytes: &'a [u8],
+    },
+    /// The sender's link protocol version (version 3 and later).
+    Version {
+        /// Link protocol version.
+        version: u32,
+    },
 }
 
 fn read_u64(buf: &[u8], at: usize) -> Result<u64, FrameError> {
@@ -712,6 +768,49 @@ impl<'a> LinkFrame<'a> {
                 out.extend_from_slice(&index.to_be_bytes());
                 out.extend_from_slice(&count.to_be_bytes());
                 out.extend_from_slice(bytes);
+                out
+            }
+            LinkFrame::DataLane {
+                lane,
+                seq,
+                fin,
+                bytes,
+            } => {
+                let mut out = Vec::with_capacity(11 + bytes.len());
+                out.push(link_kind::DATA_LANE);
+                out.push(if fin { FLAG_FIN } else { 0 });
+                out.push(lane);
+                out.extend_from_slice(&seq.to_be_bytes());
+                out.extend_from_slice(bytes);
+                out
+            }
+            LinkFrame::AckLane { lane, seq } => {
+                let mut out = Vec::with_capacity(10);
+                out.push(link_kind::ACK_LANE);
+                out.push(lane);
+                out.extend_from_slice(&seq.to_be_bytes());
+                out
+            }
+            LinkFrame::UnreliableSeq {
+                lane,
+                seq,
+                index,
+                count,
+                bytes,
+            } => {
+                let mut out = Vec::with_capacity(SEQ_HEADER_LEN + bytes.len());
+                out.push(link_kind::UNRELIABLE_SEQ);
+                out.push(lane);
+                out.extend_from_slice(&seq.to_be_bytes());
+                out.push(index);
+                out.push(count);
+                out.extend_from_slice(bytes);
+                out
+            }
+            LinkFrame::Version { version } => {
+                let mut out = Vec::with_capacity(5);
+                out.push(link_kind::VERSION);
+                out.extend_from_slice(&version.to_be_bytes());
                 out
             }
         }
@@ -765,6 +864,39 @@ impl<'a> LinkFrame<'a> {
                     bytes: &buf[PART_HEADER_LEN..],
                 })
             }
+            link_kind::DATA_LANE => {
+                if buf.len() < 11 {
+                    return Err(FrameError::Truncated(buf.len()));
+                }
+                Ok(LinkFrame::DataLane {
+                    fin: buf[1] & FLAG_FIN != 0,
+                    lane: buf[2],
+                    seq: read_u64(buf, 3)?,
+                    bytes: &buf[11..],
+                })
+            }
+            link_kind::ACK_LANE => Ok(LinkFrame::AckLane {
+                lane: *buf.get(1).ok_or(FrameError::Truncated(buf.len()))?,
+                seq: read_u64(buf, 2)?,
+            }),
+            link_kind::UNRELIABLE_SEQ => {
+                if buf.len() < SEQ_HEADER_LEN {
+                    return Err(FrameError::Truncated(buf.len()));
+                }
+                Ok(LinkFrame::UnreliableSeq {
+                    lane: buf[1],
+                    seq: u32::from_be_bytes(buf[2..6].try_into().expect("4 bytes")),
+                    index: buf[6],
+                    count: buf[7],
+                    bytes: &buf[SEQ_HEADER_LEN..],
+                })
+            }
+            link_kind::VERSION => match buf.get(1..5) {
+                Some(b) => Ok(LinkFrame::Version {
+                    version: u32::from_be_bytes(b.try_into().expect("4 bytes")),
+                }),
+                None => Err(FrameError::Truncated(buf.len())),
+            },
             k => Err(FrameError::UnknownKind(k)),
         }
     }
@@ -900,6 +1032,70 @@ mod tests {
         assert!(LinkFrame::decode(&[]).is_err());
         assert!(LinkFrame::decode(&[0x10, 0, 1]).is_err());
         assert!(LinkFrame::decode(&[0x99]).is_err());
+    }
+
+    /// The version 3 frames byte for byte, as in the examples of PROTOCOL.md §8.8.1.
+    #[test]
+    fn lane_frames_match_the_protocol_examples() {
+        let hex =
+            |f: LinkFrame| -> String { f.encode().iter().map(|b| format!("{b:02x}")).collect() };
+        let cases = [
+            (LinkFrame::Version { version: 3 }, "1a00000003"),
+            (
+                LinkFrame::DataLane {
+                    lane: 1,
+                    seq: 1,
+                    fin: true,
+                    bytes: b"hi",
+                },
+                concat!("17010100000000", "00000001", "6869"),
+            ),
+            (
+                LinkFrame::DataLane {
+                    lane: 7,
+                    seq: 2,
+                    fin: false,
+                    bytes: b"",
+                },
+                "1700070000000000000002",
+            ),
+            (
+                LinkFrame::AckLane { lane: 1, seq: 1 },
+                "18010000000000000001",
+            ),
+            (
+                LinkFrame::UnreliableSeq {
+                    lane: 2,
+                    seq: 7,
+                    index: 0,
+                    count: 1,
+                    bytes: b"xy",
+                },
+                concat!("190200000007", "0001", "7879"),
+            ),
+            (
+                LinkFrame::UnreliableSeq {
+                    lane: 0,
+                    seq: 8,
+                    index: 1,
+                    count: 2,
+                    bytes: b"z",
+                },
+                concat!("1900000000080102", "7a"),
+            ),
+        ];
+        for (f, want) in cases {
+            assert_eq!(hex(f.clone()), want);
+            assert_eq!(LinkFrame::decode(&f.encode()).unwrap(), f);
+        }
+        for short in [
+            &[0x17u8, 1, 1, 0, 0, 0, 0, 0, 0, 0][..],
+            &[0x18, 1],
+            &[0x19, 0, 0, 0, 0, 1, 0],
+            &[0x1a, 0, 0, 3],
+        ] {
+            assert!(LinkFrame::decode(short).is_err(), "{short:?}");
+        }
     }
 
     #[test]

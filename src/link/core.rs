@@ -21,19 +21,27 @@
 //! withdraw DATA. A direct transmit it could not hand to the stack goes back through
 //! [`LinkCore::transmit_abandoned`] / [`LinkCore::transmit_failed`].
 //!
-//! Per-stream state (the reliable send and receive streams) sits in [`SendStream`] and
-//! [`RecvStream`] so that lanes (several ordered streams per link) are a map of them.
+//! Lanes (§8.8, link protocol version 3): each of up to [`MAX_LANES`] lanes has its own reliable
+//! [`SendStream`] / [`RecvStream`] pair and its own sequenced-unreliable counters ([`LaneState`]).
+//! Lane 0 is the stream of §8.4 on DATA / ACK; lanes 1..7 use DATA_LANE / ACK_LANE once the
+//! peer's VERSION said it has lanes ([`PeerLanes`]); until then their messages wait, and for a
+//! peer without lanes they go on lane 0 for good. [`LinkCore::poll_transmit`] picks the next DATA
+//! fragment among the lanes by priority tier, then deficit round robin by weight, and keeps the
+//! shared FIFO queues after it (WebSocket, SCTP "r") short: lanes only help if a lane-0 fragment
+//! is scheduled before it joins a queue.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-use super::parts::{self, Parts};
+use super::parts::{self, Parts, PART_EXPIRY};
 pub(crate) use super::rtc::Channel;
 use super::rtc::{DC_HIGH, OWN_QUEUE_MAX, UNRELIABLE_QUEUE_MAX};
+pub(crate) use crate::protocol::MAX_LANES;
 use crate::protocol::{
-    link_kind, LinkFrame, MAX_DIRECT_UNRELIABLE_FRAME, MAX_FRAGMENT_PAYLOAD, MAX_UNRELIABLE_PAYLOAD,
+    link_kind, LinkFrame, MAX_DIRECT_UNRELIABLE_FRAME, MAX_FRAGMENT_PAYLOAD, MAX_PARTS,
+    MAX_SEQ_PART_PAYLOAD, MAX_UNRELIABLE_PAYLOAD, SEQ_HEADER_LEN,
 };
 use crate::Reliability;
 
@@ -55,6 +63,22 @@ pub(crate) const MAX_PEER_WINDOW: usize = 16 << 20;
 pub(crate) const MAX_REORDER: usize = MAX_PEER_WINDOW / FRAGMENT_OVERHEAD;
 /// RTT probe interval.
 pub(crate) const PING_EVERY: Duration = Duration::from_secs(1);
+/// Lanes (§8.8.2): how long after the link started a peer that has sent frames but no VERSION
+/// counts as one without lanes. Old peers PING at once and every second, so they are found out
+/// within about this long; a version 3 peer's VERSION comes before its other frames.
+pub(crate) const LANE_WAIT: Duration = Duration::from_secs(1);
+/// Deficit round robin credit per unit of lane weight and visit: one full DATA_LANE fragment, so
+/// every visit of a busy lane sends at least one fragment.
+pub(crate) const DRR_QUANTUM: usize = MAX_FRAGMENT_PAYLOAD + 16;
+/// While more than one lane has fragments waiting, DATA waits while "r" has this much queued
+/// (instead of `DC_HIGH`): a lane-0 fragment then queues behind at most this much of a bulk lane
+/// in SCTP's FIFO (§8.8.3). 256 KiB is 21 ms at 100 Mbit/s.
+pub(crate) const DC_HIGH_LANES: usize = 256 << 10;
+/// DATA waits while the link's frames waiting for the WebSocket are more than this
+/// ([`LinkCore::server_buffered`]): the WebSocket is one FIFO for every lane (§8.8.3).
+pub(crate) const SERVER_HIGH: usize = 64 << 10;
+/// Link protocol version with lanes, sequenced unreliable messages and VERSION (§8.8).
+pub(crate) const LANES_VERSION: LinkVersion = LinkVersion(3);
 
 /// Window cost of one fragment: its bytes plus a fixed overhead, so that a window of W bytes
 /// holds at most W / 64 fragments in flight however small the messages (and the receiver's
@@ -82,6 +106,58 @@ impl LinkVersion {
     fn splits_unreliable(self) -> bool {
         self.0 >= 2
     }
+
+    /// Version 3 has lanes, sequenced unreliable messages and the VERSION frame (§8.8).
+    fn has_lanes(self) -> bool {
+        self >= LANES_VERSION
+    }
+}
+
+/// A lane of the link (§8.8): 0 (the default, and all an old peer knows) to `MAX_LANES - 1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub(crate) struct Lane(pub u8);
+
+impl Lane {
+    fn index(self) -> usize {
+        usize::from(self.0)
+    }
+}
+
+/// How a lane is scheduled against the others (§8.8.3, as GameNetworkingSockets' lanes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LaneConfig {
+    /// Lower goes first: no lane of a higher number sends DATA while one of a lower number has
+    /// a fragment ready.
+    pub priority: u8,
+    /// Share among the lanes of the same priority (deficit round robin); at least 1.
+    pub weight: u16,
+}
+
+impl Default for LaneConfig {
+    fn default() -> Self {
+        LaneConfig {
+            priority: 0,
+            weight: 1,
+        }
+    }
+}
+
+/// The lanes a link sends on: lane 0 always, others once configured.
+pub(crate) fn default_lanes() -> [Option<LaneConfig>; MAX_LANES] {
+    let mut lanes = [None; MAX_LANES];
+    lanes[0] = Some(LaneConfig::default());
+    lanes
+}
+
+/// How a message is delivered, for [`LinkCore::send_on`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    /// Complete, in order per lane, exactly once.
+    Reliable,
+    /// Best effort, no order (the lane does not matter).
+    Unreliable,
+    /// Best effort; the receiver drops one older than the newest delivered on its lane.
+    Sequenced,
 }
 
 /// Where a frame arrived from, and where the link is.
@@ -116,6 +192,9 @@ pub(crate) enum CoreEvent {
     Deliver {
         data: Bytes,
         reliability: Reliability,
+        /// The lane it came on (0 for plain unreliable messages, and for everything from a peer
+        /// without lanes). Sequenced messages come as `Unreliable` with their lane.
+        lane: Lane,
     },
     /// The link moved to this path (report it, with the candidate pair when direct).
     PathChanged(PathId),
@@ -138,6 +217,9 @@ pub(crate) enum SendError {
     /// [`LinkCore::take_held`] emptied the link (its session ended): send to the new one.
     #[error("the link's session ended")]
     Ended,
+    /// The lane is not one of the link's configured lanes.
+    #[error("lane {0} is not configured")]
+    NoLane(u8),
 }
 
 /// Configuration of one link.
@@ -149,6 +231,11 @@ pub(crate) struct CoreConfig {
     pub max_message: usize,
     /// Dead-path rule (§8.7): longest silence of the direct path.
     pub dead_path: Duration,
+    /// This end's link protocol version: lanes need 3 here and at the peer (§8.8); below 3 the
+    /// core sends no VERSION and drops lane frames as unknown kinds, as an old client does.
+    pub version: LinkVersion,
+    /// The lanes this end sends on, with their scheduling ([`default_lanes`]: lane 0 only).
+    pub lanes: [Option<LaneConfig>; MAX_LANES],
 }
 
 impl CoreConfig {
@@ -205,6 +292,8 @@ pub(crate) struct CoreStats {
     pub bad_frames: u64,
     /// Early fragments dropped at a full reorder buffer (a peer beyond its window).
     pub reorder_full: u64,
+    /// Sequenced messages dropped on arrival: not newer than the newest delivered on their lane.
+    pub sequenced_stale: u64,
     /// Reliable messages dropped for growing past `MAX_PEER_WINDOW`.
     pub too_large: u64,
 }
@@ -224,6 +313,8 @@ struct Unacked {
 /// Sending side of one reliable stream.
 #[derive(Debug)]
 struct SendStream {
+    /// Its lane: 0 is DATA, others DATA_LANE.
+    lane: u8,
     next_seq: u64,
     /// In seq order, contiguous: the fragment with `seq` is at `seq - front.seq`.
     unacked: VecDeque<Unacked>,
@@ -241,8 +332,9 @@ struct SendStream {
 }
 
 impl SendStream {
-    fn new() -> Self {
+    fn new(lane: u8) -> Self {
         SendStream {
+            lane,
             next_seq: 1,
             unacked: VecDeque::new(),
             unacked_permits: 0,
@@ -261,10 +353,19 @@ impl SendStream {
             let seq = self.next_seq;
             self.next_seq += 1;
             let frame = Bytes::from(
-                LinkFrame::Data {
-                    seq,
-                    fin,
-                    bytes: &chunk,
+                if self.lane == 0 {
+                    LinkFrame::Data {
+                        seq,
+                        fin,
+                        bytes: &chunk,
+                    }
+                } else {
+                    LinkFrame::DataLane {
+                        lane: self.lane,
+                        seq,
+                        fin,
+                        bytes: &chunk,
+                    }
                 }
                 .encode(),
             );
@@ -308,6 +409,16 @@ impl SendStream {
         self.next_tx = self.unacked.front().map_or(self.next_seq, |u| u.seq);
         self.server_resend.clear();
     }
+
+    /// Length of the next fragment to transmit, if one may go now (not held by a drain).
+    fn ready(&self) -> Option<usize> {
+        if self.held_from.is_some_and(|held| self.next_tx >= held) {
+            return None;
+        }
+        let front = self.unacked.front()?.seq;
+        let i = usize::try_from(self.next_tx.checked_sub(front)?).ok()?;
+        self.unacked.get(i).map(|u| u.frame.len())
+    }
 }
 
 /// Receiving side of one reliable stream (§8.4 receiver).
@@ -346,7 +457,20 @@ enum Received {
 }
 
 impl RecvStream {
+    #[cfg(test)]
     fn on_data(&mut self, seq: u64, fin: bool, payload: Bytes) -> Received {
+        self.on_data_shared(seq, fin, payload, (0, 0))
+    }
+
+    /// A fragment of this stream; `others` is what the other lanes' reorder buffers hold
+    /// (bytes, fragments): the peer's one window bounds them all together (§8.8.5).
+    fn on_data_shared(
+        &mut self,
+        seq: u64,
+        fin: bool,
+        payload: Bytes,
+        others: (usize, usize),
+    ) -> Received {
         if seq <= self.delivered || self.reorder.contains_key(&seq) {
             // The sender may be re-sending because our ack was lost with a path: ack again.
             self.ack_due = true;
@@ -354,7 +478,9 @@ impl RecvStream {
         }
         if seq != self.delivered + 1 {
             let cost = payload.len() + FRAGMENT_OVERHEAD;
-            if self.reorder.len() >= MAX_REORDER || self.reorder_bytes + cost > MAX_PEER_WINDOW {
+            if self.reorder.len() + others.1 >= MAX_REORDER
+                || self.reorder_bytes + others.0 + cost > MAX_PEER_WINDOW
+            {
                 // A sender within its window never gets this far ahead.
                 return Received::ReorderFull;
             }
@@ -451,6 +577,169 @@ enum Reassembled {
     TooLarge,
 }
 
+/// Receiving side of one lane's sequenced unreliable messages (§8.8.5): the newest delivered,
+/// and at most one message being assembled from parts (the newest seen).
+#[derive(Debug, Default)]
+struct SeqRecv {
+    newest: Option<u32>,
+    assembling: Option<Assembly>,
+}
+
+#[derive(Debug)]
+struct Assembly {
+    seq: u32,
+    parts: Vec<Option<Bytes>>,
+    have: usize,
+    bytes: usize,
+    since: Instant,
+}
+
+/// `a` is newer than `b` in serial number arithmetic (RFC 1982, 32 bits).
+fn newer(a: u32, b: u32) -> bool {
+    let d = a.wrapping_sub(b);
+    d != 0 && d < 1 << 31
+}
+
+/// What a sequenced frame did.
+enum Sequenced {
+    Deliver(Bytes),
+    Pending,
+    Stale,
+    Bad,
+}
+
+impl SeqRecv {
+    fn push(&mut self, now: Instant, seq: u32, index: u8, count: u8, part: Bytes) -> Sequenced {
+        let (index, count) = (usize::from(index), usize::from(count));
+        if count == 0 || index >= count || count > MAX_PARTS || part.len() > MAX_UNRELIABLE_PAYLOAD
+        {
+            return Sequenced::Bad;
+        }
+        if self.newest.is_some_and(|n| !newer(seq, n)) {
+            return Sequenced::Stale;
+        }
+        if count == 1 {
+            self.newest = Some(seq);
+            // What is being assembled is now stale unless it is newer still.
+            if self.assembling.as_ref().is_some_and(|a| !newer(a.seq, seq)) {
+                self.assembling = None;
+            }
+            return Sequenced::Deliver(part);
+        }
+        match &self.assembling {
+            Some(a) if a.seq == seq => {
+                if a.parts.len() != count {
+                    return Sequenced::Bad;
+                }
+            }
+            Some(a) if newer(a.seq, seq) => return Sequenced::Stale,
+            _ => {
+                self.assembling = Some(Assembly {
+                    seq,
+                    parts: vec![None; count],
+                    have: 0,
+                    bytes: 0,
+                    since: now,
+                })
+            }
+        }
+        let a = self.assembling.as_mut().expect("assembling seq");
+        if a.parts[index].is_some() {
+            return Sequenced::Pending;
+        }
+        if a.bytes + part.len() > MAX_UNRELIABLE_PAYLOAD {
+            self.assembling = None;
+            return Sequenced::Bad;
+        }
+        a.bytes += part.len();
+        a.have += 1;
+        a.parts[index] = Some(part);
+        if a.have < count {
+            return Sequenced::Pending;
+        }
+        let a = self.assembling.take().expect("complete");
+        let mut whole = BytesMut::with_capacity(a.bytes);
+        for p in a.parts.into_iter().flatten() {
+            whole.extend_from_slice(&p);
+        }
+        self.newest = Some(seq);
+        Sequenced::Deliver(whole.freeze())
+    }
+
+    fn next_expiry(&self) -> Option<Instant> {
+        self.assembling.as_ref().map(|a| a.since + PART_EXPIRY)
+    }
+
+    /// Discard an incomplete message past its expiry; true if one was.
+    fn expire(&mut self, now: Instant) -> bool {
+        let due = self.next_expiry().is_some_and(|at| at <= now);
+        if due {
+            self.assembling = None;
+        }
+        due
+    }
+}
+
+/// One lane: its reliable streams, its sequenced messages, its scheduling state.
+#[derive(Debug)]
+struct LaneState {
+    cfg: Option<LaneConfig>,
+    send: SendStream,
+    recv: RecvStream,
+    /// Reliable messages waiting for the peer's VERSION (§8.8.2).
+    waiting: VecDeque<Bytes>,
+    /// The newest sequenced message waiting for the peer's VERSION.
+    seq_waiting: Option<Bytes>,
+    /// Window cost of this lane's messages outside `send`: waiting, and sequenced ones queued.
+    held_permits: usize,
+    /// Seq of the next sequenced message sent on this lane.
+    next_seq_msg: u32,
+    seq_rx: SeqRecv,
+    /// Deficit round robin credit.
+    deficit: usize,
+}
+
+impl LaneState {
+    fn new(lane: u8, cfg: Option<LaneConfig>) -> Self {
+        LaneState {
+            cfg,
+            send: SendStream::new(lane),
+            recv: RecvStream::default(),
+            waiting: VecDeque::new(),
+            seq_waiting: None,
+            held_permits: 0,
+            next_seq_msg: 1,
+            seq_rx: SeqRecv::default(),
+            deficit: 0,
+        }
+    }
+
+    /// Window this lane holds.
+    fn usage(&self) -> usize {
+        self.send.unacked_permits + self.held_permits
+    }
+}
+
+/// Whether the peer has lanes (§8.8.2); final once known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PeerLanes {
+    /// No VERSION yet; `heard`: another frame of the peer came on the server path.
+    Unknown { heard: bool },
+    /// Its VERSION is 3 or more: lanes 1..7 on DATA_LANE, sequenced on UNRELIABLE_SEQ.
+    Lanes,
+    /// A peer without lanes (or this end has none): every lane on lane 0, sequenced as
+    /// UNRELIABLE.
+    Lane0,
+}
+
+/// An unreliable message waiting for `poll_transmit`; sequenced ones carry (lane, seq).
+#[derive(Debug)]
+struct Queued {
+    data: Bytes,
+    permits: usize,
+    seq: Option<(u8, u32)>,
+}
+
 /// State of the newest PeerConnection generation.
 #[derive(Debug)]
 struct DirectPath {
@@ -498,8 +787,20 @@ enum ServerPath {
 /// The link's delivery algorithm; see the module docs.
 pub(crate) struct LinkCore {
     cfg: CoreConfig,
-    send: SendStream,
-    recv: RecvStream,
+    /// Lane `i` at index `i` (`MAX_LANES` of them, configured or not: any lane may receive).
+    lanes: Vec<LaneState>,
+    peer_lanes: PeerLanes,
+    /// When the link started (for `LANE_WAIT`).
+    started: Instant,
+    /// VERSION goes out (first on the server path).
+    version_due: bool,
+    /// A VERSION of the peer was answered (since the start or the last resync).
+    version_answered: bool,
+    /// The link's frames waiting for the WebSocket, as the async layer last reported.
+    server_buffered: usize,
+    /// Deficit round robin cursor, and whether its lane has had this visit's credit.
+    rr: usize,
+    rr_fresh: bool,
     server: ServerPath,
     drain: Drain,
     /// The newest generation, if one was started.
@@ -508,9 +809,9 @@ pub(crate) struct LinkCore {
     peer_ready: Gen,
     /// READY to send (on the server path) for this generation.
     ready_due: Option<Gen>,
-    /// Unreliable messages waiting for `poll_transmit`, with their window cost.
-    unreliable: VecDeque<(Bytes, usize)>,
-    /// Sum of the window cost in `unreliable`.
+    /// Unreliable messages waiting for `poll_transmit`.
+    unreliable: VecDeque<Queued>,
+    /// Sum of the window cost of the plain (not sequenced) ones in `unreliable`.
     unreliable_permits: usize,
     /// Frames of one split message already routed.
     routed: VecDeque<Transmit>,
@@ -532,10 +833,24 @@ pub(crate) struct LinkCore {
 
 impl LinkCore {
     pub(crate) fn new(cfg: CoreConfig, now: Instant) -> Self {
+        let lanes = (0..MAX_LANES)
+            .map(|l| LaneState::new(l as u8, cfg.lanes[l]))
+            .collect();
+        let has_lanes = cfg.version.has_lanes();
         LinkCore {
             cfg,
-            send: SendStream::new(),
-            recv: RecvStream::default(),
+            lanes,
+            peer_lanes: if has_lanes {
+                PeerLanes::Unknown { heard: false }
+            } else {
+                PeerLanes::Lane0
+            },
+            started: now,
+            version_due: has_lanes,
+            version_answered: false,
+            server_buffered: 0,
+            rr: 0,
+            rr_fresh: true,
             server: ServerPath::Connected,
             drain: Drain::Off,
             direct: None,
@@ -569,13 +884,49 @@ impl LinkCore {
         }
     }
 
-    /// Bytes of window free now (what a message of `n` bytes needs: `permits_for(n)`).
+    /// Bytes of window free now for lane 0 (what a message of `n` bytes needs:
+    /// `permits_for(n)`).
     pub(crate) fn window_available(&self) -> usize {
-        self.cfg.window.saturating_sub(self.in_flight())
+        self.lane_free(Lane(0))
     }
 
     fn in_flight(&self) -> usize {
-        self.send.unacked_permits + self.unreliable_permits
+        self.lanes.iter().map(LaneState::usage).sum::<usize>() + self.unreliable_permits
+    }
+
+    /// Lanes that share the window with reserves (§8.8.4): the configured ones, or one when
+    /// every lane goes on lane 0.
+    fn reserving_lanes(&self) -> usize {
+        if self.peer_lanes == PeerLanes::Lane0 {
+            return 1;
+        }
+        self.cfg.lanes.iter().flatten().count().max(1)
+    }
+
+    /// Window a lane may take now: what is free, less the unused reserve of every other
+    /// configured lane (`window / (2·K)` each), so that a bulk lane never takes the last
+    /// permits a chat lane needs (§8.8.4).
+    pub(crate) fn lane_free(&self, lane: Lane) -> usize {
+        let free = self.cfg.window.saturating_sub(self.in_flight());
+        let k = self.reserving_lanes();
+        if k == 1 {
+            return free;
+        }
+        let reserve = self.cfg.window / (2 * k);
+        let owed: usize = (0..MAX_LANES)
+            .filter(|&m| m != lane.index() && self.cfg.lanes[m].is_some())
+            .map(|m| reserve.saturating_sub(self.lanes[m].usage()))
+            .sum();
+        free.saturating_sub(owed)
+    }
+
+    /// Most window one lane can ever hold: the window less the other lanes' reserves.
+    fn lane_cap(&self) -> usize {
+        let k = self.reserving_lanes();
+        if k == 1 {
+            return self.cfg.window;
+        }
+        self.cfg.window - (k - 1) * (self.cfg.window / (2 * k))
     }
 
     pub(crate) fn rtt(&self) -> Option<Duration> {
@@ -584,58 +935,188 @@ impl LinkCore {
 
     pub(crate) fn stats(&self) -> CoreStats {
         CoreStats {
-            unreliable_incomplete: self.parts.discarded,
+            unreliable_incomplete: self.parts.discarded + self.stats.unreliable_incomplete,
             ..self.stats
         }
     }
 
-    /// Sequence number of the last reliable fragment numbered (0 before the first).
+    /// Sequence number of the last reliable fragment numbered on lane 0 (0 before the first).
     pub(crate) fn last_seq(&self) -> u64 {
-        self.send.next_seq - 1
+        self.lanes[0].send.next_seq - 1
     }
 
-    /// Every reliable fragment up to `seq` is acknowledged (or was taken by
+    /// Every reliable fragment of lane 0 up to `seq` is acknowledged (or was taken by
     /// [`LinkCore::take_held`]).
     pub(crate) fn acked_through(&self, seq: u64) -> bool {
-        self.send.unacked.front().is_none_or(|u| u.seq > seq)
+        self.lanes[0]
+            .send
+            .unacked
+            .front()
+            .is_none_or(|u| u.seq > seq)
     }
 
-    /// Reliable messages sent and not (completely) acknowledged.
+    /// Reliable messages sent and not (completely) acknowledged, on every lane.
     #[cfg(test)]
     pub(crate) fn unacked_messages(&self) -> u64 {
-        self.send.unacked.iter().filter(|u| u.fin).count() as u64
+        self.lanes
+            .iter()
+            .map(|l| l.send.unacked.iter().filter(|u| u.fin).count() + l.waiting.len())
+            .sum::<usize>() as u64
     }
 
     // ---- input ----
 
-    /// Take a message to send. Reliable ones are numbered now, in call order.
+    /// Take a message to send on lane 0. Reliable ones are numbered now, in call order.
     pub(crate) fn send(&mut self, data: Bytes, reliability: Reliability) -> Result<(), SendError> {
+        let delivery = match reliability {
+            Reliability::Reliable => Delivery::Reliable,
+            Reliability::Unreliable => Delivery::Unreliable,
+        };
+        self.send_on(Lane(0), data, delivery)
+    }
+
+    /// Take a message to send on `lane` (§8.8). Reliable ones are numbered now, in call order
+    /// per lane — or, while the peer's VERSION is not known, wait for it in the lane's order.
+    pub(crate) fn send_on(
+        &mut self,
+        lane: Lane,
+        data: Bytes,
+        delivery: Delivery,
+    ) -> Result<(), SendError> {
+        let reliability = match delivery {
+            Delivery::Reliable => Reliability::Reliable,
+            Delivery::Unreliable | Delivery::Sequenced => Reliability::Unreliable,
+        };
         let permits = self.cfg.cost(data.len(), reliability)?;
         if self.drain == Drain::Taken {
             return Err(SendError::Ended);
         }
-        if permits > self.window_available() {
+        // Plain unreliable messages have no lane; they draw on lane 0's share.
+        let lane = if delivery == Delivery::Unreliable {
+            Lane(0)
+        } else {
+            lane
+        };
+        if self
+            .cfg
+            .lanes
+            .get(lane.index())
+            .copied()
+            .flatten()
+            .is_none()
+        {
+            return Err(SendError::NoLane(lane.0));
+        }
+        let cap = self.lane_cap();
+        if permits > cap {
+            let fragments = cap.div_ceil(MAX_FRAGMENT_PAYLOAD);
+            return Err(SendError::TooLarge {
+                size: data.len(),
+                limit: cap.saturating_sub(fragments * FRAGMENT_OVERHEAD),
+            });
+        }
+        if permits > self.lane_free(lane) {
             return Err(SendError::WouldBlock);
         }
-        match reliability {
-            Reliability::Reliable => {
-                if self.drain == Drain::Holding
-                    && self.path() == PathId::Server
-                    && self.send.held_from.is_none()
-                {
-                    // From the first message that would go through the draining server on,
-                    // nothing more reliable goes (on either path) until the hold ends.
-                    self.send.held_from = Some(self.send.next_seq);
-                }
-                self.send.push_message(data)
+        match (delivery, self.peer_lanes) {
+            (Delivery::Reliable, _) if lane.0 == 0 => self.push_reliable(0, data),
+            (Delivery::Reliable, PeerLanes::Lanes) => self.push_reliable(lane.index(), data),
+            (Delivery::Reliable, PeerLanes::Lane0) => self.push_reliable(0, data),
+            (Delivery::Reliable, PeerLanes::Unknown { .. }) => {
+                let l = &mut self.lanes[lane.index()];
+                l.held_permits += permits;
+                l.waiting.push_back(data);
             }
-            Reliability::Unreliable => {
+            (Delivery::Unreliable, _) | (Delivery::Sequenced, PeerLanes::Lane0) => {
                 // Costs window while it waits to be transmitted, as in the reference client.
                 self.unreliable_permits += permits;
-                self.unreliable.push_back((data, permits));
+                self.unreliable.push_back(Queued {
+                    data,
+                    permits,
+                    seq: None,
+                });
+            }
+            (Delivery::Sequenced, PeerLanes::Lanes) => self.queue_sequenced(lane.index(), data),
+            (Delivery::Sequenced, PeerLanes::Unknown { .. }) => {
+                // Only the newest waits: the receiver would drop the older ones anyway.
+                let l = &mut self.lanes[lane.index()];
+                if let Some(old) = l.seq_waiting.replace(data) {
+                    l.held_permits -= permits_for(old.len());
+                    self.stats.unreliable_dropped += 1;
+                }
+                l.held_permits += permits;
             }
         }
         Ok(())
+    }
+
+    /// Number a reliable message on stream `i` (whose window cost is counted from now on in
+    /// its `unacked_permits`).
+    fn push_reliable(&mut self, i: usize, data: Bytes) {
+        let on_server = self.path() == PathId::Server;
+        let st = &mut self.lanes[i].send;
+        if self.drain == Drain::Holding && on_server && st.held_from.is_none() {
+            // From the first message that would go through the draining server on, nothing
+            // more reliable goes on this stream (on either path) until the hold ends.
+            st.held_from = Some(st.next_seq);
+        }
+        st.push_message(data);
+    }
+
+    /// Queue a sequenced message of lane `i` with the lane's next seq (the peer has lanes).
+    fn queue_sequenced(&mut self, i: usize, data: Bytes) {
+        let l = &mut self.lanes[i];
+        let permits = permits_for(data.len());
+        l.held_permits += permits;
+        let seq = l.next_seq_msg;
+        l.next_seq_msg = seq.wrapping_add(1);
+        self.unreliable.push_back(Queued {
+            data,
+            permits,
+            seq: Some((i as u8, seq)),
+        });
+    }
+
+    /// The peer's lanes are known (§8.8.2): what waited goes on its lane, or on lane 0.
+    fn decide_lanes(&mut self, lanes: bool) {
+        if !matches!(self.peer_lanes, PeerLanes::Unknown { .. }) {
+            return;
+        }
+        self.peer_lanes = if lanes {
+            PeerLanes::Lanes
+        } else {
+            PeerLanes::Lane0
+        };
+        for i in 0..MAX_LANES {
+            let waiting = std::mem::take(&mut self.lanes[i].waiting);
+            for data in waiting {
+                self.lanes[i].held_permits -= permits_for(data.len());
+                self.push_reliable(if lanes { i } else { 0 }, data);
+            }
+            if let Some(data) = self.lanes[i].seq_waiting.take() {
+                let permits = permits_for(data.len());
+                self.lanes[i].held_permits -= permits;
+                if lanes {
+                    self.queue_sequenced(i, data);
+                } else {
+                    self.unreliable_permits += permits;
+                    self.unreliable.push_back(Queued {
+                        data,
+                        permits,
+                        seq: None,
+                    });
+                }
+            }
+        }
+    }
+
+    /// A peer that has talked on the server path for `LANE_WAIT` without a VERSION has no
+    /// lanes.
+    fn lane_deadline(&self) -> Option<Instant> {
+        match self.peer_lanes {
+            PeerLanes::Unknown { heard: true } => Some(self.started + LANE_WAIT),
+            _ => None,
+        }
     }
 
     /// A link frame arrived on `from`. Frames that do not decode are counted and dropped.
@@ -656,6 +1137,26 @@ impl LinkCore {
                 return;
             }
         };
+        let lane_frame = matches!(
+            decoded,
+            LinkFrame::DataLane { .. }
+                | LinkFrame::AckLane { .. }
+                | LinkFrame::UnreliableSeq { .. }
+                | LinkFrame::Version { .. }
+        );
+        if lane_frame && !self.cfg.version.has_lanes() {
+            // As a client before version 3: an unknown kind.
+            self.stats.bad_frames += 1;
+            return;
+        }
+        if let PeerLanes::Unknown { heard } = &mut self.peer_lanes {
+            if from == PathId::Server && !matches!(decoded, LinkFrame::Version { .. }) {
+                *heard = true;
+            }
+        }
+        if self.lane_deadline().is_some_and(|at| at <= now) {
+            self.decide_lanes(false);
+        }
         match decoded {
             LinkFrame::Data { seq, fin, bytes } => {
                 match from {
@@ -663,12 +1164,39 @@ impl LinkCore {
                     PathId::Direct(_) => self.stats.recv_direct += 1,
                 }
                 let payload = frame.slice_ref(bytes);
-                self.on_data(seq, fin, payload, now);
+                self.on_data(0, seq, fin, payload, now);
             }
-            LinkFrame::Ack { seq } => self.send.on_ack(seq),
+            LinkFrame::DataLane {
+                lane,
+                seq,
+                fin,
+                bytes,
+            } => {
+                let lane = usize::from(lane);
+                if lane == 0 || lane >= MAX_LANES {
+                    self.stats.bad_frames += 1;
+                    return;
+                }
+                match from {
+                    PathId::Server => self.stats.recv_server += 1,
+                    PathId::Direct(_) => self.stats.recv_direct += 1,
+                }
+                let payload = frame.slice_ref(bytes);
+                self.on_data(lane, seq, fin, payload, now);
+            }
+            LinkFrame::Ack { seq } => self.lanes[0].send.on_ack(seq),
+            LinkFrame::AckLane { lane, seq } => {
+                let lane = usize::from(lane);
+                if lane == 0 || lane >= MAX_LANES {
+                    self.stats.bad_frames += 1;
+                    return;
+                }
+                self.lanes[lane].send.on_ack(seq);
+            }
             LinkFrame::Unreliable { bytes } => self.events.push_back(CoreEvent::Deliver {
                 data: frame.slice_ref(bytes),
                 reliability: Reliability::Unreliable,
+                lane: Lane(0),
             }),
             LinkFrame::UnreliablePart {
                 msg,
@@ -681,6 +1209,7 @@ impl LinkCore {
                     Ok(Some(data)) => self.events.push_back(CoreEvent::Deliver {
                         data,
                         reliability: Reliability::Unreliable,
+                        lane: Lane(0),
                     }),
                     Ok(None) => {}
                     Err(e) => {
@@ -688,6 +1217,40 @@ impl LinkCore {
                         self.stats.bad_frames += 1;
                     }
                 }
+            }
+            LinkFrame::UnreliableSeq {
+                lane,
+                seq,
+                index,
+                count,
+                bytes,
+            } => {
+                if usize::from(lane) >= MAX_LANES {
+                    self.stats.bad_frames += 1;
+                    return;
+                }
+                let part = frame.slice_ref(bytes);
+                match self.lanes[usize::from(lane)]
+                    .seq_rx
+                    .push(now, seq, index, count, part)
+                {
+                    Sequenced::Deliver(data) => self.events.push_back(CoreEvent::Deliver {
+                        data,
+                        reliability: Reliability::Unreliable,
+                        lane: Lane(lane),
+                    }),
+                    Sequenced::Pending => {}
+                    Sequenced::Stale => self.stats.sequenced_stale += 1,
+                    Sequenced::Bad => self.stats.bad_frames += 1,
+                }
+            }
+            LinkFrame::Version { version } => {
+                if !self.version_answered {
+                    // Ours may have been dropped before the peer's end of the link existed.
+                    self.version_answered = true;
+                    self.version_due = true;
+                }
+                self.decide_lanes(LinkVersion(version).has_lanes());
             }
             LinkFrame::Ping { id } => self.pongs_due.push_back((id, from)),
             LinkFrame::Pong { id } => {
@@ -707,12 +1270,21 @@ impl LinkCore {
         }
     }
 
-    fn on_data(&mut self, seq: u64, fin: bool, payload: Bytes, now: Instant) {
-        match self.recv.on_data(seq, fin, payload) {
+    fn on_data(&mut self, lane: usize, seq: u64, fin: bool, payload: Bytes, now: Instant) {
+        let others = self
+            .lanes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != lane)
+            .fold((0, 0), |(b, n), (_, l)| {
+                (b + l.recv.reorder_bytes, n + l.recv.reorder.len())
+            });
+        let recv = &mut self.lanes[lane].recv;
+        match recv.on_data_shared(seq, fin, payload, others) {
             Received::Duplicate => self.stats.duplicates += 1,
             Received::Held => return,
             Received::ReorderFull => {
-                tracing::warn!(seq, "reorder buffer full; fragment dropped");
+                tracing::warn!(lane, seq, "reorder buffer full; fragment dropped");
                 self.stats.reorder_full += 1;
                 return;
             }
@@ -728,10 +1300,11 @@ impl LinkCore {
                     .extend(messages.into_iter().map(|data| CoreEvent::Deliver {
                         data,
                         reliability: Reliability::Reliable,
+                        lane: Lane(lane as u8),
                     }));
             }
         }
-        self.recv.schedule_ack(now);
+        self.lanes[lane].recv.schedule_ack(now);
     }
 
     /// The newest generation, made current if `gen` is newer than it; `None` for an older
@@ -839,7 +1412,10 @@ impl LinkCore {
         let Route::Direct(gen, _) = t.route else {
             return;
         };
-        if t.frame.first() == Some(&link_kind::DATA) {
+        if matches!(
+            t.frame.first(),
+            Some(&link_kind::DATA) | Some(&link_kind::DATA_LANE)
+        ) {
             self.fail(gen, why, now);
         } else {
             self.fallback.push_back(t.frame);
@@ -852,36 +1428,52 @@ impl LinkCore {
         self.server = ServerPath::Paused;
     }
 
+    /// Bytes of this link's frames handed on for the WebSocket and not yet written to it: DATA
+    /// waits while it is above `SERVER_HIGH`, so that the WebSocket's FIFO stays short and the
+    /// lanes are scheduled here (§8.8.3). Report it as it changes.
+    pub(crate) fn server_buffered(&mut self, bytes: usize) {
+        self.server_buffered = bytes;
+    }
+
     /// The server path is back (`LinkInput::Resync`): frames in flight when it broke may be
     /// lost (§3.14). On the server path every unacknowledged fragment and the ack go again.
     /// While direct, the fragments last sent on the server path go again there (the reference
     /// client re-sends nothing while direct, which loses fragments sent on the server path just
     /// before an upgrade if the cut took them). A READY of the current generation goes again
     /// too: one lost in the cut (or dropped while paused) would keep the peer off the direct
-    /// path for good.
+    /// path for good; and so does VERSION (§8.8.2), first.
     ///
     /// It also ends a hold ([`LinkCore::hold`]: the session resumed after all): held messages
     /// go on the link's path.
     pub(crate) fn resync_server(&mut self) {
         self.server = ServerPath::Connected;
+        if self.cfg.version.has_lanes() {
+            self.version_due = true;
+            self.version_answered = false;
+        }
         if self.drain == Drain::Holding {
             self.drain = Drain::Off;
-            self.send.held_from = None;
         }
-        // The ack goes again whatever the path (§3.14 "and its current ACK"): one that fell
-        // back to the interrupted server path (busy channels) was dropped, and a peer whose
-        // window is full waits on it.
-        self.recv.reack();
-        match self.path() {
-            PathId::Server => self.send.rewind(),
-            PathId::Direct(_) => {
-                let stream = &mut self.send;
-                stream.server_resend = stream
-                    .unacked
-                    .iter()
-                    .filter(|u| u.via == Some(PathId::Server) && u.seq < stream.next_tx)
-                    .map(|u| u.seq)
-                    .collect();
+        let path = self.path();
+        for lane in &mut self.lanes {
+            if self.drain == Drain::Off {
+                lane.send.held_from = None;
+            }
+            // The ack goes again whatever the path (§3.14 "and its current ACK"): one that fell
+            // back to the interrupted server path (busy channels) was dropped, and a peer whose
+            // window is full waits on it.
+            lane.recv.reack();
+            let stream = &mut lane.send;
+            match path {
+                PathId::Server => stream.rewind(),
+                PathId::Direct(_) => {
+                    stream.server_resend = stream
+                        .unacked
+                        .iter()
+                        .filter(|u| u.via == Some(PathId::Server) && u.seq < stream.next_tx)
+                        .map(|u| u.seq)
+                        .collect();
+                }
             }
         }
         if let Some(d) = &self.direct {
@@ -898,8 +1490,8 @@ impl LinkCore {
 
     /// The server is draining (`LinkInput::Hold`, §3.15): from the first reliable message that
     /// would go on the server path, reliable messages are numbered and kept but not transmitted
-    /// until [`LinkCore::resync_server`] or [`LinkCore::take_held`]. Acks, probes and unreliable
-    /// messages still go.
+    /// until [`LinkCore::resync_server`] or [`LinkCore::take_held`] (per lane). Acks, probes
+    /// and unreliable messages still go.
     pub(crate) fn hold(&mut self) {
         if self.drain == Drain::Off {
             self.drain = Drain::Holding;
@@ -912,47 +1504,66 @@ impl LinkCore {
         if self.drain != Drain::Holding {
             return false;
         }
-        match self.send.held_from {
-            Some(held) => self.send.unacked.front().is_none_or(|u| u.seq >= held),
-            None => matches!(self.path(), PathId::Direct(_)) || self.send.unacked.is_empty(),
-        }
+        let direct = matches!(self.path(), PathId::Direct(_));
+        self.lanes.iter().all(|l| match l.send.held_from {
+            Some(held) => l.send.unacked.front().is_none_or(|u| u.seq >= held),
+            None => direct || l.send.unacked.is_empty(),
+        })
     }
 
     /// A new session replaces this link: the reliable messages held (never transmitted, so
-    /// they can go on the next link to the same user without a duplicate), oldest first, and
-    /// the number of messages transmitted and not acknowledged (they may or may not have
-    /// arrived). The link takes no more messages.
-    pub(crate) fn take_held(&mut self) -> (Vec<Bytes>, u64) {
+    /// they can go on the next link to the same user without a duplicate), with their lanes,
+    /// oldest first per lane, and the number of messages transmitted and not acknowledged (they
+    /// may or may not have arrived). The link takes no more messages.
+    pub(crate) fn take_held(&mut self) -> (Vec<(Lane, Bytes)>, u64) {
         self.drain = Drain::Taken;
-        let held = self.send.held_from.unwrap_or(u64::MAX);
-        let unacked = std::mem::take(&mut self.send.unacked);
-        self.send.unacked_permits = 0;
-        self.send.next_tx = self.send.next_seq;
-        self.send.server_resend.clear();
         let mut messages = Vec::new();
-        let mut current = BytesMut::new();
         let mut undelivered = 0;
-        for u in unacked {
-            if u.seq < held {
-                undelivered += u64::from(u.fin);
-                continue;
-            }
-            if let Ok(LinkFrame::Data { bytes, fin, .. }) = LinkFrame::decode(&u.frame) {
-                current.extend_from_slice(bytes);
-                if fin {
-                    messages.push(std::mem::take(&mut current).freeze());
+        for (i, lane) in self.lanes.iter_mut().enumerate() {
+            let st = &mut lane.send;
+            let held = st.held_from.unwrap_or(u64::MAX);
+            let unacked = std::mem::take(&mut st.unacked);
+            st.unacked_permits = 0;
+            st.next_tx = st.next_seq;
+            st.server_resend.clear();
+            let mut current = BytesMut::new();
+            for u in unacked {
+                if u.seq < held {
+                    undelivered += u64::from(u.fin);
+                    continue;
+                }
+                if let Ok(
+                    LinkFrame::Data { bytes, fin, .. } | LinkFrame::DataLane { bytes, fin, .. },
+                ) = LinkFrame::decode(&u.frame)
+                {
+                    current.extend_from_slice(bytes);
+                    if fin {
+                        messages.push((Lane(i as u8), std::mem::take(&mut current).freeze()));
+                    }
                 }
             }
+            // Never numbered: the peer's lanes were not known yet.
+            lane.held_permits = 0;
+            lane.seq_waiting = None;
+            messages.extend(lane.waiting.drain(..).map(|m| (Lane(i as u8), m)));
         }
         (messages, undelivered)
     }
 
-    /// Run the timers due at `now`: the ack timer, the probe interval, the dead-path rule, the
-    /// expiry of incomplete unreliable messages.
+    /// Run the timers due at `now`: the ack timers, the probe interval, the dead-path rule, the
+    /// expiry of incomplete unreliable messages, the wait for the peer's VERSION.
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
-        if self.recv.ack_at.is_some_and(|at| at <= now) {
-            self.recv.ack_at = None;
-            self.recv.ack_now = true;
+        for lane in &mut self.lanes {
+            if lane.recv.ack_at.is_some_and(|at| at <= now) {
+                lane.recv.ack_at = None;
+                lane.recv.ack_now = true;
+            }
+            if lane.seq_rx.expire(now) {
+                self.stats.unreliable_incomplete += 1;
+            }
+        }
+        if self.lane_deadline().is_some_and(|at| at <= now) {
+            self.decide_lanes(false);
         }
         if self.next_ping_at <= now {
             self.next_ping_at = now + PING_EVERY;
@@ -975,15 +1586,21 @@ impl LinkCore {
 
     /// When [`LinkCore::handle_timeout`] must run next.
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        let lanes = self
+            .lanes
+            .iter()
+            .flat_map(|l| [l.recv.ack_at, l.seq_rx.next_expiry()])
+            .flatten();
         [
-            self.recv.ack_at,
             Some(self.next_ping_at),
             self.dead_path_deadline(),
             // Incomplete unreliable messages are discarded (and counted) on time.
             self.parts.next_expiry(),
+            self.lane_deadline(),
         ]
         .into_iter()
         .flatten()
+        .chain(lanes)
         .min()
     }
 
@@ -992,8 +1609,21 @@ impl LinkCore {
     }
 
     /// The next frame to send. The link's own frames come first (they are small and unblock
-    /// the peer), then unreliable messages, then DATA.
+    /// the peer), then unreliable messages, then DATA of the lanes by their schedule.
     pub(crate) fn poll_transmit(&mut self) -> Option<Transmit> {
+        if self.version_due && self.server == ServerPath::Connected {
+            // First, so that an old peer's frames without one before them tell it apart.
+            self.version_due = false;
+            return Some(Transmit {
+                route: Route::Server,
+                frame: Bytes::from(
+                    LinkFrame::Version {
+                        version: self.cfg.version.0,
+                    }
+                    .encode(),
+                ),
+            });
+        }
         if let Some(gen) = self.ready_due {
             if self.server == ServerPath::Connected {
                 self.ready_due = None;
@@ -1008,9 +1638,19 @@ impl LinkCore {
                 return Some(t);
             }
         }
-        if self.recv.ack_now {
-            if let Some(seq) = self.recv.take_ack() {
-                let frame = Bytes::from(LinkFrame::Ack { seq }.encode());
+        for i in 0..MAX_LANES {
+            if !self.lanes[i].recv.ack_now {
+                continue;
+            }
+            if let Some(seq) = self.lanes[i].recv.take_ack() {
+                let frame = Bytes::from(
+                    if i == 0 {
+                        LinkFrame::Ack { seq }
+                    } else {
+                        LinkFrame::AckLane { lane: i as u8, seq }
+                    }
+                    .encode(),
+                );
                 if let Some(t) = self.route_own(frame, Channel::Reliable, self.path()) {
                     return Some(t);
                 }
@@ -1046,17 +1686,19 @@ impl LinkCore {
         if self.server == ServerPath::Paused {
             return None;
         }
-        while let Some(seq) = self.send.server_resend.pop_front() {
-            // Acked meanwhile: nothing to do.
-            if let Some(u) = self.send.get_mut(seq) {
-                u.via = Some(PathId::Server);
-                let frame = u.frame.clone();
-                self.stats.resent += 1;
-                self.stats.sent_server += 1;
-                return Some(Transmit {
-                    route: Route::Server,
-                    frame,
-                });
+        for lane in &mut self.lanes {
+            while let Some(seq) = lane.send.server_resend.pop_front() {
+                // Acked meanwhile: nothing to do.
+                if let Some(u) = lane.send.get_mut(seq) {
+                    u.via = Some(PathId::Server);
+                    let frame = u.frame.clone();
+                    self.stats.resent += 1;
+                    self.stats.sent_server += 1;
+                    return Some(Transmit {
+                        route: Route::Server,
+                        frame,
+                    });
+                }
             }
         }
         None
@@ -1075,12 +1717,29 @@ impl LinkCore {
                     None => continue,
                 }
             }
-            let (data, permits) = self.unreliable.pop_front()?;
-            self.unreliable_permits -= permits;
+            let q = self.unreliable.pop_front()?;
+            match q.seq {
+                Some((lane, _)) => self.lanes[usize::from(lane)].held_permits -= q.permits,
+                None => self.unreliable_permits -= q.permits,
+            }
+            let whole = |q: &Queued| -> Bytes {
+                Bytes::from(
+                    match q.seq {
+                        None => LinkFrame::Unreliable { bytes: &q.data },
+                        Some((lane, seq)) => LinkFrame::UnreliableSeq {
+                            lane,
+                            seq,
+                            index: 0,
+                            count: 1,
+                            bytes: &q.data,
+                        },
+                    }
+                    .encode(),
+                )
+            };
             match self.path() {
                 PathId::Server => {
-                    let frame = Bytes::from(LinkFrame::Unreliable { bytes: &data }.encode());
-                    if let Some(t) = self.relay(frame) {
+                    if let Some(t) = self.relay(whole(&q)) {
                         return Some(t);
                     }
                 }
@@ -1088,8 +1747,10 @@ impl LinkCore {
                     let d = self.direct.as_ref().expect("direct path is up");
                     let route = Route::Direct(gen, Channel::Unreliable);
                     if !d.version.splits_unreliable() {
-                        let frame = Bytes::from(LinkFrame::Unreliable { bytes: &data }.encode());
-                        return Some(Transmit { route, frame });
+                        return Some(Transmit {
+                            route,
+                            frame: whole(&q),
+                        });
                     }
                     if d.buffered.unreliable > UNRELIABLE_QUEUE_MAX {
                         // Dropped whole, like a datagram at a full socket buffer: unreliable
@@ -1097,67 +1758,140 @@ impl LinkCore {
                         self.stats.unreliable_dropped += 1;
                         continue;
                     }
-                    // The frame is the kind byte and the message.
-                    if data.len() < MAX_DIRECT_UNRELIABLE_FRAME {
-                        let frame = Bytes::from(LinkFrame::Unreliable { bytes: &data }.encode());
-                        return Some(Transmit { route, frame });
+                    let header = if q.seq.is_some() { SEQ_HEADER_LEN } else { 1 };
+                    if header + q.data.len() <= MAX_DIRECT_UNRELIABLE_FRAME {
+                        return Some(Transmit {
+                            route,
+                            frame: whole(&q),
+                        });
                     }
                     // One SCTP chunk per frame: a lost part leaves nothing in the peer's SCTP
                     // reassembly queue (§7.6).
-                    let msg = self.next_part_msg;
-                    self.next_part_msg = msg.wrapping_add(1);
-                    let pieces = parts::split(&data);
-                    let count = pieces.len() as u16;
-                    self.routed
-                        .extend(pieces.iter().enumerate().map(|(index, bytes)| {
-                            Transmit {
-                                route,
-                                frame: Bytes::from(
-                                    LinkFrame::UnreliablePart {
-                                        msg,
-                                        index: index as u16,
-                                        count,
-                                        bytes,
+                    match q.seq {
+                        None => {
+                            let msg = self.next_part_msg;
+                            self.next_part_msg = msg.wrapping_add(1);
+                            let pieces = parts::split(&q.data);
+                            let count = pieces.len() as u16;
+                            self.routed
+                                .extend(pieces.iter().enumerate().map(|(index, bytes)| {
+                                    Transmit {
+                                        route,
+                                        frame: Bytes::from(
+                                            LinkFrame::UnreliablePart {
+                                                msg,
+                                                index: index as u16,
+                                                count,
+                                                bytes,
+                                            }
+                                            .encode(),
+                                        ),
                                     }
-                                    .encode(),
+                                }));
+                        }
+                        Some((lane, seq)) => {
+                            let count = q.data.len().div_ceil(MAX_SEQ_PART_PAYLOAD) as u8;
+                            self.routed.extend(
+                                q.data.chunks(MAX_SEQ_PART_PAYLOAD).enumerate().map(
+                                    |(index, bytes)| Transmit {
+                                        route,
+                                        frame: Bytes::from(
+                                            LinkFrame::UnreliableSeq {
+                                                lane,
+                                                seq,
+                                                index: index as u8,
+                                                count,
+                                                bytes,
+                                            }
+                                            .encode(),
+                                        ),
+                                    },
                                 ),
-                            }
-                        }));
+                            );
+                        }
+                    }
                 }
             }
         }
     }
 
+    /// The next DATA fragment, from the lane the schedule picks (§8.8.3), if the path takes
+    /// one now.
     fn poll_data(&mut self) -> Option<Transmit> {
         let path = self.path();
         let route = match path {
             PathId::Server if self.server == ServerPath::Paused => return None,
+            // The WebSocket is one FIFO for every lane: keep it short.
+            PathId::Server if self.server_buffered > SERVER_HIGH => return None,
             PathId::Server => Route::Server,
             PathId::Direct(gen) => {
                 let d = self.direct.as_ref().expect("direct path is up");
-                if d.buffered.reliable > DC_HIGH {
+                // So is "r": with several lanes, a lane-0 fragment must not queue behind a
+                // megabyte of a bulk lane.
+                let high = if self.reserving_lanes() > 1 {
+                    DC_HIGH_LANES
+                } else {
+                    DC_HIGH
+                };
+                if d.buffered.reliable > high {
                     // Local flow control: wait for "r" to drain (the async layer reports it).
                     return None;
                 }
                 Route::Direct(gen, Channel::Reliable)
             }
         };
-        let seq = self.send.next_tx;
-        if self.send.held_from.is_some_and(|held| seq >= held) {
-            return None;
-        }
-        let u = self.send.get_mut(seq)?;
+        let lane = self.pick_lane()?;
+        let st = &mut self.lanes[lane].send;
+        let seq = st.next_tx;
+        let u = st.get_mut(seq).expect("picked lane has a fragment ready");
         if u.via.is_some() {
             self.stats.resent += 1;
         }
         u.via = Some(path);
         let frame = u.frame.clone();
-        self.send.next_tx += 1;
+        st.next_tx += 1;
         match path {
             PathId::Server => self.stats.sent_server += 1,
             PathId::Direct(_) => self.stats.sent_direct += 1,
         }
         Some(Transmit { route, frame })
+    }
+
+    /// The lane whose fragment goes next: the lowest priority number among the lanes with a
+    /// fragment ready, and among those deficit round robin by weight (§8.8.3).
+    fn pick_lane(&mut self) -> Option<usize> {
+        let prio = |l: &LaneState| l.cfg.unwrap_or_default().priority;
+        let best = self
+            .lanes
+            .iter()
+            .filter(|l| l.send.ready().is_some())
+            .map(prio)
+            .min()?;
+        // Each visit of a ready lane adds at least one full fragment of credit, so at most one
+        // round (plus the lane the cursor is on) passes before one is picked.
+        for _ in 0..=2 * MAX_LANES {
+            let i = self.rr;
+            let lane = &mut self.lanes[i];
+            match lane.send.ready() {
+                Some(len) if prio(lane) == best => {
+                    if self.rr_fresh {
+                        let weight = usize::from(lane.cfg.unwrap_or_default().weight.max(1));
+                        lane.deficit += DRR_QUANTUM * weight;
+                        self.rr_fresh = false;
+                    }
+                    if lane.deficit >= len {
+                        lane.deficit -= len;
+                        return Some(i);
+                    }
+                }
+                Some(_) => {}
+                // An idle lane keeps no credit.
+                None => lane.deficit = 0,
+            }
+            self.rr = (i + 1) % MAX_LANES;
+            self.rr_fresh = true;
+        }
+        unreachable!("a ready lane gets a full fragment of credit per visit")
     }
 
     /// A frame for the server path, or `None` (dropped) while it is interrupted: reliable
@@ -1166,7 +1900,9 @@ impl LinkCore {
         if self.server == ServerPath::Paused {
             if matches!(
                 frame.first(),
-                Some(&link_kind::UNRELIABLE) | Some(&link_kind::UNRELIABLE_PART)
+                Some(&link_kind::UNRELIABLE)
+                    | Some(&link_kind::UNRELIABLE_PART)
+                    | Some(&link_kind::UNRELIABLE_SEQ)
             ) {
                 self.stats.unreliable_dropped += 1;
             }
@@ -1234,8 +1970,10 @@ impl LinkCore {
         self.reset_rtt();
         self.events
             .push_back(CoreEvent::PathChanged(PathId::Server));
-        self.send.rewind();
-        self.recv.reack();
+        for lane in &mut self.lanes {
+            lane.send.rewind();
+            lane.recv.reack();
+        }
     }
 
     /// The core judged `gen` failed: leave it and tell the async layer.
@@ -1289,7 +2027,20 @@ mod tests {
             window,
             max_message: window - fragments * FRAGMENT_OVERHEAD,
             dead_path: DEAD,
+            // The scenarios below predate lanes: a version 2 end behaves exactly as before.
+            version: LinkVersion(2),
+            lanes: default_lanes(),
         }
+    }
+
+    /// A version 3 end with these lanes configured.
+    fn cfg_lanes(window: usize, lanes: &[(u8, LaneConfig)]) -> CoreConfig {
+        let mut c = cfg(window);
+        c.version = LANES_VERSION;
+        for &(lane, lc) in lanes {
+            c.lanes[usize::from(lane)] = Some(lc);
+        }
+        c
     }
 
     fn ms(n: u64) -> Duration {
@@ -1703,7 +2454,10 @@ mod tests {
         let (held, undelivered) = c.take_held();
         assert_eq!(
             held,
-            vec![big().slice(..20_000), Bytes::from_static(b"last")]
+            vec![
+                (Lane(0), big().slice(..20_000)),
+                (Lane(0), Bytes::from_static(b"last"))
+            ]
         );
         assert_eq!(undelivered, 0);
         assert_eq!(c.window_available(), 1 << 20);
@@ -1819,7 +2573,14 @@ mod tests {
         chaos: usize,
         /// Per mille of new generations followed by a server cut about when they come up.
         cut_at_upgrade: u32,
+        /// Lanes configured at both ends (1: lane 0 only, the runs from before lanes).
+        lanes: usize,
+        /// End that speaks version 2 (no lanes: everything on lane 0), if any.
+        old: Option<usize>,
     }
+
+    /// The lanes a run configures, in this order (7: the highest lane is a lane like any).
+    const SIM_LANES: [u8; 4] = [0, 1, 7, 3];
 
     /// What the simulation does at a given time.
     #[derive(Debug, Clone, Copy)]
@@ -1856,11 +2617,18 @@ mod tests {
 
     struct End {
         core: LinkCore,
-        script: VecDeque<(Instant, Bytes, Reliability)>,
-        sent: Vec<Bytes>,
-        got: Vec<Bytes>,
+        script: VecDeque<(Instant, Bytes, Delivery, Lane)>,
+        /// Reliable messages sent, per lane.
+        sent: [Vec<Bytes>; MAX_LANES],
+        /// Reliable messages received, per lane of the sender.
+        got: [usize; MAX_LANES],
         got_unreliable: HashSet<u64>,
+        /// Index of the newest sequenced message delivered, per lane of the sender.
+        newest_seq: [Option<u64>; MAX_LANES],
     }
+
+    /// Tag of a sequenced message (an unreliable one with bit 48 set).
+    const SEQUENCED: u64 = 1 << 48;
 
     struct Sim {
         rng: Rng,
@@ -1893,38 +2661,103 @@ mod tests {
             let mut rng = Rng(k.seed);
             let t0 = Instant::now();
             let limit = cfg(k.window).max_message;
+            let lanes: Vec<(u8, LaneConfig)> = SIM_LANES[..k.lanes]
+                .iter()
+                .map(|&l| {
+                    let lc = LaneConfig {
+                        priority: rng.below(3) as u8,
+                        weight: 1 + rng.below(4) as u16,
+                    };
+                    (l, lc)
+                })
+                .collect();
+            // Several lanes reserve window: the largest message is what one lane may hold.
+            let limit = if k.lanes > 1 {
+                let c = LinkCore::new(cfg_lanes(k.window, &lanes), t0);
+                let cap = c.lane_cap();
+                limit.min(cap - cap.div_ceil(MAX_FRAGMENT_PAYLOAD) * FRAGMENT_OVERHEAD)
+            } else {
+                limit
+            };
             let mut unreliable_len = HashSet::new();
             let ends = [0u64, 1].map(|e| {
                 let mut script = Vec::new();
-                for i in 0..k.messages as u64 {
+                for _ in 0..k.messages {
                     let at = t0 + rng.ms(0, 10_000);
-                    if rng.chance(300) {
-                        let len = 8 + rng.below(MAX_UNRELIABLE_PAYLOAD as u64 - 7) as usize;
-                        let tag = e << 32 | i;
-                        unreliable_len.insert((tag, len));
-                        script.push((at, tagged(tag, len), Reliability::Unreliable));
-                    } else {
-                        // Mostly small, sometimes up to the largest.
-                        let len = match rng.below(10) {
-                            0 => rng.below(k.max_len.min(limit) as u64 + 1) as usize,
+                    let lane = Lane(SIM_LANES[rng.below(k.lanes as u64) as usize]);
+                    let delivery = match rng.below(10) {
+                        0 | 1 => Delivery::Unreliable,
+                        2 => Delivery::Sequenced,
+                        _ => Delivery::Reliable,
+                    };
+                    let len = match delivery {
+                        Delivery::Reliable => match rng.below(10) {
+                            // Mostly small, sometimes up to the largest.
+                            0 => rng.below(limit.min(k.max_len) as u64 + 1) as usize,
                             1 => 0,
                             _ => rng.below(3000) as usize,
-                        };
-                        let at_byte = rng.below((big().len() - len) as u64) as usize;
-                        script.push((
-                            at,
-                            big().slice(at_byte..at_byte + len),
-                            Reliability::Reliable,
-                        ));
-                    }
+                        },
+                        _ => 8 + rng.below(MAX_UNRELIABLE_PAYLOAD as u64 - 7) as usize,
+                    };
+                    // Reliable messages of several lanes carry a tag: (lane, index).
+                    let len = if delivery == Delivery::Reliable && k.lanes > 1 {
+                        len.max(8)
+                    } else {
+                        len
+                    };
+                    script.push((at, len, delivery, lane));
                 }
                 script.sort_by_key(|s| s.0);
+                // Tags and indexes in send order.
+                let mut index = [0u64; MAX_LANES];
+                let mut seq_index = [0u64; MAX_LANES];
+                let mut unreliable = 0u64;
+                let script = script
+                    .into_iter()
+                    .map(|(at, len, delivery, lane)| {
+                        let data = match delivery {
+                            Delivery::Unreliable => {
+                                let tag = e << 32 | unreliable;
+                                unreliable += 1;
+                                unreliable_len.insert((tag, len));
+                                tagged(tag, len)
+                            }
+                            Delivery::Sequenced => {
+                                let i = &mut seq_index[lane.index()];
+                                let tag = SEQUENCED | e << 32 | u64::from(lane.0) << 24 | *i;
+                                *i += 1;
+                                unreliable_len.insert((tag, len));
+                                tagged(tag, len)
+                            }
+                            Delivery::Reliable => {
+                                let at_byte = rng.below((big().len() - len) as u64) as usize;
+                                let data = big().slice(at_byte..at_byte + len);
+                                if k.lanes > 1 {
+                                    let i = &mut index[lane.index()];
+                                    let tag = u64::from(lane.0) << 32 | *i;
+                                    *i += 1;
+                                    let mut v = data.to_vec();
+                                    v[..8].copy_from_slice(&tag.to_be_bytes());
+                                    Bytes::from(v)
+                                } else {
+                                    data
+                                }
+                            }
+                        };
+                        (at, data, delivery, lane)
+                    })
+                    .collect();
+                let mut c = cfg_lanes(k.window, &lanes);
+                if k.old == Some(e as usize) {
+                    c.version = LinkVersion(2);
+                }
                 End {
-                    core: LinkCore::new(cfg(k.window), t0),
-                    script: script.into(),
-                    sent: Vec::new(),
-                    got: Vec::new(),
+                    core: LinkCore::new(c, t0),
+                    script,
+                    sent: Default::default(),
+                    got: [0; MAX_LANES],
                     got_unreliable: HashSet::new(),
+                    newest_seq: [None; MAX_LANES],
                 }
             });
             let mut acts = Vec::new();
@@ -2075,7 +2908,7 @@ mod tests {
                     }
                     // The async layer hands back what it cannot send at once; DATA only
                     // rarely (that fails the generation).
-                    let abandon = if kind == link_kind::DATA {
+                    let abandon = if kind == link_kind::DATA || kind == link_kind::DATA_LANE {
                         self.k.abandon / 10
                     } else {
                         self.k.abandon
@@ -2094,7 +2927,12 @@ mod tests {
                         Channel::Unreliable if self.rng.chance(self.k.loss) => 0,
                         _ if matches!(
                             kind,
-                            link_kind::DATA | link_kind::ACK | link_kind::PING | link_kind::PONG
+                            link_kind::DATA
+                                | link_kind::DATA_LANE
+                                | link_kind::ACK
+                                | link_kind::ACK_LANE
+                                | link_kind::PING
+                                | link_kind::PONG
                         ) && self.rng.chance(self.k.dup) =>
                         {
                             2
@@ -2150,14 +2988,14 @@ mod tests {
                     // Handling a timeout moves it on: no busy loop for the async layer.
                     assert!(self.ends[e].core.poll_timeout().is_none_or(|t| t > now));
                 }
-                while let Some((at, data, rel)) = self.ends[e].script.front().cloned() {
+                while let Some((at, data, delivery, lane)) = self.ends[e].script.front().cloned() {
                     if at > now {
                         break;
                     }
-                    match self.ends[e].core.send(data.clone(), rel) {
+                    match self.ends[e].core.send_on(lane, data.clone(), delivery) {
                         Ok(()) => {
-                            if rel == Reliability::Reliable {
-                                self.ends[e].sent.push(data);
+                            if delivery == Delivery::Reliable {
+                                self.ends[e].sent[lane.index()].push(data);
                             }
                             self.ends[e].script.pop_front();
                         }
@@ -2186,28 +3024,54 @@ mod tests {
             self.check_bounds();
         }
 
+        /// Both ends have lanes: messages arrive on the lane they were sent on.
+        fn lanes_agreed(&self) -> bool {
+            self.k.old.is_none()
+        }
+
         fn on_event(&mut self, e: usize, ev: CoreEvent) {
             match ev {
                 CoreEvent::Deliver {
                     data,
                     reliability: Reliability::Reliable,
+                    lane,
                 } => {
-                    let peer_sent = &self.ends[1 - e].sent;
-                    let i = self.ends[e].got.len();
-                    assert!(i < peer_sent.len(), "end {e}: message {i} was never sent");
+                    // The sender's lane and the message's index in it.
+                    let (from_lane, i) = if self.k.lanes > 1 {
+                        assert!(data.len() >= 8, "end {e}: untagged message");
+                        let tag = u64::from_be_bytes(data[..8].try_into().unwrap());
+                        ((tag >> 32) as usize, (tag & 0xffff_ffff) as usize)
+                    } else {
+                        (0, self.ends[e].got[0])
+                    };
+                    let want = if self.lanes_agreed() { from_lane } else { 0 };
+                    assert_eq!(lane.index(), want, "end {e}: message on the wrong lane");
+                    let peer_sent = &self.ends[1 - e].sent[from_lane];
+                    assert!(
+                        i < peer_sent.len(),
+                        "end {e}: lane {from_lane} message {i} was never sent"
+                    );
+                    assert_eq!(
+                        i, self.ends[e].got[from_lane],
+                        "end {e}: lane {from_lane} out of order or twice"
+                    );
                     assert!(
                         data == peer_sent[i],
-                        "end {e}: message {i} differs (out of order, partial or corrupt)"
+                        "end {e}: lane {from_lane} message {i} differs (partial or corrupt)"
                     );
-                    self.ends[e].got.push(data);
+                    self.ends[e].got[from_lane] += 1;
                 }
                 CoreEvent::Deliver {
                     data,
                     reliability: Reliability::Unreliable,
+                    lane,
                 } => {
                     assert!(data.len() >= 8, "partial unreliable message");
                     let tag = u64::from_be_bytes(data[..8].try_into().unwrap());
-                    assert!(tag >> 32 == 1 - e as u64, "end {e}: not from its peer");
+                    assert!(
+                        (tag >> 32) & 0xffff == 1 - e as u64,
+                        "end {e}: not from its peer"
+                    );
                     assert!(
                         self.unreliable_len.contains(&(tag, data.len()))
                             && data == tagged(tag, data.len()),
@@ -2217,6 +3081,19 @@ mod tests {
                         self.ends[e].got_unreliable.insert(tag),
                         "end {e}: unreliable message {tag:x} delivered twice"
                     );
+                    if tag & SEQUENCED != 0 && self.lanes_agreed() {
+                        let from_lane = ((tag >> 24) & 0xff) as usize;
+                        assert_eq!(lane.index(), from_lane, "end {e}: sequenced lane");
+                        let i = tag & 0xff_ffff;
+                        let newest = &mut self.ends[e].newest_seq[from_lane];
+                        assert!(
+                            newest.is_none_or(|n| i > n),
+                            "end {e}: sequenced {i} on lane {from_lane} after {newest:?}"
+                        );
+                        *newest = Some(i);
+                    } else {
+                        assert_eq!(lane, Lane(0), "end {e}: plain unreliable on a lane");
+                    }
                 }
                 CoreEvent::PathChanged(_) => {}
                 CoreEvent::DirectFailed { gen, .. } => {
@@ -2236,17 +3113,26 @@ mod tests {
                 let c = &self.ends[e].core;
                 let peer = &self.ends[1 - e].core;
                 assert!(c.in_flight() <= c.cfg.window, "end {e}: window exceeded");
-                let unacked: usize = c.send.unacked.iter().map(|u| u.permits).sum();
-                assert_eq!(unacked, c.send.unacked_permits);
-                assert!(c.send.unacked.len() <= c.cfg.window / FRAGMENT_OVERHEAD);
-                // What is held for reordering is unacknowledged at the peer, so its window
-                // bounds it.
-                assert!(
-                    c.recv.reorder_bytes <= peer.cfg.window,
-                    "end {e}: reorder buffer"
-                );
-                assert!(c.recv.reorder.len() <= peer.cfg.window / FRAGMENT_OVERHEAD);
-                assert!(c.recv.partial.len() <= peer.cfg.max_message);
+                let mut fragments = 0;
+                let (mut reorder_bytes, mut reorder_len) = (0, 0);
+                for (i, l) in c.lanes.iter().enumerate() {
+                    let unacked: usize = l.send.unacked.iter().map(|u| u.permits).sum();
+                    assert_eq!(unacked, l.send.unacked_permits);
+                    fragments += l.send.unacked.len();
+                    // A lane never holds another lane's reserve (§8.8.4).
+                    assert!(l.usage() <= c.lane_cap(), "end {e}: lane {i} past its cap");
+                    reorder_bytes += l.recv.reorder_bytes;
+                    reorder_len += l.recv.reorder.len();
+                    assert!(l.recv.partial.len() <= peer.cfg.max_message);
+                    if c.peer_lanes == PeerLanes::Lane0 && i > 0 {
+                        assert!(l.send.unacked.is_empty() && l.waiting.is_empty());
+                    }
+                }
+                assert!(fragments <= c.cfg.window / FRAGMENT_OVERHEAD);
+                // What is held for reordering is unacknowledged at the peer, so its one window
+                // bounds it, over all lanes together.
+                assert!(reorder_bytes <= peer.cfg.window, "end {e}: reorder buffer");
+                assert!(reorder_len <= peer.cfg.window / FRAGMENT_OVERHEAD);
                 assert!(c.parts.held() <= parts::MAX_HELD + 1024 + 64);
                 assert!(c.routed.len() <= crate::protocol::MAX_PARTS);
                 assert!(c.fallback.is_empty() && c.pongs_due.is_empty());
@@ -2257,7 +3143,9 @@ mod tests {
 
         fn done(&self) -> bool {
             self.ends.iter().all(|e| e.script.is_empty())
-                && (0..2).all(|e| self.ends[e].got.len() == self.ends[1 - e].sent.len())
+                && (0..2).all(|e| {
+                    (0..MAX_LANES).all(|l| self.ends[e].got[l] == self.ends[1 - e].sent[l].len())
+                })
         }
 
         fn next_time(&self) -> Option<Instant> {
@@ -2291,16 +3179,25 @@ mod tests {
                 let next = self.next_time().expect("pings keep the clock going");
                 assert!(
                     next <= limit,
-                    "stalled: {:?}; sent {}/{}, got {}/{}, path {:?}/{:?}",
+                    "stalled: {:?}; sent {:?}/{:?}, got {:?}/{:?}, path {:?}/{:?}",
                     self.k,
-                    self.ends[0].sent.len(),
-                    self.ends[1].sent.len(),
-                    self.ends[1].got.len(),
-                    self.ends[0].got.len(),
+                    self.ends[0].sent.iter().map(Vec::len).collect::<Vec<_>>(),
+                    self.ends[1].sent.iter().map(Vec::len).collect::<Vec<_>>(),
+                    self.ends[1].got,
+                    self.ends[0].got,
                     self.ends[0].core.path(),
                     self.ends[1].core.path(),
                 );
                 self.now = next.max(self.now);
+            }
+            // Both ends learnt each other's lanes (or their absence).
+            for e in &self.ends {
+                let want = if self.lanes_agreed() {
+                    PeerLanes::Lanes
+                } else {
+                    PeerLanes::Lane0
+                };
+                assert_eq!(e.core.peer_lanes, want, "{:?}", self.k);
             }
             // A healthy last generation carries the link at both ends: nothing (a READY lost
             // in a cut, say) keeps a link off a working direct path.
@@ -2325,9 +3222,21 @@ mod tests {
             0u32..5,
             0usize..12,
             0u32..1000,
+            (1usize..=4, 0usize..8),
         )
             .prop_map(
-                |(seed, window, messages, loss, dup, abandon, fail, chaos, cut_at_upgrade)| Knobs {
+                |(
+                    seed,
+                    window,
+                    messages,
+                    loss,
+                    dup,
+                    abandon,
+                    fail,
+                    chaos,
+                    cut_at_upgrade,
+                    (lanes, old),
+                )| Knobs {
                     seed,
                     window,
                     // Large messages only in some runs: they cost time in a debug build.
@@ -2339,6 +3248,9 @@ mod tests {
                     fail,
                     chaos,
                     cut_at_upgrade,
+                    lanes,
+                    // One run in four has an end without lanes.
+                    old: (old < 2).then_some(old),
                 },
             )
     }
@@ -2369,7 +3281,7 @@ mod tests {
                     prop::collection::vec(any::<u8>(), 0..64),
                     // Every kind with arbitrary header fields and a body of any length (cut
                     // from a shared buffer: generating it byte by byte is slow in debug).
-                    (0x10u8..0x17, prop::collection::vec(any::<u8>(), 0..12), 0usize..20_000)
+                    (0x10u8..0x1b, prop::collection::vec(any::<u8>(), 0..12), 0usize..20_000)
                         .prop_map(|(k, mut v, body)| {
                             v.insert(0, k);
                             v.extend_from_slice(&big()[..body]);
@@ -2395,11 +3307,386 @@ mod tests {
                 while c.poll_transmit().is_some() {}
                 while c.poll_event().is_some() {}
                 prop_assert!(c.in_flight() <= c.cfg.window);
-                prop_assert!(c.recv.reorder_bytes <= MAX_PEER_WINDOW);
-                prop_assert!(c.recv.partial.len() <= MAX_PEER_WINDOW);
+                let reorder: usize = c.lanes.iter().map(|l| l.recv.reorder_bytes).sum();
+                prop_assert!(reorder <= MAX_PEER_WINDOW);
+                for l in &c.lanes {
+                    prop_assert!(l.recv.partial.len() <= MAX_PEER_WINDOW);
+                }
                 prop_assert!(c.parts.held() <= parts::MAX_HELD + 1024 + 64);
             }
         }
+    }
+
+    // ---- lanes (§8.8) ----
+
+    fn version(v: u32) -> Bytes {
+        Bytes::from(LinkFrame::Version { version: v }.encode())
+    }
+
+    /// A version 3 core with lanes 0 and 1 (and `more`), whose peer's VERSION 3 came.
+    fn lanes_core(now: Instant, window: usize, more: &[(u8, LaneConfig)]) -> LinkCore {
+        let mut lanes = vec![(0, LaneConfig::default()), (1, LaneConfig::default())];
+        lanes.extend_from_slice(more);
+        let mut c = LinkCore::new(cfg_lanes(window, &lanes), now);
+        c.handle_frame(PathId::Server, version(3), now);
+        assert_eq!(c.peer_lanes, PeerLanes::Lanes);
+        c
+    }
+
+    /// The lane of a DATA or DATA_LANE frame.
+    fn data_lane(f: &Bytes) -> Option<u8> {
+        match LinkFrame::decode(f).ok()? {
+            LinkFrame::Data { .. } => Some(0),
+            LinkFrame::DataLane { lane, .. } => Some(lane),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn version_goes_first_and_lanes_wait_for_the_peers() {
+        let t0 = Instant::now();
+        let lanes = [(0, LaneConfig::default()), (1, LaneConfig::default())];
+        let mut c = LinkCore::new(cfg_lanes(1 << 20, &lanes), t0);
+        c.handle_timeout(t0);
+        c.send_on(Lane(1), Bytes::from_static(b"one"), Delivery::Reliable)
+            .unwrap();
+        c.send_on(Lane(0), Bytes::from_static(b"zero"), Delivery::Reliable)
+            .unwrap();
+        let sent = drain(&mut c);
+        // VERSION before the first PING; lane 0 goes, lane 1 waits for the peer's VERSION.
+        assert_eq!(
+            kinds(&sent),
+            vec![
+                (Route::Server, link_kind::VERSION),
+                (Route::Server, link_kind::PING),
+                (Route::Server, link_kind::DATA),
+            ]
+        );
+        assert_eq!(c.unacked_messages(), 2);
+        // The peer's VERSION: answered once, and lane 1 goes on its own stream.
+        c.handle_frame(PathId::Server, version(3), t0 + ms(20));
+        let sent = drain(&mut c);
+        assert_eq!(
+            kinds(&sent),
+            vec![
+                (Route::Server, link_kind::VERSION),
+                (Route::Server, link_kind::DATA_LANE),
+            ]
+        );
+        assert_eq!(
+            LinkFrame::decode(&sent[1].frame).unwrap(),
+            LinkFrame::DataLane {
+                lane: 1,
+                seq: 1,
+                fin: true,
+                bytes: b"one"
+            }
+        );
+        // Not answered again.
+        c.handle_frame(PathId::Server, version(3), t0 + ms(30));
+        assert!(drain(&mut c).is_empty());
+        // Its ack releases it.
+        let ack = Bytes::from(LinkFrame::AckLane { lane: 1, seq: 1 }.encode());
+        c.handle_frame(PathId::Server, ack, t0 + ms(40));
+        assert_eq!(c.unacked_messages(), 1);
+    }
+
+    #[test]
+    fn a_peer_without_version_gets_every_lane_on_lane_0_for_good() {
+        let t0 = Instant::now();
+        let lanes = [(0, LaneConfig::default()), (1, LaneConfig::default())];
+        let mut c = LinkCore::new(cfg_lanes(1 << 20, &lanes), t0);
+        c.handle_timeout(t0);
+        drain(&mut c);
+        for m in [&b"a"[..], b"b"] {
+            c.send_on(Lane(1), Bytes::from_static(m), Delivery::Reliable)
+                .unwrap();
+        }
+        c.send_on(Lane(1), Bytes::from_static(b"s1"), Delivery::Sequenced)
+            .unwrap();
+        c.send_on(Lane(1), Bytes::from_static(b"s2"), Delivery::Sequenced)
+            .unwrap();
+        assert_eq!(c.stats().unreliable_dropped, 1, "only the newest waits");
+        // The old peer's first PING: not yet a verdict (its VERSION may be on its way).
+        let ping = Bytes::from(LinkFrame::Ping { id: 1 }.encode());
+        c.handle_frame(PathId::Server, ping.clone(), t0 + ms(30));
+        assert!(!kinds(&drain(&mut c)).iter().any(|k| k.1 == link_kind::DATA));
+        assert_eq!(c.poll_timeout(), Some(t0 + LANE_WAIT));
+        c.handle_timeout(t0 + LANE_WAIT);
+        assert_eq!(c.peer_lanes, PeerLanes::Lane0);
+        let sent = drain(&mut c);
+        let frames: Vec<_> = sent
+            .iter()
+            .map(|t| LinkFrame::decode(&t.frame).unwrap())
+            .filter(|f| !matches!(f, LinkFrame::Ping { .. }))
+            .collect();
+        assert_eq!(
+            frames,
+            vec![
+                LinkFrame::Unreliable { bytes: b"s2" },
+                LinkFrame::Data {
+                    seq: 1,
+                    fin: true,
+                    bytes: b"a"
+                },
+                LinkFrame::Data {
+                    seq: 2,
+                    fin: true,
+                    bytes: b"b"
+                },
+            ]
+        );
+        // A VERSION 3 that comes late changes nothing: lane 0 may still carry lane 1's
+        // messages unacknowledged.
+        c.handle_frame(PathId::Server, version(3), t0 + ms(1100));
+        c.send_on(Lane(1), Bytes::from_static(b"c"), Delivery::Reliable)
+            .unwrap();
+        let sent = drain(&mut c);
+        assert_eq!(data_lane(&sent.last().unwrap().frame), Some(0));
+        // A version 2 end sends no VERSION and takes no lane frame.
+        let mut old = LinkCore::new(cfg(1 << 20), t0);
+        old.handle_timeout(t0);
+        assert!(!kinds(&drain(&mut old))
+            .iter()
+            .any(|k| k.1 == link_kind::VERSION));
+        old.handle_frame(PathId::Server, version(3), t0);
+        let lane1 = LinkFrame::DataLane {
+            lane: 1,
+            seq: 1,
+            fin: true,
+            bytes: b"x",
+        };
+        old.handle_frame(PathId::Server, Bytes::from(lane1.encode()), t0);
+        assert!(events(&mut old).is_empty());
+        assert_eq!(old.stats().bad_frames, 2);
+    }
+
+    #[test]
+    fn lane_0_goes_promptly_while_lane_1_has_megabytes_queued() {
+        let t0 = Instant::now();
+        let mut c = lanes_core(t0, 16 << 20, &[]);
+        drain(&mut c);
+        // Eight megabytes queued on lane 1.
+        for _ in 0..8 {
+            c.send_on(Lane(1), big().slice(..1 << 20), Delivery::Reliable)
+                .unwrap();
+        }
+        // The WebSocket took a few fragments, then filled up (the async layer reports it).
+        for _ in 0..3 {
+            assert_eq!(data_lane(&c.poll_transmit().unwrap().frame), Some(1));
+        }
+        c.server_buffered(SERVER_HIGH + 1);
+        assert!(
+            c.poll_transmit().is_none(),
+            "the WebSocket's queue stays short"
+        );
+        // A chat message: the next fragment once the WebSocket drains, or the one after.
+        c.send_on(Lane(0), Bytes::from_static(b"hi"), Delivery::Reliable)
+            .unwrap();
+        c.server_buffered(0);
+        let next: Vec<_> = (0..2)
+            .map(|_| data_lane(&c.poll_transmit().unwrap().frame))
+            .collect();
+        assert!(next.contains(&Some(0)), "{next:?}");
+        // With lane 0 in a higher tier, it is always next.
+        let prio = LaneConfig {
+            priority: 1,
+            weight: 1,
+        };
+        let mut lanes = vec![(0, LaneConfig::default()), (1, prio)];
+        lanes.truncate(2);
+        let mut c = LinkCore::new(cfg_lanes(16 << 20, &lanes), t0);
+        c.handle_frame(PathId::Server, version(3), t0);
+        drain(&mut c);
+        for _ in 0..8 {
+            c.send_on(Lane(1), big().slice(..1 << 20), Delivery::Reliable)
+                .unwrap();
+        }
+        for _ in 0..3 {
+            c.poll_transmit().unwrap();
+        }
+        c.send_on(Lane(0), Bytes::from_static(b"hi"), Delivery::Reliable)
+            .unwrap();
+        assert_eq!(data_lane(&c.poll_transmit().unwrap().frame), Some(0));
+
+        // The direct path: "r" is kept at DC_HIGH_LANES, not DC_HIGH, with two lanes.
+        let mut c = lanes_core(t0, 16 << 20, &[]);
+        c.direct_started(Gen(1), t0);
+        c.direct_channels_open(Gen(1), LinkVersion(3), t0);
+        c.direct_connected(Gen(1), t0);
+        c.handle_frame(
+            PathId::Server,
+            Bytes::from(LinkFrame::Ready { gen: 1 }.encode()),
+            t0,
+        );
+        assert_eq!(c.path(), PathId::Direct(Gen(1)));
+        drain(&mut c);
+        for _ in 0..8 {
+            c.send_on(Lane(1), big().slice(..1 << 20), Delivery::Reliable)
+                .unwrap();
+        }
+        let busy = Buffered {
+            reliable: DC_HIGH_LANES + 1,
+            unreliable: 0,
+        };
+        c.direct_buffered(Gen(1), busy);
+        assert!(c.poll_transmit().is_none());
+        c.send_on(Lane(0), Bytes::from_static(b"hi"), Delivery::Reliable)
+            .unwrap();
+        c.direct_buffered(Gen(1), Buffered::default());
+        let next: Vec<_> = (0..2)
+            .map(|_| data_lane(&c.poll_transmit().unwrap().frame))
+            .collect();
+        assert!(next.contains(&Some(0)), "{next:?}");
+    }
+
+    #[test]
+    fn weights_share_the_link_and_reserves_keep_window_for_each_lane() {
+        let t0 = Instant::now();
+        let heavy = LaneConfig {
+            priority: 0,
+            weight: 3,
+        };
+        let mut c = lanes_core(t0, 16 << 20, &[(2, heavy)]);
+        drain(&mut c);
+        for lane in [1, 2] {
+            c.send_on(Lane(lane), big().slice(..2 << 20), Delivery::Reliable)
+                .unwrap();
+        }
+        let mut count = [0usize; 3];
+        for _ in 0..80 {
+            let lane = data_lane(&c.poll_transmit().unwrap().frame).unwrap();
+            count[usize::from(lane)] += 1;
+        }
+        assert_eq!(count, [0, 20, 60]);
+
+        // Three lanes of a 1 MiB window: each keeps W/6 that the others cannot take.
+        let w = 1 << 20;
+        let mut c = lanes_core(t0, w, &[(2, LaneConfig::default())]);
+        let reserve = w / 6;
+        assert_eq!(c.lane_cap(), w - 2 * reserve);
+        let err = c
+            .send_on(Lane(1), big().slice(..w - 1000), Delivery::Reliable)
+            .unwrap_err();
+        assert!(matches!(err, SendError::TooLarge { .. }), "{err:?}");
+        // Lane 1 takes all it may...
+        while c
+            .send_on(Lane(1), big().slice(..16 << 10), Delivery::Reliable)
+            .is_ok()
+        {}
+        assert!(c.lanes[1].usage() > c.lane_cap() - (16 << 10) - 200);
+        // ...and lane 0 still has its reserve, and lane 2 its own.
+        assert!(c.lane_free(Lane(0)) >= reserve);
+        c.send_on(Lane(0), big().slice(..100_000), Delivery::Reliable)
+            .unwrap();
+        c.send_on(Lane(2), big().slice(..100_000), Delivery::Reliable)
+            .unwrap();
+        assert_eq!(
+            c.send_on(Lane(3), Bytes::new(), Delivery::Reliable),
+            Err(SendError::NoLane(3))
+        );
+    }
+
+    #[test]
+    fn sequenced_messages_drop_what_is_older_than_the_newest() {
+        let t0 = Instant::now();
+        let mut c = lanes_core(t0, 1 << 20, &[]);
+        let seq = |lane, seq, index, count, bytes: &'static [u8]| {
+            Bytes::from(
+                LinkFrame::UnreliableSeq {
+                    lane,
+                    seq,
+                    index,
+                    count,
+                    bytes,
+                }
+                .encode(),
+            )
+        };
+        let got = |c: &mut LinkCore| -> Vec<(u8, Bytes)> {
+            events(c)
+                .into_iter()
+                .filter_map(|e| match e {
+                    CoreEvent::Deliver { data, lane, .. } => Some((lane.0, data)),
+                    _ => None,
+                })
+                .collect()
+        };
+        for (s, b) in [(5, &b"5"[..]), (3, b"3"), (6, b"6"), (6, b"6")] {
+            c.handle_frame(PathId::Server, seq(2, s, 0, 1, b), t0);
+        }
+        assert_eq!(
+            got(&mut c),
+            vec![(2, Bytes::from_static(b"5")), (2, Bytes::from_static(b"6"))]
+        );
+        assert_eq!(c.stats().sequenced_stale, 2);
+        // Lanes are independent; seqs wrap.
+        c.handle_frame(PathId::Server, seq(3, u32::MAX, 0, 1, b"max"), t0);
+        c.handle_frame(PathId::Server, seq(3, 0, 0, 1, b"zero"), t0);
+        c.handle_frame(PathId::Server, seq(3, u32::MAX, 0, 1, b"max"), t0);
+        assert_eq!(got(&mut c).len(), 2);
+        // Parts: a newer message replaces an incomplete older one; parts of the older are
+        // then stale; the newer completes whole.
+        c.handle_frame(PathId::Direct(Gen(1)), seq(4, 10, 0, 2, b"a"), t0);
+        c.handle_frame(PathId::Direct(Gen(1)), seq(4, 11, 1, 2, b"d"), t0);
+        c.handle_frame(PathId::Direct(Gen(1)), seq(4, 10, 1, 2, b"b"), t0);
+        assert!(got(&mut c).is_empty());
+        c.handle_frame(PathId::Direct(Gen(1)), seq(4, 11, 0, 2, b"c"), t0);
+        assert_eq!(got(&mut c), vec![(4, Bytes::from_static(b"cd"))]);
+        // An incomplete one expires on time and is counted.
+        c.handle_frame(PathId::Direct(Gen(1)), seq(4, 12, 0, 2, b"e"), t0);
+        assert!(c.poll_timeout().unwrap() <= t0 + PART_EXPIRY);
+        c.handle_timeout(t0 + PART_EXPIRY);
+        assert_eq!(c.stats().unreliable_incomplete, 1);
+        // Bad ones are counted, not delivered.
+        for f in [
+            seq(8, 20, 0, 1, b"x"),
+            seq(4, 20, 2, 2, b"x"),
+            seq(4, 20, 0, 0, b"x"),
+        ] {
+            c.handle_frame(PathId::Server, f, t0);
+        }
+        assert!(got(&mut c).is_empty());
+        assert_eq!(c.stats().bad_frames, 3);
+    }
+
+    #[test]
+    fn sequenced_messages_split_to_one_chunk_frames_on_a_version_2_direct_path() {
+        let t0 = Instant::now();
+        let mut c = lanes_core(t0, 1 << 20, &[]);
+        c.direct_started(Gen(1), t0);
+        c.direct_channels_open(Gen(1), LinkVersion(2), t0);
+        c.direct_connected(Gen(1), t0);
+        c.handle_frame(
+            PathId::Server,
+            Bytes::from(LinkFrame::Ready { gen: 1 }.encode()),
+            t0,
+        );
+        drain(&mut c);
+        c.send_on(Lane(1), big().slice(..3000), Delivery::Sequenced)
+            .unwrap();
+        c.send_on(Lane(1), big().slice(..1016), Delivery::Sequenced)
+            .unwrap();
+        let sent = drain(&mut c);
+        assert_eq!(sent.len(), 4);
+        assert!(sent
+            .iter()
+            .all(|t| t.frame.len() <= MAX_DIRECT_UNRELIABLE_FRAME
+                && t.route == Route::Direct(Gen(1), Channel::Unreliable)));
+        // They reassemble at a peer.
+        let mut peer = lanes_core(t0, 1 << 20, &[]);
+        for t in sent {
+            peer.handle_frame(PathId::Direct(Gen(1)), t.frame, t0);
+        }
+        let got: Vec<_> = events(&mut peer)
+            .into_iter()
+            .filter_map(|e| match e {
+                CoreEvent::Deliver { data, .. } => Some(data.len()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(got, vec![3000, 1016]);
+        assert_eq!(c.in_flight(), 0);
     }
 
     // ---- the receiving stream's bounds (ported from the link task's former RecvState tests) ----
@@ -2565,6 +3852,9 @@ mod tests {
                 fail: 2,
                 chaos: 12,
                 cut_at_upgrade: 500,
+                // Half of them over four lanes, one with an old peer.
+                lanes: if seed % 2 == 0 { 1 } else { 4 },
+                old: (seed == 5).then_some(1),
             };
             let (a, b, took) = Sim::new(k).run();
             for s in [a, b] {

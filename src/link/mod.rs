@@ -30,8 +30,8 @@ use tokio::time::{sleep_until, Instant as TokioInstant};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use self::core::{
-    Buffered, CoreConfig, CoreEvent, CoreStats, Gen, LinkCore, LinkVersion, PathId, Route,
-    SendError, Transmit,
+    default_lanes, Buffered, CoreConfig, CoreEvent, CoreStats, Gen, LinkCore, LinkVersion, PathId,
+    Route, SendError, Transmit,
 };
 use rtc::FrameSink;
 use rtc::{Candidates, Channel, ConnState, DirectTx, Rtc, RtcEvent};
@@ -284,6 +284,8 @@ impl LinkHandle {
             window: ctx.window,
             max_message: ctx.max_message,
             dead_path: ctx.dead_path,
+            version: LinkVersion(ctx.link_version),
+            lanes: default_lanes(),
         };
         // The whole window is free: lent at once, so that a `try_send` right after the link is
         // made does not depend on when its task first runs.
@@ -350,6 +352,9 @@ impl LinkHandle {
             SendError::WouldBlock => Error::WouldBlock(self.peer),
             SendError::TooLarge { size, limit } => Error::MessageTooLarge { size, limit },
             SendError::Ended => Error::UnknownPeer(self.peer),
+            SendError::NoLane(lane) => {
+                Error::InvalidConfig(format!("lane {lane} is not configured"))
+            }
         }
     }
 
@@ -597,12 +602,15 @@ async fn write_channel(
     }
 }
 
-/// The link's own frames: an ACK, PING or PONG that waits too long on a channel also goes on
-/// the server path.
+/// The link's own frames: an ACK (of any lane), PING or PONG that waits too long on a channel
+/// also goes on the server path.
 fn is_own(frame: &[u8]) -> bool {
     matches!(
         frame.first(),
-        Some(&link_kind::ACK) | Some(&link_kind::PING) | Some(&link_kind::PONG)
+        Some(&link_kind::ACK)
+            | Some(&link_kind::ACK_LANE)
+            | Some(&link_kind::PING)
+            | Some(&link_kind::PONG)
     )
 }
 
@@ -784,6 +792,8 @@ impl LinkTask {
             window: self.ctx.window,
             max_message: self.ctx.max_message,
             dead_path: self.ctx.dead_path,
+            version: LinkVersion(self.ctx.link_version),
+            lanes: default_lanes(),
         }
     }
 
@@ -838,7 +848,10 @@ impl LinkTask {
         self.serve_waiters();
         if self.lent == 0 {
             if let Some(reply) = self.take_held.take() {
-                let _ = reply.send(self.core.take_held());
+                // Only lane 0 is sent on until the lanes API threads lanes through `Cmd`.
+                let (held, undelivered) = self.core.take_held();
+                let held = held.into_iter().map(|(_, m)| m).collect();
+                let _ = reply.send((held, undelivered));
                 self.ended = true;
                 // Those in line fail now (`SendError::Ended`).
                 self.serve_waiters();
@@ -1051,7 +1064,10 @@ impl LinkTask {
                 break;
             };
             match event {
-                CoreEvent::Deliver { data, reliability } => self.outbox.push_back(Event::Message {
+                // Lanes reach the app with the lanes API; until then every message is lane 0.
+                CoreEvent::Deliver {
+                    data, reliability, ..
+                } => self.outbox.push_back(Event::Message {
                     from: self.peer,
                     data,
                     reliability,
