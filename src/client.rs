@@ -223,8 +223,8 @@ impl ClientConfig {
         self
     }
 
-    /// Speak an older link protocol version (1 or 2) on direct paths, to test interoperation
-    /// with older peers.
+    /// Speak an older link protocol version (1 or 2: no lanes, no VERSION frame; 1: no in-band
+    /// unreliable channel either), to test interoperation with older peers.
     #[doc(hidden)]
     pub fn with_link_version(mut self, version: u32) -> Self {
         self.link_version = version.clamp(1, crate::protocol::LINK_VERSION);

@@ -29,8 +29,9 @@ pub const MAX_FRAGMENT_PAYLOAD: usize = 16 * 1024;
 /// Largest unreliable message (bytes).
 pub const MAX_UNRELIABLE_PAYLOAD: usize = MAX_FRAGMENT_PAYLOAD;
 
-/// Link protocol version this client speaks (`docs/PROTOCOL.md` §7.6). Version 1 peers send no
-/// version in their offer or answer.
+/// Link protocol version this client speaks (`docs/PROTOCOL.md` §7.6, §8.8). Version 1 peers
+/// send no version in their offer or answer; version 3 (lanes) is also announced in band, with
+/// the VERSION link frame, so that server-path-only links learn it.
 pub const LINK_VERSION: u32 = 3;
 
 /// Largest message a version 2 sender puts on a direct path's unreliable channel: it fits in
