@@ -63,9 +63,11 @@ pub(crate) const MAX_PEER_WINDOW: usize = 16 << 20;
 pub(crate) const MAX_REORDER: usize = MAX_PEER_WINDOW / FRAGMENT_OVERHEAD;
 /// RTT probe interval.
 pub(crate) const PING_EVERY: Duration = Duration::from_secs(1);
-/// Lanes (§8.8.2): how long after the link started a peer that has sent frames but no VERSION
-/// counts as one without lanes. Old peers PING at once and every second, so they are found out
-/// within about this long; a version 3 peer's VERSION comes before its other frames.
+/// Lanes (§8.8.2): a frame of the peer that comes on the server path this long after the link
+/// started, with no VERSION before it, says the peer has no lanes. Old peers PING every second,
+/// so they are found out within about 1–2 s; a version 3 peer's VERSION comes before its other
+/// frames (at the link's start and after every resync), and answers ours. No timer: a server
+/// path interrupted for longer than this (§3.14) must not make a version 3 peer look old.
 pub(crate) const LANE_WAIT: Duration = Duration::from_secs(1);
 /// Deficit round robin credit per unit of lane weight and visit: one full DATA_LANE fragment, so
 /// every visit of a busy lane sends at least one fragment.
@@ -725,8 +727,8 @@ impl LaneState {
 /// Whether the peer has lanes (§8.8.2); final once known.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PeerLanes {
-    /// No VERSION yet; `heard`: another frame of the peer came on the server path.
-    Unknown { heard: bool },
+    /// No VERSION yet.
+    Unknown,
     /// Its VERSION is 3 or more: lanes 1..7 on DATA_LANE, sequenced on UNRELIABLE_SEQ.
     Lanes,
     /// A peer without lanes (or this end has none): every lane on lane 0, sequenced as
@@ -843,7 +845,7 @@ impl LinkCore {
             cfg,
             lanes,
             peer_lanes: if has_lanes {
-                PeerLanes::Unknown { heard: false }
+                PeerLanes::Unknown
             } else {
                 PeerLanes::Lane0
             },
@@ -1027,7 +1029,7 @@ impl LinkCore {
             (Delivery::Reliable, _) if lane.0 == 0 => self.push_reliable(0, data),
             (Delivery::Reliable, PeerLanes::Lanes) => self.push_reliable(lane.index(), data),
             (Delivery::Reliable, PeerLanes::Lane0) => self.push_reliable(0, data),
-            (Delivery::Reliable, PeerLanes::Unknown { .. }) => {
+            (Delivery::Reliable, PeerLanes::Unknown) => {
                 let l = &mut self.lanes[lane.index()];
                 l.held_permits += permits;
                 l.waiting.push_back(data);
@@ -1042,7 +1044,7 @@ impl LinkCore {
                 });
             }
             (Delivery::Sequenced, PeerLanes::Lanes) => self.queue_sequenced(lane.index(), data),
-            (Delivery::Sequenced, PeerLanes::Unknown { .. }) => {
+            (Delivery::Sequenced, PeerLanes::Unknown) => {
                 // Only the newest waits: the receiver would drop the older ones anyway.
                 let l = &mut self.lanes[lane.index()];
                 if let Some(old) = l.seq_waiting.replace(data) {
@@ -1084,7 +1086,7 @@ impl LinkCore {
 
     /// The peer's lanes are known (§8.8.2): what waited goes on its lane, or on lane 0.
     fn decide_lanes(&mut self, lanes: bool) {
-        if !matches!(self.peer_lanes, PeerLanes::Unknown { .. }) {
+        if !matches!(self.peer_lanes, PeerLanes::Unknown) {
             return;
         }
         self.peer_lanes = if lanes {
@@ -1112,15 +1114,6 @@ impl LinkCore {
                     });
                 }
             }
-        }
-    }
-
-    /// A peer that has talked on the server path for `LANE_WAIT` without a VERSION has no
-    /// lanes.
-    fn lane_deadline(&self) -> Option<Instant> {
-        match self.peer_lanes {
-            PeerLanes::Unknown { heard: true } => Some(self.started + LANE_WAIT),
-            _ => None,
         }
     }
 
@@ -1154,12 +1147,16 @@ impl LinkCore {
             self.stats.bad_frames += 1;
             return;
         }
-        if let PeerLanes::Unknown { heard } = &mut self.peer_lanes {
-            if from == PathId::Server && !matches!(decoded, LinkFrame::Version { .. }) {
-                *heard = true;
-            }
-        }
-        if self.lane_deadline().is_some_and(|at| at <= now) {
+        // Talking on the ordered server path, this late, without a VERSION first; or on the
+        // direct path once its READY came (a version 3 peer's READY follows its VERSION on the
+        // server path: VERSION goes first at the start and after every resync, and its answer
+        // to ours goes before the signals that make the PeerConnection).
+        let evidence = from == PathId::Server || self.peer_ready > Gen(0);
+        if self.peer_lanes == PeerLanes::Unknown
+            && evidence
+            && !matches!(decoded, LinkFrame::Version { .. })
+            && now >= self.started + LANE_WAIT
+        {
             self.decide_lanes(false);
         }
         match decoded {
@@ -1574,9 +1571,6 @@ impl LinkCore {
                 self.stats.unreliable_incomplete += 1;
             }
         }
-        if self.lane_deadline().is_some_and(|at| at <= now) {
-            self.decide_lanes(false);
-        }
         if self.next_ping_at <= now {
             self.next_ping_at = now + PING_EVERY;
             self.queue_ping(now);
@@ -1608,7 +1602,6 @@ impl LinkCore {
             self.dead_path_deadline(),
             // Incomplete unreliable messages are discarded (and counted) on time.
             self.parts.next_expiry(),
-            self.lane_deadline(),
         ]
         .into_iter()
         .flatten()
@@ -2090,7 +2083,11 @@ mod tests {
 
     /// A core that is on the direct path of generation 1 (its peer's READY came).
     fn direct_core(now: Instant) -> LinkCore {
-        let mut c = LinkCore::new(cfg(1 << 20), now);
+        direct_core_with(now, cfg(1 << 20))
+    }
+
+    fn direct_core_with(now: Instant, cfg: CoreConfig) -> LinkCore {
+        let mut c = LinkCore::new(cfg, now);
         c.direct_started(Gen(1), now);
         c.direct_channels_open(Gen(1), LinkVersion(2), now);
         c.direct_connected(Gen(1), now);
@@ -2786,12 +2783,14 @@ mod tests {
             });
             let mut acts = Vec::new();
             // Most runs get a direct path early.
-            acts.push((start + rng.ms(0, 200), Act::NewGen));
+            // PeerConnections come after the VERSION exchange (in a client, after signals that
+            // travel behind the VERSIONs on the same WebSocket).
+            acts.push((start + rng.ms(60, 260), Act::NewGen));
             if k.late > 0 {
                 acts.push((start, Act::Born));
             }
             for _ in 0..k.chaos {
-                let at = start + rng.ms(0, 10_000);
+                let at = start + rng.ms(60, 10_000);
                 let act = match rng.below(10) {
                     0..=2 => Act::NewGen,
                     3 | 4 => Act::Kill,
@@ -3330,9 +3329,19 @@ mod tests {
                         }),
                 ], 0u64..5000),
                 0..200),
+            lanes in any::<bool>(),
         ) {
             let t0 = Instant::now();
-            let mut c = direct_core(t0);
+            // A version 2 core drops the lane frames; a version 3 one with lanes takes them.
+            let mut c = if lanes {
+                let lc = LaneConfig::default();
+                let mut c = direct_core_with(t0, cfg_lanes(1 << 20, &[(1, lc), (7, lc)]));
+                c.handle_frame(PathId::Server, version(3), t0);
+                c.send_on(Lane(7), Bytes::from_static(b"seven"), Delivery::Reliable).unwrap();
+                c
+            } else {
+                direct_core(t0)
+            };
             c.send(Bytes::from_static(b"mine"), Reliability::Reliable).unwrap();
             let mut now = t0;
             for (path, bytes, dt) in frames {
@@ -3352,6 +3361,9 @@ mod tests {
                 prop_assert!(reorder <= MAX_PEER_WINDOW);
                 for l in &c.lanes {
                     prop_assert!(l.recv.partial.len() <= MAX_PEER_WINDOW);
+                    // At most one sequenced message being assembled per lane, within 16 KiB.
+                    let assembling = l.seq_rx.assembling.as_ref().map_or(0, |a| a.bytes);
+                    prop_assert!(assembling <= MAX_UNRELIABLE_PAYLOAD);
                 }
                 prop_assert!(c.parts.held() <= parts::MAX_HELD + 1024 + 64);
             }
@@ -3452,14 +3464,14 @@ mod tests {
         let ping = Bytes::from(LinkFrame::Ping { id: 1 }.encode());
         c.handle_frame(PathId::Server, ping.clone(), t0 + ms(30));
         assert!(!kinds(&drain(&mut c)).iter().any(|k| k.1 == link_kind::DATA));
-        assert_eq!(c.poll_timeout(), Some(t0 + LANE_WAIT));
-        c.handle_timeout(t0 + LANE_WAIT);
+        // Its next one, LANE_WAIT after the link started, without a VERSION before it.
+        c.handle_frame(PathId::Server, ping.clone(), t0 + LANE_WAIT);
         assert_eq!(c.peer_lanes, PeerLanes::Lane0);
         let sent = drain(&mut c);
         let frames: Vec<_> = sent
             .iter()
             .map(|t| LinkFrame::decode(&t.frame).unwrap())
-            .filter(|f| !matches!(f, LinkFrame::Ping { .. }))
+            .filter(|f| !matches!(f, LinkFrame::Ping { .. } | LinkFrame::Pong { .. }))
             .collect();
         assert_eq!(
             frames,
@@ -3500,6 +3512,36 @@ mod tests {
         old.handle_frame(PathId::Server, Bytes::from(lane1.encode()), t0);
         assert!(events(&mut old).is_empty());
         assert_eq!(old.stats().bad_frames, 2);
+    }
+
+    /// A server cut longer than `LANE_WAIT` right after the start does not make a version 3
+    /// peer look old (the first version's timer did: found by the simulation).
+    #[test]
+    fn a_long_cut_before_the_peers_version_is_no_fallback() {
+        let t0 = Instant::now();
+        let lanes = [(0, LaneConfig::default()), (1, LaneConfig::default())];
+        let mut c = LinkCore::new(cfg_lanes(1 << 20, &lanes), t0);
+        // The peer's link started first: its VERSION was dropped before this link existed,
+        // its PING arrives; then the server path is cut (the peer's answer lost in it).
+        let ping = |id| Bytes::from(LinkFrame::Ping { id }.encode());
+        c.handle_frame(PathId::Server, ping(2), t0 + ms(10));
+        c.pause_server();
+        c.send_on(Lane(1), Bytes::from_static(b"one"), Delivery::Reliable)
+            .unwrap();
+        c.handle_timeout(t0 + ms(1500));
+        assert_eq!(c.peer_lanes, PeerLanes::Unknown);
+        // Back: the peer's VERSION is its first frame after its resync.
+        c.resync_server();
+        c.handle_frame(PathId::Server, version(3), t0 + ms(2000));
+        c.handle_frame(PathId::Server, ping(3), t0 + ms(2001));
+        assert_eq!(c.peer_lanes, PeerLanes::Lanes);
+        let sent = drain(&mut c);
+        assert_eq!(
+            sent.iter()
+                .filter_map(|t| data_lane(&t.frame))
+                .collect::<Vec<_>>(),
+            vec![1]
+        );
     }
 
     #[test]
