@@ -3623,6 +3623,61 @@ mod tests {
         assert!(next.contains(&Some(0)), "{next:?}");
     }
 
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 500,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        /// The schedule's bound (§8.8.3): once lane 0 has a fragment ready, lanes of its tier
+        /// send at most (weight + 1) × `DRR_QUANTUM` bytes each before it, whatever the
+        /// message sizes, weights and timing; lanes of a lower tier send nothing before it.
+        #[test]
+        fn lane_0_waits_for_at_most_a_quantum_per_lane_and_weight(
+            weights in prop::collection::vec((1u16..5, 0u8..2), 1..4),
+            script in prop::collection::vec((0usize..4, 0usize..40_000, 0usize..6), 1..60),
+        ) {
+            let t0 = Instant::now();
+            // Lane 0 priority 0; lanes 1.. with random weights, in tier 0 or below it (1).
+            let mut lanes = vec![(0u8, LaneConfig::default())];
+            for (i, &(weight, priority)) in weights.iter().enumerate() {
+                lanes.push((i as u8 + 1, LaneConfig { priority, weight }));
+            }
+            let mut c = LinkCore::new(cfg_lanes(16 << 20, &lanes), t0);
+            c.handle_frame(PathId::Server, version(3), t0);
+            drain(&mut c);
+            let bound: usize = weights
+                .iter()
+                .filter(|w| w.1 == 0)
+                .map(|w| (usize::from(w.0) + 1) * DRR_QUANTUM)
+                .sum();
+            // Bytes of other lanes sent while lane 0 had a fragment ready.
+            let mut waited: Option<usize> = None;
+            for (lane, len, polls) in script {
+                let lane = lane % lanes.len();
+                let data = big().slice(..len);
+                if c.send_on(Lane(lane as u8), data, Delivery::Reliable).is_ok()
+                    && lane == 0
+                    && waited.is_none()
+                {
+                    waited = Some(0);
+                }
+                for _ in 0..polls {
+                    let Some(t) = c.poll_transmit() else { break };
+                    let Some(l) = data_lane(&t.frame) else { continue };
+                    if l == 0 {
+                        waited = c.lanes[0].send.ready().map(|_| 0);
+                    } else if let Some(w) = &mut waited {
+                        prop_assert_eq!(lanes[usize::from(l)].1.priority, 0, "a lower tier went first");
+                        *w += t.frame.len();
+                        prop_assert!(*w <= bound, "lane 0 waited for {} bytes (bound {})", w, bound);
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn weights_share_the_link_and_reserves_keep_window_for_each_lane() {
         let t0 = Instant::now();
