@@ -215,7 +215,7 @@ async fn unreliable_probe(
                 run.sent += 1;
             }
             ev = eb.recv() => match ev {
-                Some(Event::Message { from, data, reliability: Reliability::Unreliable })
+                Some(Event::Message { from, data, reliability: Reliability::Unreliable, .. })
                     if from == a_id && data.len() == UNREL_SIZE =>
                 {
                     let k = u32::from_be_bytes(data[..4].try_into()?);

@@ -13,7 +13,10 @@ use futures_util::{SinkExt, Stream, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-use crate::link::{LinkCtx, LinkHandle, LinkInput, LinkStats, RtcFactory, RtcOptions};
+use crate::link::{
+    default_lanes, Delivery, Lane, LaneConfig, LinkCtx, LinkHandle, LinkInput, LinkStats,
+    RtcFactory, RtcOptions, MAX_LANES,
+};
 use crate::protocol::{
     validate_group, validate_name, ClientMsg, DirectPolicy, ErrorCode, IceServer, LinkId,
     MemberInfo, PeerId, RelayFrame, Resume, ServerMsg, PROTOCOL_VERSION,
@@ -39,6 +42,7 @@ pub struct ClientConfig {
     request_timeout: Duration,
     dead_path_timeout: Duration,
     link_version: u32,
+    lanes: [Option<LaneConfig>; MAX_LANES],
     token: Option<String>,
     reconnect: Option<Reconnect>,
 }
@@ -106,6 +110,7 @@ impl ClientConfig {
             request_timeout: Duration::from_secs(10),
             dead_path_timeout: Duration::from_secs(3),
             link_version: crate::protocol::LINK_VERSION,
+            lanes: default_lanes(),
             token: None,
             reconnect: Some(Reconnect::default()),
         }
@@ -220,6 +225,24 @@ impl ClientConfig {
     /// second, so a live path is never silent that long). `docs/PROTOCOL.md` §8.7.
     pub fn with_dead_path_timeout(mut self, timeout: Duration) -> Self {
         self.dead_path_timeout = timeout.max(Duration::from_secs(1));
+        self
+    }
+
+    /// Send on `lane` (1 to 7; 0 is always there) as well as lane 0, with this `priority`
+    /// (lower goes first: no lane of a higher number sends reliable data while one of a lower
+    /// number has some ready) and `weight` (share among lanes of the same priority, at least 1).
+    /// Lane 0 can be given a priority and weight too. Each reliable lane is an ordered stream
+    /// of its own: a bulk transfer on one lane does not hold up another (`docs/PROTOCOL.md`
+    /// §8.8). Lanes share the send window, each keeping a reserve of window / (2 × lanes), so a
+    /// lane's largest message is at least half the window. A lane above 7 is ignored. Default:
+    /// lane 0 only, priority 0, weight 1.
+    pub fn with_lane(mut self, lane: u8, priority: u8, weight: u16) -> Self {
+        if let Some(slot) = self.lanes.get_mut(usize::from(lane)) {
+            *slot = Some(LaneConfig {
+                priority,
+                weight: weight.max(1),
+            });
+        }
         self
     }
 
@@ -405,6 +428,7 @@ impl Client {
             max_message: config.max_message_size,
             dead_path: config.dead_path_timeout,
             link_version: config.link_version,
+            lanes: config.lanes,
         };
         let writer = Writer::spawn(sink, ws_rx);
         let ice_servers = Arc::new(Mutex::new(ice_servers));
@@ -495,6 +519,41 @@ impl Client {
     ) -> Result<()> {
         let handle = self.link(peer)?;
         handle.send(data.into(), reliability).await
+    }
+
+    /// Send on a lane configured with [`ClientConfig::with_lane`] (0 is [`Client::send`]):
+    /// reliable messages arrive once and in order per lane, and a bulk transfer on another lane
+    /// does not hold them up; unreliable ones have no lane. A peer without lanes gets every
+    /// lane on lane 0 (still in order per lane). Waits for room in the lane's share of the
+    /// window; [`Error::InvalidConfig`] for a lane not configured.
+    pub async fn send_on(
+        &self,
+        peer: PeerId,
+        lane: u8,
+        data: impl Into<Bytes>,
+        reliability: Reliability,
+    ) -> Result<()> {
+        let delivery = match reliability {
+            Reliability::Reliable => Delivery::Reliable,
+            Reliability::Unreliable => Delivery::Unreliable,
+        };
+        self.link(peer)?
+            .send_on(Lane(lane), data.into(), delivery)
+            .await
+    }
+
+    /// Send a *sequenced* unreliable message on `lane` (at most 16 KiB): best effort, and the
+    /// peer drops one older than the newest it delivered on that lane — for state updates. A
+    /// peer without lanes gets it as a plain unreliable message.
+    pub async fn send_sequenced(
+        &self,
+        peer: PeerId,
+        lane: u8,
+        data: impl Into<Bytes>,
+    ) -> Result<()> {
+        self.link(peer)?
+            .send_on(Lane(lane), data.into(), Delivery::Sequenced)
+            .await
     }
 
     /// Like [`Client::send`], but fails with [`Error::WouldBlock`] instead of waiting.
@@ -920,7 +979,8 @@ struct Carried {
     /// The peer's user id, or its name when the server has no identities.
     user: Option<String>,
     name: String,
-    messages: Vec<Bytes>,
+    /// With their lanes.
+    messages: Vec<(Lane, Bytes)>,
     until: tokio::time::Instant,
 }
 
@@ -1545,8 +1605,8 @@ impl Session {
                 // What an ended session held for this user goes first (before the app hears of
                 // the member and can send anything itself).
                 if let Some(i) = carried.iter().position(|c| c.matches(&m)) {
-                    for msg in carried.swap_remove(i).messages {
-                        if let Err(e) = handle.try_send(msg, Reliability::Reliable) {
+                    for (lane, msg) in carried.swap_remove(i).messages {
+                        if let Err(e) = handle.resend_held(lane, msg) {
                             tracing::warn!(peer = m.peer, "a held message was not re-sent: {e}");
                         }
                     }

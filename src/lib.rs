@@ -256,6 +256,9 @@ pub enum Event {
         data: bytes::Bytes,
         /// How it was sent.
         reliability: Reliability,
+        /// The lane it came on ([`Client::send_on`]; 0 for [`Client::send`], for unreliable
+        /// messages that are not sequenced, and for every message of a peer without lanes).
+        lane: u8,
     },
     /// The server reported an error not tied to a pending `join`/`leave`.
     ServerError {

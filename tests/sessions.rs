@@ -98,6 +98,7 @@ async fn receive_all(events: &mut Events, from: PeerId, count: u32, seen: &mut V
                 from: f,
                 data,
                 reliability: Reliability::Reliable,
+                ..
             } if f == from => {
                 assert_eq!(data, numbered(next), "message {next} out of order or twice");
                 next += 1;

@@ -270,7 +270,7 @@ async fn unreliable_messages_are_not_retransmitted_or_held_up() {
                     n += 1;
                 }
                 e = be.recv() => match e {
-                    Some(Event::Message { from, data, reliability: Reliability::Unreliable })
+                    Some(Event::Message { from, data, reliability: Reliability::Unreliable, .. })
                         if from == ia =>
                     {
                         let k = u32::from_be_bytes(data[..4].try_into().unwrap());

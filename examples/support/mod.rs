@@ -48,6 +48,7 @@ pub fn spawn_echo(client: Client, mut events: Events) -> JoinHandle<()> {
                 from,
                 data,
                 reliability: Reliability::Reliable,
+                ..
             } = ev
             {
                 if client

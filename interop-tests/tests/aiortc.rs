@@ -204,6 +204,7 @@ impl Native {
                 from,
                 data,
                 reliability,
+                ..
             } if Some(from) == self.py => {
                 let text = String::from_utf8(data.to_vec()).expect("UTF-8 from peer.py");
                 match reliability {

@@ -391,6 +391,7 @@ async fn next_message(events: &mut Events) -> (PeerId, Vec<u8>, Reliability) {
             from,
             data,
             reliability,
+            ..
         } = next_event(events, "a message").await
         {
             return (from, data.to_vec(), reliability);
@@ -1035,6 +1036,7 @@ fn drain_native(mut events: Events, from: PeerId) -> Arc<Mutex<NativeLog>> {
                     from: f,
                     data,
                     reliability,
+                    ..
                 } if f == from => match reliability {
                     Reliability::Reliable => {
                         log.msgs.push(data.to_vec());

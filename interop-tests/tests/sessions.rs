@@ -113,6 +113,7 @@ async fn receive_streams(
                 from,
                 data,
                 reliability: Reliability::Reliable,
+                ..
             } if want.contains_key(&from) => {
                 let n = next.get_mut(&from).unwrap();
                 assert_eq!(
@@ -414,6 +415,7 @@ async fn receive_by_name(events: &mut Events, want: &HashMap<String, u32>) -> Ve
                 from,
                 data,
                 reliability: Reliability::Reliable,
+                ..
             } => {
                 let name = names.get(&from).expect("a message from a known member");
                 let n = next.get_mut(name).unwrap();

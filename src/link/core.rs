@@ -120,7 +120,7 @@ impl LinkVersion {
 pub(crate) struct Lane(pub u8);
 
 impl Lane {
-    fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         usize::from(self.0)
     }
 }
@@ -159,8 +159,6 @@ pub(crate) enum Delivery {
     /// Best effort, no order (the lane does not matter).
     Unreliable,
     /// Best effort; the receiver drops one older than the newest delivered on its lane.
-    // Sent only by the tests until the lanes API (`Client::send_on`) lands.
-    #[cfg_attr(not(test), allow(dead_code))]
     Sequenced,
 }
 
@@ -927,6 +925,32 @@ impl LinkCore {
         free.saturating_sub(owed)
     }
 
+    /// Window the async layer may lend for lane 0 ahead of its sends (its gate): all of
+    /// lane 0's room with one lane; with several, only what is left of lane 0's reserve, so
+    /// that credit lent and not yet used never keeps another lane from window it may take.
+    pub(crate) fn lendable(&self) -> usize {
+        let free = self.lane_free(Lane(0));
+        let k = self.reserving_lanes();
+        if k == 1 {
+            return free;
+        }
+        let used = self.lanes[0].usage() + self.unreliable_permits;
+        free.min((self.cfg.window / (2 * k)).saturating_sub(used))
+    }
+
+    /// The last reliable seq numbered on each lane (for a flush).
+    pub(crate) fn last_seqs(&self) -> [u64; MAX_LANES] {
+        std::array::from_fn(|i| self.lanes[i].send.next_seq - 1)
+    }
+
+    /// Every lane's fragments up to `seqs` are acknowledged.
+    pub(crate) fn acked_through_all(&self, seqs: &[u64; MAX_LANES]) -> bool {
+        self.lanes
+            .iter()
+            .zip(seqs)
+            .all(|(l, &seq)| l.send.unacked.front().is_none_or(|u| u.seq > seq))
+    }
+
     /// Most window one lane can ever hold: the window less the other lanes' reserves.
     fn lane_cap(&self) -> usize {
         let k = self.reserving_lanes();
@@ -947,21 +971,6 @@ impl LinkCore {
         }
     }
 
-    /// Sequence number of the last reliable fragment numbered on lane 0 (0 before the first).
-    pub(crate) fn last_seq(&self) -> u64 {
-        self.lanes[0].send.next_seq - 1
-    }
-
-    /// Every reliable fragment of lane 0 up to `seq` is acknowledged (or was taken by
-    /// [`LinkCore::take_held`]).
-    pub(crate) fn acked_through(&self, seq: u64) -> bool {
-        self.lanes[0]
-            .send
-            .unacked
-            .front()
-            .is_none_or(|u| u.seq > seq)
-    }
-
     /// Reliable messages sent and not (completely) acknowledged, on every lane.
     #[cfg(test)]
     pub(crate) fn unacked_messages(&self) -> u64 {
@@ -974,6 +983,7 @@ impl LinkCore {
     // ---- input ----
 
     /// Take a message to send on lane 0. Reliable ones are numbered now, in call order.
+    #[cfg(test)]
     pub(crate) fn send(&mut self, data: Bytes, reliability: Reliability) -> Result<(), SendError> {
         let delivery = match reliability {
             Reliability::Reliable => Delivery::Reliable,

@@ -29,9 +29,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep_until, Instant as TokioInstant};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
+pub(crate) use self::core::{default_lanes, Delivery, Lane, LaneConfig, MAX_LANES};
 use self::core::{
-    default_lanes, Buffered, CoreConfig, CoreEvent, CoreStats, Gen, LinkCore, LinkVersion, PathId,
-    Route, SendError, Transmit,
+    Buffered, CoreConfig, CoreEvent, CoreStats, Gen, LinkCore, LinkVersion, PathId, Route,
+    SendError, Transmit,
 };
 use rtc::FrameSink;
 use rtc::{Candidates, Channel, ConnState, DirectTx, Rtc, RtcEvent};
@@ -103,14 +104,22 @@ enum Cmd {
     /// room for it); otherwise it waits in line for room.
     Send {
         data: Bytes,
-        reliability: Reliability,
+        lane: Lane,
+        delivery: Delivery,
         claimed: bool,
         reply: Option<SendReply>,
     },
-    /// Answer once every reliable message sent before it is acknowledged.
+    /// Answer once every reliable message sent before it is acknowledged (on every lane).
     Flush(oneshot::Sender<()>),
     /// Empty the link for a new session ([`LinkCore::take_held`]).
-    TakeHeld(oneshot::Sender<(Vec<Bytes>, u64)>),
+    TakeHeld(HeldReply),
+}
+
+fn delivery(reliability: Reliability) -> Delivery {
+    match reliability {
+        Reliability::Reliable => Delivery::Reliable,
+        Reliability::Unreliable => Delivery::Unreliable,
+    }
 }
 
 /// What a channel writer reports to its link task.
@@ -252,6 +261,8 @@ pub(crate) struct LinkCtx {
     pub dead_path: Duration,
     /// Link protocol version offered to peers.
     pub link_version: u32,
+    /// The lanes this client sends on (`ClientConfig::with_lane`).
+    pub lanes: [Option<LaneConfig>; MAX_LANES],
 }
 
 /// The client's handle on a running link task.
@@ -285,25 +296,28 @@ impl LinkHandle {
             max_message: ctx.max_message,
             dead_path: ctx.dead_path,
             version: LinkVersion(ctx.link_version),
-            lanes: default_lanes(),
+            lanes: ctx.lanes,
         };
-        // The whole window is free: lent at once, so that a `try_send` right after the link is
-        // made does not depend on when its task first runs.
-        let gate = Arc::new(Gate(AtomicU64::new(ctx.window as u64)));
+        let core = LinkCore::new(cfg, Instant::now());
+        // What lane 0 may take is lent at once (the whole window with one lane), so that a
+        // `try_send` right after the link is made does not depend on when its task first runs.
+        let lend = core.lendable();
+        let gate = Arc::new(Gate(AtomicU64::new(lend as u64)));
         let (view_tx, view) = watch::channel(LinkView::default());
         let task = LinkTask {
             peer,
             link_id,
             initiator,
             policy,
-            core: LinkCore::new(cfg, Instant::now()),
+            core,
             inputs: inputs.clone(),
             direct,
             reports,
             view: view_tx,
             gate: gate.clone(),
-            lent: ctx.window,
+            lent: lend,
             waiting: VecDeque::new(),
+            lane_waiting: std::array::from_fn(|_| VecDeque::new()),
             flushes: Vec::new(),
             replies: Vec::new(),
             answering: VecDeque::new(),
@@ -358,23 +372,52 @@ impl LinkHandle {
         }
     }
 
-    /// Send, waiting for room in the send window. Answers once the link task has taken the
-    /// message (numbered it, if reliable) and handed on what it could send.
+    /// Send on lane 0, waiting for room in the send window. Answers once the link task has
+    /// taken the message (numbered it, if reliable) and handed on what it could send.
     pub(crate) async fn send(&self, data: Bytes, reliability: Reliability) -> Result<()> {
-        let permits = self
-            .cfg
-            .cost(data.len(), reliability)
-            .map_err(|e| self.error(e))?;
-        let claimed = match self.gate.claim(permits) {
-            Claim::Granted => true,
-            Claim::Short => false,
-            Claim::Closed => return Err(Error::UnknownPeer(self.peer)),
+        self.send_on(Lane(0), data, delivery(reliability)).await
+    }
+
+    /// The window cost of a message, whether its lane is configured, and whether it may claim
+    /// credit from the gate (lane 0's: lane 0, and plain unreliable messages, which draw on
+    /// lane 0's share).
+    fn admit(&self, lane: Lane, len: usize, delivery: Delivery) -> Result<(usize, bool)> {
+        let reliability = match delivery {
+            Delivery::Reliable => Reliability::Reliable,
+            Delivery::Unreliable | Delivery::Sequenced => Reliability::Unreliable,
         };
+        let permits = self.cfg.cost(len, reliability).map_err(|e| self.error(e))?;
+        let lane0 = lane.0 == 0 || delivery == Delivery::Unreliable;
+        if !lane0
+            && self
+                .cfg
+                .lanes
+                .get(lane.index())
+                .copied()
+                .flatten()
+                .is_none()
+        {
+            return Err(self.error(SendError::NoLane(lane.0)));
+        }
+        Ok((permits, lane0))
+    }
+
+    /// Send on `lane`, waiting for room in the window (lane 0's credit, or the lane's own
+    /// line in the link task).
+    pub(crate) async fn send_on(&self, lane: Lane, data: Bytes, delivery: Delivery) -> Result<()> {
+        let (permits, lane0) = self.admit(lane, data.len(), delivery)?;
+        let claimed = lane0
+            && match self.gate.claim(permits) {
+                Claim::Granted => true,
+                Claim::Short => false,
+                Claim::Closed => return Err(Error::UnknownPeer(self.peer)),
+            };
         let (tx, rx) = oneshot::channel();
         self.cmds
             .send(Cmd::Send {
                 data,
-                reliability,
+                lane,
+                delivery,
                 claimed,
                 reply: Some(tx),
             })
@@ -387,12 +430,11 @@ impl LinkHandle {
         }
     }
 
-    /// Send without waiting; `WouldBlock` if the window is full (or others wait for it).
+    /// Send on lane 0 without waiting; `WouldBlock` if the window is full (or others wait for
+    /// it).
     pub(crate) fn try_send(&self, data: Bytes, reliability: Reliability) -> Result<()> {
-        let permits = self
-            .cfg
-            .cost(data.len(), reliability)
-            .map_err(|e| self.error(e))?;
+        let delivery = delivery(reliability);
+        let (permits, _) = self.admit(Lane(0), data.len(), delivery)?;
         match self.gate.claim(permits) {
             Claim::Granted => {}
             Claim::Short => return Err(Error::WouldBlock(self.peer)),
@@ -402,8 +444,27 @@ impl LinkHandle {
         self.cmds
             .send(Cmd::Send {
                 data,
-                reliability,
+                lane: Lane(0),
+                delivery,
                 claimed: true,
+                reply: None,
+            })
+            .map_err(|_| Error::UnknownPeer(self.peer))
+    }
+
+    /// A reliable message a drained session held, re-sent on its lane: lane 0 as
+    /// [`LinkHandle::try_send`]; the other lanes in their line, without an answer.
+    pub(crate) fn resend_held(&self, lane: Lane, data: Bytes) -> Result<()> {
+        if lane.0 == 0 {
+            return self.try_send(data, Reliability::Reliable);
+        }
+        self.admit(lane, data.len(), Delivery::Reliable)?;
+        self.cmds
+            .send(Cmd::Send {
+                data,
+                lane,
+                delivery: Delivery::Reliable,
+                claimed: false,
                 reply: None,
             })
             .map_err(|_| Error::UnknownPeer(self.peer))
@@ -435,7 +496,7 @@ impl LinkHandle {
     /// without a duplicate), oldest first, and count the messages transmitted but not
     /// acknowledged (they may or may not have arrived). A send from now on, or one that raced
     /// this and lost, fails with `UnknownPeer`.
-    pub(crate) async fn take_held(&self) -> (Vec<Bytes>, u64) {
+    pub(crate) async fn take_held(&self) -> (Vec<(Lane, Bytes)>, u64) {
         self.gate.close();
         let (tx, rx) = oneshot::channel();
         if self.cmds.send(Cmd::TakeHeld(tx)).is_err() {
@@ -495,12 +556,15 @@ enum LinkSignal {
 
 /// Where a `send` learns whether the link took its message.
 type SendReply = oneshot::Sender<Result<(), SendError>>;
+/// The reliable messages a link held, with their lanes, and how many sent may be lost.
+type HeldReply = oneshot::Sender<(Vec<(Lane, Bytes)>, u64)>;
 
 /// A send or a flush waiting in line for the window.
 enum Waiter {
     Send {
         data: Bytes,
-        reliability: Reliability,
+        lane: Lane,
+        delivery: Delivery,
         permits: usize,
         reply: Option<SendReply>,
     },
@@ -640,10 +704,14 @@ struct LinkTask {
     gate: Arc<Gate>,
     /// Window lent to the handles: the [`Gate`]'s credit and claims on their way here.
     lent: usize,
-    /// Sends and flushes waiting in line for the window, oldest first.
+    /// Sends of lane 0 (and plain unreliable ones) and flushes waiting in line for the window,
+    /// oldest first.
     waiting: VecDeque<Waiter>,
-    /// Flushes waiting for every fragment up to their seq to be acknowledged.
-    flushes: Vec<(u64, oneshot::Sender<()>)>,
+    /// Sends of the other lanes waiting for window, a line per lane (index 0 unused), so that
+    /// a bulk lane waiting for room holds up no other lane.
+    lane_waiting: [VecDeque<Waiter>; MAX_LANES],
+    /// Flushes waiting for every fragment up to their seqs (per lane) to be acknowledged.
+    flushes: Vec<([u64; MAX_LANES], oneshot::Sender<()>)>,
     /// Answers to sends taken since the last step.
     replies: Vec<(SendReply, Result<(), SendError>)>,
     /// Answers sent once every app frame handed to a writer before them (ids below the first)
@@ -653,7 +721,7 @@ struct LinkTask {
     /// App frames (DATA, unreliable) handed to a writer and not yet on their channel.
     writing: std::collections::BTreeSet<u64>,
     /// [`LinkHandle::take_held`] asked; answered once no claim is on its way.
-    take_held: Option<oneshot::Sender<(Vec<Bytes>, u64)>>,
+    take_held: Option<HeldReply>,
     /// The link was emptied for a new session: it takes no more messages.
     ended: bool,
     /// Events for the app, in order.
@@ -758,28 +826,39 @@ impl LinkTask {
         match cmd {
             Cmd::Send {
                 data,
-                reliability,
+                lane,
+                delivery,
                 claimed,
                 reply,
             } => {
+                let reliability = match delivery {
+                    Delivery::Reliable => Reliability::Reliable,
+                    _ => Reliability::Unreliable,
+                };
                 let Ok(permits) = self.core_cfg().cost(data.len(), reliability) else {
                     // The handle checked the size with the same configuration.
                     return;
                 };
                 if claimed {
                     self.lent -= permits;
-                    let r = self.core.send(data, reliability);
+                    let r = self.core.send_on(lane, data, delivery);
                     debug_assert!(r != Err(SendError::WouldBlock), "a claim had no room");
                     if let Some(reply) = reply {
                         self.replies.push((reply, r));
                     }
                 } else {
-                    self.waiting.push_back(Waiter::Send {
+                    let waiter = Waiter::Send {
                         data,
-                        reliability,
+                        lane,
+                        delivery,
                         permits,
                         reply,
-                    });
+                    };
+                    if lane.0 == 0 || delivery == Delivery::Unreliable {
+                        self.waiting.push_back(waiter);
+                    } else {
+                        self.lane_waiting[lane.index()].push_back(waiter);
+                    }
                 }
             }
             Cmd::Flush(reply) => self.waiting.push_back(Waiter::Flush(reply)),
@@ -793,7 +872,7 @@ impl LinkTask {
             max_message: self.ctx.max_message,
             dead_path: self.ctx.dead_path,
             version: LinkVersion(self.ctx.link_version),
-            lanes: default_lanes(),
+            lanes: self.ctx.lanes,
         }
     }
 
@@ -802,7 +881,9 @@ impl LinkTask {
         self.core.window_available().saturating_sub(self.lent)
     }
 
-    /// Admit waiting sends in order while the window has room for the oldest.
+    /// Admit waiting sends in order while the window has room for the oldest: lane 0's line
+    /// against lane 0's room less the credit lent, each other lane's against its own room
+    /// (which never counts lane 0's unused reserve, where the lent credit is).
     fn serve_waiters(&mut self) {
         while let Some(front) = self.waiting.front() {
             match front {
@@ -810,31 +891,51 @@ impl LinkTask {
                     let Some(Waiter::Flush(reply)) = self.waiting.pop_front() else {
                         unreachable!()
                     };
-                    self.flushes.push((self.core.last_seq(), reply));
+                    self.flushes.push((self.core.last_seqs(), reply));
                 }
                 Waiter::Send { permits, reply, .. } => {
                     let withdrawn = reply.as_ref().is_some_and(|r| r.is_closed());
                     if !withdrawn && *permits > self.free() && !self.ended {
                         break;
                     }
-                    let Some(Waiter::Send {
-                        data,
-                        reliability,
-                        reply,
-                        ..
-                    }) = self.waiting.pop_front()
-                    else {
+                    let Some(waiter) = self.waiting.pop_front() else {
                         unreachable!()
                     };
-                    if withdrawn {
-                        continue;
-                    }
-                    let r = self.core.send(data, reliability);
-                    if let Some(reply) = reply {
-                        self.replies.push((reply, r));
-                    }
+                    self.take_waiter(waiter, withdrawn);
                 }
             }
+        }
+        for i in 1..MAX_LANES {
+            while let Some(Waiter::Send { permits, reply, .. }) = self.lane_waiting[i].front() {
+                let withdrawn = reply.as_ref().is_some_and(|r| r.is_closed());
+                if !withdrawn && *permits > self.core.lane_free(Lane(i as u8)) && !self.ended {
+                    break;
+                }
+                let Some(waiter) = self.lane_waiting[i].pop_front() else {
+                    unreachable!()
+                };
+                self.take_waiter(waiter, withdrawn);
+            }
+        }
+    }
+
+    fn take_waiter(&mut self, waiter: Waiter, withdrawn: bool) {
+        let Waiter::Send {
+            data,
+            lane,
+            delivery,
+            reply,
+            ..
+        } = waiter
+        else {
+            return;
+        };
+        if withdrawn {
+            return;
+        }
+        let r = self.core.send_on(lane, data, delivery);
+        if let Some(reply) = reply {
+            self.replies.push((reply, r));
         }
     }
 
@@ -848,10 +949,7 @@ impl LinkTask {
         self.serve_waiters();
         if self.lent == 0 {
             if let Some(reply) = self.take_held.take() {
-                // Only lane 0 is sent on until the lanes API threads lanes through `Cmd`.
-                let (held, undelivered) = self.core.take_held();
-                let held = held.into_iter().map(|(_, m)| m).collect();
-                let _ = reply.send((held, undelivered));
+                let _ = reply.send(self.core.take_held());
                 self.ended = true;
                 // Those in line fail now (`SendError::Ended`).
                 self.serve_waiters();
@@ -899,16 +997,17 @@ impl LinkTask {
             let _ = reply.send(r);
         }
         let mut pending = Vec::new();
-        for (seq, reply) in self.flushes.drain(..) {
-            if self.core.acked_through(seq) {
+        for (seqs, reply) in self.flushes.drain(..) {
+            if self.core.acked_through_all(&seqs) {
                 let _ = reply.send(());
             } else if !reply.is_closed() {
-                pending.push((seq, reply));
+                pending.push((seqs, reply));
             }
         }
         self.flushes = pending;
         if self.waiting.is_empty() && !self.ended {
-            let free = self.free();
+            // With several lanes, only lane 0's unused reserve is lent (`LinkCore::lendable`).
+            let free = self.core.lendable().saturating_sub(self.lent);
             if free > 0 {
                 self.lent += free;
                 self.gate.lend(free);
@@ -1064,10 +1163,12 @@ impl LinkTask {
                 break;
             };
             match event {
-                // Lanes reach the app with the lanes API; until then every message is lane 0.
                 CoreEvent::Deliver {
-                    data, reliability, ..
+                    data,
+                    reliability,
+                    lane,
                 } => self.outbox.push_back(Event::Message {
+                    lane: lane.0,
                     from: self.peer,
                     data,
                     reliability,

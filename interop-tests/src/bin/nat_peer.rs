@@ -223,6 +223,7 @@ async fn main() {
                 from,
                 data,
                 reliability: Reliability::Reliable,
+                ..
             } => {
                 let name = client.name_of(from).unwrap_or_else(|| from.to_string());
                 let mut expected = expected.lock().unwrap();

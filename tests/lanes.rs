@@ -1,0 +1,139 @@
+//! Lanes end to end (PROTOCOL.md §8.8): a bulk transfer on lane 1 while lane 0 carries numbered
+//! chat messages, on the server path and on the direct path, native to native. Every message of
+//! both lanes arrives once and in order per lane. (The 64 MiB runs in the release
+//! bench; a debug test moves 16 MiB.)
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use peermesh::{Client, ClientConfig, Event, Events, PeerId, Reliability};
+
+const BULK: usize = 16 << 20;
+const CHUNK: usize = 256 << 10;
+const CHAT: u32 = 200;
+
+fn numbered(lane: u8, n: u32, len: usize) -> Bytes {
+    let mut v = vec![lane; len.max(5)];
+    v[1..5].copy_from_slice(&n.to_be_bytes());
+    v.into()
+}
+
+/// Lane 1: `BULK` bytes in `CHUNK` messages; lane 0: `CHAT` small messages, paced; the peer
+/// checks that each lane's messages arrive once, in order, on their lane.
+async fn transfer(a: &Client, b_id: PeerId, be: &mut Events, a_id: PeerId) {
+    let bulk = async {
+        for n in 0..(BULK / CHUNK) as u32 {
+            a.send_on(b_id, 1, numbered(1, n, CHUNK), Reliability::Reliable)
+                .await
+                .unwrap();
+        }
+    };
+    let chat = async {
+        for n in 0..CHAT {
+            a.send(b_id, numbered(0, n, 40), Reliability::Reliable)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    let receive = async {
+        let mut next = [0u32; 2];
+        let want = [CHAT, (BULK / CHUNK) as u32];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while next != want {
+            let e = tokio::time::timeout_at(deadline, be.recv())
+                .await
+                .expect("every message within 120 s")
+                .expect("events");
+            let Event::Message {
+                from, data, lane, ..
+            } = e
+            else {
+                continue;
+            };
+            assert_eq!(from, a_id);
+            let l = usize::from(lane);
+            assert!(l < 2, "lane {lane}");
+            assert_eq!(data[0], lane, "a lane {} message on lane {lane}", data[0]);
+            let n = u32::from_be_bytes(data[1..5].try_into().unwrap());
+            assert_eq!(n, next[l], "lane {lane}: out of order or twice");
+            next[l] += 1;
+        }
+    };
+    tokio::join!(bulk, chat, receive);
+}
+
+fn config(name: &str) -> ClientConfig {
+    ClientConfig::new(name)
+        .with_loopback_only(true)
+        .with_lane(1, 0, 1)
+        .with_send_window(16 << 20)
+        .with_max_message_size(4 << 20)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_on_lane_1_and_chat_on_lane_0_on_the_server_path() {
+    init_log();
+    let server = server().await;
+    let (a, mut ae) = client_with(&server, config("a").with_direct(false)).await;
+    let (b, mut be) = client_with(&server, config("b").with_direct(false)).await;
+    a.join("g").await.unwrap();
+    b.join("g").await.unwrap();
+    wait_joined(&mut ae, b.peer_id()).await;
+    wait_joined(&mut be, a.peer_id()).await;
+    let t = Instant::now();
+    transfer(&a, b.peer_id(), &mut be, a.peer_id()).await;
+    eprintln!(
+        "server path: {} MiB + {CHAT} chat in {:?}",
+        BULK >> 20,
+        t.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_on_lane_1_and_chat_on_lane_0_on_the_direct_path() {
+    init_log();
+    let server = server().await;
+    let DirectPair { a, b, mut be, .. } = direct_pair(&server, config).await;
+    let t = Instant::now();
+    transfer(&a, b.peer_id(), &mut be, a.peer_id()).await;
+    eprintln!(
+        "direct path: {} MiB + {CHAT} chat in {:?}",
+        BULK >> 20,
+        t.elapsed()
+    );
+}
+
+/// A peer without lanes (link version 2): lane 1 goes on lane 0, each lane still in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_2_peer_gets_every_lane_on_lane_0_in_order() {
+    init_log();
+    let server = server().await;
+    let (a, mut ae) = client_with(&server, config("a").with_direct(false)).await;
+    let (b, mut be) =
+        client_with(&server, config("b").with_direct(false).with_link_version(2)).await;
+    a.join("g").await.unwrap();
+    b.join("g").await.unwrap();
+    wait_joined(&mut ae, b.peer_id()).await;
+    wait_joined(&mut be, a.peer_id()).await;
+    let b_id = b.peer_id();
+    for n in 0..50u32 {
+        a.send_on(b_id, 1, numbered(1, n, 3000), Reliability::Reliable)
+            .await
+            .unwrap();
+        a.send(b_id, numbered(0, n, 40), Reliability::Reliable)
+            .await
+            .unwrap();
+    }
+    let mut next = [0u32; 2];
+    while next != [50, 50] {
+        let (data, _) = next_message(&mut be, a.peer_id(), 10).await;
+        let l = usize::from(data[0]);
+        let n = u32::from_be_bytes(data[1..5].try_into().unwrap());
+        assert_eq!(n, next[l], "lane {l}: out of order or twice");
+        next[l] += 1;
+    }
+}
