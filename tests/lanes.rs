@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -21,11 +23,20 @@ fn numbered(lane: u8, n: u32, len: usize) -> Bytes {
     v.into()
 }
 
-/// Lane 1: `BULK` bytes in `CHUNK` messages; lane 0: `CHAT` small messages, paced; the peer
-/// checks that each lane's messages arrive once, in order, on their lane.
-async fn transfer(a: &Client, b_id: PeerId, be: &mut Events, a_id: PeerId) {
-    let bulk = async {
-        for n in 0..(BULK / CHUNK) as u32 {
+/// Lane 1: `bulk` bytes in `CHUNK` messages; lane 0: `CHAT` small messages, paced; the peer
+/// checks that each lane's messages arrive once, in order, on their lane. Returns the chat
+/// messages' one-way delays (median, max): both clients are in this process.
+async fn transfer(
+    a: &Client,
+    b_id: PeerId,
+    be: &mut Events,
+    a_id: PeerId,
+    bulk: usize,
+) -> (Duration, Duration) {
+    let sent_at = Mutex::new(HashMap::new());
+    let mut delays = Vec::new();
+    let bulk_task = async {
+        for n in 0..(bulk / CHUNK) as u32 {
             a.send_on(b_id, 1, numbered(1, n, CHUNK), Reliability::Reliable)
                 .await
                 .unwrap();
@@ -33,6 +44,7 @@ async fn transfer(a: &Client, b_id: PeerId, be: &mut Events, a_id: PeerId) {
     };
     let chat = async {
         for n in 0..CHAT {
+            sent_at.lock().unwrap().insert(n, Instant::now());
             a.send(b_id, numbered(0, n, 40), Reliability::Reliable)
                 .await
                 .unwrap();
@@ -41,7 +53,7 @@ async fn transfer(a: &Client, b_id: PeerId, be: &mut Events, a_id: PeerId) {
     };
     let receive = async {
         let mut next = [0u32; 2];
-        let want = [CHAT, (BULK / CHUNK) as u32];
+        let want = [CHAT, (bulk / CHUNK) as u32];
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         while next != want {
             let e = tokio::time::timeout_at(deadline, be.recv())
@@ -61,9 +73,15 @@ async fn transfer(a: &Client, b_id: PeerId, be: &mut Events, a_id: PeerId) {
             let n = u32::from_be_bytes(data[1..5].try_into().unwrap());
             assert_eq!(n, next[l], "lane {lane}: out of order or twice");
             next[l] += 1;
+            if l == 0 {
+                let at = sent_at.lock().unwrap().remove(&n).expect("sent");
+                delays.push(at.elapsed());
+            }
         }
     };
-    tokio::join!(bulk, chat, receive);
+    tokio::join!(bulk_task, chat, receive);
+    delays.sort();
+    (delays[delays.len() / 2], delays[delays.len() - 1])
 }
 
 fn config(name: &str) -> ClientConfig {
@@ -84,10 +102,11 @@ async fn bulk_on_lane_1_and_chat_on_lane_0_on_the_server_path() {
     b.join("g").await.unwrap();
     wait_joined(&mut ae, b.peer_id()).await;
     wait_joined(&mut be, a.peer_id()).await;
+    let idle = transfer(&a, b.peer_id(), &mut be, a.peer_id(), 0).await;
     let t = Instant::now();
-    transfer(&a, b.peer_id(), &mut be, a.peer_id()).await;
+    let busy = transfer(&a, b.peer_id(), &mut be, a.peer_id(), BULK).await;
     eprintln!(
-        "server path: {} MiB + {CHAT} chat in {:?}",
+        "server path: {} MiB + {CHAT} chat in {:?}; lane-0 one-way delay (median, max) idle {idle:?}, during the transfer {busy:?}",
         BULK >> 20,
         t.elapsed()
     );
@@ -98,10 +117,11 @@ async fn bulk_on_lane_1_and_chat_on_lane_0_on_the_direct_path() {
     init_log();
     let server = server().await;
     let DirectPair { a, b, mut be, .. } = direct_pair(&server, config).await;
+    let idle = transfer(&a, b.peer_id(), &mut be, a.peer_id(), 0).await;
     let t = Instant::now();
-    transfer(&a, b.peer_id(), &mut be, a.peer_id()).await;
+    let busy = transfer(&a, b.peer_id(), &mut be, a.peer_id(), BULK).await;
     eprintln!(
-        "direct path: {} MiB + {CHAT} chat in {:?}",
+        "direct path: {} MiB + {CHAT} chat in {:?}; lane-0 one-way delay (median, max) idle {idle:?}, during the transfer {busy:?}",
         BULK >> 20,
         t.elapsed()
     );
