@@ -18,6 +18,8 @@
 //!   the direct path, with 0 % and 5 % UDP loss (nft `numgen random` on the pair's own UDP port
 //!   range; needs root), for link protocol version 2 ("u2": unordered, no retransmissions)
 //!   against version 1 ("u", which webrtc-rs 0.17 sends ordered and reliable) in the same run.
+//! * lane-0 RTT while a lane-1 bulk transfer runs in the same direction, against idle lane-0
+//!   RTT just before, on the direct and on the server path (lane 1 at priority 1).
 //!
 //! In the same run, the same direct figures are taken for two bare webrtc-rs PeerConnections
 //! signaled in-process with the same two pre-negotiated data channels ("r" id 0 ordered, "u" id 1
@@ -94,6 +96,9 @@ struct Args {
     /// Skip the unreliable latency section.
     #[arg(long)]
     no_unreliable: bool,
+    /// Skip the lanes section (lane-0 RTT during a lane-1 bulk transfer).
+    #[arg(long)]
+    no_lanes: bool,
 }
 
 struct Params {
@@ -107,6 +112,7 @@ struct Params {
     unreliable_samples: usize,
     link_version: u32,
     no_unreliable: bool,
+    no_lanes: bool,
     /// nft works here (root): the unreliable latency is also measured under loss.
     loss: bool,
 }
@@ -698,6 +704,138 @@ async fn bare_run(p: &Params) -> Result<BareRun> {
 // ---------------------------------------------------------------------------------------------
 // statistics and output
 
+// ---------------------------------------------------------------------------------------------
+// lanes
+
+/// Lane-0 RTT with the lane idle and during a lane-1 bulk transfer, on one path.
+struct LaneRun {
+    idle: Vec<f64>,
+    busy: Vec<f64>,
+    /// Lane-1 throughput while the busy RTT was measured (MB/s).
+    bulk_mbps: f64,
+}
+
+/// Most bytes a lane-1 bulk sender sends (it stops earlier, when the busy RTT step ends).
+const BULK_MAX: usize = 1 << 30;
+
+/// A pair with lane 1 configured as a bulk lane (priority 1: below lane 0), on the direct path
+/// (`direct`) or kept on the server path. A pings B on lane 0, idle and then while A sends 16 KiB
+/// messages on lane 1 to B as fast as the link takes them; B's event loop echoes lane 0 and
+/// counts lane 1. The pinger is the bulk sender, so each probe queues behind A's bulk data.
+async fn lanes_run(url: &str, i: usize, direct: bool, p: &Params) -> Result<LaneRun> {
+    let which = if direct { "direct" } else { "server" };
+    let cfg = |name: &str| {
+        ClientConfig::new(name)
+            .with_loopback_only(true)
+            .with_direct(direct)
+            .with_lane(1, 1, 1)
+    };
+    let (a, mut ea) = connect(url, cfg("lanes-a"), "A (lanes)", p.step).await?;
+    let (b, mut eb) = connect(url, cfg("lanes-b"), "B (lanes)", p.step).await?;
+    let (a_id, b_id) = (a.peer_id(), b.peer_id());
+    let group = format!("bench-lanes-{which}-{i}");
+    step("A joins (lanes)", p.step, async {
+        Ok(a.join(&group).await?)
+    })
+    .await?;
+    step("B joins (lanes)", p.step, async {
+        Ok(b.join(&group).await?)
+    })
+    .await?;
+    step("the lanes pair sees each other", p.step, async {
+        // A link exists once the member event made it.
+        while a.path(b_id).is_err() || b.path(a_id).is_err() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    })
+    .await?;
+    if direct {
+        step("lanes pair goes direct", p.step, async {
+            while !matches!(a.path(b_id)?, Path::Direct { .. })
+                || !matches!(b.path(a_id)?, Path::Direct { .. })
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Ok(())
+        })
+        .await?;
+        // Drain A's path events so that ping_pong does not see the upgrade.
+        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(50), ea.recv()).await {}
+    }
+    let bulk_got = Arc::new(AtomicU64::new(0));
+    let echo = {
+        let (b, got) = (b.clone(), bulk_got.clone());
+        tokio::spawn(async move {
+            while let Some(ev) = eb.recv().await {
+                if let Event::Message {
+                    from, data, lane, ..
+                } = ev
+                {
+                    if lane == 1 {
+                        got.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    } else if b.send(from, data, Reliability::Reliable).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        })
+    };
+    let result = async {
+        let idle = step(
+            &format!("lane-0 RTT idle, {which} path"),
+            p.step,
+            ping_pong(&a, b_id, &mut ea, p.warmup, p.rtt_samples),
+        )
+        .await?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let bulk = {
+            let (a, stop) = (a.clone(), stop.clone());
+            let msg = Bytes::from(vec![0xb1; CHUNK]);
+            tokio::spawn(async move {
+                let mut sent = 0;
+                while sent < BULK_MAX && !stop.load(Ordering::Relaxed) {
+                    a.send_on(b_id, 1, msg.clone(), Reliability::Reliable)
+                        .await?;
+                    sent += CHUNK;
+                }
+                Ok::<_, peermesh::Error>(())
+            })
+        };
+        // Let the bulk transfer fill every queue on its way first.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (t, got0) = (Instant::now(), bulk_got.load(Ordering::Relaxed));
+        let busy = step(
+            &format!("lane-0 RTT during a lane-1 bulk transfer, {which} path"),
+            p.step,
+            ping_pong(&a, b_id, &mut ea, p.warmup, p.rtt_samples),
+        )
+        .await;
+        let bulk_mbps =
+            (bulk_got.load(Ordering::Relaxed) - got0) as f64 / 1e6 / t.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
+        let busy = busy?;
+        step("bulk sender stops", p.step, async {
+            Ok(bulk.await.context("bulk sender task")??)
+        })
+        .await?;
+        ensure!(
+            bulk_mbps > 0.0,
+            "nothing of the lane-1 transfer arrived during the busy RTT step ({which} path)"
+        );
+        Ok(LaneRun {
+            idle,
+            busy,
+            bulk_mbps,
+        })
+    }
+    .await;
+    echo.abort();
+    a.close().await;
+    b.close().await;
+    result
+}
+
 async fn run(args: Args) -> Result<()> {
     let p = Params {
         runs: args.runs.unwrap_or(if args.quick { 3 } else { 20 }).max(1),
@@ -718,6 +856,7 @@ async fn run(args: Args) -> Result<()> {
             .link_version
             .unwrap_or(peermesh::protocol::LINK_VERSION),
         no_unreliable: args.no_unreliable,
+        no_lanes: args.no_lanes,
         loss: std::process::Command::new("nft")
             .args(["list", "tables"])
             .stdout(std::process::Stdio::null())
@@ -811,6 +950,32 @@ async fn run(args: Args) -> Result<()> {
                 slot.1.lat.extend(l.lat);
                 slot.1.sent += l.sent;
             }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    // Lanes, also in a phase of their own: [direct, server] runs, alternating which goes first.
+    let mut lanes: [Vec<LaneRun>; 2] = Default::default();
+    for i in 0..p.runs {
+        let order = if i % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for direct in order.into_iter().filter(|_| !p.no_lanes) {
+            let which = if direct { "direct" } else { "server" };
+            let run = lanes_run(&url, i, direct, &p)
+                .await
+                .with_context(|| format!("run {}: lanes, {which} path", i + 1))?;
+            let med = |v: &[f64]| stat(v).map_or(f64::NAN, |s| s.median);
+            eprintln!(
+                "  lanes, {which} path: lane-0 RTT idle {:.3} ms, during lane-1 bulk {:.3} ms \
+                 (bulk {:.1} MB/s)",
+                med(&run.idle),
+                med(&run.busy),
+                run.bulk_mbps
+            );
+            lanes[usize::from(!direct)].push(run);
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -948,6 +1113,40 @@ async fn run(args: Args) -> Result<()> {
         ));
     }
     line(String::new());
+    if !p.no_lanes {
+        line(format!(
+            "Lanes: lane 1 configured with priority 1 (below lane 0); A sends {} KiB reliable \
+             messages on lane 1 as fast as the link takes them while it pings B on lane 0 \
+             ({PING_SIZE}-byte messages echoed by B's event loop, {} per run after {} warm-up, \
+             pooled); idle = the same pings just before the transfer starts.",
+            CHUNK >> 10,
+            p.rtt_samples,
+            p.warmup
+        ));
+        line(String::new());
+        line(
+            "| figure | during bulk median | p95 | idle median | p95 | ratio (bulk/idle) |".into(),
+        );
+        line("|---|---:|---:|---:|---:|---:|".into());
+        for (k, which) in ["direct", "server"].into_iter().enumerate() {
+            let pool = |f: fn(&LaneRun) -> &Vec<f64>| {
+                lanes[k].iter().flat_map(f).copied().collect::<Vec<_>>()
+            };
+            line(row(
+                &format!("lane 0 RTT during a lane 1 bulk transfer, {which} path (ms)"),
+                stat(&pool(|r| &r.busy)),
+                stat(&pool(|r| &r.idle)),
+                3,
+            ));
+            line(row(
+                &format!("lane 1 bulk throughput meanwhile, {which} path (MB/s)"),
+                stat(&lanes[k].iter().map(|r| r.bulk_mbps).collect::<Vec<_>>()),
+                None,
+                1,
+            ));
+        }
+        line(String::new());
+    }
 
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
     if let Some(d) = direct_b {
@@ -971,6 +1170,18 @@ async fn run(args: Args) -> Result<()> {
             "target direct throughput within 10 % of bare: ratio {r:.2} — {}",
             verdict(r >= 0.90)
         ));
+    }
+    for (k, which) in ["direct", "server"].into_iter().enumerate() {
+        let pool =
+            |f: fn(&LaneRun) -> &Vec<f64>| lanes[k].iter().flat_map(f).copied().collect::<Vec<_>>();
+        if let (Some(busy), Some(idle)) = (stat(&pool(|r| &r.busy)), stat(&pool(|r| &r.idle))) {
+            let r = busy.median / idle.median;
+            line(format!(
+                "target lane 0 RTT during a lane 1 bulk transfer <= 2x idle, {which} path: ratio \
+                 {r:.2} — {}",
+                verdict(r <= 2.0)
+            ));
+        }
     }
     let notes: Vec<&String> = pm_runs.iter().flat_map(|r| &r.notes).collect();
     if notes.is_empty() {

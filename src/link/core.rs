@@ -51,6 +51,10 @@ const MAX_PINGS: usize = 8;
 pub(crate) const ACK_EVERY: u64 = 32;
 /// Longest a received fragment waits for its ack.
 pub(crate) const ACK_DELAY: Duration = Duration::from_millis(5);
+/// Send an ack once this many fragment bytes are unacknowledged, even before `ACK_EVERY`
+/// fragments or `ACK_DELAY`: a sender that keeps little in flight (several lanes, §8.8.3) then
+/// gets room back within a round trip, not a timer.
+pub(crate) const ACK_BYTES: usize = 32 << 10;
 /// Window cost of a fragment beyond its bytes.
 pub(crate) const FRAGMENT_OVERHEAD: usize = 64;
 /// Largest send window of a reference sender (`ClientConfig::with_send_window` and peermesh.js
@@ -72,13 +76,14 @@ pub(crate) const LANE_WAIT: Duration = Duration::from_secs(1);
 /// Deficit round robin credit per unit of lane weight and visit: one full DATA_LANE fragment, so
 /// every visit of a busy lane sends at least one fragment.
 pub(crate) const DRR_QUANTUM: usize = MAX_FRAGMENT_PAYLOAD + 16;
-/// While more than one lane has fragments waiting, DATA waits while "r" has this much queued
-/// (instead of `DC_HIGH`): a lane-0 fragment then queues behind at most this much of a bulk lane
-/// in SCTP's FIFO (§8.8.3). 256 KiB is 21 ms at 100 Mbit/s.
-pub(crate) const DC_HIGH_LANES: usize = 256 << 10;
-/// DATA waits while the link's frames waiting for the WebSocket are more than this
-/// ([`LinkCore::server_buffered`]): the WebSocket is one FIFO for every lane (§8.8.3).
-pub(crate) const SERVER_HIGH: usize = 64 << 10;
+/// With more than one lane, the least DATA a path may have queued before the next fragment
+/// waits (§8.8.3): on the server path, permits transmitted and not acknowledged; on the direct
+/// path, bytes in "r". Above it, twice the path's bandwidth-delay product ([`Pace`]).
+pub(crate) const LANES_QUEUE_FLOOR: usize = 32 << 10;
+/// Delivery-rate samples span at least this long, and at least the path's least RTT.
+const RATE_INTERVAL: Duration = Duration::from_millis(10);
+/// The delivery-rate estimate is the largest sample of the last second.
+const RATE_WINDOW: Duration = Duration::from_secs(1);
 /// Link protocol version with lanes, sequenced unreliable messages and VERSION (§8.8).
 pub(crate) const LANES_VERSION: LinkVersion = LinkVersion(3);
 
@@ -322,6 +327,9 @@ struct SendStream {
     unacked: VecDeque<Unacked>,
     /// Sum of `unacked` permits.
     unacked_permits: usize,
+    /// Sum of the permits of `unacked` below `next_tx`: transmitted on the current path (or
+    /// before it) and not acknowledged.
+    tx_permits: usize,
     /// Seq of the next fragment to transmit on the link's path. Everything unacknowledged below
     /// it has been transmitted; a downgrade or a resync on the server path moves it back to the
     /// oldest unacknowledged fragment, which is the re-send of §8.5.
@@ -340,6 +348,7 @@ impl SendStream {
             next_seq: 1,
             unacked: VecDeque::new(),
             unacked_permits: 0,
+            tx_permits: 0,
             next_tx: 1,
             server_resend: VecDeque::new(),
             held_from: None,
@@ -392,24 +401,39 @@ impl SendStream {
         self.unacked.get_mut(i)
     }
 
-    /// Cumulative ack: release everything up to `seq`.
-    fn on_ack(&mut self, seq: u64) {
+    /// Cumulative ack: release everything up to `seq`; returns the permits released.
+    fn on_ack(&mut self, seq: u64) -> usize {
+        let before = self.unacked_permits;
         while let Some(front) = self.unacked.front() {
             if front.seq > seq {
                 break;
             }
             self.unacked_permits -= front.permits;
+            if front.seq < self.next_tx {
+                self.tx_permits -= front.permits;
+            }
             self.unacked.pop_front();
         }
         // Acked fragments need no (re-)transmission.
         let first = self.unacked.front().map_or(self.next_seq, |u| u.seq);
         self.next_tx = self.next_tx.max(first);
+        before - self.unacked_permits
     }
 
     /// Transmit every unacknowledged fragment again, from the oldest.
     fn rewind(&mut self) {
         self.next_tx = self.unacked.front().map_or(self.next_seq, |u| u.seq);
+        self.tx_permits = 0;
         self.server_resend.clear();
+    }
+
+    /// The fragment at `next_tx` was transmitted.
+    fn advance(&mut self) {
+        if let Some(u) = self.get_mut(self.next_tx) {
+            let permits = u.permits;
+            self.tx_permits += permits;
+        }
+        self.next_tx += 1;
     }
 
     /// Length of the next fragment to transmit, if one may go now (not held by a drain).
@@ -420,6 +444,56 @@ impl SendStream {
         let front = self.unacked.front()?.seq;
         let i = usize::try_from(self.next_tx.checked_sub(front)?).ok()?;
         self.unacked.get(i).map(|u| u.frame.len())
+    }
+}
+
+/// How much DATA the current path may have queued while several lanes are configured
+/// (§8.8.3): twice its bandwidth-delay product — the largest delivery rate acks showed in the
+/// last second times the least RTT seen on the path — and at least `LANES_QUEUE_FLOOR`. Twice,
+/// so that a path the bound itself holds back still shows its rate growing; what the network
+/// can carry in one round trip queues at most once more, so a lane-0 fragment sees about
+/// twice the idle RTT. Starts over on every path change, from the floor.
+#[derive(Debug, Default)]
+struct Pace {
+    min_rtt: Option<Duration>,
+    /// Current sample: since when, and permits acknowledged since.
+    sample: Option<(Instant, usize)>,
+    /// (end, bytes per second), oldest first, within `RATE_WINDOW`.
+    rates: VecDeque<(Instant, f64)>,
+}
+
+impl Pace {
+    fn on_rtt(&mut self, sample: Duration) {
+        self.min_rtt = Some(self.min_rtt.map_or(sample, |m| m.min(sample)));
+    }
+
+    fn on_acked(&mut self, permits: usize, now: Instant) {
+        let Some((start, acked)) = &mut self.sample else {
+            self.sample = Some((now, 0));
+            return;
+        };
+        *acked += permits;
+        let span = now.saturating_duration_since(*start);
+        if span < RATE_INTERVAL.max(self.min_rtt.unwrap_or_default()) {
+            return;
+        }
+        self.rates
+            .push_back((now, *acked as f64 / span.as_secs_f64()));
+        self.sample = Some((now, 0));
+        while self
+            .rates
+            .front()
+            .is_some_and(|(t, _)| now.saturating_duration_since(*t) > RATE_WINDOW)
+        {
+            self.rates.pop_front();
+        }
+    }
+
+    /// The bound, at most `ceiling`.
+    fn bound(&self, ceiling: usize) -> usize {
+        let rate = self.rates.iter().map(|r| r.1).fold(0.0, f64::max);
+        let bdp = self.min_rtt.map_or(0.0, |rtt| rate * rtt.as_secs_f64());
+        ((2.0 * bdp) as usize).clamp(LANES_QUEUE_FLOOR.min(ceiling), ceiling)
     }
 }
 
@@ -436,6 +510,8 @@ struct RecvStream {
     ack_at: Option<Instant>,
     /// An ack goes out at the next `poll_transmit`.
     ack_now: bool,
+    /// Fragment bytes delivered since the last ack (`ACK_BYTES`).
+    unacked_bytes: usize,
     reorder: BTreeMap<u64, (bool, Bytes)>,
     /// Sum over `reorder` of fragment length + `FRAGMENT_OVERHEAD`.
     reorder_bytes: usize,
@@ -522,6 +598,7 @@ impl RecvStream {
     /// dropped with its fragments up to FIN rather than buffered without bound.
     fn reassemble(&mut self, fin: bool, payload: Bytes) -> Reassembled {
         self.delivered += 1;
+        self.unacked_bytes += payload.len();
         if self.discarding {
             self.discarding = !fin;
             return Reassembled::Partial;
@@ -542,10 +619,10 @@ impl RecvStream {
         Reassembled::Message(std::mem::take(&mut self.partial).freeze())
     }
 
-    /// After a delivery or a duplicate: ack at once every `ACK_EVERY` fragments, else within
-    /// `ACK_DELAY`.
+    /// After a delivery or a duplicate: ack at once every `ACK_EVERY` fragments or `ACK_BYTES`
+    /// bytes, else within `ACK_DELAY`.
     fn schedule_ack(&mut self, now: Instant) {
-        if self.delivered - self.acked_sent >= ACK_EVERY {
+        if self.delivered - self.acked_sent >= ACK_EVERY || self.unacked_bytes >= ACK_BYTES {
             self.ack_now = true;
             self.ack_at = None;
         } else if self.ack_at.is_none() {
@@ -561,6 +638,7 @@ impl RecvStream {
         }
         self.ack_due = false;
         self.acked_sent = self.delivered;
+        self.unacked_bytes = 0;
         Some(self.delivered)
     }
 
@@ -799,7 +877,6 @@ pub(crate) struct LinkCore {
     /// A VERSION of the peer was answered (since the start or the last resync).
     version_answered: bool,
     /// The link's frames waiting for the WebSocket, as the async layer last reported.
-    server_buffered: usize,
     /// Deficit round robin cursor, and whether its lane has had this visit's credit.
     rr: usize,
     rr_fresh: bool,
@@ -829,6 +906,7 @@ pub(crate) struct LinkCore {
     /// PONG ids to send, with the path their PING came on.
     pongs_due: VecDeque<(u64, PathId)>,
     rtt: Option<Duration>,
+    pace: Pace,
     events: VecDeque<CoreEvent>,
     stats: CoreStats,
 }
@@ -850,7 +928,6 @@ impl LinkCore {
             started: now,
             version_due: has_lanes,
             version_answered: false,
-            server_buffered: 0,
             rr: 0,
             rr_fresh: true,
             server: ServerPath::Connected,
@@ -871,6 +948,7 @@ impl LinkCore {
             pings_due: VecDeque::new(),
             pongs_due: VecDeque::new(),
             rtt: None,
+            pace: Pace::default(),
             events: VecDeque::new(),
             stats: CoreStats::default(),
         }
@@ -1196,14 +1274,18 @@ impl LinkCore {
                 let payload = frame.slice_ref(bytes);
                 self.on_data(lane, seq, fin, payload, now);
             }
-            LinkFrame::Ack { seq } => self.lanes[0].send.on_ack(seq),
+            LinkFrame::Ack { seq } => {
+                let released = self.lanes[0].send.on_ack(seq);
+                self.pace.on_acked(released, now);
+            }
             LinkFrame::AckLane { lane, seq } => {
                 let lane = usize::from(lane);
                 if lane == 0 || lane >= MAX_LANES {
                     self.stats.bad_frames += 1;
                     return;
                 }
-                self.lanes[lane].send.on_ack(seq);
+                let released = self.lanes[lane].send.on_ack(seq);
+                self.pace.on_acked(released, now);
             }
             LinkFrame::Unreliable { bytes } => self.events.push_back(CoreEvent::Deliver {
                 data: frame.slice_ref(bytes),
@@ -1273,6 +1355,7 @@ impl LinkCore {
                         None => sample,
                         Some(old) => (old * 7 + sample) / 8,
                     });
+                    self.pace.on_rtt(sample);
                 }
             }
             LinkFrame::Ready { gen } => {
@@ -1440,15 +1523,6 @@ impl LinkCore {
         self.server = ServerPath::Paused;
     }
 
-    /// Bytes of this link's frames handed on for the WebSocket and not yet written to it: DATA
-    /// waits while it is above `SERVER_HIGH`, so that the WebSocket's FIFO stays short and the
-    /// lanes are scheduled here (§8.8.3). Report it as it changes.
-    // Not reported yet: the session's writer does not count a link's bytes (see DESIGN notes).
-    #[cfg_attr(not(test), allow(dead_code))]
-    pub(crate) fn server_buffered(&mut self, bytes: usize) {
-        self.server_buffered = bytes;
-    }
-
     /// The server path is back (`LinkInput::Resync`): frames in flight when it broke may be
     /// lost (§3.14). On the server path every unacknowledged fragment and the ack go again.
     /// While direct, the fragments last sent on the server path go again there (the reference
@@ -1539,6 +1613,7 @@ impl LinkCore {
             let unacked = std::mem::take(&mut st.unacked);
             st.unacked_permits = 0;
             st.next_tx = st.next_seq;
+            st.tx_permits = 0;
             st.server_resend.clear();
             let mut current = BytesMut::new();
             for u in unacked {
@@ -1836,15 +1911,21 @@ impl LinkCore {
         let path = self.path();
         let route = match path {
             PathId::Server if self.server == ServerPath::Paused => return None,
-            // The WebSocket is one FIFO for every lane: keep it short.
-            PathId::Server if self.server_buffered > SERVER_HIGH => return None,
+            // The way through the server is one FIFO for every lane: keep it short.
+            PathId::Server
+                if self.reserving_lanes() > 1
+                    && self.lanes.iter().map(|l| l.send.tx_permits).sum::<usize>()
+                        >= self.pace.bound(self.cfg.window) =>
+            {
+                return None
+            }
             PathId::Server => Route::Server,
             PathId::Direct(gen) => {
                 let d = self.direct.as_ref().expect("direct path is up");
                 // So is "r": with several lanes, a lane-0 fragment must not queue behind a
                 // megabyte of a bulk lane.
                 let high = if self.reserving_lanes() > 1 {
-                    DC_HIGH_LANES
+                    self.pace.bound(DC_HIGH)
                 } else {
                     DC_HIGH
                 };
@@ -1864,7 +1945,7 @@ impl LinkCore {
         }
         u.via = Some(path);
         let frame = u.frame.clone();
-        st.next_tx += 1;
+        st.advance();
         match path {
             PathId::Server => self.stats.sent_server += 1,
             PathId::Direct(_) => self.stats.sent_direct += 1,
@@ -2012,6 +2093,7 @@ impl LinkCore {
     fn reset_rtt(&mut self) {
         // Samples of one path say nothing about the other (§8.6).
         self.rtt = None;
+        self.pace = Pace::default();
         self.pings.clear();
         self.pings_due.clear();
     }
@@ -3162,6 +3244,14 @@ mod tests {
                 for (i, l) in c.lanes.iter().enumerate() {
                     let unacked: usize = l.send.unacked.iter().map(|u| u.permits).sum();
                     assert_eq!(unacked, l.send.unacked_permits);
+                    let transmitted: usize = l
+                        .send
+                        .unacked
+                        .iter()
+                        .filter(|u| u.seq < l.send.next_tx)
+                        .map(|u| u.permits)
+                        .sum();
+                    assert_eq!(transmitted, l.send.tx_permits, "end {e} lane {i}");
                     fragments += l.send.unacked.len();
                     // A lane never holds another lane's reserve (§8.8.4).
                     assert!(l.usage() <= c.lane_cap(), "end {e}: lane {i} past its cap");
@@ -3564,19 +3654,25 @@ mod tests {
             c.send_on(Lane(1), big().slice(..1 << 20), Delivery::Reliable)
                 .unwrap();
         }
-        // The WebSocket took a few fragments, then filled up (the async layer reports it).
-        for _ in 0..3 {
-            assert_eq!(data_lane(&c.poll_transmit().unwrap().frame), Some(1));
+        // Lane 1 goes until LANES_QUEUE_FLOOR is unacknowledged (no rate known yet), then waits.
+        let mut sent = 0;
+        while let Some(t) = c.poll_transmit() {
+            assert_eq!(data_lane(&t.frame), Some(1));
+            sent += 1;
         }
-        c.server_buffered(SERVER_HIGH + 1);
-        assert!(
-            c.poll_transmit().is_none(),
-            "the WebSocket's queue stays short"
+        assert_eq!(
+            sent,
+            LANES_QUEUE_FLOOR.div_ceil(fragment_permits(MAX_FRAGMENT_PAYLOAD))
         );
-        // A chat message: the next fragment once the WebSocket drains, or the one after.
+        // A chat message: the next fragment once an ack makes room, or the one after.
         c.send_on(Lane(0), Bytes::from_static(b"hi"), Delivery::Reliable)
             .unwrap();
-        c.server_buffered(0);
+        assert!(
+            c.poll_transmit().is_none(),
+            "the way through the server stays short"
+        );
+        let ack = Bytes::from(LinkFrame::AckLane { lane: 1, seq: 2 }.encode());
+        c.handle_frame(PathId::Server, ack, t0 + ms(1));
         let next: Vec<_> = (0..2)
             .map(|_| data_lane(&c.poll_transmit().unwrap().frame))
             .collect();
@@ -3602,7 +3698,8 @@ mod tests {
             .unwrap();
         assert_eq!(data_lane(&c.poll_transmit().unwrap().frame), Some(0));
 
-        // The direct path: "r" is kept at DC_HIGH_LANES, not DC_HIGH, with two lanes.
+        // The direct path: "r" is kept at LANES_QUEUE_FLOOR (no rate known yet), not DC_HIGH,
+        // with two lanes.
         let mut c = lanes_core(t0, 16 << 20, &[]);
         c.direct_started(Gen(1), t0);
         c.direct_channels_open(Gen(1), LinkVersion(3), t0);
@@ -3619,7 +3716,7 @@ mod tests {
                 .unwrap();
         }
         let busy = Buffered {
-            reliable: DC_HIGH_LANES + 1,
+            reliable: LANES_QUEUE_FLOOR + 1,
             unreliable: 0,
         };
         c.direct_buffered(Gen(1), busy);
@@ -3689,6 +3786,45 @@ mod tests {
     }
 
     #[test]
+    fn pace_allows_twice_the_bandwidth_delay_product() {
+        let t0 = Instant::now();
+        let mut p = Pace::default();
+        assert_eq!(
+            p.bound(1 << 20),
+            LANES_QUEUE_FLOOR,
+            "nothing known: the floor"
+        );
+        p.on_rtt(ms(80));
+        p.on_rtt(ms(50));
+        p.on_rtt(ms(70));
+        p.on_acked(1000, t0); // starts the first sample
+        p.on_acked(60_000, t0 + ms(20)); // shorter than the least RTT: same sample
+        p.on_acked(65_000, t0 + ms(50));
+        // 125 000 bytes in 50 ms: 2.5 MB/s × 50 ms = 125 000 bytes, twice that.
+        assert_eq!(p.bound(1 << 20), 250_000);
+        assert_eq!(p.bound(100_000), 100_000, "never above the ceiling");
+        assert_eq!(p.bound(1000), 1000, "nor the floor above the ceiling");
+        // The largest rate of the last second counts; older samples go.
+        p.on_acked(10_000, t0 + ms(1200));
+        assert_eq!(p.bound(1 << 20), LANES_QUEUE_FLOOR);
+    }
+
+    #[test]
+    fn acks_go_at_once_every_ack_bytes() {
+        let mut r = RecvStream::default();
+        let t0 = Instant::now();
+        let per = 16 << 10;
+        for seq in 1..=(ACK_BYTES / per) as u64 {
+            assert!(!r.ack_now);
+            let _ = r.on_data(seq, true, big().slice(..per));
+            r.schedule_ack(t0);
+        }
+        assert!(r.ack_now, "{ACK_BYTES} bytes delivered: ack now");
+        assert_eq!(r.take_ack(), Some((ACK_BYTES / per) as u64));
+        assert_eq!(r.unacked_bytes, 0);
+    }
+
+    #[test]
     fn weights_share_the_link_and_reserves_keep_window_for_each_lane() {
         let t0 = Instant::now();
         let heavy = LaneConfig {
@@ -3705,6 +3841,11 @@ mod tests {
         for _ in 0..80 {
             let lane = data_lane(&c.poll_transmit().unwrap().frame).unwrap();
             count[usize::from(lane)] += 1;
+            // Acknowledged at once, so that the server path's bound on what is in flight
+            // (LANES_QUEUE_FLOOR) does not stop the schedule.
+            let seq = count[usize::from(lane)] as u64;
+            let ack = Bytes::from(LinkFrame::AckLane { lane, seq }.encode());
+            c.handle_frame(PathId::Server, ack, t0);
         }
         assert_eq!(count, [0, 20, 60]);
 
