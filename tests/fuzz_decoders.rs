@@ -949,6 +949,10 @@ fn link_frames_with_extreme_headers() {
                 link_kind::READY => 5,
                 link_kind::UNRELIABLE => 1,
                 link_kind::UNRELIABLE_PART => 9,
+                link_kind::DATA_LANE => 11,
+                link_kind::ACK_LANE => 10,
+                link_kind::UNRELIABLE_SEQ => 8,
+                link_kind::VERSION => 5,
                 _ => usize::MAX,
             };
             assert_eq!(
