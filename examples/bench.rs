@@ -19,7 +19,8 @@
 //!   range; needs root), for link protocol version 2 ("u2": unordered, no retransmissions)
 //!   against version 1 ("u", which webrtc-rs 0.17 sends ordered and reliable) in the same run.
 //! * lane-0 RTT while a lane-1 bulk transfer runs in the same direction, against idle lane-0
-//!   RTT just before, on the direct and on the server path (lane 1 at priority 1).
+//!   RTT just before, on the direct and on the server path (lane 1 at priority 1), and on the
+//!   server path of a second server without the relay rate limit.
 //!
 //! In the same run, the same direct figures are taken for two bare webrtc-rs PeerConnections
 //! signaled in-process with the same two pre-negotiated data channels ("r" id 0 ordered, "u" id 1
@@ -715,6 +716,14 @@ struct LaneRun {
     bulk_mbps: f64,
 }
 
+/// The lanes rows: the direct path, the server path, and the server path through a second
+/// server without the relay rate limit.
+const LANE_ROWS: [&str; 3] = [
+    "direct path",
+    "server path",
+    "server path, no relay rate limit",
+];
+
 /// Most bytes a lane-1 bulk sender sends (it stops earlier, when the busy RTT step ends).
 const BULK_MAX: usize = 1 << 30;
 
@@ -886,6 +895,7 @@ async fn run(args: Args) -> Result<()> {
     let mut bare_runs = Vec::with_capacity(p.runs);
     // Unreliable latency per link protocol version: [v2, v1] × (no loss, 5 % loss).
     let mut unrel: [(UnrelRun, UnrelRun); 2] = Default::default();
+    let mut unrel_v1_failed = 0usize;
     for i in 0..p.runs {
         let pm = peermesh_run(&url, i, &p)
             .await
@@ -926,9 +936,21 @@ async fn run(args: Args) -> Result<()> {
         // Alternate which version goes first, so both see the same machine noise.
         let order = if i % 2 == 0 { [2, 1] } else { [1, 2] };
         for version in order.into_iter().filter(|_| !p.no_unreliable) {
-            let (clean, lossy) = unreliable_latency(&url, version, i, &p)
+            let measured = unreliable_latency(&url, version, i, &p)
                 .await
-                .with_context(|| format!("run {}: unreliable latency, version {version}", i + 1))?;
+                .with_context(|| format!("run {}: unreliable latency, version {version}", i + 1));
+            let (clean, lossy) = match measured {
+                Ok(m) => m,
+                // Version 1's "u" is reliable and ordered at webrtc-rs 0.17: under 5 % loss its
+                // probes can stall past the dead-path interval. It is the comparison row, so
+                // the run is left out (and counted) rather than ending the benchmark.
+                Err(e) if version == 1 => {
+                    eprintln!("  unreliable v1: run left out: {e:#}");
+                    unrel_v1_failed += 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let slot = &mut unrel[2 - version as usize];
             eprintln!(
                 "  unreliable v{version}: no loss p50 {:.3} p99 {:.3} ms ({}/{}){}",
@@ -955,27 +977,42 @@ async fn run(args: Args) -> Result<()> {
     }
 
     // Lanes, also in a phase of their own: [direct, server] runs, alternating which goes first.
-    let mut lanes: [Vec<LaneRun>; 2] = Default::default();
-    for i in 0..p.runs {
-        let order = if i % 2 == 0 {
-            [true, false]
-        } else {
-            [false, true]
+    // A second server without the relay rate limit (32 MiB/s per session by default), for a
+    // server-path row that shows what the limiter adds.
+    let unlimited = if p.no_lanes {
+        None
+    } else {
+        let mut cfg = ServerConfig {
+            listen: "127.0.0.1:0".parse()?,
+            ..Default::default()
         };
-        for direct in order.into_iter().filter(|_| !p.no_lanes) {
-            let which = if direct { "direct" } else { "server" };
-            let run = lanes_run(&url, i, direct, &p)
+        cfg.server_limits.relay_bytes = peermesh_server::Rate::UNLIMITED;
+        Some(Server::bind(cfg).await?.spawn())
+    };
+    let mut lanes: [Vec<LaneRun>; 3] = Default::default();
+    for i in 0..p.runs {
+        let Some(unlimited) = &unlimited else { break };
+        let unlimited_url = unlimited.ws_url();
+        let mut order = [0, 1, 2];
+        order.rotate_left(i % 3);
+        for k in order {
+            let (which, direct, url) = match k {
+                0 => (LANE_ROWS[0], true, url.as_str()),
+                1 => (LANE_ROWS[1], false, url.as_str()),
+                _ => (LANE_ROWS[2], false, unlimited_url.as_str()),
+            };
+            let run = lanes_run(url, i, direct, &p)
                 .await
-                .with_context(|| format!("run {}: lanes, {which} path", i + 1))?;
+                .with_context(|| format!("run {}: lanes, {which}", i + 1))?;
             let med = |v: &[f64]| stat(v).map_or(f64::NAN, |s| s.median);
             eprintln!(
-                "  lanes, {which} path: lane-0 RTT idle {:.3} ms, during lane-1 bulk {:.3} ms \
+                "  lanes, {which}: lane-0 RTT idle {:.3} ms, during lane-1 bulk {:.3} ms \
                  (bulk {:.1} MB/s)",
                 med(&run.idle),
                 med(&run.busy),
                 run.bulk_mbps
             );
-            lanes[usize::from(!direct)].push(run);
+            lanes[k].push(run);
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -1112,6 +1149,11 @@ async fn run(args: Args) -> Result<()> {
             pct(v2) / pct(v1).max(f64::MIN_POSITIVE)
         ));
     }
+    if unrel_v1_failed > 0 {
+        line(format!(
+            "version 1 runs left out: {unrel_v1_failed} (the pair left the direct path under loss)"
+        ));
+    }
     line(String::new());
     if !p.no_lanes {
         line(format!(
@@ -1128,18 +1170,18 @@ async fn run(args: Args) -> Result<()> {
             "| figure | during bulk median | p95 | idle median | p95 | ratio (bulk/idle) |".into(),
         );
         line("|---|---:|---:|---:|---:|---:|".into());
-        for (k, which) in ["direct", "server"].into_iter().enumerate() {
+        for (k, which) in LANE_ROWS.into_iter().enumerate() {
             let pool = |f: fn(&LaneRun) -> &Vec<f64>| {
                 lanes[k].iter().flat_map(f).copied().collect::<Vec<_>>()
             };
             line(row(
-                &format!("lane 0 RTT during a lane 1 bulk transfer, {which} path (ms)"),
+                &format!("lane 0 RTT during a lane 1 bulk transfer, {which} (ms)"),
                 stat(&pool(|r| &r.busy)),
                 stat(&pool(|r| &r.idle)),
                 3,
             ));
             line(row(
-                &format!("lane 1 bulk throughput meanwhile, {which} path (MB/s)"),
+                &format!("lane 1 bulk throughput meanwhile, {which} (MB/s)"),
                 stat(&lanes[k].iter().map(|r| r.bulk_mbps).collect::<Vec<_>>()),
                 None,
                 1,
@@ -1171,13 +1213,13 @@ async fn run(args: Args) -> Result<()> {
             verdict(r >= 0.90)
         ));
     }
-    for (k, which) in ["direct", "server"].into_iter().enumerate() {
+    for (k, which) in LANE_ROWS.into_iter().enumerate().take(2) {
         let pool =
             |f: fn(&LaneRun) -> &Vec<f64>| lanes[k].iter().flat_map(f).copied().collect::<Vec<_>>();
         if let (Some(busy), Some(idle)) = (stat(&pool(|r| &r.busy)), stat(&pool(|r| &r.idle))) {
             let r = busy.median / idle.median;
             line(format!(
-                "target lane 0 RTT during a lane 1 bulk transfer <= 2x idle, {which} path: ratio \
+                "target lane 0 RTT during a lane 1 bulk transfer <= 2x idle, {which}: ratio \
                  {r:.2} — {}",
                 verdict(r <= 2.0)
             ));
@@ -1201,6 +1243,14 @@ async fn run(args: Args) -> Result<()> {
     }
     print!("{out}");
 
+    if let Some(unlimited) = unlimited {
+        if tokio::time::timeout(Duration::from_secs(5), unlimited.shutdown())
+            .await
+            .is_err()
+        {
+            eprintln!("the second server did not shut down within 5 s");
+        }
+    }
     if tokio::time::timeout(Duration::from_secs(5), server.shutdown())
         .await
         .is_err()

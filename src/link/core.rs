@@ -82,8 +82,10 @@ pub(crate) const DRR_QUANTUM: usize = MAX_FRAGMENT_PAYLOAD + 16;
 pub(crate) const LANES_QUEUE_FLOOR: usize = 32 << 10;
 /// Delivery-rate samples span at least this long, and at least the path's least RTT.
 const RATE_INTERVAL: Duration = Duration::from_millis(10);
-/// The delivery-rate estimate is the largest sample of the last second.
-const RATE_WINDOW: Duration = Duration::from_secs(1);
+/// The delivery-rate estimate is the largest sample of the last ten least RTTs, and of at least
+/// this long (BBR's bandwidth filter): short enough that a burst the server's relay rate limit
+/// let through does not count for long.
+const RATE_WINDOW_MIN: Duration = Duration::from_millis(100);
 /// Link protocol version with lanes, sequenced unreliable messages and VERSION (§8.8).
 pub(crate) const LANES_VERSION: LinkVersion = LinkVersion(3);
 
@@ -449,7 +451,7 @@ impl SendStream {
 
 /// How much DATA the current path may have queued while several lanes are configured
 /// (§8.8.3): twice its bandwidth-delay product — the largest delivery rate acks showed in the
-/// last second times the least RTT seen on the path — and at least `LANES_QUEUE_FLOOR`. Twice,
+/// last ten least RTTs (at least 100 ms) times the least RTT seen on the path — and at least `LANES_QUEUE_FLOOR`. Twice,
 /// so that a path the bound itself holds back still shows its rate growing; what the network
 /// can carry in one round trip queues at most once more, so a lane-0 fragment sees about
 /// twice the idle RTT. Starts over on every path change, from the floor.
@@ -480,10 +482,11 @@ impl Pace {
         self.rates
             .push_back((now, *acked as f64 / span.as_secs_f64()));
         self.sample = Some((now, 0));
+        let window = RATE_WINDOW_MIN.max(self.min_rtt.unwrap_or_default() * 10);
         while self
             .rates
             .front()
-            .is_some_and(|(t, _)| now.saturating_duration_since(*t) > RATE_WINDOW)
+            .is_some_and(|(t, _)| now.saturating_duration_since(*t) > window)
         {
             self.rates.pop_front();
         }
@@ -3804,8 +3807,8 @@ mod tests {
         assert_eq!(p.bound(1 << 20), 250_000);
         assert_eq!(p.bound(100_000), 100_000, "never above the ceiling");
         assert_eq!(p.bound(1000), 1000, "nor the floor above the ceiling");
-        // The largest rate of the last second counts; older samples go.
-        p.on_acked(10_000, t0 + ms(1200));
+        // The largest rate of the last 10 least RTTs (here 500 ms) counts; older samples go.
+        p.on_acked(10_000, t0 + ms(600));
         assert_eq!(p.bound(1 << 20), LANES_QUEUE_FLOOR);
     }
 
