@@ -43,7 +43,7 @@ const part = (msg, index, count, bytes) => {
 };
 
 check('constants', () => {
-  assert.equal(LINK_VERSION, 2);
+  assert.equal(LINK_VERSION, 3);
   assert.equal(K_PART, 0x16);
   assert.equal(PART_BYTES, 1015);
   assert.equal(MAX_PARTS, 17);
@@ -338,7 +338,7 @@ for (const [initiator, u2Reliable] of [
     await link.start();
     pc = FakePc.last;
     assert.equal(signals[0].kind, 'offer');
-    assert.equal(signals[0].version, 2);
+    assert.equal(signals[0].version, LINK_VERSION);
     assert.equal('u2_reliable' in signals[0], false, 'the JS client never asks for a reliable u2');
     // No "u2" before the answer.
     assert.deepEqual(pc.channels.map((c) => c.label), ['r', 'u']);
@@ -351,7 +351,7 @@ for (const [initiator, u2Reliable] of [
     await link.onSignal(offer);
     pc = FakePc.last;
     assert.equal(signals[0].kind, 'answer');
-    assert.equal(signals[0].version, 2);
+    assert.equal(signals[0].version, LINK_VERSION);
     assert.equal('u2_reliable' in signals[0], false, 'the JS client never asks for a reliable u2');
   }
   const [r, u, u2, ...more] = pc.channels;
