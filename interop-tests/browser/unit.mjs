@@ -3,7 +3,9 @@
 // msg wrap-around, the dead-path rule, and the v2 channel set-up (each end opens its own "u2",
 // reliable if the peer asks for it; READY waits for both; a v1 peer gets none), and the direct
 // policies (relay-only PeerConnections that signal and take relay candidates only, 'none' links
-// that never signal and decline, tightening), acks of membership changes and path reports. Run
+// that never signal and decline, tightening), acks of membership changes and path reports; and
+// lanes (link protocol v3: the frame examples of §8.8.1, drop rules, the sequenced receiver,
+// VERSION negotiation and lane 0 for old peers, the schedule, window reserves). Run
 // by interop-tests/tests/browser.rs
 // (`peermesh_js_link_v2_units`), or by hand: node interop-tests/browser/unit.mjs
 import assert from 'node:assert/strict';
