@@ -3,7 +3,9 @@
 // msg wrap-around, the dead-path rule, and the v2 channel set-up (each end opens its own "u2",
 // reliable if the peer asks for it; READY waits for both; a v1 peer gets none), and the direct
 // policies (relay-only PeerConnections that signal and take relay candidates only, 'none' links
-// that never signal and decline, tightening), acks of membership changes and path reports. Run
+// that never signal and decline, tightening), acks of membership changes and path reports; and
+// lanes (link protocol v3: the frame examples of §8.8.1, drop rules, the sequenced receiver,
+// VERSION negotiation and lane 0 for old peers, the schedule, window reserves). Run
 // by interop-tests/tests/browser.rs
 // (`peermesh_js_link_v2_units`), or by hand: node interop-tests/browser/unit.mjs
 import assert from 'node:assert/strict';
@@ -43,7 +45,7 @@ const part = (msg, index, count, bytes) => {
 };
 
 check('constants', () => {
-  assert.equal(LINK_VERSION, 2);
+  assert.equal(LINK_VERSION, 3);
   assert.equal(K_PART, 0x16);
   assert.equal(PART_BYTES, 1015);
   assert.equal(MAX_PARTS, 17);
@@ -338,7 +340,7 @@ for (const [initiator, u2Reliable] of [
     await link.start();
     pc = FakePc.last;
     assert.equal(signals[0].kind, 'offer');
-    assert.equal(signals[0].version, 2);
+    assert.equal(signals[0].version, LINK_VERSION);
     assert.equal('u2_reliable' in signals[0], false, 'the JS client never asks for a reliable u2');
     // No "u2" before the answer.
     assert.deepEqual(pc.channels.map((c) => c.label), ['r', 'u']);
@@ -351,7 +353,7 @@ for (const [initiator, u2Reliable] of [
     await link.onSignal(offer);
     pc = FakePc.last;
     assert.equal(signals[0].kind, 'answer');
-    assert.equal(signals[0].version, 2);
+    assert.equal(signals[0].version, LINK_VERSION);
     assert.equal('u2_reliable' in signals[0], false, 'the JS client never asks for a reliable u2');
   }
   const [r, u, u2, ...more] = pc.channels;
@@ -676,6 +678,282 @@ check('a client: member direct, acks, quiet report errors, direct_not_allowed', 
   assert.deepEqual(sent.at(-1), { type: 'ack', group: 'g', change: 10 });
   c._end(1000, 'done', true);
 });
+
+// ---- lanes (link protocol version 3, docs/PROTOCOL.md §8.8) ----
+
+{
+  const { laneDataFrame, ackFrame, versionFrame, seqFrames, decodeFrame, newerSeq, SeqReceiver, laneConfigs, LANE_WAIT_MS } =
+    _internals;
+  const enc = (s) => new TextEncoder().encode(s);
+  const unhex = (s) => Uint8Array.from(Buffer.from(s.replace(/ /g, ''), 'hex'));
+
+  check('lanes: the frame examples of §8.8.1 encode and decode', () => {
+    assert.equal(hex(versionFrame(3)), '1a00000003');
+    assert.equal(hex(laneDataFrame(1, 1, true, enc('hi'))), '170101' + '0000000000000001' + '6869');
+    assert.equal(hex(laneDataFrame(7, 2, false, new Uint8Array(0))), '170007' + '0000000000000002');
+    assert.equal(hex(ackFrame(1, 1)), '1801' + '0000000000000001');
+    assert.equal(hex(seqFrames(2, 7, enc('xy'))[0]), '1902' + '00000007' + '0001' + '7879');
+    // Lane 0 stays DATA / ACK.
+    assert.equal(hex(laneDataFrame(0, 1, true, enc('hi'))), '1001' + '0000000000000001' + '6869');
+    assert.equal(hex(ackFrame(0, 1)), '11' + '0000000000000001');
+    const d = (s) => decodeFrame(unhex(s));
+    assert.deepEqual(d('1a 00000003'), { kind: 0x1a, version: 3 });
+    const dl = d('17 01 01 0000000000000001 6869');
+    assert.deepEqual([dl.kind, dl.lane, dl.seq, dl.fin, hex(dl.payload)], [0x17, 1, 1, true, '6869']);
+    const e = d('17 00 07 0000000000000002');
+    assert.deepEqual([e.lane, e.seq, e.fin, e.payload.length], [7, 2, false, 0]);
+    assert.deepEqual(d('18 01 0000000000000001'), { kind: 0x18, lane: 1, seq: 1 });
+    const s1 = d('19 02 00000007 00 01 7879');
+    assert.deepEqual([s1.lane, s1.seq, s1.index, s1.count, hex(s1.payload)], [2, 7, 0, 1, '7879']);
+    const s2 = d('19 00 00000008 01 02 7a');
+    assert.deepEqual([s2.lane, s2.seq, s2.index, s2.count, hex(s2.payload)], [0, 8, 1, 2, '7a']);
+  });
+
+  check('lanes: malformed lane frames are dropped', () => {
+    const d = (s) => decodeFrame(unhex(s));
+    assert.equal(d('17 01 00 0000000000000001'), null); // DATA_LANE lane 0
+    assert.equal(d('17 01 08 0000000000000001'), null); // lane 8
+    assert.equal(d('17 01 01 00000000000000'), null); // short
+    assert.equal(d('18 00 0000000000000001'), null);
+    assert.equal(d('18 08 0000000000000001'), null);
+    assert.equal(d('18 01 00000000000000'), null);
+    assert.equal(d('19 08 00000001 00 01'), null); // lane 8
+    assert.equal(d('19 00 00000001 00 00'), null); // count 0
+    assert.equal(d('19 00 00000001 00 12'), null); // count 18
+    assert.equal(d('19 00 00000001 02 02'), null); // index >= count
+    assert.equal(d('19 00 00000001 00'), null); // short
+    assert.equal(d('1a 000000'), null);
+    assert.notEqual(d('19 07 00000001 10 11'), null); // part 16 of 17: fine
+  });
+
+  check('lanes: sequenced parts are 1016 bytes on "u2", one frame elsewhere', () => {
+    const f = seqFrames(3, 9, pattern(2100), 1016);
+    assert.deepEqual(f.map((x) => x.length), [1024, 1024, 8 + 68]);
+    assert.deepEqual(f.map((x) => [x[6], x[7]]), [[0, 3], [1, 3], [2, 3]]);
+    assert.equal(seqFrames(3, 9, pattern(16384), 1016).length, 17);
+    assert.equal(seqFrames(3, 9, pattern(1016), 1016).length, 1);
+    assert.equal(seqFrames(3, 9, pattern(16384)).length, 1);
+  });
+
+  check('lanes: sequenced receiver keeps the newest only (serial arithmetic, wrap)', () => {
+    assert.ok(newerSeq(1, 0) && newerSeq(0, 0xffffffff) && newerSeq(0x7fffffff, 0));
+    assert.ok(!newerSeq(0x80000000, 0) && !newerSeq(5, 5) && !newerSeq(4, 5));
+    const r = new SeqReceiver(() => 0);
+    const whole = (seq, s) => r.push(seq, 0, 1, enc(s));
+    assert.equal(new TextDecoder().decode(whole(5, 'a')), 'a');
+    assert.equal(whole(5, 'dup'), 'stale');
+    assert.equal(whole(4, 'old'), 'stale');
+    assert.equal(new TextDecoder().decode(whole(9, 'b')), 'b');
+    // Wrap-around: 0xffffffff then 0 are newer in turn.
+    const w = new SeqReceiver(() => 0);
+    assert.ok(w.push(0xfffffffe, 0, 1, enc('x')) instanceof Uint8Array);
+    assert.ok(w.push(0xffffffff, 0, 1, enc('y')) instanceof Uint8Array);
+    assert.ok(w.push(0, 0, 1, enc('z')) instanceof Uint8Array);
+    assert.equal(w.push(0xffffffff, 0, 1, enc('late')), 'stale');
+  });
+
+  check('lanes: sequenced parts: one message assembled, newer replaces, older dropped, expiry, 16384', () => {
+    let t = 0;
+    const r = new SeqReceiver(() => t);
+    const [a0, a1, a2] = seqFrames(0, 10, pattern(2100, 1), 1016).map((f) => decodeFrame(f));
+    const push = (f, seq = f.seq) => r.push(seq, f.index, f.count, f.payload);
+    assert.equal(push(a2), 'pending');
+    assert.equal(push(a0), 'pending');
+    assert.equal(push(a0), 'pending'); // a repeated part: nothing
+    assert.deepEqual(push(a1), pattern(2100, 1));
+    assert.equal(push(a1), 'stale'); // delivered once
+    // A newer seq's part replaces the one being assembled; a part of the replaced one is stale.
+    const b = seqFrames(0, 11, pattern(3000, 2), 1016).map((f) => decodeFrame(f));
+    const c = seqFrames(0, 12, pattern(3000, 3), 1016).map((f) => decodeFrame(f));
+    assert.equal(push(b[0]), 'pending');
+    assert.equal(push(c[1]), 'pending');
+    assert.equal(push(b[1]), 'stale');
+    assert.equal(push(c[0]), 'pending');
+    assert.deepEqual(push(c[2]), pattern(3000, 3));
+    // A whole newer message drops an older one being assembled.
+    const d = seqFrames(0, 13, pattern(3000, 4), 1016).map((f) => decodeFrame(f));
+    assert.equal(push(d[0]), 'pending');
+    assert.ok(r.push(14, 0, 1, enc('whole')) instanceof Uint8Array);
+    assert.equal(push(d[1]), 'stale');
+    // Expiry: 1 s after its first part.
+    const e = seqFrames(0, 20, pattern(3000, 5), 1016).map((f) => decodeFrame(f));
+    assert.equal(push(e[0]), 'pending');
+    t += 1000;
+    assert.equal(push(e[1]), 'pending'); // a new assembly: the old one expired
+    assert.equal(push(e[2]), 'pending');
+    assert.deepEqual(push(e[0]), pattern(3000, 5)); // within 1 s of its new start
+    // At most 16384 bytes: parts past that drop the message.
+    assert.equal(r.push(30, 0, 17, pattern(16000)), 'pending');
+    assert.equal(r.push(30, 1, 17, pattern(1000)), 'bad');
+    assert.equal(r.asm, null);
+  });
+
+  check('lanes: lane options', () => {
+    const c = laneConfigs([{ lane: 1 }, { lane: 3, priority: 2, weight: 5 }]);
+    assert.deepEqual(c[0], { priority: 0, weight: 1 });
+    assert.deepEqual(c[1], { priority: 0, weight: 1 });
+    assert.deepEqual(c[3], { priority: 2, weight: 5 });
+    assert.equal(c[2], null);
+    for (const bad of [[{ lane: 8 }], [{ lane: 1, weight: 0 }], [{ lane: -1 }], [{ lane: 1, priority: 256 }], 'x']) {
+      assert.throws(() => laneConfigs(bad), (e) => e.code === 'invalid_option');
+    }
+  });
+
+  // A link whose client has these lanes configured; `got` collects messages with their lanes.
+  const laneLink = (lanes, window = 8 << 20) => {
+    const { link, relayed, events, channel } = fakeLink();
+    link._close(); // its config had no lanes: a new one
+    const client = { ...link.c, lanes: laneConfigs(lanes), sendWindow: window, maxMessageSize: window };
+    const out = [];
+    client._sendBinary = (b) => out.push(b.slice(9));
+    const got = [];
+    client._emit = (type, d) => type === 'message' && got.push({ lane: d.lane, reliable: d.reliable, text: d.text });
+    const l = new Link(client, 2, 9, false, 'peer', 'any');
+    return { link: l, relayed: out, got, channel };
+  };
+  const kinds = (frames) => frames.map((f) => f[0]);
+  const text = (f) => new TextDecoder().decode(f.subarray(f[0] === 0x10 ? 10 : 11));
+
+  check('lanes: VERSION first, answered once; lane >= 1 and sequenced wait for it, then go on their lanes', () => {
+    const { link, relayed, got } = laneLink([{ lane: 1 }, { lane: 2 }]);
+    assert.deepEqual(kinds(relayed), [0x1a, 0x13]); // VERSION before the first PING
+    relayed.length = 0;
+    link.sendReliable(enc('zero'), false, 0);
+    link.sendReliable(enc('one-a'), false, 1);
+    link.sendReliable(enc('one-b'), false, 1);
+    link.sendSequenced(2, enc('s1'));
+    link.sendSequenced(2, enc('s2')); // replaces s1
+    link.sendUnreliable(enc('u'));
+    assert.deepEqual(kinds(relayed), [0x10, 0x12]); // lane 0 and plain unreliable go at once
+    assert.equal(link.stats.sequencedReplaced, 1);
+    assert.ok(link.windowUsed > 0);
+    relayed.length = 0;
+    link.onFrame(versionFrame(3), false);
+    assert.equal(link.peerLanes, 'lanes');
+    // The answer first, then what waited, on its lane.
+    assert.equal(relayed[0][0], 0x1a);
+    const data = relayed.filter((f) => f[0] === 0x17);
+    assert.deepEqual(data.map((f) => [f[2], text(f)]), [[1, 'one-a'], [1, 'one-b']]);
+    const seq = relayed.filter((f) => f[0] === 0x19);
+    assert.deepEqual(seq.map((f) => hex(f.subarray(0, 8))), ['1902' + '00000001' + '0001']);
+    // A second VERSION is not answered again (until a resync).
+    relayed.length = 0;
+    link.onFrame(versionFrame(3), false);
+    assert.deepEqual(kinds(relayed), []);
+    link.resync();
+    assert.equal(relayed[0][0], 0x1a);
+    // Receiving on a lane: in order per lane, ACK_LANE.
+    link.onFrame(laneDataFrame(1, 2, true, enc('second')), false);
+    link.onFrame(laneDataFrame(1, 1, true, enc('first')), false);
+    link.onFrame(laneDataFrame(3, 1, true, enc('lane3')), false); // lanes not configured here still receive
+    link.onFrame(seqFrames(4, 1, enc('state'))[0], false);
+    assert.deepEqual(got, [
+      { lane: 1, reliable: true, text: 'first' },
+      { lane: 1, reliable: true, text: 'second' },
+      { lane: 3, reliable: true, text: 'lane3' },
+      { lane: 4, reliable: false, text: 'state' },
+    ]);
+    relayed.length = 0;
+    link.sendAck(link.lanes[1]);
+    assert.deepEqual(relayed.map(hex), ['1801' + '0000000000000002']);
+    // An ACK_LANE releases the lane's window.
+    link.onFrame(ackFrame(1, 2), false);
+    link.onFrame(ackFrame(0, 1), false);
+    assert.equal(link.windowUsed, 0);
+    link._close();
+  });
+
+  check('lanes: an old peer (a frame without VERSION, 1 s on) gets every lane on lane 0, lane by lane', () => {
+    const { link, relayed } = laneLink([{ lane: 1 }, { lane: 2 }]);
+    link.sendReliable(enc('zero'), false, 0);
+    link.sendReliable(enc('two-a'), false, 2);
+    link.sendReliable(enc('one-a'), false, 1);
+    link.sendReliable(enc('two-b'), false, 2);
+    link.sendSequenced(1, enc('seq'));
+    // Early frames say nothing; neither do direct ones before the peer's READY.
+    link.onFrame(u64Ping(1), false);
+    assert.equal(link.peerLanes, 'unknown');
+    link.started -= LANE_WAIT_MS;
+    link.onFrame(u64Ping(2), true);
+    assert.equal(link.peerLanes, 'unknown');
+    relayed.length = 0;
+    link.onFrame(u64Ping(3), false);
+    assert.equal(link.peerLanes, 'lane0');
+    const data = relayed.filter((f) => f[0] === 0x10);
+    assert.deepEqual(data.map(text), ['one-a', 'two-a', 'two-b']);
+    assert.deepEqual(data.map((f) => Number(new DataView(f.buffer).getBigUint64(2))), [2, 3, 4]);
+    assert.ok(relayed.some((f) => f[0] === 0x12 && new TextDecoder().decode(f.subarray(1)) === 'seq'));
+    // Final: later messages of every lane go on lane 0; a VERSION 3 now changes nothing.
+    link.onFrame(versionFrame(3), false);
+    assert.equal(link.peerLanes, 'lane0');
+    relayed.length = 0;
+    link.sendReliable(enc('one-c'), false, 1);
+    link.sendSequenced(2, enc('seq2'));
+    assert.deepEqual(kinds(relayed), [0x10, 0x12]);
+    link._close();
+    // VERSION < 3 decides at once, and so does an offer / answer of version 2.
+    const b = laneLink([{ lane: 1 }]);
+    b.link.onFrame(versionFrame(2), false);
+    assert.equal(b.link.peerLanes, 'lane0');
+    b.link._close();
+  });
+
+  check('lanes: the schedule: lane 0 waits for at most one fragment of each busy lane; tiers; weights', () => {
+    const { link, relayed } = laneLink([{ lane: 1 }, { lane: 2, priority: 1 }, { lane: 3, weight: 3 }], 16 << 20);
+    link.onFrame(versionFrame(3), false);
+    let buffered = 0;
+    link.c._serverBuffered = () => buffered;
+    buffered = 1 << 30; // the WebSocket is full: nothing goes, the lanes queue
+    link.sendReliable(pattern(16384 * 8), false, 1);
+    link.sendReliable(pattern(16384 * 8), false, 2);
+    link.sendReliable(pattern(16384 * 12), false, 3);
+    link.sendReliable(enc('chat'), false, 0);
+    relayed.length = 0;
+    buffered = 0;
+    link.pump();
+    const order = relayed.filter((f) => f[0] === 0x10 || f[0] === 0x17).map((f) => (f[0] === 0x10 ? 0 : f[2]));
+    // Lane 2 (priority 1) only once the tier of priority 0 has nothing ready.
+    assert.deepEqual(order.slice(-8), [2, 2, 2, 2, 2, 2, 2, 2]);
+    const tier0 = order.slice(0, -8);
+    assert.ok(tier0.indexOf(0) <= 2, `lane 0 waits for at most one fragment per busy lane: ${tier0}`);
+    // Lane 3 (weight 3) sends three fragments per round to lane 1's one.
+    const first = tier0.filter((l) => l !== 0).slice(0, 8);
+    assert.equal(first.filter((l) => l === 3).length, 6, `${first}`);
+    link._close();
+  });
+
+  check('lanes: the WebSocket queue stays under 64 KiB; a chat lane keeps its window reserve', () => {
+    const { link, relayed } = laneLink([{ lane: 1 }], 1 << 20);
+    link.onFrame(versionFrame(3), false);
+    let buffered = 0;
+    link.c._serverBuffered = () => buffered;
+    link.c._sendBinary = (b) => {
+      relayed.push(b.slice(9));
+      buffered += b.length;
+    };
+    relayed.length = 0;
+    // Lane 1 may hold the window less lane 0's reserve (W / 4).
+    const big = pattern(700 << 10);
+    link.sendReliable(big, false, 1);
+    assert.throws(() => link.sendReliable(pattern(100 << 10), false, 1), (e) => e.code === 'would_block');
+    assert.equal(relayed.length, 4); // 4 x 16 KiB queued, then the WebSocket is "full"
+    link.sendReliable(pattern(200 << 10), false, 0); // lane 0's reserve is there
+    assert.throws(() => link.sendReliable(pattern(300 << 10), false, 0), (e) => e.code === 'would_block');
+    assert.throws(() => link.sendReliable(pattern(1 << 20), false, 1), (e) => e.code === 'too_large');
+    assert.throws(
+      () => link.c._checkLane?.(5) ?? Client.prototype._checkLane.call({ lanes: link.c.lanes }, 5),
+      (e) => e.code === 'invalid_lane',
+    );
+    link._close();
+  });
+
+  function u64Ping(id) {
+    const f = new Uint8Array(9);
+    f[0] = 0x13;
+    new DataView(f.buffer).setBigUint64(1, BigInt(id));
+    return f;
+  }
+}
 
 assert.equal(MAX_UNRELIABLE_SIZE, 16384);
 process.stdout.write(`all ${checks} checks passed\n`);

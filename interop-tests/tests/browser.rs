@@ -1747,7 +1747,8 @@ async fn max_size_unreliable_under_loss(browser_sends: bool, ports: (u16, u16)) 
         .await;
     let pair = n.candidate_pair(bid).unwrap().expect("direct pair");
     assert!((ports.0..=ports.1).contains(&pair.local.port()), "{pair:?}");
-    // Link v2, each end on its own "u2": the browser's is reliable (the native client asked for
+    // Link v2 channels (the generation's version is 3 now, both ends having lanes; §7.6 holds
+    // for it), each end on its own "u2": the browser's is reliable (the native client asked for
     // it), the native one's unreliable.
     let channels = b
         .eval(
@@ -1762,7 +1763,7 @@ async fn max_size_unreliable_under_loss(browser_sends: bool, ports: (u16, u16)) 
     assert_eq!(
         channels,
         json!([
-            2,
+            3,
             ["u2", false, null, "open"],
             ["u2", false, 0, "open"],
             true
@@ -2133,7 +2134,7 @@ fn peermesh_js_link_v2_units() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "unit.mjs failed");
-    assert!(stdout.contains("all 25 checks passed"), "{stdout}");
+    assert!(stdout.contains("all 35 checks passed"), "{stdout}");
 }
 
 /// A browser configured `direct: 'relay'` and a native peer with the default policy: the server
@@ -2495,4 +2496,704 @@ async fn browser_drain_and_restart_loses_nothing() {
     b.quit().await;
     n.close().await;
     restarted.shutdown().await;
+}
+
+// ---- lanes (link protocol version 3, docs/PROTOCOL.md §8.8) ----
+
+/// Page-side bootstrap for the lanes tests: like `CONNECT_JS`, but messages are not recorded
+/// (a bulk transfer would keep every byte).
+const QUIET_CONNECT_JS: &str = r#"
+const { connect } = await import('/peermesh.js');
+const c = await connect(arg);
+window.pm = c;
+window.events = [];
+for (const t of ['path', 'nodirectpath', 'error', 'close']) {
+  c.on(t, (d) => window.events.push({ type: t, at: performance.now(), peer: d.peer, path: d.path, reason: d.reason, code: d.code }));
+}
+return c.peerId;
+"#;
+
+async fn quiet_browser(ns: &Netns, server: &ServerHandle, options: Value) -> (Browser, PeerId) {
+    let mut b = Browser::launch(ns).await;
+    b.open("p", &ns.url(server, "/")).await;
+    let id = b.eval("p", QUIET_CONNECT_JS, options).await;
+    (b, id.as_u64().expect("a numeric peer id") as PeerId)
+}
+
+/// A native client with `cfg` whose host candidates are the host side of the veth only.
+async fn native_with(ns: &Netns, server: &ServerHandle, cfg: ClientConfig) -> (Client, Events) {
+    let ip = IpAddr::V4(ns.host_ip);
+    Client::connect(&server.ws_url(), cfg.with_ip_filter(move |a| a == ip))
+        .await
+        .expect("native client connects")
+}
+
+/// Milliseconds since the epoch: the browser's `performance.timeOrigin + performance.now()`
+/// reads the same clock (one host), so one-way delays can be measured across the two.
+fn wall_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        * 1000.0
+}
+
+/// "n=…, median …, p90 …, max … ms" of `samples` (ms).
+fn delays(samples: &[f64]) -> String {
+    if samples.is_empty() {
+        return "no samples".into();
+    }
+    let mut v = samples.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    format!(
+        "n={}, median {:.1}, p90 {:.1}, max {:.1} ms",
+        v.len(),
+        at(0.5),
+        at(0.9),
+        at(1.0)
+    )
+}
+
+/// Bulk message `n` of `len` bytes: its number, then a pattern; the last byte depends on `n`.
+fn bulk_message(n: u32, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    v[..4].copy_from_slice(&n.to_be_bytes());
+    v[len - 1] = ((n as usize * 7) % 251) as u8;
+    v
+}
+
+/// Lane-1 bulk bytes each way (`PEERMESH_LANES_BULK_MIB`, default 16 MiB; 64 MiB took 27 s on
+/// the direct path alone, 85 s beside the other browser tests, 5 s on the server path, in a
+/// debug build on 2 cores).
+fn lanes_bulk_bytes() -> usize {
+    std::env::var("PEERMESH_LANES_BULK_MIB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(16)
+        << 20
+}
+
+const LANES_CHUNK: usize = 256 << 10;
+
+/// Page side of the lanes test: lane-0 chat "c <i> <sent ms>" from the native peer is checked
+/// (in order, once), its one-way delay recorded and echoed at once as "e <i> <sent ms>"; lane-1
+/// bulk messages are checked (in order, once, intact).
+const LANES_PAGE_JS: &str = r#"
+const [peer, chunk] = arg;
+const now = () => performance.timeOrigin + performance.now();
+const lt = (window.lt = { c: 0, b: 0, bBytes: 0, errors: [], oneWay: [], bulkDone: null });
+window.pm.on('message', (d) => {
+  if (d.from !== peer) return;
+  if (d.lane === 0 && d.reliable) {
+    const [tag, i, t] = d.text.split(' ');
+    const n = Number(i);
+    if (tag !== 'c' || n !== lt.c + 1) lt.errors.push(`lane 0: ${d.text.slice(0, 40)} after c ${lt.c}`);
+    lt.c = n;
+    lt.oneWay.push([n, now() - Number(t)]);
+    window.pm.send(peer, `e ${n} ${now()}`, { lane: 0 }).catch((e) => lt.errors.push(`echo: ${e.message}`));
+  } else if (d.lane === 1 && d.reliable) {
+    const n = new DataView(d.data.buffer, d.data.byteOffset, d.data.byteLength).getUint32(0);
+    if (n !== lt.b) lt.errors.push(`lane 1: ${n} after ${lt.b - 1}`);
+    if (d.data.length !== chunk || d.data[chunk - 1] !== (n * 7) % 251) lt.errors.push(`lane 1: ${n} damaged`);
+    lt.b = n + 1;
+    lt.bBytes += d.data.length;
+    if (lt.bBytes === window.bulkExpected) lt.bulkDone = performance.now();
+  } else {
+    lt.errors.push(`unexpected message on lane ${d.lane} (reliable ${d.reliable})`);
+  }
+});
+"#;
+
+/// Lane 1 carries `lanes_bulk_bytes()` each way between a native client and Chromium while lane
+/// 0 carries numbered chat both ways (native chat every 20 ms, echoed by the browser): every
+/// message of both lanes arrives once and in order on its lane. Prints the lane-0 delays idle
+/// and during the bulk (not asserted: they depend on the machine).
+async fn lanes_bulk_and_chat(direct: bool) {
+    const IDLE: u32 = 30;
+    let bulk = lanes_bulk_bytes();
+    let chunks = (bulk / LANES_CHUNK) as u32;
+    // PEERMESH_LANES_DIRECTIONS=n2b or b2n: the bulk one way only (to tell where delay comes from).
+    let directions = std::env::var("PEERMESH_LANES_DIRECTIONS").unwrap_or_default();
+    let n2b_chunks = if directions == "b2n" { 0 } else { chunks };
+    let b2n_chunks = if directions == "n2b" { 0 } else { chunks };
+    let ns = Netns::create();
+    let server = server_on(&ns, TurnMode::Disabled).await;
+    let (n, mut ne) =
+        native_with(&ns, &server, ClientConfig::new("native").with_lane(1, 0, 1)).await;
+    n.join("g").await.unwrap();
+    let policy = if direct { "any" } else { "none" };
+    let (mut b, bid) = quiet_browser(
+        &ns,
+        &server,
+        json!({"name": "chromium", "lanes": [{"lane": 1, "priority": 0, "weight": 1}], "direct": policy}),
+    )
+    .await;
+    b.eval("p", LANES_PAGE_JS, json!([n.peer_id(), LANES_CHUNK]))
+        .await;
+    b.eval(
+        "p",
+        "window.bulkExpected = arg; await window.pm.join('g');",
+        json!(n2b_chunks as usize * LANES_CHUNK),
+    )
+    .await;
+    if direct {
+        native_direct(&n, &mut ne, bid).await;
+        b.wait_for("p", "the direct path", DIRECT_JS, json!(n.peer_id()))
+            .await;
+    } else {
+        // Both ends decided their lanes before the bulk starts (VERSION exchange).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let label = if direct { "direct" } else { "server path" };
+
+    // Native side: chat every 20 ms (idle phase, then during the bulk until it is done); the
+    // receive loop checks the echoes and the browser's bulk.
+    let sent: Mutex<HashMap<u32, Instant>> = Mutex::new(HashMap::new());
+    let bulk_started = AtomicBool::new(false);
+    let bulk_done = AtomicBool::new(false);
+    let chat_sent = AtomicU64::new(0);
+    let idle_done = tokio::sync::Notify::new();
+    let mut rtt_idle = Vec::new();
+    let mut rtt_bulk = Vec::new();
+    let mut one_way_idle = Vec::new();
+    let mut one_way_bulk = Vec::new();
+    let t0 = Instant::now();
+    let chat = async {
+        // Created now: it takes the notification even if that comes before it is awaited.
+        let idle_wait = idle_done.notified();
+        tokio::pin!(idle_wait);
+        let mut i = 0u32;
+        loop {
+            i += 1;
+            if i == IDLE + 1 {
+                // The idle samples are in: the bulk starts both ways.
+                idle_wait.as_mut().await;
+            }
+            if bulk_done.load(Ordering::SeqCst) {
+                break;
+            }
+            sent.lock().unwrap().insert(i, Instant::now());
+            n.send_on(
+                bid,
+                0,
+                format!("c {i} {}", wall_ms()),
+                Reliability::Reliable,
+            )
+            .await
+            .unwrap();
+            chat_sent.store(u64::from(i), Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let native_bulk = async {
+        idle_done.notified().await;
+        let start = Instant::now();
+        bulk_started.store(true, Ordering::SeqCst);
+        for k in 0..n2b_chunks {
+            n.send_on(bid, 1, bulk_message(k, LANES_CHUNK), Reliability::Reliable)
+                .await
+                .unwrap();
+        }
+        match timeout(Duration::from_secs(60), n.flush()).await {
+            Ok(r) => r.unwrap(),
+            Err(_) => panic!(
+                "native bulk not acknowledged in 60 s: {:?}",
+                n.link_stats(bid)
+            ),
+        }
+        start.elapsed()
+    };
+    let receive = async {
+        let mut next_e = 1u32;
+        let mut next_b = 0u32;
+        let mut idle_notified = false;
+        let mut browser_bulk_at = None;
+        let deadline = Instant::now() + Duration::from_secs(900);
+        loop {
+            let chat_last = chat_sent.load(Ordering::SeqCst) as u32;
+            if next_b == b2n_chunks && bulk_done.load(Ordering::SeqCst) && next_e > chat_last {
+                break;
+            }
+            // Short waits: the condition above changes without an event (the bulk completes).
+            let e = match timeout(Duration::from_millis(100), ne.recv()).await {
+                Ok(Some(e)) => e,
+                Ok(None) => panic!("native events ended"),
+                Err(_) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "{label}: lanes transfer not done in 900 s (lane 1 at {next_b}/{b2n_chunks}, echo {next_e})"
+                    );
+                    continue;
+                }
+            };
+            let Event::Message {
+                from,
+                data,
+                reliability,
+                lane,
+            } = e
+            else {
+                continue;
+            };
+            assert_eq!(from, bid);
+            assert_eq!(reliability, Reliability::Reliable, "lane {lane}");
+            match lane {
+                0 => {
+                    let text = String::from_utf8(data.to_vec()).unwrap();
+                    let mut w = text.split(' ');
+                    assert_eq!(w.next(), Some("e"), "{text}");
+                    let i: u32 = w.next().unwrap().parse().unwrap();
+                    let t: f64 = w.next().unwrap().parse().unwrap();
+                    assert_eq!(i, next_e, "lane 0 from the browser: out of order or twice");
+                    next_e += 1;
+                    let at = sent.lock().unwrap().remove(&i).expect("sent");
+                    let rtt = at.elapsed().as_secs_f64() * 1000.0;
+                    let one_way = wall_ms() - t;
+                    if i <= IDLE {
+                        rtt_idle.push(rtt);
+                        one_way_idle.push(one_way);
+                        if i == IDLE && !idle_notified {
+                            idle_notified = true;
+                            idle_done.notify_waiters();
+                        }
+                    } else if bulk_started.load(Ordering::SeqCst)
+                        && !bulk_done.load(Ordering::SeqCst)
+                    {
+                        rtt_bulk.push(rtt);
+                        one_way_bulk.push(one_way);
+                    }
+                }
+                1 => {
+                    assert_eq!(data.len(), LANES_CHUNK);
+                    assert_eq!(
+                        &data[..],
+                        &bulk_message(next_b, LANES_CHUNK)[..],
+                        "lane 1 message {next_b}"
+                    );
+                    next_b += 1;
+                    if next_b == b2n_chunks {
+                        browser_bulk_at = Some(t0.elapsed());
+                    }
+                }
+                l => panic!("message on lane {l}"),
+            }
+        }
+        browser_bulk_at
+    };
+    // The browser's bulk starts with the native one; `bulk_done` once both are complete.
+    let browser_bulk = async {
+        idle_done.notified().await;
+        let started = t0.elapsed();
+        b.eval(
+            "p",
+            "const [peer, chunk, count] = arg;
+             window.bulkTook = null;
+             (async () => {
+               const t = performance.now();
+               const buf = new Uint8Array(chunk);
+               for (let k = 0; k < count; k++) {
+                 new DataView(buf.buffer).setUint32(0, k);
+                 buf[chunk - 1] = (k * 7) % 251;
+                 await window.pm.send(peer, buf, { lane: 1 });
+               }
+               await window.pm.flush();
+               window.bulkTook = performance.now() - t;
+             })().catch((e) => window.lt.errors.push(`bulk: ${e.message}`));",
+            json!([n.peer_id(), LANES_CHUNK, b2n_chunks]),
+        )
+        .await;
+        // Sent and acknowledged, and the native bulk has arrived at the browser too.
+        let deadline = Instant::now() + Duration::from_secs(900);
+        let mut progress = ((json!(null), json!(null)), Instant::now());
+        loop {
+            let v = b
+                .eval(
+                    "p",
+                    "return window.bulkTook !== null && (window.bulkExpected === 0 || window.lt.bulkDone !== null)
+                       ? window.bulkTook : null;",
+                    json!(null),
+                )
+                .await;
+            if let Some(took) = v.as_f64() {
+                break (started, took);
+            }
+            let lt = b
+                .eval(
+                    "p",
+                    "return { errors: window.lt.errors, bytes: window.lt.bBytes, stats: window.pm.stats(arg) };",
+                    json!(n.peer_id()),
+                )
+                .await;
+            assert_eq!(
+                lt["errors"],
+                json!([]),
+                "{label}: browser saw {}",
+                lt["errors"]
+            );
+            // (Lane 0 goes on meanwhile: only the bulk counts as progress.)
+            let now = (lt["bytes"].clone(), v.clone());
+            if now != progress.0 {
+                progress = (now, Instant::now());
+            }
+            assert!(
+                progress.1.elapsed() < Duration::from_secs(30) && Instant::now() < deadline,
+                "{label}: the bulk stalled: browser {lt}, native {:?}",
+                n.link_stats(bid)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let both = async {
+        let (native_took, (b_started, b_took)) = tokio::join!(native_bulk, browser_bulk);
+        bulk_done.store(true, Ordering::SeqCst);
+        (native_took, b_started, b_took)
+    };
+    let ((native_took, b_started, b_took), (), browser_bulk_at) = tokio::join!(both, chat, receive);
+    let total = t0.elapsed();
+
+    // The browser's side: every chat message once and in order, the bulk complete.
+    let last = chat_sent.load(Ordering::SeqCst);
+    let lt = b
+        .wait_for(
+            "p",
+            "every chat message",
+            "return window.lt.c === arg ? window.lt : null;",
+            json!(last),
+        )
+        .await;
+    assert_eq!(
+        lt["errors"],
+        json!([]),
+        "{label}: browser saw {}",
+        lt["errors"]
+    );
+    assert_eq!(lt["b"], json!(n2b_chunks));
+    let ow: Vec<(u64, f64)> = lt["oneWay"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
+        .collect();
+    let n2b_idle: Vec<f64> = ow
+        .iter()
+        .filter(|p| p.0 <= u64::from(IDLE))
+        .map(|p| p.1)
+        .collect();
+    let n2b_bulk: Vec<f64> = ow
+        .iter()
+        .filter(|p| p.0 > u64::from(IDLE))
+        .map(|p| p.1)
+        .collect();
+    let stats = b
+        .eval("p", "return window.pm.stats(arg);", json!(n.peer_id()))
+        .await;
+    assert_eq!(stats["peerLanes"], json!("lanes"), "{stats}");
+    let path = n.path(bid).unwrap();
+    if direct {
+        assert_ne!(path, Path::Server);
+    } else {
+        assert_eq!(path, Path::Server);
+        assert_eq!(stats["sentDirect"], json!(0), "{stats}");
+    }
+    // Nothing extra arrives.
+    if let Ok((_, data, _)) = timeout(Duration::from_millis(300), next_message(&mut ne)).await {
+        panic!("extra message of {} bytes", data.len());
+    }
+    let mib = bulk as f64 / (1 << 20) as f64;
+    println!(
+        "LANES {label}: {mib:.0} MiB on lane 1 each way in {LANES_CHUNK}-byte messages, {last} lane-0 chat messages each way, total {:.1} s\n\
+         LANES {label}: native->browser bulk sent+acked in {:.1} s; browser->native bulk sent+acked in {:.1} s (all of it at the native end {:.1} s after it started)\n\
+         LANES {label}: lane-0 round trip native->browser->native idle: {}\n\
+         LANES {label}: lane-0 round trip during the bulk:            {}\n\
+         LANES {label}: lane-0 one-way native->browser idle: {}; during the bulk: {}\n\
+         LANES {label}: lane-0 one-way browser->native idle: {}; during the bulk: {}",
+        total.as_secs_f64(),
+        native_took.as_secs_f64(),
+        b_took / 1000.0,
+        browser_bulk_at.map_or(f64::NAN, |at| (at - b_started).as_secs_f64()),
+        delays(&rtt_idle),
+        delays(&rtt_bulk),
+        delays(&n2b_idle),
+        delays(&n2b_bulk),
+        delays(&one_way_idle),
+        delays(&one_way_bulk),
+    );
+
+    b.quit().await;
+    n.close().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_bulk_and_chat_between_browser_and_native_direct() {
+    lanes_bulk_and_chat(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_bulk_and_chat_between_browser_and_native_on_the_server_path() {
+    lanes_bulk_and_chat(false).await;
+}
+
+/// Sequenced messages on lane 2, both ways on the direct path (3000-byte ones go in parts on
+/// "u2"): what arrives comes on lane 2, unreliable, intact, each newer than the one before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequenced_messages_between_browser_and_native_arrive_newer_only() {
+    const N: u32 = 300;
+    let size = |i: u32| if i.is_multiple_of(2) { 100 } else { 3000 };
+    let ns = Netns::create();
+    let server = server_on(&ns, TurnMode::Disabled).await;
+    let (n, mut ne) =
+        native_with(&ns, &server, ClientConfig::new("native").with_lane(2, 0, 1)).await;
+    n.join("g").await.unwrap();
+    let (mut b, bid) = quiet_browser(
+        &ns,
+        &server,
+        json!({"name": "chromium", "lanes": [{"lane": 2}]}),
+    )
+    .await;
+    b.eval(
+        "p",
+        "const [peer] = arg;
+         window.seqs = [];
+         window.seqErrors = [];
+         window.pm.on('message', (d) => {
+           if (d.lane !== 2 || d.reliable) { window.seqErrors.push(`lane ${d.lane} reliable ${d.reliable}`); return; }
+           const i = new DataView(d.data.buffer, d.data.byteOffset, d.data.byteLength).getUint32(0);
+           if (d.data.length !== (i % 2 === 0 ? 100 : 3000) || d.data[d.data.length - 1] !== i % 251) window.seqErrors.push(`damaged ${i}`);
+           window.seqs.push(i);
+         });
+         await window.pm.join('g');",
+        json!([n.peer_id()]),
+    )
+    .await;
+    native_direct(&n, &mut ne, bid).await;
+    b.wait_for("p", "the direct path", DIRECT_JS, json!(n.peer_id()))
+        .await;
+    let update = |i: u32| {
+        let mut v = vec![0u8; size(i)];
+        v[..4].copy_from_slice(&i.to_be_bytes());
+        let last = v.len() - 1;
+        v[last] = (i % 251) as u8;
+        v
+    };
+
+    // Native -> browser: N updates, then the newest again and again until one is in.
+    for i in 0..N {
+        n.send_sequenced(bid, 2, update(i)).await.unwrap();
+        if i % 20 == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    let mut i = N;
+    loop {
+        let got = b
+            .eval("p", "return window.seqs.at(-1) ?? -1;", json!(null))
+            .await;
+        if got.as_i64().unwrap() >= i64::from(N) - 1 {
+            break;
+        }
+        assert!(i < N + 100, "no sequenced message got through: {got}");
+        n.send_sequenced(bid, 2, update(i)).await.unwrap();
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seen = b
+        .eval("p", "return [window.seqs, window.seqErrors];", json!(null))
+        .await;
+    assert_eq!(seen[1], json!([]), "browser: {}", seen[1]);
+    let seqs: Vec<u64> = seen[0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "not newer-only at the browser: {seqs:?}"
+    );
+    println!(
+        "SEQUENCED native->browser: {} of {N}+ delivered, browser link {}",
+        seqs.len(),
+        b.eval("p", "return window.pm.stats(arg);", json!(n.peer_id()))
+            .await
+    );
+
+    // Browser -> native.
+    b.eval(
+        "p",
+        "const [peer, n] = arg;
+         for (let i = 0; i < n; i++) {
+           const v = new Uint8Array(i % 2 === 0 ? 100 : 3000);
+           new DataView(v.buffer).setUint32(0, i);
+           v[v.length - 1] = i % 251;
+           window.pm.sendSequenced(peer, 2, v);
+           if (i % 20 === 0) await new Promise((r) => setTimeout(r, 2));
+         }",
+        json!([n.peer_id(), N]),
+    )
+    .await;
+    let mut got = Vec::new();
+    let mut extra = N;
+    while got.last().is_none_or(|&l| l < N - 1) {
+        match timeout(Duration::from_millis(300), ne.recv()).await {
+            Ok(Some(Event::Message {
+                from,
+                data,
+                reliability,
+                lane,
+            })) => {
+                assert_eq!((from, lane, reliability), (bid, 2, Reliability::Unreliable));
+                let i = u32::from_be_bytes(data[..4].try_into().unwrap());
+                assert_eq!(&data[..], &update(i)[..], "sequenced {i} damaged");
+                got.push(i);
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("native events ended"),
+            Err(_) => {
+                assert!(
+                    extra < N + 100,
+                    "no newest sequenced message from the browser"
+                );
+                b.eval(
+                    "p",
+                    "const [peer, i] = arg;
+                     const v = new Uint8Array(i % 2 === 0 ? 100 : 3000);
+                     new DataView(v.buffer).setUint32(0, i);
+                     v[v.length - 1] = i % 251;
+                     window.pm.sendSequenced(peer, 2, v);",
+                    json!([n.peer_id(), extra]),
+                )
+                .await;
+                extra += 1;
+            }
+        }
+    }
+    assert!(
+        got.windows(2).all(|w| w[0] < w[1]),
+        "not newer-only at the native end: {got:?}"
+    );
+    println!("SEQUENCED browser->native: {} of {N}+ delivered", got.len());
+
+    b.quit().await;
+    n.close().await;
+    server.shutdown().await;
+}
+
+/// A version 2 native peer (no lanes) and a version 3 browser with lanes 1 and 2: everything
+/// the browser sends on any lane, from the moment of join (before it knows the peer's version,
+/// across the switch to the direct path), arrives on lane 0, each lane's messages in order;
+/// sequenced ones come as plain unreliable messages. The other way, lane 0 as ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_2_native_gets_every_lane_of_a_version_3_browser_on_lane_0() {
+    const N: u64 = 300;
+    let ns = Netns::create();
+    let server = server_on(&ns, TurnMode::Disabled).await;
+    let (n, mut ne) = native_with(
+        &ns,
+        &server,
+        ClientConfig::new("native").with_link_version(2),
+    )
+    .await;
+    n.join("g").await.unwrap();
+    let (mut b, bid) = quiet_browser(
+        &ns,
+        &server,
+        json!({"name": "chromium", "lanes": [{"lane": 1}, {"lane": 2, "priority": 1}]}),
+    )
+    .await;
+    b.eval(
+        "p",
+        "const [peer, n] = arg;
+         window.got = [];
+         window.pm.on('message', (d) => window.got.push([d.lane, d.reliable, d.text]));
+         await window.pm.join('g');
+         window.sending = (async () => {
+           for (let i = 0; i < n; i++) {
+             const lane = i % 3;
+             await window.pm.send(peer, `L${lane} ${i}`, { lane });
+             if (i % 10 === 0) window.pm.sendSequenced(peer, 2, `S ${i}`);
+             if (i % 10 === 0) await new Promise((r) => setTimeout(r, 10));
+           }
+         })();",
+        json!([n.peer_id(), N]),
+    )
+    .await;
+    let mut last = [None::<u64>; 3];
+    let mut reliable = 0;
+    let mut unreliable = 0;
+    while reliable < N {
+        let (from, data, rel, lane) = loop {
+            if let Event::Message {
+                from,
+                data,
+                reliability,
+                lane,
+            } = next_event(&mut ne, "a message from the browser").await
+            {
+                break (from, data, reliability, lane);
+            }
+        };
+        assert_eq!(from, bid);
+        assert_eq!(lane, 0, "a version 2 peer has only lane 0");
+        let text = String::from_utf8(data.to_vec()).unwrap();
+        if rel == Reliability::Unreliable {
+            assert!(text.starts_with("S "), "{text}");
+            unreliable += 1;
+            continue;
+        }
+        let (tag, i) = text.split_once(' ').unwrap();
+        let l = match tag {
+            "L0" => 0,
+            "L1" => 1,
+            "L2" => 2,
+            _ => panic!("{text}"),
+        };
+        let i: u64 = i.parse().unwrap();
+        assert_eq!(i % 3, l as u64);
+        assert!(
+            last[l].is_none_or(|p| p + 3 == i),
+            "lane {l}: {i} after {:?}",
+            last[l]
+        );
+        assert!(last[l].is_some() || i == l as u64, "lane {l} starts at {i}");
+        last[l] = Some(i);
+        reliable += 1;
+    }
+    b.eval("p", "await window.sending;", json!(null)).await;
+    let stats = b
+        .eval("p", "return window.pm.stats(arg);", json!(n.peer_id()))
+        .await;
+    assert_eq!(stats["peerLanes"], json!("lane0"), "{stats}");
+    // The other way: lane 0, in order.
+    for i in 0..100 {
+        n.send(bid, format!("N {i}"), Reliability::Reliable)
+            .await
+            .unwrap();
+    }
+    let got = b
+        .wait_for(
+            "p",
+            "the native messages",
+            "const r = window.got.filter((m) => m[1]); return r.length >= 100 ? r : null;",
+            json!(null),
+        )
+        .await;
+    let want: Vec<Value> = (0..100)
+        .map(|i| json!([0, true, format!("N {i}")]))
+        .collect();
+    assert_eq!(got, json!(want));
+    if let Ok((_, data, _)) = timeout(Duration::from_millis(300), next_message(&mut ne)).await {
+        let text = String::from_utf8_lossy(&data);
+        assert!(text.starts_with("S "), "extra message {text:?}");
+    }
+    println!(
+        "VERSION 2 peer: {reliable} reliable messages of lanes 0-2 and {unreliable} sequenced ones \
+         arrived on lane 0; path {}; browser link {stats}",
+        n.path(bid).unwrap()
+    );
+
+    b.quit().await;
+    n.close().await;
+    server.shutdown().await;
 }

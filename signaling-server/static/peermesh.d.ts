@@ -1,9 +1,29 @@
 // Type declarations for /peermesh.js, the browser client of peermesh (wire protocol v1, link
-// protocol version 2).
+// protocol version 3: lanes).
 
 export declare const PROTOCOL_VERSION: 1;
-/** The link protocol version this client announces in its offers and answers. */
-export declare const LINK_VERSION: 2;
+/** The link protocol version this client announces in its offers, answers and VERSION frames. */
+export declare const LINK_VERSION: 3;
+/** Lanes are numbered 0 to MAX_LANES - 1 (8 lanes; docs/PROTOCOL.md §8.8). */
+export declare const MAX_LANES: 8;
+
+/** A lane number, 0 to 7. Lane 0 always exists; others are configured with ConnectOptions.lanes. */
+export type Lane = 0 | 1 | 2 | 3 | 4 | 5 | 6 | 7;
+
+/**
+ * How a lane is scheduled against the others (docs/PROTOCOL.md §8.8.3, as GameNetworkingSockets'
+ * lanes).
+ */
+export interface LaneOptions {
+  lane: Lane;
+  /**
+   * Lower goes first: while a lane of a lower number has reliable data ready, no lane of a
+   * higher number sends any (0 to 255, default 0).
+   */
+  priority?: number;
+  /** Share among the lanes of the same priority (deficit round robin; 1 to 65535, default 1). */
+  weight?: number;
+}
 /** Largest unreliable message in bytes (16384). */
 export declare const MAX_UNRELIABLE_SIZE: number;
 
@@ -89,12 +109,31 @@ export interface ConnectOptions {
    * resume grace the same session goes on; otherwise a new one joins the groups again.
    */
   reconnect?: false | { initialDelayMs?: number; maxDelayMs?: number; maxAttempts?: number };
+  /**
+   * Lanes to send on besides lane 0 (which may be given a priority and weight here too). Each
+   * reliable lane is an ordered stream of its own: a bulk transfer on one lane does not hold up
+   * another. Lanes share the send window, each keeping a reserve of sendWindow / (2 × lanes),
+   * so a lane's largest message is at least half the window. A peer without lanes (link
+   * protocol version 2 or older) gets every lane on lane 0, each lane still in order.
+   * Default: lane 0 only. Invalid entries: PeermeshError 'invalid_option'.
+   */
+  lanes?: LaneOptions[];
 }
 
 export interface SendOptions {
   /** Default true: complete, in order, exactly once. false: best effort, at most 16384 bytes. */
   reliable?: boolean;
+  /**
+   * The lane of a reliable message (default 0): messages of one lane arrive in the order sent,
+   * messages of different lanes in no particular order. A lane other than 0 must be configured
+   * (ConnectOptions.lanes), else PeermeshError 'invalid_lane'. Unreliable messages have no lane
+   * (ignored; they arrive with lane 0).
+   */
+  lane?: Lane;
 }
+
+/** Whether the peer has lanes: not known yet (its VERSION frame has not come), yes, or no. */
+export type PeerLanes = 'unknown' | 'lanes' | 'lane0';
 
 export interface LinkStats {
   path: Path;
@@ -121,8 +160,18 @@ export interface LinkStats {
   deadPaths: number;
   /** Reliable fragments sent and not yet acknowledged. */
   unacked: number;
-  /** Bytes of the send window in use. */
+  /** Bytes of the send window in use (every lane, and messages waiting for the peer's version). */
   windowUsed: number;
+  /** Whether the peer has lanes ('lane0': everything goes on lane 0, sequenced as unreliable). */
+  peerLanes: PeerLanes;
+  /** Sequenced messages dropped on arrival: not newer than the newest delivered on their lane. */
+  sequencedStale: number;
+  /** Sequenced messages replaced by a newer one of their lane while the peer's version was unknown. */
+  sequencedReplaced: number;
+  /** Early reliable fragments dropped because the reorder buffer (all lanes) was full. */
+  reorderFull: number;
+  /** Reliable messages dropped because they grew past 16 MiB. */
+  tooLarge: number;
 }
 
 export interface MemberEventDetail {
@@ -146,6 +195,11 @@ export interface MessageEventDetail {
   /** The bytes as sent (a string was sent as UTF-8). */
   data: Uint8Array;
   reliable: boolean;
+  /**
+   * The lane it came on: the sender's lane for reliable and sequenced messages; 0 for plain
+   * unreliable messages, and for everything from a peer without lanes.
+   */
+  lane: Lane;
   /** `data` decoded as UTF-8. */
   readonly text: string;
 }
@@ -222,7 +276,8 @@ export declare class PeermeshError extends Error {
   /**
    * A server error code (invalid_name, already_member, not_member, group_full, ...) or one of
    * this module's: invalid_url, invalid_option, invalid_group, connect, timeout,
-   * version_mismatch, closed, unknown_peer, too_large, would_block.
+   * version_mismatch, closed, unknown_peer, too_large, would_block, invalid_lane (a lane
+   * not configured with ConnectOptions.lanes).
    */
   code: string;
   request?: string;
@@ -262,10 +317,21 @@ export declare class Client extends EventTarget {
   /** The other members of a group this client is in. */
   members(group: string): Member[];
   nameOf(peer: PeerId): string | undefined;
-  /** Resolves once the message is handed to the link (waits while the send window is full). */
+  /**
+   * Resolves once the message is handed to the link (waits while the lane's share of the send
+   * window is full).
+   */
   send(peer: PeerId, data: string | ArrayBuffer | ArrayBufferView, options?: SendOptions): Promise<void>;
   /** Like send(), but throws PeermeshError 'would_block' instead of waiting. */
   trySend(peer: PeerId, data: string | ArrayBuffer | ArrayBufferView, options?: SendOptions): void;
+  /**
+   * A sequenced unreliable message on a configured lane (at most 16384 bytes): best effort, and
+   * the peer drops it if it already delivered a newer one of that lane (state updates). A peer
+   * without lanes gets it as a plain unreliable message. Until the peer's link version is known
+   * (about a round trip after the link starts), only the newest one per lane waits.
+   * PeermeshError 'invalid_lane', 'too_large'.
+   */
+  sendSequenced(peer: PeerId, lane: Lane, data: string | ArrayBuffer | ArrayBufferView): void;
   broadcast(group: string, data: string | ArrayBuffer | ArrayBufferView, options?: SendOptions): Promise<void>;
   /** Resolves once every reliable message sent so far is acknowledged. */
   flush(): Promise<void>;

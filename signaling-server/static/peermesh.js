@@ -1,5 +1,5 @@
 // peermesh.js: the browser client of peermesh (wire protocol v1, docs/PROTOCOL.md; link protocol
-// version 2, section 7.6).
+// version 3: section 7.6, and lanes, section 8.8).
 //
 //   import { connect } from '/peermesh.js';
 //   const client = await connect({ name: 'alice' });          // ws(s)://<this host>/ws
@@ -13,8 +13,13 @@
 // reliable message. No build step, no dependencies. Types: /peermesh.d.ts.
 
 export const PROTOCOL_VERSION = 1;
-/** The link protocol version this client speaks (offer/answer "version", docs/PROTOCOL.md §7.6). */
-export const LINK_VERSION = 2;
+/**
+ * The link protocol version this client speaks (offer/answer "version", docs/PROTOCOL.md §7.6,
+ * and the VERSION frame of §8.8.2).
+ */
+export const LINK_VERSION = 3;
+/** Lanes 0 to MAX_LANES - 1 (docs/PROTOCOL.md §8.8). */
+export const MAX_LANES = 8;
 /** Largest unreliable message (bytes); also the size of one reliable fragment. */
 export const MAX_UNRELIABLE_SIZE = 16384;
 
@@ -28,9 +33,23 @@ const PING_EVERY_MS = 1000;
 const RETRY_MIN_MS = 1000;
 const RETRY_MAX_HAD_DIRECT_MS = 5000;
 const RETRY_MAX_NEVER_DIRECT_MS = 60000;
-// Flow control on channel "r": hold DATA above 1 MiB queued, resume below 512 KiB.
+// Flow control on channel "r": DATA goes while less than 1 MiB is queued there (DC_HIGH), or
+// 256 KiB when more than one lane is in use (DC_HIGH_LANES: a lane-0 fragment then queues behind
+// at most that much of a bulk lane, section 8.8.3); the pump resumes at half of it.
 const DIRECT_HIGH = 1 << 20;
-const DIRECT_LOW = 512 << 10;
+const DC_HIGH_LANES = 256 << 10;
+// DATA goes to the WebSocket while it has less than this queued (section 8.8.3, SERVER_HIGH): the
+// lanes are scheduled here, not in the WebSocket's FIFO. The browser has no event for a draining
+// WebSocket, so a blocked link looks again after SERVER_POLL_MS.
+const SERVER_HIGH = 64 << 10;
+const SERVER_POLL_MS = 1;
+// Deficit round robin credit per unit of lane weight and visit (section 8.8.3).
+const DRR_QUANTUM = 16400;
+// Lanes (section 8.8.2): a peer frame without a VERSION before it, this long after the link
+// started (server path, or direct once the peer's READY came), says the peer has no lanes.
+const LANE_WAIT_MS = 1000;
+// What a receiver holds for the peer's one window: reorder (all lanes) and a partial message.
+const MAX_PEER_WINDOW = 16 << 20;
 // The link's own frames (ACK, PING, PONG) take the server path rather than queue behind this
 // much on a channel (the reference client's 100 ms bounded wait).
 const OWN_FRAME_MAX_QUEUED = 256 << 10;
@@ -46,6 +65,9 @@ const PART_DONE_MAX = 4096; // ids of recently completed split messages remember
 // Direct path with nothing received on the current generation's channels for this long: dead.
 const DEAD_PATH_TIMEOUT_MS = 3000;
 const DATA_HEADER = 10; // [0x10][flags][seq u64]
+const DATA_LANE_HEADER = 11; // [0x17][flags][lane][seq u64]
+const SEQ_HEADER = 8; // [0x19][lane][seq u32][index][count]
+const SEQ_PART_BYTES = MAX_DIRECT_UNRELIABLE_FRAME - SEQ_HEADER; // 1016
 const DRAIN_CHECK_MS = 10; // how often a draining client checks that all it sent is acknowledged
 const CARRY_WAIT_MS = 30000; // how long held messages wait for a link to the same user
 
@@ -56,6 +78,10 @@ const K_PING = 0x13;
 const K_PONG = 0x14;
 const K_READY = 0x15;
 const K_PART = 0x16;
+const K_DATA_LANE = 0x17;
+const K_ACK_LANE = 0x18;
+const K_SEQ = 0x19;
+const K_VERSION = 0x1a;
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -128,6 +154,180 @@ function dataFrame(seq, fin, chunk) {
   new DataView(f.buffer).setBigUint64(2, BigInt(seq));
   f.set(chunk, DATA_HEADER);
   return f;
+}
+
+// DATA (lane 0) or DATA_LANE (lanes 1..7).
+function laneDataFrame(lane, seq, fin, chunk) {
+  if (lane === 0) return dataFrame(seq, fin, chunk);
+  const f = new Uint8Array(DATA_LANE_HEADER + chunk.length);
+  f[0] = K_DATA_LANE;
+  f[1] = fin ? 1 : 0;
+  f[2] = lane;
+  new DataView(f.buffer).setBigUint64(3, BigInt(seq));
+  f.set(chunk, DATA_LANE_HEADER);
+  return f;
+}
+
+// ACK (lane 0) or ACK_LANE (lanes 1..7).
+function ackFrame(lane, seq) {
+  if (lane === 0) return u64Frame(K_ACK, seq);
+  const f = new Uint8Array(10);
+  f[0] = K_ACK_LANE;
+  f[1] = lane;
+  new DataView(f.buffer).setBigUint64(2, BigInt(seq));
+  return f;
+}
+
+function versionFrame(version = LINK_VERSION) {
+  const f = new Uint8Array(5);
+  f[0] = K_VERSION;
+  new DataView(f.buffer).setUint32(1, version);
+  return f;
+}
+
+// UNRELIABLE_SEQ frames of one sequenced message: one frame, or (direct path of a version 2 or 3
+// generation) parts of `partBytes` each but the last, all with the same seq, in index order.
+function seqFrames(lane, seq, bytes, partBytes = Infinity) {
+  const count = Math.max(1, Math.ceil(bytes.length / partBytes));
+  const frames = [];
+  for (let i = 0; i < count; i++) {
+    const chunk = count === 1 ? bytes : bytes.subarray(i * partBytes, Math.min((i + 1) * partBytes, bytes.length));
+    const f = new Uint8Array(SEQ_HEADER + chunk.length);
+    f[0] = K_SEQ;
+    f[1] = lane;
+    new DataView(f.buffer).setUint32(2, seq);
+    f[6] = i;
+    f[7] = count;
+    f.set(chunk, SEQ_HEADER);
+    frames.push(f);
+  }
+  return frames;
+}
+
+// A link frame (section 8.1, 8.8.1) as {kind, ...}, or null if it does not decode (too short, an
+// unknown kind, a lane out of range): dropped. Payloads are views into `b`.
+function decodeFrame(b) {
+  if (b.length === 0) return null;
+  const dv = new DataView(b.buffer, b.byteOffset, b.byteLength);
+  const kind = b[0];
+  switch (kind) {
+    case K_DATA:
+      if (b.length < DATA_HEADER) return null;
+      return { kind, lane: 0, fin: (b[1] & 1) === 1, seq: Number(dv.getBigUint64(2)), payload: b.subarray(DATA_HEADER) };
+    case K_DATA_LANE:
+      if (b.length < DATA_LANE_HEADER || b[2] === 0 || b[2] >= MAX_LANES) return null;
+      return { kind, lane: b[2], fin: (b[1] & 1) === 1, seq: Number(dv.getBigUint64(3)), payload: b.subarray(DATA_LANE_HEADER) };
+    case K_ACK:
+      if (b.length < 9) return null;
+      return { kind, lane: 0, seq: Number(dv.getBigUint64(1)) };
+    case K_ACK_LANE:
+      if (b.length < 10 || b[1] === 0 || b[1] >= MAX_LANES) return null;
+      return { kind, lane: b[1], seq: Number(dv.getBigUint64(2)) };
+    case K_UNRELIABLE:
+      return { kind, payload: b.subarray(1) };
+    case K_PART:
+      return b.length < PART_HEADER ? null : { kind };
+    case K_PING:
+    case K_PONG:
+      return b.length < 9 ? null : { kind };
+    case K_READY:
+      return b.length < 5 ? null : { kind, gen: dv.getUint32(1) };
+    case K_SEQ: {
+      if (b.length < SEQ_HEADER) return null;
+      const [lane, index, count] = [b[1], b[6], b[7]];
+      if (lane >= MAX_LANES || count === 0 || count > MAX_PARTS || index >= count) return null;
+      return { kind, lane, seq: dv.getUint32(2), index, count, payload: b.subarray(SEQ_HEADER) };
+    }
+    case K_VERSION:
+      return b.length < 5 ? null : { kind, version: dv.getUint32(1) };
+    default:
+      return null;
+  }
+}
+
+// `a` is newer than `b` in 32-bit serial number arithmetic (RFC 1982).
+function newerSeq(a, b) {
+  const d = (a - b) >>> 0;
+  return d !== 0 && d < 2 ** 31;
+}
+
+// Receiver of one lane's sequenced messages (section 8.8.5): the newest delivered, and at most
+// one message being assembled (the newest seen); incomplete ones expire PART_EXPIRY_MS after
+// their first part; none grows past 16384 bytes.
+class SeqReceiver {
+  constructor(now = () => performance.now()) {
+    this.now = now;
+    this.newest = null;
+    this.asm = null; // {seq, parts, have, bytes, since}
+  }
+
+  // The whole message if this frame completes a newer one; else 'pending', 'stale' or 'bad'.
+  push(seq, index, count, part) {
+    const t = this.now();
+    this.expire(t);
+    if (count === 0 || count > MAX_PARTS || index >= count || part.length > MAX_UNRELIABLE_SIZE) return 'bad';
+    if (this.newest !== null && !newerSeq(seq, this.newest)) return 'stale';
+    if (count === 1) {
+      this.newest = seq;
+      // What is being assembled is stale now, unless it is newer still.
+      if (this.asm && !newerSeq(this.asm.seq, seq)) this.asm = null;
+      return part.slice();
+    }
+    if (this.asm && this.asm.seq === seq) {
+      if (this.asm.parts.length !== count) return 'bad';
+    } else if (this.asm && newerSeq(this.asm.seq, seq)) {
+      return 'stale';
+    } else {
+      this.asm = { seq, parts: new Array(count), have: 0, bytes: 0, since: t };
+    }
+    const a = this.asm;
+    if (a.parts[index] !== undefined) return 'pending';
+    if (a.bytes + part.length > MAX_UNRELIABLE_SIZE) {
+      this.asm = null;
+      return 'bad';
+    }
+    a.parts[index] = part.slice();
+    a.have++;
+    a.bytes += part.length;
+    if (a.have < count) return 'pending';
+    this.asm = null;
+    this.newest = seq;
+    return concat(a.parts, a.bytes);
+  }
+
+  // Drop an incomplete message past its expiry; true if one was.
+  expire(t = this.now()) {
+    if (this.asm && t - this.asm.since >= PART_EXPIRY_MS) {
+      this.asm = null;
+      return true;
+    }
+    return false;
+  }
+}
+
+// Lane options of connect(): [{lane, priority = 0, weight = 1}] -> MAX_LANES slots, null for a
+// lane not configured; lane 0 is always there (priority 0, weight 1 unless given).
+function laneConfigs(lanes) {
+  const out = new Array(MAX_LANES).fill(null);
+  out[0] = { priority: 0, weight: 1 };
+  if (lanes === undefined || lanes === null) return out;
+  if (!Array.isArray(lanes)) throw new PeermeshError('invalid_option', 'lanes must be an array of {lane, priority, weight}');
+  for (const l of lanes) {
+    const lane = l?.lane;
+    const priority = l?.priority ?? 0;
+    const weight = l?.weight ?? 1;
+    if (!Number.isInteger(lane) || lane < 0 || lane >= MAX_LANES) {
+      throw new PeermeshError('invalid_option', `a lane is 0 to ${MAX_LANES - 1}, not ${lane}`);
+    }
+    if (!Number.isInteger(priority) || priority < 0 || priority > 255) {
+      throw new PeermeshError('invalid_option', `lane ${lane}: priority must be 0 to 255, not ${priority}`);
+    }
+    if (!Number.isInteger(weight) || weight < 1 || weight > 65535) {
+      throw new PeermeshError('invalid_option', `lane ${lane}: weight must be 1 to 65535, not ${weight}`);
+    }
+    out[lane] = { priority, weight };
+  }
+  return out;
 }
 
 function readyFrame(gen) {
@@ -377,7 +577,8 @@ function filterSdp(sdp, policy) {
  *   this page's host. May be omitted: connect({ name }).
  * @param {object} options { name, direct = 'any' ('relay', 'none'), sendWindow = 8 MiB,
  *   maxMessageSize = 8 MiB, connectTimeout = 10000, requestTimeout = 10000,
- *   deadPathTimeoutMs = 3000, token }
+ *   deadPathTimeoutMs = 3000, token, lanes = [] ({lane: 1..7, priority = 0, weight = 1}: lanes
+ *   to send on besides lane 0, docs/PROTOCOL.md §8.8) }
  * @returns {Promise<Client>}
  */
 export async function connect(url, options) {
@@ -410,6 +611,8 @@ export class Client extends EventTarget {
     this.directPolicy = ownPolicy(options);
     this.sendWindow = Math.min(Math.max(options.sendWindow ?? 8 << 20, 64 << 10), 16 << 20);
     this.maxMessageSize = Math.min(options.maxMessageSize ?? 8 << 20, this.sendWindow);
+    /** The lanes this client sends on (index = lane): {priority, weight}, or null if not configured. */
+    this.lanes = laneConfigs(options.lanes);
     this.connectTimeout = options.connectTimeout ?? 10000;
     // Identity token (a JWT from the app's backend), required by servers run with an auth secret.
     this.token = typeof options.token === 'string' ? options.token : null;
@@ -727,6 +930,17 @@ export class Client extends EventTarget {
     if (this._ws && this._ws.readyState === WebSocket.OPEN) this._ws.send(bytes);
   }
 
+  // Bytes the WebSocket has queued and not yet sent (every link's frames: one FIFO).
+  _serverBuffered() {
+    return this._ws ? this._ws.bufferedAmount : 0;
+  }
+
+  _checkLane(lane) {
+    if (!Number.isInteger(lane) || lane < 0 || lane >= MAX_LANES || this.lanes[lane] === null) {
+      throw new PeermeshError('invalid_lane', `lane ${lane} is not configured (connect option lanes)`);
+    }
+  }
+
   /** Whether the session has ended. */
   get closed() {
     return this._closed;
@@ -793,23 +1007,49 @@ export class Client extends EventTarget {
 
   /**
    * Send to a co-member. Reliable messages (default; up to maxMessageSize) arrive complete, in
-   * order and once, whatever path changes happen; the promise resolves once the message is
-   * handed to the link, waiting while the link's send window is full. Unreliable messages
-   * ({ reliable: false }, up to 16384 bytes) go on the current path, best effort.
+   * order (per lane) and once, whatever path changes happen; the promise resolves once the
+   * message is handed to the link, waiting while the lane's share of the send window is full.
+   * `lane` (default 0; others must be configured with the connect option `lanes`, else
+   * PeermeshError 'invalid_lane'): each lane is an ordered stream of its own, so a bulk
+   * transfer on one lane does not hold up another (docs/PROTOCOL.md §8.8). Unreliable messages
+   * ({ reliable: false }, up to 16384 bytes) go on the current path, best effort; they have no
+   * lane (`lane` is ignored, as in the reference client).
    */
-  async send(peer, data, { reliable = true } = {}) {
+  async send(peer, data, { reliable = true, lane = 0 } = {}) {
     const bytes = toBytes(data);
     const link = this._link(peer);
-    if (reliable) await link.sendReliable(bytes, true);
-    else link.sendUnreliable(bytes);
+    if (reliable) {
+      this._checkLane(lane);
+      await link.sendReliable(bytes, true, lane);
+    } else {
+      link.sendUnreliable(bytes);
+    }
   }
 
   /** Like send(), but throws a PeermeshError 'would_block' instead of waiting for the window. */
-  trySend(peer, data, { reliable = true } = {}) {
+  trySend(peer, data, { reliable = true, lane = 0 } = {}) {
     const bytes = toBytes(data);
     const link = this._link(peer);
-    if (reliable) link.sendReliable(bytes, false);
-    else link.sendUnreliable(bytes);
+    if (reliable) {
+      this._checkLane(lane);
+      link.sendReliable(bytes, false, lane);
+    } else {
+      link.sendUnreliable(bytes);
+    }
+  }
+
+  /**
+   * Send a sequenced unreliable message on a configured `lane` (up to 16384 bytes): best
+   * effort, and the peer drops it if it already delivered a newer one of that lane (for state
+   * updates; docs/PROTOCOL.md §8.8). A peer without lanes gets it as a plain unreliable message.
+   * Until the peer's link protocol version is known (about a round trip after the link starts)
+   * only the newest sequenced message per lane waits.
+   */
+  sendSequenced(peer, lane, data) {
+    const bytes = toBytes(data);
+    const link = this._link(peer);
+    this._checkLane(lane);
+    link.sendSequenced(lane, bytes);
   }
 
   /** Send to every other member of a group. */
@@ -855,6 +1095,7 @@ export class Client extends EventTarget {
       ...l.stats,
       unacked: l.unackedCount(),
       windowUsed: l.windowUsed,
+      peerLanes: l.peerLanes,
     };
   }
 
@@ -1007,8 +1248,14 @@ export class Client extends EventTarget {
       const i = this._carried.findIndex((c) => (c.user !== null || user !== null ? c.user === user : c.name === m.name));
       if (i >= 0) {
         const [c] = this._carried.splice(i, 1);
-        for (const bytes of c.messages) {
-          link.sendReliable(bytes, false).catch((e) => console.warn(`peermesh: a held message was not re-sent: ${e.message}`));
+        for (const { lane, bytes } of c.messages) {
+          try {
+            Promise.resolve(link.sendReliable(bytes, true, lane)).catch((e) =>
+              console.warn(`peermesh: a held message was not re-sent: ${e.message}`),
+            );
+          } catch (e) {
+            console.warn(`peermesh: a held message was not re-sent: ${e.message}`);
+          }
         }
       }
       if (this._draining) link.hold();
@@ -1042,6 +1289,46 @@ export class Client extends EventTarget {
 
 // ---- one link per co-member (sections 7 and 8) ----
 
+// Window cost of a reliable message: its bytes + 64 per fragment.
+function reliableCost(n) {
+  return n + Math.max(1, Math.ceil(n / MAX_FRAGMENT)) * FRAGMENT_OVERHEAD;
+}
+
+const DEFAULT_LANE = { priority: 0, weight: 1 };
+const laneCfg = (L) => L.cfg ?? DEFAULT_LANE;
+
+// State of one lane of a link: its reliable send stream, its receive stream, its sequenced
+// messages and its scheduling.
+function newLane(lane, cfg) {
+  return {
+    lane,
+    cfg, // {priority, weight}, or null: not configured (it still receives)
+    // sending
+    nextSeq: 1,
+    unacked: [], // {seq, frame, cost, fin, sent}, seq order, contiguous; entries before head are gone
+    head: 0,
+    unackedCost: 0,
+    nextTx: 1, // seq of the next fragment to transmit; rewound to the oldest unacked on a re-send
+    heldFrom: null, // draining: first seq held
+    waiting: [], // reliable messages waiting for the peer's VERSION
+    seqWaiting: null, // the newest sequenced message waiting for it
+    heldCost: 0, // window taken by waiting and seqWaiting
+    waiters: [], // messages waiting for window: {cost, resolve, reject, admit}
+    nextSeqMsg: 1, // seq of the next sequenced message
+    deficit: 0,
+    // receiving
+    delivered: 0,
+    ackedSent: 0,
+    ackDue: false,
+    ackTimer: null,
+    reorder: new Map(),
+    partial: [],
+    partialLen: 0,
+    discarding: false,
+    seqRx: new SeqReceiver(),
+  };
+}
+
 class Link {
   constructor(client, peer, linkId, initiator, name, policy = 'any') {
     this.c = client;
@@ -1054,24 +1341,26 @@ class Link {
     this.policy = policy;
     this.groups = new Set();
     this.closed = false;
-    // sending
-    this.nextSeq = 1;
+    // Lanes (section 8.8): lane i at index i, configured or not (any lane may receive). Each
+    // has its own reliable send and receive streams (lane 0: DATA/ACK) and sequenced counters.
+    this.lanes = [];
+    for (let i = 0; i < MAX_LANES; i++) this.lanes.push(newLane(i, client.lanes?.[i] ?? (i === 0 ? { priority: 0, weight: 1 } : null)));
+    // Whether the peer has lanes: 'unknown' until its VERSION (or its lack) tells, then 'lanes'
+    // or 'lane0' (every lane on lane 0) for the rest of the link (section 8.8.2).
+    this.peerLanes = 'unknown';
+    this.started = performance.now();
+    this.versionAnswered = false; // the peer's VERSION was answered (since the start or the last resync)
+    this.rr = 0; // deficit round robin cursor, and whether its lane has had this visit's credit
+    this.rrFresh = true;
+    this.pumping = false;
+    this.serverPoll = null;
     this.draining = false; // the server drains (see hold())
-    this.heldFrom = null; // first seq held meanwhile
-    this.unacked = []; // {seq, frame, cost}, seq order; entries before unackedHead are gone
-    this.unackedHead = 0;
-    this.windowUsed = 0;
-    this.waiters = []; // {cost, resolve, reject}
-    this.flushWaiters = [];
-    this.directQueue = []; // DATA frames waiting for room on channel "r"
-    // receiving
-    this.delivered = 0;
-    this.ackedSent = 0;
-    this.ackDue = false;
-    this.ackTimer = null;
-    this.reorder = new Map();
-    this.partial = [];
-    this.partialLen = 0;
+    this.windowUsed = 0; // every lane's unacknowledged fragments and waiting messages
+    this.flushWaiters = []; // {target: seq per lane, waiting, resolve}
+    this.decidedWaiters = [];
+    // receiving: fragments held for reordering, every lane together (bounded together)
+    this.reorderCount = 0;
+    this.reorderBytes = 0;
     this.nextPartMsg = 1; // msg of the next split unreliable message (link v2)
     // path
     this.path = 'server';
@@ -1126,9 +1415,16 @@ class Link {
       partsDropped: 0,
       partsExpired: 0,
       deadPaths: 0,
+      sequencedStale: 0,
+      sequencedReplaced: 0,
+      reorderFull: 0,
+      tooLarge: 0,
     };
     this.parts = new PartReassembly(this.stats);
     this.pingTimer = setInterval(() => this.onPingTimer(), PING_EVERY_MS);
+    // VERSION first, before the first PING (section 8.8.2): a peer's frame without a VERSION
+    // before it tells an old peer apart.
+    this.relay(versionFrame());
     this.sendPing();
     if (this.initiator && this.policy !== 'none') this.start();
   }
@@ -1155,63 +1451,196 @@ class Link {
     this.closed = true;
     clearInterval(this.pingTimer);
     clearTimeout(this.retryTimer);
-    clearTimeout(this.ackTimer);
+    clearTimeout(this.serverPoll);
+    for (const L of this.lanes) clearTimeout(L.ackTimer);
     this.resetRtc();
     const err = new PeermeshError('unknown_peer', `the link to peer ${this.peer} has closed`);
-    for (const w of this.waiters) w.reject(err);
-    this.waiters = [];
-    for (const f of this.flushWaiters) f();
+    for (const L of this.lanes) {
+      for (const w of L.waiters) w.reject(err);
+      L.waiters = [];
+    }
+    for (const f of this.flushWaiters) f.resolve();
     this.flushWaiters = [];
+    for (const f of this.decidedWaiters) f();
+    this.decidedWaiters = [];
   }
 
   // ---- sending ----
 
   unackedCount() {
-    return this.unacked.length - this.unackedHead;
+    return this.lanes.reduce((n, L) => n + L.unacked.length - L.head, 0);
   }
 
-  acquire(cost, wait) {
-    if (this.waiters.length === 0 && this.windowUsed + cost <= this.c.sendWindow) {
-      this.windowUsed += cost;
-      return null;
+  // Lanes that share the window with reserves (section 8.8.4): the configured ones, or one when
+  // every lane goes on lane 0.
+  reservingLanes() {
+    if (this.peerLanes === 'lane0') return 1;
+    return Math.max(1, this.lanes.filter((L) => L.cfg !== null).length);
+  }
+
+  // Window lane `lane` may take now: what is free, less the unused reserve (window / (2K)) of
+  // every other configured lane, so that a bulk lane never takes what a chat lane needs.
+  laneFree(lane) {
+    const w = this.c.sendWindow;
+    const free = Math.max(0, w - this.windowUsed);
+    const k = this.reservingLanes();
+    if (k === 1) return free;
+    const reserve = Math.floor(w / (2 * k));
+    let owed = 0;
+    for (const L of this.lanes) {
+      if (L.lane !== lane && L.cfg !== null) owed += Math.max(0, reserve - L.unackedCost - L.heldCost);
     }
-    if (!wait) throw new PeermeshError('would_block', 'the send window is full');
-    return new Promise((resolve, reject) => this.waiters.push({ cost, resolve, reject }));
+    return Math.max(0, free - owed);
   }
 
-  release(cost) {
-    this.windowUsed -= cost;
-    while (this.waiters.length && this.windowUsed + this.waiters[0].cost <= this.c.sendWindow) {
-      const w = this.waiters.shift();
-      this.windowUsed += w.cost;
-      w.resolve();
-    }
+  // Most window one lane can ever hold: the window less the other lanes' reserves.
+  laneCap() {
+    const w = this.c.sendWindow;
+    const k = this.reservingLanes();
+    return k === 1 ? w : w - (k - 1) * Math.floor(w / (2 * k));
   }
 
-  async sendReliable(bytes, wait) {
+  // Takes a reliable message for `lane` (configured; checked by the caller). Returns undefined
+  // once the message is taken, or a promise that resolves once it is (`wait`: the lane's share
+  // of the window is full); throws 'too_large', or 'would_block' when full and not `wait`.
+  sendReliable(bytes, wait, lane = 0) {
     if (bytes.length > this.c.maxMessageSize) {
       throw new PeermeshError('too_large', `reliable message of ${bytes.length} bytes exceeds ${this.c.maxMessageSize}`);
     }
-    const count = Math.max(1, Math.ceil(bytes.length / MAX_FRAGMENT));
-    const cost = bytes.length + count * FRAGMENT_OVERHEAD;
-    if (cost > this.c.sendWindow) {
+    const cost = reliableCost(bytes.length);
+    if (cost > this.laneCap()) {
       throw new PeermeshError('too_large', `reliable message of ${bytes.length} bytes does not fit the send window`);
     }
+    if (this.closed) throw new PeermeshError('unknown_peer', `the link to peer ${this.peer} has closed`);
     // Copy now: the caller may reuse its buffer once send() has returned.
     const copy = bytes.slice();
-    const waiting = this.acquire(cost, wait);
-    if (waiting) await waiting;
-    if (this.closed) {
-      throw new PeermeshError('unknown_peer', `the link to peer ${this.peer} has closed`);
+    const L = this.lanes[lane];
+    if (L.waiters.length === 0 && cost <= this.laneFree(lane)) {
+      this.takeReliable(lane, copy);
+      return undefined;
     }
-    if (this.draining && !this.isDirect() && this.heldFrom === null) this.heldFrom = this.nextSeq;
+    if (!wait) throw new PeermeshError('would_block', 'the send window is full');
+    // Waiting in the lane's own line: a bulk lane waiting for room holds up no other lane.
+    return new Promise((resolve, reject) =>
+      L.waiters.push({ cost, resolve, reject, admit: () => this.takeReliable(lane, copy) }),
+    );
+  }
+
+  // A reliable message of `lane` has window: it waits for the peer's VERSION (lanes >= 1 while
+  // not known), or is numbered on its lane's stream, or on lane 0's for a peer without lanes.
+  takeReliable(lane, bytes) {
+    if (lane !== 0 && this.peerLanes === 'unknown') {
+      const L = this.lanes[lane];
+      const cost = reliableCost(bytes.length);
+      L.waiting.push(bytes);
+      L.heldCost += cost;
+      this.windowUsed += cost;
+      return;
+    }
+    this.pushReliable(this.peerLanes === 'lanes' ? lane : 0, bytes);
+    this.pump();
+  }
+
+  // Numbers a message's fragments on stream `lane` (transmitted by pump()).
+  pushReliable(lane, bytes) {
+    const L = this.lanes[lane];
+    // Draining: from the first message that would go through the server, held (see hold()).
+    if (this.draining && !this.isDirect() && L.heldFrom === null) L.heldFrom = L.nextSeq;
+    const count = Math.max(1, Math.ceil(bytes.length / MAX_FRAGMENT));
     for (let i = 0; i < count; i++) {
-      const chunk = copy.subarray(i * MAX_FRAGMENT, Math.min((i + 1) * MAX_FRAGMENT, copy.length));
-      const seq = this.nextSeq++;
-      const frame = dataFrame(seq, i === count - 1, chunk);
-      this.unacked.push({ seq, frame, cost: chunk.length + FRAGMENT_OVERHEAD, fin: i === count - 1 });
-      // Held (a drain): recorded, transmitted on resync() or taken by takeHeld().
-      if (this.heldFrom === null) this.transmitData(frame);
+      const chunk = bytes.subarray(i * MAX_FRAGMENT, Math.min((i + 1) * MAX_FRAGMENT, bytes.length));
+      const seq = L.nextSeq++;
+      const fin = i === count - 1;
+      const cost = chunk.length + FRAGMENT_OVERHEAD;
+      L.unacked.push({ seq, frame: laneDataFrame(lane, seq, fin, chunk), cost, fin, sent: false });
+      L.unackedCost += cost;
+      this.windowUsed += cost;
+    }
+  }
+
+  // Lets in the messages waiting for window, each lane's in its order, as far as they fit.
+  admitWaiters() {
+    let progress = true;
+    while (progress) {
+      progress = false;
+      for (const L of this.lanes) {
+        while (L.waiters.length && L.waiters[0].cost <= this.laneFree(L.lane)) {
+          const w = L.waiters.shift();
+          w.admit();
+          w.resolve();
+          progress = true;
+        }
+      }
+    }
+  }
+
+  // The peer's lanes are known (section 8.8.2), for good: what waited goes on its lane, or
+  // (lane0) on lane 0, lane by lane, in order; sequenced messages then go as UNRELIABLE.
+  decideLanes(lanes) {
+    if (this.peerLanes !== 'unknown') return;
+    this.peerLanes = lanes ? 'lanes' : 'lane0';
+    for (const L of this.lanes) {
+      const waiting = L.waiting;
+      L.waiting = [];
+      for (const m of waiting) {
+        const cost = reliableCost(m.length);
+        L.heldCost -= cost;
+        this.windowUsed -= cost;
+        this.pushReliable(lanes ? L.lane : 0, m);
+      }
+      if (L.seqWaiting !== null) {
+        const m = L.seqWaiting;
+        L.seqWaiting = null;
+        L.heldCost -= m.length + FRAGMENT_OVERHEAD;
+        this.windowUsed -= m.length + FRAGMENT_OVERHEAD;
+        if (lanes) this.transmitSequenced(L.lane, m);
+        else this.sendUnreliable(m);
+      }
+    }
+    for (const f of this.decidedWaiters) f();
+    this.decidedWaiters = [];
+    this.admitWaiters(); // the reserves changed with lane0
+    this.pump();
+    this.checkFlush();
+  }
+
+  sendSequenced(lane, bytes) {
+    if (bytes.length > MAX_UNRELIABLE_SIZE) {
+      throw new PeermeshError('too_large', `sequenced message of ${bytes.length} bytes exceeds ${MAX_UNRELIABLE_SIZE}`);
+    }
+    if (this.peerLanes === 'lane0') {
+      this.sendUnreliable(bytes);
+      return;
+    }
+    if (this.peerLanes === 'lanes') {
+      this.transmitSequenced(lane, bytes);
+      return;
+    }
+    // Not known yet: only the newest waits (the receiver would drop older ones anyway); it
+    // counts in the window while it waits.
+    const L = this.lanes[lane];
+    if (L.seqWaiting !== null) {
+      L.heldCost -= L.seqWaiting.length + FRAGMENT_OVERHEAD;
+      this.windowUsed -= L.seqWaiting.length + FRAGMENT_OVERHEAD;
+      this.stats.sequencedReplaced++;
+    }
+    L.seqWaiting = bytes.slice();
+    L.heldCost += bytes.length + FRAGMENT_OVERHEAD;
+    this.windowUsed += bytes.length + FRAGMENT_OVERHEAD;
+  }
+
+  // UNRELIABLE_SEQ with the lane's next seq: where UNRELIABLE goes; on "u2" (version 2 or 3
+  // generation) in parts of at most 1024 bytes, else whole.
+  transmitSequenced(lane, bytes) {
+    const L = this.lanes[lane];
+    const seq = L.nextSeqMsg;
+    L.nextSeqMsg = (seq + 1) >>> 0;
+    const ch = this.isDirect() ? this.unreliableChannel() : null;
+    const direct = ch !== null && ch.bufferedAmount < DIRECT_HIGH;
+    const frames = seqFrames(lane, seq, bytes, direct && this.version >= 2 ? SEQ_PART_BYTES : Infinity);
+    for (const f of frames) {
+      const now = direct && this.isDirect() && this.unreliableChannel() === ch && ch.bufferedAmount < DIRECT_HIGH;
+      if (!(now && this.sendOn(ch, f))) this.relay(f);
     }
   }
 
@@ -1240,8 +1669,8 @@ class Link {
     this.relay(frame);
   }
 
-  // The channel of UNRELIABLE, UNRELIABLE_PART, PING and PONG on the direct path: the "u2" this
-  // end opened in a link v2 generation, "u" in a v1 one.
+  // The channel of UNRELIABLE, UNRELIABLE_PART, UNRELIABLE_SEQ, PING and PONG on the direct
+  // path: the "u2" this end opened in a link v2 (or v3) generation, "u" in a v1 one.
   unreliableChannel() {
     return this.version >= 2 ? this.u2 : this.u;
   }
@@ -1257,26 +1686,120 @@ class Link {
     this.c._sendBinary(relayFrame(this.peer, this.linkId, frame));
   }
 
-  // The server path is back (this session resumed, or the peer's did): send again every
-  // unacknowledged fragment and the current ACK, unless the link is direct.
+  // DATA of the lanes goes on "r" while it has less than this queued.
+  directHigh() {
+    return this.reservingLanes() > 1 ? DC_HIGH_LANES : DIRECT_HIGH;
+  }
+
+  // The length of lane L's next fragment to transmit, or null (none, or held by a drain).
+  ready(L) {
+    if (L.heldFrom !== null && L.nextTx >= L.heldFrom) return null;
+    const n = L.unacked.length - L.head;
+    if (n === 0) return null;
+    const i = L.nextTx - L.unacked[L.head].seq;
+    return i < n ? L.unacked[L.head + i].frame.length : null;
+  }
+
+  // The lane whose fragment goes next (section 8.8.3): the lowest priority number among the
+  // lanes with a fragment ready, and among those deficit round robin by weight.
+  pickLane() {
+    let best = Infinity;
+    for (const L of this.lanes) if (this.ready(L) !== null) best = Math.min(best, laneCfg(L).priority);
+    if (best === Infinity) return null;
+    // Each visit of a ready lane adds at least one full fragment of credit: at most one round
+    // (plus the lane the cursor is on) passes before one is picked.
+    for (let n = 0; n <= 2 * MAX_LANES; n++) {
+      const L = this.lanes[this.rr];
+      const len = this.ready(L);
+      if (len !== null && laneCfg(L).priority === best) {
+        if (this.rrFresh) {
+          L.deficit += DRR_QUANTUM * laneCfg(L).weight;
+          this.rrFresh = false;
+        }
+        if (L.deficit >= len) {
+          L.deficit -= len;
+          return L.lane;
+        }
+      } else if (len === null) {
+        L.deficit = 0; // an idle lane keeps no credit
+      }
+      this.rr = (this.rr + 1) % MAX_LANES;
+      this.rrFresh = true;
+    }
+    return null;
+  }
+
+  // Transmits DATA fragments of the lanes, by their schedule, while the path's queue is short:
+  // the WebSocket below SERVER_HIGH, channel "r" below DC_HIGH (DC_HIGH_LANES with lanes).
+  pump() {
+    if (this.closed || this.pumping) return;
+    this.pumping = true;
+    try {
+      for (;;) {
+        if (!this.isDirect()) {
+          if (this.relayPaused || this.c._reconnecting) return;
+          if ((this.c._serverBuffered?.() ?? 0) >= SERVER_HIGH) {
+            if (this.serverPoll === null) {
+              this.serverPoll = setTimeout(() => {
+                this.serverPoll = null;
+                this.pump();
+              }, SERVER_POLL_MS);
+            }
+            return;
+          }
+        } else if (this.r.readyState === 'open') {
+          const high = this.directHigh();
+          if (this.r.bufferedAmount >= high) {
+            this.r.bufferedAmountLowThreshold = high / 2; // onbufferedamountlow pumps again
+            return;
+          }
+        } // a channel that is not open fails the send below, which downgrades the link
+        const lane = this.pickLane();
+        if (lane === null) return;
+        const L = this.lanes[lane];
+        const u = L.unacked[L.head + (L.nextTx - L.unacked[L.head].seq)];
+        L.nextTx++;
+        if (u.sent) this.stats.resent++;
+        u.sent = true;
+        if (!this.isDirect()) {
+          this.stats.sentServer++;
+          this.relay(u.frame);
+        } else if (this.sendOn(this.r, u.frame)) {
+          this.stats.sentDirect++;
+        } // else: the downgrade rewound every lane; the loop goes on on the server path
+      }
+    } finally {
+      this.pumping = false;
+    }
+  }
+
+  // The server path is back (this session resumed, or the peer's did): VERSION first again,
+  // then every unacknowledged fragment and the current ACKs, unless the link is direct.
   resync() {
     this.relayPaused = false;
-    const held = this.heldFrom;
+    this.versionAnswered = false;
+    this.relay(versionFrame());
     this.draining = false;
-    this.heldFrom = null;
+    for (const L of this.lanes) L.heldFrom = null;
     if (!this.isDirect()) {
       this.resendOnServer();
-    } else if (held !== null) {
-      // Held messages never went: send them now on the direct path.
-      for (let i = this.unackedHead; i < this.unacked.length; i++) {
-        if (this.unacked[i].seq >= held) this.transmitData(this.unacked[i].frame);
+    } else {
+      // Held messages never went: they go now on the direct path. ACKs that fell back to the
+      // interrupted server path (busy channels) may be lost: again.
+      for (const L of this.lanes) {
+        if (L.delivered > 0) {
+          L.ackDue = true;
+          this.sendAck(L);
+        }
       }
+      this.pump();
     }
   }
 
   // The server is draining: from the first reliable message that would go on the server path,
-  // reliable messages are numbered and kept, not transmitted, until resync() or takeHeld().
-  // ACKs and probes still go. A direct link goes on sending: it does not need the server.
+  // reliable messages are numbered and kept (per lane), not transmitted, until resync() or
+  // takeHeld(). ACKs and probes still go. A direct link goes on sending: it does not need the
+  // server.
   hold() {
     this.draining = true;
   }
@@ -1285,55 +1808,61 @@ class Link {
   // transmitted before the hold is acknowledged, or the link is direct and holds nothing.
   drained() {
     if (!this.draining) return false;
-    if (this.heldFrom === null) return this.isDirect() || this.unackedCount() === 0;
-    return this.unackedCount() === 0 || this.unacked[this.unackedHead].seq >= this.heldFrom;
+    return this.lanes.every((L) => {
+      const empty = L.unacked.length === L.head;
+      if (L.heldFrom === null) return this.isDirect() || empty;
+      return empty || L.unacked[L.head].seq >= L.heldFrom;
+    });
   }
 
-  // A new session replaces this link: the held messages (never transmitted), oldest first, and
-  // how many transmitted ones are not acknowledged (they may or may not have arrived).
+  // A new session replaces this link: the held messages (never transmitted) with their lanes,
+  // oldest first per lane, and how many transmitted ones are not acknowledged (they may or may
+  // not have arrived).
   takeHeld() {
-    const held = this.heldFrom ?? Infinity;
     const messages = [];
-    let parts = [];
     let undelivered = 0;
-    for (let i = this.unackedHead; i < this.unacked.length; i++) {
-      const u = this.unacked[i];
-      if (u.seq < held) {
-        if (u.fin) undelivered++;
-        continue;
-      }
-      parts.push(u.frame.subarray(DATA_HEADER));
-      if (u.fin) {
-        const total = parts.reduce((n, p) => n + p.length, 0);
-        const msg = new Uint8Array(total);
-        let at = 0;
-        for (const p of parts) {
-          msg.set(p, at);
-          at += p.length;
+    for (const L of this.lanes) {
+      const held = L.heldFrom ?? Infinity;
+      const header = L.lane === 0 ? DATA_HEADER : DATA_LANE_HEADER;
+      let parts = [];
+      for (let i = L.head; i < L.unacked.length; i++) {
+        const u = L.unacked[i];
+        if (u.seq < held) {
+          if (u.fin) undelivered++;
+          continue;
         }
-        messages.push(msg);
-        parts = [];
+        parts.push(u.frame.subarray(header));
+        if (u.fin) {
+          messages.push({ lane: L.lane, bytes: concat(parts, parts.reduce((n, p) => n + p.length, 0)) });
+          parts = [];
+        }
       }
+      L.unacked = [];
+      L.head = 0;
+      L.unackedCost = 0;
+      L.nextTx = L.nextSeq;
+      // Never numbered: the peer's lanes were not known yet.
+      for (const m of L.waiting) messages.push({ lane: L.lane, bytes: m });
+      L.waiting = [];
+      L.seqWaiting = null;
+      L.heldCost = 0;
     }
-    this.unacked = [];
-    this.unackedHead = 0;
+    this.windowUsed = 0;
     return { messages, undelivered };
   }
 
-  // Send every unacknowledged fragment again on the server path, in seq order, then the
-  // current ACK (frames and ACKs may have died with a path: the direct one, or the session's
-  // connection).
+  // Every lane's unacknowledged fragments go again on the server path (each lane's in seq
+  // order, the lanes interleaved by the schedule), after the current ACK of every lane that
+  // delivered anything (frames and ACKs may have died with a path: the direct one, or the
+  // session's connection).
   resendOnServer() {
-    const held = this.heldFrom ?? Infinity;
-    for (let i = this.unackedHead; i < this.unacked.length; i++) {
-      if (this.unacked[i].seq >= held) break;
-      this.relay(this.unacked[i].frame);
-      this.stats.resent++;
-      this.stats.sentServer++;
+    for (const L of this.lanes) {
+      L.nextTx = L.unacked.length > L.head ? L.unacked[L.head].seq : L.nextSeq;
+      L.ackedSent = L.delivered;
+      L.ackDue = false;
+      if (L.delivered > 0) this.relay(ackFrame(L.lane, L.delivered));
     }
-    this.ackedSent = this.delivered;
-    this.ackDue = false;
-    if (this.delivered > 0) this.relay(u64Frame(K_ACK, this.delivered));
+    this.pump();
   }
 
   // Send on a channel of the current PeerConnection; a failure is a failure of the direct path.
@@ -1349,106 +1878,109 @@ class Link {
     }
   }
 
-  transmitData(frame) {
-    if (!this.isDirect()) {
-      this.stats.sentServer++;
-      this.relay(frame);
-      return;
-    }
-    // Queue only behind an open channel: one that is closing never drains its queue (nor fires
-    // bufferedamountlow), and the send below fails at once, which downgrades the link.
-    if (this.r.readyState === 'open' && (this.directQueue.length || this.r.bufferedAmount > DIRECT_HIGH)) {
-      this.directQueue.push(frame);
-      return;
-    }
-    if (this.sendOn(this.r, frame)) this.stats.sentDirect++;
-    // else: the downgrade has re-sent it with everything else unacknowledged
-  }
-
-  pumpDirect() {
-    while (this.directQueue.length && this.isDirect() && this.r.bufferedAmount <= DIRECT_HIGH) {
-      if (!this.sendOn(this.r, this.directQueue.shift())) return;
-      this.stats.sentDirect++;
-    }
-  }
-
-  // ACK, PING, PONG: on the channel when direct and not queued up, else on the server path.
+  // ACK, ACK_LANE, PING, PONG: on the channel when direct and not queued up, else on the server
+  // path.
   transmitOwn(frame, ch) {
     if (this.isDirect() && ch && ch.bufferedAmount < OWN_FRAME_MAX_QUEUED && this.sendOn(ch, frame)) return;
     this.relay(frame);
   }
 
-  onAck(seq) {
-    while (this.unackedHead < this.unacked.length && this.unacked[this.unackedHead].seq <= seq) {
-      const u = this.unacked[this.unackedHead];
-      this.unacked[this.unackedHead++] = undefined;
-      this.release(u.cost);
+  onAck(lane, seq) {
+    const L = this.lanes[lane];
+    while (L.head < L.unacked.length && L.unacked[L.head].seq <= seq) {
+      const u = L.unacked[L.head];
+      L.unacked[L.head++] = undefined;
+      L.unackedCost -= u.cost;
+      this.windowUsed -= u.cost;
     }
-    if (this.unackedHead > 1024 && this.unackedHead * 2 > this.unacked.length) {
-      this.unacked = this.unacked.slice(this.unackedHead);
-      this.unackedHead = 0;
+    if (L.head > 1024 && L.head * 2 > L.unacked.length) {
+      L.unacked = L.unacked.slice(L.head);
+      L.head = 0;
     }
-    if (this.unackedCount() === 0 && this.flushWaiters.length) {
-      const done = this.flushWaiters;
-      this.flushWaiters = [];
-      for (const f of done) f();
-    }
+    // Acked fragments need no (re-)transmission.
+    L.nextTx = Math.max(L.nextTx, L.unacked.length > L.head ? L.unacked[L.head].seq : L.nextSeq);
+    this.admitWaiters();
+    this.checkFlush();
   }
 
+  // Every lane's fragments up to `target[lane]` are acknowledged.
+  ackedThrough(target) {
+    return this.lanes.every((L) => L.unacked.length === L.head || L.unacked[L.head].seq > target[L.lane]);
+  }
+
+  checkFlush() {
+    if (this.flushWaiters.length === 0) return;
+    this.flushWaiters = this.flushWaiters.filter((f) => {
+      if (f.waiting) {
+        // Messages waiting for the peer's VERSION when flush() was called: numbered now.
+        if (this.peerLanes === 'unknown') return true;
+        f.waiting = false;
+        f.target = this.lanes.map((L) => L.nextSeq - 1);
+      }
+      if (!this.ackedThrough(f.target)) return true;
+      f.resolve();
+      return false;
+    });
+  }
+
+  // Resolves once every reliable message taken so far (every lane) is acknowledged.
   flush() {
-    if (this.closed || this.unackedCount() === 0) return Promise.resolve();
-    return new Promise((resolve) => this.flushWaiters.push(resolve));
+    const target = this.lanes.map((L) => L.nextSeq - 1);
+    const waiting = this.lanes.some((L) => L.waiting.length > 0);
+    if (this.closed || (!waiting && this.ackedThrough(target))) return Promise.resolve();
+    return new Promise((resolve) => this.flushWaiters.push({ target, waiting, resolve }));
   }
 
   // ---- receiving ----
 
   onFrame(bytes, direct) {
-    if (this.closed || bytes.length === 0) return;
-    switch (bytes[0]) {
-      case K_DATA: {
-        if (bytes.length < 10) return;
-        const seq = readU64(bytes, 2);
-        const fin = (bytes[1] & 1) === 1;
-        const payload = bytes.subarray(10);
+    if (this.closed) return;
+    const f = decodeFrame(bytes);
+    if (f === null) return;
+    // An old peer: a frame of it without a VERSION before it, this late, on the ordered server
+    // path, or on the direct path once its READY came (section 8.8.2). No timer.
+    if (
+      this.peerLanes === 'unknown' &&
+      f.kind !== K_VERSION &&
+      (!direct || this.peerReady > 0) &&
+      performance.now() - this.started >= LANE_WAIT_MS
+    ) {
+      this.decideLanes(false);
+    }
+    switch (f.kind) {
+      case K_DATA:
+      case K_DATA_LANE:
         if (direct) this.stats.recvDirect++;
         else this.stats.recvServer++;
-        if (seq <= this.delivered || this.reorder.has(seq)) {
-          // The sender is re-sending: our last ACK may have died with the direct path.
-          this.stats.duplicates++;
-          this.ackDue = true;
-          this.scheduleAck();
-          return;
-        }
-        if (seq !== this.delivered + 1) {
-          if (this.reorder.size >= MAX_REORDER) {
-            console.warn(`peermesh: reorder buffer full, fragment ${seq} from peer ${this.peer} dropped`);
-            return;
-          }
-          this.reorder.set(seq, [fin, payload]);
-          return;
-        }
-        this.accept(fin, payload);
-        while (this.reorder.has(this.delivered + 1)) {
-          const next = this.reorder.get(this.delivered + 1);
-          this.reorder.delete(this.delivered + 1);
-          this.accept(next[0], next[1]);
-        }
-        this.scheduleAck();
+        this.onData(this.lanes[f.lane], f.seq, f.fin, f.payload);
         return;
-      }
       case K_ACK:
-        if (bytes.length >= 9) this.onAck(readU64(bytes, 1));
+      case K_ACK_LANE:
+        this.onAck(f.lane, f.seq);
         return;
       case K_UNRELIABLE:
-        this.deliver(bytes.slice(1), false);
+        this.deliver(f.payload.slice(), false, 0);
         return;
       case K_PART: {
         const whole = this.parts.push(bytes);
-        if (whole) this.deliver(whole, false);
+        if (whole) this.deliver(whole, false, 0);
         return;
       }
+      case K_SEQ: {
+        const r = this.lanes[f.lane].seqRx.push(f.seq, f.index, f.count, f.payload);
+        if (r instanceof Uint8Array) this.deliver(r, false, f.lane);
+        else if (r === 'stale') this.stats.sequencedStale++;
+        return;
+      }
+      case K_VERSION:
+        if (!this.versionAnswered) {
+          // Ours may have been dropped before the peer's end of the link existed.
+          this.versionAnswered = true;
+          this.relay(versionFrame());
+        }
+        this.decideLanes(f.version >= 3);
+        return;
       case K_PING: {
-        if (bytes.length < 9) return;
         const pong = bytes.slice(0, 9);
         pong[0] = K_PONG;
         if (direct && this.isDirect()) this.transmitOwn(pong, this.unreliableChannel());
@@ -1456,11 +1988,10 @@ class Link {
         return;
       }
       case K_PONG:
-        if (bytes.length >= 9) this.onPong(readU64(bytes, 1));
+        this.onPong(readU64(bytes, 1));
         return;
       case K_READY:
-        if (bytes.length < 5) return;
-        this.peerReady = Math.max(this.peerReady, new DataView(bytes.buffer, bytes.byteOffset, 5).getUint32(1));
+        this.peerReady = Math.max(this.peerReady, f.gen);
         this.maybeUpgrade();
         return;
       default:
@@ -1468,47 +1999,95 @@ class Link {
     }
   }
 
-  accept(fin, payload) {
-    this.delivered++;
-    this.partial.push(payload);
-    this.partialLen += payload.length;
+  // A DATA / DATA_LANE fragment of lane L (section 8.4's receiver, per lane; reorder bounded
+  // for all lanes together, section 8.8.5).
+  onData(L, seq, fin, payload) {
+    if (seq <= L.delivered || L.reorder.has(seq)) {
+      // The sender is re-sending: our last ACK may have died with the direct path.
+      this.stats.duplicates++;
+      L.ackDue = true;
+      this.scheduleAck(L);
+      return;
+    }
+    if (seq !== L.delivered + 1) {
+      const cost = payload.length + FRAGMENT_OVERHEAD;
+      if (this.reorderCount >= MAX_REORDER || this.reorderBytes + cost > MAX_PEER_WINDOW) {
+        this.stats.reorderFull++;
+        console.warn(`peermesh: reorder buffer full, fragment ${seq} of lane ${L.lane} from peer ${this.peer} dropped`);
+        return;
+      }
+      L.reorder.set(seq, [fin, payload]);
+      this.reorderCount++;
+      this.reorderBytes += cost;
+      return;
+    }
+    this.accept(L, fin, payload);
+    while (L.reorder.has(L.delivered + 1)) {
+      const next = L.reorder.get(L.delivered + 1);
+      L.reorder.delete(L.delivered + 1);
+      this.reorderCount--;
+      this.reorderBytes -= next[1].length + FRAGMENT_OVERHEAD;
+      this.accept(L, next[0], next[1]);
+    }
+    this.scheduleAck(L);
+  }
+
+  accept(L, fin, payload) {
+    L.delivered++;
+    if (L.discarding) {
+      L.discarding = !fin;
+      return;
+    }
+    if (L.partialLen + payload.length > MAX_PEER_WINDOW) {
+      // No sender within its window sends this: dropped, with its fragments up to FIN.
+      console.warn(`peermesh: reliable message longer than ${MAX_PEER_WINDOW} bytes from peer ${this.peer} dropped`);
+      this.stats.tooLarge++;
+      L.partial = [];
+      L.partialLen = 0;
+      L.discarding = !fin;
+      return;
+    }
+    L.partial.push(payload);
+    L.partialLen += payload.length;
     if (fin) {
-      const data = concat(this.partial, this.partialLen);
-      this.partial = [];
-      this.partialLen = 0;
-      this.deliver(data, true);
+      const data = concat(L.partial, L.partialLen);
+      L.partial = [];
+      L.partialLen = 0;
+      this.deliver(data, true, L.lane);
     }
   }
 
-  deliver(data, reliable) {
+  deliver(data, reliable, lane) {
     this.c._emit('message', {
       from: this.peer,
       data,
       reliable,
+      lane,
       get text() {
         return decoder.decode(data);
       },
     });
   }
 
-  scheduleAck() {
-    if (this.delivered - this.ackedSent >= ACK_EVERY) this.sendAck();
-    else if (!this.ackTimer) this.ackTimer = setTimeout(() => this.sendAck(), ACK_DELAY_MS);
+  scheduleAck(L) {
+    if (L.delivered - L.ackedSent >= ACK_EVERY) this.sendAck(L);
+    else if (!L.ackTimer) L.ackTimer = setTimeout(() => this.sendAck(L), ACK_DELAY_MS);
   }
 
-  sendAck() {
-    clearTimeout(this.ackTimer);
-    this.ackTimer = null;
-    if (this.closed || (this.ackedSent === this.delivered && !this.ackDue)) return;
-    this.ackDue = false;
-    this.ackedSent = this.delivered;
-    this.transmitOwn(u64Frame(K_ACK, this.delivered), this.r);
+  sendAck(L) {
+    clearTimeout(L.ackTimer);
+    L.ackTimer = null;
+    if (this.closed || (L.ackedSent === L.delivered && !L.ackDue)) return;
+    L.ackDue = false;
+    L.ackedSent = L.delivered;
+    this.transmitOwn(ackFrame(L.lane, L.delivered), this.r);
   }
 
   // ---- RTT ----
 
   onPingTimer() {
     this.parts.expire();
+    for (const L of this.lanes) L.seqRx.expire();
     this.sendPing();
     if (this.isDirect()) this.refreshPair();
   }
@@ -1598,6 +2177,7 @@ class Link {
           this.lastDirectRecv = performance.now();
           this.armDeadTimer(pc, this.c.deadPathTimeoutMs);
           this.sendPing();
+          this.pump(); // fragments not transmitted yet go on the direct path
           return;
         }
         await sleep(50);
@@ -1632,7 +2212,6 @@ class Link {
     this.pair = null;
     this.setPath('server', true);
     // Everything unacknowledged may have died with the direct path, ACKs sent directly too.
-    this.directQueue = [];
     this.resendOnServer();
     // Only now: a 'path' handler that sends finds the re-send done (its message is not re-sent
     // too, and it follows the re-sent fragments on the server path).
@@ -1709,7 +2288,7 @@ class Link {
     });
     const r = pc.createDataChannel('r', { negotiated: true, id: 0, ordered: true });
     const u = pc.createDataChannel('u', { negotiated: true, id: 1, ordered: false, maxRetransmits: 0 });
-    r.bufferedAmountLowThreshold = DIRECT_LOW;
+    r.bufferedAmountLowThreshold = this.directHigh() / 2;
     this.pc = pc;
     this.r = r;
     this.u = u;
@@ -1768,7 +2347,7 @@ class Link {
     };
     for (const ch of [r, u]) this.wireChannel(pc, gen, ch);
     r.onbufferedamountlow = () => {
-      if (current()) this.pumpDirect();
+      if (current()) this.pump();
     };
     return pc;
   }
@@ -1847,6 +2426,8 @@ class Link {
           return;
         }
         if (gen <= this.gen) return; // stale
+        // A peer of version 2 or less has no lanes (section 8.8.2 allows deciding it here).
+        if (signaledVersion(data) < 3) this.decideLanes(false);
         const version = Math.min(LINK_VERSION, signaledVersion(data));
         await this.acceptOffer(gen, data.sdp, version, data.u2_reliable === true);
         return;
@@ -1854,6 +2435,7 @@ class Link {
         const pc = this.pc;
         if (gen !== this.gen || !pc || typeof data.sdp !== 'string') return;
         try {
+          if (signaledVersion(data) < 3) this.decideLanes(false);
           this.version = Math.min(LINK_VERSION, signaledVersion(data));
           this.u2Reliable = data.u2_reliable === true;
           await pc.setRemoteDescription({ type: 'answer', sdp: filterSdp(data.sdp, this.policy) });
@@ -1969,6 +2551,15 @@ class Link {
 /** Internals for unit checks (interop-tests/browser/unit.mjs); not part of the API. */
 export const _internals = {
   partFrames,
+  laneDataFrame,
+  ackFrame,
+  versionFrame,
+  seqFrames,
+  decodeFrame,
+  newerSeq,
+  SeqReceiver,
+  laneConfigs,
+  LANE_WAIT_MS,
   PartReassembly,
   Link,
   Client,
