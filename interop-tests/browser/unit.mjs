@@ -901,15 +901,21 @@ check('a client: member direct, acks, quiet report errors, direct_not_allowed', 
   check('lanes: the schedule: lane 0 waits for at most one fragment of each busy lane; tiers; weights', () => {
     const { link, relayed } = laneLink([{ lane: 1 }, { lane: 2, priority: 1 }, { lane: 3, weight: 3 }], 16 << 20);
     link.onFrame(versionFrame(3), false);
-    let buffered = 0;
-    link.c._serverBuffered = () => buffered;
-    buffered = 1 << 30; // the WebSocket is full: nothing goes, the lanes queue
+    link.relayPaused = true; // nothing goes: the lanes queue
     link.sendReliable(pattern(16384 * 8), false, 1);
     link.sendReliable(pattern(16384 * 8), false, 2);
     link.sendReliable(pattern(16384 * 12), false, 3);
     link.sendReliable(enc('chat'), false, 0);
     relayed.length = 0;
-    buffered = 0;
+    // Every fragment acknowledged as soon as it goes, so the lanes' bound never holds.
+    link.c._sendBinary = (b) => {
+      const f = b.slice(9);
+      relayed.push(f);
+      const v = new DataView(f.buffer, f.byteOffset);
+      if (f[0] === 0x10) link.onAck(0, Number(v.getBigUint64(2)));
+      if (f[0] === 0x17) link.onAck(f[2], Number(v.getBigUint64(3)));
+    };
+    link.relayPaused = false;
     link.pump();
     const order = relayed.filter((f) => f[0] === 0x10 || f[0] === 0x17).map((f) => (f[0] === 0x10 ? 0 : f[2]));
     // Lane 2 (priority 1) only once the tier of priority 0 has nothing ready.
@@ -922,21 +928,17 @@ check('a client: member direct, acks, quiet report errors, direct_not_allowed', 
     link._close();
   });
 
-  check('lanes: the WebSocket queue stays under 64 KiB; a chat lane keeps its window reserve', () => {
+  check('lanes: 32 KiB transmitted and unacknowledged at most until a rate is known; a chat lane keeps its window reserve', () => {
     const { link, relayed } = laneLink([{ lane: 1 }], 1 << 20);
     link.onFrame(versionFrame(3), false);
-    let buffered = 0;
-    link.c._serverBuffered = () => buffered;
-    link.c._sendBinary = (b) => {
-      relayed.push(b.slice(9));
-      buffered += b.length;
-    };
     relayed.length = 0;
     // Lane 1 may hold the window less lane 0's reserve (W / 4).
     const big = pattern(700 << 10);
     link.sendReliable(big, false, 1);
     assert.throws(() => link.sendReliable(pattern(100 << 10), false, 1), (e) => e.code === 'would_block');
-    assert.equal(relayed.length, 4); // 4 x 16 KiB queued, then the WebSocket is "full"
+    assert.equal(relayed.length, 2); // 2 x (16 KiB + 64) transmitted: the 32 KiB floor
+    link.onAck(1, 1);
+    assert.equal(relayed.length, 3, 'an ACK makes room for one more');
     link.sendReliable(pattern(200 << 10), false, 0); // lane 0's reserve is there
     assert.throws(() => link.sendReliable(pattern(300 << 10), false, 0), (e) => e.code === 'would_block');
     assert.throws(() => link.sendReliable(pattern(1 << 20), false, 1), (e) => e.code === 'too_large');
@@ -944,6 +946,24 @@ check('a client: member direct, acks, quiet report errors, direct_not_allowed', 
       () => link.c._checkLane?.(5) ?? Client.prototype._checkLane.call({ lanes: link.c.lanes }, 5),
       (e) => e.code === 'invalid_lane',
     );
+    link._close();
+  });
+
+  check('acks go at once every 32 KiB of fragments, not only every 32 fragments or 5 ms', () => {
+    const { link, relayed } = laneLink([{ lane: 1 }]);
+    relayed.length = 0;
+    const data = (seq) => {
+      const f = new Uint8Array(10 + 16384);
+      f[0] = 0x10;
+      f[1] = 1; // FIN
+      new DataView(f.buffer).setBigUint64(2, BigInt(seq));
+      return f;
+    };
+    link.onFrame(data(1), false);
+    assert.deepEqual(kinds(relayed), [], 'one 16 KiB fragment: the ACK waits for its timer');
+    link.onFrame(data(2), false);
+    assert.deepEqual(kinds(relayed), [0x11], '32 KiB: acknowledged at once');
+    assert.equal(Number(new DataView(relayed[0].buffer, relayed[0].byteOffset).getBigUint64(1)), 2);
     link._close();
   });
 

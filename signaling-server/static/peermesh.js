@@ -26,6 +26,7 @@ export const MAX_UNRELIABLE_SIZE = 16384;
 const MAX_FRAGMENT = 16384;
 const FRAGMENT_OVERHEAD = 64; // window cost of a fragment beyond its bytes
 const ACK_EVERY = 32;
+const ACK_BYTES = 32 << 10; // ...or this many fragment bytes (section 8.4)
 const ACK_DELAY_MS = 5;
 const MAX_REORDER = (16 << 20) / FRAGMENT_OVERHEAD;
 const CONNECT_TIMEOUT_MS = 8000; // a PeerConnection not connected by then has failed
@@ -33,16 +34,18 @@ const PING_EVERY_MS = 1000;
 const RETRY_MIN_MS = 1000;
 const RETRY_MAX_HAD_DIRECT_MS = 5000;
 const RETRY_MAX_NEVER_DIRECT_MS = 60000;
-// Flow control on channel "r": DATA goes while less than 1 MiB is queued there (DC_HIGH), or
-// 256 KiB when more than one lane is in use (DC_HIGH_LANES: a lane-0 fragment then queues behind
-// at most that much of a bulk lane, section 8.8.3); the pump resumes at half of it.
+// Flow control on channel "r": DATA goes while less than 1 MiB is queued there (DC_HIGH); the
+// pump resumes at half of it.
 const DIRECT_HIGH = 1 << 20;
-const DC_HIGH_LANES = 256 << 10;
-// DATA goes to the WebSocket while it has less than this queued (section 8.8.3, SERVER_HIGH): the
-// lanes are scheduled here, not in the WebSocket's FIFO. The browser has no event for a draining
-// WebSocket, so a blocked link looks again after SERVER_POLL_MS.
-const SERVER_HIGH = 64 << 10;
-const SERVER_POLL_MS = 1;
+// With more than one lane (section 8.8.3), DATA goes while the permits transmitted and not
+// acknowledged are below Q = max(LANES_QUEUE_FLOOR, 2 x rate x min RTT): every lane shares the
+// FIFOs past the scheduler (WebSocket, server, SCTP, the peer's receive buffer), and the link's
+// own ACKs see all of them. The rate is the largest ack-measured sample over the last
+// max(RATE_WINDOW_MIN_MS, 10 x min RTT), each sample spanning at least max(RATE_INTERVAL_MS,
+// min RTT).
+const LANES_QUEUE_FLOOR = 32 << 10;
+const RATE_INTERVAL_MS = 10;
+const RATE_WINDOW_MIN_MS = 100;
 // Deficit round robin credit per unit of lane weight and visit (section 8.8.3).
 const DRR_QUANTUM = 16400;
 // Lanes (section 8.8.2): a peer frame without a VERSION before it, this long after the link
@@ -930,11 +933,6 @@ export class Client extends EventTarget {
     if (this._ws && this._ws.readyState === WebSocket.OPEN) this._ws.send(bytes);
   }
 
-  // Bytes the WebSocket has queued and not yet sent (every link's frames: one FIFO).
-  _serverBuffered() {
-    return this._ws ? this._ws.bufferedAmount : 0;
-  }
-
   _checkLane(lane) {
     if (!Number.isInteger(lane) || lane < 0 || lane >= MAX_LANES || this.lanes[lane] === null) {
       throw new PeermeshError('invalid_lane', `lane ${lane} is not configured (connect option lanes)`);
@@ -1297,6 +1295,35 @@ function reliableCost(n) {
 const DEFAULT_LANE = { priority: 0, weight: 1 };
 const laneCfg = (L) => L.cfg ?? DEFAULT_LANE;
 
+// The delivery-rate and least-RTT estimate behind the lanes' bound Q (section 8.8.3); starts over
+// on every path change.
+function newPace() {
+  return { minRtt: null, sampleStart: null, sampleAcked: 0, rates: [] }; // rates: [at, bytes per ms]
+}
+
+function paceAcked(p, cost, now) {
+  if (p.sampleStart === null) {
+    p.sampleStart = now;
+    p.sampleAcked = 0;
+    return;
+  }
+  p.sampleAcked += cost;
+  const span = now - p.sampleStart;
+  if (span < Math.max(RATE_INTERVAL_MS, p.minRtt ?? 0)) return;
+  p.rates.push([now, p.sampleAcked / span]);
+  p.sampleStart = now;
+  p.sampleAcked = 0;
+  const window = Math.max(RATE_WINDOW_MIN_MS, 10 * (p.minRtt ?? 0));
+  while (p.rates.length > 0 && now - p.rates[0][0] > window) p.rates.shift();
+}
+
+function paceBound(p, ceiling) {
+  let rate = 0;
+  for (const [, r] of p.rates) rate = Math.max(rate, r);
+  const bdp = p.minRtt === null ? 0 : rate * p.minRtt;
+  return Math.min(ceiling, Math.max(LANES_QUEUE_FLOOR, 2 * bdp));
+}
+
 // State of one lane of a link: its reliable send stream, its receive stream, its sequenced
 // messages and its scheduling.
 function newLane(lane, cfg) {
@@ -1309,6 +1336,7 @@ function newLane(lane, cfg) {
     head: 0,
     unackedCost: 0,
     nextTx: 1, // seq of the next fragment to transmit; rewound to the oldest unacked on a re-send
+    txCost: 0, // cost of the unacked fragments below nextTx (transmitted, not acknowledged)
     heldFrom: null, // draining: first seq held
     waiting: [], // reliable messages waiting for the peer's VERSION
     seqWaiting: null, // the newest sequenced message waiting for it
@@ -1319,6 +1347,7 @@ function newLane(lane, cfg) {
     // receiving
     delivered: 0,
     ackedSent: 0,
+    unackedBytes: 0, // fragment bytes delivered since the last ACK (ACK_BYTES)
     ackDue: false,
     ackTimer: null,
     reorder: new Map(),
@@ -1353,7 +1382,7 @@ class Link {
     this.rr = 0; // deficit round robin cursor, and whether its lane has had this visit's credit
     this.rrFresh = true;
     this.pumping = false;
-    this.serverPoll = null;
+    this.pace = newPace();
     this.draining = false; // the server drains (see hold())
     this.windowUsed = 0; // every lane's unacknowledged fragments and waiting messages
     this.flushWaiters = []; // {target: seq per lane, waiting, resolve}
@@ -1451,7 +1480,6 @@ class Link {
     this.closed = true;
     clearInterval(this.pingTimer);
     clearTimeout(this.retryTimer);
-    clearTimeout(this.serverPoll);
     for (const L of this.lanes) clearTimeout(L.ackTimer);
     this.resetRtc();
     const err = new PeermeshError('unknown_peer', `the link to peer ${this.peer} has closed`);
@@ -1686,9 +1714,12 @@ class Link {
     this.c._sendBinary(relayFrame(this.peer, this.linkId, frame));
   }
 
-  // DATA of the lanes goes on "r" while it has less than this queued.
-  directHigh() {
-    return this.reservingLanes() > 1 ? DC_HIGH_LANES : DIRECT_HIGH;
+  // With several lanes, DATA waits while Q is transmitted and unacknowledged (section 8.8.3).
+  lanesFull() {
+    if (this.reservingLanes() <= 1) return false;
+    let sent = 0;
+    for (const L of this.lanes) sent += L.txCost;
+    return sent >= paceBound(this.pace, this.c.sendWindow);
   }
 
   // The length of lane L's next fragment to transmit, or null (none, or held by a drain).
@@ -1729,28 +1760,20 @@ class Link {
     return null;
   }
 
-  // Transmits DATA fragments of the lanes, by their schedule, while the path's queue is short:
-  // the WebSocket below SERVER_HIGH, channel "r" below DC_HIGH (DC_HIGH_LANES with lanes).
+  // Transmits DATA fragments of the lanes, by their schedule, while the path takes them: with
+  // several lanes, while less than Q is transmitted and unacknowledged (an ACK pumps again);
+  // on the direct path also while channel "r" has less than DC_HIGH queued.
   pump() {
     if (this.closed || this.pumping) return;
     this.pumping = true;
     try {
       for (;;) {
+        if (this.lanesFull()) return;
         if (!this.isDirect()) {
           if (this.relayPaused || this.c._reconnecting) return;
-          if ((this.c._serverBuffered?.() ?? 0) >= SERVER_HIGH) {
-            if (this.serverPoll === null) {
-              this.serverPoll = setTimeout(() => {
-                this.serverPoll = null;
-                this.pump();
-              }, SERVER_POLL_MS);
-            }
-            return;
-          }
         } else if (this.r.readyState === 'open') {
-          const high = this.directHigh();
-          if (this.r.bufferedAmount >= high) {
-            this.r.bufferedAmountLowThreshold = high / 2; // onbufferedamountlow pumps again
+          if (this.r.bufferedAmount >= DIRECT_HIGH) {
+            this.r.bufferedAmountLowThreshold = DIRECT_HIGH / 2; // onbufferedamountlow pumps again
             return;
           }
         } // a channel that is not open fails the send below, which downgrades the link
@@ -1759,6 +1782,7 @@ class Link {
         const L = this.lanes[lane];
         const u = L.unacked[L.head + (L.nextTx - L.unacked[L.head].seq)];
         L.nextTx++;
+        L.txCost += u.cost;
         if (u.sent) this.stats.resent++;
         u.sent = true;
         if (!this.isDirect()) {
@@ -1841,6 +1865,7 @@ class Link {
       L.head = 0;
       L.unackedCost = 0;
       L.nextTx = L.nextSeq;
+      L.txCost = 0;
       // Never numbered: the peer's lanes were not known yet.
       for (const m of L.waiting) messages.push({ lane: L.lane, bytes: m });
       L.waiting = [];
@@ -1858,6 +1883,7 @@ class Link {
   resendOnServer() {
     for (const L of this.lanes) {
       L.nextTx = L.unacked.length > L.head ? L.unacked[L.head].seq : L.nextSeq;
+      L.txCost = 0;
       L.ackedSent = L.delivered;
       L.ackDue = false;
       if (L.delivered > 0) this.relay(ackFrame(L.lane, L.delivered));
@@ -1887,12 +1913,16 @@ class Link {
 
   onAck(lane, seq) {
     const L = this.lanes[lane];
+    let released = 0;
     while (L.head < L.unacked.length && L.unacked[L.head].seq <= seq) {
       const u = L.unacked[L.head];
       L.unacked[L.head++] = undefined;
       L.unackedCost -= u.cost;
+      if (u.seq < L.nextTx) L.txCost -= u.cost;
       this.windowUsed -= u.cost;
+      released += u.cost;
     }
+    paceAcked(this.pace, released, performance.now());
     if (L.head > 1024 && L.head * 2 > L.unacked.length) {
       L.unacked = L.unacked.slice(L.head);
       L.head = 0;
@@ -1901,6 +1931,7 @@ class Link {
     L.nextTx = Math.max(L.nextTx, L.unacked.length > L.head ? L.unacked[L.head].seq : L.nextSeq);
     this.admitWaiters();
     this.checkFlush();
+    if (released > 0) this.pump(); // room under the lanes' bound
   }
 
   // Every lane's fragments up to `target[lane]` are acknowledged.
@@ -2034,6 +2065,7 @@ class Link {
 
   accept(L, fin, payload) {
     L.delivered++;
+    L.unackedBytes += payload.length;
     if (L.discarding) {
       L.discarding = !fin;
       return;
@@ -2070,7 +2102,7 @@ class Link {
   }
 
   scheduleAck(L) {
-    if (L.delivered - L.ackedSent >= ACK_EVERY) this.sendAck(L);
+    if (L.delivered - L.ackedSent >= ACK_EVERY || L.unackedBytes >= ACK_BYTES) this.sendAck(L);
     else if (!L.ackTimer) L.ackTimer = setTimeout(() => this.sendAck(L), ACK_DELAY_MS);
   }
 
@@ -2080,6 +2112,7 @@ class Link {
     if (this.closed || (L.ackedSent === L.delivered && !L.ackDue)) return;
     L.ackDue = false;
     L.ackedSent = L.delivered;
+    L.unackedBytes = 0;
     this.transmitOwn(ackFrame(L.lane, L.delivered), this.r);
   }
 
@@ -2105,6 +2138,7 @@ class Link {
     const sample = performance.now() - this.pings[i][1];
     this.pings.splice(0, i + 1);
     this.rtt = this.rtt === null ? sample : (7 * this.rtt + sample) / 8;
+    this.pace.minRtt = this.pace.minRtt === null ? sample : Math.min(this.pace.minRtt, sample);
   }
 
   // ---- path ----
@@ -2116,6 +2150,7 @@ class Link {
     this.stats.pathChanges++;
     this.rtt = null; // samples of one path say nothing about the other
     this.pings = [];
+    this.pace = newPace();
     if (!quiet) this.emitPath();
   }
 
@@ -2288,7 +2323,7 @@ class Link {
     });
     const r = pc.createDataChannel('r', { negotiated: true, id: 0, ordered: true });
     const u = pc.createDataChannel('u', { negotiated: true, id: 1, ordered: false, maxRetransmits: 0 });
-    r.bufferedAmountLowThreshold = this.directHigh() / 2;
+    r.bufferedAmountLowThreshold = DIRECT_HIGH / 2;
     this.pc = pc;
     this.r = r;
     this.u = u;

@@ -76,9 +76,9 @@ pub(crate) const LANE_WAIT: Duration = Duration::from_secs(1);
 /// Deficit round robin credit per unit of lane weight and visit: one full DATA_LANE fragment, so
 /// every visit of a busy lane sends at least one fragment.
 pub(crate) const DRR_QUANTUM: usize = MAX_FRAGMENT_PAYLOAD + 16;
-/// With more than one lane, the least DATA a path may have queued before the next fragment
-/// waits (§8.8.3): on the server path, permits transmitted and not acknowledged; on the direct
-/// path, bytes in "r". Above it, twice the path's bandwidth-delay product ([`Pace`]).
+/// With more than one lane, the fewest permits of DATA transmitted and not acknowledged at
+/// which the next fragment waits (§8.8.3). Above it, twice the path's bandwidth-delay product
+/// ([`Pace`]).
 pub(crate) const LANES_QUEUE_FLOOR: usize = 32 << 10;
 /// Delivery-rate samples span at least this long, and at least the path's least RTT.
 const RATE_INTERVAL: Duration = Duration::from_millis(10);
@@ -1912,27 +1912,22 @@ impl LinkCore {
     /// one now.
     fn poll_data(&mut self) -> Option<Transmit> {
         let path = self.path();
+        // Past this point every lane shares FIFOs (the WebSocket, TCP and the server's queue;
+        // SCTP's queue, the network and the peer's receive buffer): with several lanes, keep
+        // what is transmitted and unacknowledged short, so a lane-0 fragment does not queue
+        // behind megabytes of a bulk lane (§8.8.3).
+        if self.reserving_lanes() > 1
+            && self.lanes.iter().map(|l| l.send.tx_permits).sum::<usize>()
+                >= self.pace.bound(self.cfg.window)
+        {
+            return None;
+        }
         let route = match path {
             PathId::Server if self.server == ServerPath::Paused => return None,
-            // The way through the server is one FIFO for every lane: keep it short.
-            PathId::Server
-                if self.reserving_lanes() > 1
-                    && self.lanes.iter().map(|l| l.send.tx_permits).sum::<usize>()
-                        >= self.pace.bound(self.cfg.window) =>
-            {
-                return None
-            }
             PathId::Server => Route::Server,
             PathId::Direct(gen) => {
                 let d = self.direct.as_ref().expect("direct path is up");
-                // So is "r": with several lanes, a lane-0 fragment must not queue behind a
-                // megabyte of a bulk lane.
-                let high = if self.reserving_lanes() > 1 {
-                    self.pace.bound(DC_HIGH)
-                } else {
-                    DC_HIGH
-                };
-                if d.buffered.reliable > high {
+                if d.buffered.reliable > DC_HIGH {
                     // Local flow control: wait for "r" to drain (the async layer reports it).
                     return None;
                 }
@@ -3701,8 +3696,9 @@ mod tests {
         c.handle_frame(PathId::Server, ack, t0 + ms(1));
         assert_eq!(data_lane(&c.poll_transmit().unwrap().frame), Some(0));
 
-        // The direct path: "r" is kept at LANES_QUEUE_FLOOR (no rate known yet), not DC_HIGH,
-        // with two lanes.
+        // The direct path too: what is transmitted and unacknowledged stays at
+        // LANES_QUEUE_FLOOR (no rate known yet), however empty "r" looks — the peer's SCTP
+        // receive buffer and a slow reader are past it.
         let mut c = lanes_core(t0, 16 << 20, &[]);
         c.direct_started(Gen(1), t0);
         c.direct_channels_open(Gen(1), LinkVersion(3), t0);
@@ -3718,15 +3714,19 @@ mod tests {
             c.send_on(Lane(1), big().slice(..1 << 20), Delivery::Reliable)
                 .unwrap();
         }
-        let busy = Buffered {
-            reliable: LANES_QUEUE_FLOOR + 1,
-            unreliable: 0,
-        };
-        c.direct_buffered(Gen(1), busy);
-        assert!(c.poll_transmit().is_none());
+        let mut sent = 0;
+        while let Some(t) = c.poll_transmit() {
+            assert_eq!(t.route, Route::Direct(Gen(1), Channel::Reliable));
+            sent += 1;
+        }
+        assert_eq!(
+            sent,
+            LANES_QUEUE_FLOOR.div_ceil(fragment_permits(MAX_FRAGMENT_PAYLOAD))
+        );
         c.send_on(Lane(0), Bytes::from_static(b"hi"), Delivery::Reliable)
             .unwrap();
-        c.direct_buffered(Gen(1), Buffered::default());
+        let ack = Bytes::from(LinkFrame::AckLane { lane: 1, seq: 2 }.encode());
+        c.handle_frame(PathId::Direct(Gen(1)), ack, t0 + ms(1));
         let next: Vec<_> = (0..2)
             .map(|_| data_lane(&c.poll_transmit().unwrap().frame))
             .collect();
