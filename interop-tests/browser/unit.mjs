@@ -928,7 +928,7 @@ check('a client: member direct, acks, quiet report errors, direct_not_allowed', 
     link._close();
   });
 
-  check('lanes: 32 KiB transmitted and unacknowledged at most until a rate is known; a chat lane keeps its window reserve', () => {
+  check('lanes: 64 KiB transmitted and unacknowledged at most until a rate is known; a chat lane keeps its window reserve', () => {
     const { link, relayed } = laneLink([{ lane: 1 }], 1 << 20);
     link.onFrame(versionFrame(3), false);
     relayed.length = 0;
@@ -936,9 +936,9 @@ check('a client: member direct, acks, quiet report errors, direct_not_allowed', 
     const big = pattern(700 << 10);
     link.sendReliable(big, false, 1);
     assert.throws(() => link.sendReliable(pattern(100 << 10), false, 1), (e) => e.code === 'would_block');
-    assert.equal(relayed.length, 2); // 2 x (16 KiB + 64) transmitted: the 32 KiB floor
+    assert.equal(relayed.length, 4); // 4 x (16 KiB + 64) transmitted: the 64 KiB floor
     link.onAck(1, 1);
-    assert.equal(relayed.length, 3, 'an ACK makes room for one more');
+    assert.equal(relayed.length, 5, 'an ACK makes room for one more');
     link.sendReliable(pattern(200 << 10), false, 0); // lane 0's reserve is there
     assert.throws(() => link.sendReliable(pattern(300 << 10), false, 0), (e) => e.code === 'would_block');
     assert.throws(() => link.sendReliable(pattern(1 << 20), false, 1), (e) => e.code === 'too_large');

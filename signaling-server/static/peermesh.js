@@ -43,7 +43,7 @@ const DIRECT_HIGH = 1 << 20;
 // own ACKs see all of them. The rate is the largest ack-measured sample over the last
 // max(RATE_WINDOW_MIN_MS, 10 x min RTT), each sample spanning at least max(RATE_INTERVAL_MS,
 // min RTT).
-const LANES_QUEUE_FLOOR = 32 << 10;
+const LANES_QUEUE_FLOOR = 64 << 10;
 const RATE_INTERVAL_MS = 10;
 const RATE_WINDOW_MIN_MS = 100;
 // Deficit round robin credit per unit of lane weight and visit (section 8.8.3).

@@ -79,7 +79,7 @@ pub(crate) const DRR_QUANTUM: usize = MAX_FRAGMENT_PAYLOAD + 16;
 /// With more than one lane, the fewest permits of DATA transmitted and not acknowledged at
 /// which the next fragment waits (§8.8.3). Above it, twice the path's bandwidth-delay product
 /// ([`Pace`]).
-pub(crate) const LANES_QUEUE_FLOOR: usize = 32 << 10;
+pub(crate) const LANES_QUEUE_FLOOR: usize = 64 << 10;
 /// Delivery-rate samples span at least this long, and at least the path's least RTT.
 const RATE_INTERVAL: Duration = Duration::from_millis(10);
 /// The delivery-rate estimate is the largest sample of the last ten least RTTs, and of at least
@@ -449,12 +449,13 @@ impl SendStream {
     }
 }
 
-/// How much DATA the current path may have queued while several lanes are configured
-/// (§8.8.3): twice its bandwidth-delay product — the largest delivery rate acks showed in the
-/// last ten least RTTs (at least 100 ms) times the least RTT seen on the path — and at least `LANES_QUEUE_FLOOR`. Twice,
-/// so that a path the bound itself holds back still shows its rate growing; what the network
-/// can carry in one round trip queues at most once more, so a lane-0 fragment sees about
-/// twice the idle RTT. Starts over on every path change, from the floor.
+/// How much DATA may be transmitted and unacknowledged while several lanes are configured
+/// (§8.8.3): twice the path's bandwidth-delay product — the largest delivery rate acks showed
+/// in the last ten least RTTs (at least 100 ms) times the least RTT seen on the path — and at
+/// least `LANES_QUEUE_FLOOR`. Twice, so that a path the bound itself holds back still shows its
+/// rate growing; what the network can carry in one round trip queues at most once more, so a
+/// lane-0 fragment sees about twice the idle RTT. Starts over on every path change, from the
+/// floor.
 #[derive(Debug, Default)]
 struct Pace {
     min_rtt: Option<Duration>,
