@@ -2130,6 +2130,20 @@ mod tests {
     }
 
     /// A version 3 end with these lanes configured.
+    /// Generation 1 opens with `version`, connects, and the peer's READY comes: the link is
+    /// direct.
+    fn go_direct(c: &mut LinkCore, version: LinkVersion, t0: Instant) {
+        c.direct_started(Gen(1), t0);
+        c.direct_channels_open(Gen(1), version, t0);
+        c.direct_connected(Gen(1), t0);
+        c.handle_frame(
+            PathId::Server,
+            Bytes::from(LinkFrame::Ready { gen: 1 }.encode()),
+            t0,
+        );
+        assert_eq!(c.path(), PathId::Direct(Gen(1)));
+    }
+
     fn cfg_lanes(window: usize, lanes: &[(u8, LaneConfig)]) -> CoreConfig {
         let mut c = cfg(window);
         c.version = LANES_VERSION;
@@ -2338,14 +2352,7 @@ mod tests {
         c.send(Bytes::from_static(b"before"), Reliability::Reliable)
             .unwrap();
         assert!(kinds(&drain(&mut c)).contains(&(Route::Server, link_kind::DATA)));
-        c.direct_started(Gen(1), t0);
-        c.direct_channels_open(Gen(1), LinkVersion(2), t0);
-        c.direct_connected(Gen(1), t0);
-        c.handle_frame(
-            PathId::Server,
-            Bytes::from(LinkFrame::Ready { gen: 1 }.encode()),
-            t0,
-        );
+        go_direct(&mut c, LinkVersion(2), t0);
         c.send(Bytes::from_static(b"after"), Reliability::Reliable)
             .unwrap();
         drain(&mut c);
@@ -3643,46 +3650,54 @@ mod tests {
         );
     }
 
-    #[test]
-    fn lane_0_goes_promptly_while_lane_1_has_megabytes_queued() {
-        let t0 = Instant::now();
-        let mut c = lanes_core(t0, 16 << 20, &[]);
-        drain(&mut c);
-        // Eight megabytes queued on lane 1.
+    /// Eight megabytes queued on lane 1 go until `LANES_QUEUE_FLOOR` is transmitted and
+    /// unacknowledged (no rate known yet), on `path`; a chat message then goes next, or the one
+    /// after, once an ack (coming on `path`) makes room.
+    fn bulk_waits_at_the_floor_and_chat_goes_next(c: &mut LinkCore, path: PathId, t0: Instant) {
+        drain(c);
         for _ in 0..8 {
             c.send_on(Lane(1), big().slice(..1 << 20), Delivery::Reliable)
                 .unwrap();
         }
-        // Lane 1 goes until LANES_QUEUE_FLOOR is unacknowledged (no rate known yet), then waits.
+        let route = match path {
+            PathId::Server => Route::Server,
+            PathId::Direct(gen) => Route::Direct(gen, Channel::Reliable),
+        };
         let mut sent = 0;
         while let Some(t) = c.poll_transmit() {
-            assert_eq!(data_lane(&t.frame), Some(1));
+            assert_eq!((t.route, data_lane(&t.frame)), (route, Some(1)));
             sent += 1;
         }
         assert_eq!(
             sent,
             LANES_QUEUE_FLOOR.div_ceil(fragment_permits(MAX_FRAGMENT_PAYLOAD))
         );
-        // A chat message: the next fragment once an ack makes room, or the one after.
         c.send_on(Lane(0), Bytes::from_static(b"hi"), Delivery::Reliable)
             .unwrap();
         assert!(
             c.poll_transmit().is_none(),
-            "the way through the server stays short"
+            "the queues past the core stay short"
         );
         let ack = Bytes::from(LinkFrame::AckLane { lane: 1, seq: 2 }.encode());
-        c.handle_frame(PathId::Server, ack, t0 + ms(1));
+        c.handle_frame(path, ack, t0 + ms(1));
         let next: Vec<_> = (0..2)
             .map(|_| data_lane(&c.poll_transmit().unwrap().frame))
             .collect();
         assert!(next.contains(&Some(0)), "{next:?}");
+    }
+
+    #[test]
+    fn lane_0_goes_promptly_while_lane_1_has_megabytes_queued() {
+        let t0 = Instant::now();
+        let mut c = lanes_core(t0, 16 << 20, &[]);
+        bulk_waits_at_the_floor_and_chat_goes_next(&mut c, PathId::Server, t0);
+
         // With lane 0 in a higher tier, it is always next.
         let prio = LaneConfig {
             priority: 1,
             weight: 1,
         };
-        let mut lanes = vec![(0, LaneConfig::default()), (1, prio)];
-        lanes.truncate(2);
+        let lanes = [(0, LaneConfig::default()), (1, prio)];
         let mut c = LinkCore::new(cfg_lanes(16 << 20, &lanes), t0);
         c.handle_frame(PathId::Server, version(3), t0);
         drain(&mut c);
@@ -3697,41 +3712,12 @@ mod tests {
         c.handle_frame(PathId::Server, ack, t0 + ms(1));
         assert_eq!(data_lane(&c.poll_transmit().unwrap().frame), Some(0));
 
-        // The direct path too: what is transmitted and unacknowledged stays at
-        // LANES_QUEUE_FLOOR (no rate known yet), however empty "r" looks — the peer's SCTP
-        // receive buffer and a slow reader are past it.
+        // The direct path too, however empty "r" looks: the peer's SCTP receive buffer and a
+        // slow reader are past it.
         let mut c = lanes_core(t0, 16 << 20, &[]);
-        c.direct_started(Gen(1), t0);
-        c.direct_channels_open(Gen(1), LinkVersion(3), t0);
-        c.direct_connected(Gen(1), t0);
-        c.handle_frame(
-            PathId::Server,
-            Bytes::from(LinkFrame::Ready { gen: 1 }.encode()),
-            t0,
-        );
+        go_direct(&mut c, LinkVersion(3), t0);
         assert_eq!(c.path(), PathId::Direct(Gen(1)));
-        drain(&mut c);
-        for _ in 0..8 {
-            c.send_on(Lane(1), big().slice(..1 << 20), Delivery::Reliable)
-                .unwrap();
-        }
-        let mut sent = 0;
-        while let Some(t) = c.poll_transmit() {
-            assert_eq!(t.route, Route::Direct(Gen(1), Channel::Reliable));
-            sent += 1;
-        }
-        assert_eq!(
-            sent,
-            LANES_QUEUE_FLOOR.div_ceil(fragment_permits(MAX_FRAGMENT_PAYLOAD))
-        );
-        c.send_on(Lane(0), Bytes::from_static(b"hi"), Delivery::Reliable)
-            .unwrap();
-        let ack = Bytes::from(LinkFrame::AckLane { lane: 1, seq: 2 }.encode());
-        c.handle_frame(PathId::Direct(Gen(1)), ack, t0 + ms(1));
-        let next: Vec<_> = (0..2)
-            .map(|_| data_lane(&c.poll_transmit().unwrap().frame))
-            .collect();
-        assert!(next.contains(&Some(0)), "{next:?}");
+        bulk_waits_at_the_floor_and_chat_goes_next(&mut c, PathId::Direct(Gen(1)), t0);
     }
 
     proptest! {
@@ -3985,14 +3971,7 @@ mod tests {
     fn sequenced_messages_split_to_one_chunk_frames_on_a_version_2_direct_path() {
         let t0 = Instant::now();
         let mut c = lanes_core(t0, 1 << 20, &[]);
-        c.direct_started(Gen(1), t0);
-        c.direct_channels_open(Gen(1), LinkVersion(2), t0);
-        c.direct_connected(Gen(1), t0);
-        c.handle_frame(
-            PathId::Server,
-            Bytes::from(LinkFrame::Ready { gen: 1 }.encode()),
-            t0,
-        );
+        go_direct(&mut c, LinkVersion(2), t0);
         drain(&mut c);
         c.send_on(Lane(1), big().slice(..3000), Delivery::Sequenced)
             .unwrap();
