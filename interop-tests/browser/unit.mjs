@@ -226,6 +226,27 @@ check('v2 direct: whole frames up to 1024 bytes, parts beyond, msg wraps to 0', 
   link._close();
 });
 
+check('a resync while direct sends again on the server path what last went there, and READY', () => {
+  const { link, relayed, channel } = fakeLink();
+  link.sendReliable(new TextEncoder().encode('before'), false, 0); // on the server path; a cut may take it
+  assert.ok(relayed.some((f) => f[0] === 0x10));
+  link.path = 'direct host/host';
+  link.version = 2;
+  link.r = channel('r');
+  link.u = channel('u');
+  link.u2 = channel('u2');
+  link.readySent = true;
+  link.gen = 1;
+  link.sendReliable(new TextEncoder().encode('after'), false, 0); // on "r"
+  assert.equal(link.r.sent.filter((f) => f[0] === 0x10).length, 1);
+  relayed.length = 0;
+  link.resync();
+  const data = relayed.filter((f) => f[0] === 0x10);
+  assert.deepEqual(data.map((f) => new TextDecoder().decode(f.subarray(10))), ['before']);
+  assert.ok(relayed.some((f) => f[0] === 0x15 && f[4] === 1), 'READY of generation 1 again');
+  link._close();
+});
+
 check('v1 direct: whole frames on "u", any size', () => {
   const { link, relayed, channel } = fakeLink();
   link.path = 'direct host/host';

@@ -1580,7 +1580,8 @@ class Link {
       const seq = L.nextSeq++;
       const fin = i === count - 1;
       const cost = chunk.length + FRAGMENT_OVERHEAD;
-      L.unacked.push({ seq, frame: laneDataFrame(lane, seq, fin, chunk), cost, fin, sent: false });
+      // via: the path it last went on ('server' or 'direct'), null before it went.
+      L.unacked.push({ seq, frame: laneDataFrame(lane, seq, fin, chunk), cost, fin, sent: false, via: null });
       L.unackedCost += cost;
       this.windowUsed += cost;
     }
@@ -1785,6 +1786,7 @@ class Link {
         L.txCost += u.cost;
         if (u.sent) this.stats.resent++;
         u.sent = true;
+        u.via = this.isDirect() ? 'direct' : 'server';
         if (!this.isDirect()) {
           this.stats.sentServer++;
           this.relay(u.frame);
@@ -1808,8 +1810,22 @@ class Link {
     if (!this.isDirect()) {
       this.resendOnServer();
     } else {
-      // Held messages never went: they go now on the direct path. ACKs that fell back to the
-      // interrupted server path (busy channels) may be lost: again.
+      // Fragments that last went on the server path may have been lost in the interruption
+      // (sent just before the upgrade): again, there. So does READY, which may have been lost
+      // too and would keep the peer off the direct path. Held messages never went: they go
+      // now on the direct path. ACKs that fell back to the interrupted server path (busy
+      // channels) may be lost: again.
+      for (const L of this.lanes) {
+        for (let i = L.head; i < L.unacked.length; i++) {
+          const u = L.unacked[i];
+          if (u.seq >= L.nextTx) break;
+          if (u.via === 'server') {
+            this.stats.resent++;
+            this.relay(u.frame);
+          }
+        }
+      }
+      if (this.readySent) this.relay(readyFrame(this.gen));
       for (const L of this.lanes) {
         if (L.delivered > 0) {
           L.ackDue = true;
