@@ -402,9 +402,11 @@ async fn next_message(events: &mut Events) -> (PeerId, Vec<u8>, Reliability) {
 /// Wait until the native client's path to `peer` is direct; returns it.
 async fn native_direct(client: &Client, events: &mut Events, peer: PeerId) -> Path {
     loop {
-        let path = client.path(peer).expect("link exists");
-        if path != Path::Server {
-            return path;
+        // No link yet (UnknownPeer) until the member event for `peer` has come.
+        match client.path(peer) {
+            Ok(Path::Server) | Err(peermesh::Error::UnknownPeer(_)) => {}
+            Ok(path) => return path,
+            Err(e) => panic!("path to {peer}: {e}"),
         }
         let _ = timeout(Duration::from_millis(200), events.recv()).await;
     }
