@@ -2647,6 +2647,7 @@ async fn lanes_bulk_and_chat(direct: bool) {
         // Both ends decided their lanes before the bulk starts (VERSION exchange).
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    let changes_before = n.link_stats(bid).unwrap().path_changes;
     let label = if direct { "direct" } else { "server path" };
 
     // Native side: chat every 20 ms (idle phase, then during the bulk until it is done); the
@@ -2892,6 +2893,12 @@ async fn lanes_bulk_and_chat(direct: bool) {
         .await;
     assert_eq!(stats["peerLanes"], json!("lanes"), "{stats}");
     let path = n.path(bid).unwrap();
+    // The pair stayed on its path all along: a fallback and back would end on it too.
+    assert_eq!(
+        n.link_stats(bid).unwrap().path_changes,
+        changes_before,
+        "the path changed during the transfer"
+    );
     if direct {
         assert_ne!(path, Path::Server);
     } else {
