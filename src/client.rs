@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::link::{
     default_lanes, Delivery, Lane, LaneConfig, LinkCtx, LinkHandle, LinkInput, LinkStats,
-    RtcFactory, RtcOptions, MAX_LANES,
+    RtcFactory, RtcOptions, FILE_LANE_DEFAULT, MAX_LANES,
 };
 use crate::protocol::{
     validate_group, validate_name, ClientMsg, DirectPolicy, ErrorCode, IceServer, LinkId,
@@ -43,6 +43,7 @@ pub struct ClientConfig {
     dead_path_timeout: Duration,
     link_version: u32,
     lanes: [Option<LaneConfig>; MAX_LANES],
+    file_lane: LaneConfig,
     token: Option<String>,
     reconnect: Option<Reconnect>,
 }
@@ -111,6 +112,7 @@ impl ClientConfig {
             dead_path_timeout: Duration::from_secs(3),
             link_version: crate::protocol::LINK_VERSION,
             lanes: default_lanes(),
+            file_lane: FILE_LANE_DEFAULT,
             token: None,
             reconnect: Some(Reconnect::default()),
         }
@@ -243,6 +245,17 @@ impl ClientConfig {
                 weight: weight.max(1),
             });
         }
+        self
+    }
+
+    /// Schedule file transfers (the file lane, `docs/PROTOCOL.md` §8.9) with this `priority`
+    /// and `weight` against the lanes of [`ClientConfig::with_lane`]. Default: priority 1,
+    /// weight 1 — below the app's lanes at their default priority 0, so chat goes first.
+    pub fn with_file_lane(mut self, priority: u8, weight: u16) -> Self {
+        self.file_lane = LaneConfig {
+            priority,
+            weight: weight.max(1),
+        };
         self
     }
 
@@ -429,6 +442,7 @@ impl Client {
             dead_path: config.dead_path_timeout,
             link_version: config.link_version,
             lanes: config.lanes,
+            file_lane: config.file_lane,
         };
         let writer = Writer::spawn(sink, ws_rx);
         let ice_servers = Arc::new(Mutex::new(ice_servers));

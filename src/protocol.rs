@@ -29,10 +29,11 @@ pub const MAX_FRAGMENT_PAYLOAD: usize = 16 * 1024;
 /// Largest unreliable message (bytes).
 pub const MAX_UNRELIABLE_PAYLOAD: usize = MAX_FRAGMENT_PAYLOAD;
 
-/// Link protocol version this client speaks (`docs/PROTOCOL.md` §7.6, §8.8). Version 1 peers
-/// send no version in their offer or answer; version 3 (lanes) is also announced in band, with
-/// the VERSION link frame, so that server-path-only links learn it.
-pub const LINK_VERSION: u32 = 3;
+/// Link protocol version this client speaks (`docs/PROTOCOL.md` §7.6, §8.8, §8.9). Version 1
+/// peers send no version in their offer or answer; from version 3 (lanes) it is also announced
+/// in band, with the VERSION link frame, so that server-path-only links learn it; version 4
+/// adds the file lane.
+pub const LINK_VERSION: u32 = 4;
 
 /// Largest message a version 2 sender puts on a direct path's unreliable channel: it fits in
 /// one SCTP DATA chunk at every known stack, so a lost one never leaves fragments in the
@@ -624,6 +625,10 @@ pub mod link_kind {
 
 /// Lanes of a link (`docs/PROTOCOL.md` §8.8): 0 to 7.
 pub const MAX_LANES: usize = 8;
+
+/// The file lane (link version 4, `docs/PROTOCOL.md` §8.9): DATA_LANE / ACK_LANE with this
+/// lane carry file-transfer messages between two version 4 ends; app lanes are 0 to 7.
+pub const FILE_LANE: u8 = 8;
 
 /// Header of an UNRELIABLE_SEQ frame: kind, lane, seq u32, index, count.
 pub const SEQ_HEADER_LEN: usize = 8;

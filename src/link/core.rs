@@ -38,7 +38,9 @@ use bytes::{Bytes, BytesMut};
 use super::parts::{self, Parts, PART_EXPIRY};
 pub(crate) use super::rtc::Channel;
 use super::rtc::{DC_HIGH, OWN_QUEUE_MAX, UNRELIABLE_QUEUE_MAX};
-pub(crate) use crate::protocol::MAX_LANES;
+pub(crate) use crate::protocol::{FILE_LANE, MAX_LANES};
+/// Lanes a core keeps: the app's `MAX_LANES` and the file lane (§8.9).
+pub(crate) const LANE_SLOTS: usize = MAX_LANES + 1;
 use crate::protocol::{
     link_kind, LinkFrame, MAX_DIRECT_UNRELIABLE_FRAME, MAX_FRAGMENT_PAYLOAD, MAX_PARTS,
     MAX_SEQ_PART_PAYLOAD, MAX_UNRELIABLE_PAYLOAD, SEQ_HEADER_LEN,
@@ -88,6 +90,8 @@ const RATE_INTERVAL: Duration = Duration::from_millis(10);
 const RATE_WINDOW_MIN: Duration = Duration::from_millis(100);
 /// Link protocol version with lanes, sequenced unreliable messages and VERSION (§8.8).
 pub(crate) const LANES_VERSION: LinkVersion = LinkVersion(3);
+/// Link protocol version with the file lane (§8.9).
+pub(crate) const FILES_VERSION: LinkVersion = LinkVersion(4);
 
 /// Window cost of one fragment: its bytes plus a fixed overhead, so that a window of W bytes
 /// holds at most W / 64 fragments in flight however small the messages (and the receiver's
@@ -120,6 +124,11 @@ impl LinkVersion {
     fn has_lanes(self) -> bool {
         self >= LANES_VERSION
     }
+
+    /// Version 4 has the file lane (§8.9).
+    pub(crate) fn has_files(self) -> bool {
+        self >= FILES_VERSION
+    }
 }
 
 /// A lane of the link (§8.8): 0 (the default, and all an old peer knows) to `MAX_LANES - 1`.
@@ -150,6 +159,13 @@ impl Default for LaneConfig {
         }
     }
 }
+
+/// The file lane's scheduling unless configured (§8.9): below the app's lanes at their default
+/// priority 0, so chat and game state go first.
+pub(crate) const FILE_LANE_DEFAULT: LaneConfig = LaneConfig {
+    priority: 1,
+    weight: 1,
+};
 
 /// The lanes a link sends on: lane 0 always, others once configured.
 pub(crate) fn default_lanes() -> [Option<LaneConfig>; MAX_LANES] {
@@ -245,6 +261,8 @@ pub(crate) struct CoreConfig {
     pub version: LinkVersion,
     /// The lanes this end sends on, with their scheduling ([`default_lanes`]: lane 0 only).
     pub lanes: [Option<LaneConfig>; MAX_LANES],
+    /// The file lane's scheduling (§8.9), used from version 4 on.
+    pub file_lane: LaneConfig,
 }
 
 impl CoreConfig {
@@ -874,6 +892,8 @@ pub(crate) struct LinkCore {
     /// Lane `i` at index `i` (`MAX_LANES` of them, configured or not: any lane may receive).
     lanes: Vec<LaneState>,
     peer_lanes: PeerLanes,
+    /// The link version of the peer's VERSION frame, once one came.
+    peer_version: Option<u32>,
     /// When the link started (for `LANE_WAIT`).
     started: Instant,
     /// VERSION goes out (first on the server path).
@@ -917,13 +937,20 @@ pub(crate) struct LinkCore {
 
 impl LinkCore {
     pub(crate) fn new(cfg: CoreConfig, now: Instant) -> Self {
-        let lanes = (0..MAX_LANES)
-            .map(|l| LaneState::new(l as u8, cfg.lanes[l]))
+        let lanes = (0..LANE_SLOTS)
+            .map(|l| {
+                let lane_cfg = match cfg.lanes.get(l) {
+                    Some(c) => *c,
+                    None => cfg.version.has_files().then_some(cfg.file_lane),
+                };
+                LaneState::new(l as u8, lane_cfg)
+            })
             .collect();
         let has_lanes = cfg.version.has_lanes();
         LinkCore {
             cfg,
             lanes,
+            peer_version: None,
             peer_lanes: if has_lanes {
                 PeerLanes::Unknown
             } else {
@@ -984,7 +1011,37 @@ impl LinkCore {
         if self.peer_lanes == PeerLanes::Lane0 {
             return 1;
         }
-        self.cfg.lanes.iter().flatten().count().max(1)
+        (0..LANE_SLOTS).filter(|&m| self.sends_on(m)).count().max(1)
+    }
+
+    /// Whether this end sends on lane `m`: an app lane configured here, or the file lane once
+    /// both ends are known to have it (§8.9).
+    fn sends_on(&self, m: usize) -> bool {
+        match self.cfg.lanes.get(m) {
+            Some(c) => c.is_some(),
+            None => m == usize::from(FILE_LANE) && self.peer_files() == Some(true),
+        }
+    }
+
+    /// Whether DATA_LANE / ACK_LANE may carry `lane`: 1 to 7, and the file lane from version 4
+    /// on (§8.8.1, §8.9).
+    fn receives_on(&self, lane: usize) -> bool {
+        (1..MAX_LANES).contains(&lane)
+            || (lane == usize::from(FILE_LANE) && self.cfg.version.has_files())
+    }
+
+    /// Whether the peer takes the file lane (§8.9): `None` until its link version is known.
+    pub(crate) fn peer_files(&self) -> Option<bool> {
+        match self.peer_lanes {
+            PeerLanes::Unknown => None,
+            PeerLanes::Lane0 => Some(false),
+            PeerLanes::Lanes => Some(
+                self.cfg.version.has_files()
+                    && self
+                        .peer_version
+                        .is_some_and(|v| LinkVersion(v).has_files()),
+            ),
+        }
     }
 
     /// Window a lane may take now: what is free, less the unused reserve of every other
@@ -1000,8 +1057,8 @@ impl LinkCore {
         // Plain unreliable messages draw on lane 0's share.
         let usage =
             |m: usize| self.lanes[m].usage() + if m == 0 { self.unreliable_permits } else { 0 };
-        let owed: usize = (0..MAX_LANES)
-            .filter(|&m| m != lane.index() && self.cfg.lanes[m].is_some())
+        let owed: usize = (0..LANE_SLOTS)
+            .filter(|&m| m != lane.index() && self.sends_on(m))
             .map(|m| reserve.saturating_sub(usage(m)))
             .sum();
         free.saturating_sub(owed)
@@ -1021,12 +1078,12 @@ impl LinkCore {
     }
 
     /// The last reliable seq numbered on each lane (for a flush).
-    pub(crate) fn last_seqs(&self) -> [u64; MAX_LANES] {
+    pub(crate) fn last_seqs(&self) -> [u64; LANE_SLOTS] {
         std::array::from_fn(|i| self.lanes[i].send.next_seq - 1)
     }
 
     /// Every lane's fragments up to `seqs` are acknowledged.
-    pub(crate) fn acked_through_all(&self, seqs: &[u64; MAX_LANES]) -> bool {
+    pub(crate) fn acked_through_all(&self, seqs: &[u64; LANE_SLOTS]) -> bool {
         self.lanes
             .iter()
             .zip(seqs)
@@ -1096,13 +1153,8 @@ impl LinkCore {
         } else {
             lane
         };
-        if self
-            .cfg
-            .lanes
-            .get(lane.index())
-            .copied()
-            .flatten()
-            .is_none()
+        if !self.sends_on(lane.index())
+            || (delivery == Delivery::Sequenced && lane.index() >= MAX_LANES)
         {
             return Err(SendError::NoLane(lane.0));
         }
@@ -1186,7 +1238,7 @@ impl LinkCore {
         } else {
             PeerLanes::Lane0
         };
-        for i in 0..MAX_LANES {
+        for i in 0..LANE_SLOTS {
             let waiting = std::mem::take(&mut self.lanes[i].waiting);
             for data in waiting {
                 self.lanes[i].held_permits -= permits_for(data.len());
@@ -1267,7 +1319,7 @@ impl LinkCore {
                 bytes,
             } => {
                 let lane = usize::from(lane);
-                if lane == 0 || lane >= MAX_LANES {
+                if !self.receives_on(lane) {
                     self.stats.bad_frames += 1;
                     return;
                 }
@@ -1284,7 +1336,7 @@ impl LinkCore {
             }
             LinkFrame::AckLane { lane, seq } => {
                 let lane = usize::from(lane);
-                if lane == 0 || lane >= MAX_LANES {
+                if !self.receives_on(lane) {
                     self.stats.bad_frames += 1;
                     return;
                 }
@@ -1347,6 +1399,9 @@ impl LinkCore {
                     // Ours may have been dropped before the peer's end of the link existed.
                     self.version_answered = true;
                     self.version_due = true;
+                }
+                if self.peer_lanes == PeerLanes::Unknown {
+                    self.peer_version = Some(version);
                 }
                 self.decide_lanes(LinkVersion(version).has_lanes());
             }
@@ -1732,7 +1787,7 @@ impl LinkCore {
                 return Some(t);
             }
         }
-        for i in 0..MAX_LANES {
+        for i in 0..LANE_SLOTS {
             if !self.lanes[i].recv.ack_now {
                 continue;
             }
@@ -1964,7 +2019,7 @@ impl LinkCore {
             .min()?;
         // Each visit of a ready lane adds at least one full fragment of credit, so at most one
         // round (plus the lane the cursor is on) passes before one is picked.
-        for _ in 0..=2 * MAX_LANES {
+        for _ in 0..=2 * LANE_SLOTS {
             let i = self.rr;
             let lane = &mut self.lanes[i];
             match lane.send.ready() {
@@ -1983,7 +2038,7 @@ impl LinkCore {
                 // An idle lane keeps no credit.
                 None => lane.deficit = 0,
             }
-            self.rr = (i + 1) % MAX_LANES;
+            self.rr = (i + 1) % LANE_SLOTS;
             self.rr_fresh = true;
         }
         unreachable!("a ready lane gets a full fragment of credit per visit")
@@ -2126,10 +2181,10 @@ mod tests {
             // The scenarios below predate lanes: a version 2 end behaves exactly as before.
             version: LinkVersion(2),
             lanes: default_lanes(),
+            file_lane: FILE_LANE_DEFAULT,
         }
     }
 
-    /// A version 3 end with these lanes configured.
     /// Generation 1 opens with `version`, connects, and the peer's READY comes: the link is
     /// direct.
     fn go_direct(c: &mut LinkCore, version: LinkVersion, t0: Instant) {
@@ -2144,6 +2199,7 @@ mod tests {
         assert_eq!(c.path(), PathId::Direct(Gen(1)));
     }
 
+    /// A version 3 end with these lanes configured.
     fn cfg_lanes(window: usize, lanes: &[(u8, LaneConfig)]) -> CoreConfig {
         let mut c = cfg(window);
         c.version = LANES_VERSION;
@@ -3490,6 +3546,63 @@ mod tests {
         c.handle_frame(PathId::Server, version(3), now);
         assert_eq!(c.peer_lanes, PeerLanes::Lanes);
         c
+    }
+
+    #[test]
+    fn the_file_lane_exists_only_between_version_4_ends() {
+        let t0 = Instant::now();
+        let v4 = || {
+            let mut c = cfg_lanes(1 << 20, &[]);
+            c.version = FILES_VERSION;
+            LinkCore::new(c, t0)
+        };
+        let file = Lane(FILE_LANE);
+        let msg = || Bytes::from_static(b"offer");
+        // Not while the peer's version is unknown.
+        let mut a = v4();
+        assert_eq!(a.peer_files(), None);
+        assert_eq!(
+            a.send_on(file, msg(), Delivery::Reliable),
+            Err(SendError::NoLane(FILE_LANE))
+        );
+        // A version 3 peer: never (it drops lane 8, §8.8.1).
+        a.handle_frame(PathId::Server, version(3), t0);
+        assert_eq!(a.peer_files(), Some(false));
+        assert_eq!(
+            a.send_on(file, msg(), Delivery::Reliable),
+            Err(SendError::NoLane(FILE_LANE))
+        );
+        // Two version 4 ends: a reliable stream of its own, DATA_LANE lane 8; never sequenced.
+        let (mut a, mut b) = (v4(), v4());
+        a.handle_frame(PathId::Server, version(4), t0);
+        b.handle_frame(PathId::Server, version(4), t0);
+        assert_eq!(a.peer_files(), Some(true));
+        a.send_on(file, msg(), Delivery::Reliable).unwrap();
+        assert_eq!(
+            a.send_on(file, msg(), Delivery::Sequenced),
+            Err(SendError::NoLane(FILE_LANE))
+        );
+        let sent: Vec<_> = drain(&mut a)
+            .into_iter()
+            .filter(|t| data_lane(&t.frame) == Some(FILE_LANE))
+            .collect();
+        assert_eq!(sent.len(), 1);
+        b.handle_frame(PathId::Server, sent[0].frame.clone(), t0);
+        assert!(events(&mut b).iter().any(|e| matches!(
+            e,
+            CoreEvent::Deliver { data, lane, .. } if *lane == file && data == &msg()
+        )));
+        // A version 3 receiver drops lane 8 as a bad frame.
+        let mut old = LinkCore::new(cfg_lanes(1 << 20, &[]), t0);
+        old.handle_frame(PathId::Server, version(4), t0);
+        old.handle_frame(PathId::Server, sent[0].frame.clone(), t0);
+        assert_eq!(old.stats().bad_frames, 1);
+        assert!(!events(&mut old)
+            .iter()
+            .any(|e| matches!(e, CoreEvent::Deliver { .. })));
+        // The app's lanes stop at 7; the file lane counts for the window's reserves once the
+        // peer has it (K = 2 here: lane 0 and the file lane).
+        assert_eq!(a.reserving_lanes(), 2);
     }
 
     /// The lane of a DATA or DATA_LANE frame.

@@ -29,7 +29,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep_until, Instant as TokioInstant};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-pub(crate) use self::core::{default_lanes, Delivery, Lane, LaneConfig, MAX_LANES};
+pub(crate) use self::core::{
+    default_lanes, Delivery, Lane, LaneConfig, FILE_LANE_DEFAULT, LANE_SLOTS, MAX_LANES,
+};
 use self::core::{
     Buffered, CoreConfig, CoreEvent, CoreStats, Gen, LinkCore, LinkVersion, PathId, Route,
     SendError, Transmit,
@@ -263,6 +265,21 @@ pub(crate) struct LinkCtx {
     pub link_version: u32,
     /// The lanes this client sends on (`ClientConfig::with_lane`).
     pub lanes: [Option<LaneConfig>; MAX_LANES],
+    /// The file lane's scheduling (`ClientConfig::with_file_lane`).
+    pub file_lane: LaneConfig,
+}
+
+impl LinkCtx {
+    fn core_cfg(&self) -> CoreConfig {
+        CoreConfig {
+            window: self.window,
+            max_message: self.max_message,
+            dead_path: self.dead_path,
+            version: LinkVersion(self.link_version),
+            lanes: self.lanes,
+            file_lane: self.file_lane,
+        }
+    }
 }
 
 /// The client's handle on a running link task.
@@ -291,14 +308,8 @@ impl LinkHandle {
         let (direct, direct_rx) = mpsc::channel(DIRECT_FRAMES_QUEUED);
         let (cmds, cmds_rx) = mpsc::unbounded_channel();
         let (reports, reports_rx) = mpsc::unbounded_channel();
-        let cfg = CoreConfig {
-            window: ctx.window,
-            max_message: ctx.max_message,
-            dead_path: ctx.dead_path,
-            version: LinkVersion(ctx.link_version),
-            lanes: ctx.lanes,
-        };
-        let core = LinkCore::new(cfg, Instant::now());
+        let cfg = ctx.core_cfg();
+        let core = LinkCore::new(ctx.core_cfg(), Instant::now());
         // What lane 0 may take is lent at once (the whole window with one lane), so that a
         // `try_send` right after the link is made does not depend on when its task first runs.
         let lend = core.lendable();
@@ -709,9 +720,9 @@ struct LinkTask {
     waiting: VecDeque<Waiter>,
     /// Sends of the other lanes waiting for window, a line per lane (index 0 unused), so that
     /// a bulk lane waiting for room holds up no other lane.
-    lane_waiting: [VecDeque<Waiter>; MAX_LANES],
+    lane_waiting: [VecDeque<Waiter>; LANE_SLOTS],
     /// Flushes waiting for every fragment up to their seqs (per lane) to be acknowledged.
-    flushes: Vec<([u64; MAX_LANES], oneshot::Sender<()>)>,
+    flushes: Vec<([u64; LANE_SLOTS], oneshot::Sender<()>)>,
     /// Answers to sends taken since the last step.
     replies: Vec<(SendReply, Result<(), SendError>)>,
     /// Answers sent once every app frame handed to a writer before them (ids below the first)
@@ -835,7 +846,7 @@ impl LinkTask {
                     Delivery::Reliable => Reliability::Reliable,
                     _ => Reliability::Unreliable,
                 };
-                let Ok(permits) = self.core_cfg().cost(data.len(), reliability) else {
+                let Ok(permits) = self.ctx.core_cfg().cost(data.len(), reliability) else {
                     // The handle checked the size with the same configuration.
                     return;
                 };
@@ -863,16 +874,6 @@ impl LinkTask {
             }
             Cmd::Flush(reply) => self.waiting.push_back(Waiter::Flush(reply)),
             Cmd::TakeHeld(reply) => self.take_held = Some(reply),
-        }
-    }
-
-    fn core_cfg(&self) -> CoreConfig {
-        CoreConfig {
-            window: self.ctx.window,
-            max_message: self.ctx.max_message,
-            dead_path: self.ctx.dead_path,
-            version: LinkVersion(self.ctx.link_version),
-            lanes: self.ctx.lanes,
         }
     }
 
@@ -905,7 +906,7 @@ impl LinkTask {
                 }
             }
         }
-        for i in 1..MAX_LANES {
+        for i in 1..LANE_SLOTS {
             while let Some(Waiter::Send { permits, reply, .. }) = self.lane_waiting[i].front() {
                 let withdrawn = reply.as_ref().is_some_and(|r| r.is_closed());
                 if !withdrawn && *permits > self.core.lane_free(Lane(i as u8)) && !self.ended {
@@ -1163,6 +1164,10 @@ impl LinkTask {
                 break;
             };
             match event {
+                CoreEvent::Deliver { lane, .. } if lane.0 == crate::protocol::FILE_LANE => {
+                    // Nothing sends on the file lane yet (issue 15 wires the transfers in).
+                    tracing::warn!(peer = self.peer, "file-lane message, no file transfers yet");
+                }
                 CoreEvent::Deliver {
                     data,
                     reliability,
