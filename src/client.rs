@@ -552,7 +552,7 @@ impl Client {
             Reliability::Unreliable => Delivery::Unreliable,
         };
         self.link(peer)?
-            .send_on(Lane(lane), data.into(), delivery)
+            .send_on(app_lane(lane)?, data.into(), delivery)
             .await
     }
 
@@ -566,7 +566,7 @@ impl Client {
         data: impl Into<Bytes>,
     ) -> Result<()> {
         self.link(peer)?
-            .send_on(Lane(lane), data.into(), Delivery::Sequenced)
+            .send_on(app_lane(lane)?, data.into(), Delivery::Sequenced)
             .await
     }
 
@@ -721,6 +721,17 @@ fn connect_error(e: tokio_tungstenite::tungstenite::Error) -> Error {
 
 fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("protocol messages always serialize")
+}
+
+/// An app's lane: 0 to 7 (the file lane is the library's).
+fn app_lane(lane: u8) -> Result<Lane> {
+    if usize::from(lane) >= MAX_LANES {
+        return Err(Error::InvalidConfig(format!(
+            "lane {lane} is not configured (lanes are 0 to {})",
+            MAX_LANES - 1
+        )));
+    }
+    Ok(Lane(lane))
 }
 
 /// The task that writes the session's outgoing queue to the current WebSocket. On a

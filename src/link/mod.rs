@@ -249,6 +249,9 @@ struct LinkView {
     stats: LinkStats,
     /// [`LinkCore::drained`].
     drained: bool,
+    /// [`LinkCore::peer_files`].
+    #[allow(dead_code)] // Read by the files manager (issue 15, next).
+    peer_files: Option<bool>,
 }
 
 /// What every link of a client shares.
@@ -399,7 +402,10 @@ impl LinkHandle {
         };
         let permits = self.cfg.cost(len, reliability).map_err(|e| self.error(e))?;
         let lane0 = lane.0 == 0 || delivery == Delivery::Unreliable;
+        // The file lane is the library's (`send_file_msg`); the core checks the peer has it.
+        let file = lane.0 == crate::protocol::FILE_LANE && delivery == Delivery::Reliable;
         if !lane0
+            && !file
             && self
                 .cfg
                 .lanes
@@ -411,6 +417,25 @@ impl LinkHandle {
             return Err(self.error(SendError::NoLane(lane.0)));
         }
         Ok((permits, lane0))
+    }
+
+    /// Whether the peer takes file transfers (the file lane, §8.9); waits until its link
+    /// version is known.
+    #[allow(dead_code)] // Used by the files manager (issue 15, next).
+    pub(crate) async fn peer_files(&self) -> Result<bool> {
+        let mut view = self.view.clone();
+        let v = view
+            .wait_for(|v| v.peer_files.is_some())
+            .await
+            .map_err(|_| Error::UnknownPeer(self.peer))?;
+        Ok(v.peer_files == Some(true))
+    }
+
+    /// Send one file-transfer message (§8.9) on the file lane, waiting for room.
+    #[allow(dead_code)] // Used by the files manager (issue 15, next).
+    pub(crate) async fn send_file_msg(&self, data: Bytes) -> Result<()> {
+        self.send_on(Lane(crate::protocol::FILE_LANE), data, Delivery::Reliable)
+            .await
     }
 
     /// Send on `lane`, waiting for room in the window (lane 0's credit, or the lane's own
@@ -1271,6 +1296,7 @@ impl LinkTask {
                 candidates_relay: self.candidates[2],
             },
             drained: self.core.drained(),
+            peer_files: self.core.peer_files(),
         };
         self.view.send_replace(view);
     }
