@@ -13,6 +13,7 @@ use futures_util::{SinkExt, Stream, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
+use crate::files::Files;
 use crate::link::{
     default_lanes, Delivery, Lane, LaneConfig, LinkCtx, LinkHandle, LinkInput, LinkStats,
     RtcFactory, RtcOptions, FILE_LANE_DEFAULT, MAX_LANES,
@@ -21,7 +22,7 @@ use crate::protocol::{
     validate_group, validate_name, ClientMsg, DirectPolicy, ErrorCode, IceServer, LinkId,
     MemberInfo, PeerId, RelayFrame, Resume, ServerMsg, PROTOCOL_VERSION,
 };
-use crate::{CandidatePair, Error, Event, Path, Result};
+use crate::{CandidatePair, Error, Event, FileTransfer, Path, Result};
 
 /// Capacity of the event stream; a link waits when the app falls this far behind.
 const EVENT_QUEUE: usize = 4096;
@@ -360,6 +361,7 @@ struct Inner {
     cmd_tx: mpsc::UnboundedSender<Cmd>,
     shared: Arc<Mutex<Shared>>,
     request_timeout: Duration,
+    files: Arc<Files>,
 }
 
 /// A connection to a peermesh server: join groups, message co-members.
@@ -426,6 +428,15 @@ impl Client {
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Mutex::new(Shared::default()));
+        let links = Arc::downgrade(&shared);
+        let files = Files::new(
+            events_tx.clone(),
+            Arc::new(move |peer| {
+                let shared = links.upgrade()?;
+                let s = shared.lock().ok()?;
+                s.links.get(&peer).map(|e| e.handle.clone())
+            }),
+        );
         let rtc = match config.direct {
             DirectPolicy::Any | DirectPolicy::Relay => Some(Arc::new(
                 RtcFactory::new(&config.rtc_options(), &ice_servers)
@@ -443,6 +454,7 @@ impl Client {
             link_version: config.link_version,
             lanes: config.lanes,
             file_lane: config.file_lane,
+            files: files.clone(),
         };
         let writer = Writer::spawn(sink, ws_rx);
         let ice_servers = Arc::new(Mutex::new(ice_servers));
@@ -472,6 +484,7 @@ impl Client {
             cmd_tx,
             shared,
             request_timeout: config.request_timeout,
+            files,
         };
         Ok((
             Client {
@@ -568,6 +581,23 @@ impl Client {
         self.link(peer)?
             .send_on(app_lane(lane)?, data.into(), Delivery::Sequenced)
             .await
+    }
+
+    /// Send the file at `path` to `peer` on the link's file lane (`docs/PROTOCOL.md` §8.9):
+    /// the peer gets [`Event::FileOffered`]; the returned transfer has its progress, a
+    /// cancel, and its outcome. Streamed in chunks of 256 KiB, each with its SHA-256, and the
+    /// whole file's SHA-256 checked at the end (hashed once before the offer, so that the
+    /// receiver can continue a partial file of it). [`Error::File`] with
+    /// [`FileError::Unsupported`] for a peer whose client has no file transfers.
+    ///
+    /// [`FileError::Unsupported`]: crate::FileError::Unsupported
+    pub async fn send_file(
+        &self,
+        peer: PeerId,
+        path: impl AsRef<std::path::Path>,
+    ) -> Result<FileTransfer> {
+        self.link(peer)?;
+        Ok(self.inner.files.send_path(peer, path.as_ref()).await?)
     }
 
     /// Like [`Client::send`], but fails with [`Error::WouldBlock`] instead of waiting.

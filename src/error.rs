@@ -6,6 +6,9 @@ use crate::protocol::{ErrorCode, PeerId};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// A file transfer could not start ([`crate::Client::send_file`]).
+    #[error("file transfer: {0}")]
+    File(#[from] crate::FileError),
     /// The server URL was not a `ws://` or `wss://` URL.
     #[error("invalid server url {0:?}: expected ws:// or wss://")]
     InvalidUrl(String),

@@ -50,7 +50,6 @@ mod client;
 #[cfg(feature = "client")]
 mod error;
 #[cfg(feature = "client")]
-#[allow(dead_code)] // Wired into the client next (issue 15); tested where it lives.
 mod files;
 #[cfg(feature = "client")]
 mod link;
@@ -59,6 +58,10 @@ mod link;
 pub use client::{Client, ClientConfig, Events, Member, Reconnect, Reliability};
 #[cfg(feature = "client")]
 pub use error::{Error, Result};
+#[cfg(feature = "client")]
+pub use files::{
+    FileError, FileErrorCode, FileOffer, FileTransfer, Progress, ReceivedFile, SentFile, TransferId,
+};
 #[cfg(feature = "client")]
 pub use link::LinkStats;
 pub use protocol::{DirectPolicy, PeerId};
@@ -262,6 +265,30 @@ pub enum Event {
         /// The lane it came on ([`Client::send_on`]; 0 for [`Client::send`], for unreliable
         /// messages that are not sequenced, and for every message of a peer without lanes).
         lane: u8,
+    },
+    /// A co-member offers a file: [`FileOffer::accept_into`] or [`FileOffer::reject`].
+    FileOffered(FileOffer),
+    /// A file being received is this far (about every 4 MiB, and at most every 250 ms).
+    FileProgress {
+        /// The transfer.
+        transfer: TransferId,
+        /// The sender.
+        peer: PeerId,
+        /// Bytes written and checked.
+        done: u64,
+        /// The file's size.
+        total: u64,
+    },
+    /// A file was received completely and its hash matched.
+    FileReceived(ReceivedFile),
+    /// A file being received ended without the file.
+    FileFailed {
+        /// The transfer.
+        transfer: TransferId,
+        /// The sender.
+        peer: PeerId,
+        /// Why.
+        error: FileError,
     },
     /// The server reported an error not tied to a pending `join`/`leave`.
     ServerError {

@@ -250,7 +250,6 @@ struct LinkView {
     /// [`LinkCore::drained`].
     drained: bool,
     /// [`LinkCore::peer_files`].
-    #[allow(dead_code)] // Read by the files manager (issue 15, next).
     peer_files: Option<bool>,
 }
 
@@ -270,6 +269,8 @@ pub(crate) struct LinkCtx {
     pub lanes: [Option<LaneConfig>; MAX_LANES],
     /// The file lane's scheduling (`ClientConfig::with_file_lane`).
     pub file_lane: LaneConfig,
+    /// Where file-lane messages go.
+    pub files: Arc<crate::files::Files>,
 }
 
 impl LinkCtx {
@@ -339,6 +340,7 @@ impl LinkHandle {
             take_held: None,
             ended: false,
             outbox: VecDeque::new(),
+            files_out: VecDeque::new(),
             path_msgs: VecDeque::new(),
             upgrading: None,
             writers: None,
@@ -421,7 +423,6 @@ impl LinkHandle {
 
     /// Whether the peer takes file transfers (the file lane, §8.9); waits until its link
     /// version is known.
-    #[allow(dead_code)] // Used by the files manager (issue 15, next).
     pub(crate) async fn peer_files(&self) -> Result<bool> {
         let mut view = self.view.clone();
         let v = view
@@ -432,7 +433,6 @@ impl LinkHandle {
     }
 
     /// Send one file-transfer message (§8.9) on the file lane, waiting for room.
-    #[allow(dead_code)] // Used by the files manager (issue 15, next).
     pub(crate) async fn send_file_msg(&self, data: Bytes) -> Result<()> {
         self.send_on(Lane(crate::protocol::FILE_LANE), data, Delivery::Reliable)
             .await
@@ -762,6 +762,8 @@ struct LinkTask {
     ended: bool,
     /// Events for the app, in order.
     outbox: VecDeque<Event>,
+    /// File-lane messages for the file transfers.
+    files_out: VecDeque<Bytes>,
     /// Path reports for the server.
     path_msgs: VecDeque<ClientMsg>,
     /// The core moved to this direct generation; reported next ([`LinkTask::upgraded`]).
@@ -850,6 +852,8 @@ impl LinkTask {
             }
             self.settle().await;
         }
+        // Transfers on this link end with it (their messages cannot come any more).
+        self.ctx.files.peer_gone(self.peer);
         self.writers = None;
         if let Some(rtc) = self.rtc.take() {
             rtc.close();
@@ -994,6 +998,10 @@ impl LinkTask {
             while let Some(event) = self.outbox.pop_front() {
                 // The app dropped its event stream: nobody is listening any more.
                 let _ = self.ctx.events.send(event).await;
+            }
+            while let Some(data) = self.files_out.pop_front() {
+                // Awaited: a transfer busy on its disk holds the file lane back.
+                self.ctx.files.deliver(self.peer, data).await;
             }
             while let Some(msg) = self.path_msgs.pop_front() {
                 self.send_msg(&msg).await;
@@ -1189,9 +1197,8 @@ impl LinkTask {
                 break;
             };
             match event {
-                CoreEvent::Deliver { lane, .. } if lane.0 == crate::protocol::FILE_LANE => {
-                    // Nothing sends on the file lane yet (issue 15 wires the transfers in).
-                    tracing::warn!(peer = self.peer, "file-lane message, no file transfers yet");
+                CoreEvent::Deliver { lane, data, .. } if lane.0 == crate::protocol::FILE_LANE => {
+                    self.files_out.push_back(data);
                 }
                 CoreEvent::Deliver {
                     data,

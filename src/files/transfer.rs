@@ -1,0 +1,592 @@
+//! The transfers: one task per file being sent or received, each the only owner of its state.
+//! Messages of the file lane reach a transfer through [`Files::deliver`], which the link task
+//! awaits (a transfer that is busy writing holds the link's file lane back: the window then
+//! holds the sender back, so nothing piles up in memory).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::name::safe_file_name;
+use super::part::{Failure, PartFile};
+use super::wire::{FileErrorCode, FileMsg, Hash, MAX_CHUNK};
+use super::{FileError, FileOffer, FileTransfer, Progress, ReceivedFile, SentFile, TransferId};
+use crate::link::LinkHandle;
+use crate::protocol::PeerId;
+use crate::Event;
+
+/// Most bytes a sender has sent and not seen VERIFIED (the receiver persists every 4 MiB).
+const UNVERIFIED_MAX: u64 = 16 << 20;
+/// Messages of one transfer queued towards its task.
+const ROUTE_QUEUE: usize = 16;
+
+/// The link a transfer talks on, looked up by peer when needed.
+pub(crate) type LinkLookup = Arc<dyn Fn(PeerId) -> Option<LinkHandle> + Send + Sync>;
+
+/// A file-lane message for one transfer, owned.
+#[derive(Debug)]
+enum Inbound {
+    Accept(u64),
+    Reject(FileErrorCode, String),
+    Chunk(u64, Hash, Bytes),
+    Verified(u64),
+    End(Hash),
+    Done,
+    Cancel(FileErrorCode, String),
+}
+
+/// What every transfer of a client shares: where each transfer's messages go.
+pub(crate) struct Files {
+    routes: Mutex<HashMap<(PeerId, u64), mpsc::Sender<Inbound>>>,
+    events: mpsc::Sender<Event>,
+    links: LinkLookup,
+}
+
+/// The app's answer to an offer.
+#[derive(Debug)]
+pub(crate) enum Decision {
+    Accept(PathBuf),
+    Reject(String),
+}
+
+impl Files {
+    pub(crate) fn new(events: mpsc::Sender<Event>, links: LinkLookup) -> Arc<Files> {
+        Arc::new(Files {
+            routes: Mutex::new(HashMap::new()),
+            events,
+            links,
+        })
+    }
+
+    fn route(&self, peer: PeerId, transfer: u64) -> mpsc::Receiver<Inbound> {
+        let (tx, rx) = mpsc::channel(ROUTE_QUEUE);
+        self.routes
+            .lock()
+            .expect("file routes lock")
+            .insert((peer, transfer), tx);
+        rx
+    }
+
+    fn unroute(&self, peer: PeerId, transfer: u64) {
+        self.routes
+            .lock()
+            .expect("file routes lock")
+            .remove(&(peer, transfer));
+    }
+
+    /// The link to `peer` ended: its transfers' message streams end.
+    pub(crate) fn peer_gone(&self, peer: PeerId) {
+        self.routes
+            .lock()
+            .expect("file routes lock")
+            .retain(|(p, _), _| *p != peer);
+    }
+
+    /// A message of the file lane from `peer`.
+    pub(crate) async fn deliver(self: &Arc<Self>, peer: PeerId, data: Bytes) {
+        let msg = match FileMsg::decode(&data) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(peer, "dropping a file-lane message: {e}");
+                return;
+            }
+        };
+        let transfer = msg.transfer();
+        let inbound = match msg {
+            FileMsg::Offer {
+                size, sha256, name, ..
+            } => {
+                self.offered(peer, transfer, size, sha256, name).await;
+                return;
+            }
+            FileMsg::Accept { offset, .. } => Inbound::Accept(offset),
+            FileMsg::Reject { code, reason, .. } => Inbound::Reject(code, reason.into()),
+            FileMsg::Chunk {
+                offset,
+                sha256,
+                bytes,
+                ..
+            } => Inbound::Chunk(offset, sha256, data.slice_ref(bytes)),
+            FileMsg::Verified { offset, .. } => Inbound::Verified(offset),
+            FileMsg::End { sha256, .. } => Inbound::End(sha256),
+            FileMsg::Done { .. } => Inbound::Done,
+            FileMsg::Cancel { code, reason, .. } => Inbound::Cancel(code, reason.into()),
+        };
+        let route = self
+            .routes
+            .lock()
+            .expect("file routes lock")
+            .get(&(peer, transfer))
+            .cloned();
+        match route {
+            // Awaited: a transfer busy on its disk holds the file lane back.
+            Some(tx) => {
+                let _ = tx.send(inbound).await;
+            }
+            None => tracing::debug!(peer, transfer, "file message for no transfer"),
+        }
+    }
+
+    async fn send_msg(&self, peer: PeerId, msg: FileMsg<'_>) -> Result<(), FileError> {
+        let link = (self.links)(peer).ok_or(FileError::PeerGone(peer))?;
+        link.send_file_msg(Bytes::from(msg.encode()))
+            .await
+            .map_err(|_| FileError::PeerGone(peer))
+    }
+
+    // ---- sending ----
+
+    /// Send the file at `path` to `peer` (`Client::send_file`).
+    pub(crate) async fn send_path(
+        self: &Arc<Self>,
+        peer: PeerId,
+        path: &Path,
+    ) -> Result<FileTransfer, FileError> {
+        let link = (self.links)(peer).ok_or(FileError::PeerGone(peer))?;
+        if !link
+            .peer_files()
+            .await
+            .map_err(|_| FileError::PeerGone(peer))?
+        {
+            return Err(FileError::Unsupported(peer));
+        }
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| FileError::Io(format!("{}: no file name", path.display())))?
+            .to_string();
+        let size = tokio::fs::metadata(path)
+            .await
+            .map_err(|e| FileError::Io(format!("{}: {e}", path.display())))?
+            .len();
+        let p = path.to_path_buf();
+        let sha256 = tokio::task::spawn_blocking(move || hash_file(&p))
+            .await
+            .map_err(|e| FileError::Io(e.to_string()))?
+            .map_err(|e| FileError::Io(format!("{}: {e}", path.display())))?;
+        let transfer = rand::random::<u64>();
+        let rx = self.route(peer, transfer);
+        let (progress_tx, progress) = watch::channel(Progress::new(size));
+        let (cancel_tx, cancel) = watch::channel(false);
+        let (outcome_tx, outcome) = oneshot::channel();
+        let files = self.clone();
+        let path = path.to_path_buf();
+        tokio::spawn(async move {
+            let sending = Sending {
+                files: files.clone(),
+                peer,
+                transfer,
+                name,
+                size,
+                sha256,
+                rx,
+                progress: progress_tx,
+                cancel,
+            };
+            let r = sending.run(&path).await;
+            files.unroute(peer, transfer);
+            let _ = outcome_tx.send(r);
+        });
+        Ok(FileTransfer {
+            id: TransferId(transfer),
+            peer,
+            progress,
+            cancel: cancel_tx,
+            outcome,
+        })
+    }
+
+    // ---- receiving ----
+
+    async fn offered(
+        self: &Arc<Self>,
+        peer: PeerId,
+        transfer: u64,
+        size: u64,
+        sha256: Hash,
+        offered_name: &str,
+    ) {
+        let name = safe_file_name(offered_name);
+        let rx = self.route(peer, transfer);
+        let (decide, decision) = oneshot::channel();
+        let offer = FileOffer::new(TransferId(transfer), peer, name.clone(), size, decide);
+        let files = self.clone();
+        tokio::spawn(async move {
+            let receiving = Receiving {
+                files: files.clone(),
+                peer,
+                transfer,
+                name,
+                size,
+                sha256,
+                rx,
+            };
+            receiving.run(decision).await;
+            files.unroute(peer, transfer);
+        });
+        let _ = self.events.send(Event::FileOffered(offer)).await;
+    }
+}
+
+/// SHA-256 of a whole file (blocking).
+fn hash_file(path: &Path) -> std::io::Result<Hash> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(h.finalize().into());
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+struct Sending {
+    files: Arc<Files>,
+    peer: PeerId,
+    transfer: u64,
+    name: String,
+    size: u64,
+    sha256: Hash,
+    rx: mpsc::Receiver<Inbound>,
+    progress: watch::Sender<Progress>,
+    cancel: watch::Receiver<bool>,
+}
+
+impl Sending {
+    async fn run(mut self, path: &Path) -> Result<SentFile, FileError> {
+        let (peer, transfer) = (self.peer, self.transfer);
+        let r = self.exchange(path).await;
+        if let Err(e) = &r {
+            if let Some((code, reason)) = e.to_send() {
+                let _ = self
+                    .files
+                    .send_msg(
+                        peer,
+                        FileMsg::Cancel {
+                            transfer,
+                            code,
+                            reason: &reason,
+                        },
+                    )
+                    .await;
+            }
+        }
+        r
+    }
+
+    /// The next message of the receiver, or the app's cancel.
+    async fn next(&mut self) -> Result<Inbound, FileError> {
+        tokio::select! {
+            m = self.rx.recv() => m.ok_or(FileError::PeerGone(self.peer)),
+            _ = self.cancel.wait_for(|c| *c) => Err(FileError::Cancelled { by_peer: false, reason: "cancelled".into() }),
+        }
+    }
+
+    async fn exchange(&mut self, path: &Path) -> Result<SentFile, FileError> {
+        let (peer, transfer) = (self.peer, self.transfer);
+        self.files
+            .send_msg(
+                peer,
+                FileMsg::Offer {
+                    transfer,
+                    size: self.size,
+                    sha256: self.sha256,
+                    name: &self.name,
+                },
+            )
+            .await?;
+        let offset = match self.next().await? {
+            Inbound::Accept(offset) if offset <= self.size => offset,
+            Inbound::Reject(code, reason) => return Err(FileError::from_peer(code, reason)),
+            Inbound::Cancel(code, reason) => return Err(FileError::from_peer(code, reason)),
+            other => return Err(FileError::protocol(format!("{other:?} before ACCEPT"))),
+        };
+        let mut file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| FileError::Io(format!("{}: {e}", path.display())))?;
+        file.seek(std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(|e| FileError::Io(format!("{}: {e}", path.display())))?;
+        let started = Instant::now();
+        let (mut sent, mut verified) = (offset, offset);
+        let mut buf = vec![0; MAX_CHUNK];
+        while sent < self.size {
+            // Bounded: the receiver persists what it has every few MiB and says so.
+            while sent - verified > UNVERIFIED_MAX {
+                match self.next().await? {
+                    Inbound::Verified(v) if v <= sent => verified = verified.max(v),
+                    Inbound::Cancel(code, reason) => {
+                        return Err(FileError::from_peer(code, reason))
+                    }
+                    other => return Err(FileError::protocol(format!("{other:?} while sending"))),
+                }
+            }
+            while let Ok(m) = self.rx.try_recv() {
+                match m {
+                    Inbound::Verified(v) if v <= sent => verified = verified.max(v),
+                    Inbound::Cancel(code, reason) => {
+                        return Err(FileError::from_peer(code, reason))
+                    }
+                    other => return Err(FileError::protocol(format!("{other:?} while sending"))),
+                }
+            }
+            if *self.cancel.borrow() {
+                return Err(FileError::Cancelled {
+                    by_peer: false,
+                    reason: "cancelled".into(),
+                });
+            }
+            let n = (self.size - sent).min(MAX_CHUNK as u64) as usize;
+            file.read_exact(&mut buf[..n])
+                .await
+                .map_err(|e| FileError::Io(format!("{}: {e} (did it change?)", path.display())))?;
+            let chunk = &buf[..n];
+            let sha256: Hash = Sha256::digest(chunk).into();
+            self.files
+                .send_msg(
+                    peer,
+                    FileMsg::Chunk {
+                        transfer,
+                        offset: sent,
+                        sha256,
+                        bytes: chunk,
+                    },
+                )
+                .await?;
+            sent += n as u64;
+            self.progress
+                .send_replace(Progress::at(sent, self.size, offset, started.elapsed()));
+        }
+        self.files
+            .send_msg(
+                peer,
+                FileMsg::End {
+                    transfer,
+                    sha256: self.sha256,
+                },
+            )
+            .await?;
+        loop {
+            match self.next().await? {
+                Inbound::Verified(_) => {}
+                Inbound::Done => {
+                    return Ok(SentFile {
+                        name: self.name.clone(),
+                        size: self.size,
+                        sha256: self.sha256,
+                        resumed_from: offset,
+                    })
+                }
+                Inbound::Cancel(code, reason) => return Err(FileError::from_peer(code, reason)),
+                other => return Err(FileError::protocol(format!("{other:?} after END"))),
+            }
+        }
+    }
+}
+
+struct Receiving {
+    files: Arc<Files>,
+    peer: PeerId,
+    transfer: u64,
+    name: String,
+    size: u64,
+    sha256: Hash,
+    rx: mpsc::Receiver<Inbound>,
+}
+
+impl Receiving {
+    async fn run(mut self, decision: oneshot::Receiver<Decision>) {
+        let (peer, transfer) = (self.peer, self.transfer);
+        let dir = tokio::select! {
+            d = decision => match d {
+                Ok(Decision::Accept(dir)) => dir,
+                Ok(Decision::Reject(reason)) => {
+                    let _ = self.files.send_msg(peer, FileMsg::Reject { transfer, code: FileErrorCode::Rejected, reason: &reason }).await;
+                    return;
+                }
+                // The offer was dropped unanswered: that is a no.
+                Err(_) => {
+                    let _ = self.files.send_msg(peer, FileMsg::Reject { transfer, code: FileErrorCode::Rejected, reason: "not accepted" }).await;
+                    return;
+                }
+            },
+            m = self.rx.recv() => {
+                // The sender cancelled (or left) before the app answered.
+                if let Some(Inbound::Cancel(code, reason)) = m {
+                    self.failed(FileError::from_peer(code, reason)).await;
+                }
+                return;
+            }
+        };
+        let r = self.receive(&dir).await;
+        match r {
+            Ok(file) => {
+                let _ = self.files.events.send(Event::FileReceived(file)).await;
+            }
+            Err(e) => {
+                if let Some((code, reason)) = e.to_send() {
+                    let _ = self
+                        .files
+                        .send_msg(
+                            peer,
+                            FileMsg::Cancel {
+                                transfer,
+                                code,
+                                reason: &reason,
+                            },
+                        )
+                        .await;
+                }
+                self.failed(e).await;
+            }
+        }
+    }
+
+    async fn failed(&self, error: FileError) {
+        let _ = self
+            .files
+            .events
+            .send(Event::FileFailed {
+                transfer: TransferId(self.transfer),
+                peer: self.peer,
+                error,
+            })
+            .await;
+    }
+
+    async fn receive(&mut self, dir: &Path) -> Result<ReceivedFile, FileError> {
+        let (peer, transfer) = (self.peer, self.transfer);
+        let (d, name, size, sha) = (dir.to_path_buf(), self.name.clone(), self.size, self.sha256);
+        let mut part = blocking(move || PartFile::open(&d, &name, size, &sha)).await?;
+        let resumed_from = part.offset();
+        self.files
+            .send_msg(
+                peer,
+                FileMsg::Accept {
+                    transfer,
+                    offset: resumed_from,
+                },
+            )
+            .await?;
+        let mut last_report = Instant::now();
+        loop {
+            let Some(m) = self.rx.recv().await else {
+                blocking(move || {
+                    part.abandon();
+                    Ok(())
+                })
+                .await?;
+                return Err(FileError::PeerGone(peer));
+            };
+            match m {
+                Inbound::Chunk(offset, sha256, bytes) => {
+                    let (p, persisted) = blocking(move || {
+                        let persisted = part.write_chunk(offset, &sha256, &bytes);
+                        Ok((part, persisted))
+                    })
+                    .await?;
+                    part = p;
+                    let persisted = match persisted {
+                        Ok(p) => p,
+                        Err(f) => {
+                            blocking(move || {
+                                part.abandon();
+                                Ok(())
+                            })
+                            .await?;
+                            return Err(FileError::Failed {
+                                code: f.code,
+                                reason: f.reason,
+                            });
+                        }
+                    };
+                    if persisted {
+                        let offset = part.offset();
+                        self.files
+                            .send_msg(peer, FileMsg::Verified { transfer, offset })
+                            .await?;
+                    }
+                    if persisted || last_report.elapsed() >= Duration::from_millis(250) {
+                        last_report = Instant::now();
+                        let _ = self
+                            .files
+                            .events
+                            .send(Event::FileProgress {
+                                transfer: TransferId(transfer),
+                                peer,
+                                done: part.offset(),
+                                total: part.size(),
+                            })
+                            .await;
+                    }
+                }
+                Inbound::End(sha256) => {
+                    let (path, hash) =
+                        blocking(move || part.finish(&sha256))
+                            .await
+                            .map_err(|e| match e {
+                                FileError::Failed { code, reason } => {
+                                    FileError::Failed { code, reason }
+                                }
+                                other => other,
+                            })?;
+                    self.files
+                        .send_msg(peer, FileMsg::Done { transfer })
+                        .await?;
+                    return Ok(ReceivedFile {
+                        transfer: TransferId(transfer),
+                        from: peer,
+                        name: path
+                            .file_name()
+                            .and_then(|n| n.to_str())
+                            .unwrap_or_default()
+                            .to_string(),
+                        path,
+                        size: self.size,
+                        sha256: hash,
+                        resumed_from,
+                    });
+                }
+                Inbound::Cancel(code, reason) => {
+                    blocking(move || {
+                        part.abandon();
+                        Ok(())
+                    })
+                    .await?;
+                    return Err(FileError::from_peer(code, reason));
+                }
+                other => {
+                    blocking(move || {
+                        part.abandon();
+                        Ok(())
+                    })
+                    .await?;
+                    return Err(FileError::protocol(format!("{other:?} while receiving")));
+                }
+            }
+        }
+    }
+}
+
+/// Run disk work on a blocking thread; its failure becomes the transfer's.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Failure> + Send + 'static,
+) -> Result<T, FileError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(f)) => Err(FileError::Failed {
+            code: f.code,
+            reason: f.reason,
+        }),
+        Err(e) => Err(FileError::Io(e.to_string())),
+    }
+}

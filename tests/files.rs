@@ -1,0 +1,167 @@
+//! File transfer end to end (`docs/PROTOCOL.md` §8.9): real server, real clients, real files
+//! in a temporary directory of this test.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use peermesh::{ClientConfig, Event, Events, FileError, ReceivedFile};
+use sha2::{Digest, Sha256};
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("peermesh-files-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn write_file(path: &Path, len: usize) -> [u8; 32] {
+    let data: Vec<u8> = (0..len).map(|i| (i * 131 % 251) as u8).collect();
+    std::fs::write(path, &data).unwrap();
+    Sha256::digest(&data).into()
+}
+
+fn config(name: &str) -> ClientConfig {
+    ClientConfig::new(name).with_loopback_only(true)
+}
+
+/// Accept the next offer into `dir`, then wait for its end.
+async fn receive_into(events: &mut Events, dir: &Path) -> Result<ReceivedFile, FileError> {
+    let Event::FileOffered(offer) =
+        wait_for(events, 30, |e| matches!(e, Event::FileOffered(_))).await
+    else {
+        unreachable!()
+    };
+    assert!(offer.accept_into(dir));
+    match wait_for(events, 120, |e| {
+        matches!(e, Event::FileReceived(_) | Event::FileFailed { .. })
+    })
+    .await
+    {
+        Event::FileReceived(f) => Ok(f),
+        Event::FileFailed { error, .. } => Err(error),
+        _ => unreachable!(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_goes_to_a_co_member_on_the_direct_path_and_its_hash_matches() {
+    init_log();
+    let server = server().await;
+    let dir = temp_dir("direct");
+    let (out, inbox) = (dir.join("out"), dir.join("in"));
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::create_dir_all(&inbox).unwrap();
+    let src = out.join("photo.jpg");
+    let sha = write_file(&src, (8 << 20) + 12345);
+    let mut pair = direct_pair(&server, config).await;
+    let t = Instant::now();
+    let transfer = pair.a.send_file(pair.b.peer_id(), &src).await.unwrap();
+    let progress = transfer.progress();
+    let (sent, received) = tokio::join!(transfer.outcome(), receive_into(&mut pair.be, &inbox));
+    let (sent, received) = (sent.unwrap(), received.unwrap());
+    eprintln!("8 MiB on the direct path in {:?}", t.elapsed());
+    assert_eq!(sent.sha256, sha);
+    assert_eq!(sent.resumed_from, 0);
+    assert_eq!(received.sha256, sha);
+    assert_eq!(received.name, "photo.jpg");
+    assert_eq!(received.path, inbox.join("photo.jpg"));
+    assert_eq!(
+        std::fs::read(&received.path).unwrap(),
+        std::fs::read(&src).unwrap()
+    );
+    assert_eq!(progress.borrow().done, (8 << 20) + 12345);
+    // No partial files left behind.
+    let names: Vec<_> = std::fs::read_dir(&inbox)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("photo.jpg")]);
+
+    // The same name again: a new file next to it, never overwritten.
+    let transfer = pair.a.send_file(pair.b.peer_id(), &src).await.unwrap();
+    let (sent, received) = tokio::join!(transfer.outcome(), receive_into(&mut pair.be, &inbox));
+    sent.unwrap();
+    assert_eq!(received.unwrap().path, inbox.join("photo (1).jpg"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_offer_and_a_hostile_name() {
+    init_log();
+    let server = server().await;
+    let dir = temp_dir("reject");
+    let (a, mut ae) = client_with(&server, config("a").with_direct(false)).await;
+    let (b, mut be) = client_with(&server, config("b").with_direct(false)).await;
+    a.join("g").await.unwrap();
+    b.join("g").await.unwrap();
+    wait_joined(&mut ae, b.peer_id()).await;
+    wait_joined(&mut be, a.peer_id()).await;
+    let src = dir.join("..evil");
+    write_file(&src, 1000);
+    let transfer = a.send_file(b.peer_id(), &src).await.unwrap();
+    let Event::FileOffered(offer) =
+        wait_for(&mut be, 30, |e| matches!(e, Event::FileOffered(_))).await
+    else {
+        unreachable!()
+    };
+    assert_eq!(offer.name, "_.evil", "no hidden files");
+    assert_eq!(offer.size, 1000);
+    assert!(offer.reject("not now"));
+    assert!(!offer.accept_into(&dir), "answered already");
+    match tokio::time::timeout(Duration::from_secs(30), transfer.outcome())
+        .await
+        .unwrap()
+    {
+        Err(FileError::Rejected { reason }) => assert_eq!(reason, "not now"),
+        other => panic!("{other:?}"),
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sender_cancels_and_the_receiver_hears_it() {
+    init_log();
+    let server = server().await;
+    let dir = temp_dir("cancel");
+    let (a, mut ae) = client_with(&server, config("a").with_direct(false)).await;
+    let (b, mut be) = client_with(&server, config("b").with_direct(false)).await;
+    a.join("g").await.unwrap();
+    b.join("g").await.unwrap();
+    wait_joined(&mut ae, b.peer_id()).await;
+    wait_joined(&mut be, a.peer_id()).await;
+    let src = dir.join("big.bin");
+    write_file(&src, 64 << 20);
+    let inbox = dir.join("in");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let transfer = a.send_file(b.peer_id(), &src).await.unwrap();
+    let Event::FileOffered(offer) =
+        wait_for(&mut be, 30, |e| matches!(e, Event::FileOffered(_))).await
+    else {
+        unreachable!()
+    };
+    offer.accept_into(&inbox);
+    wait_for(&mut be, 30, |e| matches!(e, Event::FileProgress { .. })).await;
+    transfer.cancel();
+    match tokio::time::timeout(Duration::from_secs(30), transfer.outcome())
+        .await
+        .unwrap()
+    {
+        Err(FileError::Cancelled { by_peer: false, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    match wait_for(&mut be, 30, |e| matches!(e, Event::FileFailed { .. })).await {
+        Event::FileFailed {
+            error: FileError::Cancelled { by_peer: true, .. },
+            ..
+        } => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        !inbox.join("big.bin").exists(),
+        "an incomplete file is never in place"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
