@@ -165,3 +165,70 @@ async fn the_sender_cancels_and_the_receiver_hears_it() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_went_away_continues_from_the_verified_offset() {
+    init_log();
+    let server = server().await;
+    let dir = temp_dir("resume");
+    let inbox = dir.join("in");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let src = dir.join("movie.mkv");
+    let size = 64 << 20;
+    let sha = write_file(&src, size);
+    let (a, mut ae) = client_with(&server, config("a").with_direct(false)).await;
+    a.join("g").await.unwrap();
+    let (b, mut be) = client_with(&server, config("b").with_direct(false)).await;
+    b.join("g").await.unwrap();
+    wait_joined(&mut be, a.peer_id()).await;
+    wait_joined(&mut ae, b.peer_id()).await;
+    let transfer = a.send_file(b.peer_id(), &src).await.unwrap();
+    let Event::FileOffered(offer) =
+        wait_for(&mut be, 30, |e| matches!(e, Event::FileOffered(_))).await
+    else {
+        unreachable!()
+    };
+    offer.accept_into(&inbox);
+    // The receiving process goes away once 8 MiB are in (as a killed process: no goodbye to
+    // the transfer).
+    wait_for(
+        &mut be,
+        60,
+        |e| matches!(e, Event::FileProgress { done, .. } if *done >= 8 << 20),
+    )
+    .await;
+    b.close().await;
+    drop(be);
+    match tokio::time::timeout(Duration::from_secs(30), transfer.outcome())
+        .await
+        .unwrap()
+    {
+        Err(FileError::PeerGone(_)) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(!inbox.join("movie.mkv").exists());
+
+    // It comes back (a new session) and the same file is sent again: only the rest goes.
+    let (b2, mut be2) = client_with(&server, config("b").with_direct(false)).await;
+    b2.join("g").await.unwrap();
+    wait_joined(&mut be2, a.peer_id()).await;
+    wait_joined(&mut ae, b2.peer_id()).await;
+    let transfer = a.send_file(b2.peer_id(), &src).await.unwrap();
+    let (sent, received) = tokio::join!(transfer.outcome(), receive_into(&mut be2, &inbox));
+    let (sent, received) = (sent.unwrap(), received.unwrap());
+    eprintln!(
+        "resumed from {} MiB: {} MiB sent the second time",
+        sent.resumed_from >> 20,
+        (size as u64 - sent.resumed_from) >> 20
+    );
+    assert!(sent.resumed_from >= 8 << 20, "{}", sent.resumed_from);
+    assert_eq!(sent.resumed_from % (4 << 20), 0, "a persisted offset");
+    assert_eq!(received.resumed_from, sent.resumed_from);
+    assert_eq!(received.sha256, sha);
+    assert_eq!(received.path, inbox.join("movie.mkv"));
+    assert_eq!(
+        std::fs::read(&received.path).unwrap(),
+        std::fs::read(&src).unwrap()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

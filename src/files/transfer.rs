@@ -23,8 +23,12 @@ use crate::Event;
 
 /// Most bytes a sender has sent and not seen VERIFIED (the receiver persists every 4 MiB).
 const UNVERIFIED_MAX: u64 = 16 << 20;
-/// Messages of one transfer queued towards its task.
-const ROUTE_QUEUE: usize = 16;
+/// Messages of one transfer queued towards its task. A receiving task gets chunks (so the link
+/// task waits while a receiver writes: backpressure) and never waits for the link task itself
+/// ([`Files::post`]). A sending task may wait for the link task (the window); what comes to it
+/// (ACCEPT, a VERIFIED per 4 MiB, DONE, CANCEL) is far fewer than this while it is unverified
+/// by at most `UNVERIFIED_MAX`, so the link task never waits on it for long.
+const ROUTE_QUEUE: usize = 64;
 
 /// The link a transfer talks on, looked up by peer when needed.
 pub(crate) type LinkLookup = Arc<dyn Fn(PeerId) -> Option<LinkHandle> + Send + Sync>;
@@ -131,6 +135,13 @@ impl Files {
             }
             None => tracing::debug!(peer, transfer, "file message for no transfer"),
         }
+    }
+
+    /// A receiver's message: queued on the link without waiting for the link task.
+    fn post(&self, peer: PeerId, msg: FileMsg<'_>) -> Result<(), FileError> {
+        let link = (self.links)(peer).ok_or(FileError::PeerGone(peer))?;
+        link.post_file_msg(Bytes::from(msg.encode()))
+            .map_err(|_| FileError::PeerGone(peer))
     }
 
     async fn send_msg(&self, peer: PeerId, msg: FileMsg<'_>) -> Result<(), FileError> {
@@ -410,12 +421,12 @@ impl Receiving {
             d = decision => match d {
                 Ok(Decision::Accept(dir)) => dir,
                 Ok(Decision::Reject(reason)) => {
-                    let _ = self.files.send_msg(peer, FileMsg::Reject { transfer, code: FileErrorCode::Rejected, reason: &reason }).await;
+                    let _ = self.files.post(peer, FileMsg::Reject { transfer, code: FileErrorCode::Rejected, reason: &reason });
                     return;
                 }
                 // The offer was dropped unanswered: that is a no.
                 Err(_) => {
-                    let _ = self.files.send_msg(peer, FileMsg::Reject { transfer, code: FileErrorCode::Rejected, reason: "not accepted" }).await;
+                    let _ = self.files.post(peer, FileMsg::Reject { transfer, code: FileErrorCode::Rejected, reason: "not accepted" });
                     return;
                 }
             },
@@ -434,17 +445,14 @@ impl Receiving {
             }
             Err(e) => {
                 if let Some((code, reason)) = e.to_send() {
-                    let _ = self
-                        .files
-                        .send_msg(
-                            peer,
-                            FileMsg::Cancel {
-                                transfer,
-                                code,
-                                reason: &reason,
-                            },
-                        )
-                        .await;
+                    let _ = self.files.post(
+                        peer,
+                        FileMsg::Cancel {
+                            transfer,
+                            code,
+                            reason: &reason,
+                        },
+                    );
                 }
                 self.failed(e).await;
             }
@@ -468,15 +476,13 @@ impl Receiving {
         let (d, name, size, sha) = (dir.to_path_buf(), self.name.clone(), self.size, self.sha256);
         let mut part = blocking(move || PartFile::open(&d, &name, size, &sha)).await?;
         let resumed_from = part.offset();
-        self.files
-            .send_msg(
-                peer,
-                FileMsg::Accept {
-                    transfer,
-                    offset: resumed_from,
-                },
-            )
-            .await?;
+        self.files.post(
+            peer,
+            FileMsg::Accept {
+                transfer,
+                offset: resumed_from,
+            },
+        )?;
         let mut last_report = Instant::now();
         loop {
             let Some(m) = self.rx.recv().await else {
@@ -512,8 +518,7 @@ impl Receiving {
                     if persisted {
                         let offset = part.offset();
                         self.files
-                            .send_msg(peer, FileMsg::Verified { transfer, offset })
-                            .await?;
+                            .post(peer, FileMsg::Verified { transfer, offset })?;
                     }
                     if persisted || last_report.elapsed() >= Duration::from_millis(250) {
                         last_report = Instant::now();
@@ -539,9 +544,7 @@ impl Receiving {
                                 }
                                 other => other,
                             })?;
-                    self.files
-                        .send_msg(peer, FileMsg::Done { transfer })
-                        .await?;
+                    self.files.post(peer, FileMsg::Done { transfer })?;
                     return Ok(ReceivedFile {
                         transfer: TransferId(transfer),
                         from: peer,

@@ -438,6 +438,24 @@ impl LinkHandle {
             .await
     }
 
+    /// Queue one small file-transfer message (§8.9) on the file lane without waiting: it
+    /// takes its turn for the window in the link task. For the receiving side of a transfer,
+    /// whose task the link task may be waiting on (delivering it chunks): waiting here for the
+    /// link task would deadlock both.
+    pub(crate) fn post_file_msg(&self, data: Bytes) -> Result<()> {
+        let lane = Lane(crate::protocol::FILE_LANE);
+        self.admit(lane, data.len(), Delivery::Reliable)?;
+        self.cmds
+            .send(Cmd::Send {
+                data,
+                lane,
+                delivery: Delivery::Reliable,
+                claimed: false,
+                reply: None,
+            })
+            .map_err(|_| Error::UnknownPeer(self.peer))
+    }
+
     /// Send on `lane`, waiting for room in the window (lane 0's credit, or the lane's own
     /// line in the link task).
     pub(crate) async fn send_on(&self, lane: Lane, data: Bytes, delivery: Delivery) -> Result<()> {
