@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
-use peermesh::{ClientConfig, Event, Events, FileError, ReceivedFile};
+use peermesh::{ClientConfig, Event, Events, FileError, FileErrorCode, ReceivedFile};
 use sha2::{Digest, Sha256};
 
 fn temp_dir(tag: &str) -> PathBuf {
@@ -230,5 +230,68 @@ async fn a_receiver_that_went_away_continues_from_the_verified_offset() {
         std::fs::read(&received.path).unwrap(),
         std::fs::read(&src).unwrap()
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A tmpfs of `mib` MiB mounted on a fresh directory, unmounted (and removed) when dropped.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(tag: &str, mib: usize) -> Option<SmallDisk> {
+        let dir = temp_dir(tag);
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = std::fs::remove_dir_all(&dir);
+            return None;
+        }
+        Some(SmallDisk(dir))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_ends_the_transfer_with_disk_full_on_both_sides() {
+    init_log();
+    // Root mounts a 4 MiB tmpfs (CI is root); anywhere else this test cannot run.
+    let Some(disk) = SmallDisk::mount("full", 4) else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "mounting a tmpfs failed in CI (root is needed)"
+        );
+        eprintln!("skipped: cannot mount a tmpfs here (not root)");
+        return;
+    };
+    let server = server().await;
+    let dir = temp_dir("full-src");
+    let src = dir.join("too-big.bin");
+    write_file(&src, 8 << 20);
+    let (a, mut ae) = client_with(&server, config("a").with_direct(false)).await;
+    let (b, mut be) = client_with(&server, config("b").with_direct(false)).await;
+    a.join("g").await.unwrap();
+    b.join("g").await.unwrap();
+    wait_joined(&mut ae, b.peer_id()).await;
+    wait_joined(&mut be, a.peer_id()).await;
+    let transfer = a.send_file(b.peer_id(), &src).await.unwrap();
+    let (sent, received) = tokio::join!(transfer.outcome(), receive_into(&mut be, &disk.0));
+    match received {
+        Err(FileError::Failed { code, .. }) => assert_eq!(code, FileErrorCode::DiskFull),
+        other => panic!("{other:?}"),
+    }
+    match sent {
+        Err(FileError::Failed { code, .. }) => assert_eq!(code, FileErrorCode::DiskFull),
+        other => panic!("{other:?}"),
+    }
+    assert!(!disk.0.join("too-big.bin").exists());
+    drop(disk);
     std::fs::remove_dir_all(&dir).unwrap();
 }

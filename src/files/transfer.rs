@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::name::safe_file_name;
 use super::part::{Failure, PartFile};
-use super::wire::{FileErrorCode, FileMsg, Hash, MAX_CHUNK};
+use super::wire::{FileErrorCode, FileMsg, Hash};
 use super::{FileError, FileOffer, FileTransfer, Progress, ReceivedFile, SentFile, TransferId};
 use crate::link::LinkHandle;
 use crate::protocol::PeerId;
@@ -329,7 +329,10 @@ impl Sending {
             .map_err(|e| FileError::Io(format!("{}: {e}", path.display())))?;
         let started = Instant::now();
         let (mut sent, mut verified) = (offset, offset);
-        let mut buf = vec![0; MAX_CHUNK];
+        let chunk_max = (self.files.links)(peer)
+            .ok_or(FileError::PeerGone(peer))?
+            .file_chunk_max();
+        let mut buf = vec![0; chunk_max];
         while sent < self.size {
             // Bounded: the receiver persists what it has every few MiB and says so.
             while sent - verified > UNVERIFIED_MAX {
@@ -356,7 +359,7 @@ impl Sending {
                     reason: "cancelled".into(),
                 });
             }
-            let n = (self.size - sent).min(MAX_CHUNK as u64) as usize;
+            let n = (self.size - sent).min(chunk_max as u64) as usize;
             file.read_exact(&mut buf[..n])
                 .await
                 .map_err(|e| FileError::Io(format!("{}: {e} (did it change?)", path.display())))?;

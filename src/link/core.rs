@@ -1011,7 +1011,21 @@ impl LinkCore {
         if self.peer_lanes == PeerLanes::Lane0 {
             return 1;
         }
-        (0..LANE_SLOTS).filter(|&m| self.sends_on(m)).count().max(1)
+        (0..MAX_LANES).filter(|&m| self.sends_on(m)).count().max(1)
+    }
+
+    /// The file lane keeps no reserve (every link has it; a reserve would shrink every app
+    /// lane's largest message): it may hold at most half the window, so the app's lanes always
+    /// keep the other half (§8.9).
+    fn file_lane_free(&self, free: usize) -> usize {
+        let usage = self.lanes[usize::from(FILE_LANE)].usage();
+        free.min((self.cfg.window / 2).saturating_sub(usage))
+    }
+
+    /// Whether a file transfer has DATA unacknowledged or waiting: the queue bound (§8.8.3)
+    /// then applies as with several app lanes.
+    fn files_busy(&self) -> bool {
+        self.lanes[usize::from(FILE_LANE)].usage() > 0
     }
 
     /// Whether this end sends on lane `m`: an app lane configured here, or the file lane once
@@ -1051,17 +1065,26 @@ impl LinkCore {
         let free = self.cfg.window.saturating_sub(self.in_flight());
         let k = self.reserving_lanes();
         if k == 1 {
-            return free;
+            return if lane.0 == FILE_LANE {
+                self.file_lane_free(free)
+            } else {
+                free
+            };
         }
         let reserve = self.cfg.window / (2 * k);
         // Plain unreliable messages draw on lane 0's share.
         let usage =
             |m: usize| self.lanes[m].usage() + if m == 0 { self.unreliable_permits } else { 0 };
-        let owed: usize = (0..LANE_SLOTS)
+        let owed: usize = (0..MAX_LANES)
             .filter(|&m| m != lane.index() && self.sends_on(m))
             .map(|m| reserve.saturating_sub(usage(m)))
             .sum();
-        free.saturating_sub(owed)
+        let free = free.saturating_sub(owed);
+        if lane.0 == FILE_LANE {
+            self.file_lane_free(free)
+        } else {
+            free
+        }
     }
 
     /// Window the async layer may lend for lane 0 ahead of its sends (its gate): all of
@@ -1069,11 +1092,17 @@ impl LinkCore {
     /// that credit lent and not yet used never keeps another lane from window it may take.
     pub(crate) fn lendable(&self) -> usize {
         let free = self.lane_free(Lane(0));
+        let used = self.lanes[0].usage() + self.unreliable_permits;
+        // With the file lane, at most the half of the window it can never take (§8.9).
+        let free = if self.peer_files() == Some(true) {
+            free.min((self.cfg.window / 2).saturating_sub(used))
+        } else {
+            free
+        };
         let k = self.reserving_lanes();
         if k == 1 {
             return free;
         }
-        let used = self.lanes[0].usage() + self.unreliable_permits;
         free.min((self.cfg.window / (2 * k)).saturating_sub(used))
     }
 
@@ -1158,7 +1187,11 @@ impl LinkCore {
         {
             return Err(SendError::NoLane(lane.0));
         }
-        let cap = self.lane_cap();
+        let cap = if lane.0 == FILE_LANE {
+            self.cfg.window / 2
+        } else {
+            self.lane_cap()
+        };
         if permits > cap {
             let fragments = cap.div_ceil(MAX_FRAGMENT_PAYLOAD);
             return Err(SendError::TooLarge {
@@ -1972,7 +2005,7 @@ impl LinkCore {
         // SCTP's queue, the network and the peer's receive buffer): with several lanes, keep
         // what is transmitted and unacknowledged short, so a lane-0 fragment does not queue
         // behind megabytes of a bulk lane (§8.8.3).
-        if self.reserving_lanes() > 1
+        if (self.reserving_lanes() > 1 || self.files_busy())
             && self.lanes.iter().map(|l| l.send.tx_permits).sum::<usize>()
                 >= self.pace.bound(self.cfg.window)
         {
@@ -3600,9 +3633,13 @@ mod tests {
         assert!(!events(&mut old)
             .iter()
             .any(|e| matches!(e, CoreEvent::Deliver { .. })));
-        // The app's lanes stop at 7; the file lane counts for the window's reserves once the
-        // peer has it (K = 2 here: lane 0 and the file lane).
-        assert_eq!(a.reserving_lanes(), 2);
+        // The file lane keeps no reserve (lane 0's largest message stays the whole window) and
+        // may take at most half the window.
+        assert_eq!(a.reserving_lanes(), 1);
+        assert!(a.lane_free(file) <= (1 << 20) / 2);
+        assert_eq!(a.lane_free(Lane(0)), a.window_available());
+        // Lane 0's gate is lent at most the half the file lane can never take.
+        assert!(a.lendable() <= (1 << 20) / 2);
     }
 
     /// The lane of a DATA or DATA_LANE frame.

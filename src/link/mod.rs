@@ -432,6 +432,14 @@ impl LinkHandle {
         Ok(v.peer_files == Some(true))
     }
 
+    /// Largest file bytes per CHUNK on this link: a file message may take at most half the
+    /// window (§8.9).
+    pub(crate) fn file_chunk_max(&self) -> usize {
+        let half = self.cfg.window / 2;
+        let fragments = half.div_ceil(crate::protocol::MAX_FRAGMENT_PAYLOAD);
+        (half - fragments * self::core::FRAGMENT_OVERHEAD - 64).min(crate::files::wire::MAX_CHUNK)
+    }
+
     /// Send one file-transfer message (§8.9) on the file lane, waiting for room.
     pub(crate) async fn send_file_msg(&self, data: Bytes) -> Result<()> {
         self.send_on(Lane(crate::protocol::FILE_LANE), data, Delivery::Reliable)
@@ -956,7 +964,10 @@ impl LinkTask {
         for i in 1..LANE_SLOTS {
             while let Some(Waiter::Send { permits, reply, .. }) = self.lane_waiting[i].front() {
                 let withdrawn = reply.as_ref().is_some_and(|r| r.is_closed());
-                if !withdrawn && *permits > self.core.lane_free(Lane(i as u8)) && !self.ended {
+                // Never the credit lent to lane 0's gate: a lane's share can change (the file
+                // lane's is only there while the peer has it).
+                let room = self.core.lane_free(Lane(i as u8)).min(self.free());
+                if !withdrawn && *permits > room && !self.ended {
                     break;
                 }
                 let Some(waiter) = self.lane_waiting[i].pop_front() else {
@@ -990,7 +1001,8 @@ impl LinkTask {
     /// After every input: admit waiting sends, carry out what the core asks (app events,
     /// frames), answer the handles and publish the link's view.
     async fn settle(&mut self) {
-        if !self.waiting.is_empty() || self.take_held.is_some() {
+        let file_waits = !self.lane_waiting[usize::from(crate::protocol::FILE_LANE)].is_empty();
+        if !self.waiting.is_empty() || self.take_held.is_some() || file_waits {
             // In line for the window (or emptying the link): the handles' credit comes back.
             self.lent -= self.gate.take_back();
         }
