@@ -1093,8 +1093,9 @@ impl LinkCore {
     pub(crate) fn lendable(&self) -> usize {
         let free = self.lane_free(Lane(0));
         let used = self.lanes[0].usage() + self.unreliable_permits;
-        // With the file lane, at most the half of the window it can never take (§8.9).
-        let free = if self.peer_files() == Some(true) {
+        // While a file transfer is busy, at most the half of the window it can never take
+        // (§8.9); otherwise all of it (the link task takes it back when a file message waits).
+        let free = if self.files_busy() {
             free.min((self.cfg.window / 2).saturating_sub(used))
         } else {
             free
@@ -3638,7 +3639,9 @@ mod tests {
         assert_eq!(a.reserving_lanes(), 1);
         assert!(a.lane_free(file) <= (1 << 20) / 2);
         assert_eq!(a.lane_free(Lane(0)), a.window_available());
-        // Lane 0's gate is lent at most the half the file lane can never take.
+        // Lane 0's gate is lent at most the half the file lane can never take, while a
+        // transfer is busy.
+        assert!(a.files_busy());
         assert!(a.lendable() <= (1 << 20) / 2);
     }
 

@@ -1069,7 +1069,8 @@ impl LinkTask {
             }
         }
         self.flushes = pending;
-        if self.waiting.is_empty() && !self.ended {
+        let file_waits = !self.lane_waiting[usize::from(crate::protocol::FILE_LANE)].is_empty();
+        if self.waiting.is_empty() && !file_waits && !self.ended {
             // With several lanes, only lane 0's unused reserve is lent (`LinkCore::lendable`).
             let free = self.core.lendable().saturating_sub(self.lent);
             if free > 0 {
