@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
-use peermesh::{ClientConfig, Event, Events, FileError, FileErrorCode, ReceivedFile};
+use peermesh::{Client, ClientConfig, Event, Events, FileError, FileErrorCode, ReceivedFile};
+use peermesh_server::ServerHandle;
 use sha2::{Digest, Sha256};
 
 fn temp_dir(tag: &str) -> PathBuf {
@@ -25,6 +26,17 @@ fn write_file(path: &Path, len: usize) -> [u8; 32] {
 
 fn config(name: &str) -> ClientConfig {
     ClientConfig::new(name).with_loopback_only(true)
+}
+
+/// Two clients in group "g" that stay on the server path and have seen each other join.
+async fn server_path_pair(server: &ServerHandle) -> (Client, Events, Client, Events) {
+    let (a, mut ae) = client_with(server, config("a").with_direct(false)).await;
+    let (b, mut be) = client_with(server, config("b").with_direct(false)).await;
+    a.join("g").await.unwrap();
+    b.join("g").await.unwrap();
+    wait_joined(&mut ae, b.peer_id()).await;
+    wait_joined(&mut be, a.peer_id()).await;
+    (a, ae, b, be)
 }
 
 /// Accept the next offer into `dir`, then wait for its end.
@@ -93,12 +105,7 @@ async fn a_rejected_offer_and_a_hostile_name() {
     init_log();
     let server = server().await;
     let dir = temp_dir("reject");
-    let (a, mut ae) = client_with(&server, config("a").with_direct(false)).await;
-    let (b, mut be) = client_with(&server, config("b").with_direct(false)).await;
-    a.join("g").await.unwrap();
-    b.join("g").await.unwrap();
-    wait_joined(&mut ae, b.peer_id()).await;
-    wait_joined(&mut be, a.peer_id()).await;
+    let (a, _ae, b, mut be) = server_path_pair(&server).await;
     let src = dir.join("..evil");
     write_file(&src, 1000);
     let transfer = a.send_file(b.peer_id(), &src).await.unwrap();
@@ -126,12 +133,7 @@ async fn the_sender_cancels_and_the_receiver_hears_it() {
     init_log();
     let server = server().await;
     let dir = temp_dir("cancel");
-    let (a, mut ae) = client_with(&server, config("a").with_direct(false)).await;
-    let (b, mut be) = client_with(&server, config("b").with_direct(false)).await;
-    a.join("g").await.unwrap();
-    b.join("g").await.unwrap();
-    wait_joined(&mut ae, b.peer_id()).await;
-    wait_joined(&mut be, a.peer_id()).await;
+    let (a, _ae, b, mut be) = server_path_pair(&server).await;
     let src = dir.join("big.bin");
     write_file(&src, 64 << 20);
     let inbox = dir.join("in");
@@ -275,12 +277,7 @@ async fn a_full_disk_ends_the_transfer_with_disk_full_on_both_sides() {
     let dir = temp_dir("full-src");
     let src = dir.join("too-big.bin");
     write_file(&src, 8 << 20);
-    let (a, mut ae) = client_with(&server, config("a").with_direct(false)).await;
-    let (b, mut be) = client_with(&server, config("b").with_direct(false)).await;
-    a.join("g").await.unwrap();
-    b.join("g").await.unwrap();
-    wait_joined(&mut ae, b.peer_id()).await;
-    wait_joined(&mut be, a.peer_id()).await;
+    let (a, _ae, b, mut be) = server_path_pair(&server).await;
     let transfer = a.send_file(b.peer_id(), &src).await.unwrap();
     let (sent, received) = tokio::join!(transfer.outcome(), receive_into(&mut be, &disk.0));
     match received {
