@@ -338,6 +338,9 @@ struct Shared {
     /// Per group: each member.
     groups: HashMap<String, BTreeMap<PeerId, Member>>,
     closed: bool,
+    /// The session task is done: after [`Client::close`], its close frame was written (or the
+    /// writer gave up), so the server knows the session ended on purpose.
+    ended: bool,
 }
 
 struct LinkEntry {
@@ -715,9 +718,11 @@ impl Client {
     /// peers are abandoned.
     pub async fn close(&self) {
         let _ = self.inner.cmd_tx.send(Cmd::Close);
-        // Wait (briefly) until the session has torn down.
-        for _ in 0..100 {
-            if self.lock().closed {
+        // Wait (briefly) until the session has torn down and its close frame is written: a
+        // process that exits right after `close` must not leave the server believing the
+        // connection was lost (it would keep the session for its resume grace).
+        for _ in 0..300 {
+            if self.lock().ended {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -971,6 +976,8 @@ fn closed_by_server(frame: Option<tokio_tungstenite::tungstenite::protocol::Clos
 }
 
 /// How often a draining client checks whether its links have everything acknowledged.
+/// How long the session waits for its close frame to be written after [`Client::close`].
+const CLOSE_WRITE: Duration = Duration::from_secs(2);
 const DRAIN_CHECK: Duration = Duration::from_millis(10);
 
 /// How serving one connection ended.
@@ -1107,8 +1114,14 @@ impl Session {
             .await;
         }
         // The writer goes on by itself until it has written the close frame (after `close`) or
-        // its queue ends.
-        drop(writer);
+        // its queue ends; `close` waits for that (bounded: the socket may be stuck).
+        match writer {
+            Some(w) if reason.is_empty() => {
+                let _ = tokio::time::timeout(CLOSE_WRITE, w.task).await;
+            }
+            w => drop(w),
+        }
+        self.lock().ended = true;
         if !reason.is_empty() {
             tracing::warn!("{reason}");
             let _ = self.ctx.events.send(Event::Disconnected { reason }).await;
