@@ -45,6 +45,7 @@ pub struct ClientConfig {
     link_version: u32,
     lanes: [Option<LaneConfig>; MAX_LANES],
     file_lane: LaneConfig,
+    max_file_size: Option<u64>,
     token: Option<String>,
     reconnect: Option<Reconnect>,
 }
@@ -114,6 +115,7 @@ impl ClientConfig {
             link_version: crate::protocol::LINK_VERSION,
             lanes: default_lanes(),
             file_lane: FILE_LANE_DEFAULT,
+            max_file_size: None,
             token: None,
             reconnect: Some(Reconnect::default()),
         }
@@ -257,6 +259,14 @@ impl ClientConfig {
             priority,
             weight: weight.max(1),
         };
+        self
+    }
+
+    /// Refuse file offers larger than `bytes` (the sender's transfer ends with `too_large`;
+    /// this side gets [`Event::FileFailed`] instead of [`Event::FileOffered`]). Default: no
+    /// limit (every offer is the app's to accept or reject).
+    pub fn with_max_file_size(mut self, bytes: u64) -> Self {
+        self.max_file_size = Some(bytes);
         self
     }
 
@@ -439,6 +449,7 @@ impl Client {
                 let s = shared.lock().ok()?;
                 s.links.get(&peer).map(|e| e.handle.clone())
             }),
+            config.max_file_size,
         );
         let rtc = match config.direct {
             DirectPolicy::Any | DirectPolicy::Relay => Some(Arc::new(
@@ -601,6 +612,28 @@ impl Client {
     ) -> Result<FileTransfer> {
         self.link(peer)?;
         Ok(self.inner.files.send_path(peer, path.as_ref()).await?)
+    }
+
+    /// Send `size` bytes read from `reader` to `peer` as a file called `name`, like
+    /// [`Client::send_file`] but streamed as it is read: its SHA-256 is computed on the way
+    /// and checked by the receiver at the end, so such a transfer cannot be resumed. A reader
+    /// that ends before `size` bytes fails the transfer ([`FileError::Io`]); bytes after `size`
+    /// are not read.
+    ///
+    /// [`FileError::Io`]: crate::FileError::Io
+    pub async fn send_reader(
+        &self,
+        peer: PeerId,
+        name: &str,
+        size: u64,
+        reader: impl tokio::io::AsyncRead + Send + Unpin + 'static,
+    ) -> Result<FileTransfer> {
+        self.link(peer)?;
+        Ok(self
+            .inner
+            .files
+            .send_reader(peer, name, size, Box::new(reader))
+            .await?)
     }
 
     /// Like [`Client::send`], but fails with [`Error::WouldBlock`] instead of waiting.

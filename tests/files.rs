@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use peermesh::{Client, ClientConfig, Event, Events, FileError, FileErrorCode, ReceivedFile};
+use peermesh_interop_tests::UdpCut;
 use peermesh_server::ServerHandle;
 use sha2::{Digest, Sha256};
 
@@ -79,9 +80,9 @@ async fn a_file_goes_to_a_co_member_on_the_direct_path_and_its_hash_matches() {
     assert_eq!(sent.resumed_from, 0);
     assert_eq!(received.sha256, sha);
     assert_eq!(received.name, "photo.jpg");
-    assert_eq!(received.path, inbox.join("photo.jpg"));
+    assert_eq!(received.path, Some(inbox.join("photo.jpg")));
     assert_eq!(
-        std::fs::read(&received.path).unwrap(),
+        std::fs::read(received.path.as_ref().unwrap()).unwrap(),
         std::fs::read(&src).unwrap()
     );
     assert_eq!(progress.borrow().done, (8 << 20) + 12345);
@@ -96,7 +97,7 @@ async fn a_file_goes_to_a_co_member_on_the_direct_path_and_its_hash_matches() {
     let transfer = pair.a.send_file(pair.b.peer_id(), &src).await.unwrap();
     let (sent, received) = tokio::join!(transfer.outcome(), receive_into(&mut pair.be, &inbox));
     sent.unwrap();
-    assert_eq!(received.unwrap().path, inbox.join("photo (1).jpg"));
+    assert_eq!(received.unwrap().path, Some(inbox.join("photo (1).jpg")));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -227,9 +228,9 @@ async fn a_receiver_that_went_away_continues_from_the_verified_offset() {
     assert_eq!(sent.resumed_from % (4 << 20), 0, "a persisted offset");
     assert_eq!(received.resumed_from, sent.resumed_from);
     assert_eq!(received.sha256, sha);
-    assert_eq!(received.path, inbox.join("movie.mkv"));
+    assert_eq!(received.path, Some(inbox.join("movie.mkv")));
     assert_eq!(
-        std::fs::read(&received.path).unwrap(),
+        std::fs::read(received.path.as_ref().unwrap()).unwrap(),
         std::fs::read(&src).unwrap()
     );
     std::fs::remove_dir_all(&dir).unwrap();
@@ -290,5 +291,254 @@ async fn a_full_disk_ends_the_transfer_with_disk_full_on_both_sides() {
     }
     assert!(!disk.0.join("too-big.bin").exists());
     drop(disk);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The receiver cancels an accepted transfer: the sender hears it, nothing is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_receiver_cancels_and_the_sender_hears_it() {
+    init_log();
+    let server = server().await;
+    let dir = temp_dir("rcancel");
+    let (a, _ae, b, mut be) = server_path_pair(&server).await;
+    let src = dir.join("big.bin");
+    write_file(&src, 64 << 20);
+    let inbox = dir.join("in");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let transfer = a.send_file(b.peer_id(), &src).await.unwrap();
+    let Event::FileOffered(offer) =
+        wait_for(&mut be, 30, |e| matches!(e, Event::FileOffered(_))).await
+    else {
+        unreachable!()
+    };
+    offer.accept_into(&inbox);
+    wait_for(&mut be, 30, |e| matches!(e, Event::FileProgress { .. })).await;
+    offer.cancel();
+    match tokio::time::timeout(Duration::from_secs(30), transfer.outcome())
+        .await
+        .unwrap()
+    {
+        Err(FileError::Cancelled { by_peer: true, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    match wait_for(&mut be, 30, |e| matches!(e, Event::FileFailed { .. })).await {
+        Event::FileFailed {
+            error: FileError::Cancelled { by_peer: false, .. },
+            ..
+        } => {}
+        other => panic!("{other:?}"),
+    }
+    let left: Vec<_> = std::fs::read_dir(&inbox)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "a cancelled file leaves nothing: {left:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A stream with no file behind it, received into the app's writer; a stream that ends early
+/// fails on both sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_into_a_writer_and_a_stream_that_ends_early() {
+    init_log();
+    let server = server().await;
+    let dir = temp_dir("stream");
+    let (a, _ae, b, mut be) = server_path_pair(&server).await;
+    let len = (5 << 20) + 7;
+    let data: Vec<u8> = (0..len).map(|i| (i * 7 % 253) as u8).collect();
+    let sha: [u8; 32] = Sha256::digest(&data).into();
+    let transfer = a
+        .send_reader(
+            b.peer_id(),
+            "notes.txt",
+            len as u64,
+            std::io::Cursor::new(data.clone()),
+        )
+        .await
+        .unwrap();
+    let Event::FileOffered(offer) =
+        wait_for(&mut be, 30, |e| matches!(e, Event::FileOffered(_))).await
+    else {
+        unreachable!()
+    };
+    assert_eq!((offer.name.as_str(), offer.size), ("notes.txt", len as u64));
+    let out = dir.join("written");
+    let file = tokio::fs::File::create(&out).await.unwrap();
+    assert!(offer.accept_into_writer(file));
+    let received = match wait_for(&mut be, 60, |e| {
+        matches!(e, Event::FileReceived(_) | Event::FileFailed { .. })
+    })
+    .await
+    {
+        Event::FileReceived(f) => f,
+        other => panic!("{other:?}"),
+    };
+    let sent = transfer.outcome().await.unwrap();
+    assert_eq!(sent.sha256, sha, "the sender hashed the stream on the way");
+    assert_eq!(received.sha256, sha);
+    assert_eq!(received.path, None);
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+
+    // Promised 1 MiB, gives 1000 bytes.
+    let transfer = a
+        .send_reader(
+            b.peer_id(),
+            "short.bin",
+            1 << 20,
+            std::io::Cursor::new(vec![b'x'; 1000]),
+        )
+        .await
+        .unwrap();
+    let Event::FileOffered(offer) =
+        wait_for(&mut be, 30, |e| matches!(e, Event::FileOffered(_))).await
+    else {
+        unreachable!()
+    };
+    offer.accept_into(&dir);
+    match transfer.outcome().await {
+        Err(FileError::Io(reason)) => assert!(reason.contains("short.bin"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    match wait_for(&mut be, 30, |e| matches!(e, Event::FileFailed { .. })).await {
+        Event::FileFailed {
+            error: FileError::Failed { code, .. },
+            ..
+        } => assert_eq!(code, FileErrorCode::Io),
+        other => panic!("{other:?}"),
+    }
+    assert!(!dir.join("short.bin").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A receiver's size cap refuses larger offers by itself, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_caps_the_size_it_takes() {
+    init_log();
+    let server = server().await;
+    let dir = temp_dir("cap");
+    let (a, mut ae) = client_with(&server, config("a").with_direct(false)).await;
+    let (b, mut be) = client_with(
+        &server,
+        config("b").with_direct(false).with_max_file_size(1 << 20),
+    )
+    .await;
+    a.join("g").await.unwrap();
+    b.join("g").await.unwrap();
+    wait_joined(&mut ae, b.peer_id()).await;
+    wait_joined(&mut be, a.peer_id()).await;
+    let src = dir.join("huge.iso");
+    write_file(&src, (1 << 20) + 1);
+    let transfer = a.send_file(b.peer_id(), &src).await.unwrap();
+    match transfer.outcome().await {
+        Err(FileError::Failed { code, reason }) => {
+            assert_eq!(code, FileErrorCode::TooLarge);
+            assert!(reason.contains("1048576"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    match wait_for(&mut be, 30, |e| {
+        matches!(e, Event::FileFailed { .. } | Event::FileOffered(_))
+    })
+    .await
+    {
+        Event::FileFailed {
+            error: FileError::Failed { code, .. },
+            ..
+        } => assert_eq!(code, FileErrorCode::TooLarge),
+        other => panic!("{other:?}"),
+    }
+    // At the cap is fine.
+    let ok = dir.join("ok.iso");
+    write_file(&ok, 1 << 20);
+    let inbox = dir.join("in");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let transfer = a.send_file(b.peer_id(), &ok).await.unwrap();
+    let (sent, received) = tokio::join!(transfer.outcome(), receive_into(&mut be, &inbox));
+    sent.unwrap();
+    received.unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// 64 MiB on the direct path, cut (nft) mid-transfer: the link falls back to the server, the
+/// transfer goes on and completes there or back on the direct path, and the hash matches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_64_mib_file_survives_a_cut_of_the_direct_path() {
+    const PORTS: (u16, u16) = (47500, 47519);
+    init_log();
+    let server = server().await;
+    let dir = temp_dir("cut");
+    let inbox = dir.join("in");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let src = dir.join("video.mp4");
+    let size = 64 << 20;
+    let t0 = Instant::now();
+    let sha = write_file(&src, size);
+    eprintln!("written in {:?}", t0.elapsed());
+    let cfg = |n: &str| config(n).with_udp_ports(PORTS.0, PORTS.1);
+    let DirectPair {
+        a,
+        mut ae,
+        b,
+        mut be,
+        ..
+    } = direct_pair(&server, cfg).await;
+    let (ia, ib) = (a.peer_id(), b.peer_id());
+    tokio::spawn(async move { while ae.recv().await.is_some() {} });
+    let transfer = a.send_file(ib, &src).await.unwrap();
+    let progress = transfer.progress();
+    let outcome = tokio::spawn(transfer.outcome());
+    let Event::FileOffered(offer) =
+        wait_for(&mut be, 30, |e| matches!(e, Event::FileOffered(_))).await
+    else {
+        unreachable!()
+    };
+    eprintln!("offered at {:?}", t0.elapsed());
+    offer.accept_into(&inbox);
+    wait_for(
+        &mut be,
+        60,
+        |e| matches!(e, Event::FileProgress { done, .. } if *done >= 8 << 20),
+    )
+    .await;
+    eprintln!("8 MiB at {:?}", t0.elapsed());
+    assert!(matches!(a.path(ib).unwrap(), peermesh::Path::Direct { .. }));
+    let cut = UdpCut::new("files", PORTS);
+    let at_cut = progress.borrow().done;
+    wait_path(&a, ib, false, 10).await;
+    wait_path(&b, ia, false, 10).await;
+    // Some of it goes on the server path while the direct path is cut.
+    let t = Instant::now();
+    while progress.borrow().done < (at_cut + (8 << 20)).min(size as u64)
+        && t.elapsed() < Duration::from_secs(30)
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let on_server = progress.borrow().done - at_cut;
+    eprintln!("cut ends at {:?}", t0.elapsed());
+    drop(cut);
+    let received = match wait_for(&mut be, 120, |e| {
+        matches!(e, Event::FileReceived(_) | Event::FileFailed { .. })
+    })
+    .await
+    {
+        Event::FileReceived(f) => f,
+        other => panic!("{other:?}"),
+    };
+    let sent = outcome.await.unwrap().unwrap();
+    eprintln!("done at {:?}", t0.elapsed());
+    eprintln!(
+        "cut at {} MiB, {} MiB sent during the cut; {:?}",
+        at_cut >> 20,
+        on_server >> 20,
+        a.link_stats(ib).unwrap()
+    );
+    assert!(on_server > 0, "nothing moved on the server path");
+    assert_eq!(sent.sha256, sha);
+    assert_eq!(received.sha256, sha);
+    assert_eq!(
+        std::fs::read(received.path.as_ref().unwrap()).unwrap(),
+        std::fs::read(&src).unwrap()
+    );
+    assert!(a.link_stats(ib).unwrap().path_changes >= 1);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
 
-pub(crate) use self::transfer::{Decision, Files};
+pub(crate) use self::transfer::{Decision, Files, Sink};
 pub use self::wire::FileErrorCode;
 use crate::protocol::PeerId;
 
@@ -148,7 +148,8 @@ pub struct SentFile {
     pub size: u64,
     /// SHA-256 of the whole file.
     pub sha256: [u8; 32],
-    /// Bytes the receiver already had from an earlier transfer of the same file.
+    /// Bytes the receiver already had from an earlier transfer of the same file: only the
+    /// rest (`size - resumed_from`) was sent this time.
     pub resumed_from: u64,
 }
 
@@ -206,6 +207,7 @@ pub struct FileOffer {
     /// Its size in bytes.
     pub size: u64,
     decide: Arc<Mutex<Option<oneshot::Sender<Decision>>>>,
+    cancel: Arc<watch::Sender<bool>>,
 }
 
 impl PartialEq for FileOffer {
@@ -223,6 +225,7 @@ impl FileOffer {
         name: String,
         size: u64,
         decide: oneshot::Sender<Decision>,
+        cancel: watch::Sender<bool>,
     ) -> Self {
         FileOffer {
             transfer,
@@ -230,6 +233,7 @@ impl FileOffer {
             name,
             size,
             decide: Arc::new(Mutex::new(Some(decide))),
+            cancel: Arc::new(cancel),
         }
     }
 
@@ -247,12 +251,38 @@ impl FileOffer {
     /// [`Event::FileReceived`]: crate::Event::FileReceived
     /// [`Event::FileFailed`]: crate::Event::FileFailed
     pub fn accept_into(&self, dir: impl AsRef<Path>) -> bool {
-        self.answer(Decision::Accept(dir.as_ref().to_path_buf()))
+        self.answer(Decision::Accept(Sink::Dir(dir.as_ref().to_path_buf())))
+    }
+
+    /// Receive it into `writer`, as it arrives: each chunk is checked against its hash before
+    /// it is written, the writer is flushed every 4 MiB before the sender is told those bytes
+    /// are in, and [`Event::FileReceived`] (with no path) comes only after the whole file's
+    /// hash matched. Such a transfer is not resumable. If it fails, what was written stays in
+    /// the writer: only [`Event::FileReceived`] says the bytes are the file. `false` if the
+    /// offer was answered already or has ended.
+    ///
+    /// [`Event::FileReceived`]: crate::Event::FileReceived
+    pub fn accept_into_writer(
+        &self,
+        writer: impl tokio::io::AsyncWrite + Send + Unpin + 'static,
+    ) -> bool {
+        self.answer(Decision::Accept(Sink::Writer(Box::new(writer))))
     }
 
     /// Say no; the sender's transfer ends with [`FileError::Rejected`].
     pub fn reject(&self, reason: &str) -> bool {
         self.answer(Decision::Reject(reason.to_string()))
+    }
+
+    /// Stop receiving an accepted file: the sender's transfer ends with
+    /// [`FileError::Cancelled`], this side gets [`Event::FileFailed`] with it, and nothing of
+    /// the file is kept. Before an answer it is a [`FileOffer::reject`].
+    ///
+    /// [`Event::FileFailed`]: crate::Event::FileFailed
+    pub fn cancel(&self) {
+        if !self.reject("cancelled") {
+            let _ = self.cancel.send(true);
+        }
     }
 }
 
@@ -263,10 +293,11 @@ pub struct ReceivedFile {
     pub transfer: TransferId,
     /// The sender.
     pub from: PeerId,
-    /// Its file name, as created.
+    /// Its file name, as created (or as offered, made safe, for a writer).
     pub name: String,
-    /// Where it is.
-    pub path: PathBuf,
+    /// Where it is; `None` when it was received into a writer
+    /// ([`FileOffer::accept_into_writer`]).
+    pub path: Option<PathBuf>,
     /// Its size.
     pub size: u64,
     /// SHA-256 of the whole file.

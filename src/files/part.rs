@@ -277,7 +277,8 @@ impl PartFile {
         }
     }
 
-    fn discard(&mut self) {
+    /// The transfer ended without the file and nothing of it is kept.
+    pub fn discard(&mut self) {
         let _ = std::fs::remove_file(&self.data_path);
         let _ = std::fs::remove_file(&self.state_path);
     }

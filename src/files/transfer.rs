@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::name::safe_file_name;
-use super::part::{Failure, PartFile};
+use super::part::{Failure, PartFile, PERSIST_EVERY};
 use super::wire::{FileErrorCode, FileMsg, Hash};
 use super::{FileError, FileOffer, FileTransfer, Progress, ReceivedFile, SentFile, TransferId};
 use crate::link::LinkHandle;
@@ -50,21 +50,53 @@ pub(crate) struct Files {
     routes: Mutex<HashMap<(PeerId, u64), mpsc::Sender<Inbound>>>,
     events: mpsc::Sender<Event>,
     links: LinkLookup,
+    /// Offers above this size are refused (`too_large`) without asking the app.
+    max_size: Option<u64>,
+}
+
+/// Where the bytes of a file being sent come from.
+pub(crate) enum Source {
+    /// A file: hashed before the offer, so that a receiver can continue a partial copy.
+    Path(PathBuf),
+    /// A stream: its hash is known only at the end, so it cannot be resumed.
+    Reader(Box<dyn AsyncRead + Send + Unpin>),
+}
+
+/// Where an accepted file goes.
+pub(crate) enum Sink {
+    /// A file in this directory (resumable).
+    Dir(PathBuf),
+    /// The app's writer.
+    Writer(Box<dyn AsyncWrite + Send + Unpin>),
 }
 
 /// The app's answer to an offer.
-#[derive(Debug)]
 pub(crate) enum Decision {
-    Accept(PathBuf),
+    Accept(Sink),
     Reject(String),
 }
 
+impl std::fmt::Debug for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Decision::Accept(Sink::Dir(dir)) => write!(f, "Accept({})", dir.display()),
+            Decision::Accept(Sink::Writer(_)) => f.write_str("Accept(writer)"),
+            Decision::Reject(reason) => write!(f, "Reject({reason:?})"),
+        }
+    }
+}
+
 impl Files {
-    pub(crate) fn new(events: mpsc::Sender<Event>, links: LinkLookup) -> Arc<Files> {
+    pub(crate) fn new(
+        events: mpsc::Sender<Event>,
+        links: LinkLookup,
+        max_size: Option<u64>,
+    ) -> Arc<Files> {
         Arc::new(Files {
             routes: Mutex::new(HashMap::new()),
             events,
             links,
+            max_size,
         })
     }
 
@@ -159,14 +191,7 @@ impl Files {
         peer: PeerId,
         path: &Path,
     ) -> Result<FileTransfer, FileError> {
-        let link = (self.links)(peer).ok_or(FileError::PeerGone(peer))?;
-        if !link
-            .peer_files()
-            .await
-            .map_err(|_| FileError::PeerGone(peer))?
-        {
-            return Err(FileError::Unsupported(peer));
-        }
+        self.check_peer(peer).await?;
         let name = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -181,13 +206,55 @@ impl Files {
             .await
             .map_err(|e| FileError::Io(e.to_string()))?
             .map_err(|e| FileError::Io(format!("{}: {e}", path.display())))?;
+        Ok(self.start_sending(peer, name, size, sha256, Source::Path(path.to_path_buf())))
+    }
+
+    /// Send `size` bytes read from `reader` as a file called `name` (`Client::send_reader`).
+    pub(crate) async fn send_reader(
+        self: &Arc<Self>,
+        peer: PeerId,
+        name: &str,
+        size: u64,
+        reader: Box<dyn AsyncRead + Send + Unpin>,
+    ) -> Result<FileTransfer, FileError> {
+        self.check_peer(peer).await?;
+        Ok(self.start_sending(
+            peer,
+            name.to_string(),
+            size,
+            [0; 32],
+            Source::Reader(reader),
+        ))
+    }
+
+    /// The peer is there and takes files.
+    async fn check_peer(&self, peer: PeerId) -> Result<(), FileError> {
+        let link = (self.links)(peer).ok_or(FileError::PeerGone(peer))?;
+        if link
+            .peer_files()
+            .await
+            .map_err(|_| FileError::PeerGone(peer))?
+        {
+            Ok(())
+        } else {
+            Err(FileError::Unsupported(peer))
+        }
+    }
+
+    fn start_sending(
+        self: &Arc<Self>,
+        peer: PeerId,
+        name: String,
+        size: u64,
+        sha256: Hash,
+        source: Source,
+    ) -> FileTransfer {
         let transfer = rand::random::<u64>();
         let rx = self.route(peer, transfer);
         let (progress_tx, progress) = watch::channel(Progress::new(size));
         let (cancel_tx, cancel) = watch::channel(false);
         let (outcome_tx, outcome) = oneshot::channel();
         let files = self.clone();
-        let path = path.to_path_buf();
         tokio::spawn(async move {
             let sending = Sending {
                 files: files.clone(),
@@ -200,17 +267,17 @@ impl Files {
                 progress: progress_tx,
                 cancel,
             };
-            let r = sending.run(&path).await;
+            let r = sending.run(source).await;
             files.unroute(peer, transfer);
             let _ = outcome_tx.send(r);
         });
-        Ok(FileTransfer {
+        FileTransfer {
             id: TransferId(transfer),
             peer,
             progress,
             cancel: cancel_tx,
             outcome,
-        })
+        }
     }
 
     // ---- receiving ----
@@ -224,9 +291,41 @@ impl Files {
         offered_name: &str,
     ) {
         let name = safe_file_name(offered_name);
+        if let Some(max) = self.max_size.filter(|max| size > *max) {
+            let reason = format!("{size} bytes; this receiver takes at most {max}");
+            let _ = self.post(
+                peer,
+                FileMsg::Reject {
+                    transfer,
+                    code: FileErrorCode::TooLarge,
+                    reason: &reason,
+                },
+            );
+            tracing::info!(peer, transfer, "refused the offer of {name:?}: {reason}");
+            let _ = self
+                .events
+                .send(Event::FileFailed {
+                    transfer: TransferId(transfer),
+                    peer,
+                    error: FileError::Failed {
+                        code: FileErrorCode::TooLarge,
+                        reason: format!("{name}: {reason}"),
+                    },
+                })
+                .await;
+            return;
+        }
         let rx = self.route(peer, transfer);
         let (decide, decision) = oneshot::channel();
-        let offer = FileOffer::new(TransferId(transfer), peer, name.clone(), size, decide);
+        let (cancel_tx, cancel) = watch::channel(false);
+        let offer = FileOffer::new(
+            TransferId(transfer),
+            peer,
+            name.clone(),
+            size,
+            decide,
+            cancel_tx,
+        );
         let files = self.clone();
         tokio::spawn(async move {
             let receiving = Receiving {
@@ -237,6 +336,7 @@ impl Files {
                 size,
                 sha256,
                 rx,
+                cancel,
             };
             receiving.run(decision).await;
             files.unroute(peer, transfer);
@@ -273,9 +373,9 @@ struct Sending {
 }
 
 impl Sending {
-    async fn run(mut self, path: &Path) -> Result<SentFile, FileError> {
+    async fn run(mut self, source: Source) -> Result<SentFile, FileError> {
         let (peer, transfer) = (self.peer, self.transfer);
-        let r = self.exchange(path).await;
+        let r = self.exchange(source).await;
         if let Err(e) = &r {
             if let Some((code, reason)) = e.to_send() {
                 let _ = self
@@ -302,7 +402,7 @@ impl Sending {
         }
     }
 
-    async fn exchange(&mut self, path: &Path) -> Result<SentFile, FileError> {
+    async fn exchange(&mut self, source: Source) -> Result<SentFile, FileError> {
         let (peer, transfer) = (self.peer, self.transfer);
         self.files
             .send_msg(
@@ -321,12 +421,24 @@ impl Sending {
             Inbound::Cancel(code, reason) => return Err(FileError::from_peer(code, reason)),
             other => return Err(FileError::protocol(format!("{other:?} before ACCEPT"))),
         };
-        let mut file = tokio::fs::File::open(path)
-            .await
-            .map_err(|e| FileError::Io(format!("{}: {e}", path.display())))?;
-        file.seek(std::io::SeekFrom::Start(offset))
-            .await
-            .map_err(|e| FileError::Io(format!("{}: {e}", path.display())))?;
+        // A stream has no hash up front: it is hashed as it goes, and never resumed.
+        let (mut reader, what, mut streamed): (Box<dyn AsyncRead + Send + Unpin>, String, _) =
+            match source {
+                Source::Path(path) => {
+                    let io = |e| FileError::Io(format!("{}: {e}", path.display()));
+                    let mut file = tokio::fs::File::open(&path).await.map_err(io)?;
+                    file.seek(std::io::SeekFrom::Start(offset))
+                        .await
+                        .map_err(io)?;
+                    (Box::new(file), path.display().to_string(), None)
+                }
+                Source::Reader(_) if offset != 0 => {
+                    return Err(FileError::protocol(format!(
+                        "ACCEPT at {offset} of a stream (its OFFER had no hash)"
+                    )))
+                }
+                Source::Reader(r) => (r, self.name.clone(), Some(Sha256::new())),
+            };
         let started = Instant::now();
         let (mut sent, mut verified) = (offset, offset);
         let chunk_max = (self.files.links)(peer)
@@ -360,10 +472,13 @@ impl Sending {
                 });
             }
             let n = (self.size - sent).min(chunk_max as u64) as usize;
-            file.read_exact(&mut buf[..n])
-                .await
-                .map_err(|e| FileError::Io(format!("{}: {e} (did it change?)", path.display())))?;
+            reader.read_exact(&mut buf[..n]).await.map_err(|e| {
+                FileError::Io(format!("{what}: {e} (after {sent} of {} bytes)", self.size))
+            })?;
             let chunk = &buf[..n];
+            if let Some(h) = streamed.as_mut() {
+                h.update(chunk);
+            }
             let sha256: Hash = Sha256::digest(chunk).into();
             self.files
                 .send_msg(
@@ -379,6 +494,9 @@ impl Sending {
             sent += n as u64;
             self.progress
                 .send_replace(Progress::at(sent, self.size, offset, started.elapsed()));
+        }
+        if let Some(h) = streamed {
+            self.sha256 = h.finalize().into();
         }
         self.files
             .send_msg(
@@ -415,14 +533,23 @@ struct Receiving {
     size: u64,
     sha256: Hash,
     rx: mpsc::Receiver<Inbound>,
+    cancel: watch::Receiver<bool>,
 }
 
 impl Receiving {
+    /// The sender's next message, or the app's cancel.
+    async fn recv(&mut self) -> Result<Inbound, FileError> {
+        tokio::select! {
+            m = self.rx.recv() => m.ok_or(FileError::PeerGone(self.peer)),
+            _ = self.cancel.wait_for(|c| *c) => Err(FileError::Cancelled { by_peer: false, reason: "cancelled".into() }),
+        }
+    }
+
     async fn run(mut self, decision: oneshot::Receiver<Decision>) {
         let (peer, transfer) = (self.peer, self.transfer);
-        let dir = tokio::select! {
+        let sink = tokio::select! {
             d = decision => match d {
-                Ok(Decision::Accept(dir)) => dir,
+                Ok(Decision::Accept(sink)) => Ok(sink),
                 Ok(Decision::Reject(reason)) => {
                     let _ = self.files.post(peer, FileMsg::Reject { transfer, code: FileErrorCode::Rejected, reason: &reason });
                     return;
@@ -433,15 +560,26 @@ impl Receiving {
                     return;
                 }
             },
-            m = self.rx.recv() => {
-                // The sender cancelled (or left) before the app answered.
-                if let Some(Inbound::Cancel(code, reason)) = m {
-                    self.failed(FileError::from_peer(code, reason)).await;
+            // The sender cancelled (or left) before the app answered.
+            m = self.rx.recv() => match m {
+                Some(Inbound::Cancel(code, reason)) => {
+                    Err(FileError::from_peer(code, reason))
                 }
+                _ => return,
+            },
+            _ = self.cancel.wait_for(|c| *c) => {
+                let _ = self.files.post(peer, FileMsg::Reject { transfer, code: FileErrorCode::Rejected, reason: "cancelled" });
                 return;
             }
         };
-        let r = self.receive(&dir).await;
+        let sink = match sink {
+            Ok(sink) => sink,
+            Err(e) => return self.failed(e).await,
+        };
+        let r = match sink {
+            Sink::Dir(dir) => self.receive(&dir).await,
+            Sink::Writer(w) => self.receive_into(w).await,
+        };
         match r {
             Ok(file) => {
                 let _ = self.files.events.send(Event::FileReceived(file)).await;
@@ -488,13 +626,23 @@ impl Receiving {
         )?;
         let mut last_report = Instant::now();
         loop {
-            let Some(m) = self.rx.recv().await else {
-                blocking(move || {
-                    part.abandon();
-                    Ok(())
-                })
-                .await?;
-                return Err(FileError::PeerGone(peer));
+            let m = match self.recv().await {
+                Ok(m) => m,
+                Err(e) => {
+                    // Cancelled here: the user wants no part of it. Otherwise (the peer
+                    // left) the verified part stays for a later offer of the same file.
+                    let own = matches!(e, FileError::Cancelled { by_peer: false, .. });
+                    blocking(move || {
+                        if own {
+                            part.discard();
+                        } else {
+                            part.abandon();
+                        }
+                        Ok(())
+                    })
+                    .await?;
+                    return Err(e);
+                }
             };
             match m {
                 Inbound::Chunk(offset, sha256, bytes) => {
@@ -538,15 +686,7 @@ impl Receiving {
                     }
                 }
                 Inbound::End(sha256) => {
-                    let (path, hash) =
-                        blocking(move || part.finish(&sha256))
-                            .await
-                            .map_err(|e| match e {
-                                FileError::Failed { code, reason } => {
-                                    FileError::Failed { code, reason }
-                                }
-                                other => other,
-                            })?;
+                    let (path, hash) = blocking(move || part.finish(&sha256)).await?;
                     self.files.post(peer, FileMsg::Done { transfer })?;
                     return Ok(ReceivedFile {
                         transfer: TransferId(transfer),
@@ -556,7 +696,7 @@ impl Receiving {
                             .and_then(|n| n.to_str())
                             .unwrap_or_default()
                             .to_string(),
-                        path,
+                        path: Some(path),
                         size: self.size,
                         sha256: hash,
                         resumed_from,
@@ -576,6 +716,120 @@ impl Receiving {
                         Ok(())
                     })
                     .await?;
+                    return Err(FileError::protocol(format!("{other:?} while receiving")));
+                }
+            }
+        }
+    }
+}
+
+impl Receiving {
+    /// Receive into the app's writer: each chunk checked (offset, size, hash) before it is
+    /// written, the writer flushed before each VERIFIED, the whole hash checked at END. Not
+    /// resumable (the bytes are the app's), so always from offset 0. A failure after some
+    /// bytes were written leaves them in the writer; the transfer is then never reported
+    /// complete.
+    async fn receive_into(
+        &mut self,
+        mut writer: Box<dyn AsyncWrite + Send + Unpin>,
+    ) -> Result<ReceivedFile, FileError> {
+        let (peer, transfer) = (self.peer, self.transfer);
+        let failed = |code, reason: String| FileError::Failed { code, reason };
+        let io = |e: std::io::Error| {
+            let f = Failure::io("writing", &e);
+            FileError::Failed {
+                code: f.code,
+                reason: f.reason,
+            }
+        };
+        self.files.post(
+            peer,
+            FileMsg::Accept {
+                transfer,
+                offset: 0,
+            },
+        )?;
+        let mut hasher = Sha256::new();
+        let (mut written, mut verified) = (0u64, 0u64);
+        let mut last_report = Instant::now();
+        loop {
+            let m = self.recv().await?;
+            match m {
+                Inbound::Chunk(offset, sha256, bytes) => {
+                    if offset != written || bytes.len() as u64 > self.size - written {
+                        return Err(failed(
+                            FileErrorCode::Protocol,
+                            format!(
+                                "a chunk of {} bytes at {offset}: expected one at {written} \
+                                 within {} bytes",
+                                bytes.len(),
+                                self.size
+                            ),
+                        ));
+                    }
+                    if <[u8; 32]>::from(Sha256::digest(&bytes)) != sha256 {
+                        return Err(failed(
+                            FileErrorCode::HashMismatch,
+                            format!("the chunk at {offset} does not match its hash"),
+                        ));
+                    }
+                    writer.write_all(&bytes).await.map_err(io)?;
+                    hasher.update(&bytes);
+                    written += bytes.len() as u64;
+                    let persisted = written - verified >= PERSIST_EVERY || written == self.size;
+                    if persisted {
+                        writer.flush().await.map_err(io)?;
+                        verified = written;
+                        self.files.post(
+                            peer,
+                            FileMsg::Verified {
+                                transfer,
+                                offset: verified,
+                            },
+                        )?;
+                    }
+                    if persisted || last_report.elapsed() >= Duration::from_millis(250) {
+                        last_report = Instant::now();
+                        let _ = self
+                            .files
+                            .events
+                            .send(Event::FileProgress {
+                                transfer: TransferId(transfer),
+                                peer,
+                                done: written,
+                                total: self.size,
+                            })
+                            .await;
+                    }
+                }
+                Inbound::End(sha256) => {
+                    if written != self.size {
+                        return Err(failed(
+                            FileErrorCode::Protocol,
+                            format!("END after {written} of {} bytes", self.size),
+                        ));
+                    }
+                    let hash: Hash = hasher.finalize().into();
+                    if hash != sha256 || (self.sha256 != [0; 32] && hash != self.sha256) {
+                        return Err(failed(
+                            FileErrorCode::HashMismatch,
+                            "the file does not match its hash".into(),
+                        ));
+                    }
+                    writer.flush().await.map_err(io)?;
+                    self.files.post(peer, FileMsg::Done { transfer })?;
+                    return Ok(ReceivedFile {
+                        transfer: TransferId(transfer),
+                        from: peer,
+                        name: self.name.clone(),
+                        path: None,
+                        size: self.size,
+                        sha256: hash,
+                        resumed_from: 0,
+                    });
+                }
+                Inbound::Cancel(code, reason) => return Err(FileError::from_peer(code, reason)),
+                other => {
                     return Err(FileError::protocol(format!("{other:?} while receiving")));
                 }
             }
