@@ -32,7 +32,7 @@ fn chat_binary() -> PathBuf {
 }
 
 struct Chat {
-    _child: Child,
+    child: Child,
     stdin: ChildStdin,
     lines: Lines<BufReader<ChildStdout>>,
     seen: Vec<String>,
@@ -64,7 +64,7 @@ impl Chat {
         let stdin = child.stdin.take().unwrap();
         let lines = BufReader::new(child.stdout.take().unwrap()).lines();
         Chat {
-            _child: child,
+            child,
             stdin,
             lines,
             seen: Vec::new(),
@@ -170,4 +170,151 @@ async fn relay_only_chats_report_a_relay_path() {
     bob.expect("path alice direct relay/relay").await;
     bob.say("through the relay").await;
     alice.expect("bob: through the relay").await;
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("peermesh-chat-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// `len` bytes of a pattern in `path`; returns their SHA-256 in hex.
+fn write_file(path: &std::path::Path, len: usize) -> String {
+    use sha2::Digest;
+    let data: Vec<u8> = (0..len).map(|i| (i * 131 % 251) as u8).collect();
+    std::fs::write(path, &data).unwrap();
+    sha2::Sha256::digest(&data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_puts_a_file_in_the_peers_download_dir() {
+    let server = common::server().await;
+    let url = server.ws_url();
+    let dir = temp_dir("send");
+    let (out, inbox) = (dir.join("out"), dir.join("in"));
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::create_dir_all(&inbox).unwrap();
+    let src = out.join("report.pdf");
+    let sha = write_file(&src, (3 << 20) + 99);
+    let mut alice = Chat::start(&url, "alice");
+    alice.expect_nothing_yet().await;
+    let mut bob = Chat::start_with(&url, "bob", &["--download-dir", inbox.to_str().unwrap()]);
+    alice.expect("joined bob").await;
+    bob.expect("joined alice").await;
+    alice
+        .say(&format!("/send bob {}", src.to_str().unwrap()))
+        .await;
+    bob.expect(&format!(
+        "received report.pdf from alice ({} bytes, sha256 {sha})",
+        (3 << 20) + 99
+    ))
+    .await;
+    alice.expect("sent report.pdf to bob").await;
+    assert_eq!(
+        std::fs::read(inbox.join("report.pdf")).unwrap(),
+        std::fs::read(&src).unwrap()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The receiving chat process is killed (SIGKILL) mid-transfer and started again on the same
+/// download directory: the same file sent again continues from the offset it had verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_receiver_continues_the_file_after_a_restart() {
+    use peermesh::{ClientConfig, Event, FileError};
+    let server = common::server_with(peermesh_server::Config {
+        // The killed process's session is given up after 1 s (not the default 30 s).
+        resume_grace: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await;
+    let url = server.ws_url();
+    let dir = temp_dir("kill");
+    let inbox = dir.join("in");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let src = dir.join("video.bin");
+    let size: u64 = 32 << 20;
+    let sha = write_file(&src, size as usize);
+    let args = ["--download-dir", inbox.to_str().unwrap()];
+    let (bob, mut bob_events) =
+        common::client_with(&server, ClientConfig::new("bob").with_loopback_only(true)).await;
+    bob.join("lobby").await.unwrap();
+    let mut alice = Chat::start_with(&url, "alice", &args);
+    alice.expect("joined bob").await;
+    let alice_id = match common::wait_for(&mut bob_events, 30, |e| {
+        matches!(e, Event::MemberJoined { .. })
+    })
+    .await
+    {
+        Event::MemberJoined { peer, .. } => peer,
+        _ => unreachable!(),
+    };
+    let transfer = bob.send_file(alice_id, &src).await.unwrap();
+    // Killed once the receiver has persisted 8 MiB (its state file says so).
+    let state_file = inbox.join(".video.bin.peermesh-part.json");
+    let verified_in_state = || -> u64 {
+        std::fs::read(&state_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["verified"].as_u64())
+            .unwrap_or(0)
+    };
+    let t = tokio::time::Instant::now();
+    while verified_in_state() < 8 << 20 {
+        assert!(t.elapsed() < Duration::from_secs(60), "no 8 MiB verified");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    alice.child.start_kill().unwrap();
+    alice.child.wait().await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(30), transfer.outcome())
+        .await
+        .expect("the transfer ends once the killed receiver is gone")
+    {
+        Err(FileError::PeerGone(_)) => {}
+        other => panic!("{other:?}"),
+    }
+    let verified = verified_in_state();
+    assert!(verified >= 8 << 20, "{verified}");
+    assert!(verified < size, "{verified}");
+    assert!(!inbox.join("video.bin").exists());
+
+    // Started again: the same file continues where the verified part ends.
+    let mut alice = Chat::start_with(&url, "alice", &args);
+    alice.expect("joined bob").await;
+    let alice_id = match common::wait_for(&mut bob_events, 30, |e| {
+        matches!(e, Event::MemberJoined { .. })
+    })
+    .await
+    {
+        Event::MemberJoined { peer, .. } => peer,
+        _ => unreachable!(),
+    };
+    let transfer = bob.send_file(alice_id, &src).await.unwrap();
+    let sent = tokio::time::timeout(Duration::from_secs(120), transfer.outcome())
+        .await
+        .unwrap()
+        .unwrap();
+    eprintln!(
+        "killed after {} MiB verified; {} MiB sent the second time",
+        verified >> 20,
+        (size - sent.resumed_from) >> 20
+    );
+    assert_eq!(
+        sent.resumed_from, verified,
+        "resumed from the verified offset"
+    );
+    alice
+        .expect(&format!(
+            "received video.bin from bob ({size} bytes, sha256 {sha})"
+        ))
+        .await;
+    assert_eq!(
+        std::fs::read(inbox.join("video.bin")).unwrap(),
+        std::fs::read(&src).unwrap()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }

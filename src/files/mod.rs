@@ -153,7 +153,8 @@ pub struct SentFile {
     pub resumed_from: u64,
 }
 
-/// A file being sent ([`Client::send_file`](crate::Client::send_file)).
+/// A file being sent ([`Client::send_file`](crate::Client::send_file)). Dropping it does not
+/// stop the transfer (use [`FileTransfer::cancel`]).
 #[derive(Debug)]
 pub struct FileTransfer {
     id: TransferId,
@@ -194,7 +195,8 @@ impl FileTransfer {
 }
 
 /// A file a peer offers ([`Event::FileOffered`](crate::Event::FileOffered)): accept it into a
-/// directory or reject it. Dropping every clone unanswered rejects it.
+/// directory or reject it. Dropping every clone unanswered rejects it; once accepted, dropping
+/// it does not stop the transfer (use [`FileOffer::cancel`]).
 #[derive(Debug, Clone)]
 pub struct FileOffer {
     /// The transfer.

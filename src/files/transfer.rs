@@ -398,7 +398,7 @@ impl Sending {
     async fn next(&mut self) -> Result<Inbound, FileError> {
         tokio::select! {
             m = self.rx.recv() => m.ok_or(FileError::PeerGone(self.peer)),
-            _ = self.cancel.wait_for(|c| *c) => Err(FileError::Cancelled { by_peer: false, reason: "cancelled".into() }),
+            Ok(_) = self.cancel.wait_for(|c| *c) => Err(FileError::Cancelled { by_peer: false, reason: "cancelled".into() }),
         }
     }
 
@@ -541,7 +541,7 @@ impl Receiving {
     async fn recv(&mut self) -> Result<Inbound, FileError> {
         tokio::select! {
             m = self.rx.recv() => m.ok_or(FileError::PeerGone(self.peer)),
-            _ = self.cancel.wait_for(|c| *c) => Err(FileError::Cancelled { by_peer: false, reason: "cancelled".into() }),
+            Ok(_) = self.cancel.wait_for(|c| *c) => Err(FileError::Cancelled { by_peer: false, reason: "cancelled".into() }),
         }
     }
 
@@ -567,7 +567,7 @@ impl Receiving {
                 }
                 _ => return,
             },
-            _ = self.cancel.wait_for(|c| *c) => {
+            Ok(_) = self.cancel.wait_for(|c| *c) => {
                 let _ = self.files.post(peer, FileMsg::Reject { transfer, code: FileErrorCode::Rejected, reason: "cancelled" });
                 return;
             }
