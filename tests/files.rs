@@ -542,3 +542,81 @@ async fn a_64_mib_file_survives_a_cut_of_the_direct_path() {
     assert!(a.link_stats(ib).unwrap().path_changes >= 1);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Two files at once to the same peer share the link: when the first is complete, the second
+/// is at least half way (the same size, offered at the same time), and both hashes match.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_transfers_at_once_share_the_link() {
+    init_log();
+    let server = server().await;
+    let dir = temp_dir("two");
+    let inbox = dir.join("in");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let (one, two) = (dir.join("one.bin"), dir.join("two.bin"));
+    let size = 16 << 20;
+    let sha_one = write_file(&one, size);
+    let sha_two = {
+        let data: Vec<u8> = (0..size).map(|i| (i * 17 % 241) as u8).collect();
+        std::fs::write(&two, &data).unwrap();
+        <[u8; 32]>::from(Sha256::digest(&data))
+    };
+    let (a, _ae, b, mut be) = server_path_pair(&server).await;
+    let t1 = a.send_file(b.peer_id(), &one).await.unwrap();
+    let t2 = a.send_file(b.peer_id(), &two).await.unwrap();
+    let (o1, o2) = (tokio::spawn(t1.outcome()), tokio::spawn(t2.outcome()));
+    let mut received = Vec::new();
+    let mut other_at_first_done = None;
+    // What the receiver has written and checked, per transfer.
+    let mut done = std::collections::HashMap::new();
+    while received.len() < 2 {
+        match wait_for(&mut be, 120, |e| {
+            matches!(
+                e,
+                Event::FileOffered(_)
+                    | Event::FileProgress { .. }
+                    | Event::FileReceived(_)
+                    | Event::FileFailed { .. }
+            )
+        })
+        .await
+        {
+            Event::FileOffered(offer) => {
+                offer.accept_into(&inbox);
+            }
+            Event::FileProgress {
+                transfer, done: d, ..
+            } => {
+                done.insert(transfer, d);
+            }
+            Event::FileReceived(f) => {
+                if received.is_empty() {
+                    let other = done
+                        .iter()
+                        .find(|(t, _)| **t != f.transfer)
+                        .map_or(0, |(_, d)| *d);
+                    other_at_first_done = Some(other);
+                }
+                received.push(f);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let (s1, s2) = (o1.await.unwrap().unwrap(), o2.await.unwrap().unwrap());
+    assert_eq!((s1.sha256, s2.sha256), (sha_one, sha_two));
+    for f in &received {
+        let want = if f.name == "one.bin" {
+            sha_one
+        } else {
+            sha_two
+        };
+        assert_eq!(f.sha256, want);
+    }
+    let other = other_at_first_done.unwrap();
+    eprintln!(
+        "when the first was complete the other was at {} of {} MiB",
+        other >> 20,
+        size >> 20
+    );
+    assert!(other >= size as u64 / 2, "{other} of {size}: not shared");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
