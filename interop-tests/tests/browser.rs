@@ -2136,7 +2136,7 @@ fn peermesh_js_link_v2_units() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "unit.mjs failed");
-    assert!(stdout.contains("all 37 checks passed"), "{stdout}");
+    assert!(stdout.contains("all 45 checks passed"), "{stdout}");
 }
 
 /// A browser configured `direct: 'relay'` and a native peer with the default policy: the server
