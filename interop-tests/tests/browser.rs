@@ -858,6 +858,63 @@ async fn demo_page_joins_chats_and_shows_paths() {
     )
     .await;
 
+    // A file dropped on the member's row goes to it, with a progress bar that fills.
+    let files = TempDir::new("demo");
+    b.eval(
+        "p",
+        "const li = document.querySelector('#members li[data-peer]');
+         const dt = new DataTransfer();
+         dt.items.add(new File([new Uint8Array(600000).fill(7)], 'dropped.bin'));
+         for (const type of ['dragenter', 'dragover', 'drop']) {
+           li.dispatchEvent(new DragEvent(type, { dataTransfer: dt, bubbles: true, cancelable: true }));
+         }",
+        json!(null),
+    )
+    .await;
+    let received = loop {
+        match next_event(&mut ne, "the dropped file").await {
+            Event::FileOffered(offer) => {
+                assert_eq!((offer.name.as_str(), offer.size), ("dropped.bin", 600000));
+                assert!(offer.accept_into(&files.0));
+            }
+            Event::FileReceived(f) => break f,
+            Event::FileFailed { error, .. } => panic!("native receiver failed: {error}"),
+            _ => {}
+        }
+    };
+    assert_eq!(std::fs::read(&received.path).unwrap(), vec![7u8; 600000]);
+    let row = b
+        .wait_for(
+            "p",
+            "the sent file's row done",
+            "const li = document.querySelector('#transfers li.send.done');
+             const bar = li?.querySelector('progress');
+             return li && [li.querySelector('.transfer-name').textContent, bar.value === bar.max];",
+            json!(null),
+        )
+        .await;
+    assert_eq!(row, json!(["dropped.bin", true]));
+    // A file from the native peer is accepted (the default) and offered for download.
+    let file = files.0.join("for chromium.txt");
+    std::fs::write(&file, b"a file from rusty").unwrap();
+    let t = n.send_file(from, &file).await.unwrap();
+    timeout(WAIT, t.outcome())
+        .await
+        .expect("native send done")
+        .expect("native send ok");
+    let link = b
+        .wait_for(
+            "p",
+            "the download link",
+            "const a = document.querySelector('#transfers li.receive.done a.download');
+             if (!a) return null;
+             const text = await (await fetch(a.href)).text();
+             return [a.getAttribute('download'), text];",
+            json!(null),
+        )
+        .await;
+    assert_eq!(link, json!(["for chromium.txt", "a file from rusty"]));
+
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/browser-artifacts");
     std::fs::create_dir_all(&dir).expect("artifact dir");
     let wide = dir.join("demo.png");
