@@ -5,7 +5,9 @@
 // policies (relay-only PeerConnections that signal and take relay candidates only, 'none' links
 // that never signal and decline, tightening), acks of membership changes and path reports; and
 // lanes (link protocol v3: the frame examples of §8.8.1, drop rules, the sequenced receiver,
-// VERSION negotiation and lane 0 for old peers, the schedule, window reserves). Run
+// VERSION negotiation and lane 0 for old peers, the schedule, window reserves); and file transfer
+// (link protocol v4: the incremental SHA-256, offered names, the §8.9 messages, transfers between
+// two clients wired together, the file lane's window). Run
 // by interop-tests/tests/browser.rs
 // (`peermesh_js_link_v2_units`), or by hand: node interop-tests/browser/unit.mjs
 import assert from 'node:assert/strict';

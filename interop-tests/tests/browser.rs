@@ -2180,7 +2180,8 @@ async fn native_sends_max_size_unreliable_to_the_browser_under_loss_then_reliabl
 
 /// peermesh.js's pieces that need no browser (UNRELIABLE_PART framing and reassembly, the
 /// 1024-byte rule, the dead-path rule, the set-up of both ends' "u2", direct policies, acks and
-/// path reports), checked in node by `interop-tests/browser/unit.mjs`.
+/// path reports, lanes, and file transfer: SHA-256, names, messages, transfers between two
+/// clients), checked in node by `interop-tests/browser/unit.mjs`.
 #[test]
 fn peermesh_js_link_v2_units() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("browser");
@@ -3378,7 +3379,13 @@ async fn files_pair(ns: &Netns, server: &ServerHandle) -> (Client, Events, Brows
 }
 
 /// The path is still `before` at both ends and never changed during the transfer.
-async fn assert_still_direct(n: &Client, b: &mut Browser, bid: PeerId, before: &Path, changes: u64) {
+async fn assert_still_direct(
+    n: &Client,
+    b: &mut Browser,
+    bid: PeerId,
+    before: &Path,
+    changes: u64,
+) {
     assert_eq!(&n.path(bid).unwrap(), before, "native path changed");
     assert_eq!(n.link_stats(bid).unwrap().path_changes, changes);
     let bp = b.eval("p", PATH_JS, json!(n.peer_id())).await;
@@ -3430,9 +3437,17 @@ async fn browser_sends_a_file_to_native_direct() {
     assert_eq!(received.size, FILE_BYTES as u64);
     assert_eq!(hex32(&received.sha256), want_hash);
     let on_disk = std::fs::read(&received.path).unwrap();
-    assert!(on_disk == want, "the file on disk differs from what the browser sent");
+    assert!(
+        on_disk == want,
+        "the file on disk differs from what the browser sent"
+    );
     let sent = b
-        .wait_for("p", "the browser's done", "return window.sent;", json!(null))
+        .wait_for(
+            "p",
+            "the browser's done",
+            "return window.sent;",
+            json!(null),
+        )
         .await;
     assert_eq!(sent["ok"]["sha256"], json!(want_hash), "browser: {sent}");
     assert_eq!(sent["ok"]["size"], json!(FILE_BYTES));
@@ -3481,7 +3496,12 @@ async fn native_sends_a_file_to_the_browser_direct() {
     assert_eq!(hex32(&sent.sha256), want_hash);
     assert_eq!((sent.size, sent.resumed_from), (FILE_BYTES as u64, 0));
     let got = b
-        .wait_for("p", "the file in the page", "return window.got;", json!(null))
+        .wait_for(
+            "p",
+            "the file in the page",
+            "return window.got;",
+            json!(null),
+        )
         .await;
     assert_eq!(got["name"], json!("from native.bin"), "page: {got}");
     assert_eq!(got["size"], json!(FILE_BYTES));
@@ -3500,7 +3520,11 @@ async fn native_sends_a_file_to_the_browser_direct() {
         )
         .await;
     assert_eq!(page[0][0]["sha256"], json!(want_hash), "the offer: {page}");
-    assert_eq!(page[1][0]["sha256"], json!(want_hash), "filereceived: {page}");
+    assert_eq!(
+        page[1][0]["sha256"],
+        json!(want_hash),
+        "filereceived: {page}"
+    );
     assert_eq!(page[2], json!([]), "filefailed: {page}");
     assert!(page[3].as_u64().unwrap() > 0, "no progress events");
     assert_still_direct(&n, &mut b, bid, &path, changes).await;
@@ -3539,7 +3563,12 @@ async fn file_reject_and_cancel_between_browser_and_native() {
         }
     }
     let sent = b
-        .wait_for("p", "the browser's done", "return window.sent;", json!(null))
+        .wait_for(
+            "p",
+            "the browser's done",
+            "return window.sent;",
+            json!(null),
+        )
         .await;
     assert_eq!(
         sent,
@@ -3577,10 +3606,98 @@ async fn file_reject_and_cancel_between_browser_and_native() {
         failed,
         json!([{"name": "big.bin", "code": "cancelled", "byPeer": false}])
     );
-    let received = b
-        .eval("p", "return window.received;", json!(null))
-        .await;
+    let received = b.eval("p", "return window.received;", json!(null)).await;
     assert_eq!(received, json!([]));
+    b.quit().await;
+    n.close().await;
+    server.shutdown().await;
+}
+
+/// Chromium sends a 32 MiB Blob and cancels it after 8 MiB; the native receiver keeps what it
+/// verified. Sent again, the native receiver asks for the rest only (ACCEPT at its verified
+/// offset): the browser sends from there (`resumedFrom` > 0, `bytesSent` the rest), and the file
+/// on disk is the whole Blob with its hash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_sender_resumes_where_the_native_receiver_stopped() {
+    const SIZE: usize = 32 << 20;
+    let ns = Netns::create();
+    let server = server_on(&ns, TurnMode::Disabled).await;
+    let (n, mut ne, mut b, bid, _path) = files_pair(&ns, &server).await;
+    let want = pattern(SIZE, 11);
+    let want_hash = sha256_hex(&want);
+    let dir = TempDir::new("resume");
+    b.eval(
+        "p",
+        "const [peer, size] = arg;
+         window.resumeBlob = new Blob([window.filePattern(size, 11)]);
+         window.first = null;
+         const t = window.pm.sendFile(peer, window.resumeBlob, { name: 'resumed.bin' });
+         t.on('progress', (p) => p.done >= 8 << 20 && t.cancel());
+         t.done.then((r) => (window.first = { ok: r }), (e) => (window.first = { error: e.code }));",
+        json!([n.peer_id(), SIZE]),
+    )
+    .await;
+    // The first offer: accepted; it ends cancelled by the browser.
+    loop {
+        match next_event(&mut ne, "the first transfer's end").await {
+            Event::FileOffered(offer) => {
+                assert_eq!(offer.from, bid);
+                assert!(offer.accept_into(&dir.0));
+            }
+            Event::FileFailed { error, .. } => {
+                assert!(
+                    matches!(error, peermesh::FileError::Cancelled { by_peer: true, .. }),
+                    "{error:?}"
+                );
+                break;
+            }
+            Event::FileReceived(_) => panic!("the cancelled transfer completed"),
+            _ => {}
+        }
+    }
+    let first = b
+        .wait_for("p", "the first done", "return window.first;", json!(null))
+        .await;
+    assert_eq!(first, json!({"error": "cancelled"}));
+    b.eval(
+        "p",
+        "const [peer] = arg;
+         window.second = null;
+         const t = window.pm.sendFile(peer, window.resumeBlob, { name: 'resumed.bin' });
+         t.done.then((r) => (window.second = { ok: r }), (e) => (window.second = { error: e.code, message: e.message }));",
+        json!([n.peer_id()]),
+    )
+    .await;
+    let received = loop {
+        match next_event(&mut ne, "the resumed file").await {
+            Event::FileOffered(offer) => {
+                assert_eq!(offer.from, bid);
+                assert!(offer.accept_into(&dir.0));
+            }
+            Event::FileReceived(f) => break f,
+            Event::FileFailed { error, .. } => panic!("native receiver failed: {error}"),
+            _ => {}
+        }
+    };
+    assert!(
+        received.resumed_from >= 4 << 20,
+        "resumed from {}",
+        received.resumed_from
+    );
+    assert_eq!(hex32(&received.sha256), want_hash);
+    assert!(
+        std::fs::read(&received.path).unwrap() == want,
+        "the resumed file differs from the Blob"
+    );
+    let second = b
+        .wait_for("p", "the second done", "return window.second;", json!(null))
+        .await;
+    assert_eq!(second["ok"]["sha256"], json!(want_hash), "{second}");
+    assert_eq!(second["ok"]["resumedFrom"], json!(received.resumed_from));
+    assert_eq!(
+        second["ok"]["bytesSent"],
+        json!(SIZE as u64 - received.resumed_from)
+    );
     b.quit().await;
     n.close().await;
     server.shutdown().await;
