@@ -1806,8 +1806,8 @@ async fn max_size_unreliable_under_loss(browser_sends: bool, ports: (u16, u16)) 
         .await;
     let pair = n.candidate_pair(bid).unwrap().expect("direct pair");
     assert!((ports.0..=ports.1).contains(&pair.local.port()), "{pair:?}");
-    // Link v2 channels (the generation's version is 3 now, both ends having lanes; §7.6 holds
-    // for it), each end on its own "u2": the browser's is reliable (the native client asked for
+    // Link v2 channels (the generation's version is 4 now, both ends having lanes and files;
+    // §7.6 holds for it), each end on its own "u2": the browser's is reliable (the native client asked for
     // it), the native one's unreliable.
     let channels = b
         .eval(
@@ -1822,7 +1822,7 @@ async fn max_size_unreliable_under_loss(browser_sends: bool, ports: (u16, u16)) 
     assert_eq!(
         channels,
         json!([
-            3,
+            4,
             ["u2", false, null, "open"],
             ["u2", false, 0, "open"],
             true
