@@ -5,7 +5,9 @@
 // policies (relay-only PeerConnections that signal and take relay candidates only, 'none' links
 // that never signal and decline, tightening), acks of membership changes and path reports; and
 // lanes (link protocol v3: the frame examples of §8.8.1, drop rules, the sequenced receiver,
-// VERSION negotiation and lane 0 for old peers, the schedule, window reserves). Run
+// VERSION negotiation and lane 0 for old peers, the schedule, window reserves); and file transfer
+// (link protocol v4: the incremental SHA-256, offered names, the §8.9 messages, transfers between
+// two clients wired together, the file lane's window). Run
 // by interop-tests/tests/browser.rs
 // (`peermesh_js_link_v2_units`), or by hand: node interop-tests/browser/unit.mjs
 import assert from 'node:assert/strict';
@@ -45,7 +47,7 @@ const part = (msg, index, count, bytes) => {
 };
 
 check('constants', () => {
-  assert.equal(LINK_VERSION, 3);
+  assert.equal(LINK_VERSION, 4);
   assert.equal(K_PART, 0x16);
   assert.equal(PART_BYTES, 1015);
   assert.equal(MAX_PARTS, 17);
@@ -733,10 +735,12 @@ check('a client: member direct, acks, quiet report errors, direct_not_allowed', 
   check('lanes: malformed lane frames are dropped', () => {
     const d = (s) => decodeFrame(unhex(s));
     assert.equal(d('17 01 00 0000000000000001'), null); // DATA_LANE lane 0
-    assert.equal(d('17 01 08 0000000000000001'), null); // lane 8
+    assert.notEqual(d('17 01 08 0000000000000001'), null); // lane 8: the file lane (version 4)
+    assert.equal(d('17 01 09 0000000000000001'), null); // lane 9
     assert.equal(d('17 01 01 00000000000000'), null); // short
     assert.equal(d('18 00 0000000000000001'), null);
-    assert.equal(d('18 08 0000000000000001'), null);
+    assert.notEqual(d('18 08 0000000000000001'), null);
+    assert.equal(d('18 09 0000000000000001'), null);
     assert.equal(d('18 01 00000000000000'), null);
     assert.equal(d('19 08 00000001 00 01'), null); // lane 8
     assert.equal(d('19 00 00000001 00 00'), null); // count 0
@@ -994,6 +998,319 @@ check('a client: member direct, acks, quiet report errors, direct_not_allowed', 
     new DataView(f.buffer).setBigUint64(1, BigInt(id));
     return f;
   }
+}
+
+// ---- file transfer (link protocol version 4, docs/PROTOCOL.md §8.9) ----
+
+{
+  const { FILE_LANE, Sha256, sha256, safeFileName, encodeFileMsg, decodeFileMsg, fileChunkMax, laneConfigs, versionFrame } = _internals;
+  // A link whose client has these app lanes and this window.
+  const laneLink = (lanes, window = 8 << 20) => {
+    const { link } = fakeLink();
+    link._close();
+    const client = { ...link.c, lanes: laneConfigs(lanes), sendWindow: window, maxMessageSize: window, _sendBinary: () => {} };
+    return { link: new Link(client, 2, 9, false, 'peer', 'any') };
+  };
+  const { createHash, webcrypto } = await import('node:crypto');
+  const unhex = (s) => Uint8Array.from(Buffer.from(s.replace(/ /g, ''), 'hex'));
+  const enc = (s) => new TextEncoder().encode(s);
+
+  check('files: SHA-256 of the FIPS 180-2 vectors, whole and byte by byte', () => {
+    const vectors = [
+      ['', 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855'],
+      ['abc', 'ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad'],
+      ['abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq', '248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1'],
+      [
+        'abcdefghbcdefghicdefghijdefghijkefghijklfghijklmghijklmnhijklmnoijklmnopjklmnopqklmnopqrlmnopqrsmnopqrstnopqrstu',
+        'cf5b16a778af8380036ce59e7b0492370b249b11e8f07a51afac45037afee9d1',
+      ],
+    ];
+    for (const [msg, want] of vectors) {
+      assert.equal(hex(sha256(enc(msg))), want, msg);
+      const h = new Sha256();
+      for (const b of enc(msg)) h.update(new Uint8Array([b]));
+      assert.equal(hex(h.digest()), want, `${msg} byte by byte`);
+    }
+    // A million 'a's, in uneven pieces.
+    const h = new Sha256();
+    const a = new Uint8Array(1000003).fill(0x61);
+    let at = 0;
+    for (const n of [1, 63, 64, 65, 4096, 999, 12345]) {
+      h.update(a.subarray(at, at + n));
+      at += n;
+    }
+    h.update(a.subarray(at, 1000000));
+    assert.equal(hex(h.digest()), 'cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0');
+    assert.throws(() => h.update(a), /after digest/);
+  });
+
+  {
+    // Random buffers split at random points: the same as node's SHA-256 and WebCrypto's.
+    let seed = 12345;
+    const rnd = (n) => {
+      seed = (seed * 1103515245 + 12345) >>> 0;
+      return seed % n;
+    };
+    for (let round = 0; round < 40; round++) {
+      const len = round < 20 ? round * 13 : rnd(300000);
+      const buf = Uint8Array.from({ length: len }, () => rnd(256));
+      const h = new Sha256();
+      let at = 0;
+      while (at < len) {
+        const n = Math.min(len - at, rnd(70000) + 1);
+        h.update(buf.subarray(at, at + n));
+        at += n;
+      }
+      const got = hex(h.digest());
+      assert.equal(got, createHash('sha256').update(buf).digest('hex'), `length ${len}`);
+      assert.equal(got, hex(new Uint8Array(await webcrypto.subtle.digest('SHA-256', buf))), `length ${len} (WebCrypto)`);
+    }
+    checks++;
+    process.stdout.write('ok files: incremental SHA-256 matches node and WebCrypto on random splits\n');
+  }
+
+  check('files: offered names are sanitised as the reference client does', () => {
+    const cases = [
+      ['report.pdf', 'report.pdf'],
+      ['../../etc/passwd', 'passwd'],
+      ['/etc/shadow', 'shadow'],
+      ['C:\\Windows\\system32\\cmd.exe', 'cmd.exe'],
+      ['..', 'file'],
+      ['...', 'file'],
+      ['', 'file'],
+      ['dir/', 'file'],
+      ['.bashrc', '_bashrc'],
+      ['CON', 'file'],
+      ['nul.txt', 'file'],
+      ['com1', 'file'],
+      ['a<b>c:d"e|f?g*h', 'a_b_c_d_e_f_g_h'],
+      ['evil\u202etxt.exe', 'evil_txt.exe'],
+      ['zero\u200bwidth', 'zero_width'],
+      ['tab\there\n', 'tab_here_'],
+      ['trailing. . ', 'trailing_'],
+      ['héllo wörld.txt', 'héllo wörld.txt'],
+    ];
+    for (const [offered, want] of cases) assert.equal(safeFileName(offered), want, JSON.stringify(offered));
+    const long = safeFileName('ä'.repeat(300) + '.tar.gz');
+    assert.ok(enc(long).length <= 200, `${enc(long).length}`);
+    assert.ok(long.endsWith('.gz') && long.startsWith('ää'), long);
+    const noExt = safeFileName('x'.repeat(500));
+    assert.equal(noExt, 'x'.repeat(200));
+  });
+
+  check('files: the message examples of §8.9 encode and decode; bad ones are dropped', () => {
+    const ab = new Uint8Array(32).fill(0xab);
+    const offer = encodeFileMsg({ kind: 1, transfer: 7n, size: 3, sha256: ab, name: 'a.txt' });
+    assert.equal(hex(offer), '01' + '0000000000000007' + '0000000000000003' + 'ab'.repeat(32) + '612e747874');
+    assert.equal(hex(encodeFileMsg({ kind: 2, transfer: 7n, offset: 262144 })), '02' + '0000000000000007' + '0000000000040000');
+    assert.equal(hex(encodeFileMsg({ kind: 8, transfer: 7n, code: 4, reason: '' })), '08' + '0000000000000007' + '04');
+    const o = decodeFileMsg(offer);
+    assert.deepEqual([o.kind, o.transfer, o.size, hex(o.sha256), o.name], [1, 7n, 3, 'ab'.repeat(32), 'a.txt']);
+    const c = decodeFileMsg(unhex('08 0000000000000007 04'));
+    assert.deepEqual([c.kind, c.code, c.reason], [8, 'disk_full', '']);
+    assert.equal(decodeFileMsg(unhex('03 0000000000000007 63 6e6f')).code, 'other');
+    const chunk = encodeFileMsg({ kind: 4, transfer: 1n, offset: 5, sha256: sha256(enc('hi')), bytes: enc('hi') });
+    assert.equal(chunk.length, 49 + 2);
+    assert.equal(new TextDecoder().decode(decodeFileMsg(chunk).bytes), 'hi');
+    assert.equal(decodeFileMsg(new Uint8Array(0)), null);
+    assert.equal(decodeFileMsg(unhex('09 0000000000000007')), null); // unknown kind
+    assert.equal(decodeFileMsg(unhex('07 00000000000007')), null); // short
+    assert.equal(decodeFileMsg(unhex('07 0000000000000007 00')), null); // longer than DONE
+    assert.equal(decodeFileMsg(unhex('08 0000000000000007 02 ff')), null); // not UTF-8
+    assert.equal(decodeFileMsg(new Uint8Array(49 + (256 << 10) + 1).fill(4)), null); // chunk too long
+    assert.equal(fileChunkMax(8 << 20), 256 << 10);
+    // A CHUNK fits half the window (bytes + 64 per fragment), here 32 KiB.
+    const m = fileChunkMax(64 << 10) + 49;
+    assert.ok(m + Math.ceil(m / 16384) * 64 <= 32 << 10 && m > 30 << 10, `${m}`);
+  });
+
+  // Two clients whose links are wired to each other through a fake server path (frames go on a
+  // later turn of the event loop); `tamper` may change a frame from a to b (return it, or null to
+  // drop it). a is peer 1, b peer 2.
+  const wired = ({ bVersion = 4, tamper = (f) => f, window } = {}) => {
+    const make = (name, id) => {
+      const c = new Client('ws://127.0.0.1:1/ws', { name, sendWindow: window });
+      c.peerId = id;
+      c._sendJson = () => {};
+      return c;
+    };
+    const a = make('a', 1);
+    const b = make('b', 2);
+    const wire = (from, to, change) => (frame) => {
+      const f = change(frame.slice());
+      if (f === null) return;
+      new DataView(f.buffer, f.byteOffset).setUint32(1, from.peerId); // the source, as the server does
+      setImmediate(() => !to.closed && to._onBinary(f));
+    };
+    a._sendBinary = wire(a, b, tamper);
+    b._sendBinary = wire(b, a, (f) => f);
+    if (bVersion < 4) {
+      // An old peer: its VERSION says bVersion, and lane 8 frames are unknown to it.
+      const send = b._sendBinary;
+      b._sendBinary = (f) => {
+        if (f[9] === 0x1a) new DataView(f.buffer, f.byteOffset).setUint32(10, bVersion);
+        send(f);
+      };
+      const onBinary = b._onBinary.bind(b);
+      b._onBinary = (f) => ((f[9] === 0x17 && f[11] === 8) || (f[9] === 0x18 && f[10] === 8) ? undefined : onBinary(f));
+    }
+    a._addMember('g', { peer: 2, name: 'b', link: 5, initiator: false, direct: 'none' });
+    b._addMember('g', { peer: 1, name: 'a', link: 5, initiator: false, direct: 'none' });
+    return { a, b };
+  };
+  const until = async (f, what) => {
+    const t0 = performance.now();
+    while (!f()) {
+      assert.ok(performance.now() - t0 < 10000, `timed out: ${what}`);
+      await sleep(5);
+    }
+  };
+  const bytesOf = async (blob) => new Uint8Array(await blob.arrayBuffer());
+  const asyncCheck = async (name, f) => {
+    await f();
+    checks++;
+    process.stdout.write(`ok ${name}\n`);
+  };
+
+  await asyncCheck('files: a 3 MiB file between two clients: hashes checked, VERIFIED, progress, name sanitised', async () => {
+    const { a, b } = wired();
+    const data = pattern((3 << 20) + 5, 9);
+    const offers = [];
+    const received = [];
+    const progress = [];
+    b.on('fileoffer', (o) => offers.push(o));
+    b.on('filereceived', (f) => received.push(f));
+    b.on('fileprogress', (p) => progress.push(p));
+    const t = a.sendFile(2, new Blob([data]), { name: '../secret/x.bin' });
+    assert.equal(t.peer, 2);
+    assert.equal(t.size, data.length);
+    assert.match(t.id, /^[0-9a-f]{16}$/);
+    const sent = [];
+    t.on('progress', (p) => sent.push(p));
+    await until(() => offers.length === 1, 'the offer');
+    const o = offers[0];
+    assert.deepEqual([o.id, o.from, o.name, o.size, o.sha256], [t.id, 1, 'x.bin', data.length, createHash('sha256').update(data).digest('hex')]);
+    const got = await o.accept();
+    const done = await t.done;
+    const want = createHash('sha256').update(data).digest('hex');
+    assert.deepEqual(done, { name: '../secret/x.bin', size: data.length, sha256: want, bytesSent: data.length, resumedFrom: 0 });
+    assert.equal(got.sha256, want);
+    assert.equal(got.name, 'x.bin');
+    assert.deepEqual(await bytesOf(got.blob), data);
+    assert.equal(received.length, 1);
+    assert.equal(received[0].blob, got.blob);
+    assert.deepEqual(sent.at(-1).done, data.length);
+    assert.equal(progress.at(-1).done, data.length);
+    assert.equal(progress.at(-1).direction, 'receive');
+    assert.equal(a.stats(2).peerVersion, 4);
+    assert.equal(a._files.sending.size + b._files.receiving.size, 0, 'transfers forgotten');
+    // Lane 8 is the library's: the app cannot send on it.
+    await assert.rejects(a.send(2, 'x', { lane: FILE_LANE }), (e) => e.code === 'invalid_lane');
+    assert.throws(() => a.sendSequenced(2, FILE_LANE, 'x'), (e) => e.code === 'invalid_lane');
+    a._end(1000, 'done', true);
+    b._end(1000, 'done', true);
+  });
+
+  await asyncCheck('files: several at once both ways, an empty file, reject and cancel', async () => {
+    const { a, b } = wired();
+    const answer = (c, f) => c.on('fileoffer', f);
+    answer(b, (o) => (o.name === 'no.txt' ? o.reject('not wanted') : o.accept().catch(() => {})));
+    answer(a, (o) => o.accept().catch(() => {}));
+    const x = a.sendFile(2, new Blob([pattern(700000, 1)]), { name: 'x' });
+    const y = a.sendFile(2, new Blob([pattern(900000, 2)]), { name: 'y' });
+    const z = b.sendFile(1, new Blob([pattern(500000, 3)]), { name: 'z' });
+    const empty = a.sendFile(2, new Blob([]), { name: 'empty' });
+    const no = a.sendFile(2, new Blob([pattern(10)]), { name: 'no.txt' });
+    const got = await Promise.all([x.done, y.done, z.done, empty.done]);
+    assert.deepEqual(got.map((d) => d.size), [700000, 900000, 500000, 0]);
+    assert.equal(got[3].sha256, 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855');
+    await assert.rejects(no.done, (e) => e.code === 'rejected' && e.byPeer === true && e.message === 'not wanted');
+    // A cancel by the sender ends it at the receiver too, which never reports the file.
+    const failed = [];
+    const received = [];
+    b.on('filefailed', (f) => failed.push(f));
+    b.on('filereceived', (f) => received.push(f));
+    const big = a.sendFile(2, new Blob([pattern(40 << 20, 4)]), { name: 'big' });
+    big.on('progress', (p) => p.done >= 1 << 20 && big.cancel());
+    await assert.rejects(big.done, (e) => e.code === 'cancelled' && e.byPeer === false);
+    await until(() => failed.length === 1, 'the receiver hears of the cancel');
+    assert.deepEqual([failed[0].code, failed[0].error.byPeer, failed[0].name], ['cancelled', true, 'big']);
+    // A cancel by the receiver ends it at the sender.
+    const offers = [];
+    const c2 = a.sendFile(2, new Blob([pattern(40 << 20, 5)]), { name: 'big2' });
+    const off = b.on('fileoffer', (o) => offers.push(o));
+    await until(() => offers.some((o) => o.name === 'big2'), 'the offer');
+    off();
+    b.on('fileprogress', (p) => p.name === 'big2' && p.done >= 1 << 20 && offers.find((o) => o.name === 'big2').cancel());
+    await assert.rejects(c2.done, (e) => e.code === 'cancelled' && e.byPeer === true);
+    assert.deepEqual(received, []);
+    a._end(1000, 'done', true);
+    b._end(1000, 'done', true);
+  });
+
+  await asyncCheck('files: a corrupted chunk is never reported complete; a version 3 peer is unsupported; a peer that leaves', async () => {
+    let n = 0;
+    // Flip a byte of the third DATA_LANE fragment of lane 8 a sends.
+    const { a, b } = wired({ tamper: (f) => (f[9] === 0x17 && f[11] === 8 && ++n === 3 ? ((f[f.length - 1] ^= 1), f) : f) });
+    const failed = [];
+    const received = [];
+    b.on('filefailed', (f) => failed.push(f));
+    b.on('filereceived', (f) => received.push(f));
+    let result;
+    b.on('fileoffer', (o) => (result = o.accept()));
+    const t = a.sendFile(2, new Blob([pattern(1 << 20, 6)]), { name: 'c' });
+    await assert.rejects(t.done, (e) => e.code === 'hash_mismatch' && e.byPeer === true);
+    await assert.rejects(result, (e) => e.code === 'hash_mismatch' && e.byPeer === false);
+    assert.deepEqual([failed.length, received.length], [1, 0]);
+    a._end(1000, 'done', true);
+    b._end(1000, 'done', true);
+
+    const old = wired({ bVersion: 3 });
+    old.b.on('fileoffer', assert.fail);
+    const u = old.a.sendFile(2, new Blob([pattern(100)]), { name: 'u' });
+    await assert.rejects(u.done, (e) => e.code === 'unsupported');
+    assert.equal(old.a._links.get(2).peerFiles(), false);
+    assert.equal(old.a._links.get(2).lanes[FILE_LANE].nextSeq, 1, 'nothing went on lane 8');
+    old.a._end(1000, 'done', true);
+    old.b._end(1000, 'done', true);
+
+    const gone = wired();
+    let offered = false;
+    gone.b.on('fileoffer', (o) => {
+      offered = true;
+      o.accept().catch(() => {});
+    });
+    const g = gone.a.sendFile(2, new Blob([pattern(30 << 20, 7)]), { name: 'g' });
+    await until(() => offered, 'the offer');
+    gone.a._removeMember('g', 2);
+    await assert.rejects(g.done, (e) => e.code === 'peer_left');
+    assert.throws(() => gone.a.sendFile(2, new Blob([])), (e) => e.code === 'unknown_peer');
+    assert.throws(() => gone.b.sendFile(1, 'not a blob'), TypeError);
+    gone.a._end(1000, 'done', true);
+    gone.b._end(1000, 'done', true);
+  });
+
+  check('files: the file lane holds at most half the window, keeps no reserve, and makes the lanes bound Q apply', () => {
+    const { link } = laneLink([{ lane: 1 }], 1 << 20);
+    link.onFrame(versionFrame(4), false);
+    assert.equal(link.peerFiles(), true);
+    const msg = () => new Uint8Array(200 << 10);
+    link.sendReliable(msg(), false, FILE_LANE);
+    link.sendReliable(msg(), false, FILE_LANE);
+    assert.throws(() => link.sendReliable(msg(), false, FILE_LANE), (e) => e.code === 'would_block');
+    assert.ok(link.lanes[FILE_LANE].unackedCost <= 512 << 10);
+    assert.throws(() => link.sendReliable(new Uint8Array(600 << 10), false, FILE_LANE), (e) => e.code === 'too_large');
+    assert.ok(link.filesBusy() && link.lanesFull() === (link.lanes.reduce((n, L) => n + L.txCost, 0) >= 64 << 10));
+    // The app's lanes keep the other half: lane 0 and lane 1 still send.
+    link.sendReliable(new Uint8Array(200 << 10), false, 0);
+    link.sendReliable(new Uint8Array(200 << 10), false, 1);
+    link._close();
+    // No file lane towards a version 3 peer.
+    const old = laneLink([]);
+    old.link.onFrame(versionFrame(3), false);
+    assert.equal(old.link.peerFiles(), false);
+    old.link._close();
+  });
 }
 
 assert.equal(MAX_UNRELIABLE_SIZE, 16384);

@@ -858,6 +858,63 @@ async fn demo_page_joins_chats_and_shows_paths() {
     )
     .await;
 
+    // A file dropped on the member's row goes to it, with a progress bar that fills.
+    let files = TempDir::new("demo");
+    b.eval(
+        "p",
+        "const li = document.querySelector('#members li[data-peer]');
+         const dt = new DataTransfer();
+         dt.items.add(new File([new Uint8Array(600000).fill(7)], 'dropped.bin'));
+         for (const type of ['dragenter', 'dragover', 'drop']) {
+           li.dispatchEvent(new DragEvent(type, { dataTransfer: dt, bubbles: true, cancelable: true }));
+         }",
+        json!(null),
+    )
+    .await;
+    let received = loop {
+        match next_event(&mut ne, "the dropped file").await {
+            Event::FileOffered(offer) => {
+                assert_eq!((offer.name.as_str(), offer.size), ("dropped.bin", 600000));
+                assert!(offer.accept_into(&files.0));
+            }
+            Event::FileReceived(f) => break f,
+            Event::FileFailed { error, .. } => panic!("native receiver failed: {error}"),
+            _ => {}
+        }
+    };
+    assert_eq!(std::fs::read(&received.path).unwrap(), vec![7u8; 600000]);
+    let row = b
+        .wait_for(
+            "p",
+            "the sent file's row done",
+            "const li = document.querySelector('#transfers li.send.done');
+             const bar = li?.querySelector('progress');
+             return li && [li.querySelector('.transfer-name').textContent, bar.value === bar.max];",
+            json!(null),
+        )
+        .await;
+    assert_eq!(row, json!(["dropped.bin", true]));
+    // A file from the native peer is accepted (the default) and offered for download.
+    let file = files.0.join("for chromium.txt");
+    std::fs::write(&file, b"a file from rusty").unwrap();
+    let t = n.send_file(from, &file).await.unwrap();
+    timeout(WAIT, t.outcome())
+        .await
+        .expect("native send done")
+        .expect("native send ok");
+    let link = b
+        .wait_for(
+            "p",
+            "the download link",
+            "const a = document.querySelector('#transfers li.receive.done a.download');
+             if (!a) return null;
+             const text = await (await fetch(a.href)).text();
+             return [a.getAttribute('download'), text];",
+            json!(null),
+        )
+        .await;
+    assert_eq!(link, json!(["for chromium.txt", "a file from rusty"]));
+
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/browser-artifacts");
     std::fs::create_dir_all(&dir).expect("artifact dir");
     let wide = dir.join("demo.png");
@@ -1749,8 +1806,8 @@ async fn max_size_unreliable_under_loss(browser_sends: bool, ports: (u16, u16)) 
         .await;
     let pair = n.candidate_pair(bid).unwrap().expect("direct pair");
     assert!((ports.0..=ports.1).contains(&pair.local.port()), "{pair:?}");
-    // Link v2 channels (the generation's version is 3 now, both ends having lanes; §7.6 holds
-    // for it), each end on its own "u2": the browser's is reliable (the native client asked for
+    // Link v2 channels (the generation's version is 4 now, both ends having lanes and files;
+    // §7.6 holds for it), each end on its own "u2": the browser's is reliable (the native client asked for
     // it), the native one's unreliable.
     let channels = b
         .eval(
@@ -1765,7 +1822,7 @@ async fn max_size_unreliable_under_loss(browser_sends: bool, ports: (u16, u16)) 
     assert_eq!(
         channels,
         json!([
-            3,
+            4,
             ["u2", false, null, "open"],
             ["u2", false, 0, "open"],
             true
@@ -2123,7 +2180,8 @@ async fn native_sends_max_size_unreliable_to_the_browser_under_loss_then_reliabl
 
 /// peermesh.js's pieces that need no browser (UNRELIABLE_PART framing and reassembly, the
 /// 1024-byte rule, the dead-path rule, the set-up of both ends' "u2", direct policies, acks and
-/// path reports), checked in node by `interop-tests/browser/unit.mjs`.
+/// path reports, lanes, and file transfer: SHA-256, names, messages, transfers between two
+/// clients), checked in node by `interop-tests/browser/unit.mjs`.
 #[test]
 fn peermesh_js_link_v2_units() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("browser");
@@ -2136,7 +2194,7 @@ fn peermesh_js_link_v2_units() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "unit.mjs failed");
-    assert!(stdout.contains("all 37 checks passed"), "{stdout}");
+    assert!(stdout.contains("all 45 checks passed"), "{stdout}");
 }
 
 /// A browser configured `direct: 'relay'` and a native peer with the default policy: the server
@@ -3202,6 +3260,444 @@ async fn version_2_native_gets_every_lane_of_a_version_3_browser_on_lane_0() {
         n.path(bid).unwrap()
     );
 
+    b.quit().await;
+    n.close().await;
+    server.shutdown().await;
+}
+
+// ---- file transfer (link protocol version 4, docs/PROTOCOL.md §8.9) ----
+
+/// Bytes of the file-transfer tests' files.
+const FILE_BYTES: usize = 8 << 20;
+
+/// Page side of the file tests: the same bytes as [`pattern`] (`(i * 7 + salt) % 251`), offers
+/// recorded, and what the page receives checked against the expected pattern and hashed (with
+/// peermesh.js's SHA-256, and WebCrypto's where the page has it: not on plain http to a
+/// non-loopback address).
+const FILES_PAGE_JS: &str = r#"
+const { _internals } = await import('/peermesh.js');
+const hex = (b) => Array.from(new Uint8Array(b), (x) => x.toString(16).padStart(2, '0')).join('');
+window.filePattern = (len, salt) => {
+  const b = new Uint8Array(len);
+  for (let i = 0; i < len; i++) b[i] = (i * 7 + salt) % 251;
+  return b;
+};
+window.offers = [];
+window.received = [];
+window.fileFailed = [];
+window.rxProgress = 0;
+window.pm.on('filefailed', (d) => window.fileFailed.push({ name: d.name, code: d.code, byPeer: d.error.byPeer }));
+window.pm.on('filereceived', (d) => window.received.push({ name: d.name, size: d.size, sha256: d.sha256 }));
+window.pm.on('fileprogress', (d) => {
+  if (d.direction === 'receive') window.rxProgress++;
+});
+// What the page does with an offer: arg.mode 'accept' (check the bytes) or 'cancel' (after the
+// first chunk).
+window.answerOffers = (mode, salt) => {
+  window.pm.on('fileoffer', (o) => {
+    window.offers.push({ id: o.id, from: o.from, name: o.name, size: o.size, sha256: o.sha256 });
+    if (mode === 'cancel') {
+      const off = window.pm.on('fileprogress', (p) => {
+        if (p.id === o.id && p.direction === 'receive' && p.done > 0) {
+          off();
+          o.cancel();
+        }
+      });
+      o.accept().catch(() => {});
+      return;
+    }
+    o.accept().then(
+      async (f) => {
+        const bytes = new Uint8Array(await f.blob.arrayBuffer());
+        const want = window.filePattern(o.size, salt);
+        let mismatches = bytes.length === want.length ? 0 : -1;
+        if (mismatches === 0) for (let i = 0; i < bytes.length; i++) if (bytes[i] !== want[i]) mismatches++;
+        const subtle = globalThis.crypto?.subtle ? hex(await crypto.subtle.digest('SHA-256', bytes)) : null;
+        window.got = { name: f.name, size: f.size, sha256: f.sha256, blobSize: f.blob.size, mismatches, subtle, js: hex(_internals.sha256(bytes)) };
+      },
+      (e) => (window.got = { error: e.code, message: e.message }),
+    );
+  });
+};
+"#;
+
+/// SHA-256 of `bytes`, in hex.
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn hex32(h: &[u8; 32]) -> String {
+    h.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A directory of its own under the system's temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(what: &str) -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "peermesh-browser-{what}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A native client and a Chromium one in group "g" on the direct path, the page set up with
+/// [`FILES_PAGE_JS`]; returns them with the direct path the native end has.
+async fn files_pair(ns: &Netns, server: &ServerHandle) -> (Client, Events, Browser, PeerId, Path) {
+    let (n, mut ne) = native_with(ns, server, ClientConfig::new("native")).await;
+    n.join("g").await.unwrap();
+    let (mut b, bid) = quiet_browser(ns, server, json!({"name": "chromium"})).await;
+    b.eval("p", FILES_PAGE_JS, json!(null)).await;
+    b.join("g").await;
+    let path = native_direct(&n, &mut ne, bid).await;
+    b.wait_for("p", "the direct path", DIRECT_JS, json!(n.peer_id()))
+        .await;
+    // Both ends know each other's link protocol version (4).
+    b.wait_for(
+        "p",
+        "the native peer's VERSION",
+        "return window.pm.stats(arg).peerVersion === 4;",
+        json!(n.peer_id()),
+    )
+    .await;
+    (n, ne, b, bid, path)
+}
+
+/// The path is still `before` at both ends and never changed during the transfer.
+async fn assert_still_direct(
+    n: &Client,
+    b: &mut Browser,
+    bid: PeerId,
+    before: &Path,
+    changes: u64,
+) {
+    assert_eq!(&n.path(bid).unwrap(), before, "native path changed");
+    assert_eq!(n.link_stats(bid).unwrap().path_changes, changes);
+    let bp = b.eval("p", PATH_JS, json!(n.peer_id())).await;
+    assert!(
+        bp.as_str().is_some_and(|p| p.starts_with("direct")),
+        "browser path {bp}"
+    );
+}
+
+/// Chromium sends an 8 MiB Blob to a native client on the direct path: the native end gets
+/// exactly those bytes on disk, its SHA-256 is the one Rust computes, and the browser's `done`
+/// resolves with the same hash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_sends_a_file_to_native_direct() {
+    let ns = Netns::create();
+    let server = server_on(&ns, TurnMode::Disabled).await;
+    let (n, mut ne, mut b, bid, path) = files_pair(&ns, &server).await;
+    let changes = n.link_stats(bid).unwrap().path_changes;
+    let want = pattern(FILE_BYTES, 3);
+    let want_hash = sha256_hex(&want);
+    let dir = TempDir::new("b2n");
+    b.eval(
+        "p",
+        "const [peer, size] = arg;
+         window.sent = null;
+         window.txProgress = [];
+         const t = window.pm.sendFile(peer, new Blob([window.filePattern(size, 3)]), { name: 'from browser.bin' });
+         t.on('progress', (p) => window.txProgress.push(p.done));
+         t.done.then((r) => (window.sent = { ok: r }), (e) => (window.sent = { error: e.code, message: e.message }));
+         return t.id;",
+        json!([n.peer_id(), FILE_BYTES]),
+    )
+    .await;
+    let received = loop {
+        match next_event(&mut ne, "the browser's file").await {
+            Event::FileOffered(offer) => {
+                assert_eq!(
+                    (offer.from, offer.name.as_str(), offer.size),
+                    (bid, "from browser.bin", FILE_BYTES as u64)
+                );
+                assert!(offer.accept_into(&dir.0));
+            }
+            Event::FileReceived(f) => break f,
+            Event::FileFailed { error, .. } => panic!("native receiver failed: {error}"),
+            _ => {}
+        }
+    };
+    assert_eq!(received.from, bid);
+    assert_eq!(received.size, FILE_BYTES as u64);
+    assert_eq!(hex32(&received.sha256), want_hash);
+    let on_disk = std::fs::read(&received.path).unwrap();
+    assert!(
+        on_disk == want,
+        "the file on disk differs from what the browser sent"
+    );
+    let sent = b
+        .wait_for(
+            "p",
+            "the browser's done",
+            "return window.sent;",
+            json!(null),
+        )
+        .await;
+    assert_eq!(sent["ok"]["sha256"], json!(want_hash), "browser: {sent}");
+    assert_eq!(sent["ok"]["size"], json!(FILE_BYTES));
+    assert_eq!(sent["ok"]["bytesSent"], json!(FILE_BYTES));
+    let progress = b
+        .eval("p", "return window.txProgress.at(-1);", json!(null))
+        .await;
+    assert_eq!(progress, json!(FILE_BYTES), "the last progress event");
+    assert_still_direct(&n, &mut b, bid, &path, changes).await;
+    b.quit().await;
+    n.close().await;
+    server.shutdown().await;
+}
+
+/// A native client sends an 8 MiB file to Chromium on the direct path: the page's Blob holds
+/// exactly those bytes, its SHA-256 (computed in the page) is the native one, and the native
+/// `outcome()` is Ok.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_sends_a_file_to_the_browser_direct() {
+    let ns = Netns::create();
+    let server = server_on(&ns, TurnMode::Disabled).await;
+    let (n, mut ne, mut b, bid, path) = files_pair(&ns, &server).await;
+    let changes = n.link_stats(bid).unwrap().path_changes;
+    let want = pattern(FILE_BYTES, 5);
+    let want_hash = sha256_hex(&want);
+    let dir = TempDir::new("n2b");
+    let file = dir.0.join("from native.bin");
+    std::fs::write(&file, &want).unwrap();
+    b.eval(
+        "p",
+        "window.got = null; window.answerOffers('accept', 5);",
+        json!(null),
+    )
+    .await;
+    let t = n.send_file(bid, &file).await.unwrap();
+    let outcome = t.outcome();
+    tokio::pin!(outcome);
+    let sent = loop {
+        tokio::select! {
+            r = &mut outcome => break r,
+            e = ne.recv() => assert!(e.is_some(), "native events ended"),
+            _ = tokio::time::sleep(Duration::from_secs(120)) => panic!("native send not done in 120 s"),
+        }
+    };
+    let sent = sent.expect("native outcome");
+    assert_eq!(hex32(&sent.sha256), want_hash);
+    assert_eq!((sent.size, sent.resumed_from), (FILE_BYTES as u64, 0));
+    let got = b
+        .wait_for(
+            "p",
+            "the file in the page",
+            "return window.got;",
+            json!(null),
+        )
+        .await;
+    assert_eq!(got["name"], json!("from native.bin"), "page: {got}");
+    assert_eq!(got["size"], json!(FILE_BYTES));
+    assert_eq!(got["blobSize"], json!(FILE_BYTES));
+    assert_eq!(got["mismatches"], json!(0), "bytes differ from the file");
+    assert_eq!(got["sha256"], json!(want_hash));
+    assert_eq!(got["js"], json!(want_hash));
+    if !got["subtle"].is_null() {
+        assert_eq!(got["subtle"], json!(want_hash));
+    }
+    let page = b
+        .eval(
+            "p",
+            "return [window.offers, window.received, window.fileFailed, window.rxProgress];",
+            json!(null),
+        )
+        .await;
+    assert_eq!(page[0][0]["sha256"], json!(want_hash), "the offer: {page}");
+    assert_eq!(
+        page[1][0]["sha256"],
+        json!(want_hash),
+        "filereceived: {page}"
+    );
+    assert_eq!(page[2], json!([]), "filefailed: {page}");
+    assert!(page[3].as_u64().unwrap() > 0, "no progress events");
+    assert_still_direct(&n, &mut b, bid, &path, changes).await;
+    b.quit().await;
+    n.close().await;
+    server.shutdown().await;
+}
+
+/// A native receiver rejects the browser's file (the browser's `done` rejects with `rejected`
+/// and the reason); then the browser cancels a native client's 32 MiB file after its first
+/// chunk: the native `outcome()` is `Cancelled` by the peer, the page reports `cancelled` and
+/// never a received file, and the native side keeps nothing in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_reject_and_cancel_between_browser_and_native() {
+    let ns = Netns::create();
+    let server = server_on(&ns, TurnMode::Disabled).await;
+    let (n, mut ne, mut b, bid, _path) = files_pair(&ns, &server).await;
+    b.eval(
+        "p",
+        "const [peer] = arg;
+         window.sent = null;
+         const t = window.pm.sendFile(peer, new Blob([window.filePattern(1000, 1)]), { name: 'unwanted.txt' });
+         t.done.then((r) => (window.sent = { ok: r }), (e) => (window.sent = { error: e.code, message: e.message, byPeer: e.byPeer }));",
+        json!([n.peer_id()]),
+    )
+    .await;
+    loop {
+        match next_event(&mut ne, "the offer").await {
+            Event::FileOffered(offer) => {
+                assert_eq!(offer.name, "unwanted.txt");
+                assert!(offer.reject("no thanks"));
+                break;
+            }
+            Event::FileReceived(_) => panic!("received a rejected file"),
+            _ => {}
+        }
+    }
+    let sent = b
+        .wait_for(
+            "p",
+            "the browser's done",
+            "return window.sent;",
+            json!(null),
+        )
+        .await;
+    assert_eq!(
+        sent,
+        json!({"error": "rejected", "message": "no thanks", "byPeer": true})
+    );
+
+    let dir = TempDir::new("cancel");
+    let file = dir.0.join("big.bin");
+    std::fs::write(&file, pattern(32 << 20, 9)).unwrap();
+    b.eval("p", "window.answerOffers('cancel', 9);", json!(null))
+        .await;
+    let t = n.send_file(bid, &file).await.unwrap();
+    let outcome = t.outcome();
+    tokio::pin!(outcome);
+    let r = loop {
+        tokio::select! {
+            r = &mut outcome => break r,
+            e = ne.recv() => assert!(e.is_some(), "native events ended"),
+            _ = tokio::time::sleep(Duration::from_secs(60)) => panic!("native send not ended in 60 s"),
+        }
+    };
+    match r {
+        Err(peermesh::FileError::Cancelled { by_peer: true, .. }) => {}
+        other => panic!("native outcome: {other:?}"),
+    }
+    let failed = b
+        .wait_for(
+            "p",
+            "the page's filefailed",
+            "return window.fileFailed.length > 0 && window.fileFailed;",
+            json!(null),
+        )
+        .await;
+    assert_eq!(
+        failed,
+        json!([{"name": "big.bin", "code": "cancelled", "byPeer": false}])
+    );
+    let received = b.eval("p", "return window.received;", json!(null)).await;
+    assert_eq!(received, json!([]));
+    b.quit().await;
+    n.close().await;
+    server.shutdown().await;
+}
+
+/// Chromium sends a 32 MiB Blob and cancels it after 8 MiB; the native receiver keeps what it
+/// verified. Sent again, the native receiver asks for the rest only (ACCEPT at its verified
+/// offset): the browser sends from there (`resumedFrom` > 0, `bytesSent` the rest), and the file
+/// on disk is the whole Blob with its hash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_sender_resumes_where_the_native_receiver_stopped() {
+    const SIZE: usize = 32 << 20;
+    let ns = Netns::create();
+    let server = server_on(&ns, TurnMode::Disabled).await;
+    let (n, mut ne, mut b, bid, _path) = files_pair(&ns, &server).await;
+    let want = pattern(SIZE, 11);
+    let want_hash = sha256_hex(&want);
+    let dir = TempDir::new("resume");
+    b.eval(
+        "p",
+        "const [peer, size] = arg;
+         window.resumeBlob = new Blob([window.filePattern(size, 11)]);
+         window.first = null;
+         const t = window.pm.sendFile(peer, window.resumeBlob, { name: 'resumed.bin' });
+         t.on('progress', (p) => p.done >= 8 << 20 && t.cancel());
+         t.done.then((r) => (window.first = { ok: r }), (e) => (window.first = { error: e.code }));",
+        json!([n.peer_id(), SIZE]),
+    )
+    .await;
+    // The first offer: accepted; it ends cancelled by the browser.
+    loop {
+        match next_event(&mut ne, "the first transfer's end").await {
+            Event::FileOffered(offer) => {
+                assert_eq!(offer.from, bid);
+                assert!(offer.accept_into(&dir.0));
+            }
+            Event::FileFailed { error, .. } => {
+                assert!(
+                    matches!(error, peermesh::FileError::Cancelled { by_peer: true, .. }),
+                    "{error:?}"
+                );
+                break;
+            }
+            Event::FileReceived(_) => panic!("the cancelled transfer completed"),
+            _ => {}
+        }
+    }
+    let first = b
+        .wait_for("p", "the first done", "return window.first;", json!(null))
+        .await;
+    assert_eq!(first, json!({"error": "cancelled"}));
+    b.eval(
+        "p",
+        "const [peer] = arg;
+         window.second = null;
+         const t = window.pm.sendFile(peer, window.resumeBlob, { name: 'resumed.bin' });
+         t.done.then((r) => (window.second = { ok: r }), (e) => (window.second = { error: e.code, message: e.message }));",
+        json!([n.peer_id()]),
+    )
+    .await;
+    let received = loop {
+        match next_event(&mut ne, "the resumed file").await {
+            Event::FileOffered(offer) => {
+                assert_eq!(offer.from, bid);
+                assert!(offer.accept_into(&dir.0));
+            }
+            Event::FileReceived(f) => break f,
+            Event::FileFailed { error, .. } => panic!("native receiver failed: {error}"),
+            _ => {}
+        }
+    };
+    assert!(
+        received.resumed_from >= 4 << 20,
+        "resumed from {}",
+        received.resumed_from
+    );
+    assert_eq!(hex32(&received.sha256), want_hash);
+    assert!(
+        std::fs::read(&received.path).unwrap() == want,
+        "the resumed file differs from the Blob"
+    );
+    let second = b
+        .wait_for("p", "the second done", "return window.second;", json!(null))
+        .await;
+    assert_eq!(second["ok"]["sha256"], json!(want_hash), "{second}");
+    assert_eq!(second["ok"]["resumedFrom"], json!(received.resumed_from));
+    assert_eq!(
+        second["ok"]["bytesSent"],
+        json!(SIZE as u64 - received.resumed_from)
+    );
     b.quit().await;
     n.close().await;
     server.shutdown().await;

@@ -1,11 +1,16 @@
 // Type declarations for /peermesh.js, the browser client of peermesh (wire protocol v1, link
-// protocol version 3: lanes).
+// protocol version 4: lanes, and file transfer on the file lane).
 
 export declare const PROTOCOL_VERSION: 1;
 /** The link protocol version this client announces in its offers, answers and VERSION frames. */
-export declare const LINK_VERSION: 3;
-/** Lanes are numbered 0 to MAX_LANES - 1 (8 lanes; docs/PROTOCOL.md §8.8). */
+export declare const LINK_VERSION: 4;
+/** The app's lanes are numbered 0 to MAX_LANES - 1 (8 lanes; docs/PROTOCOL.md §8.8). */
 export declare const MAX_LANES: 8;
+/**
+ * Lane 8 carries file transfers (docs/PROTOCOL.md §8.9): the library's, never the app's (send()
+ * on it: PeermeshError 'invalid_lane'); used only towards peers of link protocol version 4 or more.
+ */
+export declare const FILE_LANE: 8;
 
 /** A lane number, 0 to 7. Lane 0 always exists; others are configured with ConnectOptions.lanes. */
 export type Lane = 0 | 1 | 2 | 3 | 4 | 5 | 6 | 7;
@@ -118,6 +123,12 @@ export interface ConnectOptions {
    * Default: lane 0 only. Invalid entries: PeermeshError 'invalid_option'.
    */
   lanes?: LaneOptions[];
+  /**
+   * How the file lane (file transfers) is scheduled against the app's lanes. Default priority 1,
+   * weight 1: below the app's lanes at their default priority 0, so chat goes first. The file
+   * lane keeps no window reserve and holds at most half the send window.
+   */
+  fileLane?: { priority?: number; weight?: number };
 }
 
 export interface SendOptions {
@@ -164,6 +175,8 @@ export interface LinkStats {
   windowUsed: number;
   /** Whether the peer has lanes ('lane0': everything goes on lane 0, sequenced as unreliable). */
   peerLanes: PeerLanes;
+  /** The peer's link protocol version from its VERSION frame (null: none came); 4+ takes files. */
+  peerVersion: number | null;
   /** Sequenced messages dropped on arrival: not newer than the newest delivered on their lane. */
   sequencedStale: number;
   /** Sequenced messages replaced by a newer one of their lane while the peer's version was unknown. */
@@ -250,7 +263,119 @@ export interface UndeliveredEventDetail {
   messages: number;
 }
 
+/** Progress of a file transfer. */
+export interface FileProgress {
+  /** Bytes done: handed to the link (sending), or received and checked (receiving). */
+  done: number;
+  total: number;
+  /** Bytes per second since the transfer started. */
+  rate: number;
+  /** Seconds left at that rate, or null before a rate is known. */
+  eta: number | null;
+}
+
+/**
+ * A file transfer's error (a PeermeshError): code 'rejected', 'cancelled', 'io', 'disk_full',
+ * 'too_large', 'hash_mismatch', 'protocol' (as the reference client's FileErrorCode), 'other'
+ * (a code this client does not know: `wireCode`), 'unsupported' (the peer's link protocol version
+ * is below 4) or 'peer_left' (the link ended: the peer left, or this session ended).
+ */
+export interface FileError extends PeermeshError {
+  code: 'rejected' | 'cancelled' | 'io' | 'disk_full' | 'too_large' | 'hash_mismatch' | 'protocol' | 'other' | 'unsupported' | 'peer_left';
+  /** The peer ended it (REJECT or CANCEL); `message` is its reason. */
+  byPeer: boolean;
+  /** The code byte of the peer's REJECT or CANCEL. */
+  wireCode?: number;
+}
+
+export interface SentFile {
+  name: string;
+  size: number;
+  /** SHA-256 of the whole file, hex. */
+  sha256: string;
+  /** Bytes sent: the size, less what the receiver already had (resumedFrom). */
+  bytesSent: number;
+  /** Where the receiver asked to start (0, or what it kept of an earlier transfer). */
+  resumedFrom: number;
+}
+
+/** A file being sent (Client.sendFile). */
+export interface OutgoingFile extends EventTarget {
+  /** Transfer id: 16 hex digits (ids are the sender's, unique among its transfers to the peer). */
+  readonly id: string;
+  readonly peer: PeerId;
+  readonly name: string;
+  readonly size: number;
+  /** Ends the transfer at both ends; `done` rejects with 'cancelled' (byPeer false). */
+  cancel(): void;
+  /** 'progress' events (at most one per 100 ms, and the last); returns an unsubscribe function. */
+  on(type: 'progress', handler: (detail: FileProgress) => void): () => void;
+  /** Resolves once the receiver has the whole file with its hash checked; rejects with a FileError. */
+  readonly done: Promise<SentFile>;
+}
+
+export interface ReceivedFile {
+  /** Transfer id (the sender's), 16 hex digits. */
+  id: string;
+  from: PeerId;
+  /** The offered name, made safe (last path component, no reserved characters, ≤ 200 bytes). */
+  name: string;
+  size: number;
+  /** SHA-256 of the whole file, hex: checked against the sender's. */
+  sha256: string;
+  /** The file, in memory. */
+  blob: Blob;
+}
+
+/** The 'fileoffer' event's detail: answer with accept(), reject() or nothing (the sender waits). */
+export interface FileOfferEventDetail {
+  id: string;
+  from: PeerId;
+  /** The offered name, made safe as the reference client does (docs/PROTOCOL.md §8.9). */
+  name: string;
+  size: number;
+  /** The whole file's SHA-256 as offered, hex (zeros: the sender did not know it). */
+  sha256: string;
+  /**
+   * Receive it into memory: every chunk's hash and offset is checked, and the whole file's hash
+   * at the end; resolves once it is complete (also a 'filereceived' event), rejects with a
+   * FileError (also a 'filefailed' event). Resume is not offered (it starts at 0).
+   */
+  accept(): Promise<ReceivedFile>;
+  /** Say no: the sender's transfer ends with 'rejected' and this reason. */
+  reject(reason?: string): void;
+  /** End the transfer at both ends (before or after accept()). */
+  cancel(): void;
+}
+
+export interface FileProgressEventDetail extends FileProgress {
+  id: string;
+  peer: PeerId;
+  direction: 'send' | 'receive';
+  name: string;
+}
+
+export interface FileFailedEventDetail {
+  id: string;
+  peer: PeerId;
+  direction: 'receive';
+  name: string;
+  code: FileError['code'];
+  error: FileError;
+}
+
 export interface ClientEventMap {
+  /**
+   * A co-member offers a file. Without any 'fileoffer' listener, offers are rejected
+   * ("not accepted").
+   */
+  fileoffer: CustomEvent<FileOfferEventDetail>;
+  /** Progress of a transfer either way (at most one per 100 ms per transfer, and the last). */
+  fileprogress: CustomEvent<FileProgressEventDetail>;
+  /** A file accepted with accept() is complete, its hash checked. */
+  filereceived: CustomEvent<ReceivedFile>;
+  /** A file being received (or offered) ended without the file. */
+  filefailed: CustomEvent<FileFailedEventDetail>;
   /** The connection was lost: attempt `attempt` to connect again starts after `delay` ms. */
   reconnecting: CustomEvent<ReconnectingEventDetail>;
   /** Connected again. */
@@ -277,7 +402,7 @@ export declare class PeermeshError extends Error {
    * A server error code (invalid_name, already_member, not_member, group_full, ...) or one of
    * this module's: invalid_url, invalid_option, invalid_group, connect, timeout,
    * version_mismatch, closed, unknown_peer, too_large, would_block, invalid_lane (a lane
-   * not configured with ConnectOptions.lanes).
+   * not configured with ConnectOptions.lanes), and a file transfer's (FileError).
    */
   code: string;
   request?: string;
@@ -333,6 +458,14 @@ export declare class Client extends EventTarget {
    */
   sendSequenced(peer: PeerId, lane: Lane, data: string | ArrayBuffer | ArrayBufferView): void;
   broadcast(group: string, data: string | ArrayBuffer | ArrayBufferView, options?: SendOptions): Promise<void>;
+  /**
+   * Send a file on the file lane (docs/PROTOCOL.md §8.9): hashed first (SHA-256, read a slice
+   * at a time, never whole in memory), offered, then streamed in 256 KiB chunks, each with its
+   * hash, once the peer accepts (from the offset it asks for: a native receiver may resume).
+   * `name` defaults to file.name. Returns at once; see OutgoingFile.done for the outcome.
+   * Throws PeermeshError 'unknown_peer' / 'closed', or a TypeError for something not a Blob.
+   */
+  sendFile(peer: PeerId, file: Blob, options?: { name?: string }): OutgoingFile;
   /** Resolves once every reliable message sent so far is acknowledged. */
   flush(): Promise<void>;
   path(peer: PeerId): Path;

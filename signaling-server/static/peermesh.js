@@ -1,5 +1,5 @@
 // peermesh.js: the browser client of peermesh (wire protocol v1, docs/PROTOCOL.md; link protocol
-// version 3: section 7.6, and lanes, section 8.8).
+// version 4: section 7.6, lanes, section 8.8, and file transfer on lane 8, section 8.9).
 //
 //   import { connect } from '/peermesh.js';
 //   const client = await connect({ name: 'alice' });          // ws(s)://<this host>/ws
@@ -17,9 +17,14 @@ export const PROTOCOL_VERSION = 1;
  * The link protocol version this client speaks (offer/answer "version", docs/PROTOCOL.md §7.6,
  * and the VERSION frame of §8.8.2).
  */
-export const LINK_VERSION = 3;
-/** Lanes 0 to MAX_LANES - 1 (docs/PROTOCOL.md §8.8). */
+export const LINK_VERSION = 4;
+/** The app's lanes: 0 to MAX_LANES - 1 (docs/PROTOCOL.md §8.8). */
 export const MAX_LANES = 8;
+/** The file lane (docs/PROTOCOL.md §8.9): the library's, never the app's; version 4 peers only. */
+export const FILE_LANE = 8;
+const LANE_SLOTS = FILE_LANE + 1; // app lanes and the file lane
+// The file lane's schedule by default: below the app's lanes at their default priority 0.
+const FILE_LANE_DEFAULT = { priority: 1, weight: 1 };
 /** Largest unreliable message (bytes); also the size of one reliable fragment. */
 export const MAX_UNRELIABLE_SIZE = 16384;
 
@@ -159,7 +164,7 @@ function dataFrame(seq, fin, chunk) {
   return f;
 }
 
-// DATA (lane 0) or DATA_LANE (lanes 1..7).
+// DATA (lane 0) or DATA_LANE (lanes 1..7, and the file lane 8).
 function laneDataFrame(lane, seq, fin, chunk) {
   if (lane === 0) return dataFrame(seq, fin, chunk);
   const f = new Uint8Array(DATA_LANE_HEADER + chunk.length);
@@ -171,7 +176,7 @@ function laneDataFrame(lane, seq, fin, chunk) {
   return f;
 }
 
-// ACK (lane 0) or ACK_LANE (lanes 1..7).
+// ACK (lane 0) or ACK_LANE (lanes 1..7, and the file lane 8).
 function ackFrame(lane, seq) {
   if (lane === 0) return u64Frame(K_ACK, seq);
   const f = new Uint8Array(10);
@@ -218,13 +223,14 @@ function decodeFrame(b) {
       if (b.length < DATA_HEADER) return null;
       return { kind, lane: 0, fin: (b[1] & 1) === 1, seq: Number(dv.getBigUint64(2)), payload: b.subarray(DATA_HEADER) };
     case K_DATA_LANE:
-      if (b.length < DATA_LANE_HEADER || b[2] === 0 || b[2] >= MAX_LANES) return null;
+      // Lane 8 is the file lane: this end speaks version 4 (section 8.9).
+      if (b.length < DATA_LANE_HEADER || b[2] === 0 || b[2] >= LANE_SLOTS) return null;
       return { kind, lane: b[2], fin: (b[1] & 1) === 1, seq: Number(dv.getBigUint64(3)), payload: b.subarray(DATA_LANE_HEADER) };
     case K_ACK:
       if (b.length < 9) return null;
       return { kind, lane: 0, seq: Number(dv.getBigUint64(1)) };
     case K_ACK_LANE:
-      if (b.length < 10 || b[1] === 0 || b[1] >= MAX_LANES) return null;
+      if (b.length < 10 || b[1] === 0 || b[1] >= LANE_SLOTS) return null;
       return { kind, lane: b[1], seq: Number(dv.getBigUint64(2)) };
     case K_UNRELIABLE:
       return { kind, payload: b.subarray(1) };
@@ -331,6 +337,17 @@ function laneConfigs(lanes) {
     out[lane] = { priority, weight };
   }
   return out;
+}
+
+// The connect option fileLane: {priority = 1, weight = 1}.
+function fileLaneConfig(c) {
+  if (c === undefined || c === null) return FILE_LANE_DEFAULT;
+  const priority = c.priority ?? FILE_LANE_DEFAULT.priority;
+  const weight = c.weight ?? FILE_LANE_DEFAULT.weight;
+  if (!Number.isInteger(priority) || priority < 0 || priority > 255 || !Number.isInteger(weight) || weight < 1 || weight > 65535) {
+    throw new PeermeshError('invalid_option', 'fileLane: priority 0 to 255, weight 1 to 65535');
+  }
+  return { priority, weight };
 }
 
 function readyFrame(gen) {
@@ -616,6 +633,10 @@ export class Client extends EventTarget {
     this.maxMessageSize = Math.min(options.maxMessageSize ?? 8 << 20, this.sendWindow);
     /** The lanes this client sends on (index = lane): {priority, weight}, or null if not configured. */
     this.lanes = laneConfigs(options.lanes);
+    /** The file lane's schedule (docs/PROTOCOL.md §8.9): {priority, weight}, default {1, 1}. */
+    this.fileLane = fileLaneConfig(options.fileLane);
+    this._files = new Files(this);
+    this._listeners = new Map(); // event type -> listeners added (see _listens)
     this.connectTimeout = options.connectTimeout ?? 10000;
     // Identity token (a JWT from the app's backend), required by servers run with an auth secret.
     this.token = typeof options.token === 'string' ? options.token : null;
@@ -662,9 +683,24 @@ export class Client extends EventTarget {
     this._carried = [];
   }
 
+  addEventListener(type, listener, options) {
+    if (listener) this._listeners.set(type, (this._listeners.get(type) ?? 0) + 1);
+    super.addEventListener(type, listener, options);
+  }
+
+  removeEventListener(type, listener, options) {
+    if (listener && this._listeners.get(type) > 0) this._listeners.set(type, this._listeners.get(type) - 1);
+    super.removeEventListener(type, listener, options);
+  }
+
+  // Whether anything listens to `type` (approximately: a listener added twice counts twice).
+  _listens(type) {
+    return (this._listeners.get(type) ?? 0) > 0;
+  }
+
   /** Listen to an event; the handler gets the event's detail. Returns an unsubscribe function. */
   on(type, handler) {
-    const h = (e) => handler(e.detail);
+    const h = (e) => void handler(e.detail);
     this.addEventListener(type, h);
     return () => this.removeEventListener(type, h);
   }
@@ -1050,6 +1086,25 @@ export class Client extends EventTarget {
     link.sendSequenced(lane, bytes);
   }
 
+  /**
+   * Send a file (a Blob or File) to a co-member on the file lane (docs/PROTOCOL.md §8.9): hashed
+   * first (SHA-256, read a slice at a time), offered, and streamed once the peer accepts, from
+   * the offset it asks for (a native receiver may resume). Returns the transfer at once:
+   * {id, peer, name, size, cancel(), on('progress', ...), done}; `done` resolves to
+   * {name, size, sha256 (hex), bytesSent, resumedFrom} once the peer has the whole file, checked,
+   * or rejects with a PeermeshError: 'rejected', 'cancelled', 'io', 'disk_full', 'too_large',
+   * 'hash_mismatch', 'protocol', 'other' (an unknown code; `wireCode`), 'unsupported' (the peer's
+   * link protocol version is below 4) or 'peer_left' (the link ended). `byPeer` tells who ended
+   * it. `name` defaults to file.name.
+   */
+  sendFile(peer, file, { name } = {}) {
+    if (typeof Blob === 'undefined' || !(file instanceof Blob)) {
+      throw new TypeError('peermesh: sendFile takes a Blob or File');
+    }
+    const n = name ?? (typeof file.name === 'string' && file.name !== '' ? file.name : 'file');
+    return this._files.send(this._link(peer), file, String(n));
+  }
+
   /** Send to every other member of a group. */
   async broadcast(group, data, options) {
     const bytes = toBytes(data);
@@ -1094,6 +1149,7 @@ export class Client extends EventTarget {
       unacked: l.unackedCount(),
       windowUsed: l.windowUsed,
       peerLanes: l.peerLanes,
+      peerVersion: l.peerVersion,
     };
   }
 
@@ -1374,9 +1430,12 @@ class Link {
     // has its own reliable send and receive streams (lane 0: DATA/ACK) and sequenced counters.
     this.lanes = [];
     for (let i = 0; i < MAX_LANES; i++) this.lanes.push(newLane(i, client.lanes?.[i] ?? (i === 0 ? { priority: 0, weight: 1 } : null)));
+    // Lane 8, the file lane (section 8.9): used only once the peer's VERSION said 4 or more.
+    this.lanes.push(newLane(FILE_LANE, client.fileLane ?? FILE_LANE_DEFAULT));
     // Whether the peer has lanes: 'unknown' until its VERSION (or its lack) tells, then 'lanes'
     // or 'lane0' (every lane on lane 0) for the rest of the link (section 8.8.2).
     this.peerLanes = 'unknown';
+    this.peerVersion = null; // the peer's link protocol version, from its first VERSION
     this.started = performance.now();
     this.versionAnswered = false; // the peer's VERSION was answered (since the start or the last resync)
     this.rr = 0; // deficit round robin cursor, and whether its lane has had this visit's credit
@@ -1491,6 +1550,26 @@ class Link {
     this.flushWaiters = [];
     for (const f of this.decidedWaiters) f();
     this.decidedWaiters = [];
+    this.c._files?.linkClosed(this);
+  }
+
+  // Whether the peer takes the file lane (section 8.9): null until its lanes are decided.
+  peerFiles() {
+    if (this.peerLanes === 'unknown') return null;
+    return this.peerLanes === 'lanes' && this.peerVersion !== null && this.peerVersion >= 4;
+  }
+
+  // Resolves once the peer's lanes are decided (or the link closed).
+  decided() {
+    if (this.peerLanes !== 'unknown' || this.closed) return Promise.resolve();
+    return new Promise((resolve) => this.decidedWaiters.push(resolve));
+  }
+
+  // Whether a file transfer has DATA unacknowledged or waiting: the lanes' queue bound Q then
+  // applies as with several app lanes (section 8.9).
+  filesBusy() {
+    const F = this.lanes[FILE_LANE];
+    return F.unackedCost + F.heldCost > 0;
   }
 
   // ---- sending ----
@@ -1503,7 +1582,14 @@ class Link {
   // every lane goes on lane 0.
   reservingLanes() {
     if (this.peerLanes === 'lane0') return 1;
-    return Math.max(1, this.lanes.filter((L) => L.cfg !== null).length);
+    return Math.max(1, this.lanes.filter((L) => L.lane < MAX_LANES && L.cfg !== null).length);
+  }
+
+  // The file lane keeps no reserve but holds at most half the window, so the app's lanes always
+  // keep the other half (section 8.9).
+  fileLaneFree(free) {
+    const F = this.lanes[FILE_LANE];
+    return Math.min(free, Math.max(0, Math.floor(this.c.sendWindow / 2) - F.unackedCost - F.heldCost));
   }
 
   // Window lane `lane` may take now: what is free, less the unused reserve (window / (2K)) of
@@ -1512,13 +1598,14 @@ class Link {
     const w = this.c.sendWindow;
     const free = Math.max(0, w - this.windowUsed);
     const k = this.reservingLanes();
-    if (k === 1) return free;
+    if (k === 1) return lane === FILE_LANE ? this.fileLaneFree(free) : free;
     const reserve = Math.floor(w / (2 * k));
     let owed = 0;
     for (const L of this.lanes) {
-      if (L.lane !== lane && L.cfg !== null) owed += Math.max(0, reserve - L.unackedCost - L.heldCost);
+      if (L.lane !== lane && L.lane < MAX_LANES && L.cfg !== null) owed += Math.max(0, reserve - L.unackedCost - L.heldCost);
     }
-    return Math.max(0, free - owed);
+    const left = Math.max(0, free - owed);
+    return lane === FILE_LANE ? this.fileLaneFree(left) : left;
   }
 
   // Most window one lane can ever hold: the window less the other lanes' reserves.
@@ -1531,17 +1618,20 @@ class Link {
   // Takes a reliable message for `lane` (configured; checked by the caller). Returns undefined
   // once the message is taken, or a promise that resolves once it is (`wait`: the lane's share
   // of the window is full); throws 'too_large', or 'would_block' when full and not `wait`.
+  // The file lane (the library's own messages, fresh buffers, section 8.9) may hold half the
+  // window and is not bound by maxMessageSize.
   sendReliable(bytes, wait, lane = 0) {
-    if (bytes.length > this.c.maxMessageSize) {
+    const file = lane === FILE_LANE;
+    if (!file && bytes.length > this.c.maxMessageSize) {
       throw new PeermeshError('too_large', `reliable message of ${bytes.length} bytes exceeds ${this.c.maxMessageSize}`);
     }
     const cost = reliableCost(bytes.length);
-    if (cost > this.laneCap()) {
+    if (cost > (file ? Math.floor(this.c.sendWindow / 2) : this.laneCap())) {
       throw new PeermeshError('too_large', `reliable message of ${bytes.length} bytes does not fit the send window`);
     }
     if (this.closed) throw new PeermeshError('unknown_peer', `the link to peer ${this.peer} has closed`);
     // Copy now: the caller may reuse its buffer once send() has returned.
-    const copy = bytes.slice();
+    const copy = file ? bytes : bytes.slice();
     const L = this.lanes[lane];
     if (L.waiters.length === 0 && cost <= this.laneFree(lane)) {
       this.takeReliable(lane, copy);
@@ -1557,6 +1647,11 @@ class Link {
   // A reliable message of `lane` has window: it waits for the peer's VERSION (lanes >= 1 while
   // not known), or is numbered on its lane's stream, or on lane 0's for a peer without lanes.
   takeReliable(lane, bytes) {
+    if (lane === FILE_LANE && this.peerLanes !== 'unknown' && !this.peerFiles()) {
+      // Never on lane 0 or to a version 3 peer (the file code checks peerFiles() first).
+      console.warn(`peermesh: a file message to peer ${this.peer}, which has no file lane, dropped`);
+      return;
+    }
     if (lane !== 0 && this.peerLanes === 'unknown') {
       const L = this.lanes[lane];
       const cost = reliableCost(bytes.length);
@@ -1615,6 +1710,11 @@ class Link {
         const cost = reliableCost(m.length);
         L.heldCost -= cost;
         this.windowUsed -= cost;
+        if (L.lane === FILE_LANE && !this.peerFiles()) {
+          // A file lane never goes on lane 0 (section 8.9); the transfer learns it is unsupported.
+          console.warn(`peermesh: a file message to peer ${this.peer}, which has no file lane, dropped`);
+          continue;
+        }
         this.pushReliable(lanes ? L.lane : 0, m);
       }
       if (L.seqWaiting !== null) {
@@ -1717,7 +1817,7 @@ class Link {
 
   // With several lanes, DATA waits while Q is transmitted and unacknowledged (section 8.8.3).
   lanesFull() {
-    if (this.reservingLanes() <= 1) return false;
+    if (this.reservingLanes() <= 1 && !this.filesBusy()) return false;
     let sent = 0;
     for (const L of this.lanes) sent += L.txCost;
     return sent >= paceBound(this.pace, this.c.sendWindow);
@@ -1740,7 +1840,7 @@ class Link {
     if (best === Infinity) return null;
     // Each visit of a ready lane adds at least one full fragment of credit: at most one round
     // (plus the lane the cursor is on) passes before one is picked.
-    for (let n = 0; n <= 2 * MAX_LANES; n++) {
+    for (let n = 0; n <= 2 * LANE_SLOTS; n++) {
       const L = this.lanes[this.rr];
       const len = this.ready(L);
       if (len !== null && laneCfg(L).priority === best) {
@@ -1755,7 +1855,7 @@ class Link {
       } else if (len === null) {
         L.deficit = 0; // an idle lane keeps no credit
       }
-      this.rr = (this.rr + 1) % MAX_LANES;
+      this.rr = (this.rr + 1) % LANE_SLOTS;
       this.rrFresh = true;
     }
     return null;
@@ -1862,6 +1962,17 @@ class Link {
     const messages = [];
     let undelivered = 0;
     for (const L of this.lanes) {
+      if (L.lane === FILE_LANE) {
+        // File messages belong to this link's transfers, which end with it: not carried.
+        L.unacked = [];
+        L.head = 0;
+        L.unackedCost = 0;
+        L.nextTx = L.nextSeq;
+        L.txCost = 0;
+        L.waiting = [];
+        L.heldCost = 0;
+        continue;
+      }
       const held = L.heldFrom ?? Infinity;
       const header = L.lane === 0 ? DATA_HEADER : DATA_LANE_HEADER;
       let parts = [];
@@ -2025,6 +2136,7 @@ class Link {
           this.versionAnswered = true;
           this.relay(versionFrame());
         }
+        if (this.peerVersion === null) this.peerVersion = f.version;
         this.decideLanes(f.version >= 3);
         return;
       case K_PING: {
@@ -2106,6 +2218,10 @@ class Link {
   }
 
   deliver(data, reliable, lane) {
+    if (lane === FILE_LANE) {
+      this.c._files?.onMessage(this, data);
+      return;
+    }
     this.c._emit('message', {
       from: this.peer,
       data,
@@ -2599,8 +2715,738 @@ class Link {
   }
 }
 
+// ---- file transfer (section 8.9) ----
+
+// SHA-256 (FIPS 180-4), incremental: WebCrypto has no streaming digest, and crypto.subtle is
+// missing outside secure contexts anyway. update() any number of times, then digest() once.
+const SHA256_K = new Int32Array([
+  0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+  0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+  0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+  0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+  0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+  0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+  0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+  0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+]);
+
+export class Sha256 {
+  constructor() {
+    this.h = new Int32Array([
+      0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19,
+    ]);
+    this.w = new Int32Array(64);
+    this.buf = new Uint8Array(64); // a partial block
+    this.bufLen = 0;
+    this.length = 0; // bytes hashed so far
+    this.done = false;
+  }
+
+  /** Adds bytes (a Uint8Array, ArrayBuffer or typed array). */
+  update(data) {
+    if (this.done) throw new Error('Sha256: update after digest');
+    const b = toBytes(data);
+    this.length += b.length;
+    let i = 0;
+    if (this.bufLen > 0) {
+      const n = Math.min(64 - this.bufLen, b.length);
+      this.buf.set(b.subarray(0, n), this.bufLen);
+      this.bufLen += n;
+      i = n;
+      if (this.bufLen < 64) return this;
+      this.blocks(this.buf, 0, 64);
+      this.bufLen = 0;
+    }
+    const whole = i + ((b.length - i) & ~63);
+    if (whole > i) this.blocks(b, i, whole);
+    if (whole < b.length) {
+      this.buf.set(b.subarray(whole), 0);
+      this.bufLen = b.length - whole;
+    }
+    return this;
+  }
+
+  /** The 32-byte digest (once). */
+  digest() {
+    if (this.done) throw new Error('Sha256: digest twice');
+    const bits = this.length * 8;
+    const pad = new Uint8Array((this.bufLen < 56 ? 64 : 128) - this.bufLen);
+    pad[0] = 0x80;
+    const dv = new DataView(pad.buffer);
+    dv.setUint32(pad.length - 8, Math.floor(bits / 2 ** 32));
+    dv.setUint32(pad.length - 4, bits >>> 0);
+    this.update(pad);
+    this.done = true;
+    const out = new Uint8Array(32);
+    const odv = new DataView(out.buffer);
+    for (let j = 0; j < 8; j++) odv.setInt32(j * 4, this.h[j]);
+    return out;
+  }
+
+  // Compresses the 64-byte blocks of b[from..to).
+  blocks(b, from, to) {
+    const w = this.w;
+    const h = this.h;
+    const k = SHA256_K;
+    let h0 = h[0], h1 = h[1], h2 = h[2], h3 = h[3], h4 = h[4], h5 = h[5], h6 = h[6], h7 = h[7];
+    for (let p = from; p < to; p += 64) {
+      for (let t = 0; t < 16; t++) {
+        const q = p + t * 4;
+        w[t] = (b[q] << 24) | (b[q + 1] << 16) | (b[q + 2] << 8) | b[q + 3];
+      }
+      for (let t = 16; t < 64; t++) {
+        const x = w[t - 15];
+        const y = w[t - 2];
+        const s0 = ((x >>> 7) | (x << 25)) ^ ((x >>> 18) | (x << 14)) ^ (x >>> 3);
+        const s1 = ((y >>> 17) | (y << 15)) ^ ((y >>> 19) | (y << 13)) ^ (y >>> 10);
+        w[t] = (w[t - 16] + s0 + w[t - 7] + s1) | 0;
+      }
+      let a = h0, bb = h1, c = h2, d = h3, e = h4, f = h5, g = h6, hh = h7;
+      for (let t = 0; t < 64; t++) {
+        const S1 = ((e >>> 6) | (e << 26)) ^ ((e >>> 11) | (e << 21)) ^ ((e >>> 25) | (e << 7));
+        const ch = (e & f) ^ (~e & g);
+        const t1 = (hh + S1 + ch + k[t] + w[t]) | 0;
+        const S0 = ((a >>> 2) | (a << 30)) ^ ((a >>> 13) | (a << 19)) ^ ((a >>> 22) | (a << 10));
+        const maj = (a & bb) ^ (a & c) ^ (bb & c);
+        const t2 = (S0 + maj) | 0;
+        hh = g;
+        g = f;
+        f = e;
+        e = (d + t1) | 0;
+        d = c;
+        c = bb;
+        bb = a;
+        a = (t1 + t2) | 0;
+      }
+      h0 = (h0 + a) | 0;
+      h1 = (h1 + bb) | 0;
+      h2 = (h2 + c) | 0;
+      h3 = (h3 + d) | 0;
+      h4 = (h4 + e) | 0;
+      h5 = (h5 + f) | 0;
+      h6 = (h6 + g) | 0;
+      h7 = (h7 + hh) | 0;
+    }
+    h[0] = h0; h[1] = h1; h[2] = h2; h[3] = h3; h[4] = h4; h[5] = h5; h[6] = h6; h[7] = h7;
+  }
+}
+
+/** SHA-256 of bytes, at once. */
+export function sha256(data) {
+  return new Sha256().update(data).digest();
+}
+
+const toHex = (b) => Array.from(b, (x) => x.toString(16).padStart(2, '0')).join('');
+const sameBytes = (a, b) => a.length === b.length && a.every((x, i) => x === b[i]);
+
+// The name a receiver uses for a file a peer offered as `offered` (section 8.9, as the reference
+// client's src/files/name.rs): only its last path component, without characters file systems
+// refuse, control and format characters, trailing dots and spaces, a leading dot, or Windows
+// device names; at most 200 bytes of UTF-8 (keeping a short extension); never empty ('file').
+const MAX_FILE_NAME = 200;
+export function safeFileName(offered) {
+  const parts = String(offered).split(/[/\\]/);
+  let name = parts[parts.length - 1].replace(/[\p{Cc}\p{Cf}]/gu, '_');
+  let bytes = encoder.encode(name);
+  if (bytes.length > MAX_FILE_NAME) {
+    // Cut first, keeping an extension of at most 16 bytes (Rust's Path::extension).
+    const dot = name.lastIndexOf('.');
+    let ext = dot > 0 ? name.slice(dot + 1) : null;
+    if (ext !== null && encoder.encode(ext).length > 16) ext = null;
+    const extBytes = ext === null ? 0 : encoder.encode(ext).length + 1;
+    let end = MAX_FILE_NAME - extBytes;
+    while (end > 0 && (bytes[end] & 0xc0) === 0x80) end--; // a character boundary
+    name = decoder.decode(bytes.subarray(0, end)) + (ext === null ? '' : `.${ext}`);
+  }
+  // As the sanitize-filename crate with Windows rules and "_" as the replacement.
+  name = name.replace(/[/?<>\\:*|"]/g, '_').replace(/[\x00-\x1f\x80-\x9f]/g, '_');
+  name = name.replace(/^\.+$/, '_');
+  name = name.replace(/^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$/i, '_');
+  name = name.replace(/[. ]+$/, '_');
+  if (name.startsWith('.')) name = '_' + name.slice(1); // no hidden files
+  name = name.replace(/[. ]+$/, '');
+  if (/^[_ ]*$/.test(name)) return 'file';
+  return name;
+}
+
+// File-transfer messages (section 8.9), each one reliable message on the file lane.
+const F_OFFER = 0x01;
+const F_ACCEPT = 0x02;
+const F_REJECT = 0x03;
+const F_CHUNK = 0x04;
+const F_VERIFIED = 0x05;
+const F_END = 0x06;
+const F_DONE = 0x07;
+const F_CANCEL = 0x08;
+const FILE_CHUNK_MAX = 256 << 10;
+const FILE_TEXT_MAX = 1024;
+const FILE_UNVERIFIED_MAX = 16 << 20; // a sender's most bytes sent and not VERIFIED
+const FILE_VERIFY_EVERY = 4 << 20; // a receiver's VERIFIED, every this many bytes
+const FILE_HASH_READ = 1 << 20; // bytes read at a time to hash a whole file
+const FILE_PROGRESS_MS = 100; // most progress events per transfer: one per this long, and the last
+// Codes of REJECT and CANCEL; an unknown one is 'other' (its byte in `wireCode`).
+const FILE_CODES = [null, 'rejected', 'cancelled', 'io', 'disk_full', 'too_large', 'hash_mismatch', 'protocol'];
+const strictDecoder = new TextDecoder('utf-8', { fatal: true });
+
+// UTF-8 text cut to FILE_TEXT_MAX bytes at a character boundary.
+function fileText(s) {
+  const b = encoder.encode(String(s ?? ''));
+  if (b.length <= FILE_TEXT_MAX) return b;
+  let end = FILE_TEXT_MAX;
+  while (end > 0 && (b[end] & 0xc0) === 0x80) end--;
+  return b.subarray(0, end);
+}
+
+// Encodes a file message: {kind, transfer (BigInt), ...} as in decodeFileMsg.
+function encodeFileMsg(m) {
+  const text = m.kind === F_OFFER ? fileText(m.name) : m.kind === F_REJECT || m.kind === F_CANCEL ? fileText(m.reason) : null;
+  const len =
+    {
+      [F_OFFER]: 49 + (text?.length ?? 0),
+      [F_ACCEPT]: 17,
+      [F_REJECT]: 10 + (text?.length ?? 0),
+      [F_CHUNK]: 49 + (m.bytes?.length ?? 0),
+      [F_VERIFIED]: 17,
+      [F_END]: 41,
+      [F_DONE]: 9,
+      [F_CANCEL]: 10 + (text?.length ?? 0),
+    }[m.kind] ?? null;
+  if (len === null) throw new Error(`file message kind ${m.kind}`);
+  const f = new Uint8Array(len);
+  const dv = new DataView(f.buffer);
+  f[0] = m.kind;
+  dv.setBigUint64(1, m.transfer);
+  switch (m.kind) {
+    case F_OFFER:
+      dv.setBigUint64(9, BigInt(m.size));
+      f.set(m.sha256, 17);
+      f.set(text, 49);
+      break;
+    case F_ACCEPT:
+    case F_VERIFIED:
+      dv.setBigUint64(9, BigInt(m.offset));
+      break;
+    case F_REJECT:
+    case F_CANCEL:
+      f[9] = m.code;
+      f.set(text, 10);
+      break;
+    case F_CHUNK:
+      dv.setBigUint64(9, BigInt(m.offset));
+      f.set(m.sha256, 17);
+      f.set(m.bytes, 49);
+      break;
+    case F_END:
+      f.set(m.sha256, 9);
+      break;
+    default:
+      break;
+  }
+  return f;
+}
+
+// Decodes a file message, or returns null (dropped): empty, an unknown kind, shorter than its
+// fixed part, longer than its kind allows, or text that is not UTF-8. Sizes and offsets are
+// Numbers (exact below 2^53; larger ones decode as Infinity and fail the checks that use them).
+function decodeFileMsg(b) {
+  if (b.length === 0) return null;
+  const kind = b[0];
+  const limits = {
+    [F_OFFER]: [49, FILE_TEXT_MAX],
+    [F_ACCEPT]: [17, 0],
+    [F_REJECT]: [10, FILE_TEXT_MAX],
+    [F_CHUNK]: [49, FILE_CHUNK_MAX],
+    [F_VERIFIED]: [17, 0],
+    [F_END]: [41, 0],
+    [F_DONE]: [9, 0],
+    [F_CANCEL]: [10, FILE_TEXT_MAX],
+  }[kind];
+  if (!limits || b.length < limits[0] || b.length - limits[0] > limits[1]) return null;
+  const dv = new DataView(b.buffer, b.byteOffset, b.byteLength);
+  const u64 = (at) => {
+    const v = dv.getBigUint64(at);
+    return v <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(v) : Infinity;
+  };
+  const m = { kind, transfer: dv.getBigUint64(1) };
+  try {
+    switch (kind) {
+      case F_OFFER:
+        m.size = u64(9);
+        m.sha256 = b.slice(17, 49);
+        m.name = strictDecoder.decode(b.subarray(49));
+        break;
+      case F_ACCEPT:
+      case F_VERIFIED:
+        m.offset = u64(9);
+        break;
+      case F_REJECT:
+      case F_CANCEL:
+        m.wireCode = b[9];
+        m.code = FILE_CODES[b[9]] ?? 'other';
+        m.reason = strictDecoder.decode(b.subarray(10));
+        break;
+      case F_CHUNK:
+        m.offset = u64(9);
+        m.sha256 = b.subarray(17, 49);
+        m.bytes = b.subarray(49);
+        break;
+      case F_END:
+        m.sha256 = b.slice(9, 41);
+        break;
+      default:
+        break;
+    }
+  } catch {
+    return null; // not UTF-8
+  }
+  return m;
+}
+
+// Largest file bytes per CHUNK on a link with this window: a file message takes at most half
+// the window (section 8.9), as the reference client's file_chunk_max.
+function fileChunkMax(window) {
+  const half = Math.floor(window / 2);
+  return Math.max(1, Math.min(FILE_CHUNK_MAX, half - Math.ceil(half / MAX_FRAGMENT) * FRAGMENT_OVERHEAD - 64));
+}
+
+// A transfer's error; `byPeer`: the peer ended it (REJECT or CANCEL).
+function fileError(code, message, extra = {}) {
+  return new PeermeshError(code, message, { byPeer: false, ...extra });
+}
+
+// The wire code of an error this end sends in CANCEL (null: nothing to send).
+function cancelCodeOf(e) {
+  if (e.byPeer || ['peer_left', 'unsupported', 'other'].includes(e.code)) return null;
+  const i = FILE_CODES.indexOf(e.code);
+  return i > 0 ? i : null;
+}
+
+// Progress of a transfer: {done, total, rate (bytes/s since it started, from its first
+// offset), eta (s, or null)}.
+function progressOf(done, total, from, started) {
+  const secs = (performance.now() - started) / 1000;
+  const rate = secs > 0 ? (done - from) / secs : 0;
+  return { done, total, rate, eta: rate > 0 ? (total - done) / rate : null };
+}
+
+// A transfer's messages from the peer, in order, awaited one at a time; fail() wakes a waiting
+// next() with an error.
+class FileInbox {
+  constructor() {
+    this.items = [];
+    this.waiter = null;
+    this.error = null;
+  }
+  push(m) {
+    this.items.push(m);
+    this.wake();
+  }
+  fail(e) {
+    if (this.error === null) this.error = e;
+    this.wake();
+  }
+  wake() {
+    const w = this.waiter;
+    this.waiter = null;
+    w?.();
+  }
+  // The next message if one is in (or the error), else null.
+  poll() {
+    if (this.error !== null) throw this.error;
+    return this.items.length > 0 ? this.items.shift() : null;
+  }
+  async next() {
+    for (;;) {
+      const m = this.poll();
+      if (m !== null) return m;
+      await new Promise((resolve) => (this.waiter = resolve));
+    }
+  }
+}
+
+/**
+ * A file being sent (Client.sendFile). Events: 'progress' (detail {done, total, rate, eta}).
+ * `done` resolves to {name, size, sha256 (hex), bytesSent, resumedFrom} once the receiver said
+ * DONE, or rejects with a PeermeshError (codes: see peermesh.d.ts).
+ */
+class OutgoingFile extends EventTarget {
+  constructor(files, link, blob, name, id) {
+    super();
+    this.id = id.toString(16).padStart(16, '0');
+    this.peer = link.peer;
+    this.name = name;
+    this.size = blob.size;
+    this._files = files;
+    this._link = link;
+    this._blob = blob;
+    this._transfer = id;
+    this._inbox = new FileInbox();
+    this._cancelled = false;
+    this._lastProgress = 0;
+    this.done = this._run();
+    this.done.catch(() => {}); // the app may look at it or not
+  }
+
+  /** Listen to 'progress'; the handler gets the detail. Returns an unsubscribe function. */
+  on(type, handler) {
+    const h = (e) => void handler(e.detail);
+    this.addEventListener(type, h);
+    return () => this.removeEventListener(type, h);
+  }
+
+  /** Ends the transfer at both ends (done rejects with 'cancelled'). */
+  cancel() {
+    if (this._cancelled) return;
+    this._cancelled = true;
+    this._inbox.fail(fileError('cancelled', 'cancelled by this side', { byPeer: false }));
+  }
+
+  _progress(done, from, started, last = false) {
+    const now = performance.now();
+    if (!last && now - this._lastProgress < FILE_PROGRESS_MS) return;
+    this._lastProgress = now;
+    const p = progressOf(done, this.size, from, started);
+    this.dispatchEvent(new CustomEvent('progress', { detail: p }));
+    this._files.c._emit('fileprogress', { id: this.id, peer: this.peer, direction: 'send', name: this.name, ...p });
+  }
+
+  async _send(m) {
+    if (this._inbox.error !== null) throw this._inbox.error;
+    try {
+      await this._link.sendReliable(encodeFileMsg({ ...m, transfer: this._transfer }), true, FILE_LANE);
+    } catch (e) {
+      if (this._link.closed) throw fileError('peer_left', `the link to peer ${this.peer} has ended`);
+      throw e;
+    }
+  }
+
+  async _run() {
+    // Not before the caller has the object (and its `on`).
+    await Promise.resolve();
+    try {
+      return await this._exchange();
+    } catch (e0) {
+      const e = e0 instanceof PeermeshError ? e0 : fileError('io', String(e0?.message ?? e0));
+      const code = cancelCodeOf(e);
+      if (code !== null && this._offered && !this._link.closed) {
+        try {
+          this._link.sendReliable(encodeFileMsg({ kind: F_CANCEL, transfer: this._transfer, code, reason: e.message }), true, FILE_LANE)?.catch?.(() => {});
+        } catch {
+          // the link ended meanwhile
+        }
+      }
+      throw e;
+    } finally {
+      this._files.forget(this._files.sending, this);
+    }
+  }
+
+  async _read(from, to) {
+    try {
+      const b = new Uint8Array(await this._blob.slice(from, to).arrayBuffer());
+      if (b.length !== to - from) throw new Error(`read ${b.length} bytes at ${from}, not ${to - from}`);
+      return b;
+    } catch (e) {
+      throw fileError('io', `reading ${this.name}: ${e.message} (did it change?)`);
+    }
+  }
+
+  // The next message of the receiver of one of `kinds`; CANCEL and REJECT end the transfer, any
+  // other kind is a protocol error.
+  static check(m, kinds, what) {
+    if (m.kind === F_CANCEL || m.kind === F_REJECT) {
+      throw fileError(m.code, m.reason || m.code, { byPeer: true, wireCode: m.wireCode });
+    }
+    if (!kinds.includes(m.kind)) throw fileError('protocol', `file message kind ${m.kind} ${what}`);
+    return m;
+  }
+
+  async _exchange() {
+    const link = this._link;
+    // The whole file's hash first (the OFFER carries it), a slice at a time.
+    const h = new Sha256();
+    for (let at = 0; at < this.size; at += FILE_HASH_READ) {
+      const b = await this._read(at, Math.min(this.size, at + FILE_HASH_READ));
+      if (this._inbox.error !== null) throw this._inbox.error;
+      h.update(b);
+    }
+    const sha = h.digest();
+    this.sha256 = toHex(sha);
+    await Promise.race([link.decided(), new Promise((resolve) => (this._inbox.waiter = resolve))]);
+    if (this._inbox.error !== null) throw this._inbox.error;
+    if (link.closed) throw fileError('peer_left', `the link to peer ${this.peer} has ended`);
+    if (!link.peerFiles()) {
+      throw fileError('unsupported', `peer ${this.peer} does not take file transfers (link protocol version ${link.peerVersion ?? 'below 3'})`);
+    }
+    this._offered = true;
+    await this._send({ kind: F_OFFER, size: this.size, sha256: sha, name: this.name });
+    const answer = OutgoingFile.check(await this._inbox.next(), [F_ACCEPT], 'before ACCEPT');
+    if (answer.offset > this.size) throw fileError('protocol', `ACCEPT at ${answer.offset}, past the size ${this.size}`);
+    const from = answer.offset;
+    const started = performance.now();
+    const chunkMax = fileChunkMax(this._files.c.sendWindow);
+    let sent = from;
+    let verified = from;
+    const take = (m) => {
+      OutgoingFile.check(m, [F_VERIFIED], 'while sending');
+      if (m.offset > sent) throw fileError('protocol', `VERIFIED at ${m.offset}, past what was sent (${sent})`);
+      verified = Math.max(verified, m.offset);
+    };
+    this._progress(sent, from, started, true);
+    while (sent < this.size) {
+      const n = Math.min(this.size - sent, chunkMax);
+      // At most FILE_UNVERIFIED_MAX beyond the receiver's last VERIFIED.
+      while (sent + n - verified > FILE_UNVERIFIED_MAX) take(await this._inbox.next());
+      for (let m = this._inbox.poll(); m !== null; m = this._inbox.poll()) take(m);
+      const bytes = await this._read(sent, sent + n);
+      await this._send({ kind: F_CHUNK, offset: sent, sha256: sha256(bytes), bytes });
+      sent += n;
+      this._progress(sent, from, started, sent === this.size);
+    }
+    await this._send({ kind: F_END, sha256: sha });
+    for (;;) {
+      const m = OutgoingFile.check(await this._inbox.next(), [F_VERIFIED, F_DONE], 'after END');
+      if (m.kind === F_DONE) {
+        return { name: this.name, size: this.size, sha256: this.sha256, bytesSent: this.size - from, resumedFrom: from };
+      }
+    }
+  }
+}
+
+// A file a peer offers (the 'fileoffer' event's detail is its public view).
+class IncomingFile {
+  constructor(files, link, m) {
+    this._files = files;
+    this._link = link;
+    this._transfer = m.transfer;
+    this.id = m.transfer.toString(16).padStart(16, '0');
+    this.from = link.peer;
+    this.offeredName = m.name;
+    this.name = safeFileName(m.name);
+    this.size = m.size;
+    this.sha256 = m.sha256;
+    this.state = 'offered'; // 'receiving', then 'ended'
+    this.result = null; // accept()'s promise
+    this.resolve = null;
+    this.reject = null;
+  }
+
+  // What the app sees.
+  view() {
+    const t = this;
+    return {
+      id: t.id,
+      from: t.from,
+      name: t.name,
+      size: t.size,
+      sha256: toHex(t.sha256),
+      accept: () => t.accept(),
+      reject: (reason) => t.refuse(reason),
+      cancel: () => t.fail(fileError('cancelled', 'cancelled by this side', { byPeer: false })),
+    };
+  }
+
+  post(m) {
+    try {
+      this._link.sendReliable(encodeFileMsg({ ...m, transfer: this._transfer }), true, FILE_LANE)?.catch?.(() => {});
+    } catch {
+      // the link ended: so does the transfer (linkClosed)
+    }
+  }
+
+  accept() {
+    if (this.result !== null) return this.result;
+    if (this.state !== 'offered') return Promise.reject(fileError('protocol', 'the offer was answered or has ended'));
+    this.result = new Promise((resolve, reject) => {
+      this.resolve = resolve;
+      this.reject = reject;
+    });
+    this.result.catch(() => {}); // also told by 'filefailed': the app may look at either
+    this.state = 'receiving';
+    this.hash = new Sha256();
+    this.parts = []; // Blobs of verified bytes, one per VERIFIED
+    this.pending = []; // chunk bytes since the last VERIFIED
+    this.verified = 0;
+    this.verifiedSent = 0;
+    this.started = performance.now();
+    this.lastProgress = 0;
+    this.post({ kind: F_ACCEPT, offset: 0 });
+    return this.result;
+  }
+
+  refuse(reason = 'rejected') {
+    if (this.state !== 'offered') return;
+    this.state = 'ended';
+    this.post({ kind: F_REJECT, code: 1, reason });
+    this._files.forget(this._files.receiving, this);
+  }
+
+  // Ends the transfer with `e`; tells the peer unless the peer ended it.
+  fail(e) {
+    if (this.state === 'ended') return;
+    const answered = this.state === 'receiving';
+    this.state = 'ended';
+    const code = cancelCodeOf(e);
+    if (code !== null) this.post({ kind: F_CANCEL, code, reason: e.message });
+    this.parts = this.pending = [];
+    this._files.forget(this._files.receiving, this);
+    if (answered) this.reject(e);
+    this._files.c._emit('filefailed', { id: this.id, peer: this.from, direction: 'receive', name: this.name, error: e, code: e.code });
+  }
+
+  progress(last) {
+    const now = performance.now();
+    if (!last && now - this.lastProgress < FILE_PROGRESS_MS) return;
+    this.lastProgress = now;
+    this._files.c._emit('fileprogress', {
+      id: this.id,
+      peer: this.from,
+      direction: 'receive',
+      name: this.name,
+      ...progressOf(this.verified, this.size, 0, this.started),
+    });
+  }
+
+  onMessage(m) {
+    if (m.kind === F_CANCEL) {
+      this.fail(fileError(m.code, m.reason || m.code, { byPeer: true, wireCode: m.wireCode }));
+      return;
+    }
+    if (this.state !== 'receiving') {
+      // Only CANCEL may come before the answer.
+      this.fail(fileError('protocol', `file message kind ${m.kind} before ACCEPT`));
+      return;
+    }
+    if (m.kind === F_CHUNK) {
+      const end = m.offset + m.bytes.length;
+      if (m.offset !== this.verified) {
+        this.fail(fileError('protocol', `chunk at ${m.offset}, expected ${this.verified}`));
+        return;
+      }
+      if (end > this.size) {
+        this.fail(fileError('protocol', `chunk ends at ${end}, past the size ${this.size}`));
+        return;
+      }
+      if (!sameBytes(sha256(m.bytes), m.sha256)) {
+        this.fail(fileError('hash_mismatch', `chunk at ${m.offset}: hash mismatch`));
+        return;
+      }
+      this.hash.update(m.bytes);
+      this.pending.push(m.bytes);
+      this.verified = end;
+      if (end - this.verifiedSent >= FILE_VERIFY_EVERY || end === this.size) {
+        this.parts.push(new Blob(this.pending));
+        this.pending = [];
+        this.verifiedSent = end;
+        this.post({ kind: F_VERIFIED, offset: end });
+      }
+      this.progress(end === this.size);
+      return;
+    }
+    if (m.kind === F_END) {
+      if (this.verified !== this.size) {
+        this.fail(fileError('protocol', `END after ${this.verified} of ${this.size} bytes`));
+        return;
+      }
+      const whole = this.hash.digest();
+      const zeros = this.sha256.every((x) => x === 0);
+      if (!sameBytes(whole, m.sha256) || (!zeros && !sameBytes(whole, this.sha256))) {
+        this.fail(fileError('hash_mismatch', 'the whole file does not match its hash'));
+        return;
+      }
+      this.parts.push(...this.pending.map((b) => new Blob([b])));
+      const blob = new Blob(this.parts);
+      this.parts = this.pending = [];
+      this.state = 'ended';
+      this.post({ kind: F_DONE });
+      this._files.forget(this._files.receiving, this);
+      const file = { id: this.id, from: this.from, name: this.name, size: this.size, sha256: toHex(whole), blob };
+      this.resolve(file);
+      this._files.c._emit('filereceived', file);
+      return;
+    }
+    this.fail(fileError('protocol', `file message kind ${m.kind} while receiving`));
+  }
+}
+
+// Every transfer of a client, by peer and id, per direction (ids are the sender's).
+class Files {
+  constructor(client) {
+    this.c = client;
+    this.sending = new Map(); // "peer id" -> OutgoingFile
+    this.receiving = new Map(); // "peer id" -> IncomingFile
+  }
+
+  static key(peer, transfer) {
+    return `${peer} ${transfer}`;
+  }
+
+  forget(map, t) {
+    const k = Files.key(t.peer ?? t.from, t._transfer);
+    if (map.get(k) === t) map.delete(k);
+  }
+
+  send(link, blob, name) {
+    let id;
+    do {
+      const r = crypto.getRandomValues(new Uint32Array(2));
+      id = (BigInt(r[0]) << 32n) | BigInt(r[1]);
+      // Unique among this end's transfers to the peer, and none of the peer's to this end (a
+      // CANCEL names only the id).
+    } while (this.sending.has(Files.key(link.peer, id)) || this.receiving.has(Files.key(link.peer, id)));
+    const t = new OutgoingFile(this, link, blob, name, id);
+    this.sending.set(Files.key(link.peer, id), t);
+    return t;
+  }
+
+  // A message of the file lane of `link`.
+  onMessage(link, data) {
+    const m = decodeFileMsg(data);
+    if (m === null) {
+      console.warn(`peermesh: a malformed file-lane message from peer ${link.peer} dropped`);
+      return;
+    }
+    const k = Files.key(link.peer, m.transfer);
+    if (m.kind === F_OFFER) {
+      if (this.receiving.has(k) || this.sending.has(k)) {
+        console.warn(`peermesh: an OFFER of transfer ${m.transfer} from peer ${link.peer}, which is in use, dropped`);
+        return;
+      }
+      const t = new IncomingFile(this, link, m);
+      this.receiving.set(k, t);
+      if (!this.c._listens('fileoffer')) {
+        // Nobody to answer: that is a no (as an offer the app drops).
+        t.refuse('not accepted');
+        return;
+      }
+      this.c._emit('fileoffer', t.view());
+      return;
+    }
+    const sender = [F_ACCEPT, F_REJECT, F_VERIFIED, F_DONE].includes(m.kind) || (m.kind === F_CANCEL && this.sending.has(k));
+    const t = sender ? this.sending.get(k) : this.receiving.get(k);
+    if (!t || t._link !== link) return; // a transfer that has ended
+    if (sender) t._inbox.push(m);
+    else t.onMessage(m);
+  }
+
+  // The link ended: so do its transfers.
+  linkClosed(link) {
+    const e = () => fileError('peer_left', `the link to peer ${link.peer} has ended`);
+    for (const t of [...this.sending.values()]) if (t._link === link) t._inbox.fail(e());
+    for (const t of [...this.receiving.values()]) if (t._link === link) t.fail(e());
+  }
+}
+
 /** Internals for unit checks (interop-tests/browser/unit.mjs); not part of the API. */
 export const _internals = {
+  FILE_LANE,
+  Sha256,
+  sha256,
+  safeFileName,
+  encodeFileMsg,
+  decodeFileMsg,
+  fileChunkMax,
+  Files,
   partFrames,
   laneDataFrame,
   ackFrame,
