@@ -882,7 +882,10 @@ async fn demo_page_joins_chats_and_shows_paths() {
             _ => {}
         }
     };
-    assert_eq!(std::fs::read(&received.path).unwrap(), vec![7u8; 600000]);
+    assert_eq!(
+        std::fs::read(received.path.as_ref().unwrap()).unwrap(),
+        vec![7u8; 600000]
+    );
     let row = b
         .wait_for(
             "p",
@@ -3436,7 +3439,7 @@ async fn browser_sends_a_file_to_native_direct() {
     assert_eq!(received.from, bid);
     assert_eq!(received.size, FILE_BYTES as u64);
     assert_eq!(hex32(&received.sha256), want_hash);
-    let on_disk = std::fs::read(&received.path).unwrap();
+    let on_disk = std::fs::read(received.path.as_ref().unwrap()).unwrap();
     assert!(
         on_disk == want,
         "the file on disk differs from what the browser sent"
@@ -3686,7 +3689,7 @@ async fn browser_sender_resumes_where_the_native_receiver_stopped() {
     );
     assert_eq!(hex32(&received.sha256), want_hash);
     assert!(
-        std::fs::read(&received.path).unwrap() == want,
+        std::fs::read(received.path.as_ref().unwrap()).unwrap() == want,
         "the resumed file differs from the Blob"
     );
     let second = b

@@ -266,6 +266,7 @@ impl Files {
                 rx,
                 progress: progress_tx,
                 cancel,
+                peer_ended: false,
             };
             let r = sending.run(source).await;
             files.unroute(peer, transfer);
@@ -337,6 +338,7 @@ impl Files {
                 sha256,
                 rx,
                 cancel,
+                peer_ended: false,
             };
             receiving.run(decision).await;
             files.unroute(peer, transfer);
@@ -370,6 +372,8 @@ struct Sending {
     rx: mpsc::Receiver<Inbound>,
     progress: watch::Sender<Progress>,
     cancel: watch::Receiver<bool>,
+    /// The receiver's REJECT or CANCEL ended it: nothing to tell it.
+    peer_ended: bool,
 }
 
 impl Sending {
@@ -377,7 +381,7 @@ impl Sending {
         let (peer, transfer) = (self.peer, self.transfer);
         let r = self.exchange(source).await;
         if let Err(e) = &r {
-            if let Some((code, reason)) = e.to_send() {
+            if let Some((code, reason)) = e.to_send().filter(|_| !self.peer_ended) {
                 let _ = self
                     .files
                     .send_msg(
@@ -396,10 +400,12 @@ impl Sending {
 
     /// The next message of the receiver, or the app's cancel.
     async fn next(&mut self) -> Result<Inbound, FileError> {
-        tokio::select! {
+        let m = tokio::select! {
             m = self.rx.recv() => m.ok_or(FileError::PeerGone(self.peer)),
             Ok(_) = self.cancel.wait_for(|c| *c) => Err(FileError::Cancelled { by_peer: false, reason: "cancelled".into() }),
-        }
+        };
+        self.peer_ended |= matches!(m, Ok(Inbound::Reject(..) | Inbound::Cancel(..)));
+        m
     }
 
     async fn exchange(&mut self, source: Source) -> Result<SentFile, FileError> {
@@ -457,6 +463,7 @@ impl Sending {
                 }
             }
             while let Ok(m) = self.rx.try_recv() {
+                self.peer_ended |= matches!(m, Inbound::Cancel(..));
                 match m {
                     Inbound::Verified(v) if v <= sent => verified = verified.max(v),
                     Inbound::Cancel(code, reason) => {
@@ -534,15 +541,19 @@ struct Receiving {
     sha256: Hash,
     rx: mpsc::Receiver<Inbound>,
     cancel: watch::Receiver<bool>,
+    /// The sender's CANCEL ended it: nothing to tell it.
+    peer_ended: bool,
 }
 
 impl Receiving {
     /// The sender's next message, or the app's cancel.
     async fn recv(&mut self) -> Result<Inbound, FileError> {
-        tokio::select! {
+        let m = tokio::select! {
             m = self.rx.recv() => m.ok_or(FileError::PeerGone(self.peer)),
             Ok(_) = self.cancel.wait_for(|c| *c) => Err(FileError::Cancelled { by_peer: false, reason: "cancelled".into() }),
-        }
+        };
+        self.peer_ended |= matches!(m, Ok(Inbound::Cancel(..)));
+        m
     }
 
     async fn run(mut self, decision: oneshot::Receiver<Decision>) {
@@ -585,7 +596,7 @@ impl Receiving {
                 let _ = self.files.events.send(Event::FileReceived(file)).await;
             }
             Err(e) => {
-                if let Some((code, reason)) = e.to_send() {
+                if let Some((code, reason)) = e.to_send().filter(|_| !self.peer_ended) {
                     let _ = self.files.post(
                         peer,
                         FileMsg::Cancel {

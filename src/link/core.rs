@@ -1701,6 +1701,9 @@ impl LinkCore {
         let mut messages = Vec::new();
         let mut undelivered = 0;
         for (i, lane) in self.lanes.iter_mut().enumerate() {
+            // The file lane's messages belong to transfers that end with this link (§8.9): they
+            // are dropped, neither carried to the next link nor counted as undelivered.
+            let carry = i != usize::from(FILE_LANE);
             let st = &mut lane.send;
             let held = st.held_from.unwrap_or(u64::MAX);
             let unacked = std::mem::take(&mut st.unacked);
@@ -1710,6 +1713,9 @@ impl LinkCore {
             st.server_resend.clear();
             let mut current = BytesMut::new();
             for u in unacked {
+                if !carry {
+                    continue;
+                }
                 if u.seq < held {
                     undelivered += u64::from(u.fin);
                     continue;
@@ -1731,7 +1737,9 @@ impl LinkCore {
             }
             for m in lane.waiting.drain(..) {
                 lane.held_permits -= permits_for(m.len());
-                messages.push((Lane(i as u8), m));
+                if carry {
+                    messages.push((Lane(i as u8), m));
+                }
             }
         }
         (messages, undelivered)
@@ -4055,6 +4063,35 @@ mod tests {
             c.send_on(Lane(2), Bytes::new(), Delivery::Reliable),
             Err(SendError::Ended)
         );
+    }
+
+    #[test]
+    fn take_held_leaves_the_file_lane_behind() {
+        let t0 = Instant::now();
+        let mut cfg = cfg_lanes(1 << 20, &[]);
+        cfg.version = FILES_VERSION;
+        let mut c = LinkCore::new(cfg, t0);
+        c.handle_frame(PathId::Server, version(4), t0);
+        // Transmitted and unacknowledged, then held: neither is carried nor counted.
+        c.send_on(
+            Lane(FILE_LANE),
+            Bytes::from_static(b"chunk"),
+            Delivery::Reliable,
+        )
+        .unwrap();
+        drain(&mut c);
+        c.hold();
+        c.send_on(
+            Lane(FILE_LANE),
+            Bytes::from_static(b"end"),
+            Delivery::Reliable,
+        )
+        .unwrap();
+        c.send_on(Lane(0), Bytes::from_static(b"chat"), Delivery::Reliable)
+            .unwrap();
+        let (held, undelivered) = c.take_held();
+        assert_eq!(held, vec![(Lane(0), Bytes::from_static(b"chat"))]);
+        assert_eq!(undelivered, 0);
     }
 
     #[test]
