@@ -621,3 +621,80 @@ async fn two_transfers_at_once_share_the_link() {
     assert!(other >= size as u64 / 2, "{other} of {size}: not shared");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The sender's signaling connection is cut silently (a proxy stops forwarding) while a file
+/// goes on the server path: the session resumes, and the same transfer completes, from where it
+/// was (nothing sent twice from the start, the hash matches).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_on_the_server_path_survives_a_session_resume() {
+    use common::proxy::Proxy;
+    init_log();
+    let server = server_with(peermesh_server::Config {
+        heartbeat_timeout: Duration::from_secs(3),
+        ..Default::default()
+    })
+    .await;
+    let dir = temp_dir("resume-session");
+    let inbox = dir.join("in");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let src = dir.join("album.zip");
+    let size = 24 << 20;
+    let sha = write_file(&src, size);
+    let proxy = Proxy::start("127.0.0.1:0".parse().unwrap(), server.local_addr()).await;
+    let cfg = |name: &str| {
+        config(name)
+            .with_direct(false)
+            .with_reconnect(Some(peermesh::Reconnect {
+                initial_delay: Duration::from_millis(100),
+                max_delay: Duration::from_millis(500),
+                max_attempts: None,
+            }))
+    };
+    let (a, mut ae) = Client::connect(&proxy.url(), cfg("a")).await.unwrap();
+    let (b, mut be) = client_with(&server, cfg("b")).await;
+    a.join("g").await.unwrap();
+    b.join("g").await.unwrap();
+    wait_joined(&mut ae, b.peer_id()).await;
+    wait_joined(&mut be, a.peer_id()).await;
+    let ia = a.peer_id();
+    let transfer = a.send_file(b.peer_id(), &src).await.unwrap();
+    let outcome = tokio::spawn(transfer.outcome());
+    let Event::FileOffered(offer) =
+        wait_for(&mut be, 30, |e| matches!(e, Event::FileOffered(_))).await
+    else {
+        unreachable!()
+    };
+    offer.accept_into(&inbox);
+    wait_for(
+        &mut be,
+        60,
+        |e| matches!(e, Event::FileProgress { done, .. } if *done >= 4 << 20),
+    )
+    .await;
+    proxy.cut();
+    wait_for(
+        &mut ae,
+        30,
+        |e| matches!(e, Event::Reconnected { resumed: true, peer } if *peer == ia),
+    )
+    .await;
+    let received = match wait_for(&mut be, 120, |e| {
+        matches!(
+            e,
+            Event::FileReceived(_) | Event::FileFailed { .. } | Event::MemberLeft { .. }
+        )
+    })
+    .await
+    {
+        Event::FileReceived(f) => f,
+        other => panic!("{other:?}"),
+    };
+    let sent = outcome.await.unwrap().unwrap();
+    assert_eq!(sent.resumed_from, 0, "the same transfer went on");
+    assert_eq!((sent.sha256, received.sha256), (sha, sha));
+    assert_eq!(
+        std::fs::read(received.path.as_ref().unwrap()).unwrap(),
+        std::fs::read(&src).unwrap()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
