@@ -255,8 +255,11 @@ async fn run(args: Args) -> Result<()> {
          (median of {runs} run(s), MB/s; ratio = file / messages; goal >= 0.90)\n",
         bytes >> 20
     );
-    println!("| path | messages | file (offer → received) | ratio | file incl. hashing | ratio |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| path | messages | file (offer → received) | ratio | file incl. hashing | ratio | \
+         ratio per run (min–max) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     for (k, path) in PATHS.iter().enumerate() {
         let med = |f: fn(&Run) -> f64| {
             stat(&results[k].iter().map(f).collect::<Vec<_>>()).map_or(f64::NAN, |s| s.median)
@@ -266,8 +269,12 @@ async fn run(args: Args) -> Result<()> {
             med(|r| r.file),
             med(|r| r.file_with_hash),
         );
+        let per_run: Vec<f64> = results[k].iter().map(|r| r.file / r.messages).collect();
+        let (lo, hi) = per_run.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), r| {
+            (lo.min(*r), hi.max(*r))
+        });
         println!(
-            "| {path} | {m:.1} | {f:.1} | {:.2} | {h:.1} | {:.2} |",
+            "| {path} | {m:.1} | {f:.1} | {:.2} | {h:.1} | {:.2} | {lo:.2}–{hi:.2} |",
             f / m,
             h / m
         );
