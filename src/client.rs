@@ -1008,9 +1008,9 @@ fn closed_by_server(frame: Option<tokio_tungstenite::tungstenite::protocol::Clos
     }
 }
 
-/// How often a draining client checks whether its links have everything acknowledged.
 /// How long the session waits for its close frame to be written after [`Client::close`].
 const CLOSE_WRITE: Duration = Duration::from_secs(2);
+/// How often a draining client checks whether its links have everything acknowledged.
 const DRAIN_CHECK: Duration = Duration::from_millis(10);
 
 /// How serving one connection ended.

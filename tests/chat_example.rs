@@ -255,10 +255,17 @@ async fn a_killed_receiver_continues_the_file_after_a_restart() {
     };
     let transfer = bob.send_file(alice_id, &src).await.unwrap();
     // Killed once the receiver has persisted 8 MiB (its state file says so).
-    let state_file = inbox.join(".video.bin.peermesh-part.json");
+    // `.video.bin.<hash>.peermesh-part.json`
+    let state_file = || {
+        std::fs::read_dir(&inbox).ok()?.find_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            (name.starts_with(".video.bin.") && name.ends_with(".peermesh-part.json"))
+                .then(|| inbox.join(name))
+        })
+    };
     let verified_in_state = || -> u64 {
-        std::fs::read(&state_file)
-            .ok()
+        state_file()
+            .and_then(|f| std::fs::read(f).ok())
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
             .and_then(|v| v["verified"].as_u64())
             .unwrap_or(0)

@@ -565,6 +565,18 @@ async fn two_transfers_at_once_share_the_link() {
     let t1 = a.send_file(b.peer_id(), &one).await.unwrap();
     let t2 = a.send_file(b.peer_id(), &two).await.unwrap();
     let (o1, o2) = (tokio::spawn(t1.outcome()), tokio::spawn(t2.outcome()));
+    // Both offers are accepted together, so that neither starts first.
+    let mut offers = Vec::new();
+    while offers.len() < 2 {
+        if let Event::FileOffered(offer) =
+            wait_for(&mut be, 30, |e| matches!(e, Event::FileOffered(_))).await
+        {
+            offers.push(offer);
+        }
+    }
+    for offer in &offers {
+        offer.accept_into(&inbox);
+    }
     let mut received = Vec::new();
     let mut other_at_first_done = None;
     // What the receiver has written and checked, per transfer.
@@ -573,17 +585,11 @@ async fn two_transfers_at_once_share_the_link() {
         match wait_for(&mut be, 120, |e| {
             matches!(
                 e,
-                Event::FileOffered(_)
-                    | Event::FileProgress { .. }
-                    | Event::FileReceived(_)
-                    | Event::FileFailed { .. }
+                Event::FileProgress { .. } | Event::FileReceived(_) | Event::FileFailed { .. }
             )
         })
         .await
         {
-            Event::FileOffered(offer) => {
-                offer.accept_into(&inbox);
-            }
             Event::FileProgress {
                 transfer, done: d, ..
             } => {
@@ -696,5 +702,104 @@ async fn a_transfer_on_the_server_path_survives_a_session_resume() {
         std::fs::read(received.path.as_ref().unwrap()).unwrap(),
         std::fs::read(&src).unwrap()
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Two different files of the same name from two members, received into one directory at the
+/// same time (as the chat example does): each keeps its own bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_files_of_the_same_name_at_once_stay_apart() {
+    init_log();
+    let server = server().await;
+    let dir = temp_dir("same-name");
+    let inbox = dir.join("in");
+    std::fs::create_dir_all(dir.join("a")).unwrap();
+    std::fs::create_dir_all(dir.join("c")).unwrap();
+    std::fs::create_dir_all(&inbox).unwrap();
+    let (from_a, from_c) = (dir.join("a/photo.jpg"), dir.join("c/photo.jpg"));
+    let size = 12 << 20;
+    let sha_a = write_file(&from_a, size);
+    let data_c: Vec<u8> = (0..size).map(|i| (i * 29 % 239) as u8).collect();
+    std::fs::write(&from_c, &data_c).unwrap();
+    let sha_c: [u8; 32] = Sha256::digest(&data_c).into();
+    let (a, mut ae, b, mut be) = server_path_pair(&server).await;
+    let (c, mut ce) = client_with(&server, config("c").with_direct(false)).await;
+    c.join("g").await.unwrap();
+    wait_joined(&mut be, c.peer_id()).await;
+    wait_joined(&mut ce, b.peer_id()).await;
+    tokio::spawn(async move { while ae.recv().await.is_some() {} });
+    let ta = a.send_file(b.peer_id(), &from_a).await.unwrap();
+    let tc = c.send_file(b.peer_id(), &from_c).await.unwrap();
+    let mut offers = Vec::new();
+    while offers.len() < 2 {
+        if let Event::FileOffered(offer) =
+            wait_for(&mut be, 30, |e| matches!(e, Event::FileOffered(_))).await
+        {
+            offers.push(offer);
+        }
+    }
+    for offer in &offers {
+        assert_eq!(offer.name, "photo.jpg");
+        offer.accept_into(&inbox);
+    }
+    let mut received = Vec::new();
+    while received.len() < 2 {
+        match wait_for(&mut be, 120, |e| {
+            matches!(e, Event::FileReceived(_) | Event::FileFailed { .. })
+        })
+        .await
+        {
+            Event::FileReceived(f) => received.push(f),
+            other => panic!("{other:?}"),
+        }
+    }
+    let (sa, sc) = tokio::join!(ta.outcome(), tc.outcome());
+    assert_eq!((sa.unwrap().sha256, sc.unwrap().sha256), (sha_a, sha_c));
+    for f in &received {
+        let want = if f.from == a.peer_id() {
+            std::fs::read(&from_a).unwrap()
+        } else {
+            data_c.clone()
+        };
+        let sha = if f.from == a.peer_id() { sha_a } else { sha_c };
+        assert_eq!(f.sha256, sha);
+        assert!(
+            std::fs::read(f.path.as_ref().unwrap()).unwrap() == want,
+            "{} has the other file's bytes",
+            f.name
+        );
+    }
+    let mut names: Vec<_> = received.iter().map(|f| f.name.clone()).collect();
+    names.sort();
+    assert_eq!(names, ["photo (1).jpg", "photo.jpg"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A sender whose largest message is smaller than a chunk sends smaller chunks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_max_message_size_makes_small_chunks() {
+    init_log();
+    let server = server().await;
+    let dir = temp_dir("small-msgs");
+    let (a, mut ae) = client_with(
+        &server,
+        config("a")
+            .with_direct(false)
+            .with_max_message_size(16 << 10),
+    )
+    .await;
+    let (b, mut be) = client_with(&server, config("b").with_direct(false)).await;
+    a.join("g").await.unwrap();
+    b.join("g").await.unwrap();
+    wait_joined(&mut ae, b.peer_id()).await;
+    wait_joined(&mut be, a.peer_id()).await;
+    let src = dir.join("small.bin");
+    let sha = write_file(&src, (1 << 20) + 3);
+    let inbox = dir.join("in");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let transfer = a.send_file(b.peer_id(), &src).await.unwrap();
+    let (sent, received) = tokio::join!(transfer.outcome(), receive_into(&mut be, &inbox));
+    assert_eq!(sent.unwrap().sha256, sha);
+    assert_eq!(received.unwrap().sha256, sha);
     std::fs::remove_dir_all(&dir).unwrap();
 }

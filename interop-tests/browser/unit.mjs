@@ -1118,6 +1118,7 @@ check('a client: member direct, acks, quiet report errors, direct_not_allowed', 
     assert.equal(decodeFileMsg(unhex('07 0000000000000007 00')), null); // longer than DONE
     assert.equal(decodeFileMsg(unhex('08 0000000000000007 02 ff')), null); // not UTF-8
     assert.equal(decodeFileMsg(new Uint8Array(49 + (256 << 10) + 1).fill(4)), null); // chunk too long
+    assert.equal(decodeFileMsg(new Uint8Array(49).fill(4)), null); // an empty chunk
     assert.equal(fileChunkMax(8 << 20), 256 << 10);
     // A CHUNK fits half the window (bytes + 64 per fragment), here 32 KiB.
     const m = fileChunkMax(64 << 10) + 49;

@@ -2955,7 +2955,7 @@ function decodeFileMsg(b) {
     [F_OFFER]: [49, FILE_TEXT_MAX],
     [F_ACCEPT]: [17, 0],
     [F_REJECT]: [10, FILE_TEXT_MAX],
-    [F_CHUNK]: [49, FILE_CHUNK_MAX],
+    [F_CHUNK]: [50, FILE_CHUNK_MAX - 1], // 1 to FILE_CHUNK_MAX bytes of the file
     [F_VERIFIED]: [17, 0],
     [F_END]: [41, 0],
     [F_DONE]: [9, 0],

@@ -1,8 +1,9 @@
 //! The receiving side's file on disk: a partial file next to its state, written only with
 //! checked chunks, resumable, and put in place under a name that overwrites nothing.
 //!
-//! In the download directory `dir`, a transfer of `name` writes `.{name}.peermesh-part` and
-//! keeps `.{name}.peermesh-part.json` (size, SHA-256 of the whole file, bytes verified) next to
+//! In the download directory `dir`, a transfer of `name` writes `.{name}.{h}.peermesh-part`
+//! (`h`: the first 16 hex digits of the file's SHA-256) and keeps `.{name}.{h}.peermesh-part.json`
+//! (size, SHA-256 of the whole file, bytes verified) next to
 //! it. Received names never start with a dot ([`safe_file_name`]), so these never clash with a
 //! received file. An offer of the same name, size and whole-file hash continues from the
 //! verified offset (the hash says the bytes are the same, whoever sends them).
@@ -81,16 +82,67 @@ pub struct PartFile {
     /// Whether a later offer may continue it (the sender knew the whole file's hash).
     resumable: bool,
     persisted: u64,
+    /// Finished, abandoned or discarded: nothing left to do when dropped.
+    ended: bool,
+}
+
+/// A partial file dropped without an end (an error on the way out, a task that was stopped)
+/// is abandoned: kept for a resume if it can be resumed, removed otherwise.
+impl Drop for PartFile {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.ended = true;
+            if self.resumable {
+                let _ = self.persist();
+            } else {
+                self.discard();
+            }
+        }
+    }
 }
 
 impl PartFile {
+    /// The partial file of `name` with `sha256` in a download directory: the hash is in the
+    /// name, so two different files of the same name never share one.
+    pub fn part_name(name: &str, sha256: &Hash) -> String {
+        format!(".{name}.{}.peermesh-part", &hex(sha256)[..16])
+    }
+
     /// Start receiving `name` (already a safe name) of `size` bytes into `dir`, or continue a
     /// partial file of the same name, size and hash. `sha256` all zeros: the sender does not
-    /// know the hash in advance, so nothing is resumed and nothing kept for later.
+    /// know the hash in advance, so nothing is resumed and nothing kept for later. The caller
+    /// makes sure no other transfer uses the same partial file ([`PartFile::part_name`]) at
+    /// the same time; if one does, [`PartFile::open_unshared`].
     pub fn open(dir: &Path, name: &str, size: u64, sha256: &Hash) -> Result<PartFile, Failure> {
-        let data_path = dir.join(format!(".{name}.peermesh-part"));
-        let state_path = dir.join(format!(".{name}.peermesh-part.json"));
         let resumable = sha256 != &[0; HASH_LEN];
+        Self::open_as(dir, name, size, sha256, resumable)
+    }
+
+    /// Like [`PartFile::open`], into a partial file of its own that nothing else uses and that
+    /// is not kept for a resume (another transfer of the same file is using the shared one).
+    pub fn open_unshared(
+        dir: &Path,
+        name: &str,
+        size: u64,
+        sha256: &Hash,
+    ) -> Result<PartFile, Failure> {
+        Self::open_as(dir, name, size, sha256, false)
+    }
+
+    fn open_as(
+        dir: &Path,
+        name: &str,
+        size: u64,
+        sha256: &Hash,
+        resumable: bool,
+    ) -> Result<PartFile, Failure> {
+        let part = if resumable {
+            Self::part_name(name, sha256)
+        } else {
+            format!(".{name}.{:016x}.peermesh-part", rand::random::<u64>())
+        };
+        let data_path = dir.join(&part);
+        let state_path = dir.join(format!("{part}.json"));
         let want = PartState {
             name: name.to_string(),
             size,
@@ -151,6 +203,7 @@ impl PartFile {
             state,
             hasher,
             resumable,
+            ended: false,
         };
         part.persist()?;
         Ok(part)
@@ -262,23 +315,19 @@ impl PartFile {
                 std::fs::rename(&self.data_path, &target)
             })
             .map_err(|e| Failure::io("cannot put the file in place", &e))?;
-        let _ = std::fs::remove_file(&self.data_path);
-        let _ = std::fs::remove_file(&self.state_path);
+        self.discard();
         Ok((target, got))
     }
 
     /// The transfer ended without the file. A resumable partial file stays for the next offer
     /// of the same file; any other is removed.
-    pub fn abandon(mut self) {
-        if self.resumable {
-            let _ = self.persist();
-        } else {
-            self.discard();
-        }
+    pub fn abandon(self) {
+        drop(self);
     }
 
     /// The transfer ended without the file and nothing of it is kept.
     pub fn discard(&mut self) {
+        self.ended = true;
         let _ = std::fs::remove_file(&self.data_path);
         let _ = std::fs::remove_file(&self.state_path);
     }
@@ -344,9 +393,9 @@ mod tests {
         let h = sha(&data);
         let mut p = PartFile::open(&d, "big.bin", data.len() as u64, &h).unwrap();
         feed(&mut p, &data, 0, 6 << 20, 256 << 10);
-        // The process dies here: what was persisted survives (PERSIST_EVERY = 4 MiB), and
-        // bytes written after it are not trusted.
-        drop(p);
+        // The process dies here (no drop runs): what was persisted survives (PERSIST_EVERY =
+        // 4 MiB), and bytes written after it are not trusted.
+        std::mem::forget(p);
         let mut p = PartFile::open(&d, "big.bin", data.len() as u64, &h).unwrap();
         assert_eq!(p.offset(), PERSIST_EVERY);
         feed(&mut p, &data, PERSIST_EVERY as usize, data.len(), 256 << 10);
@@ -393,13 +442,37 @@ mod tests {
         let e = p.finish(&h).unwrap_err();
         assert_eq!(e.code, FileErrorCode::HashMismatch);
         assert!(!d.join("g").exists());
-        assert!(!d.join(".g.peermesh-part").exists());
+        // (The truncated "f" keeps its verified part for a resume; "g" keeps nothing.)
+        let parts = || {
+            std::fs::read_dir(&d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| n.contains("peermesh-part") && !n.starts_with(".f."))
+                .collect::<Vec<_>>()
+        };
+        assert!(parts().is_empty(), "{:?}", parts());
 
         // A stream (hash unknown in advance): nothing kept when it ends early.
         let mut p = PartFile::open(&d, "s", 1000, &[0; HASH_LEN]).unwrap();
         feed(&mut p, &data, 0, 500, 100);
         p.abandon();
-        assert!(!d.join(".s.peermesh-part").exists());
+        assert!(parts().is_empty(), "{:?}", parts());
+
+        // Two files of the same name at once: each has its own partial file.
+        let other: Vec<u8> = data.iter().map(|b| b ^ 0xff).collect();
+        let mut a = PartFile::open(&d, "same", 1000, &h).unwrap();
+        let mut b = PartFile::open(&d, "same", 1000, &sha(&other)).unwrap();
+        let mut c = PartFile::open_unshared(&d, "same", 1000, &h).unwrap();
+        feed(&mut a, &data, 0, 1000, 300);
+        feed(&mut b, &other, 0, 1000, 300);
+        feed(&mut c, &data, 0, 1000, 300);
+        let (pa, _) = a.finish(&h).unwrap();
+        let (pb, _) = b.finish(&sha(&other)).unwrap();
+        let (pc, _) = c.finish(&h).unwrap();
+        assert_eq!(std::fs::read(pa).unwrap(), data);
+        assert_eq!(std::fs::read(pb).unwrap(), other);
+        assert_eq!(std::fs::read(pc).unwrap(), data);
+        assert!(parts().is_empty(), "{:?}", parts());
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -3,7 +3,7 @@
 //! awaits (a transfer that is busy writing holds the link's file lane back: the window then
 //! holds the sender back, so nothing piles up in memory).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -47,11 +47,38 @@ enum Inbound {
 
 /// What every transfer of a client shares: where each transfer's messages go.
 pub(crate) struct Files {
-    routes: Mutex<HashMap<(PeerId, u64), mpsc::Sender<Inbound>>>,
+    routes: Mutex<HashMap<(PeerId, u64), Route>>,
     events: mpsc::Sender<Event>,
     links: LinkLookup,
     /// Offers above this size are refused (`too_large`) without asking the app.
     max_size: Option<u64>,
+    /// The shared (resumable) partial files that a transfer is receiving into.
+    parts: Mutex<HashSet<PathBuf>>,
+}
+
+/// Where one transfer's messages go.
+#[derive(Clone)]
+struct Route {
+    tx: mpsc::Sender<Inbound>,
+    /// A transfer we send: it may be waiting for the link task, so the link task never waits
+    /// for it (an honest receiver sends it far fewer messages than its queue holds).
+    sending: bool,
+}
+
+/// A transfer's hold on a shared partial file; let go when dropped.
+struct PartClaim {
+    files: Arc<Files>,
+    path: PathBuf,
+}
+
+impl Drop for PartClaim {
+    fn drop(&mut self) {
+        self.files
+            .parts
+            .lock()
+            .expect("partial files lock")
+            .remove(&self.path);
+    }
 }
 
 /// Where the bytes of a file being sent come from.
@@ -97,16 +124,20 @@ impl Files {
             events,
             links,
             max_size,
+            parts: Mutex::new(HashSet::new()),
         })
     }
 
-    fn route(&self, peer: PeerId, transfer: u64) -> mpsc::Receiver<Inbound> {
+    /// A route for a new transfer with `peer`: `None` if the id is taken (CANCEL names only
+    /// the id, so one id is never used by two transfers with one peer at once).
+    fn route(&self, peer: PeerId, transfer: u64, sending: bool) -> Option<mpsc::Receiver<Inbound>> {
         let (tx, rx) = mpsc::channel(ROUTE_QUEUE);
-        self.routes
-            .lock()
-            .expect("file routes lock")
-            .insert((peer, transfer), tx);
-        rx
+        let mut routes = self.routes.lock().expect("file routes lock");
+        if routes.contains_key(&(peer, transfer)) {
+            return None;
+        }
+        routes.insert((peer, transfer), Route { tx, sending });
+        Some(rx)
     }
 
     fn unroute(&self, peer: PeerId, transfer: u64) {
@@ -161,8 +192,14 @@ impl Files {
             .get(&(peer, transfer))
             .cloned();
         match route {
+            // A sending transfer may be waiting for the link task: never wait for it.
+            Some(Route { tx, sending: true }) => {
+                if let Err(mpsc::error::TrySendError::Full(m)) = tx.try_send(inbound) {
+                    tracing::warn!(peer, transfer, "dropping {m:?}: the peer sends too much");
+                }
+            }
             // Awaited: a transfer busy on its disk holds the file lane back.
-            Some(tx) => {
+            Some(Route { tx, .. }) => {
                 let _ = tx.send(inbound).await;
             }
             None => tracing::debug!(peer, transfer, "file message for no transfer"),
@@ -173,14 +210,14 @@ impl Files {
     fn post(&self, peer: PeerId, msg: FileMsg<'_>) -> Result<(), FileError> {
         let link = (self.links)(peer).ok_or(FileError::PeerGone(peer))?;
         link.post_file_msg(Bytes::from(msg.encode()))
-            .map_err(|_| FileError::PeerGone(peer))
+            .map_err(|e| link_error(peer, e))
     }
 
     async fn send_msg(&self, peer: PeerId, msg: FileMsg<'_>) -> Result<(), FileError> {
         let link = (self.links)(peer).ok_or(FileError::PeerGone(peer))?;
         link.send_file_msg(Bytes::from(msg.encode()))
             .await
-            .map_err(|_| FileError::PeerGone(peer))
+            .map_err(|e| link_error(peer, e))
     }
 
     // ---- sending ----
@@ -249,8 +286,13 @@ impl Files {
         sha256: Hash,
         source: Source,
     ) -> FileTransfer {
-        let transfer = rand::random::<u64>();
-        let rx = self.route(peer, transfer);
+        // A fresh id (the peer's transfers to us included).
+        let (transfer, rx) = loop {
+            let id = rand::random::<u64>();
+            if let Some(rx) = self.route(peer, id, true) {
+                break (id, rx);
+            }
+        };
         let (progress_tx, progress) = watch::channel(Progress::new(size));
         let (cancel_tx, cancel) = watch::channel(false);
         let (outcome_tx, outcome) = oneshot::channel();
@@ -316,7 +358,22 @@ impl Files {
                 .await;
             return;
         }
-        let rx = self.route(peer, transfer);
+        let Some(rx) = self.route(peer, transfer, false) else {
+            tracing::warn!(
+                peer,
+                transfer,
+                "an OFFER with the id of a transfer in progress"
+            );
+            let _ = self.post(
+                peer,
+                FileMsg::Reject {
+                    transfer,
+                    code: FileErrorCode::Protocol,
+                    reason: "this id is in use",
+                },
+            );
+            return;
+        };
         let (decide, decision) = oneshot::channel();
         let (cancel_tx, cancel) = watch::channel(false);
         let offer = FileOffer::new(
@@ -344,6 +401,18 @@ impl Files {
             files.unroute(peer, transfer);
         });
         let _ = self.events.send(Event::FileOffered(offer)).await;
+    }
+}
+
+/// Why the link did not take a file message: gone, or (never from a reference peer) a peer
+/// this end decided has no file lane, or a message the link refuses.
+fn link_error(peer: PeerId, e: crate::Error) -> FileError {
+    match e {
+        crate::Error::UnknownPeer(_) => FileError::PeerGone(peer),
+        e => FileError::Failed {
+            code: FileErrorCode::Protocol,
+            reason: format!("the link refused a file message: {e}"),
+        },
     }
 }
 
@@ -487,17 +556,23 @@ impl Sending {
                 h.update(chunk);
             }
             let sha256: Hash = Sha256::digest(chunk).into();
-            self.files
-                .send_msg(
-                    peer,
-                    FileMsg::Chunk {
-                        transfer,
-                        offset: sent,
-                        sha256,
-                        bytes: chunk,
-                    },
-                )
-                .await?;
+            let msg = FileMsg::Chunk {
+                transfer,
+                offset: sent,
+                sha256,
+                bytes: chunk,
+            };
+            // The app's cancel is heard while the chunk waits for room (dropping the send
+            // withdraws it).
+            tokio::select! {
+                r = self.files.send_msg(peer, msg) => r?,
+                Ok(_) = self.cancel.wait_for(|c| *c) => {
+                    return Err(FileError::Cancelled {
+                        by_peer: false,
+                        reason: "cancelled".into(),
+                    })
+                }
+            }
             sent += n as u64;
             self.progress
                 .send_replace(Progress::at(sent, self.size, offset, started.elapsed()));
@@ -574,9 +649,10 @@ impl Receiving {
             // The sender cancelled (or left) before the app answered.
             m = self.rx.recv() => match m {
                 Some(Inbound::Cancel(code, reason)) => {
-                    Err(FileError::from_peer(code, reason))
+                    Err((FileError::from_peer(code, reason), true))
                 }
-                _ => return,
+                None => Err((FileError::PeerGone(peer), true)),
+                Some(other) => Err((FileError::protocol(format!("{other:?} before ACCEPT")), false)),
             },
             Ok(_) = self.cancel.wait_for(|c| *c) => {
                 let _ = self.files.post(peer, FileMsg::Reject { transfer, code: FileErrorCode::Rejected, reason: "cancelled" });
@@ -585,7 +661,19 @@ impl Receiving {
         };
         let sink = match sink {
             Ok(sink) => sink,
-            Err(e) => return self.failed(e).await,
+            Err((e, from_peer)) => {
+                if let Some((code, reason)) = e.to_send().filter(|_| !from_peer) {
+                    let _ = self.files.post(
+                        peer,
+                        FileMsg::Cancel {
+                            transfer,
+                            code,
+                            reason: &reason,
+                        },
+                    );
+                }
+                return self.failed(e).await;
+            }
         };
         let r = match sink {
             Sink::Dir(dir) => self.receive(&dir).await,
@@ -626,7 +714,33 @@ impl Receiving {
     async fn receive(&mut self, dir: &Path) -> Result<ReceivedFile, FileError> {
         let (peer, transfer) = (self.peer, self.transfer);
         let (d, name, size, sha) = (dir.to_path_buf(), self.name.clone(), self.size, self.sha256);
-        let mut part = blocking(move || PartFile::open(&d, &name, size, &sha)).await?;
+        // One transfer at a time in a shared partial file: another transfer of the same file
+        // into the same directory gets a partial file of its own (not resumable).
+        let shared = dir.join(PartFile::part_name(&name, &sha));
+        let claim = (sha != [0; 32])
+            .then(|| {
+                let fresh = self
+                    .files
+                    .parts
+                    .lock()
+                    .expect("partial files lock")
+                    .insert(shared.clone());
+                fresh.then(|| PartClaim {
+                    files: self.files.clone(),
+                    path: shared,
+                })
+            })
+            .flatten();
+        let unshared = sha != [0; 32] && claim.is_none();
+        let _claim = claim;
+        let mut part = blocking(move || {
+            if unshared {
+                PartFile::open_unshared(&d, &name, size, &sha)
+            } else {
+                PartFile::open(&d, &name, size, &sha)
+            }
+        })
+        .await?;
         let resumed_from = part.offset();
         self.files.post(
             peer,
@@ -698,7 +812,9 @@ impl Receiving {
                 }
                 Inbound::End(sha256) => {
                     let (path, hash) = blocking(move || part.finish(&sha256)).await?;
-                    self.files.post(peer, FileMsg::Done { transfer })?;
+                    // The file is in place and checked: it is received, even if the sender
+                    // can no longer be told.
+                    let _ = self.files.post(peer, FileMsg::Done { transfer });
                     return Ok(ReceivedFile {
                         transfer: TransferId(transfer),
                         from: peer,
@@ -828,7 +944,9 @@ impl Receiving {
                         ));
                     }
                     writer.flush().await.map_err(io)?;
-                    self.files.post(peer, FileMsg::Done { transfer })?;
+                    // The file is in place and checked: it is received, even if the sender
+                    // can no longer be told.
+                    let _ = self.files.post(peer, FileMsg::Done { transfer });
                     return Ok(ReceivedFile {
                         transfer: TransferId(transfer),
                         from: peer,

@@ -324,7 +324,8 @@ impl<'a> FileMsg<'a> {
             kind::OFFER => (49, MAX_TEXT),
             kind::ACCEPT | kind::VERIFIED => (17, 0),
             kind::REJECT | kind::CANCEL => (10, MAX_TEXT),
-            kind::CHUNK => (49, MAX_CHUNK),
+            // 1 to MAX_CHUNK bytes of the file.
+            kind::CHUNK => (50, MAX_CHUNK - 1),
             kind::END => (41, 0),
             kind::DONE => (9, 0),
             other => return Err(FileMsgError::UnknownKind(other)),

@@ -433,11 +433,16 @@ impl LinkHandle {
     }
 
     /// Largest file bytes per CHUNK on this link: a file message may take at most half the
-    /// window (§8.9).
+    /// window (§8.9) and is a reliable message like any other (`max_message`).
     pub(crate) fn file_chunk_max(&self) -> usize {
+        // A CHUNK's header and more.
+        const HEADER: usize = 64;
         let half = self.cfg.window / 2;
         let fragments = half.div_ceil(crate::protocol::MAX_FRAGMENT_PAYLOAD);
-        (half - fragments * self::core::FRAGMENT_OVERHEAD - 64).min(crate::files::wire::MAX_CHUNK)
+        (half - fragments * self::core::FRAGMENT_OVERHEAD)
+            .min(self.cfg.max_message)
+            .saturating_sub(HEADER)
+            .clamp(1, crate::files::wire::MAX_CHUNK)
     }
 
     /// Send one file-transfer message (§8.9) on the file lane, waiting for room.
@@ -452,6 +457,12 @@ impl LinkHandle {
     /// link task would deadlock both.
     pub(crate) fn post_file_msg(&self, data: Bytes) -> Result<()> {
         let lane = Lane(crate::protocol::FILE_LANE);
+        // The core would refuse it (and nobody would hear): say so here. (Each end decides
+        // the other's version on its own, §8.8.2, so a file may come from a peer this end
+        // has decided has no file lane.)
+        if self.view.borrow().peer_files != Some(true) {
+            return Err(self.error(SendError::NoLane(lane.0)));
+        }
         self.admit(lane, data.len(), Delivery::Reliable)?;
         self.cmds
             .send(Cmd::Send {
@@ -961,7 +972,14 @@ impl LinkTask {
                 }
             }
         }
+        // A lane-0 send waits for room: no new file message until it has it (file messages
+        // would otherwise take every bit of room that acks free, for as long as transfers
+        // last, and a lane-0 message larger than the rest of the window would never fit).
+        let lane0_waits = !self.waiting.is_empty();
         for i in 1..LANE_SLOTS {
+            if lane0_waits && i == usize::from(crate::protocol::FILE_LANE) && !self.ended {
+                continue;
+            }
             while let Some(Waiter::Send { permits, reply, .. }) = self.lane_waiting[i].front() {
                 let withdrawn = reply.as_ref().is_some_and(|r| r.is_closed());
                 // Never the credit lent to lane 0's gate: a lane's share can change (the file
