@@ -325,3 +325,84 @@ async fn a_killed_receiver_continues_the_file_after_a_restart() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The sending chat process is killed (SIGKILL) mid-transfer and started again: `/send` of the
+/// same file continues from what the receiver verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_sender_continues_the_file_after_a_restart() {
+    use peermesh::{ClientConfig, Event};
+    let server = common::server_with(peermesh_server::Config {
+        resume_grace: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await;
+    let url = server.ws_url();
+    let dir = temp_dir("kill-sender");
+    let inbox = dir.join("in");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let src = dir.join("backup.tar");
+    let size: u64 = 32 << 20;
+    let sha = write_file(&src, size as usize);
+    let (bob, mut bob_events) =
+        common::client_with(&server, ClientConfig::new("bob").with_loopback_only(true)).await;
+    bob.join("lobby").await.unwrap();
+    let send_line = format!("/send bob {}", src.to_str().unwrap());
+
+    let mut alice = Chat::start(&url, "alice");
+    alice.expect("joined bob").await;
+    alice.say(&send_line).await;
+    let Event::FileOffered(offer) =
+        common::wait_for(&mut bob_events, 30, |e| matches!(e, Event::FileOffered(_))).await
+    else {
+        unreachable!()
+    };
+    offer.accept_into(&inbox);
+    common::wait_for(
+        &mut bob_events,
+        60,
+        |e| matches!(e, Event::FileProgress { done, .. } if *done >= 8 << 20),
+    )
+    .await;
+    alice.child.start_kill().unwrap();
+    alice.child.wait().await.unwrap();
+    common::wait_for(&mut bob_events, 30, |e| {
+        matches!(e, Event::FileFailed { .. })
+    })
+    .await;
+
+    let mut alice = Chat::start(&url, "alice");
+    alice.expect("joined bob").await;
+    alice.say(&send_line).await;
+    let Event::FileOffered(offer) =
+        common::wait_for(&mut bob_events, 30, |e| matches!(e, Event::FileOffered(_))).await
+    else {
+        unreachable!()
+    };
+    offer.accept_into(&inbox);
+    let received = match common::wait_for(&mut bob_events, 120, |e| {
+        matches!(e, Event::FileReceived(_) | Event::FileFailed { .. })
+    })
+    .await
+    {
+        Event::FileReceived(f) => f,
+        other => panic!("{other:?}"),
+    };
+    alice.expect("sent backup.tar to bob").await;
+    eprintln!(
+        "sender killed; {} MiB kept, {} MiB sent the second time",
+        received.resumed_from >> 20,
+        (size - received.resumed_from) >> 20
+    );
+    assert!(
+        received.resumed_from >= 8 << 20,
+        "{}",
+        received.resumed_from
+    );
+    let hex: String = received.sha256.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(hex, sha);
+    assert_eq!(
+        std::fs::read(received.path.as_ref().unwrap()).unwrap(),
+        std::fs::read(&src).unwrap()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
