@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
-use peermesh::{Client, ClientConfig, Event, Events, FileError, FileErrorCode, ReceivedFile};
+use peermesh::{
+    Client, ClientConfig, Event, Events, FileError, FileErrorCode, FileOffer, ReceivedFile,
+};
 use peermesh_interop_tests::UdpCut;
 use peermesh_server::ServerHandle;
 use sha2::{Digest, Sha256};
@@ -40,13 +42,28 @@ async fn server_path_pair(server: &ServerHandle) -> (Client, Events, Client, Eve
     (a, ae, b, be)
 }
 
+/// The received file has the bytes of `src`.
+fn assert_same_bytes(received: &ReceivedFile, src: &Path) {
+    let path = received.path.as_ref().expect("received into a directory");
+    assert!(
+        std::fs::read(path).unwrap() == std::fs::read(src).unwrap(),
+        "{} differs from {}",
+        path.display(),
+        src.display()
+    );
+}
+
+/// The next offer among `events`.
+async fn next_offer(events: &mut Events) -> FileOffer {
+    match wait_for(events, 30, |e| matches!(e, Event::FileOffered(_))).await {
+        Event::FileOffered(offer) => offer,
+        _ => unreachable!(),
+    }
+}
+
 /// Accept the next offer into `dir`, then wait for its end.
 async fn receive_into(events: &mut Events, dir: &Path) -> Result<ReceivedFile, FileError> {
-    let Event::FileOffered(offer) =
-        wait_for(events, 30, |e| matches!(e, Event::FileOffered(_))).await
-    else {
-        unreachable!()
-    };
+    let offer = next_offer(events).await;
     assert!(offer.accept_into(dir));
     match wait_for(events, 120, |e| {
         matches!(e, Event::FileReceived(_) | Event::FileFailed { .. })
@@ -81,10 +98,7 @@ async fn a_file_goes_to_a_co_member_on_the_direct_path_and_its_hash_matches() {
     assert_eq!(received.sha256, sha);
     assert_eq!(received.name, "photo.jpg");
     assert_eq!(received.path, Some(inbox.join("photo.jpg")));
-    assert_eq!(
-        std::fs::read(received.path.as_ref().unwrap()).unwrap(),
-        std::fs::read(&src).unwrap()
-    );
+    assert_same_bytes(&received, &src);
     assert_eq!(progress.borrow().done, (8 << 20) + 12345);
     // No partial files left behind.
     let names: Vec<_> = std::fs::read_dir(&inbox)
@@ -110,11 +124,7 @@ async fn a_rejected_offer_and_a_hostile_name() {
     let src = dir.join("..evil");
     write_file(&src, 1000);
     let transfer = a.send_file(b.peer_id(), &src).await.unwrap();
-    let Event::FileOffered(offer) =
-        wait_for(&mut be, 30, |e| matches!(e, Event::FileOffered(_))).await
-    else {
-        unreachable!()
-    };
+    let offer = next_offer(&mut be).await;
     assert_eq!(offer.name, "_.evil", "no hidden files");
     assert_eq!(offer.size, 1000);
     assert!(offer.reject("not now"));
@@ -126,46 +136,6 @@ async fn a_rejected_offer_and_a_hostile_name() {
         Err(FileError::Rejected { reason }) => assert_eq!(reason, "not now"),
         other => panic!("{other:?}"),
     }
-    std::fs::remove_dir_all(&dir).unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_sender_cancels_and_the_receiver_hears_it() {
-    init_log();
-    let server = server().await;
-    let dir = temp_dir("cancel");
-    let (a, _ae, b, mut be) = server_path_pair(&server).await;
-    let src = dir.join("big.bin");
-    write_file(&src, 64 << 20);
-    let inbox = dir.join("in");
-    std::fs::create_dir_all(&inbox).unwrap();
-    let transfer = a.send_file(b.peer_id(), &src).await.unwrap();
-    let Event::FileOffered(offer) =
-        wait_for(&mut be, 30, |e| matches!(e, Event::FileOffered(_))).await
-    else {
-        unreachable!()
-    };
-    offer.accept_into(&inbox);
-    wait_for(&mut be, 30, |e| matches!(e, Event::FileProgress { .. })).await;
-    transfer.cancel();
-    match tokio::time::timeout(Duration::from_secs(30), transfer.outcome())
-        .await
-        .unwrap()
-    {
-        Err(FileError::Cancelled { by_peer: false, .. }) => {}
-        other => panic!("{other:?}"),
-    }
-    match wait_for(&mut be, 30, |e| matches!(e, Event::FileFailed { .. })).await {
-        Event::FileFailed {
-            error: FileError::Cancelled { by_peer: true, .. },
-            ..
-        } => {}
-        other => panic!("{other:?}"),
-    }
-    assert!(
-        !inbox.join("big.bin").exists(),
-        "an incomplete file is never in place"
-    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -186,11 +156,7 @@ async fn a_receiver_that_went_away_continues_from_the_verified_offset() {
     wait_joined(&mut be, a.peer_id()).await;
     wait_joined(&mut ae, b.peer_id()).await;
     let transfer = a.send_file(b.peer_id(), &src).await.unwrap();
-    let Event::FileOffered(offer) =
-        wait_for(&mut be, 30, |e| matches!(e, Event::FileOffered(_))).await
-    else {
-        unreachable!()
-    };
+    let offer = next_offer(&mut be).await;
     offer.accept_into(&inbox);
     // The receiving process goes away once 8 MiB are in (as a killed process: no goodbye to
     // the transfer).
@@ -230,10 +196,7 @@ async fn a_receiver_that_went_away_continues_from_the_verified_offset() {
     assert_eq!(received.resumed_from, sent.resumed_from);
     assert_eq!(received.sha256, sha);
     assert_eq!(received.path, Some(inbox.join("movie.mkv")));
-    assert_eq!(
-        std::fs::read(received.path.as_ref().unwrap()).unwrap(),
-        std::fs::read(&src).unwrap()
-    );
+    assert_same_bytes(&received, &src);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -295,45 +258,66 @@ async fn a_full_disk_ends_the_transfer_with_disk_full_on_both_sides() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sender_cancels_and_the_receiver_hears_it() {
+    cancel_mid_transfer(false).await;
+}
+
 /// The receiver cancels an accepted transfer: the sender hears it, nothing is kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_receiver_cancels_and_the_sender_hears_it() {
+    cancel_mid_transfer(true).await;
+}
+
+/// A 64 MiB transfer on the server path, cancelled by one side once the receiver has some of
+/// it: both hear it, and nothing of the file is left in place.
+async fn cancel_mid_transfer(receiver_cancels: bool) {
     init_log();
     let server = server().await;
-    let dir = temp_dir("rcancel");
+    let dir = temp_dir(if receiver_cancels {
+        "rcancel"
+    } else {
+        "cancel"
+    });
     let (a, _ae, b, mut be) = server_path_pair(&server).await;
     let src = dir.join("big.bin");
     write_file(&src, 64 << 20);
     let inbox = dir.join("in");
     std::fs::create_dir_all(&inbox).unwrap();
     let transfer = a.send_file(b.peer_id(), &src).await.unwrap();
-    let Event::FileOffered(offer) =
-        wait_for(&mut be, 30, |e| matches!(e, Event::FileOffered(_))).await
-    else {
-        unreachable!()
-    };
+    let offer = next_offer(&mut be).await;
     offer.accept_into(&inbox);
     wait_for(&mut be, 30, |e| matches!(e, Event::FileProgress { .. })).await;
-    offer.cancel();
+    if receiver_cancels {
+        offer.cancel();
+    } else {
+        transfer.cancel();
+    }
     match tokio::time::timeout(Duration::from_secs(30), transfer.outcome())
         .await
         .unwrap()
     {
-        Err(FileError::Cancelled { by_peer: true, .. }) => {}
+        Err(FileError::Cancelled { by_peer, .. }) => assert_eq!(by_peer, receiver_cancels),
         other => panic!("{other:?}"),
     }
     match wait_for(&mut be, 30, |e| matches!(e, Event::FileFailed { .. })).await {
         Event::FileFailed {
-            error: FileError::Cancelled { by_peer: false, .. },
+            error: FileError::Cancelled { by_peer, .. },
             ..
-        } => {}
+        } => assert_eq!(by_peer, !receiver_cancels),
         other => panic!("{other:?}"),
     }
-    let left: Vec<_> = std::fs::read_dir(&inbox)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert!(left.is_empty(), "a cancelled file leaves nothing: {left:?}");
+    assert!(
+        !inbox.join("big.bin").exists(),
+        "an incomplete file is never in place"
+    );
+    if receiver_cancels {
+        let left: Vec<_> = std::fs::read_dir(&inbox)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "a cancelled file leaves nothing: {left:?}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -357,11 +341,7 @@ async fn a_stream_into_a_writer_and_a_stream_that_ends_early() {
         )
         .await
         .unwrap();
-    let Event::FileOffered(offer) =
-        wait_for(&mut be, 30, |e| matches!(e, Event::FileOffered(_))).await
-    else {
-        unreachable!()
-    };
+    let offer = next_offer(&mut be).await;
     assert_eq!((offer.name.as_str(), offer.size), ("notes.txt", len as u64));
     let out = dir.join("written");
     let file = tokio::fs::File::create(&out).await.unwrap();
@@ -390,11 +370,7 @@ async fn a_stream_into_a_writer_and_a_stream_that_ends_early() {
         )
         .await
         .unwrap();
-    let Event::FileOffered(offer) =
-        wait_for(&mut be, 30, |e| matches!(e, Event::FileOffered(_))).await
-    else {
-        unreachable!()
-    };
+    let offer = next_offer(&mut be).await;
     offer.accept_into(&dir);
     match transfer.outcome().await {
         Err(FileError::Io(reason)) => assert!(reason.contains("short.bin"), "{reason}"),
@@ -488,11 +464,7 @@ async fn a_64_mib_file_survives_a_cut_of_the_direct_path() {
     let transfer = a.send_file(ib, &src).await.unwrap();
     let progress = transfer.progress();
     let outcome = tokio::spawn(transfer.outcome());
-    let Event::FileOffered(offer) =
-        wait_for(&mut be, 30, |e| matches!(e, Event::FileOffered(_))).await
-    else {
-        unreachable!()
-    };
+    let offer = next_offer(&mut be).await;
     eprintln!("offered at {:?}", t0.elapsed());
     offer.accept_into(&inbox);
     wait_for(
@@ -536,10 +508,7 @@ async fn a_64_mib_file_survives_a_cut_of_the_direct_path() {
     assert!(on_server > 0, "nothing moved on the server path");
     assert_eq!(sent.sha256, sha);
     assert_eq!(received.sha256, sha);
-    assert_eq!(
-        std::fs::read(received.path.as_ref().unwrap()).unwrap(),
-        std::fs::read(&src).unwrap()
-    );
+    assert_same_bytes(&received, &src);
     assert!(a.link_stats(ib).unwrap().path_changes >= 1);
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -568,11 +537,7 @@ async fn two_transfers_at_once_share_the_link() {
     // Both offers are accepted together, so that neither starts first.
     let mut offers = Vec::new();
     while offers.len() < 2 {
-        if let Event::FileOffered(offer) =
-            wait_for(&mut be, 30, |e| matches!(e, Event::FileOffered(_))).await
-        {
-            offers.push(offer);
-        }
+        offers.push(next_offer(&mut be).await);
     }
     for offer in &offers {
         offer.accept_into(&inbox);
@@ -665,11 +630,7 @@ async fn a_transfer_on_the_server_path_survives_a_session_resume() {
     let ia = a.peer_id();
     let transfer = a.send_file(b.peer_id(), &src).await.unwrap();
     let outcome = tokio::spawn(transfer.outcome());
-    let Event::FileOffered(offer) =
-        wait_for(&mut be, 30, |e| matches!(e, Event::FileOffered(_))).await
-    else {
-        unreachable!()
-    };
+    let offer = next_offer(&mut be).await;
     offer.accept_into(&inbox);
     wait_for(
         &mut be,
@@ -698,10 +659,7 @@ async fn a_transfer_on_the_server_path_survives_a_session_resume() {
     let sent = outcome.await.unwrap().unwrap();
     assert_eq!(sent.resumed_from, 0, "the same transfer went on");
     assert_eq!((sent.sha256, received.sha256), (sha, sha));
-    assert_eq!(
-        std::fs::read(received.path.as_ref().unwrap()).unwrap(),
-        std::fs::read(&src).unwrap()
-    );
+    assert_same_bytes(&received, &src);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -732,11 +690,7 @@ async fn two_files_of_the_same_name_at_once_stay_apart() {
     let tc = c.send_file(b.peer_id(), &from_c).await.unwrap();
     let mut offers = Vec::new();
     while offers.len() < 2 {
-        if let Event::FileOffered(offer) =
-            wait_for(&mut be, 30, |e| matches!(e, Event::FileOffered(_))).await
-        {
-            offers.push(offer);
-        }
+        offers.push(next_offer(&mut be).await);
     }
     for offer in &offers {
         assert_eq!(offer.name, "photo.jpg");
