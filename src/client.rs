@@ -754,7 +754,8 @@ impl Client {
         // Wait (briefly) until the session has torn down and its close frame is written: a
         // process that exits right after `close` must not leave the server believing the
         // connection was lost (it would keep the session for its resume grace).
-        for _ in 0..300 {
+        // The session bounds this itself (CLOSE_WRITE); this is a safety net.
+        for _ in 0..1000 {
             if self.lock().ended {
                 return;
             }
@@ -1099,14 +1100,15 @@ impl Session {
         writer: Writer,
     ) {
         let mut writer = Some(writer);
-        let reason = loop {
+        // Why the session ended (empty: the app closed it), and the connection if it is open.
+        let (reason, stream) = loop {
             let reason = match self.serve(&mut stream, &mut cmds).await {
-                End::ByApp => break String::new(),
-                End::Fatal(reason) => break reason,
+                End::ByApp => break (String::new(), Some(stream)),
+                End::Fatal(reason) => break (reason, None),
                 End::Lost(reason) => reason,
             };
             let Some(policy) = self.config.reconnect else {
-                break reason;
+                break (reason, None);
             };
             tracing::info!("{reason}: reconnecting");
             // Close this connection now (the server waits for that after its close frame).
@@ -1119,7 +1121,7 @@ impl Session {
                 None => None,
             };
             let Some(queue) = stopped else {
-                break reason;
+                break (reason, None);
             };
             match self.reconnect(&policy, &mut cmds, &reason).await {
                 Ok((ws, welcome)) => {
@@ -1129,7 +1131,7 @@ impl Session {
                     writer = Some(Writer::spawn(sink, queue));
                     self.after_reconnect().await;
                 }
-                Err(reason) => break reason,
+                Err(reason) => break (reason, None),
             }
         };
         let links: Vec<LinkEntry> = {
@@ -1139,6 +1141,27 @@ impl Session {
             shared.links.drain().map(|(_, e)| e).collect()
         };
         drop(links);
+        // After `close`: `close` returns once the close frame is written (bounded: the socket
+        // may be stuck), before anything that could wait for the app. The writer goes on by
+        // itself until it has written the close frame or its queue ends.
+        match (writer, stream) {
+            (Some(w), Some(mut stream)) if reason.is_empty() => {
+                // Our close frame written, then the server's answer to it (the closing
+                // handshake): the server has read ours, so it knows the session ended on
+                // purpose even if this process exits at once.
+                let _ = tokio::time::timeout(CLOSE_WRITE, async {
+                    let _ = w.task.await;
+                    while let Some(Ok(m)) = stream.next().await {
+                        if m.is_close() {
+                            break;
+                        }
+                    }
+                })
+                .await;
+            }
+            (w, _) => drop(w),
+        }
+        self.lock().ended = true;
         for c in std::mem::take(&mut self.carried) {
             self.emit(Event::Undelivered {
                 peer: c.peer,
@@ -1146,15 +1169,6 @@ impl Session {
             })
             .await;
         }
-        // The writer goes on by itself until it has written the close frame (after `close`) or
-        // its queue ends; `close` waits for that (bounded: the socket may be stuck).
-        match writer {
-            Some(w) if reason.is_empty() => {
-                let _ = tokio::time::timeout(CLOSE_WRITE, w.task).await;
-            }
-            w => drop(w),
-        }
-        self.lock().ended = true;
         if !reason.is_empty() {
             tracing::warn!("{reason}");
             let _ = self.ctx.events.send(Event::Disconnected { reason }).await;

@@ -134,8 +134,16 @@ async fn three_chat_processes_talk_and_go_direct() {
     alice.expect("bob: hi all").await;
     carol.expect("bob: hi all").await;
 
-    // Closing stdin ends a chat; the others print `left`.
+    // Closing stdin ends a chat (it exits within its flush and close bounds, 5 s + 2 s); the
+    // others print `left`.
     drop(carol.stdin);
+    let t = tokio::time::Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(15), carol.child.wait())
+        .await
+        .expect("carol's chat did not exit within 15 s of its stdin closing")
+        .unwrap();
+    assert!(status.success(), "carol's chat: {status}");
+    eprintln!("carol exited {:?} after its stdin closed", t.elapsed());
     alice.expect("left carol").await;
     bob.expect("left carol").await;
 }

@@ -428,6 +428,11 @@ pub(crate) async fn run(
     };
 
     session.tally.flush(&session.shared.metrics);
+    // A write failed because the client is gone: its close frame may still wait in the socket
+    // (a client that closes and exits at once, while we were writing to it).
+    if matches!(exit, Exit::WriterGone) && !session.client_closed {
+        session.client_closed = close_frame_waiting(&mut stream);
+    }
     // Tell co-members first, then close the socket.
     if let Some(peer) = session.peer {
         let reason = match &exit {
@@ -440,7 +445,9 @@ pub(crate) async fn run(
         // waits for its client to come back.
         let lost = match &exit {
             Exit::ClientGone => !session.client_closed,
-            Exit::WriterGone => session.outlet.state.killed_with().is_none(),
+            Exit::WriterGone => {
+                !session.client_closed && session.outlet.state.killed_with().is_none()
+            }
             Exit::Close((CLOSE_GOING_AWAY, "heartbeat timeout")) => true,
             Exit::Close(_) | Exit::TooBig => false,
         };
@@ -515,6 +522,18 @@ fn message_len(msg: &Message) -> usize {
 
 fn permits_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Whether a close frame is among the frames already readable (without waiting).
+fn close_frame_waiting(stream: &mut SplitStream<WebSocket>) -> bool {
+    for _ in 0..64 {
+        match stream.next().now_or_never() {
+            Some(Some(Ok(Message::Close(_)))) => return true,
+            Some(Some(Ok(_))) => {}
+            _ => return false,
+        }
+    }
+    false
 }
 
 /// How a failed read ends the session: frames above the hard cap close with 1009, WebSocket
