@@ -1141,23 +1141,24 @@ impl Session {
             shared.links.drain().map(|(_, e)| e).collect()
         };
         drop(links);
-        // After `close`: `close` returns once the close frame is written (bounded: the socket
-        // may be stuck), before anything that could wait for the app. The writer goes on by
-        // itself until it has written the close frame or its queue ends.
+        // After `close`: `close` returns once the server has answered our close frame (the
+        // closing handshake; bounded, the socket may be stuck), before anything that could wait
+        // for the app. The server answers only after reading ours, so it knows the session
+        // ended on purpose even if this process exits at once. Otherwise the writer goes on by
+        // itself until its queue ends.
         match (writer, stream) {
             (Some(w), Some(mut stream)) if reason.is_empty() => {
-                // Our close frame written, then the server's answer to it (the closing
-                // handshake): the server has read ours, so it knows the session ended on
-                // purpose even if this process exits at once.
-                let _ = tokio::time::timeout(CLOSE_WRITE, async {
-                    let _ = w.task.await;
+                // Once answered, the writer is done (or its last flush failed because the
+                // connection is over, which leaves it waiting to be stopped).
+                let answer = async {
                     while let Some(Ok(m)) = stream.next().await {
                         if m.is_close() {
                             break;
                         }
                     }
-                })
-                .await;
+                };
+                let _ = tokio::time::timeout(CLOSE_WRITE, answer).await;
+                let _ = w.stop.send(());
             }
             (w, _) => drop(w),
         }

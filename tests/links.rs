@@ -235,6 +235,7 @@ async fn member_left_after_clean_close_and_after_silent_drop() {
     wait_joined(&mut we, leaver.peer_id()).await;
     let t = tokio::time::Instant::now();
     leaver.close().await;
+    eprintln!("close took {:?}", t.elapsed());
     let ev = wait_for(&mut we, 2, |e| matches!(e, Event::MemberLeft { .. })).await;
     assert!(matches!(ev, Event::MemberLeft { ref name, .. } if name == "leaver"));
     assert!(t.elapsed() < Duration::from_secs(2));
