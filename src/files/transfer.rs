@@ -18,7 +18,7 @@ use super::part::{Failure, PartFile, PERSIST_EVERY};
 use super::wire::{FileErrorCode, FileMsg, Hash};
 use super::{FileError, FileOffer, FileTransfer, Progress, ReceivedFile, SentFile, TransferId};
 use crate::link::LinkHandle;
-use crate::protocol::PeerId;
+use crate::protocol::{LinkId, PeerId};
 use crate::Event;
 
 /// Most bytes a sender has sent and not seen VERIFIED (the receiver persists every 4 MiB).
@@ -60,6 +60,9 @@ pub(crate) struct Files {
 #[derive(Clone)]
 struct Route {
     tx: mpsc::Sender<Inbound>,
+    /// The link the transfer runs on: it ends with that link, not with a later one to the
+    /// same peer.
+    link: LinkId,
     /// A transfer we send: it may be waiting for the link task, so the link task never waits
     /// for it (an honest receiver sends it far fewer messages than its queue holds).
     sending: bool,
@@ -130,33 +133,42 @@ impl Files {
 
     /// A route for a new transfer with `peer`: `None` if the id is taken (CANCEL names only
     /// the id, so one id is never used by two transfers with one peer at once).
-    fn route(&self, peer: PeerId, transfer: u64, sending: bool) -> Option<mpsc::Receiver<Inbound>> {
+    fn route(
+        &self,
+        peer: PeerId,
+        link: LinkId,
+        transfer: u64,
+        sending: bool,
+    ) -> Option<mpsc::Receiver<Inbound>> {
         let (tx, rx) = mpsc::channel(ROUTE_QUEUE);
         let mut routes = self.routes.lock().expect("file routes lock");
         if routes.contains_key(&(peer, transfer)) {
             return None;
         }
-        routes.insert((peer, transfer), Route { tx, sending });
+        routes.insert((peer, transfer), Route { tx, link, sending });
         Some(rx)
     }
 
-    fn unroute(&self, peer: PeerId, transfer: u64) {
-        self.routes
-            .lock()
-            .expect("file routes lock")
-            .remove(&(peer, transfer));
+    fn unroute(&self, peer: PeerId, link: LinkId, transfer: u64) {
+        let mut routes = self.routes.lock().expect("file routes lock");
+        if routes
+            .get(&(peer, transfer))
+            .is_some_and(|r| r.link == link)
+        {
+            routes.remove(&(peer, transfer));
+        }
     }
 
-    /// The link to `peer` ended: its transfers' message streams end.
-    pub(crate) fn peer_gone(&self, peer: PeerId) {
+    /// The link `link` to `peer` ended: its transfers' message streams end.
+    pub(crate) fn link_gone(&self, peer: PeerId, link: LinkId) {
         self.routes
             .lock()
             .expect("file routes lock")
-            .retain(|(p, _), _| *p != peer);
+            .retain(|(p, _), r| *p != peer || r.link != link);
     }
 
     /// A message of the file lane from `peer`.
-    pub(crate) async fn deliver(self: &Arc<Self>, peer: PeerId, data: Bytes) {
+    pub(crate) async fn deliver(self: &Arc<Self>, peer: PeerId, link: LinkId, data: Bytes) {
         let msg = match FileMsg::decode(&data) {
             Ok(m) => m,
             Err(e) => {
@@ -169,7 +181,7 @@ impl Files {
             FileMsg::Offer {
                 size, sha256, name, ..
             } => {
-                self.offered(peer, transfer, size, sha256, name).await;
+                self.offered(peer, link, transfer, size, sha256, name).await;
                 return;
             }
             FileMsg::Accept { offset, .. } => Inbound::Accept(offset),
@@ -190,10 +202,13 @@ impl Files {
             .lock()
             .expect("file routes lock")
             .get(&(peer, transfer))
+            .filter(|r| r.link == link)
             .cloned();
         match route {
             // A sending transfer may be waiting for the link task: never wait for it.
-            Some(Route { tx, sending: true }) => {
+            Some(Route {
+                tx, sending: true, ..
+            }) => {
                 if let Err(mpsc::error::TrySendError::Full(m)) = tx.try_send(inbound) {
                     tracing::warn!(peer, transfer, "dropping {m:?}: the peer sends too much");
                 }
@@ -206,20 +221,6 @@ impl Files {
         }
     }
 
-    /// A receiver's message: queued on the link without waiting for the link task.
-    fn post(&self, peer: PeerId, msg: FileMsg<'_>) -> Result<(), FileError> {
-        let link = (self.links)(peer).ok_or(FileError::PeerGone(peer))?;
-        link.post_file_msg(Bytes::from(msg.encode()))
-            .map_err(|e| link_error(peer, e))
-    }
-
-    async fn send_msg(&self, peer: PeerId, msg: FileMsg<'_>) -> Result<(), FileError> {
-        let link = (self.links)(peer).ok_or(FileError::PeerGone(peer))?;
-        link.send_file_msg(Bytes::from(msg.encode()))
-            .await
-            .map_err(|e| link_error(peer, e))
-    }
-
     // ---- sending ----
 
     /// Send the file at `path` to `peer` (`Client::send_file`).
@@ -228,7 +229,7 @@ impl Files {
         peer: PeerId,
         path: &Path,
     ) -> Result<FileTransfer, FileError> {
-        self.check_peer(peer).await?;
+        let link = self.check_peer(peer).await?;
         let name = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -243,7 +244,7 @@ impl Files {
             .await
             .map_err(|e| FileError::Io(e.to_string()))?
             .map_err(|e| FileError::Io(format!("{}: {e}", path.display())))?;
-        Ok(self.start_sending(peer, name, size, sha256, Source::Path(path.to_path_buf())))
+        Ok(self.start_sending(link, name, size, sha256, Source::Path(path.to_path_buf())))
     }
 
     /// Send `size` bytes read from `reader` as a file called `name` (`Client::send_reader`).
@@ -254,9 +255,9 @@ impl Files {
         size: u64,
         reader: Box<dyn AsyncRead + Send + Unpin>,
     ) -> Result<FileTransfer, FileError> {
-        self.check_peer(peer).await?;
+        let link = self.check_peer(peer).await?;
         Ok(self.start_sending(
-            peer,
+            link,
             name.to_string(),
             size,
             [0; 32],
@@ -264,15 +265,15 @@ impl Files {
         ))
     }
 
-    /// The peer is there and takes files.
-    async fn check_peer(&self, peer: PeerId) -> Result<(), FileError> {
+    /// The link to the peer, which takes files.
+    async fn check_peer(&self, peer: PeerId) -> Result<LinkHandle, FileError> {
         let link = (self.links)(peer).ok_or(FileError::PeerGone(peer))?;
         if link
             .peer_files()
             .await
             .map_err(|_| FileError::PeerGone(peer))?
         {
-            Ok(())
+            Ok(link)
         } else {
             Err(FileError::Unsupported(peer))
         }
@@ -280,16 +281,17 @@ impl Files {
 
     fn start_sending(
         self: &Arc<Self>,
-        peer: PeerId,
+        link: LinkHandle,
         name: String,
         size: u64,
         sha256: Hash,
         source: Source,
     ) -> FileTransfer {
+        let (peer, link_id) = (link.peer, link.link_id);
         // A fresh id (the peer's transfers to us included).
         let (transfer, rx) = loop {
             let id = rand::random::<u64>();
-            if let Some(rx) = self.route(peer, id, true) {
+            if let Some(rx) = self.route(peer, link_id, id, true) {
                 break (id, rx);
             }
         };
@@ -299,7 +301,7 @@ impl Files {
         let files = self.clone();
         tokio::spawn(async move {
             let sending = Sending {
-                files: files.clone(),
+                link,
                 peer,
                 transfer,
                 name,
@@ -311,7 +313,7 @@ impl Files {
                 peer_ended: false,
             };
             let r = sending.run(source).await;
-            files.unroute(peer, transfer);
+            files.unroute(peer, link_id, transfer);
             let _ = outcome_tx.send(r);
         });
         FileTransfer {
@@ -328,16 +330,21 @@ impl Files {
     async fn offered(
         self: &Arc<Self>,
         peer: PeerId,
+        link_id: LinkId,
         transfer: u64,
         size: u64,
         sha256: Hash,
         offered_name: &str,
     ) {
         let name = safe_file_name(offered_name);
+        let Some(link) = (self.links)(peer).filter(|l| l.link_id == link_id) else {
+            tracing::debug!(peer, transfer, "an OFFER on a link that is gone");
+            return;
+        };
         if let Some(max) = self.max_size.filter(|max| size > *max) {
             let reason = format!("{size} bytes; this receiver takes at most {max}");
-            let _ = self.post(
-                peer,
+            let _ = post(
+                &link,
                 FileMsg::Reject {
                     transfer,
                     code: FileErrorCode::TooLarge,
@@ -358,14 +365,14 @@ impl Files {
                 .await;
             return;
         }
-        let Some(rx) = self.route(peer, transfer, false) else {
+        let Some(rx) = self.route(peer, link_id, transfer, false) else {
             tracing::warn!(
                 peer,
                 transfer,
                 "an OFFER with the id of a transfer in progress"
             );
-            let _ = self.post(
-                peer,
+            let _ = post(
+                &link,
                 FileMsg::Reject {
                     transfer,
                     code: FileErrorCode::Protocol,
@@ -388,6 +395,7 @@ impl Files {
         tokio::spawn(async move {
             let receiving = Receiving {
                 files: files.clone(),
+                link,
                 peer,
                 transfer,
                 name,
@@ -398,10 +406,23 @@ impl Files {
                 peer_ended: false,
             };
             receiving.run(decision).await;
-            files.unroute(peer, transfer);
+            files.unroute(peer, link_id, transfer);
         });
         let _ = self.events.send(Event::FileOffered(offer)).await;
     }
+}
+
+/// A receiver's message: queued on the link without waiting for the link task.
+fn post(link: &LinkHandle, msg: FileMsg<'_>) -> Result<(), FileError> {
+    link.post_file_msg(Bytes::from(msg.encode()))
+        .map_err(|e| link_error(link.peer, e))
+}
+
+/// A sender's message: waits for room in the window.
+async fn send_msg(link: &LinkHandle, msg: FileMsg<'_>) -> Result<(), FileError> {
+    link.send_file_msg(Bytes::from(msg.encode()))
+        .await
+        .map_err(|e| link_error(link.peer, e))
 }
 
 /// Why the link did not take a file message: gone, or (never from a reference peer) a peer
@@ -432,7 +453,8 @@ fn hash_file(path: &Path) -> std::io::Result<Hash> {
 }
 
 struct Sending {
-    files: Arc<Files>,
+    /// The link it runs on (and ends with).
+    link: LinkHandle,
     peer: PeerId,
     transfer: u64,
     name: String,
@@ -447,21 +469,19 @@ struct Sending {
 
 impl Sending {
     async fn run(mut self, source: Source) -> Result<SentFile, FileError> {
-        let (peer, transfer) = (self.peer, self.transfer);
+        let transfer = self.transfer;
         let r = self.exchange(source).await;
         if let Err(e) = &r {
             if let Some((code, reason)) = e.to_send().filter(|_| !self.peer_ended) {
-                let _ = self
-                    .files
-                    .send_msg(
-                        peer,
-                        FileMsg::Cancel {
-                            transfer,
-                            code,
-                            reason: &reason,
-                        },
-                    )
-                    .await;
+                let _ = send_msg(
+                    &self.link,
+                    FileMsg::Cancel {
+                        transfer,
+                        code,
+                        reason: &reason,
+                    },
+                )
+                .await;
             }
         }
         r
@@ -478,18 +498,17 @@ impl Sending {
     }
 
     async fn exchange(&mut self, source: Source) -> Result<SentFile, FileError> {
-        let (peer, transfer) = (self.peer, self.transfer);
-        self.files
-            .send_msg(
-                peer,
-                FileMsg::Offer {
-                    transfer,
-                    size: self.size,
-                    sha256: self.sha256,
-                    name: &self.name,
-                },
-            )
-            .await?;
+        let transfer = self.transfer;
+        send_msg(
+            &self.link,
+            FileMsg::Offer {
+                transfer,
+                size: self.size,
+                sha256: self.sha256,
+                name: &self.name,
+            },
+        )
+        .await?;
         let offset = match self.next().await? {
             Inbound::Accept(offset) if offset <= self.size => offset,
             Inbound::Reject(code, reason) => return Err(FileError::from_peer(code, reason)),
@@ -516,9 +535,7 @@ impl Sending {
             };
         let started = Instant::now();
         let (mut sent, mut verified) = (offset, offset);
-        let chunk_max = (self.files.links)(peer)
-            .ok_or(FileError::PeerGone(peer))?
-            .file_chunk_max();
+        let chunk_max = self.link.file_chunk_max();
         let mut buf = vec![0; chunk_max];
         while sent < self.size {
             // Bounded: the receiver persists what it has every few MiB and says so.
@@ -565,7 +582,7 @@ impl Sending {
             // The app's cancel is heard while the chunk waits for room (dropping the send
             // withdraws it).
             tokio::select! {
-                r = self.files.send_msg(peer, msg) => r?,
+                r = send_msg(&self.link, msg) => r?,
                 Ok(_) = self.cancel.wait_for(|c| *c) => {
                     return Err(FileError::Cancelled {
                         by_peer: false,
@@ -580,15 +597,14 @@ impl Sending {
         if let Some(h) = streamed {
             self.sha256 = h.finalize().into();
         }
-        self.files
-            .send_msg(
-                peer,
-                FileMsg::End {
-                    transfer,
-                    sha256: self.sha256,
-                },
-            )
-            .await?;
+        send_msg(
+            &self.link,
+            FileMsg::End {
+                transfer,
+                sha256: self.sha256,
+            },
+        )
+        .await?;
         loop {
             match self.next().await? {
                 Inbound::Verified(_) => {}
@@ -609,6 +625,8 @@ impl Sending {
 
 struct Receiving {
     files: Arc<Files>,
+    /// The link it runs on (and ends with).
+    link: LinkHandle,
     peer: PeerId,
     transfer: u64,
     name: String,
@@ -637,12 +655,12 @@ impl Receiving {
             d = decision => match d {
                 Ok(Decision::Accept(sink)) => Ok(sink),
                 Ok(Decision::Reject(reason)) => {
-                    let _ = self.files.post(peer, FileMsg::Reject { transfer, code: FileErrorCode::Rejected, reason: &reason });
+                    let _ = post(&self.link, FileMsg::Reject { transfer, code: FileErrorCode::Rejected, reason: &reason });
                     return;
                 }
                 // The offer was dropped unanswered: that is a no.
                 Err(_) => {
-                    let _ = self.files.post(peer, FileMsg::Reject { transfer, code: FileErrorCode::Rejected, reason: "not accepted" });
+                    let _ = post(&self.link, FileMsg::Reject { transfer, code: FileErrorCode::Rejected, reason: "not accepted" });
                     return;
                 }
             },
@@ -655,7 +673,7 @@ impl Receiving {
                 Some(other) => Err((FileError::protocol(format!("{other:?} before ACCEPT")), false)),
             },
             Ok(_) = self.cancel.wait_for(|c| *c) => {
-                let _ = self.files.post(peer, FileMsg::Reject { transfer, code: FileErrorCode::Rejected, reason: "cancelled" });
+                let _ = post(&self.link, FileMsg::Reject { transfer, code: FileErrorCode::Rejected, reason: "cancelled" });
                 return;
             }
         };
@@ -663,8 +681,8 @@ impl Receiving {
             Ok(sink) => sink,
             Err((e, from_peer)) => {
                 if let Some((code, reason)) = e.to_send().filter(|_| !from_peer) {
-                    let _ = self.files.post(
-                        peer,
+                    let _ = post(
+                        &self.link,
                         FileMsg::Cancel {
                             transfer,
                             code,
@@ -685,8 +703,8 @@ impl Receiving {
             }
             Err(e) => {
                 if let Some((code, reason)) = e.to_send().filter(|_| !self.peer_ended) {
-                    let _ = self.files.post(
-                        peer,
+                    let _ = post(
+                        &self.link,
                         FileMsg::Cancel {
                             transfer,
                             code,
@@ -742,8 +760,8 @@ impl Receiving {
         })
         .await?;
         let resumed_from = part.offset();
-        self.files.post(
-            peer,
+        post(
+            &self.link,
             FileMsg::Accept {
                 transfer,
                 offset: resumed_from,
@@ -793,8 +811,7 @@ impl Receiving {
                     };
                     if persisted {
                         let offset = part.offset();
-                        self.files
-                            .post(peer, FileMsg::Verified { transfer, offset })?;
+                        post(&self.link, FileMsg::Verified { transfer, offset })?;
                     }
                     if persisted || last_report.elapsed() >= Duration::from_millis(250) {
                         last_report = Instant::now();
@@ -814,7 +831,7 @@ impl Receiving {
                     let (path, hash) = blocking(move || part.finish(&sha256)).await?;
                     // The file is in place and checked: it is received, even if the sender
                     // can no longer be told.
-                    let _ = self.files.post(peer, FileMsg::Done { transfer });
+                    let _ = post(&self.link, FileMsg::Done { transfer });
                     return Ok(ReceivedFile {
                         transfer: TransferId(transfer),
                         from: peer,
@@ -869,8 +886,8 @@ impl Receiving {
                 reason: f.reason,
             }
         };
-        self.files.post(
-            peer,
+        post(
+            &self.link,
             FileMsg::Accept {
                 transfer,
                 offset: 0,
@@ -907,8 +924,8 @@ impl Receiving {
                     if persisted {
                         writer.flush().await.map_err(io)?;
                         verified = written;
-                        self.files.post(
-                            peer,
+                        post(
+                            &self.link,
                             FileMsg::Verified {
                                 transfer,
                                 offset: verified,
@@ -946,7 +963,7 @@ impl Receiving {
                     writer.flush().await.map_err(io)?;
                     // The file is in place and checked: it is received, even if the sender
                     // can no longer be told.
-                    let _ = self.files.post(peer, FileMsg::Done { transfer });
+                    let _ = post(&self.link, FileMsg::Done { transfer });
                     return Ok(ReceivedFile {
                         transfer: TransferId(transfer),
                         from: peer,

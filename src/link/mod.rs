@@ -890,7 +890,7 @@ impl LinkTask {
             self.settle().await;
         }
         // Transfers on this link end with it (their messages cannot come any more).
-        self.ctx.files.peer_gone(self.peer);
+        self.ctx.files.link_gone(self.peer, self.link_id);
         self.writers = None;
         if let Some(rtc) = self.rtc.take() {
             rtc.close();
@@ -1049,7 +1049,7 @@ impl LinkTask {
             }
             while let Some(data) = self.files_out.pop_front() {
                 // Awaited: a transfer busy on its disk holds the file lane back.
-                self.ctx.files.deliver(self.peer, data).await;
+                self.ctx.files.deliver(self.peer, self.link_id, data).await;
             }
             while let Some(msg) = self.path_msgs.pop_front() {
                 self.send_msg(&msg).await;
