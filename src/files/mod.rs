@@ -119,6 +119,14 @@ impl FileError {
         }
     }
 
+    /// This side's app cancelled.
+    fn cancelled_here() -> Self {
+        FileError::Cancelled {
+            by_peer: false,
+            reason: "cancelled".into(),
+        }
+    }
+
     fn protocol(reason: String) -> Self {
         FileError::Failed {
             code: FileErrorCode::Protocol,

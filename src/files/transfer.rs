@@ -302,15 +302,12 @@ impl Files {
         tokio::spawn(async move {
             let sending = Sending {
                 link,
-                peer,
                 transfer,
                 name,
                 size,
                 sha256,
-                rx,
+                inbox: Inbox::new(peer, rx, cancel),
                 progress: progress_tx,
-                cancel,
-                peer_ended: false,
             };
             let r = sending.run(source).await;
             files.unroute(peer, link_id, transfer);
@@ -401,9 +398,7 @@ impl Files {
                 name,
                 size,
                 sha256,
-                rx,
-                cancel,
-                peer_ended: false,
+                inbox: Inbox::new(peer, rx, cancel),
             };
             receiving.run(decision).await;
             files.unroute(peer, link_id, transfer);
@@ -455,16 +450,63 @@ fn hash_file(path: &Path) -> std::io::Result<Hash> {
 struct Sending {
     /// The link it runs on (and ends with).
     link: LinkHandle,
-    peer: PeerId,
     transfer: u64,
     name: String,
     size: u64,
     sha256: Hash,
-    rx: mpsc::Receiver<Inbound>,
+    inbox: Inbox,
     progress: watch::Sender<Progress>,
+}
+
+/// What comes to one transfer: the peer's messages for it, and the app's cancel.
+struct Inbox {
+    peer: PeerId,
+    rx: mpsc::Receiver<Inbound>,
     cancel: watch::Receiver<bool>,
-    /// The receiver's REJECT or CANCEL ended it: nothing to tell it.
+    /// The peer's REJECT or CANCEL ended it: nothing to tell the peer.
     peer_ended: bool,
+}
+
+impl Inbox {
+    fn new(peer: PeerId, rx: mpsc::Receiver<Inbound>, cancel: watch::Receiver<bool>) -> Self {
+        Inbox {
+            peer,
+            rx,
+            cancel,
+            peer_ended: false,
+        }
+    }
+
+    /// The peer's next message, or the app's cancel.
+    async fn next(&mut self) -> Result<Inbound, FileError> {
+        let m = tokio::select! {
+            m = self.rx.recv() => m.ok_or(FileError::PeerGone(self.peer)),
+            Ok(_) = self.cancel.wait_for(|c| *c) => Err(FileError::cancelled_here()),
+        };
+        if let Ok(m) = &m {
+            self.noticed(m);
+        }
+        m
+    }
+
+    /// A message already waiting, if any.
+    fn try_next(&mut self) -> Option<Inbound> {
+        let m = self.rx.try_recv().ok()?;
+        self.noticed(&m);
+        Some(m)
+    }
+
+    fn noticed(&mut self, m: &Inbound) {
+        self.peer_ended |= matches!(m, Inbound::Reject(..) | Inbound::Cancel(..));
+    }
+
+    /// The app's cancel, once it has come.
+    async fn cancelled(&mut self) {
+        if self.cancel.wait_for(|c| *c).await.is_err() {
+            // The handle went away without cancelling: never.
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 impl Sending {
@@ -472,7 +514,7 @@ impl Sending {
         let transfer = self.transfer;
         let r = self.exchange(source).await;
         if let Err(e) = &r {
-            if let Some((code, reason)) = e.to_send().filter(|_| !self.peer_ended) {
+            if let Some((code, reason)) = e.to_send().filter(|_| !self.inbox.peer_ended) {
                 let _ = send_msg(
                     &self.link,
                     FileMsg::Cancel {
@@ -487,16 +529,6 @@ impl Sending {
         r
     }
 
-    /// The next message of the receiver, or the app's cancel.
-    async fn next(&mut self) -> Result<Inbound, FileError> {
-        let m = tokio::select! {
-            m = self.rx.recv() => m.ok_or(FileError::PeerGone(self.peer)),
-            Ok(_) = self.cancel.wait_for(|c| *c) => Err(FileError::Cancelled { by_peer: false, reason: "cancelled".into() }),
-        };
-        self.peer_ended |= matches!(m, Ok(Inbound::Reject(..) | Inbound::Cancel(..)));
-        m
-    }
-
     async fn exchange(&mut self, source: Source) -> Result<SentFile, FileError> {
         let transfer = self.transfer;
         send_msg(
@@ -509,7 +541,7 @@ impl Sending {
             },
         )
         .await?;
-        let offset = match self.next().await? {
+        let offset = match self.inbox.next().await? {
             Inbound::Accept(offset) if offset <= self.size => offset,
             Inbound::Reject(code, reason) => return Err(FileError::from_peer(code, reason)),
             Inbound::Cancel(code, reason) => return Err(FileError::from_peer(code, reason)),
@@ -540,7 +572,7 @@ impl Sending {
         while sent < self.size {
             // Bounded: the receiver persists what it has every few MiB and says so.
             while sent - verified > UNVERIFIED_MAX {
-                match self.next().await? {
+                match self.inbox.next().await? {
                     Inbound::Verified(v) if v <= sent => verified = verified.max(v),
                     Inbound::Cancel(code, reason) => {
                         return Err(FileError::from_peer(code, reason))
@@ -548,8 +580,7 @@ impl Sending {
                     other => return Err(FileError::protocol(format!("{other:?} while sending"))),
                 }
             }
-            while let Ok(m) = self.rx.try_recv() {
-                self.peer_ended |= matches!(m, Inbound::Cancel(..));
+            while let Some(m) = self.inbox.try_next() {
                 match m {
                     Inbound::Verified(v) if v <= sent => verified = verified.max(v),
                     Inbound::Cancel(code, reason) => {
@@ -558,11 +589,8 @@ impl Sending {
                     other => return Err(FileError::protocol(format!("{other:?} while sending"))),
                 }
             }
-            if *self.cancel.borrow() {
-                return Err(FileError::Cancelled {
-                    by_peer: false,
-                    reason: "cancelled".into(),
-                });
+            if *self.inbox.cancel.borrow() {
+                return Err(FileError::cancelled_here());
             }
             let n = (self.size - sent).min(chunk_max as u64) as usize;
             reader.read_exact(&mut buf[..n]).await.map_err(|e| {
@@ -583,12 +611,7 @@ impl Sending {
             // withdraws it).
             tokio::select! {
                 r = send_msg(&self.link, msg) => r?,
-                Ok(_) = self.cancel.wait_for(|c| *c) => {
-                    return Err(FileError::Cancelled {
-                        by_peer: false,
-                        reason: "cancelled".into(),
-                    })
-                }
+                () = self.inbox.cancelled() => return Err(FileError::cancelled_here()),
             }
             sent += n as u64;
             self.progress
@@ -606,7 +629,7 @@ impl Sending {
         )
         .await?;
         loop {
-            match self.next().await? {
+            match self.inbox.next().await? {
                 Inbound::Verified(_) => {}
                 Inbound::Done => {
                     return Ok(SentFile {
@@ -632,23 +655,10 @@ struct Receiving {
     name: String,
     size: u64,
     sha256: Hash,
-    rx: mpsc::Receiver<Inbound>,
-    cancel: watch::Receiver<bool>,
-    /// The sender's CANCEL ended it: nothing to tell it.
-    peer_ended: bool,
+    inbox: Inbox,
 }
 
 impl Receiving {
-    /// The sender's next message, or the app's cancel.
-    async fn recv(&mut self) -> Result<Inbound, FileError> {
-        let m = tokio::select! {
-            m = self.rx.recv() => m.ok_or(FileError::PeerGone(self.peer)),
-            Ok(_) = self.cancel.wait_for(|c| *c) => Err(FileError::Cancelled { by_peer: false, reason: "cancelled".into() }),
-        };
-        self.peer_ended |= matches!(m, Ok(Inbound::Cancel(..)));
-        m
-    }
-
     async fn run(mut self, decision: oneshot::Receiver<Decision>) {
         let (peer, transfer) = (self.peer, self.transfer);
         let sink = tokio::select! {
@@ -665,14 +675,14 @@ impl Receiving {
                 }
             },
             // The sender cancelled (or left) before the app answered.
-            m = self.rx.recv() => match m {
+            m = self.inbox.rx.recv() => match m {
                 Some(Inbound::Cancel(code, reason)) => {
                     Err((FileError::from_peer(code, reason), true))
                 }
                 None => Err((FileError::PeerGone(peer), true)),
                 Some(other) => Err((FileError::protocol(format!("{other:?} before ACCEPT")), false)),
             },
-            Ok(_) = self.cancel.wait_for(|c| *c) => {
+            Ok(_) = self.inbox.cancel.wait_for(|c| *c) => {
                 let _ = post(&self.link, FileMsg::Reject { transfer, code: FileErrorCode::Rejected, reason: "cancelled" });
                 return;
             }
@@ -702,7 +712,7 @@ impl Receiving {
                 let _ = self.files.events.send(Event::FileReceived(file)).await;
             }
             Err(e) => {
-                if let Some((code, reason)) = e.to_send().filter(|_| !self.peer_ended) {
+                if let Some((code, reason)) = e.to_send().filter(|_| !self.inbox.peer_ended) {
                     let _ = post(
                         &self.link,
                         FileMsg::Cancel {
@@ -769,7 +779,7 @@ impl Receiving {
         )?;
         let mut last_report = Instant::now();
         loop {
-            let m = match self.recv().await {
+            let m = match self.inbox.next().await {
                 Ok(m) => m,
                 Err(e) => {
                     // Cancelled here: the user wants no part of it. Otherwise (the peer
@@ -897,7 +907,7 @@ impl Receiving {
         let (mut written, mut verified) = (0u64, 0u64);
         let mut last_report = Instant::now();
         loop {
-            let m = self.recv().await?;
+            let m = self.inbox.next().await?;
             match m {
                 Inbound::Chunk(offset, sha256, bytes) => {
                     if offset != written || bytes.len() as u64 > self.size - written {
