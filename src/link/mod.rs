@@ -463,6 +463,12 @@ impl LinkHandle {
         if self.view.borrow().peer_files != Some(true) {
             return Err(self.error(SendError::NoLane(lane.0)));
         }
+        self.queue(lane, data)
+    }
+
+    /// A reliable message on `lane` to the link task's line for the lane, without waiting
+    /// and without an answer.
+    fn queue(&self, lane: Lane, data: Bytes) -> Result<()> {
         self.admit(lane, data.len(), Delivery::Reliable)?;
         self.cmds
             .send(Cmd::Send {
@@ -531,16 +537,7 @@ impl LinkHandle {
         if lane.0 == 0 {
             return self.try_send(data, Reliability::Reliable);
         }
-        self.admit(lane, data.len(), Delivery::Reliable)?;
-        self.cmds
-            .send(Cmd::Send {
-                data,
-                lane,
-                delivery: Delivery::Reliable,
-                claimed: false,
-                reply: None,
-            })
-            .map_err(|_| Error::UnknownPeer(self.peer))
+        self.queue(lane, data)
     }
 
     pub(crate) fn deliver(&self, input: LinkInput) {
