@@ -424,7 +424,7 @@ fn bare_api(defaults: bool) -> API {
     s.set_include_loopback_candidate(true);
     s.set_ip_filter(Box::new(|ip: IpAddr| ip.is_loopback()));
     if !defaults {
-        // The same ICE tuning as src/link/rtc.rs, so setup times compare like for like.
+        // The same ICE tuning as src/link/rtc/v017.rs, so setup times compare like for like.
         s.set_ice_timeouts(
             Some(Duration::from_secs(3)),
             Some(Duration::from_secs(8)),
@@ -1068,7 +1068,7 @@ async fn run(args: Args) -> Result<()> {
         if p.bare_defaults {
             "webrtc-rs defaults"
         } else {
-            "same timeouts/acceptance waits as src/link/rtc.rs"
+            "same timeouts/acceptance waits as src/link/rtc/v017.rs"
         }
     ));
     line(String::new());

@@ -1,9 +1,5 @@
-//! The direct path: one webrtc-rs PeerConnection with two pre-negotiated data channels, and
-//! (link protocol version 2) an in-band unreliable one.
-//!
-//! This is the only module that names webrtc-rs types; everything above it speaks in
-//! [`RtcEvent`], [`Channel`] and [`CandidateType`], so a move to another WebRTC stack touches
-//! this file alone.
+//! The direct path on the `webrtc` 0.17 crate: async, with its own sockets, gathering and
+//! tasks. One [`RTCPeerConnection`] per [`Rtc`].
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -27,72 +23,19 @@ use webrtc::peer_connection::policy::ice_transport_policy::RTCIceTransportPolicy
 use webrtc::peer_connection::sdp::session_description::RTCSessionDescription;
 use webrtc::peer_connection::RTCPeerConnection;
 
-use super::LinkInput;
+use super::sdp::{candidate_json, filter_sdp, parse_candidate, relay_candidate};
+use super::{
+    Candidates, Channel, ConnState, FrameSink, RtcError, RtcEvent, RtcOptions, DC_LOW,
+    INBAND_LABEL, RELIABLE_ID, RELIABLE_LABEL, UNRELIABLE_ID, UNRELIABLE_LABEL,
+};
+use crate::link::LinkInput;
 use crate::protocol::IceServer;
 use crate::{CandidatePair, CandidateType};
 
-/// App data waits while more than this is queued in the reliable channel, and resumes when it
-/// drains below the low mark. Our send window (8 MiB) would otherwise all sit in SCTP's queue,
-/// which slows webrtc-rs's SCTP and delays acks and probes queued behind it.
-pub(crate) const DC_HIGH: usize = 1 << 20;
-const DC_LOW: usize = 512 << 10;
-/// Most bytes the two channels may have queued for the link's own frames (acks, probes) to go
-/// on the direct path; above it they take the server path. Half of webrtc-sctp's 128 KiB
-/// pending queue, so that such a send (almost) never has to wait for room.
-pub(crate) const OWN_QUEUE_MAX: usize = 64 << 10;
-/// Most bytes the in-band unreliable channel (version 2) may have queued (sent and not yet
-/// acknowledged) for another unreliable message to be handed to it; beyond that the message is
-/// dropped, as at a full UDP socket buffer (Linux's default is 208 KiB). webrtc-sctp sends
-/// every queued unordered chunk before any ordered one, so an unbounded unreliable queue on a
-/// congested path would starve the reliable channel. (Version 1's "u" is ordered, queued in
-/// turn with "r", and needs no bound.)
-pub(crate) const UNRELIABLE_QUEUE_MAX: usize = 256 << 10;
-
-/// Data channel labels and pre-negotiated stream ids (both sides create them identically).
-const RELIABLE_LABEL: &str = "r";
-const RELIABLE_ID: u16 = 0;
-const UNRELIABLE_LABEL: &str = "u";
-const UNRELIABLE_ID: u16 = 1;
-/// Label of the in-band (DCEP) unreliable send channel each end opens in a version 2
-/// generation. webrtc-rs applies the reliability options of an in-band channel (unordered, no
-/// retransmissions) on both ends, and those of a pre-negotiated one on neither
-/// (`docs/notes/sctp-unreliable.md`).
-const INBAND_LABEL: &str = "u2";
-
-/// Which of the two data channels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Channel {
-    /// "r": ordered, reliable.
-    Reliable,
-    /// "u": unordered, maxRetransmits 0.
-    Unreliable,
-}
-
-/// Connection state of the PeerConnection, reduced to what the link acts on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ConnState {
-    Connected,
-    Disconnected,
-    Failed,
-    Closed,
-    Other,
-}
-
-/// What the PeerConnection reports to its link (tagged with the generation by the sender).
-#[derive(Debug)]
-pub(crate) enum RtcEvent {
-    /// A local ICE candidate to trickle to the peer (JSON in the browser's `RTCIceCandidateInit`
-    /// shape).
-    Candidate(serde_json::Value),
-    Open(Channel),
-    /// The in-band unreliable channel this end opened (version 2) is open.
-    InbandOpen,
-    /// The peer's in-band unreliable channel (version 2) is open: it receives on it.
-    PeerInbandOpen,
-    Closed,
-    State(ConnState),
-    /// ICE selected a (new) candidate pair.
-    PairSelected,
+impl From<webrtc::Error> for RtcError {
+    fn from(e: webrtc::Error) -> Self {
+        RtcError::new("webrtc 0.17", e)
+    }
 }
 
 /// Report a channel's open and close to the link and feed its messages to `on_frame`.
@@ -118,30 +61,6 @@ fn wire_channel(
     }));
     let sink = on_frame.clone();
     dc.on_message(Box::new(move |msg| sink(msg.data)));
-}
-
-/// Where a PeerConnection's incoming messages go.
-pub(crate) type FrameSink = Arc<
-    dyn Fn(Bytes) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync,
->;
-
-/// Options for the direct path that apply to every link of a client. Whether a link's
-/// PeerConnections are relay-only is the link's choice ([`RtcFactory::create`]).
-#[derive(Clone, Default)]
-pub(crate) struct RtcOptions {
-    pub include_loopback: bool,
-    pub ip_filter: Option<Arc<dyn Fn(IpAddr) -> bool + Send + Sync>>,
-    pub udp_ports: Option<(u16, u16)>,
-}
-
-/// Which ICE candidates a PeerConnection may use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Candidates {
-    /// Host, server reflexive, peer reflexive and relay.
-    All,
-    /// TURN relay candidates only (`iceTransportPolicy: relay`): no other address of either end
-    /// is sent, accepted or used (PROTOCOL.md: direct policy `relay`).
-    RelayOnly,
 }
 
 /// Builds PeerConnections for one client.
@@ -229,7 +148,7 @@ impl RtcFactory {
         candidates: Candidates,
         tx: UnboundedSender<LinkInput>,
         on_frame: FrameSink,
-    ) -> Result<Rtc, webrtc::Error> {
+    ) -> Result<Rtc, RtcError> {
         let config = RTCConfiguration {
             ice_servers: self.ice_servers.lock().expect("rtc config lock").clone(),
             ice_transport_policy: match candidates {
@@ -260,7 +179,15 @@ impl RtcFactory {
                                 None => return Box::pin(async {}),
                             }
                         }
-                        send(&t, RtcEvent::Candidate(candidate_json(init)))
+                        send(
+                            &t,
+                            RtcEvent::Candidate(candidate_json(
+                                init.candidate,
+                                init.sdp_mid,
+                                init.sdp_mline_index,
+                                init.username_fragment,
+                            )),
+                        )
                     }
                     Err(e) => tracing::warn!("candidate not serializable: {e}"),
                 }
@@ -395,8 +322,9 @@ impl DirectTx {
     /// for room in the association's queue: a send once started must complete, or the stream
     /// gets a hole the peer's in-order delivery waits on for good (unless the PeerConnection is
     /// being closed anyway).
-    pub(crate) async fn send(&self, ch: Channel, data: &Bytes) -> Result<(), webrtc::Error> {
-        self.channel(ch).send(data).await.map(|_| ())
+    pub(crate) async fn send(&self, ch: Channel, data: &Bytes) -> Result<(), RtcError> {
+        self.channel(ch).send(data).await?;
+        Ok(())
     }
 }
 
@@ -418,119 +346,10 @@ pub(crate) struct Rtc {
     signaled: HashMap<(String, u16), CandidateType>,
 }
 
-/// A local candidate in the browser's `RTCIceCandidateInit` shape. webrtc-rs leaves `sdpMid`
-/// empty; browsers and aiortc drop candidates without a usable mid, so name the one media
-/// section (the data channel's, mid "0", index 0) explicitly.
-fn candidate_json(init: RTCIceCandidateInit) -> serde_json::Value {
-    let mut v = serde_json::json!({
-        "candidate": init.candidate,
-        "sdpMid": init.sdp_mid.filter(|m| !m.is_empty()).unwrap_or_else(|| "0".into()),
-        "sdpMLineIndex": init.sdp_mline_index.unwrap_or(0),
-    });
-    if let Some(ufrag) = init.username_fragment.filter(|u| !u.is_empty()) {
-        v["usernameFragment"] = ufrag.into();
-    }
-    v
-}
-
-/// Address, port and type of an SDP candidate line
-/// (`candidate:<foundation> <component> <proto> <priority> <addr> <port> typ <type> ...`).
-pub(crate) fn parse_candidate(line: &str) -> Option<((String, u16), CandidateType)> {
-    let mut it = line.split_whitespace().skip(4);
-    let addr = it.next()?.to_string();
-    let port = it.next()?.parse().ok()?;
-    if it.next()? != "typ" {
-        return None;
-    }
-    let typ = match it.next()? {
-        "host" => CandidateType::Host,
-        "srflx" => CandidateType::Srflx,
-        "prflx" => CandidateType::Prflx,
-        "relay" => CandidateType::Relay,
-        _ => return None,
-    };
-    Some(((addr, port), typ))
-}
-
-/// A relay candidate (`candidate:…`, with or without `a=`) as it may leave a relay-only end: its
-/// related address (`raddr`/`rport`, this end's own address as the TURN server saw it) becomes
-/// `0.0.0.0`/`0`. `None` for a candidate of any other type, or one that does not parse.
-pub(crate) fn relay_candidate(line: &str) -> Option<String> {
-    if parse_candidate(line)?.1 != CandidateType::Relay {
-        return None;
-    }
-    // `<foundation> <component> <proto> <priority> <addr> <port> typ relay`, then name/value
-    // pairs.
-    const PAIRS_AT: usize = 8;
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let mut out: Vec<&str> = words.iter().take(PAIRS_AT).copied().collect();
-    for pair in words[PAIRS_AT.min(words.len())..].chunks(2) {
-        out.push(pair[0]);
-        let value = match pair[0] {
-            "raddr" => "0.0.0.0",
-            "rport" => "0",
-            _ => pair.get(1).copied().unwrap_or_default(),
-        };
-        if pair.len() == 2 {
-            out.push(value);
-        }
-    }
-    Some(out.join(" "))
-}
-
-/// The unspecified address of an SDP address type (`IP4` or `IP6`).
-fn unspecified(addrtype: &str) -> &'static str {
-    if addrtype == "IP6" {
-        "::"
-    } else {
-        "0.0.0.0"
-    }
-}
-
-/// `sdp` as it may be sent to (or taken from) a peer: for [`Candidates::RelayOnly`], without any
-/// `a=candidate` line whose type is not `relay` (unparsable ones included), relay candidates
-/// without their related address ([`relay_candidate`]), and the addresses of `c=` and `a=rtcp:`
-/// lines unspecified (`0.0.0.0` or `::`). Every other line is kept as it is.
-pub(crate) fn filter_sdp(sdp: &str, candidates: Candidates) -> String {
-    if candidates == Candidates::All {
-        return sdp.to_string();
-    }
-    let mut out = String::with_capacity(sdp.len());
-    for line in sdp.split_inclusive('\n') {
-        let body = line.trim_end_matches(['\r', '\n']);
-        let end = &line[body.len()..];
-        if let Some(c) = body.strip_prefix("a=candidate:") {
-            if let Some(c) = relay_candidate(c) {
-                out.push_str("a=candidate:");
-                out.push_str(&c);
-                out.push_str(end);
-            }
-            continue;
-        }
-        // `c=IN IP4 <addr>` and `a=rtcp:<port> IN IP4 <addr>`: the default candidate's address.
-        let words: Vec<&str> = body.split_whitespace().collect();
-        let address_at = match words.first() {
-            Some(w) if w.starts_with("c=") => Some(2),
-            Some(w) if w.starts_with("a=rtcp:") => Some(3),
-            _ => None,
-        };
-        match address_at.filter(|&at| words.len() == at + 1) {
-            Some(at) => {
-                let mut words = words;
-                words[at] = unspecified(words[at - 1]);
-                out.push_str(&words.join(" "));
-                out.push_str(end);
-            }
-            None => out.push_str(line),
-        }
-    }
-    out
-}
-
 impl Rtc {
     /// Create the offer and set it as the local description; returns its SDP, as it may be
     /// sent.
-    pub(crate) async fn offer(&self) -> Result<String, webrtc::Error> {
+    pub(crate) async fn offer(&self) -> Result<String, RtcError> {
         let offer = self.pc.create_offer(None).await?;
         let sdp = filter_sdp(&offer.sdp, self.candidates);
         self.pc.set_local_description(offer).await?;
@@ -538,7 +357,7 @@ impl Rtc {
     }
 
     /// Apply the peer's offer and answer it; returns the answer's SDP, as it may be sent.
-    pub(crate) async fn accept_offer(&mut self, sdp: String) -> Result<String, webrtc::Error> {
+    pub(crate) async fn accept_offer(&mut self, sdp: String) -> Result<String, RtcError> {
         let sdp = filter_sdp(&sdp, self.candidates);
         self.pc
             .set_remote_description(RTCSessionDescription::offer(sdp)?)
@@ -551,7 +370,7 @@ impl Rtc {
     }
 
     /// Apply the peer's answer.
-    pub(crate) async fn accept_answer(&mut self, sdp: String) -> Result<(), webrtc::Error> {
+    pub(crate) async fn accept_answer(&mut self, sdp: String) -> Result<(), RtcError> {
         let sdp = filter_sdp(&sdp, self.candidates);
         self.pc
             .set_remote_description(RTCSessionDescription::answer(sdp)?)
@@ -559,7 +378,7 @@ impl Rtc {
         self.remote_set().await
     }
 
-    async fn remote_set(&mut self) -> Result<(), webrtc::Error> {
+    async fn remote_set(&mut self) -> Result<(), RtcError> {
         self.remote_set = true;
         for c in std::mem::take(&mut self.pending) {
             self.pc.add_ice_candidate(c).await?;
@@ -571,9 +390,9 @@ impl Rtc {
     pub(crate) async fn add_candidate(
         &mut self,
         candidate: serde_json::Value,
-    ) -> Result<(), String> {
+    ) -> Result<(), RtcError> {
         let init: RTCIceCandidateInit =
-            serde_json::from_value(candidate).map_err(|e| format!("bad candidate: {e}"))?;
+            serde_json::from_value(candidate).map_err(|e| RtcError::new("bad candidate", e))?;
         if init.candidate.is_empty() {
             return Ok(()); // end-of-candidates
         }
@@ -592,10 +411,7 @@ impl Rtc {
             self.signaled.insert(key, typ);
         }
         if self.remote_set {
-            self.pc
-                .add_ice_candidate(init)
-                .await
-                .map_err(|e| e.to_string())
+            Ok(self.pc.add_ice_candidate(init).await?)
         } else {
             self.pending.push(init);
             Ok(())
@@ -606,7 +422,7 @@ impl Rtc {
     /// from then on (the link sends nothing directly before [`RtcEvent::InbandOpen`]). Always
     /// without retransmissions: webrtc-rs sends FORWARD-TSN in a packet of its own, so the
     /// peer's `"u2_reliable"` request (PROTOCOL.md §7.6) may be ignored.
-    pub(crate) async fn open_inband(&mut self) -> Result<(), webrtc::Error> {
+    pub(crate) async fn open_inband(&mut self) -> Result<(), RtcError> {
         let dc = self
             .pc
             .create_data_channel(
@@ -687,73 +503,5 @@ fn conv(t: RTCIceCandidateType) -> CandidateType {
         RTCIceCandidateType::Prflx => CandidateType::Prflx,
         RTCIceCandidateType::Relay => CandidateType::Relay,
         _ => CandidateType::Host,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_candidate_lines() {
-        assert_eq!(
-            parse_candidate("candidate:1 1 udp 2130706431 127.0.0.1 5000 typ host"),
-            Some((("127.0.0.1".to_string(), 5000), CandidateType::Host))
-        );
-        assert_eq!(
-            parse_candidate(
-                "candidate:2 1 udp 1694498815 203.0.113.5 6000 typ srflx raddr 0.0.0.0 rport 0"
-            ),
-            Some((("203.0.113.5".to_string(), 6000), CandidateType::Srflx))
-        );
-        assert_eq!(parse_candidate("garbage"), None);
-    }
-
-    #[test]
-    fn relay_only_sdp_keeps_relay_candidates_only() {
-        let sdp = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\n\
-                   m=application 50000 UDP/DTLS/SCTP webrtc-datachannel\r\n\
-                   c=IN IP4 203.0.113.5\r\na=rtcp:9 IN IP4 203.0.113.5\r\na=mid:0\r\n\
-                   a=candidate:1 1 udp 2130706431 192.0.2.1 5000 typ host\r\n\
-                   a=candidate:2 1 udp 1694498815 203.0.113.5 6000 typ srflx raddr 0.0.0.0 rport 0\r\n\
-                   a=candidate:3 1 udp 16777215 198.51.100.7 7000 typ relay raddr 203.0.113.5 rport 6000 generation 0\r\n\
-                   a=candidate:4 1 udp 1 198.51.100.8 7001 typ prflx\r\n\
-                   a=candidate:garbage\r\n\
-                   a=end-of-candidates\r\n";
-        let relay = filter_sdp(sdp, Candidates::RelayOnly);
-        assert_eq!(
-            relay,
-            "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\n\
-             m=application 50000 UDP/DTLS/SCTP webrtc-datachannel\r\n\
-             c=IN IP4 0.0.0.0\r\na=rtcp:9 IN IP4 0.0.0.0\r\na=mid:0\r\n\
-             a=candidate:3 1 udp 16777215 198.51.100.7 7000 typ relay raddr 0.0.0.0 rport 0 generation 0\r\n\
-             a=end-of-candidates\r\n"
-        );
-        assert_eq!(filter_sdp(sdp, Candidates::All), sdp);
-        // Bare \n line ends, IPv6, a=rtcp without an address.
-        assert_eq!(
-            filter_sdp(
-                "c=IN IP6 2001:db8::1\na=rtcp:9\na=candidate:1 1 udp 1 192.0.2.1 5 typ host\n",
-                Candidates::RelayOnly
-            ),
-            "c=IN IP6 ::\na=rtcp:9\n"
-        );
-    }
-
-    #[test]
-    fn relay_candidates_lose_their_related_address() {
-        assert_eq!(
-            relay_candidate("candidate:3 1 udp 16777215 198.51.100.7 7000 typ relay raddr 203.0.113.5 rport 6000").as_deref(),
-            Some("candidate:3 1 udp 16777215 198.51.100.7 7000 typ relay raddr 0.0.0.0 rport 0")
-        );
-        assert_eq!(
-            relay_candidate("candidate:3 1 udp 16777215 198.51.100.7 7000 typ relay").as_deref(),
-            Some("candidate:3 1 udp 16777215 198.51.100.7 7000 typ relay")
-        );
-        assert_eq!(
-            relay_candidate("candidate:1 1 udp 2130706431 192.0.2.1 5000 typ host"),
-            None
-        );
-        assert_eq!(relay_candidate("garbage"), None);
     }
 }
