@@ -48,6 +48,58 @@ pub struct ClientConfig {
     max_file_size: Option<u64>,
     token: Option<String>,
     reconnect: Option<Reconnect>,
+    direct_backend: DirectBackend,
+}
+
+/// Which WebRTC implementation carries direct paths (see [`ClientConfig::with_direct_backend`]).
+/// Both speak the same protocol: peers using different backends interoperate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+#[non_exhaustive]
+pub enum DirectBackend {
+    /// webrtc-rs's async `webrtc` crate (0.17), with its own sockets and tasks. The default.
+    #[default]
+    Webrtc,
+    /// webrtc-rs's Sans-I/O core (the `rtc` crate, 0.21), driven by peermesh's own I/O loop.
+    /// Needs the `sansio` cargo feature; opt-in while it is being measured (issue 16).
+    SansIo,
+}
+
+impl DirectBackend {
+    /// The name [`FromStr`](std::str::FromStr) takes: `webrtc` or `sansio`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DirectBackend::Webrtc => "webrtc",
+            DirectBackend::SansIo => "sansio",
+        }
+    }
+
+    /// Whether this build has the backend (the `sansio` feature for [`DirectBackend::SansIo`]).
+    pub fn is_available(self) -> bool {
+        match self {
+            DirectBackend::Webrtc => true,
+            DirectBackend::SansIo => cfg!(feature = "sansio"),
+        }
+    }
+}
+
+impl std::fmt::Display for DirectBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for DirectBackend {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "webrtc" => Ok(DirectBackend::Webrtc),
+            "sansio" => Ok(DirectBackend::SansIo),
+            _ => Err(Error::InvalidConfig(format!(
+                "unknown direct backend {s:?} (expected \"webrtc\" or \"sansio\")"
+            ))),
+        }
+    }
 }
 
 /// How a client reconnects after its connection to the server drops (see
@@ -93,6 +145,7 @@ impl std::fmt::Debug for ClientConfig {
             .field("loopback_only", &self.loopback_only)
             .field("send_window", &self.send_window)
             .field("max_message_size", &self.max_message_size)
+            .field("direct_backend", &self.direct_backend)
             .finish_non_exhaustive()
     }
 }
@@ -118,7 +171,16 @@ impl ClientConfig {
             max_file_size: None,
             token: None,
             reconnect: Some(Reconnect::default()),
+            direct_backend: DirectBackend::default(),
         }
+    }
+
+    /// Carry direct paths on this WebRTC implementation (default [`DirectBackend::Webrtc`]).
+    /// [`Client::connect`] fails with [`Error::InvalidConfig`] for a backend this build does not
+    /// have ([`DirectBackend::is_available`]).
+    pub fn with_direct_backend(mut self, backend: DirectBackend) -> Self {
+        self.direct_backend = backend;
+        self
     }
 
     /// How to reconnect when the connection to the server drops; `None`: do not (the session
@@ -288,6 +350,7 @@ impl ClientConfig {
             (f, false) => f.clone(),
         };
         RtcOptions {
+            backend: self.direct_backend,
             include_loopback: self.loopback_only,
             ip_filter,
             udp_ports: self.udp_ports,

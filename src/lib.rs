@@ -55,7 +55,7 @@ mod files;
 mod link;
 
 #[cfg(feature = "client")]
-pub use client::{Client, ClientConfig, Events, Member, Reconnect, Reliability};
+pub use client::{Client, ClientConfig, DirectBackend, Events, Member, Reconnect, Reliability};
 #[cfg(feature = "client")]
 pub use error::{Error, Result};
 #[cfg(feature = "client")]

@@ -22,6 +22,7 @@ async fn direct_path_cut_falls_back_to_server_and_returns_without_loss() {
     let server = server().await;
     let cfg = |n: &str| {
         ClientConfig::new(n)
+            .with_direct_backend(common::backend())
             .with_loopback_only(true)
             .with_udp_ports(PORTS.0, PORTS.1)
     };
@@ -129,6 +130,7 @@ async fn cut_with_a_full_send_queue_loses_nothing() {
     let server = server().await;
     let cfg = |n: &str| {
         ClientConfig::new(n)
+            .with_direct_backend(common::backend())
             .with_loopback_only(true)
             .with_udp_ports(BULK_PORTS.0, BULK_PORTS.1)
     };
@@ -196,6 +198,7 @@ async fn unreachable_direct_path_is_reported_and_server_path_keeps_working() {
     let server = server().await;
     let cfg = |n: &str| {
         ClientConfig::new(n)
+            .with_direct_backend(common::backend())
             .with_loopback_only(true)
             .with_udp_ports(NO_UDP_PORTS.0, NO_UDP_PORTS.1)
     };

@@ -28,7 +28,9 @@ fn write_file(path: &Path, len: usize) -> [u8; 32] {
 }
 
 fn config(name: &str) -> ClientConfig {
-    ClientConfig::new(name).with_loopback_only(true)
+    ClientConfig::new(name)
+        .with_direct_backend(common::backend())
+        .with_loopback_only(true)
 }
 
 /// Two clients in group "g" that stay on the server path and have seen each other join.

@@ -98,6 +98,7 @@ async fn transfer(
 
 fn config(name: &str) -> ClientConfig {
     ClientConfig::new(name)
+        .with_direct_backend(common::backend())
         .with_loopback_only(true)
         .with_lane(1, 0, 1)
         .with_send_window(16 << 20)

@@ -30,6 +30,7 @@ const QUIET: Duration = Duration::from_secs(3);
 
 fn config(name: &str, policy: DirectPolicy) -> ClientConfig {
     ClientConfig::new(name)
+        .with_direct_backend(common::backend())
         .with_loopback_only(true)
         .with_direct_policy(policy)
 }

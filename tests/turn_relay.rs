@@ -15,6 +15,7 @@ async fn relay_only_pair_through_our_turn_delivers_10000_in_order() {
     let turn = server.turn().expect("embedded TURN").clone();
     let cfg = |n: &str| {
         ClientConfig::new(n)
+            .with_direct_backend(common::backend())
             .with_loopback_only(true)
             .with_relay_only(true)
     };

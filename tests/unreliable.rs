@@ -21,6 +21,7 @@ const VERSION_PORTS: (u16, u16) = (47460, 47479);
 fn in_range(ports: (u16, u16)) -> impl Fn(&str) -> ClientConfig {
     move |n: &str| {
         ClientConfig::new(n)
+            .with_direct_backend(common::backend())
             .with_loopback_only(true)
             .with_udp_ports(ports.0, ports.1)
     }
@@ -328,6 +329,7 @@ async fn one_way_dead_path_falls_back_within_the_interval_and_returns() {
     let cfg = |n: &str| {
         let ports = if n == "a" { ONE_WAY_A } else { ONE_WAY_B };
         ClientConfig::new(n)
+            .with_direct_backend(common::backend())
             .with_loopback_only(true)
             .with_udp_ports(ports.0, ports.1)
     };
@@ -395,6 +397,7 @@ async fn link_versions_1_and_2_interoperate() {
     for b_version in [1, 2] {
         let cfg = move |n: &str| {
             let c = ClientConfig::new(n)
+                .with_direct_backend(common::backend())
                 .with_loopback_only(true)
                 .with_udp_ports(VERSION_PORTS.0, VERSION_PORTS.1);
             if n == "b" {

@@ -36,8 +36,17 @@ pub async fn client(server: &ServerHandle, name: &str) -> (Client, Events) {
     client_with(server, ClientConfig::new(name).with_loopback_only(true)).await
 }
 
+/// The direct backend the tests run on: `PEERMESH_DIRECT_BACKEND` (`webrtc`, the default, or
+/// `sansio`, which needs `--features sansio`).
+pub fn backend() -> peermesh::DirectBackend {
+    match std::env::var("PEERMESH_DIRECT_BACKEND") {
+        Ok(name) => name.parse().expect("PEERMESH_DIRECT_BACKEND"),
+        Err(_) => peermesh::DirectBackend::default(),
+    }
+}
+
 pub async fn client_with(server: &ServerHandle, config: ClientConfig) -> (Client, Events) {
-    Client::connect(&server.ws_url(), config)
+    Client::connect(&server.ws_url(), config.with_direct_backend(backend()))
         .await
         .expect("connect")
 }

@@ -24,11 +24,11 @@ use webrtc::peer_connection::sdp::session_description::RTCSessionDescription;
 use webrtc::peer_connection::RTCPeerConnection;
 
 use super::sdp::{candidate_json, filter_sdp, parse_candidate, relay_candidate};
+use super::LinkInput;
 use super::{
     Candidates, Channel, ConnState, FrameSink, RtcError, RtcEvent, RtcOptions, DC_LOW,
     INBAND_LABEL, RELIABLE_ID, RELIABLE_LABEL, UNRELIABLE_ID, UNRELIABLE_LABEL,
 };
-use crate::link::LinkInput;
 use crate::protocol::IceServer;
 use crate::{CandidatePair, CandidateType};
 
