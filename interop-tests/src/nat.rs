@@ -10,6 +10,10 @@
 //!    └── outer router ns  WAN 203.0.113.x ── 198.19.k.0/24 ── inner router ns ── 198.18.k.0/24 ── peer
 //! ```
 //!
+//! Apart from it, [`Lab::wan_pair`] joins two namespaces `wana`/`wanb` (198.18.200.1 and .2 on
+//! TAPs `tne`) through the userspace WAN link emulator (`wan_link`, [`crate::wan`]): delay,
+//! jitter, loss, rate and queue per direction, changeable at run time.
+//!
 //! Only documentation (203.0.113.0/24) and benchmarking (198.18.0.0/15) addresses are used;
 //! IPv6 is off in every namespace; interfaces are called `tn*`; nothing is done in the root
 //! namespace except creating and deleting the namespaces themselves. A [`Lab`] deletes its
@@ -28,6 +32,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::Notify;
 
+use crate::wan::{Impairment, Stats};
+
 /// Signaling and TURN server address (public segment).
 pub const SERVER_A: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 /// The server's second public address (for the mapping probe).
@@ -42,6 +48,13 @@ pub const TURN_PORT: u16 = 3478;
 pub const PROBE_PORT: u16 = 3479;
 const PROBE_ALT_PORT: u16 = 3480;
 
+/// Address of A's end of a [`Lab::wan_pair`] (TAP `tne`, /24).
+pub const WAN_A_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 1);
+/// Address of B's end of a [`Lab::wan_pair`].
+pub const WAN_B_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 2);
+/// Port of the `nat_probe echo` server ([`Lab::start_echo`]).
+pub const WAN_ECHO_PORT: u16 = 3490;
+
 /// Error of the lab: what failed, with the command's output.
 pub type Result<T> = std::result::Result<T, String>;
 
@@ -54,6 +67,9 @@ pub struct Programs {
     pub peer: PathBuf,
     /// `nat_probe` (this crate's bin).
     pub probe: PathBuf,
+    /// `wan_link` (this crate's bin, for [`Lab::wan_pair`]); by default the `wan_link` next to
+    /// `probe`.
+    pub wan_link: PathBuf,
 }
 
 impl Programs {
@@ -64,13 +80,21 @@ impl Programs {
         peer: impl Into<PathBuf>,
         probe: impl Into<PathBuf>,
     ) -> Programs {
+        let probe: PathBuf = probe.into();
         Programs {
             server: std::env::var_os("PMLAB_SERVER_BIN")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| server.into()),
             peer: peer.into(),
-            probe: probe.into(),
+            wan_link: probe.with_file_name("wan_link"),
+            probe,
         }
+    }
+
+    /// The same programs with another `wan_link`.
+    pub fn with_wan_link(mut self, wan_link: impl Into<PathBuf>) -> Programs {
+        self.wan_link = wan_link.into();
+        self
     }
 }
 
@@ -442,6 +466,21 @@ pub struct ProbeReport {
 impl ProbeReport {
     fn get(&self, key: &str) -> &str {
         self.fields.get(key).map(String::as_str).unwrap_or("?")
+    }
+
+    /// A numeric field.
+    pub fn num(&self, key: &str) -> Option<f64> {
+        self.fields.get(key)?.parse().ok()
+    }
+
+    fn parse(line: &str) -> ProbeReport {
+        let line = line.trim().to_string();
+        let fields = line
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        ProbeReport { line, fields }
     }
 }
 
@@ -851,13 +890,7 @@ impl Lab {
         })
         .await
         .map_err(|e| e.to_string())??;
-        let line = line.trim().to_string();
-        let fields = line
-            .split_whitespace()
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let report = ProbeReport { line, fields };
+        let report = ProbeReport::parse(&line);
         let (mapping, filter) = site.kind.expected_probe();
         let mut wrong = Vec::new();
         if report.get("mapping") != mapping {
@@ -995,6 +1028,130 @@ impl Lab {
             .nth(1)
             .and_then(|n| n.parse().ok())
             .ok_or_else(|| format!("no packet count in {out:?}"))
+    }
+
+    // ---- WAN link emulator ----
+
+    /// Two namespaces joined by an emulated WAN link ([`crate::wan`]): a `wan_link` process
+    /// (started in A's namespace, so the lab's cleanup finds it) moves Ethernet frames between a
+    /// TAP `tne` in each, `ab` impairing what A sends, `ba` what B sends. The lab brings the TAPs
+    /// up and gives them [`WAN_A_IP`] and [`WAN_B_IP`] (/24). The TAPs are not persistent: they
+    /// vanish with the process. Its log is `wan-<n>.log` in [`Lab::dir`].
+    pub async fn wan_pair(&mut self, ab: Impairment, ba: Impairment) -> Result<WanPair> {
+        let a_ns = self.add_ns("wana")?;
+        let b_ns = self.add_ns("wanb")?;
+        let mut args: Vec<String> = [
+            "--a-ns",
+            a_ns.as_str(),
+            "--a-if",
+            "tne",
+            "--b-ns",
+            b_ns.as_str(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(["--b-if".into(), "tne".into()]);
+        for (dir, imp) in [("ab", &ab), ("ba", &ba)] {
+            for w in imp.to_words() {
+                let (k, v) = w.split_once('=').expect("key=value");
+                args.extend([format!("--{dir}-{k}"), v.to_string()]);
+            }
+        }
+        let log = format!("wan-{}.log", self.next_ns);
+        let child = self.spawn(&a_ns, &self.programs.wan_link.clone(), &args, Some(&log))?;
+        let proc = Proc::new(child, "wan_link".into(), Some(self.dir.join(&log)));
+        let ready = proc
+            .wait_line(
+                |l| l.kind == "ready" || l.kind == "error",
+                Duration::from_secs(10),
+            )
+            .await;
+        if ready.as_ref().is_none_or(|l| l.kind != "ready") {
+            return Err(format!("wan_link did not start: {}", proc.dump()));
+        }
+        for (ns, addr) in [(&a_ns, WAN_A_IP), (&b_ns, WAN_B_IP)] {
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "tne"])?;
+            ip(&["-n", ns, "link", "set", "tne", "up"])?;
+        }
+        Ok(WanPair {
+            a_ns,
+            b_ns,
+            a_ip: WAN_A_IP,
+            b_ip: WAN_B_IP,
+            proc,
+        })
+    }
+
+    /// Start `nat_probe echo` on `addr`:[`WAN_ECHO_PORT`] in `ns` (the other end of
+    /// [`Lab::ping`] and [`Lab::burst`]).
+    pub async fn start_echo(&self, ns: &str, addr: Ipv4Addr) -> Result<Proc> {
+        let args = vec!["echo".into(), addr.to_string(), WAN_ECHO_PORT.to_string()];
+        let child = self.spawn(ns, &self.programs.probe.clone(), &args, None)?;
+        let proc = Proc::new(child, format!("echo {addr}"), None);
+        proc.wait_line(|l| l.raw.contains("echoing"), Duration::from_secs(10))
+            .await
+            .ok_or_else(|| format!("echo server did not start: {}", proc.dump()))?;
+        Ok(proc)
+    }
+
+    /// Run `nat_probe ping` in `ns` against the echo server on `to`: `count` probes of `size`
+    /// bytes every `interval_ms`. Fields: `sent received reordered dup rtt_{min,p50,p99,max}_us`.
+    pub async fn ping(
+        &self,
+        ns: &str,
+        to: Ipv4Addr,
+        count: u32,
+        interval_ms: f64,
+        size: usize,
+    ) -> Result<ProbeReport> {
+        self.run_probe(
+            ns,
+            vec![
+                "ping".into(),
+                to.to_string(),
+                WAN_ECHO_PORT.to_string(),
+                count.to_string(),
+                interval_ms.to_string(),
+                size.to_string(),
+            ],
+        )
+        .await
+    }
+
+    /// Run `nat_probe burst` in `ns` against the echo server on `to`: `total` bytes in
+    /// `size`-byte datagrams, unpaced. Fields: `sent send_errors send_us received received_bytes
+    /// span_us rate_bps` (the wire rate at which they arrived at the echo server).
+    pub async fn burst(
+        &self,
+        ns: &str,
+        to: Ipv4Addr,
+        total: u64,
+        size: usize,
+    ) -> Result<ProbeReport> {
+        self.run_probe(
+            ns,
+            vec![
+                "burst".into(),
+                to.to_string(),
+                WAN_ECHO_PORT.to_string(),
+                total.to_string(),
+                size.to_string(),
+            ],
+        )
+        .await
+    }
+
+    async fn run_probe(&self, ns: &str, args: Vec<String>) -> Result<ProbeReport> {
+        let ns = ns.to_string();
+        let probe = self.programs.probe.clone();
+        let line = tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            ns_run(&ns, probe.to_str().unwrap_or("nat_probe"), &args)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        Ok(ProbeReport::parse(&line))
     }
 
     /// Kill every process, delete every namespace, and check nothing is left: no namespace of
@@ -1209,6 +1366,11 @@ impl Proc {
     /// Its name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Its process id (`None` once it has been waited for).
+    pub fn id(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// Every line so far.
@@ -1482,5 +1644,103 @@ impl Pair {
     pub async fn stop(self) {
         self.a.stop().await;
         self.b.stop().await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Two namespaces over an emulated WAN link.
+
+/// Two namespaces joined by an emulated WAN link (see [`Lab::wan_pair`]).
+#[derive(Debug)]
+pub struct WanPair {
+    /// A's namespace (the `wan_link` process runs here).
+    pub a_ns: String,
+    /// B's namespace.
+    pub b_ns: String,
+    /// A's address ([`WAN_A_IP`]).
+    pub a_ip: Ipv4Addr,
+    /// B's address ([`WAN_B_IP`]).
+    pub b_ip: Ipv4Addr,
+    /// The `wan_link` process.
+    pub proc: Proc,
+}
+
+/// The emulator's counters ([`WanPair::stats`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WanStats {
+    /// A→B.
+    pub ab: Stats,
+    /// B→A.
+    pub ba: Stats,
+    /// CPU time the emulator has used so far (user + system).
+    pub cpu: Duration,
+}
+
+impl WanPair {
+    /// Change the impairments of `dir` (`ab`, `ba` or `both`) at run time: `words` are
+    /// `key=value` as [`Impairment::set`] takes them (`delay-ms=25 loss-pct=1`); unnamed keys
+    /// keep their values. Returns the new settings as the emulator prints them.
+    pub async fn set(&mut self, dir: &str, words: &str) -> Result<String> {
+        let since = Instant::now();
+        self.proc.command(&format!("set {dir} {words}")).await?;
+        let last = if dir == "both" { "ba" } else { dir };
+        let line = self
+            .proc
+            .wait_line_after(
+                since,
+                |l| l.kind == "error" || (l.kind == "set" && l.rest.starts_with(last)),
+                Duration::from_secs(5),
+            )
+            .await
+            .ok_or_else(|| format!("wan_link did not answer `set`: {}", self.proc.dump()))?;
+        if line.kind == "error" {
+            return Err(format!("wan_link: {}", line.rest));
+        }
+        Ok(line.rest)
+    }
+
+    /// Set every parameter of `dir` (`ab`, `ba` or `both`) to `imp`.
+    pub async fn set_impairment(&mut self, dir: &str, imp: &Impairment) -> Result<String> {
+        self.set(dir, &imp.to_words().join(" ")).await
+    }
+
+    /// The emulator's counters now.
+    pub async fn stats(&mut self) -> Result<WanStats> {
+        let since = Instant::now();
+        self.proc.command("stats").await?;
+        let line = self
+            .proc
+            .wait_line_after(since, |l| l.kind == "stats", Duration::from_secs(5))
+            .await
+            .ok_or_else(|| format!("wan_link did not answer `stats`: {}", self.proc.dump()))?;
+        let report = ProbeReport::parse(&line.rest);
+        let bad = || format!("wan_link: bad stats line {:?}", line.raw);
+        Ok(WanStats {
+            ab: Stats::from_fields(&report.fields, "ab.").ok_or_else(bad)?,
+            ba: Stats::from_fields(&report.fields, "ba.").ok_or_else(bad)?,
+            cpu: Duration::from_millis(report.num("cpu_ms").ok_or_else(bad)? as u64),
+        })
+    }
+
+    /// Wait until nothing is in flight in either direction (or `timeout`); the counters then.
+    pub async fn settled_stats(&mut self, timeout: Duration) -> Result<WanStats> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.stats().await?;
+            if (s.ab.in_flight() == 0 && s.ba.in_flight() == 0) || Instant::now() >= deadline {
+                return Ok(s);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The `wan_link` process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.id()
+    }
+
+    /// Stop the emulator (stdin closed: it exits and its TAPs vanish).
+    pub async fn stop(self) {
+        self.proc.stop().await;
     }
 }
