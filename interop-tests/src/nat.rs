@@ -618,25 +618,101 @@ impl Lab {
         Ok(())
     }
 
+    /// Plug `ns` into the public segment as interface `ifname` with `addrs` (/24) through an
+    /// emulated WAN link: a `wan_link` (started in `ns`) between TAP `ifname` there and TAP
+    /// `tnc<n>` in the core, bridged like a veth port; `up` impairs what `ns` sends, `down` what
+    /// it receives.
+    fn attach_public_wan(
+        &mut self,
+        ns: &str,
+        ifname: &str,
+        addrs: &[Ipv4Addr],
+        (up, down): (&Impairment, &Impairment),
+    ) -> Result<Proc> {
+        self.next_core_port += 1;
+        let port = format!("tnc{}", self.next_core_port);
+        let core = self.core.clone();
+        let log = format!("wan-{ns}.log");
+        let args = wan_link_args(ns, ifname, &core, &port, up, down);
+        let mut proc = {
+            let child = self.spawn(ns, &self.programs.wan_link.clone(), &args, Some(&log))?;
+            Proc::new(child, format!("wan_link {ns}"), Some(self.dir.join(&log)))
+        };
+        // The TAPs exist once `ready` is printed; waited for here without the runtime (this is a
+        // blocking builder like the rest of `site`).
+        let exists = |n: &str, i: &str| ip(&["-n", n, "link", "show", i]).is_ok();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(exists(ns, ifname) && exists(&core, &port)) {
+            let ended = proc.child.try_wait().ok().flatten().is_some();
+            if ended || Instant::now() > deadline {
+                return Err(format!("wan_link for {ns} did not start: {}", proc.dump()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        ip(&["-n", &core, "link", "set", &port, "master", "tnbr", "up"])?;
+        for a in addrs {
+            ip(&["-n", ns, "addr", "add", &format!("{a}/24"), "dev", ifname])?;
+        }
+        ip(&["-n", ns, "link", "set", ifname, "up"])?;
+        Ok(proc)
+    }
+
     /// Build a site of `kind` with `peers` peer namespaces (more than one share a LAN).
     pub fn site(&mut self, kind: Kind, peers: usize) -> Result<Site> {
+        self.build_site(kind, peers, None).map(|(site, _)| site)
+    }
+
+    /// Like [`Lab::site`], but the site reaches the public segment through an emulated WAN
+    /// link instead of a veth: the (outer) router's WAN `tnw` — or, for [`Kind::Public`] (one
+    /// peer only), the peer's `tne` — is a TAP whose frames `wan_link` carries to a TAP bridged
+    /// in the core. `up` impairs what the site sends, `down` what it receives; both can be
+    /// changed at run time through the returned [`WanLink`] (`ab` = up, `ba` = down).
+    pub async fn site_with_wan(
+        &mut self,
+        kind: Kind,
+        peers: usize,
+        up: Impairment,
+        down: Impairment,
+    ) -> Result<(Site, WanLink)> {
+        if kind == Kind::Public && peers != 1 {
+            return Err("a public site with a WAN link has one peer".into());
+        }
+        let (site, proc) = self.build_site(kind, peers, Some((&up, &down)))?;
+        let proc = proc.expect("a WAN link was asked for");
+        proc.wait_line(|l| l.kind == "ready", Duration::from_secs(10))
+            .await
+            .ok_or_else(|| format!("wan_link did not start: {}", proc.dump()))?;
+        Ok((site, WanLink { proc }))
+    }
+
+    fn build_site(
+        &mut self,
+        kind: Kind,
+        peers: usize,
+        wan_link: Option<(&Impairment, &Impairment)>,
+    ) -> Result<(Site, Option<Proc>)> {
         assert!(peers >= 1);
         if kind == Kind::Public {
             let mut names = Vec::new();
             let mut wan = None;
+            let mut proc = None;
             for _ in 0..peers {
                 let ns = self.add_ns("pub")?;
                 let addr = self.public_ip()?;
-                self.attach_public(&ns, "tne", &[addr])?;
+                match wan_link {
+                    Some(imp) => proc = Some(self.attach_public_wan(&ns, "tne", &[addr], imp)?),
+                    None => self.attach_public(&ns, "tne", &[addr])?,
+                }
                 wan.get_or_insert(addr);
                 names.push(ns);
             }
-            return Ok(Site {
+            let site = Site {
                 kind,
                 peers: names,
                 routers: vec![],
                 wan: wan.expect("one peer at least"),
-            });
+            };
+            return Ok((site, proc));
         }
         if self.next_subnet >= 250 {
             return Err("out of LAN subnets".into());
@@ -654,7 +730,13 @@ impl Lab {
             Kind::Public => unreachable!(),
         };
         let outer = self.add_ns(&format!("r{tag}"))?;
-        self.attach_public(&outer, "tnw", &[wan])?;
+        let proc = match wan_link {
+            Some(imp) => Some(self.attach_public_wan(&outer, "tnw", &[wan], imp)?),
+            None => {
+                self.attach_public(&outer, "tnw", &[wan])?;
+                None
+            }
+        };
         let mut routers = vec![outer.clone()];
         let lan_router = if kind == Kind::Double {
             // Outer LAN 198.19.k.0/24; the inner router's WAN is 198.19.k.2.
@@ -750,12 +832,13 @@ impl Lab {
             }
             _ => nft(&outer, &router_rules(kind))?,
         }
-        Ok(Site {
+        let site = Site {
             kind,
             peers: names,
             routers,
             wan,
-        })
+        };
+        Ok((site, proc))
     }
 
     // ---- processes ----
@@ -1040,24 +1123,7 @@ impl Lab {
     pub async fn wan_pair(&mut self, ab: Impairment, ba: Impairment) -> Result<WanPair> {
         let a_ns = self.add_ns("wana")?;
         let b_ns = self.add_ns("wanb")?;
-        let mut args: Vec<String> = [
-            "--a-ns",
-            a_ns.as_str(),
-            "--a-if",
-            "tne",
-            "--b-ns",
-            b_ns.as_str(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(["--b-if".into(), "tne".into()]);
-        for (dir, imp) in [("ab", &ab), ("ba", &ba)] {
-            for w in imp.to_words() {
-                let (k, v) = w.split_once('=').expect("key=value");
-                args.extend([format!("--{dir}-{k}"), v.to_string()]);
-            }
-        }
+        let args = wan_link_args(&a_ns, "tne", &b_ns, "tne", &ab, &ba);
         let log = format!("wan-{}.log", self.next_ns);
         let child = self.spawn(&a_ns, &self.programs.wan_link.clone(), &args, Some(&log))?;
         let proc = Proc::new(child, "wan_link".into(), Some(self.dir.join(&log)));
@@ -1650,6 +1716,31 @@ impl Pair {
 // ---------------------------------------------------------------------------------------------
 // Two namespaces over an emulated WAN link.
 
+/// `wan_link`'s flags: TAP `a_if` in `a_ns`, `b_if` in `b_ns`, every parameter of both
+/// directions.
+fn wan_link_args(
+    a_ns: &str,
+    a_if: &str,
+    b_ns: &str,
+    b_if: &str,
+    ab: &Impairment,
+    ba: &Impairment,
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--a-ns", a_ns, "--a-if", a_if, "--b-ns", b_ns, "--b-if", b_if,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for (dir, imp) in [("ab", ab), ("ba", ba)] {
+        for w in imp.to_words() {
+            let (k, v) = w.split_once('=').expect("key=value");
+            args.extend([format!("--{dir}-{k}"), v.to_string()]);
+        }
+    }
+    args
+}
+
 /// Two namespaces joined by an emulated WAN link (see [`Lab::wan_pair`]).
 #[derive(Debug)]
 pub struct WanPair {
@@ -1677,61 +1768,24 @@ pub struct WanStats {
 }
 
 impl WanPair {
-    /// Change the impairments of `dir` (`ab`, `ba` or `both`) at run time: `words` are
-    /// `key=value` as [`Impairment::set`] takes them (`delay-ms=25 loss-pct=1`); unnamed keys
-    /// keep their values. Returns the new settings as the emulator prints them.
+    /// See [`WanLink::set`].
     pub async fn set(&mut self, dir: &str, words: &str) -> Result<String> {
-        let since = Instant::now();
-        self.proc.command(&format!("set {dir} {words}")).await?;
-        let last = if dir == "both" { "ba" } else { dir };
-        let line = self
-            .proc
-            .wait_line_after(
-                since,
-                |l| l.kind == "error" || (l.kind == "set" && l.rest.starts_with(last)),
-                Duration::from_secs(5),
-            )
-            .await
-            .ok_or_else(|| format!("wan_link did not answer `set`: {}", self.proc.dump()))?;
-        if line.kind == "error" {
-            return Err(format!("wan_link: {}", line.rest));
-        }
-        Ok(line.rest)
+        wan_set(&mut self.proc, dir, words).await
     }
 
-    /// Set every parameter of `dir` (`ab`, `ba` or `both`) to `imp`.
+    /// See [`WanLink::set_impairment`].
     pub async fn set_impairment(&mut self, dir: &str, imp: &Impairment) -> Result<String> {
-        self.set(dir, &imp.to_words().join(" ")).await
+        wan_set(&mut self.proc, dir, &imp.to_words().join(" ")).await
     }
 
-    /// The emulator's counters now.
+    /// See [`WanLink::stats`].
     pub async fn stats(&mut self) -> Result<WanStats> {
-        let since = Instant::now();
-        self.proc.command("stats").await?;
-        let line = self
-            .proc
-            .wait_line_after(since, |l| l.kind == "stats", Duration::from_secs(5))
-            .await
-            .ok_or_else(|| format!("wan_link did not answer `stats`: {}", self.proc.dump()))?;
-        let report = ProbeReport::parse(&line.rest);
-        let bad = || format!("wan_link: bad stats line {:?}", line.raw);
-        Ok(WanStats {
-            ab: Stats::from_fields(&report.fields, "ab.").ok_or_else(bad)?,
-            ba: Stats::from_fields(&report.fields, "ba.").ok_or_else(bad)?,
-            cpu: Duration::from_millis(report.num("cpu_ms").ok_or_else(bad)? as u64),
-        })
+        wan_stats(&mut self.proc).await
     }
 
-    /// Wait until nothing is in flight in either direction (or `timeout`); the counters then.
+    /// See [`WanLink::settled_stats`].
     pub async fn settled_stats(&mut self, timeout: Duration) -> Result<WanStats> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let s = self.stats().await?;
-            if (s.ab.in_flight() == 0 && s.ba.in_flight() == 0) || Instant::now() >= deadline {
-                return Ok(s);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wan_settled_stats(&mut self.proc, timeout).await
     }
 
     /// The `wan_link` process id.
@@ -1739,8 +1793,95 @@ impl WanPair {
         self.proc.id()
     }
 
-    /// Stop the emulator (stdin closed: it exits and its TAPs vanish).
+    /// Stop the emulator (it exits and its TAPs vanish).
     pub async fn stop(self) {
         self.proc.stop().await;
+    }
+}
+
+/// The emulated WAN link of a [`Lab::site_with_wan`]: `ab` is what the site sends (up), `ba`
+/// what it receives (down).
+#[derive(Debug)]
+pub struct WanLink {
+    /// The `wan_link` process.
+    pub proc: Proc,
+}
+
+impl WanLink {
+    /// Change the impairments of `dir` (`ab`, `ba` or `both`) at run time: `words` are
+    /// `key=value` as [`Impairment::set`] takes them (`delay-ms=25 loss-pct=1`); unnamed keys
+    /// keep their values. Returns the new settings as the emulator prints them.
+    pub async fn set(&mut self, dir: &str, words: &str) -> Result<String> {
+        wan_set(&mut self.proc, dir, words).await
+    }
+
+    /// Set every parameter of `dir` (`ab`, `ba` or `both`) to `imp`.
+    pub async fn set_impairment(&mut self, dir: &str, imp: &Impairment) -> Result<String> {
+        wan_set(&mut self.proc, dir, &imp.to_words().join(" ")).await
+    }
+
+    /// The emulator's counters now.
+    pub async fn stats(&mut self) -> Result<WanStats> {
+        wan_stats(&mut self.proc).await
+    }
+
+    /// Wait until nothing is in flight in either direction (or `timeout`); the counters then.
+    pub async fn settled_stats(&mut self, timeout: Duration) -> Result<WanStats> {
+        wan_settled_stats(&mut self.proc, timeout).await
+    }
+
+    /// The `wan_link` process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.id()
+    }
+
+    /// Stop the emulator (it exits and its TAPs vanish: the site is cut off).
+    pub async fn stop(self) {
+        self.proc.stop().await;
+    }
+}
+
+async fn wan_set(proc: &mut Proc, dir: &str, words: &str) -> Result<String> {
+    let since = Instant::now();
+    proc.command(&format!("set {dir} {words}")).await?;
+    let last = if dir == "both" { "ba" } else { dir };
+    let line = proc
+        .wait_line_after(
+            since,
+            |l| l.kind == "error" || (l.kind == "set" && l.rest.starts_with(last)),
+            Duration::from_secs(5),
+        )
+        .await
+        .ok_or_else(|| format!("wan_link did not answer `set`: {}", proc.dump()))?;
+    if line.kind == "error" {
+        return Err(format!("wan_link: {}", line.rest));
+    }
+    Ok(line.rest)
+}
+
+async fn wan_stats(proc: &mut Proc) -> Result<WanStats> {
+    let since = Instant::now();
+    proc.command("stats").await?;
+    let line = proc
+        .wait_line_after(since, |l| l.kind == "stats", Duration::from_secs(5))
+        .await
+        .ok_or_else(|| format!("wan_link did not answer `stats`: {}", proc.dump()))?;
+    let report = ProbeReport::parse(&line.rest);
+    let bad = || format!("wan_link: bad stats line {:?}", line.raw);
+    Ok(WanStats {
+        ab: Stats::from_fields(&report.fields, "ab.").ok_or_else(bad)?,
+        ba: Stats::from_fields(&report.fields, "ba.").ok_or_else(bad)?,
+        cpu: Duration::from_millis(report.num("cpu_ms").ok_or_else(bad)? as u64),
+    })
+}
+
+async fn wan_settled_stats(proc: &mut Proc, timeout: Duration) -> Result<WanStats> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = wan_stats(proc).await?;
+        if (s.ab.in_flight() == 0 && s.ba.in_flight() == 0) || Instant::now() >= deadline {
+            return Ok(s);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -374,3 +374,75 @@ fn wan_link_cleans_up() {
         assert_eq!(root_lab_links(), Vec::<String>::new());
     });
 }
+
+/// A home site whose router reaches the public segment through an emulated WAN link (20 ms each
+/// way): its router still behaves as a home router, round trips from behind it take at least the
+/// link's 40 ms, and two real peers (the home one and a public one) still end on the path the
+/// routers allow, every message delivered.
+#[test]
+fn wan_link_under_a_nat_site() {
+    serial(async {
+        let mut lab = Lab::new(programs()).expect("building the lab");
+        let _server = lab.start_server(SERVER_A, &[]).await.expect("server");
+        let _responder = lab.start_responder().await.expect("probe responder");
+        let imp = Impairment {
+            delay: Duration::from_millis(20),
+            ..Impairment::default()
+        };
+        let (home, mut link) = lab
+            .site_with_wan(Kind::Home, 1, imp.clone(), imp)
+            .await
+            .expect("home site behind a WAN link");
+        let report = lab
+            .check_site(&home)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        println!("home router behind the WAN link: {}", report.line);
+
+        let public = lab.site(Kind::Public, 1).expect("public site");
+        let _echo = lab
+            .start_echo(&public.peers[0], public.wan)
+            .await
+            .expect("echo");
+        let r = lab
+            .ping(&home.peers[0], public.wan, 50, 5.0, 100)
+            .await
+            .expect("ping");
+        println!("home → public over the WAN link: {}", r.line);
+        assert_eq!(num(&r, "received"), num(&r, "sent"), "{}", r.line);
+        assert!(num(&r, "rtt_min_us") >= 40_000.0, "{}", r.line);
+
+        let mut pair = Pair::start(
+            &lab,
+            &home.peers[0],
+            &public.peers[0],
+            SERVER_A,
+            "wan",
+            200,
+            5,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        let report = pair.finish(Duration::from_secs(45)).await;
+        let expected = expected_path(Kind::Home, Kind::Public, false, true);
+        println!(
+            "home (WAN link) × public: {} / {}, {:?} expected {:?}",
+            report.path_a, report.path_b, report.observed, expected
+        );
+        assert!(
+            report.problems.is_empty() && report.messages_ok,
+            "{:#?}\n{}",
+            report.problems,
+            pair.dump()
+        );
+        assert_eq!(report.observed, expected, "{}", pair.dump());
+        let stats = link.stats().await.expect("stats");
+        println!(
+            "the site's WAN link: up {:?}, down {:?}",
+            stats.ab, stats.ba
+        );
+        assert!(stats.ab.frames_out > 0 && stats.ba.frames_out > 0);
+        pair.stop().await;
+        lab.shutdown().expect("nothing left behind");
+    });
+}
