@@ -10,6 +10,9 @@
 //! last bit has left: `depart = max(now, last_depart) + len·8/rate`), then delayed:
 //! `release = depart + delay + U(-jitter, +jitter)`, and, unless `reorder`, never before the
 //! previous frame's release (a FIFO, as a real path without reordering).
+//!
+//! `queue_bytes` bounds only what waits for serialization; frames in the delay line itself
+//! (delay × rate of what passes) are held without a limit, as netem holds them up to its limit.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -35,6 +38,8 @@ pub struct Impairment {
     /// Let jitter reorder frames (otherwise a frame is never released before the previous one).
     pub reorder: bool,
     /// Seed of the loss and jitter random numbers (printed by `wan_link`, so a run replays).
+    /// Give the two directions of a link different seeds when both lose: with the same seed
+    /// their losses fall on the same frame numbers.
     pub seed: u64,
 }
 

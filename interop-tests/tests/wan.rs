@@ -288,11 +288,12 @@ fn wan_link_delay_jitter_loss_rate() {
             "unlimited",
             format!(
                 "{:.0} Mbit/s at B; {} sent, {d_in} through the emulator, {} received; \
-                 emulator CPU {} ms",
+                 emulator CPU {} ms ({:.1} µs a frame)",
                 num(&r, "rate_bps") / 1e6,
                 num(&r, "sent"),
                 num(&r, "received"),
-                cpu.as_millis()
+                cpu.as_millis(),
+                cpu.as_secs_f64() * 1e6 / d_in.max(1) as f64
             ),
         );
 

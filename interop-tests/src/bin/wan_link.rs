@@ -115,6 +115,9 @@ fn cpu_ms() -> u64 {
     ms(ru.ru_utime) + ms(ru.ru_stime)
 }
 
+/// Frames read from one TAP before the due frames are written again.
+const READ_BATCH: usize = 64;
+
 struct Args {
     a_ns: String,
     a_if: String,
@@ -281,7 +284,9 @@ fn run(args: Args) -> Result<(), String> {
             }
         }
 
-        // Take in everything waiting on both TAPs.
+        // Take in what is waiting on both TAPs: until EAGAIN, or at most READ_BATCH frames, so a
+        // flood on one side cannot hold up the frames that are due (ppoll returns at once if
+        // more is waiting).
         for (i, &fd) in fds.iter().enumerate() {
             if pfds[i].revents & (libc::POLLERR | libc::POLLNVAL) != 0 {
                 return Err(format!("TAP {i} failed (revents {:#x})", pfds[i].revents));
@@ -289,7 +294,7 @@ fn run(args: Args) -> Result<(), String> {
             if pfds[i].revents & libc::POLLIN == 0 {
                 continue;
             }
-            loop {
+            for _ in 0..READ_BATCH {
                 match read_fd(fd, &mut buf) {
                     Ok(0) => break,
                     Ok(len) => {
