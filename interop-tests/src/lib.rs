@@ -2,6 +2,7 @@
 //! The tests themselves are in `tests/`.
 
 pub mod nat;
+pub mod wan;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;

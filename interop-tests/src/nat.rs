@@ -10,6 +10,10 @@
 //!    └── outer router ns  WAN 203.0.113.x ── 198.19.k.0/24 ── inner router ns ── 198.18.k.0/24 ── peer
 //! ```
 //!
+//! Apart from it, [`Lab::wan_pair`] joins two namespaces `wana`/`wanb` (198.18.200.1 and .2 on
+//! TAPs `tne`) through the userspace WAN link emulator (`wan_link`, [`crate::wan`]): delay,
+//! jitter, loss, rate and queue per direction, changeable at run time.
+//!
 //! Only documentation (203.0.113.0/24) and benchmarking (198.18.0.0/15) addresses are used;
 //! IPv6 is off in every namespace; interfaces are called `tn*`; nothing is done in the root
 //! namespace except creating and deleting the namespaces themselves. A [`Lab`] deletes its
@@ -28,6 +32,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::Notify;
 
+use crate::wan::{Impairment, Stats};
+
 /// Signaling and TURN server address (public segment).
 pub const SERVER_A: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 /// The server's second public address (for the mapping probe).
@@ -42,6 +48,13 @@ pub const TURN_PORT: u16 = 3478;
 pub const PROBE_PORT: u16 = 3479;
 const PROBE_ALT_PORT: u16 = 3480;
 
+/// Address of A's end of a [`Lab::wan_pair`] (TAP `tne`, /24).
+pub const WAN_A_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 1);
+/// Address of B's end of a [`Lab::wan_pair`].
+pub const WAN_B_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 2);
+/// Port of the `nat_probe echo` server ([`Lab::start_echo`]).
+pub const WAN_ECHO_PORT: u16 = 3490;
+
 /// Error of the lab: what failed, with the command's output.
 pub type Result<T> = std::result::Result<T, String>;
 
@@ -54,6 +67,9 @@ pub struct Programs {
     pub peer: PathBuf,
     /// `nat_probe` (this crate's bin).
     pub probe: PathBuf,
+    /// `wan_link` (this crate's bin, for [`Lab::wan_pair`]); by default the `wan_link` next to
+    /// `probe`.
+    pub wan_link: PathBuf,
 }
 
 impl Programs {
@@ -64,13 +80,21 @@ impl Programs {
         peer: impl Into<PathBuf>,
         probe: impl Into<PathBuf>,
     ) -> Programs {
+        let probe: PathBuf = probe.into();
         Programs {
             server: std::env::var_os("PMLAB_SERVER_BIN")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| server.into()),
             peer: peer.into(),
-            probe: probe.into(),
+            wan_link: probe.with_file_name("wan_link"),
+            probe,
         }
+    }
+
+    /// The same programs with another `wan_link`.
+    pub fn with_wan_link(mut self, wan_link: impl Into<PathBuf>) -> Programs {
+        self.wan_link = wan_link.into();
+        self
     }
 }
 
@@ -443,6 +467,21 @@ impl ProbeReport {
     fn get(&self, key: &str) -> &str {
         self.fields.get(key).map(String::as_str).unwrap_or("?")
     }
+
+    /// A numeric field.
+    pub fn num(&self, key: &str) -> Option<f64> {
+        self.fields.get(key)?.parse().ok()
+    }
+
+    fn parse(line: &str) -> ProbeReport {
+        let line = line.trim().to_string();
+        let fields = line
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        ProbeReport { line, fields }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -579,25 +618,101 @@ impl Lab {
         Ok(())
     }
 
+    /// Plug `ns` into the public segment as interface `ifname` with `addrs` (/24) through an
+    /// emulated WAN link: a `wan_link` (started in `ns`) between TAP `ifname` there and TAP
+    /// `tnc<n>` in the core, bridged like a veth port; `up` impairs what `ns` sends, `down` what
+    /// it receives.
+    fn attach_public_wan(
+        &mut self,
+        ns: &str,
+        ifname: &str,
+        addrs: &[Ipv4Addr],
+        (up, down): (&Impairment, &Impairment),
+    ) -> Result<Proc> {
+        self.next_core_port += 1;
+        let port = format!("tnc{}", self.next_core_port);
+        let core = self.core.clone();
+        let log = format!("wan-{ns}.log");
+        let args = wan_link_args(ns, ifname, &core, &port, up, down);
+        let mut proc = {
+            let child = self.spawn(ns, &self.programs.wan_link.clone(), &args, Some(&log))?;
+            Proc::new(child, format!("wan_link {ns}"), Some(self.dir.join(&log)))
+        };
+        // The TAPs exist once `ready` is printed; waited for here without the runtime (this is a
+        // blocking builder like the rest of `site`).
+        let exists = |n: &str, i: &str| ip(&["-n", n, "link", "show", i]).is_ok();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(exists(ns, ifname) && exists(&core, &port)) {
+            let ended = proc.child.try_wait().ok().flatten().is_some();
+            if ended || Instant::now() > deadline {
+                return Err(format!("wan_link for {ns} did not start: {}", proc.dump()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        ip(&["-n", &core, "link", "set", &port, "master", "tnbr", "up"])?;
+        for a in addrs {
+            ip(&["-n", ns, "addr", "add", &format!("{a}/24"), "dev", ifname])?;
+        }
+        ip(&["-n", ns, "link", "set", ifname, "up"])?;
+        Ok(proc)
+    }
+
     /// Build a site of `kind` with `peers` peer namespaces (more than one share a LAN).
     pub fn site(&mut self, kind: Kind, peers: usize) -> Result<Site> {
+        self.build_site(kind, peers, None).map(|(site, _)| site)
+    }
+
+    /// Like [`Lab::site`], but the site reaches the public segment through an emulated WAN
+    /// link instead of a veth: the (outer) router's WAN `tnw` — or, for [`Kind::Public`] (one
+    /// peer only), the peer's `tne` — is a TAP whose frames `wan_link` carries to a TAP bridged
+    /// in the core. `up` impairs what the site sends, `down` what it receives; both can be
+    /// changed at run time through the returned [`WanLink`] (`ab` = up, `ba` = down).
+    pub async fn site_with_wan(
+        &mut self,
+        kind: Kind,
+        peers: usize,
+        up: Impairment,
+        down: Impairment,
+    ) -> Result<(Site, WanLink)> {
+        if kind == Kind::Public && peers != 1 {
+            return Err("a public site with a WAN link has one peer".into());
+        }
+        let (site, proc) = self.build_site(kind, peers, Some((&up, &down)))?;
+        let proc = proc.expect("a WAN link was asked for");
+        proc.wait_line(|l| l.kind == "ready", Duration::from_secs(10))
+            .await
+            .ok_or_else(|| format!("wan_link did not start: {}", proc.dump()))?;
+        Ok((site, WanLink { proc }))
+    }
+
+    fn build_site(
+        &mut self,
+        kind: Kind,
+        peers: usize,
+        wan_link: Option<(&Impairment, &Impairment)>,
+    ) -> Result<(Site, Option<Proc>)> {
         assert!(peers >= 1);
         if kind == Kind::Public {
             let mut names = Vec::new();
             let mut wan = None;
+            let mut proc = None;
             for _ in 0..peers {
                 let ns = self.add_ns("pub")?;
                 let addr = self.public_ip()?;
-                self.attach_public(&ns, "tne", &[addr])?;
+                match wan_link {
+                    Some(imp) => proc = Some(self.attach_public_wan(&ns, "tne", &[addr], imp)?),
+                    None => self.attach_public(&ns, "tne", &[addr])?,
+                }
                 wan.get_or_insert(addr);
                 names.push(ns);
             }
-            return Ok(Site {
+            let site = Site {
                 kind,
                 peers: names,
                 routers: vec![],
                 wan: wan.expect("one peer at least"),
-            });
+            };
+            return Ok((site, proc));
         }
         if self.next_subnet >= 250 {
             return Err("out of LAN subnets".into());
@@ -615,7 +730,13 @@ impl Lab {
             Kind::Public => unreachable!(),
         };
         let outer = self.add_ns(&format!("r{tag}"))?;
-        self.attach_public(&outer, "tnw", &[wan])?;
+        let proc = match wan_link {
+            Some(imp) => Some(self.attach_public_wan(&outer, "tnw", &[wan], imp)?),
+            None => {
+                self.attach_public(&outer, "tnw", &[wan])?;
+                None
+            }
+        };
         let mut routers = vec![outer.clone()];
         let lan_router = if kind == Kind::Double {
             // Outer LAN 198.19.k.0/24; the inner router's WAN is 198.19.k.2.
@@ -711,12 +832,13 @@ impl Lab {
             }
             _ => nft(&outer, &router_rules(kind))?,
         }
-        Ok(Site {
+        let site = Site {
             kind,
             peers: names,
             routers,
             wan,
-        })
+        };
+        Ok((site, proc))
     }
 
     // ---- processes ----
@@ -851,13 +973,7 @@ impl Lab {
         })
         .await
         .map_err(|e| e.to_string())??;
-        let line = line.trim().to_string();
-        let fields = line
-            .split_whitespace()
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let report = ProbeReport { line, fields };
+        let report = ProbeReport::parse(&line);
         let (mapping, filter) = site.kind.expected_probe();
         let mut wrong = Vec::new();
         if report.get("mapping") != mapping {
@@ -995,6 +1111,113 @@ impl Lab {
             .nth(1)
             .and_then(|n| n.parse().ok())
             .ok_or_else(|| format!("no packet count in {out:?}"))
+    }
+
+    // ---- WAN link emulator ----
+
+    /// Two namespaces joined by an emulated WAN link ([`crate::wan`]): a `wan_link` process
+    /// (started in A's namespace, so the lab's cleanup finds it) moves Ethernet frames between a
+    /// TAP `tne` in each, `ab` impairing what A sends, `ba` what B sends. The lab brings the TAPs
+    /// up and gives them [`WAN_A_IP`] and [`WAN_B_IP`] (/24). The TAPs are not persistent: they
+    /// vanish with the process. Its log is `wan-<n>.log` in [`Lab::dir`].
+    pub async fn wan_pair(&mut self, ab: Impairment, ba: Impairment) -> Result<WanPair> {
+        let a_ns = self.add_ns("wana")?;
+        let b_ns = self.add_ns("wanb")?;
+        let args = wan_link_args(&a_ns, "tne", &b_ns, "tne", &ab, &ba);
+        let log = format!("wan-{}.log", self.next_ns);
+        let child = self.spawn(&a_ns, &self.programs.wan_link.clone(), &args, Some(&log))?;
+        let proc = Proc::new(child, "wan_link".into(), Some(self.dir.join(&log)));
+        let ready = proc
+            .wait_line(
+                |l| l.kind == "ready" || l.kind == "error",
+                Duration::from_secs(10),
+            )
+            .await;
+        if ready.as_ref().is_none_or(|l| l.kind != "ready") {
+            return Err(format!("wan_link did not start: {}", proc.dump()));
+        }
+        for (ns, addr) in [(&a_ns, WAN_A_IP), (&b_ns, WAN_B_IP)] {
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "tne"])?;
+            ip(&["-n", ns, "link", "set", "tne", "up"])?;
+        }
+        Ok(WanPair {
+            a_ns,
+            b_ns,
+            a_ip: WAN_A_IP,
+            b_ip: WAN_B_IP,
+            proc,
+        })
+    }
+
+    /// Start `nat_probe echo` on `addr`:[`WAN_ECHO_PORT`] in `ns` (the other end of
+    /// [`Lab::ping`] and [`Lab::burst`]).
+    pub async fn start_echo(&self, ns: &str, addr: Ipv4Addr) -> Result<Proc> {
+        let args = vec!["echo".into(), addr.to_string(), WAN_ECHO_PORT.to_string()];
+        let child = self.spawn(ns, &self.programs.probe.clone(), &args, None)?;
+        let proc = Proc::new(child, format!("echo {addr}"), None);
+        proc.wait_line(|l| l.raw.contains("echoing"), Duration::from_secs(10))
+            .await
+            .ok_or_else(|| format!("echo server did not start: {}", proc.dump()))?;
+        Ok(proc)
+    }
+
+    /// Run `nat_probe ping` in `ns` against the echo server on `to`: `count` probes of `size`
+    /// bytes every `interval_ms`. Fields: `sent received reordered dup rtt_{min,p50,p99,max}_us`.
+    pub async fn ping(
+        &self,
+        ns: &str,
+        to: Ipv4Addr,
+        count: u32,
+        interval_ms: f64,
+        size: usize,
+    ) -> Result<ProbeReport> {
+        self.run_probe(
+            ns,
+            vec![
+                "ping".into(),
+                to.to_string(),
+                WAN_ECHO_PORT.to_string(),
+                count.to_string(),
+                interval_ms.to_string(),
+                size.to_string(),
+            ],
+        )
+        .await
+    }
+
+    /// Run `nat_probe burst` in `ns` against the echo server on `to`: `total` bytes in
+    /// `size`-byte datagrams, unpaced. Fields: `sent send_errors send_us received received_bytes
+    /// span_us rate_bps` (the wire rate at which they arrived at the echo server).
+    pub async fn burst(
+        &self,
+        ns: &str,
+        to: Ipv4Addr,
+        total: u64,
+        size: usize,
+    ) -> Result<ProbeReport> {
+        self.run_probe(
+            ns,
+            vec![
+                "burst".into(),
+                to.to_string(),
+                WAN_ECHO_PORT.to_string(),
+                total.to_string(),
+                size.to_string(),
+            ],
+        )
+        .await
+    }
+
+    async fn run_probe(&self, ns: &str, args: Vec<String>) -> Result<ProbeReport> {
+        let ns = ns.to_string();
+        let probe = self.programs.probe.clone();
+        let line = tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            ns_run(&ns, probe.to_str().unwrap_or("nat_probe"), &args)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        Ok(ProbeReport::parse(&line))
     }
 
     /// Kill every process, delete every namespace, and check nothing is left: no namespace of
@@ -1209,6 +1432,11 @@ impl Proc {
     /// Its name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Its process id (`None` once it has been waited for).
+    pub fn id(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// Every line so far.
@@ -1482,5 +1710,178 @@ impl Pair {
     pub async fn stop(self) {
         self.a.stop().await;
         self.b.stop().await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Two namespaces over an emulated WAN link.
+
+/// `wan_link`'s flags: TAP `a_if` in `a_ns`, `b_if` in `b_ns`, every parameter of both
+/// directions.
+fn wan_link_args(
+    a_ns: &str,
+    a_if: &str,
+    b_ns: &str,
+    b_if: &str,
+    ab: &Impairment,
+    ba: &Impairment,
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--a-ns", a_ns, "--a-if", a_if, "--b-ns", b_ns, "--b-if", b_if,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for (dir, imp) in [("ab", ab), ("ba", ba)] {
+        for w in imp.to_words() {
+            let (k, v) = w.split_once('=').expect("key=value");
+            args.extend([format!("--{dir}-{k}"), v.to_string()]);
+        }
+    }
+    args
+}
+
+/// Two namespaces joined by an emulated WAN link (see [`Lab::wan_pair`]).
+#[derive(Debug)]
+pub struct WanPair {
+    /// A's namespace (the `wan_link` process runs here).
+    pub a_ns: String,
+    /// B's namespace.
+    pub b_ns: String,
+    /// A's address ([`WAN_A_IP`]).
+    pub a_ip: Ipv4Addr,
+    /// B's address ([`WAN_B_IP`]).
+    pub b_ip: Ipv4Addr,
+    /// The `wan_link` process.
+    pub proc: Proc,
+}
+
+/// The emulator's counters ([`WanPair::stats`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WanStats {
+    /// A→B.
+    pub ab: Stats,
+    /// B→A.
+    pub ba: Stats,
+    /// CPU time the emulator has used so far (user + system).
+    pub cpu: Duration,
+}
+
+impl WanPair {
+    /// See [`WanLink::set`].
+    pub async fn set(&mut self, dir: &str, words: &str) -> Result<String> {
+        wan_set(&mut self.proc, dir, words).await
+    }
+
+    /// See [`WanLink::set_impairment`].
+    pub async fn set_impairment(&mut self, dir: &str, imp: &Impairment) -> Result<String> {
+        wan_set(&mut self.proc, dir, &imp.to_words().join(" ")).await
+    }
+
+    /// See [`WanLink::stats`].
+    pub async fn stats(&mut self) -> Result<WanStats> {
+        wan_stats(&mut self.proc).await
+    }
+
+    /// See [`WanLink::settled_stats`].
+    pub async fn settled_stats(&mut self, timeout: Duration) -> Result<WanStats> {
+        wan_settled_stats(&mut self.proc, timeout).await
+    }
+
+    /// The `wan_link` process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.id()
+    }
+
+    /// Stop the emulator (it exits and its TAPs vanish).
+    pub async fn stop(self) {
+        self.proc.stop().await;
+    }
+}
+
+/// The emulated WAN link of a [`Lab::site_with_wan`]: `ab` is what the site sends (up), `ba`
+/// what it receives (down).
+#[derive(Debug)]
+pub struct WanLink {
+    /// The `wan_link` process.
+    pub proc: Proc,
+}
+
+impl WanLink {
+    /// Change the impairments of `dir` (`ab`, `ba` or `both`) at run time: `words` are
+    /// `key=value` as [`Impairment::set`] takes them (`delay-ms=25 loss-pct=1`); unnamed keys
+    /// keep their values. Returns the new settings as the emulator prints them.
+    pub async fn set(&mut self, dir: &str, words: &str) -> Result<String> {
+        wan_set(&mut self.proc, dir, words).await
+    }
+
+    /// Set every parameter of `dir` (`ab`, `ba` or `both`) to `imp`.
+    pub async fn set_impairment(&mut self, dir: &str, imp: &Impairment) -> Result<String> {
+        wan_set(&mut self.proc, dir, &imp.to_words().join(" ")).await
+    }
+
+    /// The emulator's counters now.
+    pub async fn stats(&mut self) -> Result<WanStats> {
+        wan_stats(&mut self.proc).await
+    }
+
+    /// Wait until nothing is in flight in either direction (or `timeout`); the counters then.
+    pub async fn settled_stats(&mut self, timeout: Duration) -> Result<WanStats> {
+        wan_settled_stats(&mut self.proc, timeout).await
+    }
+
+    /// The `wan_link` process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.id()
+    }
+
+    /// Stop the emulator (it exits and its TAPs vanish: the site is cut off).
+    pub async fn stop(self) {
+        self.proc.stop().await;
+    }
+}
+
+async fn wan_set(proc: &mut Proc, dir: &str, words: &str) -> Result<String> {
+    let since = Instant::now();
+    proc.command(&format!("set {dir} {words}")).await?;
+    let last = if dir == "both" { "ba" } else { dir };
+    let line = proc
+        .wait_line_after(
+            since,
+            |l| l.kind == "error" || (l.kind == "set" && l.rest.starts_with(last)),
+            Duration::from_secs(5),
+        )
+        .await
+        .ok_or_else(|| format!("wan_link did not answer `set`: {}", proc.dump()))?;
+    if line.kind == "error" {
+        return Err(format!("wan_link: {}", line.rest));
+    }
+    Ok(line.rest)
+}
+
+async fn wan_stats(proc: &mut Proc) -> Result<WanStats> {
+    let since = Instant::now();
+    proc.command("stats").await?;
+    let line = proc
+        .wait_line_after(since, |l| l.kind == "stats", Duration::from_secs(5))
+        .await
+        .ok_or_else(|| format!("wan_link did not answer `stats`: {}", proc.dump()))?;
+    let report = ProbeReport::parse(&line.rest);
+    let bad = || format!("wan_link: bad stats line {:?}", line.raw);
+    Ok(WanStats {
+        ab: Stats::from_fields(&report.fields, "ab.").ok_or_else(bad)?,
+        ba: Stats::from_fields(&report.fields, "ba.").ok_or_else(bad)?,
+        cpu: Duration::from_millis(report.num("cpu_ms").ok_or_else(bad)? as u64),
+    })
+}
+
+async fn wan_settled_stats(proc: &mut Proc, timeout: Duration) -> Result<WanStats> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = wan_stats(proc).await?;
+        if (s.ab.in_flight() == 0 && s.ba.in_flight() == 0) || Instant::now() >= deadline {
+            return Ok(s);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
