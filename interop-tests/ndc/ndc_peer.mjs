@@ -19,7 +19,7 @@
 //   --test rtt --count N --size 64                ping-pong on "r": median/p99 RTT
 //   --test bulk --mib M --msg-size 16384          M MiB on "r" with back-pressure: MB/s (10^6 B/s)
 //   --test unreliable --count N --interval-ms 2 --size 200
-//                                                 one-way latency on "u" (shared clock): p50/p99
+//                                                 one-way latency on "u" (CLOCK_MONOTONIC): p50/p99
 // Every test first prints the open line, then its own. Results are single lines on stdout that
 // start with {"result": ; logs go to stderr. --timeout-s (default 60) bounds the whole run:
 // a peer whose partner dies exits on its own, with status 2.
@@ -211,7 +211,10 @@ function onSignal(msg) {
   }
 }
 
-const nowAbs = () => performance.timeOrigin + performance.now();
+// One clock for both processes of a machine: CLOCK_MONOTONIC (libuv's hrtime), in ms. Unlike
+// performance.timeOrigin (a wall-clock reading at each process's start) it is not moved by clock
+// adjustments, and network namespaces share it.
+const nowAbs = () => Number(process.hrtime.bigint()) / 1e6;
 
 function pct(sorted, p) {
   if (sorted.length === 0) return null;
