@@ -1,7 +1,9 @@
-//! Helpers for tests against real outside peers (coturn, stock STUN/TURN clients, ...).
+//! Helpers for tests against real outside peers (coturn, stock STUN/TURN clients,
+//! libdatachannel, ...).
 //! The tests themselves are in `tests/`.
 
 pub mod nat;
+pub mod ndc;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
