@@ -14,6 +14,18 @@
 // ordered, reliable) and "u" (id 1, unordered, maxRetransmits 0). No STUN/TURN servers: host
 // candidates only, ICE bound to --ip (libdatachannel's bindAddress).
 //
+// What libdatachannel 0.24 (node-datachannel 0.33.4) does with these options, as seen here:
+//  - bindAddress: the ICE UDP socket is bound to that address and it is the only host candidate.
+//    Without it, libjuice offers every interface address except loopback (so 127.0.0.1 pairs
+//    need it). --port-range LO-HI sets portRangeBegin/End (checked: the candidate's port is in it).
+//  - mDNS: there is no option; libdatachannel never hides host candidates behind .local names.
+//  - disableAutoNegotiation: true on both sides; the offerer calls setLocalDescription('offer'),
+//    the answerer setLocalDescription('answer') after the offer. Candidates trickle.
+//  - open time is bimodal on loopback: about 10-70 ms, or about 1010 ms when (as Debug logs
+//    suggest) the answerer, the DTLS client, sends its ClientHello before the offerer has the
+//    answer and its DTLS transport: that flight is lost, and OpenSSL resends it after its 1 s
+//    retransmit timer.
+//
 // Tests (flags on the offerer; the answerer echoes or sinks):
 //   --test open                                   time from PeerConnection creation to "r" open
 //   --test rtt --count N --size 64                ping-pong on "r": median/p99 RTT
