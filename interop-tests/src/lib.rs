@@ -1,7 +1,9 @@
-//! Helpers for tests against real outside peers (coturn, stock STUN/TURN clients, ...).
+//! Helpers for tests against real outside peers (coturn, stock STUN/TURN clients,
+//! libdatachannel, ...).
 //! The tests themselves are in `tests/`.
 
 pub mod nat;
+pub mod ndc;
 pub mod wan;
 
 use std::net::{SocketAddr, UdpSocket};
