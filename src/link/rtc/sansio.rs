@@ -12,8 +12,13 @@
 //! flushes only inside `poll_write`, and `poll_timeout` does not report queued work; a driver
 //! that waits for the next timer instead delays every handshake step by it.
 //!
-//! Not yet here (the link stays on the server path, or uses host candidates only): server
-//! reflexive candidates (STUN) and TURN relays, so relay-only PeerConnections are refused.
+//! Gathering is ours too: a host candidate per allowed local address, a server-reflexive one per
+//! STUN server (a Binding request from each host socket), and a relay candidate per TURN server
+//! (UDP, long-term credentials) through webrtc-rs's Sans-I/O TURN client, one [`Gatherer`] per
+//! (host socket, server). A datagram from a server's address goes to its gatherer, any other to
+//! the PeerConnection; relayed data comes out of the gatherer into the PeerConnection with the
+//! relayed address as its local address, and the PeerConnection's writes from a relayed address
+//! go out through the relay.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -34,15 +39,17 @@ use rtc::peer_connection::message::RTCMessage;
 use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::peer_connection::state::RTCPeerConnectionState;
 use rtc::peer_connection::transport::{
-    CandidateConfig, CandidateHostConfig, RTCIceCandidate, RTCIceCandidateInit, RTCIceCandidateType,
+    CandidateConfig, CandidateHostConfig, CandidateRelayConfig, CandidateServerReflexiveConfig,
+    RTCIceCandidate, RTCIceCandidateInit, RTCIceCandidateType,
 };
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+use rtc::turn::client::{Client as TurnClient, ClientConfig as TurnConfig, Event as TurnEvent};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
-use super::sdp::{candidate_json, parse_candidate};
+use super::sdp::{candidate_json, filter_sdp, parse_candidate, relay_candidate};
 use super::LinkInput;
 use super::{
     Candidates, Channel, ConnState, FrameSink, RtcError, RtcEvent, RtcOptions, DC_LOW,
@@ -103,24 +110,35 @@ impl RtcFactory {
         tx: mpsc::UnboundedSender<LinkInput>,
         on_frame: FrameSink,
     ) -> Result<Rtc, RtcError> {
-        if candidates == Candidates::RelayOnly {
-            return Err(RtcError::new(
-                "sansio backend",
-                "relay-only direct paths (TURN) are not implemented in this backend yet",
-            ));
-        }
-        let servers = self.ice_servers.lock().expect("rtc config lock").len();
-        if servers > 0 {
-            tracing::debug!(
-                servers,
-                "sansio backend: STUN/TURN servers unused (host only)"
-            );
-        }
+        let ice_servers = self.ice_servers.lock().expect("rtc config lock").clone();
+        let servers = resolve_servers(&ice_servers).await;
         let sockets = bind_host_sockets(&self.opts)?;
         if sockets.is_empty() {
             return Err(RtcError::new(
                 "sansio backend",
                 "no local address to gather a host candidate from",
+            ));
+        }
+        let mut gatherers = Vec::new();
+        for (socket, s) in sockets.iter().enumerate() {
+            let Ok(host) = s.local_addr() else { continue };
+            for server in servers
+                .iter()
+                .filter(|v| v.addr.is_ipv4() == host.is_ipv4())
+            {
+                if candidates == Candidates::RelayOnly && server.turn.is_none() {
+                    continue;
+                }
+                match Gatherer::new(socket, host, server) {
+                    Ok(g) => gatherers.push(g),
+                    Err(e) => tracing::debug!(server = %server.addr, "sansio backend: {e}"),
+                }
+            }
+        }
+        if candidates == Candidates::RelayOnly && gatherers.is_empty() {
+            return Err(RtcError::new(
+                "sansio backend",
+                "relay-only needs a TURN server (turn:, UDP) reachable from a local address",
             ));
         }
         let settings = SettingEngineBuilder::new()
@@ -173,8 +191,10 @@ impl RtcFactory {
         let (close, close_rx) = watch::channel(());
         let driver = Driver {
             gen,
+            candidates,
             pc,
             sockets,
+            gatherers,
             r,
             u,
             u2: None,
@@ -187,6 +207,7 @@ impl RtcFactory {
             delivering: None,
             shared: shared.clone(),
             gathered: false,
+            gathering_ended: false,
             remote_set: false,
             pending: Vec::new(),
             signaled: HashMap::new(),
@@ -257,6 +278,144 @@ fn bind_one(addr: SocketAddr) -> io::Result<UdpSocket> {
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     UdpSocket::from_std(socket.into())
+}
+
+/// A STUN or TURN server, resolved. A `stun:` and a `turn:` URL of the same address are one
+/// server (one client per socket can tell their answers apart; two could not).
+struct Server {
+    addr: SocketAddr,
+    /// The URL, as candidates gathered from it report it.
+    url: String,
+    /// `turn:` (UDP) with these credentials: allocate a relay.
+    turn: Option<(String, String)>,
+}
+
+/// Scheme, host and port of a `stun:`/`turn:` URL (RFC 7064/7065), if it is one over UDP this
+/// backend can use: `turns:` and `?transport=tcp` are not.
+fn parse_ice_url(url: &str) -> Option<(bool, String, u16)> {
+    let (turn, rest) = if let Some(rest) = url.strip_prefix("stun:") {
+        (false, rest)
+    } else if let Some(rest) = url.strip_prefix("turn:") {
+        (true, rest)
+    } else {
+        return None;
+    };
+    let (hostport, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if query
+        .split('&')
+        .any(|kv| kv.eq_ignore_ascii_case("transport=tcp"))
+    {
+        return None;
+    }
+    let (host, port) = match hostport.strip_prefix('[') {
+        Some(v6) => {
+            let (host, after) = v6.split_once(']')?;
+            (host, after.strip_prefix(':'))
+        }
+        None => match hostport.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (hostport, None),
+        },
+    };
+    let port = match port {
+        Some(p) => p.parse().ok()?,
+        None => 3478,
+    };
+    (!host.is_empty()).then(|| (turn, host.to_string(), port))
+}
+
+/// Resolve the servers' names (asynchronously: the TURN client would block on it), and merge
+/// the URLs of one address.
+async fn resolve_servers(ice_servers: &[IceServer]) -> Vec<Server> {
+    let mut out: Vec<Server> = Vec::new();
+    for server in ice_servers {
+        for url in &server.urls {
+            let Some((turn, host, port)) = parse_ice_url(url) else {
+                tracing::debug!(%url, "sansio backend: ICE server not usable (TLS or TCP)");
+                continue;
+            };
+            let addrs = match tokio::net::lookup_host((host.as_str(), port)).await {
+                Ok(a) => a.collect::<Vec<_>>(),
+                Err(e) => {
+                    tracing::debug!(%url, "sansio backend: resolving ICE server: {e}");
+                    continue;
+                }
+            };
+            // One address per family.
+            for v4 in [true, false] {
+                let Some(addr) = addrs.iter().copied().find(|a| a.is_ipv4() == v4) else {
+                    continue;
+                };
+                let creds = turn.then(|| {
+                    (
+                        server.username.clone().unwrap_or_default(),
+                        server.credential.clone().unwrap_or_default(),
+                    )
+                });
+                match out.iter_mut().find(|s| s.addr == addr) {
+                    Some(s) => {
+                        if s.turn.is_none() && creds.is_some() {
+                            s.turn = creds;
+                            s.url = url.clone();
+                        }
+                    }
+                    None => out.push(Server {
+                        addr,
+                        url: url.clone(),
+                        turn: creds,
+                    }),
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Gathers from one server through one host socket: a server-reflexive candidate (Binding) and,
+/// for a TURN server, a relay candidate (Allocate), whose traffic then goes through it.
+struct Gatherer {
+    /// Index of the host socket in [`Driver::sockets`].
+    socket: usize,
+    host: SocketAddr,
+    server: SocketAddr,
+    url: String,
+    turn: bool,
+    client: TurnClient,
+    /// The allocation's relayed address, once allocated.
+    relayed: Option<SocketAddr>,
+    /// Requests still unanswered (0: this gatherer is done).
+    waiting: usize,
+}
+
+impl Gatherer {
+    fn new(socket: usize, host: SocketAddr, server: &Server) -> Result<Self, RtcError> {
+        let (username, password) = server.turn.clone().unwrap_or_default();
+        let provider = rtc::crypto::default_provider()
+            .map_err(|e| RtcError::new("sansio backend: crypto provider", e))?;
+        let config = TurnConfig {
+            stun_serv_addr: server.addr.to_string(),
+            turn_serv_addr: if server.turn.is_some() {
+                server.addr.to_string()
+            } else {
+                String::new()
+            },
+            local_addr: host,
+            transport_protocol: TransportProtocol::UDP,
+            username,
+            password,
+            ..Default::default()
+        };
+        Ok(Gatherer {
+            socket,
+            host,
+            server: server.addr,
+            url: server.url.clone(),
+            turn: server.turn.is_some(),
+            client: TurnClient::new(config, provider)?,
+            relayed: None,
+            waiting: 0,
+        })
+    }
 }
 
 /// What the driver publishes for the handles.
@@ -425,8 +584,11 @@ type Delivery = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// Owns one [`RTCPeerConnection`], its sockets and its state; see the module doc.
 struct Driver {
     gen: u32,
+    candidates: Candidates,
     pc: RTCPeerConnection,
     sockets: Vec<UdpSocket>,
+    /// One per (host socket, STUN/TURN server).
+    gatherers: Vec<Gatherer>,
     r: RTCDataChannelId,
     u: RTCDataChannelId,
     /// This end's in-band send channel (version 2).
@@ -445,8 +607,10 @@ struct Driver {
     /// (not reading is SCTP's back-pressure: the receive window closes).
     delivering: Option<Delivery>,
     shared: Arc<Shared>,
-    /// The host candidates were added (after the local description was set).
+    /// Gathering started (after the local description was set).
     gathered: bool,
+    /// End of candidates was added.
+    gathering_ended: bool,
     remote_set: bool,
     pending: Vec<RTCIceCandidateInit>,
     /// Types of the candidates the peer signaled, by address and port.
@@ -461,10 +625,7 @@ impl Driver {
         let mut buf = vec![0u8; DATAGRAM_MAX];
         loop {
             self.settle().await;
-            let deadline = self
-                .pc
-                .poll_timeout()
-                .unwrap_or_else(|| Instant::now() + IDLE_WAKE);
+            let deadline = self.deadline();
             let delivering = self.delivering.is_some();
             tokio::select! {
                 biased;
@@ -492,24 +653,70 @@ impl Driver {
             // the core's timers (retransmission, delayed SACK, FORWARD-TSN).
             let now = Instant::now();
             if now >= deadline {
-                if let Err(e) = self.pc.handle_timeout(now) {
-                    tracing::debug!("sansio backend: timeout: {e}");
-                }
+                self.run_timers(now);
             }
         }
         self.shut();
     }
 
-    /// Close the PeerConnection and send what that queued (SCTP ABORT, DTLS close_notify).
+    /// The earliest timer of the core and the gatherers.
+    fn deadline(&mut self) -> Instant {
+        let mut at = self
+            .pc
+            .poll_timeout()
+            .unwrap_or_else(|| Instant::now() + IDLE_WAKE);
+        for g in &mut self.gatherers {
+            if let Some(t) = g.client.poll_timeout() {
+                at = at.min(t);
+            }
+        }
+        at
+    }
+
+    /// Run every timer due at `now`.
+    fn run_timers(&mut self, now: Instant) {
+        if self.pc.poll_timeout().is_some_and(|t| t <= now) {
+            if let Err(e) = self.pc.handle_timeout(now) {
+                tracing::debug!("sansio backend: timeout: {e}");
+            }
+        }
+        for g in &mut self.gatherers {
+            if g.client.poll_timeout().is_some_and(|t| t <= now) {
+                let _ = g.client.handle_timeout(now);
+            }
+        }
+    }
+
+    /// Close the PeerConnection and send what that queued (SCTP ABORT, DTLS close_notify), and
+    /// release the relays (a Refresh with lifetime 0).
     fn shut(&mut self) {
+        let now = Instant::now();
         if let Err(e) = self.pc.close() {
             tracing::debug!("sansio backend: close: {e}");
         }
         while let Some(w) = self.pc.poll_write() {
+            if self.relayed_by(w.transport.local_addr).is_some() {
+                continue;
+            }
             if let Some(s) = self.socket_for(w.transport.local_addr) {
                 let _ = s.try_send_to(&w.message, w.transport.peer_addr);
             }
         }
+        for g in &mut self.gatherers {
+            if let Some(relayed) = g.relayed {
+                if let Ok(mut relay) = g.client.relay(relayed) {
+                    let _ = relay.close(now);
+                }
+            }
+            while let Some(w) = g.client.poll_write() {
+                let _ = self.sockets[g.socket].try_send_to(&w.message, w.transport.peer_addr);
+            }
+        }
+    }
+
+    /// The gatherer whose relay has this address.
+    fn relayed_by(&self, local: SocketAddr) -> Option<usize> {
+        self.gatherers.iter().position(|g| g.relayed == Some(local))
     }
 
     fn apply(&mut self, cmd: Cmd) {
@@ -518,7 +725,7 @@ impl Driver {
             Cmd::Offer(reply) => {
                 let r = (|| {
                     let offer = self.pc.create_offer(None)?;
-                    let sdp = offer.sdp.clone();
+                    let sdp = filter_sdp(&offer.sdp, self.candidates);
                     self.pc.set_local_description(now, offer)?;
                     Ok(sdp)
                 })();
@@ -526,12 +733,13 @@ impl Driver {
                 let _ = reply.send(r);
             }
             Cmd::AcceptOffer(sdp, reply) => {
+                let sdp = filter_sdp(&sdp, self.candidates);
                 let r = (|| {
                     self.pc
                         .set_remote_description(now, RTCSessionDescription::offer(sdp)?)?;
                     self.remote_set();
                     let answer = self.pc.create_answer(None)?;
-                    let sdp = answer.sdp.clone();
+                    let sdp = filter_sdp(&answer.sdp, self.candidates);
                     self.pc.set_local_description(now, answer)?;
                     Ok(sdp)
                 })();
@@ -539,6 +747,7 @@ impl Driver {
                 let _ = reply.send(r);
             }
             Cmd::AcceptAnswer(sdp, reply) => {
+                let sdp = filter_sdp(&sdp, self.candidates);
                 let r = (|| {
                     self.pc
                         .set_remote_description(now, RTCSessionDescription::answer(sdp)?)?;
@@ -548,7 +757,18 @@ impl Driver {
                 let _ = reply.send(r);
             }
             Cmd::Candidate(init) => {
-                if let Some((key, typ)) = parse_candidate(&init.candidate) {
+                let parsed = parse_candidate(&init.candidate);
+                if self.candidates == Candidates::RelayOnly
+                    && !parsed
+                        .as_ref()
+                        .is_some_and(|(_, t)| *t == CandidateType::Relay)
+                {
+                    // A relay-only pair exchanges relay addresses only; using another would
+                    // reveal our relay to that address.
+                    tracing::debug!(candidate = %init.candidate, "relay-only: remote candidate ignored");
+                    return;
+                }
+                if let Some((key, typ)) = parsed {
                     self.signaled.insert(key, typ);
                 }
                 if self.remote_set {
@@ -610,36 +830,179 @@ impl Driver {
         }
     }
 
-    /// Add a host candidate per socket (once, after the local description is set, so that they
-    /// are signaled after the offer or answer), then end gathering.
+    /// Start gathering, once, after the local description is set (so that candidates are
+    /// signaled after the offer or answer): a host candidate per socket (not for relay-only),
+    /// and a Binding (not for relay-only) and an Allocate (TURN) to each server.
     fn gather(&mut self) {
         if self.gathered {
             return;
         }
         self.gathered = true;
-        for s in &self.sockets {
-            let Ok(addr) = s.local_addr() else { continue };
-            let host = CandidateHostConfig {
-                base_config: CandidateConfig {
-                    network: "udp".to_owned(),
-                    address: addr.ip().to_string(),
-                    port: addr.port(),
-                    component: 1,
+        let now = Instant::now();
+        if self.candidates == Candidates::All {
+            let hosts: Vec<SocketAddr> = self
+                .sockets
+                .iter()
+                .filter_map(|s| s.local_addr().ok())
+                .collect();
+            for addr in hosts {
+                let host = CandidateHostConfig {
+                    base_config: CandidateConfig {
+                        network: "udp".to_owned(),
+                        address: addr.ip().to_string(),
+                        port: addr.port(),
+                        component: 1,
+                        ..Default::default()
+                    },
                     ..Default::default()
-                },
-                ..Default::default()
-            }
-            .new_candidate_host();
-            let added = host
-                .map_err(RtcError::from)
-                .and_then(|c| Ok(RTCIceCandidate::from(&c).to_json()?))
-                .and_then(|init| Ok(self.pc.add_local_candidate(init)?));
-            if let Err(e) = added {
-                tracing::debug!(%addr, "sansio backend: host candidate: {e}");
+                }
+                .new_candidate_host();
+                self.add_local(host, addr);
             }
         }
+        for g in &mut self.gatherers {
+            if self.candidates == Candidates::All {
+                match g.client.send_binding_request_to(now, g.server) {
+                    Ok(_) => g.waiting += 1,
+                    Err(e) => tracing::debug!(server = %g.server, "sansio backend: binding: {e}"),
+                }
+            }
+            if g.turn {
+                match g.client.allocate(now) {
+                    Ok(_) => g.waiting += 1,
+                    Err(e) => tracing::debug!(server = %g.server, "sansio backend: allocate: {e}"),
+                }
+            }
+        }
+        self.end_gathering_when_done();
+    }
+
+    fn add_local(
+        &mut self,
+        candidate: rtc::shared::error::Result<rtc::ice::candidate::Candidate>,
+        addr: SocketAddr,
+    ) {
+        let added = candidate
+            .map_err(RtcError::from)
+            .and_then(|c| Ok(RTCIceCandidate::from(&c).to_json()?))
+            .and_then(|init| Ok(self.pc.add_local_candidate(init)?));
+        if let Err(e) = added {
+            tracing::debug!(%addr, "sansio backend: local candidate: {e}");
+        }
+    }
+
+    /// End of candidates, once every server has answered or timed out.
+    fn end_gathering_when_done(&mut self) {
+        if self.gathering_ended || self.gatherers.iter().any(|g| g.waiting > 0) {
+            return;
+        }
+        self.gathering_ended = true;
         if let Err(e) = self.pc.add_local_candidate(RTCIceCandidateInit::default()) {
             tracing::debug!("sansio backend: end of candidates: {e}");
+        }
+    }
+
+    /// Take the gatherers' events (their candidates, relayed data) and writes. Returns whether
+    /// there were any.
+    fn pump_gatherers(&mut self) -> bool {
+        let mut any = false;
+        for i in 0..self.gatherers.len() {
+            while let Some(event) = self.gatherers[i].client.poll_event() {
+                any = true;
+                self.gatherer_event(i, event);
+            }
+            while let Some(w) = self.gatherers[i].client.poll_write() {
+                any = true;
+                self.out.push(w);
+            }
+        }
+        if any {
+            self.end_gathering_when_done();
+        }
+        any
+    }
+
+    fn gatherer_event(&mut self, i: usize, event: TurnEvent) {
+        let g = &mut self.gatherers[i];
+        let (host, url) = (g.host, g.url.clone());
+        match event {
+            TurnEvent::BindingResponse(_, mapped) => {
+                g.waiting = g.waiting.saturating_sub(1);
+                // Behind no NAT the mapped address is the host's own.
+                if mapped != host {
+                    let c = CandidateServerReflexiveConfig {
+                        base_config: CandidateConfig {
+                            network: "udp".to_owned(),
+                            address: mapped.ip().to_string(),
+                            port: mapped.port(),
+                            component: 1,
+                            ..Default::default()
+                        },
+                        rel_addr: host.ip().to_string(),
+                        rel_port: host.port(),
+                        url: Some(url),
+                    }
+                    .new_candidate_server_reflexive();
+                    self.add_local(c, mapped);
+                }
+            }
+            TurnEvent::AllocateResponse(_, relayed) => {
+                g.waiting = g.waiting.saturating_sub(1);
+                g.relayed = Some(relayed);
+                let c = CandidateRelayConfig {
+                    base_config: CandidateConfig {
+                        network: "udp".to_owned(),
+                        address: relayed.ip().to_string(),
+                        port: relayed.port(),
+                        component: 1,
+                        ..Default::default()
+                    },
+                    rel_addr: host.ip().to_string(),
+                    rel_port: host.port(),
+                    url: Some(url),
+                }
+                .new_candidate_relay();
+                self.add_local(c, relayed);
+            }
+            TurnEvent::BindingError(_, e) | TurnEvent::AllocateError(_, e) => {
+                g.waiting = g.waiting.saturating_sub(1);
+                tracing::debug!(server = %g.server, "sansio backend: gathering: {e}");
+            }
+            TurnEvent::TransactionTimeout(_) => {
+                g.waiting = g.waiting.saturating_sub(1);
+                tracing::debug!(server = %g.server, "sansio backend: no answer from the server");
+            }
+            TurnEvent::DataIndicationOrChannelData(_, peer_addr, data) => {
+                let Some(local_addr) = g.relayed else { return };
+                let _ = self.pc.handle_read(TaggedBytesMut {
+                    now: Instant::now(),
+                    transport: TransportContext {
+                        local_addr,
+                        peer_addr,
+                        transport_protocol: TransportProtocol::UDP,
+                        ecn: None,
+                    },
+                    message: data,
+                });
+            }
+            _ => {}
+        }
+    }
+
+    /// Send a datagram of the PeerConnection from a relayed address through its relay (with a
+    /// permission for the peer; until the server grants it, the datagram is dropped, as a lost
+    /// one: ICE checks are retried).
+    fn send_relayed(&mut self, i: usize, w: TaggedBytesMut) {
+        let now = Instant::now();
+        let g = &mut self.gatherers[i];
+        let Some(relayed) = g.relayed else { return };
+        let peer = w.transport.peer_addr;
+        let sent = g.client.relay(relayed).and_then(|mut relay| {
+            relay.create_permission(now, peer)?;
+            relay.send_to(now, &w.message, peer)
+        });
+        if let Err(e) = sent {
+            tracing::trace!(%peer, "sansio backend: relayed send: {e}");
         }
     }
 
@@ -680,6 +1043,16 @@ impl Driver {
                     },
                     message: BytesMut::from(&buf[..n]),
                 };
+                if let Some(g) = self
+                    .gatherers
+                    .iter_mut()
+                    .find(|g| g.socket == i && g.server == peer_addr)
+                {
+                    if let Err(e) = g.client.handle_read(msg) {
+                        tracing::trace!(server = %peer_addr, "sansio backend: from server: {e}");
+                    }
+                    continue;
+                }
                 // Pipeline errors are logged by the core; this does not fail.
                 let _ = self.pc.handle_read(msg);
                 if !self.open.iter().all(|o| *o) {
@@ -712,8 +1085,12 @@ impl Driver {
             }
             while let Some(w) = self.pc.poll_write() {
                 progressed = true;
-                self.out.push(w);
+                match self.relayed_by(w.transport.local_addr) {
+                    Some(i) => self.send_relayed(i, w),
+                    None => self.out.push(w),
+                }
             }
+            progressed |= self.pump_gatherers();
             if !progressed {
                 break;
             }
@@ -805,12 +1182,22 @@ impl Driver {
             any = true;
             match event {
                 RTCPeerConnectionEvent::OnIceCandidateEvent(e) => match e.candidate.to_json() {
-                    Ok(init) => self.emit(RtcEvent::Candidate(candidate_json(
-                        init.candidate,
-                        init.sdp_mid,
-                        init.sdp_mline_index,
-                        init.username_fragment,
-                    ))),
+                    Ok(mut init) => {
+                        if self.candidates == Candidates::RelayOnly {
+                            // The last check before an address leaves the host: a relay
+                            // candidate, without its related address.
+                            match relay_candidate(&init.candidate) {
+                                Some(line) => init.candidate = line,
+                                None => continue,
+                            }
+                        }
+                        self.emit(RtcEvent::Candidate(candidate_json(
+                            init.candidate,
+                            init.sdp_mid,
+                            init.sdp_mline_index,
+                            init.username_fragment,
+                        )))
+                    }
                     Err(e) => tracing::warn!("candidate not serializable: {e}"),
                 },
                 RTCPeerConnectionEvent::OnConnectionStateChangeEvent(s) => {
@@ -903,5 +1290,33 @@ fn conv(t: RTCIceCandidateType) -> CandidateType {
         RTCIceCandidateType::Prflx => CandidateType::Prflx,
         RTCIceCandidateType::Relay => CandidateType::Relay,
         _ => CandidateType::Host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ice_urls_over_udp_parse_and_others_are_refused() {
+        let p = |u: &str| parse_ice_url(u);
+        assert_eq!(
+            p("stun:127.0.0.1:3478"),
+            Some((false, "127.0.0.1".into(), 3478))
+        );
+        assert_eq!(
+            p("turn:turn.example.org?transport=udp"),
+            Some((true, "turn.example.org".into(), 3478))
+        );
+        assert_eq!(p("turn:[::1]:5349"), Some((true, "::1".into(), 5349)));
+        assert_eq!(
+            p("stun:[2001:db8::1]"),
+            Some((false, "2001:db8::1".into(), 3478))
+        );
+        assert_eq!(p("turn:host:3478?transport=tcp"), None);
+        assert_eq!(p("turns:host:5349"), None);
+        assert_eq!(p("turn::3478"), None);
+        assert_eq!(p("stun:host:port"), None);
+        assert_eq!(p("http://host"), None);
     }
 }
