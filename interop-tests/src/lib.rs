@@ -11,6 +11,23 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The direct-path backend named by `PEERMESH_DIRECT_BACKEND` (`webrtc` or `sansio`), or the
+/// default when it is unset; panics on another name. `sansio` needs the `peermesh/sansio`
+/// feature (`--features peermesh/sansio`), or clients refuse to connect.
+pub fn direct_backend() -> peermesh::DirectBackend {
+    match std::env::var("PEERMESH_DIRECT_BACKEND") {
+        Ok(name) => name
+            .parse()
+            .unwrap_or_else(|e| panic!("PEERMESH_DIRECT_BACKEND={name}: {e}")),
+        Err(_) => peermesh::DirectBackend::default(),
+    }
+}
+
+/// `ClientConfig::new(name)` on the [`direct_backend`] the environment names.
+pub fn client_config(name: impl Into<String>) -> peermesh::ClientConfig {
+    peermesh::ClientConfig::new(name).with_direct_backend(direct_backend())
+}
+
 /// A free UDP port on 127.0.0.1 (bound and released; good enough for tests).
 pub fn free_udp_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0")

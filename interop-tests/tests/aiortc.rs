@@ -18,8 +18,8 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use peermesh::{Client, ClientConfig, Event, Events, Path, PeerId, Reliability};
-use peermesh_interop_tests::{NftTable, UdpCut};
+use peermesh::{Client, Event, Events, Path, PeerId, Reliability};
+use peermesh_interop_tests::{client_config, NftTable, UdpCut};
 use peermesh_server::{Config, Server, ServerHandle};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
@@ -323,7 +323,7 @@ impl Setup {
         .expect("bind server")
         .spawn();
         let connect_native = || async {
-            let mut config = ClientConfig::new(NATIVE)
+            let mut config = client_config(NATIVE)
                 .with_loopback_only(true)
                 .with_direct(native_direct);
             if let Some((lo, hi)) = native_ports {

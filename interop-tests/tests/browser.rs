@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use peermesh::{Client, ClientConfig, Event, Events, LinkStats, Path, PeerId, Reliability};
-use peermesh_interop_tests::NftTable;
+use peermesh_interop_tests::{client_config, NftTable};
 use peermesh_server::turn::TurnConfig;
 use peermesh_server::{Config, Server, ServerHandle, TurnMode};
 use serde_json::{json, Value};
@@ -368,7 +368,7 @@ async fn native(
     relay_only: bool,
 ) -> (Client, Events) {
     let ip = IpAddr::V4(ns.host_ip);
-    let cfg = ClientConfig::new(name)
+    let cfg = client_config(name)
         .with_ip_filter(move |a| a == ip)
         .with_relay_only(relay_only);
     Client::connect(&server.ws_url(), cfg)
@@ -1784,7 +1784,7 @@ async fn max_size_unreliable_under_loss(browser_sends: bool, ports: (u16, u16)) 
     let ns = Netns::create();
     let server = server_on(&ns, TurnMode::Disabled).await;
     let ip = IpAddr::V4(ns.host_ip);
-    let cfg = ClientConfig::new("native")
+    let cfg = client_config("native")
         .with_ip_filter(move |a| a == ip)
         .with_udp_ports(ports.0, ports.1);
     let (n, ne) = Client::connect(&server.ws_url(), cfg)
@@ -2351,7 +2351,7 @@ async fn browser_resumes_after_a_silent_cut() {
     let ip = IpAddr::V4(ns.host_ip);
     let (n, mut ne) = Client::connect(
         &server.ws_url(),
-        ClientConfig::new("native")
+        client_config("native")
             .with_ip_filter(move |a| a == ip)
             .with_direct(false),
     )
@@ -2455,7 +2455,7 @@ async fn browser_drain_and_restart_loses_nothing() {
     let ip = IpAddr::V4(ns.host_ip);
     let (n, mut ne) = Client::connect(
         &server.ws_url(),
-        ClientConfig::new("native")
+        client_config("native")
             .with_ip_filter(move |a| a == ip)
             .with_direct(false)
             .with_reconnect(Some(peermesh::Reconnect {
@@ -2682,8 +2682,7 @@ async fn lanes_bulk_and_chat(direct: bool) {
     let b2n_chunks = if directions == "n2b" { 0 } else { chunks };
     let ns = Netns::create();
     let server = server_on(&ns, TurnMode::Disabled).await;
-    let (n, mut ne) =
-        native_with(&ns, &server, ClientConfig::new("native").with_lane(1, 0, 1)).await;
+    let (n, mut ne) = native_with(&ns, &server, client_config("native").with_lane(1, 0, 1)).await;
     n.join("g").await.unwrap();
     let policy = if direct { "any" } else { "none" };
     let (mut b, bid) = quiet_browser(
@@ -3013,8 +3012,7 @@ async fn sequenced_messages_between_browser_and_native_arrive_newer_only() {
     let size = |i: u32| if i.is_multiple_of(2) { 100 } else { 3000 };
     let ns = Netns::create();
     let server = server_on(&ns, TurnMode::Disabled).await;
-    let (n, mut ne) =
-        native_with(&ns, &server, ClientConfig::new("native").with_lane(2, 0, 1)).await;
+    let (n, mut ne) = native_with(&ns, &server, client_config("native").with_lane(2, 0, 1)).await;
     n.join("g").await.unwrap();
     let (mut b, bid) = quiet_browser(
         &ns,
@@ -3159,12 +3157,7 @@ async fn version_2_native_gets_every_lane_of_a_version_3_browser_on_lane_0() {
     const N: u64 = 300;
     let ns = Netns::create();
     let server = server_on(&ns, TurnMode::Disabled).await;
-    let (n, mut ne) = native_with(
-        &ns,
-        &server,
-        ClientConfig::new("native").with_link_version(2),
-    )
-    .await;
+    let (n, mut ne) = native_with(&ns, &server, client_config("native").with_link_version(2)).await;
     n.join("g").await.unwrap();
     let (mut b, bid) = quiet_browser(
         &ns,
@@ -3362,7 +3355,7 @@ impl Drop for TempDir {
 /// A native client and a Chromium one in group "g" on the direct path, the page set up with
 /// [`FILES_PAGE_JS`]; returns them with the direct path the native end has.
 async fn files_pair(ns: &Netns, server: &ServerHandle) -> (Client, Events, Browser, PeerId, Path) {
-    let (n, mut ne) = native_with(ns, server, ClientConfig::new("native")).await;
+    let (n, mut ne) = native_with(ns, server, client_config("native")).await;
     n.join("g").await.unwrap();
     let (mut b, bid) = quiet_browser(ns, server, json!({"name": "chromium"})).await;
     b.eval("p", FILES_PAGE_JS, json!(null)).await;

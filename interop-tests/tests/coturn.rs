@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use peermesh::{CandidateType, Client, ClientConfig, Event, Events, Path, PeerId, Reliability};
-use peermesh_interop_tests::Coturn;
+use peermesh_interop_tests::{client_config, Coturn};
 use peermesh_server::{Config, Server, ServerHandle, TurnMode};
 
 async fn server_for(coturn: &Coturn) -> ServerHandle {
@@ -56,7 +56,7 @@ async fn clients_gather_srflx_candidates_from_coturn() {
     let coturn = Coturn::start((50100, 50199));
     let server = server_for(&coturn).await;
     let ((a, mut ae), (b, _be)) =
-        pair(&server, |n| ClientConfig::new(n).with_loopback_only(true)).await;
+        pair(&server, |n| client_config(n).with_loopback_only(true)).await;
     assert!(a
         .ice_servers()
         .iter()
@@ -86,7 +86,7 @@ async fn relay_only_pair_connects_through_coturn() {
     let coturn = Coturn::start((50200, 50299));
     let server = server_for(&coturn).await;
     let relay_only = |n: &str| {
-        ClientConfig::new(n)
+        client_config(n)
             .with_loopback_only(true)
             .with_relay_only(true)
     };

@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use peermesh::{Client, ClientConfig, Event, Events, Path, PeerId, Reconnect, Reliability};
+use peermesh_interop_tests::client_config;
 use tokio::time::Instant;
 
 /// A server process on a fixed loopback port.
@@ -80,7 +81,7 @@ fn free_addr() -> SocketAddr {
 }
 
 fn config(name: &str, direct: bool) -> ClientConfig {
-    ClientConfig::new(name)
+    client_config(name)
         .with_loopback_only(true)
         .with_direct(direct)
         .with_reconnect(Some(Reconnect {

@@ -26,7 +26,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use peermesh::{Client, ClientConfig, Event, PeerId, Reliability};
+use peermesh::{Client, ClientConfig, DirectBackend, Event, PeerId, Reliability};
 use tokio::io::AsyncBufReadExt;
 
 const PAYLOAD: usize = 64;
@@ -118,7 +118,22 @@ async fn main() {
     let out = Arc::new(Out {
         start: Instant::now(),
     });
-    let config = ClientConfig::new(args.name.clone()).with_ip_filter(lab_address);
+    // The direct-path backend from PEERMESH_DIRECT_BACKEND (the lab passes its environment on);
+    // stderr is the peer's log.
+    let backend = match std::env::var("PEERMESH_DIRECT_BACKEND") {
+        Ok(name) => match name.parse::<DirectBackend>() {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("nat_peer: PEERMESH_DIRECT_BACKEND: {e}");
+                std::process::exit(2);
+            }
+        },
+        Err(_) => DirectBackend::default(),
+    };
+    eprintln!("nat_peer: direct backend {backend}");
+    let config = ClientConfig::new(args.name.clone())
+        .with_ip_filter(lab_address)
+        .with_direct_backend(backend);
     let (client, mut events) = match Client::connect(&args.server, config).await {
         Ok(c) => c,
         Err(e) => {
