@@ -928,23 +928,23 @@ impl Driver {
         match event {
             TurnEvent::BindingResponse(_, mapped) => {
                 g.waiting = g.waiting.saturating_sub(1);
-                // Behind no NAT the mapped address is the host's own.
-                if mapped != host {
-                    let c = CandidateServerReflexiveConfig {
-                        base_config: CandidateConfig {
-                            network: "udp".to_owned(),
-                            address: mapped.ip().to_string(),
-                            port: mapped.port(),
-                            component: 1,
-                            ..Default::default()
-                        },
-                        rel_addr: host.ip().to_string(),
-                        rel_port: host.port(),
-                        url: Some(url),
-                    }
-                    .new_candidate_server_reflexive();
-                    self.add_local(c, mapped);
+                // Behind no NAT the mapped address is the host's own: the candidate is
+                // redundant then, but signaled as on the default backend (it tells the app and
+                // the peer that the STUN server answered).
+                let c = CandidateServerReflexiveConfig {
+                    base_config: CandidateConfig {
+                        network: "udp".to_owned(),
+                        address: mapped.ip().to_string(),
+                        port: mapped.port(),
+                        component: 1,
+                        ..Default::default()
+                    },
+                    rel_addr: host.ip().to_string(),
+                    rel_port: host.port(),
+                    url: Some(url),
                 }
+                .new_candidate_server_reflexive();
+                self.add_local(c, mapped);
             }
             TurnEvent::AllocateResponse(_, relayed) => {
                 g.waiting = g.waiting.saturating_sub(1);
