@@ -769,6 +769,7 @@ impl Driver {
                     return;
                 }
                 if let Some((key, typ)) = parsed {
+                    self.learn_remote_type(&key, typ);
                     self.signaled.insert(key, typ);
                 }
                 if self.remote_set {
@@ -1179,6 +1180,21 @@ impl Driver {
             remote,
         });
         self.emit(RtcEvent::PairSelected);
+    }
+
+    /// A peer's check often arrives before its trickled candidate, so ICE first knows that
+    /// address as peer-reflexive; once the candidate is signaled, its signaled type is the true
+    /// one (browsers report it the same way), also for a pair selected before.
+    fn learn_remote_type(&self, (addr, port): &(String, u16), typ: CandidateType) {
+        let Ok(ip) = addr.parse::<IpAddr>() else {
+            return;
+        };
+        let mut pair = self.shared.pair.lock().expect("pair lock");
+        if let Some(p) = pair.as_mut() {
+            if p.remote_type == CandidateType::Prflx && p.remote == SocketAddr::new(ip, *port) {
+                p.remote_type = typ;
+            }
+        }
     }
 
     fn emit(&self, event: RtcEvent) {
