@@ -985,6 +985,8 @@ impl Driver {
                     },
                     message: data,
                 });
+                // A SACK per datagram, as for datagrams read from a socket.
+                self.take_writes();
             }
             _ => {}
         }
