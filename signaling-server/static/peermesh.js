@@ -412,9 +412,7 @@ class PartReassembly {
     for (const [id, old] of this.msgs) {
       if (this.held + cost <= PART_MAX_HELD) break;
       if (id === msg) continue;
-      this.msgs.delete(id);
-      this.held -= old.cost;
-      this.stats.partsExpired++;
+      this.forget(id, old, t);
     }
     m.parts[index] = bytes.slice();
     m.got++;
@@ -435,12 +433,20 @@ class PartReassembly {
     return null;
   }
 
+  // Discard an incomplete message; its late parts are then dropped with it (as parts of a
+  // finished message are), not started over as a new message that would expire again.
+  forget(id, m, t) {
+    this.msgs.delete(id);
+    this.held -= m.cost;
+    this.stats.partsExpired++;
+    this.done.set(id, t);
+    if (this.done.size > PART_DONE_MAX) this.done.delete(this.done.keys().next().value);
+  }
+
   expire(t = this.now()) {
     for (const [id, m] of this.msgs) {
       if (t - m.at < PART_EXPIRY_MS) break;
-      this.msgs.delete(id);
-      this.held -= m.cost;
-      this.stats.partsExpired++;
+      this.forget(id, m, t);
     }
     for (const [id, at] of this.done) {
       if (t - at < PART_EXPIRY_MS) break;

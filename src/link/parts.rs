@@ -18,6 +18,10 @@ pub(crate) const PART_EXPIRY: Duration = Duration::from_secs(1);
 pub(crate) const MAX_HELD: usize = 256 << 10;
 /// Bookkeeping cost of a held part beyond its bytes, so that empty parts are bounded too.
 const PART_COST: usize = 64;
+/// How many discarded messages are remembered, so that a part arriving after its message was
+/// discarded is dropped as part of it (not started over as a new message, which would be
+/// discarded, and counted, again).
+const DISCARDED_REMEMBERED: usize = 256;
 
 /// Why a part was refused (the part is dropped; the message it belongs to is unaffected).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -50,6 +54,8 @@ pub(crate) struct Parts {
     held: usize,
     /// Incomplete messages discarded (expired or evicted): `LinkStats::unreliable_incomplete`.
     pub(crate) discarded: u64,
+    /// The ids of the last [`DISCARDED_REMEMBERED`] messages discarded, oldest first.
+    recently_discarded: VecDeque<u32>,
 }
 
 impl Parts {
@@ -72,6 +78,11 @@ impl Parts {
         // Recent messages are at the back; there are rarely more than one or two.
         let pos = match self.msgs.iter().rposition(|p| p.msg == msg) {
             Some(pos) => pos,
+            None if self.recently_discarded.contains(&msg) => {
+                // A late part of a message already discarded (and counted) as incomplete.
+                tracing::debug!(msg, index, "late part of a discarded unreliable message");
+                return Ok(None);
+            }
             None => {
                 self.msgs.push_back(Partial {
                     msg,
@@ -119,7 +130,7 @@ impl Parts {
                 .pop_front()
                 .expect("held bytes belong to a message");
             self.held -= oldest.cost;
-            self.discarded += 1;
+            self.discard(oldest.msg);
         }
         Ok(None)
     }
@@ -131,9 +142,18 @@ impl Parts {
                 break;
             }
             self.held -= p.cost;
-            self.discarded += 1;
+            let msg = p.msg;
+            self.discard(msg);
             self.msgs.pop_front();
         }
+    }
+
+    fn discard(&mut self, msg: u32) {
+        self.discarded += 1;
+        if self.recently_discarded.len() == DISCARDED_REMEMBERED {
+            self.recently_discarded.pop_front();
+        }
+        self.recently_discarded.push_back(msg);
     }
 
     /// When the oldest incomplete message expires ([`Parts::expire`]), if any is held.
@@ -183,6 +203,33 @@ mod tests {
         }
         assert_eq!(split(&msg(2000, 0))[0].len(), MAX_PART_PAYLOAD);
         assert_eq!(split(&msg(16384, 0)).len(), 17);
+    }
+
+    #[test]
+    fn a_part_after_its_message_expired_is_dropped_with_it() {
+        let now = Instant::now();
+        let parts = split(&msg(3000, 5));
+        let count = parts.len() as u16;
+        let mut p = Parts::default();
+        assert_eq!(p.push(now, 9, 0, count, parts[0].clone()), Ok(None));
+        p.expire(now + PART_EXPIRY);
+        assert_eq!(p.discarded, 1);
+        // The rest arrives late: nothing is delivered, held or counted again.
+        for (i, part) in parts.iter().enumerate().skip(1) {
+            let later = now + PART_EXPIRY * 3;
+            assert_eq!(p.push(later, 9, i as u16, count, part.clone()), Ok(None));
+        }
+        p.expire(now + PART_EXPIRY * 10);
+        assert_eq!((p.discarded, p.held()), (1, 0));
+        // Another message goes on as usual.
+        let m = msg(2500, 6);
+        let parts = split(&m);
+        let count = parts.len() as u16;
+        let mut got = None;
+        for (i, part) in parts.iter().enumerate() {
+            got = p.push(now, 10, i as u16, count, part.clone()).unwrap();
+        }
+        assert_eq!(got, Some(m));
     }
 
     #[test]
