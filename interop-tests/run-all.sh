@@ -39,7 +39,9 @@ cargo test --workspace --all-targets
 cargo test --workspace --doc
 
 # The second direct-path backend (webrtc-rs's Sans-I/O core, cargo feature `sansio`, opt-in
-# while issue 16 measures it): its lints, its unit tests, and the direct-path tests run on it.
+# while issue 16 measures it): its lints, its unit tests, and the direct-path tests run on it,
+# with coturn and aiortc too (the Chromium tests and the NAT lab pass on it as well; they are
+# run by hand with PEERMESH_DIRECT_BACKEND=sansio, to keep CI short).
 # Not here: tests/unreliable.rs, whose loss bounds it does not meet, because of a bug in
 # rtc-sctp 0.21.1: a maxRetransmits-0 chunk lost during Fast Recovery never gets its third miss
 # indication, so it is never abandoned, and the sender stalls until its retransmission timer
@@ -50,3 +52,5 @@ cargo clippy -p peermesh --features sansio --all-targets -- -D warnings
 PEERMESH_DIRECT_BACKEND=sansio cargo test -p peermesh --features sansio --lib \
   --test links --test lanes --test files --test fallback --test turn_relay --test policy \
   --test sessions --test identity
+PEERMESH_DIRECT_BACKEND=sansio cargo test -p peermesh-interop-tests --features peermesh/sansio \
+  --test coturn --test aiortc
