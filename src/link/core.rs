@@ -1937,17 +1937,19 @@ impl LinkCore {
                 PathId::Direct(gen) => {
                     let d = self.direct.as_ref().expect("direct path is up");
                     let route = Route::Direct(gen, Channel::Unreliable);
+                    if d.buffered.unreliable > UNRELIABLE_QUEUE_MAX {
+                        // Dropped whole, like a datagram at a full socket buffer: unreliable
+                        // data queued without bound would starve "r" (§7.6). Version 1's "u"
+                        // too: a stack that applies its options (the sansio backend) sends its
+                        // unordered chunks before any of "r".
+                        self.stats.unreliable_dropped += 1;
+                        continue;
+                    }
                     if !d.version.splits_unreliable() {
                         return Some(Transmit {
                             route,
                             frame: whole(&q),
                         });
-                    }
-                    if d.buffered.unreliable > UNRELIABLE_QUEUE_MAX {
-                        // Dropped whole, like a datagram at a full socket buffer: unreliable
-                        // data queued without bound would starve "r" (§7.6).
-                        self.stats.unreliable_dropped += 1;
-                        continue;
                     }
                     let header = if q.seq.is_some() { SEQ_HEADER_LEN } else { 1 };
                     if header + q.data.len() <= MAX_DIRECT_UNRELIABLE_FRAME {

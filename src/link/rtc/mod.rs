@@ -197,12 +197,12 @@ const DC_LOW: usize = 512 << 10;
 /// on the direct path; above it they take the server path. Half of webrtc-sctp's 128 KiB
 /// pending queue, so that such a send (almost) never has to wait for room.
 pub(crate) const OWN_QUEUE_MAX: usize = 64 << 10;
-/// Most bytes the in-band unreliable channel (version 2) may have queued (sent and not yet
-/// acknowledged) for another unreliable message to be handed to it; beyond that the message is
-/// dropped, as at a full UDP socket buffer (Linux's default is 208 KiB). webrtc-sctp sends
-/// every queued unordered chunk before any ordered one, so an unbounded unreliable queue on a
-/// congested path would starve the reliable channel. (Version 1's "u" is ordered, queued in
-/// turn with "r", and needs no bound.)
+/// Most bytes the unreliable channel in use ("u2", or version 1's "u") may have queued (sent and
+/// not yet acknowledged) for another unreliable message to be handed to it; beyond that the
+/// message is dropped, as at a full UDP socket buffer (Linux's default is 208 KiB). SCTP stacks
+/// send every queued unordered chunk before any ordered one, so an unbounded unreliable queue on
+/// a congested path would starve the reliable channel. (Version 1's "u" is ordered on the
+/// default backend, queued in turn with "r"; the sansio backend applies its options.)
 pub(crate) const UNRELIABLE_QUEUE_MAX: usize = 256 << 10;
 
 /// Data channel labels and pre-negotiated stream ids (both sides create them identically).

@@ -73,6 +73,12 @@ const ICE_CHECK_INTERVAL: Duration = Duration::from_millis(20);
 /// answer (as with the default backend's 200 ms x 8), so a path of a long round trip is not
 /// given up before its first answer can arrive.
 const ICE_MAX_CHECKS: u16 = 80;
+/// How often a TURN permission for one peer may be asked for while none is granted.
+const PERMISSION_RETRY: Duration = Duration::from_secs(2);
+/// Peers whose permission requests are remembered per relay (older ones are forgotten first).
+const PERMISSIONS_REMEMBERED: usize = 64;
+/// How long resolving the ICE servers' names may take in all (it delays the PeerConnection).
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The longest the driver sleeps when the core names no deadline.
 const IDLE_WAKE: Duration = Duration::from_secs(1);
 
@@ -116,7 +122,14 @@ impl RtcFactory {
         on_frame: FrameSink,
     ) -> Result<Rtc, RtcError> {
         let ice_servers = self.ice_servers.lock().expect("rtc config lock").clone();
-        let servers = resolve_servers(&ice_servers).await;
+        let servers =
+            match tokio::time::timeout(RESOLVE_TIMEOUT, resolve_servers(&ice_servers)).await {
+                Ok(servers) => servers,
+                Err(_) => {
+                    tracing::debug!("sansio backend: resolving the ICE servers timed out");
+                    Vec::new()
+                }
+            };
         let sockets = bind_host_sockets(&self.opts)?;
         if sockets.is_empty() {
             return Err(RtcError::new(
@@ -390,6 +403,8 @@ struct Gatherer {
     relayed: Option<SocketAddr>,
     /// Requests still unanswered (0: this gatherer is done).
     waiting: usize,
+    /// When a permission was last asked for, per peer address.
+    asked: HashMap<SocketAddr, Instant>,
 }
 
 impl Gatherer {
@@ -419,6 +434,7 @@ impl Gatherer {
             client: TurnClient::new(config, provider)?,
             relayed: None,
             waiting: 0,
+            asked: HashMap::new(),
         })
     }
 }
@@ -648,7 +664,9 @@ impl Driver {
                 ready = any_readable(&self.sockets) => match ready {
                     Ok(()) => self.read(&mut buf),
                     Err(e) => {
+                        // The link hears the path failed (and takes the server path).
                         tracing::warn!("sansio backend: socket: {e}");
+                        self.emit(RtcEvent::State(ConnState::Failed));
                         break;
                     }
                 },
@@ -700,7 +718,9 @@ impl Driver {
             tracing::debug!("sansio backend: close: {e}");
         }
         while let Some(w) = self.pc.poll_write() {
-            if self.relayed_by(w.transport.local_addr).is_some() {
+            if let Some(i) = self.relayed_by(w.transport.local_addr) {
+                // Ahead of the relay's release below, in its client's queue.
+                self.send_relayed(i, w);
                 continue;
             }
             if let Some(s) = self.socket_for(w.transport.local_addr) {
@@ -813,13 +833,22 @@ impl Driver {
                     (Channel::Unreliable, true) => self.u2,
                 };
                 let sent = match id.and_then(|id| self.pc.data_channel(id)) {
-                    Some(mut dc) => dc.send(now, BytesMut::from(&data[..])),
+                    Some(mut dc) => dc.send(now, BytesMut::from(&data[..])).map(|()| {
+                        // Counted as outstanding before it stops counting as queued, so the
+                        // link never reads the channel emptier than it is.
+                        let n = dc.outstanding_bytes();
+                        self.shared.outstanding[index(ch)].store(n, Ordering::Release);
+                    }),
                     None => Err(rtc::shared::error::Error::ErrDataChannelNotExisted),
                 };
                 if let Err(e) = sent {
-                    // The link counts the frame as sent; a reliable one is re-sent after the
-                    // generation fails, which a channel that refuses sends soon reports.
                     tracing::debug!(?ch, "sansio backend: send: {e}");
+                    if ch == Channel::Reliable {
+                        // The link counts the frame as handed on; a channel that refuses one
+                        // has a hole the peer would wait on: the generation fails, and the
+                        // link re-sends what is unacknowledged on the server path.
+                        self.emit(RtcEvent::Closed);
+                    }
                 }
                 self.shared.queued[index(ch)].fetch_sub(len, Ordering::AcqRel);
             }
@@ -990,8 +1019,12 @@ impl Driver {
                     },
                     message: data,
                 });
-                // A SACK per datagram, as for datagrams read from a socket.
+                // As for datagrams read from a socket: a SACK per datagram, and events until
+                // the negotiated channels are open.
                 self.take_writes();
+                if !self.open.iter().all(|o| *o) {
+                    self.pump_events();
+                }
             }
             _ => {}
         }
@@ -1005,8 +1038,23 @@ impl Driver {
         let g = &mut self.gatherers[i];
         let Some(relayed) = g.relayed else { return };
         let peer = w.transport.peer_addr;
+        // Ask for a permission at most every PERMISSION_RETRY per peer: the client sends a new
+        // request for each send while none is granted (pending, or refused by the server).
+        let ask = g
+            .asked
+            .get(&peer)
+            .is_none_or(|at| now.saturating_duration_since(*at) >= PERMISSION_RETRY);
+        if ask {
+            if g.asked.len() >= PERMISSIONS_REMEMBERED {
+                g.asked
+                    .retain(|_, at| now.saturating_duration_since(*at) < PERMISSION_RETRY);
+            }
+            g.asked.insert(peer, now);
+        }
         let sent = g.client.relay(relayed).and_then(|mut relay| {
-            relay.create_permission(now, peer)?;
+            if ask {
+                relay.create_permission(now, peer)?;
+            }
             relay.send_to(now, &w.message, peer)
         });
         if let Err(e) = sent {
@@ -1059,6 +1107,11 @@ impl Driver {
                     if let Err(e) = g.client.handle_read(msg) {
                         tracing::trace!(server = %peer_addr, "sansio backend: from server: {e}");
                     }
+                    continue;
+                }
+                if self.candidates == Candidates::RelayOnly {
+                    // A relay-only end talks to its TURN servers alone; anything else reaching
+                    // its sockets must not become a (peer-reflexive) pair.
                     continue;
                 }
                 // Pipeline errors are logged by the core; this does not fail.
