@@ -873,6 +873,24 @@ impl Lab {
         Ok(child)
     }
 
+    /// Start any `program` in `ns` (stdin piped for commands, stdout collected as [`Line`]s,
+    /// stderr to `log` in [`Lab::dir`] if given); killed with the lab like every other process.
+    pub fn start_program(
+        &self,
+        ns: &str,
+        program: &FsPath,
+        args: &[String],
+        name: &str,
+        log: Option<&str>,
+    ) -> Result<Proc> {
+        let child = self.spawn(ns, program, args, log)?;
+        Ok(Proc::new(
+            child,
+            name.to_string(),
+            log.map(|l| self.dir.join(l)),
+        ))
+    }
+
     /// Start `peermesh-server` in the server namespace on `ip` with `extra` flags; returns once
     /// it listens. Its log is `server-<ip>.log` in [`Lab::dir`].
     pub async fn start_server(&self, ip: Ipv4Addr, extra: &[&str]) -> Result<Proc> {
