@@ -49,7 +49,7 @@ use rtc::turn::client::{Client as TurnClient, ClientConfig as TurnConfig, Event 
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
-use super::sdp::{candidate_json, filter_sdp, parse_candidate, relay_candidate};
+use super::sdp::{candidate_json, filter_sdp, parse_candidate, refused_remote, relay_candidate};
 use super::LinkInput;
 use super::{
     Candidates, Channel, ConnState, FrameSink, RtcError, RtcEvent, RtcOptions, DC_LOW,
@@ -824,13 +824,7 @@ impl Driver {
             }
             Cmd::Candidate(init) => {
                 let parsed = parse_candidate(&init.candidate);
-                if self.candidates == Candidates::RelayOnly
-                    && !parsed
-                        .as_ref()
-                        .is_some_and(|(_, t)| *t == CandidateType::Relay)
-                {
-                    // A relay-only pair exchanges relay addresses only; using another would
-                    // reveal our relay to that address.
+                if refused_remote(self.candidates, parsed.as_ref()) {
                     tracing::debug!(candidate = %init.candidate, "relay-only: remote candidate ignored");
                     return;
                 }

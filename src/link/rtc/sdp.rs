@@ -23,6 +23,17 @@ pub(super) fn candidate_json(
     v
 }
 
+/// Whether an end with `candidates` must ignore a remote candidate (`parsed` by
+/// [`parse_candidate`]): a relay-only pair exchanges relay addresses only; a peer that sends
+/// another kind (or one that does not parse) breaks the pair's policy, and using it would reveal
+/// our relay to that address.
+pub(super) fn refused_remote(
+    candidates: Candidates,
+    parsed: Option<&((String, u16), CandidateType)>,
+) -> bool {
+    candidates == Candidates::RelayOnly && !parsed.is_some_and(|(_, t)| *t == CandidateType::Relay)
+}
+
 /// Address, port and type of an SDP candidate line
 /// (`candidate:<foundation> <component> <proto> <priority> <addr> <port> typ <type> ...`).
 pub(crate) fn parse_candidate(line: &str) -> Option<((String, u16), CandidateType)> {

@@ -23,7 +23,7 @@ use webrtc::peer_connection::policy::ice_transport_policy::RTCIceTransportPolicy
 use webrtc::peer_connection::sdp::session_description::RTCSessionDescription;
 use webrtc::peer_connection::RTCPeerConnection;
 
-use super::sdp::{candidate_json, filter_sdp, parse_candidate, relay_candidate};
+use super::sdp::{candidate_json, filter_sdp, parse_candidate, refused_remote, relay_candidate};
 use super::LinkInput;
 use super::{
     Candidates, Channel, ConnState, FrameSink, RtcError, RtcEvent, RtcOptions, DC_LOW,
@@ -397,13 +397,7 @@ impl Rtc {
             return Ok(()); // end-of-candidates
         }
         let parsed = parse_candidate(&init.candidate);
-        if self.candidates == Candidates::RelayOnly
-            && !parsed
-                .as_ref()
-                .is_some_and(|(_, t)| *t == CandidateType::Relay)
-        {
-            // A relay-only pair exchanges relay addresses only; a peer that sends another kind
-            // breaks the pair's policy, and using it would reveal our relay to that address.
+        if refused_remote(self.candidates, parsed.as_ref()) {
             tracing::debug!(candidate = %init.candidate, "relay-only: remote candidate ignored");
             return Ok(());
         }
