@@ -177,7 +177,12 @@ impl RtcFactory {
             .with_host_acceptance_min_wait(Some(Duration::ZERO))
             .with_prflx_acceptance_min_wait(Some(Duration::ZERO))
             .with_srflx_acceptance_min_wait(Some(Duration::from_millis(100)))
-            .with_relay_acceptance_min_wait(Some(Duration::from_millis(500)))
+            // 500 ms still lets a host or srflx pair win when there is one; a relay-only
+            // PeerConnection has nothing better to wait for.
+            .with_relay_acceptance_min_wait(Some(match candidates {
+                Candidates::All => Duration::from_millis(500),
+                Candidates::RelayOnly => Duration::ZERO,
+            }))
             .build();
         let mut pc = RTCPeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
