@@ -34,6 +34,13 @@
 //!
 //! The loopback scenario runs both peers in namespace A on 127.0.0.1 (no emulator).
 //!
+//! The TURN scenario (`turn`): relay-only throughput and RTT through our TURN. A second
+//! peermesh server runs in namespace A on 127.0.0.1 with its embedded STUN/TURN service
+//! (127.0.0.1:3478, relay ports 50500-50599, peers in 127.0.0.0/8 allowed); both `bench_peer`s
+//! run there with `--relay-only`, so the direct path is relay/relay through that service (the
+//! step fails unless both peers report `path=relay/relay`). webrtc and sansio only, with the
+//! loopback scenario's sizes; the ndc column is n/a.
+//!
 //! Direct-path figures only: an RTT or bulk step during which peermesh sent anything on the
 //! server path is left out of the medians (and listed under the table); a cell then shows how
 //! many runs it has, e.g. `(2/3)`.
@@ -42,8 +49,8 @@
 //! assertion. Every step is bounded in time; a failed step is counted and the run continues. The
 //! lab removes its namespaces and processes on exit, error or Ctrl-C.
 //!
-//! Relay-only through TURN is not measured here: the sansio backend has no TURN yet, and the
-//! WAN pair has no TURN server (see `examples/bench_turn.rs` for the webrtc backend's relay).
+//! The WAN pair has no TURN server: relay-only is measured on loopback only (see also
+//! `examples/bench_turn.rs` for the webrtc backend's relay).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -52,7 +59,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use clap::Parser;
-use peermesh_interop_tests::nat::{Lab, Line, Proc, Programs, WanPair, WS_PORT};
+use peermesh_interop_tests::nat::{Lab, Line, Proc, Programs, WanPair, TURN_PORT, WS_PORT};
 use peermesh_interop_tests::ndc::{run_pair_with, NdcFigures, NdcOptions, NdcTest};
 use peermesh_interop_tests::wan::Impairment;
 
@@ -65,7 +72,7 @@ struct Args {
     /// Smaller transfers and fewer samples (smoke run).
     #[arg(long)]
     quick: bool,
-    /// Only these scenarios (comma-separated: lo, 20, 20l, 50, 50l, 100, 100l).
+    /// Only these scenarios (comma-separated: lo, turn, 20, 20l, 50, 50l, 100, 100l).
     #[arg(long)]
     only: Option<String>,
     /// Directory of bench_peer, nat_server, nat_probe, wan_link (default: next to this example).
@@ -98,11 +105,16 @@ struct Scenario {
     /// `None`: loopback in namespace A.
     rtt_ms: Option<u64>,
     loss_pct: f64,
+    /// Relay-only peers through the embedded TURN of the loopback server (loopback only).
+    turn: bool,
 }
 
 impl Scenario {
     fn title(&self) -> String {
         match self.rtt_ms {
+            None if self.turn => {
+                "relay-only through our TURN (127.0.0.1, embedded TURN, relay/relay)".into()
+            }
             None => "loopback (127.0.0.1 in one namespace, no emulator)".into(),
             Some(r) => format!("{r} ms RTT, {} % loss each way", self.loss_pct),
         }
@@ -110,21 +122,32 @@ impl Scenario {
 }
 
 fn scenarios() -> Vec<Scenario> {
-    let mut v = vec![Scenario {
-        key: "lo",
-        rtt_ms: None,
-        loss_pct: 0.0,
-    }];
+    let mut v = vec![
+        Scenario {
+            key: "lo",
+            rtt_ms: None,
+            loss_pct: 0.0,
+            turn: false,
+        },
+        Scenario {
+            key: "turn",
+            rtt_ms: None,
+            loss_pct: 0.0,
+            turn: true,
+        },
+    ];
     for (rtt, k0, k1) in [(20, "20", "20l"), (50, "50", "50l"), (100, "100", "100l")] {
         v.push(Scenario {
             key: k0,
             rtt_ms: Some(rtt),
             loss_pct: 0.0,
+            turn: false,
         });
         v.push(Scenario {
             key: k1,
             rtt_ms: Some(rtt),
             loss_pct: 1.0,
+            turn: false,
         });
     }
     v
@@ -213,12 +236,28 @@ fn children_cpu() -> u64 {
 // ---------------------------------------------------------------------------------------------
 // peermesh through bench_peer.
 
-fn kv(line: &Line, key: &str) -> Option<f64> {
+fn kv_str<'a>(line: &'a Line, key: &str) -> Option<&'a str> {
     line.rest
         .split_whitespace()
         .filter_map(|w| w.split_once('='))
         .find(|(k, _)| *k == key)
-        .and_then(|(_, v)| v.parse().ok())
+        .map(|(_, v)| v)
+}
+
+fn kv(line: &Line, key: &str) -> Option<f64> {
+    kv_str(line, key).and_then(|v| v.parse().ok())
+}
+
+/// A relay-only step counts only on a relay/relay path (`path=` of bench_peer's `direct` line).
+fn check_relay(proc: &Proc, direct: &Line) -> Result<()> {
+    match kv_str(direct, "path") {
+        Some("relay/relay") => Ok(()),
+        other => bail!(
+            "{}: relay-only but the direct path is {other:?}, not relay/relay: {}",
+            proc.name(),
+            direct.rest
+        ),
+    }
 }
 
 async fn wait_kind(proc: &Proc, since: Instant, kind: &str, limit: Duration) -> Result<Line> {
@@ -243,12 +282,13 @@ async fn peermesh_sample(
     group: &str,
     p: Params,
     emulated: bool,
+    relay_only: bool,
     tck: f64,
     s: &mut Sample,
 ) -> Result<()> {
     let peer_bin = bins.join("bench_peer");
     let args = |name: &str, ip: Ipv4Addr| -> Vec<String> {
-        [
+        let mut v: Vec<String> = [
             "--server",
             server,
             "--group",
@@ -262,7 +302,11 @@ async fn peermesh_sample(
         ]
         .iter()
         .map(|s| s.to_string())
-        .collect()
+        .collect();
+        if relay_only {
+            v.push("--relay-only".into());
+        }
+        v
     };
     let t = Instant::now();
     let mut b = lab
@@ -287,8 +331,12 @@ async fn peermesh_sample(
             .map_err(|e| anyhow!(e))?;
         let r = async {
             let direct = wait_kind(&a, t, "direct", Duration::from_secs(30)).await?;
+            let b_direct = wait_kind(&b, t, "direct", Duration::from_secs(10)).await?;
+            if relay_only {
+                check_relay(&a, &direct)?;
+                check_relay(&b, &b_direct)?;
+            }
             s.open_ms = kv(&direct, "join_ms");
-            wait_kind(&b, t, "direct", Duration::from_secs(10)).await?;
 
             let since = Instant::now();
             a.command(&format!("rtt {} 64", p.rtt_samples))
@@ -535,10 +583,9 @@ fn print_table(
             );
         }
     }
-    println!(
-        "relay-only through TURN: not measured (sansio has no TURN yet; the WAN pair has no TURN \
-         server)"
-    );
+    if scs.iter().any(|sc| sc.turn) {
+        println!("relay-only through TURN: webrtc and sansio only (ndc: n/a); loopback only");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -610,6 +657,46 @@ async fn run(args: Args) -> Result<()> {
         .ok_or_else(|| anyhow!("server did not start: {}", server.dump()))?;
     let url = format!("ws://{a_ip}:{WS_PORT}/ws");
 
+    // For the TURN scenario: a second server in A on loopback, with its embedded STUN/TURN.
+    let turn_server = if scs.iter().any(|sc| sc.turn) {
+        let ws = format!("127.0.0.1:{}", WS_PORT + 1);
+        let turn_args: Vec<String> = [
+            "--listen",
+            &ws,
+            "--heartbeat-timeout-ms",
+            "15000",
+            "--admin-listen",
+            "off",
+            "--turn-listen",
+            &format!("127.0.0.1:{TURN_PORT}"),
+            "--turn-relay-ports",
+            "50500-50599",
+            "--turn-allow-peer",
+            "127.0.0.0/8",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let ts = lab
+            .start_program(
+                &a_ns,
+                &bins.join("nat_server"),
+                &turn_args,
+                "turn-server",
+                Some("turn-server.log"),
+            )
+            .map_err(|e| anyhow!(e))?;
+        ts.wait_line(
+            |l| l.raw.contains("STUN/TURN on udp"),
+            Duration::from_secs(20),
+        )
+        .await
+        .ok_or_else(|| anyhow!("TURN server did not start: {}", ts.dump()))?;
+        Some((ts, format!("ws://{ws}/ws")))
+    } else {
+        None
+    };
+
     let mut configs: HashMap<&'static str, String> = HashMap::new();
     let mut results: HashMap<(&'static str, Backend), Vec<Sample>> = HashMap::new();
     let mut failures: Vec<String> = Vec::new();
@@ -651,6 +738,13 @@ async fn run(args: Args) -> Result<()> {
                 configs.insert(sc.key, format!("{ab} | {ba} (seeds vary per run)"));
             }
             for backend in BACKENDS {
+                if sc.turn && backend == Backend::Ndc {
+                    continue;
+                }
+                let server_url = match (&turn_server, sc.turn) {
+                    (Some((_, u)), true) => u.as_str(),
+                    _ => url.as_str(),
+                };
                 let t = Instant::now();
                 let group = format!("r{run}-{}-{}", sc.key, backend.name());
                 let mut s = Sample::default();
@@ -662,8 +756,8 @@ async fn run(args: Args) -> Result<()> {
                         }
                         _ => {
                             peermesh_sample(
-                                &lab, &mut wan, &bins, &place, &url, backend, &group, p, emulated,
-                                tck, &mut s,
+                                &lab, &mut wan, &bins, &place, server_url, backend, &group, p,
+                                emulated, sc.turn, tck, &mut s,
                             )
                             .await
                         }
@@ -728,6 +822,9 @@ async fn run(args: Args) -> Result<()> {
         for f in &failures {
             println!("  {f}");
         }
+    }
+    if let Some((ts, _)) = turn_server {
+        ts.stop().await;
     }
     server.stop().await;
     wan.stop().await;

@@ -2,17 +2,20 @@
 //! joins a group with exactly one other member and, on commands, measures the direct path to it.
 //!
 //! `bench_peer --server ws://HOST:PORT/ws --group G --name N [--backend webrtc|sansio]
-//! [--ice-ip IP]`
+//! [--ice-ip IP] [--relay-only]`
 //!
 //! `--ice-ip` keeps host candidates to that address (`127.0.0.1`: loopback only); without it,
-//! the lab's addresses. `--backend sansio` needs this crate's `sansio` feature.
+//! the lab's addresses. `--relay-only`: relay candidates only (the server's TURN service), so a
+//! direct path is relay/relay. `--backend sansio` needs this crate's `sansio` feature.
 //!
 //! Output, one line each, prefixed with milliseconds since start:
 //!
 //! ```text
 //! <ms> ready                                   connected to the server
 //! <ms> joined                                  join returned
-//! <ms> direct join_ms=<ms> pair=<local>/<remote>   first direct path (ms from the join call)
+//! <ms> direct join_ms=<ms> path=<type>/<type> pair=<local>/<remote>
+//!                                              first direct path (ms from the join call;
+//!                                              candidate types, e.g. host/host, relay/relay)
 //! <ms> rtt n=<n> p50_ms=<x> p99_ms=<x> server_frags=<n>
 //! <ms> bulk bytes=<n> secs=<x> mb_per_s=<x> server_frags=<n>
 //! <ms> unrel sent=<n> delivered=<n> p50_ms=<x> p99_ms=<x>   (printed by the receiver)
@@ -95,14 +98,20 @@ struct Args {
     name: String,
     backend: DirectBackend,
     ice_ip: Option<IpAddr>,
+    relay_only: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
     let (mut server, mut group, mut name) = (None, None, None);
     let mut backend = DirectBackend::Webrtc;
     let mut ice_ip = None;
+    let mut relay_only = false;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--relay-only" {
+            relay_only = true;
+            continue;
+        }
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--server" => server = Some(value()?),
@@ -124,6 +133,7 @@ fn parse_args() -> Result<Args, String> {
         name: name.ok_or("--name is required")?,
         backend,
         ice_ip,
+        relay_only,
     })
 }
 
@@ -146,7 +156,9 @@ async fn main() {
     let out = Arc::new(Out {
         start: Instant::now(),
     });
-    let mut config = ClientConfig::new(args.name.clone()).with_direct_backend(args.backend);
+    let mut config = ClientConfig::new(args.name.clone())
+        .with_direct_backend(args.backend)
+        .with_relay_only(args.relay_only);
     config = match args.ice_ip {
         Some(ip) if ip.is_loopback() => config.with_loopback_only(true),
         Some(ip) => config.with_ip_filter(move |a| a == ip),
@@ -205,7 +217,7 @@ async fn main() {
                 let _ = peer_tx.send(Some(peer));
             }
             Event::PathChanged { peer, path } => {
-                if matches!(path, Path::Direct { .. }) && !direct_seen {
+                if let (Path::Direct { local, remote }, false) = (path, direct_seen) {
                     direct_seen = true;
                     let pair = client
                         .candidate_pair(peer)
@@ -214,8 +226,10 @@ async fn main() {
                         .map(|p| format!("{}/{}", p.local, p.remote))
                         .unwrap_or_default();
                     out.line(format!(
-                        "direct join_ms={:.2} pair={pair}",
-                        joined_at.elapsed().as_secs_f64() * 1e3
+                        "direct join_ms={:.2} path={}/{} pair={pair}",
+                        joined_at.elapsed().as_secs_f64() * 1e3,
+                        local.as_str(),
+                        remote.as_str()
                     ));
                 } else {
                     out.line(format!("path {path}"));
