@@ -142,7 +142,7 @@ impl RtcFactory {
         }
         let mut gatherers = Vec::new();
         for (socket, s) in sockets.iter().enumerate() {
-            let Ok(host) = s.local_addr() else { continue };
+            let host = s.addr;
             for server in servers
                 .iter()
                 .filter(|v| v.addr.is_ipv4() == host.is_ipv4())
@@ -252,9 +252,15 @@ impl RtcFactory {
     }
 }
 
+/// A bound host socket and its address (read once: the hot paths route by it).
+struct HostSocket {
+    socket: UdpSocket,
+    addr: SocketAddr,
+}
+
 /// Non-blocking UDP sockets, one per local address the options allow, in the port range if
 /// one is set, with large buffers.
-fn bind_host_sockets(opts: &RtcOptions) -> Result<Vec<UdpSocket>, RtcError> {
+fn bind_host_sockets(opts: &RtcOptions) -> Result<Vec<HostSocket>, RtcError> {
     let interfaces = rtc::shared::ifaces::ifaces()
         .map_err(|e| RtcError::new("listing network interfaces", e))?;
     let mut ips: Vec<IpAddr> = interfaces
@@ -270,7 +276,10 @@ fn bind_host_sockets(opts: &RtcOptions) -> Result<Vec<UdpSocket>, RtcError> {
     ips.dedup();
     let mut sockets = Vec::new();
     for ip in ips {
-        match bind_in_range(ip, opts.udp_ports) {
+        match bind_in_range(ip, opts.udp_ports).and_then(|socket| {
+            let addr = socket.local_addr()?;
+            Ok(HostSocket { socket, addr })
+        }) {
             Ok(s) => sockets.push(s),
             Err(e) => tracing::debug!(%ip, "no host candidate: {e}"),
         }
@@ -617,7 +626,7 @@ struct Driver {
     gen: u32,
     candidates: Candidates,
     pc: RTCPeerConnection,
-    sockets: Vec<UdpSocket>,
+    sockets: Vec<HostSocket>,
     /// One per (host socket, STUN/TURN server).
     gatherers: Vec<Gatherer>,
     r: RTCDataChannelId,
@@ -780,7 +789,9 @@ impl Driver {
                 }
             }
             while let Some(w) = g.client.poll_write() {
-                let _ = self.sockets[g.socket].try_send_to(&w.message, w.transport.peer_addr);
+                let _ = self.sockets[g.socket]
+                    .socket
+                    .try_send_to(&w.message, w.transport.peer_addr);
             }
         }
     }
@@ -915,11 +926,7 @@ impl Driver {
         self.gathered = true;
         let now = Instant::now();
         if self.candidates == Candidates::All {
-            let hosts: Vec<SocketAddr> = self
-                .sockets
-                .iter()
-                .filter_map(|s| s.local_addr().ok())
-                .collect();
+            let hosts: Vec<SocketAddr> = self.sockets.iter().map(|s| s.addr).collect();
             for addr in hosts {
                 let host = CandidateHostConfig {
                     base_config: CandidateConfig {
@@ -1097,24 +1104,20 @@ impl Driver {
     }
 
     fn socket_for(&self, local: SocketAddr) -> Option<&UdpSocket> {
-        self.sockets
-            .iter()
-            .find(|s| s.local_addr().is_ok_and(|a| a == local))
-            .or_else(|| {
-                self.sockets
-                    .iter()
-                    .find(|s| s.local_addr().is_ok_and(|a| a.is_ipv4() == local.is_ipv4()))
-            })
+        let s = self.sockets.iter().find(|s| s.addr == local).or_else(|| {
+            self.sockets
+                .iter()
+                .find(|s| s.addr.is_ipv4() == local.is_ipv4())
+        })?;
+        Some(&s.socket)
     }
 
     /// Read what every socket has (a bounded burst each) into the core.
     fn read(&mut self, buf: &mut [u8]) {
         for i in 0..self.sockets.len() {
-            let Ok(local_addr) = self.sockets[i].local_addr() else {
-                continue;
-            };
+            let local_addr = self.sockets[i].addr;
             for _ in 0..READ_BURST {
-                let (n, peer_addr) = match self.sockets[i].try_recv_from(buf) {
+                let (n, peer_addr) = match self.sockets[i].socket.try_recv_from(buf) {
                     Ok(got) => got,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
@@ -1394,10 +1397,10 @@ async fn deliver(delivering: &mut Option<Delivery>) {
 }
 
 /// Ready when any of the sockets may have a datagram.
-async fn any_readable(sockets: &[UdpSocket]) -> io::Result<()> {
+async fn any_readable(sockets: &[HostSocket]) -> io::Result<()> {
     std::future::poll_fn(|cx| {
         for s in sockets {
-            if let Poll::Ready(r) = s.poll_recv_ready(cx) {
+            if let Poll::Ready(r) = s.socket.poll_recv_ready(cx) {
                 return Poll::Ready(r);
             }
         }
