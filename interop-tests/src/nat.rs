@@ -390,6 +390,14 @@ impl PathClass {
         }
     }
 
+    /// Whether a pair on this path is as well off as on `expected`: the same path, or a direct
+    /// one (host or reflexive) where only a TURN relay was expected.
+    pub fn at_least(self, expected: PathClass) -> bool {
+        self == expected
+            || (expected == PathClass::Relay
+                && matches!(self, PathClass::Host | PathClass::Reflexive))
+    }
+
     /// The class of a pair's path from both sides' view: relay if either side has a relay
     /// candidate, host only if both see host/host (a public peer sees its NATed partner as
     /// peer-reflexive while the partner sees two host candidates).
