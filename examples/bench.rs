@@ -1105,56 +1105,58 @@ async fn run(args: Args) -> Result<()> {
         1,
     ));
     line(String::new());
-    line(format!(
-        "Unreliable one-way latency on the direct path: {UNREL_SIZE}-byte messages every {} ms, \
-         {} per run and condition, pooled over the runs; loss: nft drops 5 % of the pair's UDP \
-         packets at random.",
-        UNREL_EVERY.as_millis(),
-        p.unreliable_samples
-    ));
-    line(String::new());
-    line(
-        "| figure | version 2 (\"u2\": unordered, no retransmissions) | version 1 (\"u\": ordered, \
-         reliable at webrtc-rs 0.17) | ratio (v2/v1) |"
-            .into(),
-    );
-    line("|---|---:|---:|---:|".into());
-    type Pick = fn(&(UnrelRun, UnrelRun)) -> &UnrelRun;
-    let conditions: &[(&str, Pick)] = if p.loss {
-        &[("0 % loss", |u| &u.0), ("5 % loss", |u| &u.1)]
-    } else {
-        &[("0 % loss", |u| &u.0)]
-    };
-    for (cond, pick) in conditions {
-        let (v2, v1) = (pick(&unrel[0]), pick(&unrel[1]));
-        for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
-            let (a, b) = (quantile(&v2.lat, q), quantile(&v1.lat, q));
-            let f = |x: Option<f64>| x.map_or_else(|| "–".to_string(), |x| format!("{x:.3}"));
-            let ratio = match (a, b) {
-                (Some(a), Some(b)) if b > 0.0 && a / b < 0.01 => format!("{:.5}", a / b),
-                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
-                _ => "–".into(),
-            };
+    if !p.no_unreliable {
+        line(format!(
+            "Unreliable one-way latency on the direct path: {UNREL_SIZE}-byte messages every {} ms, \
+             {} per run and condition, pooled over the runs; loss: nft drops 5 % of the pair's UDP \
+             packets at random.",
+            UNREL_EVERY.as_millis(),
+            p.unreliable_samples
+        ));
+        line(String::new());
+        line(
+            "| figure | version 2 (\"u2\": unordered, no retransmissions) | version 1 (\"u\": ordered, \
+             reliable at webrtc-rs 0.17) | ratio (v2/v1) |"
+                .into(),
+        );
+        line("|---|---:|---:|---:|".into());
+        type Pick = fn(&(UnrelRun, UnrelRun)) -> &UnrelRun;
+        let conditions: &[(&str, Pick)] = if p.loss {
+            &[("0 % loss", |u| &u.0), ("5 % loss", |u| &u.1)]
+        } else {
+            &[("0 % loss", |u| &u.0)]
+        };
+        for (cond, pick) in conditions {
+            let (v2, v1) = (pick(&unrel[0]), pick(&unrel[1]));
+            for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
+                let (a, b) = (quantile(&v2.lat, q), quantile(&v1.lat, q));
+                let f = |x: Option<f64>| x.map_or_else(|| "–".to_string(), |x| format!("{x:.3}"));
+                let ratio = match (a, b) {
+                    (Some(a), Some(b)) if b > 0.0 && a / b < 0.01 => format!("{:.5}", a / b),
+                    (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+                    _ => "–".into(),
+                };
+                line(format!(
+                    "| one-way latency {name}, {cond} (ms) | {} | {} | {ratio} |",
+                    f(a),
+                    f(b)
+                ));
+            }
+            let pct = |u: &UnrelRun| 100.0 * u.lat.len() as f64 / u.sent.max(1) as f64;
             line(format!(
-                "| one-way latency {name}, {cond} (ms) | {} | {} | {ratio} |",
-                f(a),
-                f(b)
+                "| delivered, {cond} (%) | {:.1} | {:.1} | {:.2} |",
+                pct(v2),
+                pct(v1),
+                pct(v2) / pct(v1).max(f64::MIN_POSITIVE)
             ));
         }
-        let pct = |u: &UnrelRun| 100.0 * u.lat.len() as f64 / u.sent.max(1) as f64;
-        line(format!(
-            "| delivered, {cond} (%) | {:.1} | {:.1} | {:.2} |",
-            pct(v2),
-            pct(v1),
-            pct(v2) / pct(v1).max(f64::MIN_POSITIVE)
-        ));
+        if unrel_v1_failed > 0 {
+            line(format!(
+                "version 1 runs left out: {unrel_v1_failed} (the pair left the direct path under loss)"
+            ));
+        }
+        line(String::new());
     }
-    if unrel_v1_failed > 0 {
-        line(format!(
-            "version 1 runs left out: {unrel_v1_failed} (the pair left the direct path under loss)"
-        ));
-    }
-    line(String::new());
     if !p.no_lanes {
         line(format!(
             "Lanes: lane 1 configured with priority 1 (below lane 0); A sends {} KiB reliable \
