@@ -20,7 +20,7 @@
 //! relayed address as its local address, and the PeerConnection's writes from a relayed address
 //! go out through the relay.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -45,6 +45,7 @@ use rtc::peer_connection::transport::{
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+use rtc::stun::message::TransactionId;
 use rtc::turn::client::{Client as TurnClient, ClientConfig as TurnConfig, Event as TurnEvent};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -420,8 +421,9 @@ struct Gatherer {
     client: TurnClient,
     /// The allocation's relayed address, once allocated.
     relayed: Option<SocketAddr>,
-    /// Requests still unanswered (0: this gatherer is done).
-    waiting: usize,
+    /// Its gathering requests (binding, allocate) still unanswered (empty: this gatherer is
+    /// done); only these, not later permission or refresh transactions.
+    waiting: HashSet<TransactionId>,
     /// When a permission was last asked for, per peer address.
     asked: HashMap<SocketAddr, Instant>,
 }
@@ -452,7 +454,7 @@ impl Gatherer {
             turn: server.turn.is_some(),
             client: TurnClient::new(config, provider)?,
             relayed: None,
-            waiting: 0,
+            waiting: HashSet::new(),
             asked: HashMap::new(),
         })
     }
@@ -945,13 +947,13 @@ impl Driver {
         for g in &mut self.gatherers {
             if self.candidates == Candidates::All {
                 match g.client.send_binding_request_to(now, g.server) {
-                    Ok(_) => g.waiting += 1,
+                    Ok(id) => _ = g.waiting.insert(id),
                     Err(e) => tracing::debug!(server = %g.server, "sansio backend: binding: {e}"),
                 }
             }
             if g.turn {
                 match g.client.allocate(now) {
-                    Ok(_) => g.waiting += 1,
+                    Ok(id) => _ = g.waiting.insert(id),
                     Err(e) => tracing::debug!(server = %g.server, "sansio backend: allocate: {e}"),
                 }
             }
@@ -975,7 +977,7 @@ impl Driver {
 
     /// End of candidates, once every server has answered or timed out.
     fn end_gathering_when_done(&mut self) {
-        if self.gathering_ended || self.gatherers.iter().any(|g| g.waiting > 0) {
+        if self.gathering_ended || self.gatherers.iter().any(|g| !g.waiting.is_empty()) {
             return;
         }
         self.gathering_ended = true;
@@ -1008,8 +1010,8 @@ impl Driver {
         let g = &mut self.gatherers[i];
         let (host, url) = (g.host, g.url.clone());
         match event {
-            TurnEvent::BindingResponse(_, mapped) => {
-                g.waiting = g.waiting.saturating_sub(1);
+            TurnEvent::BindingResponse(id, mapped) => {
+                g.waiting.remove(&id);
                 // Behind no NAT the mapped address is the host's own: the candidate is
                 // redundant then, but signaled as on the default backend (it tells the app and
                 // the peer that the STUN server answered).
@@ -1028,8 +1030,8 @@ impl Driver {
                 .new_candidate_server_reflexive();
                 self.add_local(c, mapped);
             }
-            TurnEvent::AllocateResponse(_, relayed) => {
-                g.waiting = g.waiting.saturating_sub(1);
+            TurnEvent::AllocateResponse(id, relayed) => {
+                g.waiting.remove(&id);
                 g.relayed = Some(relayed);
                 let c = CandidateRelayConfig {
                     base_config: CandidateConfig {
@@ -1046,13 +1048,13 @@ impl Driver {
                 .new_candidate_relay();
                 self.add_local(c, relayed);
             }
-            TurnEvent::BindingError(_, e) | TurnEvent::AllocateError(_, e) => {
-                g.waiting = g.waiting.saturating_sub(1);
+            TurnEvent::BindingError(id, e) | TurnEvent::AllocateError(id, e) => {
+                g.waiting.remove(&id);
                 tracing::debug!(server = %g.server, "sansio backend: gathering: {e}");
             }
-            TurnEvent::TransactionTimeout(_) => {
-                g.waiting = g.waiting.saturating_sub(1);
-                tracing::debug!(server = %g.server, "sansio backend: no answer from the server");
+            TurnEvent::TransactionTimeout(id) => {
+                let gathering = g.waiting.remove(&id);
+                tracing::debug!(server = %g.server, gathering, "sansio backend: no answer from the server");
             }
             TurnEvent::DataIndicationOrChannelData(_, peer_addr, data) => {
                 let Some(local_addr) = g.relayed else { return };
