@@ -429,6 +429,18 @@ struct Gatherer {
 }
 
 impl Gatherer {
+    /// A gathering request was answered or timed out: whether it was one of this gatherer's.
+    /// `allocate` returns the id of the authenticated retry, which is the first attempt's id
+    /// plus one in its last byte (rtc-turn 0.21.1); an error or timeout of the first attempt
+    /// carries the first attempt's id.
+    fn answered(&mut self, id: TransactionId) -> bool {
+        let mut retry = id;
+        if let Some(last) = retry.0.last_mut() {
+            *last = last.wrapping_add(1);
+        }
+        self.waiting.remove(&id) || self.waiting.remove(&retry)
+    }
+
     fn new(socket: usize, host: SocketAddr, server: &Server) -> Result<Self, RtcError> {
         let (username, password) = server.turn.clone().unwrap_or_default();
         let provider = rtc::crypto::default_provider()
@@ -1011,7 +1023,7 @@ impl Driver {
         let (host, url) = (g.host, g.url.clone());
         match event {
             TurnEvent::BindingResponse(id, mapped) => {
-                g.waiting.remove(&id);
+                g.answered(id);
                 // Behind no NAT the mapped address is the host's own: the candidate is
                 // redundant then, but signaled as on the default backend (it tells the app and
                 // the peer that the STUN server answered).
@@ -1031,7 +1043,7 @@ impl Driver {
                 self.add_local(c, mapped);
             }
             TurnEvent::AllocateResponse(id, relayed) => {
-                g.waiting.remove(&id);
+                g.answered(id);
                 g.relayed = Some(relayed);
                 let c = CandidateRelayConfig {
                     base_config: CandidateConfig {
@@ -1049,11 +1061,11 @@ impl Driver {
                 self.add_local(c, relayed);
             }
             TurnEvent::BindingError(id, e) | TurnEvent::AllocateError(id, e) => {
-                g.waiting.remove(&id);
+                g.answered(id);
                 tracing::debug!(server = %g.server, "sansio backend: gathering: {e}");
             }
             TurnEvent::TransactionTimeout(id) => {
-                let gathering = g.waiting.remove(&id);
+                let gathering = g.answered(id);
                 tracing::debug!(server = %g.server, gathering, "sansio backend: no answer from the server");
             }
             TurnEvent::DataIndicationOrChannelData(_, peer_addr, data) => {
@@ -1423,6 +1435,48 @@ fn conv(t: RTCIceCandidateType) -> CandidateType {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A TURN server that never answers: the binding request and the allocation's first
+    /// (unauthenticated) attempt time out, and the gatherer is done, though `allocate` returned
+    /// the id of the retry that was never sent.
+    #[test]
+    fn a_gatherer_whose_server_never_answers_is_done_after_the_timeouts() {
+        let server = Server {
+            addr: "127.0.0.1:3478".parse().unwrap(),
+            url: "turn:127.0.0.1:3478".into(),
+            turn: Some(("user".into(), "pass".into())),
+        };
+        let mut g = Gatherer::new(0, "127.0.0.1:40000".parse().unwrap(), &server).unwrap();
+        let start = Instant::now();
+        let binding = g
+            .client
+            .send_binding_request_to(start, server.addr)
+            .unwrap();
+        let allocate = g.client.allocate(start).unwrap();
+        g.waiting.extend([binding, allocate]);
+        let mut timeouts = 0;
+        while let Some(at) = g.client.poll_timeout() {
+            assert!(
+                at < start + Duration::from_secs(60),
+                "no timeout within 60 s"
+            );
+            g.client.handle_timeout(at).unwrap();
+            while g.client.poll_write().is_some() {}
+            while let Some(event) = g.client.poll_event() {
+                if let TurnEvent::TransactionTimeout(id) = event {
+                    assert!(g.answered(id), "a timeout of a request it did not make");
+                    timeouts += 1;
+                }
+            }
+            if g.waiting.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(timeouts, 2);
+        assert!(g.waiting.is_empty());
+        // An id it never asked for is not its own.
+        assert!(!g.answered(binding));
+    }
 
     #[test]
     fn ice_urls_over_udp_parse_and_others_are_refused() {
