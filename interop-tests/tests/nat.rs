@@ -62,6 +62,20 @@ struct Row {
     dump: String,
 }
 
+impl Row {
+    /// `pair: expected X, observed Y (path a / path b)`.
+    fn summary(&self) -> String {
+        format!(
+            "{}: expected {}, observed {} ({} / {})",
+            self.pair,
+            self.expected.name(),
+            self.observed.name(),
+            self.path_a,
+            self.path_b
+        )
+    }
+}
+
 /// Candidate types of a printed path (`direct srflx/prflx A B` → `srflx/prflx`).
 fn types(path: &str) -> &str {
     path.split_whitespace().nth(1).unwrap_or("-")
@@ -202,15 +216,7 @@ fn nat_matrix() {
         println!("(also in {})", file.display());
         for (_, r) in rows.iter().filter(|(_, r)| r.observed != r.expected) {
             // Better than the model (`PathClass::at_least`): kept, with its log, to learn from.
-            println!(
-                "{}: observed {} where the model expects {} ({} / {})\n{}",
-                r.pair,
-                r.observed.name(),
-                r.expected.name(),
-                r.path_a,
-                r.path_b,
-                r.dump
-            );
+            println!("{}: better than the model\n{}", r.summary(), r.dump);
         }
 
         let failed: Vec<String> = rows
@@ -218,18 +224,7 @@ fn nat_matrix() {
             .filter(|(_, r)| {
                 !r.observed.at_least(r.expected) || !r.messages_ok || !r.problems.is_empty()
             })
-            .map(|(_, r)| {
-                format!(
-                    "{}: expected {}, observed {} ({} / {}); problems {:?}\n{}",
-                    r.pair,
-                    r.expected.name(),
-                    r.observed.name(),
-                    r.path_a,
-                    r.path_b,
-                    r.problems,
-                    r.dump
-                )
-            })
+            .map(|(_, r)| format!("{}; problems {:?}\n{}", r.summary(), r.problems, r.dump))
             .collect();
         drop((server, responder));
         let lab = Arc::try_unwrap(lab).expect("every scenario finished");
