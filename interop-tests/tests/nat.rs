@@ -76,6 +76,9 @@ impl Row {
     }
 }
 
+/// Reflexive pairs of the matrix that may end on a TURN relay by ICE's race ([`nat_matrix`]).
+const MAX_RELAY_RACES: usize = 2;
+
 /// Candidate types of a printed path (`direct srflx/prflx A B` → `srflx/prflx`).
 fn types(path: &str) -> &str {
     path.split_whitespace().nth(1).unwrap_or("-")
@@ -87,6 +90,14 @@ fn types(path: &str) -> &str {
 /// about 20 runs, symmetric × double: the double NAT's peer took a check from the symmetric
 /// NAT's mapping for it, so some conntrack behaviour of the lab's routers is not in the model;
 /// the user gets a better path, not a worse one).
+///
+/// At most `MAX_RELAY_RACES` pairs that could go direct through their NATs may end on a TURN
+/// relay instead, by a race in webrtc-ice 0.17 (2 of 6 runs of this test saw it once, home ×
+/// fullcone): a check sent from one peer's relay candidate reaches the other before that
+/// candidate's trickle does, so the other learns the relay address as a peer-reflexive
+/// candidate, whose priority (type preference 110) outranks the server-reflexive pair's (100);
+/// the signaled relay candidate does not lower it afterwards, and webrtc-ice never nominates
+/// again once a pair is nominated. Messages still all arrive.
 #[test]
 fn nat_matrix() {
     serial(async {
@@ -214,18 +225,48 @@ fn nat_matrix() {
         let file = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("nat-matrix.md");
         let _ = std::fs::write(&file, &table);
         println!("(also in {})", file.display());
-        for (_, r) in rows.iter().filter(|(_, r)| r.observed != r.expected) {
+        let better = |r: &Row| r.observed != r.expected && r.observed.at_least(r.expected);
+        for (_, r) in rows.iter().filter(|(_, r)| better(r)) {
             // Better than the model (`PathClass::at_least`): kept, with its log, to learn from.
             println!("{}: better than the model\n{}", r.summary(), r.dump);
         }
-
-        let failed: Vec<String> = rows
+        // A reflexive pair that ended on a TURN relay through ICE's race (see the doc comment):
+        // tolerated in a few pairs, not in most, which would mean hole punching is broken.
+        let relay_race = |r: &Row| {
+            r.expected == PathClass::Reflexive
+                && r.observed == PathClass::Relay
+                && r.messages_ok
+                && r.problems.is_empty()
+        };
+        let reflexive = rows
+            .iter()
+            .filter(|(_, r)| r.expected == PathClass::Reflexive)
+            .count();
+        let races: Vec<&Row> = rows
+            .iter()
+            .map(|(_, r)| r)
+            .filter(|r| relay_race(r))
+            .collect();
+        for r in &races {
+            println!("{}: the relay won ICE's race\n{}", r.summary(), r.dump);
+        }
+        let mut failed: Vec<String> = rows
             .iter()
             .filter(|(_, r)| {
-                !r.observed.at_least(r.expected) || !r.messages_ok || !r.problems.is_empty()
+                !relay_race(r)
+                    && (!r.observed.at_least(r.expected)
+                        || !r.messages_ok
+                        || !r.problems.is_empty())
             })
             .map(|(_, r)| format!("{}; problems {:?}\n{}", r.summary(), r.problems, r.dump))
             .collect();
+        if races.len() > MAX_RELAY_RACES {
+            failed.push(format!(
+                "{} of {reflexive} reflexive pairs ended on a TURN relay (at most \
+                 {MAX_RELAY_RACES} may, by ICE's race)",
+                races.len()
+            ));
+        }
         drop((server, responder));
         let lab = Arc::try_unwrap(lab).expect("every scenario finished");
         lab.shutdown().expect("clean teardown");
