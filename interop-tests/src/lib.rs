@@ -23,13 +23,6 @@ pub fn direct_backend() -> peermesh::DirectBackend {
     }
 }
 
-/// Whether a native client on the [`direct_backend`] asks its peers for a reliable `"u2"`
-/// (`"u2_reliable"`, PROTOCOL.md §7.6): the default backend (webrtc-sctp 0.17 cannot parse a
-/// FORWARD-TSN bundled with other chunks) does, the sansio backend does not.
-pub fn asks_reliable_u2() -> bool {
-    direct_backend() == peermesh::DirectBackend::Webrtc
-}
-
 /// `ClientConfig::new(name)` on the [`direct_backend`] the environment names.
 pub fn client_config(name: impl Into<String>) -> peermesh::ClientConfig {
     peermesh::ClientConfig::new(name).with_direct_backend(direct_backend())

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use peermesh::{Client, ClientConfig, Event, Events, LinkStats, Path, PeerId, Reliability};
-use peermesh_interop_tests::{asks_reliable_u2, client_config, NftTable};
+use peermesh_interop_tests::{client_config, NftTable};
 use peermesh_server::turn::TurnConfig;
 use peermesh_server::{Config, Server, ServerHandle, TurnMode};
 use serde_json::{json, Value};
@@ -1764,16 +1764,14 @@ impl Drop for NsLoss<'_> {
 /// Chromium send stall, below — and once the loss stops the link is direct and keeps working,
 /// both ways.
 ///
-/// Each end sends on the "u2" it opened itself. Browser → native, the native client on the
-/// default backend asks for a reliable one (`"u2_reliable": true`, §7.6): Chromium's SCTP, abandoning unreliable data under
+/// Each end sends on the "u2" it opened itself. Browser → native, the native client asks for a
+/// reliable one (`"u2_reliable": true`, §7.6): Chromium's SCTP, abandoning unreliable data under
 /// loss, would put a FORWARD-TSN in front of the DATA and SACK chunks of its packets, and
 /// webrtc-sctp 0.17 drops every such packet whole ("unable to parse SCTP packet chunk too
 /// short"), which stalled the association until the dead-path rule ended it. With a reliable
 /// "u2" Chromium abandons nothing, so every unreliable message arrives too and no packet is
-/// dropped by that parser bug. On the sansio backend (which parses such packets) the native
-/// client asks nothing and Chromium's "u2" is truly unreliable. Native → browser, the native
-/// "u2" is truly unreliable (webrtc-rs sends FORWARD-TSN alone), so some of the messages are
-/// lost.
+/// dropped by that parser bug. Native → browser, the native "u2" is truly unreliable (webrtc-rs
+/// sends FORWARD-TSN alone), so some of the messages are lost.
 ///
 /// Measured (browser → native): Chromium's SCTP sometimes sends nothing new for 1-2 s under this
 /// loss (its queued "u2" bytes stand still; webrtc-sctp's log shows RTO-spaced resends of chunks
@@ -1812,8 +1810,8 @@ async fn max_size_unreliable_under_loss(browser_sends: bool, ports: (u16, u16)) 
     let pair = n.candidate_pair(bid).unwrap().expect("direct pair");
     assert!((ports.0..=ports.1).contains(&pair.local.port()), "{pair:?}");
     // Link v2 channels (the generation's version is 4 now, both ends having lanes and files;
-    // §7.6 holds for it), each end on its own "u2": the browser's is reliable if the native
-    // client asked for it (its default backend does), the native one's unreliable.
+    // §7.6 holds for it), each end on its own "u2": the browser's is reliable (the native client asked for
+    // it), the native one's unreliable.
     let channels = b
         .eval(
             "p",
@@ -1828,16 +1826,7 @@ async fn max_size_unreliable_under_loss(browser_sends: bool, ports: (u16, u16)) 
         channels,
         json!([
             4,
-            [
-                "u2",
-                false,
-                if asks_reliable_u2() {
-                    json!(null)
-                } else {
-                    json!(0)
-                },
-                "open"
-            ],
+            ["u2", false, null, "open"],
             ["u2", false, 0, "open"],
             true
         ]),
@@ -2050,11 +2039,9 @@ async fn max_size_unreliable_under_loss(browser_sends: bool, ports: (u16, u16)) 
         );
     }
     if browser_sends {
-        // Default backend: a reliable "u2" (as the native client asked), so Chromium abandoned
-        // nothing and no FORWARD-TSN reached webrtc-sctp's parser bug. (Unreliable messages may
-        // still be lost: while "u2" has 1 MiB queued, parts go on the server path, which may
-        // drop them.) The sansio backend takes a truly unreliable "u2" and parses the
-        // FORWARD-TSN Chromium bundles; webrtc-sctp logs nothing there either.
+        // A reliable "u2" (as the native client asked): Chromium abandoned nothing, so no
+        // FORWARD-TSN reached webrtc-sctp's parser bug. (Unreliable messages may still be lost:
+        // while "u2" has 1 MiB queued, parts go on the server path, which may drop them.)
         let split = browser["unreliableSplit"].as_u64().unwrap()
             - browser_before["unreliableSplit"].as_u64().unwrap();
         assert!(split > 0, "{browser}");

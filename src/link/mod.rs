@@ -1440,12 +1440,11 @@ impl LinkTask {
         {
             Ok(rtc) => match rtc.offer().await {
                 Ok(sdp) => {
-                    let u2_reliable =
-                        (self.ctx.link_version >= 2 && rtc.wants_reliable_u2()).then_some(true);
                     self.rtc = Some(rtc);
                     self.connect_by = Some(TokioInstant::now() + CONNECT_TIMEOUT);
                     let gen = self.gen;
                     let version = Some(self.ctx.link_version);
+                    let u2_reliable = (self.ctx.link_version >= 2).then_some(true);
                     self.signal(LinkSignal::Offer {
                         gen,
                         sdp,
@@ -1584,11 +1583,10 @@ impl LinkTask {
                 };
                 match rtc.accept_offer(sdp).await {
                     Ok(answer) => {
-                        let u2_reliable =
-                            (self.ctx.link_version >= 2 && rtc.wants_reliable_u2()).then_some(true);
                         self.rtc = Some(rtc);
                         self.connect_by = Some(TokioInstant::now() + CONNECT_TIMEOUT);
                         let version = Some(self.ctx.link_version);
+                        let u2_reliable = (self.ctx.link_version >= 2).then_some(true);
                         self.signal(LinkSignal::Answer {
                             gen,
                             sdp: answer,

@@ -128,19 +128,6 @@ impl Rtc {
         each!(self, r => r.add_candidate(candidate).await)
     }
 
-    /// Version 2: whether to ask the peer for a reliable `"u2"` (`"u2_reliable"`, PROTOCOL.md
-    /// §7.6). webrtc-sctp 0.17 drops whole every packet in which a FORWARD-TSN is followed by
-    /// another chunk, as Chromium and usrsctp send them, so the default backend must never be
-    /// sent FORWARD-TSN; the sansio backend's SCTP parses such packets, so it takes `"u2"`
-    /// truly unreliable from every peer.
-    pub(crate) fn wants_reliable_u2(&self) -> bool {
-        match self {
-            Rtc::Webrtc(_) => true,
-            #[cfg(feature = "sansio")]
-            Rtc::SansIo(_) => false,
-        }
-    }
-
     /// Version 2: open this end's in-band unreliable send channel, used for unreliable frames
     /// from then on (the link sends nothing directly before [`RtcEvent::InbandOpen`]).
     pub(crate) async fn open_inband(&mut self) -> Result<(), RtcError> {

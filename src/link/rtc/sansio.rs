@@ -568,7 +568,10 @@ impl Rtc {
     }
 
     /// Version 2: open this end's in-band unreliable send channel, used for unreliable frames
-    /// from then on. The core applies its options (unordered, no retransmissions) on both ends.
+    /// from then on. The core applies its options (unordered, no retransmissions) to the SCTP
+    /// stream on this end only: rtc 0.21.1 does not set them on a stream the peer opened, so a
+    /// FORWARD-TSN does not clear unordered fragments there, which is why this backend asks for
+    /// a reliable "u2" too (PROTOCOL.md §7.6).
     pub(crate) async fn open_inband(&mut self) -> Result<(), RtcError> {
         self.ask(Cmd::OpenInband).await?;
         self.inband = true;
@@ -1475,7 +1478,7 @@ mod tests {
         assert_eq!(timeouts, 2);
         assert!(g.waiting.is_empty());
         // An id it never asked for is not its own.
-        assert!(!g.answered(binding));
+        assert!(!g.answered(TransactionId::new()));
     }
 
     #[test]
