@@ -78,6 +78,8 @@ impl Row {
 
 /// Reflexive pairs of the matrix that may end on a TURN relay by ICE's race ([`nat_matrix`]).
 const MAX_RELAY_RACES: usize = 2;
+/// Pairs that may go direct where the model allows only a relay ([`nat_matrix`]).
+const MAX_BETTER_THAN_MODEL: usize = 1;
 
 /// Candidate types of a printed path (`direct srflx/prflx A B` → `srflx/prflx`).
 fn types(path: &str) -> &str {
@@ -86,18 +88,19 @@ fn types(path: &str) -> &str {
 
 /// Every unordered pair of router kinds, plus two peers on one LAN: both peers in one group,
 /// 2000 reliable messages each way across the run; the final path must be what the routers'
-/// behaviours allow, or a direct one where the model allows only a TURN relay (seen once in
-/// about 20 runs, symmetric × double: the double NAT's peer took a check from the symmetric
-/// NAT's mapping for it, so some conntrack behaviour of the lab's routers is not in the model;
-/// the user gets a better path, not a worse one).
+/// behaviours allow, or, in at most one pair, a direct one where the model allows only a TURN
+/// relay (seen once in about 20 runs, symmetric × double: the double NAT's peer took a check
+/// from the symmetric NAT's mapping for it, so some conntrack behaviour of the lab's routers is
+/// not in the model; the user gets a better path, not a worse one).
 ///
 /// At most `MAX_RELAY_RACES` pairs that could go direct through their NATs may end on a TURN
-/// relay instead, by a race in webrtc-ice 0.17 (2 of 6 runs of this test saw it once, home ×
-/// fullcone): a check sent from one peer's relay candidate reaches the other before that
-/// candidate's trickle does, so the other learns the relay address as a peer-reflexive
-/// candidate, whose priority (type preference 110) outranks the server-reflexive pair's (100);
-/// the signaled relay candidate does not lower it afterwards, and webrtc-ice never nominates
-/// again once a pair is nominated. Messages still all arrive.
+/// relay instead, by a race in webrtc-ice 0.17, the default backend's ICE (2 of 6 runs of this
+/// test saw it once, home × fullcone): a check sent from one peer's relay candidate reaches the
+/// other before that candidate's trickle does, so the other learns the relay address as a
+/// peer-reflexive candidate, whose priority (type preference 110) outranks the server-reflexive
+/// pair's (100); the signaled relay candidate does not lower it afterwards, and webrtc-ice never
+/// nominates again once a pair is nominated. Messages still all arrive. (The sansio backend's
+/// ICE is another; the same bound applies to it, unmeasured.)
 #[test]
 fn nat_matrix() {
     serial(async {
@@ -226,6 +229,7 @@ fn nat_matrix() {
         let _ = std::fs::write(&file, &table);
         println!("(also in {})", file.display());
         let better = |r: &Row| r.observed != r.expected && r.observed.at_least(r.expected);
+        let betters = rows.iter().filter(|(_, r)| better(r)).count();
         for (_, r) in rows.iter().filter(|(_, r)| better(r)) {
             // Better than the model (`PathClass::at_least`): kept, with its log, to learn from.
             println!("{}: better than the model\n{}", r.summary(), r.dump);
@@ -260,6 +264,12 @@ fn nat_matrix() {
             })
             .map(|(_, r)| format!("{}; problems {:?}\n{}", r.summary(), r.problems, r.dump))
             .collect();
+        if betters > MAX_BETTER_THAN_MODEL {
+            failed.push(format!(
+                "{betters} pairs went direct where the model allows only a TURN relay (at most \
+                 {MAX_BETTER_THAN_MODEL} may): the lab's routers do not behave as modelled"
+            ));
+        }
         if races.len() > MAX_RELAY_RACES {
             failed.push(format!(
                 "{} of {reflexive} reflexive pairs ended on a TURN relay (at most \
