@@ -441,6 +441,22 @@ impl Gatherer {
         self.waiting.remove(&id) || self.waiting.remove(&retry)
     }
 
+    /// Forget gathering requests the client no longer has a transaction for (neither the
+    /// request nor, for an allocation, its first attempt): they ended without an event.
+    /// Returns whether any was forgotten.
+    fn forget_ended(&mut self) -> bool {
+        let before = self.waiting.len();
+        let client = &self.client;
+        self.waiting.retain(|id| {
+            let mut first = *id;
+            if let Some(last) = first.0.last_mut() {
+                *last = last.wrapping_sub(1);
+            }
+            client.has_transaction(id) || client.has_transaction(&first)
+        });
+        self.waiting.len() < before
+    }
+
     fn new(socket: usize, host: SocketAddr, server: &Server) -> Result<Self, RtcError> {
         let (username, password) = server.turn.clone().unwrap_or_default();
         let provider = rtc::crypto::default_provider()
@@ -1160,6 +1176,11 @@ impl Driver {
                 {
                     if let Err(e) = g.client.handle_read(msg) {
                         tracing::trace!(server = %peer_addr, "sansio backend: from server: {e}");
+                        // A reply the client could not use (an Allocate success without a
+                        // relayed address) may have ended its transaction without an event.
+                        if g.forget_ended() {
+                            self.end_gathering_when_done();
+                        }
                     }
                     continue;
                 }
@@ -1479,6 +1500,69 @@ mod tests {
         assert!(g.waiting.is_empty());
         // An id it never asked for is not its own.
         assert!(!g.answered(TransactionId::new()));
+    }
+
+    /// An Allocate success the client cannot use (no relayed address) ends its transaction
+    /// without an event: the gatherer forgets the request and is done.
+    #[test]
+    fn a_gatherer_whose_allocation_reply_is_unusable_is_done() {
+        use rtc::stun::attributes::{ATTR_NONCE, ATTR_REALM};
+        use rtc::stun::error_code::{ErrorCodeAttribute, CODE_UNAUTHORIZED};
+        use rtc::stun::message::{
+            Message, MessageType, CLASS_ERROR_RESPONSE, CLASS_SUCCESS_RESPONSE, METHOD_ALLOCATE,
+        };
+        use rtc::stun::textattrs::TextAttribute;
+
+        let server = Server {
+            addr: "127.0.0.1:3478".parse().unwrap(),
+            url: "turn:127.0.0.1:3478".into(),
+            turn: Some(("user".into(), "pass".into())),
+        };
+        let host: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let mut g = Gatherer::new(0, host, &server).unwrap();
+        let now = Instant::now();
+        let retry = g.client.allocate(now).unwrap();
+        g.waiting.insert(retry);
+        let mut first = retry;
+        *first.0.last_mut().unwrap() = first.0.last().unwrap().wrapping_sub(1);
+        let reply = |attrs: &[Box<dyn rtc::stun::message::Setter>]| {
+            let mut m = Message::new();
+            m.build(attrs).unwrap();
+            TaggedBytesMut {
+                now,
+                transport: TransportContext {
+                    local_addr: host,
+                    peer_addr: server.addr,
+                    transport_protocol: TransportProtocol::UDP,
+                    ecn: None,
+                },
+                message: BytesMut::from(&m.raw[..]),
+            }
+        };
+        // 401 to the first attempt: the client retries with credentials.
+        g.client
+            .handle_read(reply(&[
+                Box::new(first),
+                Box::new(MessageType::new(METHOD_ALLOCATE, CLASS_ERROR_RESPONSE)),
+                Box::new(ErrorCodeAttribute {
+                    code: CODE_UNAUTHORIZED,
+                    reason: b"Unauthorized".to_vec(),
+                }),
+                Box::new(TextAttribute::new(ATTR_REALM, "realm".into())),
+                Box::new(TextAttribute::new(ATTR_NONCE, "nonce".into())),
+            ]))
+            .unwrap();
+        assert!(g.client.has_transaction(&retry), "the retry is on its way");
+        assert!(!g.forget_ended(), "nothing has ended yet");
+        // A success without a relayed address: an error, and no event.
+        let unusable = g.client.handle_read(reply(&[
+            Box::new(retry),
+            Box::new(MessageType::new(METHOD_ALLOCATE, CLASS_SUCCESS_RESPONSE)),
+        ]));
+        assert!(unusable.is_err());
+        assert!(g.client.poll_event().is_none());
+        assert!(g.forget_ended());
+        assert!(g.waiting.is_empty());
     }
 
     #[test]
