@@ -219,9 +219,13 @@ fn wan_link_delay_jitter_loss_rate() {
             num(&r, "received") > 0.0,
             format!("some arrived: {}", r.line),
         );
+        // Measured over what got through: with a fast sender only the 64 KiB queue and what
+        // drains during the burst (about 80 frames, 35 ms), so a few ms of timer lateness at
+        // the first departure shortens the span by several percent (21.49 Mbit/s seen once in
+        // CI, 20.03 with a slower sender); a broken rate limit is off by far more.
         check(
-            rate <= 1.05 * 20e6,
-            format!("arrival rate {rate} bit/s ≤ 1.05 × 20 Mbit/s"),
+            rate <= 1.15 * 20e6,
+            format!("arrival rate {rate} bit/s ≤ 1.15 × 20 Mbit/s"),
         );
         check(
             d_qdrop > 0,
