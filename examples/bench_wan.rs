@@ -225,6 +225,36 @@ fn proc_ticks(pid: &str) -> Option<(u64, u64)> {
     Some((f.get(11)? + f.get(12)?, f.get(13)? + f.get(14)?))
 }
 
+/// A peermesh server (`nat_server`) in namespace `ns` with `args` besides the bench's common
+/// ones (long heartbeat, no admin API), once it has printed `ready`; its log is `<name>.log`.
+async fn start_server(
+    lab: &Lab,
+    ns: &str,
+    bins: &FsPath,
+    name: &str,
+    args: &[&str],
+    ready: &str,
+) -> Result<Proc> {
+    let args: Vec<String> = ["--heartbeat-timeout-ms", "15000", "--admin-listen", "off"]
+        .iter()
+        .chain(args)
+        .map(|s| s.to_string())
+        .collect();
+    let proc = lab
+        .start_program(
+            ns,
+            &bins.join("nat_server"),
+            &args,
+            name,
+            Some(&format!("{name}.log")),
+        )
+        .map_err(|e| anyhow!(e))?;
+    proc.wait_line(|l| l.raw.contains(ready), Duration::from_secs(20))
+        .await
+        .ok_or_else(|| anyhow!("{name} did not start: {}", proc.dump()))?;
+    Ok(proc)
+}
+
 fn cpu_of(proc: &Proc) -> Option<u64> {
     proc_ticks(&proc.id()?.to_string()).map(|t| t.0)
 }
@@ -630,68 +660,40 @@ async fn run(args: Args) -> Result<()> {
     let (a_ip, b_ip) = (wan.a_ip, wan.b_ip);
 
     // The server in A, on A's end of the link.
-    let server_args: Vec<String> = [
-        "--listen",
-        &format!("{a_ip}:{WS_PORT}"),
-        "--heartbeat-timeout-ms",
-        "15000",
-        "--admin-listen",
-        "off",
-        "--no-turn",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let server = lab
-        .start_program(
-            &a_ns,
-            &bins.join("nat_server"),
-            &server_args,
-            "server",
-            Some("server.log"),
-        )
-        .map_err(|e| anyhow!(e))?;
-    server
-        .wait_line(|l| l.raw.contains("listening on"), Duration::from_secs(20))
-        .await
-        .ok_or_else(|| anyhow!("server did not start: {}", server.dump()))?;
-    let url = format!("ws://{a_ip}:{WS_PORT}/ws");
+    let ws = format!("{a_ip}:{WS_PORT}");
+    let server = start_server(
+        &lab,
+        &a_ns,
+        &bins,
+        "server",
+        &["--listen", &ws, "--no-turn"],
+        "listening on",
+    )
+    .await?;
+    let url = format!("ws://{ws}/ws");
 
     // For the TURN scenario: a second server in A on loopback, with its embedded STUN/TURN.
     let turn_server = if scs.iter().any(|sc| sc.turn) {
         let ws = format!("127.0.0.1:{}", WS_PORT + 1);
-        let turn_args: Vec<String> = [
-            "--listen",
-            &ws,
-            "--heartbeat-timeout-ms",
-            "15000",
-            "--admin-listen",
-            "off",
-            "--turn-listen",
-            &format!("127.0.0.1:{TURN_PORT}"),
-            "--turn-relay-ports",
-            "50500-50599",
-            "--turn-allow-peer",
-            "127.0.0.0/8",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let ts = lab
-            .start_program(
-                &a_ns,
-                &bins.join("nat_server"),
-                &turn_args,
-                "turn-server",
-                Some("turn-server.log"),
-            )
-            .map_err(|e| anyhow!(e))?;
-        ts.wait_line(
-            |l| l.raw.contains("STUN/TURN on udp"),
-            Duration::from_secs(20),
+        let turn = format!("127.0.0.1:{TURN_PORT}");
+        let ts = start_server(
+            &lab,
+            &a_ns,
+            &bins,
+            "turn-server",
+            &[
+                "--listen",
+                &ws,
+                "--turn-listen",
+                &turn,
+                "--turn-relay-ports",
+                "50500-50599",
+                "--turn-allow-peer",
+                "127.0.0.0/8",
+            ],
+            "STUN/TURN on udp",
         )
-        .await
-        .ok_or_else(|| anyhow!("TURN server did not start: {}", ts.dump()))?;
+        .await?;
         Some((ts, format!("ws://{ws}/ws")))
     } else {
         None
