@@ -1799,6 +1799,11 @@ impl LinkCore {
         self.events.pop_front()
     }
 
+    /// Whether [`LinkCore::poll_event`] has something.
+    pub(crate) fn has_event(&self) -> bool {
+        !self.events.is_empty()
+    }
+
     /// The next frame to send. The link's own frames come first (they are small and unblock
     /// the peer), then unreliable messages, then DATA of the lanes by their schedule.
     pub(crate) fn poll_transmit(&mut self) -> Option<Transmit> {

@@ -8,18 +8,19 @@
 //! on it arrive and the receiver fills the gap from its reorder buffer.
 //!
 //! The algorithm is [`core::LinkCore`] (sans-IO, `core.rs`). This module is its async layer: one
-//! task per link ([`LinkTask`]) owns the core and the PeerConnection, feeds it what arrives
-//! (relay frames, data channel frames, commands from [`LinkHandle`], reports of the channel
-//! writers, the clock) and carries out what it asks (frames to the WebSocket or to a writer task
-//! per data channel, messages to the app, path reports). Nothing of the link's state is shared:
-//! the handles read a published [`LinkView`] and claim send-window credit from a [`Gate`].
+//! task per link ([`LinkTask`]) owns the PeerConnection and the sends waiting for window, feeds
+//! the core what arrives (relay frames, signals, commands from [`LinkHandle`], the clock) and
+//! carries out what it asks (frames to the WebSocket, messages to the app, path reports). The
+//! core itself sits in [`shared::Hot`] under a lock that the hot paths take too, so that a data
+//! channel frame reaches the app, and a send with window credit (claimed from a [`Gate`]) its
+//! channel, without a switch to the link task (`shared.rs`).
 
 mod core;
 mod parts;
 mod rtc;
+mod shared;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,20 +33,14 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 pub(crate) use self::core::{
     default_lanes, Delivery, Lane, LaneConfig, FILE_LANE_DEFAULT, LANE_SLOTS, MAX_LANES,
 };
-use self::core::{
-    Buffered, CoreConfig, CoreEvent, CoreStats, Gen, LinkCore, LinkVersion, PathId, Route,
-    SendError, Transmit,
-};
+use self::core::{CoreConfig, CoreEvent, Gen, LinkCore, LinkVersion, PathId, Route, SendError};
 use rtc::FrameSink;
-use rtc::{Candidates, Channel, ConnState, DirectTx, Rtc, RtcEvent};
+use rtc::{Candidates, Channel, ConnState, Rtc, RtcEvent};
 pub(crate) use rtc::{RtcFactory, RtcOptions};
+use shared::{ch_index, Claim, Gate, Hot, SendReply, Shared, Writers};
 
-use crate::protocol::{link_kind, ClientMsg, DirectPolicy, LinkId, PathKind, PeerId, RelayFrame};
+use crate::protocol::{ClientMsg, DirectPolicy, LinkId, PathKind, PeerId, RelayFrame};
 use crate::{CandidatePair, CandidateType, Error, Event, Path, Reliability, Result};
-
-/// Longest the link's own frames (acks, probes) wait on a data channel before a copy takes the
-/// server path ([`LinkCore::transmit_abandoned`]).
-const OWN_SEND_WAIT: Duration = Duration::from_millis(100);
 
 /// Frames from the data channels that may wait for the link task (see `LinkTask::direct`):
 /// at most 128 × 16 KiB.
@@ -60,16 +55,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(crate::CONNECT_TIMEOUT_SEC
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX_HAD_DIRECT: Duration = Duration::from_secs(5);
 const RETRY_MAX_NEVER_DIRECT: Duration = Duration::from_secs(60);
-/// How often an idle channel writer reports its channel's queue while it drains.
-const DRAIN_POLL: Duration = Duration::from_millis(20);
 
 /// Inputs to a link task from outside it: the client's session and the PeerConnection.
 #[derive(Debug)]
 pub(crate) enum LinkInput {
     /// A link-layer frame that came over the server path.
     Relay(Bytes),
-    /// A link-layer frame that came on a data channel of PeerConnection generation `gen`.
-    Direct { gen: u32, frame: Bytes },
     /// Signaling data from the peer.
     Signal(serde_json::Value),
     /// Something the PeerConnection of generation `gen` reported.
@@ -102,13 +93,12 @@ pub(crate) enum LinkInput {
 
 /// Requests of the link's handles.
 enum Cmd {
-    /// Send a message. `claimed`: its window cost was taken from the [`Gate`] (the core has
-    /// room for it); otherwise it waits in line for room.
+    /// Send a message when it has room in the window (in line for it). A message with credit
+    /// from the [`Gate`] goes to the core directly ([`Shared::fast_send`]).
     Send {
         data: Bytes,
         lane: Lane,
         delivery: Delivery,
-        claimed: bool,
         reply: Option<SendReply>,
     },
     /// Answer once every reliable message sent before it is acknowledged (on every lane).
@@ -121,79 +111,6 @@ fn delivery(reliability: Reliability) -> Delivery {
     match reliability {
         Reliability::Reliable => Delivery::Reliable,
         Reliability::Unreliable => Delivery::Unreliable,
-    }
-}
-
-/// What a channel writer reports to its link task.
-enum WriterReport {
-    /// Frame `id` was handed to the channel (or refused): the channel now has `buffered` bytes
-    /// queued.
-    Written {
-        gen: Gen,
-        ch: Channel,
-        id: u64,
-        len: usize,
-        buffered: usize,
-        failed: Option<(Transmit, String)>,
-    },
-    /// The channel's queue while it drains, with no frame to send.
-    Buffered {
-        gen: Gen,
-        ch: Channel,
-        buffered: usize,
-    },
-}
-
-/// Send-window credit the link task lends its handles, so that a send with room in the window
-/// is admitted without waiting for the task (and `try_send` can answer at once, without a round
-/// trip). The task lends what the core has free while nobody waits in line, takes it back when
-/// someone does, and counts what it lent ([`LinkTask::lent`]); a claim travels with its message,
-/// which the core then has room for. Closed by [`LinkHandle::take_held`] and
-/// [`LinkHandle::close`]: claims fail from then on.
-struct Gate(AtomicU64);
-
-const GATE_CLOSED: u64 = 1 << 63;
-
-enum Claim {
-    Granted,
-    Short,
-    Closed,
-}
-
-impl Gate {
-    fn claim(&self, permits: usize) -> Claim {
-        let permits = permits as u64;
-        let mut cur = self.0.load(Ordering::Acquire);
-        loop {
-            if cur & GATE_CLOSED != 0 {
-                return Claim::Closed;
-            }
-            if cur < permits {
-                return Claim::Short;
-            }
-            match self.0.compare_exchange_weak(
-                cur,
-                cur - permits,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return Claim::Granted,
-                Err(now) => cur = now,
-            }
-        }
-    }
-
-    fn lend(&self, permits: usize) {
-        self.0.fetch_add(permits as u64, Ordering::AcqRel);
-    }
-
-    /// Take back all credit not claimed.
-    fn take_back(&self) -> usize {
-        (self.0.fetch_and(GATE_CLOSED, Ordering::AcqRel) & !GATE_CLOSED) as usize
-    }
-
-    fn close(&self) {
-        self.0.fetch_or(GATE_CLOSED, Ordering::AcqRel);
     }
 }
 
@@ -293,7 +210,7 @@ pub(crate) struct LinkHandle {
     pub link_id: LinkId,
     inputs: mpsc::UnboundedSender<LinkInput>,
     cmds: mpsc::UnboundedSender<Cmd>,
-    gate: Arc<Gate>,
+    shared: Arc<Shared>,
     view: watch::Receiver<LinkView>,
     cfg: CoreConfig,
 }
@@ -311,45 +228,34 @@ impl LinkHandle {
         let (inputs, inputs_rx) = mpsc::unbounded_channel();
         let (direct, direct_rx) = mpsc::channel(DIRECT_FRAMES_QUEUED);
         let (cmds, cmds_rx) = mpsc::unbounded_channel();
-        let (reports, reports_rx) = mpsc::unbounded_channel();
         let cfg = ctx.core_cfg();
         let core = LinkCore::new(ctx.core_cfg(), Instant::now());
         // What lane 0 may take is lent at once (the whole window with one lane), so that a
         // `try_send` right after the link is made does not depend on when its task first runs.
         let lend = core.lendable();
-        let gate = Arc::new(Gate(AtomicU64::new(lend as u64)));
-        let (view_tx, view) = watch::channel(LinkView::default());
+        let shared = Arc::new(Shared::new(
+            Hot::new(core, lend),
+            Gate::new(lend),
+            ctx.events.clone(),
+            peer,
+        ));
+        let view = shared.view.subscribe();
         let task = LinkTask {
             peer,
             link_id,
             initiator,
             policy,
-            core,
+            shared: shared.clone(),
             inputs: inputs.clone(),
             direct,
-            reports,
-            view: view_tx,
-            gate: gate.clone(),
-            lent: lend,
             waiting: VecDeque::new(),
             lane_waiting: std::array::from_fn(|_| VecDeque::new()),
             flushes: Vec::new(),
             replies: Vec::new(),
-            answering: VecDeque::new(),
-            writing: std::collections::BTreeSet::new(),
             take_held: None,
             ended: false,
-            outbox: VecDeque::new(),
             files_out: VecDeque::new(),
             path_msgs: VecDeque::new(),
-            upgrading: None,
-            writers: None,
-            own_waits: VecDeque::new(),
-            next_write: 0,
-            candidates: [0; 3],
-            path: Path::Server,
-            pair: None,
-            told_connected: false,
             rtc: None,
             gen: 0,
             r_open: false,
@@ -358,6 +264,7 @@ impl LinkHandle {
             peer_u2_open: false,
             version: 1,
             connected: false,
+            told_connected: false,
             retry_at: None,
             connect_by: None,
             declined: false,
@@ -365,13 +272,13 @@ impl LinkHandle {
             had_direct: false,
             ctx,
         };
-        tokio::spawn(task.run(inputs_rx, direct_rx, cmds_rx, reports_rx));
+        tokio::spawn(task.run(inputs_rx, direct_rx, cmds_rx));
         LinkHandle {
             peer,
             link_id,
             inputs,
             cmds,
-            gate,
+            shared,
             view,
             cfg,
         }
@@ -475,7 +382,6 @@ impl LinkHandle {
                 data,
                 lane,
                 delivery: Delivery::Reliable,
-                claimed: false,
                 reply: None,
             })
             .map_err(|_| Error::UnknownPeer(self.peer))
@@ -485,19 +391,30 @@ impl LinkHandle {
     /// line in the link task).
     pub(crate) async fn send_on(&self, lane: Lane, data: Bytes, delivery: Delivery) -> Result<()> {
         let (permits, lane0) = self.admit(lane, data.len(), delivery)?;
-        let claimed = lane0
-            && match self.gate.claim(permits) {
-                Claim::Granted => true,
-                Claim::Short => false,
+        if lane0 {
+            match self.shared.gate.claim(permits) {
+                Claim::Granted => {
+                    // The core takes it here; the answer waits only for earlier frames still
+                    // on their way to a channel.
+                    return match self.shared.fast_send(lane, data, delivery, permits) {
+                        Ok(None) => Ok(()),
+                        Ok(Some(rx)) => match rx.await {
+                            Ok(r) => r.map_err(|e| self.error(e)),
+                            Err(_) => Err(Error::UnknownPeer(self.peer)),
+                        },
+                        Err(e) => Err(self.error(e)),
+                    };
+                }
+                Claim::Short => {}
                 Claim::Closed => return Err(Error::UnknownPeer(self.peer)),
-            };
+            }
+        }
         let (tx, rx) = oneshot::channel();
         self.cmds
             .send(Cmd::Send {
                 data,
                 lane,
                 delivery,
-                claimed,
                 reply: Some(tx),
             })
             .map_err(|_| Error::UnknownPeer(self.peer))?;
@@ -514,21 +431,17 @@ impl LinkHandle {
     pub(crate) fn try_send(&self, data: Bytes, reliability: Reliability) -> Result<()> {
         let delivery = delivery(reliability);
         let (permits, _) = self.admit(Lane(0), data.len(), delivery)?;
-        match self.gate.claim(permits) {
+        match self.shared.gate.claim(permits) {
             Claim::Granted => {}
             Claim::Short => return Err(Error::WouldBlock(self.peer)),
             Claim::Closed => return Err(Error::UnknownPeer(self.peer)),
         }
-        // Claimed: the core has room for it, and the task takes it in call order.
-        self.cmds
-            .send(Cmd::Send {
-                data,
-                lane: Lane(0),
-                delivery,
-                claimed: true,
-                reply: None,
-            })
-            .map_err(|_| Error::UnknownPeer(self.peer))
+        // Claimed: the core has room for it. Whether its frames reached their channel is not
+        // this call's to wait for.
+        match self.shared.fast_send(Lane(0), data, delivery, permits) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.error(e)),
+        }
     }
 
     /// A reliable message a drained session held, re-sent on its lane: lane 0 as
@@ -558,7 +471,7 @@ impl LinkHandle {
     /// server: every reliable frame transmitted before the hold is acknowledged, or the link is
     /// on the direct path and holds nothing.
     pub(crate) fn drained(&self) -> bool {
-        self.view.borrow().drained
+        self.shared.view_now().drained
     }
 
     /// A new session replaces this link: take the reliable messages held since
@@ -567,7 +480,7 @@ impl LinkHandle {
     /// acknowledged (they may or may not have arrived). A send from now on, or one that raced
     /// this and lost, fails with `UnknownPeer`.
     pub(crate) async fn take_held(&self) -> (Vec<(Lane, Bytes)>, u64) {
-        self.gate.close();
+        self.shared.gate.close();
         let (tx, rx) = oneshot::channel();
         if self.cmds.send(Cmd::TakeHeld(tx)).is_err() {
             return (Vec::new(), 0);
@@ -578,16 +491,16 @@ impl LinkHandle {
     /// Stop the link: senders waiting on the window get an error, the task closes its
     /// PeerConnection and ends.
     pub(crate) fn close(&self) {
-        self.gate.close();
+        self.shared.gate.close();
         let _ = self.inputs.send(LinkInput::Close);
     }
 
     pub(crate) fn status(&self) -> LinkStatus {
-        self.view.borrow().status.clone()
+        self.shared.view_now().status
     }
 
     pub(crate) fn stats(&self) -> LinkStats {
-        self.view.borrow().stats
+        self.shared.view_now().stats
     }
 }
 
@@ -624,8 +537,6 @@ enum LinkSignal {
     Decline { gen: u32 },
 }
 
-/// Where a `send` learns whether the link took its message.
-type SendReply = oneshot::Sender<Result<(), SendError>>;
 /// The reliable messages a link held, with their lanes, and how many sent may be lost.
 type HeldReply = oneshot::Sender<(Vec<(Lane, Bytes)>, u64)>;
 
@@ -641,115 +552,32 @@ enum Waiter {
     Flush(oneshot::Sender<()>),
 }
 
-/// The writer tasks of one generation's two channels.
-struct Writers {
-    gen: Gen,
-    tx: DirectTx,
-    /// Indexed by [`ch_index`].
-    frames: [mpsc::UnboundedSender<(u64, Transmit)>; 2],
-    /// Bytes handed to each writer and not yet to its channel.
-    queued: [usize; 2],
-    /// What each channel last reported queued.
-    buffered: [usize; 2],
-    /// Dropped when the generation ends: the writers stop, even in the middle of a send (its
-    /// PeerConnection is being closed, so no hole in a stream matters any more).
-    _stop: watch::Sender<()>,
-}
-
-impl Writers {
-    fn estimate(&self) -> Buffered {
-        Buffered {
-            reliable: self.queued[0] + self.buffered[0],
-            unreliable: self.queued[1] + self.buffered[1],
-        }
-    }
-}
-
-fn ch_index(ch: Channel) -> usize {
-    match ch {
-        Channel::Reliable => 0,
-        Channel::Unreliable => 1,
-    }
-}
-
-/// Hand frames to one data channel, in order, one send at a time, and report each result and
-/// the channel's queue. A send once started is never dropped while its generation lives
-/// ([`DirectTx::send`]); a channel whose queue is full makes only its writer wait, never the
-/// link task.
-async fn write_channel(
-    gen: Gen,
-    ch: Channel,
-    tx: DirectTx,
-    mut frames: mpsc::UnboundedReceiver<(u64, Transmit)>,
-    reports: mpsc::UnboundedSender<WriterReport>,
-    mut stop: watch::Receiver<()>,
-) {
-    let mut last = 0usize;
-    loop {
-        let next = tokio::select! {
-            biased;
-            _ = stop.changed() => return,
-            f = frames.recv() => f,
-            // Idle with bytes queued: tell the task as the queue drains (it holds DATA back
-            // above `DC_HIGH`, and its own frames above `OWN_QUEUE_MAX`).
-            _ = async {
-                match ch {
-                    Channel::Reliable => tx.drained(DRAIN_POLL).await,
-                    Channel::Unreliable => tokio::time::sleep(DRAIN_POLL).await,
-                }
-            }, if last > 0 => {
-                let buffered = tx.buffered(ch).await;
-                if buffered != last {
-                    last = buffered;
-                    if reports.send(WriterReport::Buffered { gen, ch, buffered }).is_err() {
-                        return;
-                    }
-                }
-                continue;
-            }
-        };
-        let Some((id, t)) = next else { return };
-        let result = {
-            let send = tx.send(ch, &t.frame);
-            tokio::pin!(send);
-            tokio::select! {
-                biased;
-                r = &mut send => r,
-                _ = stop.changed() => return,
-            }
-        };
-        let buffered = tx.buffered(ch).await;
-        last = buffered;
-        let len = t.frame.len();
-        let failed = result.err().map(|e| (t, format!("data channel send: {e}")));
-        let report = WriterReport::Written {
-            gen,
-            ch,
-            id,
-            len,
-            buffered,
-            failed,
-        };
-        if reports.send(report).is_err() {
-            return;
-        }
-    }
-}
-
-/// The link's own frames: an ACK (of any lane), PING or PONG that waits too long on a channel
-/// also goes on the server path.
-fn is_own(frame: &[u8]) -> bool {
-    matches!(
-        frame.first(),
-        Some(&link_kind::ACK)
-            | Some(&link_kind::ACK_LANE)
-            | Some(&link_kind::PING)
-            | Some(&link_kind::PONG)
-    )
-}
-
 fn tokio_at(at: Instant) -> TokioInstant {
     TokioInstant::from_std(at)
+}
+
+/// A data channel frame counted in [`Hot::slow_frames`] and not (yet) in the link task's queue.
+struct SlowFrame(Option<std::sync::Weak<Shared>>);
+
+impl Drop for SlowFrame {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.take().and_then(|s| s.upgrade()) {
+            let mut h = shared.lock();
+            h.slow_frames = h.slow_frames.saturating_sub(1);
+        }
+    }
+}
+
+/// Own frames still on a channel after `OWN_SEND_WAIT`: a copy takes the server path (the
+/// channel's send goes on; acks are cumulative and probes matched by id).
+fn own_waits_expired(h: &mut Hot, now: Instant) {
+    let (due, rest): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut h.own_waits)
+        .into_iter()
+        .partition(|w| w.1 <= now);
+    h.own_waits = rest;
+    for (_, _, t) in due {
+        h.core.transmit_abandoned(t, now);
+    }
 }
 
 struct LinkTask {
@@ -760,20 +588,15 @@ struct LinkTask {
     /// makes relay-only ones.
     policy: DirectPolicy,
     ctx: LinkCtx,
-    /// The delivery algorithm: sequence numbers, window, acks, reorder, path, timers.
-    core: LinkCore,
+    /// The core and what goes with it, shared with the hot paths.
+    shared: Arc<Shared>,
     /// Sender of this task's inputs, for the PeerConnection's callbacks.
     inputs: mpsc::UnboundedSender<LinkInput>,
-    /// Frames from the data channels, with their generation: bounded, and the channels' read
-    /// loops wait for room, so a peer that sends faster than the app takes its messages (or
-    /// floods unreliable ones, which no window limits) is held back by SCTP's receive window
-    /// instead of growing this queue.
+    /// Frames from the data channels that the hot path could not take, with their generation:
+    /// bounded, and the channels' read loops wait for room, so a peer that sends faster than
+    /// the app takes its messages (or floods unreliable ones, which no window limits) is held
+    /// back by SCTP's receive window instead of growing this queue.
     direct: mpsc::Sender<(u32, Bytes)>,
-    reports: mpsc::UnboundedSender<WriterReport>,
-    view: watch::Sender<LinkView>,
-    gate: Arc<Gate>,
-    /// Window lent to the handles: the [`Gate`]'s credit and claims on their way here.
-    lent: usize,
     /// Sends of lane 0 (and plain unreliable ones) and flushes waiting in line for the window,
     /// oldest first.
     waiting: VecDeque<Waiter>,
@@ -784,33 +607,14 @@ struct LinkTask {
     flushes: Vec<([u64; LANE_SLOTS], oneshot::Sender<()>)>,
     /// Answers to sends taken since the last step.
     replies: Vec<(SendReply, Result<(), SendError>)>,
-    /// Answers sent once every app frame handed to a writer before them (ids below the first)
-    /// is on its channel: `send` returns when its frames are with the WebRTC stack, as a
-    /// caller pacing its sends expects.
-    answering: VecDeque<(u64, SendReply, Result<(), SendError>)>,
-    /// App frames (DATA, unreliable) handed to a writer and not yet on their channel.
-    writing: std::collections::BTreeSet<u64>,
     /// [`LinkHandle::take_held`] asked; answered once no claim is on its way.
     take_held: Option<HeldReply>,
     /// The link was emptied for a new session: it takes no more messages.
     ended: bool,
-    /// Events for the app, in order.
-    outbox: VecDeque<Event>,
     /// File-lane messages for the file transfers.
     files_out: VecDeque<Bytes>,
     /// Path reports for the server.
     path_msgs: VecDeque<ClientMsg>,
-    /// The core moved to this direct generation; reported next ([`LinkTask::upgraded`]).
-    upgrading: Option<Gen>,
-    writers: Option<Writers>,
-    /// Own frames handed to a writer: id, when a copy goes on the server path instead, frame.
-    own_waits: VecDeque<(u64, Instant, Transmit)>,
-    next_write: u64,
-    /// Local candidates signaled: host, srflx, relay.
-    candidates: [u64; 3],
-    // Path, as published.
-    path: Path,
-    pair: Option<CandidatePair>,
     // The current PeerConnection generation.
     rtc: Option<Rtc>,
     gen: u32,
@@ -840,21 +644,23 @@ impl LinkTask {
         mut inputs: mpsc::UnboundedReceiver<LinkInput>,
         mut direct: mpsc::Receiver<(u32, Bytes)>,
         mut cmds: mpsc::UnboundedReceiver<Cmd>,
-        mut reports: mpsc::UnboundedReceiver<WriterReport>,
     ) {
         if self.initiator {
             self.start_rtc().await;
         }
         self.settle().await;
+        let shared = self.shared.clone();
         let far = || TokioInstant::now() + Duration::from_secs(3600);
         loop {
-            let wake = self.core.poll_timeout();
-            let own_at = self.own_waits.iter().map(|w| w.1).min();
+            let wake = {
+                let mut h = shared.lock();
+                h.armed = h.next_timer();
+                h.armed
+            };
             let retry_at = self.retry_at;
             let connect_by = self.connect_by;
             tokio::select! {
                 biased;
-                // Commands first: a claimed send was admitted before anything that follows.
                 cmd = cmds.recv() => match cmd {
                     Some(cmd) => self.on_cmd(cmd),
                     // Every handle is gone.
@@ -866,14 +672,17 @@ impl LinkTask {
                 },
                 // After `inputs`: a channel's open (an input) comes before its first frame.
                 Some((gen, frame)) = direct.recv() => {
-                    self.handle(LinkInput::Direct { gen, frame }).await;
+                    let mut h = shared.lock();
+                    h.slow_frames -= 1;
+                    h.core.handle_frame(PathId::Direct(Gen(gen)), frame, Instant::now());
                 }
-                Some(report) = reports.recv() => self.on_report(report),
+                // A hot path left something to do.
+                _ = shared.wake.notified() => {}
                 _ = sleep_until(wake.map_or_else(far, tokio_at)), if wake.is_some() => {
-                    self.core.handle_timeout(Instant::now());
-                }
-                _ = sleep_until(own_at.map_or_else(far, tokio_at)), if own_at.is_some() => {
-                    self.own_waits_expired();
+                    let now = Instant::now();
+                    let mut h = shared.lock();
+                    h.core.handle_timeout(now);
+                    own_waits_expired(&mut h, now);
                 }
                 _ = sleep_until(retry_at.unwrap_or_else(far)), if retry_at.is_some() => {
                     self.retry_at = None;
@@ -886,9 +695,24 @@ impl LinkTask {
             }
             self.settle().await;
         }
+        let relays: Vec<Bytes> = {
+            let mut h = shared.lock();
+            h.closed = true;
+            h.writers = None;
+            // Sends waiting for their frames to reach a channel fail (`UnknownPeer`).
+            h.writing.clear();
+            h.answering.clear();
+            h.late_answers.clear();
+            h.own_waits.clear();
+            h.pending_tx.clear();
+            h.relay_out.drain(..).collect()
+        };
+        // Server-path frames hot-path sends queued just before the close still go.
+        for frame in relays {
+            self.relay(&frame).await;
+        }
         // Transfers on this link end with it (their messages cannot come any more).
         self.ctx.files.link_gone(self.peer, self.link_id);
-        self.writers = None;
         if let Some(rtc) = self.rtc.take() {
             rtc.close();
         }
@@ -902,7 +726,6 @@ impl LinkTask {
                 data,
                 lane,
                 delivery,
-                claimed,
                 reply,
             } => {
                 let reliability = match delivery {
@@ -913,26 +736,17 @@ impl LinkTask {
                     // The handle checked the size with the same configuration.
                     return;
                 };
-                if claimed {
-                    self.lent -= permits;
-                    let r = self.core.send_on(lane, data, delivery);
-                    debug_assert!(r != Err(SendError::WouldBlock), "a claim had no room");
-                    if let Some(reply) = reply {
-                        self.replies.push((reply, r));
-                    }
+                let waiter = Waiter::Send {
+                    data,
+                    lane,
+                    delivery,
+                    permits,
+                    reply,
+                };
+                if lane.0 == 0 || delivery == Delivery::Unreliable {
+                    self.waiting.push_back(waiter);
                 } else {
-                    let waiter = Waiter::Send {
-                        data,
-                        lane,
-                        delivery,
-                        permits,
-                        reply,
-                    };
-                    if lane.0 == 0 || delivery == Delivery::Unreliable {
-                        self.waiting.push_back(waiter);
-                    } else {
-                        self.lane_waiting[lane.index()].push_back(waiter);
-                    }
+                    self.lane_waiting[lane.index()].push_back(waiter);
                 }
             }
             Cmd::Flush(reply) => self.waiting.push_back(Waiter::Flush(reply)),
@@ -940,32 +754,29 @@ impl LinkTask {
         }
     }
 
-    /// Window the core has free and nobody holds a claim on.
-    fn free(&self) -> usize {
-        self.core.window_available().saturating_sub(self.lent)
-    }
-
     /// Admit waiting sends in order while the window has room for the oldest: lane 0's line
     /// against lane 0's room less the credit lent, each other lane's against its own room
     /// (which never counts lane 0's unused reserve, where the lent credit is).
-    fn serve_waiters(&mut self) {
+    fn serve_waiters(&mut self, h: &mut Hot) {
+        // Window the core has free and nobody holds a claim on.
+        let free = |h: &Hot| h.core.window_available().saturating_sub(h.lent);
         while let Some(front) = self.waiting.front() {
             match front {
                 Waiter::Flush(_) => {
                     let Some(Waiter::Flush(reply)) = self.waiting.pop_front() else {
                         unreachable!()
                     };
-                    self.flushes.push((self.core.last_seqs(), reply));
+                    self.flushes.push((h.core.last_seqs(), reply));
                 }
                 Waiter::Send { permits, reply, .. } => {
                     let withdrawn = reply.as_ref().is_some_and(|r| r.is_closed());
-                    if !withdrawn && *permits > self.free() && !self.ended {
+                    if !withdrawn && *permits > free(h) && !self.ended {
                         break;
                     }
                     let Some(waiter) = self.waiting.pop_front() else {
                         unreachable!()
                     };
-                    self.take_waiter(waiter, withdrawn);
+                    self.take_waiter(h, waiter, withdrawn);
                 }
             }
         }
@@ -981,19 +792,19 @@ impl LinkTask {
                 let withdrawn = reply.as_ref().is_some_and(|r| r.is_closed());
                 // Never the credit lent to lane 0's gate: a lane's share can change (the file
                 // lane's is only there while the peer has it).
-                let room = self.core.lane_free(Lane(i as u8)).min(self.free());
+                let room = h.core.lane_free(Lane(i as u8)).min(free(h));
                 if !withdrawn && *permits > room && !self.ended {
                     break;
                 }
                 let Some(waiter) = self.lane_waiting[i].pop_front() else {
                     unreachable!()
                 };
-                self.take_waiter(waiter, withdrawn);
+                self.take_waiter(h, waiter, withdrawn);
             }
         }
     }
 
-    fn take_waiter(&mut self, waiter: Waiter, withdrawn: bool) {
+    fn take_waiter(&mut self, h: &mut Hot, waiter: Waiter, withdrawn: bool) {
         let Waiter::Send {
             data,
             lane,
@@ -1007,43 +818,53 @@ impl LinkTask {
         if withdrawn {
             return;
         }
-        let r = self.core.send_on(lane, data, delivery);
+        let r = h.core.send_on(lane, data, delivery);
         if let Some(reply) = reply {
             self.replies.push((reply, r));
         }
     }
 
+    /// Someone waits in line for the window (or the link is being emptied).
+    fn in_line(&self) -> bool {
+        let file_waits = !self.lane_waiting[usize::from(crate::protocol::FILE_LANE)].is_empty();
+        !self.waiting.is_empty() || self.take_held.is_some() || file_waits
+    }
+
     /// After every input: admit waiting sends, carry out what the core asks (app events,
     /// frames), answer the handles and publish the link's view.
     async fn settle(&mut self) {
-        let file_waits = !self.lane_waiting[usize::from(crate::protocol::FILE_LANE)].is_empty();
-        if !self.waiting.is_empty() || self.take_held.is_some() || file_waits {
-            // In line for the window (or emptying the link): the handles' credit comes back.
-            self.lent -= self.gate.take_back();
-        }
-        self.serve_waiters();
-        if self.lent == 0 {
-            if let Some(reply) = self.take_held.take() {
-                let _ = reply.send(self.core.take_held());
-                self.ended = true;
-                // Those in line fail now (`SendError::Ended`).
-                self.serve_waiters();
+        let shared = self.shared.clone();
+        {
+            let mut h = shared.lock();
+            if self.in_line() {
+                // In line for the window (or emptying the link): the handles' credit comes
+                // back, and freed window is not lent until the line is empty.
+                h.lending = false;
+                h.lent -= shared.gate.take_back();
             }
+            self.serve_waiters(&mut h);
+            if h.lent == 0 {
+                if let Some(reply) = self.take_held.take() {
+                    let _ = reply.send(h.core.take_held());
+                    self.ended = true;
+                    // Those in line fail now (`SendError::Ended`).
+                    self.serve_waiters(&mut h);
+                }
+            }
+            // Whoever frees window or gives a claim back during this step wakes the task.
+            self.set_watch(&mut h);
         }
         loop {
-            self.take_core_events();
-            if let Some(gen) = self.upgrading.take() {
+            let upgrading = {
+                let mut h = shared.lock();
+                self.take_core_events(&mut h);
+                h.upgrading
+            };
+            if let Some(gen) = upgrading {
                 self.upgraded(gen).await;
                 continue;
             }
-            if !self.outbox.is_empty() {
-                // What the app hears of (a path change) is readable when it does.
-                self.publish();
-            }
-            while let Some(event) = self.outbox.pop_front() {
-                // The app dropped its event stream: nobody is listening any more.
-                let _ = self.ctx.events.send(event).await;
-            }
+            self.deliver_outbox().await;
             while let Some(data) = self.files_out.pop_front() {
                 // Awaited: a transfer busy on its disk holds the file lane back.
                 self.ctx.files.deliver(self.peer, self.link_id, data).await;
@@ -1051,89 +872,139 @@ impl LinkTask {
             while let Some(msg) = self.path_msgs.pop_front() {
                 self.send_msg(&msg).await;
             }
-            self.refresh_buffered();
-            let mut sent = false;
-            while let Some(t) = self.core.poll_transmit() {
-                sent = true;
-                self.dispatch(t).await;
+            let (sent, relays, late) = {
+                let mut h = shared.lock();
+                self.refresh_buffered(&mut h);
+                let now = Instant::now();
+                let mut sent = h.pump(now);
+                sent |= self.pending_out(&mut h, now);
+                sent |= !h.relay_out.is_empty();
+                // The frames queued now, and the answers waiting for them; later ones next
+                // round (hot-path senders cannot outrun the WebSocket).
+                (sent, h.relay_out.len(), std::mem::take(&mut h.late_answers))
+            };
+            for _ in 0..relays {
+                let Some(frame) = shared.lock().relay_out.pop_front() else {
+                    break;
+                };
+                self.relay(&frame).await;
             }
-            if !sent && self.outbox.is_empty() {
+            if !late.is_empty() {
+                let mut h = shared.lock();
+                let next = h.next_write;
+                h.answering
+                    .extend(late.into_iter().map(|reply| (next, reply, Ok(()))));
+                h.answer();
+            }
+            let mut h = shared.lock();
+            if !sent && h.outbox.is_empty() && h.core_events.is_empty() && !h.core.has_event() {
                 break;
             }
             // Unreliable messages sent free window.
-            self.serve_waiters();
+            self.serve_waiters(&mut h);
         }
-        let next = self.next_write;
-        self.answering
+        let mut h = shared.lock();
+        let next = h.next_write;
+        h.answering
             .extend(self.replies.drain(..).map(|(reply, r)| (next, reply, r)));
-        while let Some((upto, ..)) = self.answering.front() {
-            if self.writing.first().is_some_and(|id| id < upto) {
-                break;
-            }
-            let Some((_, reply, r)) = self.answering.pop_front() else {
-                break;
-            };
-            let _ = reply.send(r);
-        }
+        h.answer();
         let mut pending = Vec::new();
         for (seqs, reply) in self.flushes.drain(..) {
-            if self.core.acked_through_all(&seqs) {
+            if h.core.acked_through_all(&seqs) {
                 let _ = reply.send(());
             } else if !reply.is_closed() {
                 pending.push((seqs, reply));
             }
         }
         self.flushes = pending;
-        let file_waits = !self.lane_waiting[usize::from(crate::protocol::FILE_LANE)].is_empty();
-        if self.waiting.is_empty() && !file_waits && !self.ended {
+        self.set_watch(&mut h);
+        if h.lending {
             // With several lanes, only lane 0's unused reserve is lent (`LinkCore::lendable`).
-            let free = self.core.lendable().saturating_sub(self.lent);
+            let free = h.core.lendable().saturating_sub(h.lent);
             if free > 0 {
-                self.lent += free;
-                self.gate.lend(free);
+                h.lent += free;
+                shared.gate.lend(free);
             }
         }
-        self.publish();
+        shared.view.send_replace(h.view());
     }
 
-    /// Hand one frame on: to the WebSocket, or to the writer of its channel.
-    async fn dispatch(&mut self, t: Transmit) {
-        let (gen, ch) = match t.route {
-            Route::Server => return self.relay(&t.frame).await,
-            Route::Direct(gen, ch) => (gen, ch),
-        };
-        if self.writers.as_ref().is_none_or(|w| w.gen != gen) {
-            self.start_writers(gen);
-        }
-        let now = Instant::now();
-        let Some(w) = self.writers.as_mut().filter(|w| w.gen == gen) else {
-            // The generation is gone (the core hears of it next): the server path takes it.
-            self.core.transmit_abandoned(t, now);
-            return;
-        };
-        let id = self.next_write;
-        self.next_write += 1;
-        let i = ch_index(ch);
-        let len = t.frame.len();
-        let own = is_own(&t.frame).then(|| t.clone());
-        if w.frames[i].send((id, t)).is_err() {
-            return;
-        }
-        w.queued[i] += len;
-        let buffered = w.estimate();
-        self.core.direct_buffered(gen, buffered);
-        match own {
-            Some(t) => self.own_waits.push_back((id, now + OWN_SEND_WAIT, t)),
-            None => {
-                self.writing.insert(id);
+    /// Tell the hot paths whether they may lend freed window, and whether the task wants to
+    /// hear of every frame and send (someone waits for window, an ack or the claims).
+    fn set_watch(&self, h: &mut Hot) {
+        h.lending = !self.in_line() && !self.ended;
+        h.watch = !self.waiting.is_empty()
+            || self.lane_waiting.iter().any(|l| !l.is_empty())
+            || !self.flushes.is_empty()
+            || self.take_held.is_some();
+    }
+
+    /// Give the app its events, in order (waiting for room in its queue without the lock, the
+    /// event staying first in the outbox so that no hot path overtakes it).
+    async fn deliver_outbox(&mut self) {
+        let shared = self.shared.clone();
+        let mut published = false;
+        loop {
+            {
+                let mut h = shared.lock();
+                if h.outbox.is_empty() {
+                    return;
+                }
+                if !published {
+                    // What the app hears of (a path change) is readable when it does.
+                    shared.view.send_replace(h.view());
+                    published = true;
+                }
+                while let Some(event) = h.outbox.pop_front() {
+                    match self.ctx.events.try_send(event) {
+                        // The app dropped its event stream: nobody is listening any more.
+                        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+                        Err(mpsc::error::TrySendError::Full(event)) => {
+                            h.outbox.push_front(event);
+                            break;
+                        }
+                    }
+                }
+                if h.outbox.is_empty() {
+                    return;
+                }
+            }
+            let Ok(permit) = self.ctx.events.reserve().await else {
+                shared.lock().outbox.clear();
+                return;
+            };
+            if let Some(event) = shared.lock().outbox.pop_front() {
+                permit.send(event);
             }
         }
+    }
+
+    /// Direct frames that met no writers: start the writers of the current generation, or
+    /// send them on the server path (the generation is gone; the core hears of it next).
+    fn pending_out(&mut self, h: &mut Hot, now: Instant) -> bool {
+        let mut any = false;
+        while let Some(t) = h.pending_tx.pop_front() {
+            any = true;
+            if let Route::Direct(gen, _) = t.route {
+                if h.writers.as_ref().is_none_or(|w| w.gen != gen) {
+                    self.start_writers(h, gen);
+                }
+            }
+            if let Err(t) = h.dispatch(t, now) {
+                h.core.transmit_abandoned(t, now);
+            }
+            // Whatever that made (and what queued behind it) goes in order too.
+            while let Some(t) = h.core.poll_transmit() {
+                h.pending_tx.push_back(t);
+            }
+        }
+        any
     }
 
     /// Tell the core what the channels have queued now, where that can be read without waiting
     /// (an idle channel): the writers' last reports may be older than the peer's last SACK.
-    fn refresh_buffered(&mut self) {
-        let Some(w) = &mut self.writers else { return };
+    fn refresh_buffered(&mut self, h: &mut Hot) {
+        let Some(w) = &mut h.writers else { return };
         let mut fresh = false;
         for ch in [Channel::Reliable, Channel::Unreliable] {
             let i = ch_index(ch);
@@ -1146,81 +1017,16 @@ impl LinkTask {
         }
         if fresh {
             let (gen, estimate) = (w.gen, w.estimate());
-            self.core.direct_buffered(gen, estimate);
+            h.core.direct_buffered(gen, estimate);
         }
     }
 
     /// Writer tasks for the channels of generation `gen`, if it is the current PeerConnection.
-    fn start_writers(&mut self, gen: Gen) {
+    fn start_writers(&mut self, h: &mut Hot, gen: Gen) {
         let Some(rtc) = self.rtc.as_ref().filter(|_| self.gen == gen.0) else {
             return;
         };
-        let tx = rtc.tx();
-        let (stop, stop_rx) = watch::channel(());
-        let spawn = |ch| {
-            let (frames, frames_rx) = mpsc::unbounded_channel();
-            tokio::spawn(write_channel(
-                gen,
-                ch,
-                tx.clone(),
-                frames_rx,
-                self.reports.clone(),
-                stop_rx.clone(),
-            ));
-            frames
-        };
-        let frames = [spawn(Channel::Reliable), spawn(Channel::Unreliable)];
-        self.writers = Some(Writers {
-            gen,
-            tx,
-            frames,
-            queued: [0; 2],
-            buffered: [0; 2],
-            _stop: stop,
-        });
-    }
-
-    fn on_report(&mut self, report: WriterReport) {
-        let now = Instant::now();
-        let (gen, ch, buffered) = match report {
-            WriterReport::Written {
-                gen,
-                ch,
-                id,
-                len,
-                buffered,
-                failed,
-            } => {
-                self.own_waits.retain(|w| w.0 != id);
-                self.writing.remove(&id);
-                if let Some(w) = self.writers.as_mut().filter(|w| w.gen == gen) {
-                    w.queued[ch_index(ch)] -= len;
-                }
-                if let Some((t, why)) = failed {
-                    self.core.transmit_failed(t, &why, now);
-                }
-                (gen, ch, buffered)
-            }
-            WriterReport::Buffered { gen, ch, buffered } => (gen, ch, buffered),
-        };
-        if let Some(w) = self.writers.as_mut().filter(|w| w.gen == gen) {
-            w.buffered[ch_index(ch)] = buffered;
-            let estimate = w.estimate();
-            self.core.direct_buffered(gen, estimate);
-        }
-    }
-
-    /// Own frames still on a channel after `OWN_SEND_WAIT`: a copy takes the server path (the
-    /// channel's send goes on; acks are cumulative and probes matched by id).
-    fn own_waits_expired(&mut self) {
-        let now = Instant::now();
-        let (due, rest): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.own_waits)
-            .into_iter()
-            .partition(|w| w.1 <= now);
-        self.own_waits = rest;
-        for (_, _, t) in due {
-            self.core.transmit_abandoned(t, now);
-        }
+        h.writers = Some(Writers::start(gen, rtc.tx(), &self.shared));
     }
 
     async fn relay(&self, frame: &[u8]) {
@@ -1236,10 +1042,11 @@ impl LinkTask {
 
     // ---- what the core says ----
 
-    /// Turn the core's events into app events, path reports and PeerConnection failures.
-    fn take_core_events(&mut self) {
-        while self.upgrading.is_none() {
-            let Some(event) = self.core.poll_event() else {
+    /// Turn the core's events (those a hot path left first) into app events, path reports and
+    /// PeerConnection failures.
+    fn take_core_events(&mut self, h: &mut Hot) {
+        while h.upgrading.is_none() {
+            let Some(event) = h.core_events.pop_front().or_else(|| h.core.poll_event()) else {
                 break;
             };
             match event {
@@ -1250,7 +1057,7 @@ impl LinkTask {
                     data,
                     reliability,
                     lane,
-                } => self.outbox.push_back(Event::Message {
+                } => h.outbox.push_back(Event::Message {
                     lane: lane.0,
                     from: self.peer,
                     data,
@@ -1259,15 +1066,15 @@ impl LinkTask {
                 CoreEvent::PathChanged(PathId::Direct(gen)) => {
                     // Reported with the pair as ICE has it now ([`LinkTask::upgraded`]); the
                     // events after it wait.
-                    self.upgrading = Some(gen);
+                    h.upgrading = Some(gen);
                     return;
                 }
-                CoreEvent::PathChanged(PathId::Server) => self.set_path(Path::Server),
+                CoreEvent::PathChanged(PathId::Server) => self.set_path(h, Path::Server),
                 CoreEvent::DirectFailed { gen, why } => {
                     // A late verdict on an older PeerConnection says nothing about this one.
                     if gen.0 == self.gen && self.rtc.is_some() {
                         tracing::info!(peer = self.peer, "direct path lost ({why})");
-                        self.rtc_failed(&why);
+                        self.rtc_failed_locked(h, &why);
                     }
                 }
             }
@@ -1276,36 +1083,44 @@ impl LinkTask {
 
     /// The core moved to generation `gen`: learn the selected pair now (the peer's candidates
     /// may have been signaled since ICE connected, resolving a peer-reflexive type) and report
-    /// the path with it.
+    /// the path with it. Events after it wait until then.
     async fn upgraded(&mut self, gen: Gen) {
-        if gen.0 != self.gen || self.core.path() != PathId::Direct(gen) {
+        let current = {
+            let h = self.shared.lock();
+            gen.0 == self.gen && h.core.path() == PathId::Direct(gen)
+        };
+        let pair = match &self.rtc {
+            Some(rtc) if current => rtc.selected_pair().await,
+            _ => None,
+        };
+        let shared = self.shared.clone();
+        let mut h = shared.lock();
+        h.upgrading = None;
+        if !current || gen.0 != self.gen || h.core.path() != PathId::Direct(gen) {
             // Left again in the same step: the app hears of the failure only.
             return;
         }
-        if let Some(pair) = match &self.rtc {
-            Some(rtc) => rtc.selected_pair().await,
-            None => None,
-        } {
-            self.pair = Some(pair);
+        if let Some(pair) = pair {
+            h.pair = Some(pair);
         }
-        let Some(pair) = self.pair else {
+        let Some(pair) = h.pair else {
             // The core upgrades only after `direct_connected`, told with a pair.
             tracing::warn!(peer = self.peer, "direct path without a candidate pair");
             return;
         };
         self.backoff = RETRY_MIN;
         self.had_direct = true;
-        self.set_path(pair.path());
+        self.set_path(&mut h, pair.path());
     }
 
     /// Take `path` and tell the app and the server if it changed.
-    fn set_path(&mut self, path: Path) {
-        if self.path == path {
+    fn set_path(&mut self, h: &mut Hot, path: Path) {
+        if h.path == path {
             return;
         }
-        self.path = path;
+        h.path = path;
         tracing::debug!(peer = self.peer, %path, "path changed");
-        self.outbox.push_back(Event::PathChanged {
+        h.outbox.push_back(Event::PathChanged {
             peer: self.peer,
             path,
         });
@@ -1325,43 +1140,16 @@ impl LinkTask {
         });
     }
 
-    fn publish(&self) {
-        let c: CoreStats = self.core.stats();
-        let direct = matches!(self.path, Path::Direct { .. });
-        let view = LinkView {
-            status: LinkStatus {
-                path: self.path,
-                pair: self.pair.filter(|_| direct),
-                rtt: self.core.rtt(),
-            },
-            stats: LinkStats {
-                sent_server: c.sent_server,
-                sent_direct: c.sent_direct,
-                recv_server: c.recv_server,
-                recv_direct: c.recv_direct,
-                resent: c.resent,
-                duplicates: c.duplicates,
-                path_changes: c.path_changes,
-                unreliable_incomplete: c.unreliable_incomplete,
-                unreliable_dropped: c.unreliable_dropped,
-                candidates_host: self.candidates[0],
-                candidates_srflx: self.candidates[1],
-                candidates_relay: self.candidates[2],
-            },
-            drained: self.core.drained(),
-            peer_files: self.core.peer_files(),
-        };
-        self.view.send_replace(view);
-    }
-
     // ---- inputs ----
 
     async fn handle(&mut self, input: LinkInput) {
         let now = Instant::now();
         match input {
-            LinkInput::Relay(frame) => self.core.handle_frame(PathId::Server, frame, now),
-            LinkInput::Direct { gen, frame } => {
-                self.core.handle_frame(PathId::Direct(Gen(gen)), frame, now)
+            LinkInput::Relay(frame) => {
+                self.shared
+                    .lock()
+                    .core
+                    .handle_frame(PathId::Server, frame, now)
             }
             LinkInput::Signal(data) => self.on_signal(data).await,
             LinkInput::Rtc { gen, event } => {
@@ -1370,9 +1158,9 @@ impl LinkTask {
                 }
             }
             LinkInput::Restrict { policy, why } => self.restrict(policy, why).await,
-            LinkInput::PauseRelay => self.core.pause_server(),
-            LinkInput::Resync => self.core.resync_server(),
-            LinkInput::Hold => self.core.hold(),
+            LinkInput::PauseRelay => self.shared.lock().core.pause_server(),
+            LinkInput::Resync => self.shared.lock().core.resync_server(),
+            LinkInput::Hold => self.shared.lock().core.hold(),
             LinkInput::Close => {}
         }
     }
@@ -1403,15 +1191,19 @@ impl LinkTask {
         tracing::info!(peer = self.peer, %policy, "the pair's direct policy is now stricter");
         self.policy = policy;
         let trying = self.rtc.is_some() || self.retry_at.is_some();
-        self.reset_rtc();
-        self.retry_at = None;
-        if let Some(reason) = why.filter(|_| trying) {
-            // After the path change the reset caused.
-            self.take_core_events();
-            self.outbox.push_back(Event::DirectFailed {
-                peer: self.peer,
-                reason,
-            });
+        let shared = self.shared.clone();
+        {
+            let mut h = shared.lock();
+            self.reset_rtc(&mut h);
+            self.retry_at = None;
+            if let Some(reason) = why.filter(|_| trying) {
+                // After the path change the reset caused.
+                self.take_core_events(&mut h);
+                h.outbox.push_back(Event::DirectFailed {
+                    peer: self.peer,
+                    reason,
+                });
+            }
         }
         if self.initiator && !self.declined && self.factory().is_some() {
             self.start_rtc().await;
@@ -1424,11 +1216,15 @@ impl LinkTask {
         let Some(factory) = self.factory() else {
             return;
         };
-        self.reset_rtc();
-        self.gen += 1;
-        // Known once the answer arrives.
-        self.version = 1;
-        self.core.direct_started(Gen(self.gen), Instant::now());
+        {
+            let shared = self.shared.clone();
+            let mut h = shared.lock();
+            self.reset_rtc(&mut h);
+            self.gen += 1;
+            // Known once the answer arrives.
+            self.version = 1;
+            h.core.direct_started(Gen(self.gen), Instant::now());
+        }
         match factory
             .create(
                 self.gen,
@@ -1462,47 +1258,63 @@ impl LinkTask {
         }
     }
 
-    /// Frames from the data channels of generation `gen` come to this task as inputs, in the
-    /// order the channels deliver them.
+    /// Frames from the data channels of generation `gen` go to the core in the channel's read
+    /// loop ([`Shared::fast_frame`]), or else to this task, in the order the channels deliver
+    /// them.
     fn frame_sink(&self, gen: u32) -> FrameSink {
         let direct = self.direct.clone();
+        let shared = Arc::downgrade(&self.shared);
         Arc::new(move |frame| {
+            let slow = shared.upgrade().and_then(|s| s.fast_frame(gen, frame));
             let direct = direct.clone();
+            let shared = shared.clone();
             Box::pin(async move {
+                let Some(frame) = slow else { return };
+                // Counted in `Hot::slow_frames`: uncounted again if this is dropped before the
+                // frame is queued (a read loop ending), or later frames would all queue.
+                let mut counted = SlowFrame(Some(shared));
                 // Fails only when the link task has ended.
-                let _ = direct.send((gen, frame)).await;
+                if direct.send((gen, frame)).await.is_ok() {
+                    counted.0 = None;
+                }
             })
         })
     }
 
     /// Drop the current PeerConnection, if any: the core leaves its generation (with the
     /// re-send of §8.5 if it was the path) and its channel writers stop.
-    fn reset_rtc(&mut self) {
+    fn reset_rtc(&mut self, h: &mut Hot) {
         if let Some(old) = self.rtc.take() {
-            self.core.direct_down(Gen(self.gen), Instant::now());
+            h.core.direct_down(Gen(self.gen), Instant::now());
             old.close();
         }
-        self.writers = None;
+        h.writers = None;
         // Their frames are dropped with the generation (DATA goes again on the server path).
-        self.writing.clear();
+        h.writing.clear();
         self.r_open = false;
         self.u_open = false;
         self.u2_open = false;
         self.peer_u2_open = false;
         self.connected = false;
         self.told_connected = false;
-        self.pair = None;
+        h.pair = None;
         self.connect_by = None;
     }
 
     /// The direct path could not be made (or died for good): stay on the server path and, if we
     /// are the initiator, try again later.
     fn rtc_failed(&mut self, why: &str) {
+        let shared = self.shared.clone();
+        let mut h = shared.lock();
+        self.rtc_failed_locked(&mut h, why);
+    }
+
+    fn rtc_failed_locked(&mut self, h: &mut Hot, why: &str) {
         tracing::info!(peer = self.peer, "no direct path: {why}");
-        self.reset_rtc();
+        self.reset_rtc(h);
         // The path change (if the link was direct) comes first.
-        self.take_core_events();
-        self.outbox.push_back(Event::DirectFailed {
+        self.take_core_events(h);
+        h.outbox.push_back(Event::DirectFailed {
             peer: self.peer,
             reason: why.to_string(),
         });
@@ -1565,10 +1377,14 @@ impl LinkTask {
                     return; // stale
                 }
                 // The peer restarted the connection.
-                self.reset_rtc();
-                self.gen = gen;
-                self.version = version.unwrap_or(1).clamp(1, self.ctx.link_version);
-                self.core.direct_started(Gen(gen), Instant::now());
+                {
+                    let shared = self.shared.clone();
+                    let mut h = shared.lock();
+                    self.reset_rtc(&mut h);
+                    self.gen = gen;
+                    self.version = version.unwrap_or(1).clamp(1, self.ctx.link_version);
+                    h.core.direct_started(Gen(gen), Instant::now());
+                }
                 let mut rtc = match factory
                     .create(
                         gen,
@@ -1660,7 +1476,7 @@ impl LinkTask {
     /// and moves to the direct path when everything else is in place.
     fn channels_opened(&mut self) {
         if self.channels_open() {
-            self.core.direct_channels_open(
+            self.shared.lock().core.direct_channels_open(
                 Gen(self.gen),
                 LinkVersion(self.version),
                 Instant::now(),
@@ -1676,15 +1492,17 @@ impl LinkTask {
             return;
         };
         let gen = Gen(self.gen);
-        self.pair = Some(pair);
+        let shared = self.shared.clone();
+        let mut h = shared.lock();
+        h.pair = Some(pair);
         if self.connected && !self.told_connected {
             self.told_connected = true;
-            self.core.direct_connected(gen, Instant::now());
+            h.core.direct_connected(gen, Instant::now());
         }
-        if self.core.path() == PathId::Direct(gen) && self.path != pair.path() {
+        if h.core.path() == PathId::Direct(gen) && h.path != pair.path() {
             // ICE switched pairs under an open path: report the new candidate types.
-            self.core.direct_pair_changed(gen);
-            self.set_path(pair.path());
+            h.core.direct_pair_changed(gen);
+            self.set_path(&mut h, pair.path());
         }
     }
 
@@ -1693,11 +1511,14 @@ impl LinkTask {
         match event {
             RtcEvent::Candidate(candidate) => {
                 let line = candidate["candidate"].as_str().unwrap_or_default();
-                match rtc::parse_candidate(line).map(|(_, t)| t) {
-                    Some(CandidateType::Host) => self.candidates[0] += 1,
-                    Some(CandidateType::Srflx) => self.candidates[1] += 1,
-                    Some(CandidateType::Relay) => self.candidates[2] += 1,
-                    _ => {}
+                let i = match rtc::parse_candidate(line).map(|(_, t)| t) {
+                    Some(CandidateType::Host) => Some(0),
+                    Some(CandidateType::Srflx) => Some(1),
+                    Some(CandidateType::Relay) => Some(2),
+                    _ => None,
+                };
+                if let Some(i) = i {
+                    self.shared.lock().candidates[i] += 1;
                 }
                 let gen = self.gen;
                 self.signal(LinkSignal::Candidate { gen, candidate }).await;
