@@ -565,3 +565,90 @@ async fn a_receiver_that_stops_reading_holds_a_flooding_peer_back() {
         }
     }
 }
+
+/// An app sending unreliable messages as fast as `send` returns, on the server path, is paced by
+/// the WebSocket (each `send` answers once its frame is handed to it): the client's memory stays
+/// bounded, and meanwhile the link still delivers the peer's reliable messages, its own reliable
+/// ones arrive and `flush` answers. (A first version of the hot send path answered at once and
+/// lent the freed window again at once, so such a loop never waited and its frames piled up in
+/// the link: about 100 MB here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreliable_flood_on_the_server_path_stays_bounded_and_leaves_the_link_working() {
+    let server = server().await;
+    let (a, mut ae) = client_with(&server, ClientConfig::new("a").with_direct(false)).await;
+    let (b, mut be) = client_with(&server, ClientConfig::new("b").with_direct(false)).await;
+    a.join("g").await.unwrap();
+    b.join("g").await.unwrap();
+    wait_joined(&mut ae, b.peer_id()).await;
+    wait_joined(&mut be, a.peer_id()).await;
+    let (ia, ib) = (a.peer_id(), b.peer_id());
+
+    let before = rss();
+    // Bounded: at most 100 000 messages of 1000 bytes, or 20 s.
+    let flood = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            let (mut sent, mut peak) = (0u64, 0u64);
+            let payload = Bytes::from(vec![1u8; 1000]);
+            while sent < 100_000 && tokio::time::Instant::now() < deadline {
+                a.send(ib, payload.clone(), Reliability::Unreliable)
+                    .await
+                    .unwrap();
+                sent += 1;
+                if sent.is_multiple_of(1000) {
+                    peak = peak.max(rss());
+                }
+            }
+            (sent, peak)
+        })
+    };
+    // B reads everything (its event queue must not fill) and keeps A's reliable messages.
+    let (marks_tx, mut marks) = tokio::sync::mpsc::unbounded_channel();
+    let reader = tokio::spawn(async move {
+        while let Some(e) = be.recv().await {
+            if let Event::Message {
+                from,
+                data,
+                reliability: Reliability::Reliable,
+                ..
+            } = e
+            {
+                if from == ia {
+                    let _ = marks_tx.send(data);
+                }
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    for i in 0..10u8 {
+        b.send(ia, vec![i], Reliability::Reliable).await.unwrap();
+        a.send(ib, vec![i], Reliability::Reliable).await.unwrap();
+    }
+    for i in 0..10u8 {
+        let (data, reliability) = next_message(&mut ae, ib, 10).await;
+        assert_eq!((&data[..], reliability), (&[i][..], Reliability::Reliable));
+        let data = tokio::time::timeout(Duration::from_secs(10), marks.recv())
+            .await
+            .expect("A's reliable message during the flood")
+            .unwrap();
+        assert_eq!(&data[..], &[i][..]);
+    }
+    tokio::time::timeout(Duration::from_secs(10), a.flush())
+        .await
+        .expect("flush during the flood")
+        .unwrap();
+    let (sent, peak) = flood.await.unwrap();
+    let grown = peak.saturating_sub(before);
+    eprintln!(
+        "{sent} unreliable messages of 1000 bytes sent; memory grew {} MiB",
+        grown >> 20
+    );
+    // The send window (8 MiB), the WebSocket's queue and the server's relay queue (4 MiB), not
+    // what was offered.
+    assert!(grown < 48 << 20, "memory grew {} MiB", grown >> 20);
+    reader.abort();
+    a.close().await;
+    b.close().await;
+}
