@@ -267,6 +267,47 @@ pub(crate) struct RtcOptions {
     pub udp_ports: Option<(u16, u16)>,
 }
 
+/// The ICE settings of every backend, each set through its own API.
+pub(crate) struct IceTuning {
+    /// No traffic for this long: ICE "disconnected" (the link falls back to the server path).
+    pub disconnected: Duration,
+    /// ... and "failed".
+    pub failed: Duration,
+    /// Keepalive interval.
+    pub keepalive: Duration,
+    /// How long a pair of each local candidate type waits for a better one before it is
+    /// accepted: host, peer reflexive, server reflexive, relay.
+    pub host_wait: Duration,
+    pub prflx_wait: Duration,
+    pub srflx_wait: Duration,
+    pub relay_wait: Duration,
+}
+
+impl IceTuning {
+    pub(crate) fn new(candidates: Candidates) -> Self {
+        IceTuning {
+            // Fall back fast, so the link returns to the server path quickly when the direct
+            // path dies.
+            disconnected: Duration::from_secs(3),
+            failed: Duration::from_secs(8),
+            keepalive: Duration::from_millis(500),
+            host_wait: Duration::ZERO,
+            // A peer's host candidate is often first learnt from its check (prflx) because the
+            // check overtakes the trickled candidate; waiting for something better (1 s by
+            // default) only delays the direct path.
+            prflx_wait: Duration::ZERO,
+            srflx_wait: Duration::from_millis(100),
+            relay_wait: match candidates {
+                // webrtc-rs waits 2 s before accepting a relay pair by default; 500 ms still
+                // lets a host or srflx pair win when there is one.
+                Candidates::All => Duration::from_millis(500),
+                // A relay-only PeerConnection has nothing better to wait for.
+                Candidates::RelayOnly => Duration::ZERO,
+            },
+        }
+    }
+}
+
 /// Which ICE candidates a PeerConnection may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Candidates {

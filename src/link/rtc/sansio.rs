@@ -53,7 +53,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use super::sdp::{candidate_json, filter_sdp, parse_candidate, refused_remote, relay_candidate};
 use super::LinkInput;
 use super::{
-    Candidates, Channel, ConnState, FrameSink, RtcError, RtcEvent, RtcOptions, DC_LOW,
+    Candidates, Channel, ConnState, FrameSink, IceTuning, RtcError, RtcEvent, RtcOptions, DC_LOW,
     INBAND_LABEL, RELIABLE_ID, RELIABLE_LABEL, UNRELIABLE_ID, UNRELIABLE_LABEL,
 };
 use crate::protocol::IceServer;
@@ -163,27 +163,18 @@ impl RtcFactory {
                 "relay-only needs a TURN server (turn:, UDP) reachable from a local address",
             ));
         }
+        let ice = IceTuning::new(candidates);
         let settings = SettingEngineBuilder::new()
-            // Fall back fast, so the link returns to the server path quickly when the direct
-            // path dies.
             .with_ice_timeouts(
-                Some(Duration::from_secs(3)),
-                Some(Duration::from_secs(8)),
-                Some(Duration::from_millis(500)),
+                Some(ice.disconnected),
+                Some(ice.failed),
+                Some(ice.keepalive),
             )
             .with_ice_connection_attempts(Some(ICE_CHECK_INTERVAL), Some(ICE_MAX_CHECKS))
-            // A peer's host candidate is often first learnt from its check (prflx) because the
-            // check overtakes the trickled candidate; waiting for something better only delays
-            // the direct path.
-            .with_host_acceptance_min_wait(Some(Duration::ZERO))
-            .with_prflx_acceptance_min_wait(Some(Duration::ZERO))
-            .with_srflx_acceptance_min_wait(Some(Duration::from_millis(100)))
-            // 500 ms still lets a host or srflx pair win when there is one; a relay-only
-            // PeerConnection has nothing better to wait for.
-            .with_relay_acceptance_min_wait(Some(match candidates {
-                Candidates::All => Duration::from_millis(500),
-                Candidates::RelayOnly => Duration::ZERO,
-            }))
+            .with_host_acceptance_min_wait(Some(ice.host_wait))
+            .with_prflx_acceptance_min_wait(Some(ice.prflx_wait))
+            .with_srflx_acceptance_min_wait(Some(ice.srflx_wait))
+            .with_relay_acceptance_min_wait(Some(ice.relay_wait))
             .build();
         let mut pc = RTCPeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())

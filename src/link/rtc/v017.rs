@@ -26,7 +26,7 @@ use webrtc::peer_connection::RTCPeerConnection;
 use super::sdp::{candidate_json, filter_sdp, parse_candidate, refused_remote, relay_candidate};
 use super::LinkInput;
 use super::{
-    Candidates, Channel, ConnState, FrameSink, RtcError, RtcEvent, RtcOptions, DC_LOW,
+    Candidates, Channel, ConnState, FrameSink, IceTuning, RtcError, RtcEvent, RtcOptions, DC_LOW,
     INBAND_LABEL, RELIABLE_ID, RELIABLE_LABEL, UNRELIABLE_ID, UNRELIABLE_LABEL,
 };
 use crate::protocol::IceServer;
@@ -95,17 +95,16 @@ impl RtcFactory {
         // mDNS would send multicast and hide host addresses behind .local names; peermesh
         // shares addresses only through its own signaling.
         s.set_ice_multicast_dns_mode(MulticastDnsMode::Disabled);
-        // Fall back fast, so the link returns to the server path quickly when the direct path dies.
+        // The relay wait is each API's own (`RtcFactory::api`).
+        let ice = IceTuning::new(Candidates::All);
         s.set_ice_timeouts(
-            Some(Duration::from_secs(3)),
-            Some(Duration::from_secs(8)),
-            Some(Duration::from_millis(500)),
+            Some(ice.disconnected),
+            Some(ice.failed),
+            Some(ice.keepalive),
         );
-        // A peer's host candidate is often first learnt from its check (prflx) because the check
-        // overtakes the trickled candidate; waiting 1 s (the default) for something better only
-        // delays the direct path.
-        s.set_prflx_acceptance_min_wait(Some(Duration::ZERO));
-        s.set_srflx_acceptance_min_wait(Some(Duration::from_millis(100)));
+        s.set_host_acceptance_min_wait(Some(ice.host_wait));
+        s.set_prflx_acceptance_min_wait(Some(ice.prflx_wait));
+        s.set_srflx_acceptance_min_wait(Some(ice.srflx_wait));
         if opts.include_loopback {
             s.set_include_loopback_candidate(true);
         }
@@ -121,13 +120,11 @@ impl RtcFactory {
     }
 
     fn api(&self, candidates: Candidates) -> &API {
-        let (cell, wait) = match candidates {
-            // webrtc-rs waits 2 s before accepting a relay pair by default; 500 ms still lets a
-            // host or srflx pair win when there is one.
-            Candidates::All => (&self.api_all, Duration::from_millis(500)),
-            // A relay-only PeerConnection has nothing better to wait for.
-            Candidates::RelayOnly => (&self.api_relay, Duration::ZERO),
+        let cell = match candidates {
+            Candidates::All => &self.api_all,
+            Candidates::RelayOnly => &self.api_relay,
         };
+        let wait = IceTuning::new(candidates).relay_wait;
         cell.get_or_init(|| {
             let mut s = self.settings.clone();
             s.set_relay_acceptance_min_wait(Some(wait));
