@@ -876,7 +876,7 @@ impl LinkTask {
                 let mut h = shared.lock();
                 self.refresh_buffered(&mut h);
                 let now = Instant::now();
-                let mut sent = h.pump(now);
+                let mut sent = h.pump(now, false);
                 sent |= self.pending_out(&mut h, now);
                 sent |= !h.relay_out.is_empty();
                 // The frames queued now, and the answers waiting for them; later ones next
@@ -990,7 +990,7 @@ impl LinkTask {
                     self.start_writers(h, gen);
                 }
             }
-            if let Err(t) = h.dispatch(t, now) {
+            if let Err(t) = h.dispatch(t, now, false) {
                 h.core.transmit_abandoned(t, now);
             }
             // Whatever that made (and what queued behind it) goes in order too.

@@ -37,6 +37,10 @@ use crate::{CandidatePair, Event, Path};
 pub(super) const OWN_SEND_WAIT: Duration = Duration::from_millis(100);
 /// How often an idle channel writer reports its channel's queue while it drains.
 const DRAIN_POLL: Duration = Duration::from_millis(20);
+/// Largest frame a hot path sends itself (under the lock): a small message's send is quick,
+/// a bulk one's (16 KiB: a dozen SCTP chunks) would hold up the other parties for longer than
+/// the switch to the writer costs.
+const INLINE_MAX: usize = 2048;
 /// Longest an idle writer waits to read its channel's queue (see `write_channel`).
 const BUFFERED_WAIT: Duration = Duration::from_millis(2);
 
@@ -341,9 +345,10 @@ impl Hot {
         }
     }
 
-    /// Hand every frame the core has on: direct ones to their channel's writer, server ones to
-    /// [`Hot::relay_out`]. Returns whether there was any.
-    pub(super) fn pump(&mut self, now: Instant) -> bool {
+    /// Hand every frame the core has on: direct ones to their channel's writer (or, `inline`,
+    /// onto an idle channel at once), server ones to [`Hot::relay_out`]. Returns whether there
+    /// was any.
+    pub(super) fn pump(&mut self, now: Instant, inline: bool) -> bool {
         let mut any = false;
         while let Some(t) = self.core.poll_transmit() {
             any = true;
@@ -351,7 +356,7 @@ impl Hot {
                 Route::Server => self.relay_out.push_back(t.frame),
                 Route::Direct(..) if !self.pending_tx.is_empty() => self.pending_tx.push_back(t),
                 Route::Direct(..) => {
-                    if let Err(t) = self.dispatch(t, now) {
+                    if let Err(t) = self.dispatch(t, now, inline) {
                         self.pending_tx.push_back(t);
                     }
                 }
@@ -360,9 +365,16 @@ impl Hot {
         any
     }
 
-    /// Hand one direct frame to the writer of its channel; gives it back if its generation
-    /// has no writers.
-    pub(super) fn dispatch(&mut self, t: Transmit, now: Instant) -> Result<(), Transmit> {
+    /// Hand one direct frame to the writer of its channel (`inline`: send it here if the writer
+    /// is idle); gives it back if its generation has no writers. The link task does not send
+    /// inline: a bulk lane's sends would then take turns with its other work instead of
+    /// running next to it in the writer.
+    pub(super) fn dispatch(
+        &mut self,
+        t: Transmit,
+        now: Instant,
+        inline: bool,
+    ) -> Result<(), Transmit> {
         let Route::Direct(gen, ch) = t.route else {
             self.relay_out.push_back(t.frame);
             return Ok(());
@@ -372,7 +384,7 @@ impl Hot {
         };
         let i = ch_index(ch);
         let mut started = None;
-        if w.queued[i] == 0 {
+        if inline && w.queued[i] == 0 && t.frame.len() <= INLINE_MAX {
             // The writer is idle: send here, and hand the send to the writer only if it has
             // to wait (the writer then completes it before any later frame).
             let (tx, frame) = (w.tx.clone(), t.frame.clone());
@@ -581,7 +593,7 @@ impl Shared {
         let now = Instant::now();
         h.core.handle_frame(PathId::Direct(Gen(gen)), frame, now);
         h.deliver(&self.events, self.peer);
-        h.pump(now);
+        h.pump(now, true);
         self.after(&mut h);
         None
     }
@@ -603,7 +615,7 @@ impl Shared {
         }
         let r = h.core.send_on(lane, data, delivery);
         debug_assert!(r != Err(SendError::WouldBlock), "a claim had no room");
-        h.pump(Instant::now());
+        h.pump(Instant::now(), true);
         let answer = match r {
             Err(e) => Err(e),
             Ok(()) if !h.relay_out.is_empty() || !h.pending_tx.is_empty() => {
@@ -647,7 +659,7 @@ impl Shared {
         }
         h.answer();
         if !h.closed {
-            h.pump(now);
+            h.pump(now, true);
         }
         self.after(&mut h);
     }
