@@ -652,3 +652,59 @@ async fn an_unreliable_flood_on_the_server_path_stays_bounded_and_leaves_the_lin
     a.close().await;
     b.close().await;
 }
+
+/// A burst of small unreliable messages that fills the direct path's unreliable queue gets its
+/// excess dropped (§7.6), but once the queue has drained, unreliable messages go again at once:
+/// the link learns that the queue drained, also when the burst's sends went out from the app's
+/// task (the channel's writer is told to watch the queue then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreliable_messages_go_again_once_a_burst_has_drained() {
+    init_log();
+    let server = server().await;
+    let mut p = direct_pair(&server, |n| {
+        ClientConfig::new(n)
+            .with_loopback_only(true)
+            .with_direct_backend(backend())
+    })
+    .await;
+    let (ia, ib) = (p.a.peer_id(), p.b.peer_id());
+    // Bounded: 4000 messages of 1 KiB, offered as fast as `try_send` takes them.
+    let mut offered = 0;
+    for _ in 0..4000 {
+        if p.a
+            .try_send(ib, vec![9u8; 1024], Reliability::Unreliable)
+            .is_ok()
+        {
+            offered += 1;
+        }
+    }
+    let dropped = p.a.link_stats(ib).unwrap().unreliable_dropped;
+    eprintln!("burst: {offered} taken, {dropped} dropped at the sender");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // After the burst, paced: 100 messages of 16 bytes, 2 ms apart.
+    for n in 0..100u32 {
+        p.a.send(ib, n.to_be_bytes().to_vec(), Reliability::Unreliable)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let dropped_after = p.a.link_stats(ib).unwrap().unreliable_dropped - dropped;
+    let mut got = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while let Ok(Some(e)) = tokio::time::timeout_at(deadline, p.be.recv()).await {
+        if let Event::Message { from, data, .. } = e {
+            if from == ia && data.len() == 4 {
+                got += 1;
+                if got == 100 {
+                    break;
+                }
+            }
+        }
+    }
+    eprintln!("after the burst: {got} of 100 arrived, {dropped_after} dropped at the sender");
+    assert_eq!(dropped_after, 0, "dropped after the queue drained");
+    // Loopback loses nothing.
+    assert_eq!(got, 100);
+    p.a.close().await;
+    p.b.close().await;
+}

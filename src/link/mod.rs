@@ -168,6 +168,8 @@ struct LinkView {
     drained: bool,
     /// [`LinkCore::peer_files`].
     peer_files: Option<bool>,
+    /// The link task has ended.
+    closed: bool,
 }
 
 /// What every link of a client shares.
@@ -333,10 +335,13 @@ impl LinkHandle {
     pub(crate) async fn peer_files(&self) -> Result<bool> {
         let mut view = self.view.clone();
         let v = view
-            .wait_for(|v| v.peer_files.is_some())
+            .wait_for(|v| v.peer_files.is_some() || v.closed)
             .await
             .map_err(|_| Error::UnknownPeer(self.peer))?;
-        Ok(v.peer_files == Some(true))
+        match v.peer_files {
+            Some(files) => Ok(files),
+            None => Err(Error::UnknownPeer(self.peer)),
+        }
     }
 
     /// Largest file bytes per CHUNK on this link: a file message may take at most half the
@@ -559,6 +564,13 @@ fn tokio_at(at: Instant) -> TokioInstant {
 /// A data channel frame counted in [`Hot::slow_frames`] and not (yet) in the link task's queue.
 struct SlowFrame(Option<std::sync::Weak<Shared>>);
 
+impl SlowFrame {
+    /// The frame is in the task's queue: the task uncounts it.
+    fn queued(mut self) {
+        self.0 = None;
+    }
+}
+
 impl Drop for SlowFrame {
     fn drop(&mut self) {
         if let Some(shared) = self.0.take().and_then(|s| s.upgrade()) {
@@ -705,6 +717,8 @@ impl LinkTask {
             h.late_answers.clear();
             h.own_waits.clear();
             h.pending_tx.clear();
+            // Whoever waits on the view (`LinkHandle::peer_files`) learns the link is gone.
+            shared.view.send_replace(h.view());
             h.relay_out.drain(..).collect()
         };
         // Server-path frames hot-path sends queued just before the close still go.
@@ -876,9 +890,10 @@ impl LinkTask {
                 let mut h = shared.lock();
                 self.refresh_buffered(&mut h);
                 let now = Instant::now();
+                // Only what this step made counts for another round: frames the hot paths
+                // queue meanwhile wake the task, which then takes its inputs first.
                 let mut sent = h.pump(now, false);
                 sent |= self.pending_out(&mut h, now);
-                sent |= !h.relay_out.is_empty();
                 // The frames queued now, and the answers waiting for them; later ones next
                 // round (hot-path senders cannot outrun the WebSocket).
                 (sent, h.relay_out.len(), std::mem::take(&mut h.late_answers))
@@ -918,7 +933,8 @@ impl LinkTask {
         }
         self.flushes = pending;
         self.set_watch(&mut h);
-        if h.lending {
+        // Not past server-path frames still to relay (as `Hot::lend`).
+        if h.lending && h.relay_out.is_empty() {
             // With several lanes, only lane 0's unused reserve is lent (`LinkCore::lendable`).
             let free = h.core.lendable().saturating_sub(h.lent);
             if free > 0 {
@@ -1265,17 +1281,17 @@ impl LinkTask {
         let direct = self.direct.clone();
         let shared = Arc::downgrade(&self.shared);
         Arc::new(move |frame| {
-            let slow = shared.upgrade().and_then(|s| s.fast_frame(gen, frame));
+            let Some(frame) = shared.upgrade().and_then(|s| s.fast_frame(gen, frame)) else {
+                return Box::pin(std::future::ready(()));
+            };
+            // Counted in `Hot::slow_frames`: uncounted again if this is dropped before the frame
+            // is queued (a read loop ending), or later frames would all queue.
+            let counted = SlowFrame(Some(shared.clone()));
             let direct = direct.clone();
-            let shared = shared.clone();
             Box::pin(async move {
-                let Some(frame) = slow else { return };
-                // Counted in `Hot::slow_frames`: uncounted again if this is dropped before the
-                // frame is queued (a read loop ending), or later frames would all queue.
-                let mut counted = SlowFrame(Some(shared));
                 // Fails only when the link task has ended.
                 if direct.send((gen, frame)).await.is_ok() {
-                    counted.0 = None;
+                    counted.queued();
                 }
             })
         })

@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use super::core::{
     Buffered, CoreEvent, Delivery, Gen, Lane, LinkCore, PathId, Route, SendError, Transmit,
 };
-use super::rtc::{Channel, DirectTx, RtcError};
+use super::rtc::{Channel, DirectTx, RtcError, OWN_QUEUE_MAX};
 use super::{LinkStats, LinkStatus, LinkView};
 use crate::protocol::{link_kind, PeerId};
 use crate::{CandidatePair, Event, Path};
@@ -117,6 +117,9 @@ pub(super) struct Writers {
     pub tx: DirectTx,
     /// Indexed by [`ch_index`].
     frames: [mpsc::UnboundedSender<Job>; 2],
+    /// Tells an idle writer that a hot path's send left bytes queued on its channel: it then
+    /// reports the queue as it drains, as after its own sends.
+    kick: [std::sync::Arc<Notify>; 2],
     /// Bytes handed to each writer and not yet to its channel.
     pub queued: [usize; 2],
     /// What each channel last reported queued.
@@ -132,21 +135,24 @@ impl Writers {
         let (stop, stop_rx) = watch::channel(());
         let spawn = |ch| {
             let (frames, frames_rx) = mpsc::unbounded_channel();
+            let kick = std::sync::Arc::new(Notify::new());
             tokio::spawn(write_channel(
                 gen,
                 ch,
                 tx.clone(),
                 frames_rx,
+                kick.clone(),
                 std::sync::Arc::downgrade(shared),
                 stop_rx.clone(),
             ));
-            frames
+            (frames, kick)
         };
-        let frames = [spawn(Channel::Reliable), spawn(Channel::Unreliable)];
+        let (r, u) = (spawn(Channel::Reliable), spawn(Channel::Unreliable));
         Writers {
             gen,
             tx,
-            frames,
+            frames: [r.0, u.0],
+            kick: [r.1, u.1],
             queued: [0; 2],
             buffered: [0; 2],
             _stop: stop,
@@ -177,6 +183,7 @@ async fn write_channel(
     ch: Channel,
     tx: DirectTx,
     mut frames: mpsc::UnboundedReceiver<Job>,
+    kick: std::sync::Arc<Notify>,
     shared: std::sync::Weak<Shared>,
     mut stop: watch::Receiver<()>,
 ) {
@@ -186,6 +193,11 @@ async fn write_channel(
             biased;
             _ = stop.changed() => return,
             f = frames.recv() => f,
+            // A hot path's send left bytes queued: report them as they drain.
+            _ = kick.notified() => {
+                last = last.max(1);
+                continue;
+            }
             // Idle with bytes queued: tell the link as the queue drains (it holds DATA back
             // above `DC_HIGH`, and its own frames above `OWN_QUEUE_MAX`).
             _ = async {
@@ -394,6 +406,12 @@ impl Hot {
                     if let Some(b) = w.tx.buffered_now(ch) {
                         w.buffered[i] = b;
                     }
+                    // Above the least of the core's queue limits, the core holds something
+                    // back until it hears the queue drained.
+                    let queued = w.estimate();
+                    if w.buffered[i] > 0 && queued.reliable + queued.unreliable > OWN_QUEUE_MAX {
+                        w.kick[i].notify_one();
+                    }
                     let buffered = w.estimate();
                     self.core.direct_buffered(gen, buffered);
                     if let Err(e) = r {
@@ -526,6 +544,7 @@ impl Hot {
             },
             drained: self.core.drained(),
             peer_files: self.core.peer_files(),
+            closed: self.closed,
         }
     }
 }
