@@ -401,7 +401,7 @@ impl LinkHandle {
                 Claim::Granted => {
                     // The core takes it here; the answer waits only for earlier frames still
                     // on their way to a channel.
-                    return match self.shared.fast_send(lane, data, delivery, permits) {
+                    return match self.shared.fast_send(lane, data, delivery, permits, true) {
                         Ok(None) => Ok(()),
                         Ok(Some(rx)) => match rx.await {
                             Ok(r) => r.map_err(|e| self.error(e)),
@@ -443,7 +443,10 @@ impl LinkHandle {
         }
         // Claimed: the core has room for it. Whether its frames reached their channel is not
         // this call's to wait for.
-        match self.shared.fast_send(Lane(0), data, delivery, permits) {
+        match self
+            .shared
+            .fast_send(Lane(0), data, delivery, permits, false)
+        {
             Ok(_) => Ok(()),
             Err(e) => Err(self.error(e)),
         }

@@ -618,14 +618,16 @@ impl Shared {
     }
 
     /// A send whose window cost `permits` was claimed from the gate: the core takes it now.
-    /// `Ok(None)` when its frames (and every app frame before them) are on their channels;
-    /// otherwise where the answer comes once they are.
+    /// `Ok(None)` when its frames (and every app frame before them) are on their channels, or
+    /// nobody waits for that (`answer` false: `try_send`); otherwise where the answer comes
+    /// once they are.
     pub(super) fn fast_send(
         &self,
         lane: Lane,
         data: Bytes,
         delivery: Delivery,
         permits: usize,
+        answer: bool,
     ) -> Result<Option<oneshot::Receiver<Result<(), SendError>>>, SendError> {
         let mut h = self.lock();
         h.lent -= permits;
@@ -637,6 +639,7 @@ impl Shared {
         h.pump(Instant::now(), true);
         let answer = match r {
             Err(e) => Err(e),
+            Ok(()) if !answer => Ok(None),
             Ok(()) if !h.relay_out.is_empty() || !h.pending_tx.is_empty() => {
                 // Frames the task hands on: it answers once it has.
                 let (tx, rx) = oneshot::channel();
