@@ -974,17 +974,7 @@ impl LinkTask {
                     shared.view.send_replace(h.view());
                     published = true;
                 }
-                while let Some(event) = h.outbox.pop_front() {
-                    match self.ctx.events.try_send(event) {
-                        // The app dropped its event stream: nobody is listening any more.
-                        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
-                        Err(mpsc::error::TrySendError::Full(event)) => {
-                            h.outbox.push_front(event);
-                            break;
-                        }
-                    }
-                }
-                if h.outbox.is_empty() {
+                if h.flush_outbox(&self.ctx.events) {
                     return;
                 }
             }
@@ -1024,19 +1014,17 @@ impl LinkTask {
     /// (an idle channel): the writers' last reports may be older than the peer's last SACK.
     fn refresh_buffered(&mut self, h: &mut Hot) {
         let Some(w) = &mut h.writers else { return };
-        let mut fresh = false;
+        let mut fresh = None;
         for ch in [Channel::Reliable, Channel::Unreliable] {
             let i = ch_index(ch);
             if w.queued[i] == 0 {
-                if let Some(b) = w.tx.buffered_now(ch) {
-                    fresh |= b != w.buffered[i];
-                    w.buffered[i] = b;
+                if let Some(b) = w.tx.buffered_now(ch).filter(|&b| b != w.buffered[i]) {
+                    fresh = Some(w.set_buffered(i, b));
                 }
             }
         }
-        if fresh {
-            let (gen, estimate) = (w.gen, w.estimate());
-            h.core.direct_buffered(gen, estimate);
+        if let Some(estimate) = fresh {
+            h.core.direct_buffered(w.gen, estimate);
         }
     }
 

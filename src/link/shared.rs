@@ -159,6 +159,12 @@ impl Writers {
         }
     }
 
+    /// Channel `i` reports `bytes` queued: the estimate the core is to hear.
+    pub(super) fn set_buffered(&mut self, i: usize, bytes: usize) -> Buffered {
+        self.buffered[i] = bytes;
+        self.estimate()
+    }
+
     pub(super) fn estimate(&self) -> Buffered {
         Buffered {
             reliable: self.queued[0] + self.buffered[0],
@@ -403,17 +409,14 @@ impl Hot {
             let mut send: StartedSend = Box::pin(async move { tx.send(ch, &frame).await });
             match send.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
                 Poll::Ready(r) => {
-                    if let Some(b) = w.tx.buffered_now(ch) {
-                        w.buffered[i] = b;
-                    }
+                    let b = w.tx.buffered_now(ch).unwrap_or(w.buffered[i]);
+                    let queued = w.set_buffered(i, b);
                     // Above the least of the core's queue limits, the core holds something
                     // back until it hears the queue drained.
-                    let queued = w.estimate();
-                    if w.buffered[i] > 0 && queued.reliable + queued.unreliable > OWN_QUEUE_MAX {
+                    if b > 0 && queued.reliable + queued.unreliable > OWN_QUEUE_MAX {
                         w.kick[i].notify_one();
                     }
-                    let buffered = w.estimate();
-                    self.core.direct_buffered(gen, buffered);
+                    self.core.direct_buffered(gen, queued);
                     if let Err(e) = r {
                         self.core
                             .transmit_failed(t, &format!("data channel send: {e}"), now);
@@ -484,21 +487,33 @@ impl Hot {
                     data,
                     reliability,
                 } if lane.0 != crate::protocol::FILE_LANE => {
-                    let event = Event::Message {
+                    self.outbox.push_back(Event::Message {
                         lane: lane.0,
                         from: peer,
                         data,
                         reliability,
-                    };
-                    match events.try_send(event) {
-                        // The app dropped its event stream: nobody is listening any more.
-                        Ok(()) | Err(TrySendError::Closed(_)) => {}
-                        Err(TrySendError::Full(event)) => self.outbox.push_back(event),
-                    }
+                    });
+                    self.flush_outbox(events);
                 }
                 other => self.core_events.push_back(other),
             }
         }
+    }
+
+    /// Move the outbox's events into the app's queue, in order, while it has room. Returns
+    /// whether the outbox is empty.
+    pub(super) fn flush_outbox(&mut self, events: &mpsc::Sender<Event>) -> bool {
+        while let Some(event) = self.outbox.pop_front() {
+            match events.try_send(event) {
+                // The app dropped its event stream: nobody is listening any more.
+                Ok(()) | Err(TrySendError::Closed(_)) => {}
+                Err(TrySendError::Full(event)) => {
+                    self.outbox.push_front(event);
+                    return false;
+                }
+            }
+        }
+        true
     }
 
     /// Whether the task has to run after a hot path's step.
@@ -675,8 +690,7 @@ impl Shared {
             }
         }
         if let Some(w) = h.writers.as_mut().filter(|w| w.gen == gen) {
-            w.buffered[i] = buffered;
-            let estimate = w.estimate();
+            let estimate = w.set_buffered(i, buffered);
             h.core.direct_buffered(gen, estimate);
         }
         h.answer();
