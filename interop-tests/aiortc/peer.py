@@ -7,8 +7,9 @@ channels "r" and "u", READY, generations), with the link layer of §8 (DATA/ACK/
 PING/PONG/READY, in-order reliable delivery across path changes).
 
 Link protocol version 2 (docs/PROTOCOL.md §7.6) by default: "version" in offer/answer, an
-in-band send channel "u2" opened by each end for UNRELIABLE/UNRELIABLE_PART/PING/PONG (reliable
-unordered when the peer asks with "u2_reliable": true), direct unreliable frames of at
+in-band send channel "u2" opened by each end for UNRELIABLE/UNRELIABLE_PART/PING/PONG (always
+without retransmissions: aiortc sends every SCTP chunk, FORWARD-TSN included, in a packet of its
+own, so it may ignore a peer's "u2_reliable": true), direct unreliable frames of at
 most 1024 bytes (longer messages split into UNRELIABLE_PART), and the dead-path rule.
 `--link-version 1` makes it a pure version 1 peer.
 
@@ -667,15 +668,13 @@ class Link:
 
     def open_u2(self, pc):
         """Link v2: our in-band send channel "u2", opened by the initiator right after it applied
-        a v2 answer, by the responder right after it set its answer. Unreliable unless the peer
-        asked for a reliable one ("u2_reliable": true; a reliable channel never sends a
-        FORWARD-TSN)."""
-        if self.u2_reliable:
-            u2 = pc.createDataChannel("u2", ordered=False)
-        else:
-            u2 = pc.createDataChannel("u2", ordered=False, maxRetransmits=0)
-        kind = "reliable" if self.u2_reliable else "unreliable"
-        log.info("%s: gen %d opening u2 (%s)", self.name, self.gen, kind)
+        a v2 answer, by the responder right after it set its answer. Always unordered without
+        retransmissions. A peer asks for a reliable one ("u2_reliable": true) when its SCTP
+        stack drops packets in which a FORWARD-TSN is bundled with other chunks; aiortc never
+        bundles (one chunk per packet), so §7.6 lets it ignore the request."""
+        u2 = pc.createDataChannel("u2", ordered=False, maxRetransmits=0)
+        log.info("%s: gen %d opening u2 (unreliable; the peer asked for a reliable one: %s)",
+                 self.name, self.gen, self.u2_reliable)
         self.u2 = u2
         self.wire_channel(pc, u2)
 
