@@ -669,6 +669,10 @@ impl LinkTask {
         loop {
             let wake = {
                 let mut h = shared.lock();
+                // Set before the task ends only after a panic under the lock (`Shared::lock`).
+                if h.closed {
+                    break;
+                }
                 h.armed = h.next_timer();
                 h.armed
             };

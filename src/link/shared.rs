@@ -16,7 +16,7 @@ use std::collections::{BTreeSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -595,8 +595,18 @@ impl Shared {
     }
 
     pub(super) fn lock(&self) -> MutexGuard<'_, Hot> {
-        // A panic under the lock leaves the state as it was at that point; the link goes on.
-        self.hot.lock().unwrap_or_else(PoisonError::into_inner)
+        self.hot.lock().unwrap_or_else(|poisoned| {
+            // A panic under the lock may have left the state half-updated: rather than go on
+            // with it (and maybe lose or repeat a message), the link ends. The hot paths take
+            // nothing more, and the task stops at its next turn.
+            let mut h = poisoned.into_inner();
+            if !h.closed {
+                tracing::error!(peer = %self.peer, "a panic under the link's lock: the link ends");
+                h.closed = true;
+                self.wake.notify_one();
+            }
+            h
+        })
     }
 
     /// The end of every hot path's step: lend freed window, publish, wake the task if it has
@@ -698,5 +708,54 @@ impl Shared {
             h.pump(now, true);
         }
         self.after(&mut h);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::link::core::{default_lanes, CoreConfig, LinkVersion, FILE_LANE_DEFAULT};
+    use std::sync::Arc;
+
+    fn shared() -> (Arc<Shared>, mpsc::Receiver<Event>) {
+        let cfg = CoreConfig {
+            window: 1 << 20,
+            max_message: 1 << 19,
+            dead_path: Duration::from_secs(3),
+            version: LinkVersion(2),
+            lanes: default_lanes(),
+            file_lane: FILE_LANE_DEFAULT,
+        };
+        let (events, rx) = mpsc::channel(16);
+        let hot = Hot::new(LinkCore::new(cfg, Instant::now()), 0);
+        (Arc::new(Shared::new(hot, Gate::new(0), events, 7)), rx)
+    }
+
+    /// A panic under the lock may leave the state half-updated: the link ends instead of going
+    /// on with it. The hot paths take nothing more, and the task is woken to stop.
+    #[tokio::test]
+    async fn a_panic_under_the_lock_ends_the_link() {
+        let (shared, _events) = shared();
+        assert!(!shared.lock().closed);
+        let s = shared.clone();
+        let panicked = std::thread::spawn(move || {
+            let _h = s.lock();
+            panic!("a bug under the lock (this panic is the test)");
+        })
+        .join();
+        assert!(panicked.is_err());
+        assert!(shared.lock().closed, "the link goes on after a panic");
+        tokio::time::timeout(Duration::from_secs(1), shared.wake.notified())
+            .await
+            .expect("the link task is not woken to stop");
+        assert_eq!(shared.fast_frame(1, Bytes::from_static(b"x")), None);
+        let sent = shared.fast_send(
+            Lane(0),
+            Bytes::from_static(b"x"),
+            Delivery::Reliable,
+            0,
+            true,
+        );
+        assert!(matches!(sent, Err(SendError::Ended)), "{sent:?}");
     }
 }
