@@ -49,7 +49,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use bytes::Bytes;
 use clap::Parser;
-use peermesh::{ClientConfig, Event, LinkStats, Path, Reliability};
+use peermesh::{Client, ClientConfig, Event, Events, LinkStats, Path, Reliability};
 use peermesh_server::{Config as ServerConfig, Server};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
@@ -754,6 +754,38 @@ async fn bare_run(p: &Params) -> Result<BareRun> {
     })
 }
 
+/// Clients A and B (named `{what}-a` and `{what}-b`), made with `cfg` and joined to `group`,
+/// in that order.
+async fn joined_pair(
+    url: &str,
+    cfg: impl Fn(&str) -> ClientConfig,
+    what: &str,
+    group: &str,
+    p: &Params,
+) -> Result<[(Client, Events); 2]> {
+    let a = connect(
+        url,
+        cfg(&format!("{what}-a")),
+        &format!("A ({what})"),
+        p.step,
+    )
+    .await?;
+    let b = connect(
+        url,
+        cfg(&format!("{what}-b")),
+        &format!("B ({what})"),
+        p.step,
+    )
+    .await?;
+    for (who, c) in [("A", &a.0), ("B", &b.0)] {
+        step(&format!("{who} joins ({what})"), p.step, async {
+            Ok(c.join(group).await?)
+        })
+        .await?;
+    }
+    Ok([a, b])
+}
+
 // ---------------------------------------------------------------------------------------------
 // direct-path RTT in turns
 
@@ -770,18 +802,9 @@ async fn interleaved_rtt(url: &str, i: usize, p: &Params) -> Result<[Vec<f64>; 3
             .with_loopback_only(true)
             .with_link_version(p.link_version)
     };
-    let (a, ea) = connect(url, cfg("bench-ia"), "A (turns)", p.step).await?;
-    let (b, mut eb) = connect(url, cfg("bench-ib"), "B (turns)", p.step).await?;
+    let [(a, ea), (b, mut eb)] =
+        joined_pair(url, cfg, "turns", &format!("bench-turns-{i}"), p).await?;
     let (a_id, b_id) = (a.peer_id(), b.peer_id());
-    let group = format!("bench-turns-{i}");
-    step("turns: A joins", p.step, async {
-        Ok(a.join(&group).await?)
-    })
-    .await?;
-    step("turns: B joins", p.step, async {
-        Ok(b.join(&group).await?)
-    })
-    .await?;
     step("turns: both sides direct", p.step, async {
         // B's own event first (the RTT step would take it for a path change).
         loop {
@@ -871,18 +894,9 @@ async fn lanes_run(url: &str, i: usize, direct: bool, p: &Params) -> Result<Lane
             .with_direct(direct)
             .with_lane(1, 1, 1)
     };
-    let (a, mut ea) = connect(url, cfg("lanes-a"), "A (lanes)", p.step).await?;
-    let (b, mut eb) = connect(url, cfg("lanes-b"), "B (lanes)", p.step).await?;
+    let [(a, mut ea), (b, mut eb)] =
+        joined_pair(url, cfg, "lanes", &format!("bench-lanes-{which}-{i}"), p).await?;
     let (a_id, b_id) = (a.peer_id(), b.peer_id());
-    let group = format!("bench-lanes-{which}-{i}");
-    step("A joins (lanes)", p.step, async {
-        Ok(a.join(&group).await?)
-    })
-    .await?;
-    step("B joins (lanes)", p.step, async {
-        Ok(b.join(&group).await?)
-    })
-    .await?;
     step("the lanes pair sees each other", p.step, async {
         // A link exists once the member event made it.
         while a.path(b_id).is_err() || b.path(a_id).is_err() {

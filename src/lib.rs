@@ -208,7 +208,9 @@ pub enum Event {
         group: String,
     },
     /// Reliable messages to `peer` that the peer had not acknowledged when their link ended with
-    /// the old session (the server restarted): they may or may not have arrived.
+    /// the old session (the server restarted), or when the link broke on an internal error (a
+    /// panic in it; later sends to `peer` fail with [`Error::UnknownPeer`]): they may or may not
+    /// have arrived.
     Undelivered {
         /// The peer (its id in the old session).
         peer: PeerId,

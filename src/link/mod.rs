@@ -666,11 +666,14 @@ impl LinkTask {
         self.settle().await;
         let shared = self.shared.clone();
         let far = || TokioInstant::now() + Duration::from_secs(3600);
+        // The link broke (a panic under its lock) rather than being closed.
+        let mut broke = false;
         loop {
             let wake = {
                 let mut h = shared.lock();
                 // Set before the task ends only after a panic under the lock (`Shared::lock`).
                 if h.closed {
+                    broke = true;
                     break;
                 }
                 h.armed = h.next_timer();
@@ -714,9 +717,15 @@ impl LinkTask {
             }
             self.settle().await;
         }
-        let relays: Vec<Bytes> = {
+        let (relays, undelivered) = {
             let mut h = shared.lock();
             h.closed = true;
+            // A broken link's reliable messages not acknowledged (or never sent) may not have
+            // arrived: the app hears how many, as after a new session.
+            let undelivered = broke.then(|| {
+                let (held, messages) = h.core.take_held();
+                held.len() as u64 + messages
+            });
             h.writers = None;
             // Sends waiting for their frames to reach a channel fail (`UnknownPeer`).
             h.writing.clear();
@@ -726,11 +735,21 @@ impl LinkTask {
             h.pending_tx.clear();
             // Whoever waits on the view (`LinkHandle::peer_files`) learns the link is gone.
             shared.view.send_replace(h.view());
-            h.relay_out.drain(..).collect()
+            (h.relay_out.drain(..).collect::<Vec<Bytes>>(), undelivered)
         };
         // Server-path frames hot-path sends queued just before the close still go.
         for frame in relays {
             self.relay(&frame).await;
+        }
+        if let Some(messages) = undelivered.filter(|&n| n > 0) {
+            let _ = self
+                .ctx
+                .events
+                .send(Event::Undelivered {
+                    peer: self.peer,
+                    messages,
+                })
+                .await;
         }
         // Transfers on this link end with it (their messages cannot come any more).
         self.ctx.files.link_gone(self.peer, self.link_id);
