@@ -1591,3 +1591,60 @@ impl LinkTask {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::link::core::{default_lanes, FILE_LANE_DEFAULT};
+
+    /// A link that breaks on a panic under its lock tells the app how many reliable messages
+    /// may not have arrived (here: sent on the server path, which nobody acknowledges), and
+    /// refuses later sends with a typed error.
+    #[tokio::test]
+    async fn a_link_broken_by_a_panic_reports_its_undelivered_messages() {
+        let (ws_tx, _ws_rx) = mpsc::channel(64);
+        let (events, mut events_rx) = mpsc::channel(64);
+        let files = crate::files::Files::new(events.clone(), Arc::new(|_| None), None);
+        let ctx = LinkCtx {
+            ws_tx,
+            events,
+            rtc: None,
+            window: 1 << 20,
+            max_message: 1 << 19,
+            dead_path: Duration::from_secs(3),
+            link_version: crate::protocol::LINK_VERSION,
+            lanes: default_lanes(),
+            file_lane: FILE_LANE_DEFAULT,
+            files,
+        };
+        let link = LinkHandle::spawn(7, 1, true, DirectPolicy::None, ctx);
+        for m in [&b"one"[..], b"two"] {
+            link.send(Bytes::from_static(m), Reliability::Reliable)
+                .await
+                .unwrap();
+        }
+        let shared = link.shared.clone();
+        let panicked = std::thread::spawn(move || {
+            let _h = shared.lock();
+            panic!("a bug under the lock (this panic is the test)");
+        })
+        .join();
+        assert!(panicked.is_err());
+        let undelivered = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match events_rx.recv().await {
+                    Some(Event::Undelivered { peer, messages }) => break (peer, messages),
+                    Some(_) => continue,
+                    None => panic!("the event queue closed"),
+                }
+            }
+        })
+        .await
+        .expect("no Undelivered event");
+        assert_eq!(undelivered, (7, 2));
+        let after = link
+            .send(Bytes::from_static(b"three"), Reliability::Reliable)
+            .await;
+        assert!(matches!(after, Err(Error::UnknownPeer(7))), "{after:?}");
+    }
+}
