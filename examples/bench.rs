@@ -763,27 +763,17 @@ async fn joined_pair(
     group: &str,
     p: &Params,
 ) -> Result<[(Client, Events); 2]> {
-    let a = connect(
-        url,
-        cfg(&format!("{what}-a")),
-        &format!("A ({what})"),
-        p.step,
-    )
-    .await?;
-    let b = connect(
-        url,
-        cfg(&format!("{what}-b")),
-        &format!("B ({what})"),
-        p.step,
-    )
-    .await?;
-    for (who, c) in [("A", &a.0), ("B", &b.0)] {
+    let mut pair = Vec::with_capacity(2);
+    for who in ["A", "B"] {
+        let name = format!("{what}-{}", who.to_lowercase());
+        let (c, events) = connect(url, cfg(&name), &format!("{who} ({what})"), p.step).await?;
         step(&format!("{who} joins ({what})"), p.step, async {
             Ok(c.join(group).await?)
         })
         .await?;
+        pair.push((c, events));
     }
-    Ok([a, b])
+    pair.try_into().map_err(|_| anyhow!("not two clients"))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ use self::core::{CoreConfig, CoreEvent, Gen, LinkCore, LinkVersion, PathId, Rout
 use rtc::FrameSink;
 use rtc::{Candidates, Channel, ConnState, Rtc, RtcEvent};
 pub(crate) use rtc::{RtcFactory, RtcOptions};
-use shared::{ch_index, Claim, Gate, Hot, SendReply, Shared, Writers};
+use shared::{Claim, Gate, Hot, SendReply, Shared, Writers};
 
 use crate::protocol::{ClientMsg, DirectPolicy, LinkId, PathKind, PeerId, RelayFrame};
 use crate::{CandidatePair, CandidateType, Error, Event, Path, Reliability, Result};
@@ -914,7 +914,7 @@ impl LinkTask {
             }
             let (sent, relays, late) = {
                 let mut h = shared.lock();
-                self.refresh_buffered(&mut h);
+                h.refresh_buffered();
                 let now = Instant::now();
                 // Only what this step made counts for another round: frames the hot paths
                 // queue meanwhile wake the task, which then takes its inputs first.
@@ -1031,24 +1031,6 @@ impl LinkTask {
             }
         }
         any
-    }
-
-    /// Tell the core what the channels have queued now, where that can be read without waiting
-    /// (an idle channel): the writers' last reports may be older than the peer's last SACK.
-    fn refresh_buffered(&mut self, h: &mut Hot) {
-        let Some(w) = &mut h.writers else { return };
-        let mut fresh = None;
-        for ch in [Channel::Reliable, Channel::Unreliable] {
-            let i = ch_index(ch);
-            if w.queued[i] == 0 {
-                if let Some(b) = w.tx.buffered_now(ch).filter(|&b| b != w.buffered[i]) {
-                    fresh = Some(w.set_buffered(i, b));
-                }
-            }
-        }
-        if let Some(estimate) = fresh {
-            h.core.direct_buffered(w.gen, estimate);
-        }
     }
 
     /// Writer tasks for the channels of generation `gen`, if it is the current PeerConnection.

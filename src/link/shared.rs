@@ -173,7 +173,7 @@ impl Writers {
     }
 }
 
-pub(super) fn ch_index(ch: Channel) -> usize {
+fn ch_index(ch: Channel) -> usize {
     match ch {
         Channel::Reliable => 0,
         Channel::Unreliable => 1,
@@ -367,6 +367,15 @@ impl Hot {
     /// onto an idle channel at once), server ones to [`Hot::relay_out`]. Returns whether there
     /// was any.
     pub(super) fn pump(&mut self, now: Instant, inline: bool) -> bool {
+        // Over a queue limit the core holds back or drops what it has: it decides on a fresh
+        // figure where one can be read, whoever sends (an app's send can come long after the
+        // last report, while the channel drained).
+        if self.writers.as_ref().is_some_and(|w| {
+            let e = w.estimate();
+            e.reliable + e.unreliable > OWN_QUEUE_MAX
+        }) {
+            self.refresh_buffered();
+        }
         let mut any = false;
         while let Some(t) = self.core.poll_transmit() {
             any = true;
@@ -381,6 +390,24 @@ impl Hot {
             }
         }
         any
+    }
+
+    /// Tell the core what the channels have queued now, where that can be read without waiting
+    /// (an idle channel): the writers' last reports may be older than the peer's last SACK.
+    pub(super) fn refresh_buffered(&mut self) {
+        let Some(w) = &mut self.writers else { return };
+        let mut fresh = None;
+        for ch in [Channel::Reliable, Channel::Unreliable] {
+            let i = ch_index(ch);
+            if w.queued[i] == 0 {
+                if let Some(b) = w.tx.buffered_now(ch).filter(|&b| b != w.buffered[i]) {
+                    fresh = Some(w.set_buffered(i, b));
+                }
+            }
+        }
+        if let Some(estimate) = fresh {
+            self.core.direct_buffered(w.gen, estimate);
+        }
     }
 
     /// Hand one direct frame to the writer of its channel (`inline`: send it here if the writer
